@@ -1,0 +1,1 @@
+"""Data layer: records, dataset adapters, the workspace format and the synthetic CIR world."""

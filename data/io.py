@@ -1,0 +1,116 @@
+"""Atomic writes and lock files: no half-written file is ever visible under its final name."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import LockedError
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``final``; on success fsync and ``os.replace`` it into place.
+
+    On an exception the temp file is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Call ``writer(tmp_path)`` and move the result to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True
+
+
+class DirLock:
+    """An exclusive lock file ``DIR/.cir-mine.lock`` for a workspace or run directory.
+
+    A second process fails fast with :class:`LockedError`. A lock left by a killed process
+    (same host, pid no longer alive) is taken over, so a SIGKILL never blocks the rerun.
+    """
+
+    NAME = ".cir-mine.lock"
+
+    def __init__(self, directory: str | os.PathLike, purpose: str = "writing"):
+        self.directory = Path(directory)
+        self.path = self.directory / self.NAME
+        self.purpose = purpose
+        self._held = False
+
+    def acquire(self) -> "DirLock":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self._read()
+                stale = (
+                    other is not None
+                    and other.get("host") == info["host"]
+                    and not _pid_alive(int(other.get("pid", -1)))
+                )
+                if other is None or stale:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                raise LockedError(
+                    f"{self.directory} is in use by process {other.get('pid')} "
+                    f"({other.get('purpose', 'writing')}). Wait for it to finish, or delete "
+                    f"{self.path} if that process is gone."
+                )
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info, fh)
+            self._held = True
+            return self
+        raise LockedError(f"could not take the lock {self.path}; delete it if no job is running.")
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._held = False
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

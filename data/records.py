@@ -1,0 +1,53 @@
+"""Typed records yielded by the dataset adapters (ids are strings at every boundary)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str                      # dataset image id (FashionIQ ASIN, CIRR name, file stem)
+    category: str                      # garment category or "" when the dataset has none
+    attributes: tuple[str, ...] = ()   # "group:value" entries; a bare value belongs to group "tag"
+    path: Optional[str] = None         # image file path (absolute or relative to the dataset root)
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    query_id: str                      # stable id, e.g. "dress-train-00012" or "cirr-val-12060"
+    category: str                      # category of the reference image
+    ref_id: str                        # reference image id
+    target_id: str                     # target image id
+    captions: tuple[str, ...]          # modification texts (FashionIQ has two, CIRR one)
+    extra_positive_ids: tuple[str, ...] = ()     # other correct targets (CIRR target_soft >= 0.5)
+    verified_negative_ids: tuple[str, ...] = ()  # annotator-verified negatives (CIRR target_soft == -1)
+    img_set: tuple[str, ...] = ()                # CIRR subset members (for Recall_subset)
+
+    @property
+    def text(self) -> str:
+        """The text that is embedded for the query: captions joined FashionIQ-style."""
+        return join_captions(self.captions)
+
+
+def normalize_attribute(entry: str, default_group: str = "tag") -> str:
+    """Return ``group:value`` for ``entry``; a bare value goes into ``default_group``."""
+    entry = entry.strip()
+    if ":" in entry:
+        group, value = entry.split(":", 1)
+        return f"{group.strip().lower()}:{value.strip().lower()}"
+    return f"{default_group}:{entry.lower()}"
+
+
+def attribute_groups(attributes) -> dict[str, set[str]]:
+    """Map group -> set of values for a list of ``group:value`` strings."""
+    out: dict[str, set[str]] = {}
+    for a in attributes:
+        g, _, v = a.partition(":") if ":" in a else ("tag", ":", a)
+        out.setdefault(g, set()).add(v)
+    return out
+
+
+def join_captions(captions) -> str:
+    """FashionIQ's query text: non-empty captions joined with " and " (CLIP4Cir's convention)."""
+    return " and ".join(c.strip().rstrip(".") for c in captions if c and c.strip())

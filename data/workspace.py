@@ -1,0 +1,532 @@
+"""The workspace: the on-disk contract between every stage (see docs/formats.md).
+
+A workspace directory holds, per split, ``gallery.{split}.parquet`` and ``triplets.{split}.parquet``,
+optionally ``index.{split}.faiss``, and one ``manifest.json``. Every table is validated on read:
+a wrong column, dtype or dimension, or NaN/unnormalized embeddings raise :class:`SchemaError`
+naming the file and the column.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import DataError, SchemaError
+from .io import atomic_path, write_json_atomic
+
+SCHEMA_VERSION = 1
+NORM_TOLERANCE = 1e-3
+SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+# Required columns: name -> (predicate on the arrow type, human-readable type).
+_STR = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string")
+_STR_LIST = (
+    lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and
+    (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)),
+    "list<string>",
+)
+_EMB = (
+    lambda t: pa.types.is_fixed_size_list(t) and pa.types.is_float32(t.value_type),
+    "fixed_size_list<float32>[d]",
+)
+
+GALLERY_COLUMNS = {"image_id": _STR, "category": _STR, "attributes": _STR_LIST, "embedding": _EMB}
+GALLERY_OPTIONAL = {"path": _STR}
+TRIPLET_COLUMNS = {
+    "query_id": _STR, "category": _STR, "ref_id": _STR, "target_id": _STR,
+    "captions": _STR_LIST, "text_embedding": _EMB,
+}
+TRIPLET_OPTIONAL = {
+    "extra_positive_ids": _STR_LIST, "verified_negative_ids": _STR_LIST,
+    "img_set": _STR_LIST, "source": _STR,
+}
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def gallery_schema(dim: int, with_path: bool = False) -> pa.Schema:
+    fields = [
+        pa.field("image_id", pa.string()), pa.field("category", pa.string()),
+        pa.field("attributes", pa.list_(pa.string())), pa.field("embedding", embedding_type(dim)),
+    ]
+    if with_path:
+        fields.append(pa.field("path", pa.string()))
+    return pa.schema(fields)
+
+
+def triplets_schema(dim: int, optional: Sequence[str] = ()) -> pa.Schema:
+    fields = [
+        pa.field("query_id", pa.string()), pa.field("category", pa.string()),
+        pa.field("ref_id", pa.string()), pa.field("target_id", pa.string()),
+        pa.field("captions", pa.list_(pa.string())), pa.field("text_embedding", embedding_type(dim)),
+    ]
+    for name in optional:
+        fields.append(pa.field(name, pa.string() if name == "source" else pa.list_(pa.string())))
+    return pa.schema(fields)
+
+
+def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
+    """float32[n, d] -> fixed_size_list<float32>[d] without a Python loop."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n, d = emb.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), d)
+
+
+def embedding_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """fixed_size_list<float32>[d] column -> float32[n, d] (one copy at most)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    d = col.type.list_size
+    if col.null_count:
+        raise ValueError("null embeddings")
+    flat = col.flatten()  # honours slice offsets
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_columns(schema: pa.Schema, path: Path, required: dict, optional: dict, what: str) -> None:
+    for name, (pred, human) in required.items():
+        if name not in schema.names:
+            raise SchemaError(
+                f"{path}: missing column '{name}' ({human}); a {what} table needs the columns "
+                f"{', '.join(required)}. See docs/formats.md."
+            )
+        t = schema.field(name).type
+        if not pred(t):
+            raise SchemaError(f"{path}: column '{name}' has type {t}, expected {human}. See docs/formats.md.")
+    for name, (pred, human) in optional.items():
+        if name in schema.names and not pred(schema.field(name).type):
+            raise SchemaError(
+                f"{path}: column '{name}' has type {schema.field(name).type}, expected {human}."
+            )
+
+
+def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str]) -> None:
+    """Raise SchemaError when ``emb`` has NaN/inf rows or rows that are not unit length."""
+    if emb.shape[0] == 0:
+        return
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise SchemaError(
+            f"{path}: column '{column}' has {bad.size} row(s) with NaN or inf values "
+            f"(first: {ids[bad[0]]!s}). Re-embed those items or drop them."
+        )
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64))
+    off = np.abs(norms - 1.0) > NORM_TOLERANCE
+    if off.any():
+        bad = np.flatnonzero(off)
+        raise SchemaError(
+            f"{path}: column '{column}' has {bad.size} row(s) that are not L2-normalized "
+            f"(first: {ids[bad[0]]!s} with norm {norms[bad[0]]:.4f}). Normalize the embeddings "
+            f"(x / ||x||) before writing the workspace."
+        )
+
+
+def _read_parquet(path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
+    if not path.exists():
+        raise DataError(f"{path}: file not found.")
+    try:
+        schema = pq.read_schema(path)
+        cols = [c for c in columns if c in schema.names] if columns is not None else None
+        return pq.read_table(path, columns=cols)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory tables
+
+
+@dataclass
+class Gallery:
+    """A validated gallery table. ``embeddings``: float32[n, d], L2-normalized."""
+
+    path: Path
+    image_ids: np.ndarray            # object[n] of str
+    categories: np.ndarray           # object[n] of str
+    attributes: list                 # list[n] of list[str] ("group:value")
+    embeddings: np.ndarray           # float32[n, d]
+    paths: Optional[np.ndarray] = None
+    _row: Optional[dict] = field(default=None, repr=False)
+    _key_row: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.image_ids.shape[0])
+
+    @property
+    def row_of(self) -> dict:
+        """image_id -> row index (the first row when an id stands in two categories)."""
+        if self._row is None:
+            row: dict = {}
+            for i, k in enumerate(self.image_ids.tolist()):
+                row.setdefault(k, i)
+            self._row = row
+        return self._row
+
+    @property
+    def key_row(self) -> dict:
+        """(category, image_id) -> row index."""
+        if self._key_row is None:
+            self._key_row = {k: i for i, k in enumerate(zip(self.categories.tolist(), self.image_ids.tolist()))}
+        return self._key_row
+
+    def rows(self, ids: Iterable[str], categories: Optional[Iterable[str]] = None,
+             what: str = "image") -> np.ndarray:
+        """Row indices of ``ids`` (resolved within ``categories`` when given, then by id alone).
+
+        Raises DataError naming the first missing id.
+        """
+        row, key_row = self.row_of, self.key_row if categories is not None else None
+        cats = list(categories) if categories is not None else None
+        out = []
+        for j, i in enumerate(ids):
+            r = key_row.get((cats[j], i)) if key_row is not None else None
+            if r is None:
+                r = row.get(i)
+            if r is None:
+                raise DataError(f"{self.path}: {what} id '{i}' is not in the gallery.")
+            out.append(r)
+        return np.asarray(out, dtype=np.int64)
+
+
+@dataclass
+class Triplets:
+    """A validated triplets table. ``text_embeddings``: float32[m, d], L2-normalized."""
+
+    path: Path
+    query_ids: np.ndarray
+    categories: np.ndarray
+    ref_ids: np.ndarray
+    target_ids: np.ndarray
+    captions: list
+    text_embeddings: np.ndarray
+    extra_positive_ids: list         # list[m] of list[str] (empty lists when the column is absent)
+    verified_negative_ids: list
+    img_set: list
+    source: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return int(self.query_ids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_embeddings.shape[1])
+
+    def subset(self, idx: np.ndarray) -> "Triplets":
+        idx = np.asarray(idx, dtype=np.int64)
+        pick = lambda lst: [lst[i] for i in idx.tolist()]
+        return Triplets(
+            self.path, self.query_ids[idx], self.categories[idx], self.ref_ids[idx],
+            self.target_ids[idx], pick(self.captions), self.text_embeddings[idx],
+            pick(self.extra_positive_ids), pick(self.verified_negative_ids), pick(self.img_set),
+            None if self.source is None else self.source[idx],
+        )
+
+
+def _obj(col: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(col.to_pylist(), dtype=object)
+
+
+def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
+    path = Path(path)
+    table = _read_parquet(path)
+    _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
+    ids = _obj(table.column("image_id"))
+    if table.column("image_id").null_count:
+        raise SchemaError(f"{path}: column 'image_id' has null values.")
+    cats = _obj(table.column("category"))
+    # image_id is unique within a category. The same id may stand in two categories (real
+    # FashionIQ lists 516 ASINs under both shirt and toptee); such rows are one product.
+    seen: set = set()
+    for i, key in enumerate(zip(cats.tolist(), ids.tolist())):
+        if key in seen:
+            raise SchemaError(
+                f"{path}: column 'image_id' has a duplicated id '{key[1]}' in category '{key[0]}'. "
+                f"Each gallery image must appear once per category; drop the duplicates."
+            )
+        seen.add(key)
+    try:
+        emb = embedding_numpy(table.column("embedding"))
+    except ValueError:
+        raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
+    if check_norm:
+        check_embeddings(emb, path, "embedding", ids)
+    attrs = [list(a or []) for a in table.column("attributes").to_pylist()]
+    paths = _obj(table.column("path")) if "path" in table.schema.names else None
+    return Gallery(path, ids, cats, attrs, emb, paths)
+
+
+def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
+    path = Path(path)
+    table = _read_parquet(path)
+    _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
+    qids = _obj(table.column("query_id"))
+    if len(set(qids.tolist())) != len(qids):
+        raise SchemaError(f"{path}: column 'query_id' has duplicated ids; query ids must be unique.")
+    try:
+        emb = embedding_numpy(table.column("text_embedding"))
+    except ValueError:
+        raise SchemaError(f"{path}: column 'text_embedding' has null rows.") from None
+    if dim is not None and emb.shape[1] != dim:
+        raise SchemaError(
+            f"{path}: column 'text_embedding' has dimension {emb.shape[1]} but the gallery has "
+            f"dimension {dim}. Both must come from the same encoder; re-embed one of them."
+        )
+    if check_norm:
+        check_embeddings(emb, path, "text_embedding", qids)
+    n = len(qids)
+
+    def lists(name):
+        if name not in table.schema.names:
+            return [[] for _ in range(n)]
+        return [list(v or []) for v in table.column(name).to_pylist()]
+
+    captions = lists("captions")
+    for i, caps in enumerate(captions):
+        # Real FashionIQ holds some empty captions beside a non-empty one; a query needs one.
+        if not any(c is not None and str(c).strip() for c in caps):
+            raise SchemaError(
+                f"{path}: column 'captions' of query '{qids[i]}' has no non-empty caption. "
+                f"Drop the query or give it a caption."
+            )
+    return Triplets(
+        path, qids, _obj(table.column("category")), _obj(table.column("ref_id")),
+        _obj(table.column("target_id")), captions, emb, lists("extra_positive_ids"),
+        lists("verified_negative_ids"), lists("img_set"),
+        _obj(table.column("source")) if "source" in table.schema.names else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Writers
+
+
+def gallery_table(image_ids, categories, attributes, embeddings: np.ndarray, paths=None) -> pa.Table:
+    dim = int(embeddings.shape[1])
+    cols = [
+        pa.array(list(image_ids), pa.string()), pa.array(list(categories), pa.string()),
+        pa.array([list(a) for a in attributes], pa.list_(pa.string())), embedding_array(embeddings),
+    ]
+    if paths is not None:
+        cols.append(pa.array(list(paths), pa.string()))
+    return pa.Table.from_arrays(cols, schema=gallery_schema(dim, with_path=paths is not None))
+
+
+def triplets_table(query_ids, categories, ref_ids, target_ids, captions, text_embeddings: np.ndarray,
+                   **optional) -> pa.Table:
+    dim = int(text_embeddings.shape[1])
+    names = [k for k in ("extra_positive_ids", "verified_negative_ids", "img_set", "source")
+             if optional.get(k) is not None]
+    schema = triplets_schema(dim, names)
+    cols = [
+        pa.array(list(query_ids), pa.string()), pa.array(list(categories), pa.string()),
+        pa.array(list(ref_ids), pa.string()), pa.array(list(target_ids), pa.string()),
+        pa.array([list(c) for c in captions], pa.list_(pa.string())), embedding_array(text_embeddings),
+    ]
+    for k in names:
+        v = optional[k]
+        cols.append(pa.array(list(v), pa.string()) if k == "source"
+                    else pa.array([list(x) for x in v], pa.list_(pa.string())))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = None) -> None:
+    """Write ``table`` to ``path`` atomically; ``metadata`` (JSON-able) goes into the file footer."""
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta.update({k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The JSON metadata stored by :func:`write_table` (keys without the ARROW schema)."""
+    meta = pq.read_schema(path).metadata or {}
+    out = {}
+    for k, v in meta.items():
+        key = k.decode()
+        if key.startswith("ARROW:"):
+            continue
+        try:
+            out[key] = json.loads(v.decode())
+        except ValueError:
+            out[key] = v.decode()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Workspace
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("numpy", "pyarrow", "faiss-cpu", "faiss-gpu-cu12", "torch", "open_clip_torch", "duckdb"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+class Workspace:
+    """A workspace directory. Tables are validated when read."""
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # paths
+    def gallery_path(self, split: str) -> Path:
+        return self.root / f"gallery.{check_split(split)}.parquet"
+
+    def triplets_path(self, split: str) -> Path:
+        return self.root / f"triplets.{check_split(split)}.parquet"
+
+    def index_path(self, split: str) -> Path:
+        return self.root / f"index.{check_split(split)}.faiss"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / self.MANIFEST
+
+    def require(self) -> "Workspace":
+        if not self.root.is_dir():
+            raise DataError(
+                f"{self.root}: workspace directory not found. Create one with `cir-mine synth` or "
+                f"`cir-mine embed`, or point --work at an existing workspace."
+            )
+        return self
+
+    def splits(self) -> list[str]:
+        return sorted(p.name[len("gallery."):-len(".parquet")] for p in self.root.glob("gallery.*.parquet"))
+
+    def _require_split(self, split: str, path: Path) -> None:
+        self.require()
+        if not path.exists():
+            have = ", ".join(self.splits()) or "none"
+            raise DataError(f"{path}: file not found; splits in {self.root}: {have}. Pass one with --split.")
+
+    # tables
+    def gallery(self, split: str, check_norm: bool = True) -> Gallery:
+        p = self.gallery_path(split)
+        self._require_split(split, p)
+        g = read_gallery(p, check_norm=check_norm)
+        dim = self.manifest().get("dim")
+        if dim is not None and g.dim != int(dim):
+            raise SchemaError(
+                f"{p}: column 'embedding' has dimension {g.dim} but {self.manifest_path} says {dim}."
+            )
+        return g
+
+    def triplets(self, split: str, gallery: Optional[Gallery] = None, check_norm: bool = True) -> Triplets:
+        p = self.triplets_path(split)
+        self._require_split(split, p)
+        dim = gallery.dim if gallery is not None else self.manifest().get("dim")
+        t = read_triplets(p, dim=dim, check_norm=check_norm)
+        if gallery is not None:
+            check_triplets_against_gallery(t, gallery)
+        return t
+
+    def load(self, split: str) -> tuple[Gallery, Triplets]:
+        g = self.gallery(split)
+        return g, self.triplets(split, gallery=g)
+
+    # manifest
+    def manifest(self) -> dict:
+        if self.manifest_path.exists():
+            try:
+                m = json.loads(self.manifest_path.read_text())
+            except ValueError as e:
+                raise DataError(f"{self.manifest_path}: malformed JSON ({e}).") from None
+            if not isinstance(m, dict):
+                raise DataError(f"{self.manifest_path}: expected a JSON object.")
+            return m
+        return self.derive_manifest()
+
+    def derive_manifest(self) -> dict:
+        """A manifest computed from the tables' footers (for workspaces made without one)."""
+        self.require()
+        counts, dim = {}, None
+        for kind in ("gallery", "triplets"):
+            for p in sorted(self.root.glob(f"{kind}.*.parquet")):
+                md = pq.read_metadata(p)
+                counts[p.name[: -len(".parquet")]] = md.num_rows
+                col = "embedding" if kind == "gallery" else "text_embedding"
+                sch = md.schema.to_arrow_schema()
+                if col in sch.names and pa.types.is_fixed_size_list(sch.field(col).type):
+                    dim = dim or sch.field(col).type.list_size
+        return {"schema_version": SCHEMA_VERSION, "derived": True, "dim": dim, "counts": counts,
+                "encoder": {"name": "unknown"}, "source": "unknown"}
+
+    def manifest_hash(self) -> str:
+        m = {k: v for k, v in self.manifest().items() if k not in ("updated",)}
+        return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+
+    def write_manifest(self, **fields) -> dict:
+        """Merge ``fields`` into the manifest and refresh counts/dim from the tables."""
+        base = self.manifest() if self.manifest_path.exists() else {}
+        derived = self.derive_manifest()
+        m = {**base, **fields}
+        m["schema_version"] = SCHEMA_VERSION
+        m["counts"] = derived["counts"]
+        m["dim"] = derived["dim"] if derived["dim"] is not None else m.get("dim")
+        m.setdefault("created", now_iso())
+        m.setdefault("encoder", {"name": "unknown"})
+        m.setdefault("source", "unknown")
+        m["versions"] = library_versions()
+        m.pop("derived", None)
+        write_json_atomic(self.manifest_path, m)
+        return m
+
+
+def check_split(split: str) -> str:
+    from .errors import UsageError
+
+    if not SPLIT_RE.match(split or ""):
+        raise UsageError(f"invalid split name {split!r}: use letters, digits, '-' or '_' (e.g. train, val).")
+    return split
+
+
+def check_triplets_against_gallery(t: Triplets, g: Gallery) -> None:
+    """Every reference and target must be a gallery image."""
+    row = g.row_of
+    for col, ids in (("ref_id", t.ref_ids), ("target_id", t.target_ids)):
+        missing = [i for i in ids.tolist() if i not in row]
+        if missing:
+            raise DataError(
+                f"{t.path}: column '{col}' names {len(missing)} image(s) missing from {g.path} "
+                f"(first: {missing[0]}, query {t.query_ids[ids.tolist().index(missing[0])]}). "
+                f"Re-embed the gallery or drop those triplets."
+            )

@@ -1,0 +1,1 @@
+"""Miner layer: embedding, FAISS indexes, scores, guards, strategies and negative tables."""

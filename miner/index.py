@@ -1,0 +1,140 @@
+"""FAISS indexes over a gallery: build, save/load (atomic), batched search with bounded memory.
+
+One GPU rule: GPU FAISS is used only when ``faiss.get_num_gpus() > 0`` and the caller did not
+ask for the CPU; the choice is logged. All indexes are inner-product (cosine on unit vectors).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from data.errors import DataError, UsageError
+from data.io import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+NAMED_FACTORIES = {
+    "flat": "Flat",
+    "ivf": "IVF{nlist},Flat",
+    "ivfpq": "IVF{nlist},PQ{m}",
+    "hnsw": "HNSW32,Flat",
+}
+
+
+def _faiss():
+    import faiss  # imported lazily: it is heavy and pulls in OpenMP
+
+    return faiss
+
+
+def use_gpu(device: str = "auto") -> bool:
+    """The one GPU rule: 'cpu' never, 'cuda' required, 'auto' when FAISS sees a GPU."""
+    faiss = _faiss()
+    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cpu":
+        return False
+    if device == "cuda":
+        if n == 0:
+            raise UsageError("--device cuda: FAISS sees no GPU. Install the 'gpu' extra on a GPU machine, or use --device cpu.")
+        return True
+    if device != "auto":
+        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda.")
+    return n > 0
+
+
+def factory_string(spec: str, n: int, dim: int) -> str:
+    """'flat'|'ivf'|'ivfpq'|'hnsw' or a FAISS factory string -> a factory string."""
+    if spec in NAMED_FACTORIES:
+        nlist = max(1, min(4096, int(4 * np.sqrt(max(n, 1)))))
+        m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
+        return NAMED_FACTORIES[spec].format(nlist=nlist, m=m)
+    return spec
+
+
+def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: bool = False):
+    """Build an inner-product index over ``xb`` (float32[n, d]); returns a CPU or GPU index."""
+    faiss = _faiss()
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    n, d = xb.shape
+    fs = factory_string(spec, n, d)
+    try:
+        index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UsageError(f"--index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
+    gpu = use_gpu(device)
+    if gpu:
+        co = faiss.GpuClonerOptions()
+        co.useFloat16 = bool(fp16)
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
+    log.info("FAISS index %s on %s (n=%d, d=%d)", fs, "GPU" if gpu else "CPU", n, d)
+    if not index.is_trained:
+        if n < 39 * max(1, getattr(faiss.extract_index_ivf(index), "nlist", 1) if "IVF" in fs else 1):
+            log.warning("few training points for %s", fs)
+        index.train(xb)
+    index.add(xb)
+    return index
+
+
+def to_cpu(index):
+    faiss = _faiss()
+    return faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
+
+
+def save_index(index, path: str | Path, meta: dict) -> None:
+    """Write the index and ``{path}.json`` (dimension, count, factory, gallery hash) atomically."""
+    faiss = _faiss()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(to_cpu(index), str(tmp))
+    write_json_atomic(path.with_suffix(path.suffix + ".json"), meta)
+
+
+def load_index(path: str | Path, device: str = "auto"):
+    faiss = _faiss()
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: index not found. Build it with `cir-mine index --work WORK --split SPLIT`.")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise DataError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]}).") from None
+    if use_gpu(device):
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def index_meta(path: str | Path) -> dict:
+    p = Path(path)
+    p = p.with_suffix(p.suffix + ".json")
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def search_batched(index, xq: np.ndarray, k: int, batch_size: int = 4096,
+                   progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Search ``xq`` (float32[nq, d]) in batches: returns (D float32[nq, k], I int64[nq, k]).
+
+    Memory beyond the outputs is one batch of distances; results equal one big search.
+    """
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    nq = xq.shape[0]
+    k = int(min(k, index.ntotal))
+    D = np.empty((nq, k), dtype=np.float32)
+    I = np.empty((nq, k), dtype=np.int64)
+    for s in range(0, nq, batch_size):
+        e = min(nq, s + batch_size)
+        D[s:e], I[s:e] = index.search(xq[s:e], k)
+        if progress:
+            progress(e - s)
+    return D, I
+
+
+def brute_force_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference implementation (tests): full score matrix, stable descending sort."""
+    S = xq @ xb.T
+    I = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(S, I, axis=1), I

@@ -1,0 +1,67 @@
+"""Generators of tiny datasets in the real on-disk layouts (used by conftest and benches)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+COLORS = {"black": (10, 10, 10), "white": (245, 245, 245), "red": (220, 30, 30), "blue": (30, 60, 220)}
+
+
+def write_png(path: Path, rgb, size: int = 32, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb)[None, None, :] + rng.integers(-20, 20, (size, size, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+
+
+def make_fashioniq(root: Path, split: str = "train", n_per_cat: int = 6, images: bool = True,
+                   ext: str = ".png") -> Path:
+    """A FashionIQ-layout folder: captions, image_splits, tags and (optionally) PNG images."""
+    root = Path(root)
+    colors = list(COLORS)
+    for ci, cat in enumerate(("dress", "shirt", "toptee")):
+        asins = [f"B{ci}{i:08d}" for i in range(n_per_cat)]
+        (root / "image_splits").mkdir(parents=True, exist_ok=True)
+        (root / "image_splits" / f"split.{cat}.{split}.json").write_text(json.dumps(asins))
+        caps = []
+        for i in range(n_per_cat - 1):
+            tgt_color = colors[(i + 1) % len(colors)]
+            caps.append({"candidate": asins[i], "target": asins[i + 1],
+                         "captions": [f"is {tgt_color} with short sleeves", f"is {tgt_color}"]})
+        (root / "captions").mkdir(parents=True, exist_ok=True)
+        (root / "captions" / f"cap.{cat}.{split}.json").write_text(json.dumps(caps))
+        tags = {a: [[cat], [], ["cotton"] if i % 2 else ["silk"], [], ["sleeve"], ["casual"]]
+                for i, a in enumerate(asins)}
+        (root / "tags").mkdir(parents=True, exist_ok=True)
+        (root / "tags" / f"asin2attr.{cat}.{split}.json").write_text(json.dumps(tags))
+        if images:
+            for i, a in enumerate(asins):
+                write_png(root / "images" / f"{a}{ext}", COLORS[colors[i % len(colors)]], seed=ci * 100 + i)
+    return root
+
+
+def make_cirr(root: Path, split: str = "val", n_images: int = 12, images: bool = True) -> Path:
+    """A CIRR-layout folder (rc2): captions with target_soft and img_set, split file, PNGs."""
+    root = Path(root)
+    sub = "dev" if split == "val" else split
+    names = [f"{sub}-{i}-0-img0" for i in range(n_images)]
+    (root / "image_splits").mkdir(parents=True, exist_ok=True)
+    (root / "image_splits" / f"split.rc2.{split}.json").write_text(
+        json.dumps({n: f"./{sub}/{n}.png" for n in names}))
+    caps = []
+    for i in range(n_images - 2):
+        members = [names[(i + j) % n_images] for j in range(6)]
+        caps.append({"pairid": 1000 + i, "reference": names[i], "target_hard": names[i + 1],
+                     "target_soft": {names[i + 1]: 1.0, names[i + 2]: 0.5, names[(i + 3) % n_images]: -1.0},
+                     "caption": f"show {i + 2} dogs", "img_set": {"id": i, "members": members,
+                                                                  "reference_rank": 0, "target_rank": 1}})
+    (root / "captions").mkdir(parents=True, exist_ok=True)
+    (root / "captions" / f"cap.rc2.{split}.json").write_text(json.dumps(caps))
+    if images:
+        for i, n in enumerate(names):
+            write_png(root / sub / f"{n}.png", list(COLORS.values())[i % 4], seed=i)
+    return root

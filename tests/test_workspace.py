@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.errors import DataError, SchemaError
+from data.workspace import (Workspace, gallery_table, l2_normalize, read_gallery, read_triplets,
+                            triplets_table, write_table)
+from tests.conftest import shared_path
+
+
+def _gallery(tmp_path, emb=None, ids=None, cats=None):
+    rng = np.random.default_rng(0)
+    emb = l2_normalize(rng.standard_normal((4, 8)).astype(np.float32)) if emb is None else emb
+    ids = ids or ["a", "b", "c", "d"]
+    cats = cats or ["dress"] * len(ids)
+    t = gallery_table(ids, cats, [["color:red"], [], ["tag:x"], []], emb)
+    p = tmp_path / "gallery.train.parquet"
+    write_table(t, p)
+    return p
+
+
+def test_roundtrip_and_derived_manifest(tmp_path):
+    p = _gallery(tmp_path)
+    g = read_gallery(p)
+    assert g.image_ids.tolist() == ["a", "b", "c", "d"] and g.dim == 8
+    assert g.attributes[0] == ["color:red"]
+    rng = np.random.default_rng(1)
+    te = l2_normalize(rng.standard_normal((2, 8)).astype(np.float32))
+    write_table(triplets_table(["q0", "q1"], ["dress"] * 2, ["a", "b"], ["b", "c"],
+                               [["is red"], ["is blue", ""]], te), tmp_path / "triplets.train.parquet")
+    ws = Workspace(tmp_path)
+    m = ws.manifest()
+    assert m["derived"] and m["dim"] == 8 and m["counts"] == {"gallery.train": 4, "triplets.train": 2}
+    g, t = ws.load("train")
+    assert t.target_ids.tolist() == ["b", "c"] and np.allclose(t.text_embeddings, te)
+    h = ws.manifest_hash()
+    ws.write_manifest(source="test")
+    assert ws.manifest_hash() != h and json.loads(ws.manifest_path.read_text())["source"] == "test"
+
+
+def test_missing_column(tmp_path):
+    p = tmp_path / "gallery.train.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "category": ["x"]}), p)
+    with pytest.raises(SchemaError) as e:
+        read_gallery(p)
+    assert str(e.value) == (f"{p}: missing column 'attributes' (list<string>); a gallery table needs the "
+                            f"columns image_id, category, attributes, embedding. See docs/formats.md.")
+
+
+def test_wrong_dtype(tmp_path):
+    p = tmp_path / "gallery.train.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "category": ["x"], "attributes": [["t"]],
+                             "embedding": [[1.0, 0.0]]}), p)
+    with pytest.raises(SchemaError, match=r"column 'embedding' has type list<element: double>, expected fixed_size_list<float32>\[d\]"):
+        read_gallery(p)
+
+
+def test_nan_and_unnormalized(tmp_path):
+    emb = np.eye(4, 8, dtype=np.float32)
+    emb[2, 0] = np.nan
+    with pytest.raises(SchemaError, match=r"column 'embedding' has 1 row\(s\) with NaN or inf values \(first: c\)"):
+        read_gallery(_gallery(tmp_path, emb))
+    emb = np.eye(4, 8, dtype=np.float32) * 2
+    with pytest.raises(SchemaError, match=r"not L2-normalized \(first: a with norm 2.0000\)"):
+        read_gallery(_gallery(tmp_path, emb))
+
+
+def test_duplicate_ids_within_category(tmp_path):
+    with pytest.raises(SchemaError, match="duplicated id 'a' in category 'dress'"):
+        read_gallery(_gallery(tmp_path, ids=["a", "b", "a", "d"]))
+    # the same id in two categories is one product listed twice (as in real FashionIQ): allowed
+    g = read_gallery(_gallery(tmp_path, ids=["a", "b", "a", "d"], cats=["shirt", "shirt", "toptee", "toptee"]))
+    assert g.rows(["a", "a"], ["shirt", "toptee"]).tolist() == [0, 2]
+
+
+def test_dimension_mismatch(tmp_path):
+    _gallery(tmp_path)
+    te = l2_normalize(np.ones((1, 6), np.float32))
+    write_table(triplets_table(["q"], ["dress"], ["a"], ["b"], [["x"]], te), tmp_path / "triplets.train.parquet")
+    with pytest.raises(SchemaError, match="has dimension 6 but the gallery has dimension 8"):
+        Workspace(tmp_path).load("train")
+
+
+def test_missing_reference(tmp_path):
+    _gallery(tmp_path)
+    te = l2_normalize(np.ones((1, 8), np.float32))
+    write_table(triplets_table(["q"], ["dress"], ["zz"], ["b"], [["x"]], te), tmp_path / "triplets.train.parquet")
+    with pytest.raises(DataError, match="column 'ref_id' names 1 image\\(s\\) missing from .* \\(first: zz, query q\\)"):
+        Workspace(tmp_path).load("train")
+
+
+def test_missing_split_names_the_splits(tmp_path):
+    _gallery(tmp_path)
+    with pytest.raises(DataError, match="splits in .*: train. Pass one with --split"):
+        Workspace(tmp_path).gallery("val")
+
+
+def test_not_parquet(tmp_path):
+    p = tmp_path / "gallery.train.parquet"
+    p.write_bytes(b"garbage")
+    with pytest.raises(SchemaError, match="not a readable Parquet file"):
+        read_gallery(p)
+
+
+def test_fiq_proxy_loads_unchanged():
+    root = shared_path("fiq-proxy")
+    ws = Workspace(root)
+    g, t = ws.load("train")
+    assert (len(g), len(t)) == (29728, 8847)
+    assert g.dim == t.dim == 384 == ws.manifest()["dim"]
+    assert ws.manifest()["derived"] is True
+    assert t.query_ids[0] == "dress-train-00000"
+    assert all(":" in a for a in g.attributes[0])
+    # the same ASIN listed under shirt and toptee resolves within the triplet's category
+    rows = g.rows(t.ref_ids, t.categories)
+    assert (g.categories[rows] == t.categories).all()

@@ -1,0 +1,1 @@
+"""Train layer: combiner models, losses, the training loop, metrics and checkpoints."""
