@@ -1,0 +1,102 @@
+"""The negatives table: one row per (query, negative). Schema, atomic writer, validating reader.
+
+File metadata (Parquet footer, key ``cir_mine``, JSON) holds the schema version, the full mining
+config, the workspace manifest hash, the split, the round, the negative bank the table assumes and
+the shortfall (queries that got fewer than k negatives). See docs/formats.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.errors import DataError, SchemaError
+from data.workspace import Workspace, now_iso, read_metadata, write_table
+
+NEGATIVES_SCHEMA_VERSION = 1
+META_KEY = "cir_mine"
+
+NEGATIVES_SCHEMA = pa.schema([
+    pa.field("query_id", pa.string()),        # triplets.query_id
+    pa.field("ref_id", pa.string()),          # reference image id
+    pa.field("target_id", pa.string()),       # target image id
+    pa.field("neg_id", pa.string()),          # mined negative image id
+    pa.field("strategy", pa.string()),        # strategy that picked it (random, midzone, ...)
+    pa.field("rank", pa.int32()),             # 0-based rank of the negative by s(q, c) in the search; -1 if not from the ranking
+    pa.field("score", pa.float32()),          # s(q, neg), cosine
+    pa.field("target_score", pa.float32()),   # s(q, target), cosine
+    pa.field("delta", pa.float32()),          # target_score - score
+    pa.field("round", pa.int32()),            # mining round (0 = offline, r = r-th refresh)
+    pa.field("category_match", pa.bool_()),   # negative's category == target's category
+    pa.field("attr_overlap", pa.float32()),   # Jaccard overlap of negative and target attributes
+    pa.field("seed", pa.int64()),             # sampling seed
+])
+
+
+@dataclass
+class NegativesTable:
+    path: Optional[Path]
+    table: pa.Table
+    meta: dict               # the ``cir_mine`` footer entry
+
+    @property
+    def config(self) -> dict:
+        return self.meta.get("config", {})
+
+
+def empty_negatives() -> pa.Table:
+    return NEGATIVES_SCHEMA.empty_table()
+
+
+def write_negatives(table: pa.Table, path: str | Path, meta: dict) -> None:
+    """Validate ``table`` against the schema and write it atomically with ``meta`` in the footer."""
+    table = conform(table, Path(path))
+    meta = {"schema_version": NEGATIVES_SCHEMA_VERSION, "table": "negatives", "created": now_iso(), **meta}
+    write_table(table, path, metadata={META_KEY: meta})
+
+
+def conform(table: pa.Table, path: Path) -> pa.Table:
+    """Check columns and types (safe casts allowed, e.g. int64 rank -> int32); order as the schema."""
+    for f in NEGATIVES_SCHEMA:
+        if f.name not in table.schema.names:
+            raise SchemaError(
+                f"{path}: missing column '{f.name}' ({f.type}); a negatives table needs the columns "
+                f"{', '.join(NEGATIVES_SCHEMA.names)}. See docs/formats.md."
+            )
+        t = table.schema.field(f.name).type
+        compatible = (t == f.type or (pa.types.is_integer(t) and pa.types.is_integer(f.type))
+                      or (pa.types.is_floating(t) and pa.types.is_floating(f.type))
+                      or (pa.types.is_large_string(t) and pa.types.is_string(f.type)))
+        if not compatible:
+            raise SchemaError(f"{path}: column '{f.name}' has type {t}, expected {f.type}. See docs/formats.md.")
+    return table.select(NEGATIVES_SCHEMA.names).cast(NEGATIVES_SCHEMA)
+
+
+def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> NegativesTable:
+    """Read and validate a negatives table; with ``ws``, refuse a table mined from another workspace."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: negatives table not found. Mine one with `cir-mine negatives`.")
+    try:
+        table = pq.read_table(path)
+        meta = read_metadata(path).get(META_KEY)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
+    if not isinstance(meta, dict) or meta.get("table") != "negatives":
+        raise SchemaError(f"{path}: not a cir-mine negatives table (no '{META_KEY}' metadata). "
+                          f"Mine one with `cir-mine negatives`.")
+    if meta.get("schema_version") != NEGATIVES_SCHEMA_VERSION:
+        raise SchemaError(f"{path}: negatives schema version {meta.get('schema_version')} is not "
+                          f"{NEGATIVES_SCHEMA_VERSION}; re-mine it with this version of cir-mine.")
+    table = conform(table, path)
+    if ws is not None:
+        mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
+        if theirs != mine:
+            raise DataError(
+                f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
+                f"Re-mine it with `cir-mine negatives --work {ws.root}`."
+            )
+    return NegativesTable(path, table, meta)

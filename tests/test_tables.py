@@ -1,0 +1,36 @@
+import pyarrow as pa
+import pytest
+
+from data.errors import DataError, SchemaError
+from data.workspace import Workspace
+from miner.tables import NEGATIVES_SCHEMA, read_negatives, write_negatives
+
+
+def _rows(n=3):
+    return pa.table({
+        "query_id": ["q"] * n, "ref_id": ["r"] * n, "target_id": ["t"] * n,
+        "neg_id": [f"n{i}" for i in range(n)], "strategy": ["random"] * n, "rank": list(range(n)),
+        "score": [0.5] * n, "target_score": [0.7] * n, "delta": [0.2] * n, "round": [0] * n,
+        "category_match": [True] * n, "attr_overlap": [0.5] * n, "seed": [0] * n,
+    })
+
+
+def test_roundtrip_and_workspace_check(tmp_path, synth_work):
+    ws = Workspace(synth_work)
+    p = tmp_path / "negs.parquet"
+    write_negatives(_rows(), p, {"manifest_hash": ws.manifest_hash(), "config": {"k": 3}})
+    t = read_negatives(p, ws)
+    assert t.table.schema == NEGATIVES_SCHEMA and t.table.num_rows == 3 and t.config == {"k": 3}
+    write_negatives(_rows(), p, {"manifest_hash": "0000", "config": {}})
+    with pytest.raises(DataError, match=r"mined from another workspace \(manifest hash 0000"):
+        read_negatives(p, ws)
+
+
+def test_wrong_schema(tmp_path):
+    with pytest.raises(SchemaError, match="missing column 'neg_id'"):
+        write_negatives(_rows().drop(["neg_id"]), tmp_path / "x.parquet", {})
+    import pyarrow.parquet as pq
+
+    pq.write_table(_rows(), tmp_path / "plain.parquet")
+    with pytest.raises(SchemaError, match="not a cir-mine negatives table"):
+        read_negatives(tmp_path / "plain.parquet")
