@@ -191,6 +191,46 @@ def demo(
 
 
 # ------------------------------------------------------------------------------------------------
+# cir-mine stats / sql / inspect / report  (issue 4 "DuckDB" section, issue 7: see the negatives)
+
+NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
+
+
+class SqlFormat(str, __import__("enum").Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@mine_app.command()
+@cli_errors
+def stats(
+    negs: List[Path] = NEGS,
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (checks the tables belong to it; adds negative categories)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
+):
+    """Negatives per query, Δ quantiles and histogram, category and attribute mix, shortfall, round overlap."""
+    from miner.negstats import format_stats, summarize
+
+    typer.echo(format_stats(summarize(negs, work, split)), nl=False)
+
+
+@mine_app.command()
+@cli_errors
+def sql(
+    query: str = typer.Argument(..., help="SQL over the views negs, gallery, triplets, gallery_emb, triplet_emb."),
+    negs: Optional[List[Path]] = typer.Argument(None, help="Negatives table(s) (the view negs)."),
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (views gallery, triplets)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own, else train)."),
+    fmt: SqlFormat = typer.Option(SqlFormat.table, "--format", "-f", help="Output format."),
+):
+    """Run DuckDB SQL over negatives tables and the workspace (see docs/queries.md)."""
+    from miner.negstats import format_rows, sql_query
+
+    typer.echo(format_rows(sql_query(query, negs or [], work, split), fmt.value), nl=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # cir-train
 
 
