@@ -230,6 +230,27 @@ def sql(
     typer.echo(format_rows(sql_query(query, negs or [], work, split), fmt.value), nl=False)
 
 
+@mine_app.command()
+@cli_errors
+def inspect(
+    negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
+    work: Path = WORK,
+    out: Path = typer.Option(..., "--out", "-o", help="PNG contact sheet to write."),
+    query_id: Optional[List[str]] = typer.Option(None, "--query-id", help="Query to draw (repeatable)."),
+    sample: Optional[int] = typer.Option(None, "--sample", "-n", help="Draw N random queries of the table."),
+    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the table's own)."),
+    max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
+):
+    """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
+    from miner.sheets import contact_sheet
+
+    r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed)
+    kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
+    typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
+
+
 # ------------------------------------------------------------------------------------------------
 # cir-train
 

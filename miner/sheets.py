@@ -1,0 +1,260 @@
+"""Contact sheets: one row per query (reference, caption, target, then the negatives in rank order).
+
+Each negative is labelled with its Δ, score, category and the attributes that differ from the
+target; the guards that removed candidates are listed with the caption (per query when the table
+records per-query counts, else the whole table's totals). Thumbnails come from the gallery ``path``
+column (relative to ``root`` when given); a workspace without image paths (feature-only, e.g.
+fiq-proxy) gets the same layout with attribute text cards.
+
+``sheet_rows`` gathers the data (no drawing); ``render_sheet`` returns a matplotlib Figure (Agg);
+``contact_sheet`` does both and writes the PNG.
+"""
+from __future__ import annotations
+
+import logging
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from data.errors import DataError, UsageError
+from data.workspace import Gallery, Workspace
+from miner.tables import NegativesTable, read_negatives
+
+log = logging.getLogger(__name__)
+
+TILE_IN = 1.75            # tile width in inches
+THUMB_PX = 192            # thumbnail size (longest side) in pixels
+ROLE_COLORS = {"reference": "#6b7280", "target": "#16a34a", "negative": "#dc2626"}
+
+
+@dataclass
+class Tile:
+    role: str                          # reference | target | negative
+    image_id: str
+    category: str
+    attributes: list                   # group:value strings of the image
+    image: Optional[Path]              # image file, None for a text card
+    lines: list                        # label lines under the tile
+    plus: list = field(default_factory=list)   # attributes the image has and the target lacks
+    minus: list = field(default_factory=list)  # target attributes the image lacks
+
+
+@dataclass
+class SheetRow:
+    query_id: str
+    captions: list
+    tiles: list                        # [reference, target, negatives...]
+    guards: dict                       # guard -> candidates removed
+    guards_scope: str                  # "query" or "table"
+
+
+def guard_counts(meta: dict, query_id: Optional[str] = None) -> tuple[dict, str]:
+    """Guard counts from a table's metadata: per query when recorded, else the table's totals.
+
+    Accepts ``guards: {name: n | {"removed": n}}`` and ``guards_per_query: {query_id: {name: n}}``.
+    Returns ({guard: n}, "query" | "table"); ({}, "table") when the table records none.
+    """
+    per_q = meta.get("guards_per_query") or {}
+    if query_id is not None and query_id in per_q:
+        return {g: int(n) for g, n in per_q[query_id].items()}, "query"
+    tot = meta.get("guards") or {}
+    return {g: int(v.get("removed", 0) if isinstance(v, dict) else v) for g, v in tot.items()}, "table"
+
+
+def attribute_diff(attrs: Sequence[str], target_attrs: Sequence[str]) -> tuple[list, list]:
+    """(attributes only the image has, target attributes the image lacks), each sorted."""
+    a, t = set(attrs), set(target_attrs)
+    return sorted(a - t), sorted(t - a)
+
+
+def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Optional[int] = None,
+                 seed: int = 0) -> list[str]:
+    """The queries to draw: ``query_ids`` (each must be in the table) or ``sample`` random ones."""
+    have = list(dict.fromkeys(nt.table.column("query_id").to_pylist()))
+    if query_ids and sample:
+        raise UsageError("pass either --query-id or --sample, not both.")
+    if query_ids:
+        known = set(have)
+        for q in query_ids:
+            if q not in known:
+                raise DataError(f"{nt.path}: query id '{q}' has no negatives in this table. "
+                                f"List the queries with `cir-mine sql \"SELECT DISTINCT query_id FROM negs\" {nt.path}`.")
+        return list(query_ids)
+    if not sample or sample < 1:
+        raise UsageError("pass --query-id ID (repeatable) or --sample N.")
+    if not have:
+        raise DataError(f"{nt.path}: the table has no rows; nothing to draw.")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(have), size=min(sample, len(have)), replace=False))
+    return [have[i] for i in idx]
+
+
+def _image_path(g: Gallery, row: int, root: Optional[Path]) -> Optional[Path]:
+    if g.paths is None or not g.paths[row]:
+        return None
+    p = Path(g.paths[row])
+    full = root / p if root is not None and not p.is_absolute() else p
+    if not full.exists():
+        hint = "Check --root." if root is not None else "Pass the image folder with --root."
+        raise DataError(f"{full}: image file not found (gallery path of '{g.image_ids[row]}'). {hint}")
+    return full
+
+
+def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequence[str],
+               root: Optional[Path] = None, max_negatives: int = 8) -> list[SheetRow]:
+    """The data of a contact sheet: one SheetRow per query, negatives sorted by rank then Δ."""
+    g, t = ws.load(split)
+    qrow = {q: i for i, q in enumerate(t.query_ids.tolist())}
+    cols = nt.table.to_pydict()
+    by_q: dict[str, list[int]] = {}
+    for i, q in enumerate(cols["query_id"]):
+        by_q.setdefault(q, []).append(i)
+    root = Path(root) if root is not None else None
+    out = []
+    for q in query_ids:
+        if q not in qrow:
+            raise DataError(f"{t.path}: query id '{q}' is not in the triplets of split '{split}'. "
+                            f"Pass the split the table was mined on with --split.")
+        qi = qrow[q]
+        cat = t.categories[qi]
+        ref_r, tgt_r = g.rows([t.ref_ids[qi], t.target_ids[qi]], [cat, cat])
+        rows = sorted(by_q.get(q, []), key=lambda i: (cols["rank"][i] < 0, cols["rank"][i], -cols["delta"][i]))
+        tgt_attrs = g.attributes[tgt_r]
+        ts = cols["target_score"][rows[0]] if rows else float("nan")
+        tiles = [
+            Tile("reference", t.ref_ids[qi], g.categories[ref_r], g.attributes[ref_r], _image_path(g, ref_r, root),
+                 ["reference", t.ref_ids[qi], g.categories[ref_r] or "-"]),
+            Tile("target", t.target_ids[qi], g.categories[tgt_r], tgt_attrs, _image_path(g, tgt_r, root),
+                 ["target", t.target_ids[qi], f"s(q,t) {ts:.3f}", g.categories[tgt_r] or "-"]),
+        ]
+        for n, i in enumerate(rows[:max_negatives]):
+            nr = int(g.rows([cols["neg_id"][i]], [cat])[0])
+            plus, minus = attribute_diff(g.attributes[nr], tgt_attrs)
+            same = "same cat" if cols["category_match"][i] else "other cat"
+            rank = cols["rank"][i]
+            lines = [f"#{n + 1} {cols['strategy'][i]}" + (f" r{rank}" if rank >= 0 else ""), cols["neg_id"][i],
+                     f"Δ {cols['delta'][i]:+.3f}  s {cols['score'][i]:.3f}", f"{g.categories[nr] or '-'} ({same})"]
+            tiles.append(Tile("negative", cols["neg_id"][i], g.categories[nr], g.attributes[nr],
+                              _image_path(g, nr, root), lines, plus, minus))
+        guards, scope = guard_counts(nt.meta, q)
+        out.append(SheetRow(q, list(t.captions[qi]), tiles, guards, scope))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _short(a: str) -> str:
+    return a.split(":", 1)[1] if a.startswith("tag:") else a
+
+
+def _diff_lines(tile: Tile, width: int = 26, limit: int = 3) -> list[tuple[str, str]]:
+    out = []
+    for sign, vals, color in (("+", tile.plus, "#b91c1c"), ("−", tile.minus, "#1d4ed8")):
+        if vals:
+            more = f" (+{len(vals) - limit} more)" if len(vals) > limit else ""
+            txt = sign + (" " + sign).join(_short(v) for v in vals[:limit]) + more
+            out.extend((line, color) for line in textwrap.wrap(txt, width)[:2])
+    return out
+
+
+def _draw_card(ax, tile: Tile, target_attrs: set) -> None:
+    """A text card: category and attributes (red: not on the target)."""
+    ax.set_facecolor("#f8fafc")
+    ax.text(0.06, 0.94, tile.category or "-", transform=ax.transAxes, fontsize=8, weight="bold", va="top")
+    attrs = list(tile.attributes)
+    shown = attrs[:11]
+    for j, a in enumerate(shown):
+        color = "#b91c1c" if tile.role == "negative" and a not in target_attrs else "#111827"
+        ax.text(0.06, 0.82 - j * 0.072, textwrap.shorten(_short(a), 30, placeholder="…"),
+                transform=ax.transAxes, fontsize=6.5, va="top", color=color)
+    if len(attrs) > len(shown):
+        ax.text(0.06, 0.82 - len(shown) * 0.072, f"… +{len(attrs) - len(shown)} more",
+                transform=ax.transAxes, fontsize=6.5, va="top", color="#6b7280")
+    if not attrs:
+        ax.text(0.5, 0.5, "(no attributes)", transform=ax.transAxes, fontsize=7, ha="center", color="#6b7280")
+
+
+def _draw_tile(ax, tile: Tile, target_attrs: set) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if tile.image is not None:
+        from PIL import Image
+
+        with Image.open(tile.image) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            canvas = Image.new("RGB", (THUMB_PX, THUMB_PX), (255, 255, 255))   # letterbox, keep aspect
+            canvas.paste(im, ((THUMB_PX - im.width) // 2, (THUMB_PX - im.height) // 2))
+            ax.imshow(np.asarray(canvas), aspect="auto")
+    else:
+        _draw_card(ax, tile, target_attrs)
+    for s in ax.spines.values():
+        s.set_color(ROLE_COLORS[tile.role])
+        s.set_linewidth(2.5)
+    y = -0.03
+    for j, line in enumerate(tile.lines):
+        ax.text(0.5, y, line, transform=ax.transAxes, ha="center", va="top", fontsize=7,
+                weight="bold" if j == 0 else "normal", color=ROLE_COLORS[tile.role] if j == 0 else "#111827")
+        y -= 0.09
+    for line, color in _diff_lines(tile):
+        ax.text(0.5, y, line, transform=ax.transAxes, ha="center", va="top", fontsize=6.5, color=color)
+        y -= 0.08
+
+
+def render_sheet(rows: Sequence[SheetRow], title: str = "", max_negatives: int = 8):
+    """A matplotlib Figure (Agg) with one band per query: caption and guards, then the tiles."""
+    from matplotlib.figure import Figure
+
+    ncols = 2 + max(1, min(max_negatives, max((len(r.tiles) - 2 for r in rows), default=1)))
+    title_h, head_h, label_h = 0.35, 0.45, 1.2          # inches
+    tile = TILE_IN * 0.88
+    band_h = head_h + tile + label_h
+    W, H = ncols * TILE_IN + 0.1, title_h + band_h * max(len(rows), 1)
+    fig = Figure(figsize=(W, H), dpi=100)
+    fig.text(0.05 / W, 1 - 0.08 / H, title, fontsize=9, va="top", ha="left", color="#374151")
+    for b, row in enumerate(rows):
+        top = H - title_h - b * band_h                   # inches from the bottom
+        caption = " / ".join(f"“{c}”" for c in row.captions if c)
+        fig.text(0.05 / W, (top - 0.02) / H, f"{row.query_id}: {textwrap.shorten(caption, 160, placeholder='…')}",
+                 fontsize=8.5, weight="bold", va="top", ha="left")
+        scope = "this query" if row.guards_scope == "query" else "whole table"
+        g = ", ".join(f"{k} {v}" for k, v in row.guards.items() if v) or "none recorded"
+        fig.text(0.05 / W, (top - 0.22) / H, f"guards removed ({scope}): {g}", fontsize=7, va="top", ha="left",
+                 color="#4b5563")
+        target_attrs = set(row.tiles[1].attributes)
+        for j, t in enumerate(row.tiles[:ncols]):
+            left = 0.05 + j * TILE_IN + (TILE_IN - tile) / 2
+            ax = fig.add_axes([left / W, (top - head_h - tile) / H, tile / W, tile / H])
+            _draw_tile(ax, t, target_attrs)
+    return fig
+
+
+def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query_ids: Sequence[str] = (),
+                  sample: Optional[int] = None, root: Optional[str | Path] = None, split: Optional[str] = None,
+                  max_negatives: int = 8, seed: int = 0) -> dict:
+    """``cir-mine inspect``: draw the sheet and write ``out`` (PNG, atomically).
+
+    Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool}.
+    """
+    from data.io import atomic_path
+
+    ws = Workspace(work).require()
+    nt = read_negatives(neg_path, ws)
+    split = split or nt.meta.get("split") or "train"
+    if root is not None and not Path(root).is_dir():
+        raise DataError(f"{root}: image folder not found. Pass the folder the gallery paths are relative to with --root.")
+    qs = pick_queries(nt, query_ids, sample, seed)
+    rows = sheet_rows(nt, ws, split, qs, Path(root) if root is not None else None, max_negatives)
+    fig = render_sheet(rows, f"{Path(neg_path).name}  ·  {ws.root}  ·  split {split}", max_negatives)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    w, h = fig.get_size_inches() * fig.dpi
+    return {"out": out, "queries": qs, "size": (int(round(w)), int(round(h))),
+            "images": any(t.image is not None for r in rows for t in r.tiles)}
