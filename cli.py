@@ -251,6 +251,26 @@ def inspect(
     typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
 
 
+@mine_app.command()
+@cli_errors
+def report(
+    negs: List[Path] = NEGS,
+    work: Path = WORK,
+    out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (self-contained, plots embedded)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
+    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    sheets: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
+    max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
+):
+    """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
+    from miner.report import write_report
+
+    r = write_report(negs, work, out, split=split, root=root, n_sheet_queries=sheets,
+                     max_negatives=max_negatives, seed=seed)
+    typer.echo(f"wrote {out}: {len(r.plots)} plots ({', '.join(r.plots)}), {len(r.html) // 1024} KiB")
+
+
 # ------------------------------------------------------------------------------------------------
 # cir-train
 

@@ -228,7 +228,11 @@ def summarize(neg_paths: Sequence[str | Path], work: Optional[str | Path] = None
               split: Optional[str] = None) -> Stats:
     """``cir-mine stats``: per-table statistics and, for several tables, their pair overlap."""
     con, tables, ws, split = open_tables(neg_paths, work, split)
-    has_gallery = ws is not None
+    return stats_of(con, tables, has_gallery=ws is not None)
+
+
+def stats_of(con, tables: Sequence[NegativesTable], has_gallery: bool) -> Stats:
+    """Statistics of the tables opened by :func:`open_tables` (views ``t{i}``)."""
     out = [_table_stats(con, f"t{i}", t, has_gallery) for i, t in enumerate(tables)]
     jac, shared = pair_overlap(con, [f"t{i}" for i in range(len(tables))])
     return Stats(out, jac, shared)

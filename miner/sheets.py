@@ -152,13 +152,27 @@ def _short(a: str) -> str:
     return a.split(":", 1)[1] if a.startswith("tag:") else a
 
 
-def _diff_lines(tile: Tile, width: int = 26, limit: int = 3) -> list[tuple[str, str]]:
+def _pack(tokens: Sequence[str], width: int, max_lines: int) -> list[str]:
+    """Greedy line packing of ``tokens``; what does not fit in ``max_lines`` becomes "(+n more)"."""
+    lines, cur = [], ""
+    for i, tok in enumerate(tokens):
+        cand = f"{cur} {tok}".strip()
+        if len(cand) <= width or not cur:
+            cur = cand
+            continue
+        lines.append(cur)
+        cur = tok
+        if len(lines) == max_lines:
+            left = len(tokens) - i
+            lines[-1] = f"{lines[-1]} (+{left} more)"
+            return lines
+    return lines + [cur] if cur else lines
+
+
+def _diff_lines(tile: Tile, width: int = 30, max_lines: int = 2) -> list[tuple[str, str]]:
     out = []
     for sign, vals, color in (("+", tile.plus, "#b91c1c"), ("−", tile.minus, "#1d4ed8")):
-        if vals:
-            more = f" (+{len(vals) - limit} more)" if len(vals) > limit else ""
-            txt = sign + (" " + sign).join(_short(v) for v in vals[:limit]) + more
-            out.extend((line, color) for line in textwrap.wrap(txt, width)[:2])
+        out.extend((line, color) for line in _pack([sign + _short(v) for v in vals], width, max_lines))
     return out
 
 
