@@ -37,9 +37,9 @@ class Report:
     stats: Optional[Stats] = None
 
 
-def _png_b64(fig, dpi: int = 100) -> str:
+def _png_b64(fig, dpi: int = 100, tight: bool = True) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -262,10 +262,10 @@ class _Doc:
     def add(self, s: str) -> None:
         self.parts.append(s)
 
-    def plot(self, name: str, fig, alt: str) -> None:
+    def plot(self, name: str, fig, alt: str, tight: bool = True) -> None:
         self.plots.append(name)
         self.add(f'<img class="plot" id="plot-{name}" alt="{html.escape(alt)}" '
-                 f'src="data:image/png;base64,{_png_b64(fig)}">')
+                 f'src="data:image/png;base64,{_png_b64(fig, tight=tight)}">')
 
 
 def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optional[str] = None,
@@ -336,7 +336,8 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
         for i in picks:
             rows = sheet_rows(tables[i], ws, split, qs, Path(root) if root is not None else None, max_negatives)
             doc.add(f"<h3>[{i}] {html.escape(Path(tables[i].path).name)}</h3>")
-            doc.plot(f"sheet{i}", render_sheet(rows, "", max_negatives), f"contact sheet of table {i}")
+            doc.plot(f"sheet{i}", render_sheet(rows, "", max_negatives), f"contact sheet of table {i}",
+                     tight=False)
 
     doc.add("<h2 id='numbers'>All numbers</h2><pre>" + html.escape(format_stats(stats)) + "</pre>")
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cir-mine report</title>"

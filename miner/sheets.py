@@ -163,13 +163,16 @@ def _pack(tokens: Sequence[str], width: int, max_lines: int) -> list[str]:
         lines.append(cur)
         cur = tok
         if len(lines) == max_lines:
-            left = len(tokens) - i
-            lines[-1] = f"{lines[-1]} (+{left} more)"
+            rest = list(tokens[i:])
+            last = lines[-1].split(" ")
+            while len(last) > 1 and len(" ".join(last)) + len(f" (+{len(rest)} more)") > width + 4:
+                rest.insert(0, last.pop())          # make room for the suffix
+            lines[-1] = " ".join(last) + f" (+{len(rest)} more)"
             return lines
     return lines + [cur] if cur else lines
 
 
-def _diff_lines(tile: Tile, width: int = 30, max_lines: int = 2) -> list[tuple[str, str]]:
+def _diff_lines(tile: Tile, width: int = 24, max_lines: int = 2) -> list[tuple[str, str]]:
     out = []
     for sign, vals, color in (("+", tile.plus, "#b91c1c"), ("−", tile.minus, "#1d4ed8")):
         out.extend((line, color) for line in _pack([sign + _short(v) for v in vals], width, max_lines))
