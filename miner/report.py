@@ -87,7 +87,7 @@ def groups_of(con, n_tables: int) -> list[Group]:
 
 
 def plot_delta_hist(groups: Sequence[Group]):
-    fig = _figure(7.5, 3.4)
+    fig = _figure(6.2, 4.2)
     ax = fig.add_subplot()
     allv = np.concatenate([g.delta for g in groups]) if groups else np.zeros(1)
     bins = np.histogram_bin_edges(allv, bins=40)
@@ -102,7 +102,7 @@ def plot_delta_hist(groups: Sequence[Group]):
 
 
 def plot_scatter(groups: Sequence[Group], seed: int = 0):
-    fig = _figure(5.2, 4.6)
+    fig = _figure(4.6, 4.2)
     ax = fig.add_subplot()
     rng = np.random.default_rng(seed)
     lo, hi = 1.0, -1.0
@@ -152,18 +152,23 @@ def plot_mix(groups: Sequence[Group]):
 
 
 def plot_per_query(con, stats: Stats):
-    fig = _figure(6.5, 3.0)
+    fig = _figure(5.0, 3.2)
     ax = fig.add_subplot()
     cols = _colors(len(stats.tables))
+    ticks: set = set()
     for i, (s, c) in enumerate(zip(stats.tables, cols)):
         n = con.execute(f"SELECT count(*) AS n FROM t{i} GROUP BY query_id").fetchnumpy()["n"]
         vals, counts = np.unique(n, return_counts=True)
+        ticks.update(vals.tolist())
         w = 0.8 / len(stats.tables)
         ax.bar(vals + (i - (len(stats.tables) - 1) / 2) * w, counts, width=w, color=c,
                label=f"[{i}] k={s.k if s.k is not None else '?'}, shortfall {s.shortfall['count']}")
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(ticks) <= 12:
+        ax.set_xticks(sorted(ticks))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")
     ax.set_xlabel("negatives per query")
     ax.set_ylabel("queries (log)")
@@ -183,7 +188,7 @@ def top_negatives(con, has_gallery: bool, limit: int = TOP_NEGATIVES) -> list[tu
 
 
 def plot_top_negatives(rows: Sequence[tuple]):
-    fig = _figure(6.5, max(2.0, 0.24 * len(rows) + 1.0))
+    fig = _figure(5.6, max(2.0, 0.24 * len(rows) + 1.0))
     ax = fig.add_subplot()
     y = np.arange(len(rows))
     ax.barh(y, [r[2] for r in rows], color="#7c3aed")
@@ -237,6 +242,8 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
 td, th { border: 1px solid #e5e7eb; padding: 3px 8px; text-align: left; } th { background: #f3f4f6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img.plot { max-width: 100%; border: 1px solid #e5e7eb; margin: 6px 0; }
+.row { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; } .row > div { flex: 0 1 auto; }
+.row img.plot { max-width: 580px; }
 .muted { color: #6b7280; font-size: 0.9em; } pre { background: #f9fafb; padding: 8px; overflow-x: auto; font-size: 0.8em; }
 """
 
@@ -291,17 +298,21 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
                 f"</summary><pre>{html.escape(json.dumps(t.meta, indent=1, sort_keys=True, default=str)[:20000])}"
                 f"</pre></details>")
 
-    doc.add("<h2 id='delta'>Δ per strategy</h2><p class='muted'>Δ = s(q, target) − s(q, negative). Large Δ: easy "
-            "negatives; Δ near or below 0: hard negatives or false negatives.</p>")
+    doc.add("<h2 id='delta'>Δ per strategy, score vs target score</h2><p class='muted'>Δ = s(q, target) − "
+            "s(q, negative). Large Δ: easy negatives; Δ near or below 0: hard negatives or false negatives. In the "
+            f"scatter, points above the diagonal rank above their target (at most {SCATTER_MAX} per strategy).</p>"
+            "<div class='row'><div>")
     doc.plot("delta", plot_delta_hist(groups), "Δ histogram per strategy")
-    doc.add("<h2 id='scatter'>Score vs target score</h2><p class='muted'>Points above the diagonal rank above "
-            f"their target. At most {SCATTER_MAX} points per strategy.</p>")
+    doc.add("</div><div>")
     doc.plot("scatter", plot_scatter(groups, seed), "negative score vs target score")
+    doc.add("</div></div>")
     doc.add("<h2 id='mix'>Category and attribute-overlap mix</h2>")
     doc.plot("mix", plot_mix(groups), "category and attribute overlap mix")
 
     doc.add("<h2 id='shortfall'>Negatives per query and shortfall</h2>")
+    doc.add("<div class='row'><div>")
     doc.plot("per_query", plot_per_query(con, stats), "negatives per query")
+    doc.add("</div><div style='max-width: 560px'>")
     for i, s in enumerate(stats.tables):
         ids = s.shortfall["query_ids"]
         listed = ", ".join(html.escape(q) for q in ids[:30]) + (f" … (+{len(ids) - 30})" if len(ids) > 30 else "")
@@ -311,16 +322,19 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
             doc.add(f"<p class='muted'>[{i}] guards removed: "
                     f"{html.escape(', '.join(f'{k} {v}' for k, v in s.guards.items()))}</p>")
 
-    doc.add("<h2 id='top'>Most frequently mined negatives</h2>")
+    doc.add("</div></div><h2 id='top'>Most frequently mined negatives</h2><div class='row'><div>")
     top = top_negatives(con, has_gallery=True)
     doc.plot("top_negatives", plot_top_negatives(top), "most frequently mined negatives")
-    doc.add(_table(["neg_id", "category", "times mined", "queries", "mean Δ"], top))
+    doc.add("</div><div>" + _table(["neg_id", "category", "times mined", "queries", "mean Δ"], top) + "</div></div>")
 
     if len(tables) > 1:
         doc.add("<h2 id='rounds'>Round-to-round overlap and hardness</h2><p class='muted'>Jaccard overlap of the "
                 "(query_id, neg_id) pairs of every two tables; hardness as the Δ distribution per table.</p>")
+        doc.add("<div class='row'><div>")
         doc.plot("overlap", plot_overlap(stats), "round-to-round overlap")
+        doc.add("</div><div>")
         doc.plot("hardness", plot_hardness(con, stats), "hardness per round")
+        doc.add("</div></div>")
 
     if n_sheet_queries > 0:
         doc.add("<h2 id='sheets'>Contact sheets</h2><p class='muted'>Reference, target, then negatives in rank order "

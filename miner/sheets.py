@@ -200,11 +200,10 @@ def _draw_tile(ax, tile: Tile, target_attrs: set) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     if tile.image is not None:
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         with Image.open(tile.image) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_PX, THUMB_PX))
+            im = ImageOps.contain(im.convert("RGB"), (THUMB_PX, THUMB_PX))   # up or down, keeps aspect
             canvas = Image.new("RGB", (THUMB_PX, THUMB_PX), (255, 255, 255))   # letterbox, keep aspect
             canvas.paste(im, ((THUMB_PX - im.width) // 2, (THUMB_PX - im.height) // 2))
             ax.imshow(np.asarray(canvas), aspect="auto")
