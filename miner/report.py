@@ -97,7 +97,8 @@ def plot_delta_hist(groups: Sequence[Group]):
     ax.set_xlabel("Δ = s(q, target) − s(q, negative)   (< 0: ranked above the target)")
     ax.set_ylabel("negatives")
     ax.set_title("Δ per strategy")
-    ax.legend(fontsize=8)
+    if groups:
+        ax.legend(fontsize=8)
     return fig
 
 
