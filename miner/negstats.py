@@ -140,7 +140,8 @@ class TableStats:
     neg_categories: dict             # negative category -> rows (needs the workspace; {} without)
     attr_overlap_mean: float
     attr_overlap_mix: dict           # bucket label -> share of rows
-    shortfall: dict                  # {"count": int, "query_ids": [...]} from the table metadata
+    shortfall: dict                  # {"count": int, "query_ids": [...], "hints": [...], ...} from the table metadata
+    mined_queries: Optional[int]     # queries the miner was given (metadata n_queries), None if unrecorded
     guards: dict                     # guard -> candidates removed (table metadata), {} if unrecorded
 
 
@@ -172,7 +173,7 @@ def _table_stats(con, view: str, nt: NegativesTable, has_gallery: bool) -> Table
             f"ON n.neg_id = g.image_id GROUP BY 1 ORDER BY 2 DESC, 1").fetchall())
     sf = nt.meta.get("shortfall") or {}
     guards = nt.meta.get("guards") or {}
-    k = nt.config.get("k")
+    k = nt.meta.get("k", nt.config.get("k"))
     nan = float("nan")
     return TableStats(
         path=str(nt.path), rows=int(rows), queries=int(queries), k=int(k) if k is not None else None,
@@ -184,7 +185,9 @@ def _table_stats(con, view: str, nt: NegativesTable, has_gallery: bool) -> Table
         neg_categories=neg_cats,
         attr_overlap_mean=float(qv[len(QUANTILES) + 2] if qv[len(QUANTILES) + 2] is not None else nan),
         attr_overlap_mix={lab: float(v or 0.0) for (lab, _, _), v in zip(OVERLAP_BUCKETS, mix)},
-        shortfall={"count": int(sf.get("count", len(sf.get("query_ids", [])))), "query_ids": list(sf.get("query_ids", []))},
+        shortfall={**sf, "count": int(sf.get("count", len(sf.get("query_ids", [])))),
+                   "query_ids": list(sf.get("query_ids", [])), "hints": list(sf.get("hints") or [])},
+        mined_queries=int(nt.meta["n_queries"]) if "n_queries" in nt.meta else None,
         guards={g: int(v.get("removed", 0) if isinstance(v, dict) else v) for g, v in guards.items()},
     )
 
@@ -260,11 +263,14 @@ def format_stats(stats: Stats) -> str:
     out = []
     for i, s in enumerate(stats.tables):
         out.append(f"== [{i}] {s.path}")
-        out.append(f"rows: {s.rows}  queries: {s.queries}  k: {s.k if s.k is not None else '?'}  "
+        of = f" (of {s.mined_queries} mined)" if s.mined_queries is not None and s.mined_queries != s.queries else ""
+        out.append(f"rows: {s.rows}  queries: {s.queries}{of}  k: {s.k if s.k is not None else '?'}  "
                    f"rounds: {', '.join(map(str, s.rounds)) or '-'}")
         pqs = s.per_query
+        none = s.mined_queries - s.queries if s.mined_queries is not None else 0
         out.append(f"negatives per query: min {pqs['min']:.0f}  mean {pqs['mean']:.2f}  "
-                   f"median {pqs['median']:.1f}  max {pqs['max']:.0f}")
+                   f"median {pqs['median']:.1f}  max {pqs['max']:.0f}"
+                   + (f"  (over queries with any; {none} mined queries got none)" if none > 0 else ""))
         out.append("strategies: " + ", ".join(f"{k} {v}" for k, v in s.strategies.items()))
         out.append("delta quantiles: " + "  ".join(f"q{int(q * 100):02d} {v:+.4f}" for q, v in s.delta_quantiles.items())
                    + f"  mean {s.delta_mean:+.4f}")
@@ -279,6 +285,8 @@ def format_stats(stats: Stats) -> str:
         more = f" ... (+{len(ids) - 10})" if len(ids) > 10 else ""
         out.append(f"shortfall: {s.shortfall['count']} queries with fewer than k negatives"
                    + (f": {', '.join(ids[:10])}{more}" if ids else ""))
+        if s.shortfall["count"] and s.shortfall["hints"]:
+            out.append("to loosen: " + "; ".join(s.shortfall["hints"]))
         if s.guards:
             out.append("guards removed: " + ", ".join(f"{k} {v}" for k, v in s.guards.items()))
         out.append("")

@@ -160,6 +160,9 @@ def plot_per_query(con, stats: Stats):
     for i, (s, c) in enumerate(zip(stats.tables, cols)):
         n = con.execute(f"SELECT count(*) AS n FROM t{i} GROUP BY query_id").fetchnumpy()["n"]
         vals, counts = np.unique(n, return_counts=True)
+        none = s.mined_queries - s.queries if s.mined_queries is not None else 0
+        if none > 0:                                    # mined queries that got no row at all
+            vals, counts = np.concatenate([[0], vals]), np.concatenate([[none], counts])
         ticks.update(vals.tolist())
         w = 0.8 / len(stats.tables)
         ax.bar(vals + (i - (len(stats.tables) - 1) / 2) * w, counts, width=w, color=c,
@@ -316,9 +319,11 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
     doc.add("</div><div style='max-width: 560px'>")
     for i, s in enumerate(stats.tables):
         ids = s.shortfall["query_ids"]
-        listed = ", ".join(html.escape(q) for q in ids[:30]) + (f" … (+{len(ids) - 30})" if len(ids) > 30 else "")
+        listed = ", ".join(html.escape(q) for q in ids[:12]) + (f" … (+{len(ids) - 12})" if len(ids) > 12 else "")
         doc.add(f"<p>[{i}] {s.shortfall['count']} queries got fewer than k={s.k if s.k is not None else '?'} "
                 f"negatives{': ' + listed if ids else '.'}</p>")
+        if s.shortfall["count"] and s.shortfall["hints"]:
+            doc.add(f"<p class='muted'>[{i}] to loosen: {html.escape('; '.join(s.shortfall['hints']))}</p>")
         if s.guards:
             doc.add(f"<p class='muted'>[{i}] guards removed: "
                     f"{html.escape(', '.join(f'{k} {v}' for k, v in s.guards.items()))}</p>")

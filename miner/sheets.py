@@ -184,7 +184,7 @@ def _draw_card(ax, tile: Tile, target_attrs: set) -> None:
     ax.set_facecolor("#f8fafc")
     ax.text(0.06, 0.94, tile.category or "-", transform=ax.transAxes, fontsize=8, weight="bold", va="top")
     attrs = list(tile.attributes)
-    shown = attrs[:11]
+    shown = attrs if len(attrs) <= 11 else attrs[:10]          # 11 lines fit; else 10 + "more"
     for j, a in enumerate(shown):
         color = "#b91c1c" if tile.role == "negative" and a not in target_attrs else "#111827"
         ax.text(0.06, 0.82 - j * 0.072, textwrap.shorten(_short(a), 30, placeholder="…"),

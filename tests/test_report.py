@@ -158,3 +158,27 @@ def test_report_refuses_other_workspace(image_world, synth_work, tmp_path):
     r = runner.invoke(mine_app, ["report", str(negs), "--work", str(synth_work), "--out", str(tmp_path / "r.html")])
     assert r.exit_code == 1 and "mined from another workspace" in r.output
     assert not (tmp_path / "r.html").exists()
+
+
+def test_on_a_mined_table(synth_work, tmp_path):
+    """stats/sql/inspect/report read what `cir-mine negatives` writes (unranked rows, guard dicts, hints)."""
+    from miner.mine import MineConfig, mine_to_file
+    from miner.negstats import format_stats, summarize
+
+    ws = Workspace(synth_work)
+    out = tmp_path / "mix.parquet"
+    res = mine_to_file(ws, "train", MineConfig(mix="midzone:0.6,random:0.4", k=5, seed=0), out)
+    st = summarize([out], synth_work).tables[0]
+    assert st.rows == res.table.num_rows and st.k == 5
+    assert st.guards == {g: v["removed"] for g, v in res.meta["guards"].items()}
+    assert st.shortfall["count"] == res.meta["shortfall"]["count"]
+    text = format_stats(summarize([out], synth_work))
+    if st.shortfall["count"]:
+        assert "to loosen: midzone" in text
+    r = runner.invoke(mine_app, ["inspect", str(out), "--work", str(synth_work), "--sample", "2",
+                                 "--out", str(tmp_path / "s.png")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(mine_app, ["report", str(out), "--work", str(synth_work), "--sheets", "1",
+                                 "--out", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r.html").read_text().count(PNG_B64) == 6
