@@ -348,8 +348,11 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
                 "attributes the negative lacks.</p>")
         # the same queries in the first and the last table, so the refresh is visible
         picks = [0] if len(tables) == 1 else [0, len(tables) - 1]
-        shared = set.intersection(*(set(tables[i].table.column("query_id").to_pylist()) for i in picks))
-        order = dict.fromkeys(tables[picks[0]].table.column("query_id").to_pylist())
+        import pyarrow.compute as pc
+
+        uniq = [pc.unique(tables[i].table.column("query_id")).to_pylist() for i in picks]
+        shared = set.intersection(*(set(u) for u in uniq))
+        order = uniq[0]
         first = [q for q in order if q in shared]
         rng = np.random.default_rng(seed)
         qs = [first[i] for i in np.sort(rng.choice(len(first), size=min(n_sheet_queries, len(first)), replace=False))]

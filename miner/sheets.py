@@ -73,7 +73,9 @@ def attribute_diff(attrs: Sequence[str], target_attrs: Sequence[str]) -> tuple[l
 def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Optional[int] = None,
                  seed: int = 0) -> list[str]:
     """The queries to draw: ``query_ids`` (each must be in the table) or ``sample`` random ones."""
-    have = list(dict.fromkeys(nt.table.column("query_id").to_pylist()))
+    import pyarrow.compute as pc
+
+    have = pc.unique(nt.table.column("query_id")).to_pylist()        # in table order
     if query_ids and sample:
         raise UsageError("pass either --query-id or --sample, not both.")
     if query_ids:
@@ -108,7 +110,11 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
     """The data of a contact sheet: one SheetRow per query, negatives sorted by rank then Δ."""
     g, t = ws.load(split)
     qrow = {q: i for i, q in enumerate(t.query_ids.tolist())}
-    cols = nt.table.to_pydict()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    picked = nt.table.filter(pc.is_in(nt.table.column("query_id"), value_set=pa.array(list(query_ids), pa.string())))
+    cols = picked.to_pydict()                          # only the drawn queries' rows
     by_q: dict[str, list[int]] = {}
     for i, q in enumerate(cols["query_id"]):
         by_q.setdefault(q, []).append(i)
