@@ -179,6 +179,8 @@ def _pack(tokens: Sequence[str], width: int, max_lines: int) -> list[str]:
 
 
 def _diff_lines(tile: Tile, width: int = 24, max_lines: int = 2) -> list[tuple[str, str]]:
+    if tile.role == "negative" and tile.attributes and not tile.plus and not tile.minus:
+        return [("= the target's attributes", "#d97706")]      # a possible false negative
     out = []
     for sign, vals, color in (("+", tile.plus, "#b91c1c"), ("−", tile.minus, "#1d4ed8")):
         out.extend((line, color) for line in _pack([sign + _short(v) for v in vals], width, max_lines))

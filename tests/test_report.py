@@ -182,3 +182,15 @@ def test_on_a_mined_table(synth_work, tmp_path):
                                  "--out", str(tmp_path / "r.html")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r.html").read_text().count(PNG_B64) == 6
+
+
+def test_diff_labels():
+    from miner.sheets import Tile, _diff_lines, _pack
+
+    same = Tile("negative", "n", "dress", ["color:red"], None, [], [], [])
+    assert _diff_lines(same) == [("= the target's attributes", "#d97706")]
+    t = Tile("negative", "n", "dress", ["color:red", "sleeve:long"], None, [], ["color:red"], ["color:blue"])
+    assert [line for line, _ in _diff_lines(t)] == ["+color:red", "−color:blue"]
+    assert _pack(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
+    assert _pack(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
+    assert _pack([], 10, 2) == []
