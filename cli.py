@@ -7,6 +7,7 @@ Library code raises typed exceptions (data.errors); :func:`cli_errors` turns the
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import sys
@@ -137,18 +138,17 @@ def info(work: Path = WORK):
     """Validate a workspace and print its splits, counts and manifest."""
     from data.workspace import Workspace
 
-    ws = Workspace(work).require()
-    m = ws.manifest()
-    typer.echo(f"workspace {ws.root}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {ws.manifest_hash()})")
+    ws = Workspace(work)
+    info = ws.summary()
+    m = info["manifest"]
+    typer.echo(f"workspace {ws.root}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})")
     typer.echo(f"encoder: {m.get('encoder', {}).get('name')}  dim: {m.get('dim')}  source: {m.get('source')}")
-    for split in ws.splits():
-        g, t = ws.load(split) if ws.triplets_path(split).exists() else (ws.gallery(split), None)
-        cats = sorted(set(g.categories.tolist()))
-        typer.echo(f"  {split}: {len(g)} images, {0 if t is None else len(t)} triplets, "
-                   f"categories: {', '.join(c or '-' for c in cats)}  [valid]")
+    for split, s in info["splits"].items():
+        typer.echo(f"  {split}: {s['images']} images, {s['triplets']} triplets, "
+                   f"categories: {', '.join(c or '-' for c in s['categories'])}  [valid]")
 
 
-class Dataset(str, __import__("enum").Enum):
+class Dataset(str, enum.Enum):
     fashioniq = "fashioniq"
     cirr = "cirr"
 
