@@ -75,6 +75,11 @@ class Group:
     name: str                      # group name ("sleeve")
     values: tuple                  # value names, in file order
     order: tuple                   # ordinal groups: values low -> high; () when unordered
+    exclusive: bool = False        # an item has one value of the group (tags of another value contradict)
+    excludes: dict = field(default_factory=dict)  # value -> frozenset of values it cannot co-occur with (symmetric)
+
+    def conflict(self, a: str, b: str) -> bool:
+        return b in self.excludes.get(a, ()) or a in self.excludes.get(b, ())
 
 
 @dataclass
@@ -87,7 +92,8 @@ class Vocabulary:
     suffixes: dict                 # group -> {token tuple: True} of words a phrase of the group may carry
     modifiers: dict                # token tuple -> "neg" | "more" | "less"
     fillers: frozenset             # words allowed between a modifier and its phrase
-    gallery: dict                  # gallery attribute ("part:sleeveless") -> list of (group, value)
+    gallery: dict                  # gallery attribute -> list of (group, value, exact): exact for the vocabulary's
+                                   # own "group:value" names (ground truth), partial for tags ("part:sleeveless")
     max_len: int = 1               # longest phrase, in tokens
 
     @classmethod
@@ -101,10 +107,16 @@ class Vocabulary:
 
     def image_values(self, attrs: Iterable[str]) -> dict[str, set[str]]:
         """Gallery attributes -> {group: values the vocabulary recognises}; unknown attributes ignored."""
-        out: dict[str, set[str]] = {}
+        return {g: vals for g, (vals, _) in self._image_evidence(attrs).items()}
+
+    def _image_evidence(self, attrs: Iterable[str]) -> dict[str, tuple[set, bool]]:
+        """{group: (values, exact)}; exact when a ground-truth ``group:value`` attribute names them."""
+        out: dict[str, tuple[set, bool]] = {}
         for a in attrs:
-            for g, v in self.gallery.get(a, ()):
-                out.setdefault(g, set()).add(v)
+            for g, v, exact in self.gallery.get(a, ()):
+                vals, ex = out.get(g, (set(), False))
+                vals.add(v)
+                out[g] = (vals, ex or exact)
         return out
 
     def extract(self, text: str) -> Requested:
@@ -162,6 +174,7 @@ def _parse(obj: dict, source: str) -> Vocabulary:
         if not isinstance(spec, dict) or not isinstance(spec.get("values"), dict) or not spec["values"]:
             raise _bad(source, f"group {g!r} must be an object with a non-empty 'values' object")
         values = spec["values"]
+        excludes: dict = {}
         for v, vspec in values.items():
             where = f"{g}:{v}"
             if not isinstance(vspec, dict):
@@ -172,11 +185,15 @@ def _parse(obj: dict, source: str) -> Vocabulary:
                 add(_phrase_key(p, source, where), ("value", g, v), where)
             for p in _str_list(vspec.get("not"), source, f"{where} 'not'"):
                 add(_phrase_key(p, source, where), ("not", g, v), f"{where} 'not'")
-            for a in [f"{g}:{v}", *_str_list(vspec.get("gallery"), source, f"{where} 'gallery'")]:
+            for a in _str_list(vspec.get("gallery"), source, f"{where} 'gallery'"):
                 if ":" not in a:
                     raise _bad(source, f"{where} 'gallery' entry {a!r} must be a group:value attribute")
-                if (g, v) not in gallery.setdefault(a, []):
-                    gallery[a].append((g, v))
+                if (g, v, False) not in gallery.setdefault(a, []):
+                    gallery[a].append((g, v, False))
+            excludes[v] = frozenset(_str_list(vspec.get("excludes"), source, f"{where} 'excludes'"))
+            unknown = sorted(excludes[v] - set(values))
+            if unknown:
+                raise _bad(source, f"{where} 'excludes' names unknown value {unknown[0]!r}; list values of group {g!r}")
         order = _str_list(spec.get("order"), source, f"group {g!r} 'order'")
         unknown = [v for v in order if v not in values]
         if unknown:
@@ -189,7 +206,13 @@ def _parse(obj: dict, source: str) -> Vocabulary:
                 add(_phrase_key(p, source, g), ("cmp", g, direction), f"{g} '{direction}'")
         suffixes[g] = {_phrase_key(p, source, g): True
                        for p in _str_list(spec.get("suffixes"), source, f"group {g!r} 'suffixes'")}
-        groups[g] = Group(g, tuple(values), tuple(order))
+        exclusive = spec.get("exclusive", False)
+        if not isinstance(exclusive, bool):
+            raise _bad(source, f"group {g!r} 'exclusive' must be true or false")
+        groups[g] = Group(g, tuple(values), tuple(order), exclusive, excludes)
+    for g, group in groups.items():      # the vocabulary's own names are exact unless a value lists them as a tag
+        for v in group.values:
+            gallery.setdefault(f"{g}:{v}", [(g, v, True)])
     max_len = max(len(k) for k in [*phrases, *modifiers, *(s for d in suffixes.values() for s in d)])
     return Vocabulary(source, groups, phrases, suffixes, modifiers, fillers, gallery, max_len)
 
@@ -298,8 +321,11 @@ def attr_overlap(a: Iterable[str], b: Iterable[str]) -> float:
     return len(sa & sb) / len(union) if union else 0.0
 
 
-def _compare(group: Group, cand: set, ref: set, direction: str) -> Optional[bool]:
-    """Whether ``cand`` lies ``direction`` of ``ref`` on the group's order (None: cannot tell)."""
+def _compare(group: Group, cand: set, ref: set, direction: str, exact: bool) -> Optional[bool]:
+    """Whether ``cand`` lies ``direction`` of ``ref`` on the group's order (None: cannot tell).
+
+    Equal ranks are False for exact (ground-truth) values and None for tags, which are coarse
+    ("long sleeve" covers sleeves of several lengths)."""
     rc = [group.order.index(v) for v in cand if v in group.order]
     rr = [group.order.index(v) for v in ref if v in group.order]
     if not rc or not rr:
@@ -308,9 +334,25 @@ def _compare(group: Group, cand: set, ref: set, direction: str) -> Optional[bool
         rc, rr = [-r for r in rc], [-r for r in rr]
     if min(rc) > max(rr):
         return True
-    if max(rc) <= min(rr):
+    if max(rc) < min(rr) or (exact and max(rc) <= min(rr)):
         return False
     return None
+
+
+def _judge(group: Group, vals: set, exact: bool, pos: frozenset, neg: frozenset) -> Optional[bool]:
+    """Positive/negative request on one group against an image's values (see requested_status)."""
+    decisive = exact or group.exclusive
+    verdict: Optional[bool] = True
+    if pos and not vals & pos:
+        # every asked value conflicts with something the image has -> contradicted
+        blocked = all(any(group.conflict(p, v) for v in vals) for p in pos)
+        verdict = False if decisive or blocked else None
+    if neg:
+        if vals & neg:
+            return False
+        if not pos and not decisive and not all(any(group.conflict(n, v) for v in vals) for n in neg):
+            verdict = None
+    return verdict
 
 
 def requested_status(attrs: Iterable[str], req: Requested, vocab: Optional[Vocabulary] = None,
@@ -318,22 +360,27 @@ def requested_status(attrs: Iterable[str], req: Requested, vocab: Optional[Vocab
     """Per requested group: True (satisfied), False (contradicted), None (the gallery cannot tell).
 
     ``attrs`` are an image's gallery attributes (synthetic ``sleeve:short`` or FashionIQ tags such
-    as ``part:sleeveless``), mapped onto the vocabulary's values. Positive: the image must carry one
-    of the asked values; negative: none of the ruled-out ones. A comparative is judged only when
-    ``ref_attrs`` (the reference image's attributes) are given and both images have a ranked value.
+    as ``part:sleeveless``), mapped onto the vocabulary's values. The vocabulary's own
+    ``group:value`` names are ground truth (one value per group); tags are partial evidence: an
+    image tagged with another value contradicts a positive request only in ``exclusive`` groups
+    (sleeve, length, neckline, ...) or when the values exclude each other (solid vs striped).
+    A value the image carries and the caption rules out is always a contradiction. A comparative
+    is judged only with ``ref_attrs`` (the reference image's attributes), when both images have a
+    ranked value and the ranks differ. A group judged both ways is False if any part is False.
     """
     vocab = vocab or Vocabulary.default()
-    have = vocab.image_values(attrs)
-    ref = vocab.image_values(ref_attrs) if ref_attrs is not None else {}
+    have = vocab._image_evidence(attrs)
+    ref = vocab._image_evidence(ref_attrs) if ref_attrs is not None else {}
     out: dict[str, Optional[bool]] = {}
     for g in req.groups:
-        vals = have.get(g, set())
+        vals, exact = have.get(g, (set(), False))
+        group = vocab.groups.get(g)
         verdicts = []
-        if g in req.positive or g in req.negative:
-            if vals:
-                ok = bool(vals & req.positive[g]) if g in req.positive else True
-                verdicts.append(ok and not (g in req.negative and vals & req.negative[g]))
-        if g in req.comparative and g in vocab.groups and vals and ref.get(g):
-            verdicts.append(_compare(vocab.groups[g], vals, ref[g], req.comparative[g]))
+        if vals and group is not None and (g in req.positive or g in req.negative):
+            verdicts.append(_judge(group, vals, exact, req.positive.get(g, frozenset()),
+                                   req.negative.get(g, frozenset())))
+        if g in req.comparative and group is not None and vals and g in ref:
+            ref_vals, ref_exact = ref[g]
+            verdicts.append(_compare(group, vals, ref_vals, req.comparative[g], exact and ref_exact))
         out[g] = False if False in verdicts else (True if True in verdicts else None)
     return out

@@ -137,23 +137,40 @@ def test_requested_status_on_fashioniq_tags():
     req = extract("is sleeveless and red with no stripes")
     tank = ["category:tank", "category:top", "fabric:cotton", "style:red"]
     assert requested_status(tank, req) == {"sleeve": True, "color": True, "pattern": None}
+    # sleeve is exclusive (one value per item); colour tags are partial (a pink item may be red too)
     long_striped = ["part:long sleeve", "texture:striped", "style:pink"]
-    assert requested_status(long_striped, req) == {"sleeve": False, "color": False, "pattern": False}
+    assert requested_status(long_striped, req) == {"sleeve": False, "color": None, "pattern": False}
     assert requested_status(["fabric:wash", "part:hem"], req) == {"sleeve": None, "color": None, "pattern": None}
-    # pattern words on both sides: "is solid" vs a printed image
+    # pattern: only values that exclude each other contradict
     assert requested_status(["texture:print"], extract("is solid")) == {"pattern": False}
+    assert requested_status(["texture:floral"], extract("is solid")) == {"pattern": False}
+    assert requested_status(["texture:print"], extract("has a graphic")) == {"pattern": None}
+    assert requested_status(["texture:graphic"], extract("has white text")) == {"pattern": None, "color": None}
     assert requested_status(["style:solid"], extract("has a pattern")) == {"pattern": False}
-    assert requested_status(["texture:floral"], extract("is not striped")) == {"pattern": True}
+    assert requested_status(["style:solid"], extract("is not striped")) == {"pattern": True}
+    assert requested_status(["texture:floral"], extract("is not striped")) == {"pattern": None}
+    assert requested_status(["texture:striped"], extract("is not striped")) == {"pattern": False}
+    # partial groups: another fabric tag does not contradict; an exclusive neckline does
+    assert requested_status(["fabric:cotton"], extract("is lace")) == {"fabric": None}
+    assert requested_status(["fabric:lace"], extract("is lace")) == {"fabric": True}
+    assert requested_status(["part:scoop"], extract("has a v-neck")) == {"neckline": False}
+    # comparatives on tags: coarse, so equal tags cannot tell
+    longer = extract("has longer sleeves")
+    assert requested_status(["part:long sleeve"], longer, ref_attrs=["part:sleeveless"]) == {"sleeve": True}
+    assert requested_status(["part:sleeveless"], longer, ref_attrs=["part:long sleeve"]) == {"sleeve": False}
+    assert requested_status(["part:long sleeve"], longer, ref_attrs=["part:long-sleeve"]) == {"sleeve": None}
 
 
 def test_requested_status_synthetic_and_comparatives():
     img = ["color:red", "sleeve:short", "pattern:solid", "length:mini", "neckline:v-neck"]
     assert requested_status(img, extract("is red and has long sleeves")) == {"color": True, "sleeve": False}
+    assert requested_status(img, extract("is blue and not solid")) == {"color": False, "pattern": False}
+    assert requested_status(img, extract("is not striped")) == {"pattern": True}
     req = extract("is longer")
     assert requested_status(img, req) == {"length": None}                  # no reference: cannot tell
     assert requested_status(img, req, ref_attrs=["length:midi"]) == {"length": False}
     assert requested_status(["length:maxi"], req, ref_attrs=["length:midi"]) == {"length": True}
-    assert requested_status(["length:midi"], req, ref_attrs=["length:midi"]) == {"length": False}
+    assert requested_status(["length:midi"], req, ref_attrs=["length:midi"]) == {"length": False}  # exact: not longer
     assert requested_status(img, Requested()) == {}
 
 
