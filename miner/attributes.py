@@ -369,12 +369,15 @@ def requested_status(attrs: Iterable[str], req: Requested, vocab: Optional[Vocab
     ranked value and the ranks differ. A group judged both ways is False if any part is False.
     """
     vocab = vocab or Vocabulary.default()
+    attrs = list(attrs)
     have = vocab._image_evidence(attrs)
     ref = vocab._image_evidence(ref_attrs) if ref_attrs is not None else {}
     out: dict[str, Optional[bool]] = {}
     for g in req.groups:
         vals, exact = have.get(g, (set(), False))
         group = vocab.groups.get(g)
+        if group is None:                 # a group the vocabulary lacks: raw group:value attributes, exact
+            vals, exact, group = group_values(attrs).get(g, set()), True, Group(g, (), ())
         verdicts = []
         if vals and group is not None and (g in req.positive or g in req.negative):
             verdicts.append(_judge(group, vals, exact, req.positive.get(g, frozenset()),

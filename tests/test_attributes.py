@@ -172,6 +172,11 @@ def test_requested_status_synthetic_and_comparatives():
     assert requested_status(["length:maxi"], req, ref_attrs=["length:midi"]) == {"length": True}
     assert requested_status(["length:midi"], req, ref_attrs=["length:midi"]) == {"length": False}  # exact: not longer
     assert requested_status(img, Requested()) == {}
+    # a hand-made request on a group the vocabulary lacks reads the raw attributes
+    odd = Requested(positive={"tag": frozenset({"x"})})
+    assert requested_status(["tag:x"], odd) == {"tag": True}
+    assert requested_status(["tag:y"], odd) == {"tag": False}
+    assert requested_status(img, odd) == {"tag": None}
 
 
 def test_gallery_mapping_names_real_fiq_proxy_tags():
