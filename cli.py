@@ -7,6 +7,7 @@ Library code raises typed exceptions (data.errors); :func:`cli_errors` turns the
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import sys
@@ -137,18 +138,17 @@ def info(work: Path = WORK):
     """Validate a workspace and print its splits, counts and manifest."""
     from data.workspace import Workspace
 
-    ws = Workspace(work).require()
-    m = ws.manifest()
-    typer.echo(f"workspace {ws.root}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {ws.manifest_hash()})")
+    ws = Workspace(work)
+    info = ws.summary()
+    m = info["manifest"]
+    typer.echo(f"workspace {ws.root}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})")
     typer.echo(f"encoder: {m.get('encoder', {}).get('name')}  dim: {m.get('dim')}  source: {m.get('source')}")
-    for split in ws.splits():
-        g, t = ws.load(split) if ws.triplets_path(split).exists() else (ws.gallery(split), None)
-        cats = sorted(set(g.categories.tolist()))
-        typer.echo(f"  {split}: {len(g)} images, {0 if t is None else len(t)} triplets, "
-                   f"categories: {', '.join(c or '-' for c in cats)}  [valid]")
+    for split, s in info["splits"].items():
+        typer.echo(f"  {split}: {s['images']} images, {s['triplets']} triplets, "
+                   f"categories: {', '.join(c or '-' for c in s['categories'])}  [valid]")
 
 
-class Dataset(str, __import__("enum").Enum):
+class Dataset(str, enum.Enum):
     fashioniq = "fashioniq"
     cirr = "cirr"
 
@@ -170,6 +170,61 @@ def check(
     typer.echo(f"{dataset.value} {split}: {len(images)} images ({with_path} with image files, "
                f"{with_attr} with attributes), {len(queries)} queries, categories: "
                f"{', '.join(c or '-' for c in cats)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# cir-mine positives (issue 8: scaled positives)
+
+
+@mine_app.command()
+@cli_errors
+def positives(
+    work: Path = WORK,
+    split: str = SPLIT,
+    out: Path = typer.Option(..., "--out", "-o", help="Triplets-schema Parquet file to write."),
+    per_image: int = typer.Option(2, "--per-image", help="New triplets per reference image at most."),
+    max_diff: int = typer.Option(2, "--max-diff", help="Attribute groups that may differ (1..G)."),
+    max_values: int = typer.Option(3, "--max-values", help="Attribute values that may differ in all."),
+    neighbors: int = typer.Option(32, "--neighbors", help="FAISS neighbours searched per image."),
+    dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Skip pairs at or above this similarity."),
+    max_images: int = typer.Option(0, "--max-images", help="References considered (0 = all; seeded sample)."),
+    ignore_group: List[str] = typer.Option([], "--ignore-group", help="Attribute group never described (repeatable)."),
+    captioner: str = typer.Option("template", "--captioner", help="template (offline) or command."),
+    command: Optional[str] = typer.Option(None, "--command", help="With --captioner command: program reading JSON lines of pairs."),
+    text_encoder: str = typer.Option("auto", "--text-encoder", help="auto|synthetic|minilm|open_clip: the workspace's text encoder."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
+    from data.workspace import Workspace
+    from miner.positives import CommandCaptioner, PositivesConfig, TemplateCaptioner, generate_positives
+
+    if captioner == "command" and not command:
+        fail("--captioner command needs --command PROGRAM.", 2)
+    if captioner not in ("template", "command"):
+        fail(f"unknown captioner {captioner!r}: use template or command.", 2)
+    cap = CommandCaptioner(command) if captioner == "command" else TemplateCaptioner(seed)
+    cfg = PositivesConfig(per_image=per_image, max_diff=max_diff, max_values=max_values, neighbors=neighbors,
+                          dup_threshold=dup_threshold, max_images=max_images, ignore_groups=tuple(ignore_group), seed=seed)
+    r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder)
+    typer.echo(f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
+               f"(changed groups: {r.meta['changed_groups']})")
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 4 (attributes): cir-mine attributes
+
+
+@mine_app.command()
+@cli_errors
+def attributes(
+    texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
+    vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/resources/vocabulary.json)."),
+):
+    """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
+    from miner.attributes import extract_many, load_vocabulary
+
+    for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
+        typer.echo(f"{text}\t{' '.join(req.as_strings()) or '(none)'}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -266,28 +266,43 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
         )
 
 
+def text_embeddings(world: World, cfg: SynthConfig, changes: list[list[tuple[str, str, str]]],
+                    rng: np.random.Generator) -> np.ndarray:
+    """The synthetic text encoder: per query a list of (group, old, new) -> float32[m, d] unit rows."""
+    text = np.zeros((len(changes), cfg.dim), dtype=np.float32) + cfg.text_offset * world.text_offset_dir
+    for j, ch in enumerate(changes):
+        for g, old, new in ch:
+            text[j] += world.attr_dirs[g][GROUPS[g].index(new)] - cfg.forget * world.attr_dirs[g][GROUPS[g].index(old)]
+    text += cfg.text_noise * rng.standard_normal(text.shape).astype(np.float32) / np.sqrt(cfg.dim)
+    return l2_normalize(text)
+
+
 def triplets_for(cfg: SynthConfig, world: World, p: SynthPlan) -> pa.Table:
     rng = _rng(cfg.seed, "text", cfg.split)
-    m, names = cfg.n_triplets, list(GROUPS)
+    names = list(GROUPS)
     ref_vals, tgt_vals = p.vals[p.ref_rows], p.vals[p.target_rows]
-    text = np.zeros((m, cfg.dim), dtype=np.float32) + cfg.text_offset * world.text_offset_dir
-    captions = []
-    for j in range(m):
-        changes = []
-        for gi in np.flatnonzero(p.changed[j]):
-            g = names[gi]
-            old, new = int(ref_vals[j, gi]), int(tgt_vals[j, gi])
-            text[j] += world.attr_dirs[g][new] - cfg.forget * world.attr_dirs[g][old]
-            changes.append((g, GROUPS[g][old], GROUPS[g][new]))
-        captions.append(captions_for(changes, rng))
-    text += cfg.text_noise * rng.standard_normal(text.shape).astype(np.float32) / np.sqrt(cfg.dim)
-    text = l2_normalize(text)
+    changes, captions = [], []
+    for j in range(cfg.n_triplets):
+        ch = [(names[gi], GROUPS[names[gi]][int(ref_vals[j, gi])], GROUPS[names[gi]][int(tgt_vals[j, gi])])
+              for gi in np.flatnonzero(p.changed[j])]
+        changes.append(ch)
+        captions.append(captions_for(ch, rng))
+    text = text_embeddings(world, cfg, changes, rng)
     return triplets_table(
-        [f"{p.prefix}-q{j:06d}" for j in range(m)],
+        [f"{p.prefix}-q{j:06d}" for j in range(cfg.n_triplets)],
         [CATEGORIES[c] for c in p.cats[p.ref_rows]],
         image_ids(p, p.ref_rows), image_ids(p, p.target_rows), captions, text,
         extra_positive_ids=extra_positives(p, cfg.max_extra_positives),
     )
+
+
+def config_from_manifest(manifest: dict) -> SynthConfig:
+    """The SynthConfig a synthetic workspace was generated with (from its manifest)."""
+    from dataclasses import fields
+
+    raw = manifest.get("synthetic") or {}
+    names = {f.name for f in fields(SynthConfig)}
+    return SynthConfig(**{k: v for k, v in raw.items() if k in names})
 
 
 def config_dict(cfg: SynthConfig) -> dict:

@@ -443,6 +443,8 @@ class Workspace:
         p = self.gallery_path(split)
         self._require_split(split, p)
         g = read_gallery(p, check_norm=check_norm)
+        if len(g) == 0:
+            raise DataError(f"{p}: the gallery is empty (0 rows). Re-embed the split or choose another with --split.")
         dim = self.manifest().get("dim")
         if dim is not None and g.dim != int(dim):
             raise SchemaError(
@@ -455,6 +457,8 @@ class Workspace:
         self._require_split(split, p)
         dim = gallery.dim if gallery is not None else self.manifest().get("dim")
         t = read_triplets(p, dim=dim, check_norm=check_norm)
+        if len(t) == 0:
+            raise DataError(f"{p}: no queries (0 rows). Re-embed the split or choose another with --split.")
         if gallery is not None:
             check_triplets_against_gallery(t, gallery)
         return t
@@ -462,6 +466,17 @@ class Workspace:
     def load(self, split: str) -> tuple[Gallery, Triplets]:
         g = self.gallery(split)
         return g, self.triplets(split, gallery=g)
+
+    def summary(self) -> dict:
+        """Validate every split and return {manifest, hash, splits: {split: {images, triplets, categories}}}."""
+        self.require()
+        splits = {}
+        for split in self.splits():
+            g = self.gallery(split)
+            t = self.triplets(split, gallery=g) if self.triplets_path(split).exists() else None
+            splits[split] = {"images": len(g), "triplets": 0 if t is None else len(t),
+                             "categories": sorted(set(g.categories.tolist()))}
+        return {"manifest": self.manifest(), "hash": self.manifest_hash(), "splits": splits}
 
     # manifest
     def manifest(self) -> dict:
