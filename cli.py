@@ -173,6 +173,23 @@ def check(
 
 
 # ------------------------------------------------------------------------------------------------
+# issue 4 (attributes): cir-mine attributes
+
+
+@mine_app.command()
+@cli_errors
+def attributes(
+    texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
+    vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/resources/vocabulary.json)."),
+):
+    """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
+    from miner.attributes import extract_many, load_vocabulary
+
+    for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
+        typer.echo(f"{text}\t{' '.join(req.as_strings()) or '(none)'}")
+
+
+# ------------------------------------------------------------------------------------------------
 # cir-mine demo
 
 
