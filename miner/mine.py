@@ -159,7 +159,7 @@ class Pool:
     attrs: AttrCodes
 
     @classmethod
-    def build(cls, g: Gallery, requests: list) -> "Pool":
+    def build(cls, g: Gallery, requests: list, ref_rows: Optional[np.ndarray] = None) -> "Pool":
         uniq, product = np.unique(g.image_ids.astype(str), return_inverse=True)
         cat_names, cat = np.unique(g.categories.astype(str), return_inverse=True)
         cat = cat.astype(np.int32)
@@ -167,7 +167,7 @@ class Pool:
         start = np.searchsorted(cat[order], np.arange(len(cat_names) + 1))
         return cls(pa.array(g.image_ids.tolist(), pa.string()), g.embeddings, product.astype(np.int64),
                    len(uniq), cat, cat_names.tolist(), order.astype(np.int64), start.astype(np.int64),
-                   AttrCodes.build(g.attributes, requests))
+                   AttrCodes.build(g.attributes, requests, ref_rows))
 
 
 @dataclass
@@ -387,7 +387,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     ws.require()
     g, t = ws.load(split)
     strategies = [REGISTRY[n] for n, _ in parts]
-    pool = Pool.build(g, _requests(t, any(s.attributes for s in strategies)))
+    pool = Pool.build(g, _requests(t, any(s.attributes for s in strategies)),
+                      g.rows(t.ref_ids.tolist(), t.categories.tolist(), "reference"))
     qs = build_queries(g, t, pool, query_emb, cfg)
     ks = split_k(cfg.k, [w for _, w in parts])
     mined = [(name, ki, si) for si, ((name, _), ki) in enumerate(zip(parts, ks)) if name != "in-batch" and ki > 0]

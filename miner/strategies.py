@@ -176,7 +176,10 @@ def attribute_mismatch(ctx, k, salt):
     other = present & ~asked
     n_other = other.sum(-1)
     agree = np.where(n_other > 0, (other & ~diff).sum(-1) / np.maximum(n_other, 1), 1.0)
-    ok = diff_asked & _contradicted(st) & (agree >= ctx.cfg.attr_agree - 1e-9)
+    # where no image carries a requested group as a raw group (FashionIQ tags name other groups than
+    # captions), the contradiction itself is the difference
+    asked_present = (present & asked).any(axis=-1)
+    ok = (diff_asked | ~asked_present) & _contradicted(st) & (agree >= ctx.cfg.attr_agree - 1e-9)
     return pick(ctx, c, c.valid & ok, k, salt, "top")
 
 
