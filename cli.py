@@ -302,12 +302,14 @@ def negatives(
 
 def negatives_summary(out: Path, meta: dict) -> str:
     parts = ",".join(f"{p['strategy']}:{p['k']}" for p in meta["parts"])
+    rows = ", ".join(f"{p['strategy']} {p['rows']}" for p in meta["parts"])
     sf = meta["shortfall"]
     guards = ", ".join(f"{g} {v['removed']}" for g, v in meta["guards"].items())
     lines = [f"wrote {out}: {meta['n_rows']} rows for {meta['n_queries']} queries (k={meta['k']}: {parts}; "
              f"bank {meta['bank']}; {meta['timing']['total_s']:.1f}s)",
              f"shortfall: {sf['count']} queries got fewer than {meta['k_mined']} negatives ({sf['missing']} missing)"
              + (f", e.g. {', '.join(sf['query_ids'][:5])}" if sf["count"] else ""),
+             f"rows per strategy: {rows}",
              f"guards removed: {guards}"]
     if sf["count"]:
         lines.append("to loosen: " + "; ".join(sf["hints"]))

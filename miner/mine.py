@@ -429,20 +429,24 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         if progress:
             progress(len(q))
 
+    part_rows = np.bincount(np.concatenate(out["part"]).astype(np.int64) if out["part"] else np.zeros(0, np.int64),
+                            minlength=len(parts))
     table = _assemble(pool, qs, parts, out, round, cfg.seed)
     short = np.flatnonzero(got < k_mined)
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
     meta = {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
         "round": int(round), "bank": bank, "query_source": "zero-shot" if query_emb is None else "provided",
-        "parts": [{"strategy": n, "share": w, "k": ki} for (n, w), ki in zip(parts, ks)],
+        "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
+                  for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
         "k": cfg.k, "k_mined": k_mined, "depth": depth if need_ranked else 0,
         "n_queries": m, "n_gallery": n, "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],
                       "missing": int((k_mined - got[short]).sum()),
                       "hints": [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint]},
-        "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum())} for name, c in guard_counts.items()},
+        "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum()), "max_per_query": int(c.max(initial=0))}
+                   for name, c in guard_counts.items()},
         "timing": {"prepare_s": round_(t_prep), "search_s": round_(t_search),
                    "total_s": round_(time.perf_counter() - t0)},
         "versions": library_versions(),
