@@ -59,6 +59,7 @@ class MineConfig:
     soft_lo: float = 0.0                  # soft: overlap(c, t) > soft_lo
     soft_hi: float = 1.0                  # soft: overlap(c, t) < soft_hi
     sample: Optional[str] = None          # override the selection order of ranked strategies: top | random
+    discrepant_pool: str = "target"       # category-discrepant: candidates near the target (its own search) or the query
     random_draws: int = 32                # extra uniform draws per query beyond 2k (random, category)
     exclude_target: bool = True           # guard: never the target
     exclude_reference: bool = True        # guard: never the reference
@@ -107,6 +108,8 @@ class MineConfig:
             raise UsageError(f"--query {self.query!r}: use zero-shot or checkpoint.")
         if self.sample is not None and self.sample not in SAMPLE_ORDERS:
             raise UsageError(f"--sample {self.sample!r}: use top or random.")
+        if self.discrepant_pool not in ("target", "query"):
+            raise UsageError(f"--discrepant-pool {self.discrepant_pool!r}: use target or query.")
         if self.delta_lo > self.delta_hi:
             raise UsageError(f"--delta-lo ({self.delta_lo}) is above --delta-hi ({self.delta_hi}); swap them.")
         if self.range_max is not None and self.range_max <= self.range_min:
@@ -236,8 +239,9 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
 class BatchContext:
     """What a strategy sees for b queries: the guarded ranked candidates and samplers."""
 
-    def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig):
+    def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig, index=None, depth: int = 0):
         self.pool, self.qs, self.q, self.cfg = pool, qs, q, cfg
+        self.index, self.depth = index, depth
         self.gcfg = cfg.guard_config()
         self.b = len(q)
         self.local = np.arange(self.b, dtype=np.int64)
@@ -323,6 +327,15 @@ class BatchContext:
         order = np.argsort(order_key, axis=1, kind="stable")
         return self.candidates(np.take_along_axis(rows, order, 1))
 
+    def target_neighbors(self) -> Candidates:
+        """The target's own nearest gallery images (depth ``self.depth``), guarded; ``rank`` is -1
+        (not the query's ranking) and ``scores`` are s(q, c)."""
+        if "target_nn" not in self._cache:
+            _, I = search_batched(self.index, self.pool.xb[self.qs.target_rows[self.q]], self.depth,
+                                  batch_size=max(1, self.b))
+            self._cache["target_nn"] = self.candidates(I)
+        return self._cache["target_nn"]
+
     def verified_candidates(self) -> Candidates:
         return self.candidates(self.qs.verified_rows[self.q])
 
@@ -406,7 +419,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     t_search = 0.0
     for s in range(0, m, cfg.query_batch):
         q = np.arange(s, min(m, s + cfg.query_batch), dtype=np.int64)
-        ctx = BatchContext(pool, qs, q, cfg)
+        ctx = BatchContext(pool, qs, q, cfg, index, depth)
         if need_ranked:
             ts = time.perf_counter()
             D, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))

@@ -157,8 +157,11 @@ def _contradicted(st: np.ndarray) -> np.ndarray:
 
 
 def category_discrepant(ctx, k, salt):
-    """Visually near the target (highest s(c, t) first) but contradicting a requested attribute."""
-    c = ctx.ranked
+    """Visually near the target (highest s(c, t) first) but contradicting a requested attribute.
+
+    Candidates: the target's own nearest neighbours (``discrepant_pool='target'``, a second search)
+    or the query's ranking ('query')."""
+    c = ctx.target_neighbors() if ctx.cfg.discrepant_pool == "target" else ctx.ranked
     st = ctx.status(c)
     sim_t = ctx.sim_target_full(c)
     return pick(ctx, c, c.valid & _contradicted(st), k, salt, "top", key=-sim_t)
