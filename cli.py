@@ -269,6 +269,8 @@ def negatives(
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
+    import pyarrow.parquet as pq
+
     from data.errors import UsageError
     from data.workspace import Workspace
     from miner.mine import MineConfig, mine_to_file
@@ -295,7 +297,8 @@ def negatives(
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
-    n = len(ws.triplets(split, check_norm=False)) if ws.triplets_path(split).exists() else None
+    tp = ws.triplets_path(split)
+    n = pq.read_metadata(tp).num_rows if tp.exists() else None
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
         res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
     typer.echo(negatives_summary(out, res.meta))
