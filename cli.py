@@ -298,6 +298,7 @@ def negatives(
     soft_lo: float = typer.Option(0.0, "--soft-lo", help="soft: attribute overlap with the target above this."),
     soft_hi: float = typer.Option(1.0, "--soft-hi", help="soft: attribute overlap with the target below this."),
     sample: Optional[str] = typer.Option(None, "--sample", help="Selection order for ranked strategies: top or random."),
+    discrepant_pool: str = typer.Option("target", "--discrepant-pool", help="category-discrepant: candidates near the target or the query."),
     dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Guard: drop near-duplicates of the target, s(c,t) >= this."),
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
@@ -306,6 +307,8 @@ def negatives(
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
+    import pyarrow.parquet as pq
+
     from data.errors import UsageError
     from data.workspace import Workspace
     from miner.mine import MineConfig, mine_to_file
@@ -321,7 +324,7 @@ def negatives(
         candidates=candidates, query_batch=query_batch, range_min=range_min, range_max=range_max,
         margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
         category_shares=_floats(category_shares, "--category-shares"), attr_agree=attr_agree,
-        soft_lo=soft_lo, soft_hi=soft_hi, sample=sample,
+        soft_lo=soft_lo, soft_hi=soft_hi, sample=sample, discrepant_pool=discrepant_pool,
         exclude_target="target" not in no_guard, exclude_reference="reference" not in no_guard,
         exclude_extra_positives="extra-positive" not in no_guard,
         dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
@@ -332,7 +335,8 @@ def negatives(
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
-    n = len(ws.triplets(split, check_norm=False)) if ws.triplets_path(split).exists() else None
+    tp = ws.triplets_path(split)
+    n = pq.read_metadata(tp).num_rows if tp.exists() else None
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
         res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
     typer.echo(negatives_summary(out, res.meta))
@@ -340,12 +344,14 @@ def negatives(
 
 def negatives_summary(out: Path, meta: dict) -> str:
     parts = ",".join(f"{p['strategy']}:{p['k']}" for p in meta["parts"])
+    rows = ", ".join(f"{p['strategy']} {p['rows']}" for p in meta["parts"])
     sf = meta["shortfall"]
     guards = ", ".join(f"{g} {v['removed']}" for g, v in meta["guards"].items())
     lines = [f"wrote {out}: {meta['n_rows']} rows for {meta['n_queries']} queries (k={meta['k']}: {parts}; "
              f"bank {meta['bank']}; {meta['timing']['total_s']:.1f}s)",
              f"shortfall: {sf['count']} queries got fewer than {meta['k_mined']} negatives ({sf['missing']} missing)"
              + (f", e.g. {', '.join(sf['query_ids'][:5])}" if sf["count"] else ""),
+             f"rows per strategy: {rows}",
              f"guards removed: {guards}"]
     if sf["count"]:
         lines.append("to loosen: " + "; ".join(sf["hints"]))

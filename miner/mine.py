@@ -59,6 +59,7 @@ class MineConfig:
     soft_lo: float = 0.0                  # soft: overlap(c, t) > soft_lo
     soft_hi: float = 1.0                  # soft: overlap(c, t) < soft_hi
     sample: Optional[str] = None          # override the selection order of ranked strategies: top | random
+    discrepant_pool: str = "target"       # category-discrepant: candidates near the target (its own search) or the query
     random_draws: int = 32                # extra uniform draws per query beyond 2k (random, category)
     exclude_target: bool = True           # guard: never the target
     exclude_reference: bool = True        # guard: never the reference
@@ -107,6 +108,8 @@ class MineConfig:
             raise UsageError(f"--query {self.query!r}: use zero-shot or checkpoint.")
         if self.sample is not None and self.sample not in SAMPLE_ORDERS:
             raise UsageError(f"--sample {self.sample!r}: use top or random.")
+        if self.discrepant_pool not in ("target", "query"):
+            raise UsageError(f"--discrepant-pool {self.discrepant_pool!r}: use target or query.")
         if self.delta_lo > self.delta_hi:
             raise UsageError(f"--delta-lo ({self.delta_lo}) is above --delta-hi ({self.delta_hi}); swap them.")
         if self.range_max is not None and self.range_max <= self.range_min:
@@ -159,7 +162,7 @@ class Pool:
     attrs: AttrCodes
 
     @classmethod
-    def build(cls, g: Gallery, requests: list) -> "Pool":
+    def build(cls, g: Gallery, requests: list, ref_rows: Optional[np.ndarray] = None) -> "Pool":
         uniq, product = np.unique(g.image_ids.astype(str), return_inverse=True)
         cat_names, cat = np.unique(g.categories.astype(str), return_inverse=True)
         cat = cat.astype(np.int32)
@@ -167,7 +170,7 @@ class Pool:
         start = np.searchsorted(cat[order], np.arange(len(cat_names) + 1))
         return cls(pa.array(g.image_ids.tolist(), pa.string()), g.embeddings, product.astype(np.int64),
                    len(uniq), cat, cat_names.tolist(), order.astype(np.int64), start.astype(np.int64),
-                   AttrCodes.build(g.attributes, requests))
+                   AttrCodes.build(g.attributes, requests, ref_rows))
 
 
 @dataclass
@@ -236,8 +239,9 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
 class BatchContext:
     """What a strategy sees for b queries: the guarded ranked candidates and samplers."""
 
-    def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig):
+    def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig, index=None, depth: int = 0):
         self.pool, self.qs, self.q, self.cfg = pool, qs, q, cfg
+        self.index, self.depth = index, depth
         self.gcfg = cfg.guard_config()
         self.b = len(q)
         self.local = np.arange(self.b, dtype=np.int64)
@@ -323,6 +327,15 @@ class BatchContext:
         order = np.argsort(order_key, axis=1, kind="stable")
         return self.candidates(np.take_along_axis(rows, order, 1))
 
+    def target_neighbors(self) -> Candidates:
+        """The target's own nearest gallery images (depth ``self.depth``), guarded; ``rank`` is -1
+        (not the query's ranking) and ``scores`` are s(q, c)."""
+        if "target_nn" not in self._cache:
+            _, I = search_batched(self.index, self.pool.xb[self.qs.target_rows[self.q]], self.depth,
+                                  batch_size=max(1, self.b))
+            self._cache["target_nn"] = self.candidates(I)
+        return self._cache["target_nn"]
+
     def verified_candidates(self) -> Candidates:
         return self.candidates(self.qs.verified_rows[self.q])
 
@@ -387,7 +400,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     ws.require()
     g, t = ws.load(split)
     strategies = [REGISTRY[n] for n, _ in parts]
-    pool = Pool.build(g, _requests(t, any(s.attributes for s in strategies)))
+    pool = Pool.build(g, _requests(t, any(s.attributes for s in strategies)),
+                      g.rows(t.ref_ids.tolist(), t.categories.tolist(), "reference"))
     qs = build_queries(g, t, pool, query_emb, cfg)
     ks = split_k(cfg.k, [w for _, w in parts])
     mined = [(name, ki, si) for si, ((name, _), ki) in enumerate(zip(parts, ks)) if name != "in-batch" and ki > 0]
@@ -405,7 +419,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     t_search = 0.0
     for s in range(0, m, cfg.query_batch):
         q = np.arange(s, min(m, s + cfg.query_batch), dtype=np.int64)
-        ctx = BatchContext(pool, qs, q, cfg)
+        ctx = BatchContext(pool, qs, q, cfg, index, depth)
         if need_ranked:
             ts = time.perf_counter()
             D, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))
@@ -428,20 +442,24 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         if progress:
             progress(len(q))
 
+    part_rows = np.bincount(np.concatenate(out["part"]).astype(np.int64) if out["part"] else np.zeros(0, np.int64),
+                            minlength=len(parts))
     table = _assemble(pool, qs, parts, out, round, cfg.seed)
     short = np.flatnonzero(got < k_mined)
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
     meta = {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
         "round": int(round), "bank": bank, "query_source": "zero-shot" if query_emb is None else "provided",
-        "parts": [{"strategy": n, "share": w, "k": ki} for (n, w), ki in zip(parts, ks)],
+        "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
+                  for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
         "k": cfg.k, "k_mined": k_mined, "depth": depth if need_ranked else 0,
         "n_queries": m, "n_gallery": n, "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],
                       "missing": int((k_mined - got[short]).sum()),
                       "hints": [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint]},
-        "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum())} for name, c in guard_counts.items()},
+        "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum()), "max_per_query": int(c.max(initial=0))}
+                   for name, c in guard_counts.items()},
         "timing": {"prepare_s": round_(t_prep), "search_s": round_(t_search),
                    "total_s": round_(time.perf_counter() - t0)},
         "versions": library_versions(),

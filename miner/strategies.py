@@ -157,8 +157,11 @@ def _contradicted(st: np.ndarray) -> np.ndarray:
 
 
 def category_discrepant(ctx, k, salt):
-    """Visually near the target (highest s(c, t) first) but contradicting a requested attribute."""
-    c = ctx.ranked
+    """Visually near the target (highest s(c, t) first) but contradicting a requested attribute.
+
+    Candidates: the target's own nearest neighbours (``discrepant_pool='target'``, a second search)
+    or the query's ranking ('query')."""
+    c = ctx.target_neighbors() if ctx.cfg.discrepant_pool == "target" else ctx.ranked
     st = ctx.status(c)
     sim_t = ctx.sim_target_full(c)
     return pick(ctx, c, c.valid & _contradicted(st), k, salt, "top", key=-sim_t)
@@ -176,7 +179,10 @@ def attribute_mismatch(ctx, k, salt):
     other = present & ~asked
     n_other = other.sum(-1)
     agree = np.where(n_other > 0, (other & ~diff).sum(-1) / np.maximum(n_other, 1), 1.0)
-    ok = diff_asked & _contradicted(st) & (agree >= ctx.cfg.attr_agree - 1e-9)
+    # where no image carries a requested group as a raw group (FashionIQ tags name other groups than
+    # captions), the contradiction itself is the difference
+    asked_present = (present & asked).any(axis=-1)
+    ok = (diff_asked | ~asked_present) & _contradicted(st) & (agree >= ctx.cfg.attr_agree - 1e-9)
     return pick(ctx, c, c.valid & ok, k, salt, "top")
 
 

@@ -25,6 +25,7 @@ def world(synth_work):
         "cat": dict(zip(g.image_ids.tolist(), g.categories.tolist())),
         "emb": dict(zip(g.image_ids.tolist(), g.embeddings)),
         "req": {q: A.extract(" and ".join(c)) for q, c in zip(t.query_ids.tolist(), t.captions)},
+        "ref": dict(zip(t.query_ids.tolist(), t.ref_ids.tolist())),
     }
     return info
 
@@ -135,12 +136,15 @@ def test_category_shares(world):
 
 
 def _status(world, neg, qid):
-    return A.requested_status(world["attrs"][neg], world["req"][qid])
+    return A.requested_status(world["attrs"][neg], world["req"][qid], ref_attrs=world["attrs"][world["ref"][qid]])
 
 
-def test_category_discrepant(world):
-    res = mine(world, strategy="category-discrepant")
+@pytest.mark.parametrize("pool", ["target", "query"])
+def test_category_discrepant(world, pool):
+    res = mine(world, strategy="category-discrepant", discrepant_pool=pool)
     assert res.table.num_rows > 500
+    if pool == "target":
+        assert set(res.table["rank"].to_pylist()) == {-1}
     for qid, rows in by_query(res.table).items():
         for r in rows:
             assert False in _status(world, r["neg_id"], qid).values()

@@ -21,7 +21,10 @@ def test_negatives_mix_writes_table_and_summary(synth_work, tmp_path):
     t = read_negatives(out, Workspace(synth_work))
     assert f"wrote {out}: {t.table.num_rows} rows for 600 queries (k=10: midzone:6,category:3,random:1; bank mined;" in r.output
     assert "shortfall: " in r.output and "guards removed: target" in r.output
-    assert t.meta["config"]["seed"] == 3 and t.meta["parts"][0] == {"strategy": "midzone", "share": 0.6, "k": 6}
+    p0 = t.meta["parts"][0]
+    assert t.meta["config"]["seed"] == 3 and (p0["strategy"], p0["share"], p0["k"]) == ("midzone", 0.6, 6)
+    assert sum(p["rows"] for p in t.meta["parts"]) == t.table.num_rows
+    assert f"rows per strategy: midzone {p0['rows']}, category" in r.output
     assert not (tmp_path / ".cir-mine.lock").exists()
 
 
@@ -60,3 +63,13 @@ def test_negatives_subprocess_schedule(synth_work, tmp_path):
     t = read_negatives(out)
     assert set(t.table["strategy"].to_pylist()) == {"midzone"}
     assert [e["from_epoch"] for e in t.meta["schedule"]] == [0, 2, 4]
+
+
+def test_negatives_lock(synth_work, tmp_path):
+    from data.io import DirLock
+
+    with DirLock(tmp_path, "another miner"):
+        r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "random",
+                                     "--out", str(tmp_path / "n.parquet")])
+    assert r.exit_code == 1 and f"Error: {tmp_path} is in use by process" in r.output
+    assert not (tmp_path / "n.parquet").exists()

@@ -71,7 +71,8 @@ def _world(rng, n, d, n_q, twin_ids, dup_targets):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(12, 60), k=st.integers(1, 12), twins=st.integers(0, 4),
-       strategy=st.sampled_from(["hardest", "semihard", "midzone", "random", "category", "soft",
+       strategy=st.sampled_from(["hardest", "semihard", "midzone", "random", "category", "soft", "semantic",
+                                 "category-discrepant", "attribute-mismatch",
                                  "midzone:0.5,random:0.5"]),
        rho=st.sampled_from([None, 0.5, 0.95, 1.0]), dup=st.sampled_from([None, 0.9, 0.98]),
        text_weight=st.sampled_from([0.0, 1.0, 3.0]), batch=st.integers(1, 9))
@@ -119,21 +120,26 @@ def test_verified_negatives(tmp_path):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_attrmatrix_matches_attributes_api(seed):
+    """The vectorized status tables give exactly requested_status's answers (with the reference)."""
     rng = np.random.default_rng(seed)
     vocab = {"color": ["red", "blue", "black", "white"], "sleeve": ["short", "long", "sleeveless"],
-             "pattern": ["striped", "floral", "solid"]}
-    gal = [[f"{g}:{rng.choice(v)}" for g, v in vocab.items() if rng.random() < 0.7] for _ in range(20)]
+             "pattern": ["striped", "floral", "solid"], "length": ["mini", "midi", "maxi"],
+             "part": ["sleeveless", "v-neck", "long-sleeve"], "texture": ["striped", "floral", "print"],
+             "fabric": ["chiffon", "cotton"]}
+    gal = [[f"{g}:{rng.choice(v)}" for g, v in vocab.items() if rng.random() < 0.5] for _ in range(25)]
     gal += [["cotton", "casual"], []]
     caps = ["is red", "has long sleeves", "is blue and striped", "has longer sleeves", "is floral and black",
-            "no sleeves", "is shorter", "is white with short sleeves"]
-    reqs = [A.extract(str(rng.choice(caps))) for _ in range(6)]
-    codes = AttrCodes.build(gal, reqs)
+            "no sleeves", "is shorter", "is white with short sleeves", "is not striped", "is longer and darker",
+            "is a chiffon maxi dress", "has a v-neck"]
+    reqs = [A.extract(str(rng.choice(caps))) for _ in range(8)]
+    refs = rng.integers(0, len(gal), len(reqs))
+    codes = AttrCodes.build(gal, reqs, refs)
     q = np.arange(len(reqs))
-    rows = rng.integers(0, len(gal), (len(reqs), 10))
+    rows = rng.integers(0, len(gal), (len(reqs), 12))
     st_ = codes.status(q, rows)
     for i in range(len(reqs)):
-        for j in range(10):
-            ref = A.requested_status(gal[rows[i, j]], reqs[i])
+        for j in range(12):
+            ref = A.requested_status(gal[rows[i, j]], reqs[i], ref_attrs=gal[refs[i]])
             for gi, g in enumerate(codes.req_groups):
                 want = ref.get(g, "absent")
                 got = {1: True, 0: False, -1: None, -2: "absent"}[int(st_[i, j, gi])]
