@@ -287,6 +287,8 @@ def negatives(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
     text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="Search depth per query (default max(4k, range-max, 128))."),
+    max_candidates: int = typer.Option(2048, "--max-candidates", help="Queries still short of k are searched again, 4x deeper, up to this depth."),
+    no_deepen: bool = typer.Option(False, "--no-deepen", help="Never search short queries again."),
     query_batch: int = typer.Option(4096, "--query-batch", help="Queries per search batch (bounds memory)."),
     range_min: int = typer.Option(0, "--range-min", help="hardest: first rank of the window (0-based)."),
     range_max: Optional[int] = typer.Option(None, "--range-max", help="hardest: end of the rank window (exclusive)."),
@@ -321,7 +323,7 @@ def negatives(
         query = "checkpoint"
     cfg = MineConfig(
         strategy=strategy, mix=mix, schedule=schedule, k=k, seed=seed, query=query, text_weight=text_weight,
-        candidates=candidates, query_batch=query_batch, range_min=range_min, range_max=range_max,
+        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch, range_min=range_min, range_max=range_max,
         margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
         category_shares=_floats(category_shares, "--category-shares"), attr_agree=attr_agree,
         soft_lo=soft_lo, soft_hi=soft_hi, sample=sample, discrepant_pool=discrepant_pool,

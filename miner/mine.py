@@ -48,6 +48,7 @@ class MineConfig:
     query: str = "zero-shot"              # query embeddings: zero-shot or checkpoint (passed in)
     text_weight: float = 1.0              # zero-shot: normalize(ref + text_weight * text)
     candidates: Optional[int] = None      # search depth per query (None: max(4k, range_max, 128))
+    max_candidates: Optional[int] = 2048  # short queries are searched again up to this depth (None: off)
     query_batch: int = 4096               # queries per search batch (bounds memory)
     range_min: int = 0                    # hardest: first rank of the window (0-based, inclusive)
     range_max: Optional[int] = None       # hardest: end of the window (exclusive; None: depth)
@@ -114,6 +115,8 @@ class MineConfig:
             raise UsageError(f"--delta-lo ({self.delta_lo}) is above --delta-hi ({self.delta_hi}); swap them.")
         if self.range_max is not None and self.range_max <= self.range_min:
             raise UsageError(f"--range-max ({self.range_max}) must be above --range-min ({self.range_min}).")
+        if self.max_candidates is not None and self.max_candidates < 1:
+            raise UsageError("--max-candidates must be at least 1 (use --no-deepen to switch deepening off).")
         if self.candidates is not None and self.candidates < 1:
             raise UsageError("--candidates must be at least 1.")
         if self.query_batch < 1:
@@ -413,34 +416,62 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         index = build_index(pool.xb, "flat", device=cfg.device)
     t_prep = time.perf_counter() - t0
 
-    out = {c: [] for c in ("q", "row", "part", "rank", "score")}
     got = np.zeros(m, np.int64)
     guard_counts = {name: np.zeros(m, np.int64) for name in GUARDS}
-    t_search = 0.0
-    for s in range(0, m, cfg.query_batch):
-        q = np.arange(s, min(m, s + cfg.query_batch), dtype=np.int64)
+    timing = {"search": 0.0}
+
+    def mine_batch(q: np.ndarray, depth: int) -> dict:
+        """Mine queries ``q`` at search depth ``depth``; fills got/guard_counts, returns the rows."""
+        res = {c: [] for c in ("q", "row", "part", "rank", "score")}
         ctx = BatchContext(pool, qs, q, cfg, index, depth)
         if need_ranked:
             ts = time.perf_counter()
             D, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))
-            t_search += time.perf_counter() - ts
+            timing["search"] += time.perf_counter() - ts
             ranks = np.broadcast_to(np.arange(I.shape[1], dtype=np.int32), I.shape)
             ctx.ranked = ctx.candidates(I, D, ranks)
+        got[q] = 0
         for name, ki, si in mined:
             p = REGISTRY[name].fn(ctx, ki, si + 1)
             ctx.take(p)
             ok = p.rows >= 0
             qi, col = np.nonzero(ok)
-            out["q"].append(q[qi])
-            out["row"].append(p.rows[qi, col])
-            out["part"].append(np.full(qi.size, si, np.int8))
-            out["rank"].append(p.ranks[qi, col])
-            out["score"].append(p.scores[qi, col])
+            res["q"].append(q[qi])
+            res["row"].append(p.rows[qi, col])
+            res["part"].append(np.full(qi.size, si, np.int8))
+            res["rank"].append(p.ranks[qi, col])
+            res["score"].append(p.scores[qi, col])
             got[q] += ok.sum(1)
         for name, c in ctx.counts.items():
             guard_counts[name][q] = c
+        return res
+
+    batches = []
+    for s in range(0, m, cfg.query_batch):
+        q = np.arange(s, min(m, s + cfg.query_batch), dtype=np.int64)
+        batches.append(mine_batch(q, depth))
         if progress:
             progress(len(q))
+    # Adaptive depth: queries still short (typically those whose target ranks deep, so that the
+    # positive-aware cap removes every candidate above it) are searched again, 4x deeper each
+    # time, up to max_candidates. Their earlier rows are replaced; other queries are untouched.
+    depth0 = depth
+    max_depth = min(n, cfg.max_candidates) if cfg.max_candidates else depth
+    deepened = 0
+    while need_ranked and depth < max_depth:
+        short = np.flatnonzero(got < k_mined)
+        if short.size == 0:
+            break
+        depth = min(max_depth, depth * 4)
+        redo = np.zeros(m, bool)
+        redo[short] = True
+        batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()} for b in batches]
+        step = max(1, cfg.query_batch * depth0 // depth)  # same memory per batch as the first pass
+        for s in range(0, short.size, step):
+            batches.append(mine_batch(short[s:s + step], depth))
+        deepened += int(short.size)
+    out = {c: [v for b in batches for v in b[c]] for c in ("q", "row", "part", "rank", "score")}
+    t_search = timing["search"]
 
     part_rows = np.bincount(np.concatenate(out["part"]).astype(np.int64) if out["part"] else np.zeros(0, np.int64),
                             minlength=len(parts))
@@ -453,7 +484,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
-        "k": cfg.k, "k_mined": k_mined, "depth": depth if need_ranked else 0,
+        "k": cfg.k, "k_mined": k_mined, "depth": depth if need_ranked else 0, "deepened_queries": deepened,
         "n_queries": m, "n_gallery": n, "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],
                       "missing": int((k_mined - got[short]).sum()),

@@ -218,14 +218,14 @@ class Strategy:
 REGISTRY: dict[str, Strategy] = {
     "random": Strategy(random, False, hint="a larger gallery"),
     "in-batch": Strategy(in_batch, False),
-    "hardest": Strategy(hardest, True, hint="raise --range-max/--candidates or --rho"),
-    "semihard": Strategy(semihard, True, hint="raise --margin or --candidates"),
-    "midzone": Strategy(midzone, True, hint="widen --delta-lo/--delta-hi or raise --candidates"),
+    "hardest": Strategy(hardest, True, hint="raise --range-max/--max-candidates or --rho"),
+    "semihard": Strategy(semihard, True, hint="raise --margin or --max-candidates"),
+    "midzone": Strategy(midzone, True, hint="widen --delta-lo/--delta-hi or raise --max-candidates"),
     "category": Strategy(category, False, hint="change --category-shares"),
-    "category-discrepant": Strategy(category_discrepant, True, True, hint="raise --candidates (queries without requested attributes get none)"),
-    "attribute-mismatch": Strategy(attribute_mismatch, True, True, hint="lower --attr-agree or raise --candidates"),
-    "soft": Strategy(soft, True, True, hint="widen --soft-lo/--soft-hi or raise --candidates"),
-    "semantic": Strategy(semantic, True, True, hint="raise --candidates (queries without requested attributes get none)"),
+    "category-discrepant": Strategy(category_discrepant, True, True, hint="raise --max-candidates (queries without requested attributes get none)"),
+    "attribute-mismatch": Strategy(attribute_mismatch, True, True, hint="lower --attr-agree or raise --max-candidates"),
+    "soft": Strategy(soft, True, True, hint="widen --soft-lo/--soft-hi or raise --max-candidates"),
+    "semantic": Strategy(semantic, True, True, hint="raise --max-candidates (queries without requested attributes get none)"),
     "verified": Strategy(verified, False, hint="only datasets with verified negatives (CIRR target_soft = -1) have them"),
 }
 

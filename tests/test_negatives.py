@@ -308,3 +308,22 @@ def test_fiq_proxy_midzone_completes():
     assert res.meta["n_queries"] == 8847 and res.table.num_rows > 10000
     d = res.table["delta"].to_numpy()
     assert d.min() >= -0.05 - 1e-6 and d.max() <= 0.2 + 1e-6
+
+
+def test_short_queries_are_searched_deeper(synth_work):
+    """Adaptive depth: short queries gain negatives; queries that were not short keep their rows."""
+    from data.workspace import Workspace
+    from miner.mine import MineConfig, mine_negatives
+
+    ws = Workspace(synth_work)
+    base = dict(strategy="hardest", k=10, seed=1, candidates=16)
+    flat = mine_negatives(ws, "train", MineConfig(**base, max_candidates=None))
+    deep = mine_negatives(ws, "train", MineConfig(**base, max_candidates=1024))
+    assert flat.meta["shortfall"]["count"] > deep.meta["shortfall"]["count"]
+    assert deep.meta["deepened_queries"] >= flat.meta["shortfall"]["count"]
+    short = set(flat.meta["shortfall"]["query_ids"])
+    key = lambda t: sorted((r["query_id"], r["neg_id"], r["rank"]) for r in t.to_pylist() if r["query_id"] not in short)
+    assert key(flat.table) == key(deep.table)
+    # a deepened query's negatives still obey the cap and sit in rank order
+    rows = [r for r in deep.table.to_pylist() if r["query_id"] in short]
+    assert rows and all(r["score"] <= 0.95 * r["target_score"] + 1e-6 or r["target_score"] < 0 for r in rows)
