@@ -63,6 +63,8 @@ class Encoder:
     pretrained: str              # what --pretrained said ("none", a tag, or a path)
     dim: int                     # embedding dimension
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype on GPU, None for fp32
+    pil_transform: Optional[Callable] = None  # PIL stages of ``preprocess`` (resize, crop); None: not split
+    mean_std: Optional[tuple] = None          # Normalize's (mean, std) for batched normalization
 
     def describe(self) -> dict:
         return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip"}
@@ -213,7 +215,28 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
         else int(open_clip.get_model_config(name)["embed_dim"])
     log.info("encoder %s (pretrained=%s, d=%d) on %s%s", name, cfg.pretrained, dim, device,
              f" with {amp} autocast" if amp else "")
-    return Encoder(model, preprocess, open_clip.get_tokenizer(name), device, name, cfg.pretrained, dim, amp)
+    pil_transform, mean_std = split_transform(preprocess)
+    return Encoder(model, preprocess, open_clip.get_tokenizer(name), device, name, cfg.pretrained, dim, amp,
+                   pil_transform, mean_std)
+
+
+def split_transform(preprocess) -> tuple[Optional[Callable], Optional[tuple]]:
+    """Split open_clip's eval transform ``[PIL stages..., ToTensor, Normalize]`` into the PIL stages
+    (run per image in workers, giving uint8) and Normalize's (mean, std) (run per batch, on the
+    device). Returns (None, None) when the transform has another shape."""
+    from torchvision import transforms as T
+
+    ts = list(getattr(preprocess, "transforms", []))
+    if len(ts) < 2 or not isinstance(ts[-1], T.Normalize) or not isinstance(ts[-2], T.ToTensor):
+        return None, None
+    return T.Compose(ts[:-2]), (tuple(ts[-1].mean), tuple(ts[-1].std))
+
+
+def normalize_pixels(x: torch.Tensor, mean_std: tuple) -> torch.Tensor:
+    """uint8[b, 3, H, W] -> float32, exactly as ToTensor + Normalize compute it per image."""
+    mean = torch.as_tensor(mean_std[0], dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.as_tensor(mean_std[1], dtype=torch.float32, device=x.device)[:, None, None]
+    return x.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,12 +246,15 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
 class ImageFiles(torch.utils.data.Dataset):
     """Decodes and transforms one image per item (in DataLoader workers).
 
-    Item ``i`` -> (pixels float32[3, H, W], i, error str). An unreadable file gives zeros and a
-    non-empty error; the caller drops it (never replaced by another image).
+    Item ``i`` -> (pixels, i, error str): pixels are uint8[3, H, W] when ``uint8`` (the PIL stages
+    only; normalization happens per batch) else float32[3, H, W]. An unreadable file gives zeros
+    and a non-empty error; the caller drops it (never replaced by another image).
     """
 
-    def __init__(self, paths: Sequence[Optional[str]], transform: Callable, shape: tuple[int, int, int]):
-        self.paths, self.transform, self.shape = list(paths), transform, shape
+    def __init__(self, paths: Sequence[Optional[str]], transform: Callable, shape: tuple[int, int, int],
+                 uint8: bool = False):
+        self.paths, self.transform, self.shape, self.uint8 = list(paths), transform, shape, uint8
+        self.dtype = torch.uint8 if uint8 else torch.float32
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -238,13 +264,17 @@ class ImageFiles(torch.utils.data.Dataset):
 
         p = self.paths[i]
         if not p or not os.path.isfile(p):
-            return torch.zeros(self.shape), i, f"missing file {p}"
+            return torch.zeros(self.shape, dtype=self.dtype), i, f"missing file {p}"
         try:
             with Image.open(p) as im:
                 im.load()
                 x = self.transform(im.convert("RGB"))
+            if self.uint8:
+                x = torch.from_numpy(np.array(x, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-            return torch.zeros(self.shape), i, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+            return torch.zeros(self.shape, dtype=self.dtype), i, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+        if tuple(x.shape) != self.shape:
+            return torch.zeros(self.shape, dtype=self.dtype), i, f"transform gave shape {tuple(x.shape)}"
         return x, i, ""
 
 
@@ -261,8 +291,11 @@ def input_shape(encoder: Encoder) -> tuple[int, int, int]:
 
 @torch.inference_mode()
 def forward_images(encoder: Encoder, pixels: torch.Tensor) -> np.ndarray:
-    """float32[b, 3, H, W] (any device) -> L2-normalized float32[b, d] numpy."""
+    """float32[b, 3, H, W] (model input) or uint8[b, 3, H, W] (PIL stages only; normalized here, on
+    the device) -> L2-normalized float32[b, d] numpy."""
     x = pixels.to(encoder.device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = normalize_pixels(x, encoder.mean_std)
     with encoder.autocast():
         z = encoder.model.encode_image(x)
     return torch.nn.functional.normalize(z.float(), dim=-1).cpu().numpy()
@@ -355,7 +388,9 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     if not todo:
         return emb, errors
 
-    dataset = ImageFiles(paths, encoder.preprocess, input_shape(encoder))
+    split = encoder.pil_transform is not None
+    dataset = ImageFiles(paths, encoder.pil_transform if split else encoder.preprocess, input_shape(encoder),
+                         uint8=split)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=list(_shard_batches(todo, run.shard_size, n, run.batch_size)),
         num_workers=run.workers, collate_fn=_collate, pin_memory=encoder.device.type == "cuda",

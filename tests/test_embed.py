@@ -284,3 +284,20 @@ def test_import_features(tmp_path, kind):
     assert g.image_ids.tolist() == ids and Workspace(work).manifest()["encoder"]["name"] == "my-clip"
     np.testing.assert_allclose(g.embeddings, emb / np.linalg.norm(emb, axis=1, keepdims=True), atol=1e-6)
     assert load_index(Workspace(work).index_path("train"), device="cpu").ntotal == 40
+
+
+def test_uint8_workers_then_batched_normalize_equals_open_clip_transform(tmp_path, encoder):
+    from PIL import Image
+
+    from miner.embed import ImageFiles, input_shape, normalize_pixels
+    from tests.fixtures import write_png
+
+    paths = []
+    for i, size in enumerate((32, 47, 80)):
+        write_png(tmp_path / f"{i}.png", (200, 30 * i, 90), size=size, seed=i)
+        paths.append(str(tmp_path / f"{i}.png"))
+    ds = ImageFiles(paths, encoder.pil_transform, input_shape(encoder), uint8=True)
+    x = torch.stack([ds[i][0] for i in range(3)])
+    assert x.dtype == torch.uint8
+    want = torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    assert torch.equal(normalize_pixels(x, encoder.mean_std), want)
