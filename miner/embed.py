@@ -313,8 +313,8 @@ def plan_fingerprint(encoder: Encoder, keys: Sequence[str], shard_size: int, bat
     for k in keys:
         h.update(k.encode())
         h.update(b"\0")
-    return {"encoder": encoder.describe(), "items": len(keys), "keys_sha256": h.hexdigest(),
-            "shard_size": shard_size, "batch_size": batch_size}
+    return {"encoder": encoder.describe(), "device": encoder.device.type, "autocast": str(encoder.amp_dtype),
+            "items": len(keys), "keys_sha256": h.hexdigest(), "shard_size": shard_size, "batch_size": batch_size}
 
 
 def _write_shard(path: Path, emb: np.ndarray, errors: list[str]) -> None:
@@ -335,6 +335,18 @@ def _read_shard(path: Path, n: int, dim: int) -> Optional[tuple[np.ndarray, list
     if emb.shape != (n, dim) or len(errors) != n:
         return None
     return emb, errors
+
+
+def image_loader(encoder: Encoder, paths: Sequence[Optional[str]], batches: list[list[int]], workers: int):
+    """A DataLoader yielding (pixels uint8|float32[b, 3, H, W], rows int64[b], errors list[str]) for
+    ``batches`` (lists of rows into ``paths``), decoded by ``workers`` processes."""
+    split = encoder.pil_transform is not None
+    dataset = ImageFiles(paths, encoder.pil_transform if split else encoder.preprocess, input_shape(encoder),
+                         uint8=split)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -388,14 +400,7 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     if not todo:
         return emb, errors
 
-    split = encoder.pil_transform is not None
-    dataset = ImageFiles(paths, encoder.pil_transform if split else encoder.preprocess, input_shape(encoder),
-                         uint8=split)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=list(_shard_batches(todo, run.shard_size, n, run.batch_size)),
-        num_workers=run.workers, collate_fn=_collate, pin_memory=encoder.device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if run.workers else None,
-    )
+    loader = image_loader(encoder, paths, list(_shard_batches(todo, run.shard_size, n, run.batch_size)), run.workers)
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     pending = {s: min(n, (s + 1) * run.shard_size) - s * run.shard_size for s in todo}
     written = 0

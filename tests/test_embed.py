@@ -301,3 +301,16 @@ def test_uint8_workers_then_batched_normalize_equals_open_clip_transform(tmp_pat
     assert x.dtype == torch.uint8
     want = torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in paths])
     assert torch.equal(normalize_pixels(x, encoder.mean_std), want)
+
+
+def test_second_split_with_another_encoder_is_refused(tmp_path, tiny):
+    root, work = make_cirr(tmp_path / "cirr", n_images=4), tmp_path / "w"
+    assert embed(["--dataset", "cirr", "--root", str(root), "--split", "val", "--work", str(work)], tiny).exit_code == 0
+    other = write_tiny_clip_config(tmp_path / "cfg2", name="other-tiny")
+    make_cirr(tmp_path / "cirr", split="train", n_images=4)
+    r = embed(["--dataset", "cirr", "--root", str(root), "--split", "train", "--work", str(work)], other)
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: {work / 'manifest.json'}: splits val were embedded with cir-tiny-clip (pretrained none), not "
+        f"other-tiny (pretrained none). Embed into a new --work directory, or use the same --model and --pretrained.")
+    assert not (work / "gallery.train.parquet").exists()
