@@ -124,7 +124,7 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
     with DirLock(ws.root, "cir-mine embed"):
         encoder = load_encoder(job.encoder)
         _check_encoder_matches(ws, job.split, encoder.describe())
-        advance(0, total=len(images) + len(queries))
+        advance(0, total=len(images))  # the bar counts images; captions are fast
         shard_dir = ws.root / f".embed-{job.split}"
         keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]
         emb, errors = embed_images(encoder, [im.path for im in images], keys, shard_dir, job.run, advance)
@@ -137,9 +137,7 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
         if skipped["count"]:
             log.warning("skipped %d unreadable or missing image(s); dropped %d triplet(s) that name them",
                         skipped["count"], dropped)
-        text_emb = embed_texts(encoder, [q.text for q in kept], batch_size=max(job.run.batch_size, 64),
-                               progress=advance)
-        advance(len(queries) - len(kept))
+        text_emb = embed_texts(encoder, [q.text for q in kept], batch_size=max(job.run.batch_size, 64))
         run_meta = {"encoder": encoder.describe(), "dataset": job.dataset, "root": str(job.root)}
         write_table(_gallery(images, emb, errors, encoder, prompts), ws.gallery_path(job.split), metadata=run_meta)
         write_table(_triplets(kept, text_emb, ok_ids), ws.triplets_path(job.split), metadata=run_meta)
