@@ -162,15 +162,25 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray) -> str:
 
 
 def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
-                    fp16: bool = False) -> dict:
+                    fp16: bool = False, lock: bool = True) -> dict:
     """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
 
     Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gpu, fp16.
-    Row ``r`` of the index is row ``r`` of the gallery table.
+    Row ``r`` of the index is row ``r`` of the gallery table. ``lock=False`` when the caller
+    already holds the workspace lock.
     """
+    import contextlib
+
+    from data.io import DirLock
     from data.workspace import Workspace
 
     ws = Workspace(work)
+    ws.require()
+    with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext():
+        return _index_workspace(ws, split, spec, device, fp16)
+
+
+def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict:
     g = ws.gallery(split)
     if len(g) == 0:
         raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")

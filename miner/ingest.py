@@ -119,6 +119,10 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
     images, queries = load_dataset(job.dataset, job.root, job.split, **kw)
     if not images:
         raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")
+    if not any(im.path for im in images):
+        raise DataError(f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
+                        f"image file (annotations only?). Put the images where the dataset layout expects them "
+                        f"(FashionIQ: ROOT/images/ID.png|.jpg), or import features with `cir-mine index --from-features`.")
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
     with DirLock(ws.root, "cir-mine embed"):
@@ -143,7 +147,7 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
         write_table(_triplets(kept, text_emb, ok_ids), ws.triplets_path(job.split), metadata=run_meta)
         index_meta = None
         if job.index != "none":
-            index_meta = index_workspace(ws.root, job.split, job.index, device=job.encoder.device)
+            index_meta = index_workspace(ws.root, job.split, job.index, device=job.encoder.device, lock=False)
         old = ws.manifest().get("embed", {}) if ws.manifest_path.exists() else {}
         split_info = {
             "dataset": job.dataset, "root": str(job.root), "images": len(images),
@@ -216,7 +220,8 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
     with DirLock(ws.root, "cir-mine index --from-features"):
         write_table(gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)), ws.gallery_path(split),
                     metadata={"features": str(path)})
-        meta = index_workspace(ws.root, split, index, device=device, fp16=fp16) if index != "none" else None
+        meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
+                if index != "none" else None)
         ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})
         return meta or {}
 

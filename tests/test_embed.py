@@ -314,3 +314,27 @@ def test_second_split_with_another_encoder_is_refused(tmp_path, tiny):
         f"Error: {work / 'manifest.json'}: splits val were embedded with cir-tiny-clip (pretrained none), not "
         f"other-tiny (pretrained none). Embed into a new --work directory, or use the same --model and --pretrained.")
     assert not (work / "gallery.train.parquet").exists()
+
+
+def test_annotations_without_images_fail_before_loading_a_model(tmp_path):
+    root = make_fashioniq(tmp_path / "fiq", images=False)
+    r = runner.invoke(mine_app, ["embed", "--dataset", "fashioniq", "--root", str(root), "--work", str(tmp_path / "w"),
+                                 "--model", "no-such-model"])
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: {root}: none of the 18 fashioniq images of split 'train' has an image file (annotations only?). "
+        f"Put the images where the dataset layout expects them (FashionIQ: ROOT/images/ID.png|.jpg), or import "
+        f"features with `cir-mine index --from-features`.")
+
+
+def test_index_refuses_a_locked_workspace(tmp_path, small_work):
+    import shutil
+
+    from data.io import DirLock
+
+    work = tmp_path / "w"
+    shutil.copytree(small_work, work)
+    (work / DirLock.NAME).write_text(json.dumps({"pid": 1, "host": __import__("socket").gethostname(),
+                                                "purpose": "cir-mine embed"}))
+    r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu"])
+    assert r.exit_code == 1 and "is in use by process 1 (cir-mine embed)" in r.output
