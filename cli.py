@@ -71,7 +71,7 @@ def setup_logging(verbose: bool) -> None:
 def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: str = "items") -> Iterator:
     """Yield ``advance(n)``; a rich bar on stderr unless ``quiet`` or stderr is not a TTY."""
     if quiet or not sys.stderr.isatty():
-        yield lambda n=1: None
+        yield lambda n=1, total=None: None
         return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -87,7 +87,8 @@ def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: st
     cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(""), TimeRemainingColumn()]
     with Progress(*cols, console=Console(stderr=True), transient=False) as prog:
         task = prog.add_task(label, total=total)
-        yield lambda n=1: prog.advance(task, n)
+        # ``total`` lets a library set the total once it knows it (None keeps it).
+        yield lambda n=1, total=None: prog.update(task, advance=n, total=total)
 
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
@@ -225,6 +226,81 @@ def attributes(
 
     for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
         typer.echo(f"{text}\t{' '.join(req.as_strings()) or '(none)'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# cir-mine embed, cir-mine index (issue 3)
+
+
+class EmbedDataset(str, enum.Enum):
+    fashioniq = "fashioniq"
+    cirr = "cirr"
+    folder = "folder"
+
+
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
+INDEX = typer.Option("flat", "--index", help="flat | ivf | ivfpq | hnsw | a FAISS factory string ('none': no index).")
+
+
+@mine_app.command()
+@cli_errors
+def embed(
+    dataset: EmbedDataset = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL)."),
+    root: Path = typer.Option(..., "--root", "-r", help="Dataset root."),
+    split: str = SPLIT,
+    work: Path = WORK,
+    model: str = typer.Option("ViT-B-32", "--model", help="open_clip model name or path of a model-config JSON."),
+    pretrained: str = typer.Option("none", "--pretrained", help="open_clip tag, local checkpoint PATH, or none (random weights)."),
+    device: str = DEVICE,
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="Image-decoding worker processes (0: main process)."),
+    shard_size: int = typer.Option(4096, "--shard-size", help="Images per resumable shard."),
+    attribute_prompts: Optional[Path] = typer.Option(None, "--attribute-prompts", help="Zero-shot attribute prompt JSON ('default': the shipped garment prompts)."),
+    index: str = INDEX,
+    triplets: Optional[Path] = typer.Option(None, "--triplets", help="folder: triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl)."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+):
+    """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
+    from miner.embed import DEFAULT_PROMPTS, EncoderConfig, ImageRun
+    from miner.ingest import EmbedJob, embed_dataset
+
+    setup_logging(verbose)
+    prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
+    job = EmbedJob(dataset.value, root, split, work, EncoderConfig(model, pretrained, device),
+                   ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
+    with progress_bar("embed", None, quiet, unit="images") as advance:
+        m = embed_dataset(job, progress=advance)
+    info = m["embed"][split]
+    typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
+               f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
+               f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
+
+
+@mine_app.command("index")
+@cli_errors
+def index_cmd(
+    work: Path = WORK,
+    split: str = SPLIT,
+    index: str = INDEX,
+    device: str = DEVICE,
+    fp16: bool = typer.Option(False, "--fp16", help="GPU FAISS: store vectors in float16."),
+    from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, or .parquet) as the gallery first."),
+    ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
+    encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
+    verbose: bool = VERBOSE,
+):
+    """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
+    from miner.index import index_workspace
+    from miner.ingest import import_features
+
+    setup_logging(verbose)
+    if from_features is not None:
+        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16)
+    else:
+        meta = index_workspace(work, split, index, device, fp16)
+    typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
+               f"({'GPU' if meta.get('gpu') else 'CPU'} build)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,7 +442,7 @@ def negatives_summary(out: Path, meta: dict) -> str:
 NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
 
 
-class SqlFormat(str, __import__("enum").Enum):
+class SqlFormat(str, enum.Enum):
     table = "table"
     csv = "csv"
     json = "json"

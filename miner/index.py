@@ -51,7 +51,8 @@ def factory_string(spec: str, n: int, dim: int) -> str:
     """'flat'|'ivf'|'ivfpq'|'hnsw' or a FAISS factory string -> a factory string."""
     if spec in NAMED_FACTORIES:
         nlist = max(1, min(4096, int(4 * np.sqrt(max(n, 1)))))
-        m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
+        # PQ sub-vectors of at least 4 dimensions (d=512 -> 64, d=32 -> 8): 1-d codebooks waste bits.
+        m = next((m for m in (64, 32, 16, 8, 4, 2) if dim % m == 0 and dim // m >= 4), 1)
         return NAMED_FACTORIES[spec].format(nlist=nlist, m=m)
     return spec
 
@@ -66,6 +67,11 @@ def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: 
         index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise UsageError(f"--index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
+        # Polysemous training (on by default for IVFPQ) takes minutes on a few thousand vectors
+        # and only serves Hamming-filtered search, which nothing here uses.
+        faiss.downcast_index(ivf).do_polysemous_training = False
     gpu = use_gpu(device)
     if gpu:
         co = faiss.GpuClonerOptions()
@@ -138,3 +144,57 @@ def brute_force_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarr
     S = xq @ xb.T
     I = np.argsort(-S, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(S, I, axis=1), I
+
+
+# ----------------------------------------------------------------------------------------------
+# Workspace indexes (issue 3: `cir-mine index`, `cir-mine embed`)
+
+
+def gallery_fingerprint(image_ids, categories, emb: np.ndarray) -> str:
+    """First 16 hex digits of SHA-256 over the gallery's ids, categories and embedding bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for c, i in zip(categories, image_ids):
+        h.update(f"{c}\0{i}\0".encode())
+    h.update(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
+                    fp16: bool = False, lock: bool = True) -> dict:
+    """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
+
+    Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gpu, fp16.
+    Row ``r`` of the index is row ``r`` of the gallery table. ``lock=False`` when the caller
+    already holds the workspace lock.
+    """
+    import contextlib
+
+    from data.io import DirLock
+    from data.workspace import Workspace
+
+    ws = Workspace(work)
+    ws.require()
+    with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext():
+        return _index_workspace(ws, split, spec, device, fp16)
+
+
+def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict:
+    g = ws.gallery(split)
+    if len(g) == 0:
+        raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")
+    try:
+        index = build_index(g.embeddings, spec, device=device, fp16=fp16)
+    except RuntimeError as e:
+        raise UsageError(
+            f"--index {spec!r}: FAISS cannot train {factory_string(spec, len(g), g.dim)!r} on {len(g)} "
+            f"vectors ({str(e).splitlines()[0][:160]}). Use --index flat or a smaller factory string."
+        ) from None
+    meta = {
+        "spec": spec, "factory": factory_string(spec, len(g), g.dim), "metric": "inner_product",
+        "dim": g.dim, "gallery_rows": len(g), "gallery_hash": gallery_fingerprint(g.image_ids, g.categories, g.embeddings),
+        "gallery": ws.gallery_path(split).name, "gpu": use_gpu(device), "fp16": bool(fp16),
+    }
+    save_index(index, ws.index_path(split), meta)
+    return meta

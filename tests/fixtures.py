@@ -65,3 +65,36 @@ def make_cirr(root: Path, split: str = "val", n_images: int = 12, images: bool =
         for i, n in enumerate(names):
             write_png(root / sub / f"{n}.png", list(COLORS.values())[i % 4], seed=i)
     return root
+
+
+# A tiny open_clip architecture (issue 3): random weights embed 32x32 images on CPU in milliseconds.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_tiny_clip_config(path: Path, name: str = "cir-tiny-clip") -> Path:
+    """Write the tiny open_clip model config as ``{dir}/{name}.json`` (registered under ``name``)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    out = path / f"{name}.json"
+    out.write_text(json.dumps(TINY_CLIP))
+    return out
+
+
+def make_folder(root: Path, n_images: int = 8, fmt: str = "csv") -> Path:
+    """A folder dataset: PNGs in two sub-folders plus triplets.{csv|jsonl} naming them by id."""
+    root = Path(root)
+    names = [f"{'tops' if i % 2 else 'dresses'}/img{i:03d}" for i in range(n_images)]
+    for i, n in enumerate(names):
+        write_png(root / f"{n}.png", list(COLORS.values())[i % 4], seed=500 + i)
+    rows = [{"ref": names[i], "target": names[i + 2] + ".png", "caption": f"is {list(COLORS)[(i + 2) % 4]}",
+             "category": "dress" if i % 2 == 0 else "top"} for i in range(n_images - 2)]
+    if fmt == "csv":
+        lines = ["ref,target,caption,category"] + [f"{r['ref']},{r['target']},{r['caption']},{r['category']}" for r in rows]
+        (root / "triplets.csv").write_text("\n".join(lines) + "\n")
+    else:
+        (root / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

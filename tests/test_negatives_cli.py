@@ -32,7 +32,7 @@ def test_negatives_shortfall_names_the_knob(synth_work, tmp_path):
     r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "semihard", "--margin", "0.001",
                                  "-k", "5", "--out", str(tmp_path / "n.parquet"), "--no-guard", "cap"])
     assert r.exit_code == 0, r.output
-    assert "to loosen: semihard: raise --margin or --candidates" in r.output
+    assert "to loosen: semihard: raise --margin or --max-candidates" in r.output
 
 
 def test_negatives_errors(synth_work, tmp_path):

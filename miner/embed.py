@@ -1,0 +1,516 @@
+"""open_clip encoders: loading (names or config JSON, offline-safe weights), batched image and text
+embedding with resumable shards, and zero-shot attributes.
+
+Image embedding runs a DataLoader whose workers decode and transform the files (the model's own
+open_clip eval transform), so the main process only runs the forward pass; on a GPU it runs under
+autocast (bf16 where supported, else fp16). Every output is L2-normalized float32.
+
+Resumability: images are cut into shards of ``shard_size`` in a fixed order; each finished shard is
+written atomically to ``WORK/.embed-{split}/shard-NNNNN.npz`` beside a ``plan.json`` fingerprint. A
+rerun with the same plan loads the finished shards and embeds the rest. Batches never cross a shard
+boundary, so a resumed run feeds the model exactly the batches an uninterrupted run does and the
+tables are identical.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from data.errors import DataError, UsageError, WeightsUnavailableError
+from data.io import atomic_path, write_json_atomic
+from data.workspace import l2_normalize
+
+log = logging.getLogger(__name__)
+
+Progress = Optional[Callable[[int], None]]
+# Test hook: SIGKILL this process right after writing this many shards (resume tests).
+KILL_AFTER_ENV = "CIR_MINE_EMBED_KILL_AFTER_SHARDS"
+HF_HOST = ("huggingface.co", 443)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model: str = "ViT-B-32"      # open_clip model name, or path of an open_clip model-config JSON
+    pretrained: str = "none"     # open_clip tag, local checkpoint path, or "none" (random weights)
+    device: str = "auto"         # auto | cpu | cuda
+    precision: str = "auto"      # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32
+    seed: int = 0                # seed of the random init (same seed, same "none" weights: resumable)
+
+
+@dataclass
+class Encoder:
+    model: torch.nn.Module       # open_clip CLIP in eval mode on ``device``
+    preprocess: Callable         # PIL image -> float32[3, H, W] (the model's eval transform)
+    tokenizer: Callable          # list[str] -> int64[n, context_length]
+    device: torch.device
+    name: str                    # registered open_clip model name
+    pretrained: str              # what --pretrained said ("none", a tag, or a path)
+    dim: int                     # embedding dimension
+    amp_dtype: Optional[torch.dtype] = None  # autocast dtype on GPU, None for fp32
+    pil_transform: Optional[Callable] = None  # PIL stages of ``preprocess`` (resize, crop); None: not split
+    mean_std: Optional[tuple] = None          # Normalize's (mean, std) for batched normalization
+
+    def describe(self) -> dict:
+        return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip"}
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def resolve_model(model: str) -> str:
+    """An open_clip model name, or a config JSON path registered under its file stem."""
+    import open_clip
+
+    p = Path(model)
+    if p.suffix == ".json" or p.exists():
+        if not p.is_file():
+            raise DataError(f"{p}: model config not found. Pass an open_clip model name or the path of a model-config JSON.")
+        try:
+            cfg = json.loads(p.read_text())
+        except ValueError as e:
+            raise DataError(f"{p}: malformed JSON ({e}).") from None
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+        if missing:
+            raise DataError(f"{p}: not an open_clip model config (missing {', '.join(missing)}). "
+                            f"See open_clip's model_configs/*.json for the format.")
+        open_clip.add_model_config(p)
+        return p.stem
+    if model not in open_clip.list_models():
+        raise UsageError(f"--model {model!r}: not an open_clip model name (e.g. ViT-B-32, RN50) and not a "
+                         f"config JSON path. `python -c 'import open_clip; print(open_clip.list_models())'` lists them.")
+    return model
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(HF_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def cached_weights(tag_cfg: dict) -> Optional[str]:
+    """The local file of an open_clip pretrained tag when it is already cached, else None (no network)."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            repo, filename = os.path.split(hub)
+            return hf_hub_download(repo, filename or "open_clip_pytorch_model.bin", local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means "not cached"
+            pass
+    url = tag_cfg.get("url", "")
+    if url:
+        p = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def resolve_pretrained(model_name: str, pretrained: str) -> Optional[str]:
+    """``none`` -> None; a local file -> its path; a tag -> its cached file, or a download when the hub
+    is reachable. Raises WeightsUnavailableError at once when a tag would need a download offline."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    if pretrained is None or pretrained.lower() in ("none", ""):
+        return None
+    if os.path.isfile(pretrained):
+        return pretrained
+    tag_cfg = get_pretrained_cfg(model_name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise UsageError(
+            f"--pretrained {pretrained!r}: not a local file and not an open_clip tag of {model_name} "
+            f"(tags: {', '.join(tags) or 'none'}). Pass a checkpoint path or none."
+        )
+    hit = cached_weights(tag_cfg)
+    if hit:
+        return hit
+    fix = (f"No weights can be downloaded on this machine: pass --pretrained PATH (a local open_clip "
+           f"checkpoint) or --pretrained none (random weights).")
+    if not _hub_reachable():
+        raise WeightsUnavailableError(
+            f"--pretrained {pretrained}: weights for {model_name} are not cached and the download "
+            f"host is unreachable (offline). {fix}")
+    try:
+        return download_pretrained(tag_cfg)
+    except Exception as e:  # noqa: BLE001 - any download failure has the same fix
+        raise WeightsUnavailableError(
+            f"--pretrained {pretrained}: download of {model_name} weights failed ({str(e).splitlines()[0][:200]}). {fix}"
+        ) from None
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when torch sees a GPU, else cpu; 'cuda' requires one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no GPU. Use --device cpu or auto.")
+    elif device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: use auto, cpu or cuda.")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    """open_clip warns on the root logger about random weights; with --pretrained none that is asked for."""
+    flt = lambda rec: "No pretrained weights loaded" not in rec.getMessage()  # noqa: E731
+    root = logging.getLogger()
+    if active:
+        root.addFilter(flt)
+        for h in root.handlers:
+            h.addFilter(flt)
+    try:
+        yield
+    finally:
+        if active:
+            root.removeFilter(flt)
+            for h in root.handlers:
+                h.removeFilter(flt)
+
+
+def load_encoder(cfg: EncoderConfig) -> Encoder:
+    """Build the open_clip model, its eval transform and tokenizer (random weights for ``none``)."""
+    import open_clip
+
+    name = resolve_model(cfg.model)
+    ckpt = resolve_pretrained(name, cfg.pretrained)
+    device = pick_device(cfg.device)
+    try:
+        with _quiet_random_init_warning(ckpt is None), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=ckpt, device=device)
+    except RuntimeError as e:
+        raise DataError(f"--pretrained {cfg.pretrained}: cannot load into {name} ({str(e).splitlines()[0][:300]}). "
+                        f"Check that the checkpoint matches the model.") from None
+    model.eval()
+    amp = None
+    if device.type == "cuda" and cfg.precision == "auto":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+        else int(open_clip.get_model_config(name)["embed_dim"])
+    log.info("encoder %s (pretrained=%s, d=%d) on %s%s", name, cfg.pretrained, dim, device,
+             f" with {amp} autocast" if amp else "")
+    pil_transform, mean_std = split_transform(preprocess)
+    return Encoder(model, preprocess, open_clip.get_tokenizer(name), device, name, cfg.pretrained, dim, amp,
+                   pil_transform, mean_std)
+
+
+def split_transform(preprocess) -> tuple[Optional[Callable], Optional[tuple]]:
+    """Split open_clip's eval transform ``[PIL stages..., ToTensor, Normalize]`` into the PIL stages
+    (run per image in workers, giving uint8) and Normalize's (mean, std) (run per batch, on the
+    device). Returns (None, None) when the transform has another shape."""
+    from torchvision import transforms as T
+
+    ts = list(getattr(preprocess, "transforms", []))
+    if len(ts) < 2 or not isinstance(ts[-1], T.Normalize) or not isinstance(ts[-2], T.ToTensor):
+        return None, None
+    return T.Compose(ts[:-2]), (tuple(ts[-1].mean), tuple(ts[-1].std))
+
+
+def normalize_pixels(x: torch.Tensor, mean_std: tuple) -> torch.Tensor:
+    """uint8[b, 3, H, W] -> float32, exactly as ToTensor + Normalize compute it per image."""
+    mean = torch.as_tensor(mean_std[0], dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.as_tensor(mean_std[1], dtype=torch.float32, device=x.device)[:, None, None]
+    return x.to(torch.float32).div(255).sub_(mean).div_(std)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes and transforms one image per item (in DataLoader workers).
+
+    Item ``i`` -> (pixels, i, error str): pixels are uint8[3, H, W] when ``uint8`` (the PIL stages
+    only; normalization happens per batch) else float32[3, H, W]. An unreadable file gives zeros
+    and a non-empty error; the caller drops it (never replaced by another image).
+    """
+
+    def __init__(self, paths: Sequence[Optional[str]], transform: Callable, shape: tuple[int, int, int],
+                 uint8: bool = False):
+        self.paths, self.transform, self.shape, self.uint8 = list(paths), transform, shape, uint8
+        self.dtype = torch.uint8 if uint8 else torch.float32
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        p = self.paths[i]
+        if not p or not os.path.isfile(p):
+            return torch.zeros(self.shape, dtype=self.dtype), i, f"missing file {p}"
+        try:
+            with Image.open(p) as im:
+                im.load()
+                x = self.transform(im.convert("RGB"))
+            if self.uint8:
+                x = torch.from_numpy(np.array(x, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+            return torch.zeros(self.shape, dtype=self.dtype), i, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+        if tuple(x.shape) != self.shape:
+            return torch.zeros(self.shape, dtype=self.dtype), i, f"transform gave shape {tuple(x.shape)}"
+        return x, i, ""
+
+
+def _collate(items):
+    xs, idx, err = zip(*items)
+    return torch.stack(xs), torch.as_tensor(idx, dtype=torch.int64), list(err)
+
+
+def input_shape(encoder: Encoder) -> tuple[int, int, int]:
+    size = encoder.model.visual.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (3, int(h), int(w))
+
+
+@torch.inference_mode()
+def forward_images(encoder: Encoder, pixels: torch.Tensor) -> np.ndarray:
+    """float32[b, 3, H, W] (model input) or uint8[b, 3, H, W] (PIL stages only; normalized here, on
+    the device) -> L2-normalized float32[b, d] numpy."""
+    x = pixels.to(encoder.device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = normalize_pixels(x, encoder.mean_std)
+    with encoder.autocast():
+        z = encoder.model.encode_image(x)
+    return torch.nn.functional.normalize(z.float(), dim=-1).cpu().numpy()
+
+
+def _shard_batches(shards: Sequence[int], shard_size: int, n: int, batch_size: int):
+    for s in shards:
+        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+        for b in range(lo, hi, batch_size):
+            yield list(range(b, min(hi, b + batch_size)))
+
+
+def plan_fingerprint(encoder: Encoder, keys: Sequence[str], shard_size: int, batch_size: int) -> dict:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode())
+        h.update(b"\0")
+    return {"encoder": encoder.describe(), "device": encoder.device.type, "autocast": str(encoder.amp_dtype),
+            "items": len(keys), "keys_sha256": h.hexdigest(), "shard_size": shard_size, "batch_size": batch_size}
+
+
+def _write_shard(path: Path, emb: np.ndarray, errors: list[str]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, emb=emb, errors=np.asarray(errors, dtype=str))
+
+
+def _read_shard(path: Path, n: int, dim: int) -> Optional[tuple[np.ndarray, list[str]]]:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            emb, errors = z["emb"], z["errors"].tolist()
+    except Exception:  # noqa: BLE001 - a damaged shard is simply recomputed
+        log.warning("%s: unreadable shard; recomputing it", path)
+        return None
+    if emb.shape != (n, dim) or len(errors) != n:
+        return None
+    return emb, errors
+
+
+def image_loader(encoder: Encoder, paths: Sequence[Optional[str]], batches: list[list[int]], workers: int):
+    """A DataLoader yielding (pixels uint8|float32[b, 3, H, W], rows int64[b], errors list[str]) for
+    ``batches`` (lists of rows into ``paths``), decoded by ``workers`` processes."""
+    split = encoder.pil_transform is not None
+    dataset = ImageFiles(paths, encoder.pil_transform if split else encoder.preprocess, input_shape(encoder),
+                         uint8=split)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    batch_size: int = 64         # images per forward pass
+    workers: int = 2             # DataLoader worker processes decoding images (0 = main process)
+    shard_size: int = 4096       # images per resumable shard (a multiple of batch_size is best)
+
+
+def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequence[str],
+                 shard_dir: str | Path, run: ImageRun = ImageRun(), progress: Progress = None
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Embed image files. Returns (emb float32[n, d], errors list[n] with "" for embedded images).
+
+    ``keys`` identify the items (e.g. "category/image_id/path") for the resume fingerprint. Rows with
+    an error are zeros and must be dropped by the caller. Finished shards under ``shard_dir`` are reused.
+    """
+    if run.batch_size < 1 or run.shard_size < 1 or run.workers < 0:
+        raise UsageError("--batch-size and the shard size must be >= 1 and --workers >= 0.")
+    n, dim = len(paths), encoder.dim
+    shard_dir = Path(shard_dir)
+    plan = plan_fingerprint(encoder, keys, run.shard_size, run.batch_size)
+    plan_path = shard_dir / "plan.json"
+    if plan_path.exists():
+        try:
+            old = json.loads(plan_path.read_text())
+        except ValueError:
+            old = None
+        if old != plan:
+            log.info("%s: shards from a different run; starting over", shard_dir)
+            shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    if not plan_path.exists():
+        write_json_atomic(plan_path, plan)
+
+    n_shards = (n + run.shard_size - 1) // run.shard_size
+    emb = np.zeros((n, dim), dtype=np.float32)
+    errors = [""] * n
+    todo = []
+    for s in range(n_shards):
+        lo, hi = s * run.shard_size, min(n, (s + 1) * run.shard_size)
+        got = _read_shard(shard_dir / f"shard-{s:05d}.npz", hi - lo, dim)
+        if got is None:
+            todo.append(s)
+            continue
+        emb[lo:hi], errors[lo:hi] = got
+        if progress:
+            progress(hi - lo)
+    if todo and n_shards - len(todo):
+        log.info("resuming: %d of %d shards already done", n_shards - len(todo), n_shards)
+    if not todo:
+        return emb, errors
+
+    loader = image_loader(encoder, paths, list(_shard_batches(todo, run.shard_size, n, run.batch_size)), run.workers)
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    pending = {s: min(n, (s + 1) * run.shard_size) - s * run.shard_size for s in todo}
+    written = 0
+    for pixels, idx, errs in loader:
+        idx_np = idx.numpy()
+        ok = np.asarray([not e for e in errs])
+        for i, e in zip(idx_np.tolist(), errs):
+            if e:
+                errors[i] = e
+                log.warning("skipped image %s: %s", keys[i], e)
+        if ok.any():
+            # Only readable images go through the model: batch composition is the same on resume.
+            emb[idx_np[ok]] = forward_images(encoder, pixels[torch.from_numpy(ok)] if not ok.all() else pixels)
+        s = int(idx_np[0]) // run.shard_size
+        pending[s] -= len(idx_np)
+        if progress:
+            progress(len(idx_np))
+        if pending[s] == 0:
+            lo, hi = s * run.shard_size, min(n, (s + 1) * run.shard_size)
+            _write_shard(shard_dir / f"shard-{s:05d}.npz", emb[lo:hi], errors[lo:hi])
+            written += 1
+            if kill_after and written >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return emb, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+
+@torch.inference_mode()
+def embed_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256, progress: Progress = None) -> np.ndarray:
+    """Captions -> L2-normalized float32[n, d] with the CLIP tokenizer and text tower."""
+    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    for s in range(0, len(texts), batch_size):
+        tokens = encoder.tokenizer(list(texts[s:s + batch_size])).to(encoder.device)
+        with encoder.autocast():
+            z = encoder.model.encode_text(tokens)
+        out[s:s + len(tokens)] = torch.nn.functional.normalize(z.float(), dim=-1).cpu().numpy()
+        if progress:
+            progress(len(tokens))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot attributes
+
+
+@dataclass(frozen=True)
+class AttributePrompts:
+    template: str                          # default prompt, e.g. "a photo of a {value} {category}"
+    groups: dict                           # group -> {value: phrase used in the prompt}
+    templates: dict                        # group -> template overriding ``template``
+    default_category: str = "garment"      # {category} for images without one
+
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "resources" / "garment_attributes.json"
+
+
+def load_prompts(path: str | Path) -> AttributePrompts:
+    """Read an attribute prompt file (see docs/formats.md, "Attribute prompt files")."""
+    from data.jsonio import load_json
+
+    path = Path(path)
+    obj = load_json(path, dict)
+    groups = obj.get("groups")
+    if not isinstance(groups, dict) or not groups:
+        raise DataError(f"{path}: 'groups' must be an object of group -> list of values (or value -> phrase).")
+    norm = {}
+    for g, vals in groups.items():
+        if isinstance(vals, list) and vals and all(isinstance(v, str) for v in vals):
+            norm[g] = {v: v for v in vals}
+        elif isinstance(vals, dict) and vals and all(isinstance(v, str) for v in vals.values()):
+            norm[g] = dict(vals)
+        else:
+            raise DataError(f"{path}: group '{g}' must be a non-empty list of strings or an object value -> phrase.")
+    template = obj.get("template", "a photo of a {value} {category}")
+    templates = obj.get("templates", {}) or {}
+    for t in [template, *templates.values()]:
+        if not isinstance(t, str) or "{value}" not in t:
+            raise DataError(f"{path}: template {t!r} must be a string containing {{value}}.")
+    return AttributePrompts(template, norm, templates, obj.get("default_category", "garment"))
+
+
+def zero_shot_attributes(encoder: Encoder, image_emb: np.ndarray, categories: Sequence[str],
+                         prompts: AttributePrompts) -> tuple[list[list[str]], list[list[float]]]:
+    """Best value per group for each image: (``group:value`` lists, probability lists).
+
+    image_emb: float32[n, d] L2-normalized. The probability is the softmax over the group's
+    values of the CLIP logits (logit_scale * cosine), per image category.
+    """
+    n = image_emb.shape[0]
+    attrs: list[list[str]] = [[] for _ in range(n)]
+    scores: list[list[float]] = [[] for _ in range(n)]
+    cats = np.asarray(list(categories), dtype=object)
+    scale = float(encoder.model.logit_scale.exp().item()) if hasattr(encoder.model, "logit_scale") else 100.0
+    for cat in sorted(set(cats.tolist())):
+        rows = np.flatnonzero(cats == cat)
+        noun = cat or prompts.default_category
+        for g, values in prompts.groups.items():
+            tmpl = prompts.templates.get(g, prompts.template)
+            texts = [tmpl.format(value=phrase, category=noun) for phrase in values.values()]
+            t = embed_texts(encoder, texts)
+            logits = scale * (image_emb[rows] @ t.T)
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            p /= p.sum(axis=1, keepdims=True)
+            best = p.argmax(axis=1)
+            names = list(values)
+            for r, b, pb in zip(rows.tolist(), best.tolist(), p[np.arange(len(rows)), best].tolist()):
+                attrs[r].append(f"{g}:{names[b]}")
+                scores[r].append(float(pb))
+    return attrs, scores

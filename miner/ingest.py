@@ -1,0 +1,227 @@
+"""Make a workspace from outside data: a dataset embedded with open_clip, or precomputed features.
+
+``embed_dataset`` reads a dataset (fashioniq | cirr | folder), embeds the gallery images and the
+query captions, optionally adds zero-shot attributes, and writes ``gallery.{split}.parquet``,
+``triplets.{split}.parquet``, ``index.{split}.faiss`` and the manifest (atomically, under the
+workspace lock, resumable through the shards of :func:`miner.embed.embed_images`).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from data.adapters import load_dataset
+from data.errors import DataError, SchemaError, UsageError
+from data.io import DirLock
+from data.records import ImageRecord, QueryRecord
+from data.workspace import (Workspace, check_split, gallery_table, l2_normalize, triplets_table,
+                            write_table)
+
+from .embed import (AttributePrompts, EncoderConfig, ImageRun, embed_images, embed_texts, load_encoder,
+                    load_prompts, zero_shot_attributes)
+from .index import index_workspace
+
+log = logging.getLogger(__name__)
+
+# progress(n, total=None): n more items done; ``total`` is set once, when it is known.
+Progress = Optional[Callable[..., None]]
+MAX_SKIPPED_LISTED = 100
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    dataset: str                          # fashioniq | cirr | folder
+    root: Path                            # dataset root (folder: the image directory)
+    split: str                            # split name (train, val, ...)
+    work: Path                            # workspace directory to write
+    encoder: EncoderConfig = EncoderConfig()  # model, weights, device
+    run: ImageRun = ImageRun()            # batch size, workers, shard size
+    attribute_prompts: Optional[Path] = None  # zero-shot attribute prompt file (None: no zero-shot)
+    index: str = "flat"                   # flat|ivf|ivfpq|hnsw|FAISS factory string, or "none"
+    triplets_file: Optional[Path] = None  # folder datasets: the triplets CSV/JSONL (default: found in root)
+
+
+def _check_encoder_matches(ws: Workspace, split: str, encoder: dict) -> None:
+    if not ws.manifest_path.exists():
+        return
+    m = ws.manifest()
+    others = [s for s in ws.splits() if s != split]
+    old = {k: m.get("encoder", {}).get(k) for k in ("name", "pretrained", "dim")}
+    new = {k: encoder.get(k) for k in ("name", "pretrained", "dim")}
+    if others and old != new:
+        raise DataError(
+            f"{ws.manifest_path}: splits {', '.join(others)} were embedded with {old['name']} "
+            f"(pretrained {old['pretrained']}), not {new['name']} (pretrained {new['pretrained']}). "
+            f"Embed into a new --work directory, or use the same --model and --pretrained."
+        )
+
+
+def _skipped_summary(images: list[ImageRecord], errors: list[str]) -> dict:
+    bad = [(im, e) for im, e in zip(images, errors) if e]
+    return {
+        "count": len(bad),
+        "missing": sum(1 for _, e in bad if e.startswith("missing")),
+        "unreadable": sum(1 for _, e in bad if not e.startswith("missing")),
+        "images": [{"image_id": im.image_id, "category": im.category, "path": im.path, "reason": e}
+                   for im, e in bad[:MAX_SKIPPED_LISTED]],
+    }
+
+
+def _keep_queries(queries: list[QueryRecord], ok_ids: set) -> tuple[list[QueryRecord], int]:
+    kept = [q for q in queries if q.ref_id in ok_ids and q.target_id in ok_ids]
+    return kept, len(queries) - len(kept)
+
+
+def _gallery(images, emb, errors, encoder, prompts: Optional[AttributePrompts]) -> pa.Table:
+    ok = np.asarray([not e for e in errors], dtype=bool)
+    rows = [im for im, good in zip(images, ok) if good]
+    emb = emb[ok]
+    attrs = [list(im.attributes) for im in rows]
+    scores = None
+    if prompts is not None:
+        zs_attrs, zs_scores = zero_shot_attributes(encoder, emb, [im.category for im in rows], prompts)
+        # Given tags keep NaN as their score; zero-shot entries carry their probability.
+        scores = [[float("nan")] * len(a) + s for a, s in zip(attrs, zs_scores)]
+        attrs = [a + z for a, z in zip(attrs, zs_attrs)]
+    table = gallery_table([im.image_id for im in rows], [im.category for im in rows], attrs, emb,
+                          paths=[im.path or "" for im in rows])
+    if scores is not None:
+        table = table.append_column(pa.field("attribute_scores", pa.list_(pa.float32())),
+                                    pa.array(scores, pa.list_(pa.float32())))
+    return table
+
+
+def _triplets(queries: list[QueryRecord], text_emb: np.ndarray, ok_ids: set) -> pa.Table:
+    def ids(get):
+        vals = [[i for i in get(q) if i in ok_ids] for q in queries]
+        return vals if any(vals) else None
+
+    return triplets_table(
+        [q.query_id for q in queries], [q.category for q in queries], [q.ref_id for q in queries],
+        [q.target_id for q in queries], [list(q.captions) for q in queries], text_emb,
+        extra_positive_ids=ids(lambda q: q.extra_positive_ids),
+        verified_negative_ids=ids(lambda q: q.verified_negative_ids),
+        img_set=ids(lambda q: q.img_set),
+    )
+
+
+def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
+    """Embed ``job.dataset`` into ``job.work``; returns the manifest written."""
+    check_split(job.split)
+    advance = progress or (lambda n=1, total=None: None)
+    kw = {"triplets": job.triplets_file} if job.dataset == "folder" and job.triplets_file else {}
+    images, queries = load_dataset(job.dataset, job.root, job.split, **kw)
+    if not images:
+        raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")
+    if not any(im.path for im in images):
+        raise DataError(f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
+                        f"image file (annotations only?). Put the images where the dataset layout expects them "
+                        f"(FashionIQ: ROOT/images/ID.png|.jpg), or import features with `cir-mine index --from-features`.")
+    prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
+    ws = Workspace(job.work)
+    with DirLock(ws.root, "cir-mine embed"):
+        encoder = load_encoder(job.encoder)
+        _check_encoder_matches(ws, job.split, encoder.describe())
+        advance(0, total=len(images))  # the bar counts images; captions are fast
+        shard_dir = ws.root / f".embed-{job.split}"
+        keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]
+        emb, errors = embed_images(encoder, [im.path for im in images], keys, shard_dir, job.run, advance)
+        skipped = _skipped_summary(images, errors)
+        if skipped["count"] == len(images):
+            raise DataError(f"{job.root}: none of the {len(images)} images could be read "
+                            f"(first: {skipped['images'][0]['reason']}). Check --root and the image files.")
+        ok_ids = {im.image_id for im, e in zip(images, errors) if not e}
+        kept, dropped = _keep_queries(queries, ok_ids)
+        if skipped["count"]:
+            log.warning("skipped %d unreadable or missing image(s); dropped %d triplet(s) that name them",
+                        skipped["count"], dropped)
+        text_emb = embed_texts(encoder, [q.text for q in kept], batch_size=max(job.run.batch_size, 64))
+        run_meta = {"encoder": encoder.describe(), "dataset": job.dataset, "root": str(job.root)}
+        write_table(_gallery(images, emb, errors, encoder, prompts), ws.gallery_path(job.split), metadata=run_meta)
+        write_table(_triplets(kept, text_emb, ok_ids), ws.triplets_path(job.split), metadata=run_meta)
+        index_meta = None
+        if job.index != "none":
+            index_meta = index_workspace(ws.root, job.split, job.index, device=job.encoder.device, lock=False)
+        old = ws.manifest().get("embed", {}) if ws.manifest_path.exists() else {}
+        split_info = {
+            "dataset": job.dataset, "root": str(job.root), "images": len(images),
+            "skipped_images": skipped, "queries": len(queries), "dropped_triplets": dropped,
+            "batch_size": job.run.batch_size, "attribute_prompts": str(job.attribute_prompts) if prompts else None,
+            "index": index_meta and index_meta["factory"],
+        }
+        manifest = ws.write_manifest(source=job.dataset, encoder=encoder.describe(),
+                                     embed={**old, job.split: split_info})
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Precomputed features
+
+
+def read_features(path: str | Path, ids_path: Optional[str | Path] = None
+                  ) -> tuple[list[str], list[str], np.ndarray]:
+    """Features file -> (image_ids, categories, emb float32[n, d] as stored).
+
+    ``.npy`` float[n, d] with ``ids_path`` (one ``image_id`` per line, optionally ``\\tcategory``),
+    or ``.parquet`` with ``image_id``, ``embedding`` (list<float>) and optional ``category``.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: features file not found.")
+    if path.suffix == ".npy":
+        if ids_path is None:
+            raise UsageError(f"--from-features {path}: a .npy file needs --ids FILE (one image id per line).")
+        emb = np.load(path, allow_pickle=False)
+        lines = [ln for ln in Path(ids_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        parts = [ln.split("\t", 1) for ln in lines]
+        ids = [p[0].strip() for p in parts]
+        cats = [p[1].strip() if len(p) > 1 else "" for p in parts]
+    elif path.suffix == ".parquet":
+        try:
+            t = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
+        for col in ("image_id", "embedding"):
+            if col not in t.schema.names:
+                raise SchemaError(f"{path}: missing column '{col}'; a features table needs image_id and embedding.")
+        ids = [str(i) for i in t.column("image_id").to_pylist()]
+        cats = t.column("category").to_pylist() if "category" in t.schema.names else [""] * len(ids)
+        cats = [c or "" for c in cats]
+        emb = np.asarray(t.column("embedding").to_pylist(), dtype=np.float32)
+    else:
+        raise UsageError(f"--from-features {path}: use a .npy (with --ids) or a .parquet file.")
+    if emb.ndim != 2 or emb.shape[0] != len(ids):
+        raise DataError(f"{path}: features have shape {emb.shape} but there are {len(ids)} ids; "
+                        f"expected one row per id.")
+    return ids, cats, emb.astype(np.float32, copy=False)
+
+
+def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
+                    encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
+                    fp16: bool = False) -> dict:
+    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index."""
+    check_split(split)
+    ids, cats, emb = read_features(path, ids_path)
+    norms = np.linalg.norm(emb, axis=1)
+    bad = ~np.isfinite(emb).all(axis=1) | (norms < 1e-12)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
+                        f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
+    ws = Workspace(work)
+    with DirLock(ws.root, "cir-mine index --from-features"):
+        write_table(gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)), ws.gallery_path(split),
+                    metadata={"features": str(path)})
+        meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
+                if index != "none" else None)
+        ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})
+        return meta or {}
+
