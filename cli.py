@@ -253,7 +253,7 @@ def train(
             neg_share=neg_share, share_warmup=share_warmup, schedule=schedule, online_hard=online_hard,
             static_bank=static_bank, bank_k=bank_k, refresh_every=refresh_every,
             exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads)
-    remine = _miner_remine(cfg) if cfg.refresh_every else None
+    remine = _miner_remine(cfg) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
     with progress_bar("train", total, quiet, unit="epochs") as advance:
         def on_epoch(rec):

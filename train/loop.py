@@ -149,7 +149,7 @@ class Trainer:
         self.model = build_model(mcfg)
         params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
-        self.gallery_t = torch.from_numpy(self.gallery.embeddings)
+        self.gallery_t = torch.from_numpy(np.require(self.gallery.embeddings, requirements='W'))
         self.keys_t = torch.from_numpy(self.gallery_keys)
         self.state = RunState(negatives=cfg.negatives)
         self.bank: Optional[NegativeBank] = None
