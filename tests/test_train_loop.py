@@ -96,6 +96,10 @@ def test_query_encoder_hook_matches_training_model(synth_work, tmp_path):
     out = enc(ref, t.text_embeddings[:5])
     assert out.shape == (5, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
     assert np.allclose(enc(ref, t.text_embeddings[:5]), out)
+    from train.checkpoint import encode_queries
+
+    allq = encode_queries(tmp_path / "q" / "ckpt.pt", synth_work, "train")
+    assert allq.shape == (600, 32) and np.allclose(allq[:5], out, atol=1e-6)
 
 
 def test_sample_negatives_follows_mix_and_share():

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import numpy as np
 
 import torch
 
@@ -57,3 +59,30 @@ def crash_after_epoch() -> Optional[int]:
     """Test hook: ``CIR_TRAIN_CRASH_AFTER_EPOCH=N`` raises after epoch N's checkpoint is saved."""
     v = os.environ.get("CIR_TRAIN_CRASH_AFTER_EPOCH")
     return int(v) if v else None
+
+
+def load_query_encoder(ckpt_path: str | Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A trained run's query encoder: f(ref_emb float32[m,d], text_emb float32[m,d]) -> float32[m,d].
+
+    The hook ``cir-mine negatives --checkpoint`` uses (through cli.py; the miner never imports train).
+    """
+    from .model import ModelConfig, build_model, encode_queries as encode
+
+    state = load_checkpoint(ckpt_path)
+    model = build_model(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    return lambda ref_emb, text_emb: encode(model, ref_emb, text_emb)
+
+
+def encode_queries(ckpt_path: str | Path, work: str | Path, split: str) -> np.ndarray:
+    """Every query of ``work``/``split`` embedded by a trained run -> float32[m, d], unit rows."""
+    from data.workspace import Workspace
+
+    g, t = Workspace(work).require().load(split)
+    model_dim = load_checkpoint(ckpt_path)["model_config"]["dim"]
+    if model_dim != g.dim:
+        raise DataError(f"{ckpt_path}: the model takes d={model_dim} but {work} has d={g.dim}. "
+                        f"Use a checkpoint trained on this workspace's encoder.")
+    ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")]
+    return load_query_encoder(ckpt_path)(ref, t.text_embeddings)

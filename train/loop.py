@@ -30,6 +30,7 @@ from data.io import DirLock, write_json_atomic
 from data.workspace import Workspace
 
 from . import checkpoint as ck
+from .checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
 from .data import (NegativeBank, QuerySet, dev_split, group_negatives, image_keys, resolve_queries,
                    sample_negatives)
 from .loss import bank_loss, hardest_in_batch, info_nce, triplet_margin
@@ -53,6 +54,7 @@ class TrainConfig:
     eval_work: Optional[str] = None    # evaluation workspace (None: hold out --dev-fraction of train)
     eval_split: str = "val"            # split of eval_work
     dev_fraction: float = 0.1          # held-out share of training queries when eval_work is None
+    dev_seed: int = 0                  # seed of the hold-out (fixed across --seed so seeds share a dev set)
     epochs: int = 10                   # epochs of normal training (0: zero-shot evaluation only)
     batch_size: int = 256              # queries per step
     seed: int = 0                      # model init, shuffles, negative sampling, dev split
@@ -61,6 +63,7 @@ class TrainConfig:
     dropout: float = 0.1               # dropout in the model
     lr: float = 1e-3                   # AdamW learning rate
     weight_decay: float = 1e-4         # AdamW weight decay
+    lr_schedule: str = "cosine"        # cosine (decay to 0 over each stage, 1-epoch-free) | constant
     temperature: float = 0.05          # softmax temperature of InfoNCE and the static bank
     loss: str = "infonce"              # infonce | triplet | both
     margin: float = 0.2                # triplet margin (cosine distance)
@@ -69,6 +72,7 @@ class TrainConfig:
     neg_share: float = 1.0             # share of queries per batch that get mined negatives
     share_warmup: int = 0              # epochs over which the share ramps linearly from 0 (curriculum)
     schedule: Optional[str] = None     # "epoch:mix,..." e.g. "0:random,2:midzone,4:hardest"
+    category_batches: bool = False     # batches drawn within one category (harder in-batch negatives)
     online_hard: int = 0               # per query, hardest in-batch non-targets fed to a triplet loss
     static_bank: int = 0               # extra epochs of the SPN static-bank stage after training
     bank_k: int = 0                    # static bank: negatives sampled per step (0 = whole gallery)
@@ -85,6 +89,8 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def validate(self) -> "TrainConfig":
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise UsageError(f"--lr-schedule {self.lr_schedule!r}: use cosine or constant.")
         if self.loss not in LOSSES:
             raise UsageError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
         for name in ("epochs", "static_bank", "refresh_every", "online_hard", "neg_per_query", "bank_k",
@@ -135,7 +141,7 @@ class Trainer:
             self.eval_gallery, self.eval_triplets = ew.load(cfg.eval_split)
             train_idx = np.arange(len(triplets))
         else:
-            train_idx, dev_idx = dev_split(len(triplets), cfg.dev_fraction, cfg.seed)
+            train_idx, dev_idx = dev_split(len(triplets), cfg.dev_fraction, cfg.dev_seed)
             if dev_idx.size == 0:
                 raise UsageError("--dev-fraction gives no evaluation queries; raise it or pass --eval-work.")
             self.eval_gallery, self.eval_triplets = self.gallery, triplets.subset(dev_idx)
@@ -213,7 +219,9 @@ class Trainer:
         if self.bank is not None and not bank_stage:
             mix, share = self._mix_and_share(epoch)
             negs = sample_negatives(self.bank, cfg.neg_per_query, rng, mix, share)
-        perm = rng.permutation(len(q))
+        perm = self._batch_order(rng)
+        n_steps = sum(1 for s in range(0, len(perm), cfg.batch_size) if len(perm) - s >= 2)
+        stage_start, stage_len = (cfg.epochs, cfg.static_bank) if bank_stage else (0, cfg.epochs)
         self.model.train()
         total, steps = 0.0, 0
         G, K = self.gallery_t, self.keys_t
@@ -221,6 +229,7 @@ class Trainer:
             b = perm[s:s + cfg.batch_size]
             if b.size < 2:
                 continue
+            self._set_lr((epoch - stage_start + steps / n_steps) / max(stage_len, 1))
             ref = G[torch.from_numpy(q.ref_rows[b])]
             txt = torch.from_numpy(q.text_emb[b])
             trow = torch.from_numpy(q.target_rows[b])
@@ -240,6 +249,26 @@ class Trainer:
             total += float(loss.detach())
             steps += 1
         return total / max(steps, 1)
+
+    def _batch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """Query order for one epoch: a permutation, or (category_batches) category-pure batches."""
+        perm = rng.permutation(len(self.queries))
+        if not self.cfg.category_batches:
+            return perm
+        bs = self.cfg.batch_size
+        batches = []
+        for cat in sorted(set(self.queries.categories.tolist())):
+            idx = perm[self.queries.categories[perm] == cat]
+            batches += [idx[s:s + bs] for s in range(0, len(idx), bs)]
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+
+    def _set_lr(self, progress: float) -> None:
+        """Learning rate at ``progress`` in [0, 1) of the current stage (a function of the step only)."""
+        lr = self.cfg.lr
+        if self.cfg.lr_schedule == "cosine":
+            lr *= 0.5 * (1.0 + np.cos(np.pi * min(max(progress, 0.0), 1.0)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def _loss(self, out, tgt, tkeys, pkeys, neg_rows: Optional[np.ndarray]) -> torch.Tensor:
         cfg = self.cfg
@@ -393,12 +422,3 @@ def resume_config(run_dir: str | Path) -> TrainConfig:
     cfg = TrainConfig.from_dict(state["train_config"])
     cfg.out = str(run_dir)
     return cfg
-
-
-def load_query_encoder(ckpt_path: str | Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """A trained run's query encoder: f(ref_emb float32[m,d], text_emb float32[m,d]) -> float32[m,d]."""
-    state = ck.load_checkpoint(ckpt_path)
-    model = build_model(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
-    model.eval()
-    return lambda ref_emb, text_emb: encode_queries(model, ref_emb, text_emb)

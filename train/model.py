@@ -124,8 +124,8 @@ def encode_queries(model: nn.Module, ref_emb, text_emb, batch_size: int = 4096):
     model.eval()
     out = np.empty_like(np.asarray(ref_emb, dtype=np.float32))
     for s in range(0, out.shape[0], batch_size):
-        r = torch.from_numpy(np.ascontiguousarray(ref_emb[s:s + batch_size], dtype=np.float32))
-        t = torch.from_numpy(np.ascontiguousarray(text_emb[s:s + batch_size], dtype=np.float32))
+        r = torch.from_numpy(np.array(ref_emb[s:s + batch_size], dtype=np.float32))
+        t = torch.from_numpy(np.array(text_emb[s:s + batch_size], dtype=np.float32))
         out[s:s + batch_size] = model(r, t).numpy()
     model.train(was_training)
     return out
