@@ -225,6 +225,7 @@ def train(
     neg_share: float = typer.Option(1.0, "--neg-share", help="Share of queries per batch that get mined negatives."),
     share_warmup: int = typer.Option(0, "--share-warmup", help="Epochs over which --neg-share ramps up from 0."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help='Mix per epoch, e.g. "0:random,2:midzone,4:hardest".'),
+    category_batches: bool = typer.Option(False, "--category-batches", help="Draw each batch within one category (in-batch negatives of the target's category)."),
     online_hard: int = typer.Option(0, "--online-hard", help="Hardest in-batch non-targets per query fed to a triplet loss."),
     static_bank: int = typer.Option(0, "--static-bank", help="Extra epochs of the SPN static-bank stage (whole gallery as negatives)."),
     bank_k: int = typer.Option(0, "--bank-k", help="Static bank: gallery negatives sampled per step (0 = all)."),
@@ -252,7 +253,7 @@ def train(
             dev_fraction=dev_fraction, dev_seed=dev_seed, epochs=epochs, batch_size=batch_size, seed=seed, model=model,
             width=width, dropout=dropout, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, temperature=temperature,
             loss=loss, margin=margin, triplet_weight=triplet_weight, neg_per_query=neg_per_query,
-            neg_share=neg_share, share_warmup=share_warmup, schedule=schedule, online_hard=online_hard,
+            neg_share=neg_share, share_warmup=share_warmup, schedule=schedule, category_batches=category_batches, online_hard=online_hard,
             static_bank=static_bank, bank_k=bank_k, refresh_every=refresh_every,
             exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads)
     remine = _miner_remine(cfg) if cfg.validate().refresh_every else None

@@ -113,6 +113,16 @@ def test_sample_negatives_follows_mix_and_share():
     assert set(sample_negatives(bank, 4, rng)[0]) == {1, 2, 3, 4}
 
 
+def test_category_batches_are_pure(synth_work, tmp_path):
+    from train.loop import Trainer
+
+    t = Trainer(cfg(synth_work, tmp_path / "c", category_batches=True, batch_size=50))
+    batches = t._batches(np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(t.queries)))
+    assert all(len(set(t.queries.categories[b].tolist())) == 1 for b in batches)
+    assert all(len(b) <= 50 for b in batches) and sum(len(b) < 50 for b in batches) <= 3
+
+
 def test_schedule_and_dev_split():
     c = Curriculum.parse("0:random,2:midzone=3+random=1,4:hardest")
     assert c.mix_at(1) == {"random": 1.0} and c.mix_at(3) == {"midzone": 0.75, "random": 0.25}

@@ -219,16 +219,13 @@ class Trainer:
         if self.bank is not None and not bank_stage:
             mix, share = self._mix_and_share(epoch)
             negs = sample_negatives(self.bank, cfg.neg_per_query, rng, mix, share)
-        perm = self._batch_order(rng)
-        n_steps = sum(1 for s in range(0, len(perm), cfg.batch_size) if len(perm) - s >= 2)
+        batches = [b for b in self._batches(rng) if b.size >= 2]
+        n_steps = len(batches)
         stage_start, stage_len = (cfg.epochs, cfg.static_bank) if bank_stage else (0, cfg.epochs)
         self.model.train()
         total, steps = 0.0, 0
         G, K = self.gallery_t, self.keys_t
-        for s in range(0, len(perm), cfg.batch_size):
-            b = perm[s:s + cfg.batch_size]
-            if b.size < 2:
-                continue
+        for b in batches:
             self._set_lr((epoch - stage_start + steps / n_steps) / max(stage_len, 1))
             ref = G[torch.from_numpy(q.ref_rows[b])]
             txt = torch.from_numpy(q.text_emb[b])
@@ -250,17 +247,17 @@ class Trainer:
             steps += 1
         return total / max(steps, 1)
 
-    def _batch_order(self, rng: np.random.Generator) -> np.ndarray:
-        """Query order for one epoch: a permutation, or (category_batches) category-pure batches."""
+    def _batches(self, rng: np.random.Generator) -> list:
+        """One epoch's batches (int64 query indices): a shuffled split, or (category_batches)
+        batches within one category, in shuffled order."""
         perm = rng.permutation(len(self.queries))
-        if not self.cfg.category_batches:
-            return perm
         bs = self.cfg.batch_size
-        batches = []
-        for cat in sorted(set(self.queries.categories.tolist())):
-            idx = perm[self.queries.categories[perm] == cat]
-            batches += [idx[s:s + bs] for s in range(0, len(idx), bs)]
-        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+        groups = [perm]
+        if self.cfg.category_batches:
+            cats = self.queries.categories[perm]
+            groups = [perm[cats == c] for c in sorted(set(cats.tolist()))]
+        batches = [g[s:s + bs] for g in groups for s in range(0, len(g), bs)]
+        return batches if not self.cfg.category_batches else [batches[i] for i in rng.permutation(len(batches))]
 
     def _set_lr(self, progress: float) -> None:
         """Learning rate at ``progress`` in [0, 1) of the current stage (a function of the step only)."""
