@@ -173,6 +173,23 @@ def check(
 
 
 # ------------------------------------------------------------------------------------------------
+# issue 4 (attributes): cir-mine attributes
+
+
+@mine_app.command()
+@cli_errors
+def attributes(
+    texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
+    vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/resources/vocabulary.json)."),
+):
+    """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
+    from miner.attributes import extract_many, load_vocabulary
+
+    for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
+        typer.echo(f"{text}\t{' '.join(req.as_strings()) or '(none)'}")
+
+
+# ------------------------------------------------------------------------------------------------
 # cir-mine demo
 
 
@@ -188,6 +205,113 @@ def demo(
     work = out / "work"
     m = generate(SynthConfig(n_gallery=20000, n_triplets=5000, dim=128, seed=0), work)
     typer.echo(f"[1/1] synthetic world -> {work}: {m['counts']} (d={m['dim']})")
+
+
+# ------------------------------------------------------------------------------------------------
+# cir-mine negatives (issue 4: mining core)
+
+GUARD_SWITCHES = ("target", "reference", "extra-positive", "near-duplicate", "cap", "trust-verified")
+
+
+def _floats(spec: str, what: str) -> tuple:
+    from data.errors import UsageError
+
+    try:
+        return tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        raise UsageError(f"{what} {spec!r}: use comma-separated numbers, e.g. 0.7,0.2,0.1.") from None
+
+
+def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
+    from data.errors import UsageError
+
+    try:
+        from train.checkpoint import encode_queries
+    except ImportError:
+        raise UsageError(f"--checkpoint {checkpoint}: needs cir-train (train.checkpoint.encode_queries), "
+                         f"which is not installed in this version. Use --query zero-shot.") from None
+    return encode_queries(checkpoint, work, split)
+
+
+@mine_app.command()
+@cli_errors
+def negatives(
+    work: Path = WORK,
+    split: str = SPLIT,
+    out: Path = typer.Option(..., "--out", "-o", help="Negatives table to write (Parquet, see docs/formats.md)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="One strategy: random, in-batch, hardest, semihard, midzone, category, category-discrepant, attribute-mismatch, soft, semantic, verified."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="A mix, e.g. midzone:0.6,category:0.3,random:0.1 (k split by shares)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for cir-train; mines the mix at --round)."),
+    k: int = typer.Option(10, "-k", "--k", help="Negatives per query."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same table)."),
+    round_: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
+    query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
+    text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Search depth per query (default max(4k, range-max, 128))."),
+    query_batch: int = typer.Option(4096, "--query-batch", help="Queries per search batch (bounds memory)."),
+    range_min: int = typer.Option(0, "--range-min", help="hardest: first rank of the window (0-based)."),
+    range_max: Optional[int] = typer.Option(None, "--range-max", help="hardest: end of the rank window (exclusive)."),
+    margin: float = typer.Option(0.1, "--margin", help="semihard: 0 < delta < margin."),
+    delta_lo: float = typer.Option(0.02, "--delta-lo", help="midzone: lowest delta = s(q,t) - s(q,c)."),
+    delta_hi: float = typer.Option(0.2, "--delta-hi", help="midzone: highest delta."),
+    category_shares: str = typer.Option("0.7,0.2,0.1", "--category-shares", help="category: same-cat,other-cat,random shares."),
+    attr_agree: float = typer.Option(1.0, "--attr-agree", help="attribute-mismatch: share of non-requested groups equal to the target's."),
+    soft_lo: float = typer.Option(0.0, "--soft-lo", help="soft: attribute overlap with the target above this."),
+    soft_hi: float = typer.Option(1.0, "--soft-hi", help="soft: attribute overlap with the target below this."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Selection order for ranked strategies: top or random."),
+    dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Guard: drop near-duplicates of the target, s(c,t) >= this."),
+    rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
+    no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
+    device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+):
+    """Mine negatives for every query of a split into one Parquet table."""
+    from data.errors import UsageError
+    from data.workspace import Workspace
+    from miner.mine import MineConfig, mine_to_file
+
+    setup_logging(verbose)
+    bad = [g for g in no_guard if g not in GUARD_SWITCHES]
+    if bad:
+        raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
+    if checkpoint is not None:
+        query = "checkpoint"
+    cfg = MineConfig(
+        strategy=strategy, mix=mix, schedule=schedule, k=k, seed=seed, query=query, text_weight=text_weight,
+        candidates=candidates, query_batch=query_batch, range_min=range_min, range_max=range_max,
+        margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
+        category_shares=_floats(category_shares, "--category-shares"), attr_agree=attr_agree,
+        soft_lo=soft_lo, soft_hi=soft_hi, sample=sample,
+        exclude_target="target" not in no_guard, exclude_reference="reference" not in no_guard,
+        exclude_extra_positives="extra-positive" not in no_guard,
+        dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
+        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard, device=device,
+    )
+    cfg.validate(round_)
+    if cfg.query == "checkpoint" and checkpoint is None:
+        raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
+    ws = Workspace(work).require()
+    query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
+    n = len(ws.triplets(split, check_norm=False)) if ws.triplets_path(split).exists() else None
+    with progress_bar("negatives", n, quiet, unit="queries") as advance:
+        res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
+    typer.echo(negatives_summary(out, res.meta))
+
+
+def negatives_summary(out: Path, meta: dict) -> str:
+    parts = ",".join(f"{p['strategy']}:{p['k']}" for p in meta["parts"])
+    sf = meta["shortfall"]
+    guards = ", ".join(f"{g} {v['removed']}" for g, v in meta["guards"].items())
+    lines = [f"wrote {out}: {meta['n_rows']} rows for {meta['n_queries']} queries (k={meta['k']}: {parts}; "
+             f"bank {meta['bank']}; {meta['timing']['total_s']:.1f}s)",
+             f"shortfall: {sf['count']} queries got fewer than {meta['k_mined']} negatives ({sf['missing']} missing)"
+             + (f", e.g. {', '.join(sf['query_ids'][:5])}" if sf["count"] else ""),
+             f"guards removed: {guards}"]
+    if sf["count"]:
+        lines.append("to loosen: " + "; ".join(sf["hints"]))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""False-negative guards: masks on a query x candidate matrix, each returning (mask, n_removed).
+
+Every mask is True where the guard *drops* a candidate. Inputs are [b, L] matrices of gallery
+rows (int64, -1 = no candidate) mapped to product codes (one code per image id, so an id listed
+under two categories is one product), s(q, c) scores and s(c, t) similarities. ``n_removed`` is
+int64[b], the per-query count of candidates the guard flags. :func:`apply_guards` runs them in
+order and counts, per guard, the candidates it removed that no earlier guard had.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .scores import cap_mask
+
+GUARDS = ("target", "reference", "extra_positive", "cap", "near_duplicate", "duplicate_product")
+
+
+def _counted(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return mask, mask.sum(axis=1, dtype=np.int64)
+
+
+def member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """bool mask of ``keys`` (any shape, int64) found in ``sorted_keys`` (int64[n], ascending)."""
+    if sorted_keys.size == 0:
+        return np.zeros(keys.shape, dtype=bool)
+    idx = np.searchsorted(sorted_keys, keys)
+    return sorted_keys[np.minimum(idx, sorted_keys.size - 1)] == keys
+
+
+def pair_keys(q: np.ndarray, products: np.ndarray, n_products: int) -> np.ndarray:
+    """int64 keys of (query index, product) pairs: q * n_products + product (q: int64[b] or [b, 1])."""
+    q = np.asarray(q, dtype=np.int64)
+    return (q.reshape(-1, 1) if q.ndim == 1 else q) * np.int64(n_products) + products
+
+
+def target_guard(cand_prod: np.ndarray, target_prod: np.ndarray):
+    """Never the target (compared by product: the same id under another category is the target too)."""
+    return _counted(cand_prod == target_prod[:, None])
+
+
+def reference_guard(cand_prod: np.ndarray, ref_prod: np.ndarray):
+    """Never the reference image."""
+    return _counted(cand_prod == ref_prod[:, None])
+
+
+def extra_positive_guard(cand_prod: np.ndarray, q: np.ndarray, extra_keys: np.ndarray, n_products: int):
+    """Never an extra positive (CIRR target_soft >= 0.5, synthetic exact twins).
+
+    ``extra_keys``: sorted int64 pair keys (see :func:`pair_keys`) of every query's extra positives."""
+    return _counted(member(pair_keys(q, cand_prod, n_products), extra_keys))
+
+
+def near_duplicate_guard(sim_target: np.ndarray, threshold: float | None):
+    """Never a near-duplicate of the target: s(c, t) >= threshold (None disables)."""
+    if threshold is None:
+        return _counted(np.zeros(sim_target.shape, dtype=bool))
+    return _counted(sim_target >= threshold)
+
+
+def cap_guard(scores: np.ndarray, target_score: np.ndarray, rho: float | None):
+    """Positive-aware cap (TopK-PercPos), sign-safe: drop s(q, c) > s(q,t) − (1−ρ)|s(q,t)| (None disables)."""
+    if rho is None:
+        return _counted(np.zeros(scores.shape, dtype=bool))
+    return _counted(cap_mask(scores, target_score, rho))
+
+
+def duplicate_product_guard(cand_prod: np.ndarray, valid: np.ndarray):
+    """Keep only the first valid occurrence of a product in each row (an id in two categories,
+    or a random draw that repeats): the later ones are dropped."""
+    b, L = cand_prod.shape
+    if L < 2:
+        return _counted(np.zeros((b, L), dtype=bool))
+    big = np.iinfo(np.int64).max
+    key = np.where(valid, cand_prod, big)
+    order = np.argsort(key, axis=1, kind="stable")            # equal products keep column order
+    sk = np.take_along_axis(key, order, axis=1)
+    dup_sorted = np.zeros((b, L), dtype=bool)
+    dup_sorted[:, 1:] = (sk[:, 1:] == sk[:, :-1]) & (sk[:, 1:] != big)
+    dup = np.zeros((b, L), dtype=bool)
+    np.put_along_axis(dup, order, dup_sorted, axis=1)
+    return _counted(dup)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    exclude_target: bool = True           # never the target
+    exclude_reference: bool = True        # never the reference
+    exclude_extra_positives: bool = True  # never an extra positive
+    dup_threshold: float | None = 0.98    # drop s(c, t) >= this (None: off)
+    rho: float | None = 0.95              # positive-aware cap (None: off)
+    trust_verified: bool = True           # annotator-verified negatives skip the cap and near-dup guards
+
+
+def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, target_prod, ref_prod, q,
+                 extra_keys, verified_keys, n_products, cfg: GuardConfig):
+    """All guards on one candidate matrix, in order: target, reference, extra positive, cap,
+    near-duplicate, duplicate product. Returns (valid bool[b, L], {guard: int64[b]}), where each
+    count is the candidates that guard removed and no earlier guard had.
+
+    ``cand_rows`` < 0 marks empty slots (never valid, never counted). ``sim_target_fn(mask)`` returns
+    s(c, t) as float32[b, L], needed only where ``mask`` is True (the survivors of the cheaper guards),
+    so the near-duplicate check gathers embeddings for those alone."""
+    drop = cand_rows < 0
+    counts = {}
+    verified = (member(pair_keys(q, cand_prod, n_products), verified_keys)
+                if cfg.trust_verified and verified_keys.size else None)
+
+    def apply(name, mask, exempt_verified=False):
+        nonlocal drop
+        if exempt_verified and verified is not None:
+            mask = mask & ~verified
+        new = mask & ~drop
+        counts[name] = new.sum(axis=1, dtype=np.int64)
+        drop = drop | new
+
+    zeros = lambda: np.zeros(cand_rows.shape, dtype=bool)
+    apply("target", target_guard(cand_prod, target_prod)[0] if cfg.exclude_target else zeros())
+    apply("reference", reference_guard(cand_prod, ref_prod)[0] if cfg.exclude_reference else zeros())
+    apply("extra_positive", extra_positive_guard(cand_prod, q, extra_keys, n_products)[0]
+          if cfg.exclude_extra_positives else zeros())
+    apply("cap", cap_guard(scores, target_score, cfg.rho)[0], exempt_verified=True)
+    if cfg.dup_threshold is not None:
+        apply("near_duplicate", near_duplicate_guard(sim_target_fn(~drop), cfg.dup_threshold)[0],
+              exempt_verified=True)
+    else:
+        counts["near_duplicate"] = np.zeros(cand_rows.shape[0], np.int64)
+    dup, counts["duplicate_product"] = duplicate_product_guard(cand_prod, ~drop)
+    return ~(drop | dup), counts

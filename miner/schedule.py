@@ -1,0 +1,46 @@
+"""Curricula: which mix of strategies to mine with at each epoch (or refresh round).
+
+Spec: ``"0:random,2:midzone,4:hardest"`` (epoch:strategy entries separated by commas) or, when an
+entry is itself a mix, entries separated by ``;``: ``"0:random;2:midzone:0.7,random:0.3"``.
+The parsed schedule is stored in the negatives table's metadata; cir-train reads it with
+:func:`mix_at` to know which mix a refresh at a given epoch should mine.
+"""
+from __future__ import annotations
+
+from data.errors import UsageError
+
+from .strategies import parse_mix
+
+
+def parse_schedule(spec: str) -> list[dict]:
+    """-> [{"from_epoch": int, "mix": [[name, share], ...]}] sorted by epoch, starting at 0."""
+    text = str(spec).strip()
+    entries = [e.strip() for e in (text.split(";") if ";" in text else text.split(",")) if e.strip()]
+    out = []
+    for e in entries:
+        epoch, sep, mix = e.partition(":")
+        try:
+            ep = int(epoch)
+        except ValueError:
+            raise UsageError(f"bad --schedule entry {e!r}: use EPOCH:MIX, e.g. 0:random,2:midzone,4:hardest.") from None
+        if not sep or ep < 0:
+            raise UsageError(f"bad --schedule entry {e!r}: use EPOCH:MIX with EPOCH >= 0.")
+        out.append({"from_epoch": ep, "mix": [[n, w] for n, w in parse_mix(mix)]})
+    if not out:
+        raise UsageError("empty --schedule: use e.g. 0:random,2:midzone,4:hardest.")
+    out.sort(key=lambda d: d["from_epoch"])
+    epochs = [d["from_epoch"] for d in out]
+    if len(set(epochs)) != len(epochs):
+        raise UsageError(f"--schedule {spec!r} names an epoch twice.")
+    if epochs[0] != 0:
+        raise UsageError(f"--schedule {spec!r} must start at epoch 0.")
+    return out
+
+
+def mix_at(schedule: list[dict], epoch: int) -> list[tuple[str, float]]:
+    """The mix in force at ``epoch``: the last entry with from_epoch <= epoch."""
+    current = schedule[0]
+    for entry in schedule:
+        if entry["from_epoch"] <= epoch:
+            current = entry
+    return [(n, float(w)) for n, w in current["mix"]]

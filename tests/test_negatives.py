@@ -1,0 +1,306 @@
+"""The mining core: each strategy's defining property on the synthetic world, determinism,
+batch-size independence, shortfall accounting, mixes and schedules."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data.errors import UsageError
+from data.workspace import Workspace
+from miner import attributes as A
+from miner.mine import MineConfig, mine_negatives, mine_to_file
+from miner.schedule import mix_at, parse_schedule
+from miner.scores import cap_mask, cap_threshold, delta, zero_shot_queries
+from miner.strategies import REGISTRY, parse_mix, split_k
+from miner.tables import read_negatives
+from tests.negatives_helpers import by_query
+
+
+@pytest.fixture(scope="module")
+def world(synth_work):
+    ws = Workspace(synth_work)
+    g, t = ws.load("train")
+    info = {
+        "ws": ws, "g": g, "t": t,
+        "attrs": dict(zip(g.image_ids.tolist(), g.attributes)),
+        "cat": dict(zip(g.image_ids.tolist(), g.categories.tolist())),
+        "emb": dict(zip(g.image_ids.tolist(), g.embeddings)),
+        "req": {q: A.extract(" and ".join(c)) for q, c in zip(t.query_ids.tolist(), t.captions)},
+    }
+    return info
+
+
+def mine(world, **kw):
+    kw.setdefault("k", 10)
+    kw.setdefault("candidates", 300)
+    return mine_negatives(world["ws"], "train", MineConfig(**kw))
+
+
+# -- scores ----------------------------------------------------------------------------------------
+
+
+def test_zero_shot_and_delta():
+    ref = np.array([[1, 0, 0]], np.float32)
+    text = np.array([[0, 1, 0]], np.float32)
+    q = zero_shot_queries(ref, text, 1.0)
+    assert np.allclose(q, [[2 ** -0.5, 2 ** -0.5, 0]])
+    assert np.allclose(zero_shot_queries(ref, text, 0.0), ref)
+    assert np.allclose(delta(np.array([0.5], np.float32), np.array([[0.2, 0.7]], np.float32)), [[0.3, -0.2]])
+
+
+def test_cap_is_sign_safe():
+    ts = np.array([0.5, -0.5], np.float32)
+    assert np.allclose(cap_threshold(ts, 0.9), [0.45, -0.55])
+    scores = np.array([[0.46, 0.44], [-0.52, -0.56]], np.float32)
+    # naive rho * s(q,t) = -0.45 for the negative target score would keep -0.52 > s(q,t)... wrongly:
+    assert cap_mask(scores, ts, 0.9).tolist() == [[True, False], [True, False]]
+    # never keeps a candidate scoring above the target, whatever the sign
+    rng = np.random.default_rng(0)
+    t = rng.uniform(-1, 1, 200).astype(np.float32)
+    s = rng.uniform(-1, 1, (200, 50)).astype(np.float32)
+    kept = ~cap_mask(s, t, 0.95)
+    assert (s[kept] <= np.repeat(t[:, None], 50, 1)[kept]).all()
+
+
+# -- strategies --------------------------------------------------------------------------------
+
+
+def no_guard_violation(world, table, cfg: MineConfig):
+    t = world["t"]
+    extra = dict(zip(t.query_ids.tolist(), t.extra_positive_ids))
+    for r in table.to_pylist():
+        assert r["neg_id"] not in (r["target_id"], r["ref_id"])
+        assert r["neg_id"] not in extra[r["query_id"]]
+        s_ct = float(world["emb"][r["neg_id"]] @ world["emb"][r["target_id"]])
+        assert s_ct < cfg.dup_threshold
+        ts = r["target_score"]
+        assert r["score"] <= ts - (1 - cfg.rho) * abs(ts) + 1e-6
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY if n not in ("in-batch", "verified")])
+def test_every_strategy_respects_guards_and_k(world, name):
+    res = mine(world, strategy=name)
+    tb = res.table
+    no_guard_violation(world, tb, MineConfig())
+    groups = by_query(tb)
+    assert all(len(v) <= 10 for v in groups.values())
+    assert all(len({r["neg_id"] for r in v}) == len(v) for v in groups.values())
+    assert set(tb.column("strategy").to_pylist()) <= {name}
+    short = {q for q in world["t"].query_ids.tolist() if len(groups.get(q, [])) < 10}
+    assert set(res.shortfall) == short and res.meta["shortfall"]["count"] == len(short)
+    assert np.allclose(tb["delta"].to_numpy(), tb["target_score"].to_numpy() - tb["score"].to_numpy(), atol=1e-6)
+
+
+def test_midzone_in_window_and_sampled_not_top(world):
+    lo, hi = 0.0, 0.25
+    rnd = mine(world, strategy="midzone", delta_lo=lo, delta_hi=hi, rho=None)
+    d = rnd.table["delta"].to_numpy()
+    assert rnd.table.num_rows > 1000 and d.min() >= lo - 1e-6 and d.max() <= hi + 1e-6
+    top = mine(world, strategy="midzone", delta_lo=lo, delta_hi=hi, rho=None, sample="top")
+    assert top.table["delta"].to_numpy().min() >= lo - 1e-6
+    # uniform within the zone: ranks differ from the top-of-zone picks, and reach deeper
+    assert rnd.table["rank"].to_numpy().mean() > top.table["rank"].to_numpy().mean()
+
+
+def test_semihard_window(world):
+    res = mine(world, strategy="semihard", margin=0.05, rho=None)
+    d = res.table["delta"].to_numpy()
+    assert res.table.num_rows > 500 and (d > 0).all() and (d < 0.05).all()
+
+
+def test_hardest_rank_window_and_order(world):
+    res = mine(world, strategy="hardest", range_min=5, range_max=40, rho=None)
+    ranks = res.table["rank"].to_numpy()
+    assert ranks.min() >= 5 and ranks.max() < 40
+    for rows in by_query(res.table).values():
+        rk = [r["rank"] for r in rows]
+        assert rk == sorted(rk)
+    # the hardest are taken first: with guards off, a query gets exactly ranks 5..14
+    res = mine(world, strategy="hardest", range_min=5, range_max=40, rho=None, dup_threshold=None,
+               exclude_target=False, exclude_reference=False, exclude_extra_positives=False)
+    first = by_query(res.table)[world["t"].query_ids[0]]
+    assert [r["rank"] for r in first] == list(range(5, 15))
+
+
+def test_category_shares(world):
+    res = mine(world, strategy="category", category_shares=(0.7, 0.2, 0.1))
+    assert res.meta["shortfall"]["count"] <= 5
+    for rows in by_query(res.table).values():
+        if len(rows) < 10:
+            continue
+        same = sum(r["category_match"] for r in rows)
+        assert 7 <= same <= 8, same                    # 7 same-category + the random one may match
+        assert (rows[0]["rank"], rows[-1]["rank"]) == (-1, -1)
+    res = mine(world, strategy="category", category_shares=(0.0, 1.0, 0.0))
+    assert not any(res.table["category_match"].to_pylist())
+
+
+def _status(world, neg, qid):
+    return A.requested_status(world["attrs"][neg], world["req"][qid])
+
+
+def test_category_discrepant(world):
+    res = mine(world, strategy="category-discrepant")
+    assert res.table.num_rows > 500
+    for qid, rows in by_query(res.table).items():
+        for r in rows:
+            assert False in _status(world, r["neg_id"], qid).values()
+        t = world["emb"][rows[0]["target_id"]]
+        sims = [float(world["emb"][r["neg_id"]] @ t) for r in rows]
+        assert sims == sorted(sims, reverse=True)      # nearest to the target first
+
+
+def test_attribute_mismatch_differs_exactly_in_requested_group(world):
+    res = mine(world, strategy="attribute-mismatch", candidates=1000)
+    assert res.table.num_rows > 100
+    for r in res.table.to_pylist():
+        req = world["req"][r["query_id"]]
+        gn, gt = A.group_values(world["attrs"][r["neg_id"]]), A.group_values(world["attrs"][r["target_id"]])
+        differ = {g for g in set(gn) | set(gt) if gn.get(g) != gt.get(g)}
+        assert differ and differ <= set(req.groups), (differ, req.groups)
+        assert False in _status(world, r["neg_id"], r["query_id"]).values()
+
+
+def test_soft_partial_overlap(world):
+    res = mine(world, strategy="soft", soft_lo=0.2, soft_hi=0.8)
+    assert res.table.num_rows > 500
+    for r in res.table.to_pylist():
+        ov = A.attr_overlap(world["attrs"][r["neg_id"]], world["attrs"][r["target_id"]])
+        assert 0.2 < ov < 0.8 and abs(ov - r["attr_overlap"]) < 1e-6
+
+
+def test_semantic_does_not_satisfy_request(world):
+    res = mine(world, strategy="semantic")
+    assert res.table.num_rows > 500
+    for r in res.table.to_pylist():
+        st = _status(world, r["neg_id"], r["query_id"])
+        assert True not in st.values() and False in st.values()
+
+
+def test_random_uniform_and_unranked(world):
+    res = mine(world, strategy="random", k=20)
+    assert res.meta["depth"] == 0 and set(res.table["rank"].to_pylist()) == {-1}
+    counts = np.bincount(np.unique(res.table["neg_id"].to_numpy(), return_inverse=True)[1])
+    assert len(counts) > 2500                          # 12000 draws over a 3000-image gallery
+
+
+def test_in_batch_is_trainer_side(world):
+    res = mine(world, strategy="in-batch")
+    assert res.table.num_rows == 0 and res.meta["bank"] == "in-batch" and res.meta["shortfall"]["count"] == 0
+    res = mine(world, mix="midzone:0.5,in-batch:0.5")
+    assert res.meta["bank"] == "mined+in-batch" and res.meta["k_mined"] == 5
+
+
+# -- mixes, schedules, determinism ----------------------------------------------------------------
+
+
+def test_split_k_and_parse_mix():
+    assert split_k(10, [0.6, 0.3, 0.1]) == [6, 3, 1]
+    assert split_k(7, [0.5, 0.5]) == [4, 3]
+    assert split_k(3, [1 / 3] * 3) == [1, 1, 1]
+    for k in range(1, 40):
+        assert sum(split_k(k, [0.55, 0.25, 0.2])) == k
+    assert parse_mix("midzone:3,random:1") == [("midzone", 0.75), ("random", 0.25)]
+    with pytest.raises(UsageError, match="unknown strategy 'nope'"):
+        parse_mix("nope:1")
+    with pytest.raises(UsageError, match="appears twice"):
+        parse_mix("random:1,random:2")
+
+
+def test_mix_parts_no_duplicates(world):
+    res = mine(world, mix="midzone:0.6,category:0.3,random:0.1", rho=None, delta_lo=0.0, delta_hi=0.3)
+    assert [p["k"] for p in res.meta["parts"]] == [6, 3, 1]
+    for rows in by_query(res.table).values():
+        names = [r["strategy"] for r in rows]
+        assert names == sorted(names, key=["midzone", "category", "random"].index)
+        assert names.count("midzone") <= 6 and names.count("category") <= 3 and names.count("random") <= 1
+        assert len({r["neg_id"] for r in rows}) == len(rows)
+
+
+def test_schedule():
+    s = parse_schedule("0:random,2:midzone,4:hardest")
+    assert [e["from_epoch"] for e in s] == [0, 2, 4]
+    assert mix_at(s, 0) == [("random", 1.0)] and mix_at(s, 3) == [("midzone", 1.0)] and mix_at(s, 9)[0][0] == "hardest"
+    s = parse_schedule("0:random;3:midzone:0.7,random:0.3")
+    assert mix_at(s, 5) == [("midzone", 0.7), ("random", 0.3)]
+    with pytest.raises(UsageError, match="must start at epoch 0"):
+        parse_schedule("1:random")
+    with pytest.raises(UsageError, match="bad --schedule entry 'x:random'"):
+        parse_schedule("x:random")
+
+
+def test_schedule_mines_the_round_and_is_stored(world):
+    res = mine(world, schedule="0:random,2:midzone", k=5)
+    assert set(res.table["strategy"].to_pylist()) == {"random"}
+    res = mine(world, schedule="0:random,2:midzone", k=5, rho=None)
+    res2 = mine_negatives(world["ws"], "train", MineConfig(schedule="0:random,2:midzone", k=5, rho=None), round=2)
+    assert set(res2.table["strategy"].to_pylist()) == {"midzone"} and set(res2.table["round"].to_pylist()) == {2}
+    assert res2.meta["schedule"][1] == {"from_epoch": 2, "mix": [["midzone", 1.0]]}
+
+
+@pytest.mark.parametrize("spec", ["midzone", "random", "category", "semihard", "midzone:0.5,category:0.3,random:0.2"])
+def test_batched_equals_unbatched_and_seeded(world, spec):
+    kw = dict(mix=spec, rho=None, delta_lo=0.0, delta_hi=0.3, seed=3)
+    a = mine(world, query_batch=4096, **kw).table
+    b = mine(world, query_batch=37, **kw).table
+    assert a.equals(b)
+    assert mine(world, query_batch=100, **kw).table.equals(a)
+    c = mine(world, **{**kw, "seed": 4}).table
+    if spec != "semihard":
+        assert not c.drop(["seed"]).equals(a.drop(["seed"]))
+
+
+def test_query_emb_equals_zero_shot(world):
+    from miner.scores import zero_shot_queries
+
+    g, t = world["g"], world["t"]
+    q = zero_shot_queries(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], t.text_embeddings)
+    a = mine(world, strategy="midzone").table
+    b = mine_negatives(world["ws"], "train", MineConfig(strategy="midzone", k=10, candidates=300), query_emb=q)
+    assert b.table.equals(a) and b.meta["query_source"] == "provided"
+    with pytest.raises(UsageError, match="query embeddings have shape"):
+        mine_negatives(world["ws"], "train", MineConfig(strategy="midzone"), query_emb=q[:5])
+    with pytest.raises(UsageError, match="--query checkpoint needs query embeddings"):
+        mine_negatives(world["ws"], "train", MineConfig(strategy="midzone", query="checkpoint"))
+
+
+def test_config_roundtrip_and_remine_from_footer(world, tmp_path):
+    cfg = MineConfig(mix="midzone:0.7,random:0.3", k=6, seed=11, rho=0.9, category_shares=(0.5, 0.3, 0.2))
+    assert MineConfig.from_dict(cfg.to_dict()) == cfg
+    out = tmp_path / "negs.parquet"
+    res = mine_to_file(world["ws"], "train", cfg, out)
+    back = read_negatives(out, world["ws"])
+    assert back.table.equals(res.table)
+    again = mine_negatives(world["ws"], "train", MineConfig.from_dict(back.config))
+    assert again.table.equals(back.table)
+    assert back.meta["manifest_hash"] == world["ws"].manifest_hash() and back.meta["k"] == 6
+    assert set(back.meta["guards"]) >= {"target", "reference", "extra_positive", "near_duplicate", "cap"}
+    with pytest.raises(UsageError, match="unknown mining config key"):
+        MineConfig.from_dict({"nope": 1})
+
+
+def test_shortfall_is_exact(world):
+    res = mine(world, strategy="semihard", margin=0.01, k=10)
+    groups = by_query(res.table)
+    short = [q for q in world["t"].query_ids.tolist() if len(groups.get(q, [])) < 10]
+    assert res.meta["shortfall"]["query_ids"] == short and res.meta["shortfall"]["count"] == len(short) > 0
+    assert res.meta["shortfall"]["missing"] == sum(10 - len(groups.get(q, [])) for q in short)
+    assert res.meta["n_rows"] == res.table.num_rows
+
+
+def test_bad_config():
+    with pytest.raises(UsageError, match="give either --strategy or --mix"):
+        MineConfig(strategy="random", mix="random:1").validate()
+    with pytest.raises(UsageError, match="no strategy"):
+        MineConfig().validate()
+    with pytest.raises(UsageError, match=r"--delta-lo \(0.5\) is above --delta-hi \(0.1\)"):
+        MineConfig(strategy="midzone", delta_lo=0.5, delta_hi=0.1).validate()
+
+
+def test_fiq_proxy_midzone_completes():
+    from tests.conftest import shared_path
+
+    ws = Workspace(shared_path("fiq-proxy"))
+    res = mine_negatives(ws, "train", MineConfig(strategy="midzone", k=5, rho=None, delta_lo=-0.05, delta_hi=0.2))
+    assert res.meta["n_queries"] == 8847 and res.table.num_rows > 10000
+    d = res.table["delta"].to_numpy()
+    assert d.min() >= -0.05 - 1e-6 and d.max() <= 0.2 + 1e-6

@@ -1,0 +1,62 @@
+"""`cir-mine negatives`: runs end to end, summary line, exact error text and exit codes."""
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cli import mine_app
+from data.workspace import Workspace
+from miner.tables import read_negatives
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_negatives_mix_writes_table_and_summary(synth_work, tmp_path):
+    out = tmp_path / "negs.parquet"
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--mix", "midzone:0.6,category:0.3,random:0.1",
+                                 "-k", "10", "--seed", "3", "--out", str(out), "--candidates", "300", "-q"])
+    assert r.exit_code == 0, r.output
+    t = read_negatives(out, Workspace(synth_work))
+    assert f"wrote {out}: {t.table.num_rows} rows for 600 queries (k=10: midzone:6,category:3,random:1; bank mined;" in r.output
+    assert "shortfall: " in r.output and "guards removed: target" in r.output
+    assert t.meta["config"]["seed"] == 3 and t.meta["parts"][0] == {"strategy": "midzone", "share": 0.6, "k": 6}
+    assert not (tmp_path / ".cir-mine.lock").exists()
+
+
+def test_negatives_shortfall_names_the_knob(synth_work, tmp_path):
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "semihard", "--margin", "0.001",
+                                 "-k", "5", "--out", str(tmp_path / "n.parquet"), "--no-guard", "cap"])
+    assert r.exit_code == 0, r.output
+    assert "to loosen: semihard: raise --margin or --candidates" in r.output
+
+
+def test_negatives_errors(synth_work, tmp_path):
+    base = ["negatives", "--work", str(synth_work), "--out", str(tmp_path / "n.parquet")]
+    r = runner.invoke(mine_app, base + ["--strategy", "nope"])
+    assert r.exit_code == 2
+    assert r.output.strip().endswith("Error: unknown strategy 'nope' in 'nope': use one of random, in-batch, hardest, "
+                                     "semihard, midzone, category, category-discrepant, attribute-mismatch, soft, "
+                                     "semantic, verified.")
+    r = runner.invoke(mine_app, base)
+    assert r.exit_code == 2 and "Error: no strategy: pass --strategy NAME, --mix SPEC or --schedule SPEC." in r.output
+    r = runner.invoke(mine_app, base + ["--strategy", "midzone", "--no-guard", "everything"])
+    assert r.exit_code == 2 and "Error: --no-guard 'everything': use one of target, reference" in r.output
+    r = runner.invoke(mine_app, base + ["--strategy", "midzone", "--checkpoint", "run/ckpt.pt"])
+    assert r.exit_code == 2 and ("Error: --checkpoint run/ckpt.pt: needs cir-train" in r.output
+                                 or "run/ckpt.pt" in r.output)
+    r = runner.invoke(mine_app, ["negatives", "--work", str(tmp_path / "none"), "--strategy", "random",
+                                 "--out", str(tmp_path / "n.parquet")])
+    assert r.exit_code == 1 and "workspace directory not found" in r.output
+
+
+def test_negatives_subprocess_schedule(synth_work, tmp_path):
+    out = tmp_path / "s.parquet"
+    r = subprocess.run([sys.executable, "-c", "from cli import mine_main; mine_main()", "negatives", "--work",
+                        str(synth_work), "--schedule", "0:random,2:midzone,4:hardest", "--round", "3", "-k", "4",
+                        "--out", str(out), "--no-guard", "cap"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    t = read_negatives(out)
+    assert set(t.table["strategy"].to_pylist()) == {"midzone"}
+    assert [e["from_epoch"] for e in t.meta["schedule"]] == [0, 2, 4]
