@@ -196,15 +196,29 @@ def attributes(
 @mine_app.command()
 @cli_errors
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace and runs."),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
+    epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
     quiet: bool = QUIET,
 ):
-    """Run the synthetic default through every stage and print what happened."""
-    from data.synthetic import SynthConfig, generate
+    """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
+    # issue 5: the final demo lives in train/demo.py
+    from train.demo import DemoConfig, run_demo
 
-    work = out / "work"
-    m = generate(SynthConfig(n_gallery=20000, n_triplets=5000, dim=128, seed=0), work)
-    typer.echo(f"[1/1] synthetic world -> {work}: {m['counts']} (d={m['dim']})")
+    step = {"n": 0}
+
+    def say(msg: str) -> None:
+        step["n"] += 1
+        typer.echo(f"[{step['n']}] {msg}")
+
+    res = run_demo(out, DemoConfig(epochs=epochs), progress=say)
+    typer.echo("")
+    typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
+    for name, r in res.runs.items():
+        typer.echo(f"{name:<20s} {r['R@10']:7.2f} {r['R@50']:7.2f}")
+    typer.echo("")
+    typer.echo(f"negatives tables: {', '.join(str(p) for p in res.tables.values())}")
+    typer.echo(f"runs (metrics.json, curves.png, ckpt.pt): {out / 'runs'}/")
+    typer.echo(f"done in {res.seconds:.0f}s")
 
 
 # ------------------------------------------------------------------------------------------------

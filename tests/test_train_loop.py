@@ -124,11 +124,15 @@ def test_category_batches_are_pure(synth_work, tmp_path):
 
 
 def test_schedule_and_dev_split():
-    c = Curriculum.parse("0:random,2:midzone=3+random=1,4:hardest")
+    c = Curriculum.parse("0:random;2:midzone:3,random:1;4:hardest")
     assert c.mix_at(1) == {"random": 1.0} and c.mix_at(3) == {"midzone": 0.75, "random": 0.25}
     assert c.mix_at(9) == {"hardest": 1.0}
     with pytest.raises(UsageError, match="must start at epoch 0"):
         Curriculum.parse("1:random")
+    from miner.strategies import parse_mix
+    from train.schedule import mix_spec
+
+    assert dict(parse_mix(mix_spec(c.mix_at(3)))) == c.mix_at(3)
     tr, dev = dev_split(100, 0.2, 3)
     assert len(dev) == 20 and not set(tr) & set(dev)
     assert np.array_equal(dev, dev_split(100, 0.2, 3)[1])

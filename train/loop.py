@@ -148,6 +148,7 @@ class Trainer:
         self.train_idx = train_idx
         self.queries = _subset(self.all_queries, train_idx)
         self.curriculum = Curriculum.parse(cfg.schedule) if cfg.schedule else None
+        self.neg_meta: dict = {}
         mcfg = ModelConfig(kind="sum" if cfg.zero_shot or cfg.epochs == 0 else cfg.model,
                            dim=self.gallery.dim, width=cfg.width, dropout=cfg.dropout)
         self.model_config = mcfg
@@ -170,6 +171,14 @@ class Trainer:
         nt = read_negatives(path, self.ws)
         self.neg_meta = nt.meta
         self.bank = group_negatives(nt.table, self.queries, self.gallery)
+        table_schedule = nt.config.get("schedule")
+        if self.curriculum is None and table_schedule:
+            self.curriculum = Curriculum.parse(table_schedule)   # the schedule the table was mined for
+        if self.curriculum is not None:
+            missing = self.curriculum.strategies() - set(self.bank.strategies)
+            if missing and not self.cfg.refresh_every:
+                log.warning("schedule names %s but %s has no rows of them; those epochs get fewer negatives",
+                            sorted(missing), path)
         log.info("negatives %s: %d slots per query, strategies %s, coverage %.2f",
                  path, self.bank.k, self.bank.strategies, self.bank.coverage())
 

@@ -37,9 +37,10 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
         return state["index"]
 
     def remine(query_emb: np.ndarray, round: int, epoch: int):
-        cfg = MineConfig.from_dict(base)
-        if schedule:
-            cfg = _with_mix(cfg, schedule, epoch)
+        cfg = MineConfig.from_dict({**base, "query": "checkpoint"})
+        sched = schedule or base.get("schedule")
+        if sched:
+            cfg = _with_mix(cfg, sched, epoch)
         res = mine_negatives(ws, split, cfg, query_emb=query_emb, round=round, index=index())
         log.info("re-mined round %d at epoch %d: %d rows", round, epoch, res.table.num_rows)
         return res.table, res.meta
@@ -48,7 +49,9 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
 
 
 def _with_mix(cfg, schedule: str, epoch: int):
-    """The mining config with the mix the schedule names for ``epoch``."""
-    from miner.schedule import parse_schedule
+    """The mining config with the mix the schedule names for ``epoch`` (query embeddings given)."""
+    from dataclasses import replace
 
-    return parse_schedule(schedule).config_at(cfg, epoch)
+    from .schedule import Curriculum, mix_spec
+
+    return replace(cfg, strategy=None, mix=mix_spec(Curriculum.parse(schedule).mix_at(epoch)), schedule=None)
