@@ -24,24 +24,28 @@ from data.workspace import Workspace  # noqa: E402
 from train.loop import TrainConfig, train  # noqa: E402
 
 # The model/optimizer every variant shares (tuned for in-batch on fiq-proxy's dev split).
-BASE = dict(epochs=10, batch_size=256, width=0.5, dropout=0.5, lr=1e-3, temperature=0.05, threads=1)
+BASE = dict(epochs=10, batch_size=128, width=0.5, dropout=0.5, lr=1e-3, temperature=0.05,
+            category_batches=True, threads=1)
 STRATEGIES = ("random", "semihard", "midzone", "hardest", "category", "attribute-mismatch")
+# random and category do not depend on the query embedding: a refresh would re-draw the same rows.
+REFRESHABLE = ("semihard", "midzone", "hardest", "attribute-mismatch")
 
 
 def variants() -> dict:
     """name -> (negatives strategy or None, TrainConfig overrides)."""
     v = {"zero-shot": (None, dict(zero_shot=True)), "in-batch": (None, {})}
+    v["static-bank"] = (None, dict(static_bank=2))
     for s in STRATEGIES:
         v[s] = (s, {})
+    for s in REFRESHABLE:
         v[f"{s}+refresh"] = (s, dict(refresh_every=3))
-    v["static-bank"] = (None, dict(static_bank=2))
     return v
 
 
 def mine_table(work: Path, out: Path, strategy: str, k: int) -> Path:
     from miner.mine import MineConfig, mine_to_file
 
-    path = out / f"negs.{strategy}.parquet"
+    path = out / f"negs.{strategy.replace(':', '').replace(',', '+')}.parquet"
     if not path.exists():
         t0 = time.perf_counter()
         mine_to_file(Workspace(work), "train", MineConfig(mix=strategy, k=k, seed=0, device="cpu"), path)
@@ -75,18 +79,22 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--k", type=int, default=8, help="negatives mined per query")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=STRATEGY:KEY=VALUE;...",
-                    help="an extra variant, e.g. 'mid-both=midzone:loss=both;neg_per_query=8'")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=MIX|KEY=VALUE&...",
+                    help="an extra variant: a mix (one strategy or 'random:0.5,midzone:0.5') and TrainConfig "
+                         "overrides, e.g. 'mid-both=midzone|loss=both&neg_per_query=8'")
     args = ap.parse_args(argv)
     grid = variants()
     for spec in args.set:
         name, _, rest = spec.partition("=")
-        strat, _, kvs = rest.partition(":")
+        strat, _, kvs = rest.partition("|")
         ov = {}
-        for kv in filter(None, kvs.split(";")):
+        for kv in filter(None, kvs.split("&")):
             key, _, val = kv.partition("=")
-            field_type = type(getattr(TrainConfig(), key))
-            ov[key] = val if getattr(TrainConfig(), key) is None else field_type(val)
+            default = getattr(TrainConfig(), key)
+            if isinstance(default, bool):
+                ov[key] = val.lower() in ("1", "true", "yes")
+            else:
+                ov[key] = val if default is None else type(default)(val)
         grid[name] = (strat or None, ov)
     names = args.only.split(",") if args.only else list(grid)
     seeds = [int(s) for s in args.seeds.split(",")]

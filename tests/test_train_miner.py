@@ -39,3 +39,15 @@ def test_refresh_with_the_miner_and_checkpoint_queries(synth_work, tmp_path):
                                  "--checkpoint", str(run / "ckpt.pt"), "--out", str(out), "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
     assert read_negatives(out).meta["query_source"] == "provided"
+
+
+def test_demo_library_small(tmp_path):
+    from train.demo import DemoConfig, run_demo
+
+    said = []
+    res = run_demo(tmp_path / "demo", DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32),
+                   progress=said.append)
+    assert list(res.runs) == ["zero-shot", "in-batch", "random", "midzone", "attribute-mismatch"]
+    assert all((r["dir"] / "metrics.json").exists() and 0 <= r["R@10"] <= r["R@50"] <= 100 for r in res.runs.values())
+    assert all(p.exists() for p in res.tables.values()) and len(said) == 1 + 3 + 5
+    assert res.runs["zero-shot"]["R@10"] == json.loads((res.runs["zero-shot"]["dir"] / "metrics.json").read_text())["R@10"]
