@@ -310,15 +310,29 @@ def index_cmd(
 @mine_app.command()
 @cli_errors
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace and runs."),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
+    epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
     quiet: bool = QUIET,
 ):
-    """Run the synthetic default through every stage and print what happened."""
-    from data.synthetic import SynthConfig, generate
+    """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
+    # issue 5: the final demo lives in train/demo.py
+    from train.demo import DemoConfig, run_demo
 
-    work = out / "work"
-    m = generate(SynthConfig(n_gallery=20000, n_triplets=5000, dim=128, seed=0), work)
-    typer.echo(f"[1/1] synthetic world -> {work}: {m['counts']} (d={m['dim']})")
+    step = {"n": 0}
+
+    def say(msg: str) -> None:
+        step["n"] += 1
+        typer.echo(f"[{step['n']}] {msg}")
+
+    res = run_demo(out, DemoConfig(epochs=epochs), progress=say)
+    typer.echo("")
+    typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
+    for name, r in res.runs.items():
+        typer.echo(f"{name:<20s} {r['R@10']:7.2f} {r['R@50']:7.2f}")
+    typer.echo("")
+    typer.echo(f"negatives tables: {', '.join(str(p) for p in res.tables.values())}")
+    typer.echo(f"runs (metrics.json, curves.png, ckpt.pt): {out / 'runs'}/")
+    typer.echo(f"done in {res.seconds:.0f}s")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,15 +535,89 @@ def report(
 # cir-train
 
 
+# -- issue 5 (cir-train): training, refresh, evaluation ------------------------------------------
+
+
 @train_app.command()
 @cli_errors
 def train(
-    work: Path = WORK,
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace with the training split (not needed with --resume)."),
     split: str = SPLIT,
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory (checkpoints, metrics)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, curves)."),
+    negatives: Optional[Path] = typer.Option(None, "--negatives", "-n", help="Negatives table (cir-mine negatives); without it: in-batch negatives only."),
+    eval_work: Optional[Path] = typer.Option(None, "--eval-work", help="Evaluation workspace (default: hold out --dev-fraction of the training queries)."),
+    eval_split: str = typer.Option("val", "--eval-split", help="Split of --eval-work."),
+    dev_fraction: float = typer.Option(0.1, "--dev-fraction", help="Seeded share of training queries held out for evaluation when no --eval-work."),
+    dev_seed: int = typer.Option(0, "--dev-seed", help="Seed of the held-out dev queries (fixed across --seed)."),
+    epochs: int = typer.Option(10, "--epochs", "-e", help="Training epochs (0: zero-shot evaluation)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Queries per step (in-batch negatives)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of init, shuffles, negative sampling and the dev split."),
+    model: str = typer.Option("combiner", "--model", help="combiner (CLIP4Cir) or attention (gated attention fusion)."),
+    width: float = typer.Option(2.0, "--width", help="Projection width as a multiple of d (hidden = 2x)."),
+    dropout: float = typer.Option(0.1, "--dropout", help="Dropout inside the model."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (decay to 0 over training) or constant."),
+    temperature: float = typer.Option(0.05, "--temperature", help="Softmax temperature (InfoNCE, static bank)."),
+    loss: str = typer.Option("infonce", "--loss", help="infonce, triplet or both."),
+    margin: float = typer.Option(0.2, "--margin", help="Triplet margin in cosine distance."),
+    triplet_weight: float = typer.Option(1.0, "--triplet-weight", help="Weight of the triplet terms."),
+    neg_per_query: int = typer.Option(4, "--neg-per-query", help="Mined negatives per query per step."),
+    neg_share: float = typer.Option(1.0, "--neg-share", help="Share of queries per batch that get mined negatives."),
+    share_warmup: int = typer.Option(0, "--share-warmup", help="Epochs over which --neg-share ramps up from 0."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help='Mix per epoch, e.g. "0:random,2:midzone,4:hardest".'),
+    category_batches: bool = typer.Option(False, "--category-batches", help="Draw each batch within one category (in-batch negatives of the target's category)."),
+    online_hard: int = typer.Option(0, "--online-hard", help="Hardest in-batch non-targets per query fed to a triplet loss."),
+    static_bank: int = typer.Option(0, "--static-bank", help="Extra epochs of the SPN static-bank stage (whole gallery as negatives)."),
+    bank_k: int = typer.Option(0, "--bank-k", help="Static bank: gallery negatives sampled per step (0 = all)."),
+    refresh_every: int = typer.Option(0, "--refresh-every", help="Re-embed queries and re-mine every N epochs."),
+    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ protocol: remove the reference from the gallery."),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
-    """Train a combiner on cached features (see docs/)."""
-    fail("cir-train is not implemented yet.")
+    """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
+    from data.errors import UsageError
+    from train.loop import TrainConfig, resume_config, train as run_training
+
+    setup_logging(verbose)
+    if resume is not None:
+        cfg = resume_config(resume)
+    else:
+        if work is None or out is None:
+            raise UsageError("--work and --out are required (or --resume RUN to continue a run).")
+        cfg = TrainConfig(
+            work=str(work), split=split, out=str(out), negatives=str(negatives) if negatives else None,
+            eval_work=str(eval_work) if eval_work else None, eval_split=eval_split,
+            dev_fraction=dev_fraction, dev_seed=dev_seed, epochs=epochs, batch_size=batch_size, seed=seed, model=model,
+            width=width, dropout=dropout, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, temperature=temperature,
+            loss=loss, margin=margin, triplet_weight=triplet_weight, neg_per_query=neg_per_query,
+            neg_share=neg_share, share_warmup=share_warmup, schedule=schedule, category_batches=category_batches, online_hard=online_hard,
+            static_bank=static_bank, bank_k=bank_k, refresh_every=refresh_every,
+            exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads)
+    remine = _miner_remine(cfg) if cfg.validate().refresh_every else None
+    total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
+    with progress_bar("train", total, quiet, unit="epochs") as advance:
+        def on_epoch(rec):
+            advance(1)
+            if not quiet:
+                typer.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  R@10 {rec.get('R@10', float('nan')):.2f}", err=True)
+
+        m = run_training(cfg, remine=remine, resume=resume is not None, progress=on_epoch)
+    keys = [k for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3") if k in m]
+    typer.echo(f"{cfg.out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
+    for cat, v in m.get("per_category", {}).items():
+        typer.echo(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)")
+    typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}  curves: {Path(cfg.out) / 'curves.png'}")
+
+
+def _miner_remine(cfg):
+    """The refresh's miner call for the table cfg.negatives (see train.refresh)."""
+    from train.refresh import miner_remine
+
+    return miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule)
 
 
 def mine_main() -> None:

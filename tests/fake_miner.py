@@ -1,0 +1,48 @@
+"""A deterministic stand-in for the miner (tests only): negatives tables without miner.mine."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from data.workspace import Workspace
+from miner.tables import NEGATIVES_SCHEMA
+
+
+def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int = 4, round: int = 0,
+                   seed: int = 0, strategies=("random", "hardest")) -> tuple[pa.Table, dict]:
+    """Per query and strategy, k negatives: 'random' uniform, 'hardest' top-scored non-targets.
+
+    query_emb: float32[m, d] (default normalize(ref + text)). Returns (table, footer meta).
+    """
+    g, t = ws.load(split)
+    ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())]
+    tgt_rows = g.rows(t.target_ids.tolist(), t.categories.tolist())
+    if query_emb is None:
+        q = ref + t.text_embeddings
+        query_emb = q / np.linalg.norm(q, axis=1, keepdims=True)
+    S = query_emb @ g.embeddings.T
+    ts = S[np.arange(len(t)), tgt_rows]
+    rng = np.random.default_rng([seed, round])
+    cols = {n: [] for n in NEGATIVES_SCHEMA.names}
+    order = np.argsort(-S, axis=1)[:, : 4 * k + 4]
+    for i in range(len(t)):
+        bad = {t.target_ids[i], *t.extra_positive_ids[i]}
+        picks = {}
+        if "random" in strategies:
+            picks["random"] = [r for r in rng.choice(len(g), 2 * k, replace=False)
+                               if g.image_ids[r] not in bad][:k]
+        if "hardest" in strategies:
+            picks["hardest"] = [r for r in order[i] if g.image_ids[r] not in bad][:k]
+        for s, rows in picks.items():
+            for r in rows:
+                for n, v in (("query_id", t.query_ids[i]), ("ref_id", t.ref_ids[i]),
+                             ("target_id", t.target_ids[i]), ("neg_id", g.image_ids[r]),
+                             ("strategy", s), ("rank", -1), ("score", S[i, r]),
+                             ("target_score", ts[i]), ("delta", ts[i] - S[i, r]), ("round", round),
+                             ("category_match", g.categories[r] == t.categories[i]),
+                             ("attr_overlap", 0.0), ("seed", seed)):
+                    cols[n].append(v)
+    table = pa.table({n: pa.array(v, type=NEGATIVES_SCHEMA.field(n).type) for n, v in cols.items()})
+    meta = {"config": {"strategies": list(strategies), "k": k}, "manifest_hash": ws.manifest_hash(),
+            "split": split, "round": round}
+    return table, meta

@@ -1,0 +1,88 @@
+"""Run checkpoints: one ``RUN/ckpt.pt`` rewritten atomically after every epoch.
+
+A checkpoint is a ``torch.save`` dict (see docs/formats.md)::
+
+    {"format": "cir-train-ckpt", "version": 1, "epoch": e (epochs done), "model_config": {...},
+     "train_config": {...}, "model": state_dict, "optimizer": state_dict, "round": r,
+     "negatives": path of the table in use, "history": [per-epoch records], "versions": {...}}
+
+Written to a temp file in RUN and ``os.replace``d, so a kill mid-write leaves the previous
+checkpoint intact. ``CRASH_AFTER_SAVE`` lets a test kill a run right after epoch N is saved.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+import torch
+
+from data.errors import DataError
+from data.io import atomic_path
+from data.workspace import library_versions
+
+FORMAT = "cir-train-ckpt"
+VERSION = 1
+NAME = "ckpt.pt"
+
+
+def save_checkpoint(run_dir: str | Path, state: dict) -> Path:
+    """Write ``state`` (plus format tags and versions) to RUN/ckpt.pt atomically."""
+    path = Path(run_dir) / NAME
+    payload = {"format": FORMAT, "version": VERSION, "versions": library_versions(), **state}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint (a RUN directory or the .pt file); DataError when it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / NAME
+    if not path.exists():
+        raise DataError(f"{path}: checkpoint not found. Train a run with `cir-train --out RUN` first.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}).") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DataError(f"{path}: not a cir-train checkpoint.")
+    if state.get("version") != VERSION:
+        raise DataError(f"{path}: checkpoint version {state.get('version')} is not {VERSION}; retrain.")
+    return state
+
+
+def crash_after_epoch() -> Optional[int]:
+    """Test hook: ``CIR_TRAIN_CRASH_AFTER_EPOCH=N`` raises after epoch N's checkpoint is saved."""
+    v = os.environ.get("CIR_TRAIN_CRASH_AFTER_EPOCH")
+    return int(v) if v else None
+
+
+def load_query_encoder(ckpt_path: str | Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A trained run's query encoder: f(ref_emb float32[m,d], text_emb float32[m,d]) -> float32[m,d].
+
+    The hook ``cir-mine negatives --checkpoint`` uses (through cli.py; the miner never imports train).
+    """
+    from .model import ModelConfig, build_model, encode_queries as encode
+
+    state = load_checkpoint(ckpt_path)
+    model = build_model(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    return lambda ref_emb, text_emb: encode(model, ref_emb, text_emb)
+
+
+def encode_queries(ckpt_path: str | Path, work: str | Path, split: str) -> np.ndarray:
+    """Every query of ``work``/``split`` embedded by a trained run -> float32[m, d], unit rows."""
+    from data.workspace import Workspace
+
+    g, t = Workspace(work).require().load(split)
+    model_dim = load_checkpoint(ckpt_path)["model_config"]["dim"]
+    if model_dim != g.dim:
+        raise DataError(f"{ckpt_path}: the model takes d={model_dim} but {work} has d={g.dim}. "
+                        f"Use a checkpoint trained on this workspace's encoder.")
+    ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")]
+    return load_query_encoder(ckpt_path)(ref, t.text_embeddings)

@@ -1,0 +1,152 @@
+"""Training arrays from a workspace and a negatives table (cached embeddings only).
+
+Inside the trainer an image is a gallery **row** (for its embedding) and a **key** (an int per
+distinct image id, so one product listed under two categories is one key: false-negative masks
+compare keys). String ids stay at the boundary: tables in, tables out.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from data.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuerySet:
+    """Queries resolved against a gallery. m queries, n gallery rows, d dims."""
+
+    query_ids: np.ndarray        # object[m] of str
+    ref_rows: np.ndarray         # int64[m] gallery rows of the references
+    target_rows: np.ndarray      # int64[m] gallery rows of the targets
+    text_emb: np.ndarray         # float32[m, d]
+    target_keys: np.ndarray      # int64[m]
+    pos_keys: np.ndarray         # int64[m, P]: target key then extra-positive keys, -1 padded
+    categories: np.ndarray       # object[m] of str
+
+    def __len__(self) -> int:
+        return int(self.query_ids.shape[0])
+
+
+def image_keys(gallery) -> tuple[np.ndarray, dict]:
+    """(int64[n] key per gallery row, image_id -> key)."""
+    key_of: dict = {}
+    keys = np.fromiter((key_of.setdefault(i, len(key_of)) for i in gallery.image_ids.tolist()),
+                       dtype=np.int64, count=len(gallery))
+    return keys, key_of
+
+
+def resolve_queries(triplets, gallery, gallery_keys: np.ndarray, key_of: dict) -> QuerySet:
+    """Resolve a Triplets table against its Gallery (ids within the query's category first)."""
+    cats = triplets.categories.tolist()
+    ref_rows = gallery.rows(triplets.ref_ids.tolist(), cats, what="reference")
+    target_rows = gallery.rows(triplets.target_ids.tolist(), cats, what="target")
+    target_keys = gallery_keys[target_rows]
+    extra = [[key_of[x] for x in xs if x in key_of] for xs in triplets.extra_positive_ids]
+    p = 1 + max((len(e) for e in extra), default=0)
+    pos = np.full((len(triplets), p), -1, dtype=np.int64)
+    pos[:, 0] = target_keys
+    for i, e in enumerate(extra):
+        pos[i, 1:1 + len(e)] = e
+    return QuerySet(triplets.query_ids, ref_rows, target_rows, triplets.text_embeddings,
+                    target_keys, pos, triplets.categories)
+
+
+def dev_split(m: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded hold-out: (train_idx int64[m - k], dev_idx int64[k]) with k = round(fraction * m)."""
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"--dev-fraction {fraction}: must be in [0, 1).")
+    perm = np.random.default_rng([seed, 7919]).permutation(m)
+    k = int(round(fraction * m))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+@dataclass
+class NegativeBank:
+    """Mined negatives regrouped per query: m queries x K slots (-1 = empty slot)."""
+
+    rows: np.ndarray             # int64[m, K] gallery rows of negatives
+    strategy: np.ndarray         # int16[m, K] index into ``strategies`` (-1 empty)
+    strategies: list             # strategy names
+    pairs: set                   # {(query_id, neg_id)}: for overlap between rounds
+
+    @property
+    def k(self) -> int:
+        return int(self.rows.shape[1])
+
+    def coverage(self) -> float:
+        return float((self.rows >= 0).any(1).mean()) if self.rows.size else 0.0
+
+
+def group_negatives(table: pa.Table, queries: QuerySet, gallery) -> NegativeBank:
+    """Long negatives table (one row per query x negative) -> per-query slots for ``queries``.
+
+    Rows of queries not in ``queries`` (held-out dev queries) are dropped; negative ids are
+    resolved within the query's category, then by id alone; unknown ids are dropped (logged).
+    """
+    qpos = {q: i for i, q in enumerate(queries.query_ids.tolist())}
+    qids = table.column("query_id").to_pylist()
+    nids = table.column("neg_id").to_pylist()
+    strat = table.column("strategy").to_pylist()
+    names = sorted(set(strat))
+    code = {s: i for i, s in enumerate(names)}
+    per_query: list[list] = [[] for _ in range(len(queries))]
+    key_row, row_of = gallery.key_row, gallery.row_of
+    cats = queries.categories.tolist()
+    unknown = 0
+    pairs = set()
+    for q, n, s in zip(qids, nids, strat):
+        i = qpos.get(q)
+        if i is None:
+            continue
+        r = key_row.get((cats[i], n), row_of.get(n))
+        if r is None:
+            unknown += 1
+            continue
+        per_query[i].append((r, code[s]))
+        pairs.add((q, n))
+    if unknown:
+        log.warning("%d negative ids are not in the gallery; dropped", unknown)
+    k = max((len(x) for x in per_query), default=0)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    codes = np.full((len(queries), k), -1, dtype=np.int16)
+    for i, lst in enumerate(per_query):
+        if lst:
+            arr = np.asarray(lst, dtype=np.int64)
+            rows[i, :len(lst)], codes[i, :len(lst)] = arr[:, 0], arr[:, 1]
+    return NegativeBank(rows, codes, names, pairs)
+
+
+def sample_negatives(bank: NegativeBank, k: int, rng: np.random.Generator,
+                     mix: Optional[dict] = None, share: float = 1.0) -> np.ndarray:
+    """Pick up to ``k`` negatives per query for one epoch -> int64[m, k] gallery rows (-1 = none).
+
+    mix: strategy -> weight (None = every strategy, weight 1); slots of strategies with weight 0
+    are never picked; the pick is weighted sampling without replacement (Gumbel top-k).
+    share: fraction of queries that get mined negatives this epoch (the others get none).
+    """
+    m = bank.rows.shape[0]
+    if bank.k == 0 or k <= 0:
+        return np.full((m, max(k, 0)), -1, dtype=np.int64)
+    w = np.ones(len(bank.strategies), dtype=np.float64)
+    if mix is not None:
+        w = np.asarray([float(mix.get(s, 0.0)) for s in bank.strategies], dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        logw = np.log(np.append(w, 0.0))                  # code -1 -> weight 0
+    score = logw[bank.strategy] + rng.gumbel(size=bank.rows.shape)
+    score[bank.rows < 0] = -np.inf
+    kk = min(k, bank.k)
+    top = np.argsort(-score, axis=1, kind="stable")[:, :kk]
+    picked = np.take_along_axis(bank.rows, top, axis=1)
+    picked[~np.isfinite(np.take_along_axis(score, top, axis=1))] = -1
+    if share < 1.0:
+        picked[rng.random(m) >= share] = -1
+    if kk < k:
+        picked = np.concatenate([picked, np.full((m, k - kk), -1, dtype=np.int64)], axis=1)
+    return picked

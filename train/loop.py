@@ -1,0 +1,430 @@
+"""The training loop: cached features in, RUN directory out (checkpoints, metrics, curves).
+
+``train(cfg, remine=None, progress=None)`` trains a query encoder (train.model) on a workspace's
+triplets with in-batch targets plus the mined negatives of a negatives table, evaluates after every
+epoch, and writes::
+
+    RUN/ckpt.pt                 checkpoint after every epoch (atomic); --resume continues from it
+    RUN/metrics.jsonl           one JSON line per epoch (loss, recalls, refresh stats, seconds)
+    RUN/metrics.json            final metrics (protocol keys, see train.metrics) + run info
+    RUN/curves.png              loss and R@10 per epoch
+    RUN/negs.round{r}.parquet   negatives re-mined at refresh round r (--refresh-every)
+    RUN/config.json             the TrainConfig
+
+Randomness is keyed by (seed, epoch), so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from data.errors import UsageError
+from data.io import DirLock, write_json_atomic
+from data.workspace import Workspace
+
+from . import checkpoint as ck
+from .checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
+from .data import (NegativeBank, QuerySet, dev_split, group_negatives, image_keys, resolve_queries,
+                   sample_negatives)
+from .loss import bank_loss, hardest_in_batch, info_nce, triplet_margin
+from .metrics import evaluate
+from .model import ModelConfig, build_model, encode_queries
+from .schedule import Curriculum
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("infonce", "triplet", "both")
+# remine(query_emb float32[m_split, d], round, epoch) -> (negatives pa.Table, footer meta dict)
+Remine = Callable[[np.ndarray, int, int], tuple]
+
+
+@dataclass
+class TrainConfig:
+    work: str = ""                     # workspace with gallery.{split} and triplets.{split}
+    split: str = "train"               # training split
+    out: str = ""                      # run directory
+    negatives: Optional[str] = None    # negatives table (None: in-batch negatives only)
+    eval_work: Optional[str] = None    # evaluation workspace (None: hold out --dev-fraction of train)
+    eval_split: str = "val"            # split of eval_work
+    dev_fraction: float = 0.1          # held-out share of training queries when eval_work is None
+    dev_seed: int = 0                  # seed of the hold-out (fixed across --seed so seeds share a dev set)
+    epochs: int = 10                   # epochs of normal training (0: zero-shot evaluation only)
+    batch_size: int = 256              # queries per step
+    seed: int = 0                      # model init, shuffles, negative sampling, dev split
+    model: str = "combiner"            # combiner | attention
+    width: float = 2.0                 # projection width multiple of d (see ModelConfig)
+    dropout: float = 0.1               # dropout in the model
+    lr: float = 1e-3                   # AdamW learning rate
+    weight_decay: float = 1e-4         # AdamW weight decay
+    lr_schedule: str = "cosine"        # cosine (decay to 0 over each stage, 1-epoch-free) | constant
+    temperature: float = 0.05          # softmax temperature of InfoNCE and the static bank
+    loss: str = "infonce"              # infonce | triplet | both
+    margin: float = 0.2                # triplet margin (cosine distance)
+    triplet_weight: float = 1.0        # weight of the triplet term with loss=both / online hard mining
+    neg_per_query: int = 4             # mined negatives fed per query per step
+    neg_share: float = 1.0             # share of queries per batch that get mined negatives
+    share_warmup: int = 0              # epochs over which the share ramps linearly from 0 (curriculum)
+    schedule: Optional[str] = None     # "epoch:mix,..." e.g. "0:random,2:midzone,4:hardest"
+    category_batches: bool = False     # batches drawn within one category (harder in-batch negatives)
+    online_hard: int = 0               # per query, hardest in-batch non-targets fed to a triplet loss
+    static_bank: int = 0               # extra epochs of the SPN static-bank stage after training
+    bank_k: int = 0                    # static bank: negatives sampled per step (0 = whole gallery)
+    refresh_every: int = 0             # re-embed and re-mine every N epochs (0 = never)
+    exclude_reference: bool = False    # FashionIQ protocol: drop the reference from the gallery
+    zero_shot: bool = False            # evaluate normalize(image + text) without training
+    threads: int = 0                   # torch threads (0 = torch default)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def validate(self) -> "TrainConfig":
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise UsageError(f"--lr-schedule {self.lr_schedule!r}: use cosine or constant.")
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
+        for name in ("epochs", "static_bank", "refresh_every", "online_hard", "neg_per_query", "bank_k",
+                     "share_warmup"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0.")
+        if self.batch_size < 2:
+            raise UsageError("--batch-size must be at least 2 (in-batch negatives need two queries).")
+        if not 0.0 <= self.neg_share <= 1.0:
+            raise UsageError(f"--neg-share {self.neg_share}: must be in [0, 1].")
+        if self.temperature <= 0:
+            raise UsageError("--temperature must be positive.")
+        if self.refresh_every and not self.negatives:
+            raise UsageError("--refresh-every needs --negatives: the refresh re-mines with that table's config.")
+        if self.schedule and not self.negatives:
+            raise UsageError("--schedule needs --negatives: it picks the mix of mined negatives per epoch.")
+        return self
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores."""
+
+    epoch: int = 0                     # epochs done
+    round: int = 0                     # refresh rounds done
+    negatives: Optional[str] = None    # negatives table in use
+    history: list = field(default_factory=list)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0])
+
+
+class Trainer:
+    """Holds the data, the model and the optimizer of one run; ``run()`` does the epochs."""
+
+    def __init__(self, cfg: TrainConfig, remine: Optional[Remine] = None,
+                 progress: Optional[Callable[[dict], None]] = None):
+        self.cfg, self.remine, self.progress = cfg, remine, progress
+        self.run_dir = Path(cfg.out)
+        ws = Workspace(cfg.work).require()
+        self.ws = ws
+        self.gallery, triplets = ws.load(cfg.split)
+        self.gallery_keys, self.key_of = image_keys(self.gallery)
+        self.all_queries = resolve_queries(triplets, self.gallery, self.gallery_keys, self.key_of)
+        if cfg.eval_work:
+            ew = Workspace(cfg.eval_work).require()
+            self.eval_gallery, self.eval_triplets = ew.load(cfg.eval_split)
+            train_idx = np.arange(len(triplets))
+        else:
+            train_idx, dev_idx = dev_split(len(triplets), cfg.dev_fraction, cfg.dev_seed)
+            if dev_idx.size == 0:
+                raise UsageError("--dev-fraction gives no evaluation queries; raise it or pass --eval-work.")
+            self.eval_gallery, self.eval_triplets = self.gallery, triplets.subset(dev_idx)
+        self.train_idx = train_idx
+        self.queries = _subset(self.all_queries, train_idx)
+        self.curriculum = Curriculum.parse(cfg.schedule) if cfg.schedule else None
+        self.neg_meta: dict = {}
+        mcfg = ModelConfig(kind="sum" if cfg.zero_shot or cfg.epochs == 0 else cfg.model,
+                           dim=self.gallery.dim, width=cfg.width, dropout=cfg.dropout)
+        self.model_config = mcfg
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(mcfg)
+        params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
+        self.gallery_t = torch.from_numpy(np.require(self.gallery.embeddings, requirements='W'))
+        self.keys_t = torch.from_numpy(self.gallery_keys)
+        self.state = RunState(negatives=cfg.negatives)
+        self.bank: Optional[NegativeBank] = None
+
+    # -------------------------------------------------------------------------------- negatives
+    def load_bank(self, path: Optional[str]) -> None:
+        from miner.tables import read_negatives
+
+        if not path:
+            self.bank = None
+            return
+        nt = read_negatives(path, self.ws)
+        self.neg_meta = nt.meta
+        self.bank = group_negatives(nt.table, self.queries, self.gallery)
+        table_schedule = nt.config.get("schedule")
+        if self.curriculum is None and table_schedule:
+            self.curriculum = Curriculum.parse(table_schedule)   # the schedule the table was mined for
+        if self.curriculum is not None:
+            missing = self.curriculum.strategies() - set(self.bank.strategies)
+            if missing and not self.cfg.refresh_every:
+                log.warning("schedule names %s but %s has no rows of them; those epochs get fewer negatives",
+                            sorted(missing), path)
+        log.info("negatives %s: %d slots per query, strategies %s, coverage %.2f",
+                 path, self.bank.k, self.bank.strategies, self.bank.coverage())
+
+    def refresh(self, epoch: int) -> dict:
+        """Re-embed every query of the split, re-mine, write RUN/negs.round{r}.parquet -> stats."""
+        from miner.tables import read_negatives, write_negatives
+
+        if self.remine is None:
+            raise UsageError("--refresh-every needs a miner; none was given to the trainer.")
+        r = self.state.round + 1
+        q = encode_queries(self.model, self.gallery.embeddings[self.all_queries.ref_rows],
+                           self.all_queries.text_emb)
+        table, meta = self.remine(q, r, epoch)
+        path = self.run_dir / f"negs.round{r}.parquet"
+        write_negatives(table, path, meta)
+        prev = self.bank
+        self.state.round, self.state.negatives = r, str(path)
+        self.bank = group_negatives(read_negatives(path, self.ws).table, self.queries, self.gallery)
+        delta = table.column("delta").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
+        qs = (0.1, 0.25, 0.5, 0.75, 0.9)
+        stats = {
+            "round": r, "path": str(path), "rows": int(table.num_rows),
+            "delta_quantiles": {str(p): float(np.quantile(delta, p)) for p in qs} if delta.size else {},
+            "overlap_with_previous": (len(self.bank.pairs & prev.pairs) / max(1, len(self.bank.pairs))
+                                      if prev is not None else None),
+        }
+        log.info("refresh round %d: %d rows, delta quantiles %s, overlap %.3f", r, stats["rows"],
+                 stats["delta_quantiles"], stats["overlap_with_previous"] or 0.0)
+        return stats
+
+    # -------------------------------------------------------------------------------- epochs
+    def _mix_and_share(self, epoch: int) -> tuple[Optional[dict], float]:
+        cfg = self.cfg
+        mix = self.curriculum.mix_at(epoch) if self.curriculum else None
+        share = cfg.neg_share
+        if cfg.share_warmup:
+            share *= min(1.0, epoch / cfg.share_warmup)
+        return mix, share
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch (0-based ``epoch``); returns the mean loss."""
+        cfg, q = self.cfg, self.queries
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+        rng = np.random.default_rng(_epoch_seed(cfg.seed, epoch))
+        bank_stage = epoch >= cfg.epochs
+        negs = None
+        if self.bank is not None and not bank_stage:
+            mix, share = self._mix_and_share(epoch)
+            negs = sample_negatives(self.bank, cfg.neg_per_query, rng, mix, share)
+        batches = [b for b in self._batches(rng) if b.size >= 2]
+        n_steps = len(batches)
+        stage_start, stage_len = (cfg.epochs, cfg.static_bank) if bank_stage else (0, cfg.epochs)
+        self.model.train()
+        total, steps = 0.0, 0
+        G, K = self.gallery_t, self.keys_t
+        for b in batches:
+            self._set_lr((epoch - stage_start + steps / n_steps) / max(stage_len, 1))
+            ref = G[torch.from_numpy(q.ref_rows[b])]
+            txt = torch.from_numpy(q.text_emb[b])
+            trow = torch.from_numpy(q.target_rows[b])
+            tkeys = torch.from_numpy(q.target_keys[b])
+            pkeys = torch.from_numpy(q.pos_keys[b])
+            out = self.model(ref, txt)
+            tgt = G[trow]
+            if bank_stage:
+                sample = (torch.from_numpy(rng.choice(G.shape[0], size=min(cfg.bank_k, G.shape[0]),
+                                                      replace=False)) if cfg.bank_k else None)
+                loss = bank_loss(out, G, trow, K, pkeys, cfg.temperature, sample)
+            else:
+                loss = self._loss(out, tgt, tkeys, pkeys, negs[b] if negs is not None else None)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += float(loss.detach())
+            steps += 1
+        return total / max(steps, 1)
+
+    def _batches(self, rng: np.random.Generator) -> list:
+        """One epoch's batches (int64 query indices): a shuffled split, or (category_batches)
+        batches within one category, in shuffled order."""
+        perm = rng.permutation(len(self.queries))
+        bs = self.cfg.batch_size
+        groups = [perm]
+        if self.cfg.category_batches:
+            cats = self.queries.categories[perm]
+            groups = [perm[cats == c] for c in sorted(set(cats.tolist()))]
+        batches = [g[s:s + bs] for g in groups for s in range(0, len(g), bs)]
+        return batches if not self.cfg.category_batches else [batches[i] for i in rng.permutation(len(batches))]
+
+    def _set_lr(self, progress: float) -> None:
+        """Learning rate at ``progress`` in [0, 1) of the current stage (a function of the step only)."""
+        lr = self.cfg.lr
+        if self.cfg.lr_schedule == "cosine":
+            lr *= 0.5 * (1.0 + np.cos(np.pi * min(max(progress, 0.0), 1.0)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def _loss(self, out, tgt, tkeys, pkeys, neg_rows: Optional[np.ndarray]) -> torch.Tensor:
+        cfg = self.cfg
+        neg = nkeys = None
+        if neg_rows is not None:
+            nr = torch.from_numpy(neg_rows)
+            neg = self.gallery_t[nr.clamp(min=0)]
+            nkeys = torch.where(nr >= 0, self.keys_t[nr.clamp(min=0)], torch.full_like(nr, -1))
+        loss = out.new_zeros(())
+        if cfg.loss in ("infonce", "both"):
+            loss = loss + info_nce(out, tgt, tkeys, pkeys, neg, nkeys, cfg.temperature)
+        if cfg.loss in ("triplet", "both") and neg is not None:
+            from .loss import positive_mask
+            valid = (nkeys >= 0) & ~positive_mask(pkeys, nkeys)
+            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, neg, valid, cfg.margin)
+        hard_k = cfg.online_hard or (1 if cfg.loss == "triplet" else 0)
+        if hard_k:
+            hn, hv = hardest_in_batch(out, tgt, tkeys, pkeys, hard_k)
+            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, hn, hv, cfg.margin)
+        return loss
+
+    def evaluate(self) -> dict:
+        t, g = self.eval_triplets, self.eval_gallery
+        ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")]
+        q = encode_queries(self.model, ref, t.text_embeddings)
+        return evaluate(q, t, g, exclude_reference=self.cfg.exclude_reference)
+
+    # -------------------------------------------------------------------------------- run
+    def save(self) -> None:
+        ck.save_checkpoint(self.run_dir, {
+            "epoch": self.state.epoch, "round": self.state.round, "negatives": self.state.negatives,
+            "history": self.state.history, "model_config": self.model_config.to_dict(),
+            "train_config": self.cfg.to_dict(), "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict() if self.opt else None,
+            "workspace_hash": self.ws.manifest_hash(),
+        })
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.opt is not None and state.get("optimizer"):
+            self.opt.load_state_dict(state["optimizer"])
+        self.state = RunState(state["epoch"], state["round"], state.get("negatives"), state["history"])
+
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        if resume and (self.run_dir / ck.NAME).exists():
+            self.restore(ck.load_checkpoint(self.run_dir))
+            log.info("resumed %s at epoch %d", self.run_dir, self.state.epoch)
+        self.load_bank(self.state.negatives)
+        write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+        total_epochs = 0 if self.model_config.kind == "sum" else cfg.epochs + cfg.static_bank
+        crash = ck.crash_after_epoch()
+        while self.state.epoch < total_epochs:
+            e = self.state.epoch
+            t0 = time.perf_counter()
+            loss = self.train_epoch(e)
+            rec = {"epoch": e + 1, "stage": "static_bank" if e >= cfg.epochs else "train", "loss": loss}
+            if (cfg.refresh_every and e + 1 < cfg.epochs and (e + 1) % cfg.refresh_every == 0):
+                rec["refresh"] = self.refresh(e + 1)
+            rec["train_s"] = time.perf_counter() - t0
+            rec.update(_flat(self.evaluate()))
+            self.state.history.append(rec)
+            self.state.epoch = e + 1
+            _append_jsonl(self.run_dir / "metrics.jsonl", rec)
+            self.save()
+            if self.progress:
+                self.progress(rec)
+            if crash is not None and self.state.epoch == crash:
+                raise RuntimeError(f"crash requested after epoch {crash} (CIR_TRAIN_CRASH_AFTER_EPOCH)")
+        final = self.evaluate()
+        if total_epochs == 0:
+            self.save()
+        final.update({
+            "model": self.model_config.kind, "epochs": self.state.epoch, "rounds": self.state.round,
+            "negatives": self.state.negatives, "seed": cfg.seed, "config": cfg.to_dict(),
+            "n_train_queries": len(self.queries), "eval": cfg.eval_work or f"dev {cfg.dev_fraction}",
+        })
+        write_json_atomic(self.run_dir / "metrics.json", final)
+        plot_curves(self.state.history, self.run_dir / "curves.png")
+        return final
+
+
+def _subset(q: QuerySet, idx: np.ndarray) -> QuerySet:
+    return QuerySet(q.query_ids[idx], q.ref_rows[idx], q.target_rows[idx], q.text_emb[idx],
+                    q.target_keys[idx], q.pos_keys[idx], q.categories[idx])
+
+
+def _flat(metrics: dict) -> dict:
+    """Per-epoch record: top-level numbers plus per-category R@10 as 'R@10/cat'."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for cat, v in metrics.get("per_category", {}).items():
+        out.update({f"{k}/{cat}": x for k, x in v.items() if k.startswith("R@")})
+    return out
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    # rewrite the file atomically from the history so a resumed run never duplicates lines
+    lines = []
+    if path.exists():
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        lines = [x for x in lines if x.get("epoch", 0) < rec["epoch"]]
+    lines.append(rec)
+    from data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+
+
+def plot_curves(history: list, path: Path) -> None:
+    """Loss and R@10 per epoch -> PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data.io import atomic_path
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ep = [h["epoch"] for h in history]
+    a.plot(ep, [h["loss"] for h in history], marker="o")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.set_title("training loss")
+    for key in ("R@10", "R@50"):
+        b.plot(ep, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    b.set_xlabel("epoch"), b.set_ylabel("recall (%)"), b.set_title("evaluation"), b.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, remine: Optional[Remine] = None, resume: bool = False,
+          progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train (or resume) a run; returns the final metrics (also in RUN/metrics.json).
+
+    remine: the refresh's miner call (see :data:`Remine`); required with ``refresh_every``.
+    """
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out)
+    with DirLock(run_dir, purpose="cir-train"):
+        if not resume and (run_dir / ck.NAME).exists():
+            raise UsageError(f"{run_dir} already holds a run. Pass --resume {run_dir} to continue it, "
+                             f"or choose another --out.")
+        return Trainer(cfg, remine, progress).run(resume=resume)
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a run was started with (from RUN/ckpt.pt)."""
+    state = ck.load_checkpoint(run_dir)
+    cfg = TrainConfig.from_dict(state["train_config"])
+    cfg.out = str(run_dir)
+    return cfg

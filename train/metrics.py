@@ -1,0 +1,150 @@
+"""Retrieval metrics for composed image retrieval, chunked so memory stays bounded.
+
+The core is :func:`target_ranks`: for each query, the number of allowed gallery items that score
+strictly higher than the query's target (0 = the target is first). Recall@K = mean(rank < K).
+Scores are computed block by block (``chunk`` queries x ``chunk`` gallery items), so a 100k x 100k
+evaluation never holds the full matrix. ``tests/test_train_metrics.py`` checks it against a
+full-matrix argsort.
+
+Protocols (chosen by :func:`evaluate` from the triplets):
+
+- **FashionIQ**: per category the gallery is that category's images; R@10 and R@50 per category
+  and their average over categories. The reference is not excluded unless ``exclude_reference``
+  (CLIP4Cir's default evaluation keeps it).
+- **CIRR**: one gallery, the reference always excluded; R@1/5/10/50, and Recall_subset@1/2/3 where
+  the gallery is the query's ``img_set`` members minus the reference. ``avg`` = (R@5 + Rs@1) / 2.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from data.errors import DataError
+
+FIQ_KS = (10, 50)
+CIRR_KS = (1, 5, 10, 50)
+SUBSET_KS = (1, 2, 3)
+
+
+def target_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, target_rows: np.ndarray,
+                 exclude_rows: Optional[np.ndarray] = None, chunk: int = 2048) -> np.ndarray:
+    """Rank of each query's target in the gallery.
+
+    query_emb: float32[m, d]; gallery_emb: float32[n, d]; target_rows: int64[m] (rows of gallery_emb);
+    exclude_rows: int64[m, e] gallery rows not counted for that query (-1 = padding), e.g. the
+    reference. Returns int64[m]: how many non-excluded gallery items score strictly higher than the
+    target. Memory: one float32[chunk, chunk] block at a time.
+    """
+    query_emb = np.asarray(query_emb, dtype=np.float32)
+    gallery_emb = np.asarray(gallery_emb, dtype=np.float32)
+    target_rows = np.asarray(target_rows, dtype=np.int64)
+    m, n = query_emb.shape[0], gallery_emb.shape[0]
+    target_score = np.einsum("ij,ij->i", query_emb, gallery_emb[target_rows])
+    # Columns never counted per query: the target itself and the excluded rows, each once.
+    skip = target_rows[:, None]
+    if exclude_rows is not None:
+        skip = np.concatenate([skip, np.asarray(exclude_rows, dtype=np.int64).reshape(m, -1)], axis=1)
+    skip = skip.copy()
+    for j in range(1, skip.shape[1]):
+        skip[(skip[:, :j] == skip[:, j:j + 1]).any(axis=1), j] = -1
+    ranks = np.zeros(m, dtype=np.int64)
+    for qs in range(0, m, chunk):
+        qe = min(m, qs + chunk)
+        thr = target_score[qs:qe, None]
+        for gs in range(0, n, chunk):
+            ge = min(n, gs + chunk)
+            above = (query_emb[qs:qe] @ gallery_emb[gs:ge].T) > thr
+            ranks[qs:qe] += above.sum(axis=1)
+            for j in range(skip.shape[1]):
+                col = skip[qs:qe, j]
+                hit = np.flatnonzero((col >= gs) & (col < ge))
+                ranks[qs + hit] -= above[hit, col[hit] - gs]
+    return ranks
+
+
+def recalls(ranks: np.ndarray, ks: Sequence[int], prefix: str = "R@") -> dict:
+    """Percentages (0-100): {f"{prefix}{k}": 100 * mean(rank < k)}."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        return {f"{prefix}{k}": float("nan") for k in ks}
+    return {f"{prefix}{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+
+
+def is_cirr(categories: Sequence[str], img_set: Sequence[Sequence[str]]) -> bool:
+    """The CIRR protocol applies when no query has a category or any query has an img_set."""
+    return all(not c for c in categories) or any(len(s) for s in img_set)
+
+
+def fashioniq_metrics(query_emb: np.ndarray, query_categories: np.ndarray, ref_ids: np.ndarray,
+                      target_ids: np.ndarray, gallery_emb: np.ndarray, gallery_ids: np.ndarray,
+                      gallery_categories: np.ndarray, exclude_reference: bool = False,
+                      chunk: int = 2048) -> dict:
+    """FashionIQ protocol -> {"R@10", "R@50", "per_category": {cat: {"R@10", "R@50", "n"}}}.
+
+    query_emb: float32[m, d]; ids/categories: object[m] / object[n] of str.
+    """
+    per_cat = {}
+    for cat in sorted(set(np.asarray(query_categories).tolist())):
+        gmask = np.asarray(gallery_categories) == cat
+        grows = np.flatnonzero(gmask)
+        row = {k: i for i, k in enumerate(np.asarray(gallery_ids)[grows].tolist())}
+        qsel = np.flatnonzero(np.asarray(query_categories) == cat)
+        try:
+            tr = np.asarray([row[t] for t in np.asarray(target_ids)[qsel].tolist()], dtype=np.int64)
+        except KeyError as e:
+            raise DataError(f"target {e.args[0]} is not in the '{cat}' gallery; the FashionIQ protocol "
+                            f"retrieves within the query's category.") from None
+        ex = None
+        if exclude_reference:
+            ex = np.asarray([row.get(r, -1) for r in np.asarray(ref_ids)[qsel].tolist()], dtype=np.int64)
+        ranks = target_ranks(query_emb[qsel], gallery_emb[grows], tr, ex, chunk=chunk)
+        per_cat[cat] = {**recalls(ranks, FIQ_KS), "n": int(qsel.size)}
+    out = {f"R@{k}": float(np.mean([v[f"R@{k}"] for v in per_cat.values()])) if per_cat else float("nan")
+           for k in FIQ_KS}
+    out["per_category"] = per_cat
+    out["protocol"] = "fashioniq"
+    out["n_queries"] = int(len(query_emb))
+    return out
+
+
+def cirr_metrics(query_emb: np.ndarray, ref_ids: np.ndarray, target_ids: np.ndarray,
+                 img_set: Sequence[Sequence[str]], gallery_emb: np.ndarray, gallery_ids: np.ndarray,
+                 chunk: int = 2048) -> dict:
+    """CIRR protocol -> {"R@1","R@5","R@10","R@50","Rs@1","Rs@2","Rs@3","avg"} (reference excluded)."""
+    row = {}
+    for i, k in enumerate(np.asarray(gallery_ids).tolist()):
+        row.setdefault(k, i)
+    tr = np.asarray([row[t] for t in np.asarray(target_ids).tolist()], dtype=np.int64)
+    rr = np.asarray([row.get(r, -1) for r in np.asarray(ref_ids).tolist()], dtype=np.int64)
+    out = recalls(target_ranks(query_emb, gallery_emb, tr, rr, chunk=chunk), CIRR_KS)
+    # Recall_subset: rank among the img_set members other than the reference.
+    has = [i for i, s in enumerate(img_set) if len(s)]
+    sub_ranks = []
+    for i in has:
+        members = [row[x] for x in dict.fromkeys(img_set[i]) if x in row and row[x] != rr[i]]
+        if tr[i] not in members:
+            members.append(int(tr[i]))
+        s = gallery_emb[members] @ query_emb[i]
+        t = float(gallery_emb[tr[i]] @ query_emb[i])
+        sub_ranks.append(int((s > t).sum()))
+    out.update(recalls(np.asarray(sub_ranks), SUBSET_KS, prefix="Rs@") if has
+               else {f"Rs@{k}": float("nan") for k in SUBSET_KS})
+    out["avg"] = (out["R@5"] + out["Rs@1"]) / 2 if has else out["R@5"]
+    out["protocol"] = "cirr"
+    out["n_queries"] = int(len(query_emb))
+    return out
+
+
+def evaluate(query_emb: np.ndarray, triplets, gallery, exclude_reference: bool = False,
+             chunk: int = 2048) -> dict:
+    """Pick the protocol from the triplets (see module doc) and compute it.
+
+    query_emb: float32[m, d] for ``triplets`` (a data.workspace.Triplets); gallery: data.workspace.Gallery.
+    """
+    if is_cirr(triplets.categories.tolist(), triplets.img_set):
+        return cirr_metrics(query_emb, triplets.ref_ids, triplets.target_ids, triplets.img_set,
+                            gallery.embeddings, gallery.image_ids, chunk=chunk)
+    return fashioniq_metrics(query_emb, triplets.categories, triplets.ref_ids, triplets.target_ids,
+                             gallery.embeddings, gallery.image_ids, gallery.categories,
+                             exclude_reference=exclude_reference, chunk=chunk)

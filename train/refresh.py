@@ -1,0 +1,57 @@
+"""The refresh's miner call: re-mine a split with the config stored in a negatives table.
+
+:func:`miner_remine` returns the ``remine(query_emb, round, epoch) -> (table, meta)`` callable the
+training loop takes (train.loop.Remine). It reads the mining config from the table's footer
+(``meta["config"]``), opens the workspace's FAISS index once (or builds a flat one over the gallery
+once) and calls ``miner.mine.mine_negatives`` with the current model's query embeddings, so every
+round uses the exact same config and index; only the queries (and, with a schedule, the mix) change.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from data.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None):
+    """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
+    from miner.index import build_index, load_index
+    from miner.mine import MineConfig, mine_negatives
+    from miner.tables import read_negatives
+
+    ws = Workspace(work).require()
+    base = read_negatives(negatives, ws).meta.get("config", {})
+    state: dict = {}
+
+    def index():
+        if "index" not in state:
+            p = ws.index_path(split)
+            state["index"] = (load_index(p, device="cpu") if p.exists()
+                              else build_index(ws.gallery(split).embeddings, "flat", device="cpu"))
+        return state["index"]
+
+    def remine(query_emb: np.ndarray, round: int, epoch: int):
+        cfg = MineConfig.from_dict({**base, "query": "checkpoint"})
+        sched = schedule or base.get("schedule")
+        if sched:
+            cfg = _with_mix(cfg, sched, epoch)
+        res = mine_negatives(ws, split, cfg, query_emb=query_emb, round=round, index=index())
+        log.info("re-mined round %d at epoch %d: %d rows", round, epoch, res.table.num_rows)
+        return res.table, res.meta
+
+    return remine
+
+
+def _with_mix(cfg, schedule: str, epoch: int):
+    """The mining config with the mix the schedule names for ``epoch`` (query embeddings given)."""
+    from dataclasses import replace
+
+    from .schedule import Curriculum, mix_spec
+
+    return replace(cfg, strategy=None, mix=mix_spec(Curriculum.parse(schedule).mix_at(epoch)), schedule=None)
