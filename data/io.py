@@ -64,7 +64,8 @@ def _pid_alive(pid: int) -> bool:
 class DirLock:
     """An exclusive lock file ``DIR/.cir-mine.lock`` for a workspace or run directory.
 
-    A second process fails fast with :class:`LockedError`. A lock left by a killed process
+    A second process fails fast with :class:`LockedError`. A directory the lock created is removed
+    again on release when nothing was written into it. A lock left by a killed process
     (same host, pid no longer alive) is taken over, so a SIGKILL never blocks the rerun.
     """
 
@@ -75,8 +76,10 @@ class DirLock:
         self.path = self.directory / self.NAME
         self.purpose = purpose
         self._held = False
+        self._created = False
 
     def acquire(self) -> "DirLock":
+        self._created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose}
         for _ in range(2):
@@ -115,6 +118,9 @@ class DirLock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             self._held = False
+            if self._created:  # a job that failed before writing anything leaves no empty directory behind
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
 
     def __enter__(self) -> "DirLock":
         return self.acquire()

@@ -161,6 +161,29 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def check_index(index, gallery, index_path, gallery_path, gallery_hash: Optional[str] = None,
+                fix: str = "Rebuild it with `cir-mine index`") -> None:
+    """DataError unless ``index`` was built from ``gallery`` (same d, same rows, same hash when known)."""
+    if index.d != gallery.dim or index.ntotal != len(gallery):
+        raise DataError(f"{index_path}: the index has d={index.d} and {index.ntotal} rows but {gallery_path} "
+                        f"has d={gallery.dim} and {len(gallery)} rows. {fix}.")
+    if gallery_hash:
+        now = gallery_fingerprint(gallery.image_ids, gallery.categories, gallery.embeddings)
+        if now != gallery_hash:
+            raise DataError(f"{index_path}: built from another gallery (hash {gallery_hash}, {gallery_path} has "
+                            f"{now}). {fix}.")
+
+
+def load_workspace_index(ws, split: str, gallery=None, device: str = "auto"):
+    """Load ``index.{split}.faiss`` and check it still matches ``gallery.{split}.parquet``."""
+    path = ws.index_path(split)
+    index = load_index(path, device)
+    check_index(index, gallery if gallery is not None else ws.gallery(split), path, ws.gallery_path(split),
+                index_meta(path).get("gallery_hash"),
+                f"Rebuild it with `cir-mine index --work {ws.root} --split {split}`")
+    return index
+
+
 def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
                     fp16: bool = False, lock: bool = True) -> dict:
     """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.

@@ -26,7 +26,7 @@ from data.workspace import Gallery, Triplets, Workspace, library_versions
 from . import attributes as A
 from .attrmatrix import AttrCodes
 from .guards import GUARDS, GuardConfig, apply_guards, member, pair_keys
-from .index import build_index, search_batched
+from .index import build_index, check_index, search_batched
 from .schedule import mix_at, parse_schedule
 from .scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
 from .strategies import REGISTRY, Candidates, Picks, hash_keys, parse_mix, split_k
@@ -111,6 +111,8 @@ class MineConfig:
             raise UsageError(f"--sample {self.sample!r}: use top or random.")
         if self.discrepant_pool not in ("target", "query"):
             raise UsageError(f"--discrepant-pool {self.discrepant_pool!r}: use target or query.")
+        if self.soft_lo > self.soft_hi:
+            raise UsageError(f"--soft-lo ({self.soft_lo}) is above --soft-hi ({self.soft_hi}); swap them.")
         if self.delta_lo > self.delta_hi:
             raise UsageError(f"--delta-lo ({self.delta_lo}) is above --delta-hi ({self.delta_hi}); swap them.")
         if self.range_max is not None and self.range_max <= self.range_min:
@@ -402,6 +404,10 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         raise UsageError("--query checkpoint needs query embeddings from a trained model: pass --checkpoint RUN/ckpt.pt.")
     ws.require()
     g, t = ws.load(split)
+    if cfg.k > len(g) - 2:
+        raise UsageError(f"-k ({cfg.k}) is larger than the gallery allows: {ws.gallery_path(split)} has {len(g)} "
+                         f"images, so a query has at most {max(len(g) - 2, 0)} negatives besides its reference "
+                         f"and target. Lower -k.")
     strategies = [REGISTRY[n] for n, _ in parts]
     pool = Pool.build(g, _requests(t, any(s.attributes for s in strategies)),
                       g.rows(t.ref_ids.tolist(), t.categories.tolist(), "reference"))
@@ -414,6 +420,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     depth = min(cfg.depth(cfg.k), n)
     if need_ranked and index is None:
         index = build_index(pool.xb, "flat", device=cfg.device)
+    elif index is not None:
+        check_index(index, g, "the given index", ws.gallery_path(split), fix="Pass an index built from this gallery")
     t_prep = time.perf_counter() - t0
 
     got = np.zeros(m, np.int64)

@@ -262,9 +262,9 @@ def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str
     existing = set(zip(t.ref_ids.tolist(), t.target_ids.tolist()))
     index = None
     if ws.index_path(split).exists():
-        from .index import load_index
+        from .index import load_workspace_index
 
-        index = load_index(ws.index_path(split))
+        index = load_workspace_index(ws, split, gallery=g)
     pairs = find_pairs(g, cfg, existing, index=index)
     if not pairs:
         raise DataError(f"{ws.gallery_path(split)}: no neighbour pairs differ in 1..{cfg.max_diff} attribute "

@@ -244,7 +244,10 @@ def concat_picks(parts: list, b: int) -> Picks:
 def parse_mix(spec: str) -> list[tuple[str, float]]:
     """'midzone:0.6,category:0.3,random:0.1' (or one name) -> [(name, share)], shares summing to 1."""
     parts = []
-    for item in [s.strip() for s in str(spec).split(",") if s.strip()]:
+    items = [s.strip() for s in str(spec).split(",")]
+    if len(items) > 1 and not all(items):
+        raise UsageError(f"empty entry in mix {spec!r}: use NAME:SHARE,NAME:SHARE, e.g. midzone:0.6,random:0.4.")
+    for item in [s for s in items if s]:
         name, sep, share = item.partition(":")
         name = name.strip()
         if name not in REGISTRY:

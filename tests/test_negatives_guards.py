@@ -70,7 +70,7 @@ def _world(rng, n, d, n_q, twin_ids, dup_targets):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), n=st.integers(12, 60), k=st.integers(1, 12), twins=st.integers(0, 4),
+@given(seed=st.integers(0, 10_000), n=st.integers(12, 60), k=st.integers(1, 10), twins=st.integers(0, 4),
        strategy=st.sampled_from(["hardest", "semihard", "midzone", "random", "category", "soft", "semantic",
                                  "category-discrepant", "attribute-mismatch",
                                  "midzone:0.5,random:0.5"]),

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data.errors import UsageError
+from data.errors import DataError, UsageError
 from data.io import DirLock, write_json_atomic
 from data.workspace import Workspace
 
@@ -313,6 +313,15 @@ class Trainer:
         })
 
     def restore(self, state: dict) -> None:
+        ckpt, work = self.run_dir / ck.NAME, self.cfg.work
+        if state["model_config"].get("dim") != self.model_config.dim:
+            raise DataError(f"{ckpt}: the model takes d={state['model_config'].get('dim')} but {work} now has "
+                            f"d={self.model_config.dim}. Resume on the workspace the run was trained on, or start "
+                            f"a new run with another --out.")
+        if state.get("workspace_hash") and state["workspace_hash"] != self.ws.manifest_hash():
+            raise DataError(f"{ckpt}: trained on another workspace (manifest hash {state['workspace_hash']}, {work} "
+                            f"has {self.ws.manifest_hash()}). Resume on the workspace the run was trained on, or "
+                            f"start a new run with another --out.")
         self.model.load_state_dict(state["model"])
         if self.opt is not None and state.get("optimizer"):
             self.opt.load_state_dict(state["optimizer"])

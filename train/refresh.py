@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None):
     """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
-    from miner.index import build_index, load_index
+    from miner.index import build_index, load_workspace_index
     from miner.mine import MineConfig, mine_negatives
     from miner.tables import read_negatives
 
@@ -32,7 +32,7 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
     def index():
         if "index" not in state:
             p = ws.index_path(split)
-            state["index"] = (load_index(p, device="cpu") if p.exists()
+            state["index"] = (load_workspace_index(ws, split, device="cpu") if p.exists()
                               else build_index(ws.gallery(split).embeddings, "flat", device="cpu"))
         return state["index"]
 
