@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -17,11 +19,14 @@ from .errors import LockedError
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``final``; on success fsync and ``os.replace`` it into place.
 
-    On an exception the temp file is removed and ``final`` is left untouched.
+    On an exception the temp file is removed and ``final`` is left untouched. The temp name
+    ``.{name}.{pid}.XXXX.tmp`` carries the writer's pid, so temp files of killed writers are swept
+    by the next write of the same file.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    _sweep_stale_temps(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual mode
     tmp_path = Path(tmp)
@@ -29,11 +34,38 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        _kill_hook(final)
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _sweep_stale_temps(final: Path) -> None:
+    """Remove ``.{name}.{pid}.*.tmp`` beside ``final`` whose writer (same host) is no longer alive."""
+    prefix = f".{final.name}."
+    for p in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+_KILL_COUNTS: dict = {}
+
+
+def _kill_hook(final: Path) -> None:
+    """Test hook: ``CIR_MINE_KILL_BEFORE_REPLACE=NAME[:N]`` SIGKILLs this process at the N-th (default
+    first) atomic write of a file called NAME, after the temp file is complete and before the rename."""
+    spec = os.environ.get("CIR_MINE_KILL_BEFORE_REPLACE")
+    if not spec:
+        return
+    name, _, nth = spec.partition(":")
+    if final.name == name:
+        _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+        if _KILL_COUNTS[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _umask() -> int:
