@@ -134,6 +134,7 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
         emb, errors = embed_images(encoder, [im.path for im in images], keys, shard_dir, job.run, advance)
         skipped = _skipped_summary(images, errors)
         if skipped["count"] == len(images):
+            shutil.rmtree(shard_dir, ignore_errors=True)  # nothing worth resuming: leave no scratch behind
             raise DataError(f"{job.root}: none of the {len(images)} images could be read "
                             f"(first: {skipped['images'][0]['reason']}). Check --root and the image files.")
         ok_ids = {im.image_id for im, e in zip(images, errors) if not e}
