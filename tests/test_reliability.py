@@ -214,7 +214,7 @@ def test_foreign_index_is_refused(work16, tmp_path):
     r = runner.invoke(mine_app, ["index", "--work", str(small)])
     assert r.exit_code == 0, r.output
     for src, other in ((small, "the index has d=8 and 300 rows but {g} has d=16 and 300 rows"),
-                       (work16 / "other", None)):
+                       (_copy(work16 / "other", tmp_path / "other"), None)):
         work = _copy(work16 / "w", tmp_path / f"w-{src.name}")
         if other is None:
             assert runner.invoke(mine_app, ["index", "--work", str(src)]).exit_code == 0
