@@ -1,6 +1,6 @@
 """Training quality grid on a workspace (default ../shared/fiq-proxy): mean ± sd over seeds.
 
-    python bench/quality.py --work ../shared/fiq-proxy --out bench-out/quality --seeds 0,1,2
+    python bench/quality.py --work ../shared/fiq-proxy --out bench/out/quality --seeds 0,1,2
 
 Mines one negatives table per strategy (k negatives per query, zero-shot queries, seed 0; cached
 in OUT/negs.{strategy}.parquet), then trains every variant below for every seed with the Python
@@ -104,7 +104,7 @@ def mean_sd(xs: list) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "fiq-proxy")
-    ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
+    ap.add_argument("--out", type=Path, default=Path("bench/out/quality"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=MIX|KEY=VALUE&...[|KEY=VALUE&...]",
