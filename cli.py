@@ -152,13 +152,18 @@ def info(work: Path = WORK):
 class Dataset(str, enum.Enum):
     fashioniq = "fashioniq"
     cirr = "cirr"
+    folder = "folder"
+
+
+DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL).")
+ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
 
 
 @mine_app.command()
 @cli_errors
 def check(
-    dataset: Dataset = typer.Option(..., "--dataset", "-d", help="Annotation layout."),
-    root: Path = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, ...)."),
+    dataset: Dataset = DATASET,
+    root: Path = ROOT,
     split: str = SPLIT,
 ):
     """Read a dataset's annotations and print what they hold (no embedding)."""
@@ -232,12 +237,6 @@ def attributes(
 # cir-mine embed, cir-mine index (issue 3)
 
 
-class EmbedDataset(str, enum.Enum):
-    fashioniq = "fashioniq"
-    cirr = "cirr"
-    folder = "folder"
-
-
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
 INDEX = typer.Option("flat", "--index", help="flat | ivf | ivfpq | hnsw | a FAISS factory string ('none': no index).")
 
@@ -245,8 +244,8 @@ INDEX = typer.Option("flat", "--index", help="flat | ivf | ivfpq | hnsw | a FAIS
 @mine_app.command()
 @cli_errors
 def embed(
-    dataset: EmbedDataset = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL)."),
-    root: Path = typer.Option(..., "--root", "-r", help="Dataset root."),
+    dataset: Dataset = DATASET,
+    root: Path = ROOT,
     split: str = SPLIT,
     work: Path = WORK,
     model: str = typer.Option("ViT-B-32", "--model", help="open_clip model name or path of a model-config JSON."),

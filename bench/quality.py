@@ -1,6 +1,6 @@
 """Training quality grid on a workspace (default ../shared/fiq-proxy): mean ± sd over seeds.
 
-    python bench/quality.py --work ../shared/fiq-proxy --out bench-out/quality --seeds 0,1,2
+    python bench/quality.py --work ../shared/fiq-proxy --out bench/out/quality --seeds 0,1,2
 
 Mines one negatives table per strategy (k negatives per query, zero-shot queries, seed 0; cached
 in OUT/negs.{strategy}.parquet), then trains every variant below for every seed with the Python
@@ -27,43 +27,72 @@ from train.loop import TrainConfig, train  # noqa: E402
 BASE = dict(epochs=10, batch_size=128, width=0.5, dropout=0.5, lr=1e-3, temperature=0.05,
             category_batches=True, threads=1)
 STRATEGIES = ("random", "semihard", "midzone", "hardest", "category", "attribute-mismatch")
+# Mining config of every table: k negatives per query from a flat search of depth `candidates`
+# (the default depth 128 leaves most fiq-proxy queries without ranked negatives: their zero-shot
+# targets rank below 128, so every candidate is above the target and the positive-aware cap drops it).
+MINE = dict(k=8, candidates=1024, seed=0, device="cpu")
 # random and category do not depend on the query embedding: a refresh would re-draw the same rows.
 REFRESHABLE = ("semihard", "midzone", "hardest", "attribute-mismatch")
 
 
 def variants() -> dict:
-    """name -> (negatives strategy or None, TrainConfig overrides)."""
-    v = {"zero-shot": (None, dict(zero_shot=True)), "in-batch": (None, {})}
-    v["static-bank"] = (None, dict(static_bank=2))
+    """name -> (mix or None, TrainConfig overrides, MineConfig overrides)."""
+    v = {"zero-shot": (None, dict(zero_shot=True), {}), "in-batch": (None, {}, {})}
+    v["online-hard"] = (None, dict(online_hard=4), {})
+    v["static-bank"] = (None, dict(static_bank=2), {})
     for s in STRATEGIES:
-        v[s] = (s, {})
+        v[s] = (s, {}, {})
     for s in REFRESHABLE:
-        v[f"{s}+refresh"] = (s, dict(refresh_every=3))
+        v[f"{s}+refresh"] = (s, dict(refresh_every=5), {})
+    nocap = dict(rho=None)
+    v["hardest-nocap"] = ("hardest", {}, nocap)
+    v["hardest-nocap+refresh"] = ("hardest", dict(refresh_every=5), nocap)
+    v["midzone±0.1-nocap"] = ("midzone", {}, dict(rho=None, delta_lo=-0.1, delta_hi=0.1))
+    v["midzone±0.1-nocap+refresh"] = ("midzone", dict(refresh_every=5), dict(rho=None, delta_lo=-0.1, delta_hi=0.1))
     return v
 
 
-def mine_table(work: Path, out: Path, strategy: str, k: int) -> Path:
+def mine_table(work: Path, out: Path, mix: str, mine: dict) -> Path:
     from miner.mine import MineConfig, mine_to_file
 
-    path = out / f"negs.{strategy.replace(':', '').replace(',', '+')}.parquet"
+    tag = mix.replace(":", "").replace(",", "+") + "".join(f".{k}={v}" for k, v in sorted(mine.items()))
+    path = out / f"negs.{tag}.parquet"
     if not path.exists():
         t0 = time.perf_counter()
-        mine_to_file(Workspace(work), "train", MineConfig(mix=strategy, k=k, seed=0, device="cpu"), path)
+        mine_to_file(Workspace(work), "train", MineConfig(mix=mix, **{**MINE, **mine}), path)
         print(f"mined {path} in {time.perf_counter() - t0:.1f}s", flush=True)
     return path
 
 
-def run_one(work: Path, out: Path, name: str, strategy, overrides: dict, seed: int, k: int) -> dict:
+def run_one(work: Path, out: Path, name: str, strategy, overrides: dict, mine: dict, seed: int) -> dict:
     from train.refresh import miner_remine
 
     run = out / "runs" / f"{name}.s{seed}"
-    negs = mine_table(work, out, strategy, k) if strategy else None
+    negs = mine_table(work, out, strategy, mine) if strategy else None
     if (run / "metrics.json").exists():
         return json.loads((run / "metrics.json").read_text())
     cfg = TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None, seed=seed,
                       **{**BASE, **overrides})
     remine = miner_remine(work, "train", negs, cfg.schedule) if cfg.refresh_every else None
     return train(cfg, remine=remine, resume=(run / "ckpt.pt").exists())
+
+
+def _overrides(text: str, defaults) -> dict:
+    """'a=1&b=x' -> {a: 1, b: 'x'} typed like the field of ``defaults`` (MineConfig when None)."""
+    from miner.mine import MineConfig
+
+    defaults = defaults if defaults is not None else MineConfig()
+    out = {}
+    for kv in filter(None, text.split("&")):
+        key, _, val = kv.partition("=")
+        default = getattr(defaults, key)
+        if val.lower() == "none":
+            out[key] = None
+        elif isinstance(default, bool):
+            out[key] = val.lower() in ("1", "true", "yes")
+        else:
+            out[key] = val if default is None else type(default)(val)
+    return out
 
 
 def mean_sd(xs: list) -> str:
@@ -75,43 +104,35 @@ def mean_sd(xs: list) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "fiq-proxy")
-    ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
+    ap.add_argument("--out", type=Path, default=Path("bench/out/quality"))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--k", type=int, default=8, help="negatives mined per query")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=MIX|KEY=VALUE&...",
-                    help="an extra variant: a mix (one strategy or 'random:0.5,midzone:0.5') and TrainConfig "
-                         "overrides, e.g. 'mid-both=midzone|loss=both&neg_per_query=8'")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=MIX|KEY=VALUE&...[|KEY=VALUE&...]",
+                    help="an extra variant: a mix (one strategy or 'random:0.5,midzone:0.5'), TrainConfig "
+                         "overrides and MineConfig overrides, e.g. 'mid-both=midzone|loss=both&neg_per_query=8|rho=none'")
     args = ap.parse_args(argv)
     grid = variants()
     for spec in args.set:
         name, _, rest = spec.partition("=")
-        strat, _, kvs = rest.partition("|")
-        ov = {}
-        for kv in filter(None, kvs.split("&")):
-            key, _, val = kv.partition("=")
-            default = getattr(TrainConfig(), key)
-            if isinstance(default, bool):
-                ov[key] = val.lower() in ("1", "true", "yes")
-            else:
-                ov[key] = val if default is None else type(default)(val)
-        grid[name] = (strat or None, ov)
+        strat, _, rest = rest.partition("|")
+        kvs, _, mkvs = rest.partition("|")
+        grid[name] = (strat or None, _overrides(kvs, TrainConfig()), _overrides(mkvs, None))
     names = args.only.split(",") if args.only else list(grid)
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        strategy, ov = grid[name]
+        strategy, ov, mine = grid[name]
         r10, r50, secs = [], [], []
         for seed in seeds if name != "zero-shot" else seeds[:1]:
             t0 = time.perf_counter()
-            m = run_one(args.work, args.out, name, strategy, ov, seed, args.k)
+            m = run_one(args.work, args.out, name, strategy, ov, mine, seed)
             secs.append(time.perf_counter() - t0)
             r10.append(m["R@10"]), r50.append(m["R@50"])
             with open(args.out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps({"variant": name, "seed": seed, "R@10": m["R@10"], "R@50": m["R@50"],
                                      "per_category": m.get("per_category"), "overrides": ov,
-                                     "strategy": strategy}) + "\n")
+                                     "strategy": strategy, "mine": {**MINE, **mine} if strategy else None}) + "\n")
         rows.append((name, r10, r50))
         print(f"{name:28s} R@10 {mean_sd(r10):>14s}   R@50 {mean_sd(r50):>14s}   ({statistics.mean(secs):.0f}s/run)",
               flush=True)

@@ -65,9 +65,11 @@ class Encoder:
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype on GPU, None for fp32
     pil_transform: Optional[Callable] = None  # PIL stages of ``preprocess`` (resize, crop); None: not split
     mean_std: Optional[tuple] = None          # Normalize's (mean, std) for batched normalization
+    model_arg: str = ""                       # what --model said (a name, or the config JSON's absolute path)
 
     def describe(self) -> dict:
-        return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip"}
+        return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip",
+                "model": self.model_arg or self.name}
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -216,8 +218,19 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
     log.info("encoder %s (pretrained=%s, d=%d) on %s%s", name, cfg.pretrained, dim, device,
              f" with {amp} autocast" if amp else "")
     pil_transform, mean_std = split_transform(preprocess)
+    model_arg = str(Path(cfg.model).resolve()) if name != cfg.model else name
     return Encoder(model, preprocess, open_clip.get_tokenizer(name), device, name, cfg.pretrained, dim, amp,
-                   pil_transform, mean_std)
+                   pil_transform, mean_std, model_arg)
+
+
+def text_encoder_from_manifest(manifest: dict, device: str = "auto") -> Callable:
+    """The text tower a workspace was embedded with, as ``encode(texts, pairs) -> float32[n, d]``
+    (used to embed generated captions with the workspace's own encoder)."""
+    enc = manifest.get("encoder") or {}
+    if enc.get("library") != "open_clip":
+        raise UsageError(f"the workspace was not embedded with open_clip (encoder: {enc.get('name', 'unknown')}).")
+    encoder = load_encoder(EncoderConfig(enc.get("model") or enc["name"], enc.get("pretrained", "none"), device))
+    return lambda texts, pairs=None: embed_texts(encoder, list(texts))
 
 
 def split_transform(preprocess) -> tuple[Optional[Callable], Optional[tuple]]:

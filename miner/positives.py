@@ -226,16 +226,17 @@ def text_encoder_for(ws: Workspace, name: str = "auto", seed: int = 0) -> TextEn
     m = ws.manifest()
     enc = (m.get("encoder") or {}).get("name", "unknown")
     if name == "auto":
-        name = {"synthetic": "synthetic"}.get(enc, "minilm" if "minilm" in enc.lower() else enc)
+        if (m.get("encoder") or {}).get("library") == "open_clip":
+            name = "open_clip"
+        elif enc == "synthetic" or "minilm" in enc.lower():
+            name = "synthetic" if enc == "synthetic" else "minilm"
     if name == "synthetic":
         return synthetic_text_encoder(ws, seed)
     if name == "minilm":
         return minilm_text_encoder()
-    if name in ("open_clip", "open-clip") or m.get("source") in ("fashioniq", "cirr", "folder"):
-        try:
-            from .embed import text_encoder_from_manifest  # the embed issue's open_clip text tower
-        except ImportError:
-            raise UsageError("this workspace's open_clip text encoder is not available in this build.") from None
+    if name in ("open_clip", "open-clip"):
+        from .embed import text_encoder_from_manifest
+
         return text_encoder_from_manifest(m)
     raise UsageError(
         f"{ws.root}: cannot tell which text encoder built this workspace (manifest encoder: {enc}). "

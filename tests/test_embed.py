@@ -78,7 +78,7 @@ def test_fashioniq_workspace_loads_and_index_searches(tmp_path, tiny, encoder):
     assert len(g) == 18 and len(t) == 15 and g.dim == 32
     m = ws.manifest()
     assert m["source"] == "fashioniq" and m["encoder"] == {"name": "cir-tiny-clip", "pretrained": "none", "dim": 32,
-                                                          "library": "open_clip"}
+                                                          "library": "open_clip", "model": str(tiny.resolve())}
     assert m["embed"]["train"]["skipped_images"]["count"] == 0
     assert not (work / ".embed-train").exists()
     # Dataset tags survive; each row is its own file's embedding.
@@ -338,3 +338,24 @@ def test_index_refuses_a_locked_workspace(tmp_path, small_work):
                                                 "purpose": "cir-mine embed"}))
     r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu"])
     assert r.exit_code == 1 and "is in use by process 1 (cir-mine embed)" in r.output
+
+
+def test_positives_embed_captions_with_the_workspace_text_tower(tmp_path, tiny):
+    """Generated triplets on an embedded workspace use its own open_clip text tower (issue 8)."""
+    from data.workspace import read_triplets
+    from miner.embed import text_encoder_from_manifest
+
+    root, work = make_fashioniq(tmp_path / "fiq", n_per_cat=10), tmp_path / "w"
+    assert embed(["--dataset", "fashioniq", "--root", str(root), "--work", str(work)], tiny).exit_code == 0
+    ws = Workspace(work)
+    g, t = ws.load("train")
+    encode = text_encoder_from_manifest(ws.manifest(), device="cpu")
+    # the rebuilt text tower reproduces the workspace's own caption embeddings
+    assert np.allclose(encode([" and ".join(c) for c in t.captions[:3]]), t.text_embeddings[:3], atol=1e-5)
+    out = tmp_path / "extra.parquet"
+    r = runner.invoke(mine_app, ["positives", "--work", str(work), "--out", str(out), "--max-diff", "3",
+                                 "--max-values", "4", "--dup-threshold", "1.01"])
+    assert r.exit_code == 0, r.output
+    extra = read_triplets(out, dim=g.dim)
+    assert len(extra) > 0
+    assert np.allclose(encode([" and ".join(extra.captions[0])]), extra.text_embeddings[:1], atol=1e-5)
