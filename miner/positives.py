@@ -19,6 +19,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from data.errors import DataError, UsageError
+from data.io import DirLock
 from data.records import join_captions
 from data.workspace import Gallery, Workspace, triplets_table, write_table
 
@@ -285,5 +286,6 @@ def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str
     meta = {"config": cfg.__dict__ | {"ignore_groups": list(cfg.ignore_groups)}, "split": split,
             "manifest_hash": ws.manifest_hash(), "captioner": type(captioner).__name__,
             "changed_groups": dict(Counter(c.group for p in pairs for c in p.changes))}
-    write_table(table, out, metadata={"cir_mine_positives": meta})
+    with DirLock(Path(out).parent, f"cir-mine positives -> {Path(out).name}"):
+        write_table(table, out, metadata={"cir_mine_positives": meta})
     return PositivesResult(len(pairs), len(g), Path(out), meta)

@@ -111,3 +111,13 @@ def test_unknown_encoder_error(tmp_path):
     r = runner.invoke(mine_app, ["positives", "--work", str(root), "--out", str(tmp_path / "x.parquet"), "--max-images", "50"])
     assert r.exit_code == 2
     assert "cannot tell which text encoder built this workspace (manifest encoder: unknown). Pass --text-encoder minilm" in r.output
+
+
+def test_positives_output_dir_is_locked(synth_work, tmp_path):
+    from data.io import DirLock
+
+    out = tmp_path / "extra.parquet"
+    with DirLock(tmp_path, "another writer"):
+        r = runner.invoke(mine_app, ["positives", "--work", str(synth_work), "--out", str(out), "--max-images", "50"])
+    assert r.exit_code == 1 and f"Error: {tmp_path} is in use by process" in r.output
+    assert not out.exists()
