@@ -274,6 +274,8 @@ def embed(
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
                f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
+    if m["encoder"].get("pretrained") == "none":
+        typer.echo("note: random weights (--pretrained none); pass --pretrained TAG|PATH for a trained CLIP.", err=True)
 
 
 @mine_app.command("index")
