@@ -88,6 +88,8 @@ def _overrides(text: str, defaults) -> dict:
         default = getattr(defaults, key)
         if val.lower() == "none":
             out[key] = None
+        elif isinstance(default, list):
+            out[key] = val.split(",")
         elif isinstance(default, bool):
             out[key] = val.lower() in ("1", "true", "yes")
         else:
