@@ -82,6 +82,7 @@ class TrainConfig:
     threads: int = 0                   # torch threads (0 = torch default)
     extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)
     extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
+    neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,8 +104,9 @@ class TrainConfig:
             raise UsageError("--batch-size must be at least 2 (in-batch negatives need two queries).")
         if not 0.0 <= self.neg_share <= 1.0:
             raise UsageError(f"--neg-share {self.neg_share}: must be in [0, 1].")
-        if self.extra_weight < 0:
-            raise UsageError(f"--extra-weight {self.extra_weight}: must be >= 0.")
+        for name in ("extra_weight", "neg_weight"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0.")
         if self.temperature <= 0:
             raise UsageError("--temperature must be positive.")
         if self.refresh_every and not self.negatives:
@@ -295,7 +297,7 @@ class Trainer:
             nkeys = torch.where(nr >= 0, self.keys_t[nr.clamp(min=0)], torch.full_like(nr, -1))
         loss = out.new_zeros(())
         if cfg.loss in ("infonce", "both"):
-            loss = loss + info_nce(out, tgt, tkeys, pkeys, neg, nkeys, cfg.temperature, w)
+            loss = loss + info_nce(out, tgt, tkeys, pkeys, neg, nkeys, cfg.temperature, w, cfg.neg_weight)
         if cfg.loss in ("triplet", "both") and neg is not None:
             from .loss import positive_mask
             valid = (nkeys >= 0) & ~positive_mask(pkeys, nkeys)

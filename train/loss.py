@@ -10,6 +10,7 @@ Shapes: ``q: float32[B, d]`` query embeddings (unit rows), ``t: float32[B, d]`` 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -54,15 +55,22 @@ def mined_logits(q: torch.Tensor, neg: torch.Tensor, neg_keys: torch.Tensor,
 
 def info_nce(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor, pos_keys: torch.Tensor,
              neg: Optional[torch.Tensor] = None, neg_keys: Optional[torch.Tensor] = None,
-             temperature: float = 0.05, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+             temperature: float = 0.05, weights: Optional[torch.Tensor] = None,
+             neg_weight: float = 1.0) -> torch.Tensor:
     """InfoNCE: in-batch targets plus mined negatives as extra logits per query -> scalar.
+
+    neg_weight: each mined negative counts ``neg_weight`` times in the softmax denominator
+    (log(neg_weight) added to its scaled logit; < 1 down-weights mined negatives, 0 drops them).
 
     weights: optional float32[B] loss weight per query (generated triplets); the loss is the
     mean over B of weight x per-query cross-entropy.
     """
     logits = in_batch_logits(q, t, target_keys, pos_keys)
-    if neg is not None and neg.shape[1] > 0:
-        logits = torch.cat([logits, mined_logits(q, neg, neg_keys, pos_keys)], dim=1)
+    if neg is not None and neg.shape[1] > 0 and neg_weight > 0:
+        mined = mined_logits(q, neg, neg_keys, pos_keys)
+        if neg_weight != 1.0:
+            mined = mined + temperature * math.log(neg_weight)
+        logits = torch.cat([logits, mined], dim=1)
     labels = torch.arange(q.shape[0], device=q.device)
     return weighted_mean(F.cross_entropy(logits / temperature, labels, reduction="none"), weights)
 
