@@ -7,6 +7,8 @@ Prints (one run, no training):
   captions name any tag word of the target's stand-in at all;
 - per query, how many same-category gallery images have the target's exact tag set (indistinguishable
   from the target in the proxy: at evaluation they are ranked like the target but count as misses);
+- with --positives: the same caption statistics of generated triplets, and how close their
+  reference and target are (real FashionIQ pairs are far apart);
 - the share of random in-category images that carry every target tag word the caption names (the
   caption gives no evidence against them: in the proxy they are as good an answer as the target);
 - for each negatives table: the share of mined negatives with the target's exact tag set (true positives
@@ -44,6 +46,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "fiq-proxy")
     ap.add_argument("--negatives", type=Path, nargs="*", default=[])
+    ap.add_argument("--positives", type=Path, default=None, help="generated triplets (cir-mine positives)")
     args = ap.parse_args(argv)
     g, t = Workspace(args.work).load("train")
     attrs = [list(a) for a in g.attributes]
@@ -58,6 +61,20 @@ def main(argv=None) -> None:
     print(f"queries: {len(t)}; captions naming a colour: {colour.mean():.1%}; "
           f"captions naming any tag word of the target: {names_tag.mean():.1%}; "
           f"colour but no target tag word: {(colour & ~names_tag).mean():.1%}")
+    emb = g.embeddings
+    print(f"cos(reference, target): median {np.median((emb[rrow] * emb[trow]).sum(1)):.3f}")
+    if args.positives:
+        from data.workspace import read_triplets
+
+        p = read_triplets(args.positives, dim=g.dim)
+        pc = [" ".join(c).lower() for c in p.captions]
+        pr = g.rows(p.ref_ids.tolist(), p.categories.tolist(), what="reference")
+        pt = g.rows(p.target_ids.tolist(), p.categories.tolist(), what="target")
+        share = Counter(p.categories.tolist())
+        print(f"generated ({args.positives.name}): {len(p)} triplets {dict(share)}; captions naming a colour: "
+              f"{np.mean([bool(words_re.search(c)) for c in pc]):.1%}; cos(reference, target): median "
+              f"{np.median((emb[pr] * emb[pt]).sum(1)):.3f}; cos(caption embedding, real caption centroid): "
+              f"{float(_unit(p.text_embeddings.mean(0)) @ _unit(t.text_embeddings.mean(0))):.3f}")
     same_ref = np.array([sets[a] == sets[b] for a, b in zip(rrow, trow)])
     print(f"reference and target with the same tag set (the query's change is invisible): {same_ref.mean():.1%}")
     twins = Counter((c, s) for c, s in zip(cats, sets))
@@ -65,7 +82,6 @@ def main(argv=None) -> None:
     print(f"same-category images with the target's exact tag set, per query: median {np.median(n_twins):.0f}, "
           f"mean {n_twins.mean():.1f}, share of queries with >= 1: {(n_twins >= 1).mean():.1%}, >= 10: "
           f"{(n_twins >= 10).mean():.1%}")
-    emb = g.embeddings
     rng = np.random.default_rng(0)
     by_cat = {c: np.flatnonzero(g.categories == c) for c in set(cats)}
     rnd = np.array([rng.choice(by_cat[cats[r]]) for r in trow])
@@ -78,8 +94,10 @@ def main(argv=None) -> None:
         """bool: the negative also has every target tag word the caption names (no caption evidence against it)."""
         return np.array([named[i] <= tag_words(attrs[n]) for n, i in zip(neg_rows, qi)])
 
-    print(f"random in-category image with every target tag word the caption names: "
-          f"{caption_blind(rnd, np.arange(len(t))).mean():.1%}")
+    has_named = np.array([bool(x) for x in named])
+    blind = caption_blind(rnd, np.arange(len(t)))
+    print(f"random in-category image with every target tag word the caption names: {blind.mean():.1%} "
+          f"({blind[has_named].mean():.1%} of the queries whose caption names one)")
     qpos = {q: i for i, q in enumerate(t.query_ids.tolist())}
     import pyarrow.parquet as pq
 
@@ -94,7 +112,12 @@ def main(argv=None) -> None:
         print(f"{path.name}: {tab.num_rows} negatives for {len(set(qi.tolist()))} queries; same tag set as the "
               f"target {same.mean():.1%}; cos(neg, target) >= 0.95 {(cos >= 0.95).mean():.1%}, median cos "
               f"{np.median(cos):.3f}; mean tag Jaccard {j.mean():.3f}; with every target tag word the caption "
-              f"names {caption_blind(nrow, qi).mean():.1%}")
+              f"names {caption_blind(nrow, qi).mean():.1%} ({caption_blind(nrow, qi)[has_named[qi]].mean():.1%} "
+              f"where the caption names one)")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x)
 
 
 def jac(a: frozenset, b: frozenset) -> float:
