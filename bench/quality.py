@@ -8,6 +8,9 @@ API that `cir-train` calls (train.loop.train; refresh through train.refresh.mine
 evaluates on the held-out dev queries (--dev-fraction 0.1, --dev-seed 0: the same dev set for
 every seed and variant). Writes OUT/results.jsonl (one line per run) and OUT/quality.md (the table).
 Each run's directory OUT/runs/{variant}.s{seed} is a normal cir-train run (metrics.json, curves.png).
+--dev-fraction changes the held-out share for every row; --positives FILE (cir-mine positives) adds
+the "+pos" rows (generated triplets as extra training queries); quality.md lists each row's paired
+per-seed difference to in-batch.
 """
 from __future__ import annotations
 
