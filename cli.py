@@ -576,6 +576,10 @@ def train(
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),
+    # issue 8 point 3: generated triplets (cir-mine positives) as extra training queries
+    extra_triplets: Optional[list[Path]] = typer.Option(None, "--extra-triplets", help="Generated triplets (cir-mine positives) mixed into the training queries (repeatable; never into the dev split)."),
+    extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
+    neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -597,7 +601,9 @@ def train(
             loss=loss, margin=margin, triplet_weight=triplet_weight, neg_per_query=neg_per_query,
             neg_share=neg_share, share_warmup=share_warmup, schedule=schedule, category_batches=category_batches, online_hard=online_hard,
             static_bank=static_bank, bank_k=bank_k, refresh_every=refresh_every,
-            exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads)
+            exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads,
+            extra_triplets=[str(p) for p in extra_triplets or []], extra_weight=extra_weight,
+            neg_weight=neg_weight)
     remine = _miner_remine(cfg) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
     with progress_bar("train", total, quiet, unit="epochs") as advance:

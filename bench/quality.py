@@ -8,6 +8,9 @@ API that `cir-train` calls (train.loop.train; refresh through train.refresh.mine
 evaluates on the held-out dev queries (--dev-fraction 0.1, --dev-seed 0: the same dev set for
 every seed and variant). Writes OUT/results.jsonl (one line per run) and OUT/quality.md (the table).
 Each run's directory OUT/runs/{variant}.s{seed} is a normal cir-train run (metrics.json, curves.png).
+--dev-fraction changes the held-out share for every row; --positives FILE (cir-mine positives) adds
+the "+pos" rows (generated triplets as extra training queries); quality.md lists each row's paired
+per-seed difference to in-batch.
 """
 from __future__ import annotations
 
@@ -35,8 +38,11 @@ MINE = dict(k=8, candidates=1024, seed=0, device="cpu")
 REFRESHABLE = ("semihard", "midzone", "hardest", "attribute-mismatch")
 
 
-def variants() -> dict:
-    """name -> (mix or None, TrainConfig overrides, MineConfig overrides)."""
+def variants(positives=None) -> dict:
+    """name -> (mix or None, TrainConfig overrides, MineConfig overrides).
+
+    positives: generated triplets (cir-mine positives) for the "+pos" rows (absent without it).
+    """
     v = {"zero-shot": (None, dict(zero_shot=True), {}), "in-batch": (None, {}, {})}
     v["online-hard"] = (None, dict(online_hard=4), {})
     v["static-bank"] = (None, dict(static_bank=2), {})
@@ -49,6 +55,23 @@ def variants() -> dict:
     v["hardest-nocap+refresh"] = ("hardest", dict(refresh_every=5), nocap)
     v["midzone±0.1-nocap"] = ("midzone", {}, dict(rho=None, delta_lo=-0.1, delta_hi=0.1))
     v["midzone±0.1-nocap+refresh"] = ("midzone", dict(refresh_every=5), dict(rho=None, delta_lo=-0.1, delta_hi=0.1))
+    # Follow-up (2026-11-25): mixes, curricula, down-weighted mined logits, longer training, deeper search
+    r5 = dict(refresh_every=5)
+    v["midzone+hardest+refresh"] = ("midzone:0.5,hardest:0.5", r5, {})
+    v["curriculum+refresh3"] = ("random", dict(refresh_every=3, schedule="0:random;3:midzone;6:hardest"), {})
+    v["hardest+refresh+negw0.3"] = ("hardest", dict(r5, neg_weight=0.3), {})
+    v["midzone+refresh+negw0.3"] = ("midzone", dict(r5, neg_weight=0.3), {})
+    v["in-batch-e20"] = (None, dict(epochs=20), {})
+    v["hardest+refresh-e20"] = ("hardest", dict(epochs=20, refresh_every=5), {})
+    v["hardest-deep+refresh"] = ("hardest", r5, dict(max_candidates=8192))
+    v["midzone-deep+refresh"] = ("midzone", r5, dict(max_candidates=8192))
+    v["hardest+refresh-late"] = ("hardest", dict(r5, share_warmup=5), {})
+    if positives:   # issue 8 point 3: generated triplets as extra training queries
+        pos = dict(extra_triplets=[str(positives)])
+        v["in-batch+pos"] = (None, pos, {})
+        v["in-batch+pos-w0.3"] = (None, dict(pos, extra_weight=0.3), {})
+        v["hardest+refresh+pos"] = ("hardest", dict(pos, **r5), {})
+        v["midzone+refresh+pos"] = ("midzone", dict(pos, **r5), {})
     return v
 
 
@@ -88,6 +111,8 @@ def _overrides(text: str, defaults) -> dict:
         default = getattr(defaults, key)
         if val.lower() == "none":
             out[key] = None
+        elif isinstance(default, list):
+            out[key] = val.split(",")
         elif isinstance(default, bool):
             out[key] = val.lower() in ("1", "true", "yes")
         else:
@@ -107,11 +132,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/out/quality"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--positives", type=Path, default=None,
+                    help="generated triplets (cir-mine positives) for the +pos rows")
+    ap.add_argument("--dev-fraction", type=float, default=0.1, help="held-out share of queries (every row)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=MIX|KEY=VALUE&...[|KEY=VALUE&...]",
                     help="an extra variant: a mix (one strategy or 'random:0.5,midzone:0.5'), TrainConfig "
                          "overrides and MineConfig overrides, e.g. 'mid-both=midzone|loss=both&neg_per_query=8|rho=none'")
     args = ap.parse_args(argv)
-    grid = variants()
+    grid = variants(args.positives)
+    BASE["dev_fraction"] = args.dev_fraction
     for spec in args.set:
         name, _, rest = spec.partition("=")
         strat, _, rest = rest.partition("|")
@@ -137,10 +166,13 @@ def main(argv=None) -> None:
         print(f"{name:28s} R@10 {mean_sd(r10):>14s}   R@50 {mean_sd(r50):>14s}   ({statistics.mean(secs):.0f}s/run)",
               flush=True)
     base = next((r for r in rows if r[0] == "in-batch"), None)
-    lines = ["| variant | R@10 (avg) | R@50 (avg) | Δ R@10 vs in-batch |", "| --- | --- | --- | --- |"]
+    lines = ["| variant | R@10 (avg) | R@50 (avg) | Δ R@10 vs in-batch | paired Δ R@10 per seed |",
+             "| --- | --- | --- | --- | --- |"]
     for name, r10, r50 in rows:
         d = f"{statistics.mean(r10) - statistics.mean(base[1]):+.2f}" if base else ""
-        lines.append(f"| {name} | {mean_sd(r10)} | {mean_sd(r50)} | {d} |")
+        paired = (" ".join(f"{a - b:+.2f}" for a, b in zip(r10, base[1]))
+                  if base and len(r10) == len(base[1]) else "")
+        lines.append(f"| {name} | {mean_sd(r10)} | {mean_sd(r50)} | {d} | {paired} |")
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -83,3 +83,18 @@ def test_static_bank_masks_twins_of_the_target():
     sampled = bank_loss(q, bank, torch.tensor([0]), keys, pk, temperature=0.5, sample=torch.tensor([4, 1]))
     logits = torch.cat([(q @ bank[[0]].T), q @ bank[[1]].T], 1) / 0.5
     assert torch.allclose(sampled, F.cross_entropy(logits, torch.tensor([0])), atol=1e-6)
+
+
+def test_neg_weight_counts_each_mined_negative_w_times():
+    torch.manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    t = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    neg = torch.nn.functional.normalize(torch.randn(5, 3, 8), dim=2)
+    keys, nkeys = torch.arange(5), torch.arange(10, 25).view(5, 3)
+    pos = keys.unsqueeze(1)
+    assert torch.allclose(info_nce(q, t, keys, pos, neg, nkeys, neg_weight=0.0), info_nce(q, t, keys, pos))
+    w, tau = 0.3, 0.05
+    e_batch = torch.exp(q @ t.T / tau)
+    e_neg = torch.exp(torch.einsum("bd,bkd->bk", q, neg) / tau)
+    manual = -torch.log(e_batch.diag() / (e_batch.sum(1) + w * e_neg.sum(1)))
+    assert torch.allclose(info_nce(q, t, keys, pos, neg, nkeys, tau, neg_weight=w), manual.mean(), atol=1e-5)

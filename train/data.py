@@ -29,6 +29,7 @@ class QuerySet:
     target_keys: np.ndarray      # int64[m]
     pos_keys: np.ndarray         # int64[m, P]: target key then extra-positive keys, -1 padded
     categories: np.ndarray       # object[m] of str
+    weights: Optional[np.ndarray] = None  # float32[m] loss weight per query (None: all 1)
 
     def __len__(self) -> int:
         return int(self.query_ids.shape[0])
@@ -56,6 +57,68 @@ def resolve_queries(triplets, gallery, gallery_keys: np.ndarray, key_of: dict) -
         pos[i, 1:1 + len(e)] = e
     return QuerySet(triplets.query_ids, ref_rows, target_rows, triplets.text_embeddings,
                     target_keys, pos, triplets.categories)
+
+
+def subset_queries(q: QuerySet, idx: np.ndarray) -> QuerySet:
+    """Rows ``idx`` (int64[k]) of a QuerySet."""
+    return QuerySet(q.query_ids[idx], q.ref_rows[idx], q.target_rows[idx], q.text_emb[idx],
+                    q.target_keys[idx], q.pos_keys[idx], q.categories[idx],
+                    None if q.weights is None else q.weights[idx])
+
+
+def concat_queries(a: QuerySet, b: QuerySet) -> QuerySet:
+    """a's queries then b's; pos_keys padded with -1 to the wider of the two; weights default 1."""
+    p = max(a.pos_keys.shape[1], b.pos_keys.shape[1])
+
+    def pad(x):
+        return np.pad(x, ((0, 0), (0, p - x.shape[1])), constant_values=-1)
+
+    def w(x):
+        return np.ones(len(x), dtype=np.float32) if x.weights is None else x.weights
+
+    weights = None if a.weights is None and b.weights is None else np.concatenate([w(a), w(b)])
+    return QuerySet(np.concatenate([a.query_ids, b.query_ids]), np.concatenate([a.ref_rows, b.ref_rows]),
+                    np.concatenate([a.target_rows, b.target_rows]), np.concatenate([a.text_emb, b.text_emb]),
+                    np.concatenate([a.target_keys, b.target_keys]),
+                    np.concatenate([pad(a.pos_keys), pad(b.pos_keys)]),
+                    np.concatenate([a.categories, b.categories]), weights)
+
+
+def extra_queries(paths: list, gallery, gallery_keys: np.ndarray, key_of: dict, taken_ids,
+                  weight: float = 1.0) -> QuerySet:
+    """Generated triplets (``cir-mine positives`` output, triplets schema) as extra training queries.
+
+    Every table is validated like a workspace's triplets with the gallery's dimension; every
+    reference and target must be in ``gallery``; query ids must not collide with ``taken_ids``
+    (the workspace's queries, dev included) nor with each other. Each query gets loss weight
+    ``weight``. Raises SchemaError / DataError naming the file.
+    """
+    from data.errors import DataError
+    from data.workspace import read_triplets
+
+    taken = set(taken_ids)
+    parts = []
+    for path in paths:
+        t = read_triplets(path, dim=gallery.dim)
+        for q in t.query_ids.tolist():
+            if q in taken:
+                raise DataError(f"{path}: query id '{q}' is already a training query (of the workspace or an "
+                                f"earlier --extra-triplets file). Query ids must be unique; regenerate or rename them.")
+            taken.add(q)
+        for what, ids in (("reference", t.ref_ids), ("target", t.target_ids)):
+            for q, c, i in zip(t.query_ids.tolist(), t.categories.tolist(), ids.tolist()):
+                if (c, i) not in gallery.key_row and i not in gallery.row_of:
+                    raise DataError(f"{path}: {what} id '{i}' of query '{q}' is not in the gallery "
+                                    f"{gallery.path}. Generate the triplets from this workspace "
+                                    f"(cir-mine positives --work WORK).")
+        qs = resolve_queries(t, gallery, gallery_keys, key_of)
+        qs.weights = np.full(len(qs), weight, dtype=np.float32)
+        parts.append(qs)
+        log.info("extra triplets %s: %d queries, loss weight %g", path, len(qs), weight)
+    out = parts[0]
+    for qs in parts[1:]:
+        out = concat_queries(out, qs)
+    return out
 
 
 def dev_split(m: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,8 +31,8 @@ from data.workspace import Workspace
 
 from . import checkpoint as ck
 from .checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
-from .data import (NegativeBank, QuerySet, dev_split, group_negatives, image_keys, resolve_queries,
-                   sample_negatives)
+from .data import (NegativeBank, concat_queries, dev_split, extra_queries, group_negatives, image_keys,
+                   resolve_queries, sample_negatives, subset_queries)
 from .loss import bank_loss, hardest_in_batch, info_nce, triplet_margin
 from .metrics import evaluate
 from .model import ModelConfig, build_model, encode_queries
@@ -80,6 +80,9 @@ class TrainConfig:
     exclude_reference: bool = False    # FashionIQ protocol: drop the reference from the gallery
     zero_shot: bool = False            # evaluate normalize(image + text) without training
     threads: int = 0                   # torch threads (0 = torch default)
+    extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)
+    extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
+    neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +104,9 @@ class TrainConfig:
             raise UsageError("--batch-size must be at least 2 (in-batch negatives need two queries).")
         if not 0.0 <= self.neg_share <= 1.0:
             raise UsageError(f"--neg-share {self.neg_share}: must be in [0, 1].")
+        for name in ("extra_weight", "neg_weight"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0.")
         if self.temperature <= 0:
             raise UsageError("--temperature must be positive.")
         if self.refresh_every and not self.negatives:
@@ -146,7 +152,11 @@ class Trainer:
                 raise UsageError("--dev-fraction gives no evaluation queries; raise it or pass --eval-work.")
             self.eval_gallery, self.eval_triplets = self.gallery, triplets.subset(dev_idx)
         self.train_idx = train_idx
-        self.queries = _subset(self.all_queries, train_idx)
+        self.queries = subset_queries(self.all_queries, train_idx)
+        if cfg.extra_triplets:   # generated queries join training only (never the dev split)
+            self.queries = concat_queries(self.queries, extra_queries(
+                cfg.extra_triplets, self.gallery, self.gallery_keys, self.key_of,
+                self.all_queries.query_ids.tolist(), cfg.extra_weight))
         self.curriculum = Curriculum.parse(cfg.schedule) if cfg.schedule else None
         self.neg_meta: dict = {}
         mcfg = ModelConfig(kind="sum" if cfg.zero_shot or cfg.epochs == 0 else cfg.model,
@@ -243,12 +253,13 @@ class Trainer:
             pkeys = torch.from_numpy(q.pos_keys[b])
             out = self.model(ref, txt)
             tgt = G[trow]
+            w = torch.from_numpy(q.weights[b]) if q.weights is not None else None
             if bank_stage:
                 sample = (torch.from_numpy(rng.choice(G.shape[0], size=min(cfg.bank_k, G.shape[0]),
                                                       replace=False)) if cfg.bank_k else None)
-                loss = bank_loss(out, G, trow, K, pkeys, cfg.temperature, sample)
+                loss = bank_loss(out, G, trow, K, pkeys, cfg.temperature, sample, w)
             else:
-                loss = self._loss(out, tgt, tkeys, pkeys, negs[b] if negs is not None else None)
+                loss = self._loss(out, tgt, tkeys, pkeys, negs[b] if negs is not None else None, w)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -276,7 +287,8 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
 
-    def _loss(self, out, tgt, tkeys, pkeys, neg_rows: Optional[np.ndarray]) -> torch.Tensor:
+    def _loss(self, out, tgt, tkeys, pkeys, neg_rows: Optional[np.ndarray],
+              w: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.cfg
         neg = nkeys = None
         if neg_rows is not None:
@@ -285,15 +297,15 @@ class Trainer:
             nkeys = torch.where(nr >= 0, self.keys_t[nr.clamp(min=0)], torch.full_like(nr, -1))
         loss = out.new_zeros(())
         if cfg.loss in ("infonce", "both"):
-            loss = loss + info_nce(out, tgt, tkeys, pkeys, neg, nkeys, cfg.temperature)
+            loss = loss + info_nce(out, tgt, tkeys, pkeys, neg, nkeys, cfg.temperature, w, cfg.neg_weight)
         if cfg.loss in ("triplet", "both") and neg is not None:
             from .loss import positive_mask
             valid = (nkeys >= 0) & ~positive_mask(pkeys, nkeys)
-            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, neg, valid, cfg.margin)
+            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, neg, valid, cfg.margin, w)
         hard_k = cfg.online_hard or (1 if cfg.loss == "triplet" else 0)
         if hard_k:
             hn, hv = hardest_in_batch(out, tgt, tkeys, pkeys, hard_k)
-            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, hn, hv, cfg.margin)
+            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, hn, hv, cfg.margin, w)
         return loss
 
     def evaluate(self) -> dict:
@@ -359,16 +371,12 @@ class Trainer:
         final.update({
             "model": self.model_config.kind, "epochs": self.state.epoch, "rounds": self.state.round,
             "negatives": self.state.negatives, "seed": cfg.seed, "config": cfg.to_dict(),
-            "n_train_queries": len(self.queries), "eval": cfg.eval_work or f"dev {cfg.dev_fraction}",
+            "n_train_queries": len(self.queries), "n_extra_queries": len(self.queries) - len(self.train_idx),
+            "eval": cfg.eval_work or f"dev {cfg.dev_fraction}",
         })
         write_json_atomic(self.run_dir / "metrics.json", final)
         plot_curves(self.state.history, self.run_dir / "curves.png")
         return final
-
-
-def _subset(q: QuerySet, idx: np.ndarray) -> QuerySet:
-    return QuerySet(q.query_ids[idx], q.ref_rows[idx], q.target_rows[idx], q.text_emb[idx],
-                    q.target_keys[idx], q.pos_keys[idx], q.categories[idx])
 
 
 def _flat(metrics: dict) -> dict:

@@ -10,12 +10,18 @@ Shapes: ``q: float32[B, d]`` query embeddings (unit rows), ``t: float32[B, d]`` 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 NEG_INF = float("-inf")
+
+
+def weighted_mean(per_query: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean over B of weights[b] * per_query[b] (weights float32[B]; None = plain mean) -> scalar."""
+    return per_query.mean() if weights is None else (per_query * weights).mean()
 
 
 def positive_mask(pos_keys: torch.Tensor, cand_keys: torch.Tensor) -> torch.Tensor:
@@ -49,24 +55,38 @@ def mined_logits(q: torch.Tensor, neg: torch.Tensor, neg_keys: torch.Tensor,
 
 def info_nce(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor, pos_keys: torch.Tensor,
              neg: Optional[torch.Tensor] = None, neg_keys: Optional[torch.Tensor] = None,
-             temperature: float = 0.05) -> torch.Tensor:
-    """InfoNCE: in-batch targets plus mined negatives as extra logits per query -> scalar."""
+             temperature: float = 0.05, weights: Optional[torch.Tensor] = None,
+             neg_weight: float = 1.0) -> torch.Tensor:
+    """InfoNCE: in-batch targets plus mined negatives as extra logits per query -> scalar.
+
+    neg_weight: each mined negative counts ``neg_weight`` times in the softmax denominator
+    (log(neg_weight) added to its scaled logit; < 1 down-weights mined negatives, 0 drops them).
+
+    weights: optional float32[B] loss weight per query (generated triplets); the loss is the
+    mean over B of weight x per-query cross-entropy.
+    """
     logits = in_batch_logits(q, t, target_keys, pos_keys)
-    if neg is not None and neg.shape[1] > 0:
-        logits = torch.cat([logits, mined_logits(q, neg, neg_keys, pos_keys)], dim=1)
+    if neg is not None and neg.shape[1] > 0 and neg_weight > 0:
+        mined = mined_logits(q, neg, neg_keys, pos_keys)
+        if neg_weight != 1.0:
+            mined = mined + temperature * math.log(neg_weight)
+        logits = torch.cat([logits, mined], dim=1)
     labels = torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(logits / temperature, labels)
+    return weighted_mean(F.cross_entropy(logits / temperature, labels, reduction="none"), weights)
 
 
 def triplet_margin(q: torch.Tensor, t: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tensor,
-                   margin: float = 0.2) -> torch.Tensor:
+                   margin: float = 0.2, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mean over valid (query, negative) of max(0, m + d(q,p) − d(q,n)), d = 1 − cos -> scalar.
 
-    neg: float32[B, K, d]; neg_valid: bool[B, K]. Returns 0 (with grad) when nothing is valid.
+    neg: float32[B, K, d]; neg_valid: bool[B, K]; weights: optional float32[B] per-query weight
+    of the hinge terms. Returns 0 (with grad) when nothing is valid.
     """
     d_pos = 1 - (q * t).sum(-1, keepdim=True)                      # [B, 1]
     d_neg = 1 - torch.einsum("bd,bkd->bk", q, neg)                  # [B, K]
     hinge = F.relu(margin + d_pos - d_neg) * neg_valid
+    if weights is not None:
+        hinge = hinge * weights.unsqueeze(1)
     return hinge.sum() / neg_valid.sum().clamp(min=1)
 
 
@@ -87,12 +107,12 @@ def hardest_in_batch(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor
 
 def bank_loss(q: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, bank_keys: torch.Tensor,
               pos_keys: torch.Tensor, temperature: float = 0.05,
-              sample: Optional[torch.Tensor] = None) -> torch.Tensor:
+              sample: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SPN static bank: softmax over the gallery (every image a negative) -> scalar.
 
     bank: float32[N, d] all gallery embeddings (fixed); target_rows: int64[B] rows of the targets;
     bank_keys: int64[N]; sample: optional int64[k] bank rows to use instead of all N (the target
-    is always added as the first logit).
+    is always added as the first logit); weights: optional float32[B] per-query loss weight.
     """
     pos_logit = (q * bank[target_rows]).sum(-1, keepdim=True)
     if sample is not None:
@@ -100,4 +120,5 @@ def bank_loss(q: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, ba
     logits = q @ bank.T
     logits = logits.masked_fill(positive_mask(pos_keys, bank_keys), NEG_INF)
     logits = torch.cat([pos_logit, logits], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
