@@ -30,24 +30,6 @@ class QueryRecord:
         return join_captions(self.captions)
 
 
-def normalize_attribute(entry: str, default_group: str = "tag") -> str:
-    """Return ``group:value`` for ``entry``; a bare value goes into ``default_group``."""
-    entry = entry.strip()
-    if ":" in entry:
-        group, value = entry.split(":", 1)
-        return f"{group.strip().lower()}:{value.strip().lower()}"
-    return f"{default_group}:{entry.lower()}"
-
-
-def attribute_groups(attributes) -> dict[str, set[str]]:
-    """Map group -> set of values for a list of ``group:value`` strings."""
-    out: dict[str, set[str]] = {}
-    for a in attributes:
-        g, _, v = a.partition(":") if ":" in a else ("tag", ":", a)
-        out.setdefault(g, set()).add(v)
-    return out
-
-
 def join_captions(captions) -> str:
     """FashionIQ's query text: non-empty captions joined with " and " (CLIP4Cir's convention)."""
     return " and ".join(c.strip().rstrip(".") for c in captions if c and c.strip())

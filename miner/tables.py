@@ -47,10 +47,6 @@ class NegativesTable:
         return self.meta.get("config", {})
 
 
-def empty_negatives() -> pa.Table:
-    return NEGATIVES_SCHEMA.empty_table()
-
-
 def write_negatives(table: pa.Table, path: str | Path, meta: dict) -> None:
     """Validate ``table`` against the schema and write it atomically with ``meta`` in the footer."""
     table = conform(table, Path(path))
