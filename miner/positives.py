@@ -260,6 +260,12 @@ def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str
                        captioner: Optional[Captioner] = None, encoder: Optional[TextEncoder] = None,
                        text_encoder: str = "auto") -> PositivesResult:
     """Find pairs, caption them, embed the captions and write a triplets-schema table to ``out``."""
+    with DirLock(Path(out).parent, f"cir-mine positives -> {Path(out).name}"):
+        return _generate(ws, split, cfg, Path(out), captioner, encoder, text_encoder)
+
+
+def _generate(ws: Workspace, split: str, cfg: PositivesConfig, out: Path, captioner, encoder,
+              text_encoder: str) -> PositivesResult:
     g, t = ws.load(split)
     existing = set(zip(t.ref_ids.tolist(), t.target_ids.tolist()))
     index = None
@@ -286,6 +292,5 @@ def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str
     meta = {"config": cfg.__dict__ | {"ignore_groups": list(cfg.ignore_groups)}, "split": split,
             "manifest_hash": ws.manifest_hash(), "captioner": type(captioner).__name__,
             "changed_groups": dict(Counter(c.group for p in pairs for c in p.changes))}
-    with DirLock(Path(out).parent, f"cir-mine positives -> {Path(out).name}"):
-        write_table(table, out, metadata={"cir_mine_positives": meta})
+    write_table(table, out, metadata={"cir_mine_positives": meta})
     return PositivesResult(len(pairs), len(g), Path(out), meta)
