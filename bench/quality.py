@@ -134,6 +134,8 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--positives", type=Path, default=None,
                     help="generated triplets (cir-mine positives) for the +pos rows")
+    ap.add_argument("--baseline", default="in-batch",
+                    help="the row the paired per-seed differences are taken against")
     ap.add_argument("--dev-fraction", type=float, default=0.1, help="held-out share of queries (every row)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=MIX|KEY=VALUE&...[|KEY=VALUE&...]",
                     help="an extra variant: a mix (one strategy or 'random:0.5,midzone:0.5'), TrainConfig "
@@ -165,8 +167,8 @@ def main(argv=None) -> None:
         rows.append((name, r10, r50))
         print(f"{name:28s} R@10 {mean_sd(r10):>14s}   R@50 {mean_sd(r50):>14s}   ({statistics.mean(secs):.0f}s/run)",
               flush=True)
-    base = next((r for r in rows if r[0] == "in-batch"), None)
-    lines = ["| variant | R@10 (avg) | R@50 (avg) | Δ R@10 vs in-batch | paired Δ R@10 per seed |",
+    base = next((r for r in rows if r[0] == args.baseline), None)
+    lines = [f"| variant | R@10 (avg) | R@50 (avg) | Δ R@10 vs {args.baseline} | paired Δ R@10 per seed |",
              "| --- | --- | --- | --- | --- |"]
     for name, r10, r50 in rows:
         d = f"{statistics.mean(r10) - statistics.mean(base[1]):+.2f}" if base else ""
