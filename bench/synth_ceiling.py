@@ -2,6 +2,7 @@
 
     python bench/synth_ceiling.py                       # the synthetic default (cir-mine synth)
     python bench/synth_ceiling.py --item-noise 1.0
+    python bench/synth_ceiling.py --n-gallery 60000 --n-triplets 15000 --item-noise 1.0 --salience neckline=0.3
 
 Regenerates the world's items (same plan as `cir-mine synth` with the same options; fresh image
 noise) and scores three oracle queries with the FashionIQ protocol (per-category gallery):
@@ -23,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.synthetic import GROUPS, SynthConfig, World, _rng, image_embeddings, plan  # noqa: E402
+from data.synthetic import GROUPS, SynthConfig, World, _rng, image_embeddings, parse_salience, plan  # noqa: E402
 from data.workspace import l2_normalize  # noqa: E402
 
 
@@ -66,9 +67,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--item-noise", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--salience", default=None, help="per-group weights as in cir-mine synth, e.g. neckline=0.3")
     a = ap.parse_args(argv)
     cfg = SynthConfig(n_gallery=a.n_gallery, n_triplets=a.n_triplets, dim=a.dim, item_noise=a.item_noise,
-                      seed=a.seed).validate()
+                      seed=a.seed, salience=parse_salience(a.salience)).validate()
     for name, v in ceilings(cfg).items():
         print(f"{name:18s} {v if isinstance(v, dict) else round(v, 1)}")
 
