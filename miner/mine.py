@@ -391,19 +391,22 @@ def _requests(t: Triplets, needed: bool) -> list:
 
 
 def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
-                   round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None) -> MineResult:
+                   round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
+                   loaded: Optional[tuple] = None) -> MineResult:
     """Mine negatives for every query of ``split``.
 
     query_emb: float32[m, d] normalized query embeddings (a trained model's, from cir-train's
     refresh); None with ``cfg.query == 'zero-shot'`` uses normalize(ref + w * text).
     index: a FAISS inner-product index over the gallery rows (default: exact flat, built here).
-    progress: called with the number of queries finished in each batch."""
+    progress: called with the number of queries finished in each batch.
+    loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
+    round), so the gallery and triplets are not read again."""
     t0 = time.perf_counter()
     parts = cfg.validate(round)
     if cfg.query == "checkpoint" and query_emb is None:
         raise UsageError("--query checkpoint needs query embeddings from a trained model: pass --checkpoint RUN/ckpt.pt.")
     ws.require()
-    g, t = ws.load(split)
+    g, t = loaded if loaded is not None else ws.load(split)
     if cfg.k > len(g) - 2:
         raise UsageError(f"-k ({cfg.k}) is larger than the gallery allows: {ws.gallery_path(split)} has {len(g)} "
                          f"images, so a query has at most {max(len(g) - 2, 0)} negatives besides its reference "

@@ -74,10 +74,29 @@ def conform(table: pa.Table, path: Path) -> pa.Table:
 def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> NegativesTable:
     """Read and validate a negatives table; with ``ws``, refuse a table mined from another workspace."""
     path = Path(path)
+    meta = _footer(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
+    table = conform(table, path)
+    _check_workspace(path, meta, ws)
+    return NegativesTable(path, table, meta)
+
+
+def read_negatives_meta(path: str | Path, ws: Optional[Workspace] = None) -> dict:
+    """The footer (``cir_mine`` metadata: config, counts, ...) of a negatives table, checked like
+    :func:`read_negatives` does, without reading its rows."""
+    path = Path(path)
+    meta = _footer(path)
+    _check_workspace(path, meta, ws)
+    return meta
+
+
+def _footer(path: Path) -> dict:
     if not path.exists():
         raise DataError(f"{path}: negatives table not found. Mine one with `cir-mine negatives`.")
     try:
-        table = pq.read_table(path)
         meta = read_metadata(path).get(META_KEY)
     except (pa.ArrowInvalid, OSError) as e:
         raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
@@ -87,7 +106,10 @@ def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> Negative
     if meta.get("schema_version") != NEGATIVES_SCHEMA_VERSION:
         raise SchemaError(f"{path}: negatives schema version {meta.get('schema_version')} is not "
                           f"{NEGATIVES_SCHEMA_VERSION}; re-mine it with this version of cir-mine.")
-    table = conform(table, path)
+    return meta
+
+
+def _check_workspace(path: Path, meta: dict, ws: Optional[Workspace]) -> None:
     if ws is not None:
         mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
         if theirs != mine:
@@ -95,4 +117,3 @@ def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> Negative
                 f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
                 f"Re-mine it with `cir-mine negatives --work {ws.root}`."
             )
-    return NegativesTable(path, table, meta)

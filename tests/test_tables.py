@@ -3,7 +3,7 @@ import pytest
 
 from data.errors import DataError, SchemaError
 from data.workspace import Workspace
-from miner.tables import NEGATIVES_SCHEMA, read_negatives, write_negatives
+from miner.tables import NEGATIVES_SCHEMA, read_negatives, read_negatives_meta, write_negatives
 
 
 def _rows(n=3):
@@ -34,3 +34,20 @@ def test_wrong_schema(tmp_path):
     pq.write_table(_rows(), tmp_path / "plain.parquet")
     with pytest.raises(SchemaError, match="not a cir-mine negatives table"):
         read_negatives(tmp_path / "plain.parquet")
+
+
+def test_meta_only_reader_checks_like_the_full_reader(tmp_path, synth_work):
+    ws = Workspace(synth_work)
+    p = tmp_path / "negs.parquet"
+    write_negatives(_rows(), p, {"manifest_hash": ws.manifest_hash(), "config": {"k": 3}})
+    assert read_negatives_meta(p, ws) == read_negatives(p, ws).meta
+    write_negatives(_rows(), p, {"manifest_hash": "0000", "config": {}})
+    with pytest.raises(DataError, match=r"mined from another workspace \(manifest hash 0000"):
+        read_negatives_meta(p, ws)
+    import pyarrow.parquet as pq
+
+    pq.write_table(_rows(), tmp_path / "plain.parquet")
+    with pytest.raises(SchemaError, match="not a cir-mine negatives table"):
+        read_negatives_meta(tmp_path / "plain.parquet")
+    with pytest.raises(DataError, match="negatives table not found"):
+        read_negatives_meta(tmp_path / "absent.parquet")

@@ -51,3 +51,30 @@ def test_demo_library_small(tmp_path):
     assert all((r["dir"] / "metrics.json").exists() and 0 <= r["R@10"] <= r["R@50"] <= 100 for r in res.runs.values())
     assert all(p.exists() for p in res.tables.values()) and len(said) == 1 + 3 + 5
     assert res.runs["zero-shot"]["R@10"] == json.loads((res.runs["zero-shot"]["dir"] / "metrics.json").read_text())["R@10"]
+
+
+def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_path, monkeypatch):
+    """Every round reuses the split read at the first round; each round's table equals the miner's
+    own from a fresh read with the same query embeddings."""
+    import numpy as np
+
+    from data.workspace import Workspace
+    from miner.mine import MineConfig, mine_negatives, mine_to_file
+    from train.refresh import miner_remine
+
+    negs = tmp_path / "negs.parquet"
+    mine_to_file(Workspace(synth_work), "train", MineConfig(strategy="hardest", k=3, device="cpu"), negs)
+    reads = []
+    real_load = Workspace.load
+    monkeypatch.setattr(Workspace, "load", lambda self, split: reads.append(split) or real_load(self, split))
+    remine = miner_remine(synth_work, "train", negs)
+    _, t = real_load(Workspace(synth_work), "train")
+    rng = np.random.default_rng(0)
+    for r in (1, 2):
+        q = rng.standard_normal(t.text_embeddings.shape).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        table, _ = remine(q, r, r)
+        cfg = MineConfig.from_dict({**read_negatives(negs).config, "query": "checkpoint"})
+        fresh = mine_negatives(Workspace(synth_work), "train", cfg, query_emb=q, round=r).table
+        assert table.equals(fresh)
+    assert reads.count("train") == 1 + 2          # the remine's one read + the two fresh mines

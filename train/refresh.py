@@ -2,9 +2,10 @@
 
 :func:`miner_remine` returns the ``remine(query_emb, round, epoch) -> (table, meta)`` callable the
 training loop takes (train.loop.Remine). It reads the mining config from the table's footer
-(``meta["config"]``), opens the workspace's FAISS index once (or builds a flat one over the gallery
-once) and calls ``miner.mine.mine_negatives`` with the current model's query embeddings, so every
-round uses the exact same config and index; only the queries (and, with a schedule, the mix) change.
+(``meta["config"]``), reads the split and opens the workspace's FAISS index once (or builds a flat
+one over the gallery once) and calls ``miner.mine.mine_negatives`` with the current model's query
+embeddings, so every round uses the exact same config, data and index; only the queries (and, with
+a schedule, the mix) change.
 """
 from __future__ import annotations
 
@@ -23,17 +24,22 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
     """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
     from miner.index import build_index, load_workspace_index
     from miner.mine import MineConfig, mine_negatives
-    from miner.tables import read_negatives
+    from miner.tables import read_negatives_meta
 
     ws = Workspace(work).require()
-    base = read_negatives(negatives, ws).meta.get("config", {})
+    base = read_negatives_meta(negatives, ws).get("config", {})
     state: dict = {}
+
+    def data():
+        if "data" not in state:                         # read once, reused by every round
+            state["data"] = ws.load(split)
+        return state["data"]
 
     def index():
         if "index" not in state:
             p = ws.index_path(split)
             state["index"] = (load_workspace_index(ws, split, device="cpu") if p.exists()
-                              else build_index(ws.gallery(split).embeddings, "flat", device="cpu"))
+                              else build_index(data()[0].embeddings, "flat", device="cpu"))
         return state["index"]
 
     def remine(query_emb: np.ndarray, round: int, epoch: int):
@@ -41,7 +47,7 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
         sched = schedule or base.get("schedule")
         if sched:
             cfg = _with_mix(cfg, sched, epoch)
-        res = mine_negatives(ws, split, cfg, query_emb=query_emb, round=round, index=index())
+        res = mine_negatives(ws, split, cfg, query_emb=query_emb, round=round, index=index(), loaded=data())
         log.info("re-mined round %d at epoch %d: %d rows", round, epoch, res.table.num_rows)
         return res.table, res.meta
 
