@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo demo-fine test venv clean
 
 venv: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/cir-mine demo --out demo-out
 
+# the fine-grained world, where mined hardest negatives beat in-batch training (docs/benchmarks.md)
+demo-fine: $(STAMP)
+	$(BIN)/cir-mine demo --world fine --out demo-fine
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out demo-fine .pytest_cache

@@ -313,6 +313,7 @@ def index_cmd(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
+    world: str = typer.Option("default", "--world", help="default (the synth default) or fine (fine-grained: 60k images, adds hardest; mined negatives pay there)."),
     quiet: bool = QUIET,
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
@@ -325,7 +326,7 @@ def demo(
         step["n"] += 1
         typer.echo(f"[{step['n']}] {msg}")
 
-    res = run_demo(out, DemoConfig(epochs=epochs), progress=say)
+    res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say)
     typer.echo("")
     typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
     for name, r in res.runs.items():

@@ -78,3 +78,22 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
         fresh = mine_negatives(Workspace(synth_work), "train", cfg, query_emb=q, round=r).table
         assert table.equals(fresh)
     assert reads.count("train") == 1 + 2          # the remine's one read + the two fresh mines
+
+
+def test_demo_fine_world_small(tmp_path):
+    from train.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(n_gallery=900, n_triplets=200, dim=16, epochs=1, world="fine")
+    synth, strategies, train_opts = cfg.resolve()
+    assert synth.item_noise == 1.0 and synth.salience["neckline"] == 0.3 and synth.salience["color"] == 1.0
+    assert strategies == ("random", "midzone", "hardest", "attribute-mismatch")
+    assert train_opts == {"batch_size": 128, "category_batches": True}
+    res = run_demo(tmp_path / "demo", cfg)
+    assert list(res.runs) == ["zero-shot", "in-batch", "random", "midzone", "hardest", "attribute-mismatch"]
+
+
+def test_demo_unknown_world(tmp_path):
+    r = runner.invoke(mine_app, ["demo", "--out", str(tmp_path / "d"), "--world", "coarse"])
+    assert r.exit_code == 2
+    assert r.output.strip() == "Error: --world 'coarse': use one of default, fine."
+    assert not (tmp_path / "d").exists()
