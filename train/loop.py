@@ -194,7 +194,7 @@ class Trainer:
 
     def refresh(self, epoch: int) -> dict:
         """Re-embed every query of the split, re-mine, write RUN/negs.round{r}.parquet -> stats."""
-        from miner.tables import read_negatives, write_negatives
+        from miner.tables import conform, write_negatives
 
         if self.remine is None:
             raise UsageError("--refresh-every needs a miner; none was given to the trainer.")
@@ -206,7 +206,8 @@ class Trainer:
         write_negatives(table, path, meta)
         prev = self.bank
         self.state.round, self.state.negatives = r, str(path)
-        self.bank = group_negatives(read_negatives(path, self.ws).table, self.queries, self.gallery)
+        # the table just written, as written (validated by write_negatives), without reading it back
+        self.bank = group_negatives(conform(table, path), self.queries, self.gallery)
         delta = table.column("delta").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
         qs = (0.1, 0.25, 0.5, 0.75, 0.9)
         stats = {
