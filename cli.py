@@ -1,7 +1,7 @@
 """Command-line entry points: ``cir-mine`` and ``cir-train``.
 
 Thin by design: each command parses options, calls one library function, and renders the result.
-Library code raises typed exceptions (data.errors); :func:`cli_errors` turns them into one
+Library code raises typed exceptions (cir_mine.data.errors); :func:`cli_errors` turns them into one
 ``Error: ...`` line on stderr and exit code 1 (2 for usage errors), without a traceback.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from data.errors import CirMineError
+from cir_mine.data.errors import CirMineError
 
 mine_app = typer.Typer(
     name="cir-mine",
@@ -117,7 +117,7 @@ def synth(
     quiet: bool = QUIET,
 ):
     """Generate a synthetic CIR world (gallery + triplets with ground-truth attributes)."""
-    from data.synthetic import SynthConfig, generate, parse_salience
+    from cir_mine.data.synthetic import SynthConfig, generate, parse_salience
 
     cfg = SynthConfig(n_gallery=n_gallery, n_triplets=n_triplets, dim=dim, seed=seed, split=split,
                       salience=parse_salience(salience), item_noise=item_noise, text_noise=text_noise,
@@ -137,7 +137,7 @@ def synth(
 @cli_errors
 def info(work: Path = WORK):
     """Validate a workspace and print its splits, counts and manifest."""
-    from data.workspace import Workspace
+    from cir_mine.data.workspace import Workspace
 
     ws = Workspace(work)
     info = ws.summary()
@@ -167,7 +167,7 @@ def check(
     split: str = SPLIT,
 ):
     """Read a dataset's annotations and print what they hold (no embedding)."""
-    from data.adapters import load_dataset
+    from cir_mine.data.adapters import load_dataset
 
     images, queries = load_dataset(dataset.value, root, split)
     with_path = sum(1 for i in images if i.path)
@@ -201,8 +201,10 @@ def positives(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
-    from data.workspace import Workspace
-    from miner.positives import CommandCaptioner, PositivesConfig, TemplateCaptioner, generate_positives
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
+    from cir_mine.miner.positives.pairs import PositivesConfig
+    from cir_mine.miner.positives.generate import generate_positives
 
     if captioner == "command" and not command:
         fail("--captioner command needs --command PROGRAM.", 2)
@@ -224,10 +226,10 @@ def positives(
 @cli_errors
 def attributes(
     texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
-    vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/resources/vocabulary.json)."),
+    vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/core/vocabulary.json)."),
 ):
     """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
-    from miner.attributes import extract_many, load_vocabulary
+    from cir_mine.miner.core.attributes import extract_many, load_vocabulary
 
     for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
         typer.echo(f"{text}\t{' '.join(req.as_strings()) or '(none)'}")
@@ -261,8 +263,8 @@ def embed(
     verbose: bool = VERBOSE,
 ):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
-    from miner.embed import DEFAULT_PROMPTS, EncoderConfig, ImageRun
-    from miner.ingest import EmbedJob, embed_dataset
+    from cir_mine.miner.encode.clip import DEFAULT_PROMPTS, EncoderConfig, ImageRun
+    from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
 
     setup_logging(verbose)
     prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
@@ -292,8 +294,8 @@ def index_cmd(
     verbose: bool = VERBOSE,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
-    from miner.index import index_workspace
-    from miner.ingest import import_features
+    from cir_mine.miner.encode.index import index_workspace
+    from cir_mine.miner.encode.features import import_features
 
     setup_logging(verbose)
     if from_features is not None:
@@ -318,7 +320,7 @@ def demo(
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
     # issue 5: the final demo lives in train/demo.py
-    from train.demo import DemoConfig, run_demo
+    from cir_mine.train.demo import DemoConfig, run_demo
 
     step = {"n": 0}
 
@@ -344,7 +346,7 @@ GUARD_SWITCHES = ("target", "reference", "extra-positive", "near-duplicate", "ca
 
 
 def _floats(spec: str, what: str) -> tuple:
-    from data.errors import UsageError
+    from cir_mine.data.errors import UsageError
 
     try:
         return tuple(float(x) for x in spec.split(","))
@@ -353,12 +355,12 @@ def _floats(spec: str, what: str) -> tuple:
 
 
 def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
-    from data.errors import UsageError
+    from cir_mine.data.errors import UsageError
 
     try:
-        from train.checkpoint import encode_queries
+        from cir_mine.train.checkpoint import encode_queries
     except ImportError:
-        raise UsageError(f"--checkpoint {checkpoint}: needs cir-train (train.checkpoint.encode_queries), "
+        raise UsageError(f"--checkpoint {checkpoint}: needs cir-train (cir_mine.train.checkpoint.encode_queries), "
                          f"which is not installed in this version. Use --query zero-shot.") from None
     return encode_queries(checkpoint, work, split)
 
@@ -403,9 +405,9 @@ def negatives(
     """Mine negatives for every query of a split into one Parquet table."""
     import pyarrow.parquet as pq
 
-    from data.errors import UsageError
-    from data.workspace import Workspace
-    from miner.mine import MineConfig, mine_to_file
+    from cir_mine.data.errors import UsageError
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.core.mine import MineConfig, mine_to_file
 
     setup_logging(verbose)
     bad = [g for g in no_guard if g not in GUARD_SWITCHES]
@@ -472,7 +474,7 @@ def stats(
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
 ):
     """Negatives per query, Δ quantiles and histogram, category and attribute mix, shortfall, round overlap."""
-    from miner.negstats import format_stats, summarize
+    from cir_mine.miner.inspection.stats import format_stats, summarize
 
     typer.echo(format_stats(summarize(negs, work, split)), nl=False)
 
@@ -487,7 +489,7 @@ def sql(
     fmt: SqlFormat = typer.Option(SqlFormat.table, "--format", "-f", help="Output format."),
 ):
     """Run DuckDB SQL over negatives tables and the workspace (see docs/queries.md)."""
-    from miner.negstats import format_rows, sql_query
+    from cir_mine.miner.inspection.sql import format_rows, sql_query
 
     typer.echo(format_rows(sql_query(query, negs or [], work, split), fmt.value), nl=False)
 
@@ -506,7 +508,7 @@ def inspect(
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
-    from miner.sheets import contact_sheet
+    from cir_mine.miner.inspection.contact_sheet import contact_sheet
 
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed)
     kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
@@ -526,7 +528,7 @@ def report(
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
-    from miner.report import write_report
+    from cir_mine.miner.inspection.report import write_report
 
     r = write_report(negs, work, out, split=split, root=root, n_sheet_queries=sheets,
                      max_negatives=max_negatives, seed=seed)
@@ -585,8 +587,8 @@ def train(
     verbose: bool = VERBOSE,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
-    from data.errors import UsageError
-    from train.loop import TrainConfig, resume_config, train as run_training
+    from cir_mine.data.errors import UsageError
+    from cir_mine.train.loop import TrainConfig, resume_config, train as run_training
 
     setup_logging(verbose)
     if resume is not None:
@@ -623,7 +625,7 @@ def train(
 
 def _miner_remine(cfg):
     """The refresh's miner call for the table cfg.negatives (see train.refresh)."""
-    from train.refresh import miner_remine
+    from cir_mine.train.refresh import miner_remine
 
     return miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule)
 

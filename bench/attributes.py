@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.fashioniq import load_fashioniq  # noqa: E402
-from miner.attributes import load_vocabulary, requested_status  # noqa: E402
+from cir_mine.data.fashioniq import load_fashioniq  # noqa: E402
+from cir_mine.miner.core.attributes import load_vocabulary, requested_status  # noqa: E402
 
 
 def captions(root: Path, split: str) -> list[tuple[str, str, str]]:

@@ -6,9 +6,9 @@
 Writes N JPEG files (``--image-size`` square, random product-like colours) to a temp folder, then
 times, on the same device with the same batch size and random weights:
 
-- ``end-to-end``: ``miner.embed.embed_images`` on the files (DataLoader workers decode + transform,
+- ``end-to-end``: ``cir_mine.miner.encode.clip.embed_images`` on the files (DataLoader workers decode + transform,
   main process forwards, shards written), from the call to the returned array;
-- ``bare forward``: ``miner.embed.forward_images`` over the same images already decoded and
+- ``bare forward``: ``cir_mine.miner.encode.clip.forward_images`` over the same images already decoded and
   transformed into one tensor (identical pixels, identical batches).
 
 The two are timed alternately, ``--repeats`` times each, keeping each one's best (the machine's
@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miner.embed import (EncoderConfig, ImageRun, embed_images, forward_images, image_loader,  # noqa: E402
-                         load_encoder)
+from cir_mine.miner.encode.clip import (EncoderConfig, ImageRun, embed_images, forward_images, image_loader,
+                                        load_encoder)
 from tests.fixtures import write_tiny_clip_config  # noqa: E402
 
 

@@ -26,10 +26,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.synthetic import SynthConfig, generate  # noqa: E402
-from data.workspace import Workspace  # noqa: E402
-from miner.mine import MineConfig, mine_negatives, mine_to_file  # noqa: E402
-from miner.scores import zero_shot_queries  # noqa: E402
+from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
+from cir_mine.data.workspace import Workspace  # noqa: E402
+from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file  # noqa: E402
+from cir_mine.miner.core.scores import zero_shot_queries  # noqa: E402
 
 
 def workspace(root: Path, n: int, m: int, d: int) -> Workspace:

@@ -28,9 +28,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.workspace import Workspace, l2_normalize  # noqa: E402
-from miner.mine import MineConfig, mine_negatives  # noqa: E402
-from miner.tables import write_negatives  # noqa: E402
+from cir_mine.data.workspace import Workspace, l2_normalize  # noqa: E402
+from cir_mine.miner.core.mine import MineConfig, mine_negatives  # noqa: E402
+from cir_mine.miner.core.tables import write_negatives  # noqa: E402
 
 POOL = 512          # candidates looked at per query
 

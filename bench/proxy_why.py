@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.workspace import Workspace  # noqa: E402
+from cir_mine.data.workspace import Workspace  # noqa: E402
 
 COLOURS = ("black white red blue green yellow pink purple orange brown grey gray beige navy maroon teal "
            "tan gold silver cream ivory olive khaki burgundy coral turquoise lavender violet magenta "
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     emb = g.embeddings
     print(f"cos(reference, target): median {np.median((emb[rrow] * emb[trow]).sum(1)):.3f}")
     if args.positives:
-        from data.workspace import read_triplets
+        from cir_mine.data.workspace import read_triplets
 
         p = read_triplets(args.positives, dim=g.dim)
         pc = [" ".join(c).lower() for c in p.captions]

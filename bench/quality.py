@@ -4,7 +4,7 @@
 
 Mines one negatives table per strategy (k negatives per query, zero-shot queries, seed 0; cached
 in OUT/negs.{strategy}.parquet), then trains every variant below for every seed with the Python
-API that `cir-train` calls (train.loop.train; refresh through train.refresh.miner_remine) and
+API that `cir-train` calls (cir_mine.train.loop.train; refresh through cir_mine.train.refresh.miner_remine) and
 evaluates on the held-out dev queries (--dev-fraction 0.1, --dev-seed 0: the same dev set for
 every seed and variant). Writes OUT/results.jsonl (one line per run) and OUT/quality.md (the table).
 Each run's directory OUT/runs/{variant}.s{seed} is a normal cir-train run (metrics.json, curves.png).
@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.workspace import Workspace  # noqa: E402
-from train.loop import TrainConfig, train  # noqa: E402
+from cir_mine.data.workspace import Workspace  # noqa: E402
+from cir_mine.train.loop import TrainConfig, train  # noqa: E402
 
 # The model/optimizer every variant shares (tuned for in-batch on fiq-proxy's dev split).
 BASE = dict(epochs=10, batch_size=128, width=0.5, dropout=0.5, lr=1e-3, temperature=0.05,
@@ -76,7 +76,7 @@ def variants(positives=None) -> dict:
 
 
 def mine_table(work: Path, out: Path, mix: str, mine: dict) -> Path:
-    from miner.mine import MineConfig, mine_to_file
+    from cir_mine.miner.core.mine import MineConfig, mine_to_file
 
     tag = mix.replace(":", "").replace(",", "+") + "".join(f".{k}={v}" for k, v in sorted(mine.items()))
     path = out / f"negs.{tag}.parquet"
@@ -88,7 +88,7 @@ def mine_table(work: Path, out: Path, mix: str, mine: dict) -> Path:
 
 
 def run_one(work: Path, out: Path, name: str, strategy, overrides: dict, mine: dict, seed: int) -> dict:
-    from train.refresh import miner_remine
+    from cir_mine.train.refresh import miner_remine
 
     run = out / "runs" / f"{name}.s{seed}"
     negs = mine_table(work, out, strategy, mine) if strategy else None
@@ -102,7 +102,7 @@ def run_one(work: Path, out: Path, name: str, strategy, overrides: dict, mine: d
 
 def _overrides(text: str, defaults) -> dict:
     """'a=1&b=x' -> {a: 1, b: 'x'} typed like the field of ``defaults`` (MineConfig when None)."""
-    from miner.mine import MineConfig
+    from cir_mine.miner.core.mine import MineConfig
 
     defaults = defaults if defaults is not None else MineConfig()
     out = {}

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.synthetic import GROUPS, SynthConfig, World, _rng, image_embeddings, parse_salience, plan  # noqa: E402
-from data.workspace import l2_normalize  # noqa: E402
+from cir_mine.data.synthetic import GROUPS, SynthConfig, World, _rng, image_embeddings, parse_salience, plan  # noqa: E402
+from cir_mine.data.workspace import l2_normalize  # noqa: E402
 
 
 def clean(world: World, cfg: SynthConfig, cats: np.ndarray, vals: np.ndarray) -> np.ndarray:

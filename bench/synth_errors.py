@@ -19,9 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.workspace import Workspace  # noqa: E402
-from train.checkpoint import load_query_encoder  # noqa: E402
-from train.data import dev_split  # noqa: E402
+from cir_mine.data.workspace import Workspace  # noqa: E402
+from cir_mine.train.checkpoint import load_query_encoder  # noqa: E402
+from cir_mine.train.data import dev_split  # noqa: E402
 
 
 def top1_errors(work: Path, run: Path, dev_fraction: float, dev_seed: int = 0) -> dict:

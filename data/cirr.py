@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import DataError
-from .jsonio import load_json, require_str
-from .records import ImageRecord, QueryRecord
+from cir_mine.data.errors import DataError
+from cir_mine.data.jsonio import load_json, require_str
+from cir_mine.data.records import ImageRecord, QueryRecord
 
 EXTRA_POSITIVE_MIN = 0.5
 

@@ -15,9 +15,9 @@ import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .errors import DataError
-from .jsonio import load_json, require_str
-from .records import ImageRecord, QueryRecord
+from cir_mine.data.errors import DataError
+from cir_mine.data.jsonio import load_json, require_str
+from cir_mine.data.records import ImageRecord, QueryRecord
 
 log = logging.getLogger(__name__)
 

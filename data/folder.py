@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from .errors import DataError
-from .records import ImageRecord, QueryRecord
+from cir_mine.data.errors import DataError
+from cir_mine.data.records import ImageRecord, QueryRecord
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import LockedError
+from cir_mine.data.errors import LockedError
 
 
 @contextlib.contextmanager

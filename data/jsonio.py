@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from cir_mine.data.errors import DataError
 
 
 def load_json(path: str | Path, expect: type | tuple = (list, dict), hint: str = "") -> Any:

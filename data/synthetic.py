@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UsageError
-from .io import DirLock, atomic_path
-from .workspace import (Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table,
-                        write_table)
+from cir_mine.data.errors import UsageError
+from cir_mine.data.io import DirLock, atomic_path
+from cir_mine.data.workspace import (Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table,
+                                     write_table)
 
 CATEGORIES = ("dress", "shirt", "toptee")
 GROUPS: dict[str, tuple[str, ...]] = {

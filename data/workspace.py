@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError, SchemaError
-from .io import atomic_path, write_json_atomic
+from cir_mine.data.errors import DataError, SchemaError
+from cir_mine.data.io import atomic_path, write_json_atomic
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -532,7 +532,7 @@ class Workspace:
 
 
 def check_split(split: str) -> str:
-    from .errors import UsageError
+    from cir_mine.data.errors import UsageError
 
     if not SPLIT_RE.match(split or ""):
         raise UsageError(f"invalid split name {split!r}: use letters, digits, '-' or '_' (e.g. train, val).")

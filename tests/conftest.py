@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import SynthConfig, generate
+from cir_mine.data.synthetic import SynthConfig, generate
 from tests.fixtures import make_cirr, make_fashioniq
 
 REPO = Path(__file__).resolve().parents[1]

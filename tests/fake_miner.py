@@ -1,11 +1,11 @@
-"""A deterministic stand-in for the miner (tests only): negatives tables without miner.mine."""
+"""A deterministic stand-in for the miner (tests only): negatives tables without the mining core."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from data.workspace import Workspace
-from miner.tables import NEGATIVES_SCHEMA
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.tables import NEGATIVES_SCHEMA
 
 
 def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int = 4, round: int = 0,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.workspace import Workspace, gallery_table, l2_normalize, triplets_table, write_table
+from cir_mine.data.workspace import Workspace, gallery_table, l2_normalize, triplets_table, write_table
 
 
 def tiny_workspace(root: Path, gallery_emb: np.ndarray, ids, cats, attrs, queries: list[dict], split="train") -> Workspace:

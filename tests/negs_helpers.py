@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data.workspace import Workspace, gallery_table, l2_normalize, triplets_table, write_table
-from miner.attributes import attr_overlap
-from miner.tables import write_negatives
+from cir_mine.data.workspace import Workspace, gallery_table, l2_normalize, triplets_table, write_table
+from cir_mine.miner.core.attributes import attr_overlap
+from cir_mine.miner.core.tables import write_negatives
 from tests.fixtures import COLORS, write_png
 
 

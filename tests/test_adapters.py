@@ -3,10 +3,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.cirr import load_cirr
-from data.errors import DataError
-from data.fashioniq import load_fashioniq
+from cir_mine.cli import mine_app
+from cir_mine.data.cirr import load_cirr
+from cir_mine.data.errors import DataError
+from cir_mine.data.fashioniq import load_fashioniq
 from tests.conftest import shared_path
 
 runner = CliRunner()

@@ -8,12 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.errors import DataError
-from data.synthetic import GROUPS, SynthConfig, phrase, plan
-from data.workspace import Workspace
-from miner.attributes import (DEFAULT_VOCABULARY, Requested, Vocabulary, attr_overlap, extract,
-                              extract_many, group_values, requested_status)
+from cir_mine.cli import mine_app
+from cir_mine.data.errors import DataError
+from cir_mine.data.synthetic import GROUPS, SynthConfig, phrase, plan
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.attributes import (DEFAULT_VOCABULARY, Requested, Vocabulary, attr_overlap, extract,
+                                            extract_many, group_values, requested_status)
 from tests.conftest import shared_path
 
 
@@ -211,7 +211,7 @@ def test_custom_vocabulary(tmp_path):
     assert [r.as_strings() for r in extract_many(["teal", "red"], v)] == [["+hue:teal"], []]
 
 
-FIX = "Fix the vocabulary file (the shipped miner/resources/vocabulary.json shows the format) or pass another one."
+FIX = "Fix the vocabulary file (the shipped miner/core/vocabulary.json shows the format) or pass another one."
 
 
 @pytest.mark.parametrize("obj, what", [

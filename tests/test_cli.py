@@ -5,7 +5,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cli import mine_app, train_app
+from cir_mine.cli import mine_app, train_app
 
 runner = CliRunner()
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.workspace import Workspace
-from miner.embed import EncoderConfig, forward_images, load_encoder
-from miner.index import load_index, search_batched
+from cir_mine.cli import mine_app
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.encode.clip import EncoderConfig, forward_images, load_encoder
+from cir_mine.miner.core.search import load_index, search_batched
 from tests.fixtures import make_cirr, make_fashioniq, make_folder, write_tiny_clip_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def small_work(tmp_path_factory) -> Path:
-    from data.synthetic import SynthConfig, generate
+    from cir_mine.data.synthetic import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("small")
     generate(SynthConfig(n_gallery=400, n_triplets=50, dim=32, seed=3), out)
@@ -86,7 +86,7 @@ def test_fashioniq_workspace_loads_and_index_searches(tmp_path, tiny, encoder):
     for i in (0, 7, 17):
         np.testing.assert_allclose(g.embeddings[i], direct(encoder, g.paths[i]), atol=1e-5)
     # FashionIQ text: "c1 and c2" through the CLIP tokenizer.
-    from miner.embed import embed_texts
+    from cir_mine.miner.encode.clip import embed_texts
 
     want = embed_texts(encoder, [" and ".join(c.rstrip(".") for c in t.captions[3])])[0]
     np.testing.assert_allclose(t.text_embeddings[3], want, atol=1e-5)
@@ -140,8 +140,8 @@ def test_folder_fixture(tmp_path, tiny, fmt):
 
 
 def test_folder_errors(tmp_path):
-    from data.errors import DataError
-    from data.folder import load_folder
+    from cir_mine.data.errors import DataError
+    from cir_mine.data.folder import load_folder
 
     root = make_folder(tmp_path / "f")
     (root / "triplets.csv").write_text("ref,target,caption\nnope,tops/img001,is red\n")
@@ -210,7 +210,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny):
 
 
 def test_zero_shot_attributes(tmp_path, tiny, encoder):
-    from miner.embed import embed_texts
+    from cir_mine.miner.encode.clip import embed_texts
 
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"template": "a photo of a {value} {category}",
@@ -236,7 +236,7 @@ def test_zero_shot_attributes(tmp_path, tiny, encoder):
 
 
 def test_default_prompt_file_has_garment_groups():
-    from miner.embed import DEFAULT_PROMPTS, load_prompts
+    from cir_mine.miner.encode.clip import DEFAULT_PROMPTS, load_prompts
 
     p = load_prompts(DEFAULT_PROMPTS)
     assert set(p.groups) == {"color", "sleeve", "pattern", "length", "neckline", "fit"}
@@ -289,7 +289,7 @@ def test_import_features(tmp_path, kind):
 def test_uint8_workers_then_batched_normalize_equals_open_clip_transform(tmp_path, encoder):
     from PIL import Image
 
-    from miner.embed import ImageFiles, input_shape, normalize_pixels
+    from cir_mine.miner.encode.clip import ImageFiles, input_shape, normalize_pixels
     from tests.fixtures import write_png
 
     paths = []
@@ -330,7 +330,7 @@ def test_annotations_without_images_fail_before_loading_a_model(tmp_path):
 def test_index_refuses_a_locked_workspace(tmp_path, small_work):
     import shutil
 
-    from data.io import DirLock
+    from cir_mine.data.io import DirLock
 
     work = tmp_path / "w"
     shutil.copytree(small_work, work)
@@ -342,8 +342,8 @@ def test_index_refuses_a_locked_workspace(tmp_path, small_work):
 
 def test_positives_embed_captions_with_the_workspace_text_tower(tmp_path, tiny):
     """Generated triplets on an embedded workspace use its own open_clip text tower (issue 8)."""
-    from data.workspace import read_triplets
-    from miner.embed import text_encoder_from_manifest
+    from cir_mine.data.workspace import read_triplets
+    from cir_mine.miner.encode.clip import text_encoder_from_manifest
 
     root, work = make_fashioniq(tmp_path / "fiq", n_per_cat=10), tmp_path / "w"
     assert embed(["--dataset", "fashioniq", "--root", str(root), "--work", str(work)], tiny).exit_code == 0

@@ -4,14 +4,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data.errors import UsageError
-from data.workspace import Workspace
-from miner import attributes as A
-from miner.mine import MineConfig, mine_negatives, mine_to_file
-from miner.schedule import mix_at, parse_schedule
-from miner.scores import cap_mask, cap_threshold, delta, zero_shot_queries
-from miner.strategies import REGISTRY, parse_mix, split_k
-from miner.tables import read_negatives
+from cir_mine.data.errors import UsageError
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core import attributes as A
+from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file
+from cir_mine.miner.core.curriculum import mix_at, parse_schedule
+from cir_mine.miner.core.scores import cap_mask, cap_threshold, delta, zero_shot_queries
+from cir_mine.miner.core.strategies import REGISTRY, parse_mix, split_k
+from cir_mine.miner.core.tables import read_negatives
 from tests.negatives_helpers import by_query
 
 
@@ -254,7 +254,7 @@ def test_batched_equals_unbatched_and_seeded(world, spec):
 
 
 def test_query_emb_equals_zero_shot(world):
-    from miner.scores import zero_shot_queries
+    from cir_mine.miner.core.scores import zero_shot_queries
 
     g, t = world["g"], world["t"]
     q = zero_shot_queries(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], t.text_embeddings)
@@ -312,8 +312,8 @@ def test_fiq_proxy_midzone_completes():
 
 def test_short_queries_are_searched_deeper(synth_work):
     """Adaptive depth: short queries gain negatives; queries that were not short keep their rows."""
-    from data.workspace import Workspace
-    from miner.mine import MineConfig, mine_negatives
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.core.mine import MineConfig, mine_negatives
 
     ws = Workspace(synth_work)
     base = dict(strategy="hardest", k=10, seed=1, candidates=16)

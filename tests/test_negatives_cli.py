@@ -5,9 +5,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.workspace import Workspace
-from miner.tables import read_negatives
+from cir_mine.cli import mine_app
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.tables import read_negatives
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_negatives_subprocess_schedule(synth_work, tmp_path):
 
 
 def test_negatives_lock(synth_work, tmp_path):
-    from data.io import DirLock
+    from cir_mine.data.io import DirLock
 
     with DirLock(tmp_path, "another miner"):
         r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "random",

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from miner import attributes as A
-from miner.attrmatrix import AttrCodes
-from miner.guards import (GuardConfig, apply_guards, cap_guard, duplicate_product_guard, extra_positive_guard,
-                          near_duplicate_guard, pair_keys, reference_guard, target_guard)
-from miner.mine import MineConfig, mine_negatives
+from cir_mine.miner.core import attributes as A
+from cir_mine.miner.core.attribute_codes import AttrCodes
+from cir_mine.miner.core.guards import (GuardConfig, apply_guards, cap_guard, duplicate_product_guard,
+                                        extra_positive_guard, near_duplicate_guard, pair_keys,
+                                        reference_guard, target_guard)
+from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from tests.negatives_helpers import by_query, tiny_workspace
 
 

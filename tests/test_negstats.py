@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.errors import DataError
-from miner.negstats import OVERLAP_BUCKETS, QUANTILES, format_stats, sql_query, summarize
-from miner.tables import write_negatives
+from cir_mine.cli import mine_app
+from cir_mine.data.errors import DataError
+from cir_mine.miner.inspection.stats import OVERLAP_BUCKETS, QUANTILES, format_stats, summarize
+from cir_mine.miner.inspection.sql import sql_query
+from cir_mine.miner.core.tables import write_negatives
 from tests.negs_helpers import make_negatives
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def test_sql_errors_exact(negs, synth_work, tmp_path):
 
 
 def test_refuses_table_of_other_workspace(negs, tmp_path):
-    from data.synthetic import SynthConfig, generate
+    from cir_mine.data.synthetic import SynthConfig, generate
 
     other = tmp_path / "other"
     generate(SynthConfig(n_gallery=40, n_triplets=10, dim=8, seed=3), other)

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.errors import DataError
-from data.synthetic import GROUPS
-from data.workspace import Workspace, read_metadata, read_triplets
-from miner.attributes import group_values
-from miner.positives import (Change, CommandCaptioner, PairDiff, PositivesConfig, attribute_changes,
-                             find_pairs, generate_positives, phrase_change)
+from cir_mine.cli import mine_app
+from cir_mine.data.errors import DataError
+from cir_mine.data.synthetic import GROUPS
+from cir_mine.data.workspace import Workspace, read_metadata, read_triplets
+from cir_mine.miner.core.attributes import group_values
+from cir_mine.miner.positives.pairs import Change, PairDiff, PositivesConfig, attribute_changes, find_pairs
+from cir_mine.miner.positives.captioners import CommandCaptioner, phrase_change
+from cir_mine.miner.positives.generate import generate_positives
 from tests.conftest import shared_path
 
 runner = CliRunner()
@@ -114,7 +115,7 @@ def test_unknown_encoder_error(tmp_path):
 
 
 def test_positives_output_dir_is_locked(synth_work, tmp_path):
-    from data.io import DirLock
+    from cir_mine.data.io import DirLock
 
     out = tmp_path / "extra.parquet"
     with DirLock(tmp_path, "another writer"):

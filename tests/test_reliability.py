@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.workspace import Workspace, gallery_table, l2_normalize, triplets_table, write_table
+from cir_mine.cli import mine_app
+from cir_mine.data.workspace import Workspace, gallery_table, l2_normalize, triplets_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -115,7 +115,7 @@ def _run_cli(args, **kw):
 
 def test_second_writer_fails_fast(tmp_path):
     """Two processes writing one workspace: the second fails with a lock message, never interleaves."""
-    from data.io import DirLock
+    from cir_mine.data.io import DirLock
 
     with DirLock(tmp_path, "test holder"):
         p = _run_cli(["synth", "--out", tmp_path, "--n-gallery", "200", "--n-triplets", "20", "--dim", "8", "-q"])
@@ -147,8 +147,8 @@ def test_sigkill_during_synth_then_rerun(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Bad input for embed, negatives, stats/report and cir-train (issue 6, second pass)
 
-from cli import train_app  # noqa: E402
-from data.synthetic import SynthConfig, generate  # noqa: E402
+from cir_mine.cli import train_app  # noqa: E402
+from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -233,9 +233,9 @@ def test_foreign_index_is_refused(work16, tmp_path):
 
 
 def test_mining_with_a_foreign_index_object(work16, tmp_path):
-    from data.errors import DataError
-    from miner.index import build_index
-    from miner.mine import MineConfig, mine_negatives
+    from cir_mine.data.errors import DataError
+    from cir_mine.miner.core.search import build_index
+    from cir_mine.miner.core.mine import MineConfig, mine_negatives
 
     ws = Workspace(work16 / "w")
     with pytest.raises(DataError) as e:

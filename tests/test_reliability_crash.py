@@ -1,6 +1,6 @@
 """Crashes, concurrency and determinism with real subprocesses (docs/reliability.md, "Crashes and concurrency").
 
-SIGKILLs use the ``CIR_MINE_KILL_BEFORE_REPLACE=NAME[:N]`` hook of ``data.io.atomic_path``: the process
+SIGKILLs use the ``CIR_MINE_KILL_BEFORE_REPLACE=NAME[:N]`` hook of ``cir_mine.data.io.atomic_path``: the process
 dies after the N-th temp file of NAME is complete and before its rename, the worst moment for a writer.
 """
 import json
@@ -16,9 +16,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import mine_app, train_app
-from data.synthetic import SynthConfig, generate
-from train import checkpoint as ck
+from cir_mine.cli import mine_app, train_app
+from cir_mine.data.synthetic import SynthConfig, generate
+from cir_mine.train import checkpoint as ck
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -213,7 +213,7 @@ def test_negatives_identical_across_threads_and_batches(small_work, tmp_path):
 def test_train_metrics_across_torch_threads(small_work, tmp_path):
     """cir-train with 1 vs 2 torch threads: recalls identical here, loss equal to float tolerance
     (a different thread count changes float summation order; docs/reliability.md, Determinism)."""
-    from train.loop import TrainConfig, train
+    from cir_mine.train.loop import TrainConfig, train
 
     runs, before = [], torch.get_num_threads()
     for threads in (1, 2):

@@ -1,4 +1,4 @@
-"""Property tests over random synthetic worlds (data.synthetic: categories, attributes, captions).
+"""Property tests over random synthetic worlds (cir_mine.data.synthetic: categories, attributes, captions).
 
 For every strategy: no mined negative is the target, the reference, an extra positive or a near-duplicate
 of the target; the strategy's window holds; the shortfall count is exact. Batched FAISS search equals
@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from data.synthetic import SynthConfig, generate
-from data.workspace import Workspace
-from miner.index import brute_force_search, build_index, search_batched
-from miner.mine import MineConfig, mine_negatives
-from miner.scores import zero_shot_queries
+from cir_mine.data.synthetic import SynthConfig, generate
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.search import brute_force_search, build_index, search_batched
+from cir_mine.miner.core.mine import MineConfig, mine_negatives
+from cir_mine.miner.core.scores import zero_shot_queries
 from tests.negatives_helpers import by_query
 
 STRATEGIES = ["hardest", "semihard", "midzone", "random", "category", "category-discrepant",

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import mine_app
-from data.workspace import Workspace
-from miner.sheets import TILE_IN, attribute_diff, guard_counts, sheet_rows
-from miner.tables import read_negatives
+from cir_mine.cli import mine_app
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.inspection.contact_sheet import TILE_IN, attribute_diff, guard_counts, sheet_rows
+from cir_mine.miner.core.tables import read_negatives
 from tests.fixtures import COLORS
 from tests.negs_helpers import make_image_work, make_negatives
 
@@ -162,8 +162,8 @@ def test_report_refuses_other_workspace(image_world, synth_work, tmp_path):
 
 def test_on_a_mined_table(synth_work, tmp_path):
     """stats/sql/inspect/report read what `cir-mine negatives` writes (unranked rows, guard dicts, hints)."""
-    from miner.mine import MineConfig, mine_to_file
-    from miner.negstats import format_stats, summarize
+    from cir_mine.miner.core.mine import MineConfig, mine_to_file
+    from cir_mine.miner.inspection.stats import format_stats, summarize
 
     ws = Workspace(synth_work)
     out = tmp_path / "mix.parquet"
@@ -185,7 +185,7 @@ def test_on_a_mined_table(synth_work, tmp_path):
 
 
 def test_diff_labels():
-    from miner.sheets import Tile, _diff_lines, _pack
+    from cir_mine.miner.inspection.contact_sheet import Tile, _diff_lines, _pack
 
     same = Tile("negative", "n", "dress", ["color:red"], None, [], [], [])
     assert _diff_lines(same) == [("= the target's attributes", "#d97706")]

@@ -2,10 +2,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import data.synthetic as synth
-from data.errors import UsageError
-from data.synthetic import GROUPS, SynthConfig, generate
-from data.workspace import Workspace
+import cir_mine.data.synthetic as synth
+from cir_mine.data.errors import UsageError
+from cir_mine.data.synthetic import GROUPS, SynthConfig, generate
+from cir_mine.data.workspace import Workspace
 
 
 def test_targets_differ_in_described_groups(synth_work):

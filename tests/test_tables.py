@@ -1,9 +1,9 @@
 import pyarrow as pa
 import pytest
 
-from data.errors import DataError, SchemaError
-from data.workspace import Workspace
-from miner.tables import NEGATIVES_SCHEMA, read_negatives, read_negatives_meta, write_negatives
+from cir_mine.data.errors import DataError, SchemaError
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, read_negatives, read_negatives_meta, write_negatives
 
 
 def _rows(n=3):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import mine_app, train_app
-from data.workspace import Workspace, read_triplets, triplets_table
-from train.loop import TrainConfig, Trainer
-from train.loss import info_nce, triplet_margin
+from cir_mine.cli import mine_app, train_app
+from cir_mine.data.workspace import Workspace, read_triplets, triplets_table
+from cir_mine.train.loop import TrainConfig, Trainer
+from cir_mine.train.loss import info_nce, triplet_margin
 
 runner = CliRunner()
 

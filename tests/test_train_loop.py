@@ -7,15 +7,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import train_app
-from data.errors import UsageError
-from data.workspace import Workspace
-from miner.tables import write_negatives
+from cir_mine.cli import train_app
+from cir_mine.data.errors import UsageError
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.tables import write_negatives
 from tests.fake_miner import fake_negatives
-from train import checkpoint as ck
-from train.data import NegativeBank, dev_split, sample_negatives
-from train.loop import TrainConfig, load_query_encoder, train
-from train.schedule import Curriculum
+from cir_mine.train import checkpoint as ck
+from cir_mine.train.data import NegativeBank, dev_split, sample_negatives
+from cir_mine.train.loop import TrainConfig, load_query_encoder, train
+from cir_mine.miner.core.curriculum import Curriculum
 
 runner = CliRunner()
 
@@ -96,7 +96,7 @@ def test_query_encoder_hook_matches_training_model(synth_work, tmp_path):
     out = enc(ref, t.text_embeddings[:5])
     assert out.shape == (5, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
     assert np.allclose(enc(ref, t.text_embeddings[:5]), out)
-    from train.checkpoint import encode_queries
+    from cir_mine.train.checkpoint import encode_queries
 
     allq = encode_queries(tmp_path / "q" / "ckpt.pt", synth_work, "train")
     assert allq.shape == (600, 32) and np.allclose(allq[:5], out, atol=1e-6)
@@ -114,7 +114,7 @@ def test_sample_negatives_follows_mix_and_share():
 
 
 def test_category_batches_are_pure(synth_work, tmp_path):
-    from train.loop import Trainer
+    from cir_mine.train.loop import Trainer
 
     t = Trainer(cfg(synth_work, tmp_path / "c", category_batches=True, batch_size=50))
     batches = t._batches(np.random.default_rng(0))
@@ -129,8 +129,8 @@ def test_schedule_and_dev_split():
     assert c.mix_at(9) == {"hardest": 1.0}
     with pytest.raises(UsageError, match="must start at epoch 0"):
         Curriculum.parse("1:random")
-    from miner.strategies import parse_mix
-    from train.schedule import mix_spec
+    from cir_mine.miner.core.strategies import parse_mix
+    from cir_mine.miner.core.curriculum import mix_spec
 
     assert dict(parse_mix(mix_spec(c.mix_at(3)))) == c.mix_at(3)
     tr, dev = dev_split(100, 0.2, 3)
@@ -164,7 +164,7 @@ def test_cli_train_run_and_errors(synth_work, negs, tmp_path):
 
 
 def test_cli_run_directory_is_locked(synth_work, tmp_path):
-    from data.io import DirLock
+    from cir_mine.data.io import DirLock
 
     with DirLock(tmp_path / "run"):
         os.environ.pop("CIR_TRAIN_CRASH_AFTER_EPOCH", None)
@@ -173,7 +173,7 @@ def test_cli_run_directory_is_locked(synth_work, tmp_path):
 
 
 def test_cli_negatives_from_another_workspace(synth_work, tmp_path):
-    from data.synthetic import SynthConfig, generate
+    from cir_mine.data.synthetic import SynthConfig, generate
 
     other = tmp_path / "other"
     generate(SynthConfig(n_gallery=200, n_triplets=20, dim=32, seed=1), other)

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.loss import (bank_loss, hardest_in_batch, in_batch_logits, info_nce, mined_logits,
-                        triplet_margin)
+from cir_mine.train.loss import (bank_loss, hardest_in_batch, in_batch_logits, info_nce, mined_logits,
+                                 triplet_margin)
 
 
 def unit(*shape, seed=0):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from train.metrics import cirr_metrics, fashioniq_metrics, is_cirr, target_ranks
+from cir_mine.train.metrics import cirr_metrics, fashioniq_metrics, is_cirr, target_ranks
 
 
 def full_matrix_ranks(q, g, target, exclude=None):

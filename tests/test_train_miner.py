@@ -4,8 +4,8 @@ import json
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
-from cli import mine_app, train_app
-from miner.tables import read_negatives
+from cir_mine.cli import mine_app, train_app
+from cir_mine.miner.core.tables import read_negatives
 
 runner = CliRunner()
 
@@ -42,7 +42,7 @@ def test_refresh_with_the_miner_and_checkpoint_queries(synth_work, tmp_path):
 
 
 def test_demo_library_small(tmp_path):
-    from train.demo import DemoConfig, run_demo
+    from cir_mine.train.demo import DemoConfig, run_demo
 
     said = []
     res = run_demo(tmp_path / "demo", DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32),
@@ -58,9 +58,9 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
     own from a fresh read with the same query embeddings."""
     import numpy as np
 
-    from data.workspace import Workspace
-    from miner.mine import MineConfig, mine_negatives, mine_to_file
-    from train.refresh import miner_remine
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file
+    from cir_mine.train.refresh import miner_remine
 
     negs = tmp_path / "negs.parquet"
     mine_to_file(Workspace(synth_work), "train", MineConfig(strategy="hardest", k=3, device="cpu"), negs)
@@ -81,7 +81,7 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
 
 
 def test_demo_fine_world_small(tmp_path):
-    from train.demo import DemoConfig, run_demo
+    from cir_mine.train.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(n_gallery=900, n_triplets=200, dim=16, epochs=1, world="fine")
     synth, strategies, train_opts = cfg.resolve()

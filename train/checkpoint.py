@@ -19,9 +19,9 @@ import numpy as np
 
 import torch
 
-from data.errors import DataError
-from data.io import atomic_path
-from data.workspace import library_versions
+from cir_mine.data.errors import DataError
+from cir_mine.data.io import atomic_path
+from cir_mine.data.workspace import library_versions
 
 FORMAT = "cir-train-ckpt"
 VERSION = 1
@@ -66,7 +66,7 @@ def load_query_encoder(ckpt_path: str | Path) -> Callable[[np.ndarray, np.ndarra
 
     The hook ``cir-mine negatives --checkpoint`` uses (through cli.py; the miner never imports train).
     """
-    from .model import ModelConfig, build_model, encode_queries as encode
+    from cir_mine.train.model import ModelConfig, build_model, encode_queries as encode
 
     state = load_checkpoint(ckpt_path)
     model = build_model(ModelConfig.from_dict(state["model_config"]))
@@ -77,7 +77,7 @@ def load_query_encoder(ckpt_path: str | Path) -> Callable[[np.ndarray, np.ndarra
 
 def encode_queries(ckpt_path: str | Path, work: str | Path, split: str) -> np.ndarray:
     """Every query of ``work``/``split`` embedded by a trained run -> float32[m, d], unit rows."""
-    from data.workspace import Workspace
+    from cir_mine.data.workspace import Workspace
 
     g, t = Workspace(work).require().load(split)
     model_dim = load_checkpoint(ckpt_path)["model_config"]["dim"]

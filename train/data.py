@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from data.errors import UsageError
+from cir_mine.data.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ def extra_queries(paths: list, gallery, gallery_keys: np.ndarray, key_of: dict, 
     (the workspace's queries, dev included) nor with each other. Each query gets loss weight
     ``weight``. Raises SchemaError / DataError naming the file.
     """
-    from data.errors import DataError
-    from data.workspace import read_triplets
+    from cir_mine.data.errors import DataError
+    from cir_mine.data.workspace import read_triplets
 
     taken = set(taken_ids)
     parts = []

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from data.synthetic import SynthConfig, generate
-from data.workspace import Workspace
+from cir_mine.data.synthetic import SynthConfig, generate
+from cir_mine.data.workspace import Workspace
 
-from .loop import TrainConfig, train
+from cir_mine.train.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class DemoConfig:
 
     def resolve(self) -> tuple:
         """-> (SynthConfig, strategies, TrainConfig overrides) of this demo."""
-        from data.errors import UsageError
-        from data.synthetic import DEFAULT_SALIENCE
+        from cir_mine.data.errors import UsageError
+        from cir_mine.data.synthetic import DEFAULT_SALIENCE
 
         if self.world not in WORLDS:
             raise UsageError(f"--world {self.world!r}: use one of {', '.join(WORLDS)}.")
@@ -81,7 +81,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
 
     Run directories under ``out/runs`` are replaced (the demo owns ``out``).
     """
-    from miner.mine import MineConfig, mine_to_file
+    from cir_mine.miner.core.mine import MineConfig, mine_to_file
 
     cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()

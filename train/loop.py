@@ -1,6 +1,6 @@
 """The training loop: cached features in, RUN directory out (checkpoints, metrics, curves).
 
-``train(cfg, remine=None, progress=None)`` trains a query encoder (train.model) on a workspace's
+``train(cfg, remine=None, progress=None)`` trains a query encoder (cir_mine.train.model) on a workspace's
 triplets with in-batch targets plus the mined negatives of a negatives table, evaluates after every
 epoch, and writes::
 
@@ -25,18 +25,18 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data.errors import DataError, UsageError
-from data.io import DirLock, write_json_atomic
-from data.workspace import Workspace
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.io import DirLock, write_json_atomic
+from cir_mine.data.workspace import Workspace
 
-from . import checkpoint as ck
-from .checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
-from .data import (NegativeBank, concat_queries, dev_split, extra_queries, group_negatives, image_keys,
-                   resolve_queries, sample_negatives, subset_queries)
-from .loss import bank_loss, hardest_in_batch, info_nce, triplet_margin
-from .metrics import evaluate
-from .model import ModelConfig, build_model, encode_queries
-from .schedule import Curriculum
+from cir_mine.train import checkpoint as ck
+from cir_mine.train.checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
+from cir_mine.train.data import (NegativeBank, concat_queries, dev_split, extra_queries, group_negatives,
+                                 image_keys, resolve_queries, sample_negatives, subset_queries)
+from cir_mine.train.loss import bank_loss, hardest_in_batch, info_nce, triplet_margin
+from cir_mine.train.metrics import evaluate
+from cir_mine.train.model import ModelConfig, build_model, encode_queries
+from cir_mine.miner.core.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- negatives
     def load_bank(self, path: Optional[str]) -> None:
-        from miner.tables import read_negatives
+        from cir_mine.miner.core.tables import read_negatives
 
         if not path:
             self.bank = None
@@ -194,7 +194,7 @@ class Trainer:
 
     def refresh(self, epoch: int) -> dict:
         """Re-embed every query of the split, re-mine, write RUN/negs.round{r}.parquet -> stats."""
-        from miner.tables import conform, write_negatives
+        from cir_mine.miner.core.tables import conform, write_negatives
 
         if self.remine is None:
             raise UsageError("--refresh-every needs a miner; none was given to the trainer.")
@@ -300,7 +300,7 @@ class Trainer:
         if cfg.loss in ("infonce", "both"):
             loss = loss + info_nce(out, tgt, tkeys, pkeys, neg, nkeys, cfg.temperature, w, cfg.neg_weight)
         if cfg.loss in ("triplet", "both") and neg is not None:
-            from .loss import positive_mask
+            from cir_mine.train.loss import positive_mask
             valid = (nkeys >= 0) & ~positive_mask(pkeys, nkeys)
             loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, neg, valid, cfg.margin, w)
         hard_k = cfg.online_hard or (1 if cfg.loss == "triplet" else 0)
@@ -395,7 +395,7 @@ def _append_jsonl(path: Path, rec: dict) -> None:
         lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
         lines = [x for x in lines if x.get("epoch", 0) < rec["epoch"]]
     lines.append(rec)
-    from data.io import atomic_path
+    from cir_mine.data.io import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
@@ -408,7 +408,7 @@ def plot_curves(history: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data.io import atomic_path
+    from cir_mine.data.io import atomic_path
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     ep = [h["epoch"] for h in history]

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data.errors import DataError
+from cir_mine.data.errors import DataError
 
 FIQ_KS = (10, 50)
 CIRR_KS = (1, 5, 10, 50)

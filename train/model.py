@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.errors import UsageError
+from cir_mine.data.errors import UsageError
 
 MODELS = ("combiner", "attention", "sum")
 

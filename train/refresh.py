@@ -1,9 +1,9 @@
 """The refresh's miner call: re-mine a split with the config stored in a negatives table.
 
 :func:`miner_remine` returns the ``remine(query_emb, round, epoch) -> (table, meta)`` callable the
-training loop takes (train.loop.Remine). It reads the mining config from the table's footer
+training loop takes (cir_mine.train.loop.Remine). It reads the mining config from the table's footer
 (``meta["config"]``), reads the split and opens the workspace's FAISS index once (or builds a flat
-one over the gallery once) and calls ``miner.mine.mine_negatives`` with the current model's query
+one over the gallery once) and calls ``cir_mine.miner.core.mine.mine_negatives`` with the current model's query
 embeddings, so every round uses the exact same config, data and index; only the queries (and, with
 a schedule, the mix) change.
 """
@@ -15,16 +15,17 @@ from typing import Optional
 
 import numpy as np
 
-from data.workspace import Workspace
+from cir_mine.data.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
 def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None):
     """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
-    from miner.index import build_index, load_workspace_index
-    from miner.mine import MineConfig, mine_negatives
-    from miner.tables import read_negatives_meta
+    from cir_mine.miner.core.search import build_index
+    from cir_mine.miner.encode.index import load_workspace_index
+    from cir_mine.miner.core.mine import MineConfig, mine_negatives
+    from cir_mine.miner.core.tables import read_negatives_meta
 
     ws = Workspace(work).require()
     base = read_negatives_meta(negatives, ws).get("config", {})
@@ -58,6 +59,6 @@ def _with_mix(cfg, schedule: str, epoch: int):
     """The mining config with the mix the schedule names for ``epoch`` (query embeddings given)."""
     from dataclasses import replace
 
-    from .schedule import Curriculum, mix_spec
+    from cir_mine.miner.core.curriculum import Curriculum, mix_spec
 
     return replace(cfg, strategy=None, mix=mix_spec(Curriculum.parse(schedule).mix_at(epoch)), schedule=None)

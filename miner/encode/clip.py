@@ -28,9 +28,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from data.errors import DataError, UsageError, WeightsUnavailableError
-from data.io import atomic_path, write_json_atomic
-from data.workspace import l2_normalize
+from cir_mine.data.errors import DataError, UsageError, WeightsUnavailableError
+from cir_mine.data.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -470,12 +469,12 @@ class AttributePrompts:
     default_category: str = "garment"      # {category} for images without one
 
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parent / "resources" / "garment_attributes.json"
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "garment_attributes.json"
 
 
 def load_prompts(path: str | Path) -> AttributePrompts:
     """Read an attribute prompt file (see docs/formats.md, "Attribute prompt files")."""
-    from data.jsonio import load_json
+    from cir_mine.data.jsonio import load_json
 
     path = Path(path)
     obj = load_json(path, dict)

@@ -13,8 +13,8 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.errors import DataError, SchemaError
-from data.workspace import Workspace, now_iso, read_metadata, write_table
+from cir_mine.data.errors import DataError, SchemaError
+from cir_mine.data.workspace import Workspace, now_iso, read_metadata, write_table
 
 NEGATIVES_SCHEMA_VERSION = 1
 META_KEY = "cir_mine"

@@ -1,6 +1,6 @@
 """Attributes: requested-attribute extraction from captions, and attribute overlap.
 
-A rule-based extractor over an editable vocabulary file (``miner/resources/vocabulary.json`` by
+A rule-based extractor over an editable vocabulary file (``miner/core/vocabulary.json`` by
 default, another one through ``Vocabulary.load(path)`` / ``--vocabulary FILE``):
 
 - ``extract(text) -> Requested``: what a caption asks for: ``positive`` values ("is red"),
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from data.errors import DataError
-from data.jsonio import load_json
+from cir_mine.data.errors import DataError
+from cir_mine.data.jsonio import load_json
 
-DEFAULT_VOCABULARY = Path(__file__).resolve().parent / "resources" / "vocabulary.json"
+DEFAULT_VOCABULARY = Path(__file__).resolve().parent / "vocabulary.json"
 FORMAT = "cir-mine vocabulary 1"
 MORE, LESS = "more", "less"
 _TOKEN = re.compile(r"[a-z0-9/']+")
@@ -130,7 +130,7 @@ def _default() -> Vocabulary:
 
 def _bad(source: str, what: str) -> DataError:
     return DataError(f"{source}: {what}. Fix the vocabulary file (the shipped "
-                     f"miner/resources/vocabulary.json shows the format) or pass another one.")
+                     f"miner/core/vocabulary.json shows the format) or pass another one.")
 
 
 def _str_list(obj, source: str, where: str) -> list[str]:

@@ -1,9 +1,9 @@
-"""Make a workspace from outside data: a dataset embedded with open_clip, or precomputed features.
+"""Make a workspace from a dataset embedded with open_clip.
 
 ``embed_dataset`` reads a dataset (fashioniq | cirr | folder), embeds the gallery images and the
 query captions, optionally adds zero-shot attributes, and writes ``gallery.{split}.parquet``,
 ``triplets.{split}.parquet``, ``index.{split}.faiss`` and the manifest (atomically, under the
-workspace lock, resumable through the shards of :func:`miner.embed.embed_images`).
+workspace lock, resumable through the shards of :func:`cir_mine.miner.encode.clip.embed_images`).
 """
 from __future__ import annotations
 
@@ -16,22 +16,27 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from data.adapters import load_dataset
-from data.errors import DataError, SchemaError, UsageError
-from data.io import DirLock
-from data.records import ImageRecord, QueryRecord
-from data.workspace import (Workspace, check_split, gallery_table, l2_normalize, triplets_table,
-                            write_table)
+from cir_mine.data.adapters import load_dataset
+from cir_mine.data.errors import DataError
+from cir_mine.data.io import DirLock
+from cir_mine.data.records import ImageRecord, QueryRecord
+from cir_mine.data.workspace import (Workspace, check_split, gallery_table, triplets_table,
+                                     write_table)
 
-from .embed import (AttributePrompts, EncoderConfig, ImageRun, embed_images, embed_texts, load_encoder,
-                    load_prompts, zero_shot_attributes)
-from .index import index_workspace
+from cir_mine.miner.encode.clip import (AttributePrompts, EncoderConfig, ImageRun, embed_images, embed_texts,
+                                        load_encoder, load_prompts, zero_shot_attributes)
+from cir_mine.miner.encode.index import index_workspace
 
 log = logging.getLogger(__name__)
 
+
 # progress(n, total=None): n more items done; ``total`` is set once, when it is known.
 Progress = Optional[Callable[..., None]]
+
+
+
 MAX_SKIPPED_LISTED = 100
+
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class EmbedJob:
     attribute_prompts: Optional[Path] = None  # zero-shot attribute prompt file (None: no zero-shot)
     index: str = "flat"                   # flat|ivf|ivfpq|hnsw|FAISS factory string, or "none"
     triplets_file: Optional[Path] = None  # folder datasets: the triplets CSV/JSONL (default: found in root)
+
 
 
 def _check_encoder_matches(ws: Workspace, split: str, encoder: dict) -> None:
@@ -62,6 +68,7 @@ def _check_encoder_matches(ws: Workspace, split: str, encoder: dict) -> None:
         )
 
 
+
 def _skipped_summary(images: list[ImageRecord], errors: list[str]) -> dict:
     bad = [(im, e) for im, e in zip(images, errors) if e]
     return {
@@ -73,9 +80,11 @@ def _skipped_summary(images: list[ImageRecord], errors: list[str]) -> dict:
     }
 
 
+
 def _keep_queries(queries: list[QueryRecord], ok_ids: set) -> tuple[list[QueryRecord], int]:
     kept = [q for q in queries if q.ref_id in ok_ids and q.target_id in ok_ids]
     return kept, len(queries) - len(kept)
+
 
 
 def _gallery(images, emb, errors, encoder, prompts: Optional[AttributePrompts]) -> pa.Table:
@@ -97,6 +106,7 @@ def _gallery(images, emb, errors, encoder, prompts: Optional[AttributePrompts]) 
     return table
 
 
+
 def _triplets(queries: list[QueryRecord], text_emb: np.ndarray, ok_ids: set) -> pa.Table:
     def ids(get):
         vals = [[i for i in get(q) if i in ok_ids] for q in queries]
@@ -109,6 +119,7 @@ def _triplets(queries: list[QueryRecord], text_emb: np.ndarray, ok_ids: set) -> 
         verified_negative_ids=ids(lambda q: q.verified_negative_ids),
         img_set=ids(lambda q: q.img_set),
     )
+
 
 
 def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
@@ -160,69 +171,4 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
                                      embed={**old, job.split: split_info})
         shutil.rmtree(shard_dir, ignore_errors=True)
         return manifest
-
-
-# ----------------------------------------------------------------------------------------------
-# Precomputed features
-
-
-def read_features(path: str | Path, ids_path: Optional[str | Path] = None
-                  ) -> tuple[list[str], list[str], np.ndarray]:
-    """Features file -> (image_ids, categories, emb float32[n, d] as stored).
-
-    ``.npy`` float[n, d] with ``ids_path`` (one ``image_id`` per line, optionally ``\\tcategory``),
-    or ``.parquet`` with ``image_id``, ``embedding`` (list<float>) and optional ``category``.
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: features file not found.")
-    if path.suffix == ".npy":
-        if ids_path is None:
-            raise UsageError(f"--from-features {path}: a .npy file needs --ids FILE (one image id per line).")
-        emb = np.load(path, allow_pickle=False)
-        lines = [ln for ln in Path(ids_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        parts = [ln.split("\t", 1) for ln in lines]
-        ids = [p[0].strip() for p in parts]
-        cats = [p[1].strip() if len(p) > 1 else "" for p in parts]
-    elif path.suffix == ".parquet":
-        try:
-            t = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
-        for col in ("image_id", "embedding"):
-            if col not in t.schema.names:
-                raise SchemaError(f"{path}: missing column '{col}'; a features table needs image_id and embedding.")
-        ids = [str(i) for i in t.column("image_id").to_pylist()]
-        cats = t.column("category").to_pylist() if "category" in t.schema.names else [""] * len(ids)
-        cats = [c or "" for c in cats]
-        emb = np.asarray(t.column("embedding").to_pylist(), dtype=np.float32)
-    else:
-        raise UsageError(f"--from-features {path}: use a .npy (with --ids) or a .parquet file.")
-    if emb.ndim != 2 or emb.shape[0] != len(ids):
-        raise DataError(f"{path}: features have shape {emb.shape} but there are {len(ids)} ids; "
-                        f"expected one row per id.")
-    return ids, cats, emb.astype(np.float32, copy=False)
-
-
-def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
-                    encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
-                    fp16: bool = False) -> dict:
-    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index."""
-    check_split(split)
-    ids, cats, emb = read_features(path, ids_path)
-    norms = np.linalg.norm(emb, axis=1)
-    bad = ~np.isfinite(emb).all(axis=1) | (norms < 1e-12)
-    if bad.any():
-        raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
-                        f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
-    ws = Workspace(work)
-    with DirLock(ws.root, "cir-mine index --from-features"):
-        write_table(gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)), ws.gallery_path(split),
-                    metadata={"features": str(path)})
-        meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
-                if index != "none" else None)
-        ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})
-        return meta or {}
 

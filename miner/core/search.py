@@ -1,4 +1,4 @@
-"""FAISS indexes over a gallery: build, save/load (atomic), batched search with bounded memory.
+"""FAISS primitives over a gallery: build, save/load (atomic), batched search with bounded memory.
 
 One GPU rule: GPU FAISS is used only when ``faiss.get_num_gpus() > 0`` and the caller did not
 ask for the CPU; the choice is logged. All indexes are inner-product (cosine on unit vectors).
@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from data.errors import DataError, UsageError
-from data.io import atomic_path, write_json_atomic
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
+
 
 NAMED_FACTORIES = {
     "flat": "Flat",
@@ -26,10 +26,12 @@ NAMED_FACTORIES = {
 }
 
 
+
 def _faiss():
     import faiss  # imported lazily: it is heavy and pulls in OpenMP
 
     return faiss
+
 
 
 def use_gpu(device: str = "auto") -> bool:
@@ -47,6 +49,7 @@ def use_gpu(device: str = "auto") -> bool:
     return n > 0
 
 
+
 def factory_string(spec: str, n: int, dim: int) -> str:
     """'flat'|'ivf'|'ivfpq'|'hnsw' or a FAISS factory string -> a factory string."""
     if spec in NAMED_FACTORIES:
@@ -55,6 +58,7 @@ def factory_string(spec: str, n: int, dim: int) -> str:
         m = next((m for m in (64, 32, 16, 8, 4, 2) if dim % m == 0 and dim // m >= 4), 1)
         return NAMED_FACTORIES[spec].format(nlist=nlist, m=m)
     return spec
+
 
 
 def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: bool = False):
@@ -86,9 +90,11 @@ def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: 
     return index
 
 
+
 def to_cpu(index):
     faiss = _faiss()
     return faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
+
 
 
 def save_index(index, path: str | Path, meta: dict) -> None:
@@ -98,6 +104,7 @@ def save_index(index, path: str | Path, meta: dict) -> None:
     with atomic_path(path) as tmp:
         faiss.write_index(to_cpu(index), str(tmp))
     write_json_atomic(path.with_suffix(path.suffix + ".json"), meta)
+
 
 
 def load_index(path: str | Path, device: str = "auto"):
@@ -114,10 +121,12 @@ def load_index(path: str | Path, device: str = "auto"):
     return index
 
 
+
 def index_meta(path: str | Path) -> dict:
     p = Path(path)
     p = p.with_suffix(p.suffix + ".json")
     return json.loads(p.read_text()) if p.exists() else {}
+
 
 
 def search_batched(index, xq: np.ndarray, k: int, batch_size: int = 4096,
@@ -139,15 +148,13 @@ def search_batched(index, xq: np.ndarray, k: int, batch_size: int = 4096,
     return D, I
 
 
+
 def brute_force_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Reference implementation (tests): full score matrix, stable descending sort."""
     S = xq @ xb.T
     I = np.argsort(-S, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(S, I, axis=1), I
 
-
-# ----------------------------------------------------------------------------------------------
-# Workspace indexes (issue 3: `cir-mine index`, `cir-mine embed`)
 
 
 def gallery_fingerprint(image_ids, categories, emb: np.ndarray) -> str:
@@ -159,6 +166,7 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray) -> str:
         h.update(f"{c}\0{i}\0".encode())
     h.update(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
     return h.hexdigest()[:16]
+
 
 
 def check_index(index, gallery, index_path, gallery_path, gallery_hash: Optional[str] = None,
@@ -173,51 +181,3 @@ def check_index(index, gallery, index_path, gallery_path, gallery_hash: Optional
             raise DataError(f"{index_path}: built from another gallery (hash {gallery_hash}, {gallery_path} has "
                             f"{now}). {fix}.")
 
-
-def load_workspace_index(ws, split: str, gallery=None, device: str = "auto"):
-    """Load ``index.{split}.faiss`` and check it still matches ``gallery.{split}.parquet``."""
-    path = ws.index_path(split)
-    index = load_index(path, device)
-    check_index(index, gallery if gallery is not None else ws.gallery(split), path, ws.gallery_path(split),
-                index_meta(path).get("gallery_hash"),
-                f"Rebuild it with `cir-mine index --work {ws.root} --split {split}`")
-    return index
-
-
-def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
-                    fp16: bool = False, lock: bool = True) -> dict:
-    """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
-
-    Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gpu, fp16.
-    Row ``r`` of the index is row ``r`` of the gallery table. ``lock=False`` when the caller
-    already holds the workspace lock.
-    """
-    import contextlib
-
-    from data.io import DirLock
-    from data.workspace import Workspace
-
-    ws = Workspace(work)
-    ws.require()
-    with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext():
-        return _index_workspace(ws, split, spec, device, fp16)
-
-
-def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict:
-    g = ws.gallery(split)
-    if len(g) == 0:
-        raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")
-    try:
-        index = build_index(g.embeddings, spec, device=device, fp16=fp16)
-    except RuntimeError as e:
-        raise UsageError(
-            f"--index {spec!r}: FAISS cannot train {factory_string(spec, len(g), g.dim)!r} on {len(g)} "
-            f"vectors ({str(e).splitlines()[0][:160]}). Use --index flat or a smaller factory string."
-        ) from None
-    meta = {
-        "spec": spec, "factory": factory_string(spec, len(g), g.dim), "metric": "inner_product",
-        "dim": g.dim, "gallery_rows": len(g), "gallery_hash": gallery_fingerprint(g.image_ids, g.categories, g.embeddings),
-        "gallery": ws.gallery_path(split).name, "gpu": use_gpu(device), "fp16": bool(fp16),
-    }
-    save_index(index, ws.index_path(split), meta)
-    return meta

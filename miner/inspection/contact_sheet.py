@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data.errors import DataError, UsageError
-from data.workspace import Gallery, Workspace
-from miner.tables import NegativesTable, read_negatives
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.workspace import Gallery, Workspace
+from cir_mine.miner.core.tables import NegativesTable, read_negatives
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
 
     Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool}.
     """
-    from data.io import atomic_path
+    from cir_mine.data.io import atomic_path
 
     ws = Workspace(work).require()
     nt = read_negatives(neg_path, ws)

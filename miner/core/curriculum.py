@@ -1,4 +1,4 @@
-"""Curricula: which mix of strategies to mine with at each epoch (or refresh round).
+"""Curricula: which mix of strategies to mine with (and train on) at each epoch or refresh round.
 
 Spec: ``"0:random,2:midzone,4:hardest"`` (epoch:strategy entries separated by commas) or, when an
 entry is itself a mix, entries separated by ``;``: ``"0:random;2:midzone:0.7,random:0.3"``.
@@ -7,9 +7,11 @@ The parsed schedule is stored in the negatives table's metadata; cir-train reads
 """
 from __future__ import annotations
 
-from data.errors import UsageError
+from dataclasses import dataclass
 
-from .strategies import parse_mix
+from cir_mine.data.errors import UsageError
+
+from cir_mine.miner.core.strategies import parse_mix
 
 
 def parse_schedule(spec: str) -> list[dict]:
@@ -44,3 +46,24 @@ def mix_at(schedule: list[dict], epoch: int) -> list[tuple[str, float]]:
         if entry["from_epoch"] <= epoch:
             current = entry
     return [(n, float(w)) for n, w in current["mix"]]
+
+def mix_spec(mix: dict) -> str:
+    """{strategy: share} -> the miner's mix string 'midzone:0.7,random:0.3'."""
+    return ",".join(f"{name}:{share:g}" for name, share in mix.items())
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    spec: str              # the --schedule text
+    entries: tuple         # parse_schedule(spec), as a tuple
+
+    @classmethod
+    def parse(cls, text: str) -> "Curriculum":
+        return cls(text, tuple(parse_schedule(text)))
+
+    def mix_at(self, epoch: int) -> dict:
+        """{strategy: share} in force at 0-based ``epoch`` (shares sum to 1)."""
+        return dict(mix_at(list(self.entries), epoch))
+
+    def strategies(self) -> set:
+        return {n for e in self.entries for n, _ in e["mix"]}

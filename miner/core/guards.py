@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scores import cap_mask
+from cir_mine.miner.core.scores import cap_mask
 
 GUARDS = ("target", "reference", "extra_positive", "cap", "near_duplicate", "duplicate_product")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.workspace import l2_normalize
+from cir_mine.data.workspace import l2_normalize
 
 
 def zero_shot_queries(ref_emb: np.ndarray, text_emb: np.ndarray, text_weight: float = 1.0) -> np.ndarray:

@@ -4,7 +4,7 @@ Sections: the tables and their numbers; Δ histogram per strategy; score vs targ
 and attribute-overlap mix; negatives per query and shortfall; the most frequently mined negatives;
 with several tables (refresh rounds) the round-to-round overlap and hardness; a few contact sheets.
 
-``build_report`` gathers the data through DuckDB (miner.negstats) and draws with matplotlib's Agg
+``build_report`` gathers the data through DuckDB (cir_mine.miner.inspection) and draws with matplotlib's Agg
 canvas (``matplotlib.figure.Figure``, no pyplot state); ``write_report`` writes the HTML atomically.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data.io import atomic_path
-from miner.negstats import Stats, format_stats, open_tables, stats_of
-from miner.sheets import render_sheet, sheet_rows
+from cir_mine.data.io import atomic_path
+from cir_mine.miner.inspection.stats import Stats, format_stats, stats_of
+from cir_mine.miner.inspection.sql import open_tables
+from cir_mine.miner.inspection.contact_sheet import render_sheet, sheet_rows
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def plot_scatter(groups: Sequence[Group], seed: int = 0):
 
 
 def plot_mix(groups: Sequence[Group]):
-    from miner.negstats import OVERLAP_BUCKETS
+    from cir_mine.miner.inspection.stats import OVERLAP_BUCKETS
 
     fig = _figure(8.5, max(2.2, 0.45 * len(groups) + 1.4))
     ax1, ax2 = fig.subplots(1, 2)

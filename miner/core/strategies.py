@@ -1,7 +1,7 @@
 """Negative-sampling strategies: a registry of small functions with one signature.
 
-``fn(ctx, k, salt) -> Picks``: ``ctx`` is the batch context built by :mod:`miner.mine` (guarded
-candidate matrices for a batch of b queries, see :class:`miner.mine.BatchContext`), ``k`` the
+``fn(ctx, k, salt) -> Picks``: ``ctx`` is the batch context built by :mod:`cir_mine.miner.core.mine` (guarded
+candidate matrices for a batch of b queries, see :class:`cir_mine.miner.core.mine.BatchContext`), ``k`` the
 number of negatives this strategy contributes per query, ``salt`` an int that keeps the random
 streams of mix parts apart. A strategy picks at most ``k`` negatives per query and never pads:
 slots it cannot fill stay -1 and show up as shortfall. Candidates already picked by an earlier
@@ -16,9 +16,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from data.errors import UsageError
+from cir_mine.data.errors import UsageError
 
-from .attrmatrix import STATUS_FALSE, STATUS_NOT_ASKED, STATUS_TRUE
+from cir_mine.miner.core.attribute_codes import STATUS_FALSE, STATUS_TRUE
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)

@@ -19,18 +19,18 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from data.errors import UsageError
-from data.io import DirLock
-from data.workspace import Gallery, Triplets, Workspace, library_versions
+from cir_mine.data.errors import UsageError
+from cir_mine.data.io import DirLock
+from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
 
-from . import attributes as A
-from .attrmatrix import AttrCodes
-from .guards import GUARDS, GuardConfig, apply_guards, member, pair_keys
-from .index import build_index, check_index, search_batched
-from .schedule import mix_at, parse_schedule
-from .scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
-from .strategies import REGISTRY, Candidates, Picks, hash_keys, parse_mix, split_k
-from .tables import NEGATIVES_SCHEMA, write_negatives
+from cir_mine.miner.core import attributes as A
+from cir_mine.miner.core.attribute_codes import AttrCodes
+from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys
+from cir_mine.miner.core.search import build_index, check_index, search_batched
+from cir_mine.miner.core.curriculum import mix_at, parse_schedule
+from cir_mine.miner.core.scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
+from cir_mine.miner.core.strategies import REGISTRY, Candidates, Picks, hash_keys, parse_mix, split_k
+from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, write_negatives
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""Vectorized attribute codes: the miner's fast path over the :mod:`miner.attributes` API.
+"""Vectorized attribute codes: the miner's fast path over the :mod:`cir_mine.miner.core.attributes` API.
 
 Gallery attribute lists are factorized into distinct *combos*; each combo gets
 - a bitset over the attribute vocabulary (Jaccard overlap by popcount),
 - a per-group value-set code (to compare a candidate with the target group by group).
-Requested status is computed by ``miner.attributes.requested_status`` itself, once per distinct
+Requested status is computed by ``cir_mine.miner.core.attributes.requested_status`` itself, once per distinct
 (request part, image evidence) pair per requested group, into small lookup tables; a [batch, depth]
 candidate matrix then needs only integer gathers. The evidence key of an image for a group is what
 the API can read (the vocabulary's evidence for the group and the raw ``group:value`` set), so the
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import attributes as A
+from cir_mine.miner.core import attributes as A
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,41 @@
+"""cir-mine: offline hard-negative mining for composed image retrieval (CIR) training.
+
+The public API (see docs/api.md) is importable from here; names load lazily, so
+``import cir_mine`` stays cheap and the mining core never pulls in torch::
+
+    from cir_mine import Workspace, MineConfig, mine_negatives, read_negatives
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_API = {
+    "Workspace": "cir_mine.data.workspace",
+    "CirMineError": "cir_mine.data.errors",
+    "DataError": "cir_mine.data.errors",
+    "UsageError": "cir_mine.data.errors",
+    "MineConfig": "cir_mine.miner.core.mine",
+    "MineResult": "cir_mine.miner.core.mine",
+    "mine_negatives": "cir_mine.miner.core.mine",
+    "mine_to_file": "cir_mine.miner.core.mine",
+    "GuardConfig": "cir_mine.miner.core.guards",
+    "read_negatives": "cir_mine.miner.core.tables",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cir_mine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,83 @@
+"""Precomputed features into a workspace: ``cir-mine index --from-features F.npy|F.parquet``.
+
+The features are L2-normalized and written as ``gallery.{split}.parquet``, then the split's index.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from cir_mine.data.errors import DataError, SchemaError, UsageError
+from cir_mine.data.io import DirLock
+from cir_mine.data.workspace import (Workspace, check_split, gallery_table, l2_normalize, write_table)
+
+from cir_mine.miner.encode.index import index_workspace
+
+log = logging.getLogger(__name__)
+
+
+def read_features(path: str | Path, ids_path: Optional[str | Path] = None
+                  ) -> tuple[list[str], list[str], np.ndarray]:
+    """Features file -> (image_ids, categories, emb float32[n, d] as stored).
+
+    ``.npy`` float[n, d] with ``ids_path`` (one ``image_id`` per line, optionally ``\\tcategory``),
+    or ``.parquet`` with ``image_id``, ``embedding`` (list<float>) and optional ``category``.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: features file not found.")
+    if path.suffix == ".npy":
+        if ids_path is None:
+            raise UsageError(f"--from-features {path}: a .npy file needs --ids FILE (one image id per line).")
+        emb = np.load(path, allow_pickle=False)
+        lines = [ln for ln in Path(ids_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        parts = [ln.split("\t", 1) for ln in lines]
+        ids = [p[0].strip() for p in parts]
+        cats = [p[1].strip() if len(p) > 1 else "" for p in parts]
+    elif path.suffix == ".parquet":
+        try:
+            t = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
+        for col in ("image_id", "embedding"):
+            if col not in t.schema.names:
+                raise SchemaError(f"{path}: missing column '{col}'; a features table needs image_id and embedding.")
+        ids = [str(i) for i in t.column("image_id").to_pylist()]
+        cats = t.column("category").to_pylist() if "category" in t.schema.names else [""] * len(ids)
+        cats = [c or "" for c in cats]
+        emb = np.asarray(t.column("embedding").to_pylist(), dtype=np.float32)
+    else:
+        raise UsageError(f"--from-features {path}: use a .npy (with --ids) or a .parquet file.")
+    if emb.ndim != 2 or emb.shape[0] != len(ids):
+        raise DataError(f"{path}: features have shape {emb.shape} but there are {len(ids)} ids; "
+                        f"expected one row per id.")
+    return ids, cats, emb.astype(np.float32, copy=False)
+
+
+
+def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
+                    encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
+                    fp16: bool = False) -> dict:
+    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index."""
+    check_split(split)
+    ids, cats, emb = read_features(path, ids_path)
+    norms = np.linalg.norm(emb, axis=1)
+    bad = ~np.isfinite(emb).all(axis=1) | (norms < 1e-12)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
+                        f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
+    ws = Workspace(work)
+    with DirLock(ws.root, "cir-mine index --from-features"):
+        write_table(gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)), ws.gallery_path(split),
+                    metadata={"features": str(path)})
+        meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
+                if index != "none" else None)
+        ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})
+        return meta or {}
+

@@ -1,0 +1,67 @@
+"""A workspace's saved FAISS index: (re)build ``index.{split}.faiss`` from its gallery, load and check it.
+
+The FAISS primitives (build, search, save/load, the GPU rule) live in :mod:`cir_mine.miner.core.search`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.miner.core.search import (build_index, check_index, factory_string, gallery_fingerprint, index_meta, load_index,
+                                        save_index, use_gpu)
+
+log = logging.getLogger(__name__)
+
+
+def load_workspace_index(ws, split: str, gallery=None, device: str = "auto"):
+    """Load ``index.{split}.faiss`` and check it still matches ``gallery.{split}.parquet``."""
+    path = ws.index_path(split)
+    index = load_index(path, device)
+    check_index(index, gallery if gallery is not None else ws.gallery(split), path, ws.gallery_path(split),
+                index_meta(path).get("gallery_hash"),
+                f"Rebuild it with `cir-mine index --work {ws.root} --split {split}`")
+    return index
+
+
+
+def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
+                    fp16: bool = False, lock: bool = True) -> dict:
+    """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
+
+    Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gpu, fp16.
+    Row ``r`` of the index is row ``r`` of the gallery table. ``lock=False`` when the caller
+    already holds the workspace lock.
+    """
+    import contextlib
+
+    from cir_mine.data.io import DirLock
+    from cir_mine.data.workspace import Workspace
+
+    ws = Workspace(work)
+    ws.require()
+    with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext():
+        return _index_workspace(ws, split, spec, device, fp16)
+
+
+
+def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict:
+    g = ws.gallery(split)
+    if len(g) == 0:
+        raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")
+    try:
+        index = build_index(g.embeddings, spec, device=device, fp16=fp16)
+    except RuntimeError as e:
+        raise UsageError(
+            f"--index {spec!r}: FAISS cannot train {factory_string(spec, len(g), g.dim)!r} on {len(g)} "
+            f"vectors ({str(e).splitlines()[0][:160]}). Use --index flat or a smaller factory string."
+        ) from None
+    meta = {
+        "spec": spec, "factory": factory_string(spec, len(g), g.dim), "metric": "inner_product",
+        "dim": g.dim, "gallery_rows": len(g), "gallery_hash": gallery_fingerprint(g.image_ids, g.categories, g.embeddings),
+        "gallery": ws.gallery_path(split).name, "gpu": use_gpu(device), "fp16": bool(fp16),
+    }
+    save_index(index, ws.index_path(split), meta)
+    return meta
+

@@ -1,0 +1,165 @@
+"""Negatives tables in DuckDB: the views, and ad-hoc SQL over them.
+
+``connect`` opens an in-memory DuckDB with the views
+- ``negs``: every given negatives table (``read_parquet([...])``) plus a ``filename`` column;
+- ``gallery``, ``triplets``: the workspace tables of one split without their embedding columns;
+- ``gallery_emb`` (image_id, category, embedding), ``triplet_emb`` (query_id, text_embedding):
+  the embeddings as DuckDB ``FLOAT[d]`` arrays, for similarity queries (``array_cosine_similarity``).
+
+Every view reads the Parquet files directly (nothing is copied). ``format_rows`` renders a query's
+result for the CLI.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.tables import NegativesTable, read_negatives
+
+log = logging.getLogger(__name__)
+
+
+def _lit(path: Path | str) -> str:
+    """A SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+
+def load_tables(paths: Sequence[str | Path], ws: Optional[Workspace] = None) -> list[NegativesTable]:
+    """Read and validate each negatives table (refusing tables of another workspace when ``ws``)."""
+    if not paths:
+        raise UsageError("give at least one negatives table (NEGS.parquet).")
+    return [read_negatives(p, ws) for p in paths]
+
+
+
+def table_split(tables: Sequence[NegativesTable], split: Optional[str]) -> str:
+    """The split to read the workspace at: ``split`` if given, else the tables' own (default train)."""
+    if split:
+        return split
+    splits = sorted({t.meta.get("split") or "train" for t in tables})
+    if len(splits) > 1:
+        raise UsageError(f"the tables were mined on different splits ({', '.join(splits)}); pass one with --split.")
+    return splits[0] if splits else "train"
+
+
+
+def connect(neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None,
+            split: str = "train") -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views described in the module docstring."""
+    con = duckdb.connect(":memory:")
+    if neg_paths:
+        files = ", ".join(_lit(Path(p).resolve()) for p in neg_paths)
+        con.execute(f"CREATE VIEW negs AS SELECT * FROM read_parquet([{files}], filename = true)")
+    if ws is not None:
+        gp, tp = ws.gallery_path(split), ws.triplets_path(split)
+        if not gp.exists():
+            have = ", ".join(ws.splits()) or "none"
+            raise DataError(f"{gp}: file not found; splits in {ws.root}: {have}. Pass one with --split.")
+        gcols = [c for c in pq.read_schema(gp).names if c != "embedding"]
+        con.execute(f"CREATE VIEW gallery AS SELECT {', '.join(gcols)} FROM read_parquet({_lit(gp.resolve())})")
+        d = pq.read_schema(gp).field("embedding").type.list_size
+        con.execute(f"CREATE VIEW gallery_emb AS SELECT image_id, category, embedding::FLOAT[{d}] AS embedding "
+                    f"FROM read_parquet({_lit(gp.resolve())})")
+        if tp.exists():
+            tcols = [c for c in pq.read_schema(tp).names if c != "text_embedding"]
+            con.execute(f"CREATE VIEW triplets AS SELECT {', '.join(tcols)} FROM read_parquet({_lit(tp.resolve())})")
+            con.execute(f"CREATE VIEW triplet_emb AS SELECT query_id, text_embedding::FLOAT[{d}] AS text_embedding "
+                        f"FROM read_parquet({_lit(tp.resolve())})")
+    return con
+
+
+
+@dataclass
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple]
+
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
+    """Run one SQL statement; DuckDB errors become DataError naming the views."""
+    try:
+        rel = con.execute(sql)
+        cols = [d[0] for d in rel.description] if rel.description else []
+        rows = rel.fetchall() if cols else []
+    except duckdb.Error as e:
+        first = str(e).strip().splitlines()[0].rstrip(".!") if str(e).strip() else type(e).__name__
+        have = [r[0] for r in con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()
+            if not re.fullmatch(r"t\d+", r[0])]
+        hint = "" if "gallery" in have else "; gallery and triplets need --work"
+        raise DataError(f"SQL: {first}. Views: {', '.join(have) or 'none'}{hint}. "
+                        f"See docs/queries.md for examples.") from None
+    return QueryResult(cols, rows)
+
+
+
+def sql_query(sql: str, neg_paths: Sequence[str | Path], work: Optional[str | Path] = None,
+              split: Optional[str] = None) -> QueryResult:
+    """``cir-mine sql``: validate the tables, open the views, run ``sql``."""
+    ws = Workspace(work).require() if work is not None else None
+    tables = load_tables(neg_paths, ws) if neg_paths else []
+    con = connect(neg_paths, ws, table_split(tables, split) if tables else (split or "train"))
+    return run_sql(con, sql)
+
+
+
+def open_tables(neg_paths: Sequence[str | Path], work: Optional[str | Path] = None,
+                split: Optional[str] = None):
+    """Validate the tables and open the views; also one view ``t{i}`` per table.
+
+    Returns (con, tables, ws, split).
+    """
+    ws = Workspace(work).require() if work is not None else None
+    tables = load_tables(neg_paths, ws)
+    split = table_split(tables, split)
+    con = connect(neg_paths, ws, split)
+    for i, t in enumerate(tables):
+        con.execute(f"CREATE VIEW t{i} AS SELECT * FROM read_parquet({_lit(Path(t.path).resolve())})")
+    return con, tables, ws, split
+
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return json.dumps(list(v) if not isinstance(v, np.ndarray) else v.tolist(), default=str)
+    return str(v)
+
+
+
+def format_rows(res: QueryResult, fmt: str = "table") -> str:
+    """Render a query result as an aligned text table, CSV, or JSON lines-free array of objects."""
+    if fmt == "json":
+        return json.dumps([dict(zip(res.columns, r)) for r in res.rows], default=str, indent=1) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(res.columns)
+        w.writerows([[_cell(v) if v is not None else "" for v in r] for r in res.rows])
+        return buf.getvalue()
+    if fmt != "table":
+        raise UsageError(f"--format must be table, csv or json, not '{fmt}'.")
+    cells = [[_cell(v) for v in r] for r in res.rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(res.columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+    out = [line(res.columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    out.append(f"({len(cells)} row{'s' if len(cells) != 1 else ''})")
+    return "\n".join(out) + "\n"
+
