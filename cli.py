@@ -240,6 +240,8 @@ def attributes(
 
 
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
+ENGINE = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; the 'ray' extra).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="--engine ray: join this cluster (auto or HOST:PORT); default a local one.")
 INDEX = typer.Option("flat", "--index", help="flat | ivf | ivfpq | hnsw | a FAISS factory string ('none': no index).")
 
 
@@ -399,6 +401,12 @@ def negatives(
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
     device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
+    engine: str = ENGINE,
+    shards: int = typer.Option(1, "--shards", help="Gallery shards, one index each, searched in parallel and merged exactly."),
+    shard_index: str = typer.Option("flat", "--shard-index", help="Index per shard: flat (exact), ivf, ivfpq or a FAISS IVF factory string (trained once, copied to every shard)."),
+    shard_nprobe: int = typer.Option(32, "--shard-nprobe", help="IVF shards: lists visited per query at least (more when the depth needs them)."),
+    ray_address: Optional[str] = RAY_ADDRESS,
+    cpus_per_shard: float = typer.Option(1.0, "--cpus-per-shard", help="--engine ray: CPUs each shard actor reserves."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -433,8 +441,20 @@ def negatives(
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
+    sharded = engine != "local" or shards != 1 or shard_index != "flat"
+    if sharded:
+        from cir_mine.miner.engine.mine import mine_with_engine_to_file
+        from cir_mine.miner.engine.ray_engine import RayConfig
+        from cir_mine.miner.engine.shards import ShardConfig
+
+        shard_cfg = ShardConfig(shards=shards, index=shard_index, nprobe=shard_nprobe, seed=seed)
+        ray_cfg = RayConfig(address=ray_address, cpus_per_shard=cpus_per_shard)
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
-        res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
+        if sharded:
+            res = mine_with_engine_to_file(ws, split, cfg, out, engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
+                                           query_emb=query_emb, round=round_, progress=advance)
+        else:
+            res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
     typer.echo(negatives_summary(out, res.meta))
 
 

@@ -1,0 +1,190 @@
+"""Sharded search: one index per gallery shard, exact re-ranking per shard, exact top-k merge.
+
+A gallery of n rows is cut into S contiguous row ranges (:func:`shard_bounds`). Each shard holds
+its own rows and an index over them: an exact flat index, or an IVF / IVF-PQ index whose coarse
+quantizer (and codebooks) were trained once, on a seeded sample of the whole gallery, and copied
+to every shard before each shard adds its own rows (FAISS's train-once, add-per-shard recipe).
+Approximate shards fetch ``overfetch * k`` candidates and re-score them with exact float32 dot
+products against the shard's embeddings; flat shards return FAISS's own scores.
+
+:func:`merge_topk` merges per-shard lists exactly, in FAISS's order (score descending, ties by
+the larger row first), so that S flat shards give the single flat index's (D, I). Everything here
+is numpy + faiss; :mod:`cir_mine.miner.engine.ray` runs the same :class:`ShardSearcher` in actors.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from cir_mine.data.errors import UsageError
+from cir_mine.miner.core.scores import gathered_dot
+from cir_mine.miner.core.search import _faiss, factory_string
+
+log = logging.getLogger(__name__)
+
+SHARD_INDEXES = ("flat", "ivf", "ivfpq")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shards: int = 2                 # gallery shards (one index and one searcher each)
+    index: str = "flat"             # flat (exact) | ivf | ivfpq | a FAISS IVF factory string
+    nprobe: int = 32                # IVF lists visited per query (approximate shards)
+    overfetch: int = 4              # IVF shards fetch overfetch * k candidates, then re-rank them exactly
+    list_cover: float = 4.0         # IVF: the lists visited hold >= list_cover x the candidates asked (nprobe grows with depth)
+    train_sample: int = 100_000     # rows sampled (seeded) from the whole gallery to train IVF / PQ once
+    seed: int = 0                   # seed of the training sample
+
+    def validate(self, n: int) -> "ShardConfig":
+        if self.shards < 1:
+            raise UsageError(f"--shards must be at least 1 (got {self.shards}).")
+        if self.shards > n:
+            raise UsageError(f"--shards {self.shards} is more than the gallery's {n} rows; use at most {n}.")
+        if self.nprobe < 1 or self.overfetch < 1 or self.train_sample < 1 or self.list_cover <= 0:
+            raise UsageError("--nprobe, the over-fetch factor and the training sample must be at least 1, "
+                             "the list cover above 0.")
+        return self
+
+    @property
+    def exact(self) -> bool:
+        return self.index == "flat"
+
+    def describe(self, n: int, d: int) -> dict:
+        return {"shards": self.shards, "index": self.index, "factory": factory_string(self.index, n, d),
+                "nprobe": None if self.exact else self.nprobe,
+                "overfetch": None if self.exact else self.overfetch,
+                "list_cover": None if self.exact else self.list_cover,
+                "train_sample": None if self.exact else min(self.train_sample, n), "seed": self.seed}
+
+
+def shard_bounds(n: int, shards: int) -> np.ndarray:
+    """int64[S + 1] row offsets of S contiguous shards of n rows (sizes differ by at most one)."""
+    return (np.arange(shards + 1, dtype=np.int64) * n) // shards
+
+
+def train_shard_index(xb: np.ndarray, cfg: ShardConfig) -> Optional[np.ndarray]:
+    """The trained, empty IVF index that every shard copies, serialized (uint8[bytes]); None for flat.
+
+    Trained on a seeded sample of at most ``cfg.train_sample`` rows of the whole gallery ``xb``
+    (float32[n, d]), so every shard shares one set of centroids and codebooks."""
+    if cfg.exact:
+        return None
+    faiss = _faiss()
+    n, d = xb.shape
+    fs = factory_string(cfg.index, n, d)
+    try:
+        index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UsageError(f"--index {cfg.index!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
+    if faiss.try_extract_index_ivf(index) is None:
+        raise UsageError(f"--index {cfg.index!r}: sharded search needs flat or an IVF index (got {fs!r}).")
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
+    rng = np.random.default_rng(cfg.seed)
+    take = np.sort(rng.choice(n, size=min(n, cfg.train_sample), replace=False))
+    sample = np.ascontiguousarray(xb[take], dtype=np.float32)
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise UsageError(f"--index {cfg.index!r}: FAISS cannot train {fs!r} on {sample.shape[0]} vectors "
+                         f"({str(e).splitlines()[0][:160]}). Use --index flat or fewer lists.") from None
+    log.info("trained %s once on %d of %d rows for %d shards", fs, sample.shape[0], n, cfg.shards)
+    return faiss.serialize_index(index)
+
+
+class ShardSearcher:
+    """One shard: rows [offset, offset + n_s) of the gallery and an index over them.
+
+    xb: float32[n_s, d] unit rows. trained: :func:`train_shard_index`'s bytes (None: exact flat).
+    crash_marker: test hook; the first search exits the process (``os._exit``) after creating this
+    file, so a restarted searcher finds it and carries on."""
+
+    def __init__(self, xb: np.ndarray, offset: int, trained: Optional[np.ndarray] = None, nprobe: int = 32,
+                 overfetch: int = 4, list_cover: float = 4.0, crash_marker: Optional[str] = None):
+        faiss = _faiss()
+        self.xb = np.ascontiguousarray(xb, dtype=np.float32)
+        self.offset, self.crash_marker = int(offset), crash_marker
+        self.nprobe, self.list_cover = int(nprobe), float(list_cover)
+        self.exact = trained is None
+        if self.exact:
+            self.index = faiss.index_factory(self.xb.shape[1], "Flat", faiss.METRIC_INNER_PRODUCT)
+        else:
+            self.index = faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
+            self.ivf = faiss.extract_index_ivf(self.index)
+            self.overfetch = int(overfetch)
+        self.index.add(self.xb)
+
+    def probes(self, fetch: int) -> int:
+        """nprobe for ``fetch`` candidates: at least ``nprobe``, and enough lists (of the shard's
+        average list size) to hold ``list_cover`` x ``fetch`` rows; at most every list."""
+        nlist = int(self.ivf.nlist)
+        per_list = max(1.0, self.ntotal / nlist)
+        return int(min(nlist, max(self.nprobe, np.ceil(self.list_cover * fetch / per_list))))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D float32[nq, k_s], I int64[nq, k_s] global rows, -1 pads), k_s = min(k, n_s), in merge order."""
+        if self.crash_marker and not os.path.exists(self.crash_marker):
+            Path(self.crash_marker).write_text(str(os.getpid()))
+            os._exit(1)
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        k = int(min(k, self.ntotal))
+        if self.exact:
+            D, I = self.index.search(xq, k)
+        else:
+            fetch = int(min(self.ntotal, k * self.overfetch))
+            self.ivf.nprobe = self.probes(fetch)
+            _, I = self.index.search(xq, fetch)
+            D = gathered_dot(self.xb, I, xq)                # exact float32 scores, -inf for -1 pads
+            D, I = topk_rows(D, I, k)
+        I = np.where(I >= 0, I + self.offset, -1)
+        return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
+
+
+def topk_rows(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of (D, I) in FAISS's order: score descending, ties by the larger id
+    first; -1 ids (pads) last. D float32[nq, L], I int64[nq, L] -> float32[nq, k'], int64[nq, k']."""
+    k = int(min(k, D.shape[1]))
+    score = np.where(I >= 0, D, -np.inf)
+    order = np.lexsort((-I, -score), axis=-1)[:, :k] if D.size else np.zeros((D.shape[0], 0), np.int64)
+    D, I = np.take_along_axis(score, order, 1), np.take_along_axis(I, order, 1)
+    D = np.where(I >= 0, D, -np.inf).astype(np.float32)
+    return D, I
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard (D, I) lists (each in :func:`topk_rows` order) into the global top k, exactly."""
+    D = np.concatenate([d for d, _ in results], axis=1)
+    I = np.concatenate([i for _, i in results], axis=1)
+    return topk_rows(D, I, k)
+
+
+class ShardedIndex:
+    """S shard searchers behind FAISS's interface (``d``, ``ntotal``, ``search(xq, k)``), in process.
+
+    The reference for :class:`cir_mine.miner.engine.ray.RayShardedIndex`, and the way to mine
+    through shards on one machine."""
+
+    def __init__(self, xb: np.ndarray, cfg: ShardConfig = ShardConfig()):
+        n, self.d = xb.shape
+        self.cfg = cfg.validate(n)
+        self.bounds = shard_bounds(n, cfg.shards)
+        trained = train_shard_index(xb, cfg)
+        self.searchers = [ShardSearcher(xb[a:b], a, trained, cfg.nprobe, cfg.overfetch, cfg.list_cover)
+                          for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        self.ntotal = int(n)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return merge_topk([s.search(xq, k) for s in self.searchers], k)
+
+    def describe(self) -> dict:
+        return {"engine": "local", **self.cfg.describe(self.ntotal, self.d)}
