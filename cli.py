@@ -290,7 +290,7 @@ def index_cmd(
     index: str = INDEX,
     device: str = DEVICE,
     fp16: bool = typer.Option(False, "--fp16", help="GPU FAISS: store vectors in float16."),
-    from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, or .parquet) as the gallery first."),
+    from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, .parquet, or a clip-retrieval folder img_emb/ + metadata/) as the gallery first."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
     verbose: bool = VERBOSE,

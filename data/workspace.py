@@ -1,17 +1,21 @@
 """The workspace: the on-disk contract between every stage (see docs/formats.md).
 
-A workspace directory holds, per split, ``gallery.{split}.parquet`` and ``triplets.{split}.parquet``,
-optionally ``index.{split}.faiss``, and one ``manifest.json``. Every table is validated on read:
+A workspace directory holds, per split, ``gallery.{split}.parquet`` (or a folder
+``gallery.{split}/part-*.parquet`` of row-aligned parts, read as one gallery in part-name order) and
+``triplets.{split}.parquet``, optionally ``index.{split}.faiss``, and one ``manifest.json``. Every table is validated on read:
 a wrong column, dtype or dimension, or NaN/unnormalized embeddings raise :class:`SchemaError`
 naming the file and the column.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -256,10 +260,40 @@ def _obj(col: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(col.to_pylist(), dtype=object)
 
 
+PART_GLOB = "part-*.parquet"
+
+
+def gallery_part_files(folder: Path) -> list[Path]:
+    """The parts of a gallery folder, in row order (sorted by name); DataError when there are none."""
+    parts = sorted(p for p in folder.glob(PART_GLOB) if p.is_file())
+    if not parts:
+        raise DataError(f"{folder}: a gallery folder needs {PART_GLOB} files and has none. Write the parts "
+                        f"(e.g. `cir-mine embed --engine ray`) or use a gallery.SPLIT.parquet file.")
+    return parts
+
+
+def _read_gallery_table(path: Path) -> pa.Table:
+    """One gallery file, or the row-aligned parts of a gallery folder concatenated in name order."""
+    if not path.is_dir():
+        table = _read_parquet(path)
+        _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
+        return table
+    tables = []
+    for part in gallery_part_files(path):
+        t = _read_parquet(part)
+        _check_columns(t.schema, part, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
+        if tables and t.schema.remove_metadata() != tables[0].schema:
+            cols = lambda sch: ", ".join(f"{f.name}: {f.type}" for f in sch)  # noqa: E731
+            raise SchemaError(f"{part}: columns ({cols(t.schema)}) differ from the first part's ({cols(tables[0].schema)}); "
+                              f"every part of a gallery folder needs the same columns and embedding dimension.")
+        tables.append(t.replace_schema_metadata(None))
+    return pa.concat_tables(tables)
+
+
 def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
+    """A gallery file or a folder of parts (``part-*.parquet``), validated, as one :class:`Gallery`."""
     path = Path(path)
-    table = _read_parquet(path)
-    _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
+    table = _read_gallery_table(path)
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
@@ -359,6 +393,32 @@ def triplets_table(query_ids, categories, ref_ids, target_ids, captions, text_em
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def write_gallery_parts(tables: Iterable[pa.Table], folder: str | Path, metadata: Optional[dict] = None) -> None:
+    """Write a gallery folder of parts ``part-00000.parquet``... atomically: the parts go into a temp
+    folder beside ``folder`` that then replaces it (an older folder is removed after the swap)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for i, t in enumerate(tables):
+            write_table(t, tmp / f"part-{i:05d}.parquet", metadata)
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` onto ``dst`` (a rename; an existing ``dst`` is moved aside first)."""
+    old = dst.parent / f".{dst.name}.{os.getpid()}.old"
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = None) -> None:
     """Write ``table`` to ``path`` atomically; ``metadata`` (JSON-able) goes into the file footer."""
     if metadata:
@@ -414,7 +474,34 @@ class Workspace:
 
     # paths
     def gallery_path(self, split: str) -> Path:
+        """``gallery.{split}.parquet``, or the parts folder ``gallery.{split}/`` when only it exists."""
+        f = self.gallery_file(split)
+        d = self.gallery_dir(split)
+        return d if d.is_dir() and not f.exists() else f
+
+    def gallery_file(self, split: str) -> Path:
         return self.root / f"gallery.{check_split(split)}.parquet"
+
+    def gallery_dir(self, split: str) -> Path:
+        return self.root / f"gallery.{check_split(split)}"
+
+    def gallery_files(self, split: str) -> list[Path]:
+        """The Parquet file(s) of a split's gallery, in row order."""
+        p = self.gallery_path(split)
+        return gallery_part_files(p) if p.is_dir() else [p]
+
+    def write_gallery(self, split: str, table: pa.Table | Iterable[pa.Table], metadata: Optional[dict] = None) -> Path:
+        """Write a split's gallery atomically: one table -> the single file, several (an iterable, consumed
+        one at a time) -> a parts folder.
+        The other form, if present, is removed afterwards, so a split never has both."""
+        if isinstance(table, pa.Table):
+            write_table(table, self.gallery_file(split), metadata)
+            shutil.rmtree(self.gallery_dir(split), ignore_errors=True)
+            return self.gallery_file(split)
+        write_gallery_parts(table, self.gallery_dir(split), metadata)
+        with contextlib.suppress(FileNotFoundError):
+            self.gallery_file(split).unlink()
+        return self.gallery_dir(split)
 
     def triplets_path(self, split: str) -> Path:
         return self.root / f"triplets.{check_split(split)}.parquet"
@@ -435,7 +522,10 @@ class Workspace:
         return self
 
     def splits(self) -> list[str]:
-        return sorted(p.name[len("gallery."):-len(".parquet")] for p in self.root.glob("gallery.*.parquet"))
+        files = {p.name[len("gallery."):-len(".parquet")] for p in self.root.glob("gallery.*.parquet") if p.is_file()}
+        folders = {p.name[len("gallery."):] for p in self.root.glob("gallery.*") if p.is_dir()
+                   and SPLIT_RE.match(p.name[len("gallery."):])}
+        return sorted(files | folders)
 
     def _require_split(self, split: str, path: Path) -> None:
         self.require()
@@ -447,6 +537,9 @@ class Workspace:
     def gallery(self, split: str, check_norm: bool = True) -> Gallery:
         p = self.gallery_path(split)
         self._require_split(split, p)
+        if self.gallery_file(split).exists() and self.gallery_dir(split).is_dir():
+            raise DataError(f"{self.root}: split '{split}' has both {self.gallery_file(split).name} and the parts "
+                            f"folder {self.gallery_dir(split).name}/; remove the one that is out of date.")
         g = read_gallery(p, check_norm=check_norm)
         if len(g) == 0:
             raise DataError(f"{p}: the gallery is empty (0 rows). Re-embed the split or choose another with --split.")
@@ -500,13 +593,18 @@ class Workspace:
         self.require()
         counts, dim = {}, None
         for kind in ("gallery", "triplets"):
-            for p in sorted(self.root.glob(f"{kind}.*.parquet")):
-                md = pq.read_metadata(p)
-                counts[p.name[: -len(".parquet")]] = md.num_rows
-                col = "embedding" if kind == "gallery" else "text_embedding"
-                sch = md.schema.to_arrow_schema()
-                if col in sch.names and pa.types.is_fixed_size_list(sch.field(col).type):
-                    dim = dim or sch.field(col).type.list_size
+            col = "embedding" if kind == "gallery" else "text_embedding"
+            tables = [(p.name[: -len(".parquet")], [p]) for p in sorted(self.root.glob(f"{kind}.*.parquet")) if p.is_file()]
+            if kind == "gallery":                         # parts folders count as one table
+                tables += [(p.name, sorted(p.glob(PART_GLOB))) for p in sorted(self.root.glob("gallery.*"))
+                           if p.is_dir() and SPLIT_RE.match(p.name[len("gallery."):])]
+            for name, files in sorted(tables):
+                mds = [pq.read_metadata(f) for f in files]
+                counts[name] = sum(md.num_rows for md in mds)
+                for md in mds[:1]:
+                    sch = md.schema.to_arrow_schema()
+                    if col in sch.names and pa.types.is_fixed_size_list(sch.field(col).type):
+                        dim = dim or sch.field(col).type.list_size
         return {"schema_version": SCHEMA_VERSION, "derived": True, "dim": dim, "counts": counts,
                 "encoder": {"name": "unknown"}, "source": "unknown"}
 

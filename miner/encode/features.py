@@ -1,19 +1,23 @@
-"""Precomputed features into a workspace: ``cir-mine index --from-features F.npy|F.parquet``.
+"""Precomputed features into a workspace: ``cir-mine index --from-features F.npy|F.parquet|FOLDER``.
 
 The features are L2-normalized and written as ``gallery.{split}.parquet``, then the split's index.
+A FOLDER in clip-retrieval's layout (``img_emb/img_emb_{i}.npy`` with row-aligned
+``metadata/metadata_{i}.parquet``, how LAION's precomputed CLIP embeddings ship) becomes a gallery
+folder ``gallery.{split}/part-{i}.parquet``, one part per embedding file, converted one file at a time.
 """
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
 from cir_mine.data.io import DirLock
-from cir_mine.data.workspace import (Workspace, check_split, gallery_table, l2_normalize, write_table)
+from cir_mine.data.workspace import Workspace, check_split, gallery_table, l2_normalize
 
 from cir_mine.miner.encode.index import index_workspace
 
@@ -61,21 +65,86 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
 
 
 
-def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
-                    encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
-                    fp16: bool = False) -> dict:
-    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index."""
-    check_split(split)
-    ids, cats, emb = read_features(path, ids_path)
+CLIP_RETRIEVAL_ID_COLUMNS = ("image_id", "key", "image_path", "url")   # the first present names the image
+
+
+def clip_retrieval_files(folder: Path) -> list[tuple[Path, Path]]:
+    """(img_emb_{i}.npy, metadata_{i}.parquet) pairs of a clip-retrieval folder, in numeric order of i.
+
+    Checks before anything is converted: every embedding file has its metadata file and both have
+    the same number of rows; one dimension throughout."""
+    import pyarrow.parquet as pq
+
+    emb_dir, meta_dir = folder / "img_emb", folder / "metadata"
+    num = lambda p: int(re.search(r"_(\d+)$", p.stem).group(1))  # noqa: E731
+    embs = sorted((p for p in emb_dir.glob("img_emb_*.npy") if re.search(r"_\d+$", p.stem)), key=num)
+    if not embs:
+        raise DataError(f"{folder}: not a clip-retrieval embedding folder (no img_emb/img_emb_N.npy files). "
+                        f"Pass a .npy with --ids, a .parquet, or a folder with img_emb/ and metadata/.")
+    pairs, dim = [], None
+    for e in embs:
+        m = meta_dir / f"metadata_{num(e)}.parquet"
+        if not m.exists():
+            raise DataError(f"{m}: file not found; {e.name} needs its row-aligned metadata file.")
+        arr = np.load(e, mmap_mode="r", allow_pickle=False)
+        rows = pq.read_metadata(m).num_rows
+        if arr.ndim != 2 or arr.shape[0] != rows:
+            raise DataError(f"{e}: shape {arr.shape} does not match the {rows} rows of {m.name}; "
+                            f"the files must be row-aligned.")
+        if dim is not None and arr.shape[1] != dim:
+            raise DataError(f"{e}: dimension {arr.shape[1]}, but {embs[0].name} has {dim}.")
+        dim = arr.shape[1]
+        names = pq.read_schema(m).names
+        if not any(c in names for c in CLIP_RETRIEVAL_ID_COLUMNS):
+            raise SchemaError(f"{m}: no id column; a clip-retrieval metadata file needs one of "
+                              f"{', '.join(CLIP_RETRIEVAL_ID_COLUMNS)}.")
+        pairs.append((e, m))
+    return pairs
+
+
+def clip_retrieval_parts(pairs: list[tuple[Path, Path]]) -> Iterator[pa.Table]:
+    """Gallery tables, one per (embeddings, metadata) pair: ids from the first id column present,
+    ``category`` when the metadata has one, float16/float32 embeddings L2-normalized to float32."""
+    import pyarrow.parquet as pq
+
+    for e, m in pairs:
+        t = pq.read_table(m)
+        col = next(c for c in CLIP_RETRIEVAL_ID_COLUMNS if c in t.schema.names)
+        ids = [str(i) for i in t.column(col).to_pylist()]
+        cats = [c or "" for c in t.column("category").to_pylist()] if "category" in t.schema.names else [""] * len(ids)
+        emb = np.asarray(np.load(e, allow_pickle=False), dtype=np.float32)
+        _check_rows(emb, ids, e)
+        yield gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb))
+
+
+def _check_rows(emb: np.ndarray, ids: list, path) -> None:
     norms = np.linalg.norm(emb, axis=1)
     bad = ~np.isfinite(emb).all(axis=1) | (norms < 1e-12)
     if bad.any():
         raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
                         f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
+
+
+def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
+                    encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
+                    fp16: bool = False) -> dict:
+    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index."""
+    check_split(split)
     ws = Workspace(work)
+    if Path(path).is_dir():
+        pairs = clip_retrieval_files(Path(path))
+        dim = int(np.load(pairs[0][0], mmap_mode="r").shape[1])
+        with DirLock(ws.root, "cir-mine index --from-features"):
+            ws.write_gallery(split, clip_retrieval_parts(pairs), metadata={"features": str(path), "layout": "clip-retrieval"})
+            meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
+                    if index != "none" else None)
+            ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": dim})
+            return meta or {}
+    ids, cats, emb = read_features(path, ids_path)
+    _check_rows(emb, ids, path)
     with DirLock(ws.root, "cir-mine index --from-features"):
-        write_table(gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)), ws.gallery_path(split),
-                    metadata={"features": str(path)})
+        ws.write_gallery(split, gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)),
+                         metadata={"features": str(path)})
         meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
                 if index != "none" else None)
         ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})

@@ -68,11 +68,13 @@ def connect(neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None,
         if not gp.exists():
             have = ", ".join(ws.splits()) or "none"
             raise DataError(f"{gp}: file not found; splits in {ws.root}: {have}. Pass one with --split.")
-        gcols = [c for c in pq.read_schema(gp).names if c != "embedding"]
-        con.execute(f"CREATE VIEW gallery AS SELECT {', '.join(gcols)} FROM read_parquet({_lit(gp.resolve())})")
-        d = pq.read_schema(gp).field("embedding").type.list_size
+        gfiles = ws.gallery_files(split)                # one file, or a parts folder in row order
+        glist = "[" + ", ".join(_lit(f.resolve()) for f in gfiles) + "]"
+        gcols = [c for c in pq.read_schema(gfiles[0]).names if c != "embedding"]
+        con.execute(f"CREATE VIEW gallery AS SELECT {', '.join(gcols)} FROM read_parquet({glist})")
+        d = pq.read_schema(gfiles[0]).field("embedding").type.list_size
         con.execute(f"CREATE VIEW gallery_emb AS SELECT image_id, category, embedding::FLOAT[{d}] AS embedding "
-                    f"FROM read_parquet({_lit(gp.resolve())})")
+                    f"FROM read_parquet({glist})")
         if tp.exists():
             tcols = [c for c in pq.read_schema(tp).names if c != "text_embedding"]
             con.execute(f"CREATE VIEW triplets AS SELECT {', '.join(tcols)} FROM read_parquet({_lit(tp.resolve())})")
