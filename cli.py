@@ -153,9 +153,10 @@ class Dataset(str, enum.Enum):
     fashioniq = "fashioniq"
     cirr = "cirr"
     folder = "folder"
+    webdataset = "webdataset"
 
 
-DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL).")
+DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL; webdataset: img2dataset tar shards, --root 'DIR/{00000..00099}.tar').")
 ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
 
 
@@ -260,20 +261,33 @@ def embed(
     shard_size: int = typer.Option(4096, "--shard-size", help="Images per resumable shard."),
     attribute_prompts: Optional[Path] = typer.Option(None, "--attribute-prompts", help="Zero-shot attribute prompt JSON ('default': the shipped garment prompts)."),
     index: str = INDEX,
-    triplets: Optional[Path] = typer.Option(None, "--triplets", help="folder: triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl)."),
+    triplets: Optional[Path] = typer.Option(None, "--triplets", help="folder: triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl); webdataset: triplets naming sample keys (none: gallery only)."),
+    engine: str = ENGINE,
+    actors: int = typer.Option(1, "--actors", help="--engine ray: open_clip encoder actors (with --device cuda at most one per GPU)."),
+    part_size: int = typer.Option(4096, "--part-size", help="--engine ray: images per gallery part (the unit of resume)."),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="--engine ray: CPUs each CPU encoder actor reserves."),
+    ray_address: Optional[str] = RAY_ADDRESS,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
+    from cir_mine.data.errors import UsageError
     from cir_mine.miner.encode.clip import DEFAULT_PROMPTS, EncoderConfig, ImageRun
     from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
 
     setup_logging(verbose)
+    if engine not in ("local", "ray"):
+        raise UsageError(f"--engine {engine!r}: use local or ray.")
     prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
     job = EmbedJob(dataset.value, root, split, work, EncoderConfig(model, pretrained, device),
                    ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
     with progress_bar("embed", None, quiet, unit="images") as advance:
-        m = embed_dataset(job, progress=advance)
+        if engine == "ray":
+            from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
+
+            m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance)
+        else:
+            m = embed_dataset(job, progress=advance)
     info = m["embed"][split]
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "

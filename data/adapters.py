@@ -20,4 +20,8 @@ def load_dataset(name: str, root: str | Path, split: str, **kw) -> tuple[list[Im
         from cir_mine.data.folder import load_folder
 
         return load_folder(root, split, **kw)
-    raise UsageError(f"unknown dataset {name!r}: use fashioniq, cirr or folder.")
+    if name == "webdataset":
+        from cir_mine.data.webdataset import load_webdataset
+
+        return load_webdataset(root, split, **kw)
+    raise UsageError(f"unknown dataset {name!r}: use fashioniq, cirr, folder or webdataset.")

@@ -272,22 +272,43 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        x, err = load_pixels(self.paths[i], self.transform, self.shape, self.uint8)
+        return x, i, err
 
-        p = self.paths[i]
-        if not p or not os.path.isfile(p):
-            return torch.zeros(self.shape, dtype=self.dtype), i, f"missing file {p}"
+
+def load_pixels(source, transform: Callable, shape: tuple[int, int, int], uint8: bool = False):
+    """One image -> (pixels, error str): ``source`` is a file path, a ``TAR::MEMBER`` path (webdataset
+    shards) or the encoded bytes. Pixels are uint8[3, H, W] (PIL stages only) when ``uint8`` else
+    float32[3, H, W]; an unreadable image gives zeros and a non-empty error."""
+    import io
+
+    from PIL import Image
+
+    from cir_mine.data.webdataset import is_member, read_member
+
+    zeros = lambda: torch.zeros(shape, dtype=torch.uint8 if uint8 else torch.float32)  # noqa: E731
+    if isinstance(source, (bytes, bytearray, memoryview, np.ndarray)):
+        fp = io.BytesIO(bytes(source))
+    elif is_member(source):
         try:
-            with Image.open(p) as im:
-                im.load()
-                x = self.transform(im.convert("RGB"))
-            if self.uint8:
-                x = torch.from_numpy(np.array(x, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-            return torch.zeros(self.shape, dtype=self.dtype), i, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
-        if tuple(x.shape) != self.shape:
-            return torch.zeros(self.shape, dtype=self.dtype), i, f"transform gave shape {tuple(x.shape)}"
-        return x, i, ""
+            fp = io.BytesIO(read_member(source))
+        except (KeyError, OSError) as e:
+            return zeros(), f"missing file {source} ({type(e).__name__})"
+    elif not source or not os.path.isfile(source):
+        return zeros(), f"missing file {source}"
+    else:
+        fp = source
+    try:
+        with Image.open(fp) as im:
+            im.load()
+            x = transform(im.convert("RGB"))
+        if uint8:
+            x = torch.from_numpy(np.array(x, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+        return zeros(), f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    if tuple(x.shape) != shape:
+        return zeros(), f"transform gave shape {tuple(x.shape)}"
+    return x, ""
 
 
 def _collate(items):

@@ -41,7 +41,7 @@ MAX_SKIPPED_LISTED = 100
 
 @dataclass(frozen=True)
 class EmbedJob:
-    dataset: str                          # fashioniq | cirr | folder
+    dataset: str                          # fashioniq | cirr | folder | webdataset
     root: Path                            # dataset root (folder: the image directory)
     split: str                            # split name (train, val, ...)
     work: Path                            # workspace directory to write
@@ -126,7 +126,7 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
     """Embed ``job.dataset`` into ``job.work``; returns the manifest written."""
     check_split(job.split)
     advance = progress or (lambda n=1, total=None: None)
-    kw = {"triplets": job.triplets_file} if job.dataset == "folder" and job.triplets_file else {}
+    kw = {"triplets": job.triplets_file} if job.dataset in ("folder", "webdataset") and job.triplets_file else {}
     images, queries = load_dataset(job.dataset, job.root, job.split, **kw)
     if not images:
         raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")

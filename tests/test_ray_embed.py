@@ -1,0 +1,115 @@
+"""cir-mine embed --engine ray on a local Ray cluster: the gallery parts equal single-process
+embedding (same rows, embeddings within float tolerance), for image files and webdataset shards,
+and a run stopped after some parts resumes with only the rest."""
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cir_mine.cli import mine_app
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.encode.clip import EncoderConfig, ImageRun
+from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
+from tests.fixtures import make_fashioniq, write_tiny_clip_config
+
+ray = pytest.importorskip("ray")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(write_tiny_clip_config(tmp_path_factory.mktemp("clip")))
+
+
+def make_shards(root: Path, fiq: Path, per_shard: int = 7) -> tuple[str, Path]:
+    """img2dataset-style tars of the FashionIQ fixture's images (KEY.png + KEY.json with the category)
+    and a triplets CSV naming keys; returns (the brace pattern, the CSV)."""
+    imgs = sorted((fiq / "images").glob("*.png"))
+    cats = {"B0": "dress", "B1": "shirt", "B2": "toptee"}
+    root.mkdir(parents=True)
+    n = (len(imgs) + per_shard - 1) // per_shard
+    for s in range(n):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tf:
+            for p in imgs[s * per_shard:(s + 1) * per_shard]:
+                tf.add(p, arcname=p.name)
+                b = ('{"category": "%s", "url": "http://x/%s"}' % (cats[p.stem[:2]], p.name)).encode()
+                ti = tarfile.TarInfo(p.stem + ".json")
+                ti.size = len(b)
+                tf.addfile(ti, io.BytesIO(b))
+    csv = root / "triplets.csv"
+    csv.write_text("ref,target,caption\n" + "".join(f"{a.stem},{b.stem},is darker\n" for a, b in zip(imgs[:-1:2], imgs[1::2])))
+    return str(root / f"{{00000..{n - 1:05d}}}.tar"), csv
+
+
+def _same_workspace(a: Workspace, b: Workspace, split="train"):
+    ga, gb = a.gallery(split), b.gallery(split)
+    assert ga.image_ids.tolist() == gb.image_ids.tolist() and ga.categories.tolist() == gb.categories.tolist()
+    assert ga.attributes == gb.attributes and ga.paths.tolist() == gb.paths.tolist()
+    np.testing.assert_allclose(ga.embeddings, gb.embeddings, atol=1e-5)
+    ta, tb = a.triplets(split), b.triplets(split)
+    assert ta.query_ids.tolist() == tb.query_ids.tolist() and ta.target_ids.tolist() == tb.target_ids.tolist()
+    np.testing.assert_allclose(ta.text_embeddings, tb.text_embeddings, atol=1e-6)
+
+
+def _job(dataset, root, work, model, triplets=None):
+    return EmbedJob(dataset, Path(root), "train", work, EncoderConfig(model, "none", "cpu"), ImageRun(4, 0, 4096),
+                    triplets_file=triplets)
+
+
+def test_ray_embed_equals_single_process_files(cluster, model, tmp_path):
+    from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
+
+    fiq = make_fashioniq(tmp_path / "fiq")
+    embed_dataset(_job("fashioniq", fiq, tmp_path / "one", model))
+    m = embed_dataset_ray(_job("fashioniq", fiq, tmp_path / "ray", model),
+                          RayEmbedRun(actors=2, part_size=5, batch_size=3, cpus_per_actor=0.5))
+    ws = Workspace(tmp_path / "ray")
+    assert [p.name for p in ws.gallery_files("train")] == [f"part-{i:05d}.parquet" for i in range(4)]  # 18 images / 5
+    assert m["embed"]["train"]["engine"]["parts"] == 4 and not (tmp_path / "ray" / ".embed-train").exists()
+    _same_workspace(Workspace(tmp_path / "one"), ws)
+
+
+def test_ray_embed_webdataset_equals_single_process(cluster, model, tmp_path):
+    fiq = make_fashioniq(tmp_path / "fiq")
+    pattern, csv = make_shards(tmp_path / "shards", fiq)
+    base = ["embed", "--dataset", "webdataset", "--root", pattern, "--triplets", str(csv), "--model", model,
+            "--device", "cpu", "-b", "4", "--workers", "0", "-q"]
+    r = runner.invoke(mine_app, base + ["--work", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(mine_app, base + ["--work", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2",
+                                        "--part-size", "6", "--cpus-per-actor", "0.5"])
+    assert r.exit_code == 0, r.output
+    one, sharded = Workspace(tmp_path / "one"), Workspace(tmp_path / "ray")
+    _same_workspace(one, sharded)
+    g = sharded.gallery("train")
+    assert len(g) == 18 and set(g.categories.tolist()) == {"dress", "shirt", "toptee"}
+    assert g.paths[0] == f"{tmp_path / 'shards' / '00000.tar'}::{g.image_ids[0]}.png"
+
+
+def test_ray_embed_resumes_per_part(cluster, model, tmp_path, caplog):
+    from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
+
+    fiq = make_fashioniq(tmp_path / "fiq")
+    run = RayEmbedRun(actors=1, part_size=4, batch_size=4, cpus_per_actor=0.5)
+    job = _job("fashioniq", fiq, tmp_path / "ray", model)
+    with pytest.raises(RuntimeError, match="test hook: stopped after 2 part"):
+        embed_dataset_ray(job, run, _stop_after_parts=2)
+    scratch = tmp_path / "ray" / ".embed-train"
+    done = sorted(p.name for p in scratch.glob("part-*.parquet"))
+    assert done == ["part-00000.parquet", "part-00001.parquet"]
+    with caplog.at_level(logging.INFO, logger="cir_mine.miner.engine.ray_embed"):
+        embed_dataset_ray(job, run)
+    assert "resuming: 2 of 5 parts already done" in caplog.text
+    embed_dataset(_job("fashioniq", fiq, tmp_path / "one", model))
+    _same_workspace(Workspace(tmp_path / "one"), Workspace(tmp_path / "ray"))
