@@ -18,6 +18,7 @@ from tests.fixtures import make_fashioniq, write_tiny_clip_config
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
+pytestmark = pytest.mark.slow           # each test starts open_clip actors (about 10 s of imports each)
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +68,6 @@ def _job(dataset, root, work, model, triplets=None):
                     triplets_file=triplets)
 
 
-def test_ray_embed_equals_single_process_files(cluster, model, tmp_path):
-    from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
-
-    fiq = make_fashioniq(tmp_path / "fiq")
-    embed_dataset(_job("fashioniq", fiq, tmp_path / "one", model))
-    m = embed_dataset_ray(_job("fashioniq", fiq, tmp_path / "ray", model),
-                          RayEmbedRun(actors=2, part_size=5, batch_size=3, cpus_per_actor=0.5))
-    ws = Workspace(tmp_path / "ray")
-    assert [p.name for p in ws.gallery_files("train")] == [f"part-{i:05d}.parquet" for i in range(4)]  # 18 images / 5
-    assert m["embed"]["train"]["engine"]["parts"] == 4 and not (tmp_path / "ray" / ".embed-train").exists()
-    _same_workspace(Workspace(tmp_path / "one"), ws)
-
-
 def test_ray_embed_webdataset_equals_single_process(cluster, model, tmp_path):
     fiq = make_fashioniq(tmp_path / "fiq")
     pattern, csv = make_shards(tmp_path / "shards", fiq)
@@ -87,7 +75,7 @@ def test_ray_embed_webdataset_equals_single_process(cluster, model, tmp_path):
             "--device", "cpu", "-b", "4", "--workers", "0", "-q"]
     r = runner.invoke(mine_app, base + ["--work", str(tmp_path / "one")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(mine_app, base + ["--work", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2",
+    r = runner.invoke(mine_app, base + ["--work", str(tmp_path / "ray"), "--engine", "ray",
                                         "--part-size", "6", "--cpus-per-actor", "0.5"])
     assert r.exit_code == 0, r.output
     one, sharded = Workspace(tmp_path / "one"), Workspace(tmp_path / "ray")
@@ -97,19 +85,22 @@ def test_ray_embed_webdataset_equals_single_process(cluster, model, tmp_path):
     assert g.paths[0] == f"{tmp_path / 'shards' / '00000.tar'}::{g.image_ids[0]}.png"
 
 
-def test_ray_embed_resumes_per_part(cluster, model, tmp_path, caplog):
+def test_ray_embed_resumed_per_part_equals_single_process(cluster, model, tmp_path, caplog):
+    """Stopped after 2 of 5 parts, rerun with a pool of 2 actors: only the 3 missing parts are embedded,
+    and the gallery folder equals the single-process gallery file."""
     from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
 
     fiq = make_fashioniq(tmp_path / "fiq")
-    run = RayEmbedRun(actors=1, part_size=4, batch_size=4, cpus_per_actor=0.5)
     job = _job("fashioniq", fiq, tmp_path / "ray", model)
     with pytest.raises(RuntimeError, match="test hook: stopped after 2 part"):
-        embed_dataset_ray(job, run, _stop_after_parts=2)
+        embed_dataset_ray(job, RayEmbedRun(actors=1, part_size=4, batch_size=4, cpus_per_actor=0.5), _stop_after_parts=2)
     scratch = tmp_path / "ray" / ".embed-train"
-    done = sorted(p.name for p in scratch.glob("part-*.parquet"))
-    assert done == ["part-00000.parquet", "part-00001.parquet"]
+    assert sorted(p.name for p in scratch.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
     with caplog.at_level(logging.INFO, logger="cir_mine.miner.engine.ray_embed"):
-        embed_dataset_ray(job, run)
+        m = embed_dataset_ray(job, RayEmbedRun(actors=2, part_size=4, batch_size=3, cpus_per_actor=0.5))
     assert "resuming: 2 of 5 parts already done" in caplog.text
+    ws = Workspace(tmp_path / "ray")
+    assert [p.name for p in ws.gallery_files("train")] == [f"part-{i:05d}.parquet" for i in range(5)]  # 18 images / 4
+    assert m["embed"]["train"]["engine"]["parts"] == 5 and not scratch.exists()
     embed_dataset(_job("fashioniq", fiq, tmp_path / "one", model))
-    _same_workspace(Workspace(tmp_path / "one"), Workspace(tmp_path / "ray"))
+    _same_workspace(Workspace(tmp_path / "one"), ws)

@@ -1,4 +1,7 @@
 """Sharded search in process: exact merge of per-shard top-k lists, train-once IVF shards."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -7,6 +10,7 @@ from cir_mine.data.workspace import Workspace, l2_normalize
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.search import build_index
 from cir_mine.miner.engine.mine import mine_with_engine
+from cir_mine.miner.engine.ray_engine import RAY_MISSING
 from cir_mine.miner.engine.shards import ShardConfig, ShardedIndex, merge_topk, shard_bounds, topk_rows
 
 
@@ -79,3 +83,20 @@ def test_shard_config_errors():
         ShardConfig(shards=11).validate(10)
     with pytest.raises(UsageError, match="sharded search needs flat or an IVF index"):
         ShardedIndex(_unit(np.random.default_rng(0), 100, 8), ShardConfig(index="HNSW32"))
+
+
+@pytest.mark.parametrize("command", ["negatives", "embed"])
+def test_engine_ray_without_ray_names_the_extra(synth_work, tmp_path, command):
+    """Ray blocked at import: one Error line naming the extra, exit 2, nothing written."""
+    out = tmp_path / "out"
+    args = (["negatives", "--work", str(synth_work), "--strategy", "hardest", "--out", str(out / "n.parquet")]
+            if command == "negatives" else
+            ["embed", "--dataset", "folder", "--root", str(tmp_path), "--work", str(out)])
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from cir_mine.cli import mine_main\n"
+            f"sys.argv = ['cir-mine', *{args!r}, '--engine', 'ray', '-q']\n"
+            "mine_main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"Error: {RAY_MISSING}"
+    assert not out.exists()

@@ -93,10 +93,14 @@ class RayShardedIndex:
         actor = ray.remote(_Searcher).options(
             num_cpus=ray_cfg.cpus_per_shard, max_restarts=ray_cfg.max_restarts,
             max_task_retries=ray_cfg.max_task_retries)
+        # The driver holds the constructor arguments for the actors' lifetime: a restarted actor is
+        # rebuilt from them (Ray frees an object once no reference to it is left).
+        self._refs = [trained_ref] + [ray.put(np.ascontiguousarray(xb[a:b]))
+                                      for a, b in zip(self.bounds[:-1], self.bounds[1:])]
         self.actors = []
-        for s, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+        for s, a in enumerate(self.bounds[:-1]):
             self.actors.append(actor.remote(
-                ray.put(np.ascontiguousarray(xb[a:b])), int(a), trained_ref, cfg.nprobe, cfg.overfetch, cfg.list_cover,
+                self._refs[s + 1], int(a), trained_ref, cfg.nprobe, cfg.overfetch, cfg.list_cover,
                 crash_marker=crash_marker if s == crash_shard else None, threads=ray_cfg.cpus_per_shard))
         got = ray.get([h.ready.remote() for h in self.actors])
         if sum(got) != n:
@@ -116,7 +120,7 @@ class RayShardedIndex:
     def close(self) -> None:
         for h in self.actors:
             self._ray.kill(h, no_restart=True)
-        self.actors = []
+        self.actors, self._refs = [], []
 
     def __enter__(self) -> "RayShardedIndex":
         return self
