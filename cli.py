@@ -617,6 +617,7 @@ def train(
     extra_triplets: Optional[list[Path]] = typer.Option(None, "--extra-triplets", help="Generated triplets (cir-mine positives) mixed into the training queries (repeatable; never into the dev split)."),
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Refresh of a table mined with --engine ray: join this cluster (auto or HOST:PORT); default a local one."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -641,7 +642,7 @@ def train(
             exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads,
             extra_triplets=[str(p) for p in extra_triplets or []], extra_weight=extra_weight,
             neg_weight=neg_weight)
-    remine = _miner_remine(cfg) if cfg.validate().refresh_every else None
+    remine = _miner_remine(cfg, ray_address) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
     with progress_bar("train", total, quiet, unit="epochs") as advance:
         def on_epoch(rec):
@@ -657,11 +658,12 @@ def train(
     typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}  curves: {Path(cfg.out) / 'curves.png'}")
 
 
-def _miner_remine(cfg):
-    """The refresh's miner call for the table cfg.negatives (see train.refresh)."""
+def _miner_remine(cfg, ray_address: Optional[str] = None):
+    """The refresh's miner call for the table cfg.negatives (see train.refresh); a table mined through
+    an engine (--engine, --shards) is re-mined through the same one."""
     from cir_mine.train.refresh import miner_remine
 
-    return miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule)
+    return miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule, ray_address=ray_address)
 
 
 def mine_main() -> None:

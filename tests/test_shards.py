@@ -100,3 +100,32 @@ def test_engine_ray_without_ray_names_the_extra(synth_work, tmp_path, command):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"Error: {RAY_MISSING}"
     assert not out.exists()
+
+
+def test_refresh_searches_through_the_tables_engine(synth_work, tmp_path, monkeypatch):
+    """A table mined through IVF shards is re-mined through the same shards (opened once), not the
+    workspace index: each round equals the engine's own mine with the same queries."""
+    from cir_mine.miner.engine import shards as shards_mod
+    from cir_mine.miner.engine.mine import mine_with_engine_to_file
+    from cir_mine.miner.core.tables import read_negatives
+    from cir_mine.train.refresh import miner_remine
+
+    ws = Workspace(synth_work)
+    sc = ShardConfig(shards=2, index="IVF16,Flat", nprobe=2)
+    negs = tmp_path / "negs.parquet"
+    mine_with_engine_to_file(ws, "train", MineConfig(strategy="hardest", k=3), negs, engine="local", shard_cfg=sc)
+    assert read_negatives(negs).meta["engine"]["shard"]["index"] == "IVF16,Flat"
+    opened = []
+    real_init = shards_mod.ShardedIndex.__init__
+    monkeypatch.setattr(shards_mod.ShardedIndex, "__init__", lambda self, *a, **k: opened.append(1) or real_init(self, *a, **k))
+    remine = miner_remine(synth_work, "train", negs)
+    t = ws.triplets("train")
+    rng = np.random.default_rng(0)
+    for r in (1, 2):
+        q = l2_normalize(rng.standard_normal(t.text_embeddings.shape).astype(np.float32))
+        table, meta = remine(q, r, r)
+        assert meta["engine"]["shard"] == read_negatives(negs).meta["engine"]["shard"]
+        cfg = MineConfig.from_dict({**read_negatives(negs).config, "query": "checkpoint"})
+        fresh = mine_with_engine(ws, "train", cfg, "local", sc, query_emb=q, round=r).table
+        assert table.equals(fresh)
+    assert len(opened) == 1 + 2                     # the refresh's one index + the two fresh mines

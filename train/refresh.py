@@ -5,7 +5,8 @@ training loop takes (cir_mine.train.loop.Remine). It reads the mining config fro
 (``meta["config"]``), reads the split and opens the workspace's FAISS index once (or builds a flat
 one over the gallery once) and calls ``cir_mine.miner.core.mine.mine_negatives`` with the current model's query
 embeddings, so every round uses the exact same config, data and index; only the queries (and, with
-a schedule, the mix) change.
+a schedule, the mix) change. A table mined through an engine (``meta["engine"]``: gallery shards in
+process or on Ray actors) is re-mined through the same engine and shard settings, opened once.
 """
 from __future__ import annotations
 
@@ -20,15 +21,21 @@ from cir_mine.data.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None):
-    """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
+def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None,
+                 ray_address: Optional[str] = None):
+    """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``.
+
+    ray_address: the Ray cluster to join when the table was mined with ``--engine ray`` (None: a
+    local cluster)."""
     from cir_mine.miner.core.search import build_index
     from cir_mine.miner.encode.index import load_workspace_index
     from cir_mine.miner.core.mine import MineConfig, mine_negatives
     from cir_mine.miner.core.tables import read_negatives_meta
 
     ws = Workspace(work).require()
-    base = read_negatives_meta(negatives, ws).get("config", {})
+    meta0 = read_negatives_meta(negatives, ws)
+    base = meta0.get("config", {})
+    engine = meta0.get("engine")
     state: dict = {}
 
     def data():
@@ -37,6 +44,8 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
         return state["data"]
 
     def index():
+        if "index" not in state and engine:
+            state["index"] = _engine_index(engine, data()[0].embeddings, ray_address)
         if "index" not in state:
             p = ws.index_path(split)
             state["index"] = (load_workspace_index(ws, split, device="cpu") if p.exists()
@@ -49,10 +58,25 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
         if sched:
             cfg = _with_mix(cfg, sched, epoch)
         res = mine_negatives(ws, split, cfg, query_emb=query_emb, round=round, index=index(), loaded=data())
+        if engine:
+            res.meta["engine"] = engine
         log.info("re-mined round %d at epoch %d: %d rows", round, epoch, res.table.num_rows)
         return res.table, res.meta
 
     return remine
+
+
+def _engine_index(engine: dict, xb: np.ndarray, ray_address: Optional[str]):
+    """The index of the engine a table was mined with (kept open for every round)."""
+    from cir_mine.miner.engine.mine import open_index
+    from cir_mine.miner.engine.ray_engine import RayConfig
+    from cir_mine.miner.engine.shards import ShardConfig
+
+    shard_cfg = ShardConfig(**engine["shard"])
+    ray_cfg = RayConfig(address=ray_address, **engine.get("ray", {}))
+    index = open_index(engine["name"], xb, shard_cfg, ray_cfg).__enter__()
+    log.info("refresh searches through the %s engine (%d shards, %s)", engine["name"], shard_cfg.shards, shard_cfg.index)
+    return index
 
 
 def _with_mix(cfg, schedule: str, epoch: int):
