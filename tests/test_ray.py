@@ -58,13 +58,21 @@ def test_killed_shard_actor_is_restarted_and_the_table_is_identical(cluster, syn
     assert res.table.equals(one.table)
 
 
-def test_cli_engine_ray_writes_the_same_table(cluster, synth_work, tmp_path):
+def test_cli_engine_ray_joins_the_cluster_and_writes_the_same_table(cluster, synth_work, tmp_path):
+    """A second process joins the test cluster with --ray-address HOST:PORT; same table as local."""
+    import os
+    import subprocess
+    import sys
+
     base = ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "5", "-q"]
     r = runner.invoke(mine_app, base + ["--out", str(tmp_path / "one.parquet")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(mine_app, base + ["--out", str(tmp_path / "ray.parquet"), "--engine", "ray", "--shards", "2",
-                                        "--cpus-per-shard", "0.5"])
-    assert r.exit_code == 0, r.output
+    address = cluster.get_runtime_context().gcs_address
+    code = ("import sys\nfrom cir_mine.cli import mine_main\n"
+            f"sys.argv = ['cir-mine', *{base!r}, '--out', {str(tmp_path / 'ray.parquet')!r}, '--engine', 'ray',"
+            f" '--shards', '2', '--cpus-per-shard', '0.5', '--ray-address', {address!r}]\nmine_main()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    assert p.returncode == 0, p.stderr[-2000:]
     one, sharded = (read_negatives(tmp_path / f, Workspace(synth_work)) for f in ("one.parquet", "ray.parquet"))
     assert sharded.table.equals(one.table)
-    assert sharded.meta["engine"]["shard"]["shards"] == 2
+    assert sharded.meta["engine"]["shard"]["shards"] == 2 and sharded.meta["engine"]["name"] == "ray"
