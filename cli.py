@@ -455,6 +455,8 @@ def negatives(
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
+    if engine not in ("local", "ray"):
+        raise UsageError(f"--engine {engine!r}: use local or ray.")
     sharded = engine != "local" or shards != 1 or shard_index != "flat"
     if sharded:
         from cir_mine.miner.engine.mine import mine_with_engine_to_file

@@ -129,3 +129,16 @@ def test_refresh_searches_through_the_tables_engine(synth_work, tmp_path, monkey
         fresh = mine_with_engine(ws, "train", cfg, "local", sc, query_emb=q, round=r).table
         assert table.equals(fresh)
     assert len(opened) == 1 + 2                     # the refresh's one index + the two fresh mines
+
+
+def test_cli_engine_and_shard_errors(synth_work, tmp_path):
+    from typer.testing import CliRunner
+
+    from cir_mine.cli import mine_app
+
+    base = ["negatives", "--work", str(synth_work), "--strategy", "hardest", "--out", str(tmp_path / "n.parquet")]
+    r = CliRunner().invoke(mine_app, base + ["--engine", "nope"])
+    assert r.exit_code == 2 and r.output.strip() == "Error: --engine 'nope': use local or ray."
+    r = CliRunner().invoke(mine_app, base + ["--shards", "4000"])
+    assert r.exit_code == 2 and r.output.strip() == "Error: --shards 4000 is more than the gallery's 3000 rows; use at most 3000."
+    assert not (tmp_path / "n.parquet").exists()

@@ -82,6 +82,8 @@ class RayShardedIndex:
 
     def __init__(self, xb: np.ndarray, cfg: ShardConfig = ShardConfig(), ray_cfg: RayConfig = RayConfig(),
                  crash_shard: Optional[int] = None, crash_marker: Optional[str] = None):
+        if ray_cfg.cpus_per_shard <= 0 or ray_cfg.max_restarts < 0 or ray_cfg.max_task_retries < 0:
+            raise UsageError(f"--cpus-per-shard must be above 0 (got {ray_cfg.cpus_per_shard}).")
         ray = connect(ray_cfg.address)
         self._ray = ray
         n, self.d = xb.shape
