@@ -132,10 +132,9 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
 
     _stop_after_parts: test hook, raise after writing that many parts (a crash, for resume tests)."""
     from cir_mine.miner.encode.clip import embed_texts, load_encoder, load_prompts
-    from cir_mine.miner.encode.dataset import (_check_encoder_matches, _gallery, _keep_queries, _skipped_summary,
-                                               _triplets)
+    from cir_mine.miner.encode.dataset import _check_encoder_matches, _keep_queries, _skipped_summary, _triplets
     from cir_mine.miner.encode.index import index_workspace
-    from cir_mine.miner.engine.ray_engine import connect, require_ray
+    from cir_mine.miner.engine.ray_engine import require_ray
 
     require_ray()
     check_split(job.split)
@@ -220,8 +219,9 @@ def _embed_parts(job, run: RayEmbedRun, images, bounds, todo, scratch: Path, err
     from cir_mine.miner.encode.dataset import _gallery
     from cir_mine.miner.engine.ray_engine import connect
 
-    ray = connect(run.address)
-    import ray.data  # noqa: F401 - the Ray Data API on the ray module
+    connect(run.address)
+    import ray
+    import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     rows = np.concatenate([np.arange(*bounds[i], dtype=np.int64) for i in todo])
