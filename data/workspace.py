@@ -514,6 +514,18 @@ class Workspace:
         m = {k: v for k, v in self.manifest().items() if k not in ("updated",)}
         return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
 
+    def split_hash(self, split: str) -> str:
+        """Identity of one split's data: a hash over ``gallery.{split}.parquet`` and
+        ``triplets.{split}.parquet`` (each file's size and Parquet footer, which holds its row
+        counts, column chunk sizes and statistics). Other splits and the manifest do not enter it,
+        so embedding another split leaves it unchanged; rewriting this split's tables changes it."""
+        h = hashlib.sha256(check_split(split).encode())
+        for p in (self.gallery_path(split), self.triplets_path(split)):
+            h.update(f"|{p.name}|".encode())
+            if p.exists():
+                h.update(file_fingerprint(p))
+        return h.hexdigest()[:16]
+
     def write_manifest(self, **fields) -> dict:
         """Merge ``fields`` into the manifest and refresh counts/dim from the tables."""
         base = self.manifest() if self.manifest_path.exists() else {}
@@ -529,6 +541,20 @@ class Workspace:
         m.pop("derived", None)
         write_json_atomic(self.manifest_path, m)
         return m
+
+
+def file_fingerprint(path: Path) -> bytes:
+    """sha256 of a Parquet file's size and footer (read from the end of the file; cheap for any size)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if size >= 12:
+            fh.seek(size - 8)
+            n = int.from_bytes(fh.read(4), "little")
+            fh.seek(max(0, size - 8 - n))
+            tail = fh.read(n + 8)
+        else:
+            tail = fh.read()
+    return hashlib.sha256(str(size).encode() + tail).digest()
 
 
 def check_split(split: str) -> str:

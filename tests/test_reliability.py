@@ -330,10 +330,10 @@ def test_missing_split_for_negatives(work16, tmp_path):
 
 def test_negatives_from_another_workspace(work16, tmp_path):
     w, negs = work16 / "w", work16 / "other.parquet"
-    theirs, ours = pq.read_metadata(negs).metadata, Workspace(w).manifest_hash()
-    their_hash = json.loads(theirs[b"cir_mine"])["manifest_hash"]
-    msg = (f"Error: {negs}: mined from another workspace (manifest hash {their_hash}, {w} has {ours}). Re-mine it "
-           f"with `cir-mine negatives --work {w}`.")
+    theirs, ours = pq.read_metadata(negs).metadata, Workspace(w).split_hash("train")
+    their_hash = json.loads(theirs[b"cir_mine"])["data_hash"]
+    msg = (f"Error: {negs}: mined from another workspace (split 'train' data hash {their_hash}, {w} has {ours}). "
+           f"Re-mine it with `cir-mine negatives --work {w} --split train`.")
     assert cli_error(["--work", w, "--negatives", negs, "--out", tmp_path / "run", "-q"], app=train_app) == msg
     assert cli_error(["stats", negs, "--work", w]) == msg
     assert cli_error(["report", negs, "--work", w, "--out", tmp_path / "r.html"]) == msg

@@ -1,8 +1,8 @@
 """The negatives table: one row per (query, negative). Schema, atomic writer, validating reader.
 
 File metadata (Parquet footer, key ``cir_mine``, JSON) holds the schema version, the full mining
-config, the workspace manifest hash, the split, the round, the negative bank the table assumes and
-the shortfall (queries that got fewer than k negatives). See docs/formats.md.
+config, the split and its data hash (:meth:`Workspace.split_hash`), the workspace manifest hash,
+the round, the negative bank the table assumes and the shortfall (queries that got fewer than k negatives). See docs/formats.md.
 """
 from __future__ import annotations
 
@@ -110,10 +110,26 @@ def _footer(path: Path) -> dict:
 
 
 def _check_workspace(path: Path, meta: dict, ws: Optional[Workspace]) -> None:
-    if ws is not None:
-        mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
+    """A table belongs to the split it was mined on: its ``data_hash`` must be that split's
+    :meth:`Workspace.split_hash` (tables without one are compared by the whole manifest hash)."""
+    if ws is None:
+        return
+    split = meta.get("split")
+    if "data_hash" in meta and split:
+        if not ws.gallery_path(split).exists():
+            have = ", ".join(ws.splits()) or "none"
+            raise DataError(f"{path}: mined on split '{split}', which {ws.root} does not have (splits: {have}). "
+                            f"Pass the workspace it was mined from with --work.")
+        mine, theirs = ws.split_hash(split), meta["data_hash"]
         if theirs != mine:
             raise DataError(
-                f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
-                f"Re-mine it with `cir-mine negatives --work {ws.root}`."
+                f"{path}: mined from another workspace (split '{split}' data hash {theirs}, {ws.root} has {mine}). "
+                f"Re-mine it with `cir-mine negatives --work {ws.root} --split {split}`."
             )
+        return
+    mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
+    if theirs != mine:
+        raise DataError(
+            f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
+            f"Re-mine it with `cir-mine negatives --work {ws.root}`."
+        )
