@@ -167,15 +167,12 @@ def check(
     split: str = SPLIT,
 ):
     """Read a dataset's annotations and print what they hold (no embedding)."""
-    from cir_mine.data.adapters import load_dataset
+    from cir_mine.data.adapters import dataset_summary
 
-    images, queries = load_dataset(dataset.value, root, split)
-    with_path = sum(1 for i in images if i.path)
-    with_attr = sum(1 for i in images if i.attributes)
-    cats = sorted({q.category for q in queries})
-    typer.echo(f"{dataset.value} {split}: {len(images)} images ({with_path} with image files, "
-               f"{with_attr} with attributes), {len(queries)} queries, categories: "
-               f"{', '.join(c or '-' for c in cats)}")
+    s = dataset_summary(dataset.value, root, split)
+    typer.echo(f"{dataset.value} {split}: {s['images']} images ({s['image_files']} with image files, "
+               f"{s['with_attributes']} with attributes), {s['queries']} queries, categories: "
+               f"{', '.join(c or '-' for c in s['categories'])}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,6 +455,7 @@ def negatives_summary(out: Path, meta: dict) -> str:
 # cir-mine stats / sql / inspect / report  (issue 4 "DuckDB" section, issue 7: see the negatives)
 
 NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
+ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
 
 
 class SqlFormat(str, enum.Enum):
@@ -502,7 +500,7 @@ def inspect(
     out: Path = typer.Option(..., "--out", "-o", help="PNG contact sheet to write."),
     query_id: Optional[List[str]] = typer.Option(None, "--query-id", help="Query to draw (repeatable)."),
     sample: Optional[int] = typer.Option(None, "--sample", "-n", help="Draw N random queries of the table."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    root: Optional[Path] = ROOT_OF_PATHS,
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the table's own)."),
     max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
@@ -522,7 +520,7 @@ def report(
     work: Path = WORK,
     out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (self-contained, plots embedded)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    root: Optional[Path] = ROOT_OF_PATHS,
     sheets: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
     max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),

@@ -483,6 +483,14 @@ class Workspace:
                              "categories": sorted(set(g.categories.tolist()))}
         return {"manifest": self.manifest(), "hash": self.manifest_hash(), "splits": splits}
 
+    def image_root(self, split: str) -> Optional[Path]:
+        """The dataset root the gallery ``path`` column of ``split`` is relative to, as recorded by
+        ``cir-mine embed`` (absolute), or None when the workspace does not record one."""
+        if not self.manifest_path.exists():
+            return None
+        root = ((self.manifest().get("embed") or {}).get(split) or {}).get("root")
+        return Path(root) if root else None
+
     # manifest
     def manifest(self) -> dict:
         if self.manifest_path.exists():

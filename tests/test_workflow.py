@@ -62,3 +62,81 @@ def test_a_table_of_a_split_the_workspace_lacks(tmp_path):
         read_negatives(negs, Workspace(work))
     assert str(e.value) == (f"{negs}: mined on split 'val', which {work} does not have (splits: train). "
                             f"Pass the workspace it was mined from with --work.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Image paths: relative to the dataset root; `check` counts files that exist
+
+
+def test_check_counts_image_files_that_exist(tmp_path):
+    from tests.fixtures import make_cirr
+
+    root = make_cirr(tmp_path / "cirr", images=False)           # annotations only, like ../shared/cirr
+    r = runner.invoke(mine_app, ["check", "--dataset", "cirr", "--root", str(root), "--split", "val"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == "cirr val: 12 images (0 with image files, 0 with attributes), 10 queries, categories: -"
+    (root / "dev").mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures.py", root / "dev" / "dev-0-0-img0.png")  # one file there
+    r = runner.invoke(mine_app, ["check", "--dataset", "cirr", "--root", str(root), "--split", "val"])
+    assert "12 images (1 with image files," in r.output
+
+
+def test_embed_cirr_without_images_names_the_layout(tmp_path):
+    from tests.fixtures import make_cirr
+
+    root = make_cirr(tmp_path / "cirr", images=False)
+    r = runner.invoke(mine_app, ["embed", "--dataset", "cirr", "--root", str(root), "--split", "val",
+                                 "--work", str(tmp_path / "w"), "--model", "no-such-model"])
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: {root}: none of the 12 cirr images of split 'val' has an image file (annotations only?). Put the "
+        f"images where the dataset layout expects them (CIRR: the paths of image_splits/split.rc2.val.json under "
+        f"ROOT, first dev/dev-0-0-img0.png), or import features with `cir-mine index --from-features`.")
+
+
+@pytest.mark.parametrize("name", ["fashioniq", "cirr", "folder"])
+def test_adapters_store_paths_relative_to_the_root(tmp_path, monkeypatch, name):
+    from cir_mine.data.adapters import load_dataset
+    from tests.fixtures import make_cirr, make_fashioniq, make_folder
+
+    make = {"fashioniq": make_fashioniq, "cirr": make_cirr, "folder": make_folder}[name]
+    root = make(tmp_path / "data")
+    split = "val" if name == "cirr" else "train"
+    monkeypatch.chdir(tmp_path)
+    images, _ = load_dataset(name, Path("data"), split)          # a relative --root
+    assert images and all(not Path(im.path).is_absolute() and not im.path.startswith(("data/", "./"))
+                          for im in images)
+    assert all((root / im.path).is_file() for im in images)
+
+
+def test_root_works_from_any_directory(tmp_path, monkeypatch):
+    """Embedded with a relative --root from one directory, inspected from another: the recorded
+    (absolute) dataset root resolves the relative gallery paths; --root overrides it."""
+    import pyarrow.parquet as pq
+
+    from tests.fixtures import make_fashioniq, write_tiny_clip_config
+
+    tiny = write_tiny_clip_config(tmp_path / "cfg")
+    make_fashioniq(tmp_path / "here" / "fiq", n_per_cat=3)
+    monkeypatch.chdir(tmp_path / "here")
+    r = runner.invoke(mine_app, ["embed", "--dataset", "fashioniq", "--root", "fiq", "--work", "ws", "--model",
+                                 str(tiny), "--device", "cpu", "--workers", "0", "--index", "none", "-q"])
+    assert r.exit_code == 0, r.output
+    work = (tmp_path / "here" / "ws").resolve()
+    paths = pq.read_table(work / "gallery.train.parquet").column("path").to_pylist()
+    assert paths and all(p.startswith("images/") for p in paths)
+    assert Workspace(work).image_root("train") == (tmp_path / "here" / "fiq").resolve()
+    negs = tmp_path / "n.parquet"
+    mine_to_file(Workspace(work), "train", MineConfig(strategy="random", k=2), negs)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", "s.png"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().endswith("thumbnails")
+    moved = shutil.move(str(tmp_path / "here" / "fiq"), str(tmp_path / "moved"))
+    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", "s.png"])
+    assert r.exit_code == 1 and "Pass the dataset root, the folder that holds images/" in r.output
+    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", "s.png",
+                                 "--root", moved])
+    assert r.exit_code == 0, r.output

@@ -3,7 +3,7 @@
 Each negative is labelled with its Δ, score, category and the attributes that differ from the
 target; the guards that removed candidates are listed with the caption (per query when the table
 records per-query counts, else the whole table's totals). Thumbnails come from the gallery ``path``
-column (relative to ``root`` when given); a workspace without image paths (feature-only, e.g.
+column, relative to ``root`` (default: the dataset root ``cir-mine embed`` recorded); a workspace without image paths (feature-only, e.g.
 fiq-proxy) gets the same layout with attribute text cards.
 
 ``sheet_rows`` gathers the data (no drawing); ``render_sheet`` returns a matplotlib Figure (Agg);
@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.records import image_file
 from cir_mine.data.workspace import Gallery, Workspace
 from cir_mine.miner.core.tables import NegativesTable, read_negatives
 
@@ -95,13 +96,15 @@ def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Opti
 
 
 def _image_path(g: Gallery, row: int, root: Optional[Path]) -> Optional[Path]:
+    """The image file of gallery ``row``: its ``path``, relative to ``root`` unless absolute."""
     if g.paths is None or not g.paths[row]:
         return None
     p = Path(g.paths[row])
-    full = root / p if root is not None and not p.is_absolute() else p
+    full = image_file(root, g.paths[row])
     if not full.exists():
-        hint = "Check --root." if root is not None else "Pass the image folder with --root."
-        raise DataError(f"{full}: image file not found (gallery path of '{g.image_ids[row]}'). {hint}")
+        what = f"gallery path of '{g.image_ids[row]}'" + (f", {p} under {root}" if full != p else "")
+        raise DataError(f"{full}: image file not found ({what}). "
+                        f"Pass the dataset root, the folder that holds {p}, with --root.")
     return full
 
 
@@ -118,7 +121,7 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
     by_q: dict[str, list[int]] = {}
     for i, q in enumerate(cols["query_id"]):
         by_q.setdefault(q, []).append(i)
-    root = Path(root) if root is not None else None
+    root = Path(root) if root is not None else ws.image_root(split)
     out = []
     for q in query_ids:
         if q not in qrow:
