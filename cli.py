@@ -511,6 +511,10 @@ def inspect(
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed)
     kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
     typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
+    for row in r["short"]:
+        scope = "" if row.guards_scope == "query" else " (whole table)"
+        guards = ", ".join(f"{g} {n:,}" for g, n in row.guards.items() if n) or "none recorded"
+        typer.echo(f"{row.query_id}: short, {row.short}; guards removed{scope}: {guards}")
 
 
 @mine_app.command()

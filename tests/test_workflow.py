@@ -140,3 +140,57 @@ def test_root_works_from_any_directory(tmp_path, monkeypatch):
     r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", "s.png",
                                  "--root", moved])
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Shortfall hints name the guard; inspect draws a short query with its guard counts
+
+
+def test_shortfall_hints_come_from_the_guard_counts():
+    from cir_mine.miner.core.guards import GuardConfig, shortfall_hints
+
+    removed = {"target": 40, "reference": 40, "extra_positive": 0, "cap": 1072, "near_duplicate": 3,
+               "duplicate_product": 0}
+    assert shortfall_hints(removed, 40, GuardConfig(), ["midzone: widen --delta-lo/--delta-hi"]) == [
+        "the positive-aware cap removed 1,072: loosen --rho (now 0.95; nearer 1 keeps more) or pass --no-guard cap",
+        "midzone: widen --delta-lo/--delta-hi",
+        "the near-duplicate guard removed 3: raise --dup-threshold (now 0.98) or pass --no-guard near-duplicate"]
+    # nothing removed by a guard with a knob: only the strategy's own hint
+    assert shortfall_hints({"target": 9, "cap": 0}, 9, GuardConfig(rho=None), ["x: y"]) == ["x: y"]
+
+
+def test_a_cap_bound_shortfall_names_rho(tmp_path):
+    work = _world(tmp_path / "w")
+    out = tmp_path / "n.parquet"
+    r = runner.invoke(mine_app, ["negatives", "--work", str(work), "--strategy", "hardest", "-k", "6", "--rho", "0.3",
+                                 "--candidates", "20", "--no-deepen", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    meta = read_negatives(out).meta
+    short = meta["shortfall"]["query_ids"]
+    assert short and set(meta["guards_per_query"]) == set(short)
+    cap = sum(meta["guards_per_query"][q]["cap"] for q in short)
+    assert cap > 0
+    hint = f"the positive-aware cap removed {cap:,}: loosen --rho (now 0.3; nearer 1 keeps more) or pass --no-guard cap"
+    assert meta["shortfall"]["hints"][0] == hint
+    assert f"to loosen: {hint}; hardest: " in r.output
+
+
+def test_inspect_draws_a_short_query_with_its_guard_counts(tmp_path):
+    import pyarrow.compute as pc
+
+    work = _world(tmp_path / "w")
+    out = tmp_path / "n.parquet"
+    mine_to_file(Workspace(work), "train", MineConfig(strategy="hardest", k=6, rho=0.3, candidates=20,
+                                                      max_candidates=None), out)
+    nt = read_negatives(out)
+    have = set(pc.unique(nt.table.column("query_id")).to_pylist())
+    empty = [q for q in nt.meta["shortfall"]["query_ids"] if q not in have]
+    assert empty                                                  # queries the guards left with nothing
+    q = empty[0]
+    g = nt.meta["guards_per_query"][q]
+    r = runner.invoke(mine_app, ["inspect", str(out), "--work", str(work), "--query-id", q,
+                                 "--out", str(tmp_path / "s.png")])
+    assert r.exit_code == 0, r.output
+    counts = ", ".join(f"{name} {n:,}" for name, n in g.items() if n)
+    assert r.output.splitlines()[1] == f"{q}: short, 0 of 6 negatives; guards removed: {counts}"
+    assert g["cap"] > 0 and (tmp_path / "s.png").stat().st_size > 0

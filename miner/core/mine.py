@@ -25,7 +25,7 @@ from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versio
 
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
-from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys
+from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
 from cir_mine.miner.core.search import build_index, check_index, search_batched
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
@@ -35,6 +35,7 @@ from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, write_negatives
 log = logging.getLogger(__name__)
 
 QUERY_SOURCES = ("zero-shot", "checkpoint")
+MAX_GUARDS_PER_QUERY = 1000    # short queries whose guard counts the footer keeps (guards_per_query)
 SAMPLE_ORDERS = ("top", "random")
 
 
@@ -499,7 +500,11 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         "n_queries": m, "n_gallery": n, "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],
                       "missing": int((k_mined - got[short]).sum()),
-                      "hints": [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint]},
+                      "hints": shortfall_hints({g: int(c[short].sum()) for g, c in guard_counts.items()},
+                                               int((k_mined - got[short]).sum()), cfg.guard_config(),
+                                               [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint])},
+        "guards_per_query": {str(qs.ids[int(i)]): {g: int(c[i]) for g, c in guard_counts.items()}
+                             for i in short[:MAX_GUARDS_PER_QUERY]},
         "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum()), "max_per_query": int(c.max(initial=0))}
                    for name, c in guard_counts.items()},
         "timing": {"prepare_s": round_(t_prep), "search_s": round_(t_search),

@@ -50,6 +50,7 @@ class SheetRow:
     tiles: list                        # [reference, target, negatives...]
     guards: dict                       # guard -> candidates removed
     guards_scope: str                  # "query" or "table"
+    short: Optional[str] = None        # "2 of 10 negatives" when the query got fewer than k
 
 
 def guard_counts(meta: dict, query_id: Optional[str] = None) -> tuple[dict, str]:
@@ -73,14 +74,15 @@ def attribute_diff(attrs: Sequence[str], target_attrs: Sequence[str]) -> tuple[l
 
 def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Optional[int] = None,
                  seed: int = 0) -> list[str]:
-    """The queries to draw: ``query_ids`` (each must be in the table) or ``sample`` random ones."""
+    """The queries to draw: ``query_ids`` (each in the table, or a short query that got none) or
+    ``sample`` random ones of the table."""
     import pyarrow.compute as pc
 
     have = pc.unique(nt.table.column("query_id")).to_pylist()        # in table order
     if query_ids and sample:
         raise UsageError("pass either --query-id or --sample, not both.")
     if query_ids:
-        known = set(have)
+        known = set(have) | set((nt.meta.get("shortfall") or {}).get("query_ids") or ())
         for q in query_ids:
             if q not in known:
                 raise DataError(f"{nt.path}: query id '{q}' has no negatives in this table. "
@@ -132,12 +134,12 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
         ref_r, tgt_r = g.rows([t.ref_ids[qi], t.target_ids[qi]], [cat, cat])
         rows = sorted(by_q.get(q, []), key=lambda i: (cols["rank"][i] < 0, cols["rank"][i], -cols["delta"][i]))
         tgt_attrs = g.attributes[tgt_r]
-        ts = cols["target_score"][rows[0]] if rows else float("nan")
+        ts = f"{cols['target_score'][rows[0]]:.3f}" if rows else "-"
         tiles = [
             Tile("reference", t.ref_ids[qi], g.categories[ref_r], g.attributes[ref_r], _image_path(g, ref_r, root),
                  ["reference", t.ref_ids[qi], g.categories[ref_r] or "-"]),
             Tile("target", t.target_ids[qi], g.categories[tgt_r], tgt_attrs, _image_path(g, tgt_r, root),
-                 ["target", t.target_ids[qi], f"s(q,t) {ts:.3f}", g.categories[tgt_r] or "-"]),
+                 ["target", t.target_ids[qi], f"s(q,t) {ts}", g.categories[tgt_r] or "-"]),
         ]
         for n, i in enumerate(rows[:max_negatives]):
             nr = int(g.rows([cols["neg_id"][i]], [cat])[0])
@@ -149,7 +151,10 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
             tiles.append(Tile("negative", cols["neg_id"][i], g.categories[nr], g.attributes[nr],
                               _image_path(g, nr, root), lines, plus, minus))
         guards, scope = guard_counts(nt.meta, q)
-        out.append(SheetRow(q, list(t.captions[qi]), tiles, guards, scope))
+        short = None
+        if q in set((nt.meta.get("shortfall") or {}).get("query_ids") or ()):
+            short = f"{len(rows)} of {nt.meta.get('k_mined', nt.meta.get('k'))} negatives"
+        out.append(SheetRow(q, list(t.captions[qi]), tiles, guards, scope, short))
     return out
 
 
@@ -251,7 +256,8 @@ def render_sheet(rows: Sequence[SheetRow], title: str = "", max_negatives: int =
                  fontsize=8.5, weight="bold", va="top", ha="left")
         scope = "this query" if row.guards_scope == "query" else "whole table"
         g = ", ".join(f"{k} {v}" for k, v in row.guards.items() if v) or "none recorded"
-        fig.text(0.05 / W, (top - 0.22) / H, f"guards removed ({scope}): {g}", fontsize=7, va="top", ha="left",
+        note = f"short: {row.short} · " if row.short else ""
+        fig.text(0.05 / W, (top - 0.22) / H, f"{note}guards removed ({scope}): {g}", fontsize=7, va="top", ha="left",
                  color="#4b5563")
         target_attrs = set(row.tiles[1].attributes)
         for j, t in enumerate(row.tiles[:ncols]):
@@ -266,7 +272,8 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
                   max_negatives: int = 8, seed: int = 0) -> dict:
     """``cir-mine inspect``: draw the sheet and write ``out`` (PNG, atomically).
 
-    Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool}.
+    Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool,
+    "short": [SheetRow of each drawn query that got fewer than k negatives]}.
     """
     from cir_mine.data.io import atomic_path
 
@@ -284,4 +291,5 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
         fig.savefig(tmp, format="png")
     w, h = fig.get_size_inches() * fig.dpi
     return {"out": out, "queries": qs, "size": (int(round(w)), int(round(h))),
-            "images": any(t.image is not None for r in rows for t in r.tiles)}
+            "images": any(t.image is not None for r in rows for t in r.tiles),
+            "short": [r for r in rows if r.short]}
