@@ -194,3 +194,71 @@ def test_inspect_draws_a_short_query_with_its_guard_counts(tmp_path):
     counts = ", ".join(f"{name} {n:,}" for name, n in g.items() if n)
     assert r.output.splitlines()[1] == f"{q}: short, 0 of 6 negatives; guards removed: {counts}"
     assert g["cap"] > 0 and (tmp_path / "s.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# neg_category
+
+
+def test_neg_category_is_the_negatives_gallery_category(tmp_path):
+    import numpy as np
+
+    work = _world(tmp_path / "w")
+    out = tmp_path / "n.parquet"
+    mine_to_file(Workspace(work), "train", MineConfig(mix="midzone:0.5,category:0.5", k=8), out)
+    nt = read_negatives(out, Workspace(work))
+    g = Workspace(work).gallery("train")
+    cols = nt.table.to_pydict()
+    assert nt.meta["schema_version"] == 2 and nt.table.schema.field("neg_category").type == "string"
+    for n, c in zip(cols["neg_id"], cols["neg_category"]):
+        assert (c, n) in g.key_row                                    # a gallery key, always
+    tcat = {t: g.categories[g.row_of[t]] for t in set(cols["target_id"])}
+    match = np.array([c == tcat[t] for c, t in zip(cols["neg_category"], cols["target_id"])])
+    assert (match == np.array(cols["category_match"])).all() and not match.all()   # some from another category
+
+
+def test_a_version_1_table_reads_with_a_null_neg_category(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    work = _world(tmp_path / "w")
+    out, old = tmp_path / "n.parquet", tmp_path / "old.parquet"
+    mine_to_file(Workspace(work), "train", MineConfig(strategy="random", k=3), out)
+    t = pq.read_table(out)
+    meta = json.loads(t.schema.metadata[b"cir_mine"])
+    meta["schema_version"] = 1
+    pq.write_table(t.drop(["neg_category"]).replace_schema_metadata({b"cir_mine": json.dumps(meta).encode()}), old)
+    back = read_negatives(old, Workspace(work))
+    assert back.table.column_names == read_negatives(out).table.column_names
+    assert back.table.column("neg_category").null_count == back.table.num_rows
+    # a version 2 table must have it
+    pq.write_table(t.drop(["neg_category"]), old)
+    from cir_mine.data.errors import SchemaError
+
+    with pytest.raises(SchemaError) as e:
+        read_negatives(old)
+    assert str(e.value).startswith(f"{old}: missing column 'neg_category' (string); a negatives table needs")
+
+
+def test_training_resolves_a_negative_within_its_own_category():
+    """An id listed under two categories is two gallery rows; the trainer takes the negative's row."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pyarrow as pa
+
+    from cir_mine.data.workspace import Gallery
+    from cir_mine.train.data import group_negatives
+
+    g = Gallery(Path("g"), np.array(["a", "x", "x"], object), np.array(["dress", "dress", "shirt"], object),
+                [[], [], []], np.eye(3, dtype=np.float32))
+    class Queries(SimpleNamespace):
+        def __len__(self):
+            return 1
+
+    queries = Queries(query_ids=np.array(["q"], object), categories=np.array(["dress"], object))
+    table = pa.table({"query_id": ["q", "q"], "neg_id": ["x", "x"], "neg_category": ["shirt", None],
+                      "strategy": ["midzone", "midzone"]})
+    bank = group_negatives(table, queries, g)
+    assert bank.rows.tolist() == [[2, 1]]       # shirt's row; a null falls back to the query's category

@@ -530,8 +530,9 @@ def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, round: int, seed: int)
     ts = qs.target_score[q]
     names = pa.array([n for n, _ in parts], pa.string())
     qa, ra = pa.array(q), pa.array(row)
+    neg_category = pa.array(pool.cat_names, pa.string()).take(pa.array(pool.cat[row].astype(np.int64)))
     return pa.Table.from_arrays([
-        qs.ids.take(qa), qs.ref_ids.take(qa), qs.target_ids.take(qa), pool.ids.take(ra),
+        qs.ids.take(qa), qs.ref_ids.take(qa), qs.target_ids.take(qa), pool.ids.take(ra), neg_category,
         names.take(pa.array(part.astype(np.int64))), pa.array(rank, pa.int32()),
         pa.array(score, pa.float32()), pa.array(ts, pa.float32()), pa.array(ts - score, pa.float32()),
         pa.array(np.full(q.size, round, np.int32)), pa.array(pool.cat[row] == pool.cat[target_rows]),

@@ -142,7 +142,7 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
                  ["target", t.target_ids[qi], f"s(q,t) {ts}", g.categories[tgt_r] or "-"]),
         ]
         for n, i in enumerate(rows[:max_negatives]):
-            nr = int(g.rows([cols["neg_id"][i]], [cat])[0])
+            nr = int(g.rows([cols["neg_id"][i]], [cols["neg_category"][i] or cat])[0])
             plus, minus = attribute_diff(g.attributes[nr], tgt_attrs)
             same = "same cat" if cols["category_match"][i] else "other cat"
             rank = cols["rank"][i]
