@@ -288,6 +288,7 @@ def index_cmd(
     from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, or .parquet) as the gallery first."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
+    allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
     verbose: bool = VERBOSE,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
@@ -296,7 +297,8 @@ def index_cmd(
 
     setup_logging(verbose)
     if from_features is not None:
-        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16)
+        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
+                               allow_encoder_change)
     else:
         meta = index_workspace(work, split, index, device, fp16)
     typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "

@@ -262,3 +262,63 @@ def test_training_resolves_a_negative_within_its_own_category():
                       "strategy": ["midzone", "midzone"]})
     bank = group_negatives(table, queries, g)
     assert bank.rows.tolist() == [[2, 1]]       # shirt's row; a null falls back to the query's category
+
+
+# ------------------------------------------------------------------------------------------------
+# index --from-features into a workspace with triplets
+
+
+def _features_of(work: Path, out: Path, noise: float = 0.01, with_category: bool = False) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    g = Workspace(work).gallery("train")
+    emb = g.embeddings + noise * np.random.default_rng(0).standard_normal(g.embeddings.shape).astype("float32")
+    cols = {"image_id": g.image_ids.tolist(), "embedding": emb.tolist()}
+    if with_category:
+        cols["category"] = g.categories.tolist()
+    pq.write_table(pa.table(cols), out)
+    return out
+
+
+def test_from_features_refuses_another_encoder_unless_told(tmp_path):
+    work = _world(tmp_path / "w")
+    feats = _features_of(work, tmp_path / "f.parquet")
+    before = (work / "gallery.train.parquet").read_bytes()
+    base = ["index", "--work", str(work), "--device", "cpu", "--from-features", str(feats)]
+    r = runner.invoke(mine_app, base + ["--encoder-name", "my-clip"])
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: {work}: triplets.train.parquet hold text embeddings from encoder 'synthetic', but these features "
+        f"come from 'my-clip'. Pass --encoder-name synthetic if the features come from it, or "
+        f"--allow-encoder-change to import them anyway (then re-embed the triplets).")
+    r = runner.invoke(mine_app, base)                               # an unnamed encoder is another one too
+    assert r.exit_code == 1 and "come from 'unknown'" in r.output
+    assert (work / "gallery.train.parquet").read_bytes() == before  # nothing written
+    r = runner.invoke(mine_app, base + ["--encoder-name", "my-clip", "--allow-encoder-change"])
+    assert r.exit_code == 0, r.output
+    assert Workspace(work).manifest()["encoder"]["name"] == "my-clip"
+
+
+def test_from_features_keeps_tags_categories_and_paths_of_matching_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work = _world(tmp_path / "w")
+    gp = work / "gallery.train.parquet"
+    t = pq.read_table(gp)
+    paths = [f"images/{i}.png" for i in t.column("image_id").to_pylist()]
+    pq.write_table(t.append_column("path", pa.array(paths, pa.string())), gp)
+    old = Workspace(work).gallery("train")
+    assert any(old.attributes) and len(set(old.categories.tolist())) > 1
+    feats = _features_of(work, tmp_path / "f.parquet")                # ids only, no categories
+    r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu", "--from-features", str(feats),
+                                 "--encoder-name", "synthetic"])
+    assert r.exit_code == 0, r.output
+    new = Workspace(work).gallery("train")
+    assert new.image_ids.tolist() == old.image_ids.tolist()
+    assert new.categories.tolist() == old.categories.tolist()
+    assert new.attributes == old.attributes and new.paths.tolist() == paths
+    assert not (new.embeddings == old.embeddings).all()               # the features, not the old rows
+    mine_to_file(Workspace(work), "train", MineConfig(strategy="attribute-mismatch", k=3), tmp_path / "n.parquet")
