@@ -459,6 +459,13 @@ class Workspace:
 
     def triplets(self, split: str, gallery: Optional[Gallery] = None, check_norm: bool = True) -> Triplets:
         p = self.triplets_path(split)
+        if not p.exists() and self.gallery_path(split).exists():
+            raise DataError(
+                f"{p}: file not found: {self.root} holds the gallery of split '{split}' but no queries "
+                f"(features only). Add queries: write {p.name} in the triplets schema (query_id, category, ref_id, "
+                f"target_id, captions, text_embedding from the features' encoder; docs/formats.md), or embed "
+                f"images and captions with `cir-mine embed --dataset fashioniq|cirr|folder --root ROOT "
+                f"--work {self.root} --split {split}`.")
         self._require_split(split, p)
         dim = gallery.dim if gallery is not None else self.manifest().get("dim")
         t = read_triplets(p, dim=dim, check_norm=check_norm)

@@ -350,7 +350,7 @@ def test_wrong_schema_negatives(work16, tmp_path, kind):
     elif kind == "missing-column":
         pq.write_table(t.drop(["delta"]), bad)
         msg = (f"Error: {bad}: missing column 'delta' (float); a negatives table needs the columns query_id, ref_id, "
-               f"target_id, neg_id, strategy, rank, score, target_score, delta, round, category_match, "
+               f"target_id, neg_id, neg_category, strategy, rank, score, target_score, delta, round, category_match, "
                f"attr_overlap, seed. See docs/formats.md.")
     else:
         pq.write_table(t.set_column(t.schema.get_field_index("rank"), "rank", t["rank"].cast(pa.string())), bad)

@@ -322,3 +322,21 @@ def test_from_features_keeps_tags_categories_and_paths_of_matching_ids(tmp_path)
     assert new.attributes == old.attributes and new.paths.tolist() == paths
     assert not (new.embeddings == old.embeddings).all()               # the features, not the old rows
     mine_to_file(Workspace(work), "train", MineConfig(strategy="attribute-mismatch", k=3), tmp_path / "n.parquet")
+
+
+def test_negatives_on_a_features_only_workspace_says_how_to_add_queries(tmp_path):
+    work = _world(tmp_path / "src")
+    feats = _features_of(work, tmp_path / "f.parquet", with_category=True)
+    only = tmp_path / "only"
+    r = runner.invoke(mine_app, ["index", "--work", str(only), "--device", "cpu", "--from-features", str(feats)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(mine_app, ["negatives", "--work", str(only), "--strategy", "midzone",
+                                 "--out", str(tmp_path / "n.parquet")])
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: {only / 'triplets.train.parquet'}: file not found: {only} holds the gallery of split 'train' but "
+        f"no queries (features only). Add queries: write triplets.train.parquet in the triplets schema (query_id, "
+        f"category, ref_id, target_id, captions, text_embedding from the features' encoder; docs/formats.md), or "
+        f"embed images and captions with `cir-mine embed --dataset fashioniq|cirr|folder --root ROOT --work {only} "
+        f"--split train`.")
+    assert not (tmp_path / "n.parquet").exists()
