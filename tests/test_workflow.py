@@ -340,3 +340,76 @@ def test_negatives_on_a_features_only_workspace_says_how_to_add_queries(tmp_path
         f"embed images and captions with `cir-mine embed --dataset fashioniq|cirr|folder --root ROOT --work {only} "
         f"--split train`.")
     assert not (tmp_path / "n.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# One option vocabulary
+
+
+def _commands():
+    import typer
+
+    from cir_mine.cli import train_app
+
+    group = typer.main.get_command(mine_app)
+    yield from ((f"cir-mine {n}", c) for n, c in group.commands.items())
+    yield "cir-train", typer.main.get_command(train_app)
+
+
+def test_every_command_takes_quiet_and_verbose():
+    names = []
+    for name, cmd in _commands():
+        opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= opts, name
+        names.append(name)
+    assert len(names) >= 14 and "cir-mine negatives" in names
+
+
+def test_version_of_both_programs():
+    import cir_mine
+    from cir_mine.cli import train_app
+
+    r = runner.invoke(mine_app, ["--version"])
+    assert r.exit_code == 0 and r.output == f"cir-mine {cir_mine.__version__}\n"
+    r = runner.invoke(train_app, ["--version"])
+    assert r.exit_code == 0 and r.output == f"cir-train {cir_mine.__version__}\n"
+
+
+def test_quiet_and_verbose_together_is_a_usage_error(tmp_path):
+    work = _world(tmp_path / "w")
+    r = runner.invoke(mine_app, ["info", "--work", str(work), "-q", "-v"])
+    assert r.exit_code == 2 and r.output.strip() == "Error: pass either -q/--quiet or -v/--verbose, not both."
+
+
+def test_verbose_logs_cir_mine_only(tmp_path):
+    """-v shows what cir-mine does, not faiss.loader's library probing (a fresh process: logging is global)."""
+    import os
+    import subprocess
+    import sys
+
+    work = _world(tmp_path / "w")
+    r = subprocess.run([sys.executable, "-m", "cir_mine.cli", "index", "--work", str(work), "--device", "cpu", "-v"],
+                       capture_output=True, text=True, env={**os.environ}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "INFO cir_mine.miner.core.search: FAISS index Flat on CPU" in r.stderr
+    assert "faiss.loader" not in r.stderr
+
+
+def test_cir_train_prints_a_line_per_remine_round(tmp_path):
+    import re
+
+    from cir_mine.cli import train_app
+
+    work = _world(tmp_path / "w", n_gallery=200, n_triplets=60)
+    negs = tmp_path / "n.parquet"
+    mine_to_file(Workspace(work), "train", MineConfig(mix="midzone:0.5,random:0.5", k=4), negs)
+    args = ["--work", str(work), "--out", str(tmp_path / "run"), "--negatives", str(negs), "--epochs", "3",
+            "--batch-size", "32", "--width", "0.5", "--refresh-every", "1", "--threads", "1"]
+    r = runner.invoke(train_app, args)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("re-mine")]
+    assert len(lines) == 2, r.output
+    for n, ln in enumerate(lines, 1):
+        assert re.fullmatch(rf"re-mine round {n} \(epoch \d+\): midzone:0\.5,random:0\.5, [\d,]+ rows, \d+\.\ds", ln), ln
+    r = runner.invoke(train_app, args[:3] + [str(tmp_path / "run2")] + args[4:] + ["-q"])
+    assert r.exit_code == 0 and "re-mine" not in r.output
