@@ -98,11 +98,15 @@ def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Opti
 
 
 def _image_path(g: Gallery, row: int, root: Optional[Path]) -> Optional[Path]:
-    """The image file of gallery ``row``: its ``path``, relative to ``root`` unless absolute."""
+    """The image file of gallery ``row``: its ``path``, relative to ``root`` unless absolute
+    (workspaces embedded before paths were stored relative to the dataset root hold paths relative
+    to the directory embed ran in: those still resolve from that directory)."""
     if g.paths is None or not g.paths[row]:
         return None
     p = Path(g.paths[row])
     full = image_file(root, g.paths[row])
+    if not full.exists() and p.exists():
+        return p
     if not full.exists():
         what = f"gallery path of '{g.image_ids[row]}'" + (f", {p} under {root}" if full != p else "")
         raise DataError(f"{full}: image file not found ({what}). "
