@@ -61,11 +61,8 @@ def cli_errors(fn):
 
 def setup_logging(verbose: bool, quiet: bool = False) -> None:
     """Warnings on stderr; with ``verbose`` also cir-mine's own INFO lines (what each stage does),
-    never other libraries' (faiss.loader and the like stay at WARNING)."""
-    from cir_mine.data.errors import UsageError
-
-    if verbose and quiet:
-        raise UsageError("pass either -q/--quiet or -v/--verbose, not both.")
+    never other libraries' (faiss.loader and the like stay at WARNING). ``quiet`` (no progress bar,
+    no notes) is the commands' own and combines with ``verbose``: logs without a bar."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("cir_mine").setLevel(logging.INFO if verbose else logging.NOTSET)
 
@@ -293,7 +290,6 @@ def embed(
     triplets: Optional[Path] = typer.Option(None, "--triplets", help="folder: triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl)."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
-
 ):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
     setup_logging(verbose, quiet)
@@ -440,7 +436,6 @@ def negatives(
     device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
-
 ):
     """Mine negatives for every query of a split into one Parquet table."""
     setup_logging(verbose, quiet)
@@ -643,7 +638,6 @@ def train(
     version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
-
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
     setup_logging(verbose, quiet)
