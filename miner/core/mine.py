@@ -491,7 +491,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     short = np.flatnonzero(got < k_mined)
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
     meta = {
-        "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "data_hash": ws.split_hash(split), "workspace": str(ws.root), "split": split,
+        "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
+        "data_hash": ws.split_hash(split),
         "round": int(round), "bank": bank, "query_source": "zero-shot" if query_emb is None else "provided",
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],

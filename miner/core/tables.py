@@ -2,7 +2,8 @@
 
 File metadata (Parquet footer, key ``cir_mine``, JSON) holds the schema version, the full mining
 config, the split and its data hash (:meth:`Workspace.split_hash`), the workspace manifest hash,
-the round, the negative bank the table assumes and the shortfall (queries that got fewer than k negatives). See docs/formats.md.
+the round, the negative bank the table assumes and the shortfall (queries that got fewer than k
+negatives). See docs/formats.md.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ NEGATIVES_SCHEMA = pa.schema([
     pa.field("ref_id", pa.string()),          # reference image id
     pa.field("target_id", pa.string()),       # target image id
     pa.field("neg_id", pa.string()),          # mined negative image id
-    pa.field("neg_category", pa.string()),    # the negative's gallery category ((neg_category, neg_id) is its gallery key)
+    pa.field("neg_category", pa.string()),    # the negative's gallery category (its gallery key: neg_category, neg_id)
     pa.field("strategy", pa.string()),        # strategy that picked it (random, midzone, ...)
     pa.field("rank", pa.int32()),             # 0-based rank of the negative by s(q, c) in the search; -1 if not from the ranking
     pa.field("score", pa.float32()),          # s(q, neg), cosine

@@ -3,8 +3,8 @@
 Each negative is labelled with its Δ, score, category and the attributes that differ from the
 target; the guards that removed candidates are listed with the caption (per query when the table
 records per-query counts, else the whole table's totals). Thumbnails come from the gallery ``path``
-column, relative to ``root`` (default: the dataset root ``cir-mine embed`` recorded); a workspace without image paths (feature-only, e.g.
-fiq-proxy) gets the same layout with attribute text cards.
+column, relative to ``root`` (default: the dataset root ``cir-mine embed`` recorded); a workspace
+without image paths (feature-only, e.g. fiq-proxy) gets the same layout with attribute text cards.
 
 ``sheet_rows`` gathers the data (no drawing); ``render_sheet`` returns a matplotlib Figure (Agg);
 ``contact_sheet`` does both and writes the PNG.
