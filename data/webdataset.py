@@ -5,8 +5,8 @@
 a key (the member name up to the first dot of its base name) form one sample: ``KEY.jpg|.jpeg|
 .png|.webp`` is the image, ``KEY.json`` may carry ``category`` (else ``""``); other members (``.txt``,
 ``.parquet`` beside the tar, ``_stats.json``) are ignored. The image id is the key (img2dataset's keys
-are unique across shards; a repeated key is an error). An image's ``path`` is ``TAR::MEMBER``, read by
-:func:`read_member`. Queries come from an optional triplets CSV/JSONL (``--triplets``, the folder
+are unique across shards; a repeated key is an error). An image's ``path`` is ``TAR::MEMBER`` with the
+tar's absolute path (a brace pattern names no single root directory), read by :func:`read_member`. Queries come from an optional triplets CSV/JSONL (``--triplets``, the folder
 adapter's format: ``ref``, ``target``, ``caption`` name keys); without one the split is gallery only.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def shard_paths(root: str | Path) -> list[Path]:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(paths)} shards named by {root} are missing).")
-    return paths
+    return [p.resolve() for p in paths]
 
 
 def sample_key(member: str) -> tuple[str, str]:

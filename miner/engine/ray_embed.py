@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cir_mine.data.adapters import load_dataset
+from cir_mine.data.adapters import count_image_files, load_dataset
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.io import DirLock, write_json_atomic
 from cir_mine.data.workspace import Workspace, check_split, read_metadata, write_table
@@ -102,7 +102,10 @@ def _read_part_errors(path: Path, n: int) -> Optional[list[str]]:
 def _source_dataset(ray, job, images: list, rows: np.ndarray):
     """A Ray dataset of {row, source} for ``rows``: file paths, or tar-member bytes read by Ray Data."""
     if job.dataset != "webdataset":
-        return ray.data.from_items([{"row": int(r), "source": images[r].path or ""} for r in rows.tolist()])
+        from cir_mine.data.records import image_file
+
+        files = [image_file(job.root, images[r].path) for r in rows.tolist()]
+        return ray.data.from_items([{"row": int(r), "source": str(f) if f else ""} for r, f in zip(rows.tolist(), files)])
     from cir_mine.data.webdataset import IMAGE_EXTENSIONS, shard_paths
 
     wanted = {images[r].image_id: int(r) for r in rows.tolist()}
@@ -145,6 +148,10 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
     images, queries = load_dataset(job.dataset, job.root, job.split, **kw)
     if not images:
         raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")
+    if not count_image_files(images, job.root):
+        raise DataError(f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
+                        f"image file (annotations only?). Put the images where the dataset layout expects them, "
+                        f"or import features with `cir-mine index --from-features`.")
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
     with DirLock(ws.root, "cir-mine embed --engine ray"):
@@ -192,7 +199,8 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
         ok_ids = {im.image_id for im, e in zip(images, errors) if not e}
         kept, dropped = _keep_queries(queries, ok_ids)
         text_emb = embed_texts(encoder, [q.text for q in kept], batch_size=max(run.batch_size, 64))
-        run_meta = {"encoder": encoder.describe(), "dataset": job.dataset, "root": str(job.root), "engine": "ray"}
+        root = str(Path(job.root).resolve())       # gallery paths are relative to it (webdataset: absolute)
+        run_meta = {"encoder": encoder.describe(), "dataset": job.dataset, "root": root, "engine": "ray"}
         ws.write_gallery(job.split, (pq.read_table(_part_path(scratch, i)).replace_schema_metadata(None)
                                      for i in range(n_parts)), metadata=run_meta)
         write_table(_triplets(kept, text_emb, ok_ids) if kept else _triplets([], np.zeros((0, encoder.dim), np.float32), ok_ids),
@@ -202,7 +210,7 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
             index_meta = index_workspace(ws.root, job.split, job.index, device=job.encoder.device, lock=False)
         old = ws.manifest().get("embed", {}) if ws.manifest_path.exists() else {}
         split_info = {
-            "dataset": job.dataset, "root": str(job.root), "images": n, "skipped_images": skipped,
+            "dataset": job.dataset, "root": root, "images": n, "skipped_images": skipped,
             "queries": len(queries), "dropped_triplets": dropped, "batch_size": run.batch_size,
             "attribute_prompts": str(job.attribute_prompts) if prompts else None,
             "index": index_meta and index_meta["factory"],
