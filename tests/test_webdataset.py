@@ -67,3 +67,21 @@ def test_single_process_embed_reads_images_from_tars(tmp_path):
     assert sorted(g.image_ids.tolist()) == sorted(row)
     np.testing.assert_allclose(g.embeddings, f.embeddings[[row[k] for k in g.image_ids.tolist()]], atol=1e-5)
     assert len(Workspace(tmp_path / "w").triplets("train")) == len(imgs) - 1
+
+
+def test_contact_sheet_reads_images_out_of_the_tars(tmp_path):
+    """inspect draws gallery images whose path is TAR::MEMBER."""
+    from cir_mine.data.workspace import Gallery
+    from cir_mine.miner.inspection.contact_sheet import _image_path
+    from PIL import Image
+
+    fiq = make_fashioniq(tmp_path / "fiq")
+    png = sorted((fiq / "images").glob("*.png"))[0]
+    _tar(tmp_path / "00000.tar", {png.name: png.read_bytes()})
+    paths = np.array([f"{tmp_path / '00000.tar'}::{png.name}", f"{tmp_path / '00000.tar'}::nope.png"], dtype=object)
+    g = Gallery(tmp_path, np.array(["a", "b"], dtype=object), np.array(["", ""], dtype=object), [[], []],
+                np.zeros((2, 4), np.float32), paths)
+    with Image.open(_image_path(g, 0, None)) as im, Image.open(png) as ref:
+        assert np.array_equal(np.asarray(im), np.asarray(ref))
+    with pytest.raises(DataError, match=r"00000\.tar: no readable member nope\.png \(gallery path of 'b'\)"):
+        _image_path(g, 1, None)

@@ -11,7 +11,9 @@ without image paths (feature-only, e.g. fiq-proxy) gets the same layout with att
 """
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.records import image_file
+from cir_mine.data.webdataset import MEMBER_SEP, is_member, read_member
 from cir_mine.data.workspace import Gallery, Workspace
 from cir_mine.miner.core.tables import NegativesTable, read_negatives
 
@@ -97,12 +100,20 @@ def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Opti
     return [have[i] for i in idx]
 
 
-def _image_path(g: Gallery, row: int, root: Optional[Path]) -> Optional[Path]:
-    """The image file of gallery ``row``: its ``path``, relative to ``root`` unless absolute
+def _image_path(g: Gallery, row: int, root: Optional[Path]):
+    """The image file of gallery ``row`` (a Path; for a webdataset ``TAR::MEMBER`` path, the member's
+    bytes as a file object): its ``path``, relative to ``root`` unless absolute
     (workspaces embedded before paths were stored relative to the dataset root hold paths relative
     to the directory embed ran in: those still resolve from that directory)."""
     if g.paths is None or not g.paths[row]:
         return None
+    if is_member(g.paths[row]):                        # an image inside a webdataset tar shard
+        tar, _, member = g.paths[row].partition(MEMBER_SEP)
+        try:
+            return io.BytesIO(read_member(f"{image_file(root, tar)}{MEMBER_SEP}{member}"))
+        except (KeyError, OSError, tarfile.TarError):
+            raise DataError(f"{image_file(root, tar)}: no readable member {member} (gallery path of "
+                            f"'{g.image_ids[row]}'). Pass the folder that holds the tar shards with --root.") from None
     p = Path(g.paths[row])
     full = image_file(root, g.paths[row])
     if not full.exists() and p.exists():
