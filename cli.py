@@ -50,13 +50,33 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CirMineError as e:
-            fail(str(e), e.exit_code)
+            fail(e.render(flag), e.exit_code)
         except MemoryError:
             fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
         except KeyboardInterrupt:
             fail("interrupted; rerun the same command to resume.", 130)
 
     return wrapper
+
+
+# Library errors name parameters as the Python API spells them; the CLI shows its flags. A name is
+# its flag (--delta-lo for delta_lo) unless listed here.
+FLAGS = {
+    "k": "-k",
+    "mining_round": "--round",
+    "exclude_target": "--no-guard target",
+    "exclude_reference": "--no-guard reference",
+    "exclude_extra_positives": "--no-guard extra-positive",
+    "trust_verified": "--no-guard trust-verified",
+    "rho=None": "--no-guard cap",
+    "dup_threshold=None": "--no-guard near-duplicate",
+    "max_candidates=None": "--no-deepen",
+}
+
+
+def flag(param: str) -> str:
+    """The command-line spelling of a library parameter name."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
 def setup_logging(verbose: bool) -> None:
@@ -376,7 +396,7 @@ def negatives(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for cir-train; mines the mix at --round)."),
     k: int = typer.Option(10, "-k", "--k", help="Negatives per query."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same table)."),
-    round_: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
+    mining_round: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
     query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
     text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
@@ -398,6 +418,7 @@ def negatives(
     dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Guard: drop near-duplicates of the target, s(c,t) >= this."),
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
+    random_draws: int = typer.Option(32, "--random-draws", help="random, category: uniform draws per query beyond 2k."),
     device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
@@ -415,18 +436,19 @@ def negatives(
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
     if checkpoint is not None:
         query = "checkpoint"
-    cfg = MineConfig(
+    cfg = MineConfig.of(
         strategy=strategy, mix=mix, schedule=schedule, k=k, seed=seed, query=query, text_weight=text_weight,
-        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch, range_min=range_min, range_max=range_max,
-        margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
+        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch,
+        sample=sample, random_draws=random_draws, device=device,
+        range_min=range_min, range_max=range_max, margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
         category_shares=_floats(category_shares, "--category-shares"), attr_agree=attr_agree,
-        soft_lo=soft_lo, soft_hi=soft_hi, sample=sample, discrepant_pool=discrepant_pool,
+        soft_lo=soft_lo, soft_hi=soft_hi, discrepant_pool=discrepant_pool,
         exclude_target="target" not in no_guard, exclude_reference="reference" not in no_guard,
         exclude_extra_positives="extra-positive" not in no_guard,
         dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
-        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard, device=device,
+        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard,
     )
-    cfg.validate(round_)
+    cfg.validate(mining_round)
     if cfg.query == "checkpoint" and checkpoint is None:
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
@@ -434,7 +456,7 @@ def negatives(
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
-        res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
+        res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, mining_round=mining_round, progress=advance)
     typer.echo(negatives_summary(out, res.meta))
 
 

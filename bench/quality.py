@@ -82,7 +82,7 @@ def mine_table(work: Path, out: Path, mix: str, mine: dict) -> Path:
     path = out / f"negs.{tag}.parquet"
     if not path.exists():
         t0 = time.perf_counter()
-        mine_to_file(Workspace(work), "train", MineConfig(mix=mix, **{**MINE, **mine}), path)
+        mine_to_file(Workspace(work), "train", MineConfig.of(mix=mix, **{**MINE, **mine}), path)
         print(f"mined {path} in {time.perf_counter() - t0:.1f}s", flush=True)
     return path
 
@@ -104,7 +104,7 @@ def _overrides(text: str, defaults) -> dict:
     """'a=1&b=x' -> {a: 1, b: 'x'} typed like the field of ``defaults`` (MineConfig when None)."""
     from cir_mine.miner.core.mine import MineConfig
 
-    defaults = defaults if defaults is not None else MineConfig()
+    defaults = defaults if defaults is not None else MineConfig.of()
     out = {}
     for kv in filter(None, text.split("&")):
         key, _, val = kv.partition("=")

@@ -33,7 +33,7 @@ def world(synth_work):
 def mine(world, **kw):
     kw.setdefault("k", 10)
     kw.setdefault("candidates", 300)
-    return mine_negatives(world["ws"], "train", MineConfig(**kw))
+    return mine_negatives(world["ws"], "train", MineConfig.of(**kw))
 
 
 # -- scores ----------------------------------------------------------------------------------------
@@ -72,16 +72,16 @@ def no_guard_violation(world, table, cfg: MineConfig):
         assert r["neg_id"] not in (r["target_id"], r["ref_id"])
         assert r["neg_id"] not in extra[r["query_id"]]
         s_ct = float(world["emb"][r["neg_id"]] @ world["emb"][r["target_id"]])
-        assert s_ct < cfg.dup_threshold
+        assert s_ct < cfg.guards.dup_threshold
         ts = r["target_score"]
-        assert r["score"] <= ts - (1 - cfg.rho) * abs(ts) + 1e-6
+        assert r["score"] <= ts - (1 - cfg.guards.rho) * abs(ts) + 1e-6
 
 
 @pytest.mark.parametrize("name", [n for n in REGISTRY if n not in ("in-batch", "verified")])
 def test_every_strategy_respects_guards_and_k(world, name):
     res = mine(world, strategy=name)
     tb = res.table
-    no_guard_violation(world, tb, MineConfig())
+    no_guard_violation(world, tb, MineConfig.of())
     groups = by_query(tb)
     assert all(len(v) <= 10 for v in groups.values())
     assert all(len({r["neg_id"] for r in v}) == len(v) for v in groups.values())
@@ -236,7 +236,7 @@ def test_schedule_mines_the_round_and_is_stored(world):
     res = mine(world, schedule="0:random,2:midzone", k=5)
     assert set(res.table["strategy"].to_pylist()) == {"random"}
     res = mine(world, schedule="0:random,2:midzone", k=5, rho=None)
-    res2 = mine_negatives(world["ws"], "train", MineConfig(schedule="0:random,2:midzone", k=5, rho=None), round=2)
+    res2 = mine_negatives(world["ws"], "train", MineConfig.of(schedule="0:random,2:midzone", k=5, rho=None), mining_round=2)
     assert set(res2.table["strategy"].to_pylist()) == {"midzone"} and set(res2.table["round"].to_pylist()) == {2}
     assert res2.meta["schedule"][1] == {"from_epoch": 2, "mix": [["midzone", 1.0]]}
 
@@ -259,16 +259,16 @@ def test_query_emb_equals_zero_shot(world):
     g, t = world["g"], world["t"]
     q = zero_shot_queries(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], t.text_embeddings)
     a = mine(world, strategy="midzone").table
-    b = mine_negatives(world["ws"], "train", MineConfig(strategy="midzone", k=10, candidates=300), query_emb=q)
+    b = mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", k=10, candidates=300), query_emb=q)
     assert b.table.equals(a) and b.meta["query_source"] == "provided"
     with pytest.raises(UsageError, match="query embeddings have shape"):
-        mine_negatives(world["ws"], "train", MineConfig(strategy="midzone"), query_emb=q[:5])
+        mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone"), query_emb=q[:5])
     with pytest.raises(UsageError, match="--query checkpoint needs query embeddings"):
-        mine_negatives(world["ws"], "train", MineConfig(strategy="midzone", query="checkpoint"))
+        mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", query="checkpoint"))
 
 
 def test_config_roundtrip_and_remine_from_footer(world, tmp_path):
-    cfg = MineConfig(mix="midzone:0.7,random:0.3", k=6, seed=11, rho=0.9, category_shares=(0.5, 0.3, 0.2))
+    cfg = MineConfig.of(mix="midzone:0.7,random:0.3", k=6, seed=11, rho=0.9, category_shares=(0.5, 0.3, 0.2))
     assert MineConfig.from_dict(cfg.to_dict()) == cfg
     out = tmp_path / "negs.parquet"
     res = mine_to_file(world["ws"], "train", cfg, out)
@@ -291,20 +291,28 @@ def test_shortfall_is_exact(world):
     assert res.meta["n_rows"] == res.table.num_rows
 
 
-def test_bad_config():
-    with pytest.raises(UsageError, match="give either --strategy or --mix"):
-        MineConfig(strategy="random", mix="random:1").validate()
-    with pytest.raises(UsageError, match="no strategy"):
+def test_bad_config_names_the_parameters():
+    with pytest.raises(UsageError, match="give either strategy or mix") as e:
+        MineConfig.of(strategy="random", mix="random:1").validate()
+    assert e.value.params == ("strategy", "mix")
+    with pytest.raises(UsageError, match="nothing to mine"):
         MineConfig().validate()
-    with pytest.raises(UsageError, match=r"--delta-lo \(0.5\) is above --delta-hi \(0.1\)"):
-        MineConfig(strategy="midzone", delta_lo=0.5, delta_hi=0.1).validate()
+    with pytest.raises(UsageError, match=r"^delta_lo \(0.5\) is above delta_hi \(0.1\); swap them.$") as e:
+        MineConfig.of(strategy="midzone", delta_lo=0.5, delta_hi=0.1).validate()
+    assert e.value.render(lambda p: "--" + p.replace("_", "-")) == "--delta-lo (0.5) is above --delta-hi (0.1); swap them."
+    with pytest.raises(UsageError, match=r"^rho must be in \(0, 1\] \(got 2.0\); switch the cap off with rho=None.$") as e:
+        MineConfig.of(strategy="midzone", rho=2.0).validate()
+    assert e.value.render({"rho": "--rho", "rho=None": "--no-guard cap"}.get) == (
+        "--rho must be in (0, 1] (got 2.0); switch the cap off with --no-guard cap.")
+    with pytest.raises(UsageError, match="unknown mining option"):
+        MineConfig.of(delta_low=0.1)
 
 
 def test_fiq_proxy_midzone_completes():
     from tests.conftest import shared_path
 
     ws = Workspace(shared_path("fiq-proxy"))
-    res = mine_negatives(ws, "train", MineConfig(strategy="midzone", k=5, rho=None, delta_lo=-0.05, delta_hi=0.2))
+    res = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=5, rho=None, delta_lo=-0.05, delta_hi=0.2))
     assert res.meta["n_queries"] == 8847 and res.table.num_rows > 10000
     d = res.table["delta"].to_numpy()
     assert d.min() >= -0.05 - 1e-6 and d.max() <= 0.2 + 1e-6
@@ -317,8 +325,8 @@ def test_short_queries_are_searched_deeper(synth_work):
 
     ws = Workspace(synth_work)
     base = dict(strategy="hardest", k=10, seed=1, candidates=16)
-    flat = mine_negatives(ws, "train", MineConfig(**base, max_candidates=None))
-    deep = mine_negatives(ws, "train", MineConfig(**base, max_candidates=1024))
+    flat = mine_negatives(ws, "train", MineConfig.of(**base, max_candidates=None))
+    deep = mine_negatives(ws, "train", MineConfig.of(**base, max_candidates=1024))
     assert flat.meta["shortfall"]["count"] > deep.meta["shortfall"]["count"]
     assert deep.meta["deepened_queries"] >= flat.meta["shortfall"]["count"]
     short = set(flat.meta["shortfall"]["query_ids"])

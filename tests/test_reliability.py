@@ -239,7 +239,7 @@ def test_mining_with_a_foreign_index_object(work16, tmp_path):
 
     ws = Workspace(work16 / "w")
     with pytest.raises(DataError) as e:
-        mine_negatives(ws, "train", MineConfig(strategy="midzone"), index=build_index(np.eye(4, 8, dtype=np.float32)))
+        mine_negatives(ws, "train", MineConfig.of(strategy="midzone"), index=build_index(np.eye(4, 8, dtype=np.float32)))
     assert str(e.value) == (f"the given index: the index has d=8 and 4 rows but {ws.gallery_path('train')} has "
                             f"d=16 and 300 rows. Pass an index built from this gallery.")
 

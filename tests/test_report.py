@@ -167,7 +167,7 @@ def test_on_a_mined_table(synth_work, tmp_path):
 
     ws = Workspace(synth_work)
     out = tmp_path / "mix.parquet"
-    res = mine_to_file(ws, "train", MineConfig(mix="midzone:0.6,random:0.4", k=5, seed=0), out)
+    res = mine_to_file(ws, "train", MineConfig.of(mix="midzone:0.6,random:0.4", k=5, seed=0), out)
     st = summarize([out], synth_work).tables[0]
     assert st.rows == res.table.num_rows and st.k == 5
     assert st.guards == {g: v["removed"] for g, v in res.meta["guards"].items()}

@@ -41,7 +41,7 @@ from cir_mine.miner.core.curriculum import Curriculum
 log = logging.getLogger(__name__)
 
 LOSSES = ("infonce", "triplet", "both")
-# remine(query_emb float32[m_split, d], round, epoch) -> (negatives pa.Table, footer meta dict)
+# remine(query_emb float32[m_split, d], mining_round, epoch) -> (negatives pa.Table, footer meta dict)
 Remine = Callable[[np.ndarray, int, int], tuple]
 
 
