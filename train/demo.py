@@ -53,7 +53,7 @@ class DemoConfig:
         from cir_mine.data.synthetic import DEFAULT_SALIENCE
 
         if self.world not in WORLDS:
-            raise UsageError(f"--world {self.world!r}: use one of {', '.join(WORLDS)}.")
+            raise UsageError(f"world {self.world!r}: use one of {', '.join(WORLDS)}.", params=("world",))
         w = WORLDS[self.world]
         synth = dict(w["synth"])
         synth["salience"] = {**DEFAULT_SALIENCE, **synth.get("salience", {})}
