@@ -42,41 +42,47 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def cli_errors(fn):
-    """Turn library exceptions into ``Error: ...`` and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CirMineError as e:
-            fail(e.render(flag), e.exit_code)
-        except MemoryError:
-            fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
-        except KeyboardInterrupt:
-            fail("interrupted; rerun the same command to resume.", 130)
-
-    return wrapper
-
-
 # Library errors name parameters as the Python API spells them; the CLI shows its flags. A name is
 # its flag (--delta-lo for delta_lo) unless listed here.
 FLAGS = {
     "k": "-k",
     "mining_round": "--round",
+    "max_candidates=None": "--no-deepen",
+}
+# `cir-mine negatives` switches guards off with --no-guard NAME
+NEGATIVES_FLAGS = {
+    **FLAGS,
     "exclude_target": "--no-guard target",
     "exclude_reference": "--no-guard reference",
     "exclude_extra_positives": "--no-guard extra-positive",
     "trust_verified": "--no-guard trust-verified",
     "rho=None": "--no-guard cap",
     "dup_threshold=None": "--no-guard near-duplicate",
-    "max_candidates=None": "--no-deepen",
 }
 
 
-def flag(param: str) -> str:
+def flag(param: str, flags: dict = FLAGS) -> str:
     """The command-line spelling of a library parameter name."""
-    return FLAGS.get(param, "--" + param.replace("_", "-"))
+    return flags.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_errors(fn=None, *, flags: dict = FLAGS):
+    """Turn library exceptions into ``Error: ...`` (parameters spelled as ``flags``) and an exit code."""
+    if fn is None:
+        return functools.partial(cli_errors, flags=flags)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CirMineError as e:
+            fail(e.render(functools.partial(flag, flags=flags)), e.exit_code)
+        except MemoryError:
+            fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
+        except KeyboardInterrupt:
+            fail("interrupted; rerun the same command to resume.", 130)
+
+    return wrapper
 
 
 def setup_logging(verbose: bool) -> None:
@@ -386,7 +392,7 @@ def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
 
 
 @mine_app.command()
-@cli_errors
+@cli_errors(flags=NEGATIVES_FLAGS)
 def negatives(
     work: Path = WORK,
     split: str = SPLIT,

@@ -20,11 +20,11 @@ class CirMineError(Exception):
         self.params = tuple(params)  # parameter names the message mentions (e.g. "delta_lo", "rho=None")
 
     def render(self, spell: Callable[[str], str]) -> str:
-        """The message with every name in ``params`` replaced by ``spell(name)`` (whole words only,
-        longest names first, so ``rho=None`` is spelled before ``rho``)."""
+        """The message with every name in ``params`` replaced by ``spell(name)``: whole words only, never
+        inside a path (``/runs/k/``), longest names first (``rho=None`` is spelled before ``rho``)."""
         text = str(self)
         for name in sorted(self.params, key=len, reverse=True):
-            text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=-])", lambda _: spell(name), text)
+            text = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w=/-])", lambda _: spell(name), text)
         return text
 
 
