@@ -20,7 +20,7 @@ memory holds one chunk of embeddings plus small integer arrays, whatever the gal
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 

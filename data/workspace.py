@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.data.io import atomic_path, read_parquet, read_parquet_schema, write_json_atomic
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -147,17 +147,6 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
         )
 
 
-def _read_parquet(path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
-    try:
-        schema = pq.read_schema(path)
-        cols = [c for c in columns if c in schema.names] if columns is not None else None
-        return pq.read_table(path, columns=cols)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # In-memory tables
 
@@ -258,7 +247,7 @@ def _obj(col: pa.ChunkedArray) -> np.ndarray:
 
 def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     path = Path(path)
-    table = _read_parquet(path)
+    table = read_parquet(path)
     _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
@@ -287,7 +276,7 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     path = Path(path)
-    table = _read_parquet(path)
+    table = read_parquet(path)
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
     if len(set(qids.tolist())) != len(qids):
@@ -371,7 +360,7 @@ def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = No
 
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata stored by :func:`write_table` (keys without the ARROW schema)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet_schema(path).metadata or {}
     out = {}
     for k, v in meta.items():
         key = k.decode()

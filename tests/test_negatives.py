@@ -1,7 +1,6 @@
 """The mining core: each strategy's defining property on the synthetic world, determinism,
 batch-size independence, shortfall accounting, mixes and schedules."""
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from cir_mine.data.errors import UsageError

@@ -6,8 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.workspace import (Workspace, gallery_table, l2_normalize, read_gallery, read_triplets,
-                                     triplets_table, write_table)
+from cir_mine.data.workspace import (Workspace, gallery_table, l2_normalize, read_gallery, triplets_table, write_table)
 from tests.conftest import shared_path
 
 

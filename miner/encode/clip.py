@@ -151,8 +151,8 @@ def resolve_pretrained(model_name: str, pretrained: str) -> Optional[str]:
     hit = cached_weights(tag_cfg)
     if hit:
         return hit
-    fix = (f"No weights can be downloaded on this machine: pass --pretrained PATH (a local open_clip "
-           f"checkpoint) or --pretrained none (random weights).")
+    fix = ("No weights can be downloaded on this machine: pass --pretrained PATH (a local open_clip "
+           "checkpoint) or --pretrained none (random weights).")
     if not _hub_reachable():
         raise WeightsUnavailableError(
             f"--pretrained {pretrained}: weights for {model_name} are not cached and the download "

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import DirLock
+from cir_mine.data.io import DirLock, read_parquet
 from cir_mine.data.workspace import (Workspace, check_split, gallery_table, l2_normalize, write_table)
 
 from cir_mine.miner.encode.index import index_workspace
@@ -27,7 +26,6 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
     ``.npy`` float[n, d] with ``ids_path`` (one ``image_id`` per line, optionally ``\\tcategory``),
     or ``.parquet`` with ``image_id``, ``embedding`` (list<float>) and optional ``category``.
     """
-    import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.exists():
@@ -41,10 +39,7 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
         ids = [p[0].strip() for p in parts]
         cats = [p[1].strip() if len(p) > 1 else "" for p in parts]
     elif path.suffix == ".parquet":
-        try:
-            t = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
+        t = read_parquet(path)
         for col in ("image_id", "embedding"):
             if col not in t.schema.names:
                 raise SchemaError(f"{path}: missing column '{col}'; a features table needs image_id and embedding.")
