@@ -185,12 +185,12 @@ def test_on_a_mined_table(synth_work, tmp_path):
 
 
 def test_diff_labels():
-    from cir_mine.miner.inspection.contact_sheet import Tile, _diff_lines, _pack
+    from cir_mine.miner.inspection.contact_sheet import Tile, diff_lines, pack_tokens
 
     same = Tile("negative", "n", "dress", ["color:red"], None, [], [], [])
-    assert _diff_lines(same) == [("= the target's attributes", "#d97706")]
+    assert diff_lines(same) == [("= the target's attributes", "#d97706")]
     t = Tile("negative", "n", "dress", ["color:red", "sleeve:long"], None, [], ["color:red"], ["color:blue"])
-    assert [line for line, _ in _diff_lines(t)] == ["+color:red", "−color:blue"]
-    assert _pack(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
-    assert _pack(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
-    assert _pack([], 10, 2) == []
+    assert [line for line, _ in diff_lines(t)] == ["+color:red", "−color:blue"]
+    assert pack_tokens(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
+    assert pack_tokens(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
+    assert pack_tokens([], 10, 2) == []

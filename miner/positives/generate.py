@@ -30,7 +30,7 @@ TextEncoder = Callable[[Sequence[str], Sequence[PairDiff]], np.ndarray]
 
 
 def synthetic_text_encoder(ws: Workspace, seed: int) -> TextEncoder:
-    from cir_mine.data.synthetic import GROUPS, World, _rng, config_from_manifest, text_embeddings
+    from cir_mine.data.synthetic import GROUPS, World, keyed_rng, config_from_manifest, text_embeddings
 
     cfg = config_from_manifest(ws.manifest())
     world = World.make(cfg.seed, cfg.dim)
@@ -38,7 +38,7 @@ def synthetic_text_encoder(ws: Workspace, seed: int) -> TextEncoder:
     def encode(texts, pairs):
         changes = [[(c.group, c.removed[0], c.added[0]) for c in p.changes
                     if c.group in GROUPS and len(c.removed) == len(c.added) == 1] for p in pairs]
-        return text_embeddings(world, cfg, changes, _rng(seed, "generated-text"))
+        return text_embeddings(world, cfg, changes, keyed_rng(seed, "generated-text"))
 
     return encode
 
