@@ -205,7 +205,7 @@ def check(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine positives (issue 8: scaled positives)
+# cir-mine positives (scaled positives)
 
 
 @mine_app.command()
@@ -245,7 +245,7 @@ def positives(
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 4 (attributes): cir-mine attributes
+# cir-mine attributes
 
 
 @mine_app.command()
@@ -262,7 +262,7 @@ def attributes(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine embed, cir-mine index (issue 3)
+# cir-mine embed, cir-mine index
 
 
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
@@ -345,7 +345,6 @@ def demo(
     quiet: bool = QUIET,
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
-    # issue 5: the final demo lives in train/demo.py
     from cir_mine.train.demo import DemoConfig, run_demo
 
     step = {"n": 0}
@@ -366,7 +365,7 @@ def demo(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine negatives (issue 4: mining core)
+# cir-mine negatives
 
 GUARD_SWITCHES = ("target", "reference", "extra-positive", "near-duplicate", "cap", "trust-verified")
 
@@ -381,13 +380,8 @@ def _floats(spec: str, what: str) -> tuple:
 
 
 def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
-    from cir_mine.data.errors import UsageError
+    from cir_mine.train.checkpoint import encode_queries
 
-    try:
-        from cir_mine.train.checkpoint import encode_queries
-    except ImportError:
-        raise UsageError(f"--checkpoint {checkpoint}: needs cir-train (cir_mine.train.checkpoint.encode_queries), "
-                         f"which is not installed in this version. Use --query zero-shot.") from None
     return encode_queries(checkpoint, work, split)
 
 
@@ -483,7 +477,7 @@ def negatives_summary(out: Path, meta: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine stats / sql / inspect / report  (issue 4 "DuckDB" section, issue 7: see the negatives)
+# cir-mine stats / sql / inspect / report: see the negatives
 
 NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
 
@@ -567,9 +561,6 @@ def report(
 # cir-train
 
 
-# -- issue 5 (cir-train): training, refresh, evaluation ------------------------------------------
-
-
 @train_app.command()
 @cli_errors
 def train(
@@ -607,7 +598,7 @@ def train(
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),
-    # issue 8 point 3: generated triplets (cir-mine positives) as extra training queries
+    # generated triplets (cir-mine positives) as extra training queries
     extra_triplets: Optional[list[Path]] = typer.Option(None, "--extra-triplets", help="Generated triplets (cir-mine positives) mixed into the training queries (repeatable; never into the dev split)."),
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),

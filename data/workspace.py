@@ -40,7 +40,7 @@ _EMB = (
 )
 
 GALLERY_COLUMNS = {"image_id": _STR, "category": _STR, "attributes": _STR_LIST, "embedding": _EMB}
-# attribute_scores (issue 3): parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
+# attribute_scores: parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
 _FLOAT_LIST = (
     lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type),
     "list<float32>",

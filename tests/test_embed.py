@@ -67,6 +67,7 @@ def direct(encoder, path) -> np.ndarray:
     return forward_images(encoder, x)[0]
 
 
+@pytest.mark.slow
 def test_fashioniq_workspace_loads_and_index_searches(tmp_path, tiny, encoder):
     root, work = make_fashioniq(tmp_path / "fiq"), tmp_path / "w"
     r = embed(["--dataset", "fashioniq", "--root", str(root), "--split", "train", "--work", str(work),
@@ -186,6 +187,7 @@ def _cli(args, env=None):
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny):
     root = make_fashioniq(tmp_path / "fiq")
     (root / "images" / "B100000003.png").write_bytes(b"")
@@ -341,7 +343,7 @@ def test_index_refuses_a_locked_workspace(tmp_path, small_work):
 
 
 def test_positives_embed_captions_with_the_workspace_text_tower(tmp_path, tiny):
-    """Generated triplets on an embedded workspace use its own open_clip text tower (issue 8)."""
+    """Generated triplets on an embedded workspace use its own open_clip text tower."""
     from cir_mine.data.workspace import read_triplets
     from cir_mine.miner.encode.clip import text_encoder_from_manifest
 

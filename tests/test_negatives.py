@@ -11,7 +11,8 @@ from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import cap_mask, cap_threshold, delta, zero_shot_queries
 from cir_mine.miner.core.strategies import REGISTRY, parse_mix, split_k
 from cir_mine.miner.core.tables import read_negatives
-from tests.negatives_helpers import by_query
+from tests.builders import by_query
+from tests.fixtures import tiny_workspace
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def no_guard_violation(world, table, cfg: MineConfig):
 def test_every_strategy_respects_guards_and_k(world, name):
     res = mine(world, strategy=name)
     tb = res.table
-    no_guard_violation(world, tb, MineConfig.of())
+    no_guard_violation(world, tb, MineConfig())
     groups = by_query(tb)
     assert all(len(v) <= 10 for v in groups.values())
     assert all(len({r["neg_id"] for r in v}) == len(v) for v in groups.values())
@@ -240,6 +241,7 @@ def test_schedule_mines_the_round_and_is_stored(world):
     assert res2.meta["schedule"][1] == {"from_epoch": 2, "mix": [["midzone", 1.0]]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["midzone", "random", "category", "semihard", "midzone:0.5,category:0.3,random:0.2"])
 def test_batched_equals_unbatched_and_seeded(world, spec):
     kw = dict(mix=spec, rho=None, delta_lo=0.0, delta_hi=0.3, seed=3)
@@ -307,10 +309,9 @@ def test_bad_config_names_the_parameters():
         MineConfig.of(delta_low=0.1)
 
 
-def test_fiq_proxy_midzone_completes():
-    from tests.conftest import shared_path
-
-    ws = Workspace(shared_path("fiq-proxy"))
+@pytest.mark.slow
+def test_fiq_proxy_midzone_completes(fiq_proxy):
+    ws = Workspace(fiq_proxy)
     res = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=5, rho=None, delta_lo=-0.05, delta_hi=0.2))
     assert res.meta["n_queries"] == 8847 and res.table.num_rows > 10000
     d = res.table["delta"].to_numpy()
@@ -333,4 +334,28 @@ def test_short_queries_are_searched_deeper(synth_work):
     assert key(flat.table) == key(deep.table)
     # a deepened query's negatives still obey the cap and sit in rank order
     rows = [r for r in deep.table.to_pylist() if r["query_id"] in short]
-    assert rows and all(r["score"] <= 0.95 * r["target_score"] + 1e-6 or r["target_score"] < 0 for r in rows)
+    assert rows and all(r["score"] <= cap_threshold(np.float32(r["target_score"]), 0.95) + 1e-6 for r in rows)
+
+
+def test_cap_with_a_negative_target_score_keeps_only_candidates_below_it(tmp_path):
+    """s(q, t) = -0.5 < 0: the naive cap rho * s(q,t) = -0.475 would keep candidates scoring between
+    the target and -0.475 (above the target, likely false negatives); the sign-safe cap keeps only
+    s(q, c) <= s(q,t) - (1 - rho)|s(q,t)| = -0.525. The query is short at the first depth (the top
+    of its ranking is all above the target), so the deepened search is the one that must obey it."""
+    d = 64
+    e = np.eye(d, dtype=np.float32)
+    at = lambda s, j: s * e[0] + np.sqrt(1 - s * s) * e[j]            # unit vector with s(q, .) = s
+    above = [0.9 - 0.04 * i for i in range(20)]                       # far above the target
+    between = [-0.48, -0.485, -0.49]                                  # above it, under the naive cap
+    below = [-0.6, -0.7, -0.8]                                        # what a sign-safe cap keeps
+    scores = above + between + below
+    emb = np.stack([at(-0.5, 1), e[2]] + [at(s, 3 + j) for j, s in enumerate(scores)])
+    ids = ["target", "ref"] + [f"c{j:02d}" for j in range(len(scores))]
+    ws = tiny_workspace(tmp_path / "w", emb, ids, ["dress"] * len(ids), [[] for _ in ids],
+                        [{"ref": "ref", "target": "target", "text": e[0]}])
+    res = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=3, candidates=8, max_candidates=64,
+                                                    rho=0.95), query_emb=e[:1])
+    t = res.table.to_pylist()
+    assert abs(t[0]["target_score"] + 0.5) < 1e-6 and res.meta["deepened_queries"] == 1
+    assert sorted(round(r["score"], 4) for r in t) == sorted(below)
+    assert res.meta["guards"]["cap"]["removed"] == len(above) + len(between)

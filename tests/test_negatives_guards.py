@@ -11,7 +11,8 @@ from cir_mine.miner.core.guards import (GuardConfig, apply_guards, cap_guard, du
                                         extra_positive_guard, near_duplicate_guard, pair_keys,
                                         reference_guard, target_guard)
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
-from tests.negatives_helpers import by_query, tiny_workspace
+from tests.builders import by_query
+from tests.fixtures import tiny_workspace
 
 
 def test_each_guard_mask_and_count():

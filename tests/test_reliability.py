@@ -145,7 +145,7 @@ def test_sigkill_during_synth_then_rerun(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad input for embed, negatives, stats/report and cir-train (issue 6, second pass)
+# Bad input for embed, negatives, stats/report and cir-train
 
 from cir_mine.cli import train_app  # noqa: E402
 from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402

@@ -15,7 +15,7 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.search import brute_force_search, build_index, search_batched
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.scores import zero_shot_queries
-from tests.negatives_helpers import by_query
+from tests.builders import by_query
 
 STRATEGIES = ["hardest", "semihard", "midzone", "random", "category", "category-discrepant",
               "attribute-mismatch", "soft", "semantic"]

@@ -13,7 +13,7 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.inspection.contact_sheet import TILE_IN, attribute_diff, guard_counts, sheet_rows
 from cir_mine.miner.core.tables import read_negatives
 from tests.fixtures import COLORS
-from tests.negs_helpers import make_image_work, make_negatives
+from tests.fixtures import make_image_work, make_negatives
 
 runner = CliRunner()
 PNG_B64 = "data:image/png;base64,"
@@ -32,7 +32,7 @@ def image_world(tmp_path_factory):
 def synth_negs(synth_work, tmp_path_factory):
     d = tmp_path_factory.mktemp("rnegs")
     return (make_negatives(synth_work, d / "r0.parquet", k=5, strategy="random", seed=1, drop=2),
-            make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", round=1))
+            make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", mining_round=1))
 
 
 def _png(path_or_bytes):
