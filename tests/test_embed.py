@@ -35,12 +35,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def small_work(tmp_path_factory) -> Path:
-    from cir_mine.data.synthetic import SynthConfig, generate
-
-    out = tmp_path_factory.mktemp("small")
-    generate(SynthConfig(n_gallery=400, n_triplets=50, dim=32, seed=3), out)
-    return out
+def small_work(synth_world) -> Path:
+    return synth_world(n_gallery=400, n_triplets=50, dim=32, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def test_deterministic_and_chunk_independent(tmp_path, monkeypatch):
     generate(cfg, tmp_path / "b")
     for name in ("gallery.train.parquet", "triplets.train.parquet"):
         assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))
-    other = generate(SynthConfig(n_gallery=500, n_triplets=100, dim=16, seed=4), tmp_path / "c")
+    generate(SynthConfig(n_gallery=500, n_triplets=100, dim=16, seed=4), tmp_path / "c")
     assert not pq.read_table(tmp_path / "a" / "gallery.train.parquet").equals(
         pq.read_table(tmp_path / "c" / "gallery.train.parquet"))
 
