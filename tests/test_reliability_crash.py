@@ -97,6 +97,7 @@ def _run_state(run: Path):
     return m, hist, state["model"], state["optimizer"]["state"]
 
 
+@pytest.mark.slow
 def test_sigkill_while_checkpointing_then_resume(small_work, tmp_path):
     """cir-train killed while writing epoch 2's checkpoint: epoch 1's is intact; --resume == uninterrupted."""
     negs = tmp_path / "negs.parquet"

@@ -201,7 +201,13 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class Trainer:
-    """Holds the data, the model and the optimizer of one run; ``run()`` does the epochs."""
+    """Holds the data, the model and the optimizer of one run; ``run()`` does the epochs.
+
+    Named steps: :meth:`epoch_plan` (seeds, batches, sampled negatives), :meth:`assemble` (a
+    :class:`Batch` of tensors), :meth:`forward`, ``loss`` (an :class:`Objective` chosen once from the
+    config; :meth:`static_bank_loss` in the static-bank stage), :meth:`step`, :meth:`evaluate`,
+    :meth:`refresh` (re-mine) and :meth:`save` / :meth:`restore` (checkpoint).
+    """
 
     def __init__(self, cfg: TrainConfig, remine: Optional[Remine] = None,
                  progress: Optional[Callable[[dict], None]] = None):
@@ -415,6 +421,18 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
         self.state = RunState(state["epoch"], state["round"], state.get("negatives"), state["history"])
 
+    def run_epoch(self, e: int) -> dict:
+        """Train epoch ``e`` (0-based), re-mine when a refresh is due, evaluate -> the epoch's record."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        loss = self.train_epoch(e)
+        rec = {"epoch": e + 1, "stage": "static_bank" if e >= cfg.epochs else "train", "loss": loss}
+        if cfg.refresh_every and e + 1 < cfg.epochs and (e + 1) % cfg.refresh_every == 0:
+            rec["refresh"] = self.refresh(e + 1)
+        rec["train_s"] = time.perf_counter() - t0
+        rec.update(_flat(self.evaluate()))
+        return rec
+
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
         if resume and (self.run_dir / ck.NAME).exists():
@@ -425,16 +443,9 @@ class Trainer:
         total_epochs = 0 if self.model_config.kind == "sum" else cfg.epochs + cfg.static_bank
         crash = ck.crash_after_epoch()
         while self.state.epoch < total_epochs:
-            e = self.state.epoch
-            t0 = time.perf_counter()
-            loss = self.train_epoch(e)
-            rec = {"epoch": e + 1, "stage": "static_bank" if e >= cfg.epochs else "train", "loss": loss}
-            if (cfg.refresh_every and e + 1 < cfg.epochs and (e + 1) % cfg.refresh_every == 0):
-                rec["refresh"] = self.refresh(e + 1)
-            rec["train_s"] = time.perf_counter() - t0
-            rec.update(_flat(self.evaluate()))
+            rec = self.run_epoch(self.state.epoch)
             self.state.history.append(rec)
-            self.state.epoch = e + 1
+            self.state.epoch = rec["epoch"]
             _append_jsonl(self.run_dir / "metrics.jsonl", rec)
             self.save()
             if self.progress:
