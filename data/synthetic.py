@@ -64,14 +64,14 @@ class SynthConfig:
 
     def validate(self) -> "SynthConfig":
         if self.n_gallery < 2 or self.n_triplets < 1:
-            raise UsageError("--n-gallery must be >= 2 and --n-triplets >= 1.")
+            raise UsageError("n_gallery must be >= 2 and n_triplets >= 1.", params=("n_gallery", "n_triplets"))
         if self.n_triplets > self.n_gallery // 2:
             raise UsageError(
-                f"--n-triplets ({self.n_triplets}) must be at most half of --n-gallery "
-                f"({self.n_gallery}): each target is its own gallery item."
+                f"n_triplets ({self.n_triplets}) must be at most half of n_gallery "
+                f"({self.n_gallery}): each target is its own gallery item.", params=("n_triplets", "n_gallery")
             )
         if self.dim < 8:
-            raise UsageError("--dim must be at least 8.")
+            raise UsageError("dim must be at least 8.", params=("dim",))
         if not 1 <= self.max_changes <= len(GROUPS):
             raise UsageError(f"max_changes must be in 1..{len(GROUPS)}.")
         unknown = set(self.salience) - set(GROUPS)
@@ -320,9 +320,10 @@ def parse_salience(spec: Optional[str]) -> dict:
     for part in spec.split(","):
         name, sep, val = part.partition("=")
         if not sep or name.strip() not in GROUPS:
-            raise UsageError(f"bad --salience entry {part!r}: use GROUP=WEIGHT with GROUP in {', '.join(GROUPS)}.")
+            raise UsageError(f"bad salience entry {part!r}: use GROUP=WEIGHT with GROUP in {', '.join(GROUPS)}.",
+                             params=("salience",))
         try:
             out[name.strip()] = float(val)
         except ValueError:
-            raise UsageError(f"bad --salience weight {val!r} for {name}: not a number.") from None
+            raise UsageError(f"bad salience weight {val!r} for {name}: not a number.", params=("salience",)) from None
     return out

@@ -94,6 +94,24 @@ def test_library_errors_are_shown_with_flags(synth_work, tmp_path, app, args, me
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("app,args,message", [
+    (mine_app, ["synth", "--dim", "4"], "Error: --dim must be at least 8."),
+    (mine_app, ["synth", "--salience", "colour=1"],
+     "Error: bad --salience entry 'colour=1': use GROUP=WEIGHT with GROUP in color, sleeve, pattern, length, neckline."),
+    (mine_app, ["negatives", "--schedule", "x:random"],
+     "Error: bad --schedule entry 'x:random': use EPOCH:MIX, e.g. 0:random,2:midzone,4:hardest."),
+    (mine_app, ["positives", "--neighbors", "1"], "Error: --per-image and --max-diff must be >= 1, --neighbors >= 2."),
+    (train_app, ["--model", "mlp"], "Error: --model 'mlp': use one of combiner, attention, sum."),
+])
+def test_other_library_errors_are_shown_with_flags(synth_work, tmp_path, app, args, message):
+    from typer.testing import CliRunner
+
+    out = ["--out", str(tmp_path / "out" / "x.parquet")] if app is mine_app else ["--out", str(tmp_path / "run")]
+    work = [] if args[0] == "synth" else ["--work", str(synth_work)]
+    r = CliRunner().invoke(app, args + work + out + (["-q"] if app is train_app else []))
+    assert r.exit_code == 2 and r.output.strip() == message, r.output
+
+
 def test_render_spells_whole_names_only():
     e = UsageError("k (3) is above gallery k_max; see /data/k/gallery and k.", params=("k",))
     assert e.render(flag) == "-k (3) is above gallery k_max; see /data/k/gallery and -k."

@@ -228,7 +228,7 @@ def test_schedule():
     assert mix_at(s, 5) == [("midzone", 0.7), ("random", 0.3)]
     with pytest.raises(UsageError, match="must start at epoch 0"):
         parse_schedule("1:random")
-    with pytest.raises(UsageError, match="bad --schedule entry 'x:random'"):
+    with pytest.raises(UsageError, match="bad schedule entry 'x:random'"):
         parse_schedule("x:random")
 
 

@@ -70,7 +70,7 @@ def test_zero_shot_is_informative_but_not_solved(synth_work):
 
 
 def test_bad_config():
-    with pytest.raises(UsageError, match=r"--n-triplets \(600\) must be at most half of --n-gallery \(1000\)"):
+    with pytest.raises(UsageError, match=r"^n_triplets \(600\) must be at most half of n_gallery \(1000\)"):
         SynthConfig(n_gallery=1000, n_triplets=600).validate()
 
 
