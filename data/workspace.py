@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.data.io import atomic_path, read_parquet, read_parquet_schema, write_json_atomic
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -44,7 +44,7 @@ _EMB = (
 )
 
 GALLERY_COLUMNS = {"image_id": _STR, "category": _STR, "attributes": _STR_LIST, "embedding": _EMB}
-# attribute_scores (issue 3): parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
+# attribute_scores: parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
 _FLOAT_LIST = (
     lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type),
     "list<float32>",
@@ -149,17 +149,6 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
             f"(first: {ids[bad[0]]!s} with norm {norms[bad[0]]:.4f}). Normalize the embeddings "
             f"(x / ||x||) before writing the workspace."
         )
-
-
-def _read_parquet(path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
-    try:
-        schema = pq.read_schema(path)
-        cols = [c for c in columns if c in schema.names] if columns is not None else None
-        return pq.read_table(path, columns=cols)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +264,12 @@ def gallery_part_files(folder: Path) -> list[Path]:
 def _read_gallery_table(path: Path) -> pa.Table:
     """One gallery file, or the row-aligned parts of a gallery folder concatenated in name order."""
     if not path.is_dir():
-        table = _read_parquet(path)
+        table = read_parquet(path)
         _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
         return table
     tables = []
     for part in gallery_part_files(path):
-        t = _read_parquet(part)
+        t = read_parquet(part)
         _check_columns(t.schema, part, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
         if tables and t.schema.remove_metadata() != tables[0].schema:
             cols = lambda sch: ", ".join(f"{f.name}: {f.type}" for f in sch)  # noqa: E731
@@ -321,7 +310,7 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     path = Path(path)
-    table = _read_parquet(path)
+    table = read_parquet(path)
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
     if len(set(qids.tolist())) != len(qids):
@@ -431,7 +420,7 @@ def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = No
 
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata stored by :func:`write_table` (keys without the ARROW schema)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet_schema(path).metadata or {}
     out = {}
     for k, v in meta.items():
         key = k.decode()

@@ -126,7 +126,7 @@ def test_refresh_searches_through_the_tables_engine(synth_work, tmp_path, monkey
         table, meta = remine(q, r, r)
         assert meta["engine"]["shard"] == read_negatives(negs).meta["engine"]["shard"]
         cfg = MineConfig.from_dict({**read_negatives(negs).config, "query": "checkpoint"})
-        fresh = mine_with_engine(ws, "train", cfg, "local", sc, query_emb=q, round=r).table
+        fresh = mine_with_engine(ws, "train", cfg, "local", sc, query_emb=q, mining_round=r).table
         assert table.equals(fresh)
     assert len(opened) == 1 + 2                     # the refresh's one index + the two fresh mines
 

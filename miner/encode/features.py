@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import DirLock
+from cir_mine.data.io import DirLock, read_parquet
 from cir_mine.data.workspace import Workspace, check_split, gallery_table, l2_normalize
 
 from cir_mine.miner.encode.index import index_workspace
@@ -31,7 +31,6 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
     ``.npy`` float[n, d] with ``ids_path`` (one ``image_id`` per line, optionally ``\\tcategory``),
     or ``.parquet`` with ``image_id``, ``embedding`` (list<float>) and optional ``category``.
     """
-    import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.exists():
@@ -45,10 +44,7 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
         ids = [p[0].strip() for p in parts]
         cats = [p[1].strip() if len(p) > 1 else "" for p in parts]
     elif path.suffix == ".parquet":
-        try:
-            t = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
+        t = read_parquet(path)
         for col in ("image_id", "embedding"):
             if col not in t.schema.names:
                 raise SchemaError(f"{path}: missing column '{col}'; a features table needs image_id and embedding.")
@@ -141,8 +137,6 @@ def carry_over(ws: Workspace, split: str, ids: list, cats: list) -> tuple[list, 
     """Categories, attributes, paths and attribute scores of the split's current gallery (a file or a
     parts folder), for the imported ids it holds (matched by (category, id), or by id alone where the
     features give no category). Returns (categories, attributes, paths or None, attribute_scores or None)."""
-    import pyarrow.parquet as pq
-
     from cir_mine.data.workspace import read_gallery
 
     p = ws.gallery_path(split)
@@ -157,9 +151,9 @@ def carry_over(ws: Workspace, split: str, ids: list, cats: list) -> tuple[list, 
     attrs = [list(old.attributes[r]) if r is not None else [] for r in rows]
     paths = [old.paths[r] or "" if r is not None else "" for r in rows] if old.paths is not None else None
     scores = None
-    files = ws.gallery_files(split)
-    if "attribute_scores" in pq.read_schema(files[0]).names:
-        col = [v for f in files for v in pq.read_table(f, columns=["attribute_scores"]).column(0).to_pylist()]
+    given = [read_parquet(f, columns=["attribute_scores"]) for f in ws.gallery_files(split)]
+    if given[0].num_columns:
+        col = [v for t in given for v in t.column(0).to_pylist()]
         scores = [list(col[r] or []) if r is not None else [] for r in rows]
     return cats, attrs, paths, scores
 

@@ -51,7 +51,7 @@ def mine_with_engine(ws: Workspace, split: str, cfg: MineConfig, engine: str = "
         from cir_mine.miner.engine.ray_engine import require_ray
 
         require_ray()                                   # fail before reading anything
-    cfg.validate(kw.get("round", 0))
+    cfg.validate(kw.get("mining_round", 0))
     ws.require()
     g, t = loaded if loaded is not None else ws.load(split)
     with open_index(engine, g.embeddings, shard_cfg.validate(len(g)), ray_cfg, **(hooks or {})) as index:
