@@ -46,6 +46,21 @@ class NegativesTable:
     def config(self) -> dict:
         return self.meta.get("config", {})
 
+    def grouped(self, ws: Optional[Workspace] = None, split: Optional[str] = None):
+        """The table per query (:class:`~cir_mine.miner.core.grouped.GroupedNegatives`, numpy).
+
+        k is the table's ``k_mined``. With ``ws`` (checked like :func:`read_negatives` does):
+        one row per query of the table's split (or ``split``) in the triplets' row order, and the
+        gallery rows of the negatives, references and targets."""
+        from cir_mine.miner.core.grouped import group_negatives_table
+
+        k = self.meta.get("k_mined", self.meta.get("k"))
+        if ws is None:
+            return group_negatives_table(self.table, k)
+        _check_workspace(self.path, self.meta, ws)
+        g, t = ws.load(split or self.meta.get("split") or "train")
+        return group_negatives_table(self.table, k, gallery=g, triplets=t)
+
 
 def write_negatives(table: pa.Table, path: str | Path, meta: dict) -> None:
     """Validate ``table`` against the schema and write it atomically with ``meta`` in the footer."""
