@@ -129,7 +129,7 @@ def _strings(x, name: str, n: int) -> list:
         raise UsageError(f"{WHERE}: {name} has {len(out)} entries; expected {n} (one per row).")
     for i, v in enumerate(out):
         if not isinstance(v, str):
-            raise UsageError(f"{WHERE}: {name}[{i}] is {v!r} ({type(v).__name__}); ids are strings.")
+            raise UsageError(f"{WHERE}: {name}[{i}] is {v!r} ({type(v).__name__}); expected a string.")
     return out
 
 
@@ -142,6 +142,7 @@ def _lists(x, name: str, n: int) -> list:
 
 def workspace_from_arrays(gallery_emb, image_ids: Sequence[str], *, categories: Optional[Sequence[str]] = None,
                           attributes: Optional[Sequence[Sequence[str]]] = None,
+                          paths: Optional[Sequence[str]] = None,
                           ref_ids: Optional[Sequence[str]] = None, target_ids: Optional[Sequence[str]] = None,
                           text_emb=None, captions: Optional[Sequence] = None,
                           query_ids: Optional[Sequence[str]] = None,
@@ -153,7 +154,7 @@ def workspace_from_arrays(gallery_emb, image_ids: Sequence[str], *, categories: 
 
     gallery_emb: float[n, d] image embeddings (L2-normalized, or pass ``normalize=True``);
     image_ids: str[n]; categories: str[n] (default ""); attributes: n lists of ``group:value``
-    strings (default none). Queries (all four or none): ref_ids, target_ids: str[m] gallery ids;
+    strings (default none); paths: str[n] image files (for NegativesDataset's images). Queries (all four or none): ref_ids, target_ids: str[m] gallery ids;
     text_emb: float[m, d]; captions: m strings or lists of strings. query_ids: str[m] (default
     ``{split}-{i:06d}``); query_categories: str[m] (default the reference's category);
     extra_positive_ids: m lists of other correct targets. Raises UsageError for a wrong shape,
@@ -165,7 +166,8 @@ def workspace_from_arrays(gallery_emb, image_ids: Sequence[str], *, categories: 
     ids = _strings(image_ids, "image_ids", n)
     cats = _strings(categories, "categories", n) if categories is not None else [""] * n
     attrs = _lists(attributes, "attributes", n) if attributes is not None else [[] for _ in range(n)]
-    gallery = gallery_from_table(gallery_table(ids, cats, attrs, emb), Path(f"{WHERE}(gallery_emb)"))
+    paths = _strings(paths, "paths", n) if paths is not None else None
+    gallery = gallery_from_table(gallery_table(ids, cats, attrs, emb, paths=paths), Path(f"{WHERE}(gallery_emb)"))
     given = {"ref_ids": ref_ids, "target_ids": target_ids, "text_emb": text_emb, "captions": captions}
     if all(v is None for v in given.values()):
         return ArrayWorkspace(split, gallery, None, encoder)

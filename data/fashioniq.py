@@ -41,7 +41,7 @@ def parse_query_id(qid: str) -> Optional[tuple[str, str, int]]:
     return cat, split, int(index)
 
 
-def clip4cir_items(root: str | Path, split: str, dress_types: Sequence[str] = CATEGORIES) -> list[tuple[str, int]]:
+def clip4cir_fashioniq_items(root: str | Path, split: str, dress_types: Sequence[str] = CATEGORIES) -> list[tuple[str, int]]:
     """CLIP4Cir's ``FashionIQDataset(split, dress_types, 'relative')`` item order: item ``i`` ->
     (category, index into cap.{category}.{split}.json), the caption files concatenated in the order
     of ``dress_types``. Reads only the caption files under ``root``/captions."""

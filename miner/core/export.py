@@ -43,7 +43,7 @@ class Export:
 
 def ntuple_table(g: GroupedNegatives) -> pa.Table:
     """GroupedNegatives -> the wide table (schema in docs/formats.md)."""
-    negs = [[str(x) for x in row[m]] for row, m in zip(g.neg_ids.tolist(), g.mask)] if len(g) else []
+    negs = [[str(x) for x in row[m]] for row, m in zip(g.neg_ids, g.mask)]
     deltas = [d[m].astype(np.float32) for d, m in zip(g.delta, g.mask)]
     cols = {
         "query_id": pa.array(g.query_ids.tolist(), pa.string()),

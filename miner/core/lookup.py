@@ -3,7 +3,7 @@
 CLIP4Cir's ``FashionIQDataset`` concatenates ``cap.{dress_type}.{split}.json`` in the order of
 ``dress_types``; an item is (category, index into that category's caption file), which is exactly
 the query id ``{category}-{split}-{index:05d}`` cir-mine gives it
-(:func:`cir_mine.data.fashioniq.query_id`; :func:`cir_mine.data.fashioniq.clip4cir_items` maps
+(:func:`cir_mine.data.fashioniq.query_id`; :func:`cir_mine.data.fashioniq.clip4cir_fashioniq_items` maps
 CLIP4Cir's global index to that pair). Its ``CIRRDataset`` items name the reference and the target
 (``reference``, ``target_hard``), one pair per query.
 """
