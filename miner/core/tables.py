@@ -6,7 +6,7 @@ the shortfall (queries that got fewer than k negatives). See docs/formats.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +41,7 @@ class NegativesTable:
     path: Optional[Path]
     table: pa.Table
     meta: dict               # the ``cir_mine`` footer entry
+    ws: Optional[Workspace] = field(default=None, repr=False)  # the workspace it was checked against
 
     @property
     def config(self) -> dict:
@@ -49,12 +50,14 @@ class NegativesTable:
     def grouped(self, ws: Optional[Workspace] = None, split: Optional[str] = None):
         """The table per query (:class:`~cir_mine.miner.core.grouped.GroupedNegatives`, numpy).
 
-        k is the table's ``k_mined``. With ``ws`` (checked like :func:`read_negatives` does):
+        k is the table's ``k_mined``. With ``ws`` (default: the one given to :func:`read_negatives`;
+        checked like it does):
         one row per query of the table's split (or ``split``) in the triplets' row order, and the
         gallery rows of the negatives, references and targets."""
         from cir_mine.miner.core.grouped import group_negatives_table
 
         k = self.meta.get("k_mined", self.meta.get("k"))
+        ws = ws if ws is not None else self.ws
         if ws is None:
             return group_negatives_table(self.table, k)
         _check_workspace(self.path, self.meta, ws)
@@ -96,7 +99,7 @@ def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> Negative
         raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
     table = conform(table, path)
     _check_workspace(path, meta, ws)
-    return NegativesTable(path, table, meta)
+    return NegativesTable(path, table, meta, ws)
 
 
 def read_negatives_meta(path: str | Path, ws: Optional[Workspace] = None) -> dict:
