@@ -82,6 +82,24 @@ def test_set_negatives_with_a_remined_table(mined):
     assert not torch.equal(before, ds[i]["negatives"])
 
 
+def test_tables_of_another_split_or_workspace_are_refused(mined):
+    from cir_mine import DataError
+
+    ws, path = mined
+    ds = NegativesDataset(ws, path)
+    res = mine_negatives(ws, "train", MineConfig(strategy="random", k=2))
+    res.meta["split"] = "val"
+    with pytest.raises(UsageError) as e:
+        ds.set_negatives(res)
+    assert str(e.value) == ("the negatives table was mined from split 'val', this dataset holds split 'train'; "
+                            "make a NegativesDataset for that split.")
+    g, t = ws.load("train")
+    other = Workspace.from_arrays(g.embeddings, g.image_ids, ref_ids=t.ref_ids, target_ids=t.target_ids,
+                                  text_emb=t.text_embeddings, captions=t.captions, query_ids=t.query_ids)
+    with pytest.raises(DataError, match="mined from another workspace"):
+        NegativesDataset(other, path)
+
+
 @pytest.mark.slow
 def test_images_through_an_open_clip_preprocess(tmp_path):
     from open_clip import image_transform

@@ -21,23 +21,19 @@ from cir_mine.data.records import join_captions
 from cir_mine.data.workspace import Workspace
 
 
-def _grouped(ws: Workspace, negatives, split: Optional[str]):
-    """(GroupedNegatives over the split's queries, split) from a path, NegativesTable, MineResult or table."""
-    from cir_mine.miner.core.grouped import GroupedNegatives, group_negatives_table
+def _negatives_table(ws: Workspace, negatives):
+    """A NegativesTable from a path (read and checked against ``ws``), NegativesTable, MineResult or table."""
+    from cir_mine.miner.core.grouped import GroupedNegatives
     from cir_mine.miner.core.tables import NegativesTable, read_negatives
 
     if isinstance(negatives, (str, Path)):
-        negatives = read_negatives(negatives, ws)
+        return read_negatives(negatives, ws)
     if isinstance(negatives, GroupedNegatives):
         raise UsageError("NegativesDataset takes the negatives table (a path, read_negatives(...), a MineResult "
                          "or a pyarrow Table), not its grouped form: it regroups it over the split's queries.")
     if isinstance(negatives, pa.Table):
-        negatives = NegativesTable(None, negatives, {})
-    meta = getattr(negatives, "meta", {}) or {}
-    split = split or meta.get("split") or "train"
-    g, t = ws.load(split)
-    k = meta.get("k_mined", meta.get("k"))
-    return group_negatives_table(negatives.table, k, gallery=g, triplets=t), g, t
+        return NegativesTable(None, negatives, {})
+    return NegativesTable(getattr(negatives, "path", None), negatives.table, negatives.meta)
 
 
 class NegativesDataset(torch.utils.data.Dataset):
@@ -60,14 +56,26 @@ class NegativesDataset(torch.utils.data.Dataset):
                  preprocess: Optional[Callable] = None, root: Optional[str | Path] = None):
         self.k_request, self.preprocess = k, preprocess
         self.root = None if root is None else Path(root)
-        self._ws, self.split = ws, split
-        self.set_negatives(negatives)
+        nt = _negatives_table(ws, negatives)
+        self._ws, self.split = ws, split or nt.split
+        self._loaded = ws.load(self.split)              # read once; set_negatives reuses it
+        self.set_negatives(nt)
 
     def set_negatives(self, negatives) -> None:
         """Swap in another table of the same split (e.g. a re-mined one); workers started after
         this call (each epoch, unless ``persistent_workers``) see it."""
-        ws = self._ws
-        grouped, g, t = _grouped(ws, negatives, self.split)
+        ws, (g, t) = self._ws, self._loaded
+        nt = _negatives_table(ws, negatives)
+        if nt.meta.get("split", self.split) != self.split:
+            name = f" {nt.path}" if nt.path else ""
+            raise UsageError(f"the negatives table{name} was mined from split '{nt.split}', this dataset holds "
+                             f"split '{self.split}'; make a NegativesDataset for that split.")
+        if nt.meta:                                     # a bare pyarrow table has no footer to check
+            grouped = nt.grouped(ws, self.split, loaded=self._loaded)
+        else:
+            from cir_mine.miner.core.grouped import group_negatives_table
+
+            grouped = group_negatives_table(nt.table, None, gallery=g, triplets=t)
         k = self.k_request or grouped.k
         rows = grouped.gallery_rows[:, :k]
         if rows.shape[1] < k:
@@ -82,14 +90,14 @@ class NegativesDataset(torch.utils.data.Dataset):
         self.captions = [join_captions(c) for c in t.captions]
         if self.preprocess is not None:
             if g.paths is None:
-                raise UsageError(f"{ws.gallery_path(self.split or 'train')}: the gallery has no image paths "
+                raise UsageError(f"{ws.gallery_path(self.split)}: the gallery has no image paths "
                                  f"(column 'path'), so there are no images to preprocess. Drop preprocess= "
                                  f"to get cached embeddings, or embed the images with `cir-mine embed`.")
             self.paths = g.paths
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_ws"] = None                             # workers get arrays only, never the workspace
+        state["_ws"] = state["_loaded"] = None          # workers get arrays only, never the workspace
         return state
 
     @property

@@ -47,13 +47,18 @@ class NegativesTable:
     def config(self) -> dict:
         return self.meta.get("config", {})
 
-    def grouped(self, ws: Optional[Workspace] = None, split: Optional[str] = None):
+    @property
+    def split(self) -> str:
+        """The split the table was mined from (``train`` when the footer does not say)."""
+        return self.meta.get("split") or "train"
+
+    def grouped(self, ws: Optional[Workspace] = None, split: Optional[str] = None, loaded: Optional[tuple] = None):
         """The table per query (:class:`~cir_mine.miner.core.grouped.GroupedNegatives`, numpy).
 
         k is the table's ``k_mined``. With ``ws`` (default: the one given to :func:`read_negatives`;
-        checked like it does):
-        one row per query of the table's split (or ``split``) in the triplets' row order, and the
-        gallery rows of the negatives, references and targets."""
+        checked like it does): one row per query of the table's split (or ``split``) in the
+        triplets' row order, and the gallery rows of the negatives, references and targets.
+        ``loaded``: ``ws.load(split)`` already in memory."""
         from cir_mine.miner.core.grouped import group_negatives_table
 
         k = self.meta.get("k_mined", self.meta.get("k"))
@@ -61,7 +66,7 @@ class NegativesTable:
         if ws is None:
             return group_negatives_table(self.table, k)
         _check_workspace(self.path, self.meta, ws)
-        g, t = ws.load(split or self.meta.get("split") or "train")
+        g, t = loaded if loaded is not None else ws.load(split or self.split)
         return group_negatives_table(self.table, k, gallery=g, triplets=t)
 
 
