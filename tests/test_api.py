@@ -318,3 +318,29 @@ def test_lookup_ambiguous_cirr_pair():
         lookup.cirr(queries[0].ref_id, queries[0].target_id)
     assert str(e.value) == (f"the negatives table: reference '{queries[0].ref_id}' and target '{queries[0].target_id}' "
                             f"name 2 queries (cirr-val-1000, cirr-val-9999); look them up by query id.")
+
+
+def test_fiq_proxy_query_ids_index_the_real_caption_files():
+    """The shared proxy workspace was embedded from the real annotations: its query ids are the
+    (category, index) pairs the lookup reads, entry for entry."""
+    import pyarrow.parquet as pq
+
+    work, root = shared_path("fiq-proxy"), shared_path("fashion-iq")
+    t = pq.read_table(work / "triplets.train.parquet", columns=["query_id", "ref_id", "target_id"])
+    zeros = pa.array(np.zeros(t.num_rows, np.float32))
+    table = pa.table({"query_id": t.column("query_id"), "ref_id": t.column("ref_id"), "target_id": t.column("target_id"),
+                      "neg_id": t.column("target_id"), "strategy": t.column("query_id"), "score": zeros,
+                      "delta": zeros, "target_score": zeros})
+    lookup = NegativesLookup(group_negatives_table(table))
+    items = clip4cir_fashioniq_items(root, "train")
+    triplets = _clip4cir_fashioniq_triplets(root, "train", ["dress", "shirt", "toptee"])
+    found = 0
+    for i, (cat, index) in enumerate(items):
+        try:
+            pos = lookup.index_fashioniq(cat, index)
+        except DataError:
+            continue
+        found += 1
+        assert (lookup.grouped.ref_ids[pos], lookup.grouped.target_ids[pos]) == \
+               (triplets[i]["candidate"], triplets[i]["target"])
+    assert found == t.num_rows
