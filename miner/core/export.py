@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data import cirr, fashioniq
 from cir_mine.data.fashioniq import parse_query_id
 from cir_mine.data.io import atomic_path
 from cir_mine.data.jsonio import load_json
@@ -85,7 +86,7 @@ def _caption_files(g: GroupedNegatives, root: Path, source: Path) -> list:
             for i, e in enumerate(entries):
                 if not isinstance(e, dict):
                     raise DataError(f"{path}: entry {i} must be an object with candidate, target, captions.")
-                j = pos.get(f"{cat}-{split}-{i:05d}")
+                j = pos.get(fashioniq.query_id(cat, split, i))
                 if j is not None and (e.get("candidate"), e.get("target")) != (g.ref_ids[j], g.target_ids[j]):
                     raise DataError(f"{path}: entry {i} is {e.get('candidate')} -> {e.get('target')} but {source} "
                                     f"has {g.ref_ids[j]} -> {g.target_ids[j]} for query {ids[j]}. Pass the "
@@ -102,7 +103,7 @@ def _caption_files(g: GroupedNegatives, root: Path, source: Path) -> list:
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or "pairid" not in e:
                 raise DataError(f"{path}: entry {i} has no 'pairid'.")
-            j = pos.get(f"cirr-{split}-{e['pairid']}")
+            j = pos.get(cirr.query_id(split, e["pairid"]))
             rows.append({**e, "negatives": negs(j) if j is not None else []})
         return [(path, rows)]
     raise UsageError(f"--root: the query ids of {source} are not FashionIQ ({{category}}-{{split}}-{{index}}) "
