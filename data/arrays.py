@@ -73,6 +73,15 @@ class ArrayWorkspace(Workspace):
     def manifest(self) -> dict:
         return dict(self._manifest)
 
+    def split_hash(self, split: str) -> str:
+        """Identity of the split's data: the hash of the arrays."""
+        self._check(split)
+        return self._manifest["content_hash"]
+
+    def image_root(self, split: str) -> Optional[Path]:
+        """None: relative ``paths`` are relative to the folder NegativesDataset is given (``root=``)."""
+        return None
+
     def derive_manifest(self) -> dict:
         return self.manifest()
 

@@ -344,3 +344,18 @@ def test_fiq_proxy_query_ids_index_the_real_caption_files():
         assert (lookup.grouped.ref_ids[pos], lookup.grouped.target_ids[pos]) == \
                (triplets[i]["candidate"], triplets[i]["target"])
     assert found == t.num_rows
+
+
+def test_grouped_resolves_a_negative_within_its_own_category():
+    """With a neg_category column, a negative from another category than the query's resolves there."""
+    emb = np.eye(5, dtype=np.float32)
+    ws = Workspace.from_arrays(emb, ["x", "y", "z", "x", "w"], categories=["shirt", "shirt", "shirt", "toptee", "toptee"],
+                               ref_ids=["y"], target_ids=["z"], text_emb=emb[:1], captions=["a"],
+                               query_categories=["shirt"])
+    g, t = ws.load("train")
+    table = pa.table({"query_id": ["train-000000"] * 2, "neg_id": ["x", "x"], "neg_category": ["toptee", None],
+                      "strategy": ["r", "r"], "score": pa.array([0.1, 0.2], pa.float32()),
+                      "delta": pa.array([0.0, 0.0], pa.float32()), "target_score": pa.array([0.1, 0.1], pa.float32()),
+                      "ref_id": ["y", "y"], "target_id": ["z", "z"]})
+    G = group_negatives_table(table, gallery=g, triplets=t)
+    assert G.gallery_rows[0].tolist() == [3, 0]      # its own category, else the query's

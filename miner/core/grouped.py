@@ -89,8 +89,9 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
     triplets: the split's Triplets: one output row per query of the split in its row order
     (queries without negatives get an empty row; table rows of other queries are dropped);
     without it, the table's queries in order of first appearance.
-    gallery: the split's Gallery: fills ``gallery_rows``/``ref_rows``/``target_rows``, negatives
-    resolved within the query's category (from ``triplets``) first, then by id alone.
+    gallery: the split's Gallery: fills ``gallery_rows``/``ref_rows``/``target_rows``. A negative
+    is resolved within its own category (a ``neg_category`` column) or else the query's (from
+    ``triplets``) first, then by id alone.
     """
     qcol = table.column("query_id").combine_chunks() if table.num_rows else pa.array([], pa.string())
     if triplets is not None:
@@ -144,6 +145,9 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
         if code.size:
             ids = table.column("neg_id").take(pa.array(src)).combine_chunks()
             cats = qcats.take(pa.array(code)) if qcats is not None else None
+            if "neg_category" in table.schema.names:
+                own = table.column("neg_category").take(pa.array(src)).combine_chunks()
+                cats = own if cats is None else pc.coalesce(own, cats)
             rows[code, pos] = _resolve(ids, cats, gallery)
         out.gallery_rows = rows
         for name in ("ref_id", "target_id"):
