@@ -90,7 +90,7 @@ def test_query_emb_errors(work, tmp_path):
 def negs(work, tmp_path_factory):
     out = tmp_path_factory.mktemp("negs") / "negs.parquet"
     r = runner.invoke(mine_app, ["negatives", "--work", str(work), "--mix", "midzone:0.5,hardest:0.5", "-k", "6",
-                                 "--rho", "0.6", "--no-deepen", "--out", str(out), "--device", "cpu", "-q"])
+                                 "--candidates", "8", "--no-deepen", "--out", str(out), "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
     return out
 
