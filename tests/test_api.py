@@ -359,3 +359,14 @@ def test_grouped_resolves_a_negative_within_its_own_category():
                       "ref_id": ["y", "y"], "target_id": ["z", "z"]})
     G = group_negatives_table(table, gallery=g, triplets=t)
     assert G.gallery_rows[0].tolist() == [3, 0]      # its own category, else the query's
+
+
+def test_read_negatives_grouped_uses_the_workspace_it_was_read_with(world, tmp_path):
+    ws, g, t = world
+    path = tmp_path / "n.parquet"
+    res = mine_to_file(ws, "train", MineConfig(strategy="hardest", k=3), path)
+    G = read_negatives(path, ws).grouped()
+    assert G.query_ids.tolist() == t.query_ids.tolist() and G.gallery_rows is not None
+    assert g.image_ids[G.gallery_rows[:, 0]].tolist() == G.neg_ids[:, 0].tolist()
+    plain = read_negatives(path).grouped()
+    assert plain.gallery_rows is None and plain.neg_ids.tolist() == res.grouped().neg_ids.tolist()

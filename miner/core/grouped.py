@@ -120,9 +120,9 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
 
     mask = np.zeros((nq, kk), bool)
     mask[code, pos] = True
+    has = counts > 0
     first = np.full(nq, -1, np.int64)
-    first[code[::-1]] = src[::-1]                               # each query's first table row
-    has = first >= 0
+    first[has] = src[start[has]]                                # each query's first table row
 
     def per_query(name: str) -> np.ndarray:
         if triplets is not None and name in ("ref_id", "target_id"):
