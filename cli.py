@@ -501,10 +501,13 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="File to write (with --root: the folder for the caption files)."),
     root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Export a negatives table: wide per-query Parquet (ntuple) or JSON lines / CLIP4Cir caption files (jsonl)."""
     from cir_mine.miner.core.export import export_negatives
 
+    setup_logging(verbose, quiet)
     r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite)
     what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None else str(r.out)
     typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")

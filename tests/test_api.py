@@ -245,7 +245,8 @@ def _fake_negatives(queries, images, k: int = 3, seed: int = 0) -> pa.Table:
     picks = rng.integers(0, len(names), (len(queries), k))
     for q, pick in zip(queries, picks.tolist()):
         for n in (names[j] for j in pick):
-            vals = dict(query_id=q.query_id, ref_id=q.ref_id, target_id=q.target_id, neg_id=str(n), strategy="random",
+            vals = dict(query_id=q.query_id, ref_id=q.ref_id, target_id=q.target_id, neg_id=str(n), neg_category=q.category,
+                        strategy="random",
                         rank=-1, score=0.1, target_score=0.5, delta=0.4, round=0, category_match=True,
                         attr_overlap=0.0, seed=seed)
             for c in cols:

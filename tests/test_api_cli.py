@@ -102,7 +102,7 @@ def test_export_ntuple_is_the_grouped_table(negs, tmp_path):
     G = read_negatives(negs).grouped()
     assert r.output.strip() == f"wrote {out}: {len(G)} queries, up to 6 negatives each"
     wide = pq.read_table(out)
-    assert wide.column_names == ["query_id", "ref_id", "target_id", "negatives", "delta"] + \
+    assert wide.column_names == ["query_id", "ref_id", "target_id", "negatives", "delta", "neg_category"] + \
                                 [f"negative_{j}" for j in range(1, 7)]
     rows = wide.to_pylist()
     assert [x["query_id"] for x in rows] == G.query_ids.tolist()
@@ -111,6 +111,7 @@ def test_export_ntuple_is_the_grouped_table(negs, tmp_path):
         mine = [y for y in long if y["query_id"] == x["query_id"]]
         assert x["negatives"] == [y["neg_id"] for y in mine]
         assert x["delta"] == pytest.approx([y["delta"] for y in mine])
+        assert x["neg_category"] == [y["neg_category"] for y in mine]
         assert [x[f"negative_{j}"] for j in range(1, 7)] == x["negatives"] + [None] * (6 - len(mine))
         assert (x["ref_id"], x["target_id"]) == (mine[0]["ref_id"], mine[0]["target_id"])
     assert any(len(x["negatives"]) < 6 for x in rows)          # short queries are in the export, unpadded

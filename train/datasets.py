@@ -49,7 +49,7 @@ class NegativesDataset(torch.utils.data.Dataset):
     ``read_negatives(...)``, a MineResult (``Remine``'s) or a pyarrow Table in the negatives
     schema; split: default the table's; k: slots per query (default the table's k);
     preprocess: an open_clip image transform (PIL image -> tensor); root: folder relative
-    gallery ``path`` values are relative to.
+    gallery ``path`` values are relative to (default: the dataset root the workspace records).
     """
 
     def __init__(self, ws: Workspace, negatives, split: Optional[str] = None, k: Optional[int] = None,
@@ -59,6 +59,8 @@ class NegativesDataset(torch.utils.data.Dataset):
         nt = _negatives_table(ws, negatives)
         self._ws, self.split = ws, split or nt.split
         self._loaded = ws.load(self.split)              # read once; set_negatives reuses it
+        if self.root is None:
+            self.root = ws.image_root(self.split)       # the dataset root `cir-mine embed` recorded
         self.set_negatives(nt)
 
     def set_negatives(self, negatives) -> None:

@@ -53,6 +53,8 @@ def ntuple_table(g: GroupedNegatives) -> pa.Table:
         "negatives": pa.array(negs, pa.list_(pa.string())),
         "delta": pa.array(deltas, pa.list_(pa.float32())),
     }
+    if g.neg_category is not None:
+        cols["neg_category"] = pa.array([list(row[m]) for row, m in zip(g.neg_category, g.mask)], pa.list_(pa.string()))
     for j in range(g.k):
         cols[f"negative_{j + 1}"] = pa.array(g.neg_ids[:, j].tolist(), pa.string())
     return pa.table(cols)

@@ -31,6 +31,7 @@ class GroupedNegatives:
     mask: np.ndarray                    # bool[nq, k] True where the slot holds a negative
     short: np.ndarray                   # bool[nq] the query got fewer than k negatives
     gallery_rows: Optional[np.ndarray] = None  # int64[nq, k] gallery rows of the negatives (-1 empty); None without a gallery
+    neg_category: Optional[np.ndarray] = None  # object[nq, k] of str: the negatives' gallery categories; None when the table has none
     ref_rows: Optional[np.ndarray] = None      # int64[nq] gallery rows of the references; None without a gallery
     target_rows: Optional[np.ndarray] = None   # int64[nq] gallery rows of the targets; None without a gallery
 
@@ -138,7 +139,8 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
     neg_ids = grid("neg_id", None, object)
     out = GroupedNegatives(
         _strings(query_ids), per_query("ref_id"), per_query("target_id"), neg_ids, grid("strategy", None, object),
-        grid("score", np.nan, np.float32), grid("delta", np.nan, np.float32), ts, mask, counts < kk)
+        grid("score", np.nan, np.float32), grid("delta", np.nan, np.float32), ts, mask, counts < kk,
+        neg_category=grid("neg_category", None, object) if "neg_category" in table.schema.names else None)
     if gallery is not None:
         qcats = (pa.array(triplets.categories.tolist(), pa.string()) if triplets is not None else None)
         rows = np.full((nq, kk), -1, np.int64)

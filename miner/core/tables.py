@@ -147,7 +147,7 @@ def _check_workspace(path: Path, meta: dict, ws: Optional[Workspace]) -> None:
         return
     split = meta.get("split")
     if "data_hash" in meta and split:
-        if not ws.gallery_path(split).exists():
+        if split not in ws.splits():
             have = ", ".join(ws.splits()) or "none"
             raise DataError(f"{path}: mined on split '{split}', which {ws.root} does not have (splits: {have}). "
                             f"Pass the workspace it was mined from with --work.")
