@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.data.io import atomic_path, read_parquet, read_parquet_schema, write_json_atomic
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -40,7 +40,7 @@ _EMB = (
 )
 
 GALLERY_COLUMNS = {"image_id": _STR, "category": _STR, "attributes": _STR_LIST, "embedding": _EMB}
-# attribute_scores (issue 3): parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
+# attribute_scores: parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
 _FLOAT_LIST = (
     lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type),
     "list<float32>",
@@ -147,17 +147,6 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
         )
 
 
-def _read_parquet(path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
-    try:
-        schema = pq.read_schema(path)
-        cols = [c for c in columns if c in schema.names] if columns is not None else None
-        return pq.read_table(path, columns=cols)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # In-memory tables
 
@@ -258,7 +247,7 @@ def _obj(col: pa.ChunkedArray) -> np.ndarray:
 
 def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     path = Path(path)
-    return gallery_from_table(_read_parquet(path), path, check_norm)
+    return gallery_from_table(read_parquet(path), path, check_norm)
 
 
 def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True) -> Gallery:
@@ -291,7 +280,7 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True) -> 
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     path = Path(path)
-    return triplets_from_table(_read_parquet(path), path, dim, check_norm)
+    return triplets_from_table(read_parquet(path), path, dim, check_norm)
 
 
 def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
@@ -380,7 +369,7 @@ def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = No
 
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata stored by :func:`write_table` (keys without the ARROW schema)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet_schema(path).metadata or {}
     out = {}
     for k, v in meta.items():
         key = k.decode()

@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class Remine:
-    """``remine(query_emb float32[m, d], round=None, epoch=0) -> MineResult`` over ``ws``/``split``.
+    """``remine(query_emb float32[m, d], mining_round=None, epoch=0) -> MineResult`` over ``ws``/``split``.
 
     Give the mining config either as ``cfg`` or as ``negatives``, a table mined from ``ws`` whose
     footer config is reused. ``schedule`` (default: the config's) picks the mix per epoch.
     ``index``: a FAISS inner-product index over the gallery rows (default: ``index.{split}.faiss``
     when the workspace has one, else an exact flat index built at the first call).
-    ``round`` defaults to 1 + the previous call's (1 at the first call).
+    ``mining_round`` defaults to 1 + the previous call's (1 at the first call).
     """
 
     def __init__(self, ws: Workspace, split: str = "train", cfg: Optional[MineConfig] = None,
@@ -45,7 +45,7 @@ class Remine:
         self.base = {**base, "query": "checkpoint"}
         self.schedule = schedule or base.get("schedule")
         MineConfig.from_dict(self.base).validate()
-        self._data, self._index, self.round = None, index, 0
+        self._data, self._index, self.mining_round = None, index, 0
 
     def config(self, epoch: int = 0) -> MineConfig:
         """The config mined at ``epoch``: the base config, with the schedule's mix at that epoch."""
@@ -72,9 +72,9 @@ class Remine:
                 self._index = build_index(self.data()[0].embeddings, "flat", device=self.device)
         return self._index
 
-    def __call__(self, query_emb: np.ndarray, round: Optional[int] = None, epoch: int = 0) -> MineResult:
-        self.round = self.round + 1 if round is None else int(round)
-        res = mine_negatives(self.ws, self.split, self.config(epoch), query_emb=query_emb, round=self.round,
-                             index=self.index(), loaded=self.data())
-        log.info("re-mined round %d at epoch %d: %d rows", self.round, epoch, res.table.num_rows)
+    def __call__(self, query_emb: np.ndarray, mining_round: Optional[int] = None, epoch: int = 0) -> MineResult:
+        self.mining_round = self.mining_round + 1 if mining_round is None else int(mining_round)
+        res = mine_negatives(self.ws, self.split, self.config(epoch), query_emb=query_emb,
+                             mining_round=self.mining_round, index=self.index(), loaded=self.data())
+        log.info("re-mined round %d at epoch %d: %d rows", self.mining_round, epoch, res.table.num_rows)
         return res

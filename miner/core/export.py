@@ -127,7 +127,8 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
         _check_out(out, [negs], overwrite)
         if fmt == "ntuple":
             meta = {"table": "negatives-ntuple", "created": now_iso(), "source": str(negs), "k": g.k,
-                    "split": nt.meta.get("split"), "manifest_hash": nt.meta.get("manifest_hash")}
+                    "split": nt.meta.get("split"), "data_hash": nt.meta.get("data_hash"),
+                    "manifest_hash": nt.meta.get("manifest_hash")}
             write_table(ntuple_table(g), out, metadata={"cir_mine": meta})
         else:
             lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
