@@ -282,7 +282,12 @@ def _read_gallery_table(path: Path) -> pa.Table:
 def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     """A gallery file or a folder of parts (``part-*.parquet``), validated, as one :class:`Gallery`."""
     path = Path(path)
-    table = _read_gallery_table(path)
+    return gallery_from_table(_read_gallery_table(path), path, check_norm)
+
+
+def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True) -> Gallery:
+    """Validate a gallery-schema Arrow table (``path`` names it in errors) -> :class:`Gallery`."""
+    _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
@@ -310,7 +315,12 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     path = Path(path)
-    table = read_parquet(path)
+    return triplets_from_table(read_parquet(path), path, dim, check_norm)
+
+
+def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
+                        check_norm: bool = True) -> Triplets:
+    """Validate a triplets-schema Arrow table (``path`` names it in errors) -> :class:`Triplets`."""
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
     if len(set(qids.tolist())) != len(qids):
@@ -460,6 +470,15 @@ class Workspace:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    @classmethod
+    def from_arrays(cls, gallery_emb, image_ids, **kw) -> "Workspace":
+        """An in-memory workspace of one split from numpy arrays; no file is read or written.
+
+        See :func:`cir_mine.data.arrays.workspace_from_arrays` for the arguments."""
+        from cir_mine.data.arrays import workspace_from_arrays
+
+        return workspace_from_arrays(gallery_emb, image_ids, **kw)
 
     # paths
     def gallery_path(self, split: str) -> Path:
