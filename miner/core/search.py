@@ -157,15 +157,33 @@ def brute_force_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 
-def gallery_fingerprint(image_ids, categories, emb: np.ndarray) -> str:
-    """First 16 hex digits of SHA-256 over the gallery's ids, categories and embedding bytes."""
+def gallery_fingerprint(image_ids, categories, emb: np.ndarray, block_rows: int = 65_536) -> str:
+    """First 16 hex digits of SHA-256 over the gallery's ids, categories and embedding bytes
+    (read in blocks of rows, so a memory-mapped gallery is never loaded whole)."""
     import hashlib
 
     h = hashlib.sha256()
     for c, i in zip(categories, image_ids):
         h.update(f"{c}\0{i}\0".encode())
-    h.update(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
+    for s in range(0, emb.shape[0], block_rows):
+        h.update(np.ascontiguousarray(emb[s:s + block_rows], dtype=np.float32).tobytes())
+        release_pages(emb)
     return h.hexdigest()[:16]
+
+
+def release_pages(x) -> None:
+    """Drop the resident pages of a memory-mapped array from this process (the page cache keeps
+    them), so scanning or gathering from a gallery larger than memory does not grow RSS."""
+    import mmap
+
+    m = getattr(x, "_mmap", None)
+    if m is None and isinstance(getattr(x, "base", None), np.memmap):
+        m = getattr(x.base, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 
