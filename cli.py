@@ -399,6 +399,14 @@ def negatives(
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
     device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
+    index: str = typer.Option("flat", "--index", help="Search: flat (exact), workspace (the saved index.{split}.faiss), ivf, ivfpq, hnsw or a FAISS factory string; approximate candidates are re-ranked exactly."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: inverted lists visited (default: tuned to --target-recall)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: efSearch (default: tuned to --target-recall)."),
+    search_params: Optional[str] = typer.Option(None, "--search-params", help="FAISS search parameters instead of --nprobe/--ef-search, e.g. nprobe=16."),
+    overfetch: Optional[float] = typer.Option(None, "--overfetch", help="Approximate candidates fetched per kept one before exact re-ranking (default 1, 4 for PQ/SQ)."),
+    target_recall: float = typer.Option(0.98, "--target-recall", help="Approximate index: tune nprobe/efSearch to this candidate recall@depth on sampled queries (0: FAISS defaults)."),
+    check_recall: int = typer.Option(0, "--check-recall", help="Report candidate recall and the overlap of mined negatives with exact mining on this many sampled queries."),
+    fp16: bool = typer.Option(False, "--fp16", help="GPU index: store float16 vectors (scores are still re-ranked in float32)."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -425,6 +433,8 @@ def negatives(
         exclude_extra_positives="extra-positive" not in no_guard,
         dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
         rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard, device=device,
+        index=index, nprobe=nprobe, ef_search=ef_search, search_params=search_params, overfetch=overfetch,
+        target_recall=target_recall or None, check_recall=check_recall, fp16=fp16,
     )
     cfg.validate(round_)
     if cfg.query == "checkpoint" and checkpoint is None:
@@ -451,7 +461,29 @@ def negatives_summary(out: Path, meta: dict) -> str:
              f"guards removed: {guards}"]
     if sf["count"]:
         lines.append("to loosen: " + "; ".join(sf["hints"]))
+    lines += search_summary(meta.get("search") or {})
     return "\n".join(lines)
+
+
+def search_summary(search: dict) -> list:
+    """The search back-end, its tuning and its recall check, one line each (none for exact search
+    without a check)."""
+    lines = []
+    params = ", ".join(f"{k}={v}" for k, v in (search.get("params") or {}).items())
+    if search and not search.get("exact", True):
+        line = (f"search: {search.get('index')} ({search.get('factory')}{', ' + params if params else ''}; "
+                f"over-fetch {search.get('overfetch', 1):g}, re-ranked exactly)")
+        tu = search.get("tuning")
+        if tu:
+            line += (f"; tuned {tu['param']}={tu['value']}: candidate recall@{tu['depth']} {tu['recall']:.3f} on "
+                     f"{tu['queries']} queries ({'reached' if tu['reached'] else 'below'} {tu['target']:g})")
+        lines.append(line)
+    ck = search.get("check")
+    if ck:
+        rec = f"candidate recall@{ck['depth']} {ck['candidate_recall']:.3f}, " if "candidate_recall" in ck else ""
+        lines.append(f"recall check on {ck['queries']} queries: {rec}"
+                     f"mined negatives shared with exact mining {ck['negative_overlap']:.3f}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """The refresh's miner call: re-mine a split with the config stored in a negatives table.
 
 :func:`miner_remine` returns the ``remine(query_emb, round, epoch) -> (table, meta)`` callable the
-training loop takes (cir_mine.train.loop.Remine). It reads the mining config from the table's footer
-(``meta["config"]``), reads the split and opens the workspace's FAISS index once (or builds a flat
-one over the gallery once) and calls ``cir_mine.miner.core.mine.mine_negatives`` with the current model's query
-embeddings, so every round uses the exact same config, data and index; only the queries (and, with
-a schedule, the mix) change.
+training loop takes (cir_mine.train.loop.Remine). It reads the mining config (``meta["config"]``) and
+the search back-end (``meta["search"]``) from the table's footer, reads the split once, reopens the
+very back-end round 0 searched (exact, or the same index file checked by fingerprint, with the same
+nprobe / efSearch and over-fetch; nothing is re-tuned) and calls
+``cir_mine.miner.core.mine.mine_negatives`` with the current model's query embeddings, so every
+round uses the exact same config, data and search; only the queries (and, with a schedule, the
+mix) change.
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ log = logging.getLogger(__name__)
 
 def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None):
     """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
-    from cir_mine.miner.core.search import build_index
-    from cir_mine.miner.encode.index import load_workspace_index
+    from cir_mine.miner.core.engine import reopen
     from cir_mine.miner.core.mine import MineConfig, mine_negatives
     from cir_mine.miner.core.tables import read_negatives_meta
 
     ws = Workspace(work).require()
-    base = read_negatives_meta(negatives, ws).get("config", {})
+    meta0 = read_negatives_meta(negatives, ws)
+    base = meta0.get("config", {})
+    search = meta0.get("search") or {"index": "flat", "exact": True}
     state: dict = {}
 
     def data():
@@ -37,10 +40,9 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
         return state["data"]
 
     def index():
-        if "index" not in state:
-            p = ws.index_path(split)
-            state["index"] = (load_workspace_index(ws, split, device="cpu") if p.exists()
-                              else build_index(data()[0].embeddings, "flat", device="cpu"))
+        if "index" not in state:                        # round 0's back-end, opened once
+            state["index"] = reopen(search, data()[0].embeddings, ws.index_path(split), negatives,
+                                    device=base.get("device", "auto"), fp16=base.get("fp16", False))
         return state["index"]
 
     def remine(query_emb: np.ndarray, round: int, epoch: int):

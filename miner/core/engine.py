@@ -80,8 +80,14 @@ class ExactSearch:
         self.gpu = self.index is not None and hasattr(self.index, "getDevice")
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k``; scores recomputed by :func:`exact_rescore`, the one float32 dot product
+        every back-end writes, so exact and re-ranked approximate search agree to the bit."""
         xq = np.ascontiguousarray(xq, np.float32)
         k = int(min(k, self.ntotal))
+        _, I = self._search(xq, k)
+        return exact_rescore(self.xb, xq, I, k)
+
+    def _search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.index is not None:
             return self.index.search(xq, k)
         faiss = _faiss()
