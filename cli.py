@@ -291,6 +291,8 @@ def index_cmd(
     from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, or .parquet) as the gallery first."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
+    npy: bool = typer.Option(False, "--npy", help="Also write gallery.{split}.npy, the row-aligned embeddings that mining memory-maps (galleries larger than memory)."),
+    npy_dtype: str = typer.Option("float32", "--npy-dtype", help="With --npy: float32 or float16."),
     verbose: bool = VERBOSE,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
@@ -301,7 +303,9 @@ def index_cmd(
     if from_features is not None:
         meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16)
     else:
-        meta = index_workspace(work, split, index, device, fp16)
+        meta = index_workspace(work, split, index, device, fp16, npy=npy_dtype if npy else None)
+    if npy:
+        typer.echo(f"wrote {work}/gallery.{split}.npy: the gallery embeddings, memory-mapped by mining")
     typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
                f"({'GPU' if meta.get('gpu') else 'CPU'} build)")
 

@@ -256,10 +256,19 @@ def _obj(col: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(col.to_pylist(), dtype=object)
 
 
-def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
+def read_gallery(path: str | Path, check_norm: bool = True, embeddings_path: Optional[Path] = None) -> Gallery:
+    """Read and validate a gallery table. With ``embeddings_path`` (a row-aligned float32/float16
+    ``.npy``), the embeddings are memory-mapped from it instead of read from the ``embedding``
+    column, which may then be absent: galleries larger than memory are mined block by block."""
     path = Path(path)
-    table = _read_parquet(path)
-    _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
+    if embeddings_path is not None:
+        names = pq.read_schema(path).names if path.exists() else []
+        table = _read_parquet(path, [c for c in names if c != "embedding"])
+        required = {k: v for k, v in GALLERY_COLUMNS.items() if k != "embedding"}
+        _check_columns(table.schema, path, required, GALLERY_OPTIONAL, "gallery")
+    else:
+        table = _read_parquet(path)
+        _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
@@ -274,15 +283,47 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
                 f"Each gallery image must appear once per category; drop the duplicates."
             )
         seen.add(key)
-    try:
-        emb = embedding_numpy(table.column("embedding"))
-    except ValueError:
-        raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
-    if check_norm:
-        check_embeddings(emb, path, "embedding", ids)
+    if embeddings_path is not None:
+        emb = open_embeddings(embeddings_path, len(ids), path)
+        if check_norm:
+            for s in range(0, len(ids), 65_536):
+                check_embeddings(np.asarray(emb[s:s + 65_536], np.float32), embeddings_path, "rows", ids[s:])
+    else:
+        try:
+            emb = embedding_numpy(table.column("embedding"))
+        except ValueError:
+            raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
+        if check_norm:
+            check_embeddings(emb, path, "embedding", ids)
     attrs = [list(a or []) for a in table.column("attributes").to_pylist()]
     paths = _obj(table.column("path")) if "path" in table.schema.names else None
     return Gallery(path, ids, cats, attrs, emb, paths)
+
+
+def open_embeddings(path: Path, n: int, gallery_path: Path) -> np.ndarray:
+    """Memory-map a row-aligned ``float32[n, d]`` / ``float16[n, d]`` ``.npy`` (read-only)."""
+    try:
+        emb = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise SchemaError(f"{path}: not a readable .npy array ({e}). Rewrite it with `cir-mine index --npy`.") from None
+    if emb.ndim != 2 or emb.dtype not in (np.float32, np.float16) or emb.shape[0] != n:
+        raise SchemaError(f"{path}: holds {emb.dtype}{list(emb.shape)} but {gallery_path} has {n} rows; expected "
+                          f"float32 or float16 [{n}, d], row r = gallery row r. Rewrite it with `cir-mine index --npy`.")
+    return emb
+
+
+def write_embeddings_npy(emb_blocks, n: int, dim: int, path: Path, dtype=np.float32) -> None:
+    """Write ``n`` rows arriving as blocks of float[b, dim] into a ``.npy`` atomically (bounded memory)."""
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
+        s = 0
+        for block in emb_blocks:
+            out[s:s + len(block)] = block
+            s += len(block)
+            out.flush()
+        if s != n:
+            raise DataError(f"{path}: got {s} rows for {n}.")
+        del out
 
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
@@ -422,6 +463,10 @@ class Workspace:
     def index_path(self, split: str) -> Path:
         return self.root / f"index.{check_split(split)}.faiss"
 
+    def embeddings_path(self, split: str) -> Path:
+        """``gallery.{split}.npy``: the gallery's embeddings as a row-aligned array (optional)."""
+        return self.root / f"gallery.{check_split(split)}.npy"
+
     @property
     def manifest_path(self) -> Path:
         return self.root / self.MANIFEST
@@ -447,7 +492,11 @@ class Workspace:
     def gallery(self, split: str, check_norm: bool = True) -> Gallery:
         p = self.gallery_path(split)
         self._require_split(split, p)
-        g = read_gallery(p, check_norm=check_norm)
+        npy = self.embeddings_path(split)
+        if npy.exists() and "embedding" in pq.read_schema(p).names and npy.stat().st_mtime_ns < p.stat().st_mtime_ns:
+            raise SchemaError(f"{npy}: older than {p}, so it may hold other embeddings. Rewrite it with "
+                              f"`cir-mine index --work {self.root} --split {split} --npy`, or delete it.")
+        g = read_gallery(p, check_norm=check_norm, embeddings_path=npy if npy.exists() else None)
         if len(g) == 0:
             raise DataError(f"{p}: the gallery is empty (0 rows). Re-embed the split or choose another with --split.")
         dim = self.manifest().get("dim")

@@ -258,3 +258,61 @@ def test_cli_workspace_index_missing(synth_work, tmp_path):
                                  "workspace", "--out", str(tmp_path / "x.parquet")])
     assert r.exit_code == 1
     assert f"Error: {synth_work}/index.train.faiss: index not found. Build it with `cir-mine index" in r.output
+
+
+# -- galleries larger than memory: memory-mapped embeddings -------------------------------------------
+
+
+def _copy(synth_work, tmp_path) -> Workspace:
+    work = tmp_path / "work"
+    shutil.copytree(synth_work, work)
+    return Workspace(work)
+
+
+@pytest.mark.parametrize("index", ["flat", "IVF16,Flat"])
+def test_memory_mapped_gallery_mines_the_same_table(synth_work, tmp_path, index):
+    from cir_mine.miner.encode.index import write_gallery_npy
+
+    ws = _copy(synth_work, tmp_path)
+    cfg = MineConfig(mix="hardest:0.5,midzone:0.5", k=6, index=index, nprobe=None if index == "flat" else 16)
+    ref = mine_negatives(ws, "train", cfg)
+    write_gallery_npy(ws, "train")
+    g = ws.gallery("train")
+    assert isinstance(g.embeddings, np.memmap) and g.embeddings.shape == (3000, 32)
+    got = mine_negatives(ws, "train", cfg)
+    assert got.meta["search"].get("blocked", index != "flat") and got.table.equals(ref.table)
+
+
+def test_gallery_without_embedding_column_reads_the_npy(synth_work, tmp_path):
+    import pyarrow.parquet as pq
+
+    from cir_mine.data.errors import SchemaError
+    from cir_mine.data.workspace import write_embeddings_npy, write_table
+
+    ws = _copy(synth_work, tmp_path)
+    ref = mine_negatives(ws, "train", MineConfig(strategy="hardest", k=5))
+    tb = pq.read_table(ws.gallery_path("train"))
+    emb = np.stack(tb.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float16)
+    write_table(tb.drop(["embedding"]), ws.gallery_path("train"))
+    write_embeddings_npy(iter([emb[:1000], emb[1000:]]), 3000, 32, ws.embeddings_path("train"), np.float16)
+    got = mine_negatives(ws, "train", MineConfig(strategy="hardest", k=5))
+    assert got.meta["n_rows"] > 0.9 * ref.meta["n_rows"]
+    e = emb.astype(np.float32)
+    row = {i: r for r, i in enumerate(tb.column("image_id").to_pylist())}
+    g, t = ws.load("train")
+    xq = zero_shot_queries(np.asarray(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], np.float32),
+                           t.text_embeddings)
+    qi = {q: i for i, q in enumerate(t.query_ids.tolist())}
+    for r in got.table.to_pylist()[::11]:                  # float16 rows, scored in float32
+        assert abs(r["score"] - float(e[row[r["neg_id"]]] @ xq[qi[r["query_id"]]])) < 1e-4
+    np.save(ws.embeddings_path("train"), emb[:10])
+    with pytest.raises(SchemaError, match=r"gallery.train.npy: holds float16\[10, 32\] but .* has 3000 rows"):
+        ws.gallery("train")
+
+
+def test_index_npy_cli(synth_work, tmp_path):
+    ws = _copy(synth_work, tmp_path)
+    r = runner.invoke(mine_app, ["index", "--work", str(ws.root), "--index", "IVF16,Flat", "--npy", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {ws.root}/gallery.train.npy: the gallery embeddings, memory-mapped by mining" in r.output
+    assert np.load(ws.embeddings_path("train"), mmap_mode="r").shape == (3000, 32)
