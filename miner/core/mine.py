@@ -456,6 +456,7 @@ class Mined:
     deepened: int              # queries searched again
     search_s: float            # seconds inside back-end searches
     select_s: float            # seconds guarding and selecting
+    deepen_s: float = 0.0      # seconds of the deepening passes (search and selection)
 
 
 def prepare(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray], round: int,
@@ -591,20 +592,25 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
     counts = {name: np.zeros(m, np.int64) for name in GUARDS}
     timing = {"search": 0.0, "select": 0.0}
 
-    def run(batches: list, depth: int) -> list:
+    def run(batches: list, depth: int, reserve: int) -> list:
+        """Search ``batches`` at depth ``reserve`` (>= ``depth``); mine at ``depth``, then mine the
+        batch's short queries again over the whole reserve, with no second search."""
         done = []
         if prep.need_ranked:
-            stream = search_batches(backend, prep.qs.emb, batches, depth, prefetch)
+            stream = search_batches(backend, prep.qs.emb, batches, reserve, prefetch)
         else:
             stream = ((q, None, None, 0.0) for q in batches)
         for q, D, I, secs in stream:
             t = time.perf_counter()
-            ctx = BatchContext(prep.pool, prep.qs, q, cfg, backend, depth)
-            if D is not None:
-                guard(ctx, D, I)
-            res, got[q] = select_parts(ctx, prep)
-            for name, c in ctx.counts.items():
-                counts[name][q] = c
+            res = mine_batch(q, D, I, depth)
+            short = got[q] < prep.k_mined
+            if D is not None and reserve > depth and short.any():
+                sq = q[short]
+                keep = {c: [v[~np.isin(qq, sq)] for v, qq in zip(vals, res["q"])] for c, vals in res.items()}
+                again = mine_batch(sq, D[short], I[short], reserve)
+                res = {c: keep[c] + again[c] for c in COLUMNS}
+                state["reserved"] += int(sq.size)
+                state["depth"] = max(state["depth"], reserve)
             done.append(res)
             release_pages(prep.pool.xb)
             timing["search"] += secs
@@ -613,19 +619,36 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
                 progress(len(q))
         return done
 
+    def mine_batch(q: np.ndarray, D, I, depth: int) -> dict:
+        ctx = BatchContext(prep.pool, prep.qs, q, cfg, backend, depth)
+        if D is not None:
+            guard(ctx, D[:, :depth], I[:, :depth])
+        res, got[q] = select_parts(ctx, prep)
+        for name, c in ctx.counts.items():
+            counts[name][q] = c
+        return res
+
+    state = {"reserved": 0, "depth": prep.depth}
     step = cfg.query_batch
-    batches = run([queries[s:s + step] for s in range(0, queries.size, step)], prep.depth)
-    batches, depth, deepened = deepen(prep, cfg, batches, got, queries, run)
-    return Mined({c: [v for b in batches for v in b[c]] for c in COLUMNS}, got, counts, depth, deepened,
-                 timing["search"], timing["select"])
+    max_depth = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
+    reserve = max(prep.depth, min(max_depth, prep.depth * 4))
+    batches = run([queries[s:s + step] for s in range(0, queries.size, step)], prep.depth, reserve)
+    t = time.perf_counter()
+    batches, depth, deepened = deepen(prep, cfg, batches, got, queries, run, state["depth"])
+    return Mined({c: [v for b in batches for v in b[c]] for c in COLUMNS}, got, counts, depth,
+                 deepened + state["reserved"], timing["search"], timing["select"], time.perf_counter() - t)
 
 
-def deepen(prep: Prepared, cfg: MineConfig, batches: list, got: np.ndarray, queries: np.ndarray, run) -> tuple:
+def deepen(prep: Prepared, cfg: MineConfig, batches: list, got: np.ndarray, queries: np.ndarray, run,
+           depth: int) -> tuple:
     """Adaptive depth: queries still short (typically those whose target ranks deep, so that the
-    positive-aware cap removes every candidate above it) are searched again, 4x deeper each time,
-    up to max_candidates. Their earlier rows are replaced; other queries are untouched.
-    -> (batches, deepest depth, queries deepened)."""
-    depth0 = depth = prep.depth
+    positive-aware cap removes every candidate above it) are mined again, 4x deeper each time, up
+    to max_candidates. Their earlier rows are replaced; other queries are untouched. The first
+    level comes free: every batch is searched 4x deeper than it is mined and its short queries are
+    mined again over that reserve (one search costs about the same at depth 128 or 512; the guards
+    run on the reserve only for short queries). Deeper levels search the still-short queries again
+    from ``depth`` (the reserve). -> (batches, deepest depth, queries searched again)."""
+    depth0 = prep.depth
     n = len(prep.g)
     max_depth = min(n, cfg.max_candidates) if cfg.max_candidates else depth
     deepened = 0
@@ -640,7 +663,7 @@ def deepen(prep: Prepared, cfg: MineConfig, batches: list, got: np.ndarray, quer
         redo[short] = True
         batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()} for b in batches]
         step = max(1, cfg.query_batch * depth0 // depth)  # same memory per batch as the first pass
-        batches += run([short[s:s + step] for s in range(0, short.size, step)], depth)
+        batches += run([short[s:s + step] for s in range(0, short.size, step)], depth, depth)
         deepened += int(short.size)
     return batches, depth, deepened
 
@@ -698,7 +721,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     table = _assemble(prep.pool, prep.qs, prep.parts, mined.out, round, cfg.seed)
     meta = footer(ws, split, cfg, prep, mined, table, round, query_emb is None, search_meta,
                   {"prepare_s": round_(t_prep), "search_s": round_(mined.search_s),
-                   "select_s": round_(mined.select_s), "total_s": round_(time.perf_counter() - t0)})
+                   "select_s": round_(mined.select_s), "deepen_s": round_(mined.deepen_s), "total_s": round_(time.perf_counter() - t0)})
     log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, prep.m, meta["shortfall"]["count"])
     return MineResult(table, meta, mined.guard_counts, backend)
 

@@ -26,6 +26,7 @@ def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int =
     float32[chunk, depth, d] at once. ``rows``: int64[b, depth] (entries < 0 give -inf)."""
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     safe = np.where(rows < 0, 0, rows)
+    chunk = max(1, min(chunk, 65_536 // max(1, rows.shape[1])))   # <= 64k gathered rows at once
     vec = np.asarray(vec, np.float32)                       # float16 galleries are scored in float32
     for s in range(0, rows.shape[0], chunk):
         e = min(rows.shape[0], s + chunk)
