@@ -64,11 +64,13 @@ def _fingerprint_index(index) -> str:
 
 
 class ExactSearch:
-    """Exact top-k by inner product. In-memory galleries go through one flat FAISS index (GPU by the
+    """Exact top-k by inner product (``cheap_depth``: a search costs about the same at any depth, so
+    the miner searches deeper than it mines and keeps the rest for short queries). In-memory galleries go through one flat FAISS index (GPU by the
     one GPU rule, fp16 storage optional); memory-mapped ones are scanned in blocks of ``block_rows``
     rows with merged top-k, so memory is one block plus the results."""
 
     exact = True
+    cheap_depth = True
 
     def __init__(self, xb: np.ndarray, device: str = "auto", fp16: bool = False, block_rows: int = 262_144,
                  blocked: Optional[bool] = None):
@@ -119,6 +121,12 @@ class Reranked:
         self.source, self.xb, self.overfetch = source, xb, float(overfetch)
         self.ntotal, self.d = int(source.ntotal), int(source.d)
         self.info = dict(info or {})
+
+    @property
+    def cheap_depth(self) -> bool:
+        """Deeper searches cost about the same (IVF lists with full vectors, flat): an HNSW search
+        widens its beam with k and a PQ re-rank gathers k x over-fetch rows, so those are not."""
+        return self.overfetch == 1 and index_kind(self.source) in ("ivf", "flat")
 
     def fetch_depth(self, k: int) -> int:
         return int(min(self.ntotal, math.ceil(k * self.overfetch)))
@@ -210,7 +218,8 @@ def tunable(index) -> tuple[str, list]:
     kind = index_kind(index)
     if kind == "ivf":
         nlist = int(faiss.extract_index_ivf(index).nlist)
-        vals = sorted({min(nlist, 2 ** i) for i in range(0, 31) if 2 ** (i - 1) < nlist})
+        top = min(nlist, 2048) if hasattr(index, "getDevice") else nlist     # GPU IVF: nprobe <= 2048
+        vals = sorted({min(top, 2 ** i) for i in range(0, 31) if 2 ** (i - 1) < top})
         return "nprobe", vals
     if kind == "hnsw":
         return "efSearch", [2 ** i for i in range(4, 14)]
@@ -248,16 +257,21 @@ class Tuning:
     queries: int                   # sampled queries
     tried: list = field(default_factory=list)   # [(value, recall, seconds)]
     seconds: float = 0.0
+    overfetch: float = 1.0         # over-fetch the recall was reached with
 
     def to_dict(self) -> dict:
         return {"param": self.param, "value": self.value, "recall": round(self.recall, 4), "target": self.target,
                 "reached": self.reached, "depth": self.depth, "queries": self.queries,
-                "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried], "seconds": round(self.seconds, 3)}
+                "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried], "seconds": round(self.seconds, 3),
+                "overfetch": self.overfetch}
 
 
-def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float) -> Tuning:
+def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float,
+         max_overfetch: float = 32.0) -> Tuning:
     """Set the cheapest value of the index's search parameter whose candidate recall@``depth`` on the
-    sample ``xq`` (exact rows ``exact_I``) reaches ``target``; the largest tried when none does."""
+    sample ``xq`` (exact rows ``exact_I``) reaches ``target``. When even the largest value falls short
+    and the index stores compressed codes (over-fetch > 1), the over-fetch doubles (up to
+    ``max_overfetch``) and the search resumes from the value reached. The largest tried when none does."""
     t0 = time.perf_counter()
     name, values = tunable(backend.source)
     if not name:
@@ -265,19 +279,27 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
         r = candidate_recall(I, exact_I)
         return Tuning("", None, r, target, r >= target, depth, len(xq), [], time.perf_counter() - t0)
     tried = []
-    for v in values:
-        set_search_params(backend.source, {name: v})
-        ts = time.perf_counter()
-        _, I = backend.search(xq, depth)
-        r = candidate_recall(I, exact_I)
-        tried.append((v, r, time.perf_counter() - ts))
-        if r >= target:
+    start = 0
+    while True:
+        for i in range(start, len(values)):
+            v = values[i]
+            set_search_params(backend.source, {name: v})
+            ts = time.perf_counter()
+            _, I = backend.search(xq, depth)
+            r = candidate_recall(I, exact_I)
+            tried.append((v, r, time.perf_counter() - ts))
+            if r >= target:
+                break
+        v, r, _ = tried[-1]
+        if r >= target or backend.overfetch <= 1 or backend.overfetch * 2 > max_overfetch:
             break
-    v, r, _ = tried[-1]
+        backend.overfetch *= 2                        # compressed codes: fetch more, re-rank exactly
+        start = values.index(v)
     backend.set_params({name: v})
     if r < target:
         log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
-    return Tuning(name, v, r, target, r >= target, depth, len(xq), tried, time.perf_counter() - t0)
+    return Tuning(name, v, r, target, r >= target, depth, len(xq), tried, time.perf_counter() - t0,
+                  backend.overfetch)
 
 
 # ------------------------------------------------------------------------------------------------

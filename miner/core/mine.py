@@ -631,7 +631,7 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
     state = {"reserved": 0, "depth": prep.depth}
     step = cfg.query_batch
     max_depth = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
-    reserve = max(prep.depth, min(max_depth, prep.depth * 4))
+    reserve = max(prep.depth, min(max_depth, prep.depth * 4)) if getattr(backend, "cheap_depth", False) else prep.depth
     batches = run([queries[s:s + step] for s in range(0, queries.size, step)], prep.depth, reserve)
     t = time.perf_counter()
     batches, depth, deepened = deepen(prep, cfg, batches, got, queries, run, state["depth"])
