@@ -148,7 +148,7 @@ class Reranked:
         self.info["params"] = dict(params)
 
     def describe(self) -> dict:
-        return {"exact": False, "params": {}, **self.info, "overfetch": self.overfetch}
+        return {"params": {}, **self.info, "exact": bool(self.exact), "overfetch": self.overfetch}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -496,7 +496,8 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
         backend = E.Reranked(index, xb, cfg.overfetch or 1.0, {"index": "given", "factory": type(index).__name__,
                                                                  "params": E.current_params(index)})
         backend.exact = E.index_kind(index) == "flat"
-        backend.set_params(cfg.fixed_params()) if cfg.fixed_params() else None
+        if cfg.fixed_params():
+            backend.set_params(cfg.fixed_params())
         return backend, {**backend.describe(), "source": "given"}
     spec = cfg.index
     if spec == "flat" or spec == "Flat":
