@@ -288,6 +288,7 @@ def read_gallery(path: str | Path, check_norm: bool = True, embeddings_path: Opt
         if check_norm:
             for s in range(0, len(ids), 65_536):
                 check_embeddings(np.asarray(emb[s:s + 65_536], np.float32), embeddings_path, "rows", ids[s:])
+                release_pages(emb)
     else:
         try:
             emb = embedding_numpy(table.column("embedding"))
@@ -312,6 +313,21 @@ def open_embeddings(path: Path, n: int, gallery_path: Path) -> np.ndarray:
     return emb
 
 
+def release_pages(x) -> None:
+    """Drop the resident pages of a memory-mapped array from this process (the page cache keeps
+    them), so scanning or gathering from a gallery larger than memory does not grow RSS."""
+    import mmap
+
+    m = getattr(x, "_mmap", None)
+    if m is None and isinstance(getattr(x, "base", None), np.memmap):
+        m = getattr(x.base, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 def write_embeddings_npy(emb_blocks, n: int, dim: int, path: Path, dtype=np.float32) -> None:
     """Write ``n`` rows arriving as blocks of float[b, dim] into a ``.npy`` atomically (bounded memory)."""
     with atomic_path(path) as tmp:
@@ -321,6 +337,7 @@ def write_embeddings_npy(emb_blocks, n: int, dim: int, path: Path, dtype=np.floa
             out[s:s + len(block)] = block
             s += len(block)
             out.flush()
+            release_pages(out)
         if s != n:
             raise DataError(f"{path}: got {s} rows for {n}.")
         del out

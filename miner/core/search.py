@@ -14,6 +14,7 @@ import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.data.workspace import release_pages  # noqa: F401  (re-exported for the miner)
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +172,7 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray, block_rows: int 
     return h.hexdigest()[:16]
 
 
-def release_pages(x) -> None:
-    """Drop the resident pages of a memory-mapped array from this process (the page cache keeps
-    them), so scanning or gathering from a gallery larger than memory does not grow RSS."""
-    import mmap
 
-    m = getattr(x, "_mmap", None)
-    if m is None and isinstance(getattr(x, "base", None), np.memmap):
-        m = getattr(x.base, "_mmap", None)
-    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            m.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
 
 
 
