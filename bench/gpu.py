@@ -130,7 +130,7 @@ def mining_rows(args, device: str) -> list:
         rows.append((f"setup: synthetic workspace {args.n_gallery} x {args.dim}, {args.n_queries} queries",
                      time.perf_counter() - t, "s", ""))
         base = dict(strategy="midzone", k=args.k, device=device, max_candidates=None)
-        prep = prepare(ws, "train", MineConfig(**base), None, 0, loaded)
+        prep = prepare(ws, "train", MineConfig.of(**base), None, 0, loaded)
         xq, xb, depth = prep.qs.emb, prep.pool.xb, prep.depth
         for kind in ("flat", "ivf"):
             t = time.perf_counter()
@@ -156,7 +156,7 @@ def mining_rows(args, device: str) -> list:
                 best = None
                 for _ in range(args.repeats):
                     t = time.perf_counter()
-                    res = mine_negatives(ws, "train", MineConfig(**base, prefetch=prefetch), index=backend, loaded=loaded)
+                    res = mine_negatives(ws, "train", MineConfig.of(**base, prefetch=prefetch), index=backend, loaded=loaded)
                     wall = time.perf_counter() - t
                     best = (wall, res) if best is None or wall < best[0] else best
                 wall, res = best

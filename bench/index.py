@@ -77,7 +77,7 @@ def compare(args) -> dict:
     base = dict(strategy="hardest", k=args.k, check_recall=args.check_recall)
     rows = {}
     with Clock() as c:
-        exact = mine_negatives(ws, "train", MineConfig(**base), loaded=loaded)
+        exact = mine_negatives(ws, "train", MineConfig.of(**base), loaded=loaded)
     ref = neg_sets(exact.table)
     rows["flat"] = {"wall_s": c.wall, "cpu_s": c.cpu, "timing": exact.meta["timing"], "overlap": 1.0}
     depth = exact.meta["depth"]
@@ -85,7 +85,7 @@ def compare(args) -> dict:
         with Clock() as b:
             raw, factory = E.approximate_index(g.embeddings, kind, device=args.device)
         backend = E.Reranked(raw, g.embeddings, E.default_overfetch(factory), {"index": kind, "factory": factory})
-        cfg = MineConfig(**base, index=kind)
+        cfg = MineConfig.of(**base, index=kind)
         with Clock() as c:
             # the tuning and the mining, through the prebuilt index (as `--index workspace` does)
             from cir_mine.miner.core.mine import prepare
@@ -108,13 +108,13 @@ def compare(args) -> dict:
     index.add(xb)
     from cir_mine.miner.core.mine import prepare
 
-    prep = prepare(ws, "train", MineConfig(**base), None, 0, loaded)
+    prep = prepare(ws, "train", MineConfig.of(**base), None, 0, loaded)
     with Clock() as bare:
         for s in range(0, prep.m, 4096):
             index.search(prep.qs.emb[s:s + 4096], depth)
     del index
     with Clock() as single:
-        sp = mine_negatives(ws, "train", MineConfig(strategy="hardest", k=args.k, max_candidates=None), loaded=loaded)
+        sp = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=args.k, max_candidates=None), loaded=loaded)
     return {"bench": "index-compare", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
             "k": args.k, "depth": depth, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows,
             "single_pass": {"bare_search_wall_s": bare.wall, "bare_search_cpu_s": bare.cpu,
@@ -128,7 +128,7 @@ def deepen(args) -> dict:
     out = {}
     for name, mc in (("single", None), ("deepen", 2048)):
         with Clock() as c:
-            r = mine_negatives(ws, "train", MineConfig(strategy="midzone", k=10, max_candidates=mc), loaded=loaded)
+            r = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=10, max_candidates=mc), loaded=loaded)
         out[name] = {"wall_s": c.wall, "cpu_s": c.cpu, "timing": r.meta["timing"], "deepened": r.meta["deepened_queries"],
                      "depth": r.meta["depth"], "shortfall": r.meta["shortfall"]["count"]}
     s, d = out["single"], out["deepen"]

@@ -29,7 +29,7 @@ def world(synth_work):
 def mine(world, **kw):
     kw.setdefault("k", 10)
     kw.setdefault("candidates", 200)
-    return mine_negatives(world["ws"], "train", MineConfig(**kw))
+    return mine_negatives(world["ws"], "train", MineConfig.of(**kw))
 
 
 # -- engine pieces --------------------------------------------------------------------------------
@@ -68,12 +68,12 @@ def test_reranked_scores_are_exact_and_sorted():
 def test_parse_search_params_and_errors():
     assert E.parse_search_params("nprobe=16, efSearch=64") == {"nprobe": 16, "efSearch": 64}
     assert E.parse_search_params(None) == {}
-    with pytest.raises(UsageError, match=r"--search-params 'nprobe': use name=integer pairs"):
+    with pytest.raises(UsageError, match=r"search_params 'nprobe': use name=integer pairs"):
         E.parse_search_params("nprobe")
-    with pytest.raises(UsageError, match="give either --search-params or --nprobe"):
-        MineConfig(strategy="hardest", search_params="nprobe=2", nprobe=3).validate()
-    with pytest.raises(UsageError, match=r"--target-recall must be in \(0, 1\]"):
-        MineConfig(strategy="hardest", target_recall=1.5).validate()
+    with pytest.raises(UsageError, match="give either search_params or nprobe / ef_search"):
+        MineConfig.of(strategy="hardest", search_params="nprobe=2", nprobe=3).validate()
+    with pytest.raises(UsageError, match=r"target_recall must be in \(0, 1\]"):
+        MineConfig.of(strategy="hardest", target_recall=1.5).validate()
 
 
 def test_candidate_recall():
@@ -145,7 +145,7 @@ def test_any_backend_with_the_contract_is_used_as_given(world):
 
     kw = dict(strategy="hardest", rho=None)
     a = mine(world, **kw)
-    b = mine_negatives(world["ws"], "train", MineConfig(k=10, candidates=200, **kw), index=Shards())
+    b = mine_negatives(world["ws"], "train", MineConfig.of(k=10, candidates=200, **kw), index=Shards())
     assert Shards.calls > 0 and b.meta["search"]["index"] == "shards"
     assert b.table.drop(["score", "delta"]).equals(a.table.drop(["score", "delta"]))
     assert np.allclose(b.table["score"].to_numpy(), a.table["score"].to_numpy(), atol=1e-5)
@@ -154,7 +154,7 @@ def test_any_backend_with_the_contract_is_used_as_given(world):
         ntotal = 10
 
     with pytest.raises(DataError, match="the search back-end has d=32 and 10 rows but the gallery has d=32 and 3000"):
-        mine_negatives(world["ws"], "train", MineConfig(strategy="hardest"), index=Wrong())
+        mine_negatives(world["ws"], "train", MineConfig.of(strategy="hardest"), index=Wrong())
 
 
 def test_prefetch_equals_sequential(world):
@@ -178,7 +178,7 @@ def indexed(synth_work, tmp_path):
 
 
 def test_workspace_index_is_searched_and_fingerprinted(indexed, tmp_path):
-    res = mine_to_file(indexed, "train", MineConfig(strategy="hardest", index="workspace", nprobe=4), tmp_path / "n.parquet")
+    res = mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", index="workspace", nprobe=4), tmp_path / "n.parquet")
     s = res.meta["search"]
     assert s["index"] == "workspace" and s["factory"] == "IVF16,Flat" and s["params"] == {"nprobe": 4}
     assert s["fingerprint"] == E.file_fingerprint(indexed.index_path("train")) and s["file"] == "index.train.faiss"
@@ -197,7 +197,7 @@ def test_refresh_searches_exactly_like_round_0(indexed, tmp_path, index):
     from cir_mine.train.refresh import miner_remine
 
     out = tmp_path / "negs.parquet"
-    r0 = mine_to_file(indexed, "train", MineConfig(mix="hardest:0.5,midzone:0.5", k=6, index=index,
+    r0 = mine_to_file(indexed, "train", MineConfig.of(mix="hardest:0.5,midzone:0.5", k=6, index=index,
                                                    target_recall=0.9, tune_queries=100), out)
     assert "tuning" in r0.meta["search"]
     if index == "hnsw":
@@ -214,7 +214,7 @@ def test_refresh_of_a_flat_table_never_uses_the_workspace_index(indexed, tmp_pat
     from cir_mine.train.refresh import miner_remine
 
     out = tmp_path / "negs.parquet"
-    r0 = mine_to_file(indexed, "train", MineConfig(strategy="hardest", k=6), out)
+    r0 = mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", k=6), out)
     table, meta = miner_remine(indexed.root, "train", out)(_zero_shot(indexed), 1, 1)
     assert meta["search"]["exact"] is True and meta["search"]["index"] == "flat"
     assert table.drop(["round"]).equals(r0.table.drop(["round"]))
@@ -225,7 +225,7 @@ def test_refresh_refuses_a_changed_index(indexed, tmp_path):
     from cir_mine.train.refresh import miner_remine
 
     out = tmp_path / "negs.parquet"
-    mine_to_file(indexed, "train", MineConfig(strategy="hardest", k=6, index="workspace", nprobe=2), out)
+    mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", k=6, index="workspace", nprobe=2), out)
     index_workspace(indexed.root, "train", "IVF8,Flat", device="cpu")
     remine = miner_remine(indexed.root, "train", out)
     with pytest.raises(DataError, match=r"index.train.faiss: changed since .*negs.parquet was mined"):
@@ -274,7 +274,7 @@ def test_memory_mapped_gallery_mines_the_same_table(synth_work, tmp_path, index)
     from cir_mine.miner.encode.index import write_gallery_npy
 
     ws = _copy(synth_work, tmp_path)
-    cfg = MineConfig(mix="hardest:0.5,midzone:0.5", k=6, index=index, nprobe=None if index == "flat" else 16)
+    cfg = MineConfig.of(mix="hardest:0.5,midzone:0.5", k=6, index=index, nprobe=None if index == "flat" else 16)
     ref = mine_negatives(ws, "train", cfg)
     write_gallery_npy(ws, "train")
     g = ws.gallery("train")
@@ -290,12 +290,12 @@ def test_gallery_without_embedding_column_reads_the_npy(synth_work, tmp_path):
     from cir_mine.data.workspace import write_embeddings_npy, write_table
 
     ws = _copy(synth_work, tmp_path)
-    ref = mine_negatives(ws, "train", MineConfig(strategy="hardest", k=5))
+    ref = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=5))
     tb = pq.read_table(ws.gallery_path("train"))
     emb = np.stack(tb.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float16)
     write_table(tb.drop(["embedding"]), ws.gallery_path("train"))
     write_embeddings_npy(iter([emb[:1000], emb[1000:]]), 3000, 32, ws.embeddings_path("train"), np.float16)
-    got = mine_negatives(ws, "train", MineConfig(strategy="hardest", k=5))
+    got = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=5))
     assert got.meta["n_rows"] > 0.9 * ref.meta["n_rows"]
     e = emb.astype(np.float32)
     row = {i: r for r, i in enumerate(tb.column("image_id").to_pylist())}

@@ -1,6 +1,6 @@
 """The refresh's miner call: re-mine a split with the config stored in a negatives table.
 
-:func:`miner_remine` returns the ``remine(query_emb, round, epoch) -> (table, meta)`` callable the
+:func:`miner_remine` returns the ``remine(query_emb, mining_round, epoch) -> (table, meta)`` callable the
 training loop takes (cir_mine.train.loop.Remine). It reads the mining config (``meta["config"]``) and
 the search back-end (``meta["search"]``) from the table's footer, reads the split once, reopens the
 very back-end round 0 searched (exact, or the same index file checked by fingerprint, with the same
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None):
-    """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
+    """-> remine(query_emb float32[m, d], mining_round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
     from cir_mine.miner.core.engine import reopen
     from cir_mine.miner.core.mine import MineConfig, mine_negatives
     from cir_mine.miner.core.tables import read_negatives_meta
@@ -45,13 +45,13 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
                                     device=base.get("device", "auto"), fp16=base.get("fp16", False))
         return state["index"]
 
-    def remine(query_emb: np.ndarray, round: int, epoch: int):
+    def remine(query_emb: np.ndarray, mining_round: int, epoch: int):
         cfg = MineConfig.from_dict({**base, "query": "checkpoint"})
         sched = schedule or base.get("schedule")
         if sched:
             cfg = _with_mix(cfg, sched, epoch)
-        res = mine_negatives(ws, split, cfg, query_emb=query_emb, round=round, index=index(), loaded=data())
-        log.info("re-mined round %d at epoch %d: %d rows", round, epoch, res.table.num_rows)
+        res = mine_negatives(ws, split, cfg, query_emb=query_emb, mining_round=mining_round, index=index(), loaded=data())
+        log.info("re-mined round %d at epoch %d: %d rows", mining_round, epoch, res.table.num_rows)
         return res.table, res.meta
 
     return remine

@@ -117,7 +117,7 @@ class Reranked:
 
     def __init__(self, source, xb: np.ndarray, overfetch: float = 1.0, info: Optional[dict] = None):
         if overfetch < 1:
-            raise UsageError(f"--overfetch must be at least 1 (got {overfetch}).")
+            raise UsageError(f"overfetch must be at least 1 (got {overfetch}).", params=("overfetch",))
         self.source, self.xb, self.overfetch = source, xb, float(overfetch)
         self.ntotal, self.d = int(source.ntotal), int(source.d)
         self.info = dict(info or {})
@@ -166,10 +166,11 @@ def parse_search_params(spec: Optional[str]) -> dict:
         try:
             out[name.strip()] = int(value)
         except ValueError:
-            raise UsageError(f"--search-params {spec!r}: use name=integer pairs separated by commas, "
-                             f"e.g. nprobe=16 or efSearch=128.") from None
+            raise UsageError(f"search_params {spec!r}: use name=integer pairs separated by commas, "
+                             f"e.g. nprobe=16 or efSearch=128.", params=("search_params",)) from None
         if not eq:
-            raise UsageError(f"--search-params {spec!r}: use name=integer pairs, e.g. nprobe=16.")
+            raise UsageError(f"search_params {spec!r}: use name=integer pairs, e.g. nprobe=16.",
+                             params=("search_params",))
     return out
 
 

@@ -25,17 +25,19 @@ from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versio
 
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
-from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys
+from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
 from cir_mine.miner.core import engine as E
 from cir_mine.miner.core.search import check_index, index_meta, load_index, release_pages, search_batched
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
-from cir_mine.miner.core.strategies import REGISTRY, Candidates, Picks, hash_keys, parse_mix, split_k
+from cir_mine.miner.core.strategies import (REGISTRY, Candidates, Picks, default_params, hash_keys, param_owner,
+                                            parse_mix, split_k, validate_params)
 from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, write_negatives
 
 log = logging.getLogger(__name__)
 
 QUERY_SOURCES = ("zero-shot", "checkpoint")
+MAX_GUARDS_PER_QUERY = 1000    # short queries whose guard counts the footer keeps (guards_per_query)
 SAMPLE_ORDERS = ("top", "random")
 
 
@@ -43,7 +45,7 @@ SAMPLE_ORDERS = ("top", "random")
 class MineConfig:
     strategy: Optional[str] = None        # one strategy name (or use mix / schedule)
     mix: Optional[str] = None             # 'midzone:0.6,category:0.3,random:0.1'
-    schedule: Optional[str] = None        # curriculum '0:random,2:midzone,4:hardest' (mines the mix at `round`)
+    schedule: Optional[str] = None        # curriculum '0:random,2:midzone,4:hardest' (mines the mix of the mining round)
     k: int = 10                           # negatives per query
     seed: int = 0                         # sampling seed (per query: hash of seed and query_id)
     query: str = "zero-shot"              # query embeddings: zero-shot or checkpoint (passed in)
@@ -51,24 +53,8 @@ class MineConfig:
     candidates: Optional[int] = None      # search depth per query (None: max(4k, range_max, 128))
     max_candidates: Optional[int] = 2048  # short queries are searched again up to this depth (None: off)
     query_batch: int = 4096               # queries per search batch (bounds memory)
-    range_min: int = 0                    # hardest: first rank of the window (0-based, inclusive)
-    range_max: Optional[int] = None       # hardest: end of the window (exclusive; None: depth)
-    margin: float = 0.1                   # semihard: 0 < delta < margin
-    delta_lo: float = 0.02                # midzone: lower bound of delta (inclusive)
-    delta_hi: float = 0.2                 # midzone: upper bound of delta (inclusive)
-    category_shares: tuple = (0.7, 0.2, 0.1)  # category: same-cat, other-cat, random shares
-    attr_agree: float = 1.0               # attribute-mismatch: share of non-requested groups equal to the target
-    soft_lo: float = 0.0                  # soft: overlap(c, t) > soft_lo
-    soft_hi: float = 1.0                  # soft: overlap(c, t) < soft_hi
     sample: Optional[str] = None          # override the selection order of ranked strategies: top | random
-    discrepant_pool: str = "target"       # category-discrepant: candidates near the target (its own search) or the query
     random_draws: int = 32                # extra uniform draws per query beyond 2k (random, category)
-    exclude_target: bool = True           # guard: never the target
-    exclude_reference: bool = True        # guard: never the reference
-    exclude_extra_positives: bool = True  # guard: never an extra positive
-    dup_threshold: Optional[float] = 0.98 # guard: drop s(c, t) >= dup_threshold (None: off)
-    rho: Optional[float] = 0.95           # guard: positive-aware cap s(q,c) > rho*s(q,t), sign-safe (None: off)
-    trust_verified: bool = True           # guard: verified negatives skip the cap and near-dup guards
     device: str = "auto"                  # FAISS device: auto | cpu | cuda
     fp16: bool = False                    # GPU indexes store float16 vectors (flat and IVF)
     index: str = "flat"                   # search back-end: flat (exact) | workspace (index.{split}.faiss) | ivf | ivfpq | hnsw | FAISS factory
@@ -80,85 +66,127 @@ class MineConfig:
     tune_queries: int = 1000              # sampled queries the tuning measures recall on
     check_recall: int = 0                 # sampled queries for the recall and negative-overlap report against exact mining (0: off)
     prefetch: Optional[bool] = None       # search batch i+1 while batch i is guarded (None: with a GPU index)
+    guards: GuardConfig = field(default_factory=GuardConfig)  # the false-negative guards
+    params: dict = field(default_factory=default_params)      # strategy name -> its parameter dataclass
+
+    # -- flat options: one namespace over this config, its guards and every strategy's parameters
+    @classmethod
+    def option_owners(cls) -> dict:
+        """Option name -> where it lives: 'config', 'guards' or a strategy name."""
+        owners = {f.name: "config" for f in dataclasses.fields(cls) if f.name not in ("guards", "params")}
+        owners.update({f.name: "guards" for f in dataclasses.fields(GuardConfig)})
+        owners.update(param_owner())
+        return owners
+
+    @classmethod
+    def of(cls, **options) -> "MineConfig":
+        """A config from flat options, each named as its field is: this config's, GuardConfig's or a
+        strategy's parameter, e.g. ``MineConfig.of(strategy="midzone", delta_lo=0.05, rho=None)``."""
+        return cls().replace(**options)
+
+    def replace(self, **options) -> "MineConfig":
+        """A copy with flat options changed (see :meth:`of`)."""
+        owners = self.option_owners()
+        unknown = sorted(set(options) - set(owners))
+        if unknown:
+            raise UsageError(f"unknown mining option(s) {', '.join(unknown)}.", params=tuple(unknown))
+        top, guards, params = {}, {}, {}
+        for name, value in options.items():
+            owner = owners[name]
+            if owner == "config":
+                top[name] = value
+            elif owner == "guards":
+                guards[name] = value
+            else:
+                params.setdefault(owner, {})[name] = _typed(REGISTRY[owner].params, name, value)
+        new_params = dict(self.params)
+        for owner, values in params.items():
+            new_params[owner] = dataclasses.replace(self.params_of(owner), **values)
+        return dataclasses.replace(self, **top, guards=dataclasses.replace(self.guards, **guards), params=new_params)
+
+    def options(self) -> dict:
+        """Every flat option with its value (the inverse of :meth:`of`)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("guards", "params")}
+        out.update(dataclasses.asdict(self.guards))
+        for name in REGISTRY:
+            out.update(dataclasses.asdict(self.params_of(name)))
+        return out
+
+    def params_of(self, strategy: str):
+        """The parameter dataclass of ``strategy`` (its defaults where this config sets none)."""
+        p = self.params.get(strategy)
+        return p if p is not None else REGISTRY[strategy].params()
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["category_shares"] = list(self.category_shares)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("guards", "params")}
+        d["guards"] = dataclasses.asdict(self.guards)
+        d["params"] = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
+                       for name, p in self.params.items() if dataclasses.fields(p)}
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MineConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise UsageError(f"unknown mining config key(s) {', '.join(sorted(unknown))}.")
+        """Inverse of :meth:`to_dict`; flat option names (tables mined by earlier versions) are read too."""
         d = dict(d)
-        if "category_shares" in d:
-            d["category_shares"] = tuple(d["category_shares"])
-        return cls(**d)
+        guards, params = d.pop("guards", None) or {}, d.pop("params", None) or {}
+        flat = {**guards, **{k: v for p in params.values() for k, v in p.items()}, **d}
+        try:
+            return cls.of(**flat)
+        except UsageError as e:
+            raise UsageError(str(e).replace("option(s)", "config key(s)"), params=e.params) from None
 
-    def guard_config(self) -> GuardConfig:
-        return GuardConfig(self.exclude_target, self.exclude_reference, self.exclude_extra_positives,
-                           self.dup_threshold, self.rho, self.trust_verified)
-
-    def parts(self, round: int = 0) -> list[tuple[str, float]]:
-        """The (strategy, share) mix this config mines at ``round``."""
+    def parts(self, mining_round: int = 0) -> list[tuple[str, float]]:
+        """The (strategy, share) mix this config mines at ``mining_round``."""
         given = [x for x in (self.strategy, self.mix) if x]
         if len(given) > 1:
-            raise UsageError("give either --strategy or --mix, not both.")
+            raise UsageError("give either strategy or mix, not both.", params=("strategy", "mix"))
         if given:
             return parse_mix(given[0])
         if self.schedule:
-            return mix_at(parse_schedule(self.schedule), round)
-        raise UsageError("no strategy: pass --strategy NAME, --mix SPEC or --schedule SPEC.")
+            return mix_at(parse_schedule(self.schedule), mining_round)
+        raise UsageError("nothing to mine: pass strategy NAME, mix SPEC or schedule SPEC.",
+                         params=("strategy", "mix", "schedule"))
 
-    def validate(self, round: int = 0) -> list[tuple[str, float]]:
-        parts = self.parts(round)
+    def validate(self, mining_round: int = 0) -> list[tuple[str, float]]:
+        """Check every option (errors name the option); returns the mix of ``mining_round``."""
+        parts = self.parts(mining_round)
         if self.k < 1:
-            raise UsageError(f"-k must be at least 1 (got {self.k}).")
+            raise UsageError(f"k must be at least 1 (got {self.k}).", params=("k",))
         if self.query not in QUERY_SOURCES:
-            raise UsageError(f"--query {self.query!r}: use zero-shot or checkpoint.")
+            raise UsageError(f"query {self.query!r}: use zero-shot or checkpoint.", params=("query",))
         if self.sample is not None and self.sample not in SAMPLE_ORDERS:
-            raise UsageError(f"--sample {self.sample!r}: use top or random.")
-        if self.discrepant_pool not in ("target", "query"):
-            raise UsageError(f"--discrepant-pool {self.discrepant_pool!r}: use target or query.")
-        if self.soft_lo > self.soft_hi:
-            raise UsageError(f"--soft-lo ({self.soft_lo}) is above --soft-hi ({self.soft_hi}); swap them.")
-        if self.delta_lo > self.delta_hi:
-            raise UsageError(f"--delta-lo ({self.delta_lo}) is above --delta-hi ({self.delta_hi}); swap them.")
-        if self.range_max is not None and self.range_max <= self.range_min:
-            raise UsageError(f"--range-max ({self.range_max}) must be above --range-min ({self.range_min}).")
+            raise UsageError(f"sample {self.sample!r}: use top or random.", params=("sample",))
         if self.max_candidates is not None and self.max_candidates < 1:
-            raise UsageError("--max-candidates must be at least 1 (use --no-deepen to switch deepening off).")
+            raise UsageError("max_candidates must be at least 1 (use max_candidates=None to switch deepening off).",
+                             params=("max_candidates", "max_candidates=None"))
         if self.candidates is not None and self.candidates < 1:
-            raise UsageError("--candidates must be at least 1.")
+            raise UsageError("candidates must be at least 1.", params=("candidates",))
         if self.query_batch < 1:
-            raise UsageError("--query-batch must be at least 1.")
-        if self.rho is not None and not 0 < self.rho <= 1:
-            raise UsageError(f"--rho must be in (0, 1] (got {self.rho}); use --no-cap to switch the cap off.")
-        if len(self.category_shares) != 3 or min(self.category_shares) < 0 or sum(self.category_shares) <= 0:
-            raise UsageError("--category-shares needs three non-negative shares, e.g. 0.7,0.2,0.1.")
+            raise UsageError("query_batch must be at least 1.", params=("query_batch",))
+        self.guards.validate()
+        validate_params(self.params)
         if self.schedule:
             parse_schedule(self.schedule)
         if self.target_recall is not None and not 0 < self.target_recall <= 1:
-            raise UsageError(f"--target-recall must be in (0, 1] (got {self.target_recall}).")
-        if self.check_recall < 0 or self.tune_queries < 1:
-            raise UsageError("--check-recall must be at least 0 and the tuning sample at least 1 query.")
-        for name, v in (("--nprobe", self.nprobe), ("--ef-search", self.ef_search)):
+            raise UsageError(f"target_recall must be in (0, 1] (got {self.target_recall}).", params=("target_recall",))
+        if self.check_recall < 0:
+            raise UsageError("check_recall must be at least 0.", params=("check_recall",))
+        if self.tune_queries < 1:
+            raise UsageError("tune_queries must be at least 1.", params=("tune_queries",))
+        for name, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search)):
             if v is not None and v < 1:
-                raise UsageError(f"{name} must be at least 1 (got {v}).")
+                raise UsageError(f"{name} must be at least 1 (got {v}).", params=(name,))
         if self.search_params and (self.nprobe or self.ef_search):
-            raise UsageError("give either --search-params or --nprobe / --ef-search, not both.")
+            raise UsageError("give either search_params or nprobe / ef_search, not both.",
+                             params=("search_params", "nprobe", "ef_search"))
         if self.overfetch is not None and self.overfetch < 1:
-            raise UsageError(f"--overfetch must be at least 1 (got {self.overfetch}).")
+            raise UsageError(f"overfetch must be at least 1 (got {self.overfetch}).", params=("overfetch",))
         self.fixed_params()
         return parts
 
     def fixed_params(self) -> dict:
         """The search parameters given explicitly ({} when they are to be tuned or left at defaults)."""
-        from cir_mine.miner.core.engine import parse_search_params
-
-        out = parse_search_params(self.search_params)
+        out = E.parse_search_params(self.search_params)
         if self.nprobe is not None:
             out["nprobe"] = int(self.nprobe)
         if self.ef_search is not None:
@@ -168,7 +196,13 @@ class MineConfig:
     def depth(self, k: int) -> int:
         if self.candidates is not None:
             return self.candidates
-        return max(4 * k, self.range_max or 0, 128)
+        return max(4 * k, self.params_of("hardest").range_max or 0, 128)
+
+
+def _typed(params_cls: type, name: str, value):
+    """JSON lists back to tuples for tuple-valued parameters (category_shares)."""
+    default = {f.name: f.default for f in dataclasses.fields(params_cls)}[name]
+    return tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
 
 
 @dataclass
@@ -282,7 +316,7 @@ class BatchContext:
     def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig, index=None, depth: int = 0):
         self.pool, self.qs, self.q, self.cfg = pool, qs, q, cfg
         self.index, self.depth = index, depth
-        self.gcfg = cfg.guard_config()
+        self.gcfg = cfg.guards
         self.b = len(q)
         self.local = np.arange(self.b, dtype=np.int64)
         self.counts = {g: np.zeros(self.b, np.int64) for g in GUARDS}
@@ -335,7 +369,7 @@ class BatchContext:
             self._cache[key] = gathered_dot(self.pool.xb, c.rows, self.pool.xb[self.qs.target_rows[self.q]])
         return self._cache[key]
 
-    def random_candidates(self, kind: str, k: int, salt: int) -> Candidates:
+    def random_candidates(self, kind: str, k: int, stream: int) -> Candidates:
         """Uniform draws from the gallery ('all'), the target's category ('same-cat') or the other
         categories ('other-cat'), in random order, guarded. Pools no larger than the number of draws
         are enumerated in a random permutation (exact); larger ones are drawn with replacement
@@ -351,7 +385,7 @@ class BatchContext:
             start, size = (cs, ce - cs) if kind == "same-cat" else (np.zeros(self.b, np.int64), n - (ce - cs))
         L = int(min(L, max(1, size.max(initial=1))))
         j = np.broadcast_to(np.arange(L, dtype=np.int64), (self.b, L))
-        h = hash_keys(self.qs.qhash[q], j, salt)
+        h = hash_keys(self.qs.qhash[q], j, stream)
         exact = (size <= L)[:, None]
         idx = np.where(exact, j, (h % np.maximum(size, 1).astype(np.uint64)[:, None]).astype(np.int64))
         ok = idx < size[:, None]
@@ -362,7 +396,7 @@ class BatchContext:
         rows = pool.cat_order[pos] if kind != "all" else pos
         rows = np.where(ok, rows, -1)
         # exact pools: order by a hash of the row (a random permutation); others: draw order
-        order_key = np.where(exact, hash_keys(self.qs.qhash[q], rows, salt), j.astype(np.uint64))
+        order_key = np.where(exact, hash_keys(self.qs.qhash[q], rows, stream), j.astype(np.uint64))
         order_key = np.where(ok, order_key, np.iinfo(np.uint64).max)
         order = np.argsort(order_key, axis=1, kind="stable")
         return self.candidates(np.take_along_axis(rows, order, 1))
@@ -380,8 +414,8 @@ class BatchContext:
         return self.candidates(self.qs.verified_rows[self.q])
 
     # selection helpers
-    def random_keys(self, c: Candidates, salt: int) -> np.ndarray:
-        return hash_keys(self.qs.qhash[self.q], c.rows, salt)
+    def random_keys(self, c: Candidates, stream: int) -> np.ndarray:
+        return hash_keys(self.qs.qhash[self.q], c.rows, stream)
 
     def available(self, c: Candidates) -> np.ndarray:
         """Not picked by an earlier part of the mix (compared by product)."""
@@ -459,17 +493,17 @@ class Mined:
     deepen_s: float = 0.0      # seconds of the deepening passes (search and selection)
 
 
-def prepare(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray], round: int,
+def prepare(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray], mining_round: int,
             loaded: Optional[tuple]) -> Prepared:
-    parts = cfg.validate(round)
+    parts = cfg.validate(mining_round)
     if cfg.query == "checkpoint" and query_emb is None:
         raise UsageError("--query checkpoint needs query embeddings from a trained model: pass --checkpoint RUN/ckpt.pt.")
     ws.require()
     g, t = loaded if loaded is not None else ws.load(split)
     if cfg.k > len(g) - 2:
-        raise UsageError(f"-k ({cfg.k}) is larger than the gallery allows: {ws.gallery_path(split)} has {len(g)} "
+        raise UsageError(f"k ({cfg.k}) is larger than the gallery allows: {ws.gallery_path(split)} has {len(g)} "
                          f"images, so a query has at most {max(len(g) - 2, 0)} negatives besides its reference "
-                         f"and target. Lower -k.")
+                         f"and target. Lower k.", params=("k",))
     strategies = [REGISTRY[n] for n, _ in parts]
     pool = Pool.build(g, _requests(t, any(s.attributes for s in strategies)),
                       g.rows(t.ref_ids.tolist(), t.categories.tolist(), "reference"))
@@ -567,7 +601,7 @@ def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
     res = {c: [] for c in COLUMNS}
     got = np.zeros(ctx.b, np.int64)
     for name, ki, si in prep.mined:
-        p = REGISTRY[name].fn(ctx, ki, si + 1)
+        p = REGISTRY[name].fn(ctx, ki, si + 1, ctx.cfg.params_of(name))
         ctx.take(p)
         ok = p.rows >= 0
         qi, col = np.nonzero(ok)
@@ -696,7 +730,7 @@ def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined) -> dict
 
 
 def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
-                   round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
+                   mining_round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
                    loaded: Optional[tuple] = None) -> MineResult:
     """Mine negatives for every query of ``split``: prepare, open the search back-end, then per batch
     search (approximate back-ends re-ranked exactly), guard and select; deepen short queries;
@@ -710,7 +744,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
     round), so the gallery and triplets are not read again."""
     t0 = time.perf_counter()
-    prep = prepare(ws, split, cfg, query_emb, round, loaded)
+    prep = prepare(ws, split, cfg, query_emb, mining_round, loaded)
     backend, search_meta = (open_search(prep, ws, split, cfg, index) if prep.need_ranked
                             else (None, {"index": "none"}))
     t_prep = time.perf_counter() - t0
@@ -719,25 +753,28 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     if cfg.check_recall and backend is not None:
         search_meta["check"] = check_recall(prep, cfg, backend, mined)
     search_meta["prefetch"] = bool(prefetch)
-    table = _assemble(prep.pool, prep.qs, prep.parts, mined.out, round, cfg.seed)
-    meta = footer(ws, split, cfg, prep, mined, table, round, query_emb is None, search_meta,
-                  {"prepare_s": round_(t_prep), "search_s": round_(mined.search_s),
-                   "select_s": round_(mined.select_s), "deepen_s": round_(mined.deepen_s), "total_s": round_(time.perf_counter() - t0)})
+    table = _assemble(prep.pool, prep.qs, prep.parts, mined.out, mining_round, cfg.seed)
+    meta = footer(ws, split, cfg, prep, mined, table, mining_round, query_emb is None, search_meta,
+                  {"prepare_s": _seconds(t_prep), "search_s": _seconds(mined.search_s),
+                   "select_s": _seconds(mined.select_s), "deepen_s": _seconds(mined.deepen_s),
+                   "total_s": _seconds(time.perf_counter() - t0)})
     log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, prep.m, meta["shortfall"]["count"])
     return MineResult(table, meta, mined.guard_counts, backend)
 
 
 def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mined, table: pa.Table,
-           round: int, zero_shot: bool, search_meta: dict, timing: dict) -> dict:
+           mining_round: int, zero_shot: bool, search_meta: dict, timing: dict) -> dict:
     """Step 6 (assemble): the table's footer metadata."""
     parts, ks, k_mined = prep.parts, prep.ks, prep.k_mined
     part_rows = np.bincount(np.concatenate(mined.out["part"]).astype(np.int64) if mined.out["part"]
                             else np.zeros(0, np.int64), minlength=len(parts))
     short = np.flatnonzero(mined.got < k_mined)
+    missing = int((k_mined - mined.got[short]).sum())
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
     return {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
-        "round": int(round), "bank": bank, "query_source": "zero-shot" if zero_shot else "provided",
+        "data_hash": ws.split_hash(split),
+        "round": int(mining_round), "bank": bank, "query_source": "zero-shot" if zero_shot else "provided",
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
@@ -745,8 +782,12 @@ def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mi
         "deepened_queries": mined.deepened, "n_queries": prep.m, "n_gallery": len(prep.g), "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size),
                       "query_ids": [str(x) for x in prep.qs.ids.take(pa.array(short)).to_pylist()],
-                      "missing": int((k_mined - mined.got[short]).sum()),
-                      "hints": [f"{n}: {REGISTRY[n].hint}" for n, _, _ in prep.mined if REGISTRY[n].hint]},
+                      "missing": missing,
+                      "hints": shortfall_hints({g: int(c[short].sum()) for g, c in mined.guard_counts.items()},
+                                               missing, cfg.guards,
+                                               [f"{n}: {REGISTRY[n].hint}" for n, _, _ in prep.mined if REGISTRY[n].hint])},
+        "guards_per_query": {str(prep.qs.ids[int(i)]): {g: int(c[i]) for g, c in mined.guard_counts.items()}
+                             for i in short[:MAX_GUARDS_PER_QUERY]},
         "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum()), "max_per_query": int(c.max(initial=0))}
                    for name, c in mined.guard_counts.items()},
         "search": search_meta,
@@ -755,11 +796,11 @@ def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mi
     }
 
 
-def round_(x: float) -> float:
+def _seconds(x: float) -> float:
     return float(f"{x:.3f}")
 
 
-def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, round: int, seed: int) -> pa.Table:
+def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int, seed: int) -> pa.Table:
     cat = lambda k, dt: np.concatenate(out[k]) if out[k] else np.zeros(0, dt)
     q, row, part = cat("q", np.int64), cat("row", np.int64), cat("part", np.int8)
     # rows come out batch by batch and part by part: order them by query, then part, then pick order
@@ -770,11 +811,12 @@ def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, round: int, seed: int)
     ts = qs.target_score[q]
     names = pa.array([n for n, _ in parts], pa.string())
     qa, ra = pa.array(q), pa.array(row)
+    neg_category = pa.array(pool.cat_names, pa.string()).take(pa.array(pool.cat[row].astype(np.int64)))
     return pa.Table.from_arrays([
-        qs.ids.take(qa), qs.ref_ids.take(qa), qs.target_ids.take(qa), pool.ids.take(ra),
+        qs.ids.take(qa), qs.ref_ids.take(qa), qs.target_ids.take(qa), pool.ids.take(ra), neg_category,
         names.take(pa.array(part.astype(np.int64))), pa.array(rank, pa.int32()),
         pa.array(score, pa.float32()), pa.array(ts, pa.float32()), pa.array(ts - score, pa.float32()),
-        pa.array(np.full(q.size, round, np.int32)), pa.array(pool.cat[row] == pool.cat[target_rows]),
+        pa.array(np.full(q.size, mining_round, np.int32)), pa.array(pool.cat[row] == pool.cat[target_rows]),
         pa.array(pool.attrs.overlap(row, target_rows), pa.float32()), pa.array(np.full(q.size, seed, np.int64)),
     ], schema=NEGATIVES_SCHEMA)
 
