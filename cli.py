@@ -362,6 +362,8 @@ def index_cmd(
     from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, .parquet, or a clip-retrieval folder img_emb/ + metadata/) as the gallery first."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
+    npy: bool = typer.Option(False, "--npy", help="Also write gallery.{split}.npy, the row-aligned embeddings that mining memory-maps (galleries larger than memory)."),
+    npy_dtype: str = typer.Option("float32", "--npy-dtype", help="With --npy: float32 or float16."),
     allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
     verbose: bool = VERBOSE,
     quiet: bool = QUIET,
@@ -375,7 +377,9 @@ def index_cmd(
         meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
                                allow_encoder_change)
     else:
-        meta = index_workspace(work, split, index, device, fp16)
+        meta = index_workspace(work, split, index, device, fp16, npy=npy_dtype if npy else None)
+    if npy:
+        typer.echo(f"wrote {work}/gallery.{split}.npy: the gallery embeddings, memory-mapped by mining")
     typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
                f"({'GPU' if meta.get('gpu') else 'CPU'} build)")
 
@@ -486,6 +490,16 @@ def negatives(
     shard_nprobe: int = typer.Option(32, "--shard-nprobe", help="IVF shards: lists visited per query at least (more when the depth needs them)."),
     ray_address: Optional[str] = RAY_ADDRESS,
     cpus_per_shard: float = typer.Option(1.0, "--cpus-per-shard", help="--engine ray: CPUs each shard actor reserves."),
+    index: str = typer.Option("flat", "--index", help="Search: flat (exact), workspace (the saved index.{split}.faiss), ivf, ivfpq, hnsw or a FAISS factory string; approximate candidates are re-ranked exactly."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: inverted lists visited (default: tuned to --target-recall)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: efSearch (default: tuned to --target-recall)."),
+    search_params: Optional[str] = typer.Option(None, "--search-params", help="FAISS search parameters instead of --nprobe/--ef-search, e.g. nprobe=16."),
+    overfetch: Optional[float] = typer.Option(None, "--overfetch", help="Approximate candidates fetched per kept one before exact re-ranking (default 1, 4 for PQ/SQ)."),
+    target_recall: float = typer.Option(0.98, "--target-recall", help="Approximate index: tune nprobe/efSearch to this candidate recall@depth on sampled queries (0: FAISS defaults)."),
+    tune_queries: int = typer.Option(1000, "--tune-queries", help="Sampled queries the tuning measures recall on."),
+    check_recall: int = typer.Option(0, "--check-recall", help="Report candidate recall and the overlap of mined negatives with exact mining on this many sampled queries."),
+    fp16: bool = typer.Option(False, "--fp16", help="GPU index: store float16 vectors (scores are still re-ranked in float32)."),
+    prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Search the next query batch while the current one is guarded (default: with a GPU index)."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -515,6 +529,9 @@ def negatives(
         exclude_extra_positives="extra-positive" not in no_guard,
         dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
         rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard,
+        index=index, nprobe=nprobe, ef_search=ef_search, search_params=search_params, overfetch=overfetch,
+        target_recall=target_recall or None, tune_queries=tune_queries, check_recall=check_recall, fp16=fp16,
+        prefetch=prefetch,
     )
     cfg.validate(mining_round)
     if cfg.query == "checkpoint" and checkpoint is None and query_emb_path is None:
@@ -530,6 +547,9 @@ def negatives(
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine {engine!r}: use local or ray.")
     sharded = engine != "local" or shards != 1 or shard_index != "flat"
+    if sharded and index != "flat":
+        raise UsageError(f"--index {index} searches in one process; with --engine/--shards choose each shard's "
+                         f"index with --shard-index.")
     if sharded:
         from cir_mine.miner.engine.mine import mine_with_engine_to_file
         from cir_mine.miner.engine.ray_engine import RayConfig
@@ -586,7 +606,29 @@ def negatives_summary(out: Path, meta: dict) -> str:
              f"guards removed: {guards}"]
     if sf["count"]:
         lines.append("to loosen: " + "; ".join(sf["hints"]))
+    lines += search_summary(meta.get("search") or {})
     return "\n".join(lines)
+
+
+def search_summary(search: dict) -> list:
+    """The search back-end, its tuning and its recall check, one line each (none for exact search
+    without a check)."""
+    lines = []
+    params = ", ".join(f"{k}={v}" for k, v in (search.get("params") or {}).items())
+    if search and not search.get("exact", True):
+        line = (f"search: {search.get('index')} ({search.get('factory')}{', ' + params if params else ''}; "
+                f"over-fetch {search.get('overfetch', 1):g}, re-ranked exactly)")
+        tu = search.get("tuning")
+        if tu:
+            line += (f"; tuned {tu['param']}={tu['value']}: candidate recall@{tu['depth']} {tu['recall']:.3f} on "
+                     f"{tu['queries']} queries ({'reached' if tu['reached'] else 'below'} {tu['target']:g})")
+        lines.append(line)
+    ck = search.get("check")
+    if ck:
+        rec = f"candidate recall@{ck['depth']} {ck['candidate_recall']:.3f}, " if "candidate_recall" in ck else ""
+        lines.append(f"recall check on {ck['queries']} queries: {rec}"
+                     f"mined negatives shared with exact mining {ck['negative_overlap']:.3f}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------

@@ -261,16 +261,28 @@ def gallery_part_files(folder: Path) -> list[Path]:
     return parts
 
 
-def _read_gallery_table(path: Path) -> pa.Table:
-    """One gallery file, or the row-aligned parts of a gallery folder concatenated in name order."""
-    if not path.is_dir():
+def _gallery_columns(without_embedding: bool) -> dict:
+    return {k: v for k, v in GALLERY_COLUMNS.items() if not (without_embedding and k == "embedding")}
+
+
+def _read_gallery_file(path: Path, without_embedding: bool) -> pa.Table:
+    if without_embedding:
+        names = read_parquet_schema(path).names if path.exists() else []
+        table = read_parquet(path, [c for c in names if c != "embedding"])
+    else:
         table = read_parquet(path)
-        _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
-        return table
+    _check_columns(table.schema, path, _gallery_columns(without_embedding), GALLERY_OPTIONAL, "gallery")
+    return table
+
+
+def _read_gallery_table(path: Path, without_embedding: bool = False) -> pa.Table:
+    """One gallery file, or the row-aligned parts of a gallery folder concatenated in name order
+    (``without_embedding``: the ``embedding`` column is not read, and may be absent)."""
+    if not path.is_dir():
+        return _read_gallery_file(path, without_embedding)
     tables = []
     for part in gallery_part_files(path):
-        t = read_parquet(part)
-        _check_columns(t.schema, part, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
+        t = _read_gallery_file(part, without_embedding)
         if tables and t.schema.remove_metadata() != tables[0].schema:
             cols = lambda sch: ", ".join(f"{f.name}: {f.type}" for f in sch)  # noqa: E731
             raise SchemaError(f"{part}: columns ({cols(t.schema)}) differ from the first part's ({cols(tables[0].schema)}); "
@@ -279,15 +291,22 @@ def _read_gallery_table(path: Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
-    """A gallery file or a folder of parts (``part-*.parquet``), validated, as one :class:`Gallery`."""
+def read_gallery(path: str | Path, check_norm: bool = True, embeddings_path: Optional[Path] = None) -> Gallery:
+    """A gallery file or a folder of parts (``part-*.parquet``), validated, as one :class:`Gallery`.
+
+    With ``embeddings_path`` (a row-aligned float32/float16 ``.npy``), the embeddings are
+    memory-mapped from it instead of read from the ``embedding`` column, which may then be absent:
+    galleries larger than memory are mined block by block."""
     path = Path(path)
-    return gallery_from_table(_read_gallery_table(path), path, check_norm)
+    return gallery_from_table(_read_gallery_table(path, embeddings_path is not None), path, check_norm,
+                              embeddings_path)
 
 
-def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True) -> Gallery:
-    """Validate a gallery-schema Arrow table (``path`` names it in errors) -> :class:`Gallery`."""
-    _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
+def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
+                       embeddings_path: Optional[Path] = None) -> Gallery:
+    """Validate a gallery-schema Arrow table (``path`` names it in errors) -> :class:`Gallery`;
+    ``embeddings_path`` as in :func:`read_gallery`."""
+    _check_columns(table.schema, path, _gallery_columns(embeddings_path is not None), GALLERY_OPTIONAL, "gallery")
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
@@ -302,15 +321,64 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True) -> 
                 f"Each gallery image must appear once per category; drop the duplicates."
             )
         seen.add(key)
-    try:
-        emb = embedding_numpy(table.column("embedding"))
-    except ValueError:
-        raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
-    if check_norm:
-        check_embeddings(emb, path, "embedding", ids)
+    if embeddings_path is not None:
+        emb = open_embeddings(embeddings_path, len(ids), path)
+        if check_norm:
+            for s in range(0, len(ids), 65_536):
+                check_embeddings(np.asarray(emb[s:s + 65_536], np.float32), embeddings_path, "rows", ids[s:])
+                release_pages(emb)
+    else:
+        try:
+            emb = embedding_numpy(table.column("embedding"))
+        except ValueError:
+            raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
+        if check_norm:
+            check_embeddings(emb, path, "embedding", ids)
     attrs = [list(a or []) for a in table.column("attributes").to_pylist()]
     paths = _obj(table.column("path")) if "path" in table.schema.names else None
     return Gallery(path, ids, cats, attrs, emb, paths)
+
+
+def open_embeddings(path: Path, n: int, gallery_path: Path) -> np.ndarray:
+    """Memory-map a row-aligned ``float32[n, d]`` / ``float16[n, d]`` ``.npy`` (read-only)."""
+    try:
+        emb = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise SchemaError(f"{path}: not a readable .npy array ({e}). Rewrite it with `cir-mine index --npy`.") from None
+    if emb.ndim != 2 or emb.dtype not in (np.float32, np.float16) or emb.shape[0] != n:
+        raise SchemaError(f"{path}: holds {emb.dtype}{list(emb.shape)} but {gallery_path} has {n} rows; expected "
+                          f"float32 or float16 [{n}, d], row r = gallery row r. Rewrite it with `cir-mine index --npy`.")
+    return emb
+
+
+def release_pages(x) -> None:
+    """Drop the resident pages of a memory-mapped array from this process (the page cache keeps
+    them), so scanning or gathering from a gallery larger than memory does not grow RSS."""
+    import mmap
+
+    m = getattr(x, "_mmap", None)
+    if m is None and isinstance(getattr(x, "base", None), np.memmap):
+        m = getattr(x.base, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def write_embeddings_npy(emb_blocks, n: int, dim: int, path: Path, dtype=np.float32) -> None:
+    """Write ``n`` rows arriving as blocks of float[b, dim] into a ``.npy`` atomically (bounded memory)."""
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
+        s = 0
+        for block in emb_blocks:
+            out[s:s + len(block)] = block
+            s += len(block)
+            out.flush()
+            release_pages(out)
+        if s != n:
+            raise DataError(f"{path}: got {s} rows for {n}.")
+        del out
 
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
@@ -517,6 +585,10 @@ class Workspace:
     def index_path(self, split: str) -> Path:
         return self.root / f"index.{check_split(split)}.faiss"
 
+    def embeddings_path(self, split: str) -> Path:
+        """``gallery.{split}.npy``: the gallery's embeddings as a row-aligned array (optional)."""
+        return self.root / f"gallery.{check_split(split)}.npy"
+
     @property
     def manifest_path(self) -> Path:
         return self.root / self.MANIFEST
@@ -548,7 +620,12 @@ class Workspace:
         if self.gallery_file(split).exists() and self.gallery_dir(split).is_dir():
             raise DataError(f"{self.root}: split '{split}' has both {self.gallery_file(split).name} and the parts "
                             f"folder {self.gallery_dir(split).name}/; remove the one that is out of date.")
-        g = read_gallery(p, check_norm=check_norm)
+        npy = self.embeddings_path(split)
+        if (npy.exists() and p.is_file() and "embedding" in read_parquet_schema(p).names
+                and npy.stat().st_mtime_ns < p.stat().st_mtime_ns):
+            raise SchemaError(f"{npy}: older than {p}, so it may hold other embeddings. Rewrite it with "
+                              f"`cir-mine index --work {self.root} --split {split} --npy`, or delete it.")
+        g = read_gallery(p, check_norm=check_norm, embeddings_path=npy if npy.exists() else None)
         if len(g) == 0:
             raise DataError(f"{p}: the gallery is empty (0 rows). Re-embed the split or choose another with --split.")
         dim = self.manifest().get("dim")

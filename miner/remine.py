@@ -1,8 +1,9 @@
 """The re-mining hook: ``remine(query_emb) -> MineResult`` for a training loop (cir-train's or yours).
 
-A :class:`Remine` fixes everything but the queries: the workspace split (read once), the FAISS
-index (the workspace's saved one, or a flat one built once over the gallery) and the mining
-config (given, or read from an earlier negatives table's footer). Each call mines every query of
+A :class:`Remine` fixes everything but the queries: the workspace split (read once), the search
+back-end (the one an earlier negatives table was mined with, reopened from its footer, or the one
+the first call opens from the config) and the mining config (given, or read from an earlier
+negatives table's footer). Each call mines every query of
 the split with the model's current query embeddings; with a curriculum, the mix the schedule
 names for ``epoch``. cir-train's ``--refresh-every`` calls the same hook (cir_mine.train.refresh).
 """
@@ -28,8 +29,9 @@ class Remine:
 
     Give the mining config either as ``cfg`` or as ``negatives``, a table mined from ``ws`` whose
     footer config is reused. ``schedule`` (default: the config's) picks the mix per epoch.
-    ``index``: a FAISS inner-product index over the gallery rows (default: ``index.{split}.faiss``
-    when the workspace has one, else an exact flat index built at the first call).
+    ``index``: a FAISS inner-product index or search back-end over the gallery rows (default: with
+    ``negatives``, the back-end of its footer's ``search`` record, reopened exactly, never re-tuned;
+    with ``cfg``, the one the config names, opened (and tuned) at the first call and reused).
     ``mining_round`` defaults to 1 + the previous call's (1 at the first call). A ``negatives``
     table mined through an engine (``meta["engine"]``: gallery shards in process or on Ray actors)
     is re-mined through the same engine and shard settings; ``ray_address`` is the Ray cluster to
@@ -47,6 +49,9 @@ class Remine:
         meta = read_negatives_meta(negatives, ws) if negatives is not None else {}
         base = cfg.to_dict() if cfg is not None else meta.get("config", {})
         self.engine, self.ray_address = meta.get("engine"), ray_address
+        # round 0's search record (a table mined before search records is exact)
+        self.search = (meta.get("search") or {"index": "flat", "exact": True}) if negatives is not None else None
+        self.table_path = negatives
         self.base = {**base, "query": "checkpoint"}
         self.schedule = schedule or base.get("schedule")
         MineConfig.from_dict(self.base).validate()
@@ -66,23 +71,23 @@ class Remine:
         return self._data
 
     def index(self):
+        """The search back-end every call uses (None before the first call of a ``cfg`` hook)."""
         if self._index is None and self.engine:
             self._index = _engine_index(self.engine, self.data()[0].embeddings, self.ray_address)
-        if self._index is None:
-            from cir_mine.miner.core.search import build_index
+        if self._index is None and self.search is not None:
+            from cir_mine.miner.core.engine import reopen
 
-            if self.ws.index_path(self.split).exists():
-                from cir_mine.miner.encode.index import load_workspace_index
-
-                self._index = load_workspace_index(self.ws, self.split, self.data()[0], device=self.device)
-            else:
-                self._index = build_index(self.data()[0].embeddings, "flat", device=self.device)
+            self._index = reopen(self.search, self.data()[0].embeddings, self.ws.index_path(self.split),
+                                 self.table_path, device=self.base.get("device", self.device),
+                                 fp16=self.base.get("fp16", False))
         return self._index
 
     def __call__(self, query_emb: np.ndarray, mining_round: Optional[int] = None, epoch: int = 0) -> MineResult:
         self.mining_round = self.mining_round + 1 if mining_round is None else int(mining_round)
         res = mine_negatives(self.ws, self.split, self.config(epoch), query_emb=query_emb,
                              mining_round=self.mining_round, index=self.index(), loaded=self.data())
+        if self._index is None and res.backend is not None:
+            self._index = res.backend                   # the first call's back-end, for every later call
         if self.engine:
             res.meta["engine"] = self.engine
         log.info("re-mined round %d at epoch %d: %d rows", self.mining_round, epoch, res.table.num_rows)

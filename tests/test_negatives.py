@@ -30,6 +30,11 @@ def world(synth_work):
     return info
 
 
+# Every strategy and guard property holds whatever the search: exact, or an approximate index whose
+# candidates are re-ranked exactly (IVF tuned to the default target recall, HNSW likewise).
+INDEXES = ["flat", "IVF16,Flat", "hnsw"]
+
+
 def mine(world, **kw):
     kw.setdefault("k", 10)
     kw.setdefault("candidates", 300)
@@ -78,8 +83,9 @@ def no_guard_violation(world, table, cfg: MineConfig):
 
 
 @pytest.mark.parametrize("name", [n for n in REGISTRY if n not in ("in-batch", "verified")])
-def test_every_strategy_respects_guards_and_k(world, name):
-    res = mine(world, strategy=name)
+@pytest.mark.parametrize("index", INDEXES)
+def test_every_strategy_respects_guards_and_k(world, index, name):
+    res = mine(world, index=index, strategy=name)
     tb = res.table
     no_guard_violation(world, tb, MineConfig())
     groups = by_query(tb)
@@ -91,39 +97,43 @@ def test_every_strategy_respects_guards_and_k(world, name):
     assert np.allclose(tb["delta"].to_numpy(), tb["target_score"].to_numpy() - tb["score"].to_numpy(), atol=1e-6)
 
 
-def test_midzone_in_window_and_sampled_not_top(world):
+@pytest.mark.parametrize("index", INDEXES)
+def test_midzone_in_window_and_sampled_not_top(world, index):
     lo, hi = 0.0, 0.25
-    rnd = mine(world, strategy="midzone", delta_lo=lo, delta_hi=hi, rho=None)
+    rnd = mine(world, index=index, strategy="midzone", delta_lo=lo, delta_hi=hi, rho=None)
     d = rnd.table["delta"].to_numpy()
     assert rnd.table.num_rows > 1000 and d.min() >= lo - 1e-6 and d.max() <= hi + 1e-6
-    top = mine(world, strategy="midzone", delta_lo=lo, delta_hi=hi, rho=None, sample="top")
+    top = mine(world, index=index, strategy="midzone", delta_lo=lo, delta_hi=hi, rho=None, sample="top")
     assert top.table["delta"].to_numpy().min() >= lo - 1e-6
     # uniform within the zone: ranks differ from the top-of-zone picks, and reach deeper
     assert rnd.table["rank"].to_numpy().mean() > top.table["rank"].to_numpy().mean()
 
 
-def test_semihard_window(world):
-    res = mine(world, strategy="semihard", margin=0.05, rho=None)
+@pytest.mark.parametrize("index", INDEXES)
+def test_semihard_window(world, index):
+    res = mine(world, index=index, strategy="semihard", margin=0.05, rho=None)
     d = res.table["delta"].to_numpy()
     assert res.table.num_rows > 500 and (d > 0).all() and (d < 0.05).all()
 
 
-def test_hardest_rank_window_and_order(world):
-    res = mine(world, strategy="hardest", range_min=5, range_max=40, rho=None)
+@pytest.mark.parametrize("index", INDEXES)
+def test_hardest_rank_window_and_order(world, index):
+    res = mine(world, index=index, strategy="hardest", range_min=5, range_max=40, rho=None)
     ranks = res.table["rank"].to_numpy()
     assert ranks.min() >= 5 and ranks.max() < 40
     for rows in by_query(res.table).values():
         rk = [r["rank"] for r in rows]
         assert rk == sorted(rk)
     # the hardest are taken first: with guards off, a query gets exactly ranks 5..14
-    res = mine(world, strategy="hardest", range_min=5, range_max=40, rho=None, dup_threshold=None,
+    res = mine(world, index=index, strategy="hardest", range_min=5, range_max=40, rho=None, dup_threshold=None,
                exclude_target=False, exclude_reference=False, exclude_extra_positives=False)
     first = by_query(res.table)[world["t"].query_ids[0]]
     assert [r["rank"] for r in first] == list(range(5, 15))
 
 
-def test_category_shares(world):
-    res = mine(world, strategy="category", category_shares=(0.7, 0.2, 0.1))
+@pytest.mark.parametrize("index", INDEXES)
+def test_category_shares(world, index):
+    res = mine(world, index=index, strategy="category", category_shares=(0.7, 0.2, 0.1))
     assert res.meta["shortfall"]["count"] <= 5
     for rows in by_query(res.table).values():
         if len(rows) < 10:
@@ -131,7 +141,7 @@ def test_category_shares(world):
         same = sum(r["category_match"] for r in rows)
         assert 7 <= same <= 8, same                    # 7 same-category + the random one may match
         assert (rows[0]["rank"], rows[-1]["rank"]) == (-1, -1)
-    res = mine(world, strategy="category", category_shares=(0.0, 1.0, 0.0))
+    res = mine(world, index=index, strategy="category", category_shares=(0.0, 1.0, 0.0))
     assert not any(res.table["category_match"].to_pylist())
 
 
@@ -140,8 +150,9 @@ def _status(world, neg, qid):
 
 
 @pytest.mark.parametrize("pool", ["target", "query"])
-def test_category_discrepant(world, pool):
-    res = mine(world, strategy="category-discrepant", discrepant_pool=pool)
+@pytest.mark.parametrize("index", INDEXES)
+def test_category_discrepant(world, index, pool):
+    res = mine(world, index=index, strategy="category-discrepant", discrepant_pool=pool)
     assert res.table.num_rows > 500
     if pool == "target":
         assert set(res.table["rank"].to_pylist()) == {-1}
@@ -153,8 +164,9 @@ def test_category_discrepant(world, pool):
         assert sims == sorted(sims, reverse=True)      # nearest to the target first
 
 
-def test_attribute_mismatch_differs_exactly_in_requested_group(world):
-    res = mine(world, strategy="attribute-mismatch", candidates=1000)
+@pytest.mark.parametrize("index", INDEXES)
+def test_attribute_mismatch_differs_exactly_in_requested_group(world, index):
+    res = mine(world, index=index, strategy="attribute-mismatch", candidates=1000)
     assert res.table.num_rows > 100
     for r in res.table.to_pylist():
         req = world["req"][r["query_id"]]
@@ -164,16 +176,18 @@ def test_attribute_mismatch_differs_exactly_in_requested_group(world):
         assert False in _status(world, r["neg_id"], r["query_id"]).values()
 
 
-def test_soft_partial_overlap(world):
-    res = mine(world, strategy="soft", soft_lo=0.2, soft_hi=0.8)
+@pytest.mark.parametrize("index", INDEXES)
+def test_soft_partial_overlap(world, index):
+    res = mine(world, index=index, strategy="soft", soft_lo=0.2, soft_hi=0.8)
     assert res.table.num_rows > 500
     for r in res.table.to_pylist():
         ov = A.attr_overlap(world["attrs"][r["neg_id"]], world["attrs"][r["target_id"]])
         assert 0.2 < ov < 0.8 and abs(ov - r["attr_overlap"]) < 1e-6
 
 
-def test_semantic_does_not_satisfy_request(world):
-    res = mine(world, strategy="semantic")
+@pytest.mark.parametrize("index", INDEXES)
+def test_semantic_does_not_satisfy_request(world, index):
+    res = mine(world, index=index, strategy="semantic")
     assert res.table.num_rows > 500
     for r in res.table.to_pylist():
         st = _status(world, r["neg_id"], r["query_id"])

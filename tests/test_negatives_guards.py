@@ -76,8 +76,9 @@ def _world(rng, n, d, n_q, twin_ids, dup_targets):
                                  "category-discrepant", "attribute-mismatch",
                                  "midzone:0.5,random:0.5"]),
        rho=st.sampled_from([None, 0.5, 0.95, 1.0]), dup=st.sampled_from([None, 0.9, 0.98]),
-       text_weight=st.sampled_from([0.0, 1.0, 3.0]), batch=st.integers(1, 9))
-def test_no_guard_is_ever_violated(seed, n, k, twins, strategy, rho, dup, text_weight, batch):
+       text_weight=st.sampled_from([0.0, 1.0, 3.0]), batch=st.integers(1, 9),
+       index=st.sampled_from(["flat", "IVF4,Flat", "HNSW8,Flat", "IVF4,PQ4x2"]))
+def test_no_guard_is_ever_violated(seed, n, k, twins, strategy, rho, dup, text_weight, batch, index):
     rng = np.random.default_rng(seed)
     emb, ids, cats, attrs, queries = _world(rng, n, 8, 6, twins, dup is not None)
     if len(set(zip(cats, ids))) != n:
@@ -85,7 +86,8 @@ def test_no_guard_is_ever_violated(seed, n, k, twins, strategy, rho, dup, text_w
     with tempfile.TemporaryDirectory() as tmp:
         ws = tiny_workspace(Path(tmp), emb, ids, cats, attrs, queries)
         cfg = MineConfig.of(mix=strategy, k=k, seed=seed, rho=rho, dup_threshold=dup, text_weight=text_weight,
-                         delta_lo=-2.0, delta_hi=2.0, margin=2.0, candidates=n, query_batch=batch)
+                         delta_lo=-2.0, delta_hi=2.0, margin=2.0, candidates=n, query_batch=batch,
+                         index=index)
         res = mine_negatives(ws, "train", cfg)
         g, t = ws.load("train")
     x = dict(zip(g.image_ids.tolist(), g.embeddings))

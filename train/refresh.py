@@ -2,9 +2,11 @@
 
 :func:`miner_remine` returns the ``remine(query_emb, mining_round, epoch) -> (table, meta)`` callable
 the training loop takes (cir_mine.train.loop.Remine). It wraps :class:`cir_mine.miner.remine.Remine`,
-the same hook a user's own loop calls: the mining config comes from the table's footer, the split
-is read and the FAISS index opened (or a flat one built) once, so every round uses the exact same
-config, data and index; only the queries (and, with a schedule, the mix) change. A table mined
+the same hook a user's own loop calls: the mining config (``meta["config"]``) and the search
+back-end (``meta["search"]``) come from the table's footer; the split is read once and round 0's
+very back-end reopened once (exact, or the same index file checked by fingerprint, with the same
+nprobe / efSearch and over-fetch; nothing is re-tuned), so every round uses the exact same config,
+data and search; only the queries (and, with a schedule, the mix) change. A table mined
 through an engine (``meta["engine"]``: gallery shards in process or on Ray actors) is re-mined
 through the same engine and shard settings, opened once.
 """

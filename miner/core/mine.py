@@ -26,7 +26,8 @@ from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versio
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
 from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
-from cir_mine.miner.core.search import build_index, check_index, search_batched
+from cir_mine.miner.core import engine as E
+from cir_mine.miner.core.search import check_index, index_meta, load_index, release_pages, search_batched
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
 from cir_mine.miner.core.strategies import (REGISTRY, Candidates, Picks, default_params, hash_keys, param_owner,
@@ -55,6 +56,16 @@ class MineConfig:
     sample: Optional[str] = None          # override the selection order of ranked strategies: top | random
     random_draws: int = 32                # extra uniform draws per query beyond 2k (random, category)
     device: str = "auto"                  # FAISS device: auto | cpu | cuda
+    fp16: bool = False                    # GPU indexes store float16 vectors (flat and IVF)
+    index: str = "flat"                   # search back-end: flat (exact) | workspace (index.{split}.faiss) | ivf | ivfpq | hnsw | FAISS factory
+    nprobe: Optional[int] = None          # IVF: inverted lists visited (None: tuned to target_recall)
+    ef_search: Optional[int] = None       # HNSW: efSearch (None: tuned to target_recall)
+    search_params: Optional[str] = None   # FAISS search parameters 'nprobe=16' instead of nprobe / ef_search
+    overfetch: Optional[float] = None     # approximate candidates fetched per kept one before exact re-ranking (None: 1, 4 for PQ/SQ codes)
+    target_recall: Optional[float] = 0.98 # approximate indexes: tune nprobe / efSearch to this candidate recall@depth (None: FAISS defaults)
+    tune_queries: int = 1000              # sampled queries the tuning measures recall on
+    check_recall: int = 0                 # sampled queries for the recall and negative-overlap report against exact mining (0: off)
+    prefetch: Optional[bool] = None       # search batch i+1 while batch i is guarded (None: with a GPU index)
     guards: GuardConfig = field(default_factory=GuardConfig)  # the false-negative guards
     params: dict = field(default_factory=default_params)      # strategy name -> its parameter dataclass
 
@@ -156,7 +167,31 @@ class MineConfig:
         validate_params(self.params)
         if self.schedule:
             parse_schedule(self.schedule)
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise UsageError(f"target_recall must be in (0, 1] (got {self.target_recall}).", params=("target_recall",))
+        if self.check_recall < 0:
+            raise UsageError("check_recall must be at least 0.", params=("check_recall",))
+        if self.tune_queries < 1:
+            raise UsageError("tune_queries must be at least 1.", params=("tune_queries",))
+        for name, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search)):
+            if v is not None and v < 1:
+                raise UsageError(f"{name} must be at least 1 (got {v}).", params=(name,))
+        if self.search_params and (self.nprobe or self.ef_search):
+            raise UsageError("give either search_params or nprobe / ef_search, not both.",
+                             params=("search_params", "nprobe", "ef_search"))
+        if self.overfetch is not None and self.overfetch < 1:
+            raise UsageError(f"overfetch must be at least 1 (got {self.overfetch}).", params=("overfetch",))
+        self.fixed_params()
         return parts
+
+    def fixed_params(self) -> dict:
+        """The search parameters given explicitly ({} when they are to be tuned or left at defaults)."""
+        out = E.parse_search_params(self.search_params)
+        if self.nprobe is not None:
+            out["nprobe"] = int(self.nprobe)
+        if self.ef_search is not None:
+            out["efSearch"] = int(self.ef_search)
+        return out
 
     def depth(self, k: int) -> int:
         if self.candidates is not None:
@@ -175,6 +210,7 @@ class MineResult:
     table: pa.Table                         # negatives schema, one row per (query, negative)
     meta: dict                              # footer metadata (config, shortfall, guard counts, ...)
     guard_counts: dict = field(default_factory=dict)  # guard -> int64[m] candidates removed per query
+    backend: object = field(default=None, repr=False)  # the search back-end the run used (None: no search)
 
     @property
     def shortfall(self) -> list:
@@ -429,18 +465,42 @@ def _requests(t: Triplets, needed: bool) -> list:
     return [A.extract(" and ".join(c for c in caps if c)) for caps in t.captions]
 
 
-def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
-                   mining_round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
-                   loaded: Optional[tuple] = None) -> MineResult:
-    """Mine negatives for every query of ``split``.
+@dataclass
+class Prepared:
+    """Step 1 (prepare): everything a run needs before the first search, built once."""
 
-    query_emb: float32[m, d] normalized query embeddings (a trained model's, from cir-train's
-    refresh); None with ``cfg.query == 'zero-shot'`` uses normalize(ref + w * text).
-    index: a FAISS inner-product index over the gallery rows (default: exact flat, built here).
-    progress: called with the number of queries finished in each batch.
-    loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
-    round), so the gallery and triplets are not read again."""
-    t0 = time.perf_counter()
+    g: Gallery
+    t: Triplets
+    pool: Pool
+    qs: QuerySet
+    parts: list                # [(strategy, share)] mined at this round
+    ks: list                   # k per part
+    mined: list                # [(strategy, k, part index)] the parts the miner fills
+    k_mined: int               # negatives the miner owes each query
+    need_ranked: bool          # some part needs the query's ranking (a search)
+    depth: int                 # first-pass search depth
+
+    @property
+    def m(self) -> int:
+        return len(self.t)
+
+
+@dataclass
+class Mined:
+    """Rows picked for a set of queries (gallery rows, not yet ids) and what the guards removed."""
+
+    out: dict                  # column -> list of arrays: q, row, part, rank, score
+    got: np.ndarray            # int64[m] negatives per query (all queries of the split; 0 if not mined)
+    guard_counts: dict         # guard -> int64[m]
+    depth: int                 # deepest search depth used
+    deepened: int              # queries searched again
+    search_s: float            # seconds inside back-end searches
+    select_s: float            # seconds guarding and selecting
+    deepen_s: float = 0.0      # seconds of the deepening passes (search and selection)
+
+
+def prepare(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray], mining_round: int,
+            loaded: Optional[tuple]) -> Prepared:
     parts = cfg.validate(mining_round)
     if cfg.query == "checkpoint" and query_emb is None:
         raise UsageError("--query checkpoint needs query embeddings from a trained model: pass --checkpoint RUN/ckpt.pt.")
@@ -456,102 +516,290 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     qs = build_queries(g, t, pool, query_emb, cfg)
     ks = split_k(cfg.k, [w for _, w in parts])
     mined = [(name, ki, si) for si, ((name, _), ki) in enumerate(zip(parts, ks)) if name != "in-batch" and ki > 0]
-    k_mined = sum(ki for _, ki, _ in mined)
-    n, m = len(g), len(t)
     need_ranked = any(REGISTRY[name].ranked for name, _, _ in mined)
-    depth = min(cfg.depth(cfg.k), n)
-    if need_ranked and index is None:
-        index = build_index(pool.xb, "flat", device=cfg.device)
-    elif index is not None:
-        check_index(index, g, "the given index", ws.gallery_path(split), fix="Pass an index built from this gallery")
-    t_prep = time.perf_counter() - t0
+    return Prepared(g, t, pool, qs, parts, ks, mined, sum(ki for _, ki, _ in mined), need_ranked,
+                    min(cfg.depth(cfg.k), len(g)))
 
+
+def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, index=None) -> tuple:
+    """Step 2 (search back-end): -> (back-end, footer record). ``index``: a back-end (``.search(xq, k)``
+    with ``describe()``) used as given, or a bare FAISS index (re-ranked exactly); otherwise
+    ``cfg.index`` names one. Approximate back-ends opened here get ``cfg``'s search parameters, or
+    are tuned to ``cfg.target_recall`` on a seeded sample of the composed queries."""
+    xb = prep.pool.xb
+    n, d = xb.shape
+    if index is not None:
+        if hasattr(index, "describe"):
+            E.check_backend(index, n, d, "the given back-end")
+            return index, {**index.describe(), "source": "given"}
+        check_index(index, prep.g, "the given index", ws.gallery_path(split), fix="Pass an index built from this gallery")
+        backend = E.Reranked(index, xb, cfg.overfetch or 1.0, {"index": "given", "factory": type(index).__name__,
+                                                                 "params": E.current_params(index)})
+        backend.exact = E.index_kind(index) == "flat"
+        if cfg.fixed_params():
+            backend.set_params(cfg.fixed_params())
+        return backend, {**backend.describe(), "source": "given"}
+    spec = cfg.index
+    if spec == "flat" or spec == "Flat":
+        backend = E.ExactSearch(xb, device=cfg.device, fp16=cfg.fp16)
+        return backend, {**backend.describe(), "source": "built"}
+    if spec == "workspace":
+        path = ws.index_path(split)
+        meta = index_meta(path)
+        raw = load_index(path, "cpu" if "HNSW" in str(meta.get("factory", "")) else cfg.device)
+        check_index(raw, prep.g, path, ws.gallery_path(split), meta.get("gallery_hash"),
+                    f"Rebuild it with `cir-mine index --work {ws.root} --split {split}`")
+        factory = meta.get("factory") or type(raw).__name__
+        info = {"index": "workspace", "factory": factory, "file": path.name,
+                "fingerprint": E.file_fingerprint(path)}
+    else:
+        raw, factory = E.approximate_index(xb, spec, cfg.device, cfg.fp16, cfg.seed)
+        info = {"index": spec, "factory": factory}
+    if E.index_kind(raw) == "flat":
+        backend = E.Reranked(raw, xb, 1.0, {**info, "params": {}})
+        backend.exact = True
+        return backend, {**backend.describe(), "source": "built"}
+    backend = E.Reranked(raw, xb, cfg.overfetch or E.default_overfetch(factory), {**info, "params": E.current_params(raw)})
+    rec = {"source": "built" if spec != "workspace" else "workspace"}
+    if cfg.fixed_params():
+        backend.set_params(cfg.fixed_params())
+    elif cfg.target_recall is not None and prep.need_ranked:
+        sample = E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
+        xq = prep.qs.emb[sample]
+        _, exact_I = E.ExactSearch(xb, blocked=True).search(xq, prep.depth)
+        rec["tuning"] = E.tune(backend, exact_I, xq, prep.depth, cfg.target_recall).to_dict()
+    return backend, {**backend.describe(), **rec}
+
+
+def search_batches(backend, xq: np.ndarray, batches: list, depth: int, prefetch: bool):
+    """Step 3 (search): yield (q, D, I, seconds) per batch of query indices. With ``prefetch`` the
+    next batch is searched in a worker thread while the caller guards the current one (FAISS
+    releases the GIL; on a GPU the device is not left idle)."""
+    def run(q):
+        t = time.perf_counter()
+        D, I = backend.search(xq[q], depth)
+        return q, D, I, time.perf_counter() - t
+
+    if not prefetch or len(batches) < 2:
+        for q in batches:
+            yield run(q)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cir-mine-search") as pool:
+        fut = pool.submit(run, batches[0])
+        for nxt in batches[1:]:
+            res = fut.result()
+            fut = pool.submit(run, nxt)
+            yield res
+        yield fut.result()
+
+
+def guard(ctx: BatchContext, D: np.ndarray, I: np.ndarray) -> None:
+    """Step 4 (guard): the ranked candidates of the batch, exact scores, every guard applied."""
+    ranks = np.broadcast_to(np.arange(I.shape[1], dtype=np.int32), I.shape)
+    ctx.ranked = ctx.candidates(I, D, ranks)
+
+
+def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
+    """Step 5 (select): each mined part picks its k from what the earlier parts left.
+    -> (rows per column, int64[b] negatives per query)."""
+    res = {c: [] for c in COLUMNS}
+    got = np.zeros(ctx.b, np.int64)
+    for name, ki, si in prep.mined:
+        p = REGISTRY[name].fn(ctx, ki, si + 1, ctx.cfg.params_of(name))
+        ctx.take(p)
+        ok = p.rows >= 0
+        qi, col = np.nonzero(ok)
+        res["q"].append(ctx.q[qi])
+        res["row"].append(p.rows[qi, col])
+        res["part"].append(np.full(qi.size, si, np.int8))
+        res["rank"].append(p.ranks[qi, col])
+        res["score"].append(p.scores[qi, col])
+        got += ok.sum(1)
+    return res, got
+
+
+COLUMNS = ("q", "row", "part", "rank", "score")
+
+
+def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False,
+                 progress: Optional[Callable[[int], None]] = None) -> Mined:
+    """Steps 3-5 for the query indices ``queries``: search in batches, guard, select; then search the
+    queries still short of k again, deeper (see ``deepen``). Rows depend on the inputs, config and
+    seed only, never on the batch size or on which other queries are mined."""
+    m = prep.m
     got = np.zeros(m, np.int64)
-    guard_counts = {name: np.zeros(m, np.int64) for name in GUARDS}
-    timing = {"search": 0.0}
+    counts = {name: np.zeros(m, np.int64) for name in GUARDS}
+    timing = {"search": 0.0, "select": 0.0}
 
-    def mine_batch(q: np.ndarray, depth: int) -> dict:
-        """Mine queries ``q`` at search depth ``depth``; fills got/guard_counts, returns the rows."""
-        res = {c: [] for c in ("q", "row", "part", "rank", "score")}
-        ctx = BatchContext(pool, qs, q, cfg, index, depth)
-        if need_ranked:
-            ts = time.perf_counter()
-            D, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))
-            timing["search"] += time.perf_counter() - ts
-            ranks = np.broadcast_to(np.arange(I.shape[1], dtype=np.int32), I.shape)
-            ctx.ranked = ctx.candidates(I, D, ranks)
-        got[q] = 0
-        for name, ki, si in mined:
-            p = REGISTRY[name].fn(ctx, ki, si + 1, cfg.params_of(name))
-            ctx.take(p)
-            ok = p.rows >= 0
-            qi, col = np.nonzero(ok)
-            res["q"].append(q[qi])
-            res["row"].append(p.rows[qi, col])
-            res["part"].append(np.full(qi.size, si, np.int8))
-            res["rank"].append(p.ranks[qi, col])
-            res["score"].append(p.scores[qi, col])
-            got[q] += ok.sum(1)
+    def run(batches: list, depth: int, reserve: int) -> list:
+        """Search ``batches`` at depth ``reserve`` (>= ``depth``); mine at ``depth``, then mine the
+        batch's short queries again over the whole reserve, with no second search."""
+        done = []
+        if prep.need_ranked:
+            stream = search_batches(backend, prep.qs.emb, batches, reserve, prefetch)
+        else:
+            stream = ((q, None, None, 0.0) for q in batches)
+        for q, D, I, secs in stream:
+            t = time.perf_counter()
+            res = mine_batch(q, D, I, depth)
+            short = got[q] < prep.k_mined
+            if D is not None and reserve > depth and short.any():
+                sq = q[short]
+                keep = {c: [v[~np.isin(qq, sq)] for v, qq in zip(vals, res["q"])] for c, vals in res.items()}
+                again = mine_batch(sq, D[short], I[short], reserve)
+                res = {c: keep[c] + again[c] for c in COLUMNS}
+                state["reserved"] += int(sq.size)
+                state["depth"] = max(state["depth"], reserve)
+            done.append(res)
+            release_pages(prep.pool.xb)
+            timing["search"] += secs
+            timing["select"] += time.perf_counter() - t
+            if progress:
+                progress(len(q))
+        return done
+
+    def mine_batch(q: np.ndarray, D, I, depth: int) -> dict:
+        ctx = BatchContext(prep.pool, prep.qs, q, cfg, backend, depth)
+        if D is not None:
+            guard(ctx, D[:, :depth], I[:, :depth])
+        res, got[q] = select_parts(ctx, prep)
         for name, c in ctx.counts.items():
-            guard_counts[name][q] = c
+            counts[name][q] = c
         return res
 
-    batches = []
-    for s in range(0, m, cfg.query_batch):
-        q = np.arange(s, min(m, s + cfg.query_batch), dtype=np.int64)
-        batches.append(mine_batch(q, depth))
-        if progress:
-            progress(len(q))
-    # Adaptive depth: queries still short (typically those whose target ranks deep, so that the
-    # positive-aware cap removes every candidate above it) are searched again, 4x deeper each
-    # time, up to max_candidates. Their earlier rows are replaced; other queries are untouched.
-    depth0 = depth
+    state = {"reserved": 0, "depth": prep.depth}
+    step = cfg.query_batch
+    max_depth = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
+    reserve = max(prep.depth, min(max_depth, prep.depth * 4)) if getattr(backend, "cheap_depth", False) else prep.depth
+    batches = run([queries[s:s + step] for s in range(0, queries.size, step)], prep.depth, reserve)
+    t = time.perf_counter()
+    batches, depth, deepened = deepen(prep, cfg, batches, got, queries, run, state["depth"])
+    return Mined({c: [v for b in batches for v in b[c]] for c in COLUMNS}, got, counts, depth,
+                 deepened + state["reserved"], timing["search"], timing["select"], time.perf_counter() - t)
+
+
+def deepen(prep: Prepared, cfg: MineConfig, batches: list, got: np.ndarray, queries: np.ndarray, run,
+           depth: int) -> tuple:
+    """Adaptive depth: queries still short (typically those whose target ranks deep, so that the
+    positive-aware cap removes every candidate above it) are mined again, 4x deeper each time, up
+    to max_candidates. Their earlier rows are replaced; other queries are untouched. The first
+    level comes free: every batch is searched 4x deeper than it is mined and its short queries are
+    mined again over that reserve (one search costs about the same at depth 128 or 512; the guards
+    run on the reserve only for short queries). Deeper levels search the still-short queries again
+    from ``depth`` (the reserve). -> (batches, deepest depth, queries searched again)."""
+    depth0 = prep.depth
+    n = len(prep.g)
     max_depth = min(n, cfg.max_candidates) if cfg.max_candidates else depth
     deepened = 0
-    while need_ranked and depth < max_depth:
-        short = np.flatnonzero(got < k_mined)
+    mine = np.zeros(prep.m, bool)
+    mine[queries] = True
+    while prep.need_ranked and depth < max_depth:
+        short = np.flatnonzero(mine & (got < prep.k_mined))
         if short.size == 0:
             break
         depth = min(max_depth, depth * 4)
-        redo = np.zeros(m, bool)
+        redo = np.zeros(prep.m, bool)
         redo[short] = True
         batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()} for b in batches]
         step = max(1, cfg.query_batch * depth0 // depth)  # same memory per batch as the first pass
-        for s in range(0, short.size, step):
-            batches.append(mine_batch(short[s:s + step], depth))
+        batches += run([short[s:s + step] for s in range(0, short.size, step)], depth, depth)
         deepened += int(short.size)
-    out = {c: [v for b in batches for v in b[c]] for c in ("q", "row", "part", "rank", "score")}
-    t_search = timing["search"]
+    return batches, depth, deepened
 
-    part_rows = np.bincount(np.concatenate(out["part"]).astype(np.int64) if out["part"] else np.zeros(0, np.int64),
-                            minlength=len(parts))
-    table = _assemble(pool, qs, parts, out, mining_round, cfg.seed)
-    short = np.flatnonzero(got < k_mined)
+
+def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined) -> dict:
+    """The recall report: on ``cfg.check_recall`` sampled queries, candidate recall@depth of the
+    back-end against exact search, and the share of each query's mined negatives that exact
+    mining (same config, seed and queries) also picks."""
+    t0 = time.perf_counter()
+    sample = E.sample_rows(prep.m, cfg.check_recall, cfg.seed, 2)
+    exact = E.ExactSearch(prep.pool.xb, blocked=True)
+    xq = prep.qs.emb[sample]
+    rec = {"queries": int(sample.size), "depth": prep.depth}
+    if prep.need_ranked:
+        _, Ie = exact.search(xq, prep.depth)
+        _, Ia = backend.search(xq, prep.depth)
+        rec["candidate_recall"] = round(E.candidate_recall(Ia, Ie), 4)
+    ref = mine_queries(prep, cfg, exact, sample)
+    n = len(prep.g)
+    keys = lambda md: np.unique(np.concatenate(md.out["q"]) * n + np.concatenate(md.out["row"])) \
+        if md.out["q"] else np.zeros(0, np.int64)
+    ka, ke = keys(mined), keys(ref)
+    ka = ka[np.isin(ka // n, sample)]
+    per_q_e = np.bincount(ke // n, minlength=prep.m)[sample]
+    common = np.bincount(np.intersect1d(ka, ke, assume_unique=True) // n, minlength=prep.m)[sample]
+    rec["negative_overlap"] = round(float(common.sum() / max(per_q_e.sum(), 1)), 4)
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
+                   mining_round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
+                   loaded: Optional[tuple] = None) -> MineResult:
+    """Mine negatives for every query of ``split``: prepare, open the search back-end, then per batch
+    search (approximate back-ends re-ranked exactly), guard and select; deepen short queries;
+    assemble the table and its footer.
+
+    query_emb: float32[m, d] normalized query embeddings (a trained model's, from cir-train's
+    refresh); None with ``cfg.query == 'zero-shot'`` uses normalize(ref + w * text).
+    index: a search back-end (see cir_mine.miner.core.engine) or a FAISS inner-product index over the
+    gallery rows; default: the one ``cfg.index`` names (exact flat unless told).
+    progress: called with the number of queries finished in each batch.
+    loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
+    round), so the gallery and triplets are not read again."""
+    t0 = time.perf_counter()
+    prep = prepare(ws, split, cfg, query_emb, mining_round, loaded)
+    backend, search_meta = (open_search(prep, ws, split, cfg, index) if prep.need_ranked
+                            else (None, {"index": "none"}))
+    t_prep = time.perf_counter() - t0
+    prefetch = cfg.prefetch if cfg.prefetch is not None else bool(search_meta.get("gpu"))
+    mined = mine_queries(prep, cfg, backend, np.arange(prep.m, dtype=np.int64), prefetch, progress)
+    if cfg.check_recall and backend is not None:
+        search_meta["check"] = check_recall(prep, cfg, backend, mined)
+    search_meta["prefetch"] = bool(prefetch)
+    table = _assemble(prep.pool, prep.qs, prep.parts, mined.out, mining_round, cfg.seed)
+    meta = footer(ws, split, cfg, prep, mined, table, mining_round, query_emb is None, search_meta,
+                  {"prepare_s": _seconds(t_prep), "search_s": _seconds(mined.search_s),
+                   "select_s": _seconds(mined.select_s), "deepen_s": _seconds(mined.deepen_s),
+                   "total_s": _seconds(time.perf_counter() - t0)})
+    log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, prep.m, meta["shortfall"]["count"])
+    return MineResult(table, meta, mined.guard_counts, backend)
+
+
+def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mined, table: pa.Table,
+           mining_round: int, zero_shot: bool, search_meta: dict, timing: dict) -> dict:
+    """Step 6 (assemble): the table's footer metadata."""
+    parts, ks, k_mined = prep.parts, prep.ks, prep.k_mined
+    part_rows = np.bincount(np.concatenate(mined.out["part"]).astype(np.int64) if mined.out["part"]
+                            else np.zeros(0, np.int64), minlength=len(parts))
+    short = np.flatnonzero(mined.got < k_mined)
+    missing = int((k_mined - mined.got[short]).sum())
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
-    meta = {
+    return {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
         "data_hash": ws.split_hash(split),
-        "round": int(mining_round), "bank": bank, "query_source": "zero-shot" if query_emb is None else "provided",
+        "round": int(mining_round), "bank": bank, "query_source": "zero-shot" if zero_shot else "provided",
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
-        "k": cfg.k, "k_mined": k_mined, "depth": depth if need_ranked else 0, "deepened_queries": deepened,
-        "n_queries": m, "n_gallery": n, "n_rows": table.num_rows,
-        "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],
-                      "missing": int((k_mined - got[short]).sum()),
-                      "hints": shortfall_hints({g: int(c[short].sum()) for g, c in guard_counts.items()},
-                                               int((k_mined - got[short]).sum()), cfg.guards,
-                                               [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint])},
-        "guards_per_query": {str(qs.ids[int(i)]): {g: int(c[i]) for g, c in guard_counts.items()}
+        "k": cfg.k, "k_mined": k_mined, "depth": mined.depth if prep.need_ranked else 0,
+        "deepened_queries": mined.deepened, "n_queries": prep.m, "n_gallery": len(prep.g), "n_rows": table.num_rows,
+        "shortfall": {"count": int(short.size),
+                      "query_ids": [str(x) for x in prep.qs.ids.take(pa.array(short)).to_pylist()],
+                      "missing": missing,
+                      "hints": shortfall_hints({g: int(c[short].sum()) for g, c in mined.guard_counts.items()},
+                                               missing, cfg.guards,
+                                               [f"{n}: {REGISTRY[n].hint}" for n, _, _ in prep.mined if REGISTRY[n].hint])},
+        "guards_per_query": {str(prep.qs.ids[int(i)]): {g: int(c[i]) for g, c in mined.guard_counts.items()}
                              for i in short[:MAX_GUARDS_PER_QUERY]},
         "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum()), "max_per_query": int(c.max(initial=0))}
-                   for name, c in guard_counts.items()},
-        "timing": {"prepare_s": _seconds(t_prep), "search_s": _seconds(t_search),
-                   "total_s": _seconds(time.perf_counter() - t0)},
+                   for name, c in mined.guard_counts.items()},
+        "search": search_meta,
+        "timing": timing,
         "versions": library_versions(),
     }
-    log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, m, short.size)
-    return MineResult(table, meta, guard_counts)
 
 
 def _seconds(x: float) -> float:
@@ -580,9 +828,17 @@ def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int, see
 
 
 def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, **kw) -> MineResult:
-    """Mine and write ``out`` atomically, holding the lock of its directory."""
+    """Mine and write ``out`` atomically, holding the lock of its directory.
+
+    An approximate index built for this run is saved beside the table (``{out}.faiss``, its
+    fingerprint in the footer), so cir-train's refresh searches exactly the same index."""
     out = Path(out)
     with DirLock(out.parent, f"cir-mine negatives -> {out.name}"):
         res = mine_negatives(ws, split, cfg, **kw)
+        search = res.meta["search"]
+        if search.get("source") == "built" and not search.get("exact", True):
+            side = E.saved_index_path(out)
+            E.save_backend_index(res.backend, side)
+            search["file"], search["fingerprint"] = side.name, E.file_fingerprint(side)
         write_negatives(res.table, out, res.meta)
     return res

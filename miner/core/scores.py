@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from cir_mine.data.workspace import l2_normalize
+from cir_mine.miner.core.search import release_pages
 
 
 def zero_shot_queries(ref_emb: np.ndarray, text_emb: np.ndarray, text_weight: float = 1.0) -> np.ndarray:
@@ -26,10 +27,15 @@ def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int =
     float32[chunk, depth, d] at once. ``rows``: int64[b, depth] (entries < 0 give -inf)."""
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     safe = np.where(rows < 0, 0, rows)
+    chunk = max(1, min(chunk, 65_536 // max(1, rows.shape[1])))   # <= 64k gathered rows at once
+    vec = np.asarray(vec, np.float32)                       # float16 galleries are scored in float32
+    mapped = isinstance(xb, np.memmap)
     for s in range(0, rows.shape[0], chunk):
         e = min(rows.shape[0], s + chunk)
         g = xb[safe[s:e]]                                   # [c, depth, d]
         out[s:e] = np.matmul(g, vec[s:e, :, None])[..., 0]
+        if mapped:
+            release_pages(xb)                               # a memory-mapped gallery's RSS stays one chunk
     out[rows < 0] = -np.inf
     return out
 

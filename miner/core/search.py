@@ -14,6 +14,7 @@ import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.data.workspace import release_pages  # noqa: F401  (re-exported for the miner)
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +159,21 @@ def brute_force_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 
-def gallery_fingerprint(image_ids, categories, emb: np.ndarray) -> str:
-    """First 16 hex digits of SHA-256 over the gallery's ids, categories and embedding bytes."""
+def gallery_fingerprint(image_ids, categories, emb: np.ndarray, block_rows: int = 65_536) -> str:
+    """First 16 hex digits of SHA-256 over the gallery's ids, categories and embedding bytes
+    (read in blocks of rows, so a memory-mapped gallery is never loaded whole)."""
     import hashlib
 
     h = hashlib.sha256()
     for c, i in zip(categories, image_ids):
         h.update(f"{c}\0{i}\0".encode())
-    h.update(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
+    for s in range(0, emb.shape[0], block_rows):
+        h.update(np.ascontiguousarray(emb[s:s + block_rows], dtype=np.float32).tobytes())
+        release_pages(emb)
     return h.hexdigest()[:16]
+
+
+
 
 
 

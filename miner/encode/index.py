@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 
 from cir_mine.data.errors import DataError, UsageError
+from cir_mine.miner.core.engine import approximate_index
 from cir_mine.miner.core.search import (build_index, check_index, factory_string, gallery_fingerprint, index_meta, load_index,
                                         save_index, use_gpu)
 
@@ -26,13 +28,34 @@ def load_workspace_index(ws, split: str, gallery=None, device: str = "auto"):
 
 
 
+def write_gallery_npy(ws, split: str, dtype: str = "float32") -> Path:
+    """Write ``gallery.{split}.npy`` (float32 or float16 [n, d], row r = gallery row r) from the
+    gallery's ``embedding`` column, row group by row group, so mining can memory-map it."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from cir_mine.data.workspace import embedding_numpy, write_embeddings_npy
+
+    if dtype not in ("float32", "float16"):
+        raise UsageError(f"--npy-dtype {dtype!r}: use float32 or float16.")
+    src = ws.gallery_path(split)
+    pf = pq.ParquetFile(src)
+    if "embedding" not in pf.schema_arrow.names:
+        raise DataError(f"{src}: has no 'embedding' column to write {ws.embeddings_path(split).name} from.")
+    n, dim = pf.metadata.num_rows, pf.schema_arrow.field("embedding").type.list_size
+    blocks = (embedding_numpy(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=["embedding"]))
+    write_embeddings_npy(blocks, n, dim, ws.embeddings_path(split), np.dtype(dtype))
+    return ws.embeddings_path(split)
+
+
 def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
-                    fp16: bool = False, lock: bool = True) -> dict:
+                    fp16: bool = False, lock: bool = True, npy: Optional[str] = None) -> dict:
     """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
 
     Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gpu, fp16.
     Row ``r`` of the index is row ``r`` of the gallery table. ``lock=False`` when the caller
-    already holds the workspace lock.
+    already holds the workspace lock. ``npy`` ('float32' | 'float16'): also write the row-aligned
+    ``gallery.{split}.npy`` that mining memory-maps (first, so the index is built from it).
     """
     import contextlib
 
@@ -42,6 +65,8 @@ def index_workspace(work: str | Path, split: str, spec: str = "flat", device: st
     ws = Workspace(work)
     ws.require()
     with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext():
+        if npy:
+            write_gallery_npy(ws, split, npy)
         return _index_workspace(ws, split, spec, device, fp16)
 
 
@@ -51,7 +76,10 @@ def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict
     if len(g) == 0:
         raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")
     try:
-        index = build_index(g.embeddings, spec, device=device, fp16=fp16)
+        if factory_string(spec, len(g), g.dim) == "Flat":
+            index = build_index(g.embeddings, spec, device=device, fp16=fp16)
+        else:                                    # trained on a sample, rows added block by block
+            index, _ = approximate_index(g.embeddings, spec, device=device, fp16=fp16)
     except RuntimeError as e:
         raise UsageError(
             f"--index {spec!r}: FAISS cannot train {factory_string(spec, len(g), g.dim)!r} on {len(g)} "

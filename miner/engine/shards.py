@@ -8,7 +8,7 @@ Approximate shards fetch ``overfetch * k`` candidates and re-score them with exa
 products against the shard's embeddings; flat shards return FAISS's own scores.
 
 :func:`merge_topk` merges per-shard lists exactly, in FAISS's order (score descending, ties by
-the larger row first), so that S flat shards give the single flat index's (D, I). Everything here
+the lower row first, as the single-process search), so that S flat shards give the single-process (D, I). Everything here
 is numpy + faiss; :mod:`cir_mine.miner.engine.ray` runs the same :class:`ShardSearcher` in actors.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.data.errors import UsageError
+from cir_mine.miner.core.engine import topk_desc
 from cir_mine.miner.core.scores import gathered_dot
 from cir_mine.miner.core.search import _faiss, factory_string
 
@@ -139,26 +140,24 @@ class ShardSearcher:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         k = int(min(k, self.ntotal))
         if self.exact:
-            D, I = self.index.search(xq, k)
+            _, I = self.index.search(xq, k)
         else:
             fetch = int(min(self.ntotal, k * self.overfetch))
             self.ivf.nprobe = self.probes(fetch)
             _, I = self.index.search(xq, fetch)
-            D = gathered_dot(self.xb, I, xq)                # exact float32 scores, -inf for -1 pads
-            D, I = topk_rows(D, I, k)
+        # exact float32 scores by the one dot product every back-end writes (-inf for -1 pads)
+        D, I = topk_rows(gathered_dot(self.xb, I, xq), I, k)
         I = np.where(I >= 0, I + self.offset, -1)
         return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
 
 
 def topk_rows(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each row of (D, I) in FAISS's order: score descending, ties by the larger id
-    first; -1 ids (pads) last. D float32[nq, L], I int64[nq, L] -> float32[nq, k'], int64[nq, k']."""
+    """The k best of each row of (D, I) in the single-process order (:func:`cir_mine.miner.core.engine.topk_desc`:
+    score descending, ties by the lower row first); -1 ids (pads) last, with -inf scores.
+    D float32[nq, L], I int64[nq, L] -> float32[nq, k'], int64[nq, k']."""
     k = int(min(k, D.shape[1]))
-    score = np.where(I >= 0, D, -np.inf)
-    order = np.lexsort((-I, -score), axis=-1)[:, :k] if D.size else np.zeros((D.shape[0], 0), np.int64)
-    D, I = np.take_along_axis(score, order, 1), np.take_along_axis(I, order, 1)
-    D = np.where(I >= 0, D, -np.inf).astype(np.float32)
-    return D, I
+    D, I = topk_desc(np.where(I >= 0, D, -np.inf).astype(np.float32), I, k)
+    return np.where(I >= 0, D, -np.inf).astype(np.float32), I
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,156 @@
+"""Mining through an index (numbers go to docs/benchmarks.md, section "Mining through an index").
+
+  (a) compare: python bench/index.py compare --n-gallery 1000000 --n-queries 20000 --dim 256
+      hardest top-50 mining through exact flat search, IVF and HNSW (exact re-ranking, default
+      settings: tuned to candidate recall 0.98), each against exact mining: wall and CPU seconds,
+      the share of each query's hardest-50 negatives equal to exact mining's, the recall report;
+      the index build is timed apart (a workspace index is built once and reused by every round);
+      and single-pass exact mining (no deepening) against the bare faiss.IndexFlatIP search at the
+      same depth.
+  (b) deepen:  python bench/index.py deepen --n-gallery 100000 --n-queries 10000 --dim 256
+      midzone k=10 with and without deepening: the deepening passes' seconds against a full search.
+All ratios come from one process and one workspace (generated once under --root and reused).
+CPU seconds are the process's user + system time (all threads), the fair measure on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
+from cir_mine.data.workspace import Workspace  # noqa: E402
+from cir_mine.miner.core import engine as E  # noqa: E402
+from cir_mine.miner.core.mine import MineConfig, mine_negatives  # noqa: E402
+
+
+def workspace(root: Path, n: int, m: int, d: int) -> Workspace:
+    path = root / f"synth-{n}-{m}-{d}"
+    if not (path / "manifest.json").exists():
+        t = time.perf_counter()
+        generate(SynthConfig(n_gallery=n, n_triplets=m, dim=d, seed=0), path)
+        print(f"generated {path} in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    return Workspace(path)
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Clock:
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = round(time.perf_counter() - self.w, 2), round(cpu() - self.c, 2)
+
+
+def neg_sets(table) -> dict:
+    out: dict = {}
+    for q, n in zip(table.column("query_id").to_pylist(), table.column("neg_id").to_pylist()):
+        out.setdefault(q, set()).add(n)
+    return out
+
+
+def overlap(a: dict, ref: dict) -> float:
+    """Share of exact mining's negatives (per query, pooled) that ``a`` also picked."""
+    hit = sum(len(a.get(q, set()) & s) for q, s in ref.items())
+    return round(hit / max(1, sum(len(s) for s in ref.values())), 4)
+
+
+def compare(args) -> dict:
+    import faiss
+
+    ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
+    loaded = ws.load("train")
+    g = loaded[0]
+    base = dict(strategy="hardest", k=args.k, check_recall=args.check_recall)
+    rows = {}
+    with Clock() as c:
+        exact = mine_negatives(ws, "train", MineConfig.of(**base), loaded=loaded)
+    ref = neg_sets(exact.table)
+    rows["flat"] = {"wall_s": c.wall, "cpu_s": c.cpu, "timing": exact.meta["timing"], "overlap": 1.0}
+    depth = exact.meta["depth"]
+    for kind in args.indexes:
+        with Clock() as b:
+            raw, factory = E.approximate_index(g.embeddings, kind, device=args.device)
+        backend = E.Reranked(raw, g.embeddings, E.default_overfetch(factory), {"index": kind, "factory": factory})
+        cfg = MineConfig.of(**base, index=kind)
+        with Clock() as c:
+            # the tuning and the mining, through the prebuilt index (as `--index workspace` does)
+            from cir_mine.miner.core.mine import prepare
+
+            prep = prepare(ws, "train", cfg, None, 0, loaded)
+            xs = prep.qs.emb[E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)]
+            _, ex_I = E.ExactSearch(g.embeddings, blocked=True).search(xs, prep.depth)
+            tuning = E.tune(backend, ex_I, xs, prep.depth, cfg.target_recall)
+            res = mine_negatives(ws, "train", cfg, index=backend, loaded=loaded)
+        rows[kind] = {"factory": factory, "build_wall_s": b.wall, "build_cpu_s": b.cpu, "wall_s": c.wall,
+                      "cpu_s": c.cpu, "timing": res.meta["timing"], "tuning": tuning.to_dict(),
+                      "check": res.meta["search"].get("check"), "overlap": overlap(neg_sets(res.table), ref),
+                      "speedup_cpu": round(rows["flat"]["cpu_s"] / c.cpu, 2),
+                      "speedup_wall": round(rows["flat"]["wall_s"] / c.wall, 2),
+                      "speedup_cpu_with_build": round(rows["flat"]["cpu_s"] / (c.cpu + b.cpu), 2)}
+        del raw, backend
+    # single pass: exact mining without deepening vs the bare flat search at the same depth
+    xb = g.embeddings
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    from cir_mine.miner.core.mine import prepare
+
+    prep = prepare(ws, "train", MineConfig.of(**base), None, 0, loaded)
+    with Clock() as bare:
+        for s in range(0, prep.m, 4096):
+            index.search(prep.qs.emb[s:s + 4096], depth)
+    del index
+    with Clock() as single:
+        sp = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=args.k, max_candidates=None), loaded=loaded)
+    return {"bench": "index-compare", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
+            "k": args.k, "depth": depth, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows,
+            "single_pass": {"bare_search_wall_s": bare.wall, "bare_search_cpu_s": bare.cpu,
+                            "mine_wall_s": single.wall, "mine_cpu_s": single.cpu, "timing": sp.meta["timing"],
+                            "ratio_cpu": round(single.cpu / bare.cpu, 3), "ratio_wall": round(single.wall / bare.wall, 3)}}
+
+
+def deepen(args) -> dict:
+    ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
+    loaded = ws.load("train")
+    out = {}
+    for name, mc in (("single", None), ("deepen", 2048)):
+        with Clock() as c:
+            r = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=10, max_candidates=mc), loaded=loaded)
+        out[name] = {"wall_s": c.wall, "cpu_s": c.cpu, "timing": r.meta["timing"], "deepened": r.meta["deepened_queries"],
+                     "depth": r.meta["depth"], "shortfall": r.meta["shortfall"]["count"]}
+    s, d = out["single"], out["deepen"]
+    out["extra_cpu_vs_single"] = round((d["cpu_s"] - s["cpu_s"]) / s["cpu_s"], 3)
+    out["extra_wall_vs_single"] = round((d["wall_s"] - s["wall_s"]) / s["wall_s"], 3)
+    return {"bench": "index-deepen", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim, **out}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", choices=["compare", "deepen"])
+    p.add_argument("--n-gallery", type=int, default=1_000_000)
+    p.add_argument("--n-queries", type=int, default=20_000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("-k", type=int, default=50)
+    p.add_argument("--indexes", nargs="+", default=["ivf", "hnsw"])
+    p.add_argument("--check-recall", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
+    args = p.parse_args()
+    print(json.dumps({"compare": compare, "deepen": deepen}[args.bench](args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

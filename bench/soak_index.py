@@ -1,0 +1,139 @@
+"""Soak: IVF-PQ mining with exact re-ranking over a memory-mapped gallery, peak RSS of each stage.
+
+  python bench/soak_index.py --n-gallery 2000000 --dim 256 --n-queries 10000 --root /tmp/cir-mine-soak-index
+
+Writes a synthetic workspace block by block (never the whole gallery in memory): ``gallery.train.npy``
+(float32, row-aligned, what mining memory-maps) beside a ``gallery.train.parquet`` without an
+embedding column, and ``triplets.train.parquet`` with composed queries (reference + a random text
+direction, off the gallery's distribution). Then, each a fresh process with its own peak RSS
+(``os.wait4``): ``cir-mine index`` (IVF-PQ, trained on a sample, rows added in blocks) and
+``cir-mine negatives --index workspace`` (tuned to candidate recall 0.98, PQ candidates over-fetched 4x
+and re-ranked exactly against the memory-mapped rows, with a recall check against exact mining).
+Reports each stage's wall time and peak RSS against the bound: index bytes + re-rank working set + 2 GiB.
+Not a unit test: run it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def write_workspace(root: Path, n: int, m: int, d: int, seed: int = 0, block: int = 131_072) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cir_mine.data.workspace import (Workspace, l2_normalize, triplets_table, write_embeddings_npy, write_table)
+
+    ws = Workspace(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centers = l2_normalize(rng.standard_normal((4096, d)).astype(np.float32))
+    ids = lambda s, e: [f"g{i:08d}" for i in range(s, e)]
+
+    def blocks():
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            r = np.random.default_rng([seed, s])
+            yield l2_normalize(centers[r.integers(0, len(centers), e - s)]
+                               + 2.0 / np.sqrt(d) * r.standard_normal((e - s, d)).astype(np.float32))
+
+    write_embeddings_npy(blocks(), n, d, ws.embeddings_path("train"))
+    schema = pa.schema([("image_id", pa.string()), ("category", pa.string()), ("attributes", pa.list_(pa.string()))])
+    with pq.ParquetWriter(ws.gallery_path("train"), schema) as w:
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            w.write_table(pa.table({"image_id": ids(s, e), "category": ["c"] * (e - s),
+                                    "attributes": pa.array([[]] * (e - s), pa.list_(pa.string()))}, schema=schema))
+    xb = np.load(ws.embeddings_path("train"), mmap_mode="r")
+    ref = np.sort(rng.choice(n, m, replace=False))
+    tgt = (ref + 1 + rng.integers(0, n - 1, m)) % n
+    text = l2_normalize(np.asarray(xb[tgt]) - np.asarray(xb[ref]) + 0.3 / np.sqrt(d) * rng.standard_normal((m, d)).astype(np.float32))
+    write_table(triplets_table([f"q{i:06d}" for i in range(m)], ["c"] * m, [f"g{i:08d}" for i in ref],
+                               [f"g{i:08d}" for i in tgt], [["is different"]] * m, text), ws.triplets_path("train"))
+    ws.write_manifest(source="synthetic", dim=d)
+
+
+def run_stage(name: str, argv: list) -> dict:
+    shown = "cir-mine " + shlex.join(argv)
+    print(f"$ {shown}", flush=True)
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-c", "from cir_mine.cli import mine_main; mine_main()", *argv],
+                             stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if code:
+        raise SystemExit(f"{name} failed (exit {code}):\n{stderr}")
+    rec = {"stage": name, "command": shown, "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+           "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2 ** 30, 3), "stdout": stdout.strip().splitlines()}
+    print(f"  -> {rec['wall_s']} s wall, {rec['cpu_s']} s CPU, peak RSS {rec['peak_rss_gib']} GiB", flush=True)
+    for line in rec["stdout"]:
+        print(f"     {line}", flush=True)
+    return rec
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-gallery", type=int, default=2_000_000)
+    ap.add_argument("--n-queries", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--factory", default="IVF1024,PQ32", help="the IVF-PQ index (cir-mine index --index)")
+    ap.add_argument("--query-batch", type=int, default=1024)
+    ap.add_argument("--check-recall", type=int, default=200)
+    ap.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-soak-index"))
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args(argv)
+    shutil.rmtree(a.root, ignore_errors=True)
+    work = a.root / "work"
+    t = time.perf_counter()
+    write_workspace(work, a.n_gallery, a.n_queries, a.dim)
+    t_write = round(time.perf_counter() - t, 1)
+    s = str
+    recs = [run_stage("index (IVF-PQ)", ["index", "--work", s(work), "--index", a.factory, "--device", "cpu"]),
+            run_stage("negatives (workspace IVF-PQ + exact re-rank)",
+                      ["negatives", "--work", s(work), "--index", "workspace", "--strategy", "hardest", "-k", "10",
+                       "--query-batch", s(a.query_batch), "--check-recall", s(a.check_recall), "--device", "cpu",
+                       "--out", s(a.root / "negs.parquet"), "-q"])]
+    from cir_mine.miner.core.tables import read_negatives_meta
+
+    meta = read_negatives_meta(a.root / "negs.parquet")
+    search = meta["search"]
+    gallery_gib = a.n_gallery * a.dim * 4 / 2 ** 30
+    index_gib = (work / "index.train.faiss").stat().st_size / 2 ** 30
+    depth = meta["depth"]
+    fetched = int(np.ceil(4 * depth * float(search.get("overfetch", 1))))   # reserve (4x depth) x over-fetch
+    rerank_gib = a.query_batch * fetched * (8 + 4 + 4) / 2 ** 30 + 65_536 * a.dim * 4 / 2 ** 30
+    bound = index_gib + rerank_gib + 2.0
+    print(f"\ngallery float32 embeddings {gallery_gib:.2f} GiB (memory-mapped, written in {t_write} s); "
+          f"index {index_gib:.3f} GiB; re-rank working set {rerank_gib:.3f} GiB; bound {bound:.2f} GiB\n")
+    print("| stage | command | wall (s) | CPU (s) | peak RSS (GiB) |\n| --- | --- | --- | --- | --- |")
+    for r in recs:
+        print(f"| {r['stage']} | `{r['command']}` | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']} |")
+    print(json.dumps({"bench": "soak-index", "n_gallery": a.n_gallery, "n_queries": a.n_queries, "dim": a.dim,
+                      "factory": a.factory, "gallery_gib": round(gallery_gib, 3), "index_gib": round(index_gib, 3),
+                      "rerank_gib": round(rerank_gib, 3), "bound_gib": round(bound, 3), "write_s": t_write,
+                      "search": search, "timing": meta["timing"], "shortfall": meta["shortfall"]["count"],
+                      "within_bound": all(r["peak_rss_gib"] <= bound for r in recs),
+                      "stages": [{k: v for k, v in r.items() if k != "stdout"} for r in recs]}))
+    if not a.keep:
+        shutil.rmtree(a.root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""Search back-ends behind one interface, exact re-ranking, and measured recall.
+
+The mining core asks one question of a back-end: *given query vectors and a depth, which gallery
+rows are the candidates and what are their exact scores?* A back-end is any object with
+
+  ``search(xq float32[b, d], k) -> (D float32[b, k], I int64[b, k])``  rows by descending score,
+                                                                     -1 / -inf pads
+  ``ntotal``, ``d``                                                   gallery rows, dimension
+  ``exact``                                                           True when I is the exact top-k
+  ``describe() -> dict``                                              what the table's footer records
+
+Three live here: :class:`ExactSearch` (a flat inner-product index, or gallery blocks with merged
+top-k when the embeddings are memory-mapped), :class:`Reranked` (any ``.search`` source, such as an
+IVF, IVF-PQ or HNSW index or a sharded engine, over-fetched and re-scored with exact float32 dot
+products against the gallery), and anything a caller passes that keeps the same contract. Tuning
+(:func:`tune`) picks the cheapest search parameters that reach a candidate recall measured against
+exact search on a sample of the composed queries.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.miner.core.scores import gathered_dot
+from cir_mine.miner.core.search import _faiss, build_index, factory_string, release_pages, use_gpu
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("flat", "workspace", "ivf", "ivfpq", "hnsw")
+PARAM_NAMES = ("nprobe", "efSearch")
+
+
+def topk_desc(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of (D, I) sorted by descending D (ties: lower row first), cut to ``k``; -1 rows last."""
+    key = np.where(I >= 0, -D, np.inf)
+    order = np.lexsort((np.where(I >= 0, I, np.iinfo(np.int64).max), key), axis=1)[:, :k]
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+
+def merge_topk(D1, I1, D2, I2, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merged top-``k`` of two (D, I) result lists of the same queries."""
+    return topk_desc(np.concatenate([D1, D2], 1), np.concatenate([I1, I2], 1), k)
+
+
+def exact_rescore(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-ranking: s(q, c) = xq · xb[c] in float32 for every candidate row of ``I`` (int64[b, L],
+    -1 pads), sorted descending and cut to ``k``. Rows are gathered, so ``xb`` may be memory-mapped."""
+    D = gathered_dot(xb, I, np.ascontiguousarray(xq, np.float32))
+    return topk_desc(D, I, k)
+
+
+def _fingerprint_index(index) -> str:
+    faiss = _faiss()
+    from cir_mine.miner.core.search import to_cpu
+
+    return hashlib.sha256(faiss.serialize_index(to_cpu(index)).tobytes()).hexdigest()[:16]
+
+
+class ExactSearch:
+    """Exact top-k by inner product (``cheap_depth``: a search costs about the same at any depth, so
+    the miner searches deeper than it mines and keeps the rest for short queries). In-memory galleries go through one flat FAISS index (GPU by the
+    one GPU rule, fp16 storage optional); memory-mapped ones are scanned in blocks of ``block_rows``
+    rows with merged top-k, so memory is one block plus the results."""
+
+    exact = True
+    cheap_depth = True
+
+    def __init__(self, xb: np.ndarray, device: str = "auto", fp16: bool = False, block_rows: int = 262_144,
+                 blocked: Optional[bool] = None):
+        self.xb = xb
+        self.ntotal, self.d = int(xb.shape[0]), int(xb.shape[1])
+        self.block_rows = int(block_rows)
+        self.blocked = isinstance(xb, np.memmap) if blocked is None else bool(blocked)
+        self.index = None if self.blocked else build_index(xb, "flat", device=device, fp16=fp16)
+        self.gpu = self.index is not None and hasattr(self.index, "getDevice")
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k``; scores recomputed by :func:`exact_rescore`, the one float32 dot product
+        every back-end writes, so exact and re-ranked approximate search agree to the bit."""
+        xq = np.ascontiguousarray(xq, np.float32)
+        k = int(min(k, self.ntotal))
+        _, I = self._search(xq, k)
+        return exact_rescore(self.xb, xq, I, k)
+
+    def _search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.index is not None:
+            return self.index.search(xq, k)
+        faiss = _faiss()
+        D = np.full((len(xq), k), -np.inf, np.float32)
+        I = np.full((len(xq), k), -1, np.int64)
+        for s in range(0, self.ntotal, self.block_rows):
+            block = np.ascontiguousarray(self.xb[s:s + self.block_rows], np.float32)
+            kb = min(k, len(block))
+            Db, Ib = faiss.knn(xq, block, kb, metric=faiss.METRIC_INNER_PRODUCT)
+            D, I = merge_topk(D, I, Db, Ib + s, k)
+            release_pages(self.xb)
+        return D, I
+
+    def describe(self) -> dict:
+        return {"index": "flat", "factory": "Flat", "exact": True, "params": {}, "overfetch": 1.0,
+                "gpu": bool(self.gpu), "blocked": bool(self.blocked)}
+
+
+class Reranked:
+    """Candidates from ``source`` (``.search(xq, k) -> (D, I)``, approximate), over-fetched to
+    ``ceil(k * overfetch)`` and re-scored exactly against ``xb``: every returned score is the float32
+    dot product, only which rows come back is approximate."""
+
+    exact = False
+
+    def __init__(self, source, xb: np.ndarray, overfetch: float = 1.0, info: Optional[dict] = None):
+        if overfetch < 1:
+            raise UsageError(f"overfetch must be at least 1 (got {overfetch}).", params=("overfetch",))
+        self.source, self.xb, self.overfetch = source, xb, float(overfetch)
+        self.ntotal, self.d = int(source.ntotal), int(source.d)
+        self.info = dict(info or {})
+
+    @property
+    def cheap_depth(self) -> bool:
+        """Deeper searches cost about the same (IVF lists with full vectors, flat): an HNSW search
+        widens its beam with k and a PQ re-rank gathers k x over-fetch rows, so those are not."""
+        return self.overfetch == 1 and index_kind(self.source) in ("ivf", "flat")
+
+    def fetch_depth(self, k: int) -> int:
+        return int(min(self.ntotal, math.ceil(k * self.overfetch)))
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        xq = np.ascontiguousarray(xq, np.float32)
+        k = int(min(k, self.ntotal))
+        _, I = self.source.search(xq, self.fetch_depth(k))
+        D, I = exact_rescore(self.xb, xq, np.asarray(I, np.int64), k)
+        release_pages(self.xb)
+        if D.shape[1] < k:                                # the source returned fewer than k rows
+            pad = k - D.shape[1]
+            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+        return D, I
+
+    def set_params(self, params: dict) -> None:
+        set_search_params(self.source, params)
+        self.info["params"] = dict(params)
+
+    def describe(self) -> dict:
+        return {"params": {}, **self.info, "exact": bool(self.exact), "overfetch": self.overfetch}
+
+
+# ------------------------------------------------------------------------------------------------
+# Search parameters
+
+
+def parse_search_params(spec: Optional[str]) -> dict:
+    """'nprobe=16,efSearch=64' -> {'nprobe': 16, 'efSearch': 64} (integers)."""
+    out: dict = {}
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise UsageError(f"search_params {spec!r}: use name=integer pairs separated by commas, "
+                             f"e.g. nprobe=16 or efSearch=128.", params=("search_params",)) from None
+        if not eq:
+            raise UsageError(f"search_params {spec!r}: use name=integer pairs, e.g. nprobe=16.",
+                             params=("search_params",))
+    return out
+
+
+def index_kind(index) -> str:
+    """'ivf' | 'hnsw' | 'flat' | 'other' for a FAISS index (CPU or GPU)."""
+    faiss = _faiss()
+    if faiss.try_extract_index_ivf(index) is not None if hasattr(faiss, "try_extract_index_ivf") else False:
+        return "ivf"
+    name = type(faiss.downcast_index(index)).__name__ if hasattr(faiss, "downcast_index") else ""
+    if "HNSW" in name:
+        return "hnsw"
+    if "Flat" in name:
+        return "flat"
+    return "other"
+
+
+def set_search_params(index, params: dict) -> None:
+    """Apply {'nprobe': n, 'efSearch': e} to a FAISS index (CPU or GPU); UsageError for names it lacks."""
+    if not params:
+        return
+    faiss = _faiss()
+    ps = faiss.GpuParameterSpace() if hasattr(index, "getDevice") and hasattr(faiss, "GpuParameterSpace") \
+        else faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            ps.set_index_parameter(index, name, int(value))
+        except RuntimeError:
+            raise UsageError(f"search parameter {name}={value}: the index ({type(index).__name__}) has no "
+                             f"parameter {name!r}; IVF indexes take nprobe, HNSW takes efSearch.") from None
+
+
+def current_params(index) -> dict:
+    """The tunable search parameter of ``index`` with its current value ({} for flat)."""
+    faiss = _faiss()
+    kind = index_kind(index)
+    if kind == "ivf":
+        return {"nprobe": int(faiss.extract_index_ivf(index).nprobe)}
+    if kind == "hnsw":
+        return {"efSearch": int(faiss.downcast_index(index).hnsw.efSearch)}
+    return {}
+
+
+def tunable(index) -> tuple[str, list]:
+    """(parameter name, increasing values to try) for ``index``; ('', []) when nothing is tunable."""
+    faiss = _faiss()
+    kind = index_kind(index)
+    if kind == "ivf":
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+        top = min(nlist, 2048) if hasattr(index, "getDevice") else nlist     # GPU IVF: nprobe <= 2048
+        vals = sorted({min(top, 2 ** i) for i in range(0, 31) if 2 ** (i - 1) < top})
+        return "nprobe", vals
+    if kind == "hnsw":
+        return "efSearch", [2 ** i for i in range(4, 14)]
+    return "", []
+
+
+# ------------------------------------------------------------------------------------------------
+# Recall
+
+
+def candidate_recall(I_approx: np.ndarray, I_exact: np.ndarray) -> float:
+    """Mean over queries of |approx ∩ exact| / |exact| for two int64[b, k] row lists (-1 ignored)."""
+    hits, total = 0, 0
+    for a, e in zip(I_approx, I_exact):
+        e = e[e >= 0]
+        hits += np.intersect1d(a[a >= 0], e, assume_unique=True).size
+        total += e.size
+    return float(hits / total) if total else 1.0
+
+
+def sample_rows(m: int, n: int, seed: int, salt: int) -> np.ndarray:
+    """A seeded sorted sample of ``min(n, m)`` of ``range(m)`` (a stream per ``salt``)."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(salt)])
+    return np.sort(rng.choice(m, size=min(int(n), m), replace=False)).astype(np.int64)
+
+
+@dataclass
+class Tuning:
+    param: str                     # tuned parameter ('' when nothing was tunable)
+    value: Optional[int]           # chosen value
+    recall: float                  # candidate recall@depth at the chosen value
+    target: float                  # the asked recall
+    reached: bool                  # recall >= target
+    depth: int                     # depth the recall was measured at
+    queries: int                   # sampled queries
+    tried: list = field(default_factory=list)   # [(value, recall, seconds)]
+    seconds: float = 0.0
+    overfetch: float = 1.0         # over-fetch the recall was reached with
+
+    def to_dict(self) -> dict:
+        return {"param": self.param, "value": self.value, "recall": round(self.recall, 4), "target": self.target,
+                "reached": self.reached, "depth": self.depth, "queries": self.queries,
+                "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried], "seconds": round(self.seconds, 3),
+                "overfetch": self.overfetch}
+
+
+def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float,
+         max_overfetch: float = 32.0) -> Tuning:
+    """Set the cheapest value of the index's search parameter whose candidate recall@``depth`` on the
+    sample ``xq`` (exact rows ``exact_I``) reaches ``target``. When even the largest value falls short
+    and the index stores compressed codes (over-fetch > 1), the over-fetch doubles (up to
+    ``max_overfetch``) and the search resumes from the value reached. The largest tried when none does."""
+    t0 = time.perf_counter()
+    name, values = tunable(backend.source)
+    if not name:
+        _, I = backend.search(xq, depth)
+        r = candidate_recall(I, exact_I)
+        return Tuning("", None, r, target, r >= target, depth, len(xq), [], time.perf_counter() - t0)
+    tried = []
+    start = 0
+    while True:
+        for i in range(start, len(values)):
+            v = values[i]
+            set_search_params(backend.source, {name: v})
+            ts = time.perf_counter()
+            _, I = backend.search(xq, depth)
+            r = candidate_recall(I, exact_I)
+            tried.append((v, r, time.perf_counter() - ts))
+            if r >= target:
+                break
+        v, r, _ = tried[-1]
+        if r >= target or backend.overfetch <= 1 or backend.overfetch * 2 > max_overfetch:
+            break
+        backend.overfetch *= 2                        # compressed codes: fetch more, re-rank exactly
+        start = values.index(v)
+    backend.set_params({name: v})
+    if r < target:
+        log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
+    return Tuning(name, v, r, target, r >= target, depth, len(xq), tried, time.perf_counter() - t0,
+                  backend.overfetch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Opening a back-end by name
+
+
+def approximate_index(xb: np.ndarray, spec: str, device: str = "auto", fp16: bool = False, seed: int = 0):
+    """Build an approximate index ('ivf' | 'ivfpq' | 'hnsw' | FAISS factory) over ``xb``: trained on a
+    seeded sample of at most 256 points per list, rows added in blocks (``xb`` may be memory-mapped).
+    HNSW stays on the CPU (FAISS has no GPU HNSW); flat and IVF follow the one GPU rule."""
+    faiss = _faiss()
+    n, d = xb.shape
+    fs = factory_string(spec, n, d)
+    try:
+        index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UsageError(f"--index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
+        faiss.downcast_index(ivf).do_polysemous_training = False
+    if not index.is_trained:
+        nlist = int(ivf.nlist) if ivf is not None else 1
+        ntrain = min(n, max(256 * nlist, 65_536))
+        rows = np.arange(n) if ntrain >= n else sample_rows(n, ntrain, seed, 7)
+        try:
+            index.train(np.ascontiguousarray(xb[rows], np.float32))
+        except RuntimeError as e:
+            raise UsageError(f"--index {spec!r}: FAISS cannot train {fs!r} on {n} vectors "
+                             f"({str(e).splitlines()[0][:160]}). Use --index flat or a smaller factory string.") from None
+        release_pages(xb)
+    gpu = ivf is not None and "HNSW" not in fs and use_gpu(device)
+    if gpu:
+        co = faiss.GpuClonerOptions()
+        co.useFloat16 = bool(fp16)
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
+    step = 65_536
+    for s in range(0, n, step):
+        index.add(np.ascontiguousarray(xb[s:s + step], np.float32))
+        release_pages(xb)
+    log.info("FAISS index %s on %s (n=%d, d=%d)", fs, "GPU" if gpu else "CPU", n, d)
+    return index, fs
+
+
+def default_overfetch(factory: str) -> float:
+    """Over-fetch for exact re-ranking: 1 when the index stores full vectors (its ranking is exact
+    within the lists it visits), 4 for compressed codes (PQ, SQ), whose ranking is approximate."""
+    return 4.0 if any(t in factory for t in ("PQ", "SQ", "LSH", "RaBitQ")) else 1.0
+
+
+def check_backend(backend, n: int, d: int, what: str) -> None:
+    if int(backend.ntotal) != n or int(backend.d) != d:
+        raise DataError(f"{what}: the search back-end has d={backend.d} and {backend.ntotal} rows but the gallery "
+                        f"has d={d} and {n} rows. Pass a back-end built over this gallery.")
+
+
+# ------------------------------------------------------------------------------------------------
+# The same back-end again (cir-train's refresh: every round searches like round 0)
+
+
+def file_fingerprint(path) -> str:
+    """First 16 hex digits of the SHA-256 of a file (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def saved_index_path(table_path) -> "Path":
+    from pathlib import Path
+
+    p = Path(table_path)
+    return p.with_name(p.name + ".faiss")
+
+
+def save_backend_index(backend: Reranked, path) -> None:
+    """Write the FAISS index behind ``backend`` to ``path`` atomically (CPU form)."""
+    from cir_mine.data.io import atomic_path
+    from cir_mine.miner.core.search import to_cpu
+
+    with atomic_path(path) as tmp:
+        _faiss().write_index(to_cpu(backend.source), str(tmp))
+
+
+def reopen(search: dict, xb: np.ndarray, workspace_index, table_path, device: str = "auto", fp16: bool = False):
+    """The back-end a negatives table was mined with, from its footer's ``search`` record: the exact
+    search, or the very same index file (the workspace's ``index.{split}.faiss`` or the one saved
+    beside the table), checked by fingerprint, with the recorded parameters and over-fetch. Nothing
+    is re-tuned. ``workspace_index``: the workspace's index path; ``table_path``: the table's."""
+    from pathlib import Path
+
+    from cir_mine.miner.core.search import load_index
+
+    if not search or search.get("exact", True) or search.get("index") in (None, "none", "flat"):
+        return ExactSearch(xb, device=device, fp16=fp16)
+    if search.get("index") == "workspace":
+        path = Path(workspace_index)
+        fix = "Re-mine round 0 with `cir-mine negatives`, or restore the index it was mined with"
+    elif search.get("file"):
+        path = Path(table_path).with_name(search["file"])
+        fix = "Re-mine round 0 with `cir-mine negatives` (it saves the index beside the table)"
+    else:
+        raise DataError(f"{table_path}: mined through a {search.get('index')!r} index that was not saved, so later "
+                        f"rounds cannot search the same one. Re-mine round 0 with `cir-mine negatives --out`.")
+    if not path.exists():
+        raise DataError(f"{path}: the index {table_path} was mined with is missing. {fix}.")
+    now = file_fingerprint(path)
+    if search.get("fingerprint") and now != search["fingerprint"]:
+        raise DataError(f"{path}: changed since {table_path} was mined (fingerprint {search['fingerprint']}, "
+                        f"now {now}). {fix}.")
+    raw = load_index(path, device if index_kind_of_file(search) != "hnsw" else "cpu")
+    backend = Reranked(raw, xb, float(search.get("overfetch", 1.0)),
+                       {k: search[k] for k in ("index", "factory", "file", "fingerprint") if k in search})
+    backend.set_params(dict(search.get("params") or {}))
+    return backend
+
+
+def index_kind_of_file(search: dict) -> str:
+    return "hnsw" if "HNSW" in str(search.get("factory", "")) else "other"

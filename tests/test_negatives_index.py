@@ -1,0 +1,318 @@
+"""Mining through an index: the search back-end contract, exact re-ranking, tuned and checked
+recall, the workspace index, refresh rounds that search like round 0, prefetching, and the CLI."""
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cir_mine.cli import mine_app
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core import engine as E
+from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file
+from cir_mine.miner.core.scores import zero_shot_queries
+from cir_mine.miner.core.search import brute_force_search
+from cir_mine.miner.core.tables import read_negatives
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(synth_work):
+    ws = Workspace(synth_work)
+    g, t = ws.load("train")
+    xq = zero_shot_queries(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], t.text_embeddings)
+    return {"ws": ws, "g": g, "t": t, "xq": xq, "emb": dict(zip(g.image_ids.tolist(), g.embeddings))}
+
+
+def mine(world, **kw):
+    kw.setdefault("k", 10)
+    kw.setdefault("candidates", 200)
+    return mine_negatives(world["ws"], "train", MineConfig.of(**kw))
+
+
+# -- engine pieces --------------------------------------------------------------------------------
+
+
+def test_exact_search_blocked_equals_brute_force():
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((1000, 16)).astype(np.float32)
+    xq = rng.standard_normal((37, 16)).astype(np.float32)
+    D0, I0 = brute_force_search(xb, xq, 50)
+    for backend in (E.ExactSearch(xb, device="cpu"), E.ExactSearch(xb, blocked=True, block_rows=128)):
+        D, I = backend.search(xq, 50)
+        assert np.allclose(D, D0, atol=1e-5) and (I == I0).mean() > 0.99     # ties may swap
+
+
+def test_reranked_scores_are_exact_and_sorted():
+    """Whatever rows a source returns, and whatever scores it claims, Reranked returns exact dots."""
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((500, 8)).astype(np.float32)
+    xq = rng.standard_normal((20, 8)).astype(np.float32)
+
+    class Noisy:                                    # an approximate source: random rows, wrong scores
+        ntotal, d = 500, 8
+
+        def search(self, x, k):
+            I = np.stack([rng.choice(500, k, replace=False) for _ in range(len(x))])
+            I[:, -1] = -1                           # and a missing slot
+            return np.zeros(I.shape, np.float32), I
+
+    D, I = E.Reranked(Noisy(), xb, 2.0).search(xq, 30)
+    ok = I >= 0
+    assert np.allclose(D[ok], np.einsum("ij,ij->i", xb[I[ok]], np.repeat(xq, 30, 0)[ok.ravel()]), atol=1e-5)
+    assert (np.diff(np.where(ok, D, -np.inf), axis=1) <= 1e-7).all()
+
+
+def test_parse_search_params_and_errors():
+    assert E.parse_search_params("nprobe=16, efSearch=64") == {"nprobe": 16, "efSearch": 64}
+    assert E.parse_search_params(None) == {}
+    with pytest.raises(UsageError, match=r"search_params 'nprobe': use name=integer pairs"):
+        E.parse_search_params("nprobe")
+    with pytest.raises(UsageError, match="give either search_params or nprobe / ef_search"):
+        MineConfig.of(strategy="hardest", search_params="nprobe=2", nprobe=3).validate()
+    with pytest.raises(UsageError, match=r"target_recall must be in \(0, 1\]"):
+        MineConfig.of(strategy="hardest", target_recall=1.5).validate()
+
+
+def test_candidate_recall():
+    e = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert E.candidate_recall(e, e) == 1.0
+    assert E.candidate_recall(np.array([[1, 2, 9, -1], [5, 6, 7, 8]]), e) == 6 / 8
+
+
+# -- mining through an index ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", ["IVF16,Flat", "hnsw", "IVF16,PQ8x4"])
+def test_every_written_score_is_exact(world, index):
+    res = mine(world, mix="hardest:0.5,midzone:0.5", index=index, delta_lo=0.0, delta_hi=0.3)
+    tb = res.table.to_pylist()
+    assert len(tb) > 2000 and res.meta["search"]["exact"] is False
+    qi = {q: i for i, q in enumerate(world["t"].query_ids.tolist())}
+    for r in tb[::7]:
+        s = float(world["emb"][r["neg_id"]] @ world["xq"][qi[r["query_id"]]])
+        assert abs(r["score"] - s) < 1e-5 and abs(r["delta"] - (r["target_score"] - r["score"])) < 1e-6
+
+
+def test_ivf_probing_every_list_equals_flat(world):
+    kw = dict(mix="hardest:0.5,midzone:0.5", delta_lo=0.0, delta_hi=0.3, seed=2)
+    flat = mine(world, **kw)
+    ivf = mine(world, index="IVF16,Flat", nprobe=16, **kw)
+    assert ivf.table.equals(flat.table)
+    assert ivf.meta["search"]["params"] == {"nprobe": 16} and "tuning" not in ivf.meta["search"]
+    assert flat.meta["search"]["index"] == "flat" and flat.meta["search"]["exact"] is True
+
+
+def test_tuning_reaches_the_target_recall_and_is_recorded(world):
+    res = mine(world, strategy="hardest", index="IVF16,Flat", target_recall=0.9, tune_queries=200, check_recall=150)
+    s = res.meta["search"]
+    tu = s["tuning"]
+    assert tu["param"] == "nprobe" and tu["reached"] and tu["recall"] >= 0.9 and tu["queries"] == 200
+    assert s["params"] == {"nprobe": tu["value"]} and tu["tried"][-1][0] == tu["value"]
+    assert all(r < 0.9 for _, r, _ in tu["tried"][:-1])        # the cheapest value that reaches it
+    ck = s["check"]
+    assert ck["queries"] == 150 and 0.85 <= ck["candidate_recall"] <= 1 and 0 < ck["negative_overlap"] <= 1
+    # no tuning: FAISS defaults (nprobe=1), measured by the check
+    low = mine(world, strategy="hardest", index="IVF16,Flat", target_recall=None, check_recall=150)
+    assert low.meta["search"]["params"] == {"nprobe": 1} and low.meta["search"]["check"]["candidate_recall"] < tu["recall"]
+
+
+def test_check_recall_on_exact_search_is_one(world):
+    res = mine(world, strategy="midzone", check_recall=100)
+    assert res.meta["search"]["check"]["candidate_recall"] == 1.0
+    assert res.meta["search"]["check"]["negative_overlap"] == 1.0
+
+
+def test_any_backend_with_the_contract_is_used_as_given(world):
+    """A sharded or remote engine plugs in as an object with search/ntotal/d/exact/describe."""
+    xb = world["g"].embeddings
+
+    class Shards:                                   # two shards, exact top-k each, merged
+        ntotal, d, exact = xb.shape[0], xb.shape[1], True
+        calls = 0
+
+        def search(self, xq, k):
+            Shards.calls += 1
+            half = self.ntotal // 2
+            D1, I1 = brute_force_search(xb[:half], xq, k)
+            D2, I2 = brute_force_search(xb[half:], xq, k)
+            return E.merge_topk(D1, I1, D2, I2 + half, k)
+
+        def describe(self):
+            return {"index": "shards", "exact": True, "params": {}}
+
+    kw = dict(strategy="hardest", rho=None)
+    a = mine(world, **kw)
+    b = mine_negatives(world["ws"], "train", MineConfig.of(k=10, candidates=200, **kw), index=Shards())
+    assert Shards.calls > 0 and b.meta["search"]["index"] == "shards"
+    assert b.table.drop(["score", "delta"]).equals(a.table.drop(["score", "delta"]))
+    assert np.allclose(b.table["score"].to_numpy(), a.table["score"].to_numpy(), atol=1e-5)
+
+    class Wrong(Shards):
+        ntotal = 10
+
+    with pytest.raises(DataError, match="the search back-end has d=32 and 10 rows but the gallery has d=32 and 3000"):
+        mine_negatives(world["ws"], "train", MineConfig.of(strategy="hardest"), index=Wrong())
+
+
+def test_prefetch_equals_sequential(world):
+    kw = dict(mix="hardest:0.5,midzone:0.5", index="hnsw", ef_search=64, query_batch=50)
+    a = mine(world, prefetch=False, **kw)
+    b = mine(world, prefetch=True, **kw)
+    assert a.table.equals(b.table) and b.meta["search"]["prefetch"] is True
+
+
+# -- the workspace index and refresh rounds -----------------------------------------------------------
+
+
+@pytest.fixture
+def indexed(synth_work, tmp_path):
+    from cir_mine.miner.encode.index import index_workspace
+
+    work = tmp_path / "work"
+    shutil.copytree(synth_work, work)
+    index_workspace(work, "train", "IVF16,Flat", device="cpu")
+    return Workspace(work)
+
+
+def test_workspace_index_is_searched_and_fingerprinted(indexed, tmp_path):
+    res = mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", index="workspace", nprobe=4), tmp_path / "n.parquet")
+    s = res.meta["search"]
+    assert s["index"] == "workspace" and s["factory"] == "IVF16,Flat" and s["params"] == {"nprobe": 4}
+    assert s["fingerprint"] == E.file_fingerprint(indexed.index_path("train")) and s["file"] == "index.train.faiss"
+    assert not (tmp_path / "n.parquet.faiss").exists()              # nothing saved: the workspace holds it
+
+
+def _zero_shot(ws):
+    g, t = ws.load("train")
+    return zero_shot_queries(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], t.text_embeddings)
+
+
+@pytest.mark.parametrize("index", ["workspace", "hnsw"])
+def test_refresh_searches_exactly_like_round_0(indexed, tmp_path, index):
+    """With round 0's queries, a refresh round reproduces round 0's table: same index file, same
+    tuned parameters, no re-tuning."""
+    from cir_mine.train.refresh import miner_remine
+
+    out = tmp_path / "negs.parquet"
+    r0 = mine_to_file(indexed, "train", MineConfig.of(mix="hardest:0.5,midzone:0.5", k=6, index=index,
+                                                   target_recall=0.9, tune_queries=100), out)
+    assert "tuning" in r0.meta["search"]
+    if index == "hnsw":
+        assert (tmp_path / "negs.parquet.faiss").exists() and read_negatives(out).meta["search"]["file"] == "negs.parquet.faiss"
+    remine = miner_remine(indexed.root, "train", out)
+    table, meta = remine(_zero_shot(indexed), 1, 1)
+    assert meta["search"]["params"] == r0.meta["search"]["params"] and "tuning" not in meta["search"]
+    assert meta["search"]["fingerprint"] == read_negatives(out).meta["search"]["fingerprint"]
+    assert table.drop(["round"]).equals(r0.table.drop(["round"]))
+
+
+def test_refresh_of_a_flat_table_never_uses_the_workspace_index(indexed, tmp_path):
+    """A table mined exactly is refreshed exactly, even when the workspace holds an IVF index."""
+    from cir_mine.train.refresh import miner_remine
+
+    out = tmp_path / "negs.parquet"
+    r0 = mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", k=6), out)
+    table, meta = miner_remine(indexed.root, "train", out)(_zero_shot(indexed), 1, 1)
+    assert meta["search"]["exact"] is True and meta["search"]["index"] == "flat"
+    assert table.drop(["round"]).equals(r0.table.drop(["round"]))
+
+
+def test_refresh_refuses_a_changed_index(indexed, tmp_path):
+    from cir_mine.miner.encode.index import index_workspace
+    from cir_mine.train.refresh import miner_remine
+
+    out = tmp_path / "negs.parquet"
+    mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", k=6, index="workspace", nprobe=2), out)
+    index_workspace(indexed.root, "train", "IVF8,Flat", device="cpu")
+    remine = miner_remine(indexed.root, "train", out)
+    with pytest.raises(DataError, match=r"index.train.faiss: changed since .*negs.parquet was mined"):
+        remine(_zero_shot(indexed), 1, 1)
+
+
+# -- CLI --------------------------------------------------------------------------------------------------
+
+
+def test_cli_index_options_are_printed_and_stored(synth_work, tmp_path):
+    out = tmp_path / "negs.parquet"
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "5",
+                                 "--index", "IVF16,Flat", "--target-recall", "0.9", "--check-recall", "100",
+                                 "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    s = read_negatives(out).meta["search"]
+    tu = s["tuning"]
+    assert (f"search: IVF16,Flat (IVF16,Flat, nprobe={tu['value']}; over-fetch 1, re-ranked exactly); tuned "
+            f"nprobe={tu['value']}: candidate recall@128 {tu['recall']:.3f} on 600 queries (reached 0.9)") in r.output
+    ck = s["check"]
+    assert (f"recall check on 100 queries: candidate recall@128 {ck['candidate_recall']:.3f}, mined negatives "
+            f"shared with exact mining {ck['negative_overlap']:.3f}") in r.output
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "--index", "flat",
+                                 "--search-params", "nprobe", "--out", str(tmp_path / "x.parquet")])
+    assert r.exit_code == 2 and "Error: --search-params 'nprobe': use name=integer pairs" in r.output
+
+
+def test_cli_workspace_index_missing(synth_work, tmp_path):
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "--index",
+                                 "workspace", "--out", str(tmp_path / "x.parquet")])
+    assert r.exit_code == 1
+    assert f"Error: {synth_work}/index.train.faiss: index not found. Build it with `cir-mine index" in r.output
+
+
+# -- galleries larger than memory: memory-mapped embeddings -------------------------------------------
+
+
+def _copy(synth_work, tmp_path) -> Workspace:
+    work = tmp_path / "work"
+    shutil.copytree(synth_work, work)
+    return Workspace(work)
+
+
+@pytest.mark.parametrize("index", ["flat", "IVF16,Flat"])
+def test_memory_mapped_gallery_mines_the_same_table(synth_work, tmp_path, index):
+    from cir_mine.miner.encode.index import write_gallery_npy
+
+    ws = _copy(synth_work, tmp_path)
+    cfg = MineConfig.of(mix="hardest:0.5,midzone:0.5", k=6, index=index, nprobe=None if index == "flat" else 16)
+    ref = mine_negatives(ws, "train", cfg)
+    write_gallery_npy(ws, "train")
+    g = ws.gallery("train")
+    assert isinstance(g.embeddings, np.memmap) and g.embeddings.shape == (3000, 32)
+    got = mine_negatives(ws, "train", cfg)
+    assert got.meta["search"].get("blocked", index != "flat") and got.table.equals(ref.table)
+
+
+def test_gallery_without_embedding_column_reads_the_npy(synth_work, tmp_path):
+    import pyarrow.parquet as pq
+
+    from cir_mine.data.errors import SchemaError
+    from cir_mine.data.workspace import write_embeddings_npy, write_table
+
+    ws = _copy(synth_work, tmp_path)
+    ref = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=5))
+    tb = pq.read_table(ws.gallery_path("train"))
+    emb = np.stack(tb.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float16)
+    write_table(tb.drop(["embedding"]), ws.gallery_path("train"))
+    write_embeddings_npy(iter([emb[:1000], emb[1000:]]), 3000, 32, ws.embeddings_path("train"), np.float16)
+    got = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=5))
+    assert got.meta["n_rows"] > 0.9 * ref.meta["n_rows"]
+    e = emb.astype(np.float32)
+    row = {i: r for r, i in enumerate(tb.column("image_id").to_pylist())}
+    g, t = ws.load("train")
+    xq = zero_shot_queries(np.asarray(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], np.float32),
+                           t.text_embeddings)
+    qi = {q: i for i, q in enumerate(t.query_ids.tolist())}
+    for r in got.table.to_pylist()[::11]:                  # float16 rows, scored in float32
+        assert abs(r["score"] - float(e[row[r["neg_id"]]] @ xq[qi[r["query_id"]]])) < 1e-4
+    np.save(ws.embeddings_path("train"), emb[:10])
+    with pytest.raises(SchemaError, match=r"gallery.train.npy: holds float16\[10, 32\] but .* has 3000 rows"):
+        ws.gallery("train")
+
+
+def test_index_npy_cli(synth_work, tmp_path):
+    ws = _copy(synth_work, tmp_path)
+    r = runner.invoke(mine_app, ["index", "--work", str(ws.root), "--index", "IVF16,Flat", "--npy", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {ws.root}/gallery.train.npy: the gallery embeddings, memory-mapped by mining" in r.output
+    assert np.load(ws.embeddings_path("train"), mmap_mode="r").shape == (3000, 32)
