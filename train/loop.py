@@ -35,7 +35,7 @@ from cir_mine.train.data import (NegativeBank, concat_queries, dev_split, extra_
                                  image_keys, resolve_queries, sample_negatives, subset_queries)
 from cir_mine.train.loss import bank_loss, hardest_in_batch, info_nce, triplet_margin
 from cir_mine.train.metrics import evaluate
-from cir_mine.train.model import ModelConfig, build_model, encode_queries
+from cir_mine.train.model import ModelConfig, attribute_head_codes, build_model, encode_queries
 from cir_mine.miner.core.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class TrainConfig:
     epochs: int = 10                   # epochs of normal training (0: zero-shot evaluation only)
     batch_size: int = 256              # queries per step
     seed: int = 0                      # model init, shuffles, negative sampling, dev split
-    model: str = "combiner"            # combiner | attention
+    model: str = "combiner"            # combiner | attention | dqe (attribute sub-queries, see ModelConfig)
     width: float = 2.0                 # projection width multiple of d (see ModelConfig)
     dropout: float = 0.1               # dropout in the model
     lr: float = 1e-3                   # AdamW learning rate
@@ -83,6 +83,7 @@ class TrainConfig:
     extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)
     extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
     neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
+    attr_weight: float = 1.0           # dqe: weight of the attribute-aware margin loss (margin: --margin)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +105,7 @@ class TrainConfig:
             raise UsageError("--batch-size must be at least 2 (in-batch negatives need two queries).")
         if not 0.0 <= self.neg_share <= 1.0:
             raise UsageError(f"--neg-share {self.neg_share}: must be in [0, 1].")
-        for name in ("extra_weight", "neg_weight"):
+        for name in ("extra_weight", "neg_weight", "attr_weight"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0.")
         if self.temperature <= 0:
@@ -164,6 +165,9 @@ class Trainer:
         self.model_config = mcfg
         torch.manual_seed(cfg.seed)
         self.model = build_model(mcfg)
+        # dqe: per gallery row and attribute head, an id of its values (who differs from the target where)
+        self.head_codes = (torch.from_numpy(attribute_head_codes(self.gallery.attributes, mcfg.attr_heads))
+                           if mcfg.kind == "dqe" else None)
         params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
         self.gallery_t = torch.from_numpy(np.require(self.gallery.embeddings, requirements='W'))
@@ -216,6 +220,8 @@ class Trainer:
             "overlap_with_previous": (len(self.bank.pairs & prev.pairs) / max(1, len(self.bank.pairs))
                                       if prev is not None else None),
         }
+        if meta.get("prepared"):       # e.g. error-targeted: the model's top-1 errors and the allocation
+            stats["prepared"] = meta["prepared"]
         log.info("refresh round %d: %d rows, delta quantiles %s, overlap %.3f", r, stats["rows"],
                  stats["delta_quantiles"], stats["overlap_with_previous"] or 0.0)
         return stats
@@ -252,7 +258,8 @@ class Trainer:
             trow = torch.from_numpy(q.target_rows[b])
             tkeys = torch.from_numpy(q.target_keys[b])
             pkeys = torch.from_numpy(q.pos_keys[b])
-            out = self.model(ref, txt)
+            parts = self.model.parts(ref, txt) if self.head_codes is not None else None
+            out = parts[0] if parts is not None else self.model(ref, txt)
             tgt = G[trow]
             w = torch.from_numpy(q.weights[b]) if q.weights is not None else None
             if bank_stage:
@@ -261,6 +268,9 @@ class Trainer:
                 loss = bank_loss(out, G, trow, K, pkeys, cfg.temperature, sample, w)
             else:
                 loss = self._loss(out, tgt, tkeys, pkeys, negs[b] if negs is not None else None, w)
+                if parts is not None and cfg.attr_weight:
+                    loss = loss + cfg.attr_weight * self._attr_loss(parts, tgt, trow, tkeys, pkeys,
+                                                                    negs[b] if negs is not None else None)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -308,6 +318,24 @@ class Trainer:
             hn, hv = hardest_in_batch(out, tgt, tkeys, pkeys, hard_k)
             loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, hn, hv, cfg.margin, w)
         return loss
+
+    def _attr_loss(self, parts, tgt, trow, tkeys, pkeys, neg_rows: Optional[np.ndarray]) -> torch.Tensor:
+        """dqe: attribute-aware margin loss of the sub-queries over the batch's other targets and
+        the mined negatives (positives and padding never count)."""
+        from cir_mine.train.loss import attribute_margin, positive_mask
+
+        _, subs, w = parts
+        B = trow.shape[0]
+        cand = trow.unsqueeze(0).expand(B, B)
+        valid = ~positive_mask(pkeys, tkeys)
+        if neg_rows is not None:
+            nr = torch.from_numpy(neg_rows)
+            nkeys = torch.where(nr >= 0, self.keys_t[nr.clamp(min=0)], torch.full_like(nr, -1))
+            cand = torch.cat([cand, nr.clamp(min=0)], 1)
+            valid = torch.cat([valid, (nr >= 0) & ~positive_mask(pkeys, nkeys)], 1)
+        codes = self.head_codes
+        differs = (codes[cand] != codes[trow].unsqueeze(1)) & valid.unsqueeze(-1)
+        return attribute_margin(subs, w, tgt, self.gallery_t[cand], differs, self.cfg.margin)
 
     def evaluate(self) -> dict:
         t, g = self.eval_triplets, self.eval_gallery

@@ -253,6 +253,7 @@ class BatchContext:
         self.counts = {g: np.zeros(self.b, np.int64) for g in GUARDS}
         self.taken_keys = np.zeros(0, np.int64)
         self.ranked: Optional[Candidates] = None
+        self.prepared: dict = {}     # strategy name -> its prepare() state for this run
         self._cache: dict = {}
 
     # candidates
@@ -425,6 +426,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         index = build_index(pool.xb, "flat", device=cfg.device)
     elif index is not None:
         check_index(index, g, "the given index", ws.gallery_path(split), fix="Pass an index built from this gallery")
+    prepared = {name: REGISTRY[name].prepare(pool, qs, index, cfg, ki)
+                for name, ki, _ in mined if REGISTRY[name].prepare is not None}
     t_prep = time.perf_counter() - t0
 
     got = np.zeros(m, np.int64)
@@ -435,6 +438,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         """Mine queries ``q`` at search depth ``depth``; fills got/guard_counts, returns the rows."""
         res = {c: [] for c in ("q", "row", "part", "rank", "score")}
         ctx = BatchContext(pool, qs, q, cfg, index, depth)
+        ctx.prepared = prepared
         if need_ranked:
             ts = time.perf_counter()
             D, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))
@@ -495,6 +499,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
+        "prepared": prepared,
         "k": cfg.k, "k_mined": k_mined, "depth": depth if need_ranked else 0, "deepened_queries": deepened,
         "n_queries": m, "n_gallery": n, "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],

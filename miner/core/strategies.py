@@ -207,12 +207,16 @@ def verified(ctx, k, salt):
     return select(c, c.valid & ctx.available(c), k)
 
 
+from cir_mine.miner.core import error_targeted as _et  # noqa: E402  (uses pick/select above)
+
+
 @dataclass(frozen=True)
 class Strategy:
     fn: Callable                 # fn(ctx, k, salt) -> Picks
     ranked: bool                 # needs the query's FAISS ranking
     attributes: bool = False     # needs requested attributes
     hint: str = ""               # the knob to loosen on shortfall
+    prepare: Optional[Callable] = None  # prepare(pool, queries, index, cfg, k) -> JSON-able state, once per run
 
 
 REGISTRY: dict[str, Strategy] = {
@@ -227,6 +231,9 @@ REGISTRY: dict[str, Strategy] = {
     "soft": Strategy(soft, True, True, hint="widen --soft-lo/--soft-hi or raise --max-candidates"),
     "semantic": Strategy(semantic, True, True, hint="raise --max-candidates (queries without requested attributes get none)"),
     "verified": Strategy(verified, False, hint="only datasets with verified negatives (CIRR target_soft = -1) have them"),
+    "kept-mismatch": Strategy(_et.kept_mismatch, True, True, hint="raise --max-candidates (queries whose ranking holds no image that satisfies the caption get none)"),
+    "error-targeted": Strategy(_et.error_targeted, True, hint="raise --max-candidates",
+                               prepare=_et.measure_top1_errors),
 }
 
 

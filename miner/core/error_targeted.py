@@ -1,0 +1,109 @@
+"""Strategies aimed at what the model gets wrong: kept-group violations and an error-targeted mix.
+
+- ``kept-mismatch``: candidates from the query's ranking that *satisfy* the requested change (no
+  requested group contradicted, at least one satisfied) but differ from the target in a group the
+  caption does not mention: they change what the query should have kept from the reference.
+- ``error-targeted``: before the batches, :func:`measure_top1_errors` takes the current query
+  embeddings' top-1 result in the target's category for every query of the split and counts, per
+  attribute group, how often it differs from the target (an error that differs in n groups counts
+  1/n for each). The strategy's k negatives per query are split over the groups in proportion to
+  that error mass (``split_k``); group g's share goes to the highest-ranked guarded candidates that
+  differ from the target in g. At a refresh the miner gets the trained model's query embeddings, so
+  the allocation follows the model's errors round by round; it is written into the table's footer
+  metadata (``meta["prepared"]["error-targeted"]``) and the trainer copies it into metrics.jsonl.
+
+Both work on the guarded candidate matrix of :class:`cir_mine.miner.core.mine.BatchContext`;
+numpy + faiss only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cir_mine.miner.core import strategies as S
+from cir_mine.miner.core.attribute_codes import STATUS_FALSE, STATUS_NOT_ASKED, STATUS_TRUE
+from cir_mine.miner.core.guards import member, pair_keys
+from cir_mine.miner.core.search import search_batched
+
+# Search depth of the top-1 measurement: the first result in the target's category is taken from
+# this many neighbours (a query whose top TOP1_DEPTH are all in other categories counts as
+# "other-category").
+TOP1_DEPTH = 32
+
+
+def request_satisfied(status: np.ndarray) -> np.ndarray:
+    """bool[b, L] from int8[b, L, Gr] requested status: nothing contradicted and, where the query
+    asks for anything, at least one requested group satisfied."""
+    asked = (status != STATUS_NOT_ASKED).any(-1)
+    ok = ~(status == STATUS_FALSE).any(-1)
+    return ok & ((status == STATUS_TRUE).any(-1) | ~asked)
+
+
+def kept_mismatch(ctx, k, salt):
+    """Satisfies the requested change but differs from the target in a group the caption leaves alone."""
+    c = ctx.ranked
+    diff = ctx.group_diff(c)                                   # [b, L, G]
+    kept = ~ctx.group_asked()[:, None, :] & ctx.group_present(c)
+    ok = request_satisfied(ctx.status(c)) & (diff & kept).any(-1)
+    return S.pick(ctx, c, c.valid & ok, k, salt, "top")
+
+
+def error_targeted(ctx, k, salt):
+    """k split over the groups by the measured top-1 error mass; per group, the top-ranked
+    candidates that differ from the target in that group."""
+    alloc = ctx.prepared["error-targeted"]
+    groups = ctx.pool.attrs.groups
+    shares = [alloc["errors"].get(g, 0.0) for g in groups]
+    c = ctx.ranked
+    if sum(shares) <= 0:                       # no measured error (or no attributes): the ranking's top
+        return S.pick(ctx, c, c.valid, k, salt, "top")
+    diff = ctx.group_diff(c)
+    parts = []
+    for gi, kg in enumerate(S.split_k(k, [s / sum(shares) for s in shares])):
+        if kg == 0:
+            continue
+        p = S.pick(ctx, c, c.valid & diff[:, :, gi], kg, salt * 16 + gi + 1, "top")
+        ctx.take(p)
+        parts.append(p)
+    return S.concat_picks(parts, len(ctx.q))
+
+
+def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
+    """Top-1 errors per attribute group of the query embeddings ``qs.emb`` -> a JSON-able dict.
+
+    For each query the first search result in the target's category is its top-1 (what the
+    FashionIQ protocol ranks first; the reference is not excluded). It is right when it is the
+    target, an extra positive or has the target's attribute values in every group. ``errors``:
+    group -> error mass (a wrong top-1 that differs in n groups adds 1/n to each), ``shares``:
+    errors normalised, ``k``: this strategy's negatives per query per group (``split_k``).
+    """
+    attrs = pool.attrs
+    groups = list(attrs.groups)
+    m = len(qs.target_rows)
+    depth = min(TOP1_DEPTH, len(pool.product))
+    mass = np.zeros(len(groups), np.float64)
+    n_right = n_other = n_wrong = 0
+    extra = qs.extra_keys
+    for s in range(0, m, cfg.query_batch):
+        q = np.arange(s, min(m, s + cfg.query_batch), dtype=np.int64)
+        _, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))
+        trow = qs.target_rows[q]
+        same = (I >= 0) & (pool.cat[np.maximum(I, 0)] == pool.cat[trow][:, None])
+        has = same.any(1)
+        n_other += int((~has).sum())
+        top = np.where(has, I[np.arange(len(q)), np.argmax(same, 1)], -1)
+        q, trow, top = q[has], trow[has], top[has]
+        gdiff = attrs.group_code[attrs.combo[top]] != attrs.group_code[attrs.combo[trow]]   # [b, G]
+        is_extra = member(pair_keys(q, pool.product[top][:, None], pool.n_products)[:, 0], extra)
+        right = (pool.product[top] == pool.product[trow]) | is_extra | ~gdiff.any(1)
+        n_right += int(right.sum())
+        wrong = gdiff[~right]
+        n_wrong += int(wrong.shape[0])
+        if wrong.size:
+            mass += (wrong / wrong.sum(1, keepdims=True)).sum(0)
+    total = mass.sum()
+    errors = {g: round(float(x), 3) for g, x in zip(groups, mass) if x > 0}
+    shares = {g: round(float(x / total), 4) for g, x in zip(groups, mass) if x > 0} if total > 0 else {}
+    ks = S.split_k(k, [x / total for x in mass]) if total > 0 else []
+    return {"n_queries": m, "top1_right": n_right, "top1_wrong": n_wrong, "top1_other_category": n_other,
+            "errors": errors, "shares": shares,
+            "k": {g: int(x) for g, x in zip(groups, ks) if x > 0}}
