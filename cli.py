@@ -315,10 +315,10 @@ def index_cmd(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
-    world: str = typer.Option("default", "--world", help="default (the synth default) or fine (fine-grained: 60k images, adds hardest; mined negatives pay there)."),
+    world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest and error-targeted, each re-mined once halfway) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
     quiet: bool = QUIET,
 ):
-    """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
+    """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest, error-targeted) -> short trainings -> R@10/R@50 table."""
     # issue 5: the final demo lives in train/demo.py
     from cir_mine.train.demo import DemoConfig, run_demo
 
