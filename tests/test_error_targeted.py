@@ -128,3 +128,11 @@ def test_refresh_writes_the_allocation_into_metrics(synth_work, tmp_path):
     alloc = rec["refresh"]["prepared"]["error-targeted"]
     assert alloc == read_negatives(tmp_path / "run" / "negs.round1.parquet").meta["prepared"]["error-targeted"]
     assert sum(alloc["k"].values()) == 4 and alloc["top1_right"] + alloc["top1_wrong"] + alloc["top1_other_category"] == 600
+
+
+def test_top1_sample_is_spread_and_bounded():
+    from cir_mine.miner.core.error_targeted import sample_queries
+
+    assert sample_queries(10, 20).tolist() == list(range(10))
+    s = sample_queries(10000, 100)
+    assert len(s) == 100 and s[0] == 0 and s[-1] == 9999 and (np.diff(s) > 0).all()
