@@ -1,7 +1,7 @@
 """Strategies aimed at what the model gets wrong: kept-group violations and an error-targeted mix.
 
 - ``kept-mismatch``: candidates from the query's ranking that *satisfy* the requested change (no
-  requested group contradicted, at least one satisfied) but differ from the target in a group the
+  requested group contradicted; unknown where the tags cannot tell) but differ from the target in a group the
   caption does not mention: they change what the query should have kept from the reference.
 - ``error-targeted``: before the batches, :func:`measure_top1_errors` takes the current query
   embeddings' top-1 result in the target's category for every query of the split and counts, per
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from cir_mine.miner.core import strategies as S
-from cir_mine.miner.core.attribute_codes import STATUS_FALSE, STATUS_NOT_ASKED, STATUS_TRUE
+from cir_mine.miner.core.attribute_codes import STATUS_FALSE
 from cir_mine.miner.core.guards import member, pair_keys
 from cir_mine.miner.core.search import search_batched
 
@@ -40,11 +40,9 @@ def sample_queries(m: int, n: int = TOP1_SAMPLE) -> np.ndarray:
 
 
 def request_satisfied(status: np.ndarray) -> np.ndarray:
-    """bool[b, L] from int8[b, L, Gr] requested status: nothing contradicted and, where the query
-    asks for anything, at least one requested group satisfied."""
-    asked = (status != STATUS_NOT_ASKED).any(-1)
-    ok = ~(status == STATUS_FALSE).any(-1)
-    return ok & ((status == STATUS_TRUE).any(-1) | ~asked)
+    """bool[b, L] from int8[b, L, Gr] requested status: no requested group contradicted (each one
+    satisfied, or unknown where the image's tags cannot tell)."""
+    return ~(status == STATUS_FALSE).any(-1)
 
 
 def kept_mismatch(ctx, k, salt):
