@@ -42,15 +42,41 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def cli_errors(fn):
-    """Turn library exceptions into ``Error: ...`` and an exit code."""
+# Library errors name parameters as the Python API spells them; the CLI shows its flags. A name is
+# its flag (--delta-lo for delta_lo) unless listed here.
+FLAGS = {
+    "k": "-k",
+    "mining_round": "--round",
+    "max_candidates=None": "--no-deepen",
+}
+# `cir-mine negatives` switches guards off with --no-guard NAME
+NEGATIVES_FLAGS = {
+    **FLAGS,
+    "exclude_target": "--no-guard target",
+    "exclude_reference": "--no-guard reference",
+    "exclude_extra_positives": "--no-guard extra-positive",
+    "trust_verified": "--no-guard trust-verified",
+    "rho=None": "--no-guard cap",
+    "dup_threshold=None": "--no-guard near-duplicate",
+}
+
+
+def flag(param: str, flags: dict = FLAGS) -> str:
+    """The command-line spelling of a library parameter name."""
+    return flags.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_errors(fn=None, *, flags: dict = FLAGS):
+    """Turn library exceptions into ``Error: ...`` (parameters spelled as ``flags``) and an exit code."""
+    if fn is None:
+        return functools.partial(cli_errors, flags=flags)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except CirMineError as e:
-            fail(str(e), e.exit_code)
+            fail(e.render(functools.partial(flag, flags=flags)), e.exit_code)
         except MemoryError:
             fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
         except KeyboardInterrupt:
@@ -59,12 +85,12 @@ def cli_errors(fn):
     return wrapper
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """Warnings on stderr; with ``verbose`` also cir-mine's own INFO lines (what each stage does),
+    never other libraries' (faiss.loader and the like stay at WARNING). ``quiet`` (no progress bar,
+    no notes) is the commands' own and combines with ``verbose``: logs without a bar."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("cir_mine").setLevel(logging.INFO if verbose else logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -91,7 +117,23 @@ def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: st
         yield lambda n=1, total=None: prog.update(task, advance=n, total=total)
 
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+def _version_option(prog: str):
+    def show(value: bool) -> None:
+        if value:
+            from cir_mine import __version__
+
+            typer.echo(f"{prog} {__version__}")
+            raise typer.Exit()
+
+    return typer.Option(False, "--version", callback=show, is_eager=True, help="Print the version and exit.")
+
+
+@mine_app.callback()
+def mine_options(version: bool = _version_option("cir-mine")):
+    """Offline hard-negative mining for composed image retrieval (CIR)."""
+
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
 SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
@@ -115,8 +157,10 @@ def synth(
     text_noise: float = typer.Option(1.0, "--text-noise", help="Per-caption noise norm."),
     unmentioned: float = typer.Option(0.15, "--unmentioned-change", help="Chance a target also differs in an unmentioned group."),
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Generate a synthetic CIR world (gallery + triplets with ground-truth attributes)."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.synthetic import SynthConfig, generate, parse_salience
 
     cfg = SynthConfig(n_gallery=n_gallery, n_triplets=n_triplets, dim=dim, seed=seed, split=split,
@@ -135,8 +179,13 @@ def synth(
 
 @mine_app.command()
 @cli_errors
-def info(work: Path = WORK):
+def info(
+    work: Path = WORK,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+):
     """Validate a workspace and print its splits, counts and manifest."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.workspace import Workspace
 
     ws = Workspace(work)
@@ -165,21 +214,21 @@ def check(
     dataset: Dataset = DATASET,
     root: Path = ROOT,
     split: str = SPLIT,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Read a dataset's annotations and print what they hold (no embedding)."""
-    from cir_mine.data.adapters import load_dataset
+    setup_logging(verbose, quiet)
+    from cir_mine.data.adapters import dataset_summary
 
-    images, queries = load_dataset(dataset.value, root, split)
-    with_path = sum(1 for i in images if i.path)
-    with_attr = sum(1 for i in images if i.attributes)
-    cats = sorted({q.category for q in queries})
-    typer.echo(f"{dataset.value} {split}: {len(images)} images ({with_path} with image files, "
-               f"{with_attr} with attributes), {len(queries)} queries, categories: "
-               f"{', '.join(c or '-' for c in cats)}")
+    s = dataset_summary(dataset.value, root, split)
+    typer.echo(f"{dataset.value} {split}: {s['images']} images ({s['image_files']} with image files, "
+               f"{s['with_attributes']} with attributes), {s['queries']} queries, categories: "
+               f"{', '.join(c or '-' for c in s['categories'])}")
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine positives (issue 8: scaled positives)
+# cir-mine positives (scaled positives)
 
 
 @mine_app.command()
@@ -199,8 +248,11 @@ def positives(
     command: Optional[str] = typer.Option(None, "--command", help="With --captioner command: program reading JSON lines of pairs."),
     text_encoder: str = typer.Option("auto", "--text-encoder", help="auto|synthetic|minilm|open_clip: the workspace's text encoder."),
     seed: int = typer.Option(0, "--seed"),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
     from cir_mine.miner.positives.pairs import PositivesConfig
@@ -219,7 +271,7 @@ def positives(
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 4 (attributes): cir-mine attributes
+# cir-mine attributes
 
 
 @mine_app.command()
@@ -227,8 +279,11 @@ def positives(
 def attributes(
     texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
     vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/core/vocabulary.json)."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.core.attributes import extract_many, load_vocabulary
 
     for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
@@ -236,7 +291,7 @@ def attributes(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine embed, cir-mine index (issue 3)
+# cir-mine embed, cir-mine index
 
 
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
@@ -263,10 +318,10 @@ def embed(
     verbose: bool = VERBOSE,
 ):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.encode.clip import DEFAULT_PROMPTS, EncoderConfig, ImageRun
     from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
 
-    setup_logging(verbose)
     prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
     job = EmbedJob(dataset.value, root, split, work, EncoderConfig(model, pretrained, device),
                    ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
@@ -276,7 +331,7 @@ def embed(
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
                f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
-    if m["encoder"].get("pretrained") == "none":
+    if m["encoder"].get("pretrained") == "none" and not quiet:
         typer.echo("note: random weights (--pretrained none); pass --pretrained TAG|PATH for a trained CLIP.", err=True)
 
 
@@ -291,15 +346,18 @@ def index_cmd(
     from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, or .parquet) as the gallery first."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
+    allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
     verbose: bool = VERBOSE,
+    quiet: bool = QUIET,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.encode.index import index_workspace
     from cir_mine.miner.encode.features import import_features
 
-    setup_logging(verbose)
     if from_features is not None:
-        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16)
+        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
+                               allow_encoder_change)
     else:
         meta = index_workspace(work, split, index, device, fp16)
     typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
@@ -315,18 +373,20 @@ def index_cmd(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
-    world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest and error-targeted, each re-mined once halfway) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
+    world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest, re-mined once halfway) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
-    """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest, error-targeted) -> short trainings -> R@10/R@50 table."""
-    # issue 5: the final demo lives in train/demo.py
+    """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings -> R@10/R@50 table."""
+    setup_logging(verbose, quiet)
     from cir_mine.train.demo import DemoConfig, run_demo
 
     step = {"n": 0}
 
     def say(msg: str) -> None:
         step["n"] += 1
-        typer.echo(f"[{step['n']}] {msg}")
+        if not quiet:
+            typer.echo(f"[{step['n']}] {msg}")
 
     res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say)
     typer.echo("")
@@ -340,7 +400,7 @@ def demo(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine negatives (issue 4: mining core)
+# cir-mine negatives
 
 GUARD_SWITCHES = ("target", "reference", "extra-positive", "near-duplicate", "cap", "trust-verified")
 
@@ -355,18 +415,13 @@ def _floats(spec: str, what: str) -> tuple:
 
 
 def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
-    from cir_mine.data.errors import UsageError
+    from cir_mine.train.checkpoint import encode_queries
 
-    try:
-        from cir_mine.train.checkpoint import encode_queries
-    except ImportError:
-        raise UsageError(f"--checkpoint {checkpoint}: needs cir-train (cir_mine.train.checkpoint.encode_queries), "
-                         f"which is not installed in this version. Use --query zero-shot.") from None
     return encode_queries(checkpoint, work, split)
 
 
 @mine_app.command()
-@cli_errors
+@cli_errors(flags=NEGATIVES_FLAGS)
 def negatives(
     work: Path = WORK,
     split: str = SPLIT,
@@ -376,7 +431,7 @@ def negatives(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for cir-train; mines the mix at --round)."),
     k: int = typer.Option(10, "-k", "--k", help="Negatives per query."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same table)."),
-    round_: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
+    mining_round: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
     query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
     text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
@@ -398,35 +453,37 @@ def negatives(
     dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Guard: drop near-duplicates of the target, s(c,t) >= this."),
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
+    random_draws: int = typer.Option(32, "--random-draws", help="random, category: uniform draws per query beyond 2k."),
     device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
+    setup_logging(verbose, quiet)
     import pyarrow.parquet as pq
 
     from cir_mine.data.errors import UsageError
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
 
-    setup_logging(verbose)
     bad = [g for g in no_guard if g not in GUARD_SWITCHES]
     if bad:
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
     if checkpoint is not None:
         query = "checkpoint"
-    cfg = MineConfig(
+    cfg = MineConfig.of(
         strategy=strategy, mix=mix, schedule=schedule, k=k, seed=seed, query=query, text_weight=text_weight,
-        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch, range_min=range_min, range_max=range_max,
-        margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
+        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch,
+        sample=sample, random_draws=random_draws, device=device,
+        range_min=range_min, range_max=range_max, margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
         category_shares=_floats(category_shares, "--category-shares"), attr_agree=attr_agree,
-        soft_lo=soft_lo, soft_hi=soft_hi, sample=sample, discrepant_pool=discrepant_pool,
+        soft_lo=soft_lo, soft_hi=soft_hi, discrepant_pool=discrepant_pool,
         exclude_target="target" not in no_guard, exclude_reference="reference" not in no_guard,
         exclude_extra_positives="extra-positive" not in no_guard,
         dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
-        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard, device=device,
+        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard,
     )
-    cfg.validate(round_)
+    cfg.validate(mining_round)
     if cfg.query == "checkpoint" and checkpoint is None:
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
@@ -434,7 +491,7 @@ def negatives(
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
-        res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
+        res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, mining_round=mining_round, progress=advance)
     typer.echo(negatives_summary(out, res.meta))
 
 
@@ -455,9 +512,10 @@ def negatives_summary(out: Path, meta: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine stats / sql / inspect / report  (issue 4 "DuckDB" section, issue 7: see the negatives)
+# cir-mine stats / sql / inspect / report: see the negatives
 
 NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
+ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
 
 
 class SqlFormat(str, enum.Enum):
@@ -472,8 +530,11 @@ def stats(
     negs: List[Path] = NEGS,
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (checks the tables belong to it; adds negative categories)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Negatives per query, Δ quantiles and histogram, category and attribute mix, shortfall, round overlap."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.stats import format_stats, summarize
 
     typer.echo(format_stats(summarize(negs, work, split)), nl=False)
@@ -487,8 +548,11 @@ def sql(
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (views gallery, triplets)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own, else train)."),
     fmt: SqlFormat = typer.Option(SqlFormat.table, "--format", "-f", help="Output format."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Run DuckDB SQL over negatives tables and the workspace (see docs/queries.md)."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.sql import format_rows, sql_query
 
     typer.echo(format_rows(sql_query(query, negs or [], work, split), fmt.value), nl=False)
@@ -502,17 +566,24 @@ def inspect(
     out: Path = typer.Option(..., "--out", "-o", help="PNG contact sheet to write."),
     query_id: Optional[List[str]] = typer.Option(None, "--query-id", help="Query to draw (repeatable)."),
     sample: Optional[int] = typer.Option(None, "--sample", "-n", help="Draw N random queries of the table."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    root: Optional[Path] = ROOT_OF_PATHS,
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the table's own)."),
     max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
 
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed)
     kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
     typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
+    for row in r["short"]:
+        scope = "" if row.guards_scope == "query" else " (whole table)"
+        guards = ", ".join(f"{g} {n:,}" for g, n in row.guards.items() if n) or "none recorded"
+        typer.echo(f"{row.query_id}: short, {row.short}; guards removed{scope}: {guards}")
 
 
 @mine_app.command()
@@ -522,12 +593,15 @@ def report(
     work: Path = WORK,
     out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (self-contained, plots embedded)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    root: Optional[Path] = ROOT_OF_PATHS,
     sheets: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
     max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.report import write_report
 
     r = write_report(negs, work, out, split=split, root=root, n_sheet_queries=sheets,
@@ -537,9 +611,6 @@ def report(
 
 # ------------------------------------------------------------------------------------------------
 # cir-train
-
-
-# -- issue 5 (cir-train): training, refresh, evaluation ------------------------------------------
 
 
 @train_app.command()
@@ -579,19 +650,20 @@ def train(
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),
-    # issue 8 point 3: generated triplets (cir-mine positives) as extra training queries
+    # generated triplets (cir-mine positives) as extra training queries
     extra_triplets: Optional[list[Path]] = typer.Option(None, "--extra-triplets", help="Generated triplets (cir-mine positives) mixed into the training queries (repeatable; never into the dev split)."),
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
     attr_weight: float = typer.Option(1.0, "--attr-weight", help="--model dqe: weight of the attribute-aware margin loss (its margin is --margin)."),
+    version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.errors import UsageError
     from cir_mine.train.loop import TrainConfig, resume_config, train as run_training
 
-    setup_logging(verbose)
     if resume is not None:
         cfg = resume_config(resume)
     else:
@@ -608,7 +680,7 @@ def train(
             exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads,
             extra_triplets=[str(p) for p in extra_triplets or []], extra_weight=extra_weight,
             neg_weight=neg_weight, attr_weight=attr_weight)
-    remine = _miner_remine(cfg) if cfg.validate().refresh_every else None
+    remine = _miner_remine(cfg, quiet) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
     with progress_bar("train", total, quiet, unit="epochs") as advance:
         def on_epoch(rec):
@@ -624,11 +696,26 @@ def train(
     typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}  curves: {Path(cfg.out) / 'curves.png'}")
 
 
-def _miner_remine(cfg):
-    """The refresh's miner call for the table cfg.negatives (see train.refresh)."""
+def _miner_remine(cfg, quiet: bool = False):
+    """The refresh's miner call for the table cfg.negatives (see train.refresh), printing one line
+    per round on stderr unless ``quiet``: round, epoch, strategy mix, rows, time."""
     from cir_mine.train.refresh import miner_remine
 
-    return miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule)
+    remine = miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule)
+
+    def remine_and_say(query_emb, round, epoch):
+        table, meta = remine(query_emb, round, epoch)
+        if not quiet:
+            typer.echo(remine_line(round, epoch, meta), err=True)
+        return table, meta
+
+    return remine_and_say
+
+
+def remine_line(round: int, epoch: int, meta: dict) -> str:
+    """``re-mine round 1 (epoch 2): midzone:0.6,random:0.4, 3,120 rows, 0.4s``"""
+    mix = ",".join(f"{p['strategy']}:{p['share']:g}" for p in meta["parts"])
+    return f"re-mine round {round} (epoch {epoch}): {mix}, {meta['n_rows']:,} rows, {meta['timing']['total_s']:.1f}s"
 
 
 def mine_main() -> None:

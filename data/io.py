@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cir_mine.data.errors import LockedError
+from cir_mine.data.errors import DataError, LockedError, SchemaError
 
 
 @contextlib.contextmanager
@@ -159,3 +159,43 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------------------------------------
+# Parquet: open a file or fail clearly
+
+
+def read_parquet(path: str | os.PathLike, columns=None):
+    """The Parquet table at ``path`` (only those of ``columns`` it has, when given) -> pa.Table.
+
+    Raises DataError when the file is missing, SchemaError when it is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found.")
+    with _parquet_errors(path):
+        if columns is not None:
+            names = pq.read_schema(path).names
+            columns = [c for c in columns if c in names]
+        return pq.read_table(path, columns=columns)
+
+
+def read_parquet_schema(path: str | os.PathLike):
+    """The schema (with its footer metadata) of the Parquet file at ``path``, rows unread.
+
+    Raises SchemaError when the file is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    with _parquet_errors(Path(path)):
+        return pq.read_schema(path)
+
+
+@contextlib.contextmanager
+def _parquet_errors(path: Path) -> Iterator[None]:
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.data.io import atomic_path, read_parquet, read_parquet_schema, write_json_atomic
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -40,7 +40,7 @@ _EMB = (
 )
 
 GALLERY_COLUMNS = {"image_id": _STR, "category": _STR, "attributes": _STR_LIST, "embedding": _EMB}
-# attribute_scores (issue 3): parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
+# attribute_scores: parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
 _FLOAT_LIST = (
     lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type),
     "list<float32>",
@@ -147,17 +147,6 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
         )
 
 
-def _read_parquet(path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
-    try:
-        schema = pq.read_schema(path)
-        cols = [c for c in columns if c in schema.names] if columns is not None else None
-        return pq.read_table(path, columns=cols)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # In-memory tables
 
@@ -258,7 +247,7 @@ def _obj(col: pa.ChunkedArray) -> np.ndarray:
 
 def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     path = Path(path)
-    table = _read_parquet(path)
+    table = read_parquet(path)
     _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
@@ -287,7 +276,7 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     path = Path(path)
-    table = _read_parquet(path)
+    table = read_parquet(path)
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
     if len(set(qids.tolist())) != len(qids):
@@ -371,7 +360,7 @@ def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = No
 
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata stored by :func:`write_table` (keys without the ARROW schema)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet_schema(path).metadata or {}
     out = {}
     for k, v in meta.items():
         key = k.decode()
@@ -459,6 +448,13 @@ class Workspace:
 
     def triplets(self, split: str, gallery: Optional[Gallery] = None, check_norm: bool = True) -> Triplets:
         p = self.triplets_path(split)
+        if not p.exists() and self.gallery_path(split).exists():
+            raise DataError(
+                f"{p}: file not found: {self.root} holds the gallery of split '{split}' but no queries "
+                f"(features only). Add queries: write {p.name} in the triplets schema (query_id, category, ref_id, "
+                f"target_id, captions, text_embedding from the features' encoder; docs/formats.md), or embed "
+                f"images and captions with `cir-mine embed --dataset fashioniq|cirr|folder --root ROOT "
+                f"--work {self.root} --split {split}`.")
         self._require_split(split, p)
         dim = gallery.dim if gallery is not None else self.manifest().get("dim")
         t = read_triplets(p, dim=dim, check_norm=check_norm)
@@ -482,6 +478,14 @@ class Workspace:
             splits[split] = {"images": len(g), "triplets": 0 if t is None else len(t),
                              "categories": sorted(set(g.categories.tolist()))}
         return {"manifest": self.manifest(), "hash": self.manifest_hash(), "splits": splits}
+
+    def image_root(self, split: str) -> Optional[Path]:
+        """The dataset root the gallery ``path`` column of ``split`` is relative to, as recorded by
+        ``cir-mine embed`` (absolute), or None when the workspace does not record one."""
+        if not self.manifest_path.exists():
+            return None
+        root = ((self.manifest().get("embed") or {}).get(split) or {}).get("root")
+        return Path(root) if root else None
 
     # manifest
     def manifest(self) -> dict:
@@ -514,6 +518,18 @@ class Workspace:
         m = {k: v for k, v in self.manifest().items() if k not in ("updated",)}
         return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
 
+    def split_hash(self, split: str) -> str:
+        """Identity of one split's data: a hash over ``gallery.{split}.parquet`` and
+        ``triplets.{split}.parquet`` (each file's size and Parquet footer, which holds its row
+        counts, column chunk sizes and statistics). Other splits and the manifest do not enter it,
+        so embedding another split leaves it unchanged; rewriting this split's tables changes it."""
+        h = hashlib.sha256(check_split(split).encode())
+        for p in (self.gallery_path(split), self.triplets_path(split)):
+            h.update(f"|{p.name}|".encode())
+            if p.exists():
+                h.update(file_fingerprint(p))
+        return h.hexdigest()[:16]
+
     def write_manifest(self, **fields) -> dict:
         """Merge ``fields`` into the manifest and refresh counts/dim from the tables."""
         base = self.manifest() if self.manifest_path.exists() else {}
@@ -529,6 +545,20 @@ class Workspace:
         m.pop("derived", None)
         write_json_atomic(self.manifest_path, m)
         return m
+
+
+def file_fingerprint(path: Path) -> bytes:
+    """sha256 of a Parquet file's size and footer (read from the end of the file; cheap for any size)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if size >= 12:
+            fh.seek(size - 8)
+            n = int.from_bytes(fh.read(4), "little")
+            fh.seek(max(0, size - 8 - n))
+            tail = fh.read(n + 8)
+        else:
+            tail = fh.read()
+    return hashlib.sha256(str(size).encode() + tail).digest()
 
 
 def check_split(split: str) -> str:

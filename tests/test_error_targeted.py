@@ -11,7 +11,7 @@ from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file
 from cir_mine.miner.core.scores import zero_shot_queries
 from cir_mine.miner.core.strategies import split_k
 from cir_mine.miner.core.tables import read_negatives
-from tests.negatives_helpers import by_query
+from tests.builders import by_query
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_refresh_writes_the_allocation_into_metrics(synth_work, tmp_path):
 
 
 def test_top1_sample_is_spread_and_bounded():
-    from cir_mine.miner.core.error_targeted import sample_queries
+    from cir_mine.miner.core.strategies.error_targeted import sample_queries
 
     assert sample_queries(10, 20).tolist() == list(range(10))
     s = sample_queries(10000, 100)

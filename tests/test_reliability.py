@@ -145,7 +145,7 @@ def test_sigkill_during_synth_then_rerun(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad input for embed, negatives, stats/report and cir-train (issue 6, second pass)
+# Bad input for embed, negatives, stats/report and cir-train
 
 from cir_mine.cli import train_app  # noqa: E402
 from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
@@ -180,6 +180,7 @@ def test_embed_missing_root_and_split(tmp_path, fiq_root):
     assert not work.exists()
 
 
+@pytest.mark.slow
 def test_embed_every_image_corrupt_or_empty(tmp_path, fiq_root):
     """Some unreadable images are skipped and counted (test_embed); all unreadable is an error, nothing kept."""
     from tests.fixtures import write_tiny_clip_config
@@ -239,7 +240,7 @@ def test_mining_with_a_foreign_index_object(work16, tmp_path):
 
     ws = Workspace(work16 / "w")
     with pytest.raises(DataError) as e:
-        mine_negatives(ws, "train", MineConfig(strategy="midzone"), index=build_index(np.eye(4, 8, dtype=np.float32)))
+        mine_negatives(ws, "train", MineConfig.of(strategy="midzone"), index=build_index(np.eye(4, 8, dtype=np.float32)))
     assert str(e.value) == (f"the given index: the index has d=8 and 4 rows but {ws.gallery_path('train')} has "
                             f"d=16 and 300 rows. Pass an index built from this gallery.")
 
@@ -330,10 +331,10 @@ def test_missing_split_for_negatives(work16, tmp_path):
 
 def test_negatives_from_another_workspace(work16, tmp_path):
     w, negs = work16 / "w", work16 / "other.parquet"
-    theirs, ours = pq.read_metadata(negs).metadata, Workspace(w).manifest_hash()
-    their_hash = json.loads(theirs[b"cir_mine"])["manifest_hash"]
-    msg = (f"Error: {negs}: mined from another workspace (manifest hash {their_hash}, {w} has {ours}). Re-mine it "
-           f"with `cir-mine negatives --work {w}`.")
+    theirs, ours = pq.read_metadata(negs).metadata, Workspace(w).split_hash("train")
+    their_hash = json.loads(theirs[b"cir_mine"])["data_hash"]
+    msg = (f"Error: {negs}: mined from another workspace (split 'train' data hash {their_hash}, {w} has {ours}). "
+           f"Re-mine it with `cir-mine negatives --work {w} --split train`.")
     assert cli_error(["--work", w, "--negatives", negs, "--out", tmp_path / "run", "-q"], app=train_app) == msg
     assert cli_error(["stats", negs, "--work", w]) == msg
     assert cli_error(["report", negs, "--work", w, "--out", tmp_path / "r.html"]) == msg
@@ -350,7 +351,7 @@ def test_wrong_schema_negatives(work16, tmp_path, kind):
     elif kind == "missing-column":
         pq.write_table(t.drop(["delta"]), bad)
         msg = (f"Error: {bad}: missing column 'delta' (float); a negatives table needs the columns query_id, ref_id, "
-               f"target_id, neg_id, strategy, rank, score, target_score, delta, round, category_match, "
+               f"target_id, neg_id, neg_category, strategy, rank, score, target_score, delta, round, category_match, "
                f"attr_overlap, seed. See docs/formats.md.")
     else:
         pq.write_table(t.set_column(t.schema.get_field_index("rank"), "rank", t["rank"].cast(pa.string())), bad)

@@ -13,7 +13,7 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.inspection.contact_sheet import TILE_IN, attribute_diff, guard_counts, sheet_rows
 from cir_mine.miner.core.tables import read_negatives
 from tests.fixtures import COLORS
-from tests.negs_helpers import make_image_work, make_negatives
+from tests.fixtures import make_image_work, make_negatives
 
 runner = CliRunner()
 PNG_B64 = "data:image/png;base64,"
@@ -32,7 +32,7 @@ def image_world(tmp_path_factory):
 def synth_negs(synth_work, tmp_path_factory):
     d = tmp_path_factory.mktemp("rnegs")
     return (make_negatives(synth_work, d / "r0.parquet", k=5, strategy="random", seed=1, drop=2),
-            make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", round=1))
+            make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", mining_round=1))
 
 
 def _png(path_or_bytes):
@@ -97,7 +97,13 @@ def test_inspect_errors_exact(image_world, tmp_path, monkeypatch):
     r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "q0", "--out", out])
     assert r.exit_code == 1
     assert r.output.strip() == ("Error: dress/img000.png: image file not found (gallery path of 'img000'). "
-                                "Pass the image folder with --root.")
+                                "Pass the dataset root, the folder that holds dress/img000.png, with --root.")
+    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "q0", "--out", out,
+                                 "--root", str(tmp_path)])
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: {tmp_path / 'dress/img000.png'}: image file not found (gallery path of "
+                                f"'img000', dress/img000.png under {tmp_path}). Pass the dataset root, the folder "
+                                f"that holds dress/img000.png, with --root.")
     r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "qX", "--out", out])
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: {negs}: query id 'qX' has no negatives in this table. List the queries "
@@ -167,14 +173,14 @@ def test_on_a_mined_table(synth_work, tmp_path):
 
     ws = Workspace(synth_work)
     out = tmp_path / "mix.parquet"
-    res = mine_to_file(ws, "train", MineConfig(mix="midzone:0.6,random:0.4", k=5, seed=0), out)
+    res = mine_to_file(ws, "train", MineConfig.of(mix="midzone:0.6,random:0.4", k=5, seed=0), out)
     st = summarize([out], synth_work).tables[0]
     assert st.rows == res.table.num_rows and st.k == 5
     assert st.guards == {g: v["removed"] for g, v in res.meta["guards"].items()}
     assert st.shortfall["count"] == res.meta["shortfall"]["count"]
     text = format_stats(summarize([out], synth_work))
     if st.shortfall["count"]:
-        assert "to loosen: midzone" in text
+        assert "to loosen: " in text and "midzone: widen --delta-lo/--delta-hi" in text
     r = runner.invoke(mine_app, ["inspect", str(out), "--work", str(synth_work), "--sample", "2",
                                  "--out", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output
@@ -185,12 +191,12 @@ def test_on_a_mined_table(synth_work, tmp_path):
 
 
 def test_diff_labels():
-    from cir_mine.miner.inspection.contact_sheet import Tile, _diff_lines, _pack
+    from cir_mine.miner.inspection.contact_sheet import Tile, diff_lines, pack_tokens
 
     same = Tile("negative", "n", "dress", ["color:red"], None, [], [], [])
-    assert _diff_lines(same) == [("= the target's attributes", "#d97706")]
+    assert diff_lines(same) == [("= the target's attributes", "#d97706")]
     t = Tile("negative", "n", "dress", ["color:red", "sleeve:long"], None, [], ["color:red"], ["color:blue"])
-    assert [line for line, _ in _diff_lines(t)] == ["+color:red", "−color:blue"]
-    assert _pack(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
-    assert _pack(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
-    assert _pack([], 10, 2) == []
+    assert [line for line, _ in diff_lines(t)] == ["+color:red", "−color:blue"]
+    assert pack_tokens(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
+    assert pack_tokens(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
+    assert pack_tokens([], 10, 2) == []

@@ -31,8 +31,7 @@ DEMO_STRATEGIES = ("random", "midzone", "attribute-mismatch")
 # guarded mined negatives beat in-batch training; "coarse" is the synth default.
 WORLDS = {
     "fine": dict(synth=dict(n_gallery=60000, n_triplets=15000, item_noise=1.0, salience={"neckline": 0.3}),
-                 strategies=("random", "midzone", "attribute-mismatch", "hardest+refresh",
-                             "error-targeted+refresh"),
+                 strategies=("random", "midzone", "attribute-mismatch", "hardest+refresh"),
                  train=dict(batch_size=128, category_batches=True)),
     "coarse": dict(synth={}, strategies=DEMO_STRATEGIES, train=dict(batch_size=256)),
 }
@@ -57,7 +56,7 @@ class DemoConfig:
         from cir_mine.data.synthetic import DEFAULT_SALIENCE
 
         if self.world not in WORLDS:
-            raise UsageError(f"--world {self.world!r}: use one of {', '.join(WORLDS)}.")
+            raise UsageError(f"world {self.world!r}: use one of {', '.join(WORLDS)}.", params=("world",))
         w = WORLDS[self.world]
         synth = dict(w["synth"])
         synth["salience"] = {**DEFAULT_SALIENCE, **synth.get("salience", {})}
@@ -101,7 +100,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     for s in dict.fromkeys(x.removesuffix(REFRESH) for x in strategies):
         path = out / f"negs.{s}.parquet"
         t = time.perf_counter()
-        r = mine_to_file(ws, "train", MineConfig(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu"), path)
+        r = mine_to_file(ws, "train", MineConfig.of(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu"), path)
         res.tables[s] = path
         say(f"negatives {s:<18s} -> {path}: {r.table.num_rows} rows ({time.perf_counter() - t:.1f}s)")
     plan = [("zero-shot", None, True), ("in-batch", None, False)]

@@ -174,12 +174,13 @@ class SumFusion(nn.Module):
 def build_model(cfg: ModelConfig) -> nn.Module:
     kinds = {"combiner": Combiner, "attention": AttentionFusion, "dqe": DQEFusion, "sum": SumFusion}
     if cfg.kind not in kinds:
-        raise UsageError(f"--model {cfg.kind!r}: unknown model; use one of {', '.join(MODELS)}.")
+        raise UsageError(f"model {cfg.kind!r}: use one of {', '.join(MODELS)}.", params=("model",))
     unknown = [h for h in cfg.attr_heads if h not in ATTR_HEADS]
     if cfg.kind == "dqe" and (unknown or not cfg.attr_heads):
-        raise UsageError(f"attribute heads {', '.join(unknown) or '(none)'}: use one or more of {', '.join(ATTR_HEADS)}.")
+        raise UsageError(f"attribute heads {', '.join(unknown) or '(none)'}: use one or more of {', '.join(ATTR_HEADS)}.",
+                         params=("attr_heads",))
     if cfg.width <= 0:
-        raise UsageError(f"--width {cfg.width}: must be positive.")
+        raise UsageError(f"width {cfg.width}: must be positive.", params=("width",))
     return kinds[cfg.kind](cfg)
 
 

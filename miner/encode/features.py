@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import DirLock
+from cir_mine.data.io import DirLock, read_parquet
 from cir_mine.data.workspace import (Workspace, check_split, gallery_table, l2_normalize, write_table)
 
 from cir_mine.miner.encode.index import index_workspace
@@ -27,7 +27,6 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
     ``.npy`` float[n, d] with ``ids_path`` (one ``image_id`` per line, optionally ``\\tcategory``),
     or ``.parquet`` with ``image_id``, ``embedding`` (list<float>) and optional ``category``.
     """
-    import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.exists():
@@ -41,10 +40,7 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
         ids = [p[0].strip() for p in parts]
         cats = [p[1].strip() if len(p) > 1 else "" for p in parts]
     elif path.suffix == ".parquet":
-        try:
-            t = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
+        t = read_parquet(path)
         for col in ("image_id", "embedding"):
             if col not in t.schema.names:
                 raise SchemaError(f"{path}: missing column '{col}'; a features table needs image_id and embedding.")
@@ -61,10 +57,52 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
 
 
 
+def check_encoder_change(ws: Workspace, encoder_name: str) -> None:
+    """Refuse features from another encoder than the one the workspace's triplets were embedded with
+    (their text embeddings would be compared with image features of another space)."""
+    old = ((ws.manifest().get("encoder") or {}).get("name") or "unknown") if ws.manifest_path.exists() else "unknown"
+    triplets = sorted(p.name for p in ws.root.glob("triplets.*.parquet"))
+    if triplets and old != "unknown" and encoder_name != old:
+        raise DataError(
+            f"{ws.root}: {', '.join(triplets)} hold text embeddings from encoder '{old}', but these features come "
+            f"from '{encoder_name}'. Pass --encoder-name {old} if the features come from it, or "
+            f"--allow-encoder-change to import them anyway (then re-embed the triplets).")
+
+
+def carry_over(ws: Workspace, split: str, ids: list, cats: list) -> tuple[list, list, Optional[list], Optional[list]]:
+    """Categories, attributes, paths and attribute scores of the split's current gallery, for the
+    imported ids it holds (matched by (category, id), or by id alone where the features give no
+    category). Returns (categories, attributes, paths or None, attribute_scores or None)."""
+
+    from cir_mine.data.workspace import read_gallery
+
+    p = ws.gallery_path(split)
+    empty = [[] for _ in ids]
+    if not p.exists():
+        return cats, empty, None, None
+    old = read_gallery(p, check_norm=False)
+    rows = [old.key_row.get((c, i)) if c else old.row_of.get(i) for i, c in zip(ids, cats)]
+    if all(r is None for r in rows):
+        return cats, empty, None, None
+    cats = [c or (old.categories[r] if r is not None else "") for c, r in zip(cats, rows)]
+    attrs = [list(old.attributes[r]) if r is not None else [] for r in rows]
+    paths = [old.paths[r] or "" if r is not None else "" for r in rows] if old.paths is not None else None
+    scores = None
+    given = read_parquet(p, columns=["attribute_scores"])
+    if given.num_columns:
+        col = given.column(0).to_pylist()
+        scores = [list(col[r] or []) if r is not None else [] for r in rows]
+    return cats, attrs, paths, scores
+
+
 def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
                     encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
-                    fp16: bool = False) -> dict:
-    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index."""
+                    fp16: bool = False, allow_encoder_change: bool = False) -> dict:
+    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index.
+
+    The split's current gallery lends its categories, attributes (tags), paths and attribute scores
+    to the ids it shares with the features. Features from another encoder than the workspace's
+    triplets are refused unless ``allow_encoder_change``."""
     check_split(split)
     ids, cats, emb = read_features(path, ids_path)
     norms = np.linalg.norm(emb, axis=1)
@@ -73,9 +111,15 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
         raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
                         f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
     ws = Workspace(work)
+    if not allow_encoder_change:
+        check_encoder_change(ws, encoder_name)
     with DirLock(ws.root, "cir-mine index --from-features"):
-        write_table(gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)), ws.gallery_path(split),
-                    metadata={"features": str(path)})
+        cats, attrs, paths, scores = carry_over(ws, split, ids, cats)
+        table = gallery_table(ids, cats, attrs, l2_normalize(emb), paths=paths)
+        if scores is not None:
+            table = table.append_column(pa.field("attribute_scores", pa.list_(pa.float32())),
+                                        pa.array(scores, pa.list_(pa.float32())))
+        write_table(table, ws.gallery_path(split), metadata={"features": str(path)})
         meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
                 if index != "none" else None)
         ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})

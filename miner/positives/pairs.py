@@ -50,7 +50,8 @@ class PositivesConfig:
 
     def validate(self) -> "PositivesConfig":
         if self.per_image < 1 or self.max_diff < 1 or self.neighbors < 2:
-            raise UsageError("--per-image and --max-diff must be >= 1, --neighbors >= 2.")
+            raise UsageError("per_image and max_diff must be >= 1, neighbors >= 2.",
+                             params=("per_image", "max_diff", "neighbors"))
         return self
 
 

@@ -1,28 +1,22 @@
-"""Strategies aimed at what the model gets wrong: kept-group violations and an error-targeted mix.
+"""error-targeted: k split over the attribute groups where the current queries' top-1 errs.
 
-- ``kept-mismatch``: candidates from the query's ranking that *satisfy* the requested change (no
-  requested group contradicted; unknown where the tags cannot tell) but differ from the target in a group the
-  caption does not mention: they change what the query should have kept from the reference.
-- ``error-targeted``: before the batches, :func:`measure_top1_errors` takes the current query
-  embeddings' top-1 result in the target's category for every query of the split and counts, per
-  attribute group, how often it differs from the target (an error that differs in n groups counts
-  1/n for each). The strategy's k negatives per query are split over the groups in proportion to
-  that error mass (``split_k``); group g's share goes to the highest-ranked guarded candidates that
-  differ from the target in g. At a refresh the miner gets the trained model's query embeddings, so
-  the allocation follows the model's errors round by round; it is written into the table's footer
-  metadata (``meta["prepared"]["error-targeted"]``) and the trainer copies it into metrics.jsonl.
-
-Both work on the guarded candidate matrix of :class:`cir_mine.miner.core.mine.BatchContext`;
-numpy + faiss only.
+Before the batches, :func:`measure_top1_errors` takes the current query embeddings' top-1 result in
+the target's category (every query, or :data:`TOP1_SAMPLE` evenly spaced ones) and counts, per
+attribute group, how often it differs from the target (an error that differs in n groups counts 1/n
+for each). The strategy's k negatives per query are split over the groups in proportion to that
+error mass (``split_k``); group g's share goes to the highest-ranked guarded candidates that differ
+from the target in g. At a refresh the miner gets the trained model's query embeddings, so the
+allocation follows the model's errors round by round; it is written into the table's footer
+metadata (``meta["prepared"]["error-targeted"]``) and the trainer copies it into metrics.jsonl.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from cir_mine.miner.core import strategies as S
-from cir_mine.miner.core.attribute_codes import STATUS_FALSE
 from cir_mine.miner.core.guards import member, pair_keys
 from cir_mine.miner.core.search import search_batched
+from cir_mine.miner.core.strategies.registry import register, split_k
+from cir_mine.miner.core.strategies.selection import Picks, concat_picks, pick
 
 # Search depth of the top-1 measurement: the first result in the target's category is taken from
 # this many neighbours (a query whose top TOP1_DEPTH are all in other categories counts as
@@ -37,41 +31,6 @@ TOP1_SAMPLE = 4096
 def sample_queries(m: int, n: int = TOP1_SAMPLE) -> np.ndarray:
     """int64[min(m, n)]: every query when m <= n, else n evenly spaced query indices."""
     return np.arange(m, dtype=np.int64) if m <= n else np.unique(np.linspace(0, m - 1, n).round().astype(np.int64))
-
-
-def request_satisfied(status: np.ndarray) -> np.ndarray:
-    """bool[b, L] from int8[b, L, Gr] requested status: no requested group contradicted (each one
-    satisfied, or unknown where the image's tags cannot tell)."""
-    return ~(status == STATUS_FALSE).any(-1)
-
-
-def kept_mismatch(ctx, k, salt):
-    """Satisfies the requested change but differs from the target in a group the caption leaves alone."""
-    c = ctx.ranked
-    diff = ctx.group_diff(c)                                   # [b, L, G]
-    kept = ~ctx.group_asked()[:, None, :] & ctx.group_present(c)
-    ok = request_satisfied(ctx.status(c)) & (diff & kept).any(-1)
-    return S.pick(ctx, c, c.valid & ok, k, salt, "top")
-
-
-def error_targeted(ctx, k, salt):
-    """k split over the groups by the measured top-1 error mass; per group, the top-ranked
-    candidates that differ from the target in that group."""
-    alloc = ctx.prepared["error-targeted"]
-    groups = ctx.pool.attrs.groups
-    shares = [alloc["errors"].get(g, 0.0) for g in groups]
-    c = ctx.ranked
-    if sum(shares) <= 0:                       # no measured error (or no attributes): the ranking's top
-        return S.pick(ctx, c, c.valid, k, salt, "top")
-    diff = ctx.group_diff(c)
-    parts = []
-    for gi, kg in enumerate(S.split_k(k, [s / sum(shares) for s in shares])):
-        if kg == 0:
-            continue
-        p = S.pick(ctx, c, c.valid & diff[:, :, gi], kg, salt * 16 + gi + 1, "top")
-        ctx.take(p)
-        parts.append(p)
-    return S.concat_picks(parts, len(ctx.q))
 
 
 def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
@@ -111,7 +70,28 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
     total = mass.sum()
     errors = {g: round(float(x), 3) for g, x in zip(groups, mass) if x > 0}
     shares = {g: round(float(x / total), 4) for g, x in zip(groups, mass) if x > 0} if total > 0 else {}
-    ks = S.split_k(k, [x / total for x in mass]) if total > 0 else []
+    ks = split_k(k, [x / total for x in mass]) if total > 0 else []
     return {"n_queries": len(qs.target_rows), "n_measured": m, "top1_right": n_right, "top1_wrong": n_wrong, "top1_other_category": n_other,
             "errors": errors, "shares": shares,
             "k": {g: int(x) for g, x in zip(groups, ks) if x > 0}}
+
+
+@register("error-targeted", ranked=True, hint="raise --max-candidates", prepare=measure_top1_errors)
+def error_targeted(ctx, k: int, stream: int, p) -> Picks:
+    """k split over the groups by the measured top-1 error mass; per group, the top-ranked
+    candidates that differ from the target in that group."""
+    alloc = ctx.prepared["error-targeted"]
+    groups = ctx.pool.attrs.groups
+    shares = [alloc["errors"].get(g, 0.0) for g in groups]
+    c = ctx.ranked
+    if sum(shares) <= 0:                       # no measured error (or no attributes): the ranking's top
+        return pick(ctx, c, c.valid, k, stream, "top")
+    diff = ctx.group_diff(c)
+    parts = []
+    for gi, kg in enumerate(split_k(k, [s / sum(shares) for s in shares])):
+        if kg == 0:
+            continue
+        got = pick(ctx, c, c.valid & diff[:, :, gi], kg, stream * 16 + gi + 1, "top")
+        ctx.take(got)
+        parts.append(got)
+    return concat_picks(parts, len(ctx.q))
