@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-fine test venv clean
+.PHONY: demo demo-coarse test venv clean
 
 venv: $(STAMP)
 
@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/cir-mine demo --out demo-out
 
-# the fine-grained world, where mined hardest negatives beat in-batch training (docs/benchmarks.md)
-demo-fine: $(STAMP)
-	$(BIN)/cir-mine demo --world fine --out demo-fine
+# the synth default, where in-batch negatives already hold the near misses (docs/benchmarks.md)
+demo-coarse: $(STAMP)
+	$(BIN)/cir-mine demo --world coarse --out demo-coarse
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-out demo-fine .pytest_cache
+	rm -rf $(VENV) demo-out demo-coarse .pytest_cache

@@ -393,11 +393,11 @@ def index_cmd(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
-    world: str = typer.Option("default", "--world", help="default (the synth default) or fine (fine-grained: 60k images, adds hardest; mined negatives pay there)."),
+    world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest, re-mined once halfway) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
-    """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
+    """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings -> R@10/R@50 table."""
     setup_logging(verbose, quiet)
     from cir_mine.train.demo import DemoConfig, run_demo
 
@@ -454,7 +454,7 @@ def negatives(
     work: Path = WORK,
     split: str = SPLIT,
     out: Path = typer.Option(..., "--out", "-o", help="Negatives table to write (Parquet, see docs/formats.md)."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="One strategy: random, in-batch, hardest, semihard, midzone, category, category-discrepant, attribute-mismatch, soft, semantic, verified."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="One strategy: random, in-batch, hardest, semihard, midzone, category, category-discrepant, attribute-mismatch, soft, semantic, verified, kept-mismatch, error-targeted."),
     mix: Optional[str] = typer.Option(None, "--mix", help="A mix, e.g. midzone:0.6,category:0.3,random:0.1 (k split by shares)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for cir-train; mines the mix at --round)."),
     k: int = typer.Option(10, "-k", "--k", help="Negatives per query."),
@@ -747,7 +747,7 @@ def train(
     epochs: int = typer.Option(10, "--epochs", "-e", help="Training epochs (0: zero-shot evaluation)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Queries per step (in-batch negatives)."),
     seed: int = typer.Option(0, "--seed", help="Seed of init, shuffles, negative sampling and the dev split."),
-    model: str = typer.Option("combiner", "--model", help="combiner (CLIP4Cir) or attention (gated attention fusion)."),
+    model: str = typer.Option("combiner", "--model", help="combiner (CLIP4Cir), attention (gated attention fusion) or dqe (DQE-CIR: text-conditioned weights over colour- and shape-specific sub-queries, with the attribute-aware margin loss)."),
     width: float = typer.Option(2.0, "--width", help="Projection width as a multiple of d (hidden = 2x)."),
     dropout: float = typer.Option(0.1, "--dropout", help="Dropout inside the model."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
@@ -775,6 +775,7 @@ def train(
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Refresh of a table mined with --engine ray: join this cluster (auto or HOST:PORT); default a local one."),
+    attr_weight: float = typer.Option(1.0, "--attr-weight", help="--model dqe: weight of the attribute-aware margin loss (its margin is --margin)."),
     version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
@@ -799,7 +800,7 @@ def train(
             static_bank=static_bank, bank_k=bank_k, refresh_every=refresh_every,
             exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads,
             extra_triplets=[str(p) for p in extra_triplets or []], extra_weight=extra_weight,
-            neg_weight=neg_weight)
+            neg_weight=neg_weight, attr_weight=attr_weight)
     remine = _miner_remine(cfg, quiet, ray_address) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
     with progress_bar("train", total, quiet, unit="epochs") as advance:

@@ -103,7 +103,7 @@ def test_library_errors_are_shown_with_flags(synth_work, tmp_path, app, args, me
     (mine_app, ["negatives", "--schedule", "x:random"],
      "Error: bad --schedule entry 'x:random': use EPOCH:MIX, e.g. 0:random,2:midzone,4:hardest."),
     (mine_app, ["positives", "--neighbors", "1"], "Error: --per-image and --max-diff must be >= 1, --neighbors >= 2."),
-    (train_app, ["--model", "mlp"], "Error: --model 'mlp': use one of combiner, attention, sum."),
+    (train_app, ["--model", "mlp"], "Error: --model 'mlp': use one of combiner, attention, dqe, sum."),
 ])
 def test_other_library_errors_are_shown_with_flags(synth_work, tmp_path, app, args, message):
     from typer.testing import CliRunner

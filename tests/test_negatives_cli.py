@@ -41,7 +41,7 @@ def test_negatives_errors(synth_work, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip().endswith("Error: unknown strategy 'nope' in 'nope': use one of random, in-batch, hardest, "
                                      "semihard, midzone, category, category-discrepant, attribute-mismatch, soft, "
-                                     "semantic, verified.")
+                                     "semantic, verified, kept-mismatch, error-targeted.")
     r = runner.invoke(mine_app, base)
     assert r.exit_code == 2 and "Error: nothing to mine: pass --strategy NAME, --mix SPEC or --schedule SPEC." in r.output
     r = runner.invoke(mine_app, base + ["--strategy", "midzone", "--no-guard", "everything"])

@@ -292,7 +292,7 @@ BAD_NEGATIVES = [
     (["--mix", "midzone:0.5,midzone:0.5"], "strategy midzone appears twice in 'midzone:0.5,midzone:0.5'."),
     (["--mix", ",,"], "empty entry in mix ',,': use NAME:SHARE,NAME:SHARE, e.g. midzone:0.6,random:0.4."),
     (["--mix", "hard:1"], "unknown strategy 'hard' in 'hard:1': use one of random, in-batch, hardest, semihard, "
-     "midzone, category, category-discrepant, attribute-mismatch, soft, semantic, verified."),
+     "midzone, category, category-discrepant, attribute-mismatch, soft, semantic, verified, kept-mismatch, error-targeted."),
     (["--strategy", "midzone", "--delta-lo", "0.3", "--delta-hi", "0.1"],
      "--delta-lo (0.3) is above --delta-hi (0.1); swap them."),
     (["--strategy", "soft", "--soft-lo", "0.8", "--soft-hi", "0.1"], "--soft-lo (0.8) is above --soft-hi (0.1); swap them."),

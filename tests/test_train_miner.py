@@ -45,8 +45,8 @@ def test_demo_library_small(tmp_path):
     from cir_mine.train.demo import DemoConfig, run_demo
 
     said = []
-    res = run_demo(tmp_path / "demo", DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32),
-                   progress=said.append)
+    res = run_demo(tmp_path / "demo", DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32,
+                                                 world="coarse"), progress=said.append)
     assert list(res.runs) == ["zero-shot", "in-batch", "random", "midzone", "attribute-mismatch"]
     assert all((r["dir"] / "metrics.json").exists() and 0 <= r["R@10"] <= r["R@50"] <= 100 for r in res.runs.values())
     assert all(p.exists() for p in res.tables.values()) and len(said) == 1 + 3 + 5
@@ -83,17 +83,21 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
 def test_demo_fine_world_small(tmp_path):
     from cir_mine.train.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(n_gallery=900, n_triplets=200, dim=16, epochs=1, world="fine")
+    cfg = DemoConfig(n_gallery=900, n_triplets=200, dim=16, epochs=2)          # the default world: fine
     synth, strategies, train_opts = cfg.resolve()
     assert synth.item_noise == 1.0 and synth.salience["neckline"] == 0.3 and synth.salience["color"] == 1.0
-    assert strategies == ("random", "midzone", "hardest", "attribute-mismatch")
+    assert strategies == ("random", "midzone", "attribute-mismatch", "hardest+refresh")
     assert train_opts == {"batch_size": 128, "category_batches": True}
     res = run_demo(tmp_path / "demo", cfg)
-    assert list(res.runs) == ["zero-shot", "in-batch", "random", "midzone", "hardest", "attribute-mismatch"]
+    assert list(res.runs) == ["zero-shot", "in-batch", *strategies]
+    assert sorted(res.tables) == ["attribute-mismatch", "hardest", "midzone", "random"]
+    # the +refresh runs re-mined once, halfway, with the model being trained; the others never
+    for name, r in res.runs.items():
+        assert (r["dir"] / "negs.round1.parquet").exists() == name.endswith("+refresh")
 
 
 def test_demo_unknown_world(tmp_path):
-    r = runner.invoke(mine_app, ["demo", "--out", str(tmp_path / "d"), "--world", "coarse"])
+    r = runner.invoke(mine_app, ["demo", "--out", str(tmp_path / "d"), "--world", "coarse-grained"])
     assert r.exit_code == 2
-    assert r.output.strip() == "Error: --world 'coarse': use one of default, fine."
+    assert r.output.strip() == "Error: --world 'coarse-grained': use one of fine, coarse."
     assert not (tmp_path / "d").exists()

@@ -1,10 +1,12 @@
 """The end-to-end demo behind ``cir-mine demo``: synthetic world -> negatives -> training -> table.
 
-A synthetic world (gallery + triplets with ground-truth attributes) is mined with three strategies
-(random, midzone, attribute-mismatch); a short training runs on each table and on in-batch
-negatives only; every run is evaluated on the same held-out dev queries. Sized to finish in well
-under three minutes on two CPU cores. ``world="fine"`` runs the fine-grained world instead (60,000
-images, adds a hardest table, category batches), where the mined hardest negatives beat in-batch.
+A synthetic world (gallery + triplets with ground-truth attributes) is mined with a few strategies;
+a short training runs on each table and on in-batch negatives only; every run is evaluated on the
+same held-out dev queries. A run named ``STRATEGY+refresh`` re-mines its table once, halfway, with
+the model being trained (cir-train --refresh-every). Sized to finish in under three minutes on two
+CPU cores. The default world is the fine-grained one (60,000 images, a subtle neckline group,
+category batches), where mined negatives pay; ``world="coarse"`` is the synth default (20,000
+images), where in-batch negatives already hold the near misses and mining adds little.
 """
 from __future__ import annotations
 
@@ -23,16 +25,17 @@ from cir_mine.train.loop import TrainConfig, train
 log = logging.getLogger(__name__)
 
 DEMO_STRATEGIES = ("random", "midzone", "attribute-mismatch")
-# Worlds the demo can run: synthetic-world settings, mining strategies, training settings.
-# "fine" is the fine-grained world of docs/benchmarks.md ("Where mined negatives pay"): a subtle
-# neckline group, clean images and 20,000 images per category, where guarded hardest negatives
-# beat in-batch training.
+# Worlds the demo can run: synthetic-world settings, runs (a strategy, "+refresh" for one re-mine
+# halfway), training settings. "fine" is the fine-grained world of docs/benchmarks.md ("Where mined
+# negatives pay"): a subtle neckline group, clean images and 20,000 images per category, where
+# guarded mined negatives beat in-batch training; "coarse" is the synth default.
 WORLDS = {
-    "default": dict(synth={}, strategies=DEMO_STRATEGIES, train=dict(batch_size=256)),
     "fine": dict(synth=dict(n_gallery=60000, n_triplets=15000, item_noise=1.0, salience={"neckline": 0.3}),
-                 strategies=("random", "midzone", "hardest", "attribute-mismatch"),
+                 strategies=("random", "midzone", "attribute-mismatch", "hardest+refresh"),
                  train=dict(batch_size=128, category_batches=True)),
+    "coarse": dict(synth={}, strategies=DEMO_STRATEGIES, train=dict(batch_size=256)),
 }
+REFRESH = "+refresh"
 
 
 @dataclass
@@ -44,8 +47,8 @@ class DemoConfig:
     k: int = 8                    # negatives mined per query
     epochs: int = 4               # training epochs per run
     batch_size: Optional[int] = None   # queries per step (None: the world's)
-    strategies: Optional[tuple] = None  # one table and one run per strategy (None: the world's)
-    world: str = "default"        # default | fine (see WORLDS)
+    strategies: Optional[tuple] = None  # one run per entry, "NAME" or "NAME+refresh" (None: the world's)
+    world: str = "fine"           # fine | coarse (see WORLDS)
 
     def resolve(self) -> tuple:
         """-> (SynthConfig, strategies, TrainConfig overrides) of this demo."""
@@ -70,7 +73,7 @@ class DemoConfig:
 @dataclass
 class DemoResult:
     work: Path                                   # the synthetic workspace
-    tables: dict = field(default_factory=dict)   # strategy -> negatives table path
+    tables: dict = field(default_factory=dict)   # strategy -> negatives table path (zero-shot queries)
     runs: dict = field(default_factory=dict)     # run name -> {"dir", "R@10", "R@50", "seconds"}
     seconds: float = 0.0
 
@@ -82,6 +85,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     Run directories under ``out/runs`` are replaced (the demo owns ``out``).
     """
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
+    from cir_mine.train.refresh import miner_remine
 
     cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()
@@ -93,21 +97,23 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     res = DemoResult(work)
     say(f"synthetic world -> {work}: {m['counts']} (d={m['dim']})")
     ws = Workspace(work)
-    for s in strategies:
+    for s in dict.fromkeys(x.removesuffix(REFRESH) for x in strategies):
         path = out / f"negs.{s}.parquet"
         t = time.perf_counter()
         r = mine_to_file(ws, "train", MineConfig.of(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu"), path)
         res.tables[s] = path
         say(f"negatives {s:<18s} -> {path}: {r.table.num_rows} rows ({time.perf_counter() - t:.1f}s)")
     plan = [("zero-shot", None, True), ("in-batch", None, False)]
-    plan += [(s, res.tables[s], False) for s in strategies]
+    plan += [(s, res.tables[s.removesuffix(REFRESH)], False) for s in strategies]
     for name, negs, zero_shot in plan:
         run = out / "runs" / name
         shutil.rmtree(run, ignore_errors=True)
         t = time.perf_counter()
+        refresh = max(1, cfg.epochs // 2) if name.endswith(REFRESH) and cfg.epochs > 1 else 0
         metrics = train(TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None,
                                     epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2,
-                                    zero_shot=zero_shot, **train_opts))
+                                    zero_shot=zero_shot, refresh_every=refresh, **train_opts),
+                        remine=miner_remine(work, "train", negs) if refresh else None)
         res.runs[name] = {"dir": run, "R@10": metrics["R@10"], "R@50": metrics["R@50"],
                           "seconds": time.perf_counter() - t}
         say(f"train {name:<18s} -> {run}: R@10 {metrics['R@10']:.2f}  R@50 {metrics['R@50']:.2f} "

@@ -33,9 +33,9 @@ from cir_mine.train import checkpoint as ck
 from cir_mine.train.checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
 from cir_mine.train.data import (NegativeBank, concat_queries, dev_split, extra_queries, group_negatives,
                                  image_keys, resolve_queries, sample_negatives, subset_queries)
-from cir_mine.train.loss import bank_loss, hardest_in_batch, info_nce, positive_mask, triplet_margin
+from cir_mine.train.loss import attribute_margin, bank_loss, hardest_in_batch, info_nce, positive_mask, triplet_margin
 from cir_mine.train.metrics import evaluate
-from cir_mine.train.model import ModelConfig, build_model, encode_queries
+from cir_mine.train.model import ModelConfig, attribute_head_codes, build_model, encode_queries
 from cir_mine.miner.core.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class TrainConfig:
     epochs: int = 10                   # epochs of normal training (0: zero-shot evaluation only)
     batch_size: int = 256              # queries per step
     seed: int = 0                      # model init, shuffles, negative sampling, dev split
-    model: str = "combiner"            # combiner | attention
+    model: str = "combiner"            # combiner | attention | dqe (attribute sub-queries, see ModelConfig)
     width: float = 2.0                 # projection width multiple of d (see ModelConfig)
     dropout: float = 0.1               # dropout in the model
     lr: float = 1e-3                   # AdamW learning rate
@@ -83,6 +83,7 @@ class TrainConfig:
     extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)
     extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
     neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
+    attr_weight: float = 1.0           # dqe: weight of the attribute-aware margin loss (margin: --margin)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,7 +107,7 @@ class TrainConfig:
                              params=("batch_size",))
         if not 0.0 <= self.neg_share <= 1.0:
             raise UsageError(f"neg_share {self.neg_share}: must be in [0, 1].", params=("neg_share",))
-        for name in ("extra_weight", "neg_weight"):
+        for name in ("extra_weight", "neg_weight", "attr_weight"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} {getattr(self, name)}: must be >= 0.", params=(name,))
         if self.temperature <= 0:
@@ -144,6 +145,8 @@ class Batch:
     neg: Optional[torch.Tensor] = None          # float32[B, K, d] mined negatives (None: in-batch only)
     neg_keys: Optional[torch.Tensor] = None     # int64[B, K] their keys (-1 = no negative)
     bank_sample: Optional[torch.Tensor] = None  # int64[k] static-bank rows (None: the whole gallery)
+    neg_rows: Optional[torch.Tensor] = None     # int64[B, K] gallery rows of the mined negatives (-1 = none)
+    parts: Optional[tuple] = None               # dqe: (sub-queries float32[B, S, d], weights float32[B, 1+S])
 
 
 @dataclass
@@ -241,6 +244,9 @@ class Trainer:
         self.model_config = mcfg
         torch.manual_seed(cfg.seed)
         self.model = build_model(mcfg)
+        # dqe: per gallery row and attribute head, an id of its values (who differs from the target where)
+        self.head_codes = (torch.from_numpy(attribute_head_codes(self.gallery.attributes, mcfg.attr_heads))
+                           if mcfg.kind == "dqe" else None)
         params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
         self.gallery_t = torch.from_numpy(np.require(self.gallery.embeddings, requirements='W'))
@@ -294,6 +300,8 @@ class Trainer:
             "overlap_with_previous": (len(self.bank.pairs & prev.pairs) / max(1, len(self.bank.pairs))
                                       if prev is not None else None),
         }
+        if meta.get("prepared"):       # e.g. error-targeted: the model's top-1 errors and the allocation
+            stats["prepared"] = meta["prepared"]
         log.info("refresh round %d: %d rows, delta quantiles %s, overlap %.3f", r, stats["rows"],
                  stats["delta_quantiles"], stats["overlap_with_previous"] or 0.0)
         return stats
@@ -339,11 +347,23 @@ class Trainer:
             nr = torch.from_numpy(plan.negatives[b])
             batch.neg = G[nr.clamp(min=0)]
             batch.neg_keys = torch.where(nr >= 0, K[nr.clamp(min=0)], torch.full_like(nr, -1))
+            batch.neg_rows = nr
         return batch
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Query embeddings float32[B, d] of the batch."""
-        return self.model(batch.ref, batch.txt)
+        """Query embeddings float32[B, d] of the batch (dqe: its sub-queries and weights go to ``batch.parts``)."""
+        if self.head_codes is None:
+            return self.model(batch.ref, batch.txt)
+        out, subs, w = self.model.parts(batch.ref, batch.txt)
+        batch.parts = (subs, w)
+        return out
+
+    def train_loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The objective, plus (dqe) the attribute-aware margin term weighted by ``attr_weight``."""
+        loss = self.loss(out, batch)
+        if batch.parts is not None and self.cfg.attr_weight:
+            loss = loss + self.cfg.attr_weight * self._attr_loss(batch)
+        return loss
 
     def static_bank_loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The static-bank stage's loss: softmax over the gallery (or the batch's bank sample)."""
@@ -361,7 +381,7 @@ class Trainer:
         """One epoch (0-based ``epoch``): plan, then per batch assemble, forward, loss, step.
         Returns the mean loss."""
         plan = self.epoch_plan(epoch)
-        loss_of = self.static_bank_loss if plan.bank_stage else self.loss
+        loss_of = self.static_bank_loss if plan.bank_stage else self.train_loss
         self.model.train()
         total = 0.0
         for i, b in enumerate(plan.batches):
@@ -389,6 +409,21 @@ class Trainer:
             lr *= 0.5 * (1.0 + np.cos(np.pi * min(max(progress, 0.0), 1.0)))
         for group in self.opt.param_groups:
             group["lr"] = lr
+
+    def _attr_loss(self, b: Batch) -> torch.Tensor:
+        """dqe: attribute-aware margin loss of the sub-queries over the batch's other targets and
+        the mined negatives (positives and padding never count)."""
+        subs, w = b.parts
+        B = b.target_rows.shape[0]
+        cand = b.target_rows.unsqueeze(0).expand(B, B)
+        valid = ~positive_mask(b.pos_keys, b.target_keys)
+        if b.neg_rows is not None:
+            nr = b.neg_rows
+            cand = torch.cat([cand, nr.clamp(min=0)], 1)
+            valid = torch.cat([valid, (nr >= 0) & ~positive_mask(b.pos_keys, b.neg_keys)], 1)
+        codes = self.head_codes
+        differs = (codes[cand] != codes[b.target_rows].unsqueeze(1)) & valid.unsqueeze(-1)
+        return attribute_margin(subs, w, b.target, self.gallery_t[cand], differs, self.cfg.margin)
 
     def evaluate(self) -> dict:
         t, g = self.eval_triplets, self.eval_gallery

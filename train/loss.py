@@ -122,3 +122,22 @@ def bank_loss(q: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, ba
     logits = torch.cat([pos_logit, logits], dim=1) / temperature
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
+
+
+def attribute_margin(subs: torch.Tensor, weights: torch.Tensor, t: torch.Tensor, cand: torch.Tensor,
+                     differs: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """DQE-CIR's attribute-aware margin loss over attribute sub-queries -> scalar.
+
+    subs: float32[B, S, d] unit sub-queries; weights: float32[B, 1+S] the text-conditioned attribute
+    weights (index 0: the global query); t: float32[B, d] targets; cand: float32[B, C, d] negatives;
+    differs: bool[B, C, S] candidate c differs from the target in head s's groups (False for padding
+    and positives). Hinge ``max(0, m_bs + s_s(q, c) - s_s(q, t))`` on cosine scores, with an
+    attribute-aware margin ``m_bs = margin · (1 + S · w_bs)`` (w detached): the head the caption
+    weighs most must separate the target by the widest margin. Mean over the (b, c, s) where
+    ``differs``; 0 (with grad) when none.
+    """
+    s_pos = torch.einsum("bsd,bd->bs", subs, t)                             # [B, S]
+    s_neg = torch.einsum("bsd,bcd->bcs", subs, cand)                        # [B, C, S]
+    m = margin * (1 + subs.shape[1] * weights[:, 1:].detach())              # [B, S]
+    hinge = F.relu(m.unsqueeze(1) + s_neg - s_pos.unsqueeze(1)) * differs
+    return hinge.sum() / differs.sum().clamp(min=1)

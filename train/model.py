@@ -11,6 +11,13 @@ embeddings that are compared with gallery image embeddings by cosine.
 - :class:`AttentionFusion`: the two projected features are two tokens; one multi-head attention
   layer lets each attend to the other, a sigmoid gate mixes the attended tokens per channel, and
   the same λ residual as the combiner keeps the zero-shot sum reachable at initialisation.
+- :class:`DQEFusion` (DQE-CIR's learnable attribute weights): the combiner's hidden state feeds a
+  global query and one sub-query per attribute head (colour-specific and shape-specific by
+  default, :data:`ATTR_HEADS`); text-conditioned softmax weights mix them,
+  ``out = normalize(w_0·q_global + Σ_s w_s·q_s)``. :meth:`DQEFusion.parts` also returns the unit
+  sub-queries and the weights for the attribute-aware margin loss
+  (:func:`cir_mine.train.loss.attribute_margin`), which asks sub-query s to rank the target above
+  every negative that differs from it in head s's groups.
 - :class:`SumFusion`: ``normalize(image + text)``, no parameters: the zero-shot baseline.
 """
 from __future__ import annotations
@@ -23,7 +30,11 @@ from torch import nn
 
 from cir_mine.data.errors import UsageError
 
-MODELS = ("combiner", "attention", "sum")
+MODELS = ("combiner", "attention", "dqe", "sum")
+# DQE attribute heads: head name -> the attribute groups (gallery "group:value" tags) it answers for.
+# Colour-specific (colour and surface: pattern, texture, fabric) and shape-specific (cut and parts).
+ATTR_HEADS = {"color": ("color", "pattern", "texture", "fabric"),
+              "shape": ("sleeve", "length", "neckline", "shape", "part", "style")}
 
 
 @dataclass
@@ -33,13 +44,17 @@ class ModelConfig:
     width: float = 2.0         # projection width = width·d, hidden width = 2·width·d (CLIP4Cir: 4, 8)
     dropout: float = 0.1       # dropout after the projections and inside the combiner MLP
     heads: int = 4             # attention heads (attention model only)
+    attr_heads: tuple = tuple(ATTR_HEADS)  # dqe: attribute sub-queries, names of ATTR_HEADS
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "attr_heads" in d:
+            d["attr_heads"] = tuple(d["attr_heads"])
+        return cls(**d)
 
 
 def _mixing_scalar(width_in: int, hidden: int, dropout: float) -> nn.Module:
@@ -96,6 +111,56 @@ class AttentionFusion(nn.Module):
         return F.normalize(out, dim=-1)
 
 
+class DQEFusion(nn.Module):
+    """Combiner with text-conditioned weights over attribute-specific sub-queries; same signature
+    as :class:`Combiner`. ``parts(ref, text) -> (out[B,d], subs[B,S,d], weights[B,S+1])``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, p = cfg.dim, max(8, int(round(cfg.width * cfg.dim)))
+        h = 2 * p
+        self.n_sub = len(cfg.attr_heads)
+        self.text_proj = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.image_proj = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.combiner = nn.Sequential(nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.output = nn.Linear(h, d * (1 + self.n_sub))       # global query + one sub-query per head
+        self.mix = _mixing_scalar(2 * p, h, cfg.dropout)
+        self.weights = nn.Linear(p, 1 + self.n_sub)            # text-conditioned attribute weights
+        nn.init.zeros_(self.weights.weight)                    # start from equal weights
+        nn.init.zeros_(self.weights.bias)
+
+    def parts(self, ref_emb: torch.Tensor, text_emb: torch.Tensor):
+        tp = self.text_proj(text_emb)
+        cat = torch.cat([tp, self.image_proj(ref_emb)], dim=-1)
+        lam = self.mix(cat)
+        base = (lam * text_emb + (1 - lam) * ref_emb).unsqueeze(1)             # [B, 1, d]
+        heads = self.output(self.combiner(cat)).view(ref_emb.shape[0], 1 + self.n_sub, -1) + base
+        heads = F.normalize(heads, dim=-1)                                     # [B, 1+S, d]
+        w = torch.softmax(self.weights(tp), dim=-1)                            # [B, 1+S]
+        out = F.normalize((w.unsqueeze(-1) * heads).sum(1), dim=-1)
+        return out, heads[:, 1:], w
+
+    def forward(self, ref_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return self.parts(ref_emb, text_emb)[0]
+
+
+def attribute_head_codes(attributes, heads=tuple(ATTR_HEADS)) -> "np.ndarray":
+    """Per gallery image and DQE head, an id of its values in the head's groups: int64[n, S].
+
+    ``attributes``: list[n] of "group:value" lists. Two images differ for head s when their ids
+    differ (an image without any of the head's groups gets the id of the empty set)."""
+    import numpy as np
+
+    out = np.zeros((len(attributes), len(heads)), np.int64)
+    for j, name in enumerate(heads):
+        groups = set(ATTR_HEADS[name])
+        ids: dict = {}
+        for i, tags in enumerate(attributes):
+            key = tuple(sorted(a for a in tags if a.split(":", 1)[0] in groups))
+            out[i, j] = ids.setdefault(key, len(ids))
+    return out
+
+
 class SumFusion(nn.Module):
     """``normalize(ref + text)``: the zero-shot baseline (no parameters)."""
 
@@ -107,9 +172,13 @@ class SumFusion(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    kinds = {"combiner": Combiner, "attention": AttentionFusion, "sum": SumFusion}
+    kinds = {"combiner": Combiner, "attention": AttentionFusion, "dqe": DQEFusion, "sum": SumFusion}
     if cfg.kind not in kinds:
         raise UsageError(f"model {cfg.kind!r}: use one of {', '.join(MODELS)}.", params=("model",))
+    unknown = [h for h in cfg.attr_heads if h not in ATTR_HEADS]
+    if cfg.kind == "dqe" and (unknown or not cfg.attr_heads):
+        raise UsageError(f"attribute heads {', '.join(unknown) or '(none)'}: use one or more of {', '.join(ATTR_HEADS)}.",
+                         params=("attr_heads",))
     if cfg.width <= 0:
         raise UsageError(f"width {cfg.width}: must be positive.", params=("width",))
     return kinds[cfg.kind](cfg)

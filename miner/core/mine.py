@@ -328,6 +328,7 @@ class BatchContext:
         self.counts = {g: np.zeros(self.b, np.int64) for g in GUARDS}
         self.taken_keys = np.zeros(0, np.int64)
         self.ranked: Optional[Candidates] = None
+        self.prepared: dict = {}     # strategy name -> its prepare() state for this run
         self._cache: dict = {}
 
     # candidates
@@ -479,6 +480,7 @@ class Prepared:
     k_mined: int               # negatives the miner owes each query
     need_ranked: bool          # some part needs the query's ranking (a search)
     depth: int                 # first-pass search depth
+    prepared: dict = field(default_factory=dict)  # strategy -> its prepare() state (once per run, after the search opens)
 
     @property
     def m(self) -> int:
@@ -662,6 +664,7 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
 
     def mine_batch(q: np.ndarray, D, I, depth: int) -> dict:
         ctx = BatchContext(prep.pool, prep.qs, q, cfg, backend, depth)
+        ctx.prepared = prep.prepared
         if D is not None:
             guard(ctx, D[:, :depth], I[:, :depth])
         res, got[q] = select_parts(ctx, prep)
@@ -753,6 +756,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     prep = prepare(ws, split, cfg, query_emb, mining_round, loaded)
     backend, search_meta = (open_search(prep, ws, split, cfg, index) if prep.need_ranked
                             else (None, {"index": "none"}))
+    prep.prepared = {name: REGISTRY[name].prepare(prep.pool, prep.qs, backend, cfg, ki)
+                     for name, ki, _ in prep.mined if REGISTRY[name].prepare is not None}
     t_prep = time.perf_counter() - t0
     prefetch = cfg.prefetch if cfg.prefetch is not None else bool(search_meta.get("gpu"))
     mined = mine_queries(prep, cfg, backend, np.arange(prep.m, dtype=np.int64), prefetch, progress)
@@ -784,6 +789,7 @@ def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mi
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
+        "prepared": prep.prepared,
         "k": cfg.k, "k_mined": k_mined, "depth": mined.depth if prep.need_ranked else 0,
         "deepened_queries": mined.deepened, "n_queries": prep.m, "n_gallery": len(prep.g), "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size),

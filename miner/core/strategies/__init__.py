@@ -11,4 +11,5 @@ from cir_mine.miner.core.strategies.selection import (Candidates, Picks, hash_ke
 
 # the built-in strategies, in registry order
 from cir_mine.miner.core.strategies import (random, in_batch, hardest, semihard, midzone, category,  # noqa: F401,E402
-                                            category_discrepant, attribute_mismatch, soft, semantic, verified)
+                                            category_discrepant, attribute_mismatch, soft, semantic, verified,
+                                            kept_mismatch, error_targeted)

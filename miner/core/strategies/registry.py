@@ -36,6 +36,7 @@ class Strategy:
     ranked: bool = False         # needs the query's FAISS ranking
     attributes: bool = False     # needs requested attributes
     hint: str = ""               # the knob to loosen on shortfall
+    prepare: Optional[Callable] = None  # prepare(pool, queries, index, cfg, k) -> JSON-able state, once per run
 
 
 REGISTRY: dict[str, Strategy] = {}
@@ -47,7 +48,7 @@ def param_owner() -> dict:
 
 
 def register(name: str, params: type = NoParams, *, ranked: bool = False, attributes: bool = False,
-             hint: str = "") -> Callable:
+             hint: str = "", prepare: Optional[Callable] = None) -> Callable:
     """Decorator: register ``fn`` as strategy ``name`` with parameter dataclass ``params``."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"strategy {name}: params must be a dataclass, got {params!r}")
@@ -59,7 +60,7 @@ def register(name: str, params: type = NoParams, *, ranked: bool = False, attrib
             raise TypeError(f"strategy {name}: parameter {f.name} is already {taken[f.name]}'s")
 
     def wrap(fn: Callable) -> Callable:
-        REGISTRY[name] = Strategy(name, fn, params, ranked, attributes, hint)
+        REGISTRY[name] = Strategy(name, fn, params, ranked, attributes, hint, prepare)
         return fn
 
     return wrap
