@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cir-mine demo --out demo-out
+	$(BIN)/cir-mine demo --out demo-out --overwrite
 
 # the fine-grained world, where mined hardest negatives beat in-batch training (docs/benchmarks.md)
 demo-fine: $(STAMP)
-	$(BIN)/cir-mine demo --world fine --out demo-fine
+	$(BIN)/cir-mine demo --world fine --out demo-fine --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

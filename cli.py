@@ -53,6 +53,10 @@ def cli_errors(fn):
             fail(str(e), e.exit_code)
         except MemoryError:
             fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
+        except OSError as e:   # an unexpected file-system failure: name the file, never a traceback
+            if getattr(e, "filename", None) is None:
+                raise
+            fail(f"{e.filename}: {e.strerror or e}.")
         except KeyboardInterrupt:
             fail("interrupted; rerun the same command to resume.", 130)
 
@@ -94,6 +98,7 @@ def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: st
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
 SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
 
 
@@ -114,6 +119,7 @@ def synth(
     item_noise: float = typer.Option(2.0, "--item-noise", help="Per-image noise norm."),
     text_noise: float = typer.Option(1.0, "--text-noise", help="Per-caption noise norm."),
     unmentioned: float = typer.Option(0.15, "--unmentioned-change", help="Chance a target also differs in an unmentioned group."),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
     """Generate a synthetic CIR world (gallery + triplets with ground-truth attributes)."""
@@ -129,7 +135,7 @@ def synth(
             advance(done - state["done"])
             state["done"] = done
 
-        manifest = generate(cfg, out, progress=cb)
+        manifest = generate(cfg, out, progress=cb, overwrite=overwrite)
     typer.echo(f"wrote {out}: {manifest['counts']} (d={manifest['dim']})")
 
 
@@ -197,8 +203,10 @@ def positives(
     ignore_group: List[str] = typer.Option([], "--ignore-group", help="Attribute group never described (repeatable)."),
     captioner: str = typer.Option("template", "--captioner", help="template (offline) or command."),
     command: Optional[str] = typer.Option(None, "--command", help="With --captioner command: program reading JSON lines of pairs."),
+    command_timeout: float = typer.Option(3600.0, "--command-timeout", help="With --captioner command: seconds the program may run."),
     text_encoder: str = typer.Option("auto", "--text-encoder", help="auto|synthetic|minilm|open_clip: the workspace's text encoder."),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = OVERWRITE,
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
     from cir_mine.data.workspace import Workspace
@@ -210,10 +218,14 @@ def positives(
         fail("--captioner command needs --command PROGRAM.", 2)
     if captioner not in ("template", "command"):
         fail(f"unknown captioner {captioner!r}: use template or command.", 2)
-    cap = CommandCaptioner(command) if captioner == "command" else TemplateCaptioner(seed)
+    from cir_mine.data.checks import check_range
+
+    check_range("command_timeout", command_timeout, 0.0, None, lo_open=True)
+    cap = CommandCaptioner(command, timeout=command_timeout) if captioner == "command" else TemplateCaptioner(seed)
     cfg = PositivesConfig(per_image=per_image, max_diff=max_diff, max_values=max_values, neighbors=neighbors,
                           dup_threshold=dup_threshold, max_images=max_images, ignore_groups=tuple(ignore_group), seed=seed)
-    r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder)
+    r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder,
+                           overwrite=overwrite)
     typer.echo(f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
                f"(changed groups: {r.meta['changed_groups']})")
 
@@ -259,6 +271,7 @@ def embed(
     attribute_prompts: Optional[Path] = typer.Option(None, "--attribute-prompts", help="Zero-shot attribute prompt JSON ('default': the shipped garment prompts)."),
     index: str = INDEX,
     triplets: Optional[Path] = typer.Option(None, "--triplets", help="folder: triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl)."),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -271,7 +284,7 @@ def embed(
     job = EmbedJob(dataset.value, root, split, work, EncoderConfig(model, pretrained, device),
                    ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
     with progress_bar("embed", None, quiet, unit="images") as advance:
-        m = embed_dataset(job, progress=advance)
+        m = embed_dataset(job, progress=advance, overwrite=overwrite)
     info = m["embed"][split]
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
@@ -291,6 +304,7 @@ def index_cmd(
     from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, or .parquet) as the gallery first."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --from-features: replace an existing gallery of the split (the index alone is always rebuilt)."),
     verbose: bool = VERBOSE,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
@@ -299,7 +313,7 @@ def index_cmd(
 
     setup_logging(verbose)
     if from_features is not None:
-        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16)
+        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16, overwrite=overwrite)
     else:
         meta = index_workspace(work, split, index, device, fp16)
     typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
@@ -316,6 +330,7 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
     world: str = typer.Option("default", "--world", help="default (the synth default) or fine (fine-grained: 60k images, adds hardest; mined negatives pay there)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier demo in --out."),
     quiet: bool = QUIET,
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
@@ -328,7 +343,7 @@ def demo(
         step["n"] += 1
         typer.echo(f"[{step['n']}] {msg}")
 
-    res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say)
+    res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say, overwrite=overwrite)
     typer.echo("")
     typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
     for name, r in res.runs.items():
@@ -399,6 +414,7 @@ def negatives(
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
     device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -430,11 +446,15 @@ def negatives(
     if cfg.query == "checkpoint" and checkpoint is None:
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
+    from cir_mine.data.io import check_output
+
+    check_output(out, [checkpoint], overwrite)   # before the (slow) query encoding
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
-        res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, round=round_, progress=advance)
+        res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint], query_emb=query_emb,
+                           round=round_, progress=advance)
     typer.echo(negatives_summary(out, res.meta))
 
 
@@ -506,11 +526,12 @@ def inspect(
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the table's own)."),
     max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
+    overwrite: bool = OVERWRITE,
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
 
-    r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed)
+    r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed, overwrite=overwrite)
     kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
     typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
 
@@ -526,11 +547,12 @@ def report(
     sheets: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
     max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
+    overwrite: bool = OVERWRITE,
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
     from cir_mine.miner.inspection.report import write_report
 
-    r = write_report(negs, work, out, split=split, root=root, n_sheet_queries=sheets,
+    r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=sheets,
                      max_negatives=max_negatives, seed=seed)
     typer.echo(f"wrote {out}: {len(r.plots)} plots ({', '.join(r.plots)}), {len(r.html) // 1024} KiB")
 
@@ -583,8 +605,10 @@ def train(
     extra_triplets: Optional[list[Path]] = typer.Option(None, "--extra-triplets", help="Generated triplets (cir-mine positives) mixed into the training queries (repeatable; never into the dev split)."),
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (without it, an existing run is an error)."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
+    ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
     from cir_mine.data.errors import UsageError
@@ -593,6 +617,10 @@ def train(
     setup_logging(verbose)
     if resume is not None:
         cfg = resume_config(resume)
+        ignored = _ignored_on_resume(ctx, cfg)
+        if ignored:
+            typer.echo(f"warning: --resume {resume} continues with the run's own options; ignored: "
+                       f"{', '.join(ignored)}.", err=True)
     else:
         if work is None or out is None:
             raise UsageError("--work and --out are required (or --resume RUN to continue a run).")
@@ -615,12 +643,31 @@ def train(
             if not quiet:
                 typer.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  R@10 {rec.get('R@10', float('nan')):.2f}", err=True)
 
-        m = run_training(cfg, remine=remine, resume=resume is not None, progress=on_epoch)
+        m = run_training(cfg, remine=remine, resume=resume is not None, progress=on_epoch, overwrite=overwrite)
     keys = [k for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3") if k in m]
     typer.echo(f"{cfg.out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
     for cat, v in m.get("per_category", {}).items():
         typer.echo(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)")
     typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}  curves: {Path(cfg.out) / 'curves.png'}")
+
+
+def _ignored_on_resume(ctx, cfg) -> list:
+    """Options given on the command line beside --resume whose value differs from the run's."""
+    if ctx is None:
+        return []
+    out = []
+    run = cfg.to_dict()
+    for name, value in ctx.params.items():
+        if name in ("resume", "quiet", "verbose", "overwrite") or name not in run:
+            continue
+        src = ctx.get_parameter_source(name)
+        if src is None or src.name != "COMMANDLINE":
+            continue
+        given = [str(p) for p in value] if isinstance(value, (list, tuple)) else (str(value) if isinstance(value, Path) else value)
+        if given != run[name]:
+            out.append(f"--{name.replace('_', '-')} {value if not isinstance(value, list) else ' '.join(map(str, value))} "
+                       f"(the run's: {run[name]})")
+    return out
 
 
 def _miner_remine(cfg):

@@ -28,6 +28,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     tmp_path = None
+    created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
     try:
         make_dirs(final.parent)
         _sweep_stale_temps(final)
@@ -39,14 +40,73 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         _kill_hook(final)
+        _journal(final)
         os.replace(tmp_path, final)
     except BaseException as e:
         if tmp_path is not None:
             with contextlib.suppress(OSError):
                 tmp_path.unlink()
+        for d in created:   # folders made for this file only, deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
         if isinstance(e, OSError) and is_write_error(e):
             raise write_error(final, e) from None
         raise
+
+
+_JOURNALS: list = []   # open transactions (innermost last) of this process
+
+
+def _journal(final: Path) -> None:
+    """Inside :func:`transaction`: remember ``final`` (and hard-link its old version aside) before it is replaced."""
+    if not _JOURNALS:
+        return
+    entries = _JOURNALS[-1]
+    if any(f == final for f, _ in entries):
+        return
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.{os.getpid()}.bak.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            backup.unlink()
+        os.link(final, backup)
+    entries.append((final, backup))
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Remove ``path``; inside :func:`transaction` it comes back if the job fails."""
+    path = Path(path)
+    if _JOURNALS:
+        _journal(path)
+    path.unlink()
+
+
+@contextlib.contextmanager
+def transaction(rollback_on: tuple = (Exception,)) -> Iterator[None]:
+    """Make a job's atomic writes all-or-nothing: on an exception of ``rollback_on`` every file the
+    job wrote through :func:`atomic_path` is removed again, or restored to its previous version.
+    A transaction inside another one joins the outer one."""
+    if _JOURNALS:
+        yield
+        return
+    entries: list = []
+    _JOURNALS.append(entries)
+    try:
+        yield
+    except rollback_on:
+        for final, backup in reversed(entries):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, final)
+                else:
+                    final.unlink()
+        raise
+    finally:
+        _JOURNALS.remove(entries)
+        for _, backup in entries:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
 
 
 # errno values (and the messages of libraries that drop errno, e.g. Arrow) that mean "cannot write here"
@@ -117,9 +177,21 @@ def _umask() -> int:
     return mask
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write strict JSON (non-finite numbers as null) atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
@@ -159,6 +231,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return a == b
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (resolved: symlinks and hard links included)."""
+    ra, rb = _resolve(Path(a)), _resolve(Path(b))
+    return ra == rb or (ra.exists() and rb.exists() and _same_file(ra, rb))
+
+
 def _resolve(path: Path) -> Path:
     try:
         return Path(path).resolve()
@@ -193,7 +271,7 @@ def check_output(out: str | os.PathLike, reads: Sequence = (), overwrite: bool =
         if r is None:
             continue
         r = Path(r)
-        if real == _resolve(r) or (real.exists() and r.exists() and _same_file(real, r)):
+        if same_file(real, r):
             raise UsageError(f"{flag} {out}: is an input of this command ({r}). Choose another {flag}; "
                              f"outputs never replace inputs.")
     if workspace_files and WORKSPACE_FILE_RE.match(real.name) and is_workspace(real.parent):
@@ -246,7 +324,7 @@ class DirLock:
         self.path = self.directory / self.NAME
         self.purpose = purpose
         self._fd: Optional[int] = None
-        self._created = False
+        self._created: list = []
 
     def _busy(self, other) -> LockedError:
         pid = other.get("pid") if isinstance(other, dict) else None
@@ -257,7 +335,7 @@ class DirLock:
         )
 
     def acquire(self) -> "DirLock":
-        self._created = not self.directory.exists()
+        self._created = [p for p in [self.directory, *self.directory.parents] if not p.exists()]
         make_dirs(self.directory)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose}
         for _ in range(100):
@@ -315,9 +393,11 @@ class DirLock:
                 self.path.unlink()        # still holding the OS lock: nobody can take the old inode
             os.close(self._fd)
             self._fd = None
-            if self._created:  # a job that failed before writing anything leaves no empty directory behind
-                with contextlib.suppress(OSError):
-                    self.directory.rmdir()
+            for d in self._created:  # a job that failed before writing anything leaves no empty folder behind
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
     def __enter__(self) -> "DirLock":
         return self.acquire()

@@ -8,8 +8,10 @@ naming the file and the column.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
+import os
 import platform
 import re
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cir_mine.data.errors import DataError, SchemaError
+from cir_mine.data.errors import DataError, SchemaError, UsageError
 from cir_mine.data.io import atomic_path, write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -147,15 +149,39 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
         )
 
 
+def _check_no_nulls(table: pa.Table, path: Path, ids: np.ndarray, what: str, columns: Sequence[str]) -> None:
+    """String columns hold no nulls ('' stands for none, e.g. CIRR's category)."""
+    for name in columns:
+        if name in table.schema.names and table.column(name).null_count:
+            col = table.column(name).combine_chunks()
+            first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise SchemaError(f"{path}: column '{name}' has {col.null_count} null value(s) (first: {what} "
+                              f"'{ids[first]}'). Use '' for none, or drop those rows.")
+
+
 def _read_parquet(path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
+    check_readable_file(path)
     try:
         schema = pq.read_schema(path)
         cols = [c for c in columns if c in schema.names] if columns is not None else None
         return pq.read_table(path, columns=cols)
     except (pa.ArrowInvalid, OSError) as e:
         raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
+
+
+def check_readable_file(path: Path) -> None:
+    """DataError for a missing file, a dangling link, a symlink loop or a folder, each named as such."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: is a symlink loop. Point it at a real file.") from None
+        if path.is_symlink():
+            raise DataError(f"{path}: is a symlink to a missing file ({os.readlink(path)}).") from None
+        raise DataError(f"{path}: file not found.") from None
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +290,7 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
     cats = _obj(table.column("category"))
+    _check_no_nulls(table, path, ids, "image", ("category", "path"))
     # image_id is unique within a category. The same id may stand in two categories (real
     # FashionIQ lists 516 ASINs under both shirt and toptee); such rows are one product.
     seen: set = set()
@@ -281,6 +308,10 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     if check_norm:
         check_embeddings(emb, path, "embedding", ids)
     attrs = [list(a or []) for a in table.column("attributes").to_pylist()]
+    for i, a in enumerate(attrs):
+        if any(not isinstance(x, str) for x in a):
+            raise SchemaError(f"{path}: column 'attributes' of image '{ids[i]}' holds a null; each attribute is a "
+                              f"'group:value' string. Drop the nulls.")
     paths = _obj(table.column("path")) if "path" in table.schema.names else None
     return Gallery(path, ids, cats, attrs, emb, paths)
 
@@ -290,6 +321,9 @@ def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool 
     table = _read_parquet(path)
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
+    if table.column("query_id").null_count:
+        raise SchemaError(f"{path}: column 'query_id' has null values.")
+    _check_no_nulls(table, path, qids, "query", ("category", "ref_id", "target_id", "source"))
     if len(set(qids.tolist())) != len(qids):
         raise SchemaError(f"{path}: column 'query_id' has duplicated ids; query ids must be unique.")
     try:
@@ -435,10 +469,21 @@ class Workspace:
         return self
 
     def splits(self) -> list[str]:
-        return sorted(p.name[len("gallery."):-len(".parquet")] for p in self.root.glob("gallery.*.parquet"))
+        """Split names of the ``gallery.{split}.parquet`` files; a stray ``gallery.*.parquet`` whose
+        split is not a valid name (e.g. ``gallery.train copy.parquet``) is a DataError naming it."""
+        out = []
+        for p in self.root.glob("gallery.*.parquet"):
+            name = p.name[len("gallery."):-len(".parquet")]
+            if not SPLIT_RE.match(name):
+                raise DataError(f"{p}: not a split table (split names use letters, digits, '-' or '_'). "
+                                f"Rename or move it out of {self.root}.")
+            out.append(name)
+        return sorted(out)
 
     def _require_split(self, split: str, path: Path) -> None:
         self.require()
+        if os.path.lexists(path):
+            check_readable_file(path)   # a dangling link or a symlink loop is named as such
         if not path.exists():
             have = ", ".join(self.splits()) or "none"
             raise DataError(f"{path}: file not found; splits in {self.root}: {have}. Pass one with --split.")
@@ -492,6 +537,10 @@ class Workspace:
                 raise DataError(f"{self.manifest_path}: malformed JSON ({e}).") from None
             if not isinstance(m, dict):
                 raise DataError(f"{self.manifest_path}: expected a JSON object.")
+            dim = m.get("dim")
+            if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+                raise DataError(f"{self.manifest_path}: 'dim' must be a positive integer, found {dim!r}. Repair the "
+                                f"manifest, or delete it to derive one from the tables.")
             return m
         return self.derive_manifest()
 
@@ -511,8 +560,37 @@ class Workspace:
                 "encoder": {"name": "unknown"}, "source": "unknown"}
 
     def manifest_hash(self) -> str:
-        m = {k: v for k, v in self.manifest().items() if k not in ("updated",)}
+        """The identity of the workspace's data: the manifest without its times and library versions,
+        plus a digest of the bytes of every gallery and triplets table. A byte-identical rebuild has
+        the same hash; new features or triplets change it."""
+        m = {k: v for k, v in self.manifest().items() if k not in ("updated", "created", "versions")}
+        m["content"] = {p.name: file_digest(p) for kind in ("gallery", "triplets")
+                        for p in sorted(self.root.glob(f"{kind}.*.parquet"))}
         return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+
+    def check_new_split(self, split: str, dim: Optional[int], overwrite: bool, flag: str = "--work") -> None:
+        """Before writing split ``split`` with dimension ``dim``: refuse an existing split without
+        ``overwrite`` and a dimension other than the other splits' (UsageError; ``dim=None``: no check)."""
+        mine = (self.gallery_path(split), self.triplets_path(split))
+        if not overwrite:
+            for p in mine:
+                if p.exists():
+                    raise UsageError(f"{flag} {self.root}: split '{split}' exists ({p.name}). Pass --overwrite to "
+                                     f"replace it, or choose another --split or {flag}.")
+        if dim is None or not self.root.is_dir():
+            return
+        for kind, col in (("gallery", "embedding"), ("triplets", "text_embedding")):
+            for p in sorted(self.root.glob(f"{kind}.*.parquet")):
+                if p in mine:
+                    continue
+                try:
+                    t = pq.read_schema(p).field(col).type
+                except (KeyError, pa.ArrowInvalid, OSError):
+                    continue   # unreadable tables are reported by the readers
+                if pa.types.is_fixed_size_list(t) and t.list_size != dim:
+                    raise UsageError(f"{flag} {self.root}: {p.name} has d={t.list_size}; a '{split}' split with "
+                                     f"d={dim} would make the workspace unreadable. Use the same encoder (d="
+                                     f"{t.list_size}), or write to another {flag}.")
 
     def write_manifest(self, **fields) -> dict:
         """Merge ``fields`` into the manifest and refresh counts/dim from the tables."""
@@ -529,6 +607,22 @@ class Workspace:
         m.pop("derived", None)
         write_json_atomic(self.manifest_path, m)
         return m
+
+
+_DIGESTS: dict = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (cached per process by path, size and mtime)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
 
 
 def check_split(split: str) -> str:

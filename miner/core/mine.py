@@ -14,13 +14,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import UsageError
-from cir_mine.data.io import DirLock
+from cir_mine.data.checks import check_numbers, check_range
+from cir_mine.data.io import DirLock, check_output
 from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
 
 from cir_mine.miner.core import attributes as A
@@ -102,6 +103,7 @@ class MineConfig:
         raise UsageError("no strategy: pass --strategy NAME, --mix SPEC or --schedule SPEC.")
 
     def validate(self, round: int = 0) -> list[tuple[str, float]]:
+        check_numbers(self)
         parts = self.parts(round)
         if self.k < 1:
             raise UsageError(f"-k must be at least 1 (got {self.k}).")
@@ -125,6 +127,7 @@ class MineConfig:
             raise UsageError("--query-batch must be at least 1.")
         if self.rho is not None and not 0 < self.rho <= 1:
             raise UsageError(f"--rho must be in (0, 1] (got {self.rho}); use --no-cap to switch the cap off.")
+        check_range("attr_agree", self.attr_agree, 0.0, 1.0)
         if len(self.category_shares) != 3 or min(self.category_shares) < 0 or sum(self.category_shares) <= 0:
             raise UsageError("--category-shares needs three non-negative shares, e.g. 0.7,0.2,0.1.")
         if self.schedule:
@@ -534,9 +537,14 @@ def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, round: int, seed: int)
     ], schema=NEGATIVES_SCHEMA)
 
 
-def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, **kw) -> MineResult:
-    """Mine and write ``out`` atomically, holding the lock of its directory."""
-    out = Path(out)
+def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, overwrite: bool = True,
+                 reads: Sequence = (), **kw) -> MineResult:
+    """Mine and write ``out`` atomically, holding the lock of its directory.
+
+    ``out`` is checked first (:func:`cir_mine.data.io.check_output`): never a workspace file or one of
+    ``reads`` (other inputs, e.g. a checkpoint), and an existing file only with ``overwrite``.
+    """
+    out = check_output(out, reads, overwrite)
     with DirLock(out.parent, f"cir-mine negatives -> {out.name}"):
         res = mine_negatives(ws, split, cfg, **kw)
         write_negatives(res.table, out, res.meta)
