@@ -419,6 +419,8 @@ FULL = {
     "inspect": (lambda t: ["inspect", t / "negs.parquet", "--work", t / "W", "--out", t / "o" / "s.png", "--sample", "1"],
                 lambda t: t / "o" / "s.png"),
     "index": (lambda t: ["index", "--work", t / "W"], lambda t: t / "W" / "index.train.faiss"),
+    "index --from-features": (lambda t: ["index", "--work", t / "W", "--from-features", _features(t)[0], "--ids",
+                                         t / "ids.txt", "--overwrite"], lambda t: t / "W" / "gallery.train.parquet"),
     "train": (lambda t: ["--work", t / "W", "--out", t / "o" / "run", *TRAIN], lambda t: t / "o" / "run" / "config.json"),
 }
 
@@ -427,9 +429,10 @@ FULL = {
 @pytest.mark.parametrize("cmd", sorted(FULL))
 def test_full_disk_or_read_only_folder(ws, monkeypatch, cmd, fault):
     args, first = FULL[cmd]
+    argv = args(ws)
     before, layout = snapshot(ws), tree(ws)
     (_full_disk if fault == "full disk" else _read_only)(monkeypatch)
-    msg = error(args(ws), 1, train_app if cmd == "train" else mine_app)
+    msg = error(argv, 1, train_app if cmd == "train" else mine_app)
     monkeypatch.undo()
     reason = "No space left on device" if fault == "full disk" else "Read-only file system"
     path, _, rest = msg[len("Error: "):].partition(": cannot write (")
@@ -532,3 +535,63 @@ def test_resume_says_which_options_are_ignored(ws):
     assert r.exit_code == 0, r.output
     assert (f"warning: --resume {ws / 'run2'} continues with the run's own options; ignored: --lr 0.5 (the run's: "
             f"0.001).") in r.output
+
+
+# ------------------------------------------------------------------------------ inputs unchanged
+
+
+def _features(t: Path) -> list:
+    g = Workspace(t / "W").gallery("train")
+    np.save(t / "f.npy", g.embeddings[::-1].copy())
+    (t / "ids.txt").write_text("".join(f"{i}\t{c}\n" for i, c in zip(g.image_ids, g.categories)))
+    return [t / "f.npy", t / "ids.txt", t / "W" / "triplets.train.parquet"]
+
+
+def _fiq(t: Path) -> list:
+    from tests.fixtures import make_fashioniq, write_tiny_clip_config
+
+    make_fashioniq(t / "fiq")
+    write_tiny_clip_config(t / "m")
+    return [t / "fiq", t / "m"]
+
+
+# command -> (prepare(tmp) -> the inputs it reads, args(tmp), app)
+EVERY_WRITER = {
+    "synth": (lambda t: [t / "W" / "gallery.train.parquet", t / "W" / "triplets.train.parquet"], lambda t: ["synth", "--out", t / "W", "--split", "val", "--n-gallery", "300",
+                                              "--n-triplets", "60", "--dim", "16", "-q"], mine_app),
+    "embed": (_fiq, lambda t: ["embed", "--dataset", "fashioniq", "--root", t / "fiq", "--work", t / "E", "--model",
+                               t / "m" / "cir-tiny-clip.json", "--device", "cpu", "--workers", "0", "-q"], mine_app),
+    "index": (lambda t: [t / "W" / "gallery.train.parquet", t / "W" / "triplets.train.parquet"],
+              lambda t: ["index", "--work", t / "W"], mine_app),
+    "index --from-features": (_features, lambda t: ["index", "--work", t / "W", "--from-features", t / "f.npy", "--ids",
+                                                    t / "ids.txt", "--overwrite"], mine_app),
+    "negatives": (lambda t: [t / "W"], lambda t: WRITERS["negatives"](t, t / "o" / "n.parquet"), mine_app),
+    "negatives --checkpoint": (lambda t: [t / "W", t / "run"],
+                               lambda t: [*WRITERS["negatives"](t, t / "o" / "n.parquet"), "--checkpoint",
+                                          t / "run" / "ckpt.pt"], mine_app),
+    "positives": (lambda t: [t / "W"], lambda t: WRITERS["positives"](t, t / "o" / "p.parquet"), mine_app),
+    "report": (lambda t: [t / "W", t / "negs.parquet"], lambda t: WRITERS["report"](t, t / "o" / "r.html"), mine_app),
+    "inspect": (lambda t: [t / "W", t / "negs.parquet"], lambda t: WRITERS["inspect"](t, t / "o" / "s.png"), mine_app),
+    "cir-train": (lambda t: [t / "W", t / "negs.parquet"],
+                  lambda t: ["--work", t / "W", "--out", t / "o" / "run", "--negatives", t / "negs.parquet", *TRAIN],
+                  train_app),
+    "cir-train --resume": (lambda t: [t / "W"], lambda t: ["--resume", t / "run", "-q"], train_app),
+}
+
+
+@pytest.mark.parametrize("cmd", sorted(EVERY_WRITER))
+def test_every_writer_leaves_its_inputs_unchanged(ws, cmd):
+    prepare, args, app = EVERY_WRITER[cmd]
+    if cmd in ("negatives --checkpoint", "cir-train --resume"):
+        assert run(["--work", ws / "W", "--out", ws / "run", *TRAIN, "--epochs", "1"], train_app).exit_code == 0
+        if cmd == "cir-train --resume":   # continue for a second epoch
+            ck = __import__("torch").load(ws / "run" / "ckpt.pt", weights_only=False)
+            ck["train_config"]["epochs"] = 2
+            __import__("torch").save(ck, ws / "run" / "ckpt.pt")
+    inputs = prepare(ws)
+    before = snapshot(*inputs)
+    r = run(args(ws), app)
+    assert r.exit_code == 0, r.output
+    after = snapshot(*inputs)
+    # a command that adds to a workspace (synth --split val) may add files, never change one
+    assert {k: v for k, v in after.items() if k in before} == before
