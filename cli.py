@@ -63,12 +63,12 @@ def cli_errors(fn):
     return wrapper
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """Warnings on stderr; with ``verbose`` also cir-mine's own INFO lines (what each stage does),
+    never other libraries' (faiss.loader and the like stay at WARNING). ``quiet`` (no progress bar,
+    no notes) is the commands' own and combines with ``verbose``: logs without a bar."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("cir_mine").setLevel(logging.INFO if verbose else logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -95,7 +95,23 @@ def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: st
         yield lambda n=1, total=None: prog.update(task, advance=n, total=total)
 
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+def _version_option(prog: str):
+    def show(value: bool) -> None:
+        if value:
+            from cir_mine import __version__
+
+            typer.echo(f"{prog} {__version__}")
+            raise typer.Exit()
+
+    return typer.Option(False, "--version", callback=show, is_eager=True, help="Print the version and exit.")
+
+
+@mine_app.callback()
+def mine_options(version: bool = _version_option("cir-mine")):
+    """Offline hard-negative mining for composed image retrieval (CIR)."""
+
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
@@ -121,8 +137,10 @@ def synth(
     unmentioned: float = typer.Option(0.15, "--unmentioned-change", help="Chance a target also differs in an unmentioned group."),
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Generate a synthetic CIR world (gallery + triplets with ground-truth attributes)."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.synthetic import SynthConfig, generate, parse_salience
 
     cfg = SynthConfig(n_gallery=n_gallery, n_triplets=n_triplets, dim=dim, seed=seed, split=split,
@@ -141,8 +159,13 @@ def synth(
 
 @mine_app.command()
 @cli_errors
-def info(work: Path = WORK):
+def info(
+    work: Path = WORK,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+):
     """Validate a workspace and print its splits, counts and manifest."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.workspace import Workspace
 
     ws = Workspace(work)
@@ -171,17 +194,17 @@ def check(
     dataset: Dataset = DATASET,
     root: Path = ROOT,
     split: str = SPLIT,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Read a dataset's annotations and print what they hold (no embedding)."""
-    from cir_mine.data.adapters import load_dataset
+    setup_logging(verbose, quiet)
+    from cir_mine.data.adapters import dataset_summary
 
-    images, queries = load_dataset(dataset.value, root, split)
-    with_path = sum(1 for i in images if i.path)
-    with_attr = sum(1 for i in images if i.attributes)
-    cats = sorted({q.category for q in queries})
-    typer.echo(f"{dataset.value} {split}: {len(images)} images ({with_path} with image files, "
-               f"{with_attr} with attributes), {len(queries)} queries, categories: "
-               f"{', '.join(c or '-' for c in cats)}")
+    s = dataset_summary(dataset.value, root, split)
+    typer.echo(f"{dataset.value} {split}: {s['images']} images ({s['image_files']} with image files, "
+               f"{s['with_attributes']} with attributes), {s['queries']} queries, categories: "
+               f"{', '.join(c or '-' for c in s['categories'])}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,8 +230,11 @@ def positives(
     text_encoder: str = typer.Option("auto", "--text-encoder", help="auto|synthetic|minilm|open_clip: the workspace's text encoder."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
     from cir_mine.miner.positives.pairs import PositivesConfig
@@ -239,8 +265,11 @@ def positives(
 def attributes(
     texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
     vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/core/vocabulary.json)."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.core.attributes import extract_many, load_vocabulary
 
     for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
@@ -276,10 +305,10 @@ def embed(
     verbose: bool = VERBOSE,
 ):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.encode.clip import DEFAULT_PROMPTS, EncoderConfig, ImageRun
     from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
 
-    setup_logging(verbose)
     prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
     job = EmbedJob(dataset.value, root, split, work, EncoderConfig(model, pretrained, device),
                    ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
@@ -289,7 +318,7 @@ def embed(
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
                f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
-    if m["encoder"].get("pretrained") == "none":
+    if m["encoder"].get("pretrained") == "none" and not quiet:
         typer.echo("note: random weights (--pretrained none); pass --pretrained TAG|PATH for a trained CLIP.", err=True)
 
 
@@ -305,15 +334,18 @@ def index_cmd(
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
     overwrite: bool = typer.Option(False, "--overwrite", help="With --from-features: replace an existing gallery of the split (the index alone is always rebuilt)."),
+    allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
     verbose: bool = VERBOSE,
+    quiet: bool = QUIET,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.encode.index import index_workspace
     from cir_mine.miner.encode.features import import_features
 
-    setup_logging(verbose)
     if from_features is not None:
-        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16, overwrite=overwrite)
+        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
+                               allow_encoder_change, overwrite=overwrite)
     else:
         meta = index_workspace(work, split, index, device, fp16)
     typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
@@ -332,8 +364,10 @@ def demo(
     world: str = typer.Option("default", "--world", help="default (the synth default) or fine (fine-grained: 60k images, adds hardest; mined negatives pay there)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier demo in --out."),
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
+    setup_logging(verbose, quiet)
     # issue 5: the final demo lives in train/demo.py
     from cir_mine.train.demo import DemoConfig, run_demo
 
@@ -341,7 +375,8 @@ def demo(
 
     def say(msg: str) -> None:
         step["n"] += 1
-        typer.echo(f"[{step['n']}] {msg}")
+        if not quiet:
+            typer.echo(f"[{step['n']}] {msg}")
 
     res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say, overwrite=overwrite)
     typer.echo("")
@@ -419,13 +454,13 @@ def negatives(
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
+    setup_logging(verbose, quiet)
     import pyarrow.parquet as pq
 
     from cir_mine.data.errors import UsageError
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
 
-    setup_logging(verbose)
     bad = [g for g in no_guard if g not in GUARD_SWITCHES]
     if bad:
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
@@ -478,6 +513,7 @@ def negatives_summary(out: Path, meta: dict) -> str:
 # cir-mine stats / sql / inspect / report  (issue 4 "DuckDB" section, issue 7: see the negatives)
 
 NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
+ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
 
 
 class SqlFormat(str, enum.Enum):
@@ -492,8 +528,11 @@ def stats(
     negs: List[Path] = NEGS,
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (checks the tables belong to it; adds negative categories)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Negatives per query, Δ quantiles and histogram, category and attribute mix, shortfall, round overlap."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.stats import format_stats, summarize
 
     typer.echo(format_stats(summarize(negs, work, split)), nl=False)
@@ -507,8 +546,11 @@ def sql(
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (views gallery, triplets)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own, else train)."),
     fmt: SqlFormat = typer.Option(SqlFormat.table, "--format", "-f", help="Output format."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Run DuckDB SQL over negatives tables and the workspace (see docs/queries.md)."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.sql import format_rows, sql_query
 
     typer.echo(format_rows(sql_query(query, negs or [], work, split), fmt.value), nl=False)
@@ -522,18 +564,25 @@ def inspect(
     out: Path = typer.Option(..., "--out", "-o", help="PNG contact sheet to write."),
     query_id: Optional[List[str]] = typer.Option(None, "--query-id", help="Query to draw (repeatable)."),
     sample: Optional[int] = typer.Option(None, "--sample", "-n", help="Draw N random queries of the table."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    root: Optional[Path] = ROOT_OF_PATHS,
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the table's own)."),
     max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
 
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed, overwrite=overwrite)
     kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
     typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
+    for row in r["short"]:
+        scope = "" if row.guards_scope == "query" else " (whole table)"
+        guards = ", ".join(f"{g} {n:,}" for g, n in row.guards.items() if n) or "none recorded"
+        typer.echo(f"{row.query_id}: short, {row.short}; guards removed{scope}: {guards}")
 
 
 @mine_app.command()
@@ -543,13 +592,16 @@ def report(
     work: Path = WORK,
     out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (self-contained, plots embedded)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="Folder the gallery `path` column is relative to."),
+    root: Optional[Path] = ROOT_OF_PATHS,
     sheets: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
     max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
     overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
+    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.report import write_report
 
     r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=sheets,
@@ -606,15 +658,16 @@ def train(
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (without it, an existing run is an error)."),
+    version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
     ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
+    setup_logging(verbose, quiet)
     from cir_mine.data.errors import UsageError
     from cir_mine.train.loop import TrainConfig, resume_config, train as run_training
 
-    setup_logging(verbose)
     if resume is not None:
         cfg = resume_config(resume)
         ignored = _ignored_on_resume(ctx, cfg)
@@ -635,7 +688,7 @@ def train(
             exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads,
             extra_triplets=[str(p) for p in extra_triplets or []], extra_weight=extra_weight,
             neg_weight=neg_weight)
-    remine = _miner_remine(cfg) if cfg.validate().refresh_every else None
+    remine = _miner_remine(cfg, quiet) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
     with progress_bar("train", total, quiet, unit="epochs") as advance:
         def on_epoch(rec):
@@ -670,11 +723,26 @@ def _ignored_on_resume(ctx, cfg) -> list:
     return out
 
 
-def _miner_remine(cfg):
-    """The refresh's miner call for the table cfg.negatives (see train.refresh)."""
+def _miner_remine(cfg, quiet: bool = False):
+    """The refresh's miner call for the table cfg.negatives (see train.refresh), printing one line
+    per round on stderr unless ``quiet``: round, epoch, strategy mix, rows, time."""
     from cir_mine.train.refresh import miner_remine
 
-    return miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule)
+    remine = miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule)
+
+    def remine_and_say(query_emb, round, epoch):
+        table, meta = remine(query_emb, round, epoch)
+        if not quiet:
+            typer.echo(remine_line(round, epoch, meta), err=True)
+        return table, meta
+
+    return remine_and_say
+
+
+def remine_line(round: int, epoch: int, meta: dict) -> str:
+    """``re-mine round 1 (epoch 2): midzone:0.6,random:0.4, 3,120 rows, 0.4s``"""
+    mix = ",".join(f"{p['strategy']}:{p['share']:g}" for p in meta["parts"])
+    return f"re-mine round {round} (epoch {epoch}): {mix}, {meta['n_rows']:,} rows, {meta['timing']['total_s']:.1f}s"
 
 
 def mine_main() -> None:

@@ -53,7 +53,7 @@ def build(work: Path, kind: str, k: int) -> tuple[pa.Table, dict]:
     words = tag_words(g.attributes)
     probe = G[ref] if kind == "reference-side" else l2_normalize(G[ref] + t.text_embeddings)
     extra = t.extra_positive_ids
-    out = {"query_id": [], "ref_id": [], "target_id": [], "neg_id": []}
+    out = {"query_id": [], "ref_id": [], "target_id": [], "neg_id": [], "neg_category": []}
     for c in np.unique(cats):
         crow, qi = np.flatnonzero(gcat == c), np.flatnonzero(cats == c)
         for s0 in range(0, len(qi), 1024):
@@ -78,6 +78,7 @@ def build(work: Path, kind: str, k: int) -> tuple[pa.Table, dict]:
                     out["ref_id"].append(gid[ref[j]])
                     out["target_id"].append(gid[tgt[j]])
                     out["neg_id"].append(gid[x])
+                    out["neg_category"].append(gcat[x])
     return out, {"queries": len(set(out["query_id"])), "of": len(t.query_ids)}
 
 

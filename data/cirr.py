@@ -7,7 +7,9 @@ Layout under ROOT::
     image_splits/split.rc2.{split}.json   {name: "./dev/name.png"}  (paths relative to ROOT)
 
 ``target_soft`` >= 0.5 (other than the hard target) become ``extra_positive_ids``; -1 entries
-become ``verified_negative_ids``. Query ids are ``cirr-{split}-{pairid}``.
+become ``verified_negative_ids``. Query ids are ``cirr-{split}-{pairid}``. Image paths are those of the
+split file, relative to ROOT (``dev/name.png``); the split file lists them whether or not the images
+are there.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def load_cirr(root: str | Path, split: str) -> tuple[list[ImageRecord], list[Que
     images = []
     for name, rel in names.items():
         rel = require_str(rel, split_path, f"entry '{name}'")
-        images.append(ImageRecord(name, "", (), str((root / rel).resolve())))
+        images.append(ImageRecord(name, "", (), Path(rel).as_posix()))
     known = set(names)
     queries = []
     for i, e in enumerate(caps):

@@ -5,6 +5,8 @@ Layout under ROOT::
     captions/cap.{dress,shirt,toptee}.{split}.json   [{"candidate", "target", "captions": [2 str]}]
     image_splits/split.{cat}.{split}.json            [ASIN, ...]
     images/{ASIN}.png|.jpg                           (optional: feature-only use needs none)
+
+Image paths are relative to ROOT (``images/{ASIN}.png``).
     tags/asin2attr.{cat}.{split}.json                (optional) ASIN -> 6 lists of tag words
 
 Query ids are stable: ``{cat}-{split}-{index:05d}`` with the index into the caption file.
@@ -51,11 +53,12 @@ def tags_to_attributes(tags, path: Path, asin: str) -> list[str]:
     return out
 
 
-def find_image(images_dir: Path, image_id: str) -> Optional[str]:
+def find_image(root: Path, image_id: str) -> Optional[str]:
+    """``images/{image_id}.png|.jpg|.jpeg`` relative to ``root`` when that file exists, else None."""
     for ext in IMAGE_EXTENSIONS:
-        p = images_dir / f"{image_id}{ext}"
-        if p.exists():
-            return str(p)
+        rel = f"images/{image_id}{ext}"
+        if (root / rel).exists():
+            return rel
     return None
 
 
@@ -70,7 +73,6 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
     if not root.is_dir():
         raise DataError(f"{root}: FashionIQ root not found. Pass the folder that holds captions/ and image_splits/.")
     cats = check_categories(categories, root)
-    images_dir = root / "images"
     images: dict[str, ImageRecord] = {}
     queries: list[QueryRecord] = []
     for cat in cats:
@@ -87,7 +89,7 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
             if asin in images:
                 return
             a = tags_to_attributes(attrs[asin], tag_path, asin) if asin in attrs else []
-            images[asin] = ImageRecord(asin, cat, tuple(a), find_image(images_dir, asin))
+            images[asin] = ImageRecord(asin, cat, tuple(a), find_image(root, asin))
 
         for i, asin in enumerate(asins):
             add(require_str(asin, split_path, f"entry {i}"))

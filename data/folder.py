@@ -48,14 +48,14 @@ def image_id_of(rel: Path) -> str:
 
 
 def scan_images(root: Path) -> dict[str, str]:
-    """id -> absolute path of every image file under ``root`` (sorted, deterministic)."""
+    """id -> path relative to ``root`` of every image file under ``root`` (sorted, deterministic)."""
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
             key = image_id_of(p.relative_to(root))
             if key in out:
-                raise DataError(f"{p}: two image files share the id '{key}' ({out[key]}). Rename one of them.")
-            out[key] = str(p)
+                raise DataError(f"{p}: two image files share the id '{key}' ({root / out[key]}). Rename one of them.")
+            out[key] = p.relative_to(root).as_posix()
     return out
 
 

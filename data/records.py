@@ -10,7 +10,7 @@ class ImageRecord:
     image_id: str                      # dataset image id (FashionIQ ASIN, CIRR name, file stem)
     category: str                      # garment category or "" when the dataset has none
     attributes: tuple[str, ...] = ()   # "group:value" entries; a bare value belongs to group "tag"
-    path: Optional[str] = None         # image file path (absolute or relative to the dataset root)
+    path: Optional[str] = None         # image file path, relative to the dataset root (or absolute)
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,16 @@ class QueryRecord:
     def text(self) -> str:
         """The text that is embedded for the query: captions joined FashionIQ-style."""
         return join_captions(self.captions)
+
+
+def image_file(root, path: Optional[str]):
+    """The file of an image ``path`` (relative to the dataset ``root``, or absolute); None without a path."""
+    from pathlib import Path
+
+    if not path:
+        return None
+    p = Path(path)
+    return p if p.is_absolute() or root is None else Path(root) / p
 
 
 def join_captions(captions) -> str:

@@ -504,6 +504,13 @@ class Workspace:
 
     def triplets(self, split: str, gallery: Optional[Gallery] = None, check_norm: bool = True) -> Triplets:
         p = self.triplets_path(split)
+        if not p.exists() and self.gallery_path(split).exists():
+            raise DataError(
+                f"{p}: file not found: {self.root} holds the gallery of split '{split}' but no queries "
+                f"(features only). Add queries: write {p.name} in the triplets schema (query_id, category, ref_id, "
+                f"target_id, captions, text_embedding from the features' encoder; docs/formats.md), or embed "
+                f"images and captions with `cir-mine embed --dataset fashioniq|cirr|folder --root ROOT "
+                f"--work {self.root} --split {split}`.")
         self._require_split(split, p)
         dim = gallery.dim if gallery is not None else self.manifest().get("dim")
         t = read_triplets(p, dim=dim, check_norm=check_norm)
@@ -527,6 +534,14 @@ class Workspace:
             splits[split] = {"images": len(g), "triplets": 0 if t is None else len(t),
                              "categories": sorted(set(g.categories.tolist()))}
         return {"manifest": self.manifest(), "hash": self.manifest_hash(), "splits": splits}
+
+    def image_root(self, split: str) -> Optional[Path]:
+        """The dataset root the gallery ``path`` column of ``split`` is relative to, as recorded by
+        ``cir-mine embed`` (absolute), or None when the workspace does not record one."""
+        if not self.manifest_path.exists():
+            return None
+        root = ((self.manifest().get("embed") or {}).get(split) or {}).get("root")
+        return Path(root) if root else None
 
     # manifest
     def manifest(self) -> dict:
@@ -567,6 +582,18 @@ class Workspace:
         m["content"] = {p.name: file_digest(p) for kind in ("gallery", "triplets")
                         for p in sorted(self.root.glob(f"{kind}.*.parquet"))}
         return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+
+    def split_hash(self, split: str) -> str:
+        """Identity of one split's data: a hash over ``gallery.{split}.parquet`` and
+        ``triplets.{split}.parquet`` (each file's size and Parquet footer, which holds its row
+        counts, column chunk sizes and statistics). Other splits and the manifest do not enter it,
+        so embedding another split leaves it unchanged; rewriting this split's tables changes it."""
+        h = hashlib.sha256(check_split(split).encode())
+        for p in (self.gallery_path(split), self.triplets_path(split)):
+            h.update(f"|{p.name}|".encode())
+            if p.exists():
+                h.update(file_fingerprint(p))
+        return h.hexdigest()[:16]
 
     def check_new_split(self, split: str, dim: Optional[int], overwrite: bool, flag: str = "--work") -> None:
         """Before writing split ``split`` with dimension ``dim``: refuse an existing split without
@@ -612,8 +639,9 @@ class Workspace:
 _DIGESTS: dict = {}
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (cached per process by path, size and mtime)."""
+def file_fingerprint(path: Path) -> bytes:
+    """sha256 of a file's bytes (the content, not its times), cached per process by path, size,
+    mtime and inode, so a command pays one read of each table at most."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _DIGESTS:
@@ -621,8 +649,13 @@ def file_digest(path: Path) -> str:
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-        _DIGESTS[key] = h.hexdigest()[:16]
+        _DIGESTS[key] = h.digest()
     return _DIGESTS[key]
+
+
+def file_digest(path: Path) -> str:
+    """:func:`file_fingerprint` as 16 hex digits."""
+    return file_fingerprint(path).hex()[:16]
 
 
 def check_split(split: str) -> str:

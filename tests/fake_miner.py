@@ -37,6 +37,7 @@ def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int =
             for r in rows:
                 for n, v in (("query_id", t.query_ids[i]), ("ref_id", t.ref_ids[i]),
                              ("target_id", t.target_ids[i]), ("neg_id", g.image_ids[r]),
+                             ("neg_category", g.categories[r]),
                              ("strategy", s), ("rank", -1), ("score", S[i, r]),
                              ("target_score", ts[i]), ("delta", ts[i] - S[i, r]), ("round", round),
                              ("category_match", g.categories[r] == t.categories[i]),

@@ -31,7 +31,7 @@ def make_negatives(work: Path, out: Path, split: str = "train", k: int = 5, stra
     order = np.argsort(-scores, axis=1, kind="stable")
     rank_of = np.empty_like(order)
     np.put_along_axis(rank_of, order, np.arange(order.shape[1])[None, :], axis=1)
-    cols = {c: [] for c in ("query_id", "ref_id", "target_id", "neg_id", "strategy", "rank", "score",
+    cols = {c: [] for c in ("query_id", "ref_id", "target_id", "neg_id", "neg_category", "strategy", "rank", "score",
                             "target_score", "delta", "round", "category_match", "attr_overlap", "seed")}
     short = []
     for i in range(nq):
@@ -47,6 +47,7 @@ def make_negatives(work: Path, out: Path, split: str = "train", k: int = 5, stra
         for r in cand[:kk]:
             cols["query_id"].append(t.query_ids[i]); cols["ref_id"].append(t.ref_ids[i])
             cols["target_id"].append(t.target_ids[i]); cols["neg_id"].append(g.image_ids[r])
+            cols["neg_category"].append(g.categories[r])
             cols["strategy"].append(strategy); cols["rank"].append(int(rank_of[i, r]))
             cols["score"].append(float(scores[i, r])); cols["target_score"].append(ts)
             cols["delta"].append(ts - float(scores[i, r])); cols["round"].append(round)

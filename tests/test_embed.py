@@ -84,7 +84,7 @@ def test_fashioniq_workspace_loads_and_index_searches(tmp_path, tiny, encoder):
     # Dataset tags survive; each row is its own file's embedding.
     assert "fabric:silk" in g.attributes[0]
     for i in (0, 7, 17):
-        np.testing.assert_allclose(g.embeddings[i], direct(encoder, g.paths[i]), atol=1e-5)
+        np.testing.assert_allclose(g.embeddings[i], direct(encoder, root / g.paths[i]), atol=1e-5)
     # FashionIQ text: "c1 and c2" through the CLIP tokenizer.
     from cir_mine.miner.encode.clip import embed_texts
 
@@ -115,7 +115,7 @@ def test_corrupt_images_are_skipped_counted_and_never_replaced(tmp_path, tiny, e
     assert sorted(s["image_id"] for s in skipped["images"]) == ["B000000001", "B100000002", "B200000003"]
     assert not {"B000000001", "B100000002", "B200000003"} & set(g.image_ids.tolist())
     for i in range(len(g)):
-        np.testing.assert_allclose(g.embeddings[i], direct(encoder, g.paths[i]), atol=1e-5)
+        np.testing.assert_allclose(g.embeddings[i], direct(encoder, root / g.paths[i]), atol=1e-5)
 
 
 def test_cirr_fixture(tmp_path, tiny):

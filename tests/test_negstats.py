@@ -62,7 +62,7 @@ def _pairs_table(pairs, rnd):
     n = len(pairs)
     return pa.table({
         "query_id": [q for q, _ in pairs], "ref_id": ["r"] * n, "target_id": ["t"] * n,
-        "neg_id": [x for _, x in pairs], "strategy": ["random"] * n, "rank": [-1] * n,
+        "neg_id": [x for _, x in pairs], "neg_category": [""] * n, "strategy": ["random"] * n, "rank": [-1] * n,
         "score": [0.1] * n, "target_score": [0.5] * n, "delta": [0.4] * n, "round": [rnd] * n,
         "category_match": [False] * n, "attr_overlap": [0.0] * n, "seed": [0] * n,
     })

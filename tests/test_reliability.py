@@ -330,10 +330,10 @@ def test_missing_split_for_negatives(work16, tmp_path):
 
 def test_negatives_from_another_workspace(work16, tmp_path):
     w, negs = work16 / "w", work16 / "other.parquet"
-    theirs, ours = pq.read_metadata(negs).metadata, Workspace(w).manifest_hash()
-    their_hash = json.loads(theirs[b"cir_mine"])["manifest_hash"]
-    msg = (f"Error: {negs}: mined from another workspace (manifest hash {their_hash}, {w} has {ours}). Re-mine it "
-           f"with `cir-mine negatives --work {w}`.")
+    theirs, ours = pq.read_metadata(negs).metadata, Workspace(w).split_hash("train")
+    their_hash = json.loads(theirs[b"cir_mine"])["data_hash"]
+    msg = (f"Error: {negs}: mined from another workspace (split 'train' data hash {their_hash}, {w} has {ours}). "
+           f"Re-mine it with `cir-mine negatives --work {w} --split train`.")
     assert cli_error(["--work", w, "--negatives", negs, "--out", tmp_path / "run", "-q"], app=train_app) == msg
     assert cli_error(["stats", negs, "--work", w]) == msg
     assert cli_error(["report", negs, "--work", w, "--out", tmp_path / "r.html"]) == msg
@@ -350,7 +350,7 @@ def test_wrong_schema_negatives(work16, tmp_path, kind):
     elif kind == "missing-column":
         pq.write_table(t.drop(["delta"]), bad)
         msg = (f"Error: {bad}: missing column 'delta' (float); a negatives table needs the columns query_id, ref_id, "
-               f"target_id, neg_id, strategy, rank, score, target_score, delta, round, category_match, "
+               f"target_id, neg_id, neg_category, strategy, rank, score, target_score, delta, round, category_match, "
                f"attr_overlap, seed. See docs/formats.md.")
     else:
         pq.write_table(t.set_column(t.schema.get_field_index("rank"), "rank", t["rank"].cast(pa.string())), bad)

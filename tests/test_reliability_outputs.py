@@ -319,7 +319,7 @@ def test_manifest_hash_is_the_content(tmp_path):
     np.save(tmp_path / "f.npy", g.embeddings[::-1].copy())      # the same ids, other features
     (tmp_path / "ids.txt").write_text("".join(f"{i}\t{c}\n" for i, c in zip(g.image_ids, g.categories)))
     r = run(["index", "--work", tmp_path / "a", "--from-features", tmp_path / "f.npy", "--ids", tmp_path / "ids.txt",
-             "--overwrite"])
+             "--encoder-name", "synthetic", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert Workspace(tmp_path / "a").manifest_hash() != h
 
@@ -420,7 +420,8 @@ FULL = {
                 lambda t: t / "o" / "s.png"),
     "index": (lambda t: ["index", "--work", t / "W"], lambda t: t / "W" / "index.train.faiss"),
     "index --from-features": (lambda t: ["index", "--work", t / "W", "--from-features", _features(t)[0], "--ids",
-                                         t / "ids.txt", "--overwrite"], lambda t: t / "W" / "gallery.train.parquet"),
+                                         t / "ids.txt", "--encoder-name", "synthetic", "--overwrite"],
+                              lambda t: t / "W" / "gallery.train.parquet"),
     "train": (lambda t: ["--work", t / "W", "--out", t / "o" / "run", *TRAIN], lambda t: t / "o" / "run" / "config.json"),
 }
 
@@ -564,7 +565,8 @@ EVERY_WRITER = {
     "index": (lambda t: [t / "W" / "gallery.train.parquet", t / "W" / "triplets.train.parquet"],
               lambda t: ["index", "--work", t / "W"], mine_app),
     "index --from-features": (_features, lambda t: ["index", "--work", t / "W", "--from-features", t / "f.npy", "--ids",
-                                                    t / "ids.txt", "--overwrite"], mine_app),
+                                                    t / "ids.txt", "--encoder-name", "synthetic", "--overwrite"],
+                              mine_app),
     "negatives": (lambda t: [t / "W"], lambda t: WRITERS["negatives"](t, t / "o" / "n.parquet"), mine_app),
     "negatives --checkpoint": (lambda t: [t / "W", t / "run"],
                                lambda t: [*WRITERS["negatives"](t, t / "o" / "n.parquet"), "--checkpoint",

@@ -151,12 +151,15 @@ def group_negatives(table: pa.Table, queries: QuerySet, gallery) -> NegativeBank
     """Long negatives table (one row per query x negative) -> per-query slots for ``queries``.
 
     Rows of queries not in ``queries`` (held-out dev queries) are dropped; negative ids are
-    resolved within the query's category, then by id alone; unknown ids are dropped (logged).
+    resolved within their ``neg_category`` (the query's category for tables without one), then by
+    id alone; unknown ids are dropped (logged).
     """
     qpos = {q: i for i, q in enumerate(queries.query_ids.tolist())}
     qids = table.column("query_id").to_pylist()
     nids = table.column("neg_id").to_pylist()
     strat = table.column("strategy").to_pylist()
+    ncats = (table.column("neg_category").to_pylist() if "neg_category" in table.schema.names
+             else [None] * len(nids))
     names = sorted(set(strat))
     code = {s: i for i, s in enumerate(names)}
     per_query: list[list] = [[] for _ in range(len(queries))]
@@ -164,11 +167,11 @@ def group_negatives(table: pa.Table, queries: QuerySet, gallery) -> NegativeBank
     cats = queries.categories.tolist()
     unknown = 0
     pairs = set()
-    for q, n, s in zip(qids, nids, strat):
+    for q, n, s, nc in zip(qids, nids, strat, ncats):
         i = qpos.get(q)
         if i is None:
             continue
-        r = key_row.get((cats[i], n), row_of.get(n))
+        r = key_row.get((cats[i] if nc is None else nc, n), row_of.get(n))
         if r is None:
             unknown += 1
             continue

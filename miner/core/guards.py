@@ -128,3 +128,31 @@ def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, targ
         counts["near_duplicate"] = np.zeros(cand_rows.shape[0], np.int64)
     dup, counts["duplicate_product"] = duplicate_product_guard(cand_prod, ~drop)
     return ~(drop | dup), counts
+
+
+# guard -> (what it is, what to do), for the shortfall hints; target and reference remove one
+# candidate each at most and have no knob.
+_KNOBS = {
+    "cap": ("the positive-aware cap", "loosen --rho (now {rho}; nearer 1 keeps more) or pass --no-guard cap"),
+    "near_duplicate": ("the near-duplicate guard",
+                       "raise --dup-threshold (now {dup_threshold}) or pass --no-guard near-duplicate"),
+    "extra_positive": ("the extra-positive guard", "these are other correct targets: keep the guard and lower -k"),
+    "duplicate_product": ("the duplicate-product guard",
+                          "repeated draws or ids in two categories: raise --candidates or lower -k"),
+}
+
+
+def shortfall_hints(removed: dict, missing: int, cfg: GuardConfig, strategy_hints=()) -> list[str]:
+    """What to loosen for the queries that got fewer than k negatives, most likely cause first.
+
+    removed: {guard: candidates it removed, summed over those queries}; missing: negatives they lack.
+    One hint per guard that removed any, e.g. ``"the positive-aware cap removed 1,072: loosen --rho
+    (now 0.95; ...)"``, by count. A guard that removed at least ``missing`` candidates can explain the
+    shortfall alone and comes before ``strategy_hints`` (the strategies' own filters); the others after."""
+    major, minor = [], []
+    for name, n in sorted(removed.items(), key=lambda kv: (-kv[1], GUARDS.index(kv[0]))):
+        if n > 0 and name in _KNOBS:
+            what, fix = _KNOBS[name]
+            hint = f"{what} removed {int(n):,}: " + fix.format(rho=cfg.rho, dup_threshold=cfg.dup_threshold)
+            (major if n >= missing else minor).append(hint)
+    return major + list(strategy_hints) + minor

@@ -26,7 +26,7 @@ from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versio
 
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
-from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys
+from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
 from cir_mine.miner.core.search import build_index, check_index, search_batched
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
@@ -36,6 +36,7 @@ from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, write_negatives
 log = logging.getLogger(__name__)
 
 QUERY_SOURCES = ("zero-shot", "checkpoint")
+MAX_GUARDS_PER_QUERY = 1000    # short queries whose guard counts the footer keeps (guards_per_query)
 SAMPLE_ORDERS = ("top", "random")
 
 
@@ -494,6 +495,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
     meta = {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
+        "data_hash": ws.split_hash(split),
         "round": int(round), "bank": bank, "query_source": "zero-shot" if query_emb is None else "provided",
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
@@ -502,7 +504,11 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         "n_queries": m, "n_gallery": n, "n_rows": table.num_rows,
         "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],
                       "missing": int((k_mined - got[short]).sum()),
-                      "hints": [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint]},
+                      "hints": shortfall_hints({g: int(c[short].sum()) for g, c in guard_counts.items()},
+                                               int((k_mined - got[short]).sum()), cfg.guard_config(),
+                                               [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint])},
+        "guards_per_query": {str(qs.ids[int(i)]): {g: int(c[i]) for g, c in guard_counts.items()}
+                             for i in short[:MAX_GUARDS_PER_QUERY]},
         "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum()), "max_per_query": int(c.max(initial=0))}
                    for name, c in guard_counts.items()},
         "timing": {"prepare_s": round_(t_prep), "search_s": round_(t_search),
@@ -528,8 +534,9 @@ def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, round: int, seed: int)
     ts = qs.target_score[q]
     names = pa.array([n for n, _ in parts], pa.string())
     qa, ra = pa.array(q), pa.array(row)
+    neg_category = pa.array(pool.cat_names, pa.string()).take(pa.array(pool.cat[row].astype(np.int64)))
     return pa.Table.from_arrays([
-        qs.ids.take(qa), qs.ref_ids.take(qa), qs.target_ids.take(qa), pool.ids.take(ra),
+        qs.ids.take(qa), qs.ref_ids.take(qa), qs.target_ids.take(qa), pool.ids.take(ra), neg_category,
         names.take(pa.array(part.astype(np.int64))), pa.array(rank, pa.int32()),
         pa.array(score, pa.float32()), pa.array(ts, pa.float32()), pa.array(ts - score, pa.float32()),
         pa.array(np.full(q.size, round, np.int32)), pa.array(pool.cat[row] == pool.cat[target_rows]),

@@ -1,8 +1,9 @@
 """The negatives table: one row per (query, negative). Schema, atomic writer, validating reader.
 
 File metadata (Parquet footer, key ``cir_mine``, JSON) holds the schema version, the full mining
-config, the workspace manifest hash, the split, the round, the negative bank the table assumes and
-the shortfall (queries that got fewer than k negatives). See docs/formats.md.
+config, the split and its data hash (:meth:`Workspace.split_hash`), the workspace manifest hash,
+the round, the negative bank the table assumes and the shortfall (queries that got fewer than k
+negatives). See docs/formats.md.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import pyarrow.parquet as pq
 from cir_mine.data.errors import DataError, SchemaError
 from cir_mine.data.workspace import Workspace, now_iso, read_metadata, write_table
 
-NEGATIVES_SCHEMA_VERSION = 1
+NEGATIVES_SCHEMA_VERSION = 2
+# Version 1 tables (written before ``neg_category``) still read: their ``neg_category`` is null.
+READABLE_VERSIONS = (1, 2)
 META_KEY = "cir_mine"
 
 NEGATIVES_SCHEMA = pa.schema([
@@ -24,6 +27,7 @@ NEGATIVES_SCHEMA = pa.schema([
     pa.field("ref_id", pa.string()),          # reference image id
     pa.field("target_id", pa.string()),       # target image id
     pa.field("neg_id", pa.string()),          # mined negative image id
+    pa.field("neg_category", pa.string()),    # the negative's gallery category (its gallery key: neg_category, neg_id)
     pa.field("strategy", pa.string()),        # strategy that picked it (random, midzone, ...)
     pa.field("rank", pa.int32()),             # 0-based rank of the negative by s(q, c) in the search; -1 if not from the ranking
     pa.field("score", pa.float32()),          # s(q, neg), cosine
@@ -54,8 +58,12 @@ def write_negatives(table: pa.Table, path: str | Path, meta: dict) -> None:
     write_table(table, path, metadata={META_KEY: meta})
 
 
-def conform(table: pa.Table, path: Path) -> pa.Table:
-    """Check columns and types (safe casts allowed, e.g. int64 rank -> int32); order as the schema."""
+def conform(table: pa.Table, path: Path, version: int = NEGATIVES_SCHEMA_VERSION) -> pa.Table:
+    """Check columns and types (safe casts allowed, e.g. int64 rank -> int32); order as the schema.
+
+    A version 1 table has no ``neg_category``: it gets a null one."""
+    if version == 1 and "neg_category" not in table.schema.names:
+        table = table.append_column("neg_category", pa.nulls(table.num_rows, pa.string()))
     for f in NEGATIVES_SCHEMA:
         if f.name not in table.schema.names:
             raise SchemaError(
@@ -79,7 +87,7 @@ def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> Negative
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
-    table = conform(table, path)
+    table = conform(table, path, meta["schema_version"])
     _check_workspace(path, meta, ws)
     return NegativesTable(path, table, meta)
 
@@ -103,17 +111,33 @@ def _footer(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("table") != "negatives":
         raise SchemaError(f"{path}: not a cir-mine negatives table (no '{META_KEY}' metadata). "
                           f"Mine one with `cir-mine negatives`.")
-    if meta.get("schema_version") != NEGATIVES_SCHEMA_VERSION:
+    if meta.get("schema_version") not in READABLE_VERSIONS:
         raise SchemaError(f"{path}: negatives schema version {meta.get('schema_version')} is not "
                           f"{NEGATIVES_SCHEMA_VERSION}; re-mine it with this version of cir-mine.")
     return meta
 
 
 def _check_workspace(path: Path, meta: dict, ws: Optional[Workspace]) -> None:
-    if ws is not None:
-        mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
+    """A table belongs to the split it was mined on: its ``data_hash`` must be that split's
+    :meth:`Workspace.split_hash` (tables without one are compared by the whole manifest hash)."""
+    if ws is None:
+        return
+    split = meta.get("split")
+    if "data_hash" in meta and split:
+        if not ws.gallery_path(split).exists():
+            have = ", ".join(ws.splits()) or "none"
+            raise DataError(f"{path}: mined on split '{split}', which {ws.root} does not have (splits: {have}). "
+                            f"Pass the workspace it was mined from with --work.")
+        mine, theirs = ws.split_hash(split), meta["data_hash"]
         if theirs != mine:
             raise DataError(
-                f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
-                f"Re-mine it with `cir-mine negatives --work {ws.root}`."
+                f"{path}: mined from another workspace (split '{split}' data hash {theirs}, {ws.root} has {mine}). "
+                f"Re-mine it with `cir-mine negatives --work {ws.root} --split {split}`."
             )
+        return
+    mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
+    if theirs != mine:
+        raise DataError(
+            f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
+            f"Re-mine it with `cir-mine negatives --work {ws.root}`."
+        )

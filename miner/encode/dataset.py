@@ -16,10 +16,10 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from cir_mine.data.adapters import load_dataset
+from cir_mine.data.adapters import count_image_files, load_dataset
 from cir_mine.data.errors import DataError
 from cir_mine.data.io import DirLock, check_output_dir, transaction
-from cir_mine.data.records import ImageRecord, QueryRecord
+from cir_mine.data.records import ImageRecord, QueryRecord, image_file
 from cir_mine.data.workspace import (Workspace, check_split, gallery_table, triplets_table,
                                      write_table)
 
@@ -136,10 +136,13 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
     images, queries = load_dataset(job.dataset, job.root, job.split, **kw)
     if not images:
         raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")
-    if not any(im.path for im in images):
+    if not count_image_files(images, job.root):
+        first = next((im.path for im in images if im.path), None)
+        where = (f"CIRR: the paths of image_splits/split.rc2.{job.split}.json under ROOT, first {first}"
+                 if job.dataset == "cirr" else "FashionIQ: ROOT/images/ID.png|.jpg")
         raise DataError(f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
                         f"image file (annotations only?). Put the images where the dataset layout expects them "
-                        f"(FashionIQ: ROOT/images/ID.png|.jpg), or import features with `cir-mine index --from-features`.")
+                        f"({where}), or import features with `cir-mine index --from-features`.")
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
     with DirLock(ws.root, "cir-mine embed"), transaction():
@@ -152,7 +155,8 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
         advance(0, total=len(images))  # the bar counts images; captions are fast
         shard_dir = ws.root / f".embed-{job.split}"
         keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]
-        emb, errors = embed_images(encoder, [im.path for im in images], keys, shard_dir, job.run, advance)
+        files = [image_file(job.root, im.path) for im in images]
+        emb, errors = embed_images(encoder, [f and str(f) for f in files], keys, shard_dir, job.run, advance)
         skipped = _skipped_summary(images, errors)
         if skipped["count"] == len(images):
             shutil.rmtree(shard_dir, ignore_errors=True)  # nothing worth resuming: leave no scratch behind
@@ -164,7 +168,8 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
             log.warning("skipped %d unreadable or missing image(s); dropped %d triplet(s) that name them",
                         skipped["count"], dropped)
         text_emb = embed_texts(encoder, [q.text for q in kept], batch_size=max(job.run.batch_size, 64))
-        run_meta = {"encoder": encoder.describe(), "dataset": job.dataset, "root": str(job.root)}
+        root = str(Path(job.root).resolve())   # gallery paths are relative to it
+        run_meta = {"encoder": encoder.describe(), "dataset": job.dataset, "root": root}
         write_table(_gallery(images, emb, errors, encoder, prompts), ws.gallery_path(job.split), metadata=run_meta)
         write_table(_triplets(kept, text_emb, ok_ids), ws.triplets_path(job.split), metadata=run_meta)
         index_meta = None
@@ -172,7 +177,7 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
             index_meta = index_workspace(ws.root, job.split, job.index, device=job.encoder.device, lock=False)
         old = ws.manifest().get("embed", {}) if ws.manifest_path.exists() else {}
         split_info = {
-            "dataset": job.dataset, "root": str(job.root), "images": len(images),
+            "dataset": job.dataset, "root": root, "images": len(images),
             "skipped_images": skipped, "queries": len(queries), "dropped_triplets": dropped,
             "batch_size": job.run.batch_size, "attribute_prompts": str(job.attribute_prompts) if prompts else None,
             "index": index_meta and index_meta["factory"],

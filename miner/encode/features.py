@@ -62,15 +62,55 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
 
 
 
+def check_encoder_change(ws: Workspace, encoder_name: str) -> None:
+    """Refuse features from another encoder than the one the workspace's triplets were embedded with
+    (their text embeddings would be compared with image features of another space)."""
+    old = ((ws.manifest().get("encoder") or {}).get("name") or "unknown") if ws.manifest_path.exists() else "unknown"
+    triplets = sorted(p.name for p in ws.root.glob("triplets.*.parquet"))
+    if triplets and old != "unknown" and encoder_name != old:
+        raise DataError(
+            f"{ws.root}: {', '.join(triplets)} hold text embeddings from encoder '{old}', but these features come "
+            f"from '{encoder_name}'. Pass --encoder-name {old} if the features come from it, or "
+            f"--allow-encoder-change to import them anyway (then re-embed the triplets).")
+
+
+def carry_over(ws: Workspace, split: str, ids: list, cats: list) -> tuple[list, list, Optional[list], Optional[list]]:
+    """Categories, attributes, paths and attribute scores of the split's current gallery, for the
+    imported ids it holds (matched by (category, id), or by id alone where the features give no
+    category). Returns (categories, attributes, paths or None, attribute_scores or None)."""
+    import pyarrow.parquet as pq
+
+    from cir_mine.data.workspace import read_gallery
+
+    p = ws.gallery_path(split)
+    empty = [[] for _ in ids]
+    if not p.exists():
+        return cats, empty, None, None
+    old = read_gallery(p, check_norm=False)
+    rows = [old.key_row.get((c, i)) if c else old.row_of.get(i) for i, c in zip(ids, cats)]
+    if all(r is None for r in rows):
+        return cats, empty, None, None
+    cats = [c or (old.categories[r] if r is not None else "") for c, r in zip(cats, rows)]
+    attrs = [list(old.attributes[r]) if r is not None else [] for r in rows]
+    paths = [old.paths[r] or "" if r is not None else "" for r in rows] if old.paths is not None else None
+    scores = None
+    if "attribute_scores" in pq.read_schema(p).names:
+        col = pq.read_table(p, columns=["attribute_scores"]).column(0).to_pylist()
+        scores = [list(col[r] or []) if r is not None else [] for r in rows]
+    return cats, attrs, paths, scores
+
+
 def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
                     encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
-                    fp16: bool = False, overwrite: bool = True) -> dict:
+                    fp16: bool = False, allow_encoder_change: bool = False, overwrite: bool = True) -> dict:
     """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index.
 
-    Everything is validated before anything is replaced: the features (finite, non-zero, one id per
-    row, no duplicated id within a category, the workspace's dimension) and the spec of the index;
-    the features file is never one of the files it replaces. All or nothing (the gallery, index and
-    manifest appear together).
+    The split's current gallery lends its categories, attributes (tags), paths and attribute scores
+    to the ids it shares with the features. Features from another encoder than the workspace's
+    triplets are refused unless ``allow_encoder_change``. Everything is validated before anything is
+    replaced: the features (finite, non-zero, one id per row, no duplicated id within a category,
+    the workspace's dimension) and the spec of the index; the features file is never one of the files
+    it replaces. All or nothing (the gallery, index and manifest appear together).
     """
     check_split(split)
     ws = Workspace(work)
@@ -96,11 +136,17 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
                         f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
     ws.check_new_split(split, None, overwrite)
     _check_feature_dim(ws, split, path, int(emb.shape[1]))
+    if not allow_encoder_change:
+        check_encoder_change(ws, encoder_name)
     if index != "none":
         check_index_spec(index, len(ids), int(emb.shape[1]))
     with DirLock(ws.root, "cir-mine index --from-features"), transaction():
-        write_table(gallery_table(ids, cats, [[] for _ in ids], l2_normalize(emb)), ws.gallery_path(split),
-                    metadata={"features": str(path)})
+        cats, attrs, paths, scores = carry_over(ws, split, ids, cats)
+        table = gallery_table(ids, cats, attrs, l2_normalize(emb), paths=paths)
+        if scores is not None:
+            table = table.append_column(pa.field("attribute_scores", pa.list_(pa.float32())),
+                                        pa.array(scores, pa.list_(pa.float32())))
+        write_table(table, ws.gallery_path(split), metadata={"features": str(path)})
         meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
                 if index != "none" else None)
         ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})

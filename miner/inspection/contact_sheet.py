@@ -3,8 +3,8 @@
 Each negative is labelled with its Δ, score, category and the attributes that differ from the
 target; the guards that removed candidates are listed with the caption (per query when the table
 records per-query counts, else the whole table's totals). Thumbnails come from the gallery ``path``
-column (relative to ``root`` when given); a workspace without image paths (feature-only, e.g.
-fiq-proxy) gets the same layout with attribute text cards.
+column, relative to ``root`` (default: the dataset root ``cir-mine embed`` recorded); a workspace
+without image paths (feature-only, e.g. fiq-proxy) gets the same layout with attribute text cards.
 
 ``sheet_rows`` gathers the data (no drawing); ``render_sheet`` returns a matplotlib Figure (Agg);
 ``contact_sheet`` does both and writes the PNG.
@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.records import image_file
 from cir_mine.data.workspace import Gallery, Workspace
 from cir_mine.miner.core.tables import NegativesTable, read_negatives
 
@@ -49,6 +50,7 @@ class SheetRow:
     tiles: list                        # [reference, target, negatives...]
     guards: dict                       # guard -> candidates removed
     guards_scope: str                  # "query" or "table"
+    short: Optional[str] = None        # "2 of 10 negatives" when the query got fewer than k
 
 
 def guard_counts(meta: dict, query_id: Optional[str] = None) -> tuple[dict, str]:
@@ -72,14 +74,15 @@ def attribute_diff(attrs: Sequence[str], target_attrs: Sequence[str]) -> tuple[l
 
 def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Optional[int] = None,
                  seed: int = 0) -> list[str]:
-    """The queries to draw: ``query_ids`` (each must be in the table) or ``sample`` random ones."""
+    """The queries to draw: ``query_ids`` (each in the table, or a short query that got none) or
+    ``sample`` random ones of the table."""
     import pyarrow.compute as pc
 
     have = pc.unique(nt.table.column("query_id")).to_pylist()        # in table order
     if query_ids and sample:
         raise UsageError("pass either --query-id or --sample, not both.")
     if query_ids:
-        known = set(have)
+        known = set(have) | set((nt.meta.get("shortfall") or {}).get("query_ids") or ())
         for q in query_ids:
             if q not in known:
                 raise DataError(f"{nt.path}: query id '{q}' has no negatives in this table. "
@@ -95,13 +98,19 @@ def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Opti
 
 
 def _image_path(g: Gallery, row: int, root: Optional[Path]) -> Optional[Path]:
+    """The image file of gallery ``row``: its ``path``, relative to ``root`` unless absolute
+    (workspaces embedded before paths were stored relative to the dataset root hold paths relative
+    to the directory embed ran in: those still resolve from that directory)."""
     if g.paths is None or not g.paths[row]:
         return None
     p = Path(g.paths[row])
-    full = root / p if root is not None and not p.is_absolute() else p
+    full = image_file(root, g.paths[row])
+    if not full.exists() and p.exists():
+        return p
     if not full.exists():
-        hint = "Check --root." if root is not None else "Pass the image folder with --root."
-        raise DataError(f"{full}: image file not found (gallery path of '{g.image_ids[row]}'). {hint}")
+        what = f"gallery path of '{g.image_ids[row]}'" + (f", {p} under {root}" if full != p else "")
+        raise DataError(f"{full}: image file not found ({what}). "
+                        f"Pass the dataset root, the folder that holds {p}, with --root.")
     return full
 
 
@@ -118,7 +127,7 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
     by_q: dict[str, list[int]] = {}
     for i, q in enumerate(cols["query_id"]):
         by_q.setdefault(q, []).append(i)
-    root = Path(root) if root is not None else None
+    root = Path(root) if root is not None else ws.image_root(split)
     out = []
     for q in query_ids:
         if q not in qrow:
@@ -129,15 +138,15 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
         ref_r, tgt_r = g.rows([t.ref_ids[qi], t.target_ids[qi]], [cat, cat])
         rows = sorted(by_q.get(q, []), key=lambda i: (cols["rank"][i] < 0, cols["rank"][i], -cols["delta"][i]))
         tgt_attrs = g.attributes[tgt_r]
-        ts = cols["target_score"][rows[0]] if rows else float("nan")
+        ts = f"{cols['target_score'][rows[0]]:.3f}" if rows else "-"
         tiles = [
             Tile("reference", t.ref_ids[qi], g.categories[ref_r], g.attributes[ref_r], _image_path(g, ref_r, root),
                  ["reference", t.ref_ids[qi], g.categories[ref_r] or "-"]),
             Tile("target", t.target_ids[qi], g.categories[tgt_r], tgt_attrs, _image_path(g, tgt_r, root),
-                 ["target", t.target_ids[qi], f"s(q,t) {ts:.3f}", g.categories[tgt_r] or "-"]),
+                 ["target", t.target_ids[qi], f"s(q,t) {ts}", g.categories[tgt_r] or "-"]),
         ]
         for n, i in enumerate(rows[:max_negatives]):
-            nr = int(g.rows([cols["neg_id"][i]], [cat])[0])
+            nr = int(g.rows([cols["neg_id"][i]], [cols["neg_category"][i] or cat])[0])
             plus, minus = attribute_diff(g.attributes[nr], tgt_attrs)
             same = "same cat" if cols["category_match"][i] else "other cat"
             rank = cols["rank"][i]
@@ -146,7 +155,10 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
             tiles.append(Tile("negative", cols["neg_id"][i], g.categories[nr], g.attributes[nr],
                               _image_path(g, nr, root), lines, plus, minus))
         guards, scope = guard_counts(nt.meta, q)
-        out.append(SheetRow(q, list(t.captions[qi]), tiles, guards, scope))
+        short = None
+        if q in set((nt.meta.get("shortfall") or {}).get("query_ids") or ()):
+            short = f"{len(rows)} of {nt.meta.get('k_mined', nt.meta.get('k'))} negatives"
+        out.append(SheetRow(q, list(t.captions[qi]), tiles, guards, scope, short))
     return out
 
 
@@ -248,7 +260,8 @@ def render_sheet(rows: Sequence[SheetRow], title: str = "", max_negatives: int =
                  fontsize=8.5, weight="bold", va="top", ha="left")
         scope = "this query" if row.guards_scope == "query" else "whole table"
         g = ", ".join(f"{k} {v}" for k, v in row.guards.items() if v) or "none recorded"
-        fig.text(0.05 / W, (top - 0.22) / H, f"guards removed ({scope}): {g}", fontsize=7, va="top", ha="left",
+        note = f"short: {row.short} · " if row.short else ""
+        fig.text(0.05 / W, (top - 0.22) / H, f"{note}guards removed ({scope}): {g}", fontsize=7, va="top", ha="left",
                  color="#4b5563")
         target_attrs = set(row.tiles[1].attributes)
         for j, t in enumerate(row.tiles[:ncols]):
@@ -263,7 +276,8 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
                   max_negatives: int = 8, seed: int = 0, overwrite: bool = True) -> dict:
     """``cir-mine inspect``: draw the sheet and write ``out`` (PNG, atomically).
 
-    Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool}.
+    Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool,
+    "short": [SheetRow of each drawn query that got fewer than k negatives]}.
     """
     from cir_mine.data.io import atomic_path, check_output
 
@@ -281,4 +295,5 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
         fig.savefig(tmp, format="png")
     w, h = fig.get_size_inches() * fig.dpi
     return {"out": out, "queries": qs, "size": (int(round(w)), int(round(h))),
-            "images": any(t.image is not None for r in rows for t in r.tiles)}
+            "images": any(t.image is not None for r in rows for t in r.tiles),
+            "short": [r for r in rows if r.short]}
