@@ -139,7 +139,8 @@ def test_synth_embed_and_features_refuse_an_existing_split(ws):
     feats = ws / "f.npy"
     np.save(feats, np.eye(16, dtype=np.float32))
     (ws / "ids.txt").write_text("".join(f"i{j}\n" for j in range(16)))
-    msg = unchanged(lambda: error(["index", "--work", ws / "W", "--from-features", feats, "--ids", ws / "ids.txt"], 2), ws)
+    msg = unchanged(lambda: error(["index", "--work", ws / "W", "--from-features", feats, "--ids", ws / "ids.txt",
+                                   "--encoder-name", "synthetic"], 2), ws)
     assert msg == (f"Error: --work {ws / 'W'}: split 'train' exists (gallery.train.parquet). Pass --overwrite to "
                    f"replace it, or choose another --split or --work.")
 

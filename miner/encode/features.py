@@ -134,10 +134,10 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
     if bad.any():
         raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
                         f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
-    ws.check_new_split(split, None, overwrite)
     _check_feature_dim(ws, split, path, int(emb.shape[1]))
     if not allow_encoder_change:
         check_encoder_change(ws, encoder_name)
+    ws.check_new_split(split, None, overwrite)
     if index != "none":
         check_index_spec(index, len(ids), int(emb.shape[1]))
     with DirLock(ws.root, "cir-mine index --from-features"), transaction():
