@@ -42,15 +42,41 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def cli_errors(fn):
-    """Turn library exceptions into ``Error: ...`` and an exit code."""
+# Library errors name parameters as the Python API spells them; the CLI shows its flags. A name is
+# its flag (--delta-lo for delta_lo) unless listed here.
+FLAGS = {
+    "k": "-k",
+    "mining_round": "--round",
+    "max_candidates=None": "--no-deepen",
+}
+# `cir-mine negatives` switches guards off with --no-guard NAME
+NEGATIVES_FLAGS = {
+    **FLAGS,
+    "exclude_target": "--no-guard target",
+    "exclude_reference": "--no-guard reference",
+    "exclude_extra_positives": "--no-guard extra-positive",
+    "trust_verified": "--no-guard trust-verified",
+    "rho=None": "--no-guard cap",
+    "dup_threshold=None": "--no-guard near-duplicate",
+}
+
+
+def flag(param: str, flags: dict = FLAGS) -> str:
+    """The command-line spelling of a library parameter name."""
+    return flags.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_errors(fn=None, *, flags: dict = FLAGS):
+    """Turn library exceptions into ``Error: ...`` (parameters spelled as ``flags``) and an exit code."""
+    if fn is None:
+        return functools.partial(cli_errors, flags=flags)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except CirMineError as e:
-            fail(str(e), e.exit_code)
+            fail(e.render(functools.partial(flag, flags=flags)), e.exit_code)
         except MemoryError:
             fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
         except OSError as e:   # an unexpected file-system failure: name the file, never a traceback
@@ -208,7 +234,7 @@ def check(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine positives (issue 8: scaled positives)
+# cir-mine positives (scaled positives)
 
 
 @mine_app.command()
@@ -257,7 +283,7 @@ def positives(
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 4 (attributes): cir-mine attributes
+# cir-mine attributes
 
 
 @mine_app.command()
@@ -277,7 +303,7 @@ def attributes(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine embed, cir-mine index (issue 3)
+# cir-mine embed, cir-mine index
 
 
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
@@ -368,7 +394,6 @@ def demo(
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch) -> short trainings -> R@10/R@50 table."""
     setup_logging(verbose, quiet)
-    # issue 5: the final demo lives in train/demo.py
     from cir_mine.train.demo import DemoConfig, run_demo
 
     step = {"n": 0}
@@ -390,7 +415,7 @@ def demo(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine negatives (issue 4: mining core)
+# cir-mine negatives
 
 GUARD_SWITCHES = ("target", "reference", "extra-positive", "near-duplicate", "cap", "trust-verified")
 
@@ -405,18 +430,13 @@ def _floats(spec: str, what: str) -> tuple:
 
 
 def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
-    from cir_mine.data.errors import UsageError
+    from cir_mine.train.checkpoint import encode_queries
 
-    try:
-        from cir_mine.train.checkpoint import encode_queries
-    except ImportError:
-        raise UsageError(f"--checkpoint {checkpoint}: needs cir-train (cir_mine.train.checkpoint.encode_queries), "
-                         f"which is not installed in this version. Use --query zero-shot.") from None
     return encode_queries(checkpoint, work, split)
 
 
 @mine_app.command()
-@cli_errors
+@cli_errors(flags=NEGATIVES_FLAGS)
 def negatives(
     work: Path = WORK,
     split: str = SPLIT,
@@ -426,7 +446,7 @@ def negatives(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for cir-train; mines the mix at --round)."),
     k: int = typer.Option(10, "-k", "--k", help="Negatives per query."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same table)."),
-    round_: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
+    mining_round: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
     query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
     text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
@@ -448,6 +468,7 @@ def negatives(
     dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Guard: drop near-duplicates of the target, s(c,t) >= this."),
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
+    random_draws: int = typer.Option(32, "--random-draws", help="random, category: uniform draws per query beyond 2k."),
     device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
@@ -466,18 +487,19 @@ def negatives(
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
     if checkpoint is not None:
         query = "checkpoint"
-    cfg = MineConfig(
+    cfg = MineConfig.of(
         strategy=strategy, mix=mix, schedule=schedule, k=k, seed=seed, query=query, text_weight=text_weight,
-        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch, range_min=range_min, range_max=range_max,
-        margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
+        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch,
+        sample=sample, random_draws=random_draws, device=device,
+        range_min=range_min, range_max=range_max, margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
         category_shares=_floats(category_shares, "--category-shares"), attr_agree=attr_agree,
-        soft_lo=soft_lo, soft_hi=soft_hi, sample=sample, discrepant_pool=discrepant_pool,
+        soft_lo=soft_lo, soft_hi=soft_hi, discrepant_pool=discrepant_pool,
         exclude_target="target" not in no_guard, exclude_reference="reference" not in no_guard,
         exclude_extra_positives="extra-positive" not in no_guard,
         dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
-        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard, device=device,
+        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard,
     )
-    cfg.validate(round_)
+    cfg.validate(mining_round)
     if cfg.query == "checkpoint" and checkpoint is None:
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
@@ -489,7 +511,7 @@ def negatives(
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
         res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint], query_emb=query_emb,
-                           round=round_, progress=advance)
+                           mining_round=mining_round, progress=advance)
     typer.echo(negatives_summary(out, res.meta))
 
 
@@ -510,7 +532,7 @@ def negatives_summary(out: Path, meta: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine stats / sql / inspect / report  (issue 4 "DuckDB" section, issue 7: see the negatives)
+# cir-mine stats / sql / inspect / report: see the negatives
 
 NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
 ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
@@ -613,9 +635,6 @@ def report(
 # cir-train
 
 
-# -- issue 5 (cir-train): training, refresh, evaluation ------------------------------------------
-
-
 @train_app.command()
 @cli_errors
 def train(
@@ -653,7 +672,7 @@ def train(
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),
-    # issue 8 point 3: generated triplets (cir-mine positives) as extra training queries
+    # generated triplets (cir-mine positives) as extra training queries
     extra_triplets: Optional[list[Path]] = typer.Option(None, "--extra-triplets", help="Generated triplets (cir-mine positives) mixed into the training queries (repeatable; never into the dev split)."),
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),

@@ -60,7 +60,7 @@ def speed(args) -> dict:
     index.search(xq, args.k)
     t_bare = time.perf_counter() - t
     del index, xb, xq
-    cfg = MineConfig(strategy="midzone", k=args.k, delta_lo=args.delta_lo, delta_hi=args.delta_hi)
+    cfg = MineConfig.of(strategy="midzone", k=args.k, delta_lo=args.delta_lo, delta_hi=args.delta_hi)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         res = mine_to_file(ws, "train", cfg, Path(tmp) / "negs.parquet")
@@ -138,7 +138,7 @@ def st(args) -> dict:
                               absolute_margin=args.delta_lo, sampling_strategy="random", use_faiss=True,
                               faiss_batch_size=4096, output_format="n-tuple", cache_folder=str(cache), verbose=False)
     t_st = time.perf_counter() - t0
-    cfg = MineConfig(strategy="midzone", k=args.k, candidates=depth, delta_lo=args.delta_lo, delta_hi=2.0,
+    cfg = MineConfig.of(strategy="midzone", k=args.k, candidates=depth, delta_lo=args.delta_lo, delta_hi=2.0,
                      rho=None, dup_threshold=None)
     t0 = time.perf_counter()
     res = mine_negatives(ws, "train", cfg)

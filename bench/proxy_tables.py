@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cols, cover = build(args.work, args.kind, args.k)
     # the footer (config, gallery fingerprint) of a one-query hardest table of this workspace
-    res = mine_negatives(Workspace(args.work), "train", MineConfig(strategy="hardest", k=1, device="cpu",
+    res = mine_negatives(Workspace(args.work), "train", MineConfig.of(strategy="hardest", k=1, device="cpu",
                                                                    max_candidates=None))
     n = len(cols["neg_id"])
     schema = res.table.schema

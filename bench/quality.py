@@ -66,7 +66,7 @@ def variants(positives=None) -> dict:
     v["hardest-deep+refresh"] = ("hardest", r5, dict(max_candidates=8192))
     v["midzone-deep+refresh"] = ("midzone", r5, dict(max_candidates=8192))
     v["hardest+refresh-late"] = ("hardest", dict(r5, share_warmup=5), {})
-    if positives:   # issue 8 point 3: generated triplets as extra training queries
+    if positives:   # generated triplets as extra training queries
         pos = dict(extra_triplets=[str(positives)])
         v["in-batch+pos"] = (None, pos, {})
         v["in-batch+pos-w0.3"] = (None, dict(pos, extra_weight=0.3), {})
@@ -82,7 +82,7 @@ def mine_table(work: Path, out: Path, mix: str, mine: dict) -> Path:
     path = out / f"negs.{tag}.parquet"
     if not path.exists():
         t0 = time.perf_counter()
-        mine_to_file(Workspace(work), "train", MineConfig(mix=mix, **{**MINE, **mine}), path)
+        mine_to_file(Workspace(work), "train", MineConfig.of(mix=mix, **{**MINE, **mine}), path)
         print(f"mined {path} in {time.perf_counter() - t0:.1f}s", flush=True)
     return path
 
@@ -105,14 +105,17 @@ def _overrides(text: str, defaults) -> dict:
     from cir_mine.miner.core.mine import MineConfig
 
     defaults = defaults if defaults is not None else MineConfig()
+    known = defaults.options() if isinstance(defaults, MineConfig) else vars(defaults)
     out = {}
     for kv in filter(None, text.split("&")):
         key, _, val = kv.partition("=")
-        default = getattr(defaults, key)
+        default = known[key]
         if val.lower() == "none":
             out[key] = None
         elif isinstance(default, list):
             out[key] = val.split(",")
+        elif isinstance(default, tuple):
+            out[key] = tuple(float(x) for x in val.split(","))
         elif isinstance(default, bool):
             out[key] = val.lower() in ("1", "true", "yes")
         else:

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cir_mine.data.synthetic import GROUPS, SynthConfig, World, _rng, image_embeddings, parse_salience, plan  # noqa: E402
+from cir_mine.data.synthetic import GROUPS, SynthConfig, World, keyed_rng, image_embeddings, parse_salience, plan  # noqa: E402
 from cir_mine.data.workspace import l2_normalize  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def recall10(q: np.ndarray, emb: np.ndarray, cats: np.ndarray, target_rows: np.n
 
 def ceilings(cfg: SynthConfig) -> dict:
     world, p = World.make(cfg.seed, cfg.dim), plan(cfg)
-    emb = image_embeddings(world, cfg, p.cats, p.vals, _rng(cfg.seed, "ceiling"))
+    emb = image_embeddings(world, cfg, p.cats, p.vals, keyed_rng(cfg.seed, "ceiling"))
     T, R = p.target_rows, p.ref_rows
     decoded = np.stack([(emb[R] @ world.attr_dirs[g].T).argmax(1) for g in GROUPS], axis=1)
     known = np.where(p.changed, p.vals[T], p.vals[R])

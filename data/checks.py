@@ -37,13 +37,16 @@ def check_seed(name: str, value: int) -> None:
 def check_numbers(cfg, skip: Iterable[str] = ()) -> None:
     """Every float field of the dataclass ``cfg`` finite; every ``seed``/``*_seed`` field a 64-bit seed."""
     skip = set(skip)
-    for f in dataclasses.fields(cfg):
-        if f.name in skip or f.name.startswith("_"):
+    items = cfg.items() if isinstance(cfg, dict) else ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
+    for name, v in items:
+        if name in skip or str(name).startswith("_"):
             continue
-        v = getattr(cfg, f.name)
-        check_finite(f.name, v)
-        if f.name == "seed" or f.name.endswith("_seed"):
-            check_seed(f.name, v)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type) or isinstance(v, dict):
+            check_numbers(v, skip)     # nested configs (guards, per-strategy parameters)
+            continue
+        check_finite(name, v)
+        if name == "seed" or str(name).endswith("_seed"):
+            check_seed(name, v)
 
 
 def check_range(name: str, value: float, lo: Optional[float] = None, hi: Optional[float] = None,

@@ -1,11 +1,31 @@
-"""Typed exceptions. The CLI turns each into one ``Error: ...`` line and an exit code."""
+"""Typed exceptions. The CLI turns each into one ``Error: ...`` line and an exit code.
+
+An error about a parameter names it as the Python API spells it (``delta_lo``) and lists it in
+``params``; :meth:`CirMineError.render` writes those names the way a front end spells them (the CLI:
+``--delta-lo``), so the library never needs to know its command-line flags.
+"""
 from __future__ import annotations
+
+import re
+from typing import Callable
 
 
 class CirMineError(Exception):
     """Base class for every expected failure; ``exit_code`` is what the CLI exits with."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, params: tuple = ()):
+        super().__init__(message)
+        self.params = tuple(params)  # parameter names the message mentions (e.g. "delta_lo", "rho=None")
+
+    def render(self, spell: Callable[[str], str]) -> str:
+        """The message with every name in ``params`` replaced by ``spell(name)``: whole words only, never
+        inside a path (``/runs/k/``), longest names first (``rho=None`` is spelled before ``rho``)."""
+        text = str(self)
+        for name in sorted(self.params, key=len, reverse=True):
+            text = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w=/-])", lambda _: spell(name), text)
+        return text
 
 
 class DataError(CirMineError):

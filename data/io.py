@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from cir_mine.data.errors import DataError, LockedError, UsageError
+from cir_mine.data.errors import DataError, LockedError, SchemaError, UsageError
 
 
 @contextlib.contextmanager
@@ -207,6 +207,21 @@ def _pid_alive(pid: int) -> bool:
         return e.errno == errno.EPERM
     return True
 
+
+
+def check_readable_file(path: str | os.PathLike) -> None:
+    """DataError for a missing file, a dangling link, a symlink loop or a folder, each named as such."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: is a symlink loop. Point it at a real file.") from None
+        if path.is_symlink():
+            raise DataError(f"{path}: is a symlink to a missing file ({os.readlink(path)}).") from None
+        raise DataError(f"{path}: file not found.") from None
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,3 +438,42 @@ def _parse_lock(text: str) -> Optional[dict]:
             or v["pid"] <= 0:
         return None
     return v
+
+
+# ------------------------------------------------------------------------------------------------
+# Parquet: open a file or fail clearly
+
+
+def read_parquet(path: str | os.PathLike, columns=None):
+    """The Parquet table at ``path`` (only those of ``columns`` it has, when given) -> pa.Table.
+
+    Raises DataError when the file is missing, SchemaError when it is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    check_readable_file(path)
+    with _parquet_errors(path):
+        if columns is not None:
+            names = pq.read_schema(path).names
+            columns = [c for c in columns if c in names]
+        return pq.read_table(path, columns=columns)
+
+
+def read_parquet_schema(path: str | os.PathLike):
+    """The schema (with its footer metadata) of the Parquet file at ``path``, rows unread.
+
+    Raises SchemaError when the file is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    with _parquet_errors(Path(path)):
+        return pq.read_schema(path)
+
+
+@contextlib.contextmanager
+def _parquet_errors(path: Path) -> Iterator[None]:
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None

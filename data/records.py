@@ -1,7 +1,7 @@
 """Typed records yielded by the dataset adapters (ids are strings at every boundary)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 

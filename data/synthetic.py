@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -73,14 +73,14 @@ class SynthConfig:
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise UsageError(f"--salience {g}={w}: weights must be finite numbers >= 0.")
         if self.n_gallery < 2 or self.n_triplets < 1:
-            raise UsageError("--n-gallery must be >= 2 and --n-triplets >= 1.")
+            raise UsageError("n_gallery must be >= 2 and n_triplets >= 1.", params=("n_gallery", "n_triplets"))
         if self.n_triplets > self.n_gallery // 2:
             raise UsageError(
-                f"--n-triplets ({self.n_triplets}) must be at most half of --n-gallery "
-                f"({self.n_gallery}): each target is its own gallery item."
+                f"n_triplets ({self.n_triplets}) must be at most half of n_gallery "
+                f"({self.n_gallery}): each target is its own gallery item.", params=("n_triplets", "n_gallery")
             )
         if self.dim < 8:
-            raise UsageError("--dim must be at least 8.")
+            raise UsageError("dim must be at least 8.", params=("dim",))
         if not 1 <= self.max_changes <= len(GROUPS):
             raise UsageError(f"max_changes must be in 1..{len(GROUPS)}.")
         unknown = set(self.salience) - set(GROUPS)
@@ -90,7 +90,8 @@ class SynthConfig:
         return self
 
 
-def _rng(*key) -> np.random.Generator:
+def keyed_rng(*key) -> np.random.Generator:
+    """A generator seeded by ``key`` (ints and strings, strings hashed): one independent stream per key."""
     words = [int(hashlib.sha256(str(k).encode()).hexdigest()[:8], 16) if isinstance(k, str) else int(k)
              for k in key]
     return np.random.default_rng(words)
@@ -106,7 +107,7 @@ class World:
 
     @classmethod
     def make(cls, seed: int, dim: int) -> "World":
-        rng = _rng(seed, "world", dim)
+        rng = keyed_rng(seed, "world", dim)
         unit = lambda n: l2_normalize(rng.standard_normal((n, dim)).astype(np.float32))
         cats = unit(len(CATEGORIES))
         attrs = {g: unit(len(v)) for g, v in GROUPS.items()}
@@ -186,7 +187,7 @@ class SynthPlan:
 
 
 def plan(cfg: SynthConfig) -> SynthPlan:
-    rng = _rng(cfg.seed, "items", cfg.split)
+    rng = keyed_rng(cfg.seed, "items", cfg.split)
     n, m, ng = cfg.n_gallery, cfg.n_triplets, len(GROUPS)
     sizes = np.array([len(v) for v in GROUPS.values()])
     n_base = n - m
@@ -265,7 +266,7 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
                 for start in range(0, n, CHUNK):
                     rows = np.arange(start, min(n, start + CHUNK))
                     emb = image_embeddings(world, cfg, p.cats[rows], p.vals[rows],
-                                           _rng(cfg.seed, "noise", cfg.split, start // CHUNK))
+                                           keyed_rng(cfg.seed, "noise", cfg.split, start // CHUNK))
                     writer.write_table(gallery_table(
                         image_ids(p, rows), [CATEGORIES[c] for c in p.cats[rows]],
                         [attribute_strings(v) for v in p.vals[rows]], emb))
@@ -295,7 +296,7 @@ def text_embeddings(world: World, cfg: SynthConfig, changes: list[list[tuple[str
 
 
 def triplets_for(cfg: SynthConfig, world: World, p: SynthPlan) -> pa.Table:
-    rng = _rng(cfg.seed, "text", cfg.split)
+    rng = keyed_rng(cfg.seed, "text", cfg.split)
     names = list(GROUPS)
     ref_vals, tgt_vals = p.vals[p.ref_rows], p.vals[p.target_rows]
     changes, captions = [], []
@@ -336,9 +337,10 @@ def parse_salience(spec: Optional[str]) -> dict:
     for part in spec.split(","):
         name, sep, val = part.partition("=")
         if not sep or name.strip() not in GROUPS:
-            raise UsageError(f"bad --salience entry {part!r}: use GROUP=WEIGHT with GROUP in {', '.join(GROUPS)}.")
+            raise UsageError(f"bad salience entry {part!r}: use GROUP=WEIGHT with GROUP in {', '.join(GROUPS)}.",
+                             params=("salience",))
         try:
             out[name.strip()] = float(val)
         except ValueError:
-            raise UsageError(f"bad --salience weight {val!r} for {name}: not a number.") from None
+            raise UsageError(f"bad salience weight {val!r} for {name}: not a number.", params=("salience",)) from None
     return out

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.data.io import (atomic_path, check_readable_file, read_parquet, read_parquet_schema,
+                              write_json_atomic)
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -42,7 +43,7 @@ _EMB = (
 )
 
 GALLERY_COLUMNS = {"image_id": _STR, "category": _STR, "attributes": _STR_LIST, "embedding": _EMB}
-# attribute_scores (issue 3): parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
+# attribute_scores: parallel to attributes, the zero-shot probability of each entry (NaN for given tags).
 _FLOAT_LIST = (
     lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type),
     "list<float32>",
@@ -159,31 +160,6 @@ def _check_no_nulls(table: pa.Table, path: Path, ids: np.ndarray, what: str, col
                               f"'{ids[first]}'). Use '' for none, or drop those rows.")
 
 
-def _read_parquet(path: Path, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    check_readable_file(path)
-    try:
-        schema = pq.read_schema(path)
-        cols = [c for c in columns if c in schema.names] if columns is not None else None
-        return pq.read_table(path, columns=cols)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
-
-
-def check_readable_file(path: Path) -> None:
-    """DataError for a missing file, a dangling link, a symlink loop or a folder, each named as such."""
-    path = Path(path)
-    try:
-        os.stat(path)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise DataError(f"{path}: is a symlink loop. Point it at a real file.") from None
-        if path.is_symlink():
-            raise DataError(f"{path}: is a symlink to a missing file ({os.readlink(path)}).") from None
-        raise DataError(f"{path}: file not found.") from None
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a file.")
-
-
 # ----------------------------------------------------------------------------------------------
 # In-memory tables
 
@@ -284,7 +260,7 @@ def _obj(col: pa.ChunkedArray) -> np.ndarray:
 
 def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     path = Path(path)
-    table = _read_parquet(path)
+    table = read_parquet(path)
     _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
@@ -318,7 +294,7 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     path = Path(path)
-    table = _read_parquet(path)
+    table = read_parquet(path)
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
     if table.column("query_id").null_count:
@@ -405,7 +381,7 @@ def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = No
 
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata stored by :func:`write_table` (keys without the ARROW schema)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet_schema(path).metadata or {}
     out = {}
     for k, v in meta.items():
         key = k.decode()

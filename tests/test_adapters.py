@@ -7,13 +7,13 @@ from cir_mine.cli import mine_app
 from cir_mine.data.cirr import load_cirr
 from cir_mine.data.errors import DataError
 from cir_mine.data.fashioniq import load_fashioniq
-from tests.conftest import shared_path
 
 runner = CliRunner()
 
 
-def test_real_fashioniq_matches_files():
-    root = shared_path("fashion-iq")
+@pytest.mark.slow
+def test_real_fashioniq_matches_files(shared_fashioniq):
+    root = shared_fashioniq
     images, queries = load_fashioniq(root, "train")
     n_caps, n_empty, split_ids = 0, 0, set()
     for cat in ("dress", "shirt", "toptee"):
@@ -31,8 +31,8 @@ def test_real_fashioniq_matches_files():
     assert {a.split(":")[0] for i in tagged[:500] for a in i.attributes} <= {"category", "texture", "fabric", "shape", "part", "style"}
 
 
-def test_real_cirr_matches_files():
-    root = shared_path("cirr")
+def test_real_cirr_matches_files(shared_cirr):
+    root = shared_cirr
     images, queries = load_cirr(root, "val")
     caps = json.loads((root / "captions" / "cap.rc2.val.json").read_text())
     names = json.loads((root / "image_splits" / "split.rc2.val.json").read_text())

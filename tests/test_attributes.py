@@ -14,7 +14,6 @@ from cir_mine.data.synthetic import GROUPS, SynthConfig, phrase, plan
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.attributes import (DEFAULT_VOCABULARY, Requested, Vocabulary, attr_overlap, extract,
                                             extract_many, group_values, requested_status)
-from tests.conftest import shared_path
 
 
 def got(text, vocab=None):
@@ -179,8 +178,8 @@ def test_requested_status_synthetic_and_comparatives():
     assert requested_status(img, odd) == {"tag": None}
 
 
-def test_gallery_mapping_names_real_fiq_proxy_tags():
-    gallery = pq.read_table(shared_path("fiq-proxy", "gallery.train.parquet"), columns=["attributes"])
+def test_gallery_mapping_names_real_fiq_proxy_tags(fiq_proxy):
+    gallery = pq.read_table(fiq_proxy / "gallery.train.parquet", columns=["attributes"])
     tags = {a for row in gallery.column("attributes").to_pylist() for a in row}
     spec = json.loads(DEFAULT_VOCABULARY.read_text())
     named = {a for grp in spec["groups"].values() for v in grp["values"].values() for a in v.get("gallery", [])}

@@ -19,7 +19,7 @@ def _commands(app):
 
 def test_top_level_help():
     r = runner.invoke(mine_app, ["--help"])
-    assert r.exit_code == 0 and "cir-mine" in r.output.lower() or "Offline hard-negative" in r.output
+    assert r.exit_code == 0 and "Offline hard-negative mining" in r.output, r.output
     r = runner.invoke(train_app, ["--help"])
     assert r.exit_code == 0 and "--work" in r.output
 

@@ -35,12 +35,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def small_work(tmp_path_factory) -> Path:
-    from cir_mine.data.synthetic import SynthConfig, generate
-
-    out = tmp_path_factory.mktemp("small")
-    generate(SynthConfig(n_gallery=400, n_triplets=50, dim=32, seed=3), out)
-    return out
+def small_work(synth_world) -> Path:
+    return synth_world(n_gallery=400, n_triplets=50, dim=32, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +63,7 @@ def direct(encoder, path) -> np.ndarray:
     return forward_images(encoder, x)[0]
 
 
+@pytest.mark.slow
 def test_fashioniq_workspace_loads_and_index_searches(tmp_path, tiny, encoder):
     root, work = make_fashioniq(tmp_path / "fiq"), tmp_path / "w"
     r = embed(["--dataset", "fashioniq", "--root", str(root), "--split", "train", "--work", str(work),
@@ -186,6 +183,7 @@ def _cli(args, env=None):
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny):
     root = make_fashioniq(tmp_path / "fiq")
     (root / "images" / "B100000003.png").write_bytes(b"")
@@ -341,7 +339,7 @@ def test_index_refuses_a_locked_workspace(tmp_path, small_work):
 
 
 def test_positives_embed_captions_with_the_workspace_text_tower(tmp_path, tiny):
-    """Generated triplets on an embedded workspace use its own open_clip text tower (issue 8)."""
+    """Generated triplets on an embedded workspace use its own open_clip text tower."""
     from cir_mine.data.workspace import read_triplets
     from cir_mine.miner.encode.clip import text_encoder_from_manifest
 

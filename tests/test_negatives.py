@@ -1,7 +1,6 @@
 """The mining core: each strategy's defining property on the synthetic world, determinism,
 batch-size independence, shortfall accounting, mixes and schedules."""
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from cir_mine.data.errors import UsageError
@@ -12,7 +11,8 @@ from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import cap_mask, cap_threshold, delta, zero_shot_queries
 from cir_mine.miner.core.strategies import REGISTRY, parse_mix, split_k
 from cir_mine.miner.core.tables import read_negatives
-from tests.negatives_helpers import by_query
+from tests.builders import by_query
+from tests.fixtures import tiny_workspace
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def world(synth_work):
 def mine(world, **kw):
     kw.setdefault("k", 10)
     kw.setdefault("candidates", 300)
-    return mine_negatives(world["ws"], "train", MineConfig(**kw))
+    return mine_negatives(world["ws"], "train", MineConfig.of(**kw))
 
 
 # -- scores ----------------------------------------------------------------------------------------
@@ -72,9 +72,9 @@ def no_guard_violation(world, table, cfg: MineConfig):
         assert r["neg_id"] not in (r["target_id"], r["ref_id"])
         assert r["neg_id"] not in extra[r["query_id"]]
         s_ct = float(world["emb"][r["neg_id"]] @ world["emb"][r["target_id"]])
-        assert s_ct < cfg.dup_threshold
+        assert s_ct < cfg.guards.dup_threshold
         ts = r["target_score"]
-        assert r["score"] <= ts - (1 - cfg.rho) * abs(ts) + 1e-6
+        assert r["score"] <= ts - (1 - cfg.guards.rho) * abs(ts) + 1e-6
 
 
 @pytest.mark.parametrize("name", [n for n in REGISTRY if n not in ("in-batch", "verified")])
@@ -228,7 +228,7 @@ def test_schedule():
     assert mix_at(s, 5) == [("midzone", 0.7), ("random", 0.3)]
     with pytest.raises(UsageError, match="must start at epoch 0"):
         parse_schedule("1:random")
-    with pytest.raises(UsageError, match="bad --schedule entry 'x:random'"):
+    with pytest.raises(UsageError, match="bad schedule entry 'x:random'"):
         parse_schedule("x:random")
 
 
@@ -236,11 +236,12 @@ def test_schedule_mines_the_round_and_is_stored(world):
     res = mine(world, schedule="0:random,2:midzone", k=5)
     assert set(res.table["strategy"].to_pylist()) == {"random"}
     res = mine(world, schedule="0:random,2:midzone", k=5, rho=None)
-    res2 = mine_negatives(world["ws"], "train", MineConfig(schedule="0:random,2:midzone", k=5, rho=None), round=2)
+    res2 = mine_negatives(world["ws"], "train", MineConfig.of(schedule="0:random,2:midzone", k=5, rho=None), mining_round=2)
     assert set(res2.table["strategy"].to_pylist()) == {"midzone"} and set(res2.table["round"].to_pylist()) == {2}
     assert res2.meta["schedule"][1] == {"from_epoch": 2, "mix": [["midzone", 1.0]]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["midzone", "random", "category", "semihard", "midzone:0.5,category:0.3,random:0.2"])
 def test_batched_equals_unbatched_and_seeded(world, spec):
     kw = dict(mix=spec, rho=None, delta_lo=0.0, delta_hi=0.3, seed=3)
@@ -259,16 +260,16 @@ def test_query_emb_equals_zero_shot(world):
     g, t = world["g"], world["t"]
     q = zero_shot_queries(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], t.text_embeddings)
     a = mine(world, strategy="midzone").table
-    b = mine_negatives(world["ws"], "train", MineConfig(strategy="midzone", k=10, candidates=300), query_emb=q)
+    b = mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", k=10, candidates=300), query_emb=q)
     assert b.table.equals(a) and b.meta["query_source"] == "provided"
     with pytest.raises(UsageError, match="query embeddings have shape"):
-        mine_negatives(world["ws"], "train", MineConfig(strategy="midzone"), query_emb=q[:5])
+        mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone"), query_emb=q[:5])
     with pytest.raises(UsageError, match="--query checkpoint needs query embeddings"):
-        mine_negatives(world["ws"], "train", MineConfig(strategy="midzone", query="checkpoint"))
+        mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", query="checkpoint"))
 
 
 def test_config_roundtrip_and_remine_from_footer(world, tmp_path):
-    cfg = MineConfig(mix="midzone:0.7,random:0.3", k=6, seed=11, rho=0.9, category_shares=(0.5, 0.3, 0.2))
+    cfg = MineConfig.of(mix="midzone:0.7,random:0.3", k=6, seed=11, rho=0.9, category_shares=(0.5, 0.3, 0.2))
     assert MineConfig.from_dict(cfg.to_dict()) == cfg
     out = tmp_path / "negs.parquet"
     res = mine_to_file(world["ws"], "train", cfg, out)
@@ -291,20 +292,27 @@ def test_shortfall_is_exact(world):
     assert res.meta["n_rows"] == res.table.num_rows
 
 
-def test_bad_config():
-    with pytest.raises(UsageError, match="give either --strategy or --mix"):
-        MineConfig(strategy="random", mix="random:1").validate()
-    with pytest.raises(UsageError, match="no strategy"):
+def test_bad_config_names_the_parameters():
+    with pytest.raises(UsageError, match="give either strategy or mix") as e:
+        MineConfig.of(strategy="random", mix="random:1").validate()
+    assert e.value.params == ("strategy", "mix")
+    with pytest.raises(UsageError, match="nothing to mine"):
         MineConfig().validate()
-    with pytest.raises(UsageError, match=r"--delta-lo \(0.5\) is above --delta-hi \(0.1\)"):
-        MineConfig(strategy="midzone", delta_lo=0.5, delta_hi=0.1).validate()
+    with pytest.raises(UsageError, match=r"^delta_lo \(0.5\) is above delta_hi \(0.1\); swap them.$") as e:
+        MineConfig.of(strategy="midzone", delta_lo=0.5, delta_hi=0.1).validate()
+    assert e.value.render(lambda p: "--" + p.replace("_", "-")) == "--delta-lo (0.5) is above --delta-hi (0.1); swap them."
+    with pytest.raises(UsageError, match=r"^rho must be in \(0, 1\] \(got 2.0\); switch the cap off with rho=None.$") as e:
+        MineConfig.of(strategy="midzone", rho=2.0).validate()
+    assert e.value.render({"rho": "--rho", "rho=None": "--no-guard cap"}.get) == (
+        "--rho must be in (0, 1] (got 2.0); switch the cap off with --no-guard cap.")
+    with pytest.raises(UsageError, match="unknown mining option"):
+        MineConfig.of(delta_low=0.1)
 
 
-def test_fiq_proxy_midzone_completes():
-    from tests.conftest import shared_path
-
-    ws = Workspace(shared_path("fiq-proxy"))
-    res = mine_negatives(ws, "train", MineConfig(strategy="midzone", k=5, rho=None, delta_lo=-0.05, delta_hi=0.2))
+@pytest.mark.slow
+def test_fiq_proxy_midzone_completes(fiq_proxy):
+    ws = Workspace(fiq_proxy)
+    res = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=5, rho=None, delta_lo=-0.05, delta_hi=0.2))
     assert res.meta["n_queries"] == 8847 and res.table.num_rows > 10000
     d = res.table["delta"].to_numpy()
     assert d.min() >= -0.05 - 1e-6 and d.max() <= 0.2 + 1e-6
@@ -317,8 +325,8 @@ def test_short_queries_are_searched_deeper(synth_work):
 
     ws = Workspace(synth_work)
     base = dict(strategy="hardest", k=10, seed=1, candidates=16)
-    flat = mine_negatives(ws, "train", MineConfig(**base, max_candidates=None))
-    deep = mine_negatives(ws, "train", MineConfig(**base, max_candidates=1024))
+    flat = mine_negatives(ws, "train", MineConfig.of(**base, max_candidates=None))
+    deep = mine_negatives(ws, "train", MineConfig.of(**base, max_candidates=1024))
     assert flat.meta["shortfall"]["count"] > deep.meta["shortfall"]["count"]
     assert deep.meta["deepened_queries"] >= flat.meta["shortfall"]["count"]
     short = set(flat.meta["shortfall"]["query_ids"])
@@ -326,4 +334,28 @@ def test_short_queries_are_searched_deeper(synth_work):
     assert key(flat.table) == key(deep.table)
     # a deepened query's negatives still obey the cap and sit in rank order
     rows = [r for r in deep.table.to_pylist() if r["query_id"] in short]
-    assert rows and all(r["score"] <= 0.95 * r["target_score"] + 1e-6 or r["target_score"] < 0 for r in rows)
+    assert rows and all(r["score"] <= cap_threshold(np.float32(r["target_score"]), 0.95) + 1e-6 for r in rows)
+
+
+def test_cap_with_a_negative_target_score_keeps_only_candidates_below_it(tmp_path):
+    """s(q, t) = -0.5 < 0: the naive cap rho * s(q,t) = -0.475 would keep candidates scoring between
+    the target and -0.475 (above the target, likely false negatives); the sign-safe cap keeps only
+    s(q, c) <= s(q,t) - (1 - rho)|s(q,t)| = -0.525. The query is short at the first depth (the top
+    of its ranking is all above the target), so the deepened search is the one that must obey it."""
+    d = 64
+    e = np.eye(d, dtype=np.float32)
+    at = lambda s, j: s * e[0] + np.sqrt(1 - s * s) * e[j]            # unit vector with s(q, .) = s
+    above = [0.9 - 0.04 * i for i in range(20)]                       # far above the target
+    between = [-0.48, -0.485, -0.49]                                  # above it, under the naive cap
+    below = [-0.6, -0.7, -0.8]                                        # what a sign-safe cap keeps
+    scores = above + between + below
+    emb = np.stack([at(-0.5, 1), e[2]] + [at(s, 3 + j) for j, s in enumerate(scores)])
+    ids = ["target", "ref"] + [f"c{j:02d}" for j in range(len(scores))]
+    ws = tiny_workspace(tmp_path / "w", emb, ids, ["dress"] * len(ids), [[] for _ in ids],
+                        [{"ref": "ref", "target": "target", "text": e[0]}])
+    res = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=3, candidates=8, max_candidates=64,
+                                                    rho=0.95), query_emb=e[:1])
+    t = res.table.to_pylist()
+    assert abs(t[0]["target_score"] + 0.5) < 1e-6 and res.meta["deepened_queries"] == 1
+    assert sorted(round(r["score"], 4) for r in t) == sorted(below)
+    assert res.meta["guards"]["cap"]["removed"] == len(above) + len(between)

@@ -43,11 +43,11 @@ def test_negatives_errors(synth_work, tmp_path):
                                      "semihard, midzone, category, category-discrepant, attribute-mismatch, soft, "
                                      "semantic, verified.")
     r = runner.invoke(mine_app, base)
-    assert r.exit_code == 2 and "Error: no strategy: pass --strategy NAME, --mix SPEC or --schedule SPEC." in r.output
+    assert r.exit_code == 2 and "Error: nothing to mine: pass --strategy NAME, --mix SPEC or --schedule SPEC." in r.output
     r = runner.invoke(mine_app, base + ["--strategy", "midzone", "--no-guard", "everything"])
     assert r.exit_code == 2 and "Error: --no-guard 'everything': use one of target, reference" in r.output
     r = runner.invoke(mine_app, base + ["--strategy", "midzone", "--checkpoint", "run/ckpt.pt"])
-    # with cir-train installed (issue 5) a missing checkpoint is a missing input: exit 1
+    # a missing checkpoint is a missing input: exit 1
     assert r.exit_code == 1 and r.output.strip().endswith(
         "Error: run/ckpt.pt: checkpoint not found. Train a run with `cir-train --out RUN` first.")
     r = runner.invoke(mine_app, ["negatives", "--work", str(tmp_path / "none"), "--strategy", "random",

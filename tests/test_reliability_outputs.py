@@ -235,8 +235,6 @@ BAD_VALUES = [
      f"Error: --seed {2 ** 64}: must be in 0..{2 ** 64 - 1} (a 64-bit unsigned seed)."),
     (["negatives", "--work", "{W}", "--out", "{T}/n.parquet", "--strategy", "midzone", "--seed", "-1"],
      f"Error: --seed -1: must be in 0..{2 ** 64 - 1} (a 64-bit unsigned seed)."),
-    (["negatives", "--work", "{W}", "--out", "{T}/n.parquet", "--strategy", "attribute-mismatch", "--attr-agree", "2"],
-     "Error: --attr-agree 2: must be in [0, 1]."),
     (["train", "--work", "{W}", "--out", "{T}/run", "--lr", "nan"], "Error: --lr nan: must be a finite number."),
     (["train", "--work", "{W}", "--out", "{T}/run", "--lr", "0"], "Error: --lr 0: must be in (0, inf]."),
     (["train", "--work", "{W}", "--out", "{T}/run", "--temperature", "nan"],

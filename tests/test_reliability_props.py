@@ -15,7 +15,7 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.search import brute_force_search, build_index, search_batched
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.scores import zero_shot_queries
-from tests.negatives_helpers import by_query
+from tests.builders import by_query
 
 STRATEGIES = ["hardest", "semihard", "midzone", "random", "category", "category-discrepant",
               "attribute-mismatch", "soft", "semantic"]
@@ -25,6 +25,7 @@ EPS = 1e-5
 def _check(name, cfg, res, g, t, xq):
     """Every invariant of one mined table against the world it was mined from."""
     row = {i: r for r, i in enumerate(g.image_ids.tolist())}
+    opt = cfg.options()
     groups = by_query(res.table)
     qrow = {q: i for i, q in enumerate(t.query_ids.tolist())}
     k_mined = res.meta["k_mined"]
@@ -36,19 +37,19 @@ def _check(name, cfg, res, g, t, xq):
             neg = r["neg_id"]
             assert neg not in (tgt, ref) and neg not in t.extra_positive_ids[qi], (name, r)
             e_neg, e_tgt = g.embeddings[row[neg]], g.embeddings[row[tgt]]
-            assert float(e_neg @ e_tgt) < cfg.dup_threshold + EPS, (name, r)        # not a near-duplicate
+            assert float(e_neg @ e_tgt) < opt["dup_threshold"] + EPS, (name, r)        # not a near-duplicate
             s, ts = float(xq[qi] @ e_neg), float(xq[qi] @ e_tgt)
             assert abs(r["score"] - s) < EPS and abs(r["target_score"] - ts) < EPS
-            assert r["score"] <= ts - (1 - cfg.rho) * abs(ts) + EPS                 # positive-aware cap
+            assert r["score"] <= ts - (1 - opt["rho"]) * abs(ts) + EPS                 # positive-aware cap
             d = r["delta"]
             if name == "midzone":
-                assert cfg.delta_lo - EPS <= d <= cfg.delta_hi + EPS, r
+                assert opt["delta_lo"] - EPS <= d <= opt["delta_hi"] + EPS, r
             elif name == "semihard":
-                assert 0 < d < cfg.margin + EPS, r
+                assert 0 < d < opt["margin"] + EPS, r
             elif name == "hardest":
-                assert cfg.range_min <= r["rank"] < cfg.range_max, r
+                assert opt["range_min"] <= r["rank"] < opt["range_max"], r
             elif name == "soft":
-                assert cfg.soft_lo - EPS < r["attr_overlap"] < cfg.soft_hi + EPS, r
+                assert opt["soft_lo"] - EPS < r["attr_overlap"] < opt["soft_hi"] + EPS, r
             elif name in ("random", "category"):
                 assert r["rank"] == -1
     counts = [len(groups.get(q, [])) for q in t.query_ids.tolist()]
@@ -70,7 +71,7 @@ def test_every_strategy_keeps_its_guards_and_window(seed, n, dim, k, lo, width, 
         g, t = ws.load("train")
         xq = zero_shot_queries(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], t.text_embeddings)
         for name in STRATEGIES:
-            cfg = MineConfig(strategy=name, k=k, seed=seed, delta_lo=lo, delta_hi=lo + width, margin=margin,
+            cfg = MineConfig.of(strategy=name, k=k, seed=seed, delta_lo=lo, delta_hi=lo + width, margin=margin,
                              range_min=rmin, range_max=rmin + rlen, soft_lo=min(soft), soft_hi=max(soft), rho=rho,
                              dup_threshold=dup, query_batch=batch, candidates=64, max_candidates=256)
             _check(name, cfg, mine_negatives(ws, "train", cfg), g, t, xq)

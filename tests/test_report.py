@@ -13,7 +13,7 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.inspection.contact_sheet import TILE_IN, attribute_diff, guard_counts, sheet_rows
 from cir_mine.miner.core.tables import read_negatives
 from tests.fixtures import COLORS
-from tests.negs_helpers import make_image_work, make_negatives
+from tests.fixtures import make_image_work, make_negatives
 
 runner = CliRunner()
 PNG_B64 = "data:image/png;base64,"
@@ -32,7 +32,7 @@ def image_world(tmp_path_factory):
 def synth_negs(synth_work, tmp_path_factory):
     d = tmp_path_factory.mktemp("rnegs")
     return (make_negatives(synth_work, d / "r0.parquet", k=5, strategy="random", seed=1, drop=2),
-            make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", round=1))
+            make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", mining_round=1))
 
 
 def _png(path_or_bytes):
@@ -173,7 +173,7 @@ def test_on_a_mined_table(synth_work, tmp_path):
 
     ws = Workspace(synth_work)
     out = tmp_path / "mix.parquet"
-    res = mine_to_file(ws, "train", MineConfig(mix="midzone:0.6,random:0.4", k=5, seed=0), out)
+    res = mine_to_file(ws, "train", MineConfig.of(mix="midzone:0.6,random:0.4", k=5, seed=0), out)
     st = summarize([out], synth_work).tables[0]
     assert st.rows == res.table.num_rows and st.k == 5
     assert st.guards == {g: v["removed"] for g, v in res.meta["guards"].items()}
@@ -191,12 +191,12 @@ def test_on_a_mined_table(synth_work, tmp_path):
 
 
 def test_diff_labels():
-    from cir_mine.miner.inspection.contact_sheet import Tile, _diff_lines, _pack
+    from cir_mine.miner.inspection.contact_sheet import Tile, diff_lines, pack_tokens
 
     same = Tile("negative", "n", "dress", ["color:red"], None, [], [], [])
-    assert _diff_lines(same) == [("= the target's attributes", "#d97706")]
+    assert diff_lines(same) == [("= the target's attributes", "#d97706")]
     t = Tile("negative", "n", "dress", ["color:red", "sleeve:long"], None, [], ["color:red"], ["color:blue"])
-    assert [line for line, _ in _diff_lines(t)] == ["+color:red", "−color:blue"]
-    assert _pack(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
-    assert _pack(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
-    assert _pack([], 10, 2) == []
+    assert [line for line, _ in diff_lines(t)] == ["+color:red", "−color:blue"]
+    assert pack_tokens(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
+    assert pack_tokens(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
+    assert pack_tokens([], 10, 2) == []

@@ -43,7 +43,7 @@ def test_deterministic_and_chunk_independent(tmp_path, monkeypatch):
     generate(cfg, tmp_path / "b")
     for name in ("gallery.train.parquet", "triplets.train.parquet"):
         assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))
-    other = generate(SynthConfig(n_gallery=500, n_triplets=100, dim=16, seed=4), tmp_path / "c")
+    generate(SynthConfig(n_gallery=500, n_triplets=100, dim=16, seed=4), tmp_path / "c")
     assert not pq.read_table(tmp_path / "a" / "gallery.train.parquet").equals(
         pq.read_table(tmp_path / "c" / "gallery.train.parquet"))
 
@@ -70,7 +70,7 @@ def test_zero_shot_is_informative_but_not_solved(synth_work):
 
 
 def test_bad_config():
-    with pytest.raises(UsageError, match=r"--n-triplets \(600\) must be at most half of --n-gallery \(1000\)"):
+    with pytest.raises(UsageError, match=r"^n_triplets \(600\) must be at most half of n_gallery \(1000\)"):
         SynthConfig(n_gallery=1000, n_triplets=600).validate()
 
 

@@ -1,4 +1,4 @@
-"""cir-train --extra-triplets / --extra-weight (issue 8 point 3): generated triplets as training queries."""
+"""cir-train --extra-triplets / --extra-weight generated triplets as training queries."""
 import json
 
 import numpy as np

@@ -11,7 +11,7 @@ from cir_mine.cli import train_app
 from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.tables import write_negatives
-from tests.fake_miner import fake_negatives
+from tests.builders import fake_negatives
 from cir_mine.train import checkpoint as ck
 from cir_mine.train.data import NegativeBank, dev_split, sample_negatives
 from cir_mine.train.loop import TrainConfig, load_query_encoder, train
@@ -72,9 +72,9 @@ def test_refresh_writes_rounds_and_logs_stats(synth_work, negs, tmp_path):
     ws = Workspace(synth_work)
     calls = []
 
-    def remine(query_emb, round, epoch):
-        calls.append((query_emb.shape, round, epoch))
-        return fake_negatives(ws, query_emb=query_emb, k=3, round=round)
+    def remine(query_emb, mining_round, epoch):
+        calls.append((query_emb.shape, mining_round, epoch))
+        return fake_negatives(ws, query_emb=query_emb, k=3, mining_round=mining_round)
 
     train(cfg(synth_work, tmp_path / "r", negatives=str(negs), refresh_every=1, epochs=3), remine=remine)
     assert calls == [((600, 32), 1, 1), ((600, 32), 2, 2)]     # every query of the split, rounds 1, 2
@@ -172,11 +172,8 @@ def test_cli_run_directory_is_locked(synth_work, tmp_path):
     assert r.exit_code == 1 and "is in use by process" in r.output
 
 
-def test_cli_negatives_from_another_workspace(synth_work, tmp_path):
-    from cir_mine.data.synthetic import SynthConfig, generate
-
-    other = tmp_path / "other"
-    generate(SynthConfig(n_gallery=200, n_triplets=20, dim=32, seed=1), other)
+def test_cli_negatives_from_another_workspace(synth_work, synth_world, tmp_path):
+    other = synth_world(n_gallery=200, n_triplets=20, dim=32, seed=1)
     table, meta = fake_negatives(Workspace(other), k=1)
     write_negatives(table, tmp_path / "n.parquet", meta)
     r = runner.invoke(train_app, ["--work", str(synth_work), "--negatives", str(tmp_path / "n.parquet"),

@@ -1,5 +1,4 @@
 """Losses never treat a positive as a negative: duplicate targets, extra positives, mined twins."""
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings

@@ -63,7 +63,7 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
     from cir_mine.train.refresh import miner_remine
 
     negs = tmp_path / "negs.parquet"
-    mine_to_file(Workspace(synth_work), "train", MineConfig(strategy="hardest", k=3, device="cpu"), negs)
+    mine_to_file(Workspace(synth_work), "train", MineConfig.of(strategy="hardest", k=3, device="cpu"), negs)
     reads = []
     real_load = Workspace.load
     monkeypatch.setattr(Workspace, "load", lambda self, split: reads.append(split) or real_load(self, split))
@@ -75,7 +75,7 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         table, _ = remine(q, r, r)
         cfg = MineConfig.from_dict({**read_negatives(negs).config, "query": "checkpoint"})
-        fresh = mine_negatives(Workspace(synth_work), "train", cfg, query_emb=q, round=r).table
+        fresh = mine_negatives(Workspace(synth_work), "train", cfg, query_emb=q, mining_round=r).table
         assert table.equals(fresh)
     assert reads.count("train") == 1 + 2          # the remine's one read + the two fresh mines
 

@@ -29,7 +29,7 @@ def _world(root: Path, seed: int = 0, split: str = "train", n_gallery: int = 300
 def test_a_table_survives_embedding_another_split(tmp_path):
     work = _world(tmp_path / "w")
     negs = tmp_path / "n.parquet"
-    mine_to_file(Workspace(work), "train", MineConfig(strategy="midzone", k=4), negs)
+    mine_to_file(Workspace(work), "train", MineConfig.of(strategy="midzone", k=4), negs)
     before = Workspace(work).manifest_hash()
     _world(work, seed=3, split="val", n_gallery=200)               # a val split lands in the workspace
     assert Workspace(work).manifest_hash() != before               # the manifest moved on ...
@@ -41,7 +41,7 @@ def test_a_table_survives_embedding_another_split(tmp_path):
 def test_a_table_from_other_data_is_still_refused(tmp_path):
     work, other = _world(tmp_path / "w"), _world(tmp_path / "o", seed=5)
     negs = tmp_path / "n.parquet"
-    mine_to_file(Workspace(other), "train", MineConfig(strategy="random", k=3), negs)
+    mine_to_file(Workspace(other), "train", MineConfig.of(strategy="random", k=3), negs)
     theirs, ours = Workspace(other).split_hash("train"), Workspace(work).split_hash("train")
     assert theirs != ours
     r = runner.invoke(mine_app, ["stats", str(negs), "--work", str(work)])
@@ -57,7 +57,7 @@ def test_a_table_from_other_data_is_still_refused(tmp_path):
 def test_a_table_of_a_split_the_workspace_lacks(tmp_path):
     work, other = _world(tmp_path / "w"), _world(tmp_path / "o", split="val")
     negs = tmp_path / "n.parquet"
-    mine_to_file(Workspace(other), "val", MineConfig(strategy="random", k=3), negs)
+    mine_to_file(Workspace(other), "val", MineConfig.of(strategy="random", k=3), negs)
     with pytest.raises(DataError) as e:
         read_negatives(negs, Workspace(work))
     assert str(e.value) == (f"{negs}: mined on split 'val', which {work} does not have (splits: train). "
@@ -127,7 +127,7 @@ def test_root_works_from_any_directory(tmp_path, monkeypatch):
     assert paths and all(p.startswith("images/") for p in paths)
     assert Workspace(work).image_root("train") == (tmp_path / "here" / "fiq").resolve()
     negs = tmp_path / "n.parquet"
-    mine_to_file(Workspace(work), "train", MineConfig(strategy="random", k=2), negs)
+    mine_to_file(Workspace(work), "train", MineConfig.of(strategy="random", k=2), negs)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -181,7 +181,7 @@ def test_inspect_draws_a_short_query_with_its_guard_counts(tmp_path):
 
     work = _world(tmp_path / "w")
     out = tmp_path / "n.parquet"
-    mine_to_file(Workspace(work), "train", MineConfig(strategy="hardest", k=6, rho=0.3, candidates=20,
+    mine_to_file(Workspace(work), "train", MineConfig.of(strategy="hardest", k=6, rho=0.3, candidates=20,
                                                       max_candidates=None), out)
     nt = read_negatives(out)
     have = set(pc.unique(nt.table.column("query_id")).to_pylist())
@@ -206,7 +206,7 @@ def test_neg_category_is_the_negatives_gallery_category(tmp_path):
 
     work = _world(tmp_path / "w")
     out = tmp_path / "n.parquet"
-    mine_to_file(Workspace(work), "train", MineConfig(mix="midzone:0.5,category:0.5", k=8), out)
+    mine_to_file(Workspace(work), "train", MineConfig.of(mix="midzone:0.5,category:0.5", k=8), out)
     nt = read_negatives(out, Workspace(work))
     g = Workspace(work).gallery("train")
     cols = nt.table.to_pydict()
@@ -225,7 +225,7 @@ def test_a_version_1_table_reads_with_a_null_neg_category(tmp_path):
 
     work = _world(tmp_path / "w")
     out, old = tmp_path / "n.parquet", tmp_path / "old.parquet"
-    mine_to_file(Workspace(work), "train", MineConfig(strategy="random", k=3), out)
+    mine_to_file(Workspace(work), "train", MineConfig.of(strategy="random", k=3), out)
     t = pq.read_table(out)
     meta = json.loads(t.schema.metadata[b"cir_mine"])
     meta["schema_version"] = 1
@@ -322,7 +322,7 @@ def test_from_features_keeps_tags_categories_and_paths_of_matching_ids(tmp_path)
     assert new.categories.tolist() == old.categories.tolist()
     assert new.attributes == old.attributes and new.paths.tolist() == paths
     assert not (new.embeddings == old.embeddings).all()               # the features, not the old rows
-    mine_to_file(Workspace(work), "train", MineConfig(strategy="attribute-mismatch", k=3), tmp_path / "n.parquet")
+    mine_to_file(Workspace(work), "train", MineConfig.of(strategy="attribute-mismatch", k=3), tmp_path / "n.parquet")
 
 
 def test_negatives_on_a_features_only_workspace_says_how_to_add_queries(tmp_path):
@@ -398,7 +398,7 @@ def test_cir_train_prints_a_line_per_remine_round(tmp_path):
 
     work = _world(tmp_path / "w", n_gallery=200, n_triplets=60)
     negs = tmp_path / "n.parquet"
-    mine_to_file(Workspace(work), "train", MineConfig(mix="midzone:0.5,random:0.5", k=4), negs)
+    mine_to_file(Workspace(work), "train", MineConfig.of(mix="midzone:0.5,random:0.5", k=4), negs)
     args = ["--work", str(work), "--out", str(tmp_path / "run"), "--negatives", str(negs), "--epochs", "3",
             "--batch-size", "32", "--width", "0.5", "--refresh-every", "1", "--threads", "1"]
     r = runner.invoke(train_app, args)

@@ -6,9 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.workspace import (Workspace, gallery_table, l2_normalize, read_gallery, read_triplets,
-                                     triplets_table, write_table)
-from tests.conftest import shared_path
+from cir_mine.data.workspace import (Workspace, gallery_table, l2_normalize, read_gallery, triplets_table, write_table)
 
 
 def _gallery(tmp_path, emb=None, ids=None, cats=None):
@@ -105,8 +103,8 @@ def test_not_parquet(tmp_path):
         read_gallery(p)
 
 
-def test_fiq_proxy_loads_unchanged():
-    root = shared_path("fiq-proxy")
+def test_fiq_proxy_loads_unchanged(fiq_proxy):
+    root = fiq_proxy
     ws = Workspace(root)
     g, t = ws.load("train")
     assert (len(g), len(t)) == (29728, 8847)

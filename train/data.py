@@ -124,7 +124,7 @@ def extra_queries(paths: list, gallery, gallery_keys: np.ndarray, key_of: dict, 
 def dev_split(m: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded hold-out: (train_idx int64[m - k], dev_idx int64[k]) with k = round(fraction * m)."""
     if not 0.0 <= fraction < 1.0:
-        raise UsageError(f"--dev-fraction {fraction}: must be in [0, 1).")
+        raise UsageError(f"dev_fraction {fraction}: must be in [0, 1).", params=("dev_fraction",))
     perm = np.random.default_rng([seed, 7919]).permutation(m)
     k = int(round(fraction * m))
     return np.sort(perm[k:]), np.sort(perm[:k])

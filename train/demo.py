@@ -53,7 +53,7 @@ class DemoConfig:
         from cir_mine.data.synthetic import DEFAULT_SALIENCE
 
         if self.world not in WORLDS:
-            raise UsageError(f"--world {self.world!r}: use one of {', '.join(WORLDS)}.")
+            raise UsageError(f"world {self.world!r}: use one of {', '.join(WORLDS)}.", params=("world",))
         w = WORLDS[self.world]
         synth = dict(w["synth"])
         synth["salience"] = {**DEFAULT_SALIENCE, **synth.get("salience", {})}
@@ -107,7 +107,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     for s in strategies:
         path = out / f"negs.{s}.parquet"
         t = time.perf_counter()
-        r = mine_to_file(ws, "train", MineConfig(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu"), path)
+        r = mine_to_file(ws, "train", MineConfig.of(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu"), path)
         res.tables[s] = path
         say(f"negatives {s:<18s} -> {path}: {r.table.num_rows} rows ({time.perf_counter() - t:.1f}s)")
     plan = [("zero-shot", None, True), ("in-batch", None, False)]

@@ -35,7 +35,7 @@ from cir_mine.train import checkpoint as ck
 from cir_mine.train.checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
 from cir_mine.train.data import (NegativeBank, concat_queries, dev_split, extra_queries, group_negatives,
                                  image_keys, resolve_queries, sample_negatives, subset_queries)
-from cir_mine.train.loss import bank_loss, hardest_in_batch, info_nce, triplet_margin
+from cir_mine.train.loss import bank_loss, hardest_in_batch, info_nce, positive_mask, triplet_margin
 from cir_mine.train.metrics import evaluate
 from cir_mine.train.model import ModelConfig, build_model, encode_queries
 from cir_mine.miner.core.curriculum import Curriculum
@@ -43,7 +43,7 @@ from cir_mine.miner.core.curriculum import Curriculum
 log = logging.getLogger(__name__)
 
 LOSSES = ("infonce", "triplet", "both")
-# remine(query_emb float32[m_split, d], round, epoch) -> (negatives pa.Table, footer meta dict)
+# remine(query_emb float32[m_split, d], mining_round, epoch) -> (negatives pa.Table, footer meta dict)
 Remine = Callable[[np.ndarray, int, int], tuple]
 
 
@@ -94,6 +94,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def validate(self) -> "TrainConfig":
+        """Check every option (errors name the option, see CirMineError.params)."""
         check_numbers(self)
         check_range("lr", self.lr, 0.0, None, lo_open=True)
         check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
@@ -105,26 +106,29 @@ class TrainConfig:
         if self.threads < 0:
             raise UsageError(f"--threads {self.threads}: must be >= 0 (0: torch's default).")
         if self.lr_schedule not in ("cosine", "constant"):
-            raise UsageError(f"--lr-schedule {self.lr_schedule!r}: use cosine or constant.")
+            raise UsageError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant.", params=("lr_schedule",))
         if self.loss not in LOSSES:
-            raise UsageError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
+            raise UsageError(f"loss {self.loss!r}: use one of {', '.join(LOSSES)}.", params=("loss",))
         for name in ("epochs", "static_bank", "refresh_every", "online_hard", "neg_per_query", "bank_k",
                      "share_warmup"):
             if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0.")
+                raise UsageError(f"{name} must be >= 0.", params=(name,))
         if self.batch_size < 2:
-            raise UsageError("--batch-size must be at least 2 (in-batch negatives need two queries).")
+            raise UsageError("batch_size must be at least 2 (in-batch negatives need two queries).",
+                             params=("batch_size",))
         if not 0.0 <= self.neg_share <= 1.0:
-            raise UsageError(f"--neg-share {self.neg_share}: must be in [0, 1].")
+            raise UsageError(f"neg_share {self.neg_share}: must be in [0, 1].", params=("neg_share",))
         for name in ("extra_weight", "neg_weight"):
             if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0.")
+                raise UsageError(f"{name} {getattr(self, name)}: must be >= 0.", params=(name,))
         if self.temperature <= 0:
-            raise UsageError("--temperature must be positive.")
+            raise UsageError("temperature must be positive.", params=("temperature",))
         if self.refresh_every and not self.negatives:
-            raise UsageError("--refresh-every needs --negatives: the refresh re-mines with that table's config.")
+            raise UsageError("refresh_every needs negatives: the refresh re-mines with that table's config.",
+                             params=("refresh_every", "negatives"))
         if self.schedule and not self.negatives:
-            raise UsageError("--schedule needs --negatives: it picks the mix of mined negatives per epoch.")
+            raise UsageError("schedule needs negatives: it picks the mix of that table's strategies per epoch.",
+                             params=("schedule", "negatives"))
         return self
 
 
@@ -138,12 +142,84 @@ class RunState:
     history: list = field(default_factory=list)
 
 
+@dataclass
+class Batch:
+    """The tensors of one training step (B queries, K mined negatives, d dims)."""
+
+    ref: torch.Tensor                  # float32[B, d] reference image embeddings
+    txt: torch.Tensor                  # float32[B, d] caption embeddings
+    target_rows: torch.Tensor          # int64[B] gallery rows of the targets
+    target: torch.Tensor               # float32[B, d] target embeddings
+    target_keys: torch.Tensor          # int64[B] image keys of the targets
+    pos_keys: torch.Tensor             # int64[B, P] target + extra-positive keys (-1 pad)
+    weights: Optional[torch.Tensor] = None      # float32[B] per-query loss weight (None: all 1)
+    neg: Optional[torch.Tensor] = None          # float32[B, K, d] mined negatives (None: in-batch only)
+    neg_keys: Optional[torch.Tensor] = None     # int64[B, K] their keys (-1 = no negative)
+    bank_sample: Optional[torch.Tensor] = None  # int64[k] static-bank rows (None: the whole gallery)
+
+
+@dataclass
+class EpochPlan:
+    """What one epoch draws before its first step."""
+
+    epoch: int                         # 0-based epoch
+    rng: np.random.Generator           # the epoch's numpy stream (bank samples draw from it)
+    batches: list                      # int64 query-index arrays, one per step
+    negatives: Optional[np.ndarray]    # int64[n_queries, neg_per_query] sampled gallery rows (-1 empty)
+    bank_stage: bool                   # the static-bank stage (epoch >= cfg.epochs)
+    stage_start: int                   # first epoch of the stage
+    stage_len: int                     # epochs in the stage
+
+    def progress(self, step: int) -> float:
+        """Share of the stage done before ``step`` of this epoch (the learning-rate schedule's clock)."""
+        return (self.epoch - self.stage_start + step / len(self.batches)) / max(self.stage_len, 1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The training loss as a sum of terms, chosen once from the config."""
+
+    infonce: bool                      # InfoNCE over in-batch targets plus mined negatives
+    mined_triplet: bool                # triplet hinge on the mined negatives
+    online_hard: int                   # triplet hinge on the k hardest in-batch non-targets (0: off)
+    temperature: float                 # InfoNCE softmax temperature
+    neg_weight: float                  # InfoNCE weight of each mined negative
+    margin: float                      # triplet margin (cosine distance)
+    triplet_weight: float              # weight of the triplet terms
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig") -> "Objective":
+        return cls(infonce=cfg.loss in ("infonce", "both"), mined_triplet=cfg.loss in ("triplet", "both"),
+                   online_hard=cfg.online_hard or (1 if cfg.loss == "triplet" else 0),
+                   temperature=cfg.temperature, neg_weight=cfg.neg_weight, margin=cfg.margin,
+                   triplet_weight=cfg.triplet_weight)
+
+    def __call__(self, out: torch.Tensor, b: Batch) -> torch.Tensor:
+        loss = out.new_zeros(())
+        if self.infonce:
+            loss = loss + info_nce(out, b.target, b.target_keys, b.pos_keys, b.neg, b.neg_keys, self.temperature,
+                                   b.weights, self.neg_weight)
+        if self.mined_triplet and b.neg is not None:
+            valid = (b.neg_keys >= 0) & ~positive_mask(b.pos_keys, b.neg_keys)
+            loss = loss + self.triplet_weight * triplet_margin(out, b.target, b.neg, valid, self.margin, b.weights)
+        if self.online_hard:
+            hn, hv = hardest_in_batch(out, b.target, b.target_keys, b.pos_keys, self.online_hard)
+            loss = loss + self.triplet_weight * triplet_margin(out, b.target, hn, hv, self.margin, b.weights)
+        return loss
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0])
 
 
 class Trainer:
-    """Holds the data, the model and the optimizer of one run; ``run()`` does the epochs."""
+    """Holds the data, the model and the optimizer of one run; ``run()`` does the epochs.
+
+    Named steps: :meth:`epoch_plan` (seeds, batches, sampled negatives), :meth:`assemble` (a
+    :class:`Batch` of tensors), :meth:`forward`, ``loss`` (an :class:`Objective` chosen once from the
+    config; :meth:`static_bank_loss` in the static-bank stage), :meth:`step`, :meth:`evaluate`,
+    :meth:`refresh` (re-mine) and :meth:`save` / :meth:`restore` (checkpoint).
+    """
 
     def __init__(self, cfg: TrainConfig, remine: Optional[Remine] = None,
                  progress: Optional[Callable[[dict], None]] = None):
@@ -165,7 +241,8 @@ class Trainer:
         else:
             train_idx, dev_idx = dev_split(len(triplets), cfg.dev_fraction, cfg.dev_seed)
             if dev_idx.size == 0:
-                raise UsageError("--dev-fraction gives no evaluation queries; raise it or pass --eval-work.")
+                raise UsageError("dev_fraction gives no evaluation queries; raise it or pass eval_work.",
+                                 params=("dev_fraction", "eval_work"))
             self.eval_gallery, self.eval_triplets = self.gallery, triplets.subset(dev_idx)
         self.train_idx = train_idx
         self.queries = subset_queries(self.all_queries, train_idx)
@@ -187,6 +264,7 @@ class Trainer:
         self.keys_t = torch.from_numpy(self.gallery_keys)
         self.state = RunState(negatives=cfg.negatives)
         self.bank: Optional[NegativeBank] = None
+        self.loss = Objective.of(cfg)              # chosen once: the terms cfg.loss names
 
     # -------------------------------------------------------------------------------- negatives
     def load_bank(self, path: Optional[str]) -> None:
@@ -221,7 +299,7 @@ class Trainer:
         from cir_mine.miner.core.tables import conform, write_negatives
 
         if self.remine is None:
-            raise UsageError("--refresh-every needs a miner; none was given to the trainer.")
+            raise UsageError("refresh_every needs a miner; none was given to the trainer.", params=("refresh_every",))
         r = self.state.round + 1
         q = encode_queries(self.model, self.gallery.embeddings[self.all_queries.ref_rows],
                            self.all_queries.text_emb)
@@ -245,17 +323,10 @@ class Trainer:
         return stats
 
     # -------------------------------------------------------------------------------- epochs
-    def _mix_and_share(self, epoch: int) -> tuple[Optional[dict], float]:
+    def epoch_plan(self, epoch: int) -> "EpochPlan":
+        """Seeds, batches and the mined negatives of epoch ``epoch`` (0-based): a function of
+        (seed, epoch) only, so a resumed run draws what an uninterrupted one does."""
         cfg = self.cfg
-        mix = self.curriculum.mix_at(epoch) if self.curriculum else None
-        share = cfg.neg_share
-        if cfg.share_warmup:
-            share *= min(1.0, epoch / cfg.share_warmup)
-        return mix, share
-
-    def train_epoch(self, epoch: int) -> float:
-        """One epoch (0-based ``epoch``); returns the mean loss."""
-        cfg, q = self.cfg, self.queries
         torch.manual_seed(_epoch_seed(cfg.seed, epoch))
         rng = np.random.default_rng(_epoch_seed(cfg.seed, epoch))
         bank_stage = epoch >= cfg.epochs
@@ -264,37 +335,69 @@ class Trainer:
             mix, share = self._mix_and_share(epoch)
             negs = sample_negatives(self.bank, cfg.neg_per_query, rng, mix, share)
         batches = [b for b in self._batches(rng) if b.size >= 2]
-        n_steps = len(batches)
-        stage_start, stage_len = (cfg.epochs, cfg.static_bank) if bank_stage else (0, cfg.epochs)
+        start, length = (cfg.epochs, cfg.static_bank) if bank_stage else (0, cfg.epochs)
+        return EpochPlan(epoch, rng, batches, negs, bank_stage, start, length)
+
+    def _mix_and_share(self, epoch: int) -> tuple[Optional[dict], float]:
+        cfg = self.cfg
+        mix = self.curriculum.mix_at(epoch) if self.curriculum else None
+        share = cfg.neg_share
+        if cfg.share_warmup:
+            share *= min(1.0, epoch / cfg.share_warmup)
+        return mix, share
+
+    def assemble(self, b: np.ndarray, plan: "EpochPlan") -> Batch:
+        """Tensors of the queries ``b`` (int64 indices into the training queries): references,
+        texts, targets, their keys, mined negatives (or, in the static-bank stage, the bank sample)."""
+        q, G, K, cfg = self.queries, self.gallery_t, self.keys_t, self.cfg
+        trow = torch.from_numpy(q.target_rows[b])
+        batch = Batch(ref=G[torch.from_numpy(q.ref_rows[b])], txt=torch.from_numpy(q.text_emb[b]),
+                      target_rows=trow, target=G[trow], target_keys=torch.from_numpy(q.target_keys[b]),
+                      pos_keys=torch.from_numpy(q.pos_keys[b]),
+                      weights=torch.from_numpy(q.weights[b]) if q.weights is not None else None)
+        if plan.bank_stage:
+            if cfg.bank_k:
+                batch.bank_sample = torch.from_numpy(plan.rng.choice(G.shape[0], size=min(cfg.bank_k, G.shape[0]),
+                                                                     replace=False))
+        elif plan.negatives is not None:
+            nr = torch.from_numpy(plan.negatives[b])
+            batch.neg = G[nr.clamp(min=0)]
+            batch.neg_keys = torch.where(nr >= 0, K[nr.clamp(min=0)], torch.full_like(nr, -1))
+        return batch
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Query embeddings float32[B, d] of the batch."""
+        return self.model(batch.ref, batch.txt)
+
+    def static_bank_loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The static-bank stage's loss: softmax over the gallery (or the batch's bank sample)."""
+        return bank_loss(out, self.gallery_t, batch.target_rows, self.keys_t, batch.pos_keys,
+                         self.cfg.temperature, batch.bank_sample, batch.weights)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One optimizer step on ``loss``; returns its value."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch (0-based ``epoch``): plan, then per batch assemble, forward, loss, step.
+        Returns the mean loss."""
+        plan = self.epoch_plan(epoch)
+        loss_of = self.static_bank_loss if plan.bank_stage else self.loss
         self.model.train()
-        total, steps = 0.0, 0
-        G, K = self.gallery_t, self.keys_t
-        for b in batches:
-            self._set_lr((epoch - stage_start + steps / n_steps) / max(stage_len, 1))
-            ref = G[torch.from_numpy(q.ref_rows[b])]
-            txt = torch.from_numpy(q.text_emb[b])
-            trow = torch.from_numpy(q.target_rows[b])
-            tkeys = torch.from_numpy(q.target_keys[b])
-            pkeys = torch.from_numpy(q.pos_keys[b])
-            out = self.model(ref, txt)
-            tgt = G[trow]
-            w = torch.from_numpy(q.weights[b]) if q.weights is not None else None
-            if bank_stage:
-                sample = (torch.from_numpy(rng.choice(G.shape[0], size=min(cfg.bank_k, G.shape[0]),
-                                                      replace=False)) if cfg.bank_k else None)
-                loss = bank_loss(out, G, trow, K, pkeys, cfg.temperature, sample, w)
-            else:
-                loss = self._loss(out, tgt, tkeys, pkeys, negs[b] if negs is not None else None, w)
+        total = 0.0
+        for i, b in enumerate(plan.batches):
+            self._set_lr(plan.progress(i))
+            batch = self.assemble(b, plan)
+            loss = loss_of(self.forward(batch), batch)
             if not torch.isfinite(loss.detach()):
-                raise DataError(f"{self.run_dir}: training diverged at epoch {epoch + 1}, step {steps + 1} (loss "
-                                f"{float(loss.detach())}). Lower --lr ({cfg.lr:g}) or raise --temperature "
-                                f"({cfg.temperature:g}); the run failed and reports no metrics.")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += float(loss.detach())
-            steps += 1
-        return total / max(steps, 1)
+                raise DataError(f"{self.run_dir}: training diverged at epoch {epoch + 1}, step {i + 1} (loss "
+                                f"{float(loss.detach())}). Lower --lr ({self.cfg.lr:g}) or raise --temperature "
+                                f"({self.cfg.temperature:g}); the run failed and reports no metrics.")
+            total += self.step(loss)
+        return total / max(len(plan.batches), 1)
 
     def _batches(self, rng: np.random.Generator) -> list:
         """One epoch's batches (int64 query indices): a shuffled split, or (category_batches)
@@ -315,27 +418,6 @@ class Trainer:
             lr *= 0.5 * (1.0 + np.cos(np.pi * min(max(progress, 0.0), 1.0)))
         for group in self.opt.param_groups:
             group["lr"] = lr
-
-    def _loss(self, out, tgt, tkeys, pkeys, neg_rows: Optional[np.ndarray],
-              w: Optional[torch.Tensor] = None) -> torch.Tensor:
-        cfg = self.cfg
-        neg = nkeys = None
-        if neg_rows is not None:
-            nr = torch.from_numpy(neg_rows)
-            neg = self.gallery_t[nr.clamp(min=0)]
-            nkeys = torch.where(nr >= 0, self.keys_t[nr.clamp(min=0)], torch.full_like(nr, -1))
-        loss = out.new_zeros(())
-        if cfg.loss in ("infonce", "both"):
-            loss = loss + info_nce(out, tgt, tkeys, pkeys, neg, nkeys, cfg.temperature, w, cfg.neg_weight)
-        if cfg.loss in ("triplet", "both") and neg is not None:
-            from cir_mine.train.loss import positive_mask
-            valid = (nkeys >= 0) & ~positive_mask(pkeys, nkeys)
-            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, neg, valid, cfg.margin, w)
-        hard_k = cfg.online_hard or (1 if cfg.loss == "triplet" else 0)
-        if hard_k:
-            hn, hv = hardest_in_batch(out, tgt, tkeys, pkeys, hard_k)
-            loss = loss + cfg.triplet_weight * triplet_margin(out, tgt, hn, hv, cfg.margin, w)
-        return loss
 
     def evaluate(self) -> dict:
         t, g = self.eval_triplets, self.eval_gallery
@@ -372,6 +454,18 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
         self.state = RunState(state["epoch"], state["round"], state.get("negatives"), state["history"])
 
+    def run_epoch(self, e: int) -> dict:
+        """Train epoch ``e`` (0-based), re-mine when a refresh is due, evaluate -> the epoch's record."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        loss = self.train_epoch(e)
+        rec = {"epoch": e + 1, "stage": "static_bank" if e >= cfg.epochs else "train", "loss": loss}
+        if cfg.refresh_every and e + 1 < cfg.epochs and (e + 1) % cfg.refresh_every == 0:
+            rec["refresh"] = self.refresh(e + 1)
+        rec["train_s"] = time.perf_counter() - t0
+        rec.update(_flat(self.evaluate()))
+        return rec
+
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
         if resume and (self.run_dir / ck.NAME).exists():
@@ -382,16 +476,9 @@ class Trainer:
         total_epochs = 0 if self.model_config.kind == "sum" else cfg.epochs + cfg.static_bank
         crash = ck.crash_after_epoch()
         while self.state.epoch < total_epochs:
-            e = self.state.epoch
-            t0 = time.perf_counter()
-            loss = self.train_epoch(e)
-            rec = {"epoch": e + 1, "stage": "static_bank" if e >= cfg.epochs else "train", "loss": loss}
-            if (cfg.refresh_every and e + 1 < cfg.epochs and (e + 1) % cfg.refresh_every == 0):
-                rec["refresh"] = self.refresh(e + 1)
-            rec["train_s"] = time.perf_counter() - t0
-            rec.update(_flat(self.evaluate()))
+            rec = self.run_epoch(self.state.epoch)
             self.state.history.append(rec)
-            self.state.epoch = e + 1
+            self.state.epoch = rec["epoch"]
             _write_jsonl(self.run_dir / "metrics.jsonl", self.state.history)
             self.save()
             if self.progress:

@@ -109,9 +109,9 @@ class SumFusion(nn.Module):
 def build_model(cfg: ModelConfig) -> nn.Module:
     kinds = {"combiner": Combiner, "attention": AttentionFusion, "sum": SumFusion}
     if cfg.kind not in kinds:
-        raise UsageError(f"--model {cfg.kind!r}: unknown model; use one of {', '.join(MODELS)}.")
+        raise UsageError(f"model {cfg.kind!r}: use one of {', '.join(MODELS)}.", params=("model",))
     if cfg.width <= 0:
-        raise UsageError(f"--width {cfg.width}: must be positive.")
+        raise UsageError(f"width {cfg.width}: must be positive.", params=("width",))
     return kinds[cfg.kind](cfg)
 
 

@@ -1,6 +1,6 @@
 """The refresh's miner call: re-mine a split with the config stored in a negatives table.
 
-:func:`miner_remine` returns the ``remine(query_emb, round, epoch) -> (table, meta)`` callable the
+:func:`miner_remine` returns the ``remine(query_emb, mining_round, epoch) -> (table, meta)`` callable the
 training loop takes (cir_mine.train.loop.Remine). It reads the mining config from the table's footer
 (``meta["config"]``), reads the split and opens the workspace's FAISS index once (or builds a flat
 one over the gallery once) and calls ``cir_mine.miner.core.mine.mine_negatives`` with the current model's query
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: Optional[str] = None):
-    """-> remine(query_emb float32[m, d], round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
+    """-> remine(query_emb float32[m, d], mining_round, epoch) -> (pa.Table, meta) over ``work``/``split``."""
     from cir_mine.miner.core.search import build_index
     from cir_mine.miner.encode.index import load_workspace_index
     from cir_mine.miner.core.mine import MineConfig, mine_negatives
@@ -43,13 +43,13 @@ def miner_remine(work: str | Path, split: str, negatives: str | Path, schedule: 
                               else build_index(data()[0].embeddings, "flat", device="cpu"))
         return state["index"]
 
-    def remine(query_emb: np.ndarray, round: int, epoch: int):
+    def remine(query_emb: np.ndarray, mining_round: int, epoch: int):
         cfg = MineConfig.from_dict({**base, "query": "checkpoint"})
         sched = schedule or base.get("schedule")
         if sched:
             cfg = _with_mix(cfg, sched, epoch)
-        res = mine_negatives(ws, split, cfg, query_emb=query_emb, round=round, index=index(), loaded=data())
-        log.info("re-mined round %d at epoch %d: %d rows", round, epoch, res.table.num_rows)
+        res = mine_negatives(ws, split, cfg, query_emb=query_emb, mining_round=mining_round, index=index(), loaded=data())
+        log.info("re-mined round %d at epoch %d: %d rows", mining_round, epoch, res.table.num_rows)
         return res.table, res.meta
 
     return remine

@@ -31,25 +31,14 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 
 def _evidence_fn():
     """attrs -> {group: hashable evidence} as requested_status sees it (vocabulary + raw groups)."""
-    vocab_cls = getattr(A, "Vocabulary", None)
-    vocab = vocab_cls.default() if vocab_cls is not None else None
-    ev = getattr(vocab, "_image_evidence", None)
+    vocab = A.Vocabulary.default()
 
     def fn(attrs) -> dict:
         raw = {g: frozenset(v) for g, v in A.group_values(attrs).items()}
-        if ev is None:
-            return {g: (None, v) for g, v in raw.items()}
-        vocab_ev = {g: (frozenset(v), bool(x)) for g, (v, x) in ev(list(attrs)).items()}
+        vocab_ev = {g: (frozenset(v), bool(x)) for g, (v, x) in vocab.image_evidence(list(attrs)).items()}
         return {g: (vocab_ev.get(g), raw.get(g)) for g in set(raw) | set(vocab_ev)}
 
     return fn
-
-
-def _status_call(attrs, req, ref_attrs):
-    try:
-        return A.requested_status(attrs, req, ref_attrs=ref_attrs)
-    except TypeError:                      # an API without comparatives against the reference
-        return A.requested_status(attrs, req)
 
 
 @dataclass
@@ -129,7 +118,7 @@ class AttrCodes:
                 t = np.empty((len(qrep[j]), len(crep[j])), np.int8)
                 for a, (sub, ref_attrs) in enumerate(qrep[j]):
                     for b, ci in enumerate(crep[j]):
-                        t[a, b] = _CODE[_status_call(list(combos[ci]), sub, ref_attrs).get(g)]
+                        t[a, b] = _CODE[A.requested_status(list(combos[ci]), sub, ref_attrs=ref_attrs).get(g)]
                 tables.append(t)
         return cls(combo, bits, groups, group_code, req_groups, cand_key, q_key, tables, q_group_asked)
 

@@ -107,9 +107,9 @@ class Vocabulary:
 
     def image_values(self, attrs: Iterable[str]) -> dict[str, set[str]]:
         """Gallery attributes -> {group: values the vocabulary recognises}; unknown attributes ignored."""
-        return {g: vals for g, (vals, _) in self._image_evidence(attrs).items()}
+        return {g: vals for g, (vals, _) in self.image_evidence(attrs).items()}
 
-    def _image_evidence(self, attrs: Iterable[str]) -> dict[str, tuple[set, bool]]:
+    def image_evidence(self, attrs: Iterable[str]) -> dict[str, tuple[set, bool]]:
         """{group: (values, exact)}; exact when a ground-truth ``group:value`` attribute names them."""
         out: dict[str, tuple[set, bool]] = {}
         for a in attrs:
@@ -370,8 +370,8 @@ def requested_status(attrs: Iterable[str], req: Requested, vocab: Optional[Vocab
     """
     vocab = vocab or Vocabulary.default()
     attrs = list(attrs)
-    have = vocab._image_evidence(attrs)
-    ref = vocab._image_evidence(ref_attrs) if ref_attrs is not None else {}
+    have = vocab.image_evidence(attrs)
+    ref = vocab.image_evidence(ref_attrs) if ref_attrs is not None else {}
     out: dict[str, Optional[bool]] = {}
     for g in req.groups:
         vals, exact = have.get(g, (set(), False))

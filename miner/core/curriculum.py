@@ -24,18 +24,19 @@ def parse_schedule(spec: str) -> list[dict]:
         try:
             ep = int(epoch)
         except ValueError:
-            raise UsageError(f"bad --schedule entry {e!r}: use EPOCH:MIX, e.g. 0:random,2:midzone,4:hardest.") from None
+            raise UsageError(f"bad schedule entry {e!r}: use EPOCH:MIX, e.g. 0:random,2:midzone,4:hardest.",
+                             params=("schedule",)) from None
         if not sep or ep < 0:
-            raise UsageError(f"bad --schedule entry {e!r}: use EPOCH:MIX with EPOCH >= 0.")
+            raise UsageError(f"bad schedule entry {e!r}: use EPOCH:MIX with EPOCH >= 0.", params=("schedule",))
         out.append({"from_epoch": ep, "mix": [[n, w] for n, w in parse_mix(mix)]})
     if not out:
-        raise UsageError("empty --schedule: use e.g. 0:random,2:midzone,4:hardest.")
+        raise UsageError("empty schedule: use e.g. 0:random,2:midzone,4:hardest.", params=("schedule",))
     out.sort(key=lambda d: d["from_epoch"])
     epochs = [d["from_epoch"] for d in out]
     if len(set(epochs)) != len(epochs):
-        raise UsageError(f"--schedule {spec!r} names an epoch twice.")
+        raise UsageError(f"schedule {spec!r} names an epoch twice.", params=("schedule",))
     if epochs[0] != 0:
-        raise UsageError(f"--schedule {spec!r} must start at epoch 0.")
+        raise UsageError(f"schedule {spec!r} must start at epoch 0.", params=("schedule",))
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cir_mine.data.errors import UsageError
 from cir_mine.miner.core.scores import cap_mask
 
 GUARDS = ("target", "reference", "extra_positive", "cap", "near_duplicate", "duplicate_product")
@@ -85,12 +86,20 @@ def duplicate_product_guard(cand_prod: np.ndarray, valid: np.ndarray):
 
 @dataclass(frozen=True)
 class GuardConfig:
+    """Every false-negative guard's switch and threshold (the mining core's one guard config)."""
+
     exclude_target: bool = True           # never the target
     exclude_reference: bool = True        # never the reference
     exclude_extra_positives: bool = True  # never an extra positive
-    dup_threshold: float | None = 0.98    # drop s(c, t) >= this (None: off)
-    rho: float | None = 0.95              # positive-aware cap (None: off)
+    dup_threshold: float | None = 0.98    # near-duplicate guard: drop s(c, t) >= this (None: off)
+    rho: float | None = 0.95              # positive-aware cap: drop s(q,c) > s(q,t) - (1-rho)|s(q,t)| (None: off)
     trust_verified: bool = True           # annotator-verified negatives skip the cap and near-dup guards
+
+    def validate(self) -> "GuardConfig":
+        if self.rho is not None and not 0 < self.rho <= 1:
+            raise UsageError(f"rho must be in (0, 1] (got {self.rho}); switch the cap off with rho=None.",
+                             params=("rho", "rho=None"))
+        return self
 
 
 def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, target_prod, ref_prod, q,

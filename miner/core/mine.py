@@ -30,7 +30,8 @@ from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member
 from cir_mine.miner.core.search import build_index, check_index, search_batched
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
-from cir_mine.miner.core.strategies import REGISTRY, Candidates, Picks, hash_keys, parse_mix, split_k
+from cir_mine.miner.core.strategies import (REGISTRY, Candidates, Picks, default_params, hash_keys, param_owner,
+                                            parse_mix, split_k, validate_params)
 from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, write_negatives
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ SAMPLE_ORDERS = ("top", "random")
 class MineConfig:
     strategy: Optional[str] = None        # one strategy name (or use mix / schedule)
     mix: Optional[str] = None             # 'midzone:0.6,category:0.3,random:0.1'
-    schedule: Optional[str] = None        # curriculum '0:random,2:midzone,4:hardest' (mines the mix at `round`)
+    schedule: Optional[str] = None        # curriculum '0:random,2:midzone,4:hardest' (mines the mix of the mining round)
     k: int = 10                           # negatives per query
     seed: int = 0                         # sampling seed (per query: hash of seed and query_id)
     query: str = "zero-shot"              # query embeddings: zero-shot or checkpoint (passed in)
@@ -52,85 +53,109 @@ class MineConfig:
     candidates: Optional[int] = None      # search depth per query (None: max(4k, range_max, 128))
     max_candidates: Optional[int] = 2048  # short queries are searched again up to this depth (None: off)
     query_batch: int = 4096               # queries per search batch (bounds memory)
-    range_min: int = 0                    # hardest: first rank of the window (0-based, inclusive)
-    range_max: Optional[int] = None       # hardest: end of the window (exclusive; None: depth)
-    margin: float = 0.1                   # semihard: 0 < delta < margin
-    delta_lo: float = 0.02                # midzone: lower bound of delta (inclusive)
-    delta_hi: float = 0.2                 # midzone: upper bound of delta (inclusive)
-    category_shares: tuple = (0.7, 0.2, 0.1)  # category: same-cat, other-cat, random shares
-    attr_agree: float = 1.0               # attribute-mismatch: share of non-requested groups equal to the target
-    soft_lo: float = 0.0                  # soft: overlap(c, t) > soft_lo
-    soft_hi: float = 1.0                  # soft: overlap(c, t) < soft_hi
     sample: Optional[str] = None          # override the selection order of ranked strategies: top | random
-    discrepant_pool: str = "target"       # category-discrepant: candidates near the target (its own search) or the query
     random_draws: int = 32                # extra uniform draws per query beyond 2k (random, category)
-    exclude_target: bool = True           # guard: never the target
-    exclude_reference: bool = True        # guard: never the reference
-    exclude_extra_positives: bool = True  # guard: never an extra positive
-    dup_threshold: Optional[float] = 0.98 # guard: drop s(c, t) >= dup_threshold (None: off)
-    rho: Optional[float] = 0.95           # guard: positive-aware cap s(q,c) > rho*s(q,t), sign-safe (None: off)
-    trust_verified: bool = True           # guard: verified negatives skip the cap and near-dup guards
     device: str = "auto"                  # FAISS device: auto | cpu | cuda
+    guards: GuardConfig = field(default_factory=GuardConfig)  # the false-negative guards
+    params: dict = field(default_factory=default_params)      # strategy name -> its parameter dataclass
+
+    # -- flat options: one namespace over this config, its guards and every strategy's parameters
+    @classmethod
+    def option_owners(cls) -> dict:
+        """Option name -> where it lives: 'config', 'guards' or a strategy name."""
+        owners = {f.name: "config" for f in dataclasses.fields(cls) if f.name not in ("guards", "params")}
+        owners.update({f.name: "guards" for f in dataclasses.fields(GuardConfig)})
+        owners.update(param_owner())
+        return owners
+
+    @classmethod
+    def of(cls, **options) -> "MineConfig":
+        """A config from flat options, each named as its field is: this config's, GuardConfig's or a
+        strategy's parameter, e.g. ``MineConfig.of(strategy="midzone", delta_lo=0.05, rho=None)``."""
+        return cls().replace(**options)
+
+    def replace(self, **options) -> "MineConfig":
+        """A copy with flat options changed (see :meth:`of`)."""
+        owners = self.option_owners()
+        unknown = sorted(set(options) - set(owners))
+        if unknown:
+            raise UsageError(f"unknown mining option(s) {', '.join(unknown)}.", params=tuple(unknown))
+        top, guards, params = {}, {}, {}
+        for name, value in options.items():
+            owner = owners[name]
+            if owner == "config":
+                top[name] = value
+            elif owner == "guards":
+                guards[name] = value
+            else:
+                params.setdefault(owner, {})[name] = _typed(REGISTRY[owner].params, name, value)
+        new_params = dict(self.params)
+        for owner, values in params.items():
+            new_params[owner] = dataclasses.replace(self.params_of(owner), **values)
+        return dataclasses.replace(self, **top, guards=dataclasses.replace(self.guards, **guards), params=new_params)
+
+    def options(self) -> dict:
+        """Every flat option with its value (the inverse of :meth:`of`)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("guards", "params")}
+        out.update(dataclasses.asdict(self.guards))
+        for name in REGISTRY:
+            out.update(dataclasses.asdict(self.params_of(name)))
+        return out
+
+    def params_of(self, strategy: str):
+        """The parameter dataclass of ``strategy`` (its defaults where this config sets none)."""
+        p = self.params.get(strategy)
+        return p if p is not None else REGISTRY[strategy].params()
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["category_shares"] = list(self.category_shares)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("guards", "params")}
+        d["guards"] = dataclasses.asdict(self.guards)
+        d["params"] = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
+                       for name, p in self.params.items() if dataclasses.fields(p)}
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MineConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise UsageError(f"unknown mining config key(s) {', '.join(sorted(unknown))}.")
+        """Inverse of :meth:`to_dict`; flat option names (tables mined by earlier versions) are read too."""
         d = dict(d)
-        if "category_shares" in d:
-            d["category_shares"] = tuple(d["category_shares"])
-        return cls(**d)
+        guards, params = d.pop("guards", None) or {}, d.pop("params", None) or {}
+        flat = {**guards, **{k: v for p in params.values() for k, v in p.items()}, **d}
+        try:
+            return cls.of(**flat)
+        except UsageError as e:
+            raise UsageError(str(e).replace("option(s)", "config key(s)"), params=e.params) from None
 
-    def guard_config(self) -> GuardConfig:
-        return GuardConfig(self.exclude_target, self.exclude_reference, self.exclude_extra_positives,
-                           self.dup_threshold, self.rho, self.trust_verified)
-
-    def parts(self, round: int = 0) -> list[tuple[str, float]]:
-        """The (strategy, share) mix this config mines at ``round``."""
+    def parts(self, mining_round: int = 0) -> list[tuple[str, float]]:
+        """The (strategy, share) mix this config mines at ``mining_round``."""
         given = [x for x in (self.strategy, self.mix) if x]
         if len(given) > 1:
-            raise UsageError("give either --strategy or --mix, not both.")
+            raise UsageError("give either strategy or mix, not both.", params=("strategy", "mix"))
         if given:
             return parse_mix(given[0])
         if self.schedule:
-            return mix_at(parse_schedule(self.schedule), round)
-        raise UsageError("no strategy: pass --strategy NAME, --mix SPEC or --schedule SPEC.")
+            return mix_at(parse_schedule(self.schedule), mining_round)
+        raise UsageError("nothing to mine: pass strategy NAME, mix SPEC or schedule SPEC.",
+                         params=("strategy", "mix", "schedule"))
 
-    def validate(self, round: int = 0) -> list[tuple[str, float]]:
+    def validate(self, mining_round: int = 0) -> list[tuple[str, float]]:
+        """Check every option (errors name the option); returns the mix of ``mining_round``."""
         check_numbers(self)
-        parts = self.parts(round)
+        parts = self.parts(mining_round)
         if self.k < 1:
-            raise UsageError(f"-k must be at least 1 (got {self.k}).")
+            raise UsageError(f"k must be at least 1 (got {self.k}).", params=("k",))
         if self.query not in QUERY_SOURCES:
-            raise UsageError(f"--query {self.query!r}: use zero-shot or checkpoint.")
+            raise UsageError(f"query {self.query!r}: use zero-shot or checkpoint.", params=("query",))
         if self.sample is not None and self.sample not in SAMPLE_ORDERS:
-            raise UsageError(f"--sample {self.sample!r}: use top or random.")
-        if self.discrepant_pool not in ("target", "query"):
-            raise UsageError(f"--discrepant-pool {self.discrepant_pool!r}: use target or query.")
-        if self.soft_lo > self.soft_hi:
-            raise UsageError(f"--soft-lo ({self.soft_lo}) is above --soft-hi ({self.soft_hi}); swap them.")
-        if self.delta_lo > self.delta_hi:
-            raise UsageError(f"--delta-lo ({self.delta_lo}) is above --delta-hi ({self.delta_hi}); swap them.")
-        if self.range_max is not None and self.range_max <= self.range_min:
-            raise UsageError(f"--range-max ({self.range_max}) must be above --range-min ({self.range_min}).")
+            raise UsageError(f"sample {self.sample!r}: use top or random.", params=("sample",))
         if self.max_candidates is not None and self.max_candidates < 1:
-            raise UsageError("--max-candidates must be at least 1 (use --no-deepen to switch deepening off).")
+            raise UsageError("max_candidates must be at least 1 (use max_candidates=None to switch deepening off).",
+                             params=("max_candidates", "max_candidates=None"))
         if self.candidates is not None and self.candidates < 1:
-            raise UsageError("--candidates must be at least 1.")
+            raise UsageError("candidates must be at least 1.", params=("candidates",))
         if self.query_batch < 1:
-            raise UsageError("--query-batch must be at least 1.")
-        if self.rho is not None and not 0 < self.rho <= 1:
-            raise UsageError(f"--rho must be in (0, 1] (got {self.rho}); use --no-cap to switch the cap off.")
-        check_range("attr_agree", self.attr_agree, 0.0, 1.0)
-        if len(self.category_shares) != 3 or min(self.category_shares) < 0 or sum(self.category_shares) <= 0:
-            raise UsageError("--category-shares needs three non-negative shares, e.g. 0.7,0.2,0.1.")
+            raise UsageError("query_batch must be at least 1.", params=("query_batch",))
+        self.guards.validate()
+        validate_params(self.params)
         if self.schedule:
             parse_schedule(self.schedule)
         return parts
@@ -138,7 +163,13 @@ class MineConfig:
     def depth(self, k: int) -> int:
         if self.candidates is not None:
             return self.candidates
-        return max(4 * k, self.range_max or 0, 128)
+        return max(4 * k, self.params_of("hardest").range_max or 0, 128)
+
+
+def _typed(params_cls: type, name: str, value):
+    """JSON lists back to tuples for tuple-valued parameters (category_shares)."""
+    default = {f.name: f.default for f in dataclasses.fields(params_cls)}[name]
+    return tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
 
 
 @dataclass
@@ -251,7 +282,7 @@ class BatchContext:
     def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig, index=None, depth: int = 0):
         self.pool, self.qs, self.q, self.cfg = pool, qs, q, cfg
         self.index, self.depth = index, depth
-        self.gcfg = cfg.guard_config()
+        self.gcfg = cfg.guards
         self.b = len(q)
         self.local = np.arange(self.b, dtype=np.int64)
         self.counts = {g: np.zeros(self.b, np.int64) for g in GUARDS}
@@ -304,7 +335,7 @@ class BatchContext:
             self._cache[key] = gathered_dot(self.pool.xb, c.rows, self.pool.xb[self.qs.target_rows[self.q]])
         return self._cache[key]
 
-    def random_candidates(self, kind: str, k: int, salt: int) -> Candidates:
+    def random_candidates(self, kind: str, k: int, stream: int) -> Candidates:
         """Uniform draws from the gallery ('all'), the target's category ('same-cat') or the other
         categories ('other-cat'), in random order, guarded. Pools no larger than the number of draws
         are enumerated in a random permutation (exact); larger ones are drawn with replacement
@@ -320,7 +351,7 @@ class BatchContext:
             start, size = (cs, ce - cs) if kind == "same-cat" else (np.zeros(self.b, np.int64), n - (ce - cs))
         L = int(min(L, max(1, size.max(initial=1))))
         j = np.broadcast_to(np.arange(L, dtype=np.int64), (self.b, L))
-        h = hash_keys(self.qs.qhash[q], j, salt)
+        h = hash_keys(self.qs.qhash[q], j, stream)
         exact = (size <= L)[:, None]
         idx = np.where(exact, j, (h % np.maximum(size, 1).astype(np.uint64)[:, None]).astype(np.int64))
         ok = idx < size[:, None]
@@ -331,7 +362,7 @@ class BatchContext:
         rows = pool.cat_order[pos] if kind != "all" else pos
         rows = np.where(ok, rows, -1)
         # exact pools: order by a hash of the row (a random permutation); others: draw order
-        order_key = np.where(exact, hash_keys(self.qs.qhash[q], rows, salt), j.astype(np.uint64))
+        order_key = np.where(exact, hash_keys(self.qs.qhash[q], rows, stream), j.astype(np.uint64))
         order_key = np.where(ok, order_key, np.iinfo(np.uint64).max)
         order = np.argsort(order_key, axis=1, kind="stable")
         return self.candidates(np.take_along_axis(rows, order, 1))
@@ -349,8 +380,8 @@ class BatchContext:
         return self.candidates(self.qs.verified_rows[self.q])
 
     # selection helpers
-    def random_keys(self, c: Candidates, salt: int) -> np.ndarray:
-        return hash_keys(self.qs.qhash[self.q], c.rows, salt)
+    def random_keys(self, c: Candidates, stream: int) -> np.ndarray:
+        return hash_keys(self.qs.qhash[self.q], c.rows, stream)
 
     def available(self, c: Candidates) -> np.ndarray:
         """Not picked by an earlier part of the mix (compared by product)."""
@@ -395,7 +426,7 @@ def _requests(t: Triplets, needed: bool) -> list:
 
 
 def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
-                   round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
+                   mining_round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
                    loaded: Optional[tuple] = None) -> MineResult:
     """Mine negatives for every query of ``split``.
 
@@ -406,15 +437,15 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
     round), so the gallery and triplets are not read again."""
     t0 = time.perf_counter()
-    parts = cfg.validate(round)
+    parts = cfg.validate(mining_round)
     if cfg.query == "checkpoint" and query_emb is None:
         raise UsageError("--query checkpoint needs query embeddings from a trained model: pass --checkpoint RUN/ckpt.pt.")
     ws.require()
     g, t = loaded if loaded is not None else ws.load(split)
     if cfg.k > len(g) - 2:
-        raise UsageError(f"-k ({cfg.k}) is larger than the gallery allows: {ws.gallery_path(split)} has {len(g)} "
+        raise UsageError(f"k ({cfg.k}) is larger than the gallery allows: {ws.gallery_path(split)} has {len(g)} "
                          f"images, so a query has at most {max(len(g) - 2, 0)} negatives besides its reference "
-                         f"and target. Lower -k.")
+                         f"and target. Lower k.", params=("k",))
     strategies = [REGISTRY[n] for n, _ in parts]
     pool = Pool.build(g, _requests(t, any(s.attributes for s in strategies)),
                       g.rows(t.ref_ids.tolist(), t.categories.tolist(), "reference"))
@@ -447,7 +478,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
             ctx.ranked = ctx.candidates(I, D, ranks)
         got[q] = 0
         for name, ki, si in mined:
-            p = REGISTRY[name].fn(ctx, ki, si + 1)
+            p = REGISTRY[name].fn(ctx, ki, si + 1, cfg.params_of(name))
             ctx.take(p)
             ok = p.rows >= 0
             qi, col = np.nonzero(ok)
@@ -490,13 +521,13 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
 
     part_rows = np.bincount(np.concatenate(out["part"]).astype(np.int64) if out["part"] else np.zeros(0, np.int64),
                             minlength=len(parts))
-    table = _assemble(pool, qs, parts, out, round, cfg.seed)
+    table = _assemble(pool, qs, parts, out, mining_round, cfg.seed)
     short = np.flatnonzero(got < k_mined)
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
     meta = {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
         "data_hash": ws.split_hash(split),
-        "round": int(round), "bank": bank, "query_source": "zero-shot" if query_emb is None else "provided",
+        "round": int(mining_round), "bank": bank, "query_source": "zero-shot" if query_emb is None else "provided",
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
         "schedule": parse_schedule(cfg.schedule) if cfg.schedule else None,
@@ -505,25 +536,25 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         "shortfall": {"count": int(short.size), "query_ids": [str(x) for x in qs.ids.take(pa.array(short)).to_pylist()],
                       "missing": int((k_mined - got[short]).sum()),
                       "hints": shortfall_hints({g: int(c[short].sum()) for g, c in guard_counts.items()},
-                                               int((k_mined - got[short]).sum()), cfg.guard_config(),
+                                               int((k_mined - got[short]).sum()), cfg.guards,
                                                [f"{n}: {REGISTRY[n].hint}" for n, _, _ in mined if REGISTRY[n].hint])},
         "guards_per_query": {str(qs.ids[int(i)]): {g: int(c[i]) for g, c in guard_counts.items()}
                              for i in short[:MAX_GUARDS_PER_QUERY]},
         "guards": {name: {"removed": int(c.sum()), "queries": int((c > 0).sum()), "max_per_query": int(c.max(initial=0))}
                    for name, c in guard_counts.items()},
-        "timing": {"prepare_s": round_(t_prep), "search_s": round_(t_search),
-                   "total_s": round_(time.perf_counter() - t0)},
+        "timing": {"prepare_s": _seconds(t_prep), "search_s": _seconds(t_search),
+                   "total_s": _seconds(time.perf_counter() - t0)},
         "versions": library_versions(),
     }
     log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, m, short.size)
     return MineResult(table, meta, guard_counts)
 
 
-def round_(x: float) -> float:
+def _seconds(x: float) -> float:
     return float(f"{x:.3f}")
 
 
-def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, round: int, seed: int) -> pa.Table:
+def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int, seed: int) -> pa.Table:
     cat = lambda k, dt: np.concatenate(out[k]) if out[k] else np.zeros(0, dt)
     q, row, part = cat("q", np.int64), cat("row", np.int64), cat("part", np.int8)
     # rows come out batch by batch and part by part: order them by query, then part, then pick order
@@ -539,7 +570,7 @@ def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, round: int, seed: int)
         qs.ids.take(qa), qs.ref_ids.take(qa), qs.target_ids.take(qa), pool.ids.take(ra), neg_category,
         names.take(pa.array(part.astype(np.int64))), pa.array(rank, pa.int32()),
         pa.array(score, pa.float32()), pa.array(ts, pa.float32()), pa.array(ts - score, pa.float32()),
-        pa.array(np.full(q.size, round, np.int32)), pa.array(pool.cat[row] == pool.cat[target_rows]),
+        pa.array(np.full(q.size, mining_round, np.int32)), pa.array(pool.cat[row] == pool.cat[target_rows]),
         pa.array(pool.attrs.overlap(row, target_rows), pa.float32()), pa.array(np.full(q.size, seed, np.int64)),
     ], schema=NEGATIVES_SCHEMA)
 

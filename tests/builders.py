@@ -1,4 +1,5 @@
-"""A deterministic stand-in for the miner (tests only): negatives tables without the mining core."""
+"""In-memory builders for tests: grouping a table by query, and a deterministic stand-in for the miner
+(negatives tables without the mining core). On-disk layouts are in tests/fixtures.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,15 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.tables import NEGATIVES_SCHEMA
 
 
-def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int = 4, round: int = 0,
+def by_query(table) -> dict:
+    """query_id -> list of row dicts, in table order."""
+    out: dict = {}
+    for r in table.to_pylist():
+        out.setdefault(r["query_id"], []).append(r)
+    return out
+
+
+def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int = 4, mining_round: int = 0,
                    seed: int = 0, strategies=("random", "hardest")) -> tuple[pa.Table, dict]:
     """Per query and strategy, k negatives: 'random' uniform, 'hardest' top-scored non-targets.
 
@@ -22,7 +31,7 @@ def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int =
         query_emb = q / np.linalg.norm(q, axis=1, keepdims=True)
     S = query_emb @ g.embeddings.T
     ts = S[np.arange(len(t)), tgt_rows]
-    rng = np.random.default_rng([seed, round])
+    rng = np.random.default_rng([seed, mining_round])
     cols = {n: [] for n in NEGATIVES_SCHEMA.names}
     order = np.argsort(-S, axis=1)[:, : 4 * k + 4]
     for i in range(len(t)):
@@ -39,11 +48,11 @@ def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int =
                              ("target_id", t.target_ids[i]), ("neg_id", g.image_ids[r]),
                              ("neg_category", g.categories[r]),
                              ("strategy", s), ("rank", -1), ("score", S[i, r]),
-                             ("target_score", ts[i]), ("delta", ts[i] - S[i, r]), ("round", round),
+                             ("target_score", ts[i]), ("delta", ts[i] - S[i, r]), ("round", mining_round),
                              ("category_match", g.categories[r] == t.categories[i]),
                              ("attr_overlap", 0.0), ("seed", seed)):
                     cols[n].append(v)
     table = pa.table({n: pa.array(v, type=NEGATIVES_SCHEMA.field(n).type) for n, v in cols.items()})
     meta = {"config": {"strategies": list(strategies), "k": k}, "manifest_hash": ws.manifest_hash(),
-            "split": split, "round": round}
+            "split": split, "round": mining_round}
     return table, meta

@@ -1,0 +1,34 @@
+"""attribute-mismatch: like the target outside the requested groups, contradicting a requested one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cir_mine.miner.core.strategies.registry import register
+from cir_mine.miner.core.strategies.selection import Picks, contradicted, pick
+
+
+@dataclass(frozen=True)
+class AttributeMismatchParams:
+    attr_agree: float = 1.0               # least share of non-requested groups equal to the target's
+
+
+@register("attribute-mismatch", AttributeMismatchParams, ranked=True, attributes=True,
+          hint="lower --attr-agree or raise --max-candidates")
+def attribute_mismatch(ctx, k: int, stream: int, p: AttributeMismatchParams) -> Picks:
+    """Agrees with the target outside the requested groups (share >= attr_agree of the groups either
+    image has) and differs from it in a requested group that the candidate contradicts."""
+    c = ctx.ranked
+    diff = ctx.group_diff(c)                                   # [b, L, G]
+    asked = ctx.group_asked()[:, None, :]                     # [b, 1, G]
+    diff_asked = (diff & asked).any(axis=-1)
+    present = ctx.group_present(c)                            # [b, L, G] either image has the group
+    other = present & ~asked
+    n_other = other.sum(-1)
+    agree = np.where(n_other > 0, (other & ~diff).sum(-1) / np.maximum(n_other, 1), 1.0)
+    # where no image carries a requested group as a raw group (FashionIQ tags name other groups than
+    # captions), the contradiction itself is the difference
+    asked_present = (present & asked).any(axis=-1)
+    ok = (diff_asked | ~asked_present) & contradicted(ctx.status(c)) & (agree >= p.attr_agree - 1e-9)
+    return pick(ctx, c, c.valid & ok, k, stream, "top")

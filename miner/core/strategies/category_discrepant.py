@@ -1,0 +1,31 @@
+"""category-discrepant: visually near the target but contradicting a requested attribute."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cir_mine.data.errors import UsageError
+from cir_mine.miner.core.strategies.registry import register
+from cir_mine.miner.core.strategies.selection import Picks, contradicted, pick
+
+POOLS = ("target", "query")
+
+
+@dataclass(frozen=True)
+class CategoryDiscrepantParams:
+    discrepant_pool: str = "target"       # candidates near the target (its own search) or the query's ranking
+
+    def validate(self) -> None:
+        if self.discrepant_pool not in POOLS:
+            raise UsageError(f"discrepant_pool {self.discrepant_pool!r}: use target or query.",
+                             params=("discrepant_pool",))
+
+
+@register("category-discrepant", CategoryDiscrepantParams, ranked=True, attributes=True,
+          hint="raise --max-candidates (queries without requested attributes get none)")
+def category_discrepant(ctx, k: int, stream: int, p: CategoryDiscrepantParams) -> Picks:
+    """Visually near the target (highest s(c, t) first) but contradicting a requested attribute.
+
+    Candidates: the target's own nearest neighbours (``discrepant_pool='target'``, a second search)
+    or the query's ranking ('query')."""
+    c = ctx.target_neighbors() if p.discrepant_pool == "target" else ctx.ranked
+    return pick(ctx, c, c.valid & contradicted(ctx.status(c)), k, stream, "top", key=-ctx.sim_target_full(c))

@@ -1,0 +1,111 @@
+"""Selection helpers every strategy shares: candidate matrices, picks, hashed random keys.
+
+A strategy picks at most ``k`` negatives per query from a :class:`Candidates` matrix and never pads:
+slots it cannot fill stay -1 and show up as shortfall. Random choices use keys hashed from
+(seed, query_id, gallery row, stream), so rows do not depend on the batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from cir_mine.miner.core.attribute_codes import STATUS_FALSE
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """Vectorized SplitMix64 finalizer on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _M1
+        z = (z ^ (z >> np.uint64(30))) * _M2
+        z = (z ^ (z >> np.uint64(27))) * _M3
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_keys(qhash: np.ndarray, values: np.ndarray, stream: int) -> np.ndarray:
+    """uint64 keys for (query, value) in random stream ``stream`` (an int that keeps the draws of
+    mix parts apart): ``qhash`` uint64[b], ``values`` int64[b, L] -> uint64[b, L]."""
+    v = splitmix64(values.astype(np.uint64) ^ splitmix64(np.uint64(stream) + np.zeros(1, np.uint64)))
+    return splitmix64(qhash[:, None] ^ v)
+
+
+@dataclass
+class Candidates:
+    """A guarded candidate matrix for b queries."""
+
+    rows: np.ndarray            # int64[b, L] gallery rows (-1 = empty)
+    product: np.ndarray         # int64[b, L] product code of each row
+    scores: np.ndarray          # float32[b, L] s(q, c)
+    ranks: np.ndarray           # int32[b, L] rank in the search (-1: not from the ranking)
+    delta: np.ndarray           # float32[b, L] s(q, t) - s(q, c)
+    valid: np.ndarray           # bool[b, L] passed every guard
+
+    @property
+    def shape(self):
+        return self.rows.shape
+
+
+@dataclass
+class Picks:
+    rows: np.ndarray            # int64[b, k] picked gallery rows (-1 = unfilled)
+    ranks: np.ndarray           # int32[b, k]
+    scores: np.ndarray          # float32[b, k] s(q, neg)
+
+    @classmethod
+    def empty(cls, b: int) -> "Picks":
+        return cls(np.full((b, 0), -1, np.int64), np.full((b, 0), -1, np.int32), np.zeros((b, 0), np.float32))
+
+
+def select(c: Candidates, eligible: np.ndarray, k: int, key: Optional[np.ndarray] = None) -> Picks:
+    """Up to ``k`` eligible candidates per row, smallest ``key`` first (default: column order).
+
+    ``key``: [b, L] numbers (uint64 hash keys for uniform sampling, -s(c,t) for closeness, ...)."""
+    b, L = c.shape
+    k_eff = min(k, L)
+    if key is None:
+        key = np.broadcast_to(np.arange(L, dtype=np.int64), (b, L))
+    fill = np.iinfo(key.dtype).max if np.issubdtype(key.dtype, np.integer) else np.inf
+    key = np.where(eligible, key, fill)
+    order = np.argsort(key, axis=1, kind="stable")[:, :k_eff]
+    ok = np.take_along_axis(eligible, order, axis=1)
+    rows = np.where(ok, np.take_along_axis(c.rows, order, axis=1), -1)
+    ranks = np.where(ok, np.take_along_axis(c.ranks, order, axis=1), -1).astype(np.int32)
+    scores = np.where(ok, np.take_along_axis(c.scores, order, axis=1), 0).astype(np.float32)
+    if k_eff < k:
+        pad = k - k_eff
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        ranks = np.pad(ranks, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)))
+    return Picks(rows, ranks, scores)
+
+
+def select_available(ctx, c: Candidates, k: int) -> Picks:
+    """Up to ``k`` valid candidates not picked by an earlier part of the mix, in column order."""
+    return select(c, c.valid & ctx.available(c), k)
+
+
+def pick(ctx, c: Candidates, eligible: np.ndarray, k: int, stream: int, default: str,
+         key: Optional[np.ndarray] = None) -> Picks:
+    """Select with the configured order (``ctx.cfg.sample`` or ``default``): 'top' (ranking order),
+    'random' (uniform, hashed in ``stream``) or ``key``."""
+    order = ctx.cfg.sample or default
+    if key is None and order == "random":
+        key = ctx.random_keys(c, stream)
+    return select(c, eligible & ctx.available(c), k, key)
+
+
+def contradicted(status: np.ndarray) -> np.ndarray:
+    """bool[b, L]: the candidate contradicts at least one requested attribute (status [b, L, R])."""
+    return (status == STATUS_FALSE).any(axis=-1)
+
+
+def concat_picks(parts: list, b: int) -> Picks:
+    if not parts:
+        return Picks.empty(b)
+    return Picks(np.concatenate([p.rows for p in parts], 1), np.concatenate([p.ranks for p in parts], 1),
+                 np.concatenate([p.scores for p in parts], 1))

@@ -1,0 +1,104 @@
+"""A strategy is one module: a toy one registered here joins the registry, the mix parser, the
+flat options of MineConfig and the miner, with nothing else changed."""
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pytest
+
+from cir_mine.data.errors import UsageError
+from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.guards import GuardConfig
+from cir_mine.miner.core.mine import MineConfig, mine_negatives
+from cir_mine.miner.core.strategies import REGISTRY, parse_mix, register, unregister
+from cir_mine.miner.core.strategies.selection import Picks, pick
+
+
+@dataclass(frozen=True)
+class LastRanksParams:
+    last_n: int = 5                       # pick among the last last_n ranks of the search
+
+    def validate(self) -> None:
+        if self.last_n < 1:
+            raise UsageError(f"last_n must be at least 1 (got {self.last_n}).", params=("last_n",))
+
+
+def last_ranks(ctx, k: int, stream: int, p: LastRanksParams) -> Picks:
+    """The deepest ``last_n`` ranks of the query's ranking."""
+    c = ctx.ranked
+    return pick(ctx, c, c.valid & (c.ranks >= ctx.depth - p.last_n), k, stream, "top")
+
+
+@pytest.fixture
+def toy():
+    register("last-ranks", LastRanksParams, ranked=True, hint="raise --last-n")(last_ranks)
+    yield "last-ranks"
+    unregister("last-ranks")
+
+
+def test_toy_strategy_joins_registry_mix_parser_and_config(toy):
+    assert REGISTRY[toy].fn is last_ranks and REGISTRY[toy].ranked
+    assert parse_mix(f"{toy}:0.5,random:0.5") == [(toy, 0.5), ("random", 0.5)]
+    cfg = MineConfig.of(strategy=toy, last_n=7)
+    assert cfg.params_of(toy) == LastRanksParams(7) and cfg.options()["last_n"] == 7
+    assert MineConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UsageError, match=r"^last_n must be at least 1 \(got 0\)\.$"):
+        MineConfig.of(strategy=toy, last_n=0).validate()
+
+
+def test_toy_strategy_mines(toy, synth_work):
+    res = mine_negatives(Workspace(synth_work), "train",
+                         MineConfig.of(mix=f"{toy}:0.5,random:0.5", k=4, candidates=64, last_n=10, rho=None))
+    t = res.table
+    ranks = np.asarray([r["rank"] for r in t.to_pylist() if r["strategy"] == toy])
+    assert ranks.size > 0 and ranks.min() >= 64 - 10
+    assert set(t["strategy"].to_pylist()) == {toy, "random"}
+
+
+def test_unknown_strategy_is_refused_after_unregister(toy):
+    unregister(toy)
+    with pytest.raises(UsageError, match="unknown strategy 'last-ranks'"):
+        parse_mix(toy)
+
+
+def test_registration_refuses_taken_or_defaultless_parameters():
+    @dataclass(frozen=True)
+    class Clash:
+        delta_lo: float = 0.0             # midzone's already
+
+    @dataclass(frozen=True)
+    class NoDefault:
+        width: float                      # no default
+
+    with pytest.raises(TypeError, match="delta_lo is already midzone's"):
+        register("clash", Clash)(last_ranks)
+    with pytest.raises(TypeError, match="needs a default"):
+        register("no-default", NoDefault)(last_ranks)
+    assert "clash" not in REGISTRY and "no-default" not in REGISTRY
+
+
+def test_every_builtin_strategy_has_its_own_module_and_params():
+    names = ["random", "in-batch", "hardest", "semihard", "midzone", "category", "category-discrepant",
+             "attribute-mismatch", "soft", "semantic", "verified"]
+    assert list(REGISTRY)[:len(names)] == names
+    for name in names:
+        s = REGISTRY[name]
+        assert s.fn.__module__ == "cir_mine.miner.core.strategies." + name.replace("-", "_")
+        s.params()                                                      # every field has a default
+
+
+def test_flat_option_names_are_unique():
+    owners = MineConfig.option_owners()
+    config = [f.name for f in fields(MineConfig) if f.name not in ("guards", "params")]
+    guards = [f.name for f in fields(GuardConfig)]
+    params = [f.name for s in REGISTRY.values() for f in fields(s.params)]
+    assert len(owners) == len(config) + len(guards) + len(params)
+
+
+def test_config_reads_the_flat_form_of_earlier_tables():
+    flat = {"strategy": "midzone", "k": 5, "delta_lo": 0.05, "rho": None, "category_shares": [0.5, 0.3, 0.2],
+            "exclude_target": True}
+    cfg = MineConfig.from_dict(flat)
+    assert cfg.guards.rho is None and cfg.params_of("midzone").delta_lo == 0.05
+    assert cfg.params_of("category").category_shares == (0.5, 0.3, 0.2)
+    with pytest.raises(UsageError, match="unknown mining config key"):
+        MineConfig.from_dict({"delta_low": 0.1})
