@@ -3,7 +3,9 @@
 The public API (see docs/api.md) is importable from here; names load lazily, so
 ``import cir_mine`` stays cheap and the mining core never pulls in torch::
 
-    from cir_mine import Workspace, MineConfig, mine_negatives, read_negatives
+    from cir_mine import Workspace, MineConfig, mine_negatives, read_negatives, NegativesDataset
+
+(``NegativesDataset`` and ``collate_negatives`` need torch; every other name works without it.)
 """
 from __future__ import annotations
 
@@ -14,15 +16,27 @@ __version__ = "0.2.0"
 # public name -> module that defines it
 _API = {
     "Workspace": "cir_mine.data.workspace",
+    "ArrayWorkspace": "cir_mine.data.arrays",
     "CirMineError": "cir_mine.data.errors",
     "DataError": "cir_mine.data.errors",
     "UsageError": "cir_mine.data.errors",
+    "clip4cir_fashioniq_items": "cir_mine.data.fashioniq",
     "MineConfig": "cir_mine.miner.core.mine",
     "MineResult": "cir_mine.miner.core.mine",
     "mine_negatives": "cir_mine.miner.core.mine",
     "mine_to_file": "cir_mine.miner.core.mine",
     "GuardConfig": "cir_mine.miner.core.guards",
     "read_negatives": "cir_mine.miner.core.tables",
+    "NegativesTable": "cir_mine.miner.core.tables",
+    "GroupedNegatives": "cir_mine.miner.core.grouped",
+    "group_negatives_table": "cir_mine.miner.core.grouped",
+    "NegativesLookup": "cir_mine.miner.core.lookup",
+    "export_negatives": "cir_mine.miner.core.export",
+    "read_query_embeddings": "cir_mine.miner.core.query_emb",
+    "check_query_embeddings": "cir_mine.miner.core.query_emb",
+    "Remine": "cir_mine.miner.remine",
+    "NegativesDataset": "cir_mine.train.datasets",
+    "collate_negatives": "cir_mine.train.datasets",
 }
 
 __all__ = sorted(_API) + ["__version__"]

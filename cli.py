@@ -435,6 +435,14 @@ def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
     return encode_queries(checkpoint, work, split)
 
 
+def _file_queries(path: Path, loaded):
+    """--query-emb: the .npy checked against the split's query ids and the gallery's dimension."""
+    from cir_mine.miner.core.query_emb import read_query_embeddings
+
+    g, t = loaded
+    return read_query_embeddings(path, t.query_ids.tolist(), g.dim)
+
+
 @mine_app.command()
 @cli_errors(flags=NEGATIVES_FLAGS)
 def negatives(
@@ -449,6 +457,7 @@ def negatives(
     mining_round: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
     query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
+    query_emb_path: Optional[Path] = typer.Option(None, "--query-emb", help="Your own model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order."),
     text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="Search depth per query (default max(4k, range-max, 128))."),
     max_candidates: int = typer.Option(2048, "--max-candidates", help="Queries still short of k are searched again, 4x deeper, up to this depth."),
@@ -485,7 +494,9 @@ def negatives(
     bad = [g for g in no_guard if g not in GUARD_SWITCHES]
     if bad:
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
-    if checkpoint is not None:
+    if checkpoint is not None and query_emb_path is not None:
+        raise UsageError("give --checkpoint or --query-emb, not both.")
+    if checkpoint is not None or query_emb_path is not None:
         query = "checkpoint"
     cfg = MineConfig.of(
         strategy=strategy, mix=mix, schedule=schedule, k=k, seed=seed, query=query, text_weight=text_weight,
@@ -500,19 +511,48 @@ def negatives(
         rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard,
     )
     cfg.validate(mining_round)
-    if cfg.query == "checkpoint" and checkpoint is None:
+    if cfg.query == "checkpoint" and checkpoint is None and query_emb_path is None:
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
     from cir_mine.data.io import check_output
 
-    check_output(out, [checkpoint], overwrite)   # before the (slow) query encoding
+    check_output(out, [checkpoint, query_emb_path], overwrite)   # before the (slow) query encoding
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
+    loaded = None
+    if query_emb_path is not None:
+        loaded = ws.load(split)
+        query_emb = _file_queries(query_emb_path, loaded)
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
-        res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint], query_emb=query_emb,
-                           mining_round=mining_round, progress=advance)
+        res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path],
+                           query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded)
     typer.echo(negatives_summary(out, res.meta))
+
+
+class ExportFormat(str, enum.Enum):
+    ntuple = "ntuple"
+    jsonl = "jsonl"
+
+
+@mine_app.command()
+@cli_errors
+def export(
+    negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
+    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="ntuple: wide Parquet, one row per query (sentence-transformers n-tuple, HF datasets); jsonl: one JSON line per query, or with --root CLIP4Cir caption files."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (with --root: the folder for the caption files)."),
+    root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+):
+    """Export a negatives table: wide per-query Parquet (ntuple) or JSON lines / CLIP4Cir caption files (jsonl)."""
+    from cir_mine.miner.core.export import export_negatives
+
+    setup_logging(verbose, quiet)
+    r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite)
+    what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None else str(r.out)
+    typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
 
 
 def negatives_summary(out: Path, meta: dict) -> str:

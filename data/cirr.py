@@ -22,6 +22,11 @@ from cir_mine.data.records import ImageRecord, QueryRecord
 EXTRA_POSITIVE_MIN = 0.5
 
 
+def query_id(split: str, pairid) -> str:
+    """The query id of the caption entry with ``pairid``: ``cirr-{split}-{pairid}``."""
+    return f"cirr-{split}-{pairid}"
+
+
 def load_cirr(root: str | Path, split: str) -> tuple[list[ImageRecord], list[QueryRecord]]:
     root = Path(root)
     if not root.is_dir():
@@ -56,5 +61,5 @@ def load_cirr(root: str | Path, split: str) -> tuple[list[ImageRecord], list[Que
         extra = tuple(k for k, v in soft.items() if k != tgt and float(v) >= EXTRA_POSITIVE_MIN)
         verified = tuple(k for k, v in soft.items() if float(v) == -1.0)
         members = tuple((e.get("img_set") or {}).get("members") or ())
-        queries.append(QueryRecord(f"cirr-{split}-{e['pairid']}", "", ref, tgt, (cap,), extra, verified, members))
+        queries.append(QueryRecord(query_id(split, e["pairid"]), "", ref, tgt, (cap,), extra, verified, members))
     return images, queries

@@ -29,6 +29,34 @@ TAG_GROUPS = ("category", "texture", "fabric", "shape", "part", "style")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
+def query_id(category: str, split: str, index: int) -> str:
+    """The query id of entry ``index`` of ``cap.{category}.{split}.json``: ``{category}-{split}-{index:05d}``."""
+    return f"{category}-{split}-{int(index):05d}"
+
+
+def parse_query_id(qid: str) -> Optional[tuple[str, str, int]]:
+    """``dress-train-00012`` -> ("dress", "train", 12); None for an id of another form."""
+    cat, sep, rest = str(qid).partition("-")
+    split, sep2, index = rest.rpartition("-")
+    if cat not in CATEGORIES or not sep or not sep2 or not split or not index.isdigit():
+        return None
+    return cat, split, int(index)
+
+
+def clip4cir_fashioniq_items(root: str | Path, split: str, dress_types: Sequence[str] = CATEGORIES) -> list[tuple[str, int]]:
+    """CLIP4Cir's ``FashionIQDataset(split, dress_types, 'relative')`` item order: item ``i`` ->
+    (category, index into cap.{category}.{split}.json), the caption files concatenated in the order
+    of ``dress_types``. Reads only the caption files under ``root``/captions."""
+    root = Path(root)
+    cats = check_categories(dress_types, root)
+    out = []
+    for cat in cats:
+        caps = load_json(root / "captions" / f"cap.{cat}.{split}.json", list,
+                         hint=f"Is '{split}' a FashionIQ split (train, val, test)?")
+        out += [(cat, i) for i in range(len(caps))]
+    return out
+
+
 def check_categories(categories: Optional[Iterable[str]], path_hint: Path) -> tuple[str, ...]:
     cats = tuple(categories) if categories else CATEGORIES
     unknown = [c for c in cats if c not in CATEGORIES]
@@ -112,5 +140,5 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
                 continue
             add(ref)
             add(tgt)
-            queries.append(QueryRecord(f"{cat}-{split}-{i:05d}", cat, ref, tgt, texts))
+            queries.append(QueryRecord(query_id(cat, split, i), cat, ref, tgt, texts))
     return list(images.values()), queries

@@ -260,7 +260,11 @@ def _obj(col: pa.ChunkedArray) -> np.ndarray:
 
 def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
     path = Path(path)
-    table = read_parquet(path)
+    return gallery_from_table(read_parquet(path), path, check_norm)
+
+
+def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True) -> Gallery:
+    """Validate a gallery-schema Arrow table (``path`` names it in errors) -> :class:`Gallery`."""
     _check_columns(table.schema, path, GALLERY_COLUMNS, GALLERY_OPTIONAL, "gallery")
     ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
@@ -294,7 +298,12 @@ def read_gallery(path: str | Path, check_norm: bool = True) -> Gallery:
 
 def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     path = Path(path)
-    table = read_parquet(path)
+    return triplets_from_table(read_parquet(path), path, dim, check_norm)
+
+
+def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
+                        check_norm: bool = True) -> Triplets:
+    """Validate a triplets-schema Arrow table (``path`` names it in errors) -> :class:`Triplets`."""
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
     if table.column("query_id").null_count:
@@ -421,6 +430,15 @@ class Workspace:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    @classmethod
+    def from_arrays(cls, gallery_emb, image_ids, **kw) -> "Workspace":
+        """An in-memory workspace of one split from numpy arrays; no file is read or written.
+
+        See :func:`cir_mine.data.arrays.workspace_from_arrays` for the arguments."""
+        from cir_mine.data.arrays import workspace_from_arrays
+
+        return workspace_from_arrays(gallery_emb, image_ids, **kw)
 
     # paths
     def gallery_path(self, split: str) -> Path:

@@ -12,7 +12,8 @@ from cir_mine.miner.core.mine import MineConfig
 from cir_mine.train.loop import TrainConfig
 
 # options of the commands that are no config field, and why
-NEGATIVES_ONLY = {"work", "split", "out", "checkpoint", "mining_round", "no_deepen", "no_guard", "quiet", "verbose", "overwrite"}
+NEGATIVES_ONLY = {"work", "split", "out", "checkpoint", "query_emb_path", "mining_round", "no_deepen", "no_guard", "quiet",
+                  "verbose", "overwrite"}
 TRAIN_ONLY = {"resume", "quiet", "verbose", "version", "overwrite"}
 # fields whose CLI default spells the dataclass default differently
 TRAIN_SPELLED = {"work": (None, ""), "out": (None, ""), "extra_triplets": (None, [])}

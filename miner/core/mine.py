@@ -182,6 +182,12 @@ class MineResult:
     def shortfall(self) -> list:
         return self.meta["shortfall"]["query_ids"]
 
+    def grouped(self, ws: Optional[Workspace] = None):
+        """The table per query, as :meth:`cir_mine.miner.core.tables.NegativesTable.grouped`."""
+        from cir_mine.miner.core.tables import NegativesTable
+
+        return NegativesTable(None, self.table, self.meta).grouped(ws)
+
 
 # ------------------------------------------------------------------------------------------------
 # Prepared inputs (gallery side and query side), built once per run

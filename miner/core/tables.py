@@ -7,7 +7,7 @@ negatives). See docs/formats.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -45,10 +45,33 @@ class NegativesTable:
     path: Optional[Path]
     table: pa.Table
     meta: dict               # the ``cir_mine`` footer entry
+    ws: Optional[Workspace] = field(default=None, repr=False)  # the workspace it was checked against
 
     @property
     def config(self) -> dict:
         return self.meta.get("config", {})
+
+    @property
+    def split(self) -> str:
+        """The split the table was mined from (``train`` when the footer does not say)."""
+        return self.meta.get("split") or "train"
+
+    def grouped(self, ws: Optional[Workspace] = None, split: Optional[str] = None, loaded: Optional[tuple] = None):
+        """The table per query (:class:`~cir_mine.miner.core.grouped.GroupedNegatives`, numpy).
+
+        k is the table's ``k_mined``. With ``ws`` (default: the one given to :func:`read_negatives`;
+        checked like it does): one row per query of the table's split (or ``split``) in the
+        triplets' row order, and the gallery rows of the negatives, references and targets.
+        ``loaded``: ``ws.load(split)`` already in memory."""
+        from cir_mine.miner.core.grouped import group_negatives_table
+
+        k = self.meta.get("k_mined", self.meta.get("k"))
+        ws = ws if ws is not None else self.ws
+        if ws is None:
+            return group_negatives_table(self.table, k)
+        _check_workspace(self.path, self.meta, ws)
+        g, t = loaded if loaded is not None else ws.load(split or self.split)
+        return group_negatives_table(self.table, k, gallery=g, triplets=t)
 
 
 def write_negatives(table: pa.Table, path: str | Path, meta: dict) -> None:
@@ -85,7 +108,7 @@ def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> Negative
     meta = _footer(path)
     table = conform(read_parquet(path), path, meta["schema_version"])
     _check_workspace(path, meta, ws)
-    return NegativesTable(path, table, meta)
+    return NegativesTable(path, table, meta, ws)
 
 
 def read_negatives_meta(path: str | Path, ws: Optional[Workspace] = None) -> dict:
@@ -117,7 +140,7 @@ def _check_workspace(path: Path, meta: dict, ws: Optional[Workspace]) -> None:
         return
     split = meta.get("split")
     if "data_hash" in meta and split:
-        if not ws.gallery_path(split).exists():
+        if split not in ws.splits():
             have = ", ".join(ws.splits()) or "none"
             raise DataError(f"{path}: mined on split '{split}', which {ws.root} does not have (splits: {have}). "
                             f"Pass the workspace it was mined from with --work.")

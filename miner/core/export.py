@@ -1,0 +1,152 @@
+"""Negatives tables in the shapes other trainers read (``cir-mine export``).
+
+- ``ntuple``: the wide form, one Parquet row per query: ``negatives`` (list of k ids, pick order),
+  ``delta`` (their Δ) and the ``negative_1`` ... ``negative_k`` columns of sentence-transformers'
+  ``n-tuple`` format (null past a short query's last negative); HF ``datasets`` reads it as is.
+- ``jsonl``: one JSON object per query (query_id, ref_id, target_id, negatives, delta); with the
+  dataset ``root``, instead CLIP4Cir-style caption files: every entry of each
+  ``captions/cap.{category}.{split}.json`` (FashionIQ) or ``cap.rc2.{split}.json`` (CIRR) the
+  table covers, unchanged, with a ``negatives`` list added (empty for a query without negatives).
+
+Every output is computed and checked before the first write; each file is written atomically; an
+output that is one of the inputs is refused, and an existing one unless ``overwrite``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data import cirr, fashioniq
+from cir_mine.data.fashioniq import parse_query_id
+from cir_mine.data.io import atomic_path
+from cir_mine.data.jsonio import load_json
+from cir_mine.data.workspace import now_iso, write_table
+from cir_mine.miner.core.grouped import GroupedNegatives
+from cir_mine.miner.core.tables import read_negatives
+
+FORMATS = ("ntuple", "jsonl")
+
+
+@dataclass
+class Export:
+    out: Path                 # the file or folder written
+    files: list               # every file written
+    queries: int              # queries exported
+    k: int                    # negatives slots per query
+
+
+def ntuple_table(g: GroupedNegatives) -> pa.Table:
+    """GroupedNegatives -> the wide table (schema in docs/formats.md)."""
+    negs = [[str(x) for x in row[m]] for row, m in zip(g.neg_ids, g.mask)]
+    deltas = [d[m].astype(np.float32) for d, m in zip(g.delta, g.mask)]
+    cols = {
+        "query_id": pa.array(g.query_ids.tolist(), pa.string()),
+        "ref_id": pa.array(g.ref_ids.tolist(), pa.string()),
+        "target_id": pa.array(g.target_ids.tolist(), pa.string()),
+        "negatives": pa.array(negs, pa.list_(pa.string())),
+        "delta": pa.array(deltas, pa.list_(pa.float32())),
+    }
+    if g.neg_category is not None:
+        cols["neg_category"] = pa.array([list(row[m]) for row, m in zip(g.neg_category, g.mask)], pa.list_(pa.string()))
+    for j in range(g.k):
+        cols[f"negative_{j + 1}"] = pa.array(g.neg_ids[:, j].tolist(), pa.string())
+    return pa.table(cols)
+
+
+def _check_out(out: Path, inputs: list, overwrite: bool) -> None:
+    for p in inputs:
+        if out.resolve() == Path(p).resolve() or (out.exists() and Path(p).exists() and os.path.samefile(out, p)):
+            raise UsageError(f"--out {out} is an input of this command ({p}); write the export elsewhere.")
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it.")
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def _caption_files(g: GroupedNegatives, root: Path, source: Path) -> list:
+    """[(caption file, entries with negatives)] for every caption file the table's queries cover."""
+    ids = g.query_ids.tolist()
+    pos = {q: i for i, q in enumerate(ids)}
+    negs = lambda i: [str(x) for x in g.neg_ids[i][g.mask[i]].tolist()]
+    fiq = [parse_query_id(q) for q in ids]
+    if ids and all(p is not None for p in fiq):
+        files = sorted({(c, s) for c, s, _ in fiq})
+        out = []
+        for cat, split in files:
+            path = root / "captions" / f"cap.{cat}.{split}.json"
+            entries = load_json(path, list, hint="Pass the FashionIQ root the table was mined from.")
+            rows = []
+            for i, e in enumerate(entries):
+                if not isinstance(e, dict):
+                    raise DataError(f"{path}: entry {i} must be an object with candidate, target, captions.")
+                j = pos.get(fashioniq.query_id(cat, split, i))
+                if j is not None and (e.get("candidate"), e.get("target")) != (g.ref_ids[j], g.target_ids[j]):
+                    raise DataError(f"{path}: entry {i} is {e.get('candidate')} -> {e.get('target')} but {source} "
+                                    f"has {g.ref_ids[j]} -> {g.target_ids[j]} for query {ids[j]}. Pass the "
+                                    f"FashionIQ root the table was mined from.")
+                rows.append({**e, "negatives": negs(j) if j is not None else []})
+            out.append((path, rows))
+        return out
+    splits = {q.split("-")[1] for q in ids if q.startswith("cirr-") and q.count("-") >= 2}
+    if ids and all(q.startswith("cirr-") for q in ids) and len(splits) == 1:
+        split = splits.pop()
+        path = root / "captions" / f"cap.rc2.{split}.json"
+        entries = load_json(path, list, hint="Pass the CIRR root the table was mined from.")
+        rows = []
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict) or "pairid" not in e:
+                raise DataError(f"{path}: entry {i} has no 'pairid'.")
+            j = pos.get(cirr.query_id(split, e["pairid"]))
+            rows.append({**e, "negatives": negs(j) if j is not None else []})
+        return [(path, rows)]
+    raise UsageError(f"--root: the query ids of {source} are not FashionIQ ({{category}}-{{split}}-{{index}}) "
+                     f"or CIRR (cirr-{{split}}-{{pairid}}) ids, so there are no caption files to extend; "
+                     f"export without --root.")
+
+
+def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional[str | Path] = None,
+                     overwrite: bool = False) -> Export:
+    """Write the negatives table ``negs`` as ``fmt`` (ntuple | jsonl) to ``out`` (see the module doc)."""
+    negs, out = Path(negs), Path(out)
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use ntuple or jsonl.")
+    if root is not None and fmt != "jsonl":
+        raise UsageError("--root goes with --format jsonl (CLIP4Cir caption files).")
+    nt = read_negatives(negs)
+    g = nt.grouped()
+    if root is None:
+        _check_out(out, [negs], overwrite)
+        if fmt == "ntuple":
+            meta = {"table": "negatives-ntuple", "created": now_iso(), "source": str(negs), "k": g.k,
+                    "split": nt.meta.get("split"), "data_hash": nt.meta.get("data_hash"),
+                    "manifest_hash": nt.meta.get("manifest_hash")}
+            write_table(ntuple_table(g), out, metadata={"cir_mine": meta})
+        else:
+            lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
+                                  "negatives": [str(x) for x in n[m]], "delta": [float(x) for x in d[m]]})
+                     for q, r, t, n, d, m in zip(g.query_ids.tolist(), g.ref_ids.tolist(), g.target_ids.tolist(),
+                                                 g.neg_ids, g.delta, g.mask)]
+            with atomic_path(out) as tmp:
+                tmp.write_bytes(b"".join(x + b"\n" for x in lines))
+        return Export(out, [out], len(g), g.k)
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found. Pass the folder that holds captions/.")
+    files = _caption_files(g, root, negs)
+    targets = [(out / path.name, rows) for path, rows in files]
+    inputs = [negs] + [path for path, _ in files]
+    for dest, _ in targets:
+        _check_out(dest, inputs, overwrite)
+    for dest, rows in targets:
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(_json_bytes(rows))
+    return Export(out, [d for d, _ in targets], len(g), g.k)
