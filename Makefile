@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cir-mine demo --out demo-out
+	$(BIN)/cir-mine demo --out demo-out --overwrite
 
 # the synth default, where in-batch negatives already hold the near misses (docs/benchmarks.md)
 demo-coarse: $(STAMP)
-	$(BIN)/cir-mine demo --world coarse --out demo-coarse
+	$(BIN)/cir-mine demo --world coarse --out demo-coarse --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

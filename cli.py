@@ -79,6 +79,10 @@ def cli_errors(fn=None, *, flags: dict = FLAGS):
             fail(e.render(functools.partial(flag, flags=flags)), e.exit_code)
         except MemoryError:
             fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
+        except OSError as e:   # an unexpected file-system failure: name the file, never a traceback
+            if getattr(e, "filename", None) is None:
+                raise
+            fail(f"{e.filename}: {e.strerror or e}.")
         except KeyboardInterrupt:
             fail("interrupted; rerun the same command to resume.", 130)
 
@@ -136,6 +140,7 @@ def mine_options(version: bool = _version_option("cir-mine")):
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
 SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
 
 
@@ -156,6 +161,7 @@ def synth(
     item_noise: float = typer.Option(2.0, "--item-noise", help="Per-image noise norm."),
     text_noise: float = typer.Option(1.0, "--text-noise", help="Per-caption noise norm."),
     unmentioned: float = typer.Option(0.15, "--unmentioned-change", help="Chance a target also differs in an unmentioned group."),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -173,7 +179,7 @@ def synth(
             advance(done - state["done"])
             state["done"] = done
 
-        manifest = generate(cfg, out, progress=cb)
+        manifest = generate(cfg, out, progress=cb, overwrite=overwrite)
     typer.echo(f"wrote {out}: {manifest['counts']} (d={manifest['dim']})")
 
 
@@ -247,8 +253,10 @@ def positives(
     ignore_group: List[str] = typer.Option([], "--ignore-group", help="Attribute group never described (repeatable)."),
     captioner: str = typer.Option("template", "--captioner", help="template (offline) or command."),
     command: Optional[str] = typer.Option(None, "--command", help="With --captioner command: program reading JSON lines of pairs."),
+    command_timeout: float = typer.Option(3600.0, "--command-timeout", help="With --captioner command: seconds the program may run."),
     text_encoder: str = typer.Option("auto", "--text-encoder", help="auto|synthetic|minilm|open_clip: the workspace's text encoder."),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -263,10 +271,14 @@ def positives(
         fail("--captioner command needs --command PROGRAM.", 2)
     if captioner not in ("template", "command"):
         fail(f"unknown captioner {captioner!r}: use template or command.", 2)
-    cap = CommandCaptioner(command) if captioner == "command" else TemplateCaptioner(seed)
+    from cir_mine.data.checks import check_range
+
+    check_range("command_timeout", command_timeout, 0.0, None, lo_open=True)
+    cap = CommandCaptioner(command, timeout=command_timeout) if captioner == "command" else TemplateCaptioner(seed)
     cfg = PositivesConfig(per_image=per_image, max_diff=max_diff, max_values=max_values, neighbors=neighbors,
                           dup_threshold=dup_threshold, max_images=max_images, ignore_groups=tuple(ignore_group), seed=seed)
-    r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder)
+    r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder,
+                           overwrite=overwrite)
     typer.echo(f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
                f"(changed groups: {r.meta['changed_groups']})")
 
@@ -322,6 +334,7 @@ def embed(
     part_size: int = typer.Option(4096, "--part-size", help="--engine ray: images per gallery part (the unit of resume)."),
     cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="--engine ray: CPUs each CPU encoder actor reserves."),
     ray_address: Optional[str] = RAY_ADDRESS,
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -342,7 +355,7 @@ def embed(
 
             m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance)
         else:
-            m = embed_dataset(job, progress=advance)
+            m = embed_dataset(job, progress=advance, overwrite=overwrite)
     info = m["embed"][split]
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
@@ -364,6 +377,7 @@ def index_cmd(
     encoder_name: str = typer.Option("unknown", "--encoder-name", help="With --from-features: the encoder that made the features."),
     npy: bool = typer.Option(False, "--npy", help="Also write gallery.{split}.npy, the row-aligned embeddings that mining memory-maps (galleries larger than memory)."),
     npy_dtype: str = typer.Option("float32", "--npy-dtype", help="With --npy: float32 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --from-features: replace an existing gallery of the split (the index alone is always rebuilt)."),
     allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
     verbose: bool = VERBOSE,
     quiet: bool = QUIET,
@@ -375,7 +389,7 @@ def index_cmd(
 
     if from_features is not None:
         meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
-                               allow_encoder_change)
+                               allow_encoder_change, overwrite=overwrite)
     else:
         meta = index_workspace(work, split, index, device, fp16, npy=npy_dtype if npy else None)
     if npy:
@@ -394,6 +408,7 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
     world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest, re-mined once halfway) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier demo in --out."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -408,7 +423,7 @@ def demo(
         if not quiet:
             typer.echo(f"[{step['n']}] {msg}")
 
-    res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say)
+    res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say, overwrite=overwrite)
     typer.echo("")
     typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
     for name, r in res.runs.items():
@@ -500,6 +515,7 @@ def negatives(
     check_recall: int = typer.Option(0, "--check-recall", help="Report candidate recall and the overlap of mined negatives with exact mining on this many sampled queries."),
     fp16: bool = typer.Option(False, "--fp16", help="GPU index: store float16 vectors (scores are still re-ranked in float32)."),
     prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Search the next query batch while the current one is guarded (default: with a GPU index)."),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -537,6 +553,9 @@ def negatives(
     if cfg.query == "checkpoint" and checkpoint is None and query_emb_path is None:
         raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
     ws = Workspace(work).require()
+    from cir_mine.data.io import check_output
+
+    check_output(out, [checkpoint, query_emb_path], overwrite)   # before the (slow) query encoding
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
     loaded = None
     if query_emb_path is not None:
@@ -559,12 +578,15 @@ def negatives(
         ray_cfg = RayConfig(address=ray_address, cpus_per_shard=cpus_per_shard)
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
         if sharded:
+            from cir_mine.data.io import check_output
+
+            out = check_output(out, [checkpoint, query_emb_path], overwrite)
             res = mine_with_engine_to_file(ws, split, cfg, out, engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
                                            query_emb=query_emb, mining_round=mining_round, progress=advance,
                                            loaded=loaded)
         else:
-            res = mine_to_file(ws, split, cfg, out, query_emb=query_emb, mining_round=mining_round, progress=advance,
-                               loaded=loaded)
+            res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path],
+                               query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded)
     typer.echo(negatives_summary(out, res.meta))
 
 
@@ -690,6 +712,7 @@ def inspect(
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the table's own)."),
     max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -697,7 +720,7 @@ def inspect(
     setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
 
-    r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed)
+    r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed, overwrite=overwrite)
     kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
     typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
     for row in r["short"]:
@@ -717,6 +740,7 @@ def report(
     sheets: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
     max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
@@ -724,7 +748,7 @@ def report(
     setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.report import write_report
 
-    r = write_report(negs, work, out, split=split, root=root, n_sheet_queries=sheets,
+    r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=sheets,
                      max_negatives=max_negatives, seed=seed)
     typer.echo(f"wrote {out}: {len(r.plots)} plots ({', '.join(r.plots)}), {len(r.html) // 1024} KiB")
 
@@ -776,9 +800,11 @@ def train(
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Refresh of a table mined with --engine ray: join this cluster (auto or HOST:PORT); default a local one."),
     attr_weight: float = typer.Option(1.0, "--attr-weight", help="--model dqe: weight of the attribute-aware margin loss (its margin is --margin)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (without it, an existing run is an error)."),
     version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
+    ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
     setup_logging(verbose, quiet)
@@ -787,6 +813,10 @@ def train(
 
     if resume is not None:
         cfg = resume_config(resume)
+        ignored = _ignored_on_resume(ctx, cfg)
+        if ignored:
+            typer.echo(f"warning: --resume {resume} continues with the run's own options; ignored: "
+                       f"{', '.join(ignored)}.", err=True)
     else:
         if work is None or out is None:
             raise UsageError("--work and --out are required (or --resume RUN to continue a run).")
@@ -809,12 +839,31 @@ def train(
             if not quiet:
                 typer.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  R@10 {rec.get('R@10', float('nan')):.2f}", err=True)
 
-        m = run_training(cfg, remine=remine, resume=resume is not None, progress=on_epoch)
+        m = run_training(cfg, remine=remine, resume=resume is not None, progress=on_epoch, overwrite=overwrite)
     keys = [k for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3") if k in m]
     typer.echo(f"{cfg.out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
     for cat, v in m.get("per_category", {}).items():
         typer.echo(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)")
     typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}  curves: {Path(cfg.out) / 'curves.png'}")
+
+
+def _ignored_on_resume(ctx, cfg) -> list:
+    """Options given on the command line beside --resume whose value differs from the run's."""
+    if ctx is None:
+        return []
+    out = []
+    run = cfg.to_dict()
+    for name, value in ctx.params.items():
+        if name in ("resume", "quiet", "verbose", "overwrite") or name not in run:
+            continue
+        src = ctx.get_parameter_source(name)
+        if src is None or src.name != "COMMANDLINE":
+            continue
+        given = [str(p) for p in value] if isinstance(value, (list, tuple)) else (str(value) if isinstance(value, Path) else value)
+        if given != run[name]:
+            out.append(f"--{name.replace('_', '-')} {value if not isinstance(value, list) else ' '.join(map(str, value))} "
+                       f"(the run's: {run[name]})")
+    return out
 
 
 def _miner_remine(cfg, quiet: bool = False, ray_address: Optional[str] = None):

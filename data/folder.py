@@ -63,7 +63,7 @@ def read_rows(path: Path) -> list[dict]:
     """CSV (with a header) or JSONL rows as dicts."""
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -74,7 +74,7 @@ def read_rows(path: Path) -> list[dict]:
                 raise DataError(f"{path}: line {n} must be a JSON object with ref, target, caption.")
             rows.append(obj)
         return rows
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:   # utf-8-sig: a BOM (Excel) is not part of a column name
         reader = csv.DictReader(fh)
         missing = [c for c in TRIPLET_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

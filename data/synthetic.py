@@ -20,6 +20,7 @@ memory holds one chunk of embeddings plus small integer arrays, whatever the gal
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import UsageError
-from cir_mine.data.io import DirLock, atomic_path
+from cir_mine.data.checks import check_numbers, check_range
+from cir_mine.data.io import DirLock, atomic_path, check_output_dir, transaction
 from cir_mine.data.workspace import (Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table,
                                      write_table)
 
@@ -63,6 +65,13 @@ class SynthConfig:
     max_extra_positives: int = 20     # cap on recorded exact-attribute twins of the target
 
     def validate(self) -> "SynthConfig":
+        check_numbers(self)
+        for name in ("item_noise", "text_noise"):
+            check_range(name, getattr(self, name), 0.0)
+        check_range("unmentioned_change", self.unmentioned_change, 0.0, 1.0)
+        for g, w in self.salience.items():
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise UsageError(f"--salience {g}={w}: weights must be finite numbers >= 0.")
         if self.n_gallery < 2 or self.n_triplets < 1:
             raise UsageError("n_gallery must be >= 2 and n_triplets >= 1.", params=("n_gallery", "n_triplets"))
         if self.n_triplets > self.n_gallery // 2:
@@ -234,11 +243,19 @@ def extra_positives(p: SynthPlan, cap: int) -> list[list[str]]:
     return out
 
 
-def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Write ``gallery.{split}.parquet``, ``triplets.{split}.parquet`` and the manifest to ``out``."""
+def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int, int], None]] = None,
+             overwrite: bool = True) -> dict:
+    """Write ``gallery.{split}.parquet``, ``triplets.{split}.parquet`` and the manifest to ``out``.
+
+    All or nothing: a failure (a full disk, a read-only folder) leaves the workspace as it was. An
+    existing split is replaced only with ``overwrite``; a split of another dimension than the
+    workspace's other splits is refused.
+    """
     cfg.validate()
+    check_output_dir(out)
     ws = Workspace(out)
-    with DirLock(ws.root, "cir-mine synth"):
+    with DirLock(ws.root, "cir-mine synth"), transaction():
+        ws.check_new_split(cfg.split, cfg.dim, overwrite, flag="--out")
         world = World.make(cfg.seed, cfg.dim)
         p = plan(cfg)
         n = cfg.n_gallery

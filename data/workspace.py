@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -24,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.io import atomic_path, read_parquet, read_parquet_schema, write_json_atomic
+from cir_mine.data.errors import DataError, SchemaError, UsageError
+from cir_mine.data.io import (atomic_path, check_readable_file, read_parquet, read_parquet_schema,
+                              write_json_atomic)
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -149,6 +151,16 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
             f"(first: {ids[bad[0]]!s} with norm {norms[bad[0]]:.4f}). Normalize the embeddings "
             f"(x / ||x||) before writing the workspace."
         )
+
+
+def _check_no_nulls(table: pa.Table, path: Path, ids: np.ndarray, what: str, columns: Sequence[str]) -> None:
+    """String columns hold no nulls ('' stands for none, e.g. CIRR's category)."""
+    for name in columns:
+        if name in table.schema.names and table.column(name).null_count:
+            col = table.column(name).combine_chunks()
+            first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise SchemaError(f"{path}: column '{name}' has {col.null_count} null value(s) (first: {what} "
+                              f"'{ids[first]}'). Use '' for none, or drop those rows.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +323,7 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
     cats = _obj(table.column("category"))
+    _check_no_nulls(table, path, ids, "image", ("category", "path"))
     # image_id is unique within a category. The same id may stand in two categories (real
     # FashionIQ lists 516 ASINs under both shirt and toptee); such rows are one product.
     seen: set = set()
@@ -335,6 +348,10 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
         if check_norm:
             check_embeddings(emb, path, "embedding", ids)
     attrs = [list(a or []) for a in table.column("attributes").to_pylist()]
+    for i, a in enumerate(attrs):
+        if any(not isinstance(x, str) for x in a):
+            raise SchemaError(f"{path}: column 'attributes' of image '{ids[i]}' holds a null; each attribute is a "
+                              f"'group:value' string. Drop the nulls.")
     paths = _obj(table.column("path")) if "path" in table.schema.names else None
     return Gallery(path, ids, cats, attrs, emb, paths)
 
@@ -391,6 +408,9 @@ def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
     """Validate a triplets-schema Arrow table (``path`` names it in errors) -> :class:`Triplets`."""
     _check_columns(table.schema, path, TRIPLET_COLUMNS, TRIPLET_OPTIONAL, "triplets")
     qids = _obj(table.column("query_id"))
+    if table.column("query_id").null_count:
+        raise SchemaError(f"{path}: column 'query_id' has null values.")
+    _check_no_nulls(table, path, qids, "query", ("category", "ref_id", "target_id", "source"))
     if len(set(qids.tolist())) != len(qids):
         raise SchemaError(f"{path}: column 'query_id' has duplicated ids; query ids must be unique.")
     try:
@@ -602,13 +622,26 @@ class Workspace:
         return self
 
     def splits(self) -> list[str]:
-        files = {p.name[len("gallery."):-len(".parquet")] for p in self.root.glob("gallery.*.parquet") if p.is_file()}
-        folders = {p.name[len("gallery."):] for p in self.root.glob("gallery.*") if p.is_dir()
-                   and SPLIT_RE.match(p.name[len("gallery."):])}
-        return sorted(files | folders)
+        """Split names of the ``gallery.{split}.parquet`` files and ``gallery.{split}/`` part folders; a
+        stray ``gallery.*.parquet`` whose split is not a valid name (e.g. ``gallery.train copy.parquet``)
+        is a DataError naming it."""
+        out = set()
+        for p in self.root.glob("gallery.*.parquet"):
+            if not p.is_file():
+                continue
+            name = p.name[len("gallery."):-len(".parquet")]
+            if not SPLIT_RE.match(name):
+                raise DataError(f"{p}: not a split table (split names use letters, digits, '-' or '_'). "
+                                f"Rename or move it out of {self.root}.")
+            out.add(name)
+        out |= {p.name[len("gallery."):] for p in self.root.glob("gallery.*") if p.is_dir()
+                and SPLIT_RE.match(p.name[len("gallery."):])}
+        return sorted(out)
 
     def _require_split(self, split: str, path: Path) -> None:
         self.require()
+        if os.path.lexists(path):
+            check_readable_file(path)   # a dangling link or a symlink loop is named as such
         if not path.exists():
             have = ", ".join(self.splits()) or "none"
             raise DataError(f"{path}: file not found; splits in {self.root}: {have}. Pass one with --split.")
@@ -685,6 +718,10 @@ class Workspace:
                 raise DataError(f"{self.manifest_path}: malformed JSON ({e}).") from None
             if not isinstance(m, dict):
                 raise DataError(f"{self.manifest_path}: expected a JSON object.")
+            dim = m.get("dim")
+            if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+                raise DataError(f"{self.manifest_path}: 'dim' must be a positive integer, found {dim!r}. Repair the "
+                                f"manifest, or delete it to derive one from the tables.")
             return m
         return self.derive_manifest()
 
@@ -709,7 +746,12 @@ class Workspace:
                 "encoder": {"name": "unknown"}, "source": "unknown"}
 
     def manifest_hash(self) -> str:
-        m = {k: v for k, v in self.manifest().items() if k not in ("updated",)}
+        """The identity of the workspace's data: the manifest without its times and library versions,
+        plus a digest of the bytes of every gallery and triplets table. A byte-identical rebuild has
+        the same hash; new features or triplets change it."""
+        m = {k: v for k, v in self.manifest().items() if k not in ("updated", "created", "versions")}
+        m["content"] = {p.name: file_digest(p) for kind in ("gallery", "triplets")
+                        for p in sorted(self.root.glob(f"{kind}.*.parquet"))}
         return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
 
     def split_hash(self, split: str) -> str:
@@ -728,6 +770,30 @@ class Workspace:
                 h.update(file_fingerprint(p))
         return h.hexdigest()[:16]
 
+    def check_new_split(self, split: str, dim: Optional[int], overwrite: bool, flag: str = "--work") -> None:
+        """Before writing split ``split`` with dimension ``dim``: refuse an existing split without
+        ``overwrite`` and a dimension other than the other splits' (UsageError; ``dim=None``: no check)."""
+        mine = (self.gallery_path(split), self.triplets_path(split))
+        if not overwrite:
+            for p in mine:
+                if p.exists():
+                    raise UsageError(f"{flag} {self.root}: split '{split}' exists ({p.name}). Pass --overwrite to "
+                                     f"replace it, or choose another --split or {flag}.")
+        if dim is None or not self.root.is_dir():
+            return
+        for kind, col in (("gallery", "embedding"), ("triplets", "text_embedding")):
+            for p in sorted(self.root.glob(f"{kind}.*.parquet")):
+                if p in mine:
+                    continue
+                try:
+                    t = pq.read_schema(p).field(col).type
+                except (KeyError, pa.ArrowInvalid, OSError):
+                    continue   # unreadable tables are reported by the readers
+                if pa.types.is_fixed_size_list(t) and t.list_size != dim:
+                    raise UsageError(f"{flag} {self.root}: {p.name} has d={t.list_size}; a '{split}' split with "
+                                     f"d={dim} would make the workspace unreadable. Use the same encoder (d="
+                                     f"{t.list_size}), or write to another {flag}.")
+
     def write_manifest(self, **fields) -> dict:
         """Merge ``fields`` into the manifest and refresh counts/dim from the tables."""
         base = self.manifest() if self.manifest_path.exists() else {}
@@ -745,18 +811,26 @@ class Workspace:
         return m
 
 
+_DIGESTS: dict = {}
+
+
 def file_fingerprint(path: Path) -> bytes:
-    """sha256 of a Parquet file's size and footer (read from the end of the file; cheap for any size)."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        if size >= 12:
-            fh.seek(size - 8)
-            n = int.from_bytes(fh.read(4), "little")
-            fh.seek(max(0, size - 8 - n))
-            tail = fh.read(n + 8)
-        else:
-            tail = fh.read()
-    return hashlib.sha256(str(size).encode() + tail).digest()
+    """sha256 of a file's bytes (the content, not its times), cached per process by path, size,
+    mtime and inode, so a command pays one read of each table at most."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.digest()
+    return _DIGESTS[key]
+
+
+def file_digest(path: Path) -> str:
+    """:func:`file_fingerprint` as 16 hex digits."""
+    return file_fingerprint(path).hex()[:16]
 
 
 def check_split(split: str) -> str:

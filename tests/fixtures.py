@@ -206,3 +206,21 @@ def make_image_work(root: Path, n: int = 24, n_queries: int = 6, dim: int = 16, 
                                [ids[2 * i + 2] for i in qi], [[f"is {colors[(2 * i + 2) % 4]}"] for i in qi], text),
                 work / "triplets.train.parquet")
     return work, images
+
+
+def snapshot(*roots) -> dict:
+    """{path: sha256 of the bytes} of every file under ``roots`` (files or folders, links followed):
+    equal before and after a command means the command left its inputs byte-identical."""
+    import hashlib
+
+    out = {}
+    for root in map(Path, roots):
+        for p in ([root] if root.is_file() else sorted(x for x in root.rglob("*") if x.is_file())):
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def tree(root: Path) -> list:
+    """Every path under ``root`` (relative, sorted), to check that a failed command left nothing behind."""
+    root = Path(root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []

@@ -12,10 +12,12 @@ from cir_mine.miner.core.mine import MineConfig
 from cir_mine.train.loop import TrainConfig
 
 # options of the commands that are no config field, and why
-NEGATIVES_ONLY = {"work", "split", "out", "checkpoint", "query_emb_path", "mining_round", "no_deepen", "no_guard", "quiet", "verbose"}
+NEGATIVES_ONLY = {"work", "split", "out", "checkpoint", "query_emb_path", "mining_round", "no_deepen", "no_guard", "quiet",
+                  "verbose", "overwrite"}
 # the search engine (ShardConfig / RayConfig, recorded in the footer as meta["engine"], not MineConfig)
 NEGATIVES_ONLY |= {"engine", "shards", "shard_index", "shard_nprobe", "ray_address", "cpus_per_shard"}
-TRAIN_ONLY = {"resume", "quiet", "verbose", "version", "ray_address"}  # ray_address: the cluster the refresh of a --engine ray table joins
+# ray_address: the cluster the refresh of a --engine ray table joins
+TRAIN_ONLY = {"resume", "quiet", "verbose", "version", "overwrite", "ray_address"}
 # fields whose CLI default spells the dataclass default differently
 TRAIN_SPELLED = {"work": (None, ""), "out": (None, ""), "extra_triplets": (None, [])}
 

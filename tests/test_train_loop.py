@@ -152,7 +152,7 @@ def test_cli_train_run_and_errors(synth_work, negs, tmp_path):
     r = runner.invoke(train_app, args)
     assert r.exit_code == 2
     assert r.output.strip() == (f"Error: {out} already holds a run. Pass --resume {out} to continue it, "
-                                f"or choose another --out.")
+                                f"--overwrite to replace it, or choose another --out.")
     r = runner.invoke(train_app, ["--resume", str(out), "-q"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(train_app, ["--work", str(synth_work), "--out", str(tmp_path / "z"), "--zero-shot", "-q"])

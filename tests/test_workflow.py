@@ -135,10 +135,11 @@ def test_root_works_from_any_directory(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.output.strip().endswith("thumbnails")
     moved = shutil.move(str(tmp_path / "here" / "fiq"), str(tmp_path / "moved"))
-    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", "s.png"])
+    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", "s.png",
+                                 "--overwrite"])
     assert r.exit_code == 1 and "Pass the dataset root, the folder that holds images/" in r.output
     r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", "s.png",
-                                 "--root", moved])
+                                 "--root", moved, "--overwrite"])
     assert r.exit_code == 0, r.output
 
 
@@ -286,7 +287,7 @@ def test_from_features_refuses_another_encoder_unless_told(tmp_path):
     work = _world(tmp_path / "w")
     feats = _features_of(work, tmp_path / "f.parquet")
     before = (work / "gallery.train.parquet").read_bytes()
-    base = ["index", "--work", str(work), "--device", "cpu", "--from-features", str(feats)]
+    base = ["index", "--work", str(work), "--device", "cpu", "--from-features", str(feats), "--overwrite"]
     r = runner.invoke(mine_app, base + ["--encoder-name", "my-clip"])
     assert r.exit_code == 1
     assert r.output.strip() == (
@@ -314,7 +315,7 @@ def test_from_features_keeps_tags_categories_and_paths_of_matching_ids(tmp_path)
     assert any(old.attributes) and len(set(old.categories.tolist())) > 1
     feats = _features_of(work, tmp_path / "f.parquet")                # ids only, no categories
     r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu", "--from-features", str(feats),
-                                 "--encoder-name", "synthetic"])
+                                 "--encoder-name", "synthetic", "--overwrite"])
     assert r.exit_code == 0, r.output
     new = Workspace(work).gallery("train")
     assert new.image_ids.tolist() == old.image_ids.tolist()

@@ -80,9 +80,14 @@ def encode_queries(ckpt_path: str | Path, work: str | Path, split: str) -> np.nd
     from cir_mine.data.workspace import Workspace
 
     g, t = Workspace(work).require().load(split)
-    model_dim = load_checkpoint(ckpt_path)["model_config"]["dim"]
+    state = load_checkpoint(ckpt_path)
+    model_dim = state["model_config"]["dim"]
     if model_dim != g.dim:
         raise DataError(f"{ckpt_path}: the model takes d={model_dim} but {work} has d={g.dim}. "
                         f"Use a checkpoint trained on this workspace's encoder.")
+    trained_on, here = state.get("workspace_hash"), Workspace(work).manifest_hash()
+    if trained_on and trained_on != here:
+        raise DataError(f"{ckpt_path}: trained on another workspace (manifest hash {trained_on}, {work} has "
+                        f"{here}). Use a checkpoint trained on this workspace.")
     ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")]
     return load_query_encoder(ckpt_path)(ref, t.text_embeddings)

@@ -79,16 +79,27 @@ class DemoResult:
 
 
 def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
-             progress: Optional[Callable[[str], None]] = None) -> DemoResult:
+             progress: Optional[Callable[[str], None]] = None, overwrite: bool = True) -> DemoResult:
     """Run every stage into ``out`` (work/, negs.{strategy}.parquet, runs/{name}/) -> DemoResult.
 
-    Run directories under ``out/runs`` are replaced (the demo owns ``out``).
+    Every option is validated before anything is written. The outputs of an earlier demo in ``out``
+    are replaced only with ``overwrite`` (the demo owns ``out``).
     """
+    from cir_mine.data.errors import UsageError
+    from cir_mine.data.io import check_output_dir
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
     from cir_mine.train.refresh import miner_remine
 
     cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()
+    synth.validate()
+    for s in strategies:
+        MineConfig(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu").validate()
+    TrainConfig(work="-", out="-", epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2, **train_opts).validate()
+    check_output_dir(out)
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
+        raise UsageError(f"--out {out}: already holds files. Pass --overwrite to replace an earlier demo's outputs, "
+                         f"or choose another --out.")
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(out)
@@ -113,7 +124,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
         metrics = train(TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None,
                                     epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2,
                                     zero_shot=zero_shot, refresh_every=refresh, **train_opts),
-                        remine=miner_remine(work, "train", negs) if refresh else None)
+                        remine=miner_remine(work, "train", negs) if refresh else None, overwrite=True)
         res.runs[name] = {"dir": run, "R@10": metrics["R@10"], "R@50": metrics["R@50"],
                           "seconds": time.perf_counter() - t}
         say(f"train {name:<18s} -> {run}: R@10 {metrics['R@10']:.2f}  R@50 {metrics['R@50']:.2f} "

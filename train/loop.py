@@ -15,6 +15,7 @@ Randomness is keyed by (seed, epoch), so a resumed run equals an uninterrupted o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -25,8 +26,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from cir_mine.data.errors import DataError, UsageError
-from cir_mine.data.io import DirLock, write_json_atomic
+from cir_mine.data.checks import check_numbers, check_range
+from cir_mine.data.errors import CirMineError, DataError, UsageError
+from cir_mine.data.io import DirLock, check_output_dir, discard, is_workspace, transaction, write_json_atomic
 from cir_mine.data.workspace import Workspace
 
 from cir_mine.train import checkpoint as ck
@@ -94,6 +96,16 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every option (errors name the option, see CirMineError.params)."""
+        check_numbers(self)
+        check_range("lr", self.lr, 0.0, None, lo_open=True)
+        check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_range("width", self.width, 0.0, None, lo_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("margin", self.margin, 0.0)
+        check_range("triplet_weight", self.triplet_weight, 0.0)
+        check_range("dev_fraction", self.dev_fraction, 0.0, 1.0, hi_open=True)
+        if self.threads < 0:
+            raise UsageError(f"--threads {self.threads}: must be >= 0 (0: torch's default).")
         if self.lr_schedule not in ("cosine", "constant"):
             raise UsageError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant.", params=("lr_schedule",))
         if self.loss not in LOSSES:
@@ -224,6 +236,10 @@ class Trainer:
         if cfg.eval_work:
             ew = Workspace(cfg.eval_work).require()
             self.eval_gallery, self.eval_triplets = ew.load(cfg.eval_split)
+            if self.eval_gallery.dim != self.gallery.dim:
+                raise DataError(f"{ew.gallery_path(cfg.eval_split)}: the evaluation workspace has d="
+                                f"{self.eval_gallery.dim} but {cfg.work} has d={self.gallery.dim}. Evaluate on a "
+                                f"workspace embedded with the same encoder.")
             train_idx = np.arange(len(triplets))
         else:
             train_idx, dev_idx = dev_split(len(triplets), cfg.dev_fraction, cfg.dev_seed)
@@ -234,6 +250,7 @@ class Trainer:
         self.train_idx = train_idx
         self.queries = subset_queries(self.all_queries, train_idx)
         if cfg.extra_triplets:   # generated queries join training only (never the dev split)
+            _check_extra_origin(cfg.extra_triplets, ws)
             self.queries = concat_queries(self.queries, extra_queries(
                 cfg.extra_triplets, self.gallery, self.gallery_keys, self.key_of,
                 self.all_queries.query_ids.tolist(), cfg.extra_weight))
@@ -264,6 +281,13 @@ class Trainer:
             return
         nt = read_negatives(path, self.ws)
         self.neg_meta = nt.meta
+        known = set(self.all_queries.query_ids.tolist())
+        table_ids = set(nt.table.column("query_id").to_pylist())
+        foreign = sorted(table_ids - known)
+        if foreign:
+            raise DataError(f"{path}: {len(foreign)} of its {len(table_ids)} query ids are not queries of "
+                            f"{self.ws.triplets_path(self.cfg.split)} (first: {foreign[0]}). Mine the table from "
+                            f"this split: cir-mine negatives --work {self.cfg.work} --split {self.cfg.split}.")
         self.bank = group_negatives(nt.table, self.queries, self.gallery)
         table_schedule = nt.config.get("schedule")
         if self.curriculum is None and table_schedule:
@@ -387,7 +411,12 @@ class Trainer:
         for i, b in enumerate(plan.batches):
             self._set_lr(plan.progress(i))
             batch = self.assemble(b, plan)
-            total += self.step(loss_of(self.forward(batch), batch))
+            loss = loss_of(self.forward(batch), batch)
+            if not torch.isfinite(loss.detach()):
+                raise DataError(f"{self.run_dir}: training diverged at epoch {epoch + 1}, step {i + 1} (loss "
+                                f"{float(loss.detach())}). Lower --lr ({self.cfg.lr:g}) or raise --temperature "
+                                f"({self.cfg.temperature:g}); the run failed and reports no metrics.")
+            total += self.step(loss)
         return total / max(len(plan.batches), 1)
 
     def _batches(self, rng: np.random.Generator) -> list:
@@ -429,6 +458,10 @@ class Trainer:
         t, g = self.eval_triplets, self.eval_gallery
         ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")]
         q = encode_queries(self.model, ref, t.text_embeddings)
+        if not np.isfinite(q).all():
+            raise DataError(f"{self.run_dir}: the model's query embeddings are not finite after epoch "
+                            f"{self.state.epoch}. Lower --lr ({self.cfg.lr:g}) or raise --temperature "
+                            f"({self.cfg.temperature:g}); the run failed and reports no metrics.")
         return evaluate(q, t, g, exclude_reference=self.cfg.exclude_reference)
 
     # -------------------------------------------------------------------------------- run
@@ -481,7 +514,7 @@ class Trainer:
             rec = self.run_epoch(self.state.epoch)
             self.state.history.append(rec)
             self.state.epoch = rec["epoch"]
-            _append_jsonl(self.run_dir / "metrics.jsonl", rec)
+            _write_jsonl(self.run_dir / "metrics.jsonl", self.state.history)
             self.save()
             if self.progress:
                 self.progress(rec)
@@ -501,6 +534,23 @@ class Trainer:
         return final
 
 
+def _check_extra_origin(paths: list, ws: Workspace) -> None:
+    """Generated triplets (cir-mine positives) must come from this workspace (their footer's hash)."""
+    from cir_mine.data.workspace import check_readable_file, read_metadata
+
+    here = ws.manifest_hash()
+    for p in paths:
+        check_readable_file(Path(p))
+        try:
+            meta = read_metadata(p).get("cir_mine_positives")
+        except Exception:   # not Parquet: read_triplets names the problem
+            continue
+        made_from = meta.get("manifest_hash") if isinstance(meta, dict) else None
+        if made_from and made_from != here:
+            raise DataError(f"{p}: generated from another workspace (manifest hash {made_from}, {ws.root} has "
+                            f"{here}). Generate them from this one: cir-mine positives --work {ws.root}.")
+
+
 def _flat(metrics: dict) -> dict:
     """Per-epoch record: top-level numbers plus per-category R@10 as 'R@10/cat'."""
     out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -509,17 +559,13 @@ def _flat(metrics: dict) -> dict:
     return out
 
 
-def _append_jsonl(path: Path, rec: dict) -> None:
-    # rewrite the file atomically from the history so a resumed run never duplicates lines
-    lines = []
-    if path.exists():
-        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        lines = [x for x in lines if x.get("epoch", 0) < rec["epoch"]]
-    lines.append(rec)
-    from cir_mine.data.io import atomic_path
+def _write_jsonl(path: Path, history: list) -> None:
+    """One JSON line per epoch, rewritten atomically from the run's history (so a resumed run never
+    duplicates lines); a non-finite number is written as null (JSON has no NaN)."""
+    from cir_mine.data.io import atomic_path, json_safe
 
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+        tmp.write_text("".join(json.dumps(json_safe(x), sort_keys=True, allow_nan=False) + "\n" for x in history))
 
 
 def plot_curves(history: list, path: Path) -> None:
@@ -544,21 +590,46 @@ def plot_curves(history: list, path: Path) -> None:
     plt.close(fig)
 
 
+RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl", "metrics.json", "curves.png")
+
+
 def train(cfg: TrainConfig, remine: Optional[Remine] = None, resume: bool = False,
-          progress: Optional[Callable[[dict], None]] = None) -> dict:
+          progress: Optional[Callable[[dict], None]] = None, overwrite: bool = False) -> dict:
     """Train (or resume) a run; returns the final metrics (also in RUN/metrics.json).
 
     remine: the refresh's miner call (see :data:`Remine`); required with ``refresh_every``.
+    A new run never starts in a directory that holds one unless ``overwrite`` (its files are then
+    replaced), nor in a workspace or a folder holding one of its inputs. A new run that fails on
+    its input or diverges leaves nothing behind (a crash keeps the last checkpoint for ``resume``).
     """
     cfg.validate()
+    run_dir = Path(cfg.out)
+    inputs = [cfg.negatives, *cfg.extra_triplets]
+    check_output_dir(run_dir, [cfg.work, cfg.eval_work])
+    if is_workspace(run_dir):
+        raise UsageError(f"--out {run_dir}: is a workspace. Choose another --out; a run never writes into a "
+                         f"workspace.")
+    for p in inputs:
+        if p and Path(p).exists() and _resolve_parent(p) == _resolve_parent(run_dir / "x"):
+            if Path(p).name in RUN_FILES or Path(p).name.startswith("negs.round"):
+                raise UsageError(f"--out {run_dir}: holds an input of this run ({p}), which the run would "
+                                 f"replace. Choose another --out.")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.out)
     with DirLock(run_dir, purpose="cir-train"):
-        if not resume and (run_dir / ck.NAME).exists():
+        if not resume and (run_dir / ck.NAME).exists() and not overwrite:
             raise UsageError(f"{run_dir} already holds a run. Pass --resume {run_dir} to continue it, "
-                             f"or choose another --out.")
-        return Trainer(cfg, remine, progress).run(resume=resume)
+                             f"--overwrite to replace it, or choose another --out.")
+        with transaction(rollback_on=(CirMineError, OSError)) if not resume else contextlib.nullcontext():
+            if not resume:
+                for old in [*(run_dir / n for n in RUN_FILES), *run_dir.glob("negs.round*.parquet")]:
+                    if old.exists():
+                        discard(old)
+            return Trainer(cfg, remine, progress).run(resume=resume)
+
+
+def _resolve_parent(p) -> Path:
+    return Path(p).resolve().parent
 
 
 def resume_config(run_dir: str | Path) -> TrainConfig:

@@ -34,13 +34,15 @@ def target_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, target_rows: np
     query_emb: float32[m, d]; gallery_emb: float32[n, d]; target_rows: int64[m] (rows of gallery_emb);
     exclude_rows: int64[m, e] gallery rows not counted for that query (-1 = padding), e.g. the
     reference. Returns int64[m]: how many non-excluded gallery items score strictly higher than the
-    target. Memory: one float32[chunk, chunk] block at a time.
+    target. A NaN score ranks last: a NaN candidate is never above the target, and a NaN target is
+    below every candidate (so NaN never scores a hit). Memory: one float32[chunk, chunk] block at a time.
     """
     query_emb = np.asarray(query_emb, dtype=np.float32)
     gallery_emb = np.asarray(gallery_emb, dtype=np.float32)
     target_rows = np.asarray(target_rows, dtype=np.int64)
     m, n = query_emb.shape[0], gallery_emb.shape[0]
     target_score = np.einsum("ij,ij->i", query_emb, gallery_emb[target_rows])
+    nan_target = np.isnan(target_score)
     # Columns never counted per query: the target itself and the excluded rows, each once.
     skip = target_rows[:, None]
     if exclude_rows is not None:
@@ -54,13 +56,19 @@ def target_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, target_rows: np
         thr = target_score[qs:qe, None]
         for gs in range(0, n, chunk):
             ge = min(n, gs + chunk)
-            above = (query_emb[qs:qe] @ gallery_emb[gs:ge].T) > thr
+            above = _above(query_emb[qs:qe] @ gallery_emb[gs:ge].T, thr, nan_target[qs:qe, None])
             ranks[qs:qe] += above.sum(axis=1)
             for j in range(skip.shape[1]):
                 col = skip[qs:qe, j]
                 hit = np.flatnonzero((col >= gs) & (col < ge))
                 ranks[qs + hit] -= above[hit, col[hit] - gs]
     return ranks
+
+
+def _above(scores: np.ndarray, target: np.ndarray, nan_target: np.ndarray) -> np.ndarray:
+    """scores > target, with NaN ranked last: a NaN score is below everything, a NaN target below all."""
+    with np.errstate(invalid="ignore"):
+        return (scores > target) | nan_target
 
 
 def recalls(ranks: np.ndarray, ks: Sequence[int], prefix: str = "R@") -> dict:
@@ -127,7 +135,8 @@ def cirr_metrics(query_emb: np.ndarray, ref_ids: np.ndarray, target_ids: np.ndar
             members.append(int(tr[i]))
         s = gallery_emb[members] @ query_emb[i]
         t = float(gallery_emb[tr[i]] @ query_emb[i])
-        sub_ranks.append(int((s > t).sum()))
+        # the target itself is among the members; NaN ranks last (see target_ranks)
+        sub_ranks.append(int(_above(s, np.float32(t), np.bool_(t != t)).sum()) - (1 if t != t else 0))
     out.update(recalls(np.asarray(sub_ranks), SUBSET_KS, prefix="Rs@") if has
                else {f"Rs@{k}": float("nan") for k in SUBSET_KS})
     out["avg"] = (out["R@5"] + out["Rs@1"]) / 2 if has else out["R@5"]

@@ -14,13 +14,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import UsageError
-from cir_mine.data.io import DirLock
+from cir_mine.data.checks import check_numbers, check_range
+from cir_mine.data.io import DirLock, check_output
 from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
 
 from cir_mine.miner.core import attributes as A
@@ -149,6 +150,7 @@ class MineConfig:
 
     def validate(self, mining_round: int = 0) -> list[tuple[str, float]]:
         """Check every option (errors name the option); returns the mix of ``mining_round``."""
+        check_numbers(self)
         parts = self.parts(mining_round)
         if self.k < 1:
             raise UsageError(f"k must be at least 1 (got {self.k}).", params=("k",))
@@ -833,12 +835,15 @@ def _assemble(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int, see
     ], schema=NEGATIVES_SCHEMA)
 
 
-def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, **kw) -> MineResult:
+def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, overwrite: bool = True,
+                 reads: Sequence = (), **kw) -> MineResult:
     """Mine and write ``out`` atomically, holding the lock of its directory.
 
-    An approximate index built for this run is saved beside the table (``{out}.faiss``, its
+    ``out`` is checked first (:func:`cir_mine.data.io.check_output`): never a workspace file or one of
+    ``reads`` (other inputs, e.g. a checkpoint), and an existing file only with ``overwrite``. An
+    approximate index built for this run is saved beside the table (``{out}.faiss``, its
     fingerprint in the footer), so cir-train's refresh searches exactly the same index."""
-    out = Path(out)
+    out = check_output(out, reads, overwrite)
     with DirLock(out.parent, f"cir-mine negatives -> {out.name}"):
         res = mine_negatives(ws, split, cfg, **kw)
         search = res.meta["search"]

@@ -127,7 +127,16 @@ def load_index(path: str | Path, device: str = "auto"):
 def index_meta(path: str | Path) -> dict:
     p = Path(path)
     p = p.with_suffix(p.suffix + ".json")
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        meta = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: malformed index metadata ({e}). Rebuild the index with cir-mine index.") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{p}: malformed index metadata (expected a JSON object). Rebuild the index with "
+                        f"cir-mine index.")
+    return meta
 
 
 

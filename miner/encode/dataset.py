@@ -18,14 +18,14 @@ import pyarrow as pa
 
 from cir_mine.data.adapters import count_image_files, load_dataset
 from cir_mine.data.errors import DataError
-from cir_mine.data.io import DirLock
+from cir_mine.data.io import DirLock, check_output_dir, transaction
 from cir_mine.data.records import ImageRecord, QueryRecord, image_file
 from cir_mine.data.workspace import (Workspace, check_split, gallery_table, triplets_table,
                                      write_table)
 
 from cir_mine.miner.encode.clip import (AttributePrompts, EncoderConfig, ImageRun, embed_images, embed_texts,
                                         load_encoder, load_prompts, zero_shot_attributes)
-from cir_mine.miner.encode.index import index_workspace
+from cir_mine.miner.encode.index import check_index_spec, index_workspace
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,15 @@ def _triplets(queries: list[QueryRecord], text_emb: np.ndarray, ok_ids: set) -> 
 
 
 
-def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
-    """Embed ``job.dataset`` into ``job.work``; returns the manifest written."""
+def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = True) -> dict:
+    """Embed ``job.dataset`` into ``job.work``; returns the manifest written.
+
+    All or nothing: the split's tables, index and the manifest appear together or not at all (a
+    failure restores the workspace; the resumable shards stay). An existing split is replaced only
+    with ``overwrite``.
+    """
     check_split(job.split)
+    check_output_dir(job.work, flag="--work")
     advance = progress or (lambda n=1, total=None: None)
     kw = {"triplets": job.triplets_file} if job.dataset in ("folder", "webdataset") and job.triplets_file else {}
     images, queries = load_dataset(job.dataset, job.root, job.split, **kw)
@@ -139,9 +145,13 @@ def embed_dataset(job: EmbedJob, progress: Progress = None) -> dict:
                         f"({where}), or import features with `cir-mine index --from-features`.")
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
-    with DirLock(ws.root, "cir-mine embed"):
+    with DirLock(ws.root, "cir-mine embed"), transaction():
+        ws.check_new_split(job.split, None, overwrite)
         encoder = load_encoder(job.encoder)
         _check_encoder_matches(ws, job.split, encoder.describe())
+        if encoder.describe().get("dim"):
+            ws.check_new_split(job.split, int(encoder.describe()["dim"]), overwrite=True)
+            check_index_spec(job.index, len(images), int(encoder.describe()["dim"]))
         advance(0, total=len(images))  # the bar counts images; captions are fast
         shard_dir = ws.root / f".embed-{job.split}"
         keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]

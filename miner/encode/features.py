@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import DirLock, read_parquet
-from cir_mine.data.workspace import Workspace, check_split, gallery_table, l2_normalize
+from cir_mine.data.io import DirLock, read_parquet, same_file, transaction
+from cir_mine.data.workspace import Workspace, check_readable_file, check_split, gallery_table, l2_normalize
 
-from cir_mine.miner.encode.index import index_workspace
+from cir_mine.miner.encode.index import check_index_spec, index_workspace
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +160,17 @@ def carry_over(ws: Workspace, split: str, ids: list, cats: list) -> tuple[list, 
 
 def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
                     encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
-                    fp16: bool = False, allow_encoder_change: bool = False) -> dict:
+                    fp16: bool = False, allow_encoder_change: bool = False, overwrite: bool = True) -> dict:
     """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index;
     a clip-retrieval folder becomes the parts folder ``gallery.{split}/``.
 
     The split's current gallery lends its categories, attributes (tags), paths and attribute scores
     to the ids it shares with the features (.npy and .parquet). Features from another encoder than
-    the workspace's triplets are refused unless ``allow_encoder_change``."""
+    the workspace's triplets are refused unless ``allow_encoder_change``. Everything is validated
+    before anything is replaced: the features (finite, non-zero, one id per row, no duplicated id
+    within a category, the workspace's dimension) and the spec of the index; the features file is
+    never one of the files it replaces. All or nothing (the gallery, index and manifest appear together).
+    """
     check_split(split)
     ws = Workspace(work)
     if Path(path).is_dir():
@@ -174,17 +178,41 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
         dim = int(np.load(pairs[0][0], mmap_mode="r").shape[1])
         if not allow_encoder_change:
             check_encoder_change(ws, encoder_name)
-        with DirLock(ws.root, "cir-mine index --from-features"):
+        ws.check_new_split(split, None, overwrite)
+        _check_feature_dim(ws, split, path, dim)
+        with DirLock(ws.root, "cir-mine index --from-features"), transaction():
             ws.write_gallery(split, clip_retrieval_parts(pairs), metadata={"features": str(path), "layout": "clip-retrieval"})
             meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
                     if index != "none" else None)
             ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": dim})
             return meta or {}
+    for p in (path, ids_path):
+        if p is not None:
+            check_readable_file(Path(p))
+            for target in (ws.gallery_path(split), ws.manifest_path, ws.index_path(split)):
+                if same_file(p, target):
+                    raise UsageError(f"{p}: is the file this command replaces ({target}). Copy it elsewhere "
+                                     f"and import the copy.")
     ids, cats, emb = read_features(path, ids_path)
-    _check_rows(emb, ids, path)
+    seen: set = set()
+    for key in zip(cats, ids):
+        if key in seen:
+            where = f" in category '{key[0]}'" if key[0] else ""
+            raise DataError(f"{ids_path or path}: image id '{key[1]}' appears twice{where}. Each image needs "
+                            f"one feature row; drop the duplicates.")
+        seen.add(key)
+    norms = np.linalg.norm(emb, axis=1)
+    bad = ~np.isfinite(emb).all(axis=1) | (norms < 1e-12)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
+                        f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
+    _check_feature_dim(ws, split, path, int(emb.shape[1]))
     if not allow_encoder_change:
         check_encoder_change(ws, encoder_name)
-    with DirLock(ws.root, "cir-mine index --from-features"):
+    ws.check_new_split(split, None, overwrite)
+    if index != "none":
+        check_index_spec(index, len(ids), int(emb.shape[1]))
+    with DirLock(ws.root, "cir-mine index --from-features"), transaction():
         cats, attrs, paths, scores = carry_over(ws, split, ids, cats)
         table = gallery_table(ids, cats, attrs, l2_normalize(emb), paths=paths)
         if scores is not None:
@@ -195,4 +223,23 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
                 if index != "none" else None)
         ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})
         return meta or {}
+
+
+def _check_feature_dim(ws: Workspace, split: str, path, dim: int) -> None:
+    """The features' dimension must be the workspace's (its other tables, this split's triplets)."""
+    import pyarrow.parquet as pq
+
+    if not ws.root.is_dir():
+        return
+    tables = [p for p in sorted(ws.root.glob("*.*.parquet"))
+              if p.name.startswith(("gallery.", "triplets.")) and p != ws.gallery_path(split)]
+    for p in tables:
+        col = "embedding" if p.name.startswith("gallery.") else "text_embedding"
+        try:
+            t = pq.read_schema(p).field(col).type
+        except (KeyError, pa.ArrowInvalid, OSError):
+            continue
+        if pa.types.is_fixed_size_list(t) and t.list_size != dim:
+            raise DataError(f"{path}: features have d={dim} but {p} has d={t.list_size}. Import features of the "
+                            f"workspace's encoder, or use another --work.")
 

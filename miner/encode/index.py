@@ -46,6 +46,23 @@ def write_gallery_npy(ws, split: str, dtype: str = "float32") -> Path:
     blocks = (embedding_numpy(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=["embedding"]))
     write_embeddings_npy(blocks, n, dim, ws.embeddings_path(split), np.dtype(dtype))
     return ws.embeddings_path(split)
+def check_index_spec(spec: str, n: int, dim: int) -> None:
+    """Refuse (UsageError) an index spec FAISS cannot build or train over ``n`` vectors of ``dim``,
+    before anything is written."""
+    import faiss
+
+    if spec == "none":
+        return
+    fs = factory_string(spec, n, dim)
+    try:
+        index = faiss.index_factory(dim, fs, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UsageError(f"--index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist > n:
+        raise UsageError(f"--index {spec!r}: {fs!r} has {ivf.nlist} lists but the gallery has {n} images; FAISS "
+                         f"needs at least one training vector per list. Use --index flat, or IVF{max(1, n // 39)},Flat.")
+
 
 
 def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
@@ -59,12 +76,12 @@ def index_workspace(work: str | Path, split: str, spec: str = "flat", device: st
     """
     import contextlib
 
-    from cir_mine.data.io import DirLock
+    from cir_mine.data.io import DirLock, transaction
     from cir_mine.data.workspace import Workspace
 
     ws = Workspace(work)
     ws.require()
-    with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext():
+    with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext(), transaction():
         if npy:
             write_gallery_npy(ws, split, npy)
         return _index_workspace(ws, split, spec, device, fp16)
@@ -75,6 +92,7 @@ def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict
     g = ws.gallery(split)
     if len(g) == 0:
         raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")
+    check_index_spec(spec, len(g), g.dim)
     try:
         if factory_string(spec, len(g), g.dim) == "Flat":
             index = build_index(g.embeddings, spec, device=device, fp16=fp16)

@@ -284,14 +284,15 @@ def render_sheet(rows: Sequence[SheetRow], title: str = "", max_negatives: int =
 
 def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query_ids: Sequence[str] = (),
                   sample: Optional[int] = None, root: Optional[str | Path] = None, split: Optional[str] = None,
-                  max_negatives: int = 8, seed: int = 0) -> dict:
+                  max_negatives: int = 8, seed: int = 0, overwrite: bool = True) -> dict:
     """``cir-mine inspect``: draw the sheet and write ``out`` (PNG, atomically).
 
     Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool,
     "short": [SheetRow of each drawn query that got fewer than k negatives]}.
     """
-    from cir_mine.data.io import atomic_path
+    from cir_mine.data.io import atomic_path, check_output
 
+    check_output(out, [neg_path], overwrite)
     ws = Workspace(work).require()
     nt = read_negatives(neg_path, ws)
     split = split or nt.meta.get("split") or "train"
@@ -301,7 +302,6 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
     rows = sheet_rows(nt, ws, split, qs, Path(root) if root is not None else None, max_negatives)
     fig = render_sheet(rows, f"{Path(neg_path).name}  ·  {ws.root}  ·  split {split}", max_negatives)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     w, h = fig.get_size_inches() * fig.dpi

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cir_mine.data.io import atomic_path
+from cir_mine.data.io import atomic_path, check_output
 from cir_mine.miner.inspection.stats import Stats, format_stats, stats_of
 from cir_mine.miner.inspection.sql import open_tables
 from cir_mine.miner.inspection.contact_sheet import render_sheet, sheet_rows
@@ -369,8 +369,11 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
     return Report(page, doc.plots, stats)
 
 
-def write_report(neg_paths: Sequence[str | Path], work: str | Path, out: str | Path, **kw) -> Report:
-    """``cir-mine report``: build the report and write ``out`` atomically."""
+def write_report(neg_paths: Sequence[str | Path], work: str | Path, out: str | Path, overwrite: bool = True,
+                 **kw) -> Report:
+    """``cir-mine report``: build the report and write ``out`` atomically (checked first, see
+    :func:`cir_mine.data.io.check_output`)."""
+    check_output(out, list(neg_paths), overwrite)
     rep = build_report(neg_paths, work, **kw)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(rep.html, encoding="utf-8")

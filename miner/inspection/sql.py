@@ -56,30 +56,56 @@ def table_split(tables: Sequence[NegativesTable], split: Optional[str]) -> str:
 
 
 
+def _dataset(path):
+    """A lazily scanned Arrow dataset of one Parquet file, or of a list of row-aligned parts in order
+    (read by pyarrow, not by DuckDB's file system)."""
+    import pyarrow.dataset as pds
+
+    files = [str(p) for p in path] if isinstance(path, (list, tuple)) else str(path)
+    return pds.dataset(files, format="parquet")
+
+
 def connect(neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None,
-            split: str = "train") -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the views described in the module docstring."""
-    con = duckdb.connect(":memory:")
+            split: str = "train", table_views: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views described in the module docstring.
+
+    Read-only over its inputs: the views scan Arrow datasets of the files, and DuckDB's own file
+    access is then switched off (``enable_external_access = false``), so no statement (``COPY``,
+    ``ATTACH``, ``EXPORT``, ``INSTALL``, ``read_csv``...) can read or write any file.
+    ``table_views`` adds one view ``t{i}`` per negatives table.
+    """
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
+
     if neg_paths:
-        files = ", ".join(_lit(Path(p).resolve()) for p in neg_paths)
-        con.execute(f"CREATE VIEW negs AS SELECT * FROM read_parquet([{files}], filename = true)")
+        parts = []
+        for i, p in enumerate(neg_paths):
+            con.register(f"_src_t{i}", _dataset(Path(p)))
+            parts.append(f"SELECT *, {_lit(Path(p).resolve())} AS filename FROM _src_t{i}")
+            if table_views:
+                con.execute(f"CREATE VIEW t{i} AS SELECT * FROM _src_t{i}")
+        con.execute(f"CREATE VIEW negs AS {' UNION ALL '.join(parts)}")
     if ws is not None:
         gp, tp = ws.gallery_path(split), ws.triplets_path(split)
         if not gp.exists():
             have = ", ".join(ws.splits()) or "none"
             raise DataError(f"{gp}: file not found; splits in {ws.root}: {have}. Pass one with --split.")
         gfiles = ws.gallery_files(split)                # one file, or a parts folder in row order
-        glist = "[" + ", ".join(_lit(f.resolve()) for f in gfiles) + "]"
-        gcols = [c for c in pq.read_schema(gfiles[0]).names if c != "embedding"]
-        con.execute(f"CREATE VIEW gallery AS SELECT {', '.join(gcols)} FROM read_parquet({glist})")
-        d = pq.read_schema(gfiles[0]).field("embedding").type.list_size
+        gschema = pq.read_schema(gfiles[0])
+        gcols = [c for c in gschema.names if c != "embedding"]
+        d = gschema.field("embedding").type.list_size
+        con.register("_src_gallery", _dataset(gfiles))
+        con.execute(f"CREATE VIEW gallery AS SELECT {', '.join(gcols)} FROM _src_gallery")
         con.execute(f"CREATE VIEW gallery_emb AS SELECT image_id, category, embedding::FLOAT[{d}] AS embedding "
-                    f"FROM read_parquet({glist})")
+                    f"FROM _src_gallery")
         if tp.exists():
             tcols = [c for c in pq.read_schema(tp).names if c != "text_embedding"]
-            con.execute(f"CREATE VIEW triplets AS SELECT {', '.join(tcols)} FROM read_parquet({_lit(tp.resolve())})")
+            con.register("_src_triplets", _dataset(tp))
+            con.execute(f"CREATE VIEW triplets AS SELECT {', '.join(tcols)} FROM _src_triplets")
             con.execute(f"CREATE VIEW triplet_emb AS SELECT query_id, text_embedding::FLOAT[{d}] AS text_embedding "
-                        f"FROM read_parquet({_lit(tp.resolve())})")
+                        f"FROM _src_triplets")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
@@ -101,7 +127,7 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
         first = str(e).strip().splitlines()[0].rstrip(".!") if str(e).strip() else type(e).__name__
         have = [r[0] for r in con.execute(
             "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()
-            if not re.fullmatch(r"t\d+", r[0])]
+            if not re.fullmatch(r"t\d+|_src_\w+", r[0])]
         hint = "" if "gallery" in have else "; gallery and triplets need --work"
         raise DataError(f"SQL: {first}. Views: {', '.join(have) or 'none'}{hint}. "
                         f"See docs/queries.md for examples.") from None
@@ -111,7 +137,9 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
 
 def sql_query(sql: str, neg_paths: Sequence[str | Path], work: Optional[str | Path] = None,
               split: Optional[str] = None) -> QueryResult:
-    """``cir-mine sql``: validate the tables, open the views, run ``sql``."""
+    """``cir-mine sql``: validate the tables, open the views, run ``sql`` (read-only)."""
+    if not sql.strip():
+        raise UsageError("SQL: the query is empty. Pass a statement, e.g. 'SELECT count(*) FROM negs'.")
     ws = Workspace(work).require() if work is not None else None
     tables = load_tables(neg_paths, ws) if neg_paths else []
     con = connect(neg_paths, ws, table_split(tables, split) if tables else (split or "train"))
@@ -128,9 +156,7 @@ def open_tables(neg_paths: Sequence[str | Path], work: Optional[str | Path] = No
     ws = Workspace(work).require() if work is not None else None
     tables = load_tables(neg_paths, ws)
     split = table_split(tables, split)
-    con = connect(neg_paths, ws, split)
-    for i, t in enumerate(tables):
-        con.execute(f"CREATE VIEW t{i} AS SELECT * FROM read_parquet({_lit(Path(t.path).resolve())})")
+    con = connect([t.path for t in tables], ws, split, table_views=True)
     return con, tables, ws, split
 
 

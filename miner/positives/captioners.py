@@ -5,10 +5,12 @@ command (one JSON line in, one caption line out).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -65,25 +67,24 @@ class TemplateCaptioner:
 @dataclass
 class CommandCaptioner:
     """Any external program: reads JSON lines of pairs on stdin, writes one JSON line per pair with
-    ``{"captions": [...]}`` on stdout (so a user with a multimodal LLM can plug one in)."""
+    ``{"captions": [...]}`` on stdout (so a user with a multimodal LLM can plug one in).
+
+    What is read back is bounded: at most one line per pair, ``max_line_bytes`` per line,
+    ``max_total_bytes`` in all and ``timeout`` seconds; past a bound the program is killed and a
+    DataError says which bound it crossed.
+    """
 
     command: str
-    timeout: float = 3600.0
+    timeout: float = 3600.0                 # seconds the program may run
+    max_line_bytes: int = 64 * 1024         # bytes per output line
+    max_total_bytes: int = 256 * 1024 ** 2  # bytes of output in all
 
     def caption(self, pairs: Sequence[PairDiff]) -> list[list[str]]:
         payload = "".join(json.dumps({
             "ref_id": p.ref_id, "target_id": p.target_id, "category": p.category,
             "changes": [{"group": c.group, "removed": list(c.removed), "added": list(c.added)} for c in p.changes],
-        }) + "\n" for p in pairs)
-        try:
-            r = subprocess.run(shlex.split(self.command), input=payload, capture_output=True, text=True,
-                               timeout=self.timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise DataError(f"captioner command {self.command!r} failed to run ({e}).") from None
-        if r.returncode != 0:
-            raise DataError(f"captioner command {self.command!r} exited with {r.returncode}: "
-                            f"{r.stderr.strip()[-300:]}")
-        lines = [l for l in r.stdout.splitlines() if l.strip()]
+        }) + "\n" for p in pairs).encode()
+        lines = self._run(payload, len(pairs))
         if len(lines) != len(pairs):
             raise DataError(f"captioner command {self.command!r} returned {len(lines)} lines for {len(pairs)} pairs; "
                             f"it must print one JSON line per input line.")
@@ -99,3 +100,74 @@ class CommandCaptioner:
             out.append([str(c) for c in caps])
         return out
 
+    def _run(self, payload: bytes, n_lines: int) -> list[str]:
+        """Run the program, feed ``payload``, read at most ``n_lines`` non-empty lines within the bounds."""
+        try:
+            proc = subprocess.Popen(shlex.split(self.command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        except (OSError, ValueError) as e:
+            raise DataError(f"captioner command {self.command!r} failed to run ({e}).") from None
+        lines: list[bytes] = []
+        state = {"error": None}
+        tail = bytearray()
+
+        def stop(why: str) -> None:
+            state["error"] = why
+            with contextlib.suppress(OSError):
+                proc.kill()
+
+        def feed() -> None:
+            with contextlib.suppress(OSError):   # a program that stops reading early
+                proc.stdin.write(payload)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+        def read_out() -> None:
+            buf, total = b"", 0
+            while True:
+                chunk = proc.stdout.read1(1 << 16)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > self.max_total_bytes:
+                    return stop(f"printed more than {self.max_total_bytes} bytes")
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                for ln in done:
+                    if len(ln) > self.max_line_bytes:
+                        return stop(f"printed a line longer than {self.max_line_bytes} bytes")
+                    if ln.strip():
+                        lines.append(ln)
+                        if len(lines) > n_lines:
+                            return stop(f"printed more than {n_lines} lines for {n_lines} pairs; it must print "
+                                        f"one JSON line per input line")
+                if len(buf) > self.max_line_bytes:
+                    return stop(f"printed a line longer than {self.max_line_bytes} bytes")
+            if buf.strip():
+                lines.append(buf)
+
+        def read_err() -> None:
+            while True:
+                chunk = proc.stderr.read1(1 << 16)
+                if not chunk:
+                    break
+                tail.extend(chunk)
+                del tail[:-2000]
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (feed, read_out, read_err)]
+        for t in threads:
+            t.start()
+        try:
+            rc = proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            stop(f"gave no complete answer within {self.timeout:g} s and was stopped; raise --command-timeout "
+                 f"or check the command")
+            rc = proc.wait()
+        for t in threads:
+            t.join(5)
+        if state["error"]:
+            raise DataError(f"captioner command {self.command!r} {state['error']}.")
+        if rc != 0:
+            raise DataError(f"captioner command {self.command!r} exited with {rc}: "
+                            f"{tail.decode('utf-8', 'replace').strip()[-300:]}")
+        return [ln.decode("utf-8", "replace") for ln in lines]

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cir_mine.data.checks import check_numbers
 from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import Gallery
 
@@ -49,6 +50,9 @@ class PositivesConfig:
     seed: int = 0                    # sampling and caption-template seed
 
     def validate(self) -> "PositivesConfig":
+        check_numbers(self)
+        if self.max_images < 0 or self.max_values < 1:
+            raise UsageError("--max-images must be >= 0 and --max-values >= 1.")
         if self.per_image < 1 or self.max_diff < 1 or self.neighbors < 2:
             raise UsageError("per_image and max_diff must be >= 1, neighbors >= 2.",
                              params=("per_image", "max_diff", "neighbors"))

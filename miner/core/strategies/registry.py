@@ -14,6 +14,8 @@ function with ``@register(...)``; the built-in modules are imported by the packa
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -110,6 +112,8 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
             raise UsageError(f"bad share {share!r} for {name} in {spec!r}: use NAME:SHARE, e.g. midzone:0.6.") from None
         if not w > 0:
             raise UsageError(f"share of {name} in {spec!r} must be positive.")
+        if not math.isfinite(w):
+            raise UsageError(f"share of {name} in {spec!r} must be a finite number.")
         if any(n == name for n, _ in parts):
             raise UsageError(f"strategy {name} appears twice in {spec!r}.")
         parts.append((name, w))
