@@ -640,7 +640,7 @@ class Workspace:
 
     def _require_split(self, split: str, path: Path) -> None:
         self.require()
-        if os.path.lexists(path):
+        if os.path.lexists(path) and not path.is_dir():     # a gallery may be a folder of parts
             check_readable_file(path)   # a dangling link or a symlink loop is named as such
         if not path.exists():
             have = ", ".join(self.splits()) or "none"
