@@ -627,7 +627,7 @@ class Workspace:
         is a DataError naming it."""
         out = set()
         for p in self.root.glob("gallery.*.parquet"):
-            if not p.is_file():
+            if p.is_dir():
                 continue
             name = p.name[len("gallery."):-len(".parquet")]
             if not SPLIT_RE.match(name):

@@ -93,7 +93,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()
     synth.validate()
-    for s in strategies:
+    for s in dict.fromkeys(x.removesuffix(REFRESH) for x in strategies):
         MineConfig(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu").validate()
     TrainConfig(work="-", out="-", epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2, **train_opts).validate()
     check_output_dir(out)
