@@ -201,11 +201,7 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
             raise DataError(f"{ids_path or path}: image id '{key[1]}' appears twice{where}. Each image needs "
                             f"one feature row; drop the duplicates.")
         seen.add(key)
-    norms = np.linalg.norm(emb, axis=1)
-    bad = ~np.isfinite(emb).all(axis=1) | (norms < 1e-12)
-    if bad.any():
-        raise DataError(f"{path}: {int(bad.sum())} feature row(s) are zero, NaN or inf "
-                        f"(first: {ids[int(np.flatnonzero(bad)[0])]}). Drop or recompute them.")
+    _check_rows(emb, ids, path)
     _check_feature_dim(ws, split, path, int(emb.shape[1]))
     if not allow_encoder_change:
         check_encoder_change(ws, encoder_name)
