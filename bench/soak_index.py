@@ -10,6 +10,11 @@ direction, off the gallery's distribution). Then, each a fresh process with its 
 ``cir-mine negatives --index workspace`` (tuned to candidate recall 0.98, PQ candidates over-fetched 4x
 and re-ranked exactly against the memory-mapped rows, with a recall check against exact mining).
 Reports each stage's wall time and peak RSS against the bound: index bytes + re-rank working set + 2 GiB.
+
+``--memory-limit GIB`` runs the mining stage inside a fresh memory cgroup (v1 ``memory.limit_in_bytes``
+or v2 ``memory.max``) holding page cache and RSS together below GIB: with a limit under the gallery's
+float32 bytes, the embeddings cannot all be resident at once, as on a machine whose RAM is smaller
+than the gallery. The cgroup's own peak (page cache included) is reported beside the peak RSS.
 Not a unit test: run it alone.
 """
 from __future__ import annotations
@@ -66,13 +71,48 @@ def write_workspace(root: Path, n: int, m: int, d: int, seed: int = 0, block: in
     ws.write_manifest(source="synthetic", dim=d)
 
 
-def run_stage(name: str, argv: list) -> dict:
+class MemoryCgroup:
+    """A fresh memory cgroup limited to ``gib`` GiB (page cache + RSS); ``enter`` moves the calling
+    process into it (as a ``preexec_fn``), ``peak_gib`` reads its high-water mark."""
+
+    def __init__(self, gib: float):
+        self.limit = int(gib * 2 ** 30)
+        name = f"cir-mine-soak-{os.getpid()}"
+        v1 = Path("/sys/fs/cgroup/memory")
+        if (v1 / "memory.limit_in_bytes").exists() or v1.is_dir():
+            self.dir, self.files = v1 / name, ("memory.limit_in_bytes", "memory.max_usage_in_bytes")
+        else:
+            self.dir, self.files = Path("/sys/fs/cgroup") / name, ("memory.max", "memory.peak")
+        try:
+            self.dir.mkdir()
+            (self.dir / self.files[0]).write_text(str(self.limit))
+        except OSError as e:
+            raise SystemExit(f"--memory-limit: cannot create a memory cgroup at {self.dir} ({e}); "
+                             f"run as a user who may, or without --memory-limit.") from None
+
+    def enter(self) -> None:
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak_gib(self) -> float:
+        try:
+            return round(int((self.dir / self.files[1]).read_text()) / 2 ** 30, 3)
+        except (OSError, ValueError):
+            return float("nan")
+
+    def close(self) -> None:
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+
+
+def run_stage(name: str, argv: list, cgroup: "MemoryCgroup | None" = None) -> dict:
     shown = "cir-mine " + shlex.join(argv)
-    print(f"$ {shown}", flush=True)
+    print(f"$ {shown}" + (f"   (memory cgroup limit {cgroup.limit / 2 ** 30:.2f} GiB)" if cgroup else ""), flush=True)
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen([sys.executable, "-c", "from cir_mine.cli import mine_main; mine_main()", *argv],
-                             stdout=out, stderr=err, text=True)
+                             stdout=out, stderr=err, text=True, preexec_fn=cgroup.enter if cgroup else None)
         _, status, usage = os.wait4(p.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t
@@ -82,7 +122,11 @@ def run_stage(name: str, argv: list) -> dict:
         raise SystemExit(f"{name} failed (exit {code}):\n{stderr}")
     rec = {"stage": name, "command": shown, "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
            "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2 ** 30, 3), "stdout": stdout.strip().splitlines()}
-    print(f"  -> {rec['wall_s']} s wall, {rec['cpu_s']} s CPU, peak RSS {rec['peak_rss_gib']} GiB", flush=True)
+    if cgroup:
+        rec["cgroup_limit_gib"] = round(cgroup.limit / 2 ** 30, 3)
+        rec["cgroup_peak_gib"] = cgroup.peak_gib()
+    print(f"  -> {rec['wall_s']} s wall, {rec['cpu_s']} s CPU, peak RSS {rec['peak_rss_gib']} GiB"
+          + (f", cgroup peak {rec['cgroup_peak_gib']} of {rec['cgroup_limit_gib']} GiB" if cgroup else ""), flush=True)
     for line in rec["stdout"]:
         print(f"     {line}", flush=True)
     return rec
@@ -97,6 +141,10 @@ def main(argv=None) -> None:
     ap.add_argument("--query-batch", type=int, default=1024)
     ap.add_argument("--check-recall", type=int, default=200)
     ap.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-soak-index"))
+    ap.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                    help="run the mining stage in a memory cgroup of GIB GiB (page cache included)")
+    ap.add_argument("--strategy", default="hardest")
+    ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
     shutil.rmtree(a.root, ignore_errors=True)
@@ -105,11 +153,16 @@ def main(argv=None) -> None:
     write_workspace(work, a.n_gallery, a.n_queries, a.dim)
     t_write = round(time.perf_counter() - t, 1)
     s = str
-    recs = [run_stage("index (IVF-PQ)", ["index", "--work", s(work), "--index", a.factory, "--device", "cpu"]),
-            run_stage("negatives (workspace IVF-PQ + exact re-rank)",
-                      ["negatives", "--work", s(work), "--index", "workspace", "--strategy", "hardest", "-k", "10",
-                       "--query-batch", s(a.query_batch), "--check-recall", s(a.check_recall), "--device", "cpu",
-                       "--out", s(a.root / "negs.parquet"), "-q"])]
+    recs = [run_stage("index (IVF-PQ)", ["index", "--work", s(work), "--index", a.factory, "--device", "cpu"])]
+    cgroup = MemoryCgroup(a.memory_limit) if a.memory_limit else None
+    try:
+        recs.append(run_stage("negatives (workspace IVF-PQ + exact re-rank)",
+                              ["negatives", "--work", s(work), "--index", "workspace", "--strategy", a.strategy,
+                               "-k", s(a.k), "--query-batch", s(a.query_batch), "--check-recall", s(a.check_recall),
+                               "--device", "cpu", "--out", s(a.root / "negs.parquet"), "-q"], cgroup))
+    finally:
+        if cgroup:
+            cgroup.close()
     from cir_mine.miner.core.tables import read_negatives_meta
 
     meta = read_negatives_meta(a.root / "negs.parquet")
@@ -122,13 +175,16 @@ def main(argv=None) -> None:
     bound = index_gib + rerank_gib + 2.0
     print(f"\ngallery float32 embeddings {gallery_gib:.2f} GiB (memory-mapped, written in {t_write} s); "
           f"index {index_gib:.3f} GiB; re-rank working set {rerank_gib:.3f} GiB; bound {bound:.2f} GiB\n")
-    print("| stage | command | wall (s) | CPU (s) | peak RSS (GiB) |\n| --- | --- | --- | --- | --- |")
+    print("| stage | command | wall (s) | CPU (s) | peak RSS (GiB) | memory cgroup peak / limit (GiB) |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for r in recs:
-        print(f"| {r['stage']} | `{r['command']}` | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']} |")
+        cg = f"{r['cgroup_peak_gib']} / {r['cgroup_limit_gib']}" if "cgroup_limit_gib" in r else "-"
+        print(f"| {r['stage']} | `{r['command']}` | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']} | {cg} |")
     print(json.dumps({"bench": "soak-index", "n_gallery": a.n_gallery, "n_queries": a.n_queries, "dim": a.dim,
                       "factory": a.factory, "gallery_gib": round(gallery_gib, 3), "index_gib": round(index_gib, 3),
                       "rerank_gib": round(rerank_gib, 3), "bound_gib": round(bound, 3), "write_s": t_write,
                       "search": search, "timing": meta["timing"], "shortfall": meta["shortfall"]["count"],
+                      "mining_within_bound": recs[-1]["peak_rss_gib"] <= bound,
                       "within_bound": all(r["peak_rss_gib"] <= bound for r in recs),
                       "stages": [{k: v for k, v in r.items() if k != "stdout"} for r in recs]}))
     if not a.keep:

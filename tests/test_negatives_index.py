@@ -316,3 +316,27 @@ def test_index_npy_cli(synth_work, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"wrote {ws.root}/gallery.train.npy: the gallery embeddings, memory-mapped by mining" in r.output
     assert np.load(ws.embeddings_path("train"), mmap_mode="r").shape == (3000, 32)
+
+
+def test_hnsw_deeper_searches_keep_the_tuned_beam():
+    """Deepening searches 4x and more deeper than the tuning measured; an HNSW beam of
+    max(efSearch, k) would then fall to efSearch = k. The tuned beam-to-depth ratio is kept, so the
+    deep search's recall stays at the tuned one (and above what the bare index gives)."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((4000, 32)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = xb[rng.choice(4000, 100, replace=False)] + 0.3 * rng.standard_normal((100, 32)).astype(np.float32)
+    raw, _ = E.approximate_index(xb, "HNSW8,Flat", device="cpu")
+    backend = E.Reranked(raw, xb, 1.0, {"index": "hnsw"})
+    exact = E.ExactSearch(xb, device="cpu")
+    tuning = E.tune(backend, exact.search(xq, 10)[1], xq, 10, 0.95)
+    ef = tuning.value
+    assert backend.describe()["depth"] == 10 and backend.beam_for(10) is None
+    assert backend.beam_for(40) == ef * 4
+    deep = E.candidate_recall(backend.search(xq, 40)[1], exact.search(xq, 40)[1])
+    _, bare = raw.search(xq, 40)                       # the index alone: beam max(ef, 40)
+    assert faiss.downcast_index(raw).hnsw.efSearch == ef
+    assert deep >= min(0.95, tuning.recall) - 0.02
+    assert deep >= E.candidate_recall(bare, exact.search(xq, 40)[1])

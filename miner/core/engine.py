@@ -121,12 +121,13 @@ class Reranked:
         self.source, self.xb, self.overfetch = source, xb, float(overfetch)
         self.ntotal, self.d = int(source.ntotal), int(source.d)
         self.info = dict(info or {})
+        self.kind = index_kind(source) if hasattr(source, "is_trained") else "other"
 
     @property
     def cheap_depth(self) -> bool:
         """Deeper searches cost about the same (IVF lists with full vectors, flat): an HNSW search
         widens its beam with k and a PQ re-rank gathers k x over-fetch rows, so those are not."""
-        return self.overfetch == 1 and index_kind(self.source) in ("ivf", "flat")
+        return self.overfetch == 1 and self.kind in ("ivf", "flat")
 
     def fetch_depth(self, k: int) -> int:
         return int(min(self.ntotal, math.ceil(k * self.overfetch)))
@@ -134,7 +135,12 @@ class Reranked:
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         xq = np.ascontiguousarray(xq, np.float32)
         k = int(min(k, self.ntotal))
-        _, I = self.source.search(xq, self.fetch_depth(k))
+        kf = self.fetch_depth(k)
+        ef = self.beam_for(kf)
+        if ef:
+            _, I = self.source.search(xq, kf, params=_faiss().SearchParametersHNSW(efSearch=ef))
+        else:
+            _, I = self.source.search(xq, kf)
         D, I = exact_rescore(self.xb, xq, np.asarray(I, np.int64), k)
         release_pages(self.xb)
         if D.shape[1] < k:                                # the source returned fewer than k rows
@@ -142,6 +148,19 @@ class Reranked:
             D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
             I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
         return D, I
+
+    def beam_for(self, fetch: int) -> Optional[int]:
+        """HNSW beam width for a search ``fetch`` rows deep, or None for the index's own setting.
+
+        An HNSW search keeps a beam of max(efSearch, k) nodes, so at a depth beyond the one the
+        tuning measured (``info["depth"]``: deepening searches 4x and 10x deeper) efSearch = k would
+        fall far below the recall that was tuned. The tuned beam-to-depth ratio is kept instead."""
+        tuned = self.info.get("depth")
+        ef = (self.info.get("params") or {}).get("efSearch")
+        if self.kind != "hnsw" or not tuned or not ef:
+            return None
+        base = self.fetch_depth(int(tuned))
+        return int(math.ceil(ef * fetch / base)) if fetch > base else None
 
     def set_params(self, params: dict) -> None:
         set_search_params(self.source, params)
@@ -297,6 +316,7 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
         backend.overfetch *= 2                        # compressed codes: fetch more, re-rank exactly
         start = values.index(v)
     backend.set_params({name: v})
+    backend.info["depth"] = int(depth)              # the depth this recall holds at (see Reranked.beam_for)
     if r < target:
         log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
     return Tuning(name, v, r, target, r >= target, depth, len(xq), tried, time.perf_counter() - t0,
@@ -413,7 +433,7 @@ def reopen(search: dict, xb: np.ndarray, workspace_index, table_path, device: st
                         f"now {now}). {fix}.")
     raw = load_index(path, device if index_kind_of_file(search) != "hnsw" else "cpu")
     backend = Reranked(raw, xb, float(search.get("overfetch", 1.0)),
-                       {k: search[k] for k in ("index", "factory", "file", "fingerprint") if k in search})
+                       {k: search[k] for k in ("index", "factory", "file", "fingerprint", "depth") if k in search})
     backend.set_params(dict(search.get("params") or {}))
     return backend
 
