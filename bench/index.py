@@ -75,13 +75,29 @@ def compare(args) -> dict:
     loaded = ws.load("train")
     g = loaded[0]
     base = dict(strategy="hardest", k=args.k, check_recall=args.check_recall)
+    # each finished row is kept under --root, so an interrupted run resumes at the next row
+    done_path = ws.root / f"compare-k{args.k}-c{args.check_recall}.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+
+    def keep(name, row, negs):
+        done[name] = {"row": row, "negs": {q: sorted(v) for q, v in negs.items()}}
+        done_path.write_text(json.dumps(done))
+        print(json.dumps({name: row}), file=sys.stderr, flush=True)
+
     rows = {}
-    with Clock() as c:
-        exact = mine_negatives(ws, "train", MineConfig.of(**base), loaded=loaded)
-    ref = neg_sets(exact.table)
-    rows["flat"] = {"wall_s": c.wall, "cpu_s": c.cpu, "timing": exact.meta["timing"], "overlap": 1.0}
-    depth = exact.meta["depth"]
+    if "flat" not in done:
+        with Clock() as c:
+            exact = mine_negatives(ws, "train", MineConfig.of(**base), loaded=loaded)
+        keep("flat", {"wall_s": c.wall, "cpu_s": c.cpu, "timing": exact.meta["timing"], "overlap": 1.0,
+                      "depth": exact.meta["depth"]}, neg_sets(exact.table))
+        del exact
+    rows["flat"] = done["flat"]["row"]
+    ref = {q: set(v) for q, v in done["flat"]["negs"].items()}
+    depth = rows["flat"]["depth"]
     for kind in args.indexes:
+        if kind in done:
+            rows[kind] = done[kind]["row"]
+            continue
         with Clock() as b:
             raw, factory = E.approximate_index(g.embeddings, kind, device=args.device)
         backend = E.Reranked(raw, g.embeddings, E.default_overfetch(factory), {"index": kind, "factory": factory})
@@ -101,7 +117,11 @@ def compare(args) -> dict:
                       "speedup_cpu": round(rows["flat"]["cpu_s"] / c.cpu, 2),
                       "speedup_wall": round(rows["flat"]["wall_s"] / c.wall, 2),
                       "speedup_cpu_with_build": round(rows["flat"]["cpu_s"] / (c.cpu + b.cpu), 2)}
+        keep(kind, rows[kind], {})
         del raw, backend
+    if args.no_single_pass:
+        return {"bench": "index-compare", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
+                "k": args.k, "depth": depth, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows}
     # single pass: exact mining without deepening vs the bare flat search at the same depth
     xb = g.embeddings
     index = faiss.IndexFlatIP(xb.shape[1])
@@ -147,6 +167,7 @@ def main():
     p.add_argument("--indexes", nargs="+", default=["ivf", "hnsw"])
     p.add_argument("--check-recall", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-single-pass", action="store_true", help="compare: skip the single-pass vs bare flat search rows")
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
     args = p.parse_args()
     print(json.dumps({"compare": compare, "deepen": deepen}[args.bench](args)), flush=True)
