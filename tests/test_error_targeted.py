@@ -28,7 +28,7 @@ def world(synth_work):
 
 def mine(world, query_emb=None, **kw):
     kw = {"k": 10, "candidates": 300, "device": "cpu", **kw}
-    return mine_negatives(world["ws"], "train", MineConfig(**kw), query_emb=query_emb)
+    return mine_negatives(world["ws"], "train", MineConfig.of(**kw), query_emb=query_emb)
 
 
 def differing_groups(a, b) -> set:
@@ -102,6 +102,20 @@ def test_error_targeted_gives_each_group_its_share(world):
         diffs = [differing_groups(world["attrs"][r["neg_id"]], world["attrs"][r["target_id"]]) for r in rows[qid]]
         for grp, k in alloc["k"].items():
             assert sum(grp in d for d in diffs) >= k, (qid, grp, diffs)
+
+
+def test_error_targeted_minimal_pairs_differ_in_one_group(world):
+    """error_minimal: every negative differs from the target in exactly one group, one the
+    allocation gives slots to."""
+    res = mine(world, strategy="error-targeted", error_minimal=True, candidates=1000)
+    alloc = res.meta["prepared"]["error-targeted"]
+    assert res.table.num_rows > 500
+    for r in res.table.to_pylist():
+        diff = differing_groups(world["attrs"][r["neg_id"]], world["attrs"][r["target_id"]])
+        assert len(diff) == 1 and diff <= set(alloc["k"]), (r, diff)
+    # without it, the same allocation also picks negatives that differ in more groups
+    loose = mine(world, strategy="error-targeted", candidates=1000).table.to_pylist()
+    assert any(len(differing_groups(world["attrs"][r["neg_id"]], world["attrs"][r["target_id"]])) > 1 for r in loose)
 
 
 def test_error_targeted_without_errors_is_the_ranking(world):

@@ -176,6 +176,29 @@ def test_attribute_mismatch_differs_exactly_in_requested_group(world, index):
         assert False in _status(world, r["neg_id"], r["query_id"]).values()
 
 
+def _contradicted_as_reference(world, neg, qid) -> set:
+    """Requested groups the negative contradicts with the reference's own value there."""
+    gn, gr = A.group_values(world["attrs"][neg]), A.group_values(world["attrs"][world["ref"][qid]])
+    return {g for g, s in _status(world, neg, qid).items() if s is False and g in gn and gn[g] == gr.get(g)}
+
+
+@pytest.mark.parametrize("strategy,param", [("attribute-mismatch", "mismatch_ref_value"),
+                                            ("category-discrepant", "discrepant_ref_value")])
+def test_reference_value_switch(world, strategy, param):
+    """Off (the default), no negative contradicts the caption with the reference's own value (so
+    none copies the reference's attributes); on, the strategy picks such negatives too."""
+    kw = dict(strategy=strategy, candidates=1000)
+    on = mine(world, **kw, **{param: True}).table.to_pylist()
+    default = mine(world, **kw)
+    assert default.meta["config"]["params"][strategy][param] is False
+    off = default.table.to_pylist()
+    assert len(off) > 100
+    assert any(_contradicted_as_reference(world, r["neg_id"], r["query_id"]) for r in on)
+    for r in off:
+        assert not _contradicted_as_reference(world, r["neg_id"], r["query_id"]), r
+        assert False in _status(world, r["neg_id"], r["query_id"]).values()
+
+
 @pytest.mark.parametrize("index", INDEXES)
 def test_soft_partial_overlap(world, index):
     res = mine(world, index=index, strategy="soft", soft_lo=0.2, soft_hi=0.8)

@@ -457,6 +457,13 @@ class BatchContext:
     def group_asked(self) -> np.ndarray:
         return self.pool.attrs.q_group_asked[self.q]
 
+    def group_as_reference(self, c: Candidates) -> np.ndarray:
+        """bool[b, L, G]: the candidate has a value in the group and it is the reference's."""
+        a = self.pool.attrs
+        gc = a.group_code[a.combo[np.where(c.rows >= 0, c.rows, 0)]]
+        rc = a.group_code[a.combo[self.qs.ref_rows[self.q]]][:, None, :]
+        return (gc != 0) & (gc == rc)
+
 
 # ------------------------------------------------------------------------------------------------
 # The run

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from cir_mine.data.errors import UsageError
 from cir_mine.miner.core.strategies.registry import register
-from cir_mine.miner.core.strategies.selection import Picks, contradicted, pick
+from cir_mine.miner.core.strategies.selection import Picks, contradicted, contradicted_as_reference, pick
 
 POOLS = ("target", "query")
 
@@ -13,6 +13,7 @@ POOLS = ("target", "query")
 @dataclass(frozen=True)
 class CategoryDiscrepantParams:
     discrepant_pool: str = "target"       # candidates near the target (its own search) or the query's ranking
+    discrepant_ref_value: bool = False    # also candidates that contradict a requested group with the reference's own value
 
     def validate(self) -> None:
         if self.discrepant_pool not in POOLS:
@@ -26,6 +27,12 @@ def category_discrepant(ctx, k: int, stream: int, p: CategoryDiscrepantParams) -
     """Visually near the target (highest s(c, t) first) but contradicting a requested attribute.
 
     Candidates: the target's own nearest neighbours (``discrepant_pool='target'``, a second search)
-    or the query's ranking ('query')."""
+    or the query's ranking ('query'). Unless ``discrepant_ref_value``, a candidate that contradicts
+    a requested group with the reference's own value there is left out (a look-alike of the
+    reference, see attribute-mismatch)."""
     c = ctx.target_neighbors() if p.discrepant_pool == "target" else ctx.ranked
-    return pick(ctx, c, c.valid & contradicted(ctx.status(c)), k, stream, "top", key=-ctx.sim_target_full(c))
+    status = ctx.status(c)
+    ok = contradicted(status)
+    if not p.discrepant_ref_value:
+        ok &= ~contradicted_as_reference(ctx, c, status)
+    return pick(ctx, c, c.valid & ok, k, stream, "top", key=-ctx.sim_target_full(c))

@@ -11,6 +11,8 @@ metadata (``meta["prepared"]["error-targeted"]``) and the trainer copies it into
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from cir_mine.miner.core.guards import member, pair_keys
@@ -76,10 +78,16 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
             "k": {g: int(x) for g, x in zip(groups, ks) if x > 0}}
 
 
-@register("error-targeted", ranked=True, hint="raise --max-candidates", prepare=measure_top1_errors)
-def error_targeted(ctx, k: int, stream: int, p) -> Picks:
+@dataclass(frozen=True)
+class ErrorTargetedParams:
+    error_minimal: bool = False           # per group, only candidates that differ from the target in that group alone
+
+
+@register("error-targeted", ErrorTargetedParams, ranked=True, hint="raise --max-candidates", prepare=measure_top1_errors)
+def error_targeted(ctx, k: int, stream: int, p: ErrorTargetedParams) -> Picks:
     """k split over the groups by the measured top-1 error mass; per group, the top-ranked
-    candidates that differ from the target in that group."""
+    candidates that differ from the target in that group (``error_minimal``: in that group alone,
+    a minimal pair)."""
     alloc = ctx.prepared["error-targeted"]
     groups = ctx.pool.attrs.groups
     shares = [alloc["errors"].get(g, 0.0) for g in groups]
@@ -87,6 +95,8 @@ def error_targeted(ctx, k: int, stream: int, p) -> Picks:
     if sum(shares) <= 0:                       # no measured error (or no attributes): the ranking's top
         return pick(ctx, c, c.valid, k, stream, "top")
     diff = ctx.group_diff(c)
+    if p.error_minimal:
+        diff = diff & (diff.sum(-1) == 1)[:, :, None]
     parts = []
     for gi, kg in enumerate(split_k(k, [s / sum(shares) for s in shares])):
         if kg == 0:

@@ -104,6 +104,17 @@ def contradicted(status: np.ndarray) -> np.ndarray:
     return (status == STATUS_FALSE).any(axis=-1)
 
 
+def contradicted_as_reference(ctx, c: Candidates, status: np.ndarray) -> np.ndarray:
+    """bool[b, L]: the candidate contradicts a requested group with the reference's own value there
+    (it keeps what the caption asks to change; an exact copy of the reference's attributes always
+    does). ``status``: int8[b, L, Gr] requested status of ``c``."""
+    a = ctx.pool.attrs
+    if not a.req_groups:
+        return np.zeros(c.shape, bool)
+    same = ctx.group_as_reference(c)[:, :, [a.groups.index(g) for g in a.req_groups]]     # [b, L, Gr]
+    return ((status == STATUS_FALSE) & same).any(axis=-1)
+
+
 def concat_picks(parts: list, b: int) -> Picks:
     if not parts:
         return Picks.empty(b)
