@@ -106,10 +106,13 @@ def compare(args) -> dict:
             # the tuning and the mining, through the prebuilt index (as `--index workspace` does)
             from cir_mine.miner.core.mine import prepare
 
+            from cir_mine.miner.core.mine import reserve_depth
+
             prep = prepare(ws, "train", cfg, None, 0, loaded)
+            tdepth = reserve_depth(prep, cfg, backend)       # as open_search tunes: at the searched depth
             xs = prep.qs.emb[E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)]
-            _, ex_I = E.ExactSearch(g.embeddings, blocked=True).search(xs, prep.depth)
-            tuning = E.tune(backend, ex_I, xs, prep.depth, cfg.target_recall)
+            _, ex_I = E.ExactSearch(g.embeddings, blocked=True).search(xs, tdepth)
+            tuning = E.tune(backend, ex_I, xs, tdepth, cfg.target_recall)
             res = mine_negatives(ws, "train", cfg, index=backend, loaded=loaded)
         rows[kind] = {"factory": factory, "build_wall_s": b.wall, "build_cpu_s": b.cpu, "wall_s": c.wall,
                       "cpu_s": c.cpu, "timing": res.meta["timing"], "tuning": tuning.to_dict(),

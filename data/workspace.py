@@ -338,7 +338,7 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
         emb = open_embeddings(embeddings_path, len(ids), path)
         if check_norm:
             for s in range(0, len(ids), 65_536):
-                check_embeddings(np.asarray(emb[s:s + 65_536], np.float32), embeddings_path, "rows", ids[s:])
+                check_embeddings(read_block(emb, s, s + 65_536), embeddings_path, "rows", ids[s:])
                 release_pages(emb)
     else:
         try:
@@ -365,7 +365,50 @@ def open_embeddings(path: Path, n: int, gallery_path: Path) -> np.ndarray:
     if emb.ndim != 2 or emb.dtype not in (np.float32, np.float16) or emb.shape[0] != n:
         raise SchemaError(f"{path}: holds {emb.dtype}{list(emb.shape)} but {gallery_path} has {n} rows; expected "
                           f"float32 or float16 [{n}, d], row r = gallery row r. Rewrite it with `cir-mine index --npy`.")
+    advise_random(emb)
     return emb
+
+
+def _mapping(x):
+    """The ``mmap`` behind a memory-mapped array (or a view of one), else None."""
+    m = getattr(x, "_mmap", None)
+    if m is None and isinstance(getattr(x, "base", None), np.memmap):
+        m = getattr(x.base, "_mmap", None)
+    return m
+
+
+def advise_random(x) -> None:
+    """Tell the kernel that a memory-mapped gallery is read at random rows (MADV_RANDOM): a gathered
+    row then faults in its own page only, not the 64-128 KiB of read-ahead and fault-around that
+    would fill RSS and page cache with neighbours nobody asked for. Block scans use
+    :func:`read_block`, which asks for their read-ahead explicitly."""
+    import mmap
+
+    m = _mapping(x)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            m.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            pass
+
+
+def read_block(x, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+    """Rows ``start:stop`` of ``x`` as a contiguous in-memory array. For a memory-mapped array the
+    range is first read ahead at once (MADV_WILLNEED), so a sequential scan of a gallery opened with
+    :func:`advise_random` still reads large blocks instead of one page per fault."""
+    import mmap
+
+    m = _mapping(x)
+    view = x[start:stop]
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_WILLNEED") and view.size:
+        try:
+            base = np.frombuffer(m, np.uint8).ctypes.data
+            lo = view.ctypes.data - base
+            lo -= lo % mmap.PAGESIZE
+            m.madvise(mmap.MADV_WILLNEED, lo, min(len(m), view.ctypes.data - base + view.nbytes) - lo)
+        except (OSError, ValueError, TypeError):
+            pass
+    return np.ascontiguousarray(view, dtype=dtype)
 
 
 def release_pages(x) -> None:
@@ -373,9 +416,7 @@ def release_pages(x) -> None:
     them), so scanning or gathering from a gallery larger than memory does not grow RSS."""
     import mmap
 
-    m = getattr(x, "_mmap", None)
-    if m is None and isinstance(getattr(x, "base", None), np.memmap):
-        m = getattr(x.base, "_mmap", None)
+    m = _mapping(x)
     if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         try:
             m.madvise(mmap.MADV_DONTNEED)

@@ -244,7 +244,8 @@ def test_cli_index_options_are_printed_and_stored(synth_work, tmp_path):
     s = read_negatives(out).meta["search"]
     tu = s["tuning"]
     assert (f"search: IVF16,Flat (IVF16,Flat, nprobe={tu['value']}; over-fetch 1, re-ranked exactly); tuned "
-            f"nprobe={tu['value']}: candidate recall@128 {tu['recall']:.3f} on 600 queries (reached 0.9)") in r.output
+            f"nprobe={tu['value']}: candidate recall@512 {tu['recall']:.3f} on 600 queries (reached 0.9)") in r.output
+    assert tu["depth"] == 4 * 128 == s["depth"]          # tuned at the depth each batch is searched at
     ck = s["check"]
     assert (f"recall check on 100 queries: candidate recall@128 {ck['candidate_recall']:.3f}, mined negatives "
             f"shared with exact mining {ck['negative_overlap']:.3f}") in r.output
@@ -340,3 +341,16 @@ def test_hnsw_deeper_searches_keep_the_tuned_beam():
     assert faiss.downcast_index(raw).hnsw.efSearch == ef
     assert deep >= min(0.95, tuning.recall) - 0.02
     assert deep >= E.candidate_recall(bare, exact.search(xq, 40)[1])
+
+
+def test_ivf_deeper_searches_probe_proportionally_more_lists():
+    rng = np.random.default_rng(4)
+    xb = rng.standard_normal((3000, 16)).astype(np.float32)
+    raw, _ = E.approximate_index(xb, "IVF16,Flat", device="cpu")
+    backend = E.Reranked(raw, xb, 1.0, {"index": "ivf", "depth": 10, "params": {"nprobe": 2}})
+    assert backend.beam_for(10) is None and backend.beam_for(40) == 8 and backend.beam_for(1000) == 16   # <= nlist
+    xq = rng.standard_normal((50, 16)).astype(np.float32)
+    backend.set_params({"nprobe": 2})
+    exact = E.ExactSearch(xb, device="cpu").search(xq, 40)[1]
+    scaled = E.candidate_recall(backend.search(xq, 40)[1], exact)
+    assert scaled > E.candidate_recall(raw.search(xq, 40)[1], exact)     # the bare index probes 2 lists

@@ -29,7 +29,7 @@ import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.miner.core.scores import gathered_dot
-from cir_mine.miner.core.search import _faiss, build_index, factory_string, release_pages, use_gpu
+from cir_mine.miner.core.search import _faiss, build_index, factory_string, read_block, release_pages, use_gpu
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ExactSearch:
         D = np.full((len(xq), k), -np.inf, np.float32)
         I = np.full((len(xq), k), -1, np.int64)
         for s in range(0, self.ntotal, self.block_rows):
-            block = np.ascontiguousarray(self.xb[s:s + self.block_rows], np.float32)
+            block = read_block(self.xb, s, s + self.block_rows)
             kb = min(k, len(block))
             Db, Ib = faiss.knn(xq, block, kb, metric=faiss.METRIC_INNER_PRODUCT)
             D, I = merge_topk(D, I, Db, Ib + s, k)
@@ -136,9 +136,9 @@ class Reranked:
         xq = np.ascontiguousarray(xq, np.float32)
         k = int(min(k, self.ntotal))
         kf = self.fetch_depth(k)
-        ef = self.beam_for(kf)
-        if ef:
-            _, I = self.source.search(xq, kf, params=_faiss().SearchParametersHNSW(efSearch=ef))
+        deeper = self.deep_params(kf)
+        if deeper:
+            _, I = self.source.search(xq, kf, params=deeper)
         else:
             _, I = self.source.search(xq, kf)
         D, I = exact_rescore(self.xb, xq, np.asarray(I, np.int64), k)
@@ -150,17 +150,36 @@ class Reranked:
         return D, I
 
     def beam_for(self, fetch: int) -> Optional[int]:
-        """HNSW beam width for a search ``fetch`` rows deep, or None for the index's own setting.
+        """The search parameter (efSearch or nprobe) for a search ``fetch`` rows deep, or None for
+        the index's own setting.
 
-        An HNSW search keeps a beam of max(efSearch, k) nodes, so at a depth beyond the one the
-        tuning measured (``info["depth"]``: deepening searches 4x and 10x deeper) efSearch = k would
-        fall far below the recall that was tuned. The tuned beam-to-depth ratio is kept instead."""
+        Recall was tuned at one depth (``info["depth"]``); deepening searches further. An HNSW beam
+        of max(efSearch, k) would fall to k there, and an IVF search probing as few lists finds a
+        smaller share of the deeper neighbours, so the tuned parameter-to-depth ratio is kept
+        (IVF: at most every list). CPU indexes only: a GPU index keeps its setting."""
         tuned = self.info.get("depth")
-        ef = (self.info.get("params") or {}).get("efSearch")
-        if self.kind != "hnsw" or not tuned or not ef:
+        params = self.info.get("params") or {}
+        name = {"hnsw": "efSearch", "ivf": "nprobe"}.get(self.kind)
+        if not tuned or not name or not params.get(name) or hasattr(self.source, "getDevice"):
             return None
         base = self.fetch_depth(int(tuned))
-        return int(math.ceil(ef * fetch / base)) if fetch > base else None
+        if fetch <= base:
+            return None
+        value = int(math.ceil(params[name] * fetch / base))
+        if name == "nprobe":
+            faiss = _faiss()
+            if not isinstance(faiss.downcast_index(self.source), faiss.IndexIVF):
+                return None                           # a wrapped IVF (pre-transform, ...) keeps its nprobe
+            value = min(value, int(faiss.extract_index_ivf(self.source).nlist))
+        return value
+
+    def deep_params(self, fetch: int):
+        """FAISS search parameters for :meth:`beam_for`'s value, or None."""
+        value = self.beam_for(fetch)
+        if value is None:
+            return None
+        faiss = _faiss()
+        return faiss.SearchParametersHNSW(efSearch=value) if self.kind == "hnsw" else faiss.SearchParametersIVF(nprobe=value)
 
     def set_params(self, params: dict) -> None:
         set_search_params(self.source, params)
@@ -286,12 +305,19 @@ class Tuning:
                 "overfetch": self.overfetch}
 
 
+# Recall gained by doubling nprobe / efSearch below which the search is limited by something else:
+# for compressed codes, by how many candidates are re-ranked, so the over-fetch doubles instead.
+PLATEAU = 0.005
+
+
 def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float,
          max_overfetch: float = 32.0) -> Tuning:
     """Set the cheapest value of the index's search parameter whose candidate recall@``depth`` on the
-    sample ``xq`` (exact rows ``exact_I``) reaches ``target``. When even the largest value falls short
-    and the index stores compressed codes (over-fetch > 1), the over-fetch doubles (up to
-    ``max_overfetch``) and the search resumes from the value reached. The largest tried when none does."""
+    sample ``xq`` (exact rows ``exact_I``) reaches ``target``. For an index that stores compressed
+    codes (over-fetch > 1), recall that stops rising with the parameter (less than PLATEAU per
+    doubling), or falls short at its largest value, is limited by the code's ranking: the over-fetch
+    doubles (up to ``max_overfetch``) at the same value before the parameter grows further. The
+    largest tried when none reaches it."""
     t0 = time.perf_counter()
     name, values = tunable(backend.source)
     if not name:
@@ -299,22 +325,25 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
         r = candidate_recall(I, exact_I)
         return Tuning("", None, r, target, r >= target, depth, len(xq), [], time.perf_counter() - t0)
     tried = []
-    start = 0
+    i, prev = 0, None
     while True:
-        for i in range(start, len(values)):
-            v = values[i]
-            set_search_params(backend.source, {name: v})
-            ts = time.perf_counter()
-            _, I = backend.search(xq, depth)
-            r = candidate_recall(I, exact_I)
-            tried.append((v, r, time.perf_counter() - ts))
-            if r >= target:
-                break
-        v, r, _ = tried[-1]
-        if r >= target or backend.overfetch <= 1 or backend.overfetch * 2 > max_overfetch:
+        v = values[i]
+        set_search_params(backend.source, {name: v})
+        ts = time.perf_counter()
+        _, I = backend.search(xq, depth)
+        r = candidate_recall(I, exact_I)
+        tried.append((v, r, time.perf_counter() - ts))
+        if r >= target:
             break
-        backend.overfetch *= 2                        # compressed codes: fetch more, re-rank exactly
-        start = values.index(v)
+        last = i == len(values) - 1
+        stalled = prev is not None and r - prev < PLATEAU
+        if backend.overfetch > 1 and (stalled or last) and backend.overfetch * 2 <= max_overfetch:
+            backend.overfetch *= 2                    # compressed codes: fetch more, re-rank exactly
+            prev = None
+            continue
+        if last:
+            break
+        prev, i = r, i + 1
     backend.set_params({name: v})
     backend.info["depth"] = int(depth)              # the depth this recall holds at (see Reranked.beam_for)
     if r < target:
@@ -369,7 +398,7 @@ def approximate_index(xb: np.ndarray, spec: str, device: str = "auto", fp16: boo
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
     step = 65_536
     for s in range(0, n, step):
-        index.add(np.ascontiguousarray(xb[s:s + step], np.float32))
+        index.add(read_block(xb, s, s + step))
         release_pages(xb)
     log.info("FAISS index %s on %s (n=%d, d=%d)", fs, "GPU" if gpu else "CPU", n, d)
     return index, fs

@@ -307,10 +307,12 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
     if vq.size:
         pos = np.arange(vq.size) - np.searchsorted(vq, vq)          # position within each query's list
         verified_rows[vq, pos] = vr
+    target_score = row_dot(emb, np.asarray(pool.xb[target_rows], np.float32))
+    release_pages(pool.xb)                          # a memory-mapped gallery keeps no gathered pages
     return QuerySet(
         pa.array(t.query_ids.tolist(), pa.string()), pa.array(t.ref_ids.tolist(), pa.string()),
         pa.array(t.target_ids.tolist(), pa.string()), emb, ref_rows, target_rows,
-        row_dot(emb, pool.xb[target_rows]), query_hashes(t.query_ids.tolist(), cfg.seed),
+        target_score, query_hashes(t.query_ids.tolist(), cfg.seed),
         keys(eq, er), keys(vq, vr), verified_rows)
 
 
@@ -575,10 +577,13 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     if cfg.fixed_params():
         backend.set_params(cfg.fixed_params())
     elif cfg.target_recall is not None and prep.need_ranked:
+        # recall is tuned at the depth every batch is searched at (the reserve short queries are
+        # mined from), so the negatives of queries whose target ranks deep are found as reliably
+        depth = reserve_depth(prep, cfg, backend)
         sample = E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
         xq = prep.qs.emb[sample]
-        _, exact_I = E.ExactSearch(xb, blocked=True).search(xq, prep.depth)
-        rec["tuning"] = E.tune(backend, exact_I, xq, prep.depth, cfg.target_recall).to_dict()
+        _, exact_I = E.ExactSearch(xb, blocked=True).search(xq, depth)
+        rec["tuning"] = E.tune(backend, exact_I, xq, depth, cfg.target_recall).to_dict()
     return backend, {**backend.describe(), **rec}
 
 
@@ -634,6 +639,14 @@ def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
 COLUMNS = ("q", "row", "part", "rank", "score")
 
 
+def reserve_depth(prep: Prepared, cfg: MineConfig, backend) -> int:
+    """Depth every batch is searched at: 4x the mining depth (up to ``max_candidates``) when a deeper
+    search costs about the same (``backend.cheap_depth``), so short queries are mined again from it
+    with no second search; else the mining depth."""
+    max_depth = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
+    return max(prep.depth, min(max_depth, prep.depth * 4)) if getattr(backend, "cheap_depth", False) else prep.depth
+
+
 def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False,
                  progress: Optional[Callable[[int], None]] = None) -> Mined:
     """Steps 3-5 for the query indices ``queries``: search in batches, guard, select; then search the
@@ -683,8 +696,7 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
 
     state = {"reserved": 0, "depth": prep.depth}
     step = cfg.query_batch
-    max_depth = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
-    reserve = max(prep.depth, min(max_depth, prep.depth * 4)) if getattr(backend, "cheap_depth", False) else prep.depth
+    reserve = reserve_depth(prep, cfg, backend)
     batches = run([queries[s:s + step] for s in range(0, queries.size, step)], prep.depth, reserve)
     t = time.perf_counter()
     batches, depth, deepened = deepen(prep, cfg, batches, got, queries, run, state["depth"])

@@ -14,7 +14,7 @@ import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.io import atomic_path, write_json_atomic
-from cir_mine.data.workspace import release_pages  # noqa: F401  (re-exported for the miner)
+from cir_mine.data.workspace import read_block, release_pages  # noqa: F401  (re-exported for the miner)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray, block_rows: int 
     for c, i in zip(categories, image_ids):
         h.update(f"{c}\0{i}\0".encode())
     for s in range(0, emb.shape[0], block_rows):
-        h.update(np.ascontiguousarray(emb[s:s + block_rows], dtype=np.float32).tobytes())
+        h.update(read_block(emb, s, s + block_rows).tobytes())
         release_pages(emb)
     return h.hexdigest()[:16]
 
