@@ -159,6 +159,15 @@ def main(argv=None) -> None:
     s = str
     recs = [run_stage("index (IVF-PQ)", ["index", "--work", s(work), "--index", a.factory, "--device", "cpu"])]
     cgroup = MemoryCgroup(a.memory_limit) if a.memory_limit else None
+    if cgroup:
+        # page cache is charged to the cgroup that first read it: drop the gallery's cached pages
+        # (left by the writer and the index stage), so the mining stage reads them under its own limit
+        for f in work.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
     try:
         recs.append(run_stage("negatives (workspace IVF-PQ + exact re-rank)",
                               ["negatives", "--work", s(work), "--index", "workspace", "--strategy", a.strategy,
