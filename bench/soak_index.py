@@ -149,15 +149,19 @@ def main(argv=None) -> None:
                     help="run the mining stage in a memory cgroup of GIB GiB (page cache included)")
     ap.add_argument("--strategy", default="hardest")
     ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the workspace, index and table under --root")
+    ap.add_argument("--reuse", action="store_true", help="reuse a kept workspace and index: run the mining stage only")
     a = ap.parse_args(argv)
-    shutil.rmtree(a.root, ignore_errors=True)
     work = a.root / "work"
-    t = time.perf_counter()
-    write_workspace(work, a.n_gallery, a.n_queries, a.dim, noise=a.noise)
-    t_write = round(time.perf_counter() - t, 1)
     s = str
-    recs = [run_stage("index (IVF-PQ)", ["index", "--work", s(work), "--index", a.factory, "--device", "cpu"])]
+    if a.reuse and (work / "index.train.faiss").exists():
+        t_write, recs = None, []                       # the workspace and index of an earlier --keep run
+    else:
+        shutil.rmtree(a.root, ignore_errors=True)
+        t = time.perf_counter()
+        write_workspace(work, a.n_gallery, a.n_queries, a.dim, noise=a.noise)
+        t_write = round(time.perf_counter() - t, 1)
+        recs = [run_stage("index (IVF-PQ)", ["index", "--work", s(work), "--index", a.factory, "--device", "cpu"])]
     cgroup = MemoryCgroup(a.memory_limit) if a.memory_limit else None
     if cgroup:
         # page cache is charged to the cgroup that first read it: drop the gallery's cached pages
@@ -200,7 +204,7 @@ def main(argv=None) -> None:
                       "mining_within_bound": recs[-1]["peak_rss_gib"] <= bound,
                       "within_bound": all(r["peak_rss_gib"] <= bound for r in recs),
                       "stages": [{k: v for k, v in r.items() if k != "stdout"} for r in recs]}))
-    if not a.keep:
+    if not (a.keep or a.reuse):
         shutil.rmtree(a.root, ignore_errors=True)
 
 

@@ -27,9 +27,11 @@ def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int =
     float32[chunk, depth, d] at once. ``rows``: int64[b, depth] (entries < 0 give -inf)."""
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     safe = np.where(rows < 0, 0, rows)
-    chunk = max(1, min(chunk, 65_536 // max(1, rows.shape[1])))   # <= 64k gathered rows at once
-    vec = np.asarray(vec, np.float32)                       # float16 galleries are scored in float32
     mapped = isinstance(xb, np.memmap)
+    # <= 64k gathered rows at once; 4k from a memory-mapped gallery, where each gathered row maps
+    # its page and the kernel's fault-around neighbours (up to 64 KiB) until the chunk is released
+    chunk = max(1, min(chunk, (4_096 if mapped else 65_536) // max(1, rows.shape[1])))
+    vec = np.asarray(vec, np.float32)                       # float16 galleries are scored in float32
     for s in range(0, rows.shape[0], chunk):
         e = min(rows.shape[0], s + chunk)
         g = xb[safe[s:e]]                                   # [c, depth, d]
