@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from cir_mine.data.errors import DataError, SchemaError, UsageError
 from cir_mine.data.io import (atomic_path, check_readable_file, read_parquet, read_parquet_schema,
                               write_json_atomic)
+from cir_mine.data.rows import AttrLists, first_duplicate, index_of, join_keys, shared_objects, string_array
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3
@@ -173,12 +174,14 @@ class Gallery:
 
     path: Path
     image_ids: np.ndarray            # object[n] of str
-    categories: np.ndarray           # object[n] of str
-    attributes: list                 # list[n] of list[str] ("group:value")
+    categories: np.ndarray           # object[n] of str (one shared object per distinct category)
+    attributes: Sequence             # [n] list[str] ("group:value") per row: a list, or AttrLists read from a file
     embeddings: np.ndarray           # float32[n, d]
     paths: Optional[np.ndarray] = None
     _row: Optional[dict] = field(default=None, repr=False)
     _key_row: Optional[dict] = field(default=None, repr=False)
+    _ids: Optional[pa.Array] = field(default=None, repr=False)    # string[n] image ids, for vectorized lookups
+    _keys: Optional[pa.Array] = field(default=None, repr=False)   # string[n] category KEY_SEP image id
 
     @property
     def dim(self) -> int:
@@ -186,6 +189,17 @@ class Gallery:
 
     def __len__(self) -> int:
         return int(self.image_ids.shape[0])
+
+    @property
+    def id_array(self) -> pa.Array:
+        """The image ids as one Arrow string array."""
+        if self._ids is None:
+            self._ids = string_array(self.image_ids)
+        return self._ids
+
+    @property
+    def category_array(self) -> pa.Array:
+        return string_array(self.categories)
 
     @property
     def row_of(self) -> dict:
@@ -204,23 +218,36 @@ class Gallery:
             self._key_row = {k: i for i, k in enumerate(zip(self.categories.tolist(), self.image_ids.tolist()))}
         return self._key_row
 
+    def lookup(self, ids, categories=None) -> np.ndarray:
+        """int64 row of each id (resolved within ``categories`` when given, then by id alone; the
+        first row when an id stands in two categories), -1 where absent. Vectorized: no per-row
+        Python objects, so it stays cheap on a gallery of millions of rows."""
+        probe = string_array(ids)
+        rows = np.full(len(probe), -1, np.int64)
+        if categories is not None:
+            if self._keys is None:
+                self._keys = join_keys(self.category_array, self.id_array)
+            rows = index_of(join_keys(string_array(categories).cast(probe.type), probe), self._keys)
+        miss = rows < 0
+        if miss.any():
+            rows[miss] = index_of(probe.filter(pa.array(miss)), self.id_array)
+        return rows
+
     def rows(self, ids: Iterable[str], categories: Optional[Iterable[str]] = None,
              what: str = "image") -> np.ndarray:
         """Row indices of ``ids`` (resolved within ``categories`` when given, then by id alone).
 
         Raises DataError naming the first missing id.
         """
-        row, key_row = self.row_of, self.key_row if categories is not None else None
-        cats = list(categories) if categories is not None else None
-        out = []
-        for j, i in enumerate(ids):
-            r = key_row.get((cats[j], i)) if key_row is not None else None
-            if r is None:
-                r = row.get(i)
-            if r is None:
-                raise DataError(f"{self.path}: {what} id '{i}' is not in the gallery.")
-            out.append(r)
-        return np.asarray(out, dtype=np.int64)
+        ids = ids if isinstance(ids, (list, np.ndarray, pa.Array, pa.ChunkedArray)) else list(ids)
+        cats = None if categories is None else (
+            categories if isinstance(categories, (list, np.ndarray, pa.Array)) else list(categories))
+        out = self.lookup(ids, cats)
+        if (out < 0).any():
+            first = int(np.flatnonzero(out < 0)[0])
+            i = ids[first]
+            raise DataError(f"{self.path}: {what} id '{i.as_py() if isinstance(i, pa.Scalar) else i}' is not in the gallery.")
+        return out
 
 
 @dataclass
@@ -257,8 +284,10 @@ class Triplets:
         )
 
 
-def _obj(col: pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(col.to_pylist(), dtype=object)
+def _obj(col) -> np.ndarray:
+    out = np.empty(len(col), dtype=object)
+    out[:] = col.to_pylist()
+    return out
 
 
 PART_GLOB = "part-*.parquet"
@@ -319,21 +348,21 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
     """Validate a gallery-schema Arrow table (``path`` names it in errors) -> :class:`Gallery`;
     ``embeddings_path`` as in :func:`read_gallery`."""
     _check_columns(table.schema, path, _gallery_columns(embeddings_path is not None), GALLERY_OPTIONAL, "gallery")
-    ids = _obj(table.column("image_id"))
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
-    cats = _obj(table.column("category"))
+    id_arr = string_array(table.column("image_id"))
+    ids = _obj(id_arr)
+    cats = shared_objects(table.column("category"))
     _check_no_nulls(table, path, ids, "image", ("category", "path"))
     # image_id is unique within a category. The same id may stand in two categories (real
     # FashionIQ lists 516 ASINs under both shirt and toptee); such rows are one product.
-    seen: set = set()
-    for i, key in enumerate(zip(cats.tolist(), ids.tolist())):
-        if key in seen:
-            raise SchemaError(
-                f"{path}: column 'image_id' has a duplicated id '{key[1]}' in category '{key[0]}'. "
-                f"Each gallery image must appear once per category; drop the duplicates."
-            )
-        seen.add(key)
+    keys = join_keys(string_array(table.column("category")).cast(id_arr.type), id_arr)
+    dup = first_duplicate(keys)
+    if dup is not None:
+        raise SchemaError(
+            f"{path}: column 'image_id' has a duplicated id '{ids[dup]}' in category '{cats[dup]}'. "
+            f"Each gallery image must appear once per category; drop the duplicates."
+        )
     if embeddings_path is not None:
         emb = open_embeddings(embeddings_path, len(ids), path)
         if check_norm:
@@ -347,13 +376,13 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
             raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
         if check_norm:
             check_embeddings(emb, path, "embedding", ids)
-    attrs = [list(a or []) for a in table.column("attributes").to_pylist()]
-    for i, a in enumerate(attrs):
-        if any(not isinstance(x, str) for x in a):
-            raise SchemaError(f"{path}: column 'attributes' of image '{ids[i]}' holds a null; each attribute is a "
-                              f"'group:value' string. Drop the nulls.")
+    attrs = AttrLists.from_arrow(table.column("attributes"))
+    bad = attrs.null_row()
+    if bad is not None:
+        raise SchemaError(f"{path}: column 'attributes' of image '{ids[bad]}' holds a null; each attribute is a "
+                          f"'group:value' string. Drop the nulls.")
     paths = _obj(table.column("path")) if "path" in table.schema.names else None
-    return Gallery(path, ids, cats, attrs, emb, paths)
+    return Gallery(path, ids, cats, attrs, emb, paths, _ids=id_arr, _keys=keys)
 
 
 def open_embeddings(path: Path, n: int, gallery_path: Path) -> np.ndarray:
@@ -729,7 +758,9 @@ class Workspace:
 
     def load(self, split: str) -> tuple[Gallery, Triplets]:
         g = self.gallery(split)
-        return g, self.triplets(split, gallery=g)
+        t = self.triplets(split, gallery=g)
+        pa.default_memory_pool().release_unused()   # the Parquet read's buffers and lookup hash tables
+        return g, t
 
     def summary(self) -> dict:
         """Validate every split and return {manifest, hash, splits: {split: {images, triplets, categories}}}."""
@@ -884,12 +915,11 @@ def check_split(split: str) -> str:
 
 def check_triplets_against_gallery(t: Triplets, g: Gallery) -> None:
     """Every reference and target must be a gallery image."""
-    row = g.row_of
     for col, ids in (("ref_id", t.ref_ids), ("target_id", t.target_ids)):
-        missing = [i for i in ids.tolist() if i not in row]
-        if missing:
+        absent = np.flatnonzero(g.lookup(ids) < 0)
+        if absent.size:
             raise DataError(
-                f"{t.path}: column '{col}' names {len(missing)} image(s) missing from {g.path} "
-                f"(first: {missing[0]}, query {t.query_ids[ids.tolist().index(missing[0])]}). "
+                f"{t.path}: column '{col}' names {absent.size} image(s) missing from {g.path} "
+                f"(first: {ids[absent[0]]}, query {t.query_ids[absent[0]]}). "
                 f"Re-embed the gallery or drop those triplets."
             )

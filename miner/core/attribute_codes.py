@@ -57,11 +57,14 @@ class AttrCodes:
     def build(cls, gallery_attrs: Sequence[Sequence[str]], requests: Sequence[A.Requested],
               ref_rows: Optional[np.ndarray] = None) -> "AttrCodes":
         """``requests``: one per query; ``ref_rows``: int64[m] the queries' reference rows (comparatives)."""
-        combo_of: dict = {}
-        combo = np.empty(len(gallery_attrs), dtype=np.int32)
-        for i, a in enumerate(gallery_attrs):
-            combo[i] = combo_of.setdefault(tuple(sorted(a)), len(combo_of))
-        combos = list(combo_of)
+        if hasattr(gallery_attrs, "combos"):          # AttrLists: vectorized over rows
+            combo, combos = gallery_attrs.combos()
+        else:
+            combo_of: dict = {}
+            combo = np.empty(len(gallery_attrs), dtype=np.int32)
+            for i, a in enumerate(gallery_attrs):
+                combo[i] = combo_of.setdefault(tuple(sorted(a)), len(combo_of))
+            combos = list(combo_of)
         vocab = {v: i for i, v in enumerate(sorted({x for c in combos for x in c}))}
         W = max(1, (len(vocab) + 63) // 64)
         bits = np.zeros((len(combos), W), dtype=np.uint64)

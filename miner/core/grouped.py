@@ -74,7 +74,7 @@ def _index(values, value_set) -> np.ndarray:
 
 def _resolve(ids: pa.Array, cats: Optional[pa.Array], gallery) -> np.ndarray:
     """Gallery rows of ``ids`` (within ``cats`` first, then by id alone) -> int64[len] (-1 unknown)."""
-    g_ids = pa.array(gallery.image_ids.tolist(), pa.string())
+    g_ids = gallery.id_array
     by_id = _index(ids, g_ids)
     if cats is None:
         return by_id

@@ -22,6 +22,7 @@ import pyarrow as pa
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.io import DirLock, check_output
+from cir_mine.data.rows import sorted_codes
 from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
 
 from cir_mine.miner.core import attributes as A
@@ -245,14 +246,14 @@ class Pool:
 
     @classmethod
     def build(cls, g: Gallery, requests: list, ref_rows: Optional[np.ndarray] = None) -> "Pool":
-        uniq, product = np.unique(g.image_ids.astype(str), return_inverse=True)
-        cat_names, cat = np.unique(g.categories.astype(str), return_inverse=True)
+        ids = g.id_array
+        product, uniq = sorted_codes(ids)
+        cat, cat_names = sorted_codes(g.category_array)
         cat = cat.astype(np.int32)
         order = np.argsort(cat, kind="stable")
         start = np.searchsorted(cat[order], np.arange(len(cat_names) + 1))
-        return cls(pa.array(g.image_ids.tolist(), pa.string()), g.embeddings, product.astype(np.int64),
-                   len(uniq), cat, cat_names.tolist(), order.astype(np.int64), start.astype(np.int64),
-                   AttrCodes.build(g.attributes, requests, ref_rows))
+        return cls(ids, g.embeddings, product, len(uniq), cat, cat_names, order.astype(np.int64),
+                   start.astype(np.int64), AttrCodes.build(g.attributes, requests, ref_rows))
 
 
 @dataclass
@@ -278,15 +279,11 @@ def query_hashes(query_ids, seed: int) -> np.ndarray:
 
 def _id_rows(g: Gallery, lists: list) -> tuple[np.ndarray, np.ndarray]:
     """Per-query id lists -> (query index int64[e], row int64[e]) for the ids found in the gallery."""
-    row = g.row_of
-    qi, rows = [], []
-    for j, ids in enumerate(lists):
-        for i in ids:
-            r = row.get(i)
-            if r is not None:
-                qi.append(j)
-                rows.append(r)
-    return np.asarray(qi, np.int64), np.asarray(rows, np.int64)
+    qi = np.repeat(np.arange(len(lists), dtype=np.int64), [len(ids) for ids in lists])
+    flat = [i for ids in lists for i in ids]
+    rows = g.lookup(flat) if flat else np.zeros(0, np.int64)
+    found = rows >= 0
+    return qi[found], rows[found]
 
 
 def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.ndarray], cfg: MineConfig) -> QuerySet:

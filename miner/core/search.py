@@ -174,8 +174,8 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray, block_rows: int 
     import hashlib
 
     h = hashlib.sha256()
-    for c, i in zip(categories, image_ids):
-        h.update(f"{c}\0{i}\0".encode())
+    for chunk in _id_bytes(categories, image_ids):
+        h.update(chunk)
     for s in range(0, emb.shape[0], block_rows):
         h.update(read_block(emb, s, s + block_rows).tobytes())
         release_pages(emb)
@@ -186,6 +186,27 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray, block_rows: int 
 
 
 
+def _id_bytes(categories, image_ids, block_rows: int = 1 << 20):
+    """The bytes of "{category}\\0{image_id}\\0" for every row, in blocks (built in Arrow, not per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cir_mine.data.rows import string_array
+
+    n = len(image_ids)
+    for s in range(0, n, block_rows):
+        c, i = string_array(categories[s:s + block_rows]), string_array(image_ids[s:s + block_rows])
+        if c.null_count or i.null_count:        # not a validated gallery: spell each value as Python does
+            yield "".join(f"{a}\0{b}\0" for a, b in zip(c.to_pylist(), i.to_pylist())).encode()
+            continue
+        joined = pc.binary_join_element_wise(c.cast(i.type), i, pa.scalar("", i.type), "\0")
+        if isinstance(joined, pa.ChunkedArray):
+            joined = joined.combine_chunks()
+        wide = pa.types.is_large_string(joined.type)
+        off = np.frombuffer(joined.buffers()[1], np.int64 if wide else np.int32)[joined.offset:joined.offset + len(joined) + 1]
+        yield joined.buffers()[2][int(off[0]):int(off[-1])].to_pybytes()
+
+
 def check_index(index, gallery, index_path, gallery_path, gallery_hash: Optional[str] = None,
                 fix: str = "Rebuild it with `cir-mine index`") -> None:
     """DataError unless ``index`` was built from ``gallery`` (same d, same rows, same hash when known)."""
@@ -193,7 +214,7 @@ def check_index(index, gallery, index_path, gallery_path, gallery_hash: Optional
         raise DataError(f"{index_path}: the index has d={index.d} and {index.ntotal} rows but {gallery_path} "
                         f"has d={gallery.dim} and {len(gallery)} rows. {fix}.")
     if gallery_hash:
-        now = gallery_fingerprint(gallery.image_ids, gallery.categories, gallery.embeddings)
+        now = gallery_fingerprint(gallery.id_array, gallery.category_array, gallery.embeddings)
         if now != gallery_hash:
             raise DataError(f"{index_path}: built from another gallery (hash {gallery_hash}, {gallery_path} has "
                             f"{now}). {fix}.")

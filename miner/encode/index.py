@@ -105,7 +105,7 @@ def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict
         ) from None
     meta = {
         "spec": spec, "factory": factory_string(spec, len(g), g.dim), "metric": "inner_product",
-        "dim": g.dim, "gallery_rows": len(g), "gallery_hash": gallery_fingerprint(g.image_ids, g.categories, g.embeddings),
+        "dim": g.dim, "gallery_rows": len(g), "gallery_hash": gallery_fingerprint(g.id_array, g.category_array, g.embeddings),
         "gallery": ws.gallery_path(split).name, "gpu": use_gpu(device), "fp16": bool(fp16),
     }
     save_index(index, ws.index_path(split), meta)
