@@ -102,3 +102,15 @@ def test_config_reads_the_flat_form_of_earlier_tables():
     assert cfg.params_of("category").category_shares == (0.5, 0.3, 0.2)
     with pytest.raises(UsageError, match="unknown mining config key"):
         MineConfig.from_dict({"delta_low": 0.1})
+
+
+def test_negatives_help_names_every_registered_strategy():
+    """cli.py spells the names (it imports no mining code at start-up); this keeps them in step."""
+    import re
+    from pathlib import Path
+
+    from cir_mine import cli as c
+
+    src = Path(c.__file__).read_text()
+    listed = re.search(r'help="One strategy: ([^."]+)\."', src).group(1).split(", ")
+    assert listed == list(REGISTRY)
