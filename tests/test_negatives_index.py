@@ -45,6 +45,26 @@ def test_exact_search_blocked_equals_brute_force():
         assert np.allclose(D, D0, atol=1e-5) and (I == I0).mean() > 0.99     # ties may swap
 
 
+def test_gemm_topk_is_the_flat_index_at_every_block_and_step(tmp_path, monkeypatch):
+    """The CPU exact search (GEMM steps into FAISS heaps) returns faiss.IndexFlatIP's rows whatever
+    the block and step sizes, over in-memory and memory-mapped galleries, at depths up to n."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((3001, 24)).astype(np.float32)
+    xq = rng.standard_normal((65, 24)).astype(np.float32)
+    flat = faiss.IndexFlatIP(24)
+    flat.add(xb)
+    np.save(tmp_path / "xb.npy", xb)
+    mm = np.load(tmp_path / "xb.npy", mmap_mode="r")
+    monkeypatch.setattr(E, "GEMM_SCORES", 65 * 1024)          # a step of 1024 rows: 3 steps and a tail
+    for k in (1, 50, 3001):
+        D0, I0 = flat.search(xq, k)
+        for x, block in ((xb, 262_144), (xb, 700), (mm, 1000)):
+            D, I = E.gemm_topk(xq, x, k, block, release=x is mm)
+            assert (I == I0).mean() > 0.999 and np.allclose(D, D0, atol=1e-5)
+
+
 def test_reranked_scores_are_exact_and_sorted():
     """Whatever rows a source returns, and whatever scores it claims, Reranked returns exact dots."""
     rng = np.random.default_rng(1)

@@ -63,11 +63,37 @@ def _fingerprint_index(index) -> str:
     return hashlib.sha256(faiss.serialize_index(to_cpu(index)).tobytes()).hexdigest()[:16]
 
 
+GEMM_SCORES = 1 << 24   # scores one exact-search GEMM step holds (64 MB of float32): rows per step = this / queries
+
+
+def gemm_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
+              release: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by inner product: one float32 GEMM per step of gallery rows (numpy's BLAS),
+    each step's scores pushed into FAISS's per-query heaps (``float_minheap_array_t.addn``, no id
+    matrix). Memory: one step's [queries, rows] scores plus one block of ``block_rows`` gallery rows
+    (read from a memory-mapped ``xb`` and, with ``release``, its pages dropped after use)."""
+    faiss = _faiss()
+    nq, n = len(xq), int(xb.shape[0])
+    k = int(min(k, n))
+    heap = faiss.ResultHeap(nq, k, keep_max=True)
+    step = int(max(1024, min(block_rows, GEMM_SCORES // max(nq, 1))))
+    for s in range(0, n, block_rows):
+        block = read_block(xb, s, s + block_rows)
+        for t in range(0, len(block), step):
+            S = np.ascontiguousarray(xq @ block[t:t + step].T, dtype=np.float32)
+            heap.heaps.addn(S.shape[1], faiss.swig_ptr(S), s + t, 0, nq)
+        if release:
+            release_pages(xb)
+    heap.finalize()
+    return heap.D, heap.I
+
+
 class ExactSearch:
     """Exact top-k by inner product (``cheap_depth``: a search costs about the same at any depth, so
-    the miner searches deeper than it mines and keeps the rest for short queries). In-memory galleries go through one flat FAISS index (GPU by the
-    one GPU rule, fp16 storage optional); memory-mapped ones are scanned in blocks of ``block_rows``
-    rows with merged top-k, so memory is one block plus the results."""
+    the miner searches deeper than it mines and keeps the rest for short queries). On the CPU, a
+    GEMM over blocks of gallery rows with FAISS's heaps (:func:`gemm_topk`), in memory or over a
+    memory-mapped gallery (``blocked``: its pages released block by block, so memory is one block
+    plus the results). On a GPU (the one GPU rule; fp16 storage optional), one flat FAISS index."""
 
     exact = True
     cheap_depth = True
@@ -78,8 +104,8 @@ class ExactSearch:
         self.ntotal, self.d = int(xb.shape[0]), int(xb.shape[1])
         self.block_rows = int(block_rows)
         self.blocked = isinstance(xb, np.memmap) if blocked is None else bool(blocked)
-        self.index = None if self.blocked else build_index(xb, "flat", device=device, fp16=fp16)
-        self.gpu = self.index is not None and hasattr(self.index, "getDevice")
+        self.gpu = not self.blocked and use_gpu(device)
+        self.index = build_index(xb, "flat", device=device, fp16=fp16) if self.gpu else None
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k``; scores recomputed by :func:`exact_rescore`, the one float32 dot product
@@ -92,16 +118,7 @@ class ExactSearch:
     def _search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.index is not None:
             return self.index.search(xq, k)
-        faiss = _faiss()
-        D = np.full((len(xq), k), -np.inf, np.float32)
-        I = np.full((len(xq), k), -1, np.int64)
-        for s in range(0, self.ntotal, self.block_rows):
-            block = read_block(self.xb, s, s + self.block_rows)
-            kb = min(k, len(block))
-            Db, Ib = faiss.knn(xq, block, kb, metric=faiss.METRIC_INNER_PRODUCT)
-            D, I = merge_topk(D, I, Db, Ib + s, k)
-            release_pages(self.xb)
-        return D, I
+        return gemm_topk(xq, self.xb, k, self.block_rows, release=self.blocked)
 
     def describe(self) -> dict:
         return {"index": "flat", "factory": "Flat", "exact": True, "params": {}, "overfetch": 1.0,
