@@ -422,7 +422,22 @@ FULL = {
                                          t / "ids.txt", "--encoder-name", "synthetic", "--overwrite"],
                               lambda t: t / "W" / "gallery.train.parquet"),
     "train": (lambda t: ["--work", t / "W", "--out", t / "o" / "run", *TRAIN], lambda t: t / "o" / "run" / "config.json"),
+    "embed": (lambda t: ["embed", "--dataset", "folder", "--root", _image_folder(t), "--work", t / "E", "--model",
+                         _tiny_clip(t), "--pretrained", "none", "--device", "cpu", "--workers", "0", "-q"],
+              lambda t: t / "E" / ".embed-train" / "plan.json"),   # the resume plan is written first
 }
+
+
+def _image_folder(t: Path) -> Path:
+    from tests.fixtures import make_folder
+
+    return t / "imgs" if (t / "imgs").exists() else make_folder(t / "imgs", n_images=4)
+
+
+def _tiny_clip(t: Path) -> Path:
+    from tests.fixtures import write_tiny_clip_config
+
+    return write_tiny_clip_config(t / "cfg")
 
 
 @pytest.mark.parametrize("fault", ["full disk", "read-only"])

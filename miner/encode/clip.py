@@ -412,9 +412,15 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
         if old != plan:
             log.info("%s: shards from a different run; starting over", shard_dir)
             shutil.rmtree(shard_dir)
+    created = not shard_dir.exists()
     shard_dir.mkdir(parents=True, exist_ok=True)
     if not plan_path.exists():
-        write_json_atomic(plan_path, plan)
+        try:
+            write_json_atomic(plan_path, plan)
+        except BaseException:
+            if created:                 # nothing to resume from: leave no scratch folder behind
+                shutil.rmtree(shard_dir, ignore_errors=True)
+            raise
 
     n_shards = (n + run.shard_size - 1) // run.shard_size
     emb = np.zeros((n, dim), dtype=np.float32)

@@ -171,9 +171,15 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
             if old != p:
                 log.info("%s: parts from a different run; starting over", scratch)
                 shutil.rmtree(scratch)
+        created = not scratch.exists()
         scratch.mkdir(parents=True, exist_ok=True)
         if not plan_path.exists():
-            write_json_atomic(plan_path, p)
+            try:
+                write_json_atomic(plan_path, p)
+            except BaseException:
+                if created:             # nothing to resume from: leave no scratch folder behind
+                    shutil.rmtree(scratch, ignore_errors=True)
+                raise
 
         n_parts = (n + run.part_size - 1) // run.part_size
         bounds = [(i * run.part_size, min(n, (i + 1) * run.part_size)) for i in range(n_parts)]
