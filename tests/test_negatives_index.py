@@ -374,3 +374,25 @@ def test_ivf_deeper_searches_probe_proportionally_more_lists():
     exact = E.ExactSearch(xb, device="cpu").search(xq, 40)[1]
     scaled = E.candidate_recall(backend.search(xq, 40)[1], exact)
     assert scaled > E.candidate_recall(raw.search(xq, 40)[1], exact)     # the bare index probes 2 lists
+
+
+def test_gathered_dot_is_exact_and_the_same_for_any_split(tmp_path):
+    """Re-scoring gives the float32 dot product of each listed row, -inf for -1 pads, the same bits
+    whichever queries or rows are scored together, in memory or memory-mapped, and refuses a row
+    outside the gallery instead of reading past it."""
+    from cir_mine.miner.core.scores import gathered_dot
+
+    rng = np.random.default_rng(4)
+    xb = rng.standard_normal((800, 12)).astype(np.float32)
+    rows = rng.integers(-1, 800, (40, 25))
+    vec = rng.standard_normal((40, 12)).astype(np.float32)
+    out = gathered_dot(xb, rows, vec)
+    want = np.einsum("ijd,id->ij", xb[np.maximum(rows, 0)], vec)
+    assert np.allclose(out[rows >= 0], want[rows >= 0], atol=1e-5) and (out[rows < 0] == -np.inf).all()
+    assert np.array_equal(gathered_dot(xb, rows[7:19, 3:11], vec[7:19]), out[7:19, 3:11])
+    np.save(tmp_path / "xb.npy", xb)
+    assert np.array_equal(gathered_dot(np.load(tmp_path / "xb.npy", mmap_mode="r"), rows, vec), out)
+    with pytest.raises(IndexError, match="row 800 is out of range for 800 gallery rows"):
+        gathered_dot(xb, np.array([[800]]), vec[:1])
+    half = gathered_dot(xb.astype(np.float16), rows, vec)                # float16 galleries: scored in float32
+    assert np.allclose(half, out, atol=2e-2)
