@@ -120,6 +120,7 @@ def mining_rows(args, device: str) -> list:
     import faiss
 
     from cir_mine.miner.core import engine as E
+    from cir_mine.miner.core.search import build_index
     from cir_mine.miner.core.mine import MineConfig, mine_negatives, prepare
 
     rows = []
@@ -136,7 +137,8 @@ def mining_rows(args, device: str) -> list:
             t = time.perf_counter()
             if kind == "flat":
                 backend = E.ExactSearch(xb, device=device, fp16=args.fp16)
-                raw = backend.index
+                # the bare FAISS flat search the miner is measured against (on a GPU, the same index)
+                raw = backend.index if backend.index is not None else build_index(xb, "flat", device=device)
             else:
                 raw, factory = E.approximate_index(xb, "ivf", device=device, fp16=args.fp16)
                 backend = E.Reranked(raw, xb, 1.0, {"index": "ivf", "factory": factory})
