@@ -106,11 +106,12 @@ def extra_queries(paths: list, gallery, gallery_keys: np.ndarray, key_of: dict, 
                                 f"earlier --extra-triplets file). Query ids must be unique; regenerate or rename them.")
             taken.add(q)
         for what, ids in (("reference", t.ref_ids), ("target", t.target_ids)):
-            for q, c, i in zip(t.query_ids.tolist(), t.categories.tolist(), ids.tolist()):
-                if (c, i) not in gallery.key_row and i not in gallery.row_of:
-                    raise DataError(f"{path}: {what} id '{i}' of query '{q}' is not in the gallery "
-                                    f"{gallery.path}. Generate the triplets from this workspace "
-                                    f"(cir-mine positives --work WORK).")
+            absent = np.flatnonzero(gallery.lookup(ids, t.categories) < 0)
+            if absent.size:
+                j = int(absent[0])
+                raise DataError(f"{path}: {what} id '{ids[j]}' of query '{t.query_ids[j]}' is not in the gallery "
+                                f"{gallery.path}. Generate the triplets from this workspace "
+                                f"(cir-mine positives --work WORK).")
         qs = resolve_queries(t, gallery, gallery_keys, key_of)
         qs.weights = np.full(len(qs), weight, dtype=np.float32)
         parts.append(qs)
@@ -163,20 +164,19 @@ def group_negatives(table: pa.Table, queries: QuerySet, gallery) -> NegativeBank
     names = sorted(set(strat))
     code = {s: i for i, s in enumerate(names)}
     per_query: list[list] = [[] for _ in range(len(queries))]
-    key_row, row_of = gallery.key_row, gallery.row_of
     cats = queries.categories.tolist()
+    at = [qpos.get(q) for q in qids]
+    mine = [j for j, i in enumerate(at) if i is not None]
+    found = gallery.lookup([nids[j] for j in mine],
+                           [cats[at[j]] if ncats[j] is None else ncats[j] for j in mine]).tolist()
     unknown = 0
     pairs = set()
-    for q, n, s, nc in zip(qids, nids, strat, ncats):
-        i = qpos.get(q)
-        if i is None:
-            continue
-        r = key_row.get((cats[i] if nc is None else nc, n), row_of.get(n))
-        if r is None:
+    for j, r in zip(mine, found):
+        if r < 0:
             unknown += 1
             continue
-        per_query[i].append((r, code[s]))
-        pairs.add((q, n))
+        per_query[at[j]].append((r, code[strat[j]]))
+        pairs.add((qids[j], nids[j]))
     if unknown:
         log.warning("%d negative ids are not in the gallery; dropped", unknown)
     k = max((len(x) for x in per_query), default=0)
