@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.data.errors import UsageError
-from cir_mine.miner.core.engine import topk_desc
+from cir_mine.miner.core.engine import gemm_topk, topk_desc
 from cir_mine.miner.core.scores import gathered_dot
 from cir_mine.miner.core.search import _faiss, factory_string
 
@@ -113,13 +113,12 @@ class ShardSearcher:
         self.offset, self.crash_marker = int(offset), crash_marker
         self.nprobe, self.list_cover = int(nprobe), float(list_cover)
         self.exact = trained is None
-        if self.exact:
-            self.index = faiss.index_factory(self.xb.shape[1], "Flat", faiss.METRIC_INNER_PRODUCT)
-        else:
+        self.index = None                                   # exact shards: the CPU GEMM of gemm_topk
+        if not self.exact:
             self.index = faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
             self.ivf = faiss.extract_index_ivf(self.index)
             self.overfetch = int(overfetch)
-        self.index.add(self.xb)
+            self.index.add(self.xb)
 
     def probes(self, fetch: int) -> int:
         """nprobe for ``fetch`` candidates: at least ``nprobe``, and enough lists (of the shard's
@@ -130,7 +129,7 @@ class ShardSearcher:
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.xb.shape[0])
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D float32[nq, k_s], I int64[nq, k_s] global rows, -1 pads), k_s = min(k, n_s), in merge order."""
@@ -140,7 +139,7 @@ class ShardSearcher:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         k = int(min(k, self.ntotal))
         if self.exact:
-            _, I = self.index.search(xq, k)
+            _, I = gemm_topk(xq, self.xb, k)
         else:
             fetch = int(min(self.ntotal, k * self.overfetch))
             self.ivf.nprobe = self.probes(fetch)
