@@ -182,6 +182,7 @@ class Gallery:
     _key_row: Optional[dict] = field(default=None, repr=False)
     _ids: Optional[pa.Array] = field(default=None, repr=False)    # string[n] image ids, for vectorized lookups
     _keys: Optional[pa.Array] = field(default=None, repr=False)   # string[n] category KEY_SEP image id
+    _cats: Optional[pa.Array] = field(default=None, repr=False)   # string[n] categories
 
     @property
     def dim(self) -> int:
@@ -199,7 +200,10 @@ class Gallery:
 
     @property
     def category_array(self) -> pa.Array:
-        return string_array(self.categories)
+        """The categories as one Arrow string array."""
+        if self._cats is None:
+            self._cats = string_array(self.categories)
+        return self._cats
 
     @property
     def row_of(self) -> dict:
@@ -239,10 +243,9 @@ class Gallery:
 
         Raises DataError naming the first missing id.
         """
-        ids = ids if isinstance(ids, (list, np.ndarray, pa.Array, pa.ChunkedArray)) else list(ids)
-        cats = None if categories is None else (
-            categories if isinstance(categories, (list, np.ndarray, pa.Array)) else list(categories))
-        out = self.lookup(ids, cats)
+        ids = ids if hasattr(ids, "__getitem__") else list(ids)       # indexable, for the message
+        out = self.lookup(ids, None if categories is None else
+                          categories if hasattr(categories, "__len__") else list(categories))
         if (out < 0).any():
             first = int(np.flatnonzero(out < 0)[0])
             i = ids[first]
@@ -351,12 +354,13 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
     id_arr = string_array(table.column("image_id"))
+    cat_arr = string_array(table.column("category"))
     ids = _obj(id_arr)
-    cats = shared_objects(table.column("category"))
+    cats = shared_objects(cat_arr)
     _check_no_nulls(table, path, ids, "image", ("category", "path"))
     # image_id is unique within a category. The same id may stand in two categories (real
     # FashionIQ lists 516 ASINs under both shirt and toptee); such rows are one product.
-    keys = join_keys(string_array(table.column("category")).cast(id_arr.type), id_arr)
+    keys = join_keys(cat_arr.cast(id_arr.type), id_arr)
     dup = first_duplicate(keys)
     if dup is not None:
         raise SchemaError(
@@ -382,7 +386,7 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
         raise SchemaError(f"{path}: column 'attributes' of image '{ids[bad]}' holds a null; each attribute is a "
                           f"'group:value' string. Drop the nulls.")
     paths = _obj(table.column("path")) if "path" in table.schema.names else None
-    return Gallery(path, ids, cats, attrs, emb, paths, _ids=id_arr, _keys=keys)
+    return Gallery(path, ids, cats, attrs, emb, paths, _ids=id_arr, _keys=keys, _cats=cat_arr)
 
 
 def open_embeddings(path: Path, n: int, gallery_path: Path) -> np.ndarray:

@@ -364,13 +364,10 @@ class BatchContext:
         bound = np.sqrt(max(0.0, 2.0 * (1.0 - tau))) + 1e-5
         i, j = np.nonzero(need & (np.abs(d) <= bound) & (rows >= 0))
         xb, trow = self.pool.xb, self.qs.target_rows[self.q]
-        mapped = isinstance(xb, np.memmap)
-        step = 2048 if mapped else 8192            # a memory-mapped gallery keeps one step's pages mapped
+        step = 8192                                 # gathered_dot releases a memory-mapped gallery's pages
         for s in range(0, i.size, step):
             ii, jj = i[s:s + step], j[s:s + step]
-            out[ii, jj] = np.einsum("ij,ij->i", xb[rows[ii, jj]], xb[trow[ii]])
-            if mapped:
-                release_pages(xb)
+            out[ii, jj] = gathered_dot(xb, rows[ii, jj][:, None], xb[trow[ii]])[:, 0]
         return out
 
     def sim_target_full(self, c: Candidates) -> np.ndarray:

@@ -200,8 +200,6 @@ def _id_bytes(categories, image_ids, block_rows: int = 1 << 20):
             yield "".join(f"{a}\0{b}\0" for a, b in zip(c.to_pylist(), i.to_pylist())).encode()
             continue
         joined = pc.binary_join_element_wise(c.cast(i.type), i, pa.scalar("", i.type), "\0")
-        if isinstance(joined, pa.ChunkedArray):
-            joined = joined.combine_chunks()
         wide = pa.types.is_large_string(joined.type)
         off = np.frombuffer(joined.buffers()[1], np.int64 if wide else np.int32)[joined.offset:joined.offset + len(joined) + 1]
         yield joined.buffers()[2][int(off[0]):int(off[-1])].to_pybytes()
