@@ -364,7 +364,9 @@ class BatchContext:
         bound = np.sqrt(max(0.0, 2.0 * (1.0 - tau))) + 1e-5
         i, j = np.nonzero(need & (np.abs(d) <= bound) & (rows >= 0))
         xb, trow = self.pool.xb, self.qs.target_rows[self.q]
-        step = 8192                                 # gathered_dot releases a memory-mapped gallery's pages
+        # gathered_dot releases a memory-mapped gallery's pages after each call: a step maps at most
+        # its rows' pages (and the kernel's fault-around neighbours) until then
+        step = 2048 if isinstance(xb, np.memmap) else 8192
         for s in range(0, i.size, step):
             ii, jj = i[s:s + step], j[s:s + step]
             out[ii, jj] = gathered_dot(xb, rows[ii, jj][:, None], xb[trow[ii]])[:, 0]
