@@ -104,15 +104,10 @@ def compare(args) -> dict:
         cfg = MineConfig.of(**base, index=kind)
         with Clock() as c:
             # the tuning and the mining, through the prebuilt index (as `--index workspace` does)
-            from cir_mine.miner.core.mine import prepare
-
-            from cir_mine.miner.core.mine import reserve_depth
+            from cir_mine.miner.core.mine import prepare, tune_backend
 
             prep = prepare(ws, "train", cfg, None, 0, loaded)
-            tdepth = reserve_depth(prep, cfg, backend)       # as open_search tunes: at the searched depth
-            xs = prep.qs.emb[E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)]
-            _, ex_I = E.ExactSearch(g.embeddings, blocked=True).search(xs, tdepth)
-            tuning = E.tune(backend, ex_I, xs, tdepth, cfg.target_recall)
+            tuning = tune_backend(prep, cfg, backend)       # as open_search tunes
             res = mine_negatives(ws, "train", cfg, index=backend, loaded=loaded)
         rows[kind] = {"factory": factory, "build_wall_s": b.wall, "build_cpu_s": b.cpu, "wall_s": c.wall,
                       "cpu_s": c.cpu, "timing": res.meta["timing"], "tuning": tuning.to_dict(),

@@ -225,6 +225,9 @@ def test_refresh_searches_exactly_like_round_0(indexed, tmp_path, index):
     remine = miner_remine(indexed.root, "train", out)
     table, meta = remine(_zero_shot(indexed), 1, 1)
     assert meta["search"]["params"] == r0.meta["search"]["params"] and "tuning" not in meta["search"]
+    assert meta["search"].get("deep") == r0.meta["search"].get("deep")      # the deep search's tuned value too
+    if index == "workspace":
+        assert r0.meta["search"]["deep"]["depth"] == r0.meta["search"]["tuning"]["deep"]["depth"]
     assert meta["search"]["fingerprint"] == read_negatives(out).meta["search"]["fingerprint"]
     assert table.drop(["round"]).equals(r0.table.drop(["round"]))
 
@@ -396,3 +399,99 @@ def test_gathered_dot_is_exact_and_the_same_for_any_split(tmp_path):
         gathered_dot(xb, np.array([[800]]), vec[:1])
     half = gathered_dot(xb.astype(np.float16), rows, vec)                # float16 galleries: scored in float32
     assert np.allclose(half, out, atol=2e-2)
+
+
+# -- list-major IVF search --------------------------------------------------------------------------
+
+
+def _ivf(n=6000, d=24, nlist=40, seed=5, twins=0):
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    xb = rng.standard_normal((n, d)).astype(np.float32)
+    if twins:
+        xb[n - twins:] = xb[:twins]                    # exact duplicates: ties broken by the lower row
+    index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(xb)
+    index.add(xb)
+    xq = rng.standard_normal((300, d)).astype(np.float32)
+    return index, xb, xq
+
+
+def _rows(D, I):
+    return [set(i[i >= 0].tolist()) for i in I]
+
+
+@pytest.mark.parametrize("nprobe", [1, 3, 40])
+def test_list_major_search_scans_what_faiss_scans(nprobe):
+    """The candidates are the probed lists' vectors, so the top-k is FAISS's own search with the
+    same nprobe (scores agree to float32 rounding), k deeper than a query's lists pads with -1."""
+    index, xb, xq = _ivf()
+    index.nprobe = nprobe
+    ivf = E.ivf_flat_lists(index)
+    for k in (1, 25, 400):
+        D0, I0 = index.search(xq, k)
+        D1, I1 = E.list_major_search(ivf, xq, k, nprobe)
+        assert D1.shape == (300, k) and I1.dtype == np.int64
+        same = np.mean([a == b for a, b in zip(_rows(D0, I0), _rows(D1, I1))])
+        assert same >= 0.99                          # rows differ only at float-rounding ties of the cut
+        assert ((I1 >= 0) == (I0 >= 0)).all()
+        ok = I1 >= 0
+        assert np.allclose(D1[ok], np.einsum("ij,ij->i", np.repeat(xq, k, 0).reshape(300, k, -1)[ok], xb[I1[ok]]), atol=1e-4)
+        assert (np.diff(np.where(ok, D1, -1e30), axis=1) <= 0).all()
+
+
+def test_list_major_rows_are_the_same_in_any_pass_and_batch():
+    """Chunked == full: after exact re-ranking, one big pass, a one-query-per-pass budget and
+    separate batches give the same bits; exact twins tie and go to the lower row."""
+    index, xb, xq = _ivf(twins=600)
+    xq = np.concatenate([xq, xb[:50]])                # queries on a twin pair: a tie at the top
+    ivf = E.ivf_flat_lists(index)
+    D, I = E.list_major_search(ivf, xq, 30, 6)
+    Dc, Ic = E.list_major_search(ivf, xq, 30, 6, budget=1)
+    assert np.mean([a == b for a, b in zip(_rows(D, I), _rows(Dc, Ic))]) >= 0.99 and np.allclose(D, Dc, atol=1e-4)
+    backend = E.Reranked(index, xb, 1.0, {"index": "ivf"})
+    backend.set_params({"nprobe": 6})
+    Dr, Ir = backend.search(xq, 30)
+    parts = [backend.search(xq[s:s + 70], 30) for s in range(0, 350, 70)]      # 70 x 6 >= 40 lists
+    assert np.array_equal(Dr, np.concatenate([p[0] for p in parts])) and np.array_equal(Ir, np.concatenate([p[1] for p in parts]))
+    for q in range(300, 350):                          # the twin of row r is row 5400 + r
+        pos = np.flatnonzero(Ir[q] == q - 300)
+        assert pos.size == 1 and Ir[q, pos[0] + 1] == 5400 + q - 300 and Dr[q, pos[0]] == Dr[q, pos[0] + 1]
+
+
+def test_list_major_is_used_for_large_batches_and_gives_faiss_candidates(monkeypatch):
+    index, xb, xq = _ivf()
+    backend = E.Reranked(index, xb, 1.0, {"index": "ivf"})
+    backend.set_params({"nprobe": 4})
+    calls = []
+    real = E.list_major_search
+    monkeypatch.setattr(E, "list_major_search", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    D, I = backend.search(xq, 50)                      # 300 queries x 4 probes >= 40 lists
+    assert calls == [300]
+    backend.search(xq[:5], 50)                         # 5 x 4 < 40: FAISS's own search
+    assert calls == [300]
+    index.nprobe = 4
+    ref = E.exact_rescore(xb, xq, index.search(xq, 50)[1], 50)
+    assert np.mean([a == b for a, b in zip(_rows(D, I), _rows(*ref))]) >= 0.99
+    assert E.ivf_flat_lists(E.approximate_index(xb, "IVF8,PQ4", device="cpu")[0]) is None   # codes, not vectors
+
+
+def test_deep_tuning_probes_fewer_lists_than_scaling():
+    """Tuned at the reserve and at the deepest depth: the deep value reaches the target there and
+    beam_for follows the line through both tuned points (the old ratio rule scales past it)."""
+    rng = np.random.default_rng(6)
+    xb = rng.standard_normal((8000, 16)).astype(np.float32)
+    raw, _ = E.approximate_index(xb, "IVF64,Flat", device="cpu")
+    backend = E.Reranked(raw, xb, 1.0, {"index": "ivf"})
+    xq = rng.standard_normal((200, 16)).astype(np.float32)
+    exact = E.ExactSearch(xb, device="cpu").search(xq, 400)[1]
+    tu = E.tune(backend, exact[:, :50], xq, 50, 0.9)
+    deep = E.tune_deep(backend, exact, xq, 400, 0.9)
+    assert deep["depth"] == 400 and deep["reached"] and deep["recall"] >= 0.9
+    assert backend.describe()["deep"] == {"depth": 400, "params": {"nprobe": deep["value"]}}
+    assert deep["value"] >= tu.value and all(r < 0.9 for _, r, _ in deep["tried"][:-1])
+    assert backend.beam_for(400) == deep["value"] and backend.beam_for(50) is None
+    assert tu.value <= backend.beam_for(200) <= deep["value"]
+    got = E.candidate_recall(backend.search(xq, 400)[1], exact)
+    assert got == pytest.approx(deep["recall"], abs=1e-4)

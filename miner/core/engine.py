@@ -88,6 +88,173 @@ def gemm_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
     return heap.D, heap.I
 
 
+def ivf_flat_lists(index):
+    """The bare CPU ``IndexIVFFlat`` (inner product, array inverted lists) inside ``index``, whose
+    lists :func:`list_major_search` can read as float32 blocks in place; None for any other index
+    (PQ or SQ codes, a pre-transform, a GPU index, L2, on-disk lists)."""
+    faiss = _faiss()
+    if hasattr(index, "getDevice"):
+        return None
+    ivf = faiss.downcast_index(index)
+    if type(ivf) is not faiss.IndexIVFFlat or ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    if type(faiss.downcast_InvertedLists(ivf.invlists)) is not faiss.ArrayInvertedLists:
+        return None
+    return ivf
+
+
+LIST_MAJOR_MIN_QUERIES_PER_LIST = 1.0   # list-major search pays once each probed list serves this many queries on average
+LIST_MAJOR_SCORES = 1 << 25             # candidate scores one list-major pass holds (128 MB of float32)
+
+
+@dataclass
+class ListLayout:
+    """Where an IVF-Flat index's vectors sit: list sizes, and every list's ids back to back."""
+
+    sizes: np.ndarray          # int64[nlist] vectors per list
+    starts: np.ndarray         # int64[nlist] offset of each list in ``ids``
+    ids: np.ndarray            # int64[ntotal] gallery row of every vector, list by list
+    scratch: dict = field(default_factory=dict)   # worker -> its reused score buffer (pages touched once)
+
+    def buffer(self, n: int, worker: int = 0) -> np.ndarray:
+        """A float32 buffer of ``n`` scores for ``worker``, reused from call to call (first-touching
+        fresh pages costs more than the scatter into them)."""
+        if self.scratch.get(worker, np.empty(0, np.float32)).size < n:
+            self.scratch[worker] = np.empty(n, np.float32)
+        return self.scratch[worker][:n]
+
+    @classmethod
+    def of(cls, ivf) -> "ListLayout":
+        faiss = _faiss()
+        invl = faiss.downcast_InvertedLists(ivf.invlists)
+        sizes = np.array([invl.list_size(i) for i in range(ivf.nlist)], np.int64)
+        starts = np.cumsum(sizes) - sizes
+        ids = np.empty(int(sizes.sum()), np.int64)
+        for i in np.flatnonzero(sizes).tolist():
+            ids[starts[i]:starts[i] + sizes[i]] = faiss.rev_swig_ptr(invl.get_ids(i), int(sizes[i])).view(np.int64)
+        return cls(sizes, starts, ids)
+
+
+def _segment_top(buf: np.ndarray, base: np.ndarray, tot: np.ndarray, k: int, key_of) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest values of each segment ``buf[base[r]:base[r] + tot[r]]`` (a flat float32
+    buffer of ragged rows), by descending value, ties broken by the smaller key (``key_of(rows
+    int64[n], cols int64[n, c]) -> int64[n, c]``, the gallery row, -1 past the row's end), so the
+    choice depends on the row's values alone, never on the other rows.
+    -> (positions in the row int64[r, k], their keys int64[r, k]; -1 past a row's end)."""
+    r = base.size
+    part = np.full((r, k), -1, np.int64)
+    kth = np.full(r, np.inf, np.float32)
+    ties = []
+    for i in np.flatnonzero(tot).tolist():
+        n = int(tot[i])
+        seg = buf[base[i]:base[i] + n]
+        kk = min(k, n)
+        p = np.argpartition(seg, n - kk)[n - kk:] if kk < n else np.arange(n)
+        part[i, :kk] = p
+        kth[i] = seg[p].min()
+        if kk < n and np.count_nonzero(seg >= kth[i]) > kk:
+            ties.append(i)
+    # rows whose values equal to the k-th cross the cut: choose among those ties by key
+    for i in ties:
+        seg = buf[base[i]:base[i] + int(tot[i])]
+        above = np.flatnonzero(seg > kth[i])
+        at = np.flatnonzero(seg == kth[i])
+        at_keys = key_of(np.array([i]), at[None, :])[0]
+        part[i, :min(k, seg.size)] = np.r_[above, at[np.argsort(at_keys, kind="stable")][:k - above.size]]
+    valid = part >= 0
+    flat_pos = np.where(valid, base[:, None] + part, 0)
+    vals = np.where(valid, buf[flat_pos] if buf.size else -np.inf, -np.inf)
+    keys = np.where(valid, key_of(np.arange(r), np.maximum(part, 0)), np.iinfo(np.int64).max)
+    order = np.lexsort((keys, -vals), axis=1)
+    return np.take_along_axis(np.where(valid, part, -1), order, 1), np.take_along_axis(np.where(valid, keys, -1), order, 1)
+
+
+def list_major_search(ivf, xq: np.ndarray, k: int, nprobe: int, layout: Optional[ListLayout] = None,
+                      budget: int = LIST_MAJOR_SCORES) -> tuple[np.ndarray, np.ndarray]:
+    """IVF-Flat search of a batch of queries list by list (the shape of FAISS contrib's big-batch
+    search): the coarse quantizer picks each query's ``nprobe`` lists, the queries are bucketed by
+    list, and each list's vectors (read in place) meet all the queries that probe it in one float32
+    GEMM. Each query's scores are collected and its top ``k`` selected by partition. The candidates
+    are exactly those a FAISS search with the same ``nprobe`` scans, but every list is read once
+    per pass instead of once per query and no heap is kept, so a batch runs at BLAS speed instead of
+    memory speed. Queries go in passes of at most ``budget`` collected scores. The scores are BLAS
+    sums, equal to the float32 dot products up to rounding whose last bits can depend on the batch,
+    so a caller that needs batch-independent rows re-ranks a few rows past its cut exactly.
+    -> (D float32[nq, k], I int64[nq, k]) by descending score (ties: lower row first), -1 pads."""
+    faiss = _faiss()
+    xq = np.ascontiguousarray(xq, np.float32)
+    nq, d = xq.shape
+    nprobe = int(max(1, min(nprobe, ivf.nlist)))
+    k = int(min(k, ivf.ntotal))
+    layout = layout or ListLayout.of(ivf)
+    D = np.full((nq, k), -np.inf, np.float32)
+    I = np.full((nq, k), -1, np.int64)
+    if nq == 0 or k == 0:
+        return D, I
+    _, assign = ivf.quantizer.search(xq, nprobe)
+    cand = np.where(assign >= 0, layout.sizes[np.maximum(assign, 0)], 0)
+    tot = cand.sum(1)
+    ends = np.cumsum(tot)
+    passes, q0 = [], 0
+    while q0 < nq:                  # queries q0..q1-1, at least one, their scores within the budget
+        q1 = max(q0 + 1, int(np.searchsorted(ends, (ends[q0 - 1] if q0 else 0) + budget, side="right")))
+        passes.append((q0, q1))
+        q0 = q1
+    workers = max(1, min(len(passes), faiss.omp_get_max_threads()))
+    invl = faiss.downcast_InvertedLists(ivf.invlists)
+
+    def run(job):
+        w, (q0, q1) = job
+        A, C, T = assign[q0:q1], cand[q0:q1], tot[q0:q1]
+        off = np.cumsum(C, 1) - C
+        base = np.cumsum(T) - T
+        buf = layout.buffer(int(T.sum()), w)
+        flat = A.ravel()
+        order = np.argsort(flat, kind="stable")
+        lists = flat[order]
+        bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            li = int(lists[a])
+            size = int(layout.sizes[li]) if li >= 0 else 0
+            if size == 0:
+                continue
+            X = faiss.rev_swig_ptr(invl.get_codes(li), size * d * 4).view(np.float32).reshape(size, d)
+            qs, jj = np.divmod(order[a:b], nprobe)
+            buf[(base[qs] + off[qs, jj])[:, None] + np.arange(size)] = xq[q0 + qs] @ X.T
+
+        def key_of(rows, cols):
+            """Gallery row of collected position ``cols`` of pass-local query ``rows``."""
+            j = np.stack([np.searchsorted(off[r], c, side="right") - 1 for r, c in zip(rows.tolist(), cols)])
+            j = np.minimum(j, A.shape[1] - 1)
+            li = A[rows[:, None], j]
+            inside = (li >= 0) & (cols - off[rows[:, None], j] < C[rows[:, None], j])
+            at = layout.starts[np.maximum(li, 0)] + cols - off[rows[:, None], j]
+            return np.where(inside, layout.ids[np.where(inside, at, 0)], np.iinfo(np.int64).max)
+
+        pos, keys = _segment_top(buf, base, T, k, key_of)
+        ok = pos >= 0
+        D[q0:q1] = np.where(ok, buf[np.where(ok, base[:, None] + pos, 0)] if buf.size else -np.inf, -np.inf)
+        I[q0:q1] = np.where(ok, keys, -1)
+
+    # one BLAS thread per pass (its GEMMs are small; threads of BLAS would spin), passes on FAISS's
+    # thread count of workers, each with its own score buffer
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        jobs = [(i % workers, p) for i, p in enumerate(passes)]
+        if workers == 1:
+            for job in jobs:
+                run(job)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cir-mine-lists") as pool:
+                futures = [pool.submit(lambda lane=lane: [run(j) for j in jobs if j[0] == lane]) for lane in range(workers)]
+                for f in futures:
+                    f.result()
+    return D, I
+
+
 class ExactSearch:
     """Exact top-k by inner product (``cheap_depth``: a search costs about the same at any depth, so
     the miner searches deeper than it mines and keeps the rest for short queries). On the CPU, a
@@ -139,12 +306,19 @@ class Reranked:
         self.ntotal, self.d = int(source.ntotal), int(source.d)
         self.info = dict(info or {})
         self.kind = index_kind(source) if hasattr(source, "is_trained") else "other"
+        self.lists = ivf_flat_lists(source) if self.kind == "ivf" else None  # list-major search when it pays
+        self.layout = None                                                 # its ListLayout, built on first use
 
     @property
     def cheap_depth(self) -> bool:
         """Deeper searches cost about the same (IVF lists with full vectors, flat): an HNSW search
         widens its beam with k and a PQ re-rank gathers k x over-fetch rows, so those are not."""
         return self.overfetch == 1 and self.kind in ("ivf", "flat")
+
+    def layout_of(self) -> "ListLayout":
+        if self.layout is None:
+            self.layout = ListLayout.of(self.lists)
+        return self.layout
 
     def fetch_depth(self, k: int) -> int:
         return int(min(self.ntotal, math.ceil(k * self.overfetch)))
@@ -154,7 +328,13 @@ class Reranked:
         k = int(min(k, self.ntotal))
         kf = self.fetch_depth(k)
         deeper = self.deep_params(kf)
-        if deeper:
+        nprobe = deeper.nprobe if deeper is not None and self.kind == "ivf" else None
+        if self.lists is not None and len(xq) * (nprobe or self.lists.nprobe) >= LIST_MAJOR_MIN_QUERIES_PER_LIST * self.lists.nlist:
+            # a few rows past the cut, so re-ranking decides it: list-major scores are BLAS sums whose
+            # last bits depend on the batch, the exact ones do not
+            _, I = list_major_search(self.lists, xq, min(self.ntotal, kf + 16 + kf // 64), nprobe or self.lists.nprobe,
+                                     self.layout_of())
+        elif deeper:
             _, I = self.source.search(xq, kf, params=deeper)
         else:
             _, I = self.source.search(xq, kf)
@@ -172,8 +352,10 @@ class Reranked:
 
         Recall was tuned at one depth (``info["depth"]``); deepening searches further. An HNSW beam
         of max(efSearch, k) would fall to k there, and an IVF search probing as few lists finds a
-        smaller share of the deeper neighbours, so the tuned parameter-to-depth ratio is kept
-        (IVF: at most every list). CPU indexes only: a GPU index keeps its setting."""
+        smaller share of the deeper neighbours. When the tuning also measured the deepest depth
+        (``info["deep"]``), the value follows the line through both tuned points; otherwise the
+        tuned parameter-to-depth ratio is kept (IVF: at most every list). CPU indexes only: a GPU
+        index keeps its setting."""
         tuned = self.info.get("depth")
         params = self.info.get("params") or {}
         name = {"hnsw": "efSearch", "ivf": "nprobe"}.get(self.kind)
@@ -182,7 +364,17 @@ class Reranked:
         base = self.fetch_depth(int(tuned))
         if fetch <= base:
             return None
-        value = int(math.ceil(params[name] * fetch / base))
+        deep = self.info.get("deep") or {}
+        deep_value = (deep.get("params") or {}).get(name)
+        deep_fetch = self.fetch_depth(int(deep.get("depth") or 0))
+        if deep_value and deep_fetch > base:
+            # tuned at two depths: between them, the line through both; past the deeper, its ratio
+            if fetch <= deep_fetch:
+                value = int(math.ceil(params[name] + (deep_value - params[name]) * (fetch - base) / (deep_fetch - base)))
+            else:
+                value = int(math.ceil(deep_value * fetch / deep_fetch))
+        else:
+            value = int(math.ceil(params[name] * fetch / base))
         if name == "nprobe":
             faiss = _faiss()
             if not isinstance(faiss.downcast_index(self.source), faiss.IndexIVF):
@@ -314,17 +506,60 @@ class Tuning:
     tried: list = field(default_factory=list)   # [(value, recall, seconds)]
     seconds: float = 0.0
     overfetch: float = 1.0         # over-fetch the recall was reached with
+    deep: Optional[dict] = None    # the deepest depth's tuning: {"depth", "value", "recall", "reached", "tried"}
 
     def to_dict(self) -> dict:
-        return {"param": self.param, "value": self.value, "recall": round(self.recall, 4), "target": self.target,
-                "reached": self.reached, "depth": self.depth, "queries": self.queries,
-                "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried], "seconds": round(self.seconds, 3),
-                "overfetch": self.overfetch}
+        out = {"param": self.param, "value": self.value, "recall": round(self.recall, 4), "target": self.target,
+               "reached": self.reached, "depth": self.depth, "queries": self.queries,
+               "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried], "seconds": round(self.seconds, 3),
+               "overfetch": self.overfetch}
+        if self.deep is not None:
+            out["deep"] = self.deep
+        return out
 
 
 # Recall gained by doubling nprobe / efSearch below which the search is limited by something else:
 # for compressed codes, by how many candidates are re-ranked, so the over-fetch doubles instead.
 PLATEAU = 0.005
+
+
+DEEP_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)   # deep tuning: multiples of the tuned value tried
+
+
+def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float) -> Optional[dict]:
+    """After :func:`tune`: the cheapest multiple (DEEP_STEPS) of the tuned value whose candidate
+    recall@``depth`` (the deepest depth deepening searches; ``exact_I`` that deep) reaches
+    ``target``, recorded in ``backend.info["deep"]`` for :meth:`Reranked.beam_for`. Recall falls
+    more slowly with depth than the value-to-depth ratio assumes, so this probes fewer lists than
+    scaling would. None (nothing recorded) when the back-end has no tuned value."""
+    name = {"hnsw": "efSearch", "ivf": "nprobe"}.get(backend.kind)
+    tuned = (backend.info.get("params") or {}).get(name)
+    if not name or not tuned or hasattr(backend.source, "getDevice"):
+        return None
+    top = int(faiss_nlist(backend.source)) if name == "nprobe" else 1 << 14
+    values = sorted({min(top, int(math.ceil(tuned * f))) for f in DEEP_STEPS})
+    faiss = _faiss()
+    make = faiss.SearchParametersHNSW if name == "efSearch" else faiss.SearchParametersIVF
+    t0, tried = time.perf_counter(), []
+    kf = backend.fetch_depth(depth)
+    for v in values:
+        ts = time.perf_counter()
+        if backend.lists is not None and name == "nprobe":
+            _, I = list_major_search(backend.lists, xq, kf, v, backend.layout_of())
+        else:
+            _, I = backend.source.search(np.ascontiguousarray(xq, np.float32), kf, params=make(**{name: v}))
+        _, I = exact_rescore(backend.xb, xq, np.asarray(I, np.int64), depth)
+        r = candidate_recall(I, exact_I[:, :depth])
+        tried.append([v, round(r, 4), round(time.perf_counter() - ts, 3)])
+        if r >= target:
+            break
+    backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}
+    return {"depth": int(depth), "value": int(v), "recall": round(r, 4), "reached": bool(r >= target),
+            "tried": tried, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def faiss_nlist(index) -> int:
+    return int(_faiss().extract_index_ivf(index).nlist)
 
 
 def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float,
@@ -490,7 +725,7 @@ def reopen(search: dict, xb: np.ndarray, workspace_index, table_path, device: st
                         f"now {now}). {fix}.")
     raw = load_index(path, device if index_kind_of_file(search) != "hnsw" else "cpu")
     backend = Reranked(raw, xb, float(search.get("overfetch", 1.0)),
-                       {k: search[k] for k in ("index", "factory", "file", "fingerprint", "depth") if k in search})
+                       {k: search[k] for k in ("index", "factory", "file", "fingerprint", "depth", "deep") if k in search})
     backend.set_params(dict(search.get("params") or {}))
     return backend
 

@@ -576,14 +576,24 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     if cfg.fixed_params():
         backend.set_params(cfg.fixed_params())
     elif cfg.target_recall is not None and prep.need_ranked:
-        # recall is tuned at the depth every batch is searched at (the reserve short queries are
-        # mined from), so the negatives of queries whose target ranks deep are found as reliably
-        depth = reserve_depth(prep, cfg, backend)
-        sample = E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
-        xq = prep.qs.emb[sample]
-        _, exact_I = E.ExactSearch(xb, blocked=True).search(xq, depth)
-        rec["tuning"] = E.tune(backend, exact_I, xq, depth, cfg.target_recall).to_dict()
+        rec["tuning"] = tune_backend(prep, cfg, backend).to_dict()
     return backend, {**backend.describe(), **rec}
+
+
+def tune_backend(prep: Prepared, cfg: MineConfig, backend) -> "E.Tuning":
+    """Tune an approximate back-end to ``cfg.target_recall`` on a seeded sample of the composed
+    queries: at the depth every batch is searched at (the reserve short queries are mined from, so
+    the negatives of queries whose target ranks deep are found as reliably), then, when deepening
+    can search further, at the deepest depth (``max_candidates``) too."""
+    depth = reserve_depth(prep, cfg, backend)
+    deepest = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else depth
+    sample = E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
+    xq = prep.qs.emb[sample]
+    _, exact_I = E.ExactSearch(prep.pool.xb, blocked=True).search(xq, max(depth, deepest))
+    tuning = E.tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall)
+    if deepest > depth:
+        tuning.deep = E.tune_deep(backend, exact_I, xq, deepest, cfg.target_recall)
+    return tuning
 
 
 def search_batches(backend, xq: np.ndarray, batches: list, depth: int, prefetch: bool):
