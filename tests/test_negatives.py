@@ -374,6 +374,37 @@ def test_short_queries_are_searched_deeper(synth_work):
     assert rows and all(r["score"] <= cap_threshold(np.float32(r["target_score"]), 0.95) + 1e-6 for r in rows)
 
 
+@pytest.mark.parametrize("strategy", ["hardest", "midzone"])
+def test_rows_do_not_depend_on_how_deep_a_batch_is_searched(synth_work, strategy):
+    """The same table whether short queries are mined again from the rows of their first search
+    (searched 4x deeper, or at the deepest depth at once after a batch that was mostly short) or
+    searched again one depth at a time, and at any batch size."""
+    from cir_mine.miner.core import engine as E
+    from cir_mine.miner.core.mine import MineConfig, mine_negatives
+
+    ws = Workspace(synth_work)
+    xb = ws.load("train")[0].embeddings
+
+    class OneDepthAtATime(E.ExactSearch):
+        cheap_depth = False
+
+    class DeepestAtOnce(E.ExactSearch):
+        deep_share = 0.0
+
+    class NeverSwitch(E.ExactSearch):
+        deep_share = None
+
+    cfg = MineConfig.of(strategy=strategy, k=10, seed=3, candidates=16, max_candidates=1024, query_batch=97,
+                        delta_lo=0.0, delta_hi=0.2)
+    ref = mine_negatives(ws, "train", cfg)
+    assert ref.meta["deepened_queries"] > 0 and ref.meta["depth"] > 16
+    for cls in (OneDepthAtATime, DeepestAtOnce, NeverSwitch):
+        res = mine_negatives(ws, "train", cfg, index=cls(xb, device="cpu"))
+        assert res.table.equals(ref.table), cls.__name__
+    res = mine_negatives(ws, "train", cfg.replace(query_batch=4096))
+    assert res.table.equals(ref.table)
+
+
 def test_cap_with_a_negative_target_score_keeps_only_candidates_below_it(tmp_path):
     """s(q, t) = -0.5 < 0: the naive cap rho * s(q,t) = -0.475 would keep candidates scoring between
     the target and -0.475 (above the target, likely false negatives); the sign-safe cap keeps only

@@ -264,6 +264,11 @@ class ExactSearch:
 
     exact = True
     cheap_depth = True
+    # a first-pass batch with more than this share of its queries short at the reserve depth sends
+    # the later batches to the deepest depth at once: a GEMM costs the same at any depth and the
+    # deeper heaps about 1.2x (1M x 256, depth 2048 against 800), so a second search of a quarter
+    # of the queries costs more
+    deep_share = 0.25
 
     def __init__(self, xb: np.ndarray, device: str = "auto", fp16: bool = False, block_rows: int = 262_144,
                  blocked: Optional[bool] = None):
@@ -314,6 +319,13 @@ class Reranked:
         """Deeper searches cost about the same (IVF lists with full vectors, flat): an HNSW search
         widens its beam with k and a PQ re-rank gathers k x over-fetch rows, so those are not."""
         return self.overfetch == 1 and self.kind in ("ivf", "flat")
+
+    @property
+    def deep_share(self) -> Optional[float]:
+        """See ExactSearch.deep_share: list-major IVF searches the deepest depth (2048, its tuned
+        nprobe) at about 1.5x the cost of the reserve's (800) at 1M x 256, so past a third of a
+        batch searched again the deepest search at once is cheaper; None for other sources."""
+        return 0.35 if self.lists is not None and self.cheap_depth else None
 
     def layout_of(self) -> "ListLayout":
         if self.layout is None:

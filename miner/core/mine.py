@@ -596,24 +596,30 @@ def tune_backend(prep: Prepared, cfg: MineConfig, backend) -> "E.Tuning":
     return tuning
 
 
-def search_batches(backend, xq: np.ndarray, batches: list, depth: int, prefetch: bool):
-    """Step 3 (search): yield (q, D, I, seconds) per batch of query indices. With ``prefetch`` the
-    next batch is searched in a worker thread while the caller guards the current one (FAISS
-    releases the GIL; on a GPU the device is not left idle)."""
-    def run(q):
+def search_batches(backend, xq: np.ndarray, batches, prefetch: bool):
+    """Step 3 (search): yield (q, D, I, seconds) per item (q, depth) of ``batches`` (an iterable of
+    query indices and search depths, read one item ahead at most). With ``prefetch`` the next batch
+    is searched in a worker thread while the caller guards the current one (FAISS releases the GIL;
+    on a GPU the device is not left idle)."""
+    def run(item):
+        q, depth = item
         t = time.perf_counter()
         D, I = backend.search(xq[q], depth)
         return q, D, I, time.perf_counter() - t
 
-    if not prefetch or len(batches) < 2:
-        for q in batches:
-            yield run(q)
+    it = iter(batches)
+    if not prefetch:
+        for item in it:
+            yield run(item)
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    first = next(it, None)
+    if first is None:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cir-mine-search") as pool:
-        fut = pool.submit(run, batches[0])
-        for nxt in batches[1:]:
+        fut = pool.submit(run, first)
+        for nxt in it:
             res = fut.result()
             fut = pool.submit(run, nxt)
             yield res
@@ -648,48 +654,82 @@ def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
 COLUMNS = ("q", "row", "part", "rank", "score")
 
 
+def depth_ladder(prep: Prepared, cfg: MineConfig) -> list:
+    """The depths a query is mined at, in order: the first-pass depth, then 4x deeper each time up
+    to ``max_candidates`` (the gallery at most). A query short of k at one depth is mined again at
+    the next; its rows are those of the first depth that fills it (or of the deepest)."""
+    ladder = [prep.depth]
+    top = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
+    while ladder[-1] < top:
+        ladder.append(min(top, ladder[-1] * 4))
+    return ladder
+
+
 def reserve_depth(prep: Prepared, cfg: MineConfig, backend) -> int:
-    """Depth every batch is searched at: 4x the mining depth (up to ``max_candidates``) when a deeper
-    search costs about the same (``backend.cheap_depth``), so short queries are mined again from it
-    with no second search; else the mining depth."""
-    max_depth = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
-    return max(prep.depth, min(max_depth, prep.depth * 4)) if getattr(backend, "cheap_depth", False) else prep.depth
+    """Depth the first batch is searched at: the ladder's second depth when a deeper search costs
+    about the same (``backend.cheap_depth``), so short queries are mined again from it with no
+    second search; else the mining depth."""
+    ladder = depth_ladder(prep, cfg)
+    return ladder[min(1, len(ladder) - 1)] if getattr(backend, "cheap_depth", False) else ladder[0]
 
 
 def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False,
                  progress: Optional[Callable[[int], None]] = None) -> Mined:
-    """Steps 3-5 for the query indices ``queries``: search in batches, guard, select; then search the
-    queries still short of k again, deeper (see ``deepen``). Rows depend on the inputs, config and
-    seed only, never on the batch size or on which other queries are mined."""
+    """Steps 3-5 for the query indices ``queries``: search in batches, guard, select at each depth
+    of the ladder a query still needs (see ``depth_ladder``), from the rows its batch was searched
+    to; then search the queries still short again, deeper (see ``deepen``). Rows depend on the
+    inputs, config and seed only, never on the batch size, on how deep a batch was searched, or on
+    which other queries are mined."""
     m = prep.m
     got = np.zeros(m, np.int64)
+    level = np.zeros(m, np.int64)                 # ladder index each query was last mined at
     counts = {name: np.zeros(m, np.int64) for name in GUARDS}
     timing = {"search": 0.0, "select": 0.0}
+    ladder = depth_ladder(prep, cfg)
+    state = {"reserved": 0, "depth": prep.depth, "reserve": ladder.index(reserve_depth(prep, cfg, backend))}
+    share = getattr(backend, "deep_share", None)
 
-    def run(batches: list, depth: int, reserve: int) -> list:
-        """Search ``batches`` at depth ``reserve`` (>= ``depth``); mine at ``depth``, then mine the
-        batch's short queries again over the whole reserve, with no second search."""
+    def mine_levels(q: np.ndarray, D, I, start: int) -> dict:
+        """Mine ``q`` at ladder index ``start``, then its short queries at each deeper index the
+        searched rows (D.shape[1]) reach."""
+        res = mine_batch(q, D, I, ladder[start] if D is not None else 0)
+        level[q] = start
+        if D is None:
+            return res
+        for j in range(start + 1, len(ladder)):
+            if ladder[j] > D.shape[1]:
+                break
+            short = got[q] < prep.k_mined
+            if not short.any():
+                break
+            sq = q[short]
+            keep = {c: [v[~np.isin(qq, sq)] for v, qq in zip(vals, res["q"])] for c, vals in res.items()}
+            again = mine_batch(sq, D[short], I[short], ladder[j])
+            res = {c: keep[c] + again[c] for c in COLUMNS}
+            level[sq] = j
+            state["reserved"] += int(sq.size)
+            state["depth"] = max(state["depth"], ladder[j])
+        return res
+
+    def run(items, first_pass: bool, start) -> list:
         done = []
         if prep.need_ranked:
-            stream = search_batches(backend, prep.qs.emb, batches, reserve, prefetch)
+            stream = search_batches(backend, prep.qs.emb, items, prefetch)
         else:
-            stream = ((q, None, None, 0.0) for q in batches)
+            stream = ((q, None, None, 0.0) for q, _ in items)
         for q, D, I, secs in stream:
             t = time.perf_counter()
-            res = mine_batch(q, D, I, depth)
-            short = got[q] < prep.k_mined
-            if D is not None and reserve > depth and short.any():
-                sq = q[short]
-                keep = {c: [v[~np.isin(qq, sq)] for v, qq in zip(vals, res["q"])] for c, vals in res.items()}
-                again = mine_batch(sq, D[short], I[short], reserve)
-                res = {c: keep[c] + again[c] for c in COLUMNS}
-                state["reserved"] += int(sq.size)
-                state["depth"] = max(state["depth"], reserve)
+            res = mine_levels(q, D, I, start(q))
             done.append(res)
             release_pages(prep.pool.xb)
             timing["search"] += secs
             timing["select"] += time.perf_counter() - t
-            if progress:
+            if first_pass and D is not None and share is not None and state["reserve"] < len(ladder) - 1:
+                # most of this batch must be searched again: the later batches go to the deepest
+                # depth at once (``backend.deep_share``; rows are the same either way)
+                if np.mean(got[q] < prep.k_mined) > share:
+                    state["reserve"] = len(ladder) - 1
+            if first_pass and progress:
                 progress(len(q))
         return done
 
@@ -703,43 +743,51 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
             counts[name][q] = c
         return res
 
-    state = {"reserved": 0, "depth": prep.depth}
-    step = cfg.query_batch
-    reserve = reserve_depth(prep, cfg, backend)
-    batches = run([queries[s:s + step] for s in range(0, queries.size, step)], prep.depth, reserve)
+    def first_items():
+        """First-pass batches, each searched at the current reserve, with the query count that
+        keeps a batch's [queries, depth] matrices as large as at the ladder's second depth."""
+        s = 0
+        while s < queries.size:
+            depth = ladder[state["reserve"]]
+            step = max(1, cfg.query_batch * ladder[min(1, len(ladder) - 1)] // max(depth, ladder[min(1, len(ladder) - 1)]))
+            yield queries[s:s + step], depth
+            s += step
+
+    batches = run(first_items(), True, lambda q: 0)
     t = time.perf_counter()
-    batches, depth, deepened = deepen(prep, cfg, batches, got, queries, run, state["depth"])
+    batches, deepened = deepen(prep, cfg, backend, batches, got, level, queries, ladder, run)
+    depth = max([state["depth"]] + [ladder[int(j)] for j in np.unique(level[queries])] if queries.size else [state["depth"]])
     return Mined({c: [v for b in batches for v in b[c]] for c in COLUMNS}, got, counts, depth,
                  deepened + state["reserved"], timing["search"], timing["select"], time.perf_counter() - t)
 
 
-def deepen(prep: Prepared, cfg: MineConfig, batches: list, got: np.ndarray, queries: np.ndarray, run,
-           depth: int) -> tuple:
-    """Adaptive depth: queries still short (typically those whose target ranks deep, so that the
-    positive-aware cap removes every candidate above it) are mined again, 4x deeper each time, up
-    to max_candidates. Their earlier rows are replaced; other queries are untouched. The first
-    level comes free: every batch is searched 4x deeper than it is mined and its short queries are
-    mined again over that reserve (one search costs about the same at depth 128 or 512; the guards
-    run on the reserve only for short queries). Deeper levels search the still-short queries again
-    from ``depth`` (the reserve). -> (batches, deepest depth, queries searched again)."""
-    depth0 = prep.depth
-    n = len(prep.g)
-    max_depth = min(n, cfg.max_candidates) if cfg.max_candidates else depth
+def deepen(prep: Prepared, cfg: MineConfig, backend, batches: list, got: np.ndarray, level: np.ndarray,
+           queries: np.ndarray, ladder: list, run) -> tuple:
+    """Adaptive depth: queries still short after the rows their batch was searched to (typically
+    those whose target ranks deep, so that the positive-aware cap removes every candidate above
+    it) are searched again and mined at the next depths of the ladder. Their earlier rows are
+    replaced; other queries are untouched. A back-end whose deeper searches cost about the same
+    (``cheap_depth``) is searched at the deepest depth once, and the depths in between are mined
+    from it; others are searched one depth at a time. -> (batches, queries searched again)."""
     deepened = 0
     mine = np.zeros(prep.m, bool)
     mine[queries] = True
-    while prep.need_ranked and depth < max_depth:
-        short = np.flatnonzero(mine & (got < prep.k_mined))
+    cheap = getattr(backend, "cheap_depth", False)
+    while prep.need_ranked:
+        short = np.flatnonzero(mine & (got < prep.k_mined) & (level < len(ladder) - 1))
         if short.size == 0:
             break
-        depth = min(max_depth, depth * 4)
+        nxt = int(level[short].min()) + 1             # the shallowest level still to mine
+        short = short[level[short] == nxt - 1]
+        depth = ladder[-1] if cheap else ladder[nxt]
         redo = np.zeros(prep.m, bool)
         redo[short] = True
         batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()} for b in batches]
-        step = max(1, cfg.query_batch * depth0 // depth)  # same memory per batch as the first pass
-        batches += run([short[s:s + step] for s in range(0, short.size, step)], depth, depth)
+        step = max(1, cfg.query_batch * ladder[0] // depth)   # same memory per batch as the first pass
+        items = [(short[s:s + step], depth) for s in range(0, short.size, step)]
+        batches += run(items, False, lambda q, nxt=nxt: nxt)
         deepened += int(short.size)
-    return batches, depth, deepened
+    return batches, deepened
 
 
 def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined) -> dict:
