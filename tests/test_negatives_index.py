@@ -495,3 +495,22 @@ def test_deep_tuning_probes_fewer_lists_than_scaling():
     assert tu.value <= backend.beam_for(200) <= deep["value"]
     got = E.candidate_recall(backend.search(xq, 400)[1], exact)
     assert got == pytest.approx(deep["recall"], abs=1e-4)
+
+
+def test_topk_desc_sorts_like_a_two_key_lexsort():
+    """Descending score, ties by the lower row, -1 pads last as -inf: the one-sort 64-bit key gives
+    the two-key lexsort's rows and bits, with infinities, extreme and subnormal scores and -0.0."""
+    rng = np.random.default_rng(7)
+    special = np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, -1e-45, 0.25], np.float32)
+    for _ in range(300):
+        r, c = rng.integers(1, 6), rng.integers(1, 40)
+        D = np.where(rng.random((r, c)) < 0.5, rng.choice(special, (r, c)), rng.standard_normal((r, c))).astype(np.float32)
+        I = rng.integers(-1, 1000, (r, c))
+        k = int(rng.integers(1, c + 1))
+        order = np.lexsort((np.where(I >= 0, I, np.iinfo(np.int64).max), np.where(I >= 0, -D, np.inf)), axis=1)[:, :k]
+        ref_I = np.take_along_axis(I, order, 1)
+        ref_D = np.where(ref_I >= 0, np.take_along_axis(D, order, 1) + np.float32(0), -np.inf).astype(np.float32)
+        got_D, got_I = E.topk_desc(D, I, k)
+        assert np.array_equal(got_I, ref_I) and np.array_equal(got_D.view(np.uint32), ref_D.view(np.uint32))
+    big = np.array([[1.0, 2.0, 2.0]], np.float32), np.array([[1 << 40, 5, 1 << 33]])
+    assert E.topk_desc(*big, 3)[1].tolist() == [[5, 1 << 33, 1 << 40]]       # rows past 2**32: the lexsort

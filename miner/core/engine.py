@@ -37,11 +37,38 @@ INDEX_KINDS = ("flat", "workspace", "ivf", "ivfpq", "hnsw")
 PARAM_NAMES = ("nprobe", "efSearch")
 
 
+def _desc_bits(bits: np.ndarray) -> np.ndarray:
+    """float32 bits -> uint32 whose ascending order is the floats' descending order (an involution)."""
+    return bits ^ (((bits >> np.uint32(31)) ^ np.uint32(1)) * np.uint32(0x7FFFFFFF))
+
+
 def topk_desc(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of (D, I) sorted by descending D (ties: lower row first), cut to ``k``; -1 rows last."""
-    key = np.where(I >= 0, -D, np.inf)
-    order = np.lexsort((np.where(I >= 0, I, np.iinfo(np.int64).max), key), axis=1)[:, :k]
-    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+    """Rows of (D, I) sorted by descending D (ties: lower row first), cut to ``k``; -1 rows last
+    (returned as -1 / -inf).
+
+    One vectorized sort of a 64-bit key per row (the score's bits mapped to a descending uint32,
+    then the row), so ties need no second pass; rows of 2**32 and more take a two-key lexsort.
+    -0.0 comes back as 0.0."""
+    D = np.asarray(D, np.float32)
+    I = np.asarray(I, np.int64)
+    k = int(min(k, D.shape[1]))
+    if I.size and int(I.max()) >= 1 << 32:
+        key = np.where(I >= 0, -D, np.inf)
+        order = np.lexsort((np.where(I >= 0, I, np.iinfo(np.int64).max), key), axis=1)[:, :k]
+        Do, Io = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        return np.where(Io >= 0, Do, -np.inf).astype(np.float32), Io
+    pad = np.iinfo(np.uint64).max
+    key = _desc_bits((D + np.float32(0)).view(np.uint32)).astype(np.uint64)
+    key <<= np.uint64(32)
+    key |= I.astype(np.uint64) & np.uint64(0xFFFFFFFF)
+    key[I < 0] = pad
+    key = np.sort(key, axis=1)[:, :k]
+    out_I = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    out_D = _desc_bits((key >> np.uint64(32)).astype(np.uint32)).view(np.float32)
+    gone = key == pad
+    out_I[gone] = -1
+    out_D[gone] = -np.inf
+    return out_D, out_I
 
 
 def merge_topk(D1, I1, D2, I2, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +167,7 @@ def _segment_top(buf: np.ndarray, base: np.ndarray, tot: np.ndarray, k: int, key
     buffer of ragged rows), by descending value, ties broken by the smaller key (``key_of(rows
     int64[n], cols int64[n, c]) -> int64[n, c]``, the gallery row, -1 past the row's end), so the
     choice depends on the row's values alone, never on the other rows.
-    -> (positions in the row int64[r, k], their keys int64[r, k]; -1 past a row's end)."""
+    -> (values float32[r, k], their keys int64[r, k]) by descending value; -inf / -1 past a row's end."""
     r = base.size
     part = np.full((r, k), -1, np.int64)
     kth = np.full(r, np.inf, np.float32)
@@ -162,11 +189,9 @@ def _segment_top(buf: np.ndarray, base: np.ndarray, tot: np.ndarray, k: int, key
         at_keys = key_of(np.array([i]), at[None, :])[0]
         part[i, :min(k, seg.size)] = np.r_[above, at[np.argsort(at_keys, kind="stable")][:k - above.size]]
     valid = part >= 0
-    flat_pos = np.where(valid, base[:, None] + part, 0)
-    vals = np.where(valid, buf[flat_pos] if buf.size else -np.inf, -np.inf)
-    keys = np.where(valid, key_of(np.arange(r), np.maximum(part, 0)), np.iinfo(np.int64).max)
-    order = np.lexsort((keys, -vals), axis=1)
-    return np.take_along_axis(np.where(valid, part, -1), order, 1), np.take_along_axis(np.where(valid, keys, -1), order, 1)
+    vals = np.where(valid, buf[np.where(valid, base[:, None] + part, 0)] if buf.size else -np.inf, -np.inf)
+    keys = np.where(valid, key_of(np.arange(r), np.maximum(part, 0)), -1)
+    return topk_desc(vals.astype(np.float32), keys, k)
 
 
 def list_major_search(ivf, xq: np.ndarray, k: int, nprobe: int, layout: Optional[ListLayout] = None,
@@ -222,19 +247,16 @@ def list_major_search(ivf, xq: np.ndarray, k: int, nprobe: int, layout: Optional
             qs, jj = np.divmod(order[a:b], nprobe)
             buf[(base[qs] + off[qs, jj])[:, None] + np.arange(size)] = xq[q0 + qs] @ X.T
 
-        def key_of(rows, cols):
-            """Gallery row of collected position ``cols`` of pass-local query ``rows``."""
-            j = np.stack([np.searchsorted(off[r], c, side="right") - 1 for r, c in zip(rows.tolist(), cols)])
-            j = np.minimum(j, A.shape[1] - 1)
-            li = A[rows[:, None], j]
-            inside = (li >= 0) & (cols - off[rows[:, None], j] < C[rows[:, None], j])
-            at = layout.starts[np.maximum(li, 0)] + cols - off[rows[:, None], j]
-            return np.where(inside, layout.ids[np.where(inside, at, 0)], np.iinfo(np.int64).max)
+        starts = (base[:, None] + off).ravel()          # every (query, probe) segment's start, ascending
 
-        pos, keys = _segment_top(buf, base, T, k, key_of)
-        ok = pos >= 0
-        D[q0:q1] = np.where(ok, buf[np.where(ok, base[:, None] + pos, 0)] if buf.size else -np.inf, -np.inf)
-        I[q0:q1] = np.where(ok, keys, -1)
+        def key_of(rows, cols):
+            """Gallery row of collected position ``cols`` (int64[n, c]) of pass-local query ``rows``."""
+            at = base[rows][:, None] + cols
+            seg = np.searchsorted(starts, at, side="right") - 1   # empty segments share the next one's start
+            li = A.ravel()[seg]
+            return layout.ids[layout.starts[np.maximum(li, 0)] + at - starts[seg]]
+
+        D[q0:q1], I[q0:q1] = _segment_top(buf, base, T, k, key_of)
 
     # one BLAS thread per pass (its GEMMs are small; threads of BLAS would spin), passes on FAISS's
     # thread count of workers, each with its own score buffer

@@ -584,14 +584,16 @@ def tune_backend(prep: Prepared, cfg: MineConfig, backend) -> "E.Tuning":
     """Tune an approximate back-end to ``cfg.target_recall`` on a seeded sample of the composed
     queries: at the depth every batch is searched at (the reserve short queries are mined from, so
     the negatives of queries whose target ranks deep are found as reliably), then, when deepening
-    can search further, at the deepest depth (``max_candidates``) too."""
+    can search further and a deeper search costs about the same (full vectors: the later batches
+    may be searched that deep at once), at the deepest depth (``max_candidates``) too. Other
+    back-ends (compressed codes, HNSW) keep the tuned value-to-depth ratio for deeper searches."""
     depth = reserve_depth(prep, cfg, backend)
     deepest = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else depth
     sample = E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
     xq = prep.qs.emb[sample]
     _, exact_I = E.ExactSearch(prep.pool.xb, blocked=True).search(xq, max(depth, deepest))
     tuning = E.tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall)
-    if deepest > depth:
+    if deepest > depth and getattr(backend, "cheap_depth", False):
         tuning.deep = E.tune_deep(backend, exact_I, xq, deepest, cfg.target_recall)
     return tuning
 
