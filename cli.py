@@ -648,6 +648,10 @@ def search_summary(search: dict) -> list:
         if tu:
             line += (f"; tuned {tu['param']}={tu['value']}: candidate recall@{tu['depth']} {tu['recall']:.3f} on "
                      f"{tu['queries']} queries ({'reached' if tu['reached'] else 'below'} {tu['target']:g})")
+            deep = tu.get("deep")
+            if deep:
+                line += (f"; {tu['param']}={deep['value']} at depth {deep['depth']}: candidate recall "
+                         f"{deep['recall']:.3f} ({'reached' if deep['reached'] else 'below'} {tu['target']:g})")
         lines.append(line)
     ck = search.get("check")
     if ck:

@@ -267,7 +267,9 @@ def test_cli_index_options_are_printed_and_stored(synth_work, tmp_path):
     s = read_negatives(out).meta["search"]
     tu = s["tuning"]
     assert (f"search: IVF16,Flat (IVF16,Flat, nprobe={tu['value']}; over-fetch 1, re-ranked exactly); tuned "
-            f"nprobe={tu['value']}: candidate recall@512 {tu['recall']:.3f} on 600 queries (reached 0.9)") in r.output
+            f"nprobe={tu['value']}: candidate recall@512 {tu['recall']:.3f} on 600 queries (reached 0.9); "
+            f"nprobe={tu['deep']['value']} at depth 2048: candidate recall {tu['deep']['recall']:.3f} (reached 0.9)") in r.output
+    assert s["deep"] == {"depth": 2048, "params": {"nprobe": tu["deep"]["value"]}}
     assert tu["depth"] == 4 * 128 == s["depth"]          # tuned at the depth each batch is searched at
     ck = s["check"]
     assert (f"recall check on 100 queries: candidate recall@128 {ck['candidate_recall']:.3f}, mined negatives "
