@@ -572,22 +572,15 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
         return None
     top = int(faiss_nlist(backend.source)) if name == "nprobe" else 1 << 14
     values = sorted({min(top, int(math.ceil(tuned * f))) for f in DEEP_STEPS})
-    faiss = _faiss()
-    make = faiss.SearchParametersHNSW if name == "efSearch" else faiss.SearchParametersIVF
     t0, tried = time.perf_counter(), []
-    kf = backend.fetch_depth(depth)
     for v in values:
         ts = time.perf_counter()
-        if backend.lists is not None and name == "nprobe":
-            _, I = list_major_search(backend.lists, xq, kf, v, backend.layout_of())
-        else:
-            _, I = backend.source.search(np.ascontiguousarray(xq, np.float32), kf, params=make(**{name: v}))
-        _, I = exact_rescore(backend.xb, xq, np.asarray(I, np.int64), depth)
+        backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}   # searched as mining will
+        _, I = backend.search(xq, depth)
         r = candidate_recall(I, exact_I[:, :depth])
         tried.append([v, round(r, 4), round(time.perf_counter() - ts, 3)])
         if r >= target:
             break
-    backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}
     return {"depth": int(depth), "value": int(v), "recall": round(r, 4), "reached": bool(r >= target),
             "tried": tried, "seconds": round(time.perf_counter() - t0, 3)}
 

@@ -688,7 +688,7 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
     counts = {name: np.zeros(m, np.int64) for name in GUARDS}
     timing = {"search": 0.0, "select": 0.0}
     ladder = depth_ladder(prep, cfg)
-    state = {"reserved": 0, "depth": prep.depth, "reserve": ladder.index(reserve_depth(prep, cfg, backend))}
+    state = {"reserved": 0, "reserve": ladder.index(reserve_depth(prep, cfg, backend))}
     share = getattr(backend, "deep_share", None)
 
     def mine_levels(q: np.ndarray, D, I, start: int) -> dict:
@@ -710,10 +710,10 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
             res = {c: keep[c] + again[c] for c in COLUMNS}
             level[sq] = j
             state["reserved"] += int(sq.size)
-            state["depth"] = max(state["depth"], ladder[j])
         return res
 
-    def run(items, first_pass: bool, start) -> list:
+    def run(items, first_pass: bool, start: int) -> list:
+        """Search each (queries, depth) item, then mine its queries from ladder index ``start``."""
         done = []
         if prep.need_ranked:
             stream = search_batches(backend, prep.qs.emb, items, prefetch)
@@ -721,7 +721,7 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
             stream = ((q, None, None, 0.0) for q, _ in items)
         for q, D, I, secs in stream:
             t = time.perf_counter()
-            res = mine_levels(q, D, I, start(q))
+            res = mine_levels(q, D, I, start)
             done.append(res)
             release_pages(prep.pool.xb)
             timing["search"] += secs
@@ -748,17 +748,17 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
     def first_items():
         """First-pass batches, each searched at the current reserve, with the query count that
         keeps a batch's [queries, depth] matrices as large as at the ladder's second depth."""
-        s = 0
+        second, s = ladder[min(1, len(ladder) - 1)], 0
         while s < queries.size:
             depth = ladder[state["reserve"]]
-            step = max(1, cfg.query_batch * ladder[min(1, len(ladder) - 1)] // max(depth, ladder[min(1, len(ladder) - 1)]))
+            step = max(1, cfg.query_batch * second // max(depth, second))
             yield queries[s:s + step], depth
             s += step
 
-    batches = run(first_items(), True, lambda q: 0)
+    batches = run(first_items(), True, 0)
     t = time.perf_counter()
     batches, deepened = deepen(prep, cfg, backend, batches, got, level, queries, ladder, run)
-    depth = max([state["depth"]] + [ladder[int(j)] for j in np.unique(level[queries])] if queries.size else [state["depth"]])
+    depth = ladder[int(level[queries].max())] if queries.size else prep.depth   # the deepest depth mined
     return Mined({c: [v for b in batches for v in b[c]] for c in COLUMNS}, got, counts, depth,
                  deepened + state["reserved"], timing["search"], timing["select"], time.perf_counter() - t)
 
@@ -787,7 +787,7 @@ def deepen(prep: Prepared, cfg: MineConfig, backend, batches: list, got: np.ndar
         batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()} for b in batches]
         step = max(1, cfg.query_batch * ladder[0] // depth)   # same memory per batch as the first pass
         items = [(short[s:s + step], depth) for s in range(0, short.size, step)]
-        batches += run(items, False, lambda q, nxt=nxt: nxt)
+        batches += run(items, False, nxt)
         deepened += int(short.size)
     return batches, deepened
 
