@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "workspace", "ivf", "ivfpq", "hnsw")
 PARAM_NAMES = ("nprobe", "efSearch")
+SEARCH_PARAM = {"ivf": "nprobe", "hnsw": "efSearch"}   # index kind -> the search parameter tuning sets
 
 
 def _desc_bits(bits: np.ndarray) -> np.ndarray:
@@ -362,12 +363,11 @@ class Reranked:
         k = int(min(k, self.ntotal))
         kf = self.fetch_depth(k)
         deeper = self.deep_params(kf)
-        nprobe = deeper.nprobe if deeper is not None and self.kind == "ivf" else None
-        if self.lists is not None and len(xq) * (nprobe or self.lists.nprobe) >= LIST_MAJOR_MIN_QUERIES_PER_LIST * self.lists.nlist:
+        probe = deeper.nprobe if deeper is not None and self.kind == "ivf" else (self.lists.nprobe if self.lists else 0)
+        if self.lists is not None and len(xq) * probe >= LIST_MAJOR_MIN_QUERIES_PER_LIST * self.lists.nlist:
             # a few rows past the cut, so re-ranking decides it: list-major scores are BLAS sums whose
             # last bits depend on the batch, the exact ones do not
-            _, I = list_major_search(self.lists, xq, min(self.ntotal, kf + 16 + kf // 64), nprobe or self.lists.nprobe,
-                                     self.layout_of())
+            _, I = list_major_search(self.lists, xq, min(self.ntotal, kf + 16 + kf // 64), probe, self.layout_of())
         elif deeper:
             _, I = self.source.search(xq, kf, params=deeper)
         else:
@@ -392,7 +392,7 @@ class Reranked:
         index keeps its setting."""
         tuned = self.info.get("depth")
         params = self.info.get("params") or {}
-        name = {"hnsw": "efSearch", "ivf": "nprobe"}.get(self.kind)
+        name = SEARCH_PARAM.get(self.kind)
         if not tuned or not name or not params.get(name) or hasattr(self.source, "getDevice"):
             return None
         base = self.fetch_depth(int(tuned))
@@ -413,7 +413,7 @@ class Reranked:
             faiss = _faiss()
             if not isinstance(faiss.downcast_index(self.source), faiss.IndexIVF):
                 return None                           # a wrapped IVF (pre-transform, ...) keeps its nprobe
-            value = min(value, int(faiss.extract_index_ivf(self.source).nlist))
+            value = min(value, faiss_nlist(self.source))
         return value
 
     def deep_params(self, fetch: int):
@@ -496,10 +496,9 @@ def current_params(index) -> dict:
 
 def tunable(index) -> tuple[str, list]:
     """(parameter name, increasing values to try) for ``index``; ('', []) when nothing is tunable."""
-    faiss = _faiss()
     kind = index_kind(index)
     if kind == "ivf":
-        nlist = int(faiss.extract_index_ivf(index).nlist)
+        nlist = faiss_nlist(index)
         top = min(nlist, 2048) if hasattr(index, "getDevice") else nlist     # GPU IVF: nprobe <= 2048
         vals = sorted({min(top, 2 ** i) for i in range(0, 31) if 2 ** (i - 1) < top})
         return "nprobe", vals
@@ -566,11 +565,11 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
     ``target``, recorded in ``backend.info["deep"]`` for :meth:`Reranked.beam_for`. Recall falls
     more slowly with depth than the value-to-depth ratio assumes, so this probes fewer lists than
     scaling would. None (nothing recorded) when the back-end has no tuned value."""
-    name = {"hnsw": "efSearch", "ivf": "nprobe"}.get(backend.kind)
+    name = SEARCH_PARAM.get(backend.kind)
     tuned = (backend.info.get("params") or {}).get(name)
     if not name or not tuned or hasattr(backend.source, "getDevice"):
         return None
-    top = int(faiss_nlist(backend.source)) if name == "nprobe" else 1 << 14
+    top = faiss_nlist(backend.source) if name == "nprobe" else 1 << 14
     values = sorted({min(top, int(math.ceil(tuned * f))) for f in DEEP_STEPS})
     t0, tried = time.perf_counter(), []
     for v in values:
@@ -586,6 +585,7 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
 
 
 def faiss_nlist(index) -> int:
+    """Inverted lists of the IVF index inside ``index`` (a wrapped or GPU one included)."""
     return int(_faiss().extract_index_ivf(index).nlist)
 
 
