@@ -499,6 +499,29 @@ def test_deep_tuning_probes_fewer_lists_than_scaling():
     assert got == pytest.approx(deep["recall"], abs=1e-4)
 
 
+def test_recall_read_off_the_lists_is_the_searched_recall():
+    """For an IVF-Flat re-ranked exactly, a search at nprobe p returns every exact row whose list is
+    among the query's first p probes, so the recall curve from the probe positions equals the
+    recall of a search at every p, and tuning picks the smallest p that reaches the target without
+    searching."""
+    index, xb, xq = _ivf()
+    backend = E.Reranked(index, xb, 1.0, {"index": "ivf"})
+    exact = E.ExactSearch(xb, device="cpu").search(xq, 60)[1]
+    pos = E.probe_positions(backend.lists, backend.layout_of(), xq, exact)
+    assert pos.shape == exact.shape and pos.min() >= 0 and pos.max() < 40
+    curve = E.recall_by_nprobe(pos, 40)
+    assert curve[0] == 0 and curve[-1] == 1 and (np.diff(curve) >= 0).all()
+    for p in (1, 2, 3, 7, 13, 40):
+        backend.set_params({"nprobe": p})
+        assert E.candidate_recall(backend.search(xq, 60)[1], exact) == pytest.approx(curve[p], abs=1e-9)
+    tu = E.tune(backend, exact, xq, 60, 0.9)
+    assert tu.method == "lists" and curve[tu.value - 1] < 0.9 <= curve[tu.value] == pytest.approx(tu.recall)
+    assert backend.describe()["params"] == {"nprobe": tu.value} and tu.tried[-1][0] == tu.value
+    # compressed codes (over-fetch > 1) are tuned by searching
+    fetched = E.Reranked(index, xb, 2.0, {"index": "ivf"})
+    assert not E.by_lists(fetched) and E.tune(fetched, exact, xq, 60, 0.9).method == "search"
+
+
 def test_topk_desc_sorts_like_a_two_key_lexsort():
     """Descending score, ties by the lower row, -1 pads last as -inf: the one-sort 64-bit key gives
     the two-key lexsort's rows and bits, with infinities, extreme and subnormal scores and -0.0."""

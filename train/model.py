@@ -144,7 +144,7 @@ class DQEFusion(nn.Module):
         return self.parts(ref_emb, text_emb)[0]
 
 
-def attribute_head_codes(attributes, heads=tuple(ATTR_HEADS)) -> "np.ndarray":
+def attribute_head_codes(attributes, heads=tuple(ATTR_HEADS)):
     """Per gallery image and DQE head, an id of its values in the head's groups: int64[n, S].
 
     ``attributes``: list[n] of "group:value" lists. Two images differ for head s when their ids

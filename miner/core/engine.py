@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -540,12 +541,13 @@ class Tuning:
     seconds: float = 0.0
     overfetch: float = 1.0         # over-fetch the recall was reached with
     deep: Optional[dict] = None    # the deepest depth's tuning: {"depth", "value", "recall", "reached", "tried"}
+    method: str = "search"         # how recall was measured: "search" (a search per value) or "lists" (probe_positions)
 
     def to_dict(self) -> dict:
         out = {"param": self.param, "value": self.value, "recall": round(self.recall, 4), "target": self.target,
                "reached": self.reached, "depth": self.depth, "queries": self.queries,
                "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried], "seconds": round(self.seconds, 3),
-               "overfetch": self.overfetch}
+               "overfetch": self.overfetch, "method": self.method}
         if self.deep is not None:
             out["deep"] = self.deep
         return out
@@ -554,6 +556,57 @@ class Tuning:
 # Recall gained by doubling nprobe / efSearch below which the search is limited by something else:
 # for compressed codes, by how many candidates are re-ranked, so the over-fetch doubles instead.
 PLATEAU = 0.005
+
+
+def probe_positions(ivf, layout: ListLayout, xq: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each gallery row of ``rows`` (int64[b, L], -1 pads), the position of the list that holds
+    it in query ``b``'s probe order (0: the list the coarse quantizer ranks first): a search probing
+    ``nprobe`` lists scans that row iff its position is below ``nprobe``. -> int32[b, L], -1 for pads."""
+    nlist = int(ivf.nlist)
+    list_of = np.empty(int(ivf.ntotal), np.int32)
+    list_of[layout.ids] = np.repeat(np.arange(nlist, dtype=np.int32), layout.sizes)
+    out = np.full(rows.shape, -1, np.int32)
+    xq = np.ascontiguousarray(xq, np.float32)
+    for s in range(0, len(xq), 256):
+        _, order = ivf.quantizer.search(xq[s:s + 256], nlist)       # every list, in probe order
+        pos = np.full((len(order), nlist), nlist, np.int32)
+        np.put_along_axis(pos, np.where(order >= 0, order, 0), np.arange(nlist, dtype=np.int32), 1)
+        r = rows[s:s + 256]
+        ok = r >= 0
+        out[s:s + 256] = np.where(ok, np.take_along_axis(pos, list_of[np.where(ok, r, 0)].astype(np.int64), 1), -1)
+    return out
+
+
+def recall_by_nprobe(pos: np.ndarray, nlist: int) -> np.ndarray:
+    """float64[nlist + 1]: candidate recall (pooled, as :func:`candidate_recall`) at every nprobe
+    0..nlist, from :func:`probe_positions` of the exact rows."""
+    p = pos[pos >= 0]
+    if p.size == 0:
+        return np.ones(nlist + 1)
+    return np.r_[0.0, np.cumsum(np.bincount(p, minlength=nlist)[:nlist]) / p.size]
+
+
+def cheapest_nprobe(curve: np.ndarray, target: float, low: int = 1) -> int:
+    """The smallest nprobe >= ``low`` whose recall on ``curve`` reaches ``target`` (every list when none does)."""
+    hit = np.flatnonzero(curve[low:] >= target)
+    return int(low + hit[0]) if hit.size else len(curve) - 1
+
+
+def by_lists(backend: "Reranked") -> bool:
+    """Recall can be read off the lists (no search per value): a CPU IVF-Flat whose candidates are all
+    re-ranked exactly, so a search returns every exact row its probed lists hold."""
+    return backend.lists is not None and backend.overfetch == 1
+
+
+def _lists_curve(backend: "Reranked", xq: np.ndarray, exact_I: np.ndarray) -> np.ndarray:
+    """Recall at every nprobe of ``backend`` (see :func:`by_lists`) for queries ``xq`` whose exact rows are ``exact_I``."""
+    return recall_by_nprobe(probe_positions(backend.lists, backend.layout_of(), xq, exact_I), backend.lists.nlist)
+
+
+def _lists_tried(curve: np.ndarray, value: int) -> list:
+    """The curve at the powers of two below ``value`` and at ``value``: [(nprobe, recall, 0.0)]."""
+    points = [v for v in (2 ** i for i in range(31)) if v < value] + [value]
+    return [(int(v), float(curve[v]), 0.0) for v in points]
 
 
 DEEP_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)   # deep tuning: multiples of the tuned value tried
@@ -569,9 +622,16 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
     tuned = (backend.info.get("params") or {}).get(name)
     if not name or not tuned or hasattr(backend.source, "getDevice"):
         return None
+    t0, tried = time.perf_counter(), []
+    if name == "nprobe" and by_lists(backend):
+        curve = _lists_curve(backend, xq, exact_I[:, :depth])
+        v = cheapest_nprobe(curve, target, low=int(tuned))
+        backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}
+        return {"depth": int(depth), "value": int(v), "recall": round(float(curve[v]), 4), "reached": bool(curve[v] >= target),
+                "tried": [[a, round(r, 4), b] for a, r, b in _lists_tried(curve, v) if a >= tuned],
+                "seconds": round(time.perf_counter() - t0, 3), "method": "lists"}
     top = faiss_nlist(backend.source) if name == "nprobe" else 1 << 14
     values = sorted({min(top, int(math.ceil(tuned * f))) for f in DEEP_STEPS})
-    t0, tried = time.perf_counter(), []
     for v in values:
         ts = time.perf_counter()
         backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}   # searched as mining will
@@ -581,7 +641,7 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
         if r >= target:
             break
     return {"depth": int(depth), "value": int(v), "recall": round(r, 4), "reached": bool(r >= target),
-            "tried": tried, "seconds": round(time.perf_counter() - t0, 3)}
+            "tried": tried, "seconds": round(time.perf_counter() - t0, 3), "method": "search"}
 
 
 def faiss_nlist(index) -> int:
@@ -603,6 +663,16 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
         _, I = backend.search(xq, depth)
         r = candidate_recall(I, exact_I)
         return Tuning("", None, r, target, r >= target, depth, len(xq), [], time.perf_counter() - t0)
+    if name == "nprobe" and by_lists(backend):
+        curve = _lists_curve(backend, xq, exact_I)
+        v = cheapest_nprobe(curve, target)
+        r = float(curve[v])
+        backend.set_params({name: v})
+        backend.info["depth"] = int(depth)
+        if r < target:
+            log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
+        return Tuning(name, v, r, target, r >= target, depth, len(xq), _lists_tried(curve, v),
+                      time.perf_counter() - t0, backend.overfetch, method="lists")
     tried = []
     i, prev = 0, None
     while True:
@@ -708,9 +778,7 @@ def file_fingerprint(path) -> str:
     return h.hexdigest()[:16]
 
 
-def saved_index_path(table_path) -> "Path":
-    from pathlib import Path
-
+def saved_index_path(table_path) -> Path:
     p = Path(table_path)
     return p.with_name(p.name + ".faiss")
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import UsageError
-from cir_mine.data.checks import check_numbers, check_range
+from cir_mine.data.checks import check_numbers
 from cir_mine.data.io import DirLock, check_output
 from cir_mine.data.rows import sorted_codes
 from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
@@ -675,6 +675,9 @@ def reserve_depth(prep: Prepared, cfg: MineConfig, backend) -> int:
     return ladder[min(1, len(ladder) - 1)] if getattr(backend, "cheap_depth", False) else ladder[0]
 
 
+PROBE_FRACTION = 4   # the first batch, whose short share picks the later batches' depth, is this much smaller
+
+
 def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False,
                  progress: Optional[Callable[[int], None]] = None) -> Mined:
     """Steps 3-5 for the query indices ``queries``: search in batches, guard, select at each depth
@@ -749,9 +752,12 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
         """First-pass batches, each searched at the current reserve, with the query count that
         keeps a batch's [queries, depth] matrices as large as at the ladder's second depth."""
         second, s = ladder[min(1, len(ladder) - 1)], 0
+        probe = share is not None and state["reserve"] < len(ladder) - 1
         while s < queries.size:
             depth = ladder[state["reserve"]]
             step = max(1, cfg.query_batch * second // max(depth, second))
+            if probe and s == 0:
+                step = max(1, step // PROBE_FRACTION)   # a smaller first batch decides where the rest goes
             yield queries[s:s + step], depth
             s += step
 
