@@ -656,7 +656,9 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
     codes (over-fetch > 1), recall that stops rising with the parameter (less than PLATEAU per
     doubling), or falls short at its largest value, is limited by the code's ranking: the over-fetch
     doubles (up to ``max_overfetch``) at the same value before the parameter grows further. The
-    largest tried when none reaches it."""
+    largest tried when none reaches it. A CPU IVF-Flat re-ranked exactly (:func:`by_lists`) reads
+    the recall at every nprobe off its lists instead of searching, and takes the smallest that
+    reaches the target."""
     t0 = time.perf_counter()
     name, values = tunable(backend.source)
     if not name:
@@ -666,13 +668,22 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
     if name == "nprobe" and by_lists(backend):
         curve = _lists_curve(backend, xq, exact_I)
         v = cheapest_nprobe(curve, target)
-        r = float(curve[v])
-        backend.set_params({name: v})
-        backend.info["depth"] = int(depth)
-        if r < target:
-            log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
-        return Tuning(name, v, r, target, r >= target, depth, len(xq), _lists_tried(curve, v),
-                      time.perf_counter() - t0, backend.overfetch, method="lists")
+        r, tried, method = float(curve[v]), _lists_tried(curve, v), "lists"
+    else:
+        v, r, tried = _tune_by_search(backend, name, values, exact_I, xq, depth, target, max_overfetch)
+        method = "search"
+    backend.set_params({name: v})
+    backend.info["depth"] = int(depth)              # the depth this recall holds at (see Reranked.beam_for)
+    if r < target:
+        log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
+    return Tuning(name, v, r, target, r >= target, depth, len(xq), tried, time.perf_counter() - t0,
+                  backend.overfetch, method=method)
+
+
+def _tune_by_search(backend: Reranked, name: str, values: list, exact_I: np.ndarray, xq: np.ndarray, depth: int,
+                    target: float, max_overfetch: float) -> tuple:
+    """:func:`tune`'s search per value (doubling the over-fetch of compressed codes where recall
+    stalls). -> (value, its recall, [(value, recall, seconds)] tried)."""
     tried = []
     i, prev = 0, None
     while True:
@@ -683,7 +694,7 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
         r = candidate_recall(I, exact_I)
         tried.append((v, r, time.perf_counter() - ts))
         if r >= target:
-            break
+            return v, r, tried
         last = i == len(values) - 1
         stalled = prev is not None and r - prev < PLATEAU
         if backend.overfetch > 1 and (stalled or last) and backend.overfetch * 2 <= max_overfetch:
@@ -691,14 +702,8 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
             prev = None
             continue
         if last:
-            break
+            return v, r, tried
         prev, i = r, i + 1
-    backend.set_params({name: v})
-    backend.info["depth"] = int(depth)              # the depth this recall holds at (see Reranked.beam_for)
-    if r < target:
-        log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
-    return Tuning(name, v, r, target, r >= target, depth, len(xq), tried, time.perf_counter() - t0,
-                  backend.overfetch)
 
 
 # ------------------------------------------------------------------------------------------------
