@@ -617,7 +617,9 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
     recall@``depth`` (the deepest depth deepening searches; ``exact_I`` that deep) reaches
     ``target``, recorded in ``backend.info["deep"]`` for :meth:`Reranked.beam_for`. Recall falls
     more slowly with depth than the value-to-depth ratio assumes, so this probes fewer lists than
-    scaling would. None (nothing recorded) when the back-end has no tuned value."""
+    scaling would. A :func:`by_lists` back-end reads it off its lists instead: the smallest nprobe at
+    or above the tuned one that reaches ``target``. None (nothing recorded) when the back-end has no
+    tuned value."""
     name = SEARCH_PARAM.get(backend.kind)
     tuned = (backend.info.get("params") or {}).get(name)
     if not name or not tuned or hasattr(backend.source, "getDevice"):
@@ -626,22 +628,22 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
     if name == "nprobe" and by_lists(backend):
         curve = _lists_curve(backend, xq, exact_I[:, :depth])
         v = cheapest_nprobe(curve, target, low=int(tuned))
+        r, method = float(curve[v]), "lists"
+        tried = [[a, round(c, 4), t] for a, c, t in _lists_tried(curve, v) if a >= tuned]
         backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}
-        return {"depth": int(depth), "value": int(v), "recall": round(float(curve[v]), 4), "reached": bool(curve[v] >= target),
-                "tried": [[a, round(r, 4), b] for a, r, b in _lists_tried(curve, v) if a >= tuned],
-                "seconds": round(time.perf_counter() - t0, 3), "method": "lists"}
-    top = faiss_nlist(backend.source) if name == "nprobe" else 1 << 14
-    values = sorted({min(top, int(math.ceil(tuned * f))) for f in DEEP_STEPS})
-    for v in values:
-        ts = time.perf_counter()
-        backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}   # searched as mining will
-        _, I = backend.search(xq, depth)
-        r = candidate_recall(I, exact_I[:, :depth])
-        tried.append([v, round(r, 4), round(time.perf_counter() - ts, 3)])
-        if r >= target:
-            break
+    else:
+        top = faiss_nlist(backend.source) if name == "nprobe" else 1 << 14
+        method = "search"
+        for v in sorted({min(top, int(math.ceil(tuned * f))) for f in DEEP_STEPS}):
+            ts = time.perf_counter()
+            backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}   # searched as mining will
+            _, I = backend.search(xq, depth)
+            r = candidate_recall(I, exact_I[:, :depth])
+            tried.append([v, round(r, 4), round(time.perf_counter() - ts, 3)])
+            if r >= target:
+                break
     return {"depth": int(depth), "value": int(v), "recall": round(r, 4), "reached": bool(r >= target),
-            "tried": tried, "seconds": round(time.perf_counter() - t0, 3), "method": "search"}
+            "tried": tried, "seconds": round(time.perf_counter() - t0, 3), "method": method}
 
 
 def faiss_nlist(index) -> int:
