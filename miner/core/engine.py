@@ -106,10 +106,14 @@ def gemm_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
     k = int(min(k, n))
     heap = faiss.ResultHeap(nq, k, keep_max=True)
     step = int(max(1024, min(block_rows, GEMM_SCORES // max(nq, 1))))
+    xq = np.ascontiguousarray(xq, np.float32)
+    scores = np.empty(nq * min(step, n), np.float32)   # one buffer for every step: fresh pages cost more than the GEMM writes
     for s in range(0, n, block_rows):
         block = read_block(xb, s, s + block_rows)
         for t in range(0, len(block), step):
-            S = np.ascontiguousarray(xq @ block[t:t + step].T, dtype=np.float32)
+            part = block[t:t + step]
+            S = scores[:nq * len(part)].reshape(nq, len(part))
+            np.matmul(xq, part.T, out=S)
             heap.heaps.addn(S.shape[1], faiss.swig_ptr(S), s + t, 0, nq)
         if release:
             release_pages(xb)
