@@ -4,7 +4,8 @@
       hardest top-50 mining through exact flat search, IVF and HNSW (exact re-ranking, default
       settings: tuned to candidate recall 0.98), each against exact mining: wall and CPU seconds,
       the share of each query's hardest-50 negatives equal to exact mining's, the recall report;
-      the index build is timed apart (a workspace index is built once and reused by every round);
+      the index is built into the workspace (`cir-mine index`), timed apart (it is built once and
+      reused by every round), and mined through as `--index workspace` (loading and tuning counted);
       and single-pass exact mining (no deepening) against the bare faiss.IndexFlatIP search at the
       same depth.
   (b) deepen:  python bench/index.py deepen --n-gallery 100000 --n-queries 10000 --dim 256
@@ -26,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
 from cir_mine.data.workspace import Workspace  # noqa: E402
-from cir_mine.miner.core import engine as E  # noqa: E402
 from cir_mine.miner.core.mine import MineConfig, mine_negatives  # noqa: E402
+from cir_mine.miner.encode.index import index_workspace  # noqa: E402
 
 
 def workspace(root: Path, n: int, m: int, d: int) -> Workspace:
@@ -97,24 +98,22 @@ def compare(args) -> dict:
             rows[kind] = done[kind]["row"]
             continue
         with Clock() as b:
-            raw, factory = E.approximate_index(g.embeddings, kind, device=args.device)
-        backend = E.Reranked(raw, g.embeddings, E.default_overfetch(factory), {"index": kind, "factory": factory})
-        cfg = MineConfig.of(**base, index=kind)
+            # built once into the workspace, as `cir-mine index --index KIND` does; every round reuses it
+            meta = index_workspace(ws.root, "train", kind, device=args.device)
+        factory = meta["factory"]
+        cfg = MineConfig.of(**base, index="workspace", device=args.device)
         with Clock() as c:
-            # the tuning and the mining, through the prebuilt index (as `--index workspace` does)
-            from cir_mine.miner.core.mine import prepare, tune_backend
-
-            prep = prepare(ws, "train", cfg, None, 0, loaded)
-            tuning = tune_backend(prep, cfg, backend)       # as open_search tunes
-            res = mine_negatives(ws, "train", cfg, index=backend, loaded=loaded)
+            # loading, tuning and mining, as `cir-mine negatives --index workspace` does
+            res = mine_negatives(ws, "train", cfg, loaded=loaded)
+        tuning = res.meta["search"]["tuning"]
         rows[kind] = {"factory": factory, "build_wall_s": b.wall, "build_cpu_s": b.cpu, "wall_s": c.wall,
-                      "cpu_s": c.cpu, "timing": res.meta["timing"], "tuning": tuning.to_dict(),
+                      "cpu_s": c.cpu, "timing": res.meta["timing"], "tuning": tuning,
                       "check": res.meta["search"].get("check"), "overlap": overlap(neg_sets(res.table), ref),
                       "speedup_cpu": round(rows["flat"]["cpu_s"] / c.cpu, 2),
                       "speedup_wall": round(rows["flat"]["wall_s"] / c.wall, 2),
                       "speedup_cpu_with_build": round(rows["flat"]["cpu_s"] / (c.cpu + b.cpu), 2)}
         keep(kind, rows[kind], {})
-        del raw, backend
+        del res
     if args.no_single_pass:
         return {"bench": "index-compare", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
                 "k": args.k, "depth": depth, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows}
