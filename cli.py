@@ -807,7 +807,7 @@ def train(
     extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Refresh of a table mined with --engine ray: join this cluster (auto or HOST:PORT); default a local one."),
-    attr_weight: float = typer.Option(1.0, "--attr-weight", help="--model dqe: weight of the attribute-aware margin loss (its margin is --margin)."),
+    attr_weight: float = typer.Option(0.3, "--attr-weight", help="--model dqe: weight of the attribute-aware margin loss (its margin is --margin)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (without it, an existing run is an error)."),
     version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,

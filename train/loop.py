@@ -85,7 +85,7 @@ class TrainConfig:
     extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)
     extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
     neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
-    attr_weight: float = 1.0           # dqe: weight of the attribute-aware margin loss (margin: --margin)
+    attr_weight: float = 0.3           # dqe: weight of the attribute-aware margin loss (margin: --margin)
 
     def to_dict(self) -> dict:
         return asdict(self)
