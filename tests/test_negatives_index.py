@@ -443,6 +443,31 @@ def test_list_major_search_scans_what_faiss_scans(nprobe):
         assert (np.diff(np.where(ok, D1, -1e30), axis=1) <= 0).all()
 
 
+def test_list_major_search_skips_empty_lists():
+    """Probed lists that hold no vector (here every odd list) are empty segments of a query's
+    collected scores: the rows and ids are still FAISS's own search with the same nprobe."""
+    import faiss
+
+    rng = np.random.default_rng(11)
+    xb = rng.standard_normal((4000, 16)).astype(np.float32)
+    index = faiss.index_factory(16, "IVF20,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(xb)
+    _, assign = index.quantizer.search(xb, 1)
+    keep = np.flatnonzero(assign[:, 0] % 2 == 0)
+    index.add_with_ids(xb[keep], keep.astype(np.int64))
+    ivf = E.ivf_flat_lists(index)
+    assert (E.ListLayout.of(ivf).sizes[1::2] == 0).all()
+    xq = rng.standard_normal((200, 16)).astype(np.float32)
+    index.nprobe = 7
+    for k in (5, 300):
+        D0, I0 = index.search(xq, k)
+        D1, I1 = E.list_major_search(ivf, xq, k, 7)
+        assert np.mean([a == b for a, b in zip(_rows(D0, I0), _rows(D1, I1))]) >= 0.99
+        assert ((I1 >= 0) == (I0 >= 0)).all() and np.isin(I1[I1 >= 0], keep).all()
+        ok = I1 >= 0
+        assert np.allclose(D1[ok], np.einsum("ij,ij->i", np.repeat(xq, k, 0).reshape(200, k, -1)[ok], xb[I1[ok]]), atol=1e-4)
+
+
 def test_list_major_rows_are_the_same_in_any_pass_and_batch():
     """Chunked == full: after exact re-ranking, one big pass, a one-query-per-pass budget and
     separate batches give the same bits; exact twins tie and go to the lower row."""

@@ -244,23 +244,32 @@ def list_major_search(ivf, xq: np.ndarray, k: int, nprobe: int, layout: Optional
         order = np.argsort(flat, kind="stable")
         lists = flat[order]
         bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
+        dst = (base[:, None] + off).ravel()[order]     # each (query, probe) segment's start, list by list
+        qsel = order // nprobe                          # its pass-local query
+        xp = xq[q0:q1]
+        within = np.arange(int(layout.sizes.max()))[:, None]   # row offsets inside a list
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             li = int(lists[a])
             size = int(layout.sizes[li]) if li >= 0 else 0
             if size == 0:
                 continue
             X = faiss.rev_swig_ptr(invl.get_codes(li), size * d * 4).view(np.float32).reshape(size, d)
-            qs, jj = np.divmod(order[a:b], nprobe)
-            buf[(base[qs] + off[qs, jj])[:, None] + np.arange(size)] = xq[q0 + qs] @ X.T
+            # [size, m] = the list's rows against its queries: OpenBLAS packs the small query side
+            # with less work in this orientation; column j goes to query j's segment
+            buf[dst[a:b] + within[:size]] = X @ xp[qsel[a:b]].T
 
-        starts = (base[:, None] + off).ravel()          # every (query, probe) segment's start, ascending
+        ids, lstart = layout.ids, layout.starts
 
         def key_of(rows, cols):
-            """Gallery row of collected position ``cols`` (int64[n, c]) of pass-local query ``rows``."""
-            at = base[rows][:, None] + cols
-            seg = np.searchsorted(starts, at, side="right") - 1   # empty segments share the next one's start
-            li = A.ravel()[seg]
-            return layout.ids[layout.starts[np.maximum(li, 0)] + at - starts[seg]]
+            """Gallery row of collected position ``cols`` (int64[n, c]) of pass-local query ``rows``:
+            its probe slot found among that query's own segment offsets (an empty slot shares the
+            next one's offset, and ``side="right"`` passes it)."""
+            out = np.empty(cols.shape, np.int64)
+            for n, r in enumerate(rows.tolist()):
+                c = cols[n]
+                j = np.searchsorted(off[r], c, side="right") - 1
+                out[n] = ids[lstart[np.maximum(A[r, j], 0)] + c - off[r, j]]
+            return out
 
         D[q0:q1], I[q0:q1] = _segment_top(buf, base, T, k, key_of)
 
