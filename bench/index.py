@@ -1,6 +1,6 @@
 """Mining through an index (numbers go to docs/benchmarks.md, section "Mining through an index").
 
-  (a) compare: python bench/index.py compare --n-gallery 1000000 --n-queries 20000 --dim 256
+  (a) compare: python bench/index.py compare --n-gallery 1000000 --n-queries 20000 --dim 256 [--reuse-index] [--fresh]
       hardest top-50 mining through exact flat search, IVF and HNSW (exact re-ranking, default
       settings: tuned to candidate recall 0.98), each against exact mining: wall and CPU seconds,
       the share of each query's hardest-50 negatives equal to exact mining's, the recall report;
@@ -76,6 +76,8 @@ def compare(args) -> dict:
     base = dict(strategy="hardest", k=args.k, check_recall=args.check_recall)
     # each finished row is kept under --root, so an interrupted run resumes at the next row
     done_path = ws.root / f"compare-k{args.k}-c{args.check_recall}.json"
+    if args.fresh and done_path.exists():
+        done_path.replace(done_path.with_suffix(f".{int(time.time())}.json"))
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
 
     def keep(name, row, negs):
@@ -97,21 +99,28 @@ def compare(args) -> dict:
         if kind in done:
             rows[kind] = done[kind]["row"]
             continue
-        with Clock() as b:
-            # built once into the workspace, as `cir-mine index --index KIND` does; every round reuses it
-            meta = index_workspace(ws.root, "train", kind, device=args.device)
+        saved = ws.root / "index.train.faiss.json"
+        prior = json.loads(saved.read_text()) if saved.exists() else {}
+        if args.reuse_index and prior.get("spec") == kind:
+            # the index an earlier run built into this workspace (its build timed then); mining
+            # checks it against the gallery's hash and refuses a stale one
+            b, meta = None, prior
+        else:
+            with Clock() as b:
+                # built once into the workspace, as `cir-mine index --index KIND` does; every round reuses it
+                meta = index_workspace(ws.root, "train", kind, device=args.device)
         factory = meta["factory"]
         cfg = MineConfig.of(**base, index="workspace", device=args.device)
         with Clock() as c:
             # loading, tuning and mining, as `cir-mine negatives --index workspace` does
             res = mine_negatives(ws, "train", cfg, loaded=loaded)
         tuning = res.meta["search"]["tuning"]
-        rows[kind] = {"factory": factory, "build_wall_s": b.wall, "build_cpu_s": b.cpu, "wall_s": c.wall,
+        rows[kind] = {"factory": factory, "build_wall_s": b and b.wall, "build_cpu_s": b and b.cpu, "wall_s": c.wall,
                       "cpu_s": c.cpu, "timing": res.meta["timing"], "tuning": tuning,
                       "check": res.meta["search"].get("check"), "overlap": overlap(neg_sets(res.table), ref),
                       "speedup_cpu": round(rows["flat"]["cpu_s"] / c.cpu, 2),
                       "speedup_wall": round(rows["flat"]["wall_s"] / c.wall, 2),
-                      "speedup_cpu_with_build": round(rows["flat"]["cpu_s"] / (c.cpu + b.cpu), 2)}
+                      "speedup_cpu_with_build": b and round(rows["flat"]["cpu_s"] / (c.cpu + b.cpu), 2)}
         keep(kind, rows[kind], {})
         del res
     if args.no_single_pass:
@@ -163,6 +172,10 @@ def main():
     p.add_argument("--check-recall", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-single-pass", action="store_true", help="compare: skip the single-pass vs bare flat search rows")
+    p.add_argument("--reuse-index", action="store_true",
+                   help="compare: mine through the index an earlier run built into the workspace when it is of the same kind "
+                        "(its build is not timed again)")
+    p.add_argument("--fresh", action="store_true", help="compare: measure every row again (the finished rows kept under --root are set aside)")
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
     args = p.parse_args()
     print(json.dumps({"compare": compare, "deepen": deepen}[args.bench](args)), flush=True)
