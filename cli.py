@@ -808,6 +808,7 @@ def train(
     neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Refresh of a table mined with --engine ray: join this cluster (auto or HOST:PORT); default a local one."),
     attr_weight: float = typer.Option(0.3, "--attr-weight", help="--model dqe: weight of the attribute-aware margin loss (its margin is --margin)."),
+    attr_heads: Optional[str] = typer.Option(None, "--attr-heads", help="--model dqe: comma-separated sub-query heads: color, shape (grouped) or group:NAME (one attribute group, e.g. group:neckline); 'groups': one head per attribute group of the gallery (default color,shape)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (without it, an existing run is an error)."),
     version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
@@ -838,7 +839,7 @@ def train(
             static_bank=static_bank, bank_k=bank_k, refresh_every=refresh_every,
             exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads,
             extra_triplets=[str(p) for p in extra_triplets or []], extra_weight=extra_weight,
-            neg_weight=neg_weight, attr_weight=attr_weight)
+            neg_weight=neg_weight, attr_weight=attr_weight, attr_heads=attr_heads)
     remine = _miner_remine(cfg, quiet, ray_address) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
     with progress_bar("train", total, quiet, unit="epochs") as advance:

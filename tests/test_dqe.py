@@ -75,3 +75,54 @@ def test_dqe_training_step_and_checkpoint_hook(synth_work, tmp_path):
     enc = load_query_encoder(tmp_path / "run" / "ckpt.pt")
     q = enc(g.embeddings[:4], t.text_embeddings[:4])
     assert q.shape == (4, g.dim) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+
+
+def test_group_heads_one_sub_query_per_group():
+    """A "group:NAME" head answers for that group alone: two images differ for it exactly when
+    their values of that group differ."""
+    attrs = [["color:red", "neckline:v"], ["color:red", "neckline:crew"], ["color:blue", "neckline:v"]]
+    codes = attribute_head_codes(attrs, ("group:color", "group:neckline", "shape"))
+    assert codes[0, 0] == codes[1, 0] != codes[2, 0]
+    assert codes[0, 1] == codes[2, 1] != codes[1, 1]
+    assert (codes[:, 2] == codes[:, 1]).all()          # neckline is the only shape group tagged here
+    model = build_model(ModelConfig(kind="dqe", dim=16, width=0.5, attr_heads=("group:color", "group:neckline", "shape")))
+    out, subs, w = model.parts(torch.randn(3, 16), torch.randn(3, 16))
+    assert subs.shape == (3, 3, 16) and w.shape == (3, 4)
+    with pytest.raises(UsageError, match=r"^attribute heads group:: use one or more of color, shape or group:NAME"):
+        build_model(ModelConfig(kind="dqe", dim=16, attr_heads=("group:",)))
+
+
+def test_attr_heads_option_resolves_against_the_gallery():
+    from cir_mine.train.loop import TrainConfig, resolve_heads
+
+    attrs = [["color:red", "sleeve:long"], ["neckline:v"], []]
+    assert resolve_heads(("groups",), attrs) == ("group:color", "group:neckline", "group:sleeve")
+    assert resolve_heads(("color", "group:sleeve"), attrs) == ("color", "group:sleeve")
+    with pytest.raises(UsageError, match=r"^attribute heads group:length: no gallery image has a tag of that group "
+                                         r"\(its groups: color, neckline, sleeve\)\.$"):
+        resolve_heads(("group:length",), attrs)
+    with pytest.raises(UsageError, match=r"^attr_heads groups: the gallery has no attribute tags"):
+        resolve_heads(("groups",), [[], []])
+    assert TrainConfig(work="-", out="-", model="dqe", attr_heads="color, group:neckline").validate().heads() == ("color", "group:neckline")
+    with pytest.raises(UsageError, match=r"^attr_heads is a --model dqe option \(the model is combiner\)\.$"):
+        TrainConfig(work="-", out="-", attr_heads="groups").validate()
+    with pytest.raises(UsageError, match="attribute heads size"):
+        TrainConfig(work="-", out="-", model="dqe", attr_heads="color,size").validate()
+
+
+def test_dqe_group_heads_train_and_reload(synth_work, tmp_path):
+    """--attr-heads groups: one head per synthetic attribute group; the checkpoint rebuilds them."""
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.train.loop import TrainConfig, load_query_encoder, train
+
+    cfg = TrainConfig(work=str(synth_work), out=str(tmp_path / "run"), model="dqe", attr_heads="groups",
+                      epochs=1, batch_size=64, width=0.5, threads=1)
+    m = train(cfg)
+    assert m["model"] == "dqe" and 0 <= m["R@10"] <= 100
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    heads = saved["model_config"]["attr_heads"]
+    g, t = Workspace(synth_work).load("train")
+    groups = sorted({a.split(":", 1)[0] for tags in g.attributes for a in tags})
+    assert len(groups) >= 3 and tuple(heads) == tuple("group:" + x for x in groups)
+    enc = load_query_encoder(tmp_path / "run" / "ckpt.pt")
+    assert enc(g.embeddings[:4], t.text_embeddings[:4]).shape == (4, g.dim)

@@ -37,7 +37,7 @@ from cir_mine.train.data import (NegativeBank, concat_queries, dev_split, extra_
                                  image_keys, resolve_queries, sample_negatives, subset_queries)
 from cir_mine.train.loss import attribute_margin, bank_loss, hardest_in_batch, info_nce, positive_mask, triplet_margin
 from cir_mine.train.metrics import evaluate
-from cir_mine.train.model import ModelConfig, attribute_head_codes, build_model, encode_queries
+from cir_mine.train.model import GROUP_HEAD, ModelConfig, attribute_head_codes, build_model, encode_queries
 from cir_mine.miner.core.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,25 @@ log = logging.getLogger(__name__)
 LOSSES = ("infonce", "triplet", "both")
 # remine(query_emb float32[m_split, d], mining_round, epoch) -> (negatives pa.Table, footer meta dict)
 Remine = Callable[[np.ndarray, int, int], tuple]
+
+
+GROUP_HEADS = "groups"   # attr_heads value: one DQE head per attribute group found in the gallery's tags
+
+
+def resolve_heads(heads: tuple, attributes) -> tuple:
+    """DQE head names for a gallery: ``("groups",)`` -> one "group:NAME" head per attribute group
+    in its tags (sorted); otherwise ``heads``, each "group:NAME" head checked to occur in a tag."""
+    found = sorted({a.split(":", 1)[0] for tags in attributes for a in tags if ":" in a})
+    if heads == (GROUP_HEADS,):
+        if not found:
+            raise UsageError("attr_heads groups: the gallery has no attribute tags (group:value) to make heads of.",
+                             params=("attr_heads",))
+        return tuple(GROUP_HEAD + g for g in found)
+    missing = [h for h in heads if h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD):] not in found]
+    if missing:
+        raise UsageError(f"attribute heads {', '.join(missing)}: no gallery image has a tag of that group "
+                         f"(its groups: {', '.join(found) or 'none'}).", params=("attr_heads",))
+    return heads
 
 
 @dataclass
@@ -86,9 +105,14 @@ class TrainConfig:
     extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
     neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
     attr_weight: float = 0.3           # dqe: weight of the attribute-aware margin loss (margin: --margin)
+    attr_heads: Optional[str] = None   # dqe: comma-separated sub-query heads (color, shape, group:NAME), or "groups": one per attribute group of the gallery; None: color,shape
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def heads(self) -> tuple:
+        """``attr_heads`` as a tuple of head names (``("groups",)`` until a gallery resolves it)."""
+        return tuple(h.strip() for h in (self.attr_heads or "").split(",") if h.strip())
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -130,6 +154,12 @@ class TrainConfig:
         if self.schedule and not self.negatives:
             raise UsageError("schedule needs negatives: it picks the mix of that table's strategies per epoch.",
                              params=("schedule", "negatives"))
+        if self.attr_heads is not None:
+            if self.model != "dqe":
+                raise UsageError(f"attr_heads is a --model dqe option (the model is {self.model}).",
+                                 params=("attr_heads", "model"))
+            if self.heads() != (GROUP_HEADS,):
+                build_model(ModelConfig(kind="dqe", dim=8, width=1.0, attr_heads=self.heads()))   # names checked here
         return self
 
 
@@ -256,8 +286,9 @@ class Trainer:
                 self.all_queries.query_ids.tolist(), cfg.extra_weight))
         self.curriculum = Curriculum.parse(cfg.schedule) if cfg.schedule else None
         self.neg_meta: dict = {}
+        heads = {"attr_heads": resolve_heads(cfg.heads(), self.gallery.attributes)} if cfg.attr_heads else {}
         mcfg = ModelConfig(kind="sum" if cfg.zero_shot or cfg.epochs == 0 else cfg.model,
-                           dim=self.gallery.dim, width=cfg.width, dropout=cfg.dropout)
+                           dim=self.gallery.dim, width=cfg.width, dropout=cfg.dropout, **heads)
         self.model_config = mcfg
         torch.manual_seed(cfg.seed)
         self.model = build_model(mcfg)

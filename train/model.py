@@ -35,6 +35,13 @@ MODELS = ("combiner", "attention", "dqe", "sum")
 # Colour-specific (colour and surface: pattern, texture, fabric) and shape-specific (cut and parts).
 ATTR_HEADS = {"color": ("color", "pattern", "texture", "fabric"),
               "shape": ("sleeve", "length", "neckline", "shape", "part", "style")}
+# A head may also answer for one attribute group alone: "group:neckline".
+GROUP_HEAD = "group:"
+
+
+def head_groups(name: str) -> tuple:
+    """The attribute groups DQE head ``name`` answers for: a named head's, or a "group:NAME" head's one."""
+    return (name[len(GROUP_HEAD):],) if name.startswith(GROUP_HEAD) else ATTR_HEADS[name]
 
 
 @dataclass
@@ -44,7 +51,7 @@ class ModelConfig:
     width: float = 2.0         # projection width = width·d, hidden width = 2·width·d (CLIP4Cir: 4, 8)
     dropout: float = 0.1       # dropout after the projections and inside the combiner MLP
     heads: int = 4             # attention heads (attention model only)
-    attr_heads: tuple = tuple(ATTR_HEADS)  # dqe: attribute sub-queries, names of ATTR_HEADS
+    attr_heads: tuple = tuple(ATTR_HEADS)  # dqe: attribute sub-queries, names of ATTR_HEADS or "group:NAME" (one group)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,7 +160,7 @@ def attribute_head_codes(attributes, heads=tuple(ATTR_HEADS)):
 
     out = np.zeros((len(attributes), len(heads)), np.int64)
     for j, name in enumerate(heads):
-        groups = set(ATTR_HEADS[name])
+        groups = set(head_groups(name))
         ids: dict = {}
         for i, tags in enumerate(attributes):
             key = tuple(sorted(a for a in tags if a.split(":", 1)[0] in groups))
@@ -175,10 +182,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     kinds = {"combiner": Combiner, "attention": AttentionFusion, "dqe": DQEFusion, "sum": SumFusion}
     if cfg.kind not in kinds:
         raise UsageError(f"model {cfg.kind!r}: use one of {', '.join(MODELS)}.", params=("model",))
-    unknown = [h for h in cfg.attr_heads if h not in ATTR_HEADS]
-    if cfg.kind == "dqe" and (unknown or not cfg.attr_heads):
-        raise UsageError(f"attribute heads {', '.join(unknown) or '(none)'}: use one or more of {', '.join(ATTR_HEADS)}.",
-                         params=("attr_heads",))
+    unknown = [h for h in cfg.attr_heads if h not in ATTR_HEADS and not (h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD):])]
+    repeated = sorted({h for h in cfg.attr_heads if list(cfg.attr_heads).count(h) > 1})
+    if cfg.kind == "dqe" and (unknown or repeated or not cfg.attr_heads):
+        raise UsageError(f"attribute heads {', '.join(unknown or repeated) or '(none)'}: use one or more of "
+                         f"{', '.join(ATTR_HEADS)} or {GROUP_HEAD}NAME (one attribute group, such as "
+                         f"{GROUP_HEAD}neckline), each once.", params=("attr_heads",))
     if cfg.width <= 0:
         raise UsageError(f"width {cfg.width}: must be positive.", params=("width",))
     return kinds[cfg.kind](cfg)
