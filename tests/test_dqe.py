@@ -104,7 +104,7 @@ def test_attr_heads_option_resolves_against_the_gallery():
     with pytest.raises(UsageError, match=r"^attr_heads groups: the gallery has no attribute tags"):
         resolve_heads(("groups",), [[], []])
     assert TrainConfig(work="-", out="-", model="dqe", attr_heads="color, group:neckline").validate().heads() == ("color", "group:neckline")
-    with pytest.raises(UsageError, match=r"^attr_heads is a --model dqe option \(the model is combiner\)\.$"):
+    with pytest.raises(UsageError, match=r"^attr_heads needs dqe as the model \(model is combiner\): pass model dqe, or leave attr_heads out\.$"):
         TrainConfig(work="-", out="-", attr_heads="groups").validate()
     with pytest.raises(UsageError, match="attribute heads size"):
         TrainConfig(work="-", out="-", model="dqe", attr_heads="color,size").validate()
@@ -126,3 +126,19 @@ def test_dqe_group_heads_train_and_reload(synth_work, tmp_path):
     assert len(groups) >= 3 and tuple(heads) == tuple("group:" + x for x in groups)
     enc = load_query_encoder(tmp_path / "run" / "ckpt.pt")
     assert enc(g.embeddings[:4], t.text_embeddings[:4]).shape == (4, g.dim)
+
+
+def test_cir_train_attr_heads_errors(synth_work, tmp_path):
+    """The CLI names the flags, exits 2 and writes no run."""
+    from typer.testing import CliRunner
+
+    from cir_mine.cli import train_app
+
+    runner = CliRunner()
+    r = runner.invoke(train_app, ["--work", str(synth_work), "--out", str(tmp_path / "r"), "--attr-heads", "groups"])
+    assert r.exit_code == 2 and r.output.strip() == ("Error: --attr-heads needs dqe as the --model (--model is combiner): "
+                                                     "pass --model dqe, or leave --attr-heads out.")
+    r = runner.invoke(train_app, ["--work", str(synth_work), "--out", str(tmp_path / "r"), "--model", "dqe",
+                                  "--attr-heads", "group:size"])
+    assert r.exit_code == 2 and r.output.strip().startswith("Error: attribute heads group:size: no gallery image has a tag of that group")
+    assert not (tmp_path / "r").exists()

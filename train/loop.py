@@ -156,8 +156,8 @@ class TrainConfig:
                              params=("schedule", "negatives"))
         if self.attr_heads is not None:
             if self.model != "dqe":
-                raise UsageError(f"attr_heads is a --model dqe option (the model is {self.model}).",
-                                 params=("attr_heads", "model"))
+                raise UsageError(f"attr_heads needs dqe as the model (model is {self.model}): pass model dqe, or leave "
+                                 f"attr_heads out.", params=("attr_heads", "model"))
             if self.heads() != (GROUP_HEADS,):
                 build_model(ModelConfig(kind="dqe", dim=8, width=1.0, attr_heads=self.heads()))   # names checked here
         return self
