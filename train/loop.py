@@ -37,7 +37,8 @@ from cir_mine.train.data import (NegativeBank, concat_queries, dev_split, extra_
                                  image_keys, resolve_queries, sample_negatives, subset_queries)
 from cir_mine.train.loss import attribute_margin, bank_loss, hardest_in_batch, info_nce, positive_mask, triplet_margin
 from cir_mine.train.metrics import evaluate
-from cir_mine.train.model import GROUP_HEAD, ModelConfig, attribute_head_codes, build_model, encode_queries
+from cir_mine.train.model import (GROUP_HEAD, ModelConfig, attribute_head_codes, build_model, check_attr_heads,
+                                  encode_queries)
 from cir_mine.miner.core.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class TrainConfig:
                 raise UsageError(f"attr_heads needs dqe as the model (model is {self.model}): pass model dqe, or leave "
                                  f"attr_heads out.", params=("attr_heads", "model"))
             if self.heads() != (GROUP_HEADS,):
-                build_model(ModelConfig(kind="dqe", dim=8, width=1.0, attr_heads=self.heads()))   # names checked here
+                check_attr_heads(self.heads())
         return self
 
 

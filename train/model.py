@@ -178,16 +178,22 @@ class SumFusion(nn.Module):
         return F.normalize(ref_emb + text_emb, dim=-1)
 
 
+def check_attr_heads(heads: tuple) -> None:
+    """DQE head names: each a name of ATTR_HEADS or "group:NAME", at least one, none twice."""
+    unknown = [h for h in heads if h not in ATTR_HEADS and not (h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD):])]
+    repeated = sorted({h for h in heads if list(heads).count(h) > 1})
+    if unknown or repeated or not heads:
+        raise UsageError(f"attribute heads {', '.join(unknown or repeated) or '(none)'}: use one or more of "
+                         f"{', '.join(ATTR_HEADS)} or {GROUP_HEAD}NAME (one attribute group, such as "
+                         f"{GROUP_HEAD}neckline), each once.", params=("attr_heads",))
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     kinds = {"combiner": Combiner, "attention": AttentionFusion, "dqe": DQEFusion, "sum": SumFusion}
     if cfg.kind not in kinds:
         raise UsageError(f"model {cfg.kind!r}: use one of {', '.join(MODELS)}.", params=("model",))
-    unknown = [h for h in cfg.attr_heads if h not in ATTR_HEADS and not (h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD):])]
-    repeated = sorted({h for h in cfg.attr_heads if list(cfg.attr_heads).count(h) > 1})
-    if cfg.kind == "dqe" and (unknown or repeated or not cfg.attr_heads):
-        raise UsageError(f"attribute heads {', '.join(unknown or repeated) or '(none)'}: use one or more of "
-                         f"{', '.join(ATTR_HEADS)} or {GROUP_HEAD}NAME (one attribute group, such as "
-                         f"{GROUP_HEAD}neckline), each once.", params=("attr_heads",))
+    if cfg.kind == "dqe":
+        check_attr_heads(cfg.attr_heads)
     if cfg.width <= 0:
         raise UsageError(f"width {cfg.width}: must be positive.", params=("width",))
     return kinds[cfg.kind](cfg)
