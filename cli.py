@@ -407,12 +407,12 @@ def index_cmd(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
-    world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest, re-mined once halfway) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
+    world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest re-mined once halfway, with the combiner and with DQE's attribute sub-queries) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier demo in --out."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
-    """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings -> R@10/R@50 table."""
+    """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings (combiner; DQE on hardest) -> R@10/R@50 table."""
     setup_logging(verbose, quiet)
     from cir_mine.train.demo import DemoConfig, run_demo
 

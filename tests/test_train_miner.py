@@ -86,7 +86,7 @@ def test_demo_fine_world_small(tmp_path):
     cfg = DemoConfig(n_gallery=900, n_triplets=200, dim=16, epochs=2)          # the default world: fine
     synth, strategies, train_opts = cfg.resolve()
     assert synth.item_noise == 1.0 and synth.salience["neckline"] == 0.3 and synth.salience["color"] == 1.0
-    assert strategies == ("random", "midzone", "attribute-mismatch", "hardest+refresh")
+    assert strategies == ("random", "midzone", "attribute-mismatch", "hardest+refresh", "dqe+hardest+refresh")
     assert train_opts == {"batch_size": 128, "category_batches": True}
     res = run_demo(tmp_path / "demo", cfg)
     assert list(res.runs) == ["zero-shot", "in-batch", *strategies]
@@ -94,6 +94,8 @@ def test_demo_fine_world_small(tmp_path):
     # the +refresh runs re-mined once, halfway, with the model being trained; the others never
     for name, r in res.runs.items():
         assert (r["dir"] / "negs.round1.parquet").exists() == name.endswith("+refresh")
+        config = json.loads((r["dir"] / "metrics.json").read_text())["config"]
+        assert (config["model"], config["attr_heads"]) == (("dqe", "groups") if name.startswith("dqe+") else ("combiner", None))
 
 
 def test_demo_unknown_world(tmp_path):

@@ -3,7 +3,8 @@
 A synthetic world (gallery + triplets with ground-truth attributes) is mined with a few strategies;
 a short training runs on each table and on in-batch negatives only; every run is evaluated on the
 same held-out dev queries. A run named ``STRATEGY+refresh`` re-mines its table once, halfway, with
-the model being trained (cir-train --refresh-every). Sized to finish in under three minutes on two
+the model being trained (cir-train --refresh-every); ``dqe+STRATEGY+refresh`` does so with DQE-CIR's
+attribute sub-queries as the model (cir-train --model dqe --attr-heads groups). Sized to finish in under three minutes on two
 CPU cores. The default world is the fine-grained one (60,000 images, a subtle neckline group,
 category batches), where mined negatives pay; ``world="coarse"`` is the synth default (20,000
 images), where in-batch negatives already hold the near misses and mining adds little.
@@ -31,11 +32,20 @@ DEMO_STRATEGIES = ("random", "midzone", "attribute-mismatch")
 # guarded mined negatives beat in-batch training; "coarse" is the synth default.
 WORLDS = {
     "fine": dict(synth=dict(n_gallery=60000, n_triplets=15000, item_noise=1.0, salience={"neckline": 0.3}),
-                 strategies=("random", "midzone", "attribute-mismatch", "hardest+refresh"),
+                 strategies=("random", "midzone", "attribute-mismatch", "hardest+refresh", "dqe+hardest+refresh"),
                  train=dict(batch_size=128, category_batches=True)),
     "coarse": dict(synth={}, strategies=DEMO_STRATEGIES, train=dict(batch_size=256)),
 }
 REFRESH = "+refresh"
+# A run named "dqe+STRATEGY..." trains DQE-CIR's attribute sub-queries instead of the combiner: one
+# head per attribute group, margin-loss weight 0.1 (the measured best, docs/benchmarks.md).
+DQE = "dqe+"
+DQE_OPTIONS = dict(model="dqe", attr_heads="groups", attr_weight=0.1)
+
+
+def table_of(run: str) -> str:
+    """The negatives table a demo run trains on: its name without the model prefix and "+refresh"."""
+    return run.removeprefix(DQE).removesuffix(REFRESH)
 
 
 @dataclass
@@ -47,7 +57,7 @@ class DemoConfig:
     k: int = 8                    # negatives mined per query
     epochs: int = 4               # training epochs per run
     batch_size: Optional[int] = None   # queries per step (None: the world's)
-    strategies: Optional[tuple] = None  # one run per entry, "NAME" or "NAME+refresh" (None: the world's)
+    strategies: Optional[tuple] = None  # one run per entry, "NAME", "NAME+refresh", "dqe+NAME[+refresh]" (None: the world's)
     world: str = "fine"           # fine | coarse (see WORLDS)
 
     def resolve(self) -> tuple:
@@ -93,9 +103,11 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()
     synth.validate()
-    for s in dict.fromkeys(x.removesuffix(REFRESH) for x in strategies):
+    for s in dict.fromkeys(table_of(x) for x in strategies):
         MineConfig(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu").validate()
     TrainConfig(work="-", out="-", epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2, **train_opts).validate()
+    if any(x.startswith(DQE) for x in strategies):
+        TrainConfig(work="-", out="-", negatives="-", **DQE_OPTIONS).validate()
     check_output_dir(out)
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
         raise UsageError(f"--out {out}: already holds files. Pass --overwrite to replace an earlier demo's outputs, "
@@ -108,22 +120,23 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     res = DemoResult(work)
     say(f"synthetic world -> {work}: {m['counts']} (d={m['dim']})")
     ws = Workspace(work)
-    for s in dict.fromkeys(x.removesuffix(REFRESH) for x in strategies):
+    for s in dict.fromkeys(table_of(x) for x in strategies):
         path = out / f"negs.{s}.parquet"
         t = time.perf_counter()
         r = mine_to_file(ws, "train", MineConfig.of(strategy=s, k=cfg.k, seed=cfg.seed, device="cpu"), path)
         res.tables[s] = path
         say(f"negatives {s:<18s} -> {path}: {r.table.num_rows} rows ({time.perf_counter() - t:.1f}s)")
     plan = [("zero-shot", None, True), ("in-batch", None, False)]
-    plan += [(s, res.tables[s.removesuffix(REFRESH)], False) for s in strategies]
+    plan += [(s, res.tables[table_of(s)], False) for s in strategies]
     for name, negs, zero_shot in plan:
         run = out / "runs" / name
         shutil.rmtree(run, ignore_errors=True)
         t = time.perf_counter()
         refresh = max(1, cfg.epochs // 2) if name.endswith(REFRESH) and cfg.epochs > 1 else 0
+        model = DQE_OPTIONS if name.startswith(DQE) else {}
         metrics = train(TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None,
                                     epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2,
-                                    zero_shot=zero_shot, refresh_every=refresh, **train_opts),
+                                    zero_shot=zero_shot, refresh_every=refresh, **train_opts, **model),
                         remine=miner_remine(work, "train", negs) if refresh else None, overwrite=True)
         res.runs[name] = {"dir": run, "R@10": metrics["R@10"], "R@50": metrics["R@50"],
                           "seconds": time.perf_counter() - t}
