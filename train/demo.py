@@ -4,8 +4,8 @@ A synthetic world (gallery + triplets with ground-truth attributes) is mined wit
 a short training runs on each table and on in-batch negatives only; every run is evaluated on the
 same held-out dev queries. A run named ``STRATEGY+refresh`` re-mines its table once, halfway, with
 the model being trained (cir-train --refresh-every); ``dqe+STRATEGY+refresh`` does so with DQE-CIR's
-attribute sub-queries as the model (cir-train --model dqe --attr-heads groups). Sized to finish in under three minutes on two
-CPU cores. The default world is the fine-grained one (60,000 images, a subtle neckline group,
+attribute sub-queries as the model (cir-train --model dqe --attr-heads groups). Sized to finish in
+under three minutes on two CPU cores. The default world is the fine-grained one (60,000 images, a subtle neckline group,
 category batches), where mined negatives pay; ``world="coarse"`` is the synth default (20,000
 images), where in-batch negatives already hold the near misses and mining adds little.
 """
