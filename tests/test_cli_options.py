@@ -84,6 +84,8 @@ def test_every_train_field_has_an_option_with_its_default():
     (mine_app, ["--strategy", "random", "--mix", "random:1"], "Error: give either --strategy or --mix, not both."),
     (mine_app, ["--strategy", "category-discrepant", "--discrepant-pool", "near"],
      "Error: --discrepant-pool 'near': use target or query."),
+    (mine_app, ["--strategy", "attribute-mismatch", "--mismatch-kept-share", "2"],
+     "Error: --mismatch-kept-share 2.0: must be in [0, 1]."),
     (train_app, ["--schedule", "0:random"],
      "Error: --schedule needs --negatives: it picks the mix of that table's strategies per epoch."),
     (train_app, ["--batch-size", "1"], "Error: --batch-size must be at least 2 (in-batch negatives need two queries)."),

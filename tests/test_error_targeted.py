@@ -46,7 +46,7 @@ def test_kept_mismatch_satisfies_the_change_and_breaks_what_should_be_kept(world
         kept_diff = differing_groups(world["attrs"][r["neg_id"]], world["attrs"][r["target_id"]]) - set(req.groups)
         assert kept_diff, (r, req.groups)
     # the complement: attribute-mismatch rows (a requested group contradicted) are never kept-mismatch rows
-    am = {(r["query_id"], r["neg_id"]) for r in mine(world, strategy="attribute-mismatch").table.to_pylist()}
+    am = {(r["query_id"], r["neg_id"]) for r in mine(world, strategy="attribute-mismatch", mismatch_kept_share=0.0).table.to_pylist()}
     km = {(r["query_id"], r["neg_id"]) for r in res.table.to_pylist()}
     assert am and not (am & km)
 

@@ -152,7 +152,7 @@ def _status(world, neg, qid):
 @pytest.mark.parametrize("pool", ["target", "query"])
 @pytest.mark.parametrize("index", INDEXES)
 def test_category_discrepant(world, index, pool):
-    res = mine(world, index=index, strategy="category-discrepant", discrepant_pool=pool)
+    res = mine(world, index=index, strategy="category-discrepant", discrepant_pool=pool, discrepant_kept_share=0.0)
     assert res.table.num_rows > 500
     if pool == "target":
         assert set(res.table["rank"].to_pylist()) == {-1}
@@ -166,7 +166,7 @@ def test_category_discrepant(world, index, pool):
 
 @pytest.mark.parametrize("index", INDEXES)
 def test_attribute_mismatch_differs_exactly_in_requested_group(world, index):
-    res = mine(world, index=index, strategy="attribute-mismatch", candidates=1000)
+    res = mine(world, index=index, strategy="attribute-mismatch", candidates=1000, mismatch_kept_share=0.0)
     assert res.table.num_rows > 100
     for r in res.table.to_pylist():
         req = world["req"][r["query_id"]]
@@ -187,7 +187,8 @@ def _contradicted_as_reference(world, neg, qid) -> set:
 def test_reference_value_switch(world, strategy, param):
     """Off (the default), no negative contradicts the caption with the reference's own value (so
     none copies the reference's attributes); on, the strategy picks such negatives too."""
-    kw = dict(strategy=strategy, candidates=1000)
+    share = "mismatch_kept_share" if strategy == "attribute-mismatch" else "discrepant_kept_share"
+    kw = dict(strategy=strategy, candidates=1000, **{share: 0.0})
     on = mine(world, **kw, **{param: True}).table.to_pylist()
     default = mine(world, **kw)
     assert default.meta["config"]["params"][strategy][param] is False
@@ -197,6 +198,53 @@ def test_reference_value_switch(world, strategy, param):
     for r in off:
         assert not _contradicted_as_reference(world, r["neg_id"], r["query_id"]), r
         assert False in _status(world, r["neg_id"], r["query_id"]).values()
+
+
+def _kept_mismatch(world, neg, qid) -> bool:
+    """The negative satisfies the caption (no requested group contradicted) and differs from the
+    target in a group the caption does not mention."""
+    req = world["req"][qid]
+    if False in _status(world, neg, qid).values():
+        return False
+    gn = A.group_values(world["attrs"][neg])
+    gt = A.group_values(world["attrs"][by_target(world)[qid]])
+    return bool({g for g in set(gn) | set(gt) if gn.get(g) != gt.get(g)} - set(req.groups))
+
+
+def by_target(world) -> dict:
+    return dict(zip(world["t"].query_ids.tolist(), world["t"].target_ids.tolist()))
+
+
+@pytest.mark.parametrize("strategy,share", [("attribute-mismatch", "mismatch_kept_share"),
+                                            ("category-discrepant", "discrepant_kept_share")])
+@pytest.mark.parametrize("index", ["flat", "IVF16,Flat"])
+def test_kept_share_is_the_mix_with_kept_mismatch(world, index, strategy, share):
+    """By default half of the k slots of attribute-mismatch and category-discrepant go to
+    kept-mismatch candidates: the table holds exactly the rows of the mix
+    ``strategy:0.5,kept-mismatch:0.5`` of the pure strategy, every row contradicts the caption or
+    is a kept-mismatch row, and no query gets more than its share of either kind."""
+    default = mine(world, index=index, strategy=strategy, candidates=1000)
+    assert default.meta["config"]["params"][strategy][share] == 0.5
+    mixed = mine(world, index=index, mix=f"{strategy}:0.5,kept-mismatch:0.5", candidates=1000, **{share: 0.0})
+    rows = lambda res: sorted((r["query_id"], r["neg_id"], r["rank"], round(r["score"], 6))
+                              for r in res.table.to_pylist())
+    assert rows(default) == rows(mixed) and len(rows(default)) > 500
+    kinds = {}
+    for r in default.table.to_pylist():
+        contra = False in _status(world, r["neg_id"], r["query_id"]).values()
+        assert contra or _kept_mismatch(world, r["neg_id"], r["query_id"]), r
+        kinds.setdefault(r["query_id"], []).append(contra)
+    assert max(sum(v) for v in kinds.values()) <= 5 and max(len(v) - sum(v) for v in kinds.values()) <= 5
+    assert sum(len(v) - sum(v) for v in kinds.values()) > 200 and sum(sum(v) for v in kinds.values()) > 200
+    # share 1: kept-mismatch rows only; share 0: caption-contradicting rows only
+    only_kept = mine(world, index=index, strategy=strategy, candidates=1000, **{share: 1.0}).table.to_pylist()
+    assert only_kept and all(_kept_mismatch(world, r["neg_id"], r["query_id"]) for r in only_kept)
+
+
+@pytest.mark.parametrize("share", ["mismatch_kept_share", "discrepant_kept_share"])
+def test_kept_share_out_of_range(world, share):
+    with pytest.raises(UsageError, match=rf"^{share} 1.5: must be in \[0, 1\]\.$"):
+        mine(world, strategy="attribute-mismatch", **{share: 1.5})
 
 
 @pytest.mark.parametrize("index", INDEXES)

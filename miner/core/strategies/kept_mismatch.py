@@ -6,16 +6,8 @@ does not mention: they change what the query should have kept from the reference
 """
 from __future__ import annotations
 
-import numpy as np
-
 from cir_mine.miner.core.strategies.registry import register
-from cir_mine.miner.core.strategies.selection import Picks, contradicted, pick
-
-
-def request_satisfied(status: np.ndarray) -> np.ndarray:
-    """bool[b, L] from int8[b, L, Gr] requested status: no requested group contradicted (each one
-    satisfied, or unknown where the image's tags cannot tell)."""
-    return ~contradicted(status)
+from cir_mine.miner.core.strategies.selection import Picks, kept_mismatch_mask, pick
 
 
 @register("kept-mismatch", ranked=True, attributes=True,
@@ -23,7 +15,4 @@ def request_satisfied(status: np.ndarray) -> np.ndarray:
 def kept_mismatch(ctx, k: int, stream: int, p) -> Picks:
     """Satisfies the requested change but differs from the target in a group the caption leaves alone."""
     c = ctx.ranked
-    diff = ctx.group_diff(c)                                   # [b, L, G]
-    kept = ~ctx.group_asked()[:, None, :] & ctx.group_present(c)
-    ok = request_satisfied(ctx.status(c)) & (diff & kept).any(-1)
-    return pick(ctx, c, c.valid & ok, k, stream, "top")
+    return pick(ctx, c, c.valid & kept_mismatch_mask(ctx, c), k, stream, "top")

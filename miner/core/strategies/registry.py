@@ -125,6 +125,12 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
     return [(n, w / total) for n, w in parts]
 
 
+def check_share(name: str, value: float) -> None:
+    """A parameter that is a share of k: in [0, 1], else a UsageError naming it."""
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"{name} {value}: must be in [0, 1].", params=(name,))
+
+
 def split_k(k: int, shares: list[float]) -> list[int]:
     """Split k by shares: floors, then the remainder to the largest fractions (ties: earlier part)."""
     raw = [k * s for s in shares]

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.miner.core.attribute_codes import STATUS_FALSE
+from cir_mine.miner.core.strategies.registry import split_k
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -113,6 +114,32 @@ def contradicted_as_reference(ctx, c: Candidates, status: np.ndarray) -> np.ndar
         return np.zeros(c.shape, bool)
     same = ctx.group_as_reference(c)[:, :, [a.groups.index(g) for g in a.req_groups]]     # [b, L, Gr]
     return ((status == STATUS_FALSE) & same).any(axis=-1)
+
+
+def kept_mismatch_mask(ctx, c: Candidates) -> np.ndarray:
+    """bool[b, L]: the candidate satisfies the requested change (no requested group contradicted;
+    unknown where the tags cannot tell) but differs from the target in a group the caption does not
+    mention, i.e. it changes what the query should keep from the reference."""
+    diff = ctx.group_diff(c)                                   # [b, L, G]
+    kept = ~ctx.group_asked()[:, None, :] & ctx.group_present(c)
+    return ~contradicted(ctx.status(c)) & (diff & kept).any(-1)
+
+
+def with_kept_share(ctx, k: int, stream: int, share: float, caption_side) -> Picks:
+    """``caption_side(k1)``'s picks (negatives that contradict the caption) on k1 of the ``k`` slots
+    and the hardest kept-mismatch candidates of the query's ranking on the other ``k - k1``, k split
+    by shares ``(1 - share, share)`` as a mix splits it. The two sets are disjoint (one contradicts a
+    requested group, the other none), so the result equals the mix
+    ``caption-strategy:(1-share),kept-mismatch:share``. Either half alone pushes the query along one
+    side of the caption only; together they push on what it asks to change and on what it keeps."""
+    k1, k2 = split_k(k, [1.0 - share, share])
+    first = caption_side(k1)
+    if k2 == 0:
+        return first
+    ctx.take(first)
+    c = ctx.ranked
+    second = pick(ctx, c, c.valid & kept_mismatch_mask(ctx, c), k2, stream, "top")
+    return concat_picks([first, second], first.rows.shape[0])
 
 
 def concat_picks(parts: list, b: int) -> Picks:
