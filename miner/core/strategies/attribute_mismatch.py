@@ -32,9 +32,9 @@ def attribute_mismatch(ctx, k: int, stream: int, p: AttributeMismatchParams) -> 
     about 1 R@10 on the synthetic worlds (docs/benchmarks.md).
 
     ``mismatch_kept_share`` of the k slots go to kept-mismatch candidates instead (see
-    :func:`with_kept_share`): negatives that all contradict the caption cost 1 to 3 R@10 against
-    in-batch training on the synthetic worlds, and half of them paired with the mirror-image kind
-    gained instead (docs/benchmarks.md)."""
+    :func:`with_kept_share`): negatives that all contradict the caption cost up to 1.8 R@10
+    against in-batch training on the synthetic worlds; half of them, paired with the mirror-image
+    kind, gained 0.3 to 1.4 instead (docs/benchmarks.md)."""
     return with_kept_share(ctx, k, stream, p.mismatch_kept_share, lambda k1: _contradicting(ctx, k1, stream, p))
 
 
