@@ -119,7 +119,7 @@ def synthetic_workspace(root: Path, n: int, m: int, d: int, seed: int = 0):
 def mining_rows(args, device: str) -> list:
     import faiss
 
-    from cir_mine.miner.core import engine as E
+    from cir_mine.miner.core.search import backends as B, build, tuning
     from cir_mine.miner.core.search import build_index
     from cir_mine.miner.core.mine import MineConfig, mine_negatives, prepare
 
@@ -136,15 +136,15 @@ def mining_rows(args, device: str) -> list:
         for kind in ("flat", "ivf"):
             t = time.perf_counter()
             if kind == "flat":
-                backend = E.ExactSearch(xb, device=device, fp16=args.fp16)
+                backend = B.ExactSearch(xb, device=device, fp16=args.fp16)
                 # the bare FAISS flat search the miner is measured against (on a GPU, the same index)
                 raw = backend.index if backend.index is not None else build_index(xb, "flat", device=device)
             else:
-                raw, factory = E.approximate_index(xb, "ivf", device=device, fp16=args.fp16)
-                backend = E.Reranked(raw, xb, 1.0, {"index": "ivf", "factory": factory})
-                sample = E.sample_rows(len(xq), 1000, 0, 1)
-                _, exact_I = E.ExactSearch(xb, device=device).search(xq[sample], depth)
-                tu = E.tune(backend, exact_I, xq[sample], depth, 0.98)
+                raw, factory = build.approximate_index(xb, "ivf", device=device, fp16=args.fp16)
+                backend = B.Reranked(raw, xb, 1.0, {"index": "ivf", "factory": factory})
+                sample = build.sample_rows(len(xq), 1000, 0, 1)
+                _, exact_I = B.ExactSearch(xb, device=device).search(xq[sample], depth)
+                tu = tuning.tune(backend, exact_I, xq[sample], depth, 0.98)
             rows.append((f"{kind}: index build" + ("" if kind == "flat" else f" + tuning (nprobe={tu.value}, "
                                                    f"recall {tu.recall:.3f})"), time.perf_counter() - t, "s", ""))
 

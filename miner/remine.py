@@ -75,7 +75,7 @@ class Remine:
         if self._index is None and self.engine:
             self._index = _engine_index(self.engine, self.data()[0].embeddings, self.ray_address)
         if self._index is None and self.search is not None:
-            from cir_mine.miner.core.engine import reopen
+            from cir_mine.miner.core.search.persist import reopen
 
             self._index = reopen(self.search, self.data()[0].embeddings, self.ws.index_path(self.split),
                                  self.table_path, device=self.base.get("device", self.device),

@@ -56,3 +56,10 @@ def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int =
     meta = {"config": {"strategies": list(strategies), "k": k}, "manifest_hash": ws.manifest_hash(),
             "split": split, "round": mining_round}
     return table, meta
+
+
+def brute_force_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The search oracle: the full score matrix, stable descending sort."""
+    S = xq @ xb.T
+    I = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(S, I, axis=1), I

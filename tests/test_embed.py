@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from cir_mine.cli import mine_app
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.encode.clip import EncoderConfig, forward_images, load_encoder
-from cir_mine.miner.core.search import load_index, search_batched
+from cir_mine.miner.core.search import search_batched
+from cir_mine.miner.core.search.persist import load_index
 from tests.fixtures import make_cirr, make_fashioniq, make_folder, write_tiny_clip_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from cir_mine.cli import mine_app
 from cir_mine.data.errors import DataError, SchemaError
 from cir_mine.data.workspace import Workspace, gallery_table, l2_normalize, write_table
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
-from cir_mine.miner.core.search import load_index
+from cir_mine.miner.core.search.persist import load_index
 
 runner = CliRunner()
 

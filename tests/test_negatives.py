@@ -427,19 +427,19 @@ def test_rows_do_not_depend_on_how_deep_a_batch_is_searched(synth_work, strategy
     """The same table whether short queries are mined again from the rows of their first search
     (searched 4x deeper, or at the deepest depth at once after a batch that was mostly short) or
     searched again one depth at a time, and at any batch size."""
-    from cir_mine.miner.core import engine as E
+    from cir_mine.miner.core.search.backends import ExactSearch
     from cir_mine.miner.core.mine import MineConfig, mine_negatives
 
     ws = Workspace(synth_work)
     xb = ws.load("train")[0].embeddings
 
-    class OneDepthAtATime(E.ExactSearch):
+    class OneDepthAtATime(ExactSearch):
         cheap_depth = False
 
-    class DeepestAtOnce(E.ExactSearch):
+    class DeepestAtOnce(ExactSearch):
         deep_share = 0.0
 
-    class NeverSwitch(E.ExactSearch):
+    class NeverSwitch(ExactSearch):
         deep_share = None
 
     cfg = MineConfig.of(strategy=strategy, k=10, seed=3, candidates=16, max_candidates=1024, query_batch=97,

@@ -9,10 +9,18 @@ from typer.testing import CliRunner
 from cir_mine.cli import mine_app
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.workspace import Workspace
-from cir_mine.miner.core import engine as E
+from cir_mine.miner.core.search import backends as backends_mod, exact as exact_mod
+from cir_mine.miner.core.search.backends import ExactSearch, Reranked
+from cir_mine.miner.core.search.build import approximate_index
+from cir_mine.miner.core.search.exact import exact_rescore, gemm_topk
+from cir_mine.miner.core.search.lists import ListLayout, ivf_flat_lists, list_major_search, probe_positions
+from cir_mine.miner.core.search.params import parse_search_params
+from cir_mine.miner.core.search.topk import merge_topk, topk_desc
+from cir_mine.miner.core.search.tuning import by_lists, candidate_recall, recall_by_nprobe, tune, tune_deep
 from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file
 from cir_mine.miner.core.scores import zero_shot_queries
-from cir_mine.miner.core.search import brute_force_search
+from cir_mine.data.workspace import file_digest
+from tests.builders import brute_force_search
 from cir_mine.miner.core.tables import read_negatives
 
 runner = CliRunner()
@@ -40,7 +48,7 @@ def test_exact_search_blocked_equals_brute_force():
     xb = rng.standard_normal((1000, 16)).astype(np.float32)
     xq = rng.standard_normal((37, 16)).astype(np.float32)
     D0, I0 = brute_force_search(xb, xq, 50)
-    for backend in (E.ExactSearch(xb, device="cpu"), E.ExactSearch(xb, blocked=True, block_rows=128)):
+    for backend in (ExactSearch(xb, device="cpu"), ExactSearch(xb, blocked=True, block_rows=128)):
         D, I = backend.search(xq, 50)
         assert np.allclose(D, D0, atol=1e-5) and (I == I0).mean() > 0.99     # ties may swap
 
@@ -57,11 +65,11 @@ def test_gemm_topk_is_the_flat_index_at_every_block_and_step(tmp_path, monkeypat
     flat.add(xb)
     np.save(tmp_path / "xb.npy", xb)
     mm = np.load(tmp_path / "xb.npy", mmap_mode="r")
-    monkeypatch.setattr(E, "GEMM_SCORES", 65 * 1024)          # a step of 1024 rows: 3 steps and a tail
+    monkeypatch.setattr(exact_mod, "GEMM_SCORES", 65 * 1024)          # a step of 1024 rows: 3 steps and a tail
     for k in (1, 50, 3001):
         D0, I0 = flat.search(xq, k)
         for x, block in ((xb, 262_144), (xb, 700), (mm, 1000)):
-            D, I = E.gemm_topk(xq, x, k, block, release=x is mm)
+            D, I = gemm_topk(xq, x, k, block, release=x is mm)
             assert (I == I0).mean() > 0.999 and np.allclose(D, D0, atol=1e-5)
 
 
@@ -79,17 +87,17 @@ def test_reranked_scores_are_exact_and_sorted():
             I[:, -1] = -1                           # and a missing slot
             return np.zeros(I.shape, np.float32), I
 
-    D, I = E.Reranked(Noisy(), xb, 2.0).search(xq, 30)
+    D, I = Reranked(Noisy(), xb, 2.0).search(xq, 30)
     ok = I >= 0
     assert np.allclose(D[ok], np.einsum("ij,ij->i", xb[I[ok]], np.repeat(xq, 30, 0)[ok.ravel()]), atol=1e-5)
     assert (np.diff(np.where(ok, D, -np.inf), axis=1) <= 1e-7).all()
 
 
 def test_parse_search_params_and_errors():
-    assert E.parse_search_params("nprobe=16, efSearch=64") == {"nprobe": 16, "efSearch": 64}
-    assert E.parse_search_params(None) == {}
+    assert parse_search_params("nprobe=16, efSearch=64") == {"nprobe": 16, "efSearch": 64}
+    assert parse_search_params(None) == {}
     with pytest.raises(UsageError, match=r"search_params 'nprobe': use name=integer pairs"):
-        E.parse_search_params("nprobe")
+        parse_search_params("nprobe")
     with pytest.raises(UsageError, match="give either search_params or nprobe / ef_search"):
         MineConfig.of(strategy="hardest", search_params="nprobe=2", nprobe=3).validate()
     with pytest.raises(UsageError, match=r"target_recall must be in \(0, 1\]"):
@@ -98,8 +106,8 @@ def test_parse_search_params_and_errors():
 
 def test_candidate_recall():
     e = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
-    assert E.candidate_recall(e, e) == 1.0
-    assert E.candidate_recall(np.array([[1, 2, 9, -1], [5, 6, 7, 8]]), e) == 6 / 8
+    assert candidate_recall(e, e) == 1.0
+    assert candidate_recall(np.array([[1, 2, 9, -1], [5, 6, 7, 8]]), e) == 6 / 8
 
 
 # -- mining through an index ------------------------------------------------------------------------
@@ -158,7 +166,7 @@ def test_any_backend_with_the_contract_is_used_as_given(world):
             half = self.ntotal // 2
             D1, I1 = brute_force_search(xb[:half], xq, k)
             D2, I2 = brute_force_search(xb[half:], xq, k)
-            return E.merge_topk(D1, I1, D2, I2 + half, k)
+            return merge_topk([(D1, I1), (D2, I2 + half)], k)
 
         def describe(self):
             return {"index": "shards", "exact": True, "params": {}}
@@ -201,7 +209,7 @@ def test_workspace_index_is_searched_and_fingerprinted(indexed, tmp_path):
     res = mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", index="workspace", nprobe=4), tmp_path / "n.parquet")
     s = res.meta["search"]
     assert s["index"] == "workspace" and s["factory"] == "IVF16,Flat" and s["params"] == {"nprobe": 4}
-    assert s["fingerprint"] == E.file_fingerprint(indexed.index_path("train")) and s["file"] == "index.train.faiss"
+    assert s["fingerprint"] == file_digest(indexed.index_path("train")) and s["file"] == "index.train.faiss"
     assert not (tmp_path / "n.parquet.faiss").exists()              # nothing saved: the workspace holds it
 
 
@@ -354,38 +362,38 @@ def test_hnsw_deeper_searches_keep_the_tuned_beam():
     xb = rng.standard_normal((4000, 32)).astype(np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
     xq = xb[rng.choice(4000, 100, replace=False)] + 0.3 * rng.standard_normal((100, 32)).astype(np.float32)
-    raw, _ = E.approximate_index(xb, "HNSW8,Flat", device="cpu")
-    backend = E.Reranked(raw, xb, 1.0, {"index": "hnsw"})
-    exact = E.ExactSearch(xb, device="cpu")
-    tuning = E.tune(backend, exact.search(xq, 10)[1], xq, 10, 0.95)
+    raw, _ = approximate_index(xb, "HNSW8,Flat", device="cpu")
+    backend = Reranked(raw, xb, 1.0, {"index": "hnsw"})
+    exact = ExactSearch(xb, device="cpu")
+    tuning = tune(backend, exact.search(xq, 10)[1], xq, 10, 0.95)
     ef = tuning.value
     assert backend.describe()["depth"] == 10 and backend.beam_for(10) is None
     assert backend.beam_for(40) == ef * 4
-    deep = E.candidate_recall(backend.search(xq, 40)[1], exact.search(xq, 40)[1])
+    deep = candidate_recall(backend.search(xq, 40)[1], exact.search(xq, 40)[1])
     _, bare = raw.search(xq, 40)                       # the index alone: beam max(ef, 40)
     assert faiss.downcast_index(raw).hnsw.efSearch == ef
     assert deep >= min(0.95, tuning.recall) - 0.02
-    assert deep >= E.candidate_recall(bare, exact.search(xq, 40)[1])
+    assert deep >= candidate_recall(bare, exact.search(xq, 40)[1])
 
 
 def test_ivf_deeper_searches_probe_proportionally_more_lists():
     rng = np.random.default_rng(4)
     xb = rng.standard_normal((3000, 16)).astype(np.float32)
-    raw, _ = E.approximate_index(xb, "IVF16,Flat", device="cpu")
-    backend = E.Reranked(raw, xb, 1.0, {"index": "ivf", "depth": 10, "params": {"nprobe": 2}})
+    raw, _ = approximate_index(xb, "IVF16,Flat", device="cpu")
+    backend = Reranked(raw, xb, 1.0, {"index": "ivf", "depth": 10, "params": {"nprobe": 2}})
     assert backend.beam_for(10) is None and backend.beam_for(40) == 8 and backend.beam_for(1000) == 16   # <= nlist
     xq = rng.standard_normal((50, 16)).astype(np.float32)
     backend.set_params({"nprobe": 2})
-    exact = E.ExactSearch(xb, device="cpu").search(xq, 40)[1]
-    scaled = E.candidate_recall(backend.search(xq, 40)[1], exact)
-    assert scaled > E.candidate_recall(raw.search(xq, 40)[1], exact)     # the bare index probes 2 lists
+    exact = ExactSearch(xb, device="cpu").search(xq, 40)[1]
+    scaled = candidate_recall(backend.search(xq, 40)[1], exact)
+    assert scaled > candidate_recall(raw.search(xq, 40)[1], exact)     # the bare index probes 2 lists
 
 
 def test_gathered_dot_is_exact_and_the_same_for_any_split(tmp_path):
     """Re-scoring gives the float32 dot product of each listed row, -inf for -1 pads, the same bits
     whichever queries or rows are scored together, in memory or memory-mapped, and refuses a row
     outside the gallery instead of reading past it."""
-    from cir_mine.miner.core.scores import gathered_dot
+    from cir_mine.miner.core.search.exact import gathered_dot
 
     rng = np.random.default_rng(4)
     xb = rng.standard_normal((800, 12)).astype(np.float32)
@@ -430,10 +438,10 @@ def test_list_major_search_scans_what_faiss_scans(nprobe):
     same nprobe (scores agree to float32 rounding), k deeper than a query's lists pads with -1."""
     index, xb, xq = _ivf()
     index.nprobe = nprobe
-    ivf = E.ivf_flat_lists(index)
+    ivf = ivf_flat_lists(index)
     for k in (1, 25, 400):
         D0, I0 = index.search(xq, k)
-        D1, I1 = E.list_major_search(ivf, xq, k, nprobe)
+        D1, I1 = list_major_search(ivf, xq, k, nprobe)
         assert D1.shape == (300, k) and I1.dtype == np.int64
         same = np.mean([a == b for a, b in zip(_rows(D0, I0), _rows(D1, I1))])
         assert same >= 0.99                          # rows differ only at float-rounding ties of the cut
@@ -455,13 +463,13 @@ def test_list_major_search_skips_empty_lists():
     _, assign = index.quantizer.search(xb, 1)
     keep = np.flatnonzero(assign[:, 0] % 2 == 0)
     index.add_with_ids(xb[keep], keep.astype(np.int64))
-    ivf = E.ivf_flat_lists(index)
-    assert (E.ListLayout.of(ivf).sizes[1::2] == 0).all()
+    ivf = ivf_flat_lists(index)
+    assert (ListLayout.of(ivf).sizes[1::2] == 0).all()
     xq = rng.standard_normal((200, 16)).astype(np.float32)
     index.nprobe = 7
     for k in (5, 300):
         D0, I0 = index.search(xq, k)
-        D1, I1 = E.list_major_search(ivf, xq, k, 7)
+        D1, I1 = list_major_search(ivf, xq, k, 7)
         assert np.mean([a == b for a, b in zip(_rows(D0, I0), _rows(D1, I1))]) >= 0.99
         assert ((I1 >= 0) == (I0 >= 0)).all() and np.isin(I1[I1 >= 0], keep).all()
         ok = I1 >= 0
@@ -473,11 +481,11 @@ def test_list_major_rows_are_the_same_in_any_pass_and_batch():
     separate batches give the same bits; exact twins tie and go to the lower row."""
     index, xb, xq = _ivf(twins=600)
     xq = np.concatenate([xq, xb[:50]])                # queries on a twin pair: a tie at the top
-    ivf = E.ivf_flat_lists(index)
-    D, I = E.list_major_search(ivf, xq, 30, 6)
-    Dc, Ic = E.list_major_search(ivf, xq, 30, 6, budget=1)
+    ivf = ivf_flat_lists(index)
+    D, I = list_major_search(ivf, xq, 30, 6)
+    Dc, Ic = list_major_search(ivf, xq, 30, 6, budget=1)
     assert np.mean([a == b for a, b in zip(_rows(D, I), _rows(Dc, Ic))]) >= 0.99 and np.allclose(D, Dc, atol=1e-4)
-    backend = E.Reranked(index, xb, 1.0, {"index": "ivf"})
+    backend = Reranked(index, xb, 1.0, {"index": "ivf"})
     backend.set_params({"nprobe": 6})
     Dr, Ir = backend.search(xq, 30)
     parts = [backend.search(xq[s:s + 70], 30) for s in range(0, 350, 70)]      # 70 x 6 >= 40 lists
@@ -489,19 +497,19 @@ def test_list_major_rows_are_the_same_in_any_pass_and_batch():
 
 def test_list_major_is_used_for_large_batches_and_gives_faiss_candidates(monkeypatch):
     index, xb, xq = _ivf()
-    backend = E.Reranked(index, xb, 1.0, {"index": "ivf"})
+    backend = Reranked(index, xb, 1.0, {"index": "ivf"})
     backend.set_params({"nprobe": 4})
     calls = []
-    real = E.list_major_search
-    monkeypatch.setattr(E, "list_major_search", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    real = list_major_search
+    monkeypatch.setattr(backends_mod, "list_major_search", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
     D, I = backend.search(xq, 50)                      # 300 queries x 4 probes >= 40 lists
     assert calls == [300]
     backend.search(xq[:5], 50)                         # 5 x 4 < 40: FAISS's own search
     assert calls == [300]
     index.nprobe = 4
-    ref = E.exact_rescore(xb, xq, index.search(xq, 50)[1], 50)
+    ref = exact_rescore(xb, xq, index.search(xq, 50)[1], 50)
     assert np.mean([a == b for a, b in zip(_rows(D, I), _rows(*ref))]) >= 0.99
-    assert E.ivf_flat_lists(E.approximate_index(xb, "IVF8,PQ4", device="cpu")[0]) is None   # codes, not vectors
+    assert ivf_flat_lists(approximate_index(xb, "IVF8,PQ4", device="cpu")[0]) is None   # codes, not vectors
 
 
 def test_deep_tuning_probes_fewer_lists_than_scaling():
@@ -509,18 +517,18 @@ def test_deep_tuning_probes_fewer_lists_than_scaling():
     beam_for follows the line through both tuned points (the old ratio rule scales past it)."""
     rng = np.random.default_rng(6)
     xb = rng.standard_normal((8000, 16)).astype(np.float32)
-    raw, _ = E.approximate_index(xb, "IVF64,Flat", device="cpu")
-    backend = E.Reranked(raw, xb, 1.0, {"index": "ivf"})
+    raw, _ = approximate_index(xb, "IVF64,Flat", device="cpu")
+    backend = Reranked(raw, xb, 1.0, {"index": "ivf"})
     xq = rng.standard_normal((200, 16)).astype(np.float32)
-    exact = E.ExactSearch(xb, device="cpu").search(xq, 400)[1]
-    tu = E.tune(backend, exact[:, :50], xq, 50, 0.9)
-    deep = E.tune_deep(backend, exact, xq, 400, 0.9)
+    exact = ExactSearch(xb, device="cpu").search(xq, 400)[1]
+    tu = tune(backend, exact[:, :50], xq, 50, 0.9)
+    deep = tune_deep(backend, exact, xq, 400, 0.9)
     assert deep["depth"] == 400 and deep["reached"] and deep["recall"] >= 0.9
     assert backend.describe()["deep"] == {"depth": 400, "params": {"nprobe": deep["value"]}}
     assert deep["value"] >= tu.value and all(r < 0.9 for _, r, _ in deep["tried"][:-1])
     assert backend.beam_for(400) == deep["value"] and backend.beam_for(50) is None
     assert tu.value <= backend.beam_for(200) <= deep["value"]
-    got = E.candidate_recall(backend.search(xq, 400)[1], exact)
+    got = candidate_recall(backend.search(xq, 400)[1], exact)
     assert got == pytest.approx(deep["recall"], abs=1e-4)
 
 
@@ -530,21 +538,21 @@ def test_recall_read_off_the_lists_is_the_searched_recall():
     recall of a search at every p, and tuning picks the smallest p that reaches the target without
     searching."""
     index, xb, xq = _ivf()
-    backend = E.Reranked(index, xb, 1.0, {"index": "ivf"})
-    exact = E.ExactSearch(xb, device="cpu").search(xq, 60)[1]
-    pos = E.probe_positions(backend.lists, backend.layout_of(), xq, exact)
+    backend = Reranked(index, xb, 1.0, {"index": "ivf"})
+    exact = ExactSearch(xb, device="cpu").search(xq, 60)[1]
+    pos = probe_positions(backend.lists, backend.layout_of(), xq, exact)
     assert pos.shape == exact.shape and pos.min() >= 0 and pos.max() < 40
-    curve = E.recall_by_nprobe(pos, 40)
+    curve = recall_by_nprobe(pos, 40)
     assert curve[0] == 0 and curve[-1] == 1 and (np.diff(curve) >= 0).all()
     for p in (1, 2, 3, 7, 13, 40):
         backend.set_params({"nprobe": p})
-        assert E.candidate_recall(backend.search(xq, 60)[1], exact) == pytest.approx(curve[p], abs=1e-9)
-    tu = E.tune(backend, exact, xq, 60, 0.9)
+        assert candidate_recall(backend.search(xq, 60)[1], exact) == pytest.approx(curve[p], abs=1e-9)
+    tu = tune(backend, exact, xq, 60, 0.9)
     assert tu.method == "lists" and curve[tu.value - 1] < 0.9 <= curve[tu.value] == pytest.approx(tu.recall)
     assert backend.describe()["params"] == {"nprobe": tu.value} and tu.tried[-1][0] == tu.value
     # compressed codes (over-fetch > 1) are tuned by searching
-    fetched = E.Reranked(index, xb, 2.0, {"index": "ivf"})
-    assert not E.by_lists(fetched) and E.tune(fetched, exact, xq, 60, 0.9).method == "search"
+    fetched = Reranked(index, xb, 2.0, {"index": "ivf"})
+    assert not by_lists(fetched) and tune(fetched, exact, xq, 60, 0.9).method == "search"
 
 
 def test_topk_desc_sorts_like_a_two_key_lexsort():
@@ -560,7 +568,7 @@ def test_topk_desc_sorts_like_a_two_key_lexsort():
         order = np.lexsort((np.where(I >= 0, I, np.iinfo(np.int64).max), np.where(I >= 0, -D, np.inf)), axis=1)[:, :k]
         ref_I = np.take_along_axis(I, order, 1)
         ref_D = np.where(ref_I >= 0, np.take_along_axis(D, order, 1) + np.float32(0), -np.inf).astype(np.float32)
-        got_D, got_I = E.topk_desc(D, I, k)
+        got_D, got_I = topk_desc(D, I, k)
         assert np.array_equal(got_I, ref_I) and np.array_equal(got_D.view(np.uint32), ref_D.view(np.uint32))
     big = np.array([[1.0, 2.0, 2.0]], np.float32), np.array([[1 << 40, 5, 1 << 33]])
-    assert E.topk_desc(*big, 3)[1].tolist() == [[5, 1 << 33, 1 << 40]]       # rows past 2**32: the lexsort
+    assert topk_desc(*big, 3)[1].tolist() == [[5, 1 << 33, 1 << 40]]       # rows past 2**32: the lexsort

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cir_mine.data.synthetic import SynthConfig, generate
 from cir_mine.data.workspace import Workspace
-from cir_mine.miner.core.search import brute_force_search, build_index, search_batched
+from cir_mine.miner.core.search import build_index, search_batched
+from tests.builders import brute_force_search
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.scores import zero_shot_queries
 from tests.builders import by_query

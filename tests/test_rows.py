@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from cir_mine.data.rows import AttrLists, first_duplicate, shared_objects, sorted_codes
 from cir_mine.data.workspace import Gallery, read_gallery
 from cir_mine.miner.core.attribute_codes import AttrCodes
-from cir_mine.miner.core.search import gallery_fingerprint
+from cir_mine.miner.core.search.persist import gallery_fingerprint
 
 tags = st.lists(st.sampled_from(["color:red", "color:blue", "sleeve:short", "neck:v", "fit:slim"]), max_size=4)
 

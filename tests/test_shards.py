@@ -42,7 +42,7 @@ def test_flat_shards_equal_one_flat_index_with_duplicates():
     base = _unit(rng, 60, 16)
     xb = np.concatenate([base, base[:20]])[rng.permutation(80)]
     xq = l2_normalize(base[:30] + 0.05 * rng.standard_normal((30, 16)).astype(np.float32))
-    from cir_mine.miner.core.engine import ExactSearch
+    from cir_mine.miner.core.search.backends import ExactSearch
 
     D, I = ExactSearch(xb, device="cpu").search(xq, 10)
     Ds, Is = ShardedIndex(xb, ShardConfig(shards=3)).search(xq, 10)

@@ -387,7 +387,7 @@ def test_verbose_logs_cir_mine_only(tmp_path):
                         "-q", "-v"],
                        capture_output=True, text=True, env={**os.environ}, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "INFO cir_mine.miner.core.search: FAISS index Flat on CPU" in r.stderr
+    assert "INFO cir_mine.miner.core.search.build: FAISS index Flat on CPU" in r.stderr
     assert "faiss.loader" not in r.stderr
 
 

@@ -23,15 +23,19 @@ from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers
 from cir_mine.data.io import DirLock, check_output
 from cir_mine.data.rows import sorted_codes
-from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
+from cir_mine.data.workspace import Gallery, Triplets, Workspace, file_digest, library_versions, release_pages
 
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
 from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
-from cir_mine.miner.core import engine as E
-from cir_mine.miner.core.search import check_index, index_meta, load_index, release_pages, search_batched
+from cir_mine.miner.core.search.backends import ExactSearch, Reranked, check_backend, search_batched
+from cir_mine.miner.core.search.build import approximate_index, sample_rows
+from cir_mine.miner.core.search.params import current_params, default_overfetch, index_kind, parse_search_params
+from cir_mine.miner.core.search.persist import check_index, index_meta, load_index, save_backend_index, saved_index_path
+from cir_mine.miner.core.search.tuning import Tuning, candidate_recall, tune, tune_deep
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
-from cir_mine.miner.core.scores import delta as delta_of, gathered_dot, row_dot, zero_shot_queries
+from cir_mine.miner.core.scores import delta as delta_of, zero_shot_queries
+from cir_mine.miner.core.search.exact import gathered_dot, row_dot
 from cir_mine.miner.core.strategies import (REGISTRY, Candidates, Picks, default_params, hash_keys, param_owner,
                                             parse_mix, split_k, validate_params)
 from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, write_negatives
@@ -189,7 +193,7 @@ class MineConfig:
 
     def fixed_params(self) -> dict:
         """The search parameters given explicitly ({} when they are to be tuned or left at defaults)."""
-        out = E.parse_search_params(self.search_params)
+        out = parse_search_params(self.search_params)
         if self.nprobe is not None:
             out["nprobe"] = int(self.nprobe)
         if self.ef_search is not None:
@@ -542,18 +546,18 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     n, d = xb.shape
     if index is not None:
         if hasattr(index, "describe"):
-            E.check_backend(index, n, d, "the given back-end")
+            check_backend(index, n, d, "the given back-end")
             return index, {**index.describe(), "source": "given"}
         check_index(index, prep.g, "the given index", ws.gallery_path(split), fix="Pass an index built from this gallery")
-        backend = E.Reranked(index, xb, cfg.overfetch or 1.0, {"index": "given", "factory": type(index).__name__,
-                                                                 "params": E.current_params(index)})
-        backend.exact = E.index_kind(index) == "flat"
+        backend = Reranked(index, xb, cfg.overfetch or 1.0, {"index": "given", "factory": type(index).__name__,
+                                                                 "params": current_params(index)})
+        backend.exact = index_kind(index) == "flat"
         if cfg.fixed_params():
             backend.set_params(cfg.fixed_params())
         return backend, {**backend.describe(), "source": "given"}
     spec = cfg.index
     if spec == "flat" or spec == "Flat":
-        backend = E.ExactSearch(xb, device=cfg.device, fp16=cfg.fp16)
+        backend = ExactSearch(xb, device=cfg.device, fp16=cfg.fp16)
         return backend, {**backend.describe(), "source": "built"}
     if spec == "workspace":
         path = ws.index_path(split)
@@ -563,15 +567,15 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
                     f"Rebuild it with `cir-mine index --work {ws.root} --split {split}`")
         factory = meta.get("factory") or type(raw).__name__
         info = {"index": "workspace", "factory": factory, "file": path.name,
-                "fingerprint": E.file_fingerprint(path)}
+                "fingerprint": file_digest(path)}
     else:
-        raw, factory = E.approximate_index(xb, spec, cfg.device, cfg.fp16, cfg.seed)
+        raw, factory = approximate_index(xb, spec, cfg.device, cfg.fp16, cfg.seed)
         info = {"index": spec, "factory": factory}
-    if E.index_kind(raw) == "flat":
-        backend = E.Reranked(raw, xb, 1.0, {**info, "params": {}})
+    if index_kind(raw) == "flat":
+        backend = Reranked(raw, xb, 1.0, {**info, "params": {}})
         backend.exact = True
         return backend, {**backend.describe(), "source": "built"}
-    backend = E.Reranked(raw, xb, cfg.overfetch or E.default_overfetch(factory), {**info, "params": E.current_params(raw)})
+    backend = Reranked(raw, xb, cfg.overfetch or default_overfetch(factory), {**info, "params": current_params(raw)})
     rec = {"source": "built" if spec != "workspace" else "workspace"}
     if cfg.fixed_params():
         backend.set_params(cfg.fixed_params())
@@ -580,7 +584,7 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     return backend, {**backend.describe(), **rec}
 
 
-def tune_backend(prep: Prepared, cfg: MineConfig, backend) -> "E.Tuning":
+def tune_backend(prep: Prepared, cfg: MineConfig, backend) -> "Tuning":
     """Tune an approximate back-end to ``cfg.target_recall`` on a seeded sample of the composed
     queries: at the depth every batch is searched at (the reserve short queries are mined from, so
     the negatives of queries whose target ranks deep are found as reliably), then, when deepening
@@ -589,12 +593,12 @@ def tune_backend(prep: Prepared, cfg: MineConfig, backend) -> "E.Tuning":
     back-ends (compressed codes, HNSW) keep the tuned value-to-depth ratio for deeper searches."""
     depth = reserve_depth(prep, cfg, backend)
     deepest = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else depth
-    sample = E.sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
+    sample = sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
     xq = prep.qs.emb[sample]
-    _, exact_I = E.ExactSearch(prep.pool.xb, blocked=True).search(xq, max(depth, deepest))
-    tuning = E.tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall)
+    _, exact_I = ExactSearch(prep.pool.xb, blocked=True).search(xq, max(depth, deepest))
+    tuning = tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall)
     if deepest > depth and getattr(backend, "cheap_depth", False):
-        tuning.deep = E.tune_deep(backend, exact_I, xq, deepest, cfg.target_recall)
+        tuning.deep = tune_deep(backend, exact_I, xq, deepest, cfg.target_recall)
     return tuning
 
 
@@ -803,14 +807,14 @@ def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined) -> dict
     back-end against exact search, and the share of each query's mined negatives that exact
     mining (same config, seed and queries) also picks."""
     t0 = time.perf_counter()
-    sample = E.sample_rows(prep.m, cfg.check_recall, cfg.seed, 2)
-    exact = E.ExactSearch(prep.pool.xb, blocked=True)
+    sample = sample_rows(prep.m, cfg.check_recall, cfg.seed, 2)
+    exact = ExactSearch(prep.pool.xb, blocked=True)
     xq = prep.qs.emb[sample]
     rec = {"queries": int(sample.size), "depth": prep.depth}
     if prep.need_ranked:
         _, Ie = exact.search(xq, prep.depth)
         _, Ia = backend.search(xq, prep.depth)
-        rec["candidate_recall"] = round(E.candidate_recall(Ia, Ie), 4)
+        rec["candidate_recall"] = round(candidate_recall(Ia, Ie), 4)
     ref = mine_queries(prep, cfg, exact, sample)
     n = len(prep.g)
     keys = lambda md: np.unique(np.concatenate(md.out["q"]) * n + np.concatenate(md.out["row"])) \
@@ -833,7 +837,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
 
     query_emb: float32[m, d] normalized query embeddings (a trained model's, from cir-train's
     refresh); None with ``cfg.query == 'zero-shot'`` uses normalize(ref + w * text).
-    index: a search back-end (see cir_mine.miner.core.engine) or a FAISS inner-product index over the
+    index: a search back-end (see cir_mine.miner.core.search.backends) or a FAISS inner-product index over the
     gallery rows; default: the one ``cfg.index`` names (exact flat unless told).
     progress: called with the number of queries finished in each batch.
     loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
@@ -932,8 +936,8 @@ def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, ov
         res = mine_negatives(ws, split, cfg, **kw)
         search = res.meta["search"]
         if search.get("source") == "built" and not search.get("exact", True):
-            side = E.saved_index_path(out)
-            E.save_backend_index(res.backend, side)
-            search["file"], search["fingerprint"] = side.name, E.file_fingerprint(side)
+            side = saved_index_path(out)
+            save_backend_index(res.backend, side)
+            search["file"], search["fingerprint"] = side.name, file_digest(side)
         write_negatives(res.table, out, res.meta)
     return res

@@ -10,9 +10,8 @@ from typing import Optional
 
 
 from cir_mine.data.errors import DataError, UsageError
-from cir_mine.miner.core.engine import approximate_index
-from cir_mine.miner.core.search import (build_index, check_index, factory_string, gallery_fingerprint, index_meta, load_index,
-                                        save_index, use_gpu)
+from cir_mine.miner.core.search.build import approximate_index, build_index, factory_string, use_gpu
+from cir_mine.miner.core.search.persist import check_index, gallery_fingerprint, index_meta, load_index, save_index
 
 log = logging.getLogger(__name__)
 

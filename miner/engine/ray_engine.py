@@ -65,9 +65,9 @@ class _Searcher(ShardSearcher):
     """ShardSearcher with its FAISS thread count set inside the actor process."""
 
     def __init__(self, *args, threads: int = 1, **kw):
-        from cir_mine.miner.core.search import _faiss
+        from cir_mine.miner.core.search.faiss_api import load_faiss
 
-        _faiss().omp_set_num_threads(max(1, int(threads)))
+        load_faiss().omp_set_num_threads(max(1, int(threads)))
         super().__init__(*args, **kw)
 
     def ready(self) -> int:

@@ -22,9 +22,10 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.data.errors import UsageError
-from cir_mine.miner.core.engine import gemm_topk, topk_desc
-from cir_mine.miner.core.scores import gathered_dot
-from cir_mine.miner.core.search import _faiss, factory_string
+from cir_mine.miner.core.search.build import factory_string
+from cir_mine.miner.core.search.exact import gathered_dot, gemm_topk
+from cir_mine.miner.core.search.faiss_api import load_faiss
+from cir_mine.miner.core.search.topk import topk_desc
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def train_shard_index(xb: np.ndarray, cfg: ShardConfig) -> Optional[np.ndarray]:
     (float32[n, d]), so every shard shares one set of centroids and codebooks."""
     if cfg.exact:
         return None
-    faiss = _faiss()
+    faiss = load_faiss()
     n, d = xb.shape
     fs = factory_string(cfg.index, n, d)
     try:
@@ -108,7 +109,7 @@ class ShardSearcher:
 
     def __init__(self, xb: np.ndarray, offset: int, trained: Optional[np.ndarray] = None, nprobe: int = 32,
                  overfetch: int = 4, list_cover: float = 4.0, crash_marker: Optional[str] = None):
-        faiss = _faiss()
+        faiss = load_faiss()
         self.xb = np.ascontiguousarray(xb, dtype=np.float32)
         self.offset, self.crash_marker = int(offset), crash_marker
         self.nprobe, self.list_cover = int(nprobe), float(list_cover)
@@ -151,7 +152,7 @@ class ShardSearcher:
 
 
 def topk_rows(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each row of (D, I) in the single-process order (:func:`cir_mine.miner.core.engine.topk_desc`:
+    """The k best of each row of (D, I) in the single-process order (:func:`cir_mine.miner.core.search.topk.topk_desc`:
     score descending, ties by the lower row first); -1 ids (pads) last, with -inf scores.
     D float32[nq, L], I int64[nq, L] -> float32[nq, k'], int64[nq, k']."""
     k = int(min(k, D.shape[1]))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cir_mine.miner.core.guards import member, pair_keys
-from cir_mine.miner.core.search import search_batched
+from cir_mine.miner.core.search.backends import search_batched
 from cir_mine.miner.core.strategies.registry import register, split_k
 from cir_mine.miner.core.strategies.selection import Picks, concat_picks, pick
 
