@@ -351,7 +351,7 @@ def embed(
                    ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
     with progress_bar("embed", None, quiet, unit="images") as advance:
         if engine == "ray":
-            from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
+            from cir_mine.miner.distributed.ray_embed import RayEmbedRun, embed_dataset_ray
 
             m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance)
         else:
@@ -577,9 +577,9 @@ def negatives(
         raise UsageError(f"--index {index} searches in one process; with --engine/--shards choose each shard's "
                          f"index with --shard-index.")
     if sharded:
-        from cir_mine.miner.engine.mine import mine_with_engine_to_file
-        from cir_mine.miner.engine.ray_engine import RayConfig
-        from cir_mine.miner.engine.shards import ShardConfig
+        from cir_mine.miner.distributed.mine import mine_with_engine_to_file
+        from cir_mine.miner.distributed.ray_shards import RayConfig
+        from cir_mine.miner.distributed.shards import ShardConfig
 
         shard_cfg = ShardConfig(shards=shards, index=shard_index, nprobe=shard_nprobe, seed=seed)
         ray_cfg = RayConfig(address=ray_address, cpus_per_shard=cpus_per_shard)

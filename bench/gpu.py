@@ -140,7 +140,8 @@ def mining_rows(args, device: str) -> list:
                 # the bare FAISS flat search the miner is measured against (on a GPU, the same index)
                 raw = backend.index if backend.index is not None else build_index(xb, "flat", device=device)
             else:
-                raw, factory = build.approximate_index(xb, "ivf", device=device, fp16=args.fp16)
+                raw = build_index(xb, "ivf", device=device, fp16=args.fp16)
+                factory = build.factory_string("ivf", *xb.shape)
                 backend = B.Reranked(raw, xb, 1.0, {"index": "ivf", "factory": factory})
                 sample = build.sample_rows(len(xq), 1000, 0, 1)
                 _, exact_I = B.ExactSearch(xb, device=device).search(xq[sample], depth)

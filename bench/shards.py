@@ -45,7 +45,8 @@ def main() -> None:
     import faiss
 
     from cir_mine.miner.core.search import factory_string
-    from cir_mine.miner.engine.shards import ShardConfig, ShardSearcher, merge_topk, train_shard_index
+    from cir_mine.miner.core.search.topk import merge_topk
+    from cir_mine.miner.distributed.shards import ShardConfig, ShardSearcher, train_shard_index
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(args.seed)

@@ -96,9 +96,9 @@ class Remine:
 
 def _engine_index(engine: dict, xb: np.ndarray, ray_address: Optional[str]):
     """The index of the engine a table was mined with (kept open for every round)."""
-    from cir_mine.miner.engine.mine import open_index
-    from cir_mine.miner.engine.ray_engine import RayConfig
-    from cir_mine.miner.engine.shards import ShardConfig
+    from cir_mine.miner.distributed.mine import open_index
+    from cir_mine.miner.distributed.ray_shards import RayConfig
+    from cir_mine.miner.distributed.shards import ShardConfig
 
     shard_cfg = ShardConfig(**engine["shard"])
     ray_cfg = RayConfig(address=ray_address, **engine.get("ray", {}))

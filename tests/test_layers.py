@@ -13,7 +13,7 @@ PKG = "cir_mine"
 LAYERS = {
     "data": (["cir_mine.miner", "cir_mine.train", "cir_mine.cli", "torch", "duckdb", "matplotlib", "faiss"],
              ["cir_mine.data"]),
-    "miner.core": (["cir_mine.miner.encode", "cir_mine.miner.engine", "cir_mine.miner.inspection", "cir_mine.miner.positives",
+    "miner.core": (["cir_mine.miner.encode", "cir_mine.miner.distributed", "cir_mine.miner.inspection", "cir_mine.miner.positives",
                     "cir_mine.train", "cir_mine.cli", "torch", "duckdb", "matplotlib", "open_clip", "ray"],
                    ["cir_mine.miner.core"]),
     "miner": (["cir_mine.train", "cir_mine.cli"], ["cir_mine.miner"]),

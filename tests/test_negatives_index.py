@@ -11,7 +11,7 @@ from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.search import backends as backends_mod, exact as exact_mod
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked
-from cir_mine.miner.core.search.build import approximate_index
+from cir_mine.miner.core.search.build import build_index
 from cir_mine.miner.core.search.exact import exact_rescore, gemm_topk
 from cir_mine.miner.core.search.lists import ListLayout, ivf_flat_lists, list_major_search, probe_positions
 from cir_mine.miner.core.search.params import parse_search_params
@@ -362,7 +362,7 @@ def test_hnsw_deeper_searches_keep_the_tuned_beam():
     xb = rng.standard_normal((4000, 32)).astype(np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
     xq = xb[rng.choice(4000, 100, replace=False)] + 0.3 * rng.standard_normal((100, 32)).astype(np.float32)
-    raw, _ = approximate_index(xb, "HNSW8,Flat", device="cpu")
+    raw = build_index(xb, "HNSW8,Flat", device="cpu")
     backend = Reranked(raw, xb, 1.0, {"index": "hnsw"})
     exact = ExactSearch(xb, device="cpu")
     tuning = tune(backend, exact.search(xq, 10)[1], xq, 10, 0.95)
@@ -379,7 +379,7 @@ def test_hnsw_deeper_searches_keep_the_tuned_beam():
 def test_ivf_deeper_searches_probe_proportionally_more_lists():
     rng = np.random.default_rng(4)
     xb = rng.standard_normal((3000, 16)).astype(np.float32)
-    raw, _ = approximate_index(xb, "IVF16,Flat", device="cpu")
+    raw = build_index(xb, "IVF16,Flat", device="cpu")
     backend = Reranked(raw, xb, 1.0, {"index": "ivf", "depth": 10, "params": {"nprobe": 2}})
     assert backend.beam_for(10) is None and backend.beam_for(40) == 8 and backend.beam_for(1000) == 16   # <= nlist
     xq = rng.standard_normal((50, 16)).astype(np.float32)
@@ -509,7 +509,7 @@ def test_list_major_is_used_for_large_batches_and_gives_faiss_candidates(monkeyp
     index.nprobe = 4
     ref = exact_rescore(xb, xq, index.search(xq, 50)[1], 50)
     assert np.mean([a == b for a, b in zip(_rows(D, I), _rows(*ref))]) >= 0.99
-    assert ivf_flat_lists(approximate_index(xb, "IVF8,PQ4", device="cpu")[0]) is None   # codes, not vectors
+    assert ivf_flat_lists(build_index(xb, "IVF8,PQ4", device="cpu")) is None   # codes, not vectors
 
 
 def test_deep_tuning_probes_fewer_lists_than_scaling():
@@ -517,7 +517,7 @@ def test_deep_tuning_probes_fewer_lists_than_scaling():
     beam_for follows the line through both tuned points (the old ratio rule scales past it)."""
     rng = np.random.default_rng(6)
     xb = rng.standard_normal((8000, 16)).astype(np.float32)
-    raw, _ = approximate_index(xb, "IVF64,Flat", device="cpu")
+    raw = build_index(xb, "IVF64,Flat", device="cpu")
     backend = Reranked(raw, xb, 1.0, {"index": "ivf"})
     xq = rng.standard_normal((200, 16)).astype(np.float32)
     exact = ExactSearch(xb, device="cpu").search(xq, 400)[1]

@@ -7,9 +7,9 @@ from cir_mine.cli import mine_app
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.tables import read_negatives
-from cir_mine.miner.engine.mine import mine_with_engine
-from cir_mine.miner.engine.ray_engine import RayConfig
-from cir_mine.miner.engine.shards import ShardConfig
+from cir_mine.miner.distributed.mine import mine_with_engine
+from cir_mine.miner.distributed.ray_shards import RayConfig
+from cir_mine.miner.distributed.shards import ShardConfig
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()

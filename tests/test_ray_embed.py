@@ -88,7 +88,7 @@ def test_ray_embed_webdataset_equals_single_process(cluster, model, tmp_path):
 def test_ray_embed_resumed_per_part_equals_single_process(cluster, model, tmp_path, caplog):
     """Stopped after 2 of 5 parts, rerun with a pool of 2 actors: only the 3 missing parts are embedded,
     and the gallery folder equals the single-process gallery file."""
-    from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
+    from cir_mine.miner.distributed.ray_embed import RayEmbedRun, embed_dataset_ray
 
     fiq = make_fashioniq(tmp_path / "fiq")
     job = _job("fashioniq", fiq, tmp_path / "ray", model)
@@ -96,7 +96,7 @@ def test_ray_embed_resumed_per_part_equals_single_process(cluster, model, tmp_pa
         embed_dataset_ray(job, RayEmbedRun(actors=1, part_size=4, batch_size=4, cpus_per_actor=0.5), _stop_after_parts=2)
     scratch = tmp_path / "ray" / ".embed-train"
     assert sorted(p.name for p in scratch.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
-    with caplog.at_level(logging.INFO, logger="cir_mine.miner.engine.ray_embed"):
+    with caplog.at_level(logging.INFO, logger="cir_mine.miner.distributed.ray_embed"):
         m = embed_dataset_ray(job, RayEmbedRun(actors=2, part_size=4, batch_size=3, cpus_per_actor=0.5))
     assert "resuming: 2 of 5 parts already done" in caplog.text
     ws = Workspace(tmp_path / "ray")

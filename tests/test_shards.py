@@ -9,9 +9,10 @@ from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import Workspace, l2_normalize
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.search import build_index
-from cir_mine.miner.engine.mine import mine_with_engine
-from cir_mine.miner.engine.ray_engine import RAY_MISSING
-from cir_mine.miner.engine.shards import ShardConfig, ShardedIndex, merge_topk, shard_bounds, topk_rows
+from cir_mine.miner.distributed.mine import mine_with_engine
+from cir_mine.miner.distributed.ray_shards import RAY_MISSING
+from cir_mine.miner.core.search.topk import merge_topk, topk_desc
+from cir_mine.miner.distributed.shards import ShardConfig, ShardedIndex, shard_bounds
 
 
 def _unit(rng, n, d):
@@ -29,7 +30,7 @@ def test_merge_equals_one_sorted_list():
     rng = np.random.default_rng(0)
     D = rng.integers(0, 5, (6, 40)).astype(np.float32)          # many ties
     I = np.stack([rng.permutation(40) for _ in range(6)]).astype(np.int64)
-    parts = [topk_rows(D[:, a:b], I[:, a:b], 7) for a, b in ((0, 13), (13, 30), (30, 40))]
+    parts = [topk_desc(D[:, a:b], I[:, a:b], 7) for a, b in ((0, 13), (13, 30), (30, 40))]
     Dm, Im = merge_topk(parts, 7)
     for q in range(6):
         ref = sorted(zip(-D[q], I[q]))[:7]                      # score desc, lower id first
@@ -108,8 +109,8 @@ def test_engine_ray_without_ray_names_the_extra(synth_work, tmp_path, command):
 def test_refresh_searches_through_the_tables_engine(synth_work, tmp_path, monkeypatch):
     """A table mined through IVF shards is re-mined through the same shards (opened once), not the
     workspace index: each round equals the engine's own mine with the same queries."""
-    from cir_mine.miner.engine import shards as shards_mod
-    from cir_mine.miner.engine.mine import mine_with_engine_to_file
+    from cir_mine.miner.distributed import shards as shards_mod
+    from cir_mine.miner.distributed.mine import mine_with_engine_to_file
     from cir_mine.miner.core.tables import read_negatives
     from cir_mine.train.refresh import miner_remine
 

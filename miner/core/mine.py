@@ -29,7 +29,7 @@ from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
 from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked, check_backend, search_batched
-from cir_mine.miner.core.search.build import approximate_index, sample_rows
+from cir_mine.miner.core.search.build import build_index, factory_string, sample_rows
 from cir_mine.miner.core.search.params import current_params, default_overfetch, index_kind, parse_search_params
 from cir_mine.miner.core.search.persist import check_index, index_meta, load_index, save_backend_index, saved_index_path
 from cir_mine.miner.core.search.tuning import Tuning, candidate_recall, tune, tune_deep
@@ -569,7 +569,8 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
         info = {"index": "workspace", "factory": factory, "file": path.name,
                 "fingerprint": file_digest(path)}
     else:
-        raw, factory = approximate_index(xb, spec, cfg.device, cfg.fp16, cfg.seed)
+        raw = build_index(xb, spec, cfg.device, cfg.fp16, cfg.seed)
+        factory = factory_string(spec, n, d)
         info = {"index": spec, "factory": factory}
     if index_kind(raw) == "flat":
         backend = Reranked(raw, xb, 1.0, {**info, "params": {}})

@@ -25,7 +25,8 @@ from cir_mine.data.workspace import (Workspace, check_split, gallery_table, trip
 
 from cir_mine.miner.encode.clip import (AttributePrompts, EncoderConfig, ImageRun, embed_images, embed_texts,
                                         load_encoder, load_prompts, zero_shot_attributes)
-from cir_mine.miner.encode.index import check_index_spec, index_workspace
+from cir_mine.miner.core.search.build import check_spec
+from cir_mine.miner.encode.index import index_workspace
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,8 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
         _check_encoder_matches(ws, job.split, encoder.describe())
         if encoder.describe().get("dim"):
             ws.check_new_split(job.split, int(encoder.describe()["dim"]), overwrite=True)
-            check_index_spec(job.index, len(images), int(encoder.describe()["dim"]))
+            if job.index != "none":
+                check_spec(job.index, len(images), int(encoder.describe()["dim"]))
         advance(0, total=len(images))  # the bar counts images; captions are fast
         shard_dir = ws.root / f".embed-{job.split}"
         keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]

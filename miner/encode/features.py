@@ -19,7 +19,8 @@ from cir_mine.data.errors import DataError, SchemaError, UsageError
 from cir_mine.data.io import DirLock, read_parquet, same_file, transaction
 from cir_mine.data.workspace import Workspace, check_readable_file, check_split, gallery_table, l2_normalize
 
-from cir_mine.miner.encode.index import check_index_spec, index_workspace
+from cir_mine.miner.core.search.build import check_spec
+from cir_mine.miner.encode.index import index_workspace
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
         check_encoder_change(ws, encoder_name)
     ws.check_new_split(split, None, overwrite)
     if index != "none":
-        check_index_spec(index, len(ids), int(emb.shape[1]))
+        check_spec(index, len(ids), int(emb.shape[1]))
     with DirLock(ws.root, "cir-mine index --from-features"), transaction():
         cats, attrs, paths, scores = carry_over(ws, split, ids, cats)
         table = gallery_table(ids, cats, attrs, l2_normalize(emb), paths=paths)

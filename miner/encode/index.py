@@ -10,7 +10,7 @@ from typing import Optional
 
 
 from cir_mine.data.errors import DataError, UsageError
-from cir_mine.miner.core.search.build import approximate_index, build_index, factory_string, use_gpu
+from cir_mine.miner.core.search.build import build_index, check_spec, factory_string, use_gpu
 from cir_mine.miner.core.search.persist import check_index, gallery_fingerprint, index_meta, load_index, save_index
 
 log = logging.getLogger(__name__)
@@ -45,25 +45,6 @@ def write_gallery_npy(ws, split: str, dtype: str = "float32") -> Path:
     blocks = (embedding_numpy(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=["embedding"]))
     write_embeddings_npy(blocks, n, dim, ws.embeddings_path(split), np.dtype(dtype))
     return ws.embeddings_path(split)
-def check_index_spec(spec: str, n: int, dim: int) -> None:
-    """Refuse (UsageError) an index spec FAISS cannot build or train over ``n`` vectors of ``dim``,
-    before anything is written."""
-    import faiss
-
-    if spec == "none":
-        return
-    fs = factory_string(spec, n, dim)
-    try:
-        index = faiss.index_factory(dim, fs, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise UsageError(f"--index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and ivf.nlist > n:
-        raise UsageError(f"--index {spec!r}: {fs!r} has {ivf.nlist} lists but the gallery has {n} images; FAISS "
-                         f"needs at least one training vector per list. Use --index flat, or IVF{max(1, n // 39)},Flat.")
-
-
-
 def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
                     fp16: bool = False, lock: bool = True, npy: Optional[str] = None) -> dict:
     """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
@@ -91,17 +72,8 @@ def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict
     g = ws.gallery(split)
     if len(g) == 0:
         raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")
-    check_index_spec(spec, len(g), g.dim)
-    try:
-        if factory_string(spec, len(g), g.dim) == "Flat":
-            index = build_index(g.embeddings, spec, device=device, fp16=fp16)
-        else:                                    # trained on a sample, rows added block by block
-            index, _ = approximate_index(g.embeddings, spec, device=device, fp16=fp16)
-    except RuntimeError as e:
-        raise UsageError(
-            f"--index {spec!r}: FAISS cannot train {factory_string(spec, len(g), g.dim)!r} on {len(g)} "
-            f"vectors ({str(e).splitlines()[0][:160]}). Use --index flat or a smaller factory string."
-        ) from None
+    check_spec(spec, len(g), g.dim)
+    index = build_index(g.embeddings, spec, device=device, fp16=fp16)
     meta = {
         "spec": spec, "factory": factory_string(spec, len(g), g.dim), "metric": "inner_product",
         "dim": g.dim, "gallery_rows": len(g), "gallery_hash": gallery_fingerprint(g.id_array, g.category_array, g.embeddings),

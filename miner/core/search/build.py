@@ -6,6 +6,7 @@ ask for the CPU; the choice is logged. All indexes are inner-product (cosine on 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import numpy as np
 
@@ -57,79 +58,85 @@ def factory_string(spec: str, n: int, dim: int) -> str:
     return spec
 
 
-def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: bool = False):
-    """Build an inner-product index over ``xb`` (float32[n, d]); returns a CPU or GPU index."""
+# Training of an IVF index's coarse quantizer: sampled points per list, k-means iterations.
+TRAIN_PER_LIST = 64
+KMEANS_ITERS = 10
+ADD_BLOCK = 65_536     # rows added to an index at a time (a memory-mapped gallery's pages released after each)
+
+
+def check_spec(spec: str, n: int, dim: int) -> str:
+    """The factory string of ``spec`` over ``n`` vectors of ``dim``; UsageError, before anything is
+    built or written, when FAISS cannot build it or it has more lists than vectors."""
     faiss = load_faiss()
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    fs = factory_string(spec, n, dim)
+    try:
+        index = faiss.index_factory(dim, fs, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UsageError(f"index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).",
+                         params=("index",)) from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist > n:
+        raise UsageError(f"index {spec!r}: {fs!r} has {ivf.nlist} lists but the gallery has {n} images; FAISS "
+                         f"needs at least one training vector per list. Use index flat, or IVF{max(1, n // 39)},Flat.",
+                         params=("index",))
+    return fs
+
+
+def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: bool = False, seed: int = 0,
+                train_sample: Optional[int] = None, add: bool = True):
+    """The one index builder: an inner-product index over ``xb`` (float32[n, d], may be memory-mapped).
+
+    ``spec``: 'flat' | 'ivf' | 'ivfpq' | 'hnsw' or a FAISS factory string (:func:`factory_string`).
+    An index that needs training is trained on a seeded sample of ``train_sample`` rows (default
+    TRAIN_PER_LIST per inverted list, at least 65,536; every row when there are fewer), an IVF
+    coarse quantizer by KMEANS_ITERS k-means iterations. Rows are added in blocks of ADD_BLOCK
+    (``add=False``: trained and empty, for shards that add their own rows). Flat and IVF indexes go
+    to the GPU by the one GPU rule (``fp16``: float16 storage there); HNSW stays on the CPU.
+    -> the index (CPU or GPU)."""
+    faiss = load_faiss()
     n, d = xb.shape
     fs = factory_string(spec, n, d)
     try:
         index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise UsageError(f"--index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
+        raise UsageError(f"index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).",
+                         params=("index",)) from None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
         # Polysemous training (on by default for IVFPQ) takes minutes on a few thousand vectors
         # and only serves Hamming-filtered search, which nothing here uses.
         faiss.downcast_index(ivf).do_polysemous_training = False
-    gpu = use_gpu(device)
+    if not index.is_trained:
+        _train(index, ivf, xb, spec, fs, seed, train_sample)
+    gpu = "HNSW" not in fs and use_gpu(device)
     if gpu:
         co = faiss.GpuClonerOptions()
         co.useFloat16 = bool(fp16)
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
+    if add:
+        for s in range(0, n, ADD_BLOCK):
+            index.add(np.ascontiguousarray(read_block(xb, s, s + ADD_BLOCK), np.float32))
+            release_pages(xb)
     log.info("FAISS index %s on %s (n=%d, d=%d)", fs, "GPU" if gpu else "CPU", n, d)
-    if not index.is_trained:
-        if n < 39 * max(1, getattr(faiss.extract_index_ivf(index), "nlist", 1) if "IVF" in fs else 1):
-            log.warning("few training points for %s", fs)
-        index.train(xb)
-    index.add(xb)
     return index
 
 
-# Training of an IVF index's coarse quantizer: sampled points per list, k-means iterations.
-TRAIN_PER_LIST = 64
-KMEANS_ITERS = 10
-
-
-def approximate_index(xb: np.ndarray, spec: str, device: str = "auto", fp16: bool = False, seed: int = 0):
-    """Build an approximate index ('ivf' | 'ivfpq' | 'hnsw' | FAISS factory) over ``xb``: trained on a
-    seeded sample of at most TRAIN_PER_LIST points per list (at least 65,536), rows added in blocks (``xb`` may be memory-mapped).
-    HNSW stays on the CPU (FAISS has no GPU HNSW); flat and IVF follow the one GPU rule."""
-    faiss = load_faiss()
-    n, d = xb.shape
-    fs = factory_string(spec, n, d)
+def _train(index, ivf, xb: np.ndarray, spec: str, fs: str, seed: int, train_sample: Optional[int]) -> None:
+    """Train ``index`` on a seeded sample of ``xb`` (see :func:`build_index`)."""
+    n = xb.shape[0]
+    nlist = int(ivf.nlist) if ivf is not None else 1
+    if ivf is not None:
+        # k-means of the coarse quantizer on TRAIN_PER_LIST points per list (FAISS's default of
+        # 256 costs about half an hour of CPU at 1M x 256 with 4000 lists; the lists only route
+        # the search, whose recall is tuned and measured, and re-ranking is exact)
+        ivf.cp.niter = KMEANS_ITERS
+        ivf.cp.max_points_per_centroid = TRAIN_PER_LIST
+    ntrain = min(n, int(train_sample) if train_sample else max(TRAIN_PER_LIST * nlist, 65_536))
+    rows = np.arange(n) if ntrain >= n else sample_rows(n, ntrain, seed, 7)
     try:
-        index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
+        index.train(np.ascontiguousarray(xb[rows], np.float32))
     except RuntimeError as e:
-        raise UsageError(f"--index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
-        faiss.downcast_index(ivf).do_polysemous_training = False
-    if not index.is_trained:
-        nlist = int(ivf.nlist) if ivf is not None else 1
-        if ivf is not None:
-            # k-means of the coarse quantizer on TRAIN_PER_LIST points per list (FAISS's default of
-            # 256 costs about half an hour of CPU at 1M x 256 with 4000 lists; the lists only route
-            # the search, whose recall is tuned and measured, and re-ranking is exact)
-            ivf.cp.niter = KMEANS_ITERS
-            ivf.cp.max_points_per_centroid = TRAIN_PER_LIST
-        ntrain = min(n, max(TRAIN_PER_LIST * nlist, 65_536))
-        rows = np.arange(n) if ntrain >= n else sample_rows(n, ntrain, seed, 7)
-        try:
-            index.train(np.ascontiguousarray(xb[rows], np.float32))
-        except RuntimeError as e:
-            raise UsageError(f"--index {spec!r}: FAISS cannot train {fs!r} on {n} vectors "
-                             f"({str(e).splitlines()[0][:160]}). Use --index flat or a smaller factory string.") from None
-        release_pages(xb)
-    gpu = ivf is not None and "HNSW" not in fs and use_gpu(device)
-    if gpu:
-        co = faiss.GpuClonerOptions()
-        co.useFloat16 = bool(fp16)
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
-    step = 65_536
-    for s in range(0, n, step):
-        index.add(read_block(xb, s, s + step))
-        release_pages(xb)
-    log.info("FAISS index %s on %s (n=%d, d=%d)", fs, "GPU" if gpu else "CPU", n, d)
-    return index, fs
-
+        raise UsageError(f"index {spec!r}: FAISS cannot train {fs!r} on {n} vectors "
+                         f"({str(e).splitlines()[0][:160]}). Use index flat or a smaller factory string.",
+                         params=("index",)) from None
+    release_pages(xb)

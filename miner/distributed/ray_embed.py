@@ -137,7 +137,7 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
     from cir_mine.miner.encode.clip import embed_texts, load_encoder, load_prompts
     from cir_mine.miner.encode.dataset import _check_encoder_matches, _keep_queries, _skipped_summary, _triplets
     from cir_mine.miner.encode.index import index_workspace
-    from cir_mine.miner.engine.ray_engine import require_ray
+    from cir_mine.miner.distributed.ray_shards import require_ray
 
     require_ray()
     check_split(job.split)
@@ -231,7 +231,7 @@ def _embed_parts(job, run: RayEmbedRun, images, bounds, todo, scratch: Path, err
                  stop_after: Optional[int]) -> None:
     """Run the Ray pipeline over the rows of the ``todo`` parts; write each part as it completes."""
     from cir_mine.miner.encode.dataset import _gallery
-    from cir_mine.miner.engine.ray_engine import connect
+    from cir_mine.miner.distributed.ray_shards import connect
 
     connect(run.address)
     import ray

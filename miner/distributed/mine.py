@@ -17,7 +17,7 @@ from cir_mine.data.io import DirLock
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.mine import MineConfig, MineResult, mine_negatives
 from cir_mine.miner.core.tables import write_negatives
-from cir_mine.miner.engine.shards import ShardConfig, ShardedIndex
+from cir_mine.miner.distributed.shards import ShardConfig, ShardedIndex
 
 ENGINES = ("local", "ray")
 
@@ -31,7 +31,7 @@ def open_index(engine: str, xb, shard_cfg: ShardConfig, ray_cfg=None, **hooks):
         if shard_cfg.shards == 1 and shard_cfg.exact:
             return contextlib.nullcontext(None)
         return contextlib.nullcontext(ShardedIndex(xb, shard_cfg))
-    from cir_mine.miner.engine.ray_engine import RayConfig, RayShardedIndex
+    from cir_mine.miner.distributed.ray_shards import RayConfig, RayShardedIndex
 
     return RayShardedIndex(xb, shard_cfg, ray_cfg or RayConfig(), **hooks)
 
@@ -48,7 +48,7 @@ def mine_with_engine(ws: Workspace, split: str, cfg: MineConfig, engine: str = "
                      hooks: Optional[dict] = None, **kw) -> MineResult:
     """``mine_negatives`` through ``engine``'s index (keyword arguments pass through)."""
     if engine == "ray":
-        from cir_mine.miner.engine.ray_engine import require_ray
+        from cir_mine.miner.distributed.ray_shards import require_ray
 
         require_ray()                                   # fail before reading anything
     cfg.validate(kw.get("mining_round", 0))

@@ -7,9 +7,9 @@ to every shard before each shard adds its own rows (FAISS's train-once, add-per-
 Approximate shards fetch ``overfetch * k`` candidates and re-score them with exact float32 dot
 products against the shard's embeddings; flat shards return FAISS's own scores.
 
-:func:`merge_topk` merges per-shard lists exactly, in FAISS's order (score descending, ties by
+:func:`~cir_mine.miner.core.search.topk.merge_topk` merges per-shard lists exactly, in FAISS's order (score descending, ties by
 the lower row first, as the single-process search), so that S flat shards give the single-process (D, I). Everything here
-is numpy + faiss; :mod:`cir_mine.miner.engine.ray` runs the same :class:`ShardSearcher` in actors.
+is numpy + faiss; :mod:`cir_mine.miner.distributed.ray_shards` runs the same :class:`ShardSearcher` in actors.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.data.errors import UsageError
-from cir_mine.miner.core.search.build import factory_string
+from cir_mine.miner.core.search.build import build_index, factory_string
 from cir_mine.miner.core.search.exact import gathered_dot, gemm_topk
 from cir_mine.miner.core.search.faiss_api import load_faiss
-from cir_mine.miner.core.search.topk import topk_desc
+from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,11 @@ def train_shard_index(xb: np.ndarray, cfg: ShardConfig) -> Optional[np.ndarray]:
     faiss = load_faiss()
     n, d = xb.shape
     fs = factory_string(cfg.index, n, d)
-    try:
-        index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise UsageError(f"--index {cfg.index!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).") from None
-    if faiss.try_extract_index_ivf(index) is None:
-        raise UsageError(f"--index {cfg.index!r}: sharded search needs flat or an IVF index (got {fs!r}).")
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    if hasattr(ivf, "do_polysemous_training"):
-        ivf.do_polysemous_training = False
-    rng = np.random.default_rng(cfg.seed)
-    take = np.sort(rng.choice(n, size=min(n, cfg.train_sample), replace=False))
-    sample = np.ascontiguousarray(xb[take], dtype=np.float32)
-    try:
-        index.train(sample)
-    except RuntimeError as e:
-        raise UsageError(f"--index {cfg.index!r}: FAISS cannot train {fs!r} on {sample.shape[0]} vectors "
-                         f"({str(e).splitlines()[0][:160]}). Use --index flat or fewer lists.") from None
-    log.info("trained %s once on %d of %d rows for %d shards", fs, sample.shape[0], n, cfg.shards)
+    if faiss.try_extract_index_ivf(faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)) is None:
+        raise UsageError(f"shard_index {cfg.index!r}: sharded search needs flat or an IVF index (got {fs!r}).",
+                         params=("shard_index",))
+    index = build_index(xb, cfg.index, device="cpu", seed=cfg.seed, train_sample=cfg.train_sample, add=False)
+    log.info("trained %s once on %d of %d rows for %d shards", fs, min(n, cfg.train_sample), n, cfg.shards)
     return faiss.serialize_index(index)
 
 
@@ -146,31 +133,15 @@ class ShardSearcher:
             self.ivf.nprobe = self.probes(fetch)
             _, I = self.index.search(xq, fetch)
         # exact float32 scores by the one dot product every back-end writes (-inf for -1 pads)
-        D, I = topk_rows(gathered_dot(self.xb, I, xq), I, k)
+        D, I = topk_desc(gathered_dot(self.xb, I, xq), I, k)
         I = np.where(I >= 0, I + self.offset, -1)
         return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
-
-
-def topk_rows(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each row of (D, I) in the single-process order (:func:`cir_mine.miner.core.search.topk.topk_desc`:
-    score descending, ties by the lower row first); -1 ids (pads) last, with -inf scores.
-    D float32[nq, L], I int64[nq, L] -> float32[nq, k'], int64[nq, k']."""
-    k = int(min(k, D.shape[1]))
-    D, I = topk_desc(np.where(I >= 0, D, -np.inf).astype(np.float32), I, k)
-    return np.where(I >= 0, D, -np.inf).astype(np.float32), I
-
-
-def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard (D, I) lists (each in :func:`topk_rows` order) into the global top k, exactly."""
-    D = np.concatenate([d for d, _ in results], axis=1)
-    I = np.concatenate([i for _, i in results], axis=1)
-    return topk_rows(D, I, k)
 
 
 class ShardedIndex:
     """S shard searchers behind FAISS's interface (``d``, ``ntotal``, ``search(xq, k)``), in process.
 
-    The reference for :class:`cir_mine.miner.engine.ray.RayShardedIndex`, and the way to mine
+    The reference for :class:`cir_mine.miner.distributed.ray_shards.RayShardedIndex`, and the way to mine
     through shards on one machine."""
 
     def __init__(self, xb: np.ndarray, cfg: ShardConfig = ShardConfig()):

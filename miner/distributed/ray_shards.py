@@ -19,7 +19,8 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.data.errors import UsageError
-from cir_mine.miner.engine.shards import ShardConfig, ShardSearcher, merge_topk, shard_bounds, train_shard_index
+from cir_mine.miner.core.search.topk import merge_topk
+from cir_mine.miner.distributed.shards import ShardConfig, ShardSearcher, shard_bounds, train_shard_index
 
 log = logging.getLogger(__name__)
 
