@@ -595,6 +595,20 @@ def negatives(
             res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path],
                                query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded)
     typer.echo(negatives_summary(out, res.meta))
+    if verbose:
+        typer.echo(stages_line(res.meta))
+
+
+def stages_line(meta: dict) -> str:
+    """The run's seconds per stage (the footer's timing), and the kernel race when one ran."""
+    t = meta.get("timing") or {}
+    names = ("read", "prepare", "search", "rerank", "guards", "select", "table", "write")
+    line = "stages: " + ", ".join(f"{n} {t[n + '_s']:.2f}s" for n in names if n + "_s" in t) + f" (total {t.get('total_s', 0):.2f}s)"
+    kernels = t.get("kernels")
+    if kernels:
+        line += "; kernels (us/query): " + "; ".join(f"{shape} " + ", ".join(f"{k} {v:g}" for k, v in per.items())
+                                                     for shape, per in kernels.items())
+    return line
 
 
 class ExportFormat(str, enum.Enum):

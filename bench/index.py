@@ -10,6 +10,11 @@
       same depth.
   (b) deepen:  python bench/index.py deepen --n-gallery 100000 --n-queries 10000 --dim 256
       midzone k=10 with and without deepening: the deepening passes' seconds against a full search.
+  (c) lists:   python bench/index.py lists --n-gallery 1000000 --n-queries 20000 --dim 256 --nprobe 64
+      IVF-Flat candidates of the composed queries (the same exact coarse assignment for all) at
+      depth 200 and 2048: FAISS contrib's big_batch_search with a numpy pairwise-score function
+      (the baseline), FAISS's own search of the assigned lists, and the list-major kernel; then the
+      back-end's exact top-k (kernel race, exact cut) at the same depths.
 All ratios come from one process and one workspace (generated once under --root and reused).
 CPU seconds are the process's user + system time (all threads), the fair measure on a shared machine.
 """
@@ -161,9 +166,63 @@ def deepen(args) -> dict:
     return {"bench": "index-deepen", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim, **out}
 
 
+def lists(args) -> dict:
+    """IVF-Flat candidate kernels against FAISS contrib's big_batch_search (see the module docstring)."""
+    import contextlib
+    import io
+
+    import faiss
+    from faiss.contrib.big_batch_search import big_batch_search
+
+    from cir_mine.miner.core.mine import prepare
+    from cir_mine.miner.core.search.backends import Reranked
+    from cir_mine.miner.core.search.lists import ListLayout, coarse_assign, list_major_search
+
+    ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
+    loaded = ws.load("train")
+    xb = loaded[0].embeddings
+    saved = ws.root / "index.train.faiss.json"
+    if not (saved.exists() and json.loads(saved.read_text()).get("spec") == "ivf"):
+        index_workspace(ws.root, "train", "ivf", device="cpu")
+    index = faiss.read_index(str(ws.index_path("train")))
+    ivf = faiss.downcast_index(index)
+    xq = prepare(ws, "train", MineConfig.of(strategy="hardest"), None, 0, loaded).qs.emb
+    layout = ListLayout.of(ivf)
+    with Clock() as c:
+        Dq, Iq = coarse_assign(ivf, xq, args.nprobe, layout.centroids)
+    rows = {"assign": {"wall_s": c.wall, "cpu_s": c.cpu}}
+    backend = Reranked(index, xb, 1.0, {"index": "ivf"})
+    for depth in (200, 2048):
+        out = {}
+        with Clock() as c, contextlib.redirect_stdout(io.StringIO()):
+            ivf.nprobe = args.nprobe
+            big_batch_search(ivf, xq, depth, method="pairwise_distances", q_assign=Iq.copy(),
+                             pairwise_distances=lambda a, b, metric=None: a @ b.T)
+        out["big_batch_search"] = {"wall_s": c.wall, "cpu_s": c.cpu}
+        with Clock() as c:
+            for s in range(0, len(xq), 4096):
+                backend._preassigned(xq[s:s + 4096], depth, Iq[s:s + 4096], Dq[s:s + 4096])
+        out["faiss_preassigned"] = {"wall_s": c.wall, "cpu_s": c.cpu}
+        with Clock() as c:
+            for s in range(0, len(xq), 4096):
+                list_major_search(ivf, xq[s:s + 4096], depth, Iq[s:s + 4096], layout)
+        out["list_major"] = {"wall_s": c.wall, "cpu_s": c.cpu}
+        with Clock() as c:
+            for s in range(0, len(xq), 4096):
+                backend.search(xq[s:s + 4096], depth, nprobe=args.nprobe)
+        out["backend_exact_topk"] = {"wall_s": c.wall, "cpu_s": c.cpu, **backend.measured()}
+        base = out["big_batch_search"]["cpu_s"]
+        for v in out.values():
+            v["cpu_vs_big_batch_search"] = round(v["cpu_s"] / base, 3)
+        rows[f"depth {depth}"] = out
+    return {"bench": "index-lists", "n_gallery": args.n_gallery, "n_queries": len(xq), "dim": args.dim,
+            "nlist": int(ivf.nlist), "nprobe": args.nprobe, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=["compare", "deepen"])
+    p.add_argument("bench", choices=["compare", "deepen", "lists"])
+    p.add_argument("--nprobe", type=int, default=64, help="lists: lists probed per query")
     p.add_argument("--n-gallery", type=int, default=1_000_000)
     p.add_argument("--n-queries", type=int, default=20_000)
     p.add_argument("--dim", type=int, default=256)
@@ -178,7 +237,7 @@ def main():
     p.add_argument("--fresh", action="store_true", help="compare: measure every row again (the finished rows kept under --root are set aside)")
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
     args = p.parse_args()
-    print(json.dumps({"compare": compare, "deepen": deepen}[args.bench](args)), flush=True)
+    print(json.dumps({"compare": compare, "deepen": deepen, "lists": lists}[args.bench](args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ from typer.testing import CliRunner
 from cir_mine.cli import mine_app
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.workspace import Workspace
-from cir_mine.miner.core.search import backends as backends_mod, exact as exact_mod
+from cir_mine.miner.core.search import exact as exact_mod
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked
 from cir_mine.miner.core.search.build import build_index
 from cir_mine.miner.core.search.exact import exact_rescore, gemm_topk
-from cir_mine.miner.core.search.lists import ListLayout, ivf_flat_lists, list_major_search, probe_positions
+from cir_mine.miner.core.search import lists as lists_mod
+from cir_mine.miner.core.search.lists import ListLayout, coarse_assign, ivf_flat_lists, list_major_search, probe_positions
+from cir_mine.miner.core.search.measure import KernelRace
 from cir_mine.miner.core.search.params import parse_search_params
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 from cir_mine.miner.core.search.tuning import by_lists, candidate_recall, recall_by_nprobe, tune, tune_deep
@@ -432,83 +434,114 @@ def _rows(D, I):
     return [set(i[i >= 0].tolist()) for i in I]
 
 
+def _bbs_oracle(index, xq, k, assign):
+    """FAISS contrib's big-batch search of the same lists with numpy's float32 scores: the reference."""
+    from faiss.contrib.big_batch_search import big_batch_search
+
+    import contextlib
+    import io
+
+    index.nprobe = assign.shape[1]
+    with contextlib.redirect_stdout(io.StringIO()):             # it reports progress on stdout
+        return big_batch_search(index, xq, k, method="pairwise_distances", q_assign=assign.copy(),
+                                pairwise_distances=lambda a, b, metric=None: a @ b.T)
+
+
 @pytest.mark.parametrize("nprobe", [1, 3, 40])
-def test_list_major_search_scans_what_faiss_scans(nprobe):
-    """The candidates are the probed lists' vectors, so the top-k is FAISS's own search with the
-    same nprobe (scores agree to float32 rounding), k deeper than a query's lists pads with -1."""
+def test_list_major_search_scans_what_big_batch_search_scans(nprobe):
+    """The candidates are the probed lists' vectors: FAISS contrib's big_batch_search with the same
+    assignment gives the same rows (tie-aware) and scores to float32 rounding; k deeper than a
+    query's lists pads with -1."""
+    from faiss.contrib.evaluation import check_ref_knn_with_draws
+
     index, xb, xq = _ivf()
-    index.nprobe = nprobe
     ivf = ivf_flat_lists(index)
+    layout = ListLayout.of(ivf)
+    _, assign = coarse_assign(ivf, xq, nprobe, layout.centroids)
     for k in (1, 25, 400):
-        D0, I0 = index.search(xq, k)
-        D1, I1 = list_major_search(ivf, xq, k, nprobe)
+        D0, I0 = _bbs_oracle(index, xq, k, assign)
+        D1, I1 = list_major_search(ivf, xq, k, assign, layout)
         assert D1.shape == (300, k) and I1.dtype == np.int64
-        same = np.mean([a == b for a, b in zip(_rows(D0, I0), _rows(D1, I1))])
-        assert same >= 0.99                          # rows differ only at float-rounding ties of the cut
         assert ((I1 >= 0) == (I0 >= 0)).all()
         ok = I1 >= 0
-        assert np.allclose(D1[ok], np.einsum("ij,ij->i", np.repeat(xq, k, 0).reshape(300, k, -1)[ok], xb[I1[ok]]), atol=1e-4)
+        check_ref_knn_with_draws(np.where(ok, D0, -1e30), np.where(ok, I0, -1), np.where(ok, D1, -1e30), I1, rtol=1e-4)
         assert (np.diff(np.where(ok, D1, -1e30), axis=1) <= 0).all()
 
 
 def test_list_major_search_skips_empty_lists():
     """Probed lists that hold no vector (here every odd list) are empty segments of a query's
-    collected scores: the rows and ids are still FAISS's own search with the same nprobe."""
+    collected scores: the rows and ids are still big_batch_search's with the same assignment."""
     import faiss
+    from faiss.contrib.evaluation import check_ref_knn_with_draws
 
     rng = np.random.default_rng(11)
     xb = rng.standard_normal((4000, 16)).astype(np.float32)
     index = faiss.index_factory(16, "IVF20,Flat", faiss.METRIC_INNER_PRODUCT)
     index.train(xb)
-    _, assign = index.quantizer.search(xb, 1)
-    keep = np.flatnonzero(assign[:, 0] % 2 == 0)
+    _, first = index.quantizer.search(xb, 1)
+    keep = np.flatnonzero(first[:, 0] % 2 == 0)
     index.add_with_ids(xb[keep], keep.astype(np.int64))
     ivf = ivf_flat_lists(index)
-    assert (ListLayout.of(ivf).sizes[1::2] == 0).all()
+    layout = ListLayout.of(ivf)
+    assert (layout.sizes[1::2] == 0).all()
     xq = rng.standard_normal((200, 16)).astype(np.float32)
-    index.nprobe = 7
+    _, assign = coarse_assign(ivf, xq, 7, layout.centroids)
     for k in (5, 300):
-        D0, I0 = index.search(xq, k)
-        D1, I1 = list_major_search(ivf, xq, k, 7)
-        assert np.mean([a == b for a, b in zip(_rows(D0, I0), _rows(D1, I1))]) >= 0.99
+        D0, I0 = _bbs_oracle(index, xq, k, assign)
+        D1, I1 = list_major_search(ivf, xq, k, assign, layout)
         assert ((I1 >= 0) == (I0 >= 0)).all() and np.isin(I1[I1 >= 0], keep).all()
         ok = I1 >= 0
-        assert np.allclose(D1[ok], np.einsum("ij,ij->i", np.repeat(xq, k, 0).reshape(200, k, -1)[ok], xb[I1[ok]]), atol=1e-4)
+        check_ref_knn_with_draws(np.where(ok, D0, -1e30), np.where(ok, I0, -1), np.where(ok, D1, -1e30), I1, rtol=1e-4)
 
 
-def test_list_major_rows_are_the_same_in_any_pass_and_batch():
-    """Chunked == full: after exact re-ranking, one big pass, a one-query-per-pass budget and
-    separate batches give the same bits; exact twins tie and go to the lower row."""
+def _probed_exact_top(index, xb, xq, nprobe, k):
+    """The contract's reference: every row of each query's probed lists scored exactly, top k."""
+    ivf = ivf_flat_lists(index)
+    layout = ListLayout.of(ivf)
+    _, assign = coarse_assign(ivf, xq, nprobe, layout.centroids)
+    rows = [np.concatenate([layout.ids[layout.starts[a]:layout.starts[a] + layout.sizes[a]] for a in q if a >= 0])
+            for q in assign]
+    width = max(len(r) for r in rows)
+    R = np.full((len(xq), width), -1, np.int64)
+    for i, r in enumerate(rows):
+        R[i, :len(r)] = r
+    return exact_rescore(xb, xq, R, k)
+
+
+def test_ivf_flat_rows_are_the_same_in_any_pass_batch_and_kernel(monkeypatch):
+    """Chunked == full: the exact top-k among each query's probed lists, bit for bit, in one batch or
+    many, with any pass budget, by either candidate kernel; exact twins tie and go to the lower row."""
     index, xb, xq = _ivf(twins=600)
     xq = np.concatenate([xq, xb[:50]])                # queries on a twin pair: a tie at the top
-    ivf = ivf_flat_lists(index)
-    D, I = list_major_search(ivf, xq, 30, 6)
-    Dc, Ic = list_major_search(ivf, xq, 30, 6, budget=1)
-    assert np.mean([a == b for a, b in zip(_rows(D, I), _rows(Dc, Ic))]) >= 0.99 and np.allclose(D, Dc, atol=1e-4)
-    backend = Reranked(index, xb, 1.0, {"index": "ivf"})
-    backend.set_params({"nprobe": 6})
-    Dr, Ir = backend.search(xq, 30)
-    parts = [backend.search(xq[s:s + 70], 30) for s in range(0, 350, 70)]      # 70 x 6 >= 40 lists
-    assert np.array_equal(Dr, np.concatenate([p[0] for p in parts])) and np.array_equal(Ir, np.concatenate([p[1] for p in parts]))
+    ref = _probed_exact_top(index, xb, xq, 6, 30)
+    for kernels, budget in ((("lists",), 1 << 25), (("lists",), 1), (("faiss",), 1 << 25)):
+        monkeypatch.setattr(lists_mod, "LIST_MAJOR_SCORES", budget)
+        backend = Reranked(index, xb, 1.0, {"index": "ivf"})
+        backend.race = KernelRace(kernels)
+        backend.set_params({"nprobe": 6})
+        for step in (350, 70, 9, 1):
+            parts = [backend.search(xq[s:s + step], 30) for s in range(0, 350, step)]
+            D, I = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            assert np.array_equal(I, ref[1]) and np.array_equal(D.view(np.uint32), ref[0].view(np.uint32))
     for q in range(300, 350):                          # the twin of row r is row 5400 + r
-        pos = np.flatnonzero(Ir[q] == q - 300)
-        assert pos.size == 1 and Ir[q, pos[0] + 1] == 5400 + q - 300 and Dr[q, pos[0]] == Dr[q, pos[0] + 1]
+        pos = np.flatnonzero(ref[1][q] == q - 300)
+        assert pos.size == 1 and ref[1][q, pos[0] + 1] == 5400 + q - 300 and ref[0][q, pos[0]] == ref[0][q, pos[0] + 1]
 
 
-def test_list_major_is_used_for_large_batches_and_gives_faiss_candidates(monkeypatch):
+def test_kernels_are_chosen_by_measurement_and_recorded():
+    """The first search of a shape runs each kernel on a share of its queries and records the
+    seconds per query; later searches of that shape use the faster, with the same rows."""
     index, xb, xq = _ivf()
     backend = Reranked(index, xb, 1.0, {"index": "ivf"})
     backend.set_params({"nprobe": 4})
-    calls = []
-    real = list_major_search
-    monkeypatch.setattr(backends_mod, "list_major_search", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
-    D, I = backend.search(xq, 50)                      # 300 queries x 4 probes >= 40 lists
-    assert calls == [300]
-    backend.search(xq[:5], 50)                         # 5 x 4 < 40: FAISS's own search
-    assert calls == [300]
-    index.nprobe = 4
-    ref = exact_rescore(xb, xq, index.search(xq, 50)[1], 50)
-    assert np.mean([a == b for a, b in zip(_rows(D, I), _rows(*ref))]) >= 0.99
+    D, I = backend.search(xq, 50)
+    measured = backend.measured()
+    (shape, per), = measured["kernels"].items()
+    assert set(per) == {"faiss", "lists"} and all(v > 0 for v in per.values())
+    assert set(measured["seconds"]) >= {"search", "rerank"}
+    assert backend.race.choice(300, 50 + 16) in ("faiss", "lists")
+    D2, I2 = backend.search(xq, 50)
+    assert np.array_equal(I, I2) and np.array_equal(D, D2)
     assert ivf_flat_lists(build_index(xb, "IVF8,PQ4", device="cpu")) is None   # codes, not vectors
 
 

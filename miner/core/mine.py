@@ -36,6 +36,7 @@ from cir_mine.miner.core.search.tuning import Tuning, candidate_recall, tune, tu
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import delta as delta_of, zero_shot_queries
 from cir_mine.miner.core.search.exact import gathered_dot, row_dot
+from cir_mine.miner.core.search.measure import Clock
 from cir_mine.miner.core.strategies import (REGISTRY, Candidates, Picks, default_params, hash_keys, param_owner,
                                             parse_mix, split_k, validate_params)
 from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, write_negatives
@@ -324,8 +325,10 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
 class BatchContext:
     """What a strategy sees for b queries: the guarded ranked candidates and samplers."""
 
-    def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig, index=None, depth: int = 0):
+    def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig, index=None, depth: int = 0,
+                 clock: Optional[Clock] = None):
         self.pool, self.qs, self.q, self.cfg = pool, qs, q, cfg
+        self.clock = clock           # seconds of the guards (see :class:`~cir_mine.miner.core.search.measure.Clock`)
         self.index, self.depth = index, depth
         self.gcfg = cfg.guards
         self.b = len(q)
@@ -351,9 +354,12 @@ class BatchContext:
         ts = qs.target_score[q]
         d = delta_of(ts, scores)
         product = np.where(present, pool.product[safe], -1)
+        t = time.perf_counter()
         valid, counts = apply_guards(rows, product, scores, lambda need: self._near_dup_sims(rows, d, need), ts, pool.product[qs.target_rows[q]],
                                      pool.product[qs.ref_rows[q]], q, qs.extra_keys, qs.verified_keys,
                                      pool.n_products, self.gcfg)
+        if self.clock is not None:
+            self.clock.add("guards", time.perf_counter() - t)
         for name, c in counts.items():
             self.counts[name] += c
         return Candidates(rows, product, scores.astype(np.float32, copy=False), ranks.astype(np.int32),
@@ -362,19 +368,12 @@ class BatchContext:
     def _near_dup_sims(self, rows: np.ndarray, d: np.ndarray, need: np.ndarray) -> np.ndarray:
         """s(c, t) where ``need`` and it can reach dup_threshold, -inf elsewhere. On unit vectors
         |s(q,c) - s(q,t)| <= ||c - t|| = sqrt(2 - 2 s(c,t)), so only |Δ| <= sqrt(2(1 - τ)) can be
-        near-duplicates: the rest is skipped exactly, without gathering their embeddings."""
-        out = np.full(rows.shape, -np.inf, np.float32)
+        near-duplicates: the rest is skipped exactly (their rows passed as -1, never read)."""
         tau = self.gcfg.dup_threshold
         bound = np.sqrt(max(0.0, 2.0 * (1.0 - tau))) + 1e-5
-        i, j = np.nonzero(need & (np.abs(d) <= bound) & (rows >= 0))
-        xb, trow = self.pool.xb, self.qs.target_rows[self.q]
-        # gathered_dot releases a memory-mapped gallery's pages after each call: a step maps at most
-        # its rows' pages (and the kernel's fault-around neighbours) until then
-        step = 2048 if isinstance(xb, np.memmap) else 8192
-        for s in range(0, i.size, step):
-            ii, jj = i[s:s + step], j[s:s + step]
-            out[ii, jj] = gathered_dot(xb, rows[ii, jj][:, None], xb[trow[ii]])[:, 0]
-        return out
+        check = need & (np.abs(d) <= bound) & (rows >= 0)
+        xb = self.pool.xb
+        return gathered_dot(xb, np.where(check, rows, -1), np.asarray(xb[self.qs.target_rows[self.q]], np.float32))
 
     def sim_target_full(self, c: Candidates) -> np.ndarray:
         """s(c, t) for every candidate: float32[b, L] (-inf for empty slots)."""
@@ -495,6 +494,7 @@ class Prepared:
     need_ranked: bool          # some part needs the query's ranking (a search)
     depth: int                 # first-pass search depth
     prepared: dict = field(default_factory=dict)  # strategy -> its prepare() state (once per run, after the search opens)
+    clock: Clock = field(default_factory=Clock)   # seconds per stage: read, guards (the search's own are the back-end's)
 
     @property
     def m(self) -> int:
@@ -521,7 +521,9 @@ def prepare(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.n
     if cfg.query == "checkpoint" and query_emb is None:
         raise UsageError("--query checkpoint needs query embeddings from a trained model: pass --checkpoint RUN/ckpt.pt.")
     ws.require()
+    t0 = time.perf_counter()
     g, t = loaded if loaded is not None else ws.load(split)
+    read_s = time.perf_counter() - t0
     if cfg.k > len(g) - 2:
         raise UsageError(f"k ({cfg.k}) is larger than the gallery allows: {ws.gallery_path(split)} has {len(g)} "
                          f"images, so a query has at most {max(len(g) - 2, 0)} negatives besides its reference "
@@ -533,8 +535,10 @@ def prepare(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.n
     ks = split_k(cfg.k, [w for _, w in parts])
     mined = [(name, ki, si) for si, ((name, _), ki) in enumerate(zip(parts, ks)) if name != "in-batch" and ki > 0]
     need_ranked = any(REGISTRY[name].ranked for name, _, _ in mined)
-    return Prepared(g, t, pool, qs, parts, ks, mined, sum(ki for _, ki, _ in mined), need_ranked,
+    prep = Prepared(g, t, pool, qs, parts, ks, mined, sum(ki for _, ki, _ in mined), need_ranked,
                     min(cfg.depth(cfg.k), len(g)))
+    prep.clock.add("read", read_s)
+    return prep
 
 
 def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, index=None) -> tuple:
@@ -744,7 +748,7 @@ def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, 
         return done
 
     def mine_batch(q: np.ndarray, D, I, depth: int) -> dict:
-        ctx = BatchContext(prep.pool, prep.qs, q, cfg, backend, depth)
+        ctx = BatchContext(prep.pool, prep.qs, q, cfg, backend, depth, prep.clock)
         ctx.prepared = prep.prepared
         if D is not None:
             guard(ctx, D[:, :depth], I[:, :depth])
@@ -851,17 +855,46 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
                      for name, ki, _ in prep.mined if REGISTRY[name].prepare is not None}
     t_prep = time.perf_counter() - t0
     prefetch = cfg.prefetch if cfg.prefetch is not None else bool(search_meta.get("gpu"))
+    before = _measured(backend)
+    t1 = time.perf_counter()
     mined = mine_queries(prep, cfg, backend, np.arange(prep.m, dtype=np.int64), prefetch, progress)
+    t_mine = time.perf_counter() - t1
+    after = _measured(backend)
     if cfg.check_recall and backend is not None:
         search_meta["check"] = check_recall(prep, cfg, backend, mined)
     search_meta["prefetch"] = bool(prefetch)
+    t2 = time.perf_counter()
     table = _assemble(prep.pool, prep.qs, prep.parts, mined.out, mining_round, cfg.seed)
-    meta = footer(ws, split, cfg, prep, mined, table, mining_round, query_emb is None, search_meta,
-                  {"prepare_s": _seconds(t_prep), "search_s": _seconds(mined.search_s),
-                   "select_s": _seconds(mined.select_s), "deepen_s": _seconds(mined.deepen_s),
-                   "total_s": _seconds(time.perf_counter() - t0)})
+    timing = stage_seconds(prep, mined, before.get("seconds", {}), after.get("seconds", {}), t_prep, t_mine,
+                           time.perf_counter() - t2)
+    timing["total_s"] = _seconds(time.perf_counter() - t0)
+    if after.get("kernels"):
+        timing["kernels"] = after["kernels"]      # the kernel race: microseconds per query of each kernel
+    meta = footer(ws, split, cfg, prep, mined, table, mining_round, query_emb is None, search_meta, timing)
     log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, prep.m, meta["shortfall"]["count"])
     return MineResult(table, meta, mined.guard_counts, backend)
+
+
+def _measured(backend) -> dict:
+    """A back-end's kernel race and seconds per stage so far ({} for one that does not measure)."""
+    return backend.measured() if hasattr(backend, "measured") else {}
+
+
+def stage_seconds(prep: Prepared, mined: Mined, before: dict, after: dict, t_prep: float, t_mine: float,
+                  t_table: float) -> dict:
+    """Seconds per stage of a run (the footer's ``timing``; ``cir-mine negatives -v`` prints them):
+    read (the workspace), prepare (queries, pools, the back-end), search (candidate kernels), rerank
+    (exact scores and cuts), guards, select (the strategies and the rest of the mining loop), table
+    (assembling the rows); deepen is the part of search to table spent on queries searched again.
+    With prefetch the search overlaps the other stages, so they add up to more than the wall time."""
+    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("search", "rerank")}
+    search = spent["search"] if after else mined.search_s
+    guards = prep.clock.snapshot().get("guards", 0.0)
+    read = prep.clock.snapshot().get("read", 0.0)
+    select = max(0.0, t_mine - search - spent["rerank"] - guards)
+    return {"read_s": _seconds(read), "prepare_s": _seconds(t_prep - read), "search_s": _seconds(search),
+            "rerank_s": _seconds(spent["rerank"]), "guards_s": _seconds(guards), "select_s": _seconds(select),
+            "deepen_s": _seconds(mined.deepen_s), "table_s": _seconds(t_table)}
 
 
 def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mined, table: pa.Table,
@@ -940,5 +973,7 @@ def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, ov
             side = saved_index_path(out)
             save_backend_index(res.backend, side)
             search["file"], search["fingerprint"] = side.name, file_digest(side)
+        t = time.perf_counter()
         write_negatives(res.table, out, res.meta)
+        res.meta["timing"]["write_s"] = _seconds(time.perf_counter() - t)   # not in the file: it is being written
     return res

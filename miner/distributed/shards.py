@@ -23,9 +23,9 @@ import numpy as np
 
 from cir_mine.data.errors import UsageError
 from cir_mine.miner.core.search.build import build_index, factory_string
-from cir_mine.miner.core.search.exact import gathered_dot, gemm_topk
+from cir_mine.miner.core.search.backends import ExactSearch, Reranked
 from cir_mine.miner.core.search.faiss_api import load_faiss
-from cir_mine.miner.core.search.topk import merge_topk, topk_desc
+from cir_mine.miner.core.search.topk import merge_topk
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def train_shard_index(xb: np.ndarray, cfg: ShardConfig) -> Optional[np.ndarray]:
 
 
 class ShardSearcher:
-    """One shard: rows [offset, offset + n_s) of the gallery and an index over them.
+    """One shard: rows [offset, offset + n_s) of the gallery and a search back-end over them (the
+    exact :class:`ExactSearch`, or the IVF index re-ranked exactly, :class:`Reranked`).
 
     xb: float32[n_s, d] unit rows. trained: :func:`train_shard_index`'s bytes (None: exact flat).
     crash_marker: test hook; the first search exits the process (``os._exit``) after creating this
@@ -101,12 +102,14 @@ class ShardSearcher:
         self.offset, self.crash_marker = int(offset), crash_marker
         self.nprobe, self.list_cover = int(nprobe), float(list_cover)
         self.exact = trained is None
-        self.index = None                                   # exact shards: the CPU GEMM of gemm_topk
-        if not self.exact:
-            self.index = faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
-            self.ivf = faiss.extract_index_ivf(self.index)
+        if self.exact:
+            self.backend = ExactSearch(self.xb, device="cpu")
+        else:
+            index = faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
+            index.add(self.xb)
+            self.ivf = faiss.extract_index_ivf(index)
             self.overfetch = int(overfetch)
-            self.index.add(self.xb)
+            self.backend = Reranked(index, self.xb, float(overfetch), {"index": "shard"})
 
     def probes(self, fetch: int) -> int:
         """nprobe for ``fetch`` candidates: at least ``nprobe``, and enough lists (of the shard's
@@ -124,18 +127,12 @@ class ShardSearcher:
         if self.crash_marker and not os.path.exists(self.crash_marker):
             Path(self.crash_marker).write_text(str(os.getpid()))
             os._exit(1)
-        xq = np.ascontiguousarray(xq, dtype=np.float32)
         k = int(min(k, self.ntotal))
         if self.exact:
-            _, I = gemm_topk(xq, self.xb, k)
+            D, I = self.backend.search(xq, k)
         else:
-            fetch = int(min(self.ntotal, k * self.overfetch))
-            self.ivf.nprobe = self.probes(fetch)
-            _, I = self.index.search(xq, fetch)
-        # exact float32 scores by the one dot product every back-end writes (-inf for -1 pads)
-        D, I = topk_desc(gathered_dot(self.xb, I, xq), I, k)
-        I = np.where(I >= 0, I + self.offset, -1)
-        return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
+            D, I = self.backend.search(xq, k, nprobe=self.probes(self.backend.fetch_depth(k)))
+        return D, np.where(I >= 0, I + self.offset, -1)
 
 
 class ShardedIndex:

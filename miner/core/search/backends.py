@@ -15,25 +15,32 @@ re-scored exactly) live here; anything a caller passes that keeps the contract w
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.workspace import release_pages
 from cir_mine.miner.core.search.build import build_index, use_gpu
-from cir_mine.miner.core.search.exact import exact_rescore, gemm_topk
+from cir_mine.miner.core.search.exact import exact_cut, exact_rescore, faiss_topk, fetched_bound, gemm_topk, max_row_norm
 from cir_mine.miner.core.search.faiss_api import load_faiss
-from cir_mine.miner.core.search.lists import LIST_MAJOR_MIN_QUERIES_PER_LIST, ListLayout, ivf_flat_lists, list_major_search
-from cir_mine.miner.core.search.params import SEARCH_PARAM, faiss_nlist, index_kind, set_search_params
+from cir_mine.miner.core.search.measure import Clock, KernelRace
+from cir_mine.miner.core.search.lists import ListLayout, coarse_assign, flat_centroids, ivf_flat_lists, list_major_search
+from cir_mine.miner.core.search.params import SEARCH_PARAM, cpu_ivf, faiss_nlist, index_kind, set_search_params
 
 
 class ExactSearch:
-    """Exact top-k by inner product (``cheap_depth``: a search costs about the same at any depth, so
-    the miner searches deeper than it mines and keeps the rest for short queries). On the CPU, a
-    GEMM over blocks of gallery rows with FAISS's heaps (:func:`gemm_topk`), in memory or over a
-    memory-mapped gallery (``blocked``: its pages released block by block, so memory is one block
-    plus the results). On a GPU (the one GPU rule; fp16 storage optional), one flat FAISS index."""
+    """The exact top-k by :func:`~cir_mine.miner.core.search.exact.gathered_dot` score (``cheap_depth``:
+    a search costs about the same at any depth, so the miner searches deeper than it mines and keeps
+    the rest for short queries).
+
+    Candidates come from one of two CPU kernels, whichever this machine runs faster for the batch's
+    shape (:class:`~cir_mine.miner.core.search.measure.KernelRace`): FAISS's flat search
+    (:func:`faiss_topk`) or numpy's GEMM into FAISS's heaps (:func:`gemm_topk`); on a GPU (the one
+    GPU rule; ``fp16`` storage optional), a flat FAISS index. Both scan the gallery in blocks of
+    ``block_rows`` (a memory-mapped gallery, ``blocked``, releases each block's pages), and the cut
+    is decided on exact scores (:func:`exact_cut`), so the rows never depend on the kernel, the
+    batch or the CPU."""
 
     exact = True
     cheap_depth = True
@@ -42,38 +49,67 @@ class ExactSearch:
     # deeper heaps about 1.2x (1M x 256, depth 2048 against 800), so a second search of a quarter
     # of the queries costs more
     deep_share = 0.25
+    KERNELS = {"faiss": faiss_topk, "gemm": gemm_topk}
 
     def __init__(self, xb: np.ndarray, device: str = "auto", fp16: bool = False, block_rows: int = 262_144,
-                 blocked: Optional[bool] = None):
+                 blocked: Optional[bool] = None, kernels: Sequence[str] = ("faiss", "gemm")):
         self.xb = xb
         self.ntotal, self.d = int(xb.shape[0]), int(xb.shape[1])
         self.block_rows = int(block_rows)
         self.blocked = isinstance(xb, np.memmap) if blocked is None else bool(blocked)
         self.gpu = not self.blocked and use_gpu(device)
+        self.fp16 = bool(fp16)
         self.index = build_index(xb, "flat", device=device, fp16=fp16) if self.gpu else None
+        unknown = sorted(set(kernels) - set(self.KERNELS))
+        if unknown or not kernels:
+            raise UsageError(f"kernels {list(kernels)!r}: choose among {sorted(self.KERNELS)}.", params=("kernels",))
+        self.race = KernelRace(["gpu"] if self.gpu else list(kernels))
+        self.clock = Clock()
+        self._row_norm: Optional[float] = None
+
+    @property
+    def row_norm(self) -> float:
+        if self._row_norm is None:
+            self._row_norm = max_row_norm(self.xb, self.block_rows)
+        return self._row_norm
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k``; scores recomputed by :func:`exact_rescore`, the one float32 dot product
-        every back-end writes, so exact and re-ranked approximate search agree to the bit."""
+        """The exact top-``k`` of each query (float32[b, d]) over the gallery."""
         xq = np.ascontiguousarray(xq, np.float32)
         k = int(min(k, self.ntotal))
-        _, I = self._search(xq, k)
-        return exact_rescore(self.xb, xq, I, k)
 
-    def _search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.index is not None:
-            return self.index.search(xq, k)
-        return gemm_topk(xq, self.xb, k, self.block_rows, release=self.blocked)
+        def fetch(q: np.ndarray, depth: int):
+            D, I = self.race.run(len(q), depth, lambda kernel, part: self._candidates(kernel, xq[q[part]], depth))
+            return fetched_bound(D, depth, self.ntotal), I
+
+        extra = 2.0 ** -11 if self.gpu and self.fp16 else 0.0     # float16 storage rounds every row
+        return exact_cut(self.xb, xq, k, fetch, self.ntotal, self.row_norm, extra, self.clock)
+
+    def _candidates(self, kernel: str, xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        if kernel == "gpu":
+            return self.index.search(xq, depth)
+        return self.KERNELS[kernel](xq, self.xb, depth, self.block_rows, release=self.blocked)
 
     def describe(self) -> dict:
         return {"index": "flat", "factory": "Flat", "exact": True, "params": {}, "overfetch": 1.0,
                 "gpu": bool(self.gpu), "blocked": bool(self.blocked)}
 
+    def measured(self) -> dict:
+        """The kernel race and the seconds per stage so far (for the footer and ``-v``)."""
+        return {"kernels": self.race.describe(), "seconds": self.clock.snapshot()}
+
 
 class Reranked:
-    """Candidates from ``source`` (``.search(xq, k) -> (D, I)``, approximate), over-fetched to
-    ``ceil(k * overfetch)`` and re-scored exactly against ``xb``: every returned score is the float32
-    dot product, only which rows come back is approximate."""
+    """Candidates from ``source`` (``.search(xq, k) -> (D, I)``), over-fetched to ``ceil(k * overfetch)``
+    and scored exactly against ``xb``: every returned score is the float32 dot product, only which
+    rows come back is approximate.
+
+    A CPU IVF index is searched with each query's lists chosen by exact centroid scores
+    (:func:`coarse_assign`), so a query probes the same lists in any batch. An IVF-Flat index (full
+    vectors) returns the exact top-k among the rows of those lists, its candidates fetched by the
+    faster of FAISS's own search and the list-major kernel (:func:`list_major_search`) and the cut
+    decided on exact scores; compressed codes (PQ, SQ) are ranked by FAISS and their ``overfetch``
+    best re-ranked exactly. A flat FAISS index gives the exact top-k like :class:`ExactSearch`."""
 
     exact = False
 
@@ -84,8 +120,13 @@ class Reranked:
         self.ntotal, self.d = int(source.ntotal), int(source.d)
         self.info = dict(info or {})
         self.kind = index_kind(source) if hasattr(source, "is_trained") else "other"
-        self.lists = ivf_flat_lists(source) if self.kind == "ivf" else None  # list-major search when it pays
+        self.gpu = hasattr(source, "getDevice")
+        self.ivf = cpu_ivf(source) if self.kind == "ivf" else None       # searched with exact coarse assignment
+        self.lists = ivf_flat_lists(source) if self.ivf is not None else None   # full vectors: exact top-k of the probed rows
         self.layout = None                                                 # its ListLayout, built on first use
+        self.race = KernelRace(("faiss", "lists"))
+        self.clock = Clock()
+        self._centroids, self._row_norm = None, None
 
     @property
     def cheap_depth(self) -> bool:
@@ -105,30 +146,93 @@ class Reranked:
             self.layout = ListLayout.of(self.lists)
         return self.layout
 
+    def centroids(self) -> Optional[np.ndarray]:
+        if self._centroids is None:
+            self._centroids = self.layout_of().centroids if self.lists is not None else flat_centroids(self.ivf)
+        return self._centroids
+
     def fetch_depth(self, k: int) -> int:
         return int(min(self.ntotal, math.ceil(k * self.overfetch)))
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` of each query (float32[b, d]); ``nprobe``: an IVF's lists per query for this
+        search (default: the tuned value, deeper searches probing more, see :meth:`beam_for`)."""
         xq = np.ascontiguousarray(xq, np.float32)
         k = int(min(k, self.ntotal))
         kf = self.fetch_depth(k)
-        deeper = self.deep_params(kf)
-        probe = deeper.nprobe if deeper is not None and self.kind == "ivf" else (self.lists.nprobe if self.lists else 0)
-        if self.lists is not None and len(xq) * probe >= LIST_MAJOR_MIN_QUERIES_PER_LIST * self.lists.nlist:
-            # a few rows past the cut, so re-ranking decides it: list-major scores are BLAS sums whose
-            # last bits depend on the batch, the exact ones do not
-            _, I = list_major_search(self.lists, xq, min(self.ntotal, kf + 16 + kf // 64), probe, self.layout_of())
-        elif deeper:
-            _, I = self.source.search(xq, kf, params=deeper)
+        probes = int(nprobe) if nprobe is not None else self._probes(kf) if self.ivf is not None else 0
+        if self.lists is not None:
+            D, I = self._search_lists(xq, k, probes)
+        elif self.ivf is not None:
+            D, I = self._rerank(xq, k, lambda: self._preassigned(xq, kf, *self._assign(xq, probes)[::-1]))
+        elif self.kind == "flat":
+            D, I = self._search_flat(xq, k)
         else:
-            _, I = self.source.search(xq, kf)
-        D, I = exact_rescore(self.xb, xq, np.asarray(I, np.int64), k)
+            deeper = self.deep_params(kf)
+            D, I = self._rerank(xq, k, lambda: self.source.search(xq, kf, params=deeper) if deeper else self.source.search(xq, kf))
         release_pages(self.xb)
         if D.shape[1] < k:                                # the source returned fewer than k rows
             pad = k - D.shape[1]
             D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
             I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
         return D, I
+
+    def _rerank(self, xq: np.ndarray, k: int, fetch: Callable) -> tuple[np.ndarray, np.ndarray]:
+        """The source's candidates (``fetch() -> (D, I)``) scored exactly, the best ``k`` kept."""
+        _, I = self.clock.timed("search", fetch)
+        return self.clock.timed("rerank", exact_rescore, self.xb, xq, np.asarray(I, np.int64), k)
+
+    def _probes(self, fetch: int) -> int:
+        deeper = self.beam_for(fetch)
+        return int(deeper) if deeper is not None else int(self.ivf.nprobe)
+
+    def _assign(self, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.clock.timed("search", coarse_assign, self.ivf, xq, nprobe, self.centroids())
+
+    def _search_lists(self, xq: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-``k`` among the rows of each query's ``nprobe`` lists."""
+        layout = self.layout_of()
+        Dq, Iq = self._assign(xq, nprobe)
+        total = np.where(Iq >= 0, layout.sizes[np.maximum(Iq, 0)], 0).sum(1)
+
+        def fetch(q: np.ndarray, depth: int):
+            D, I = self.race.run(len(q), depth, lambda kernel, part: self._list_candidates(kernel, xq[q[part]], Iq[q[part]],
+                                                                                          Dq[q[part]], depth))
+            return fetched_bound(D, depth, total[q]), I
+
+        return exact_cut(self.xb, xq, k, fetch, total, layout.row_norm, clock=self.clock)
+
+    def _list_candidates(self, kernel: str, xq: np.ndarray, Iq: np.ndarray, Dq: np.ndarray, depth: int):
+        if kernel == "lists":
+            return list_major_search(self.lists, xq, depth, Iq, self.layout_of())
+        return self._preassigned(xq, depth, Iq, Dq)
+
+    def _preassigned(self, xq: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's search of the lists ``Iq`` (int64[nq, p], scores ``Dq``) of each query, top ``k``
+        (the probe count passed with the call, so concurrent searches never share a setting)."""
+        faiss = load_faiss()
+        n = len(xq)
+        Iq = np.ascontiguousarray(Iq, np.int64)
+        Dq = np.ascontiguousarray(Dq, np.float32)
+        D = np.empty((n, k), np.float32)
+        I = np.empty((n, k), np.int64)
+        if n:
+            ptr = faiss.swig_ptr
+            self.ivf.search_preassigned_c(n, ptr(xq), k, ptr(Iq), ptr(Dq), ptr(D), ptr(I), False,
+                                          faiss.SearchParametersIVF(nprobe=int(Iq.shape[1])))
+        return D, I
+
+    def _search_flat(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A flat FAISS index: the exact top-``k`` (its own scores fetch the candidates)."""
+        if self._row_norm is None:
+            self._row_norm = max_row_norm(self.xb)
+
+        def fetch(q: np.ndarray, depth: int):
+            D, I = self.source.search(xq[q], depth)
+            return fetched_bound(D, depth, self.ntotal), I
+
+        extra = 2.0 ** -11 if self.gpu else 0.0          # a GPU index may store float16 rows
+        return exact_cut(self.xb, xq, k, fetch, self.ntotal, self._row_norm, extra, self.clock)
 
     def beam_for(self, fetch: int) -> Optional[int]:
         """The search parameter (efSearch or nprobe) for a search ``fetch`` rows deep, or None for
@@ -180,6 +284,10 @@ class Reranked:
 
     def describe(self) -> dict:
         return {"params": {}, **self.info, "exact": bool(self.exact), "overfetch": self.overfetch}
+
+    def measured(self) -> dict:
+        """The kernel race and the seconds per stage so far (for the footer and ``-v``)."""
+        return {"kernels": self.race.describe(), "seconds": self.clock.snapshot()}
 
 
 def search_batched(index, xq: np.ndarray, k: int, batch_size: int = 4096,

@@ -1,12 +1,26 @@
-"""The exact kernel: the one float32 dot product every written score comes from (:func:`gathered_dot`),
-exact re-ranking with it, and exact top-k over the whole gallery (:func:`gemm_topk`)."""
+"""The exact kernel and the one rule for every cut.
+
+Every score a table holds is :func:`gathered_dot`: FAISS's float32 dot product of one query and one
+gallery row, whose bits depend on those two vectors alone, never on which other rows or queries are
+scored with them. Candidate kernels (a BLAS GEMM, FAISS's flat or IVF search) compute the same
+products in another summation order, so their scores may differ from the exact ones in the last
+bits, and by how much depends on the batch's shape, the thread count and the BLAS kernel of the CPU.
+:func:`exact_cut` therefore decides every cut on exact scores: it fetches a margin of candidates past
+the cut, re-scores them exactly, and accepts a query's top-k only when the bound on the rounding of
+any summation order (:func:`rounding_gap`) proves that no row left unfetched can reach it; the few
+queries it cannot prove are fetched again, deeper. The result is the exact top-k of each query under
+one order (score descending, ties by the lower row), whatever kernel fetched the candidates.
+"""
 from __future__ import annotations
+
+import time
+from typing import Callable
 
 import numpy as np
 
 from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.faiss_api import load_faiss
-from cir_mine.miner.core.search.topk import topk_desc
+from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 
 
 def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -74,6 +88,82 @@ def exact_rescore(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> tupl
     return topk_desc(D, I, k)
 
 
+UNIT_ROUNDOFF = 2.0 ** -24   # float32's unit roundoff u
+CUT_MARGIN = 16              # candidates fetched past a cut of k: CUT_MARGIN + k // 64 (4x more for the queries the bound cannot settle)
+
+
+def rounding_gap(d: int) -> float:
+    """The largest difference between two float32 dot products of the same unit vectors in
+    dimension ``d`` summed in any two orders: 2 γ_d with γ_d = d u / (1 - d u) (each is within
+    γ_d ||q|| ||x|| of the real product, for any order, with or without fused multiply-adds)."""
+    du = d * UNIT_ROUNDOFF
+    return 2.0 * du / (1.0 - du)
+
+
+def max_row_norm(x: np.ndarray, block_rows: int = 262_144) -> float:
+    """The largest L2 norm of a row of ``x`` (read in blocks; a memory-mapped array's pages released)."""
+    top = 0.0
+    for s in range(0, x.shape[0], block_rows):
+        b = np.asarray(read_block(x, s, s + block_rows), np.float64)
+        if b.size:
+            top = max(top, float(np.sqrt(np.einsum("ij,ij->i", b, b).max())))
+        release_pages(x)
+    return top
+
+
+def exact_cut(xb: np.ndarray, xq: np.ndarray, k: int, fetch: Callable, total, row_norm: float = 1.0,
+              extra_gap: float = 0.0, clock=None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-``k`` rows of each query among its candidates, by :func:`gathered_dot` score
+    (descending, ties by the lower row; -1 / -inf pads when a query has fewer than ``k``).
+
+    fetch(q int64[b] query positions, depth) -> (bound float64[b], rows int64[b, L]): for each
+      query, candidate rows (-1 pads) holding every candidate whose approximate score exceeds
+      ``bound`` (-inf when every candidate is returned); approximate scores are float32 dot
+      products in any summation order (``extra_gap``: more, e.g. for float16 storage).
+    total: int or int64[nq], each query's number of candidates (the gallery, or the rows of its
+      probed lists). row_norm: the largest norm of a gallery row. clock: a
+      :class:`~cir_mine.miner.core.search.measure.Clock` given the seconds of fetching ("search")
+      and of exact scoring ("rerank").
+    -> (D float32[nq, k], I int64[nq, k])."""
+    xq = np.ascontiguousarray(xq, np.float32)
+    nq, d = xq.shape
+    total = np.broadcast_to(np.asarray(total, np.int64), (nq,))
+    D = np.full((nq, k), -np.inf, np.float32)
+    I = np.full((nq, k), -1, np.int64)
+    if nq == 0 or k == 0:
+        return D, I
+    qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
+    gap = (rounding_gap(d) + extra_gap) * qnorm * float(row_norm) * (1 + 1e-6) + 1e-30
+    todo = np.arange(nq, dtype=np.int64)
+    extra = CUT_MARGIN + k // 64
+    while todo.size:
+        depth = int(max(1, min(int(total[todo].max()), k + extra)))
+        t = time.perf_counter()
+        bound, rows = fetch(todo, depth)
+        t1 = time.perf_counter()
+        Dq, Iq = exact_rescore(xb, xq[todo], np.asarray(rows, np.int64), k)
+        if clock is not None:
+            clock.add("search", t1 - t)
+            clock.add("rerank", time.perf_counter() - t1)
+        w = Dq.shape[1]
+        kth = Dq[:, k - 1].astype(np.float64) if w >= k else np.full(todo.size, -np.inf)
+        done = (total[todo] <= depth) | (np.asarray(bound, np.float64) == -np.inf) | (kth > bound + gap[todo])
+        D[todo[done], :w], I[todo[done], :w] = Dq[done], Iq[done]
+        todo = todo[~done]
+        extra *= 4
+    return D, I
+
+
+def fetched_bound(D: np.ndarray, depth: int, total) -> np.ndarray:
+    """The bound :func:`exact_cut`'s ``fetch`` returns for a kernel's top-``depth`` approximate
+    scores ``D`` (float32[b, depth], descending): the last one, or -inf where every one of the
+    query's ``total`` candidates came back."""
+    b = D.shape[0]
+    total = np.broadcast_to(np.asarray(total, np.int64), (b,))
+    last = D[:, depth - 1].astype(np.float64) if D.shape[1] >= depth and depth > 0 else np.full(b, -np.inf)
+    return np.where(total > depth, np.where(np.isfinite(last), last, np.inf), -np.inf)
+
+
 GEMM_SCORES = 1 << 24   # scores one exact-search GEMM step holds (64 MB of float32): rows per step = this / queries
 
 
@@ -102,3 +192,23 @@ def gemm_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
     heap.finalize()
     return heap.D, heap.I
 
+
+
+def faiss_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
+               release: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` by inner product with FAISS's flat search (its BLAS GEMM and per-query heaps, on
+    FAISS's threads), block by block of ``block_rows`` gallery rows (a memory-mapped ``xb``'s pages
+    released after each with ``release``), blocks merged. Same contract as :func:`gemm_topk`."""
+    faiss = load_faiss()
+    n = int(xb.shape[0])
+    k = int(min(k, n))
+    xq = np.ascontiguousarray(xq, np.float32)
+    out = None
+    for s in range(0, n, block_rows):
+        block = np.ascontiguousarray(read_block(xb, s, s + block_rows), np.float32)
+        D, I = faiss.knn(xq, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        I = np.where(I >= 0, I + s, -1)
+        out = (D, I) if out is None else merge_topk([out, (D, I)], k)
+        if release:
+            release_pages(xb)
+    return out

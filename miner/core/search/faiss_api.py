@@ -1,13 +1,59 @@
 """The one way the package reaches FAISS: :func:`load_faiss` (imported lazily: FAISS is heavy and
-pulls in OpenMP), and :func:`to_cpu` for an index that may live on a GPU."""
+pulls in OpenMP), and :func:`to_cpu` for an index that may live on a GPU.
+
+FAISS picks its SIMD code path by the CPU (AVX2, AVX-512, ...), and a dot product summed by 8-wide
+and by 16-wide vectors rounds differently in the last bits. So that exact scores have the same bits
+on every x86-64 CPU, :func:`load_faiss` sets FAISS's level to ``SCORE_SIMD_LEVEL`` (AVX2, which every
+x86-64 CPU these tools run on has) unless the ``FAISS_SIMD_LEVEL`` environment variable chooses one.
+On other architectures FAISS keeps its own level.
+"""
 from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger(__name__)
+
+SCORE_SIMD_LEVEL = "AVX2"     # FAISS's SIMD level for every exact score (None: FAISS's own choice)
+
+_pinned = False
+_lock = threading.Lock()
 
 
 def load_faiss():
-    """The ``faiss`` module."""
+    """The ``faiss`` module, its SIMD level pinned (see the module's docstring)."""
     import faiss
 
+    global _pinned
+    if not _pinned:
+        with _lock:
+            if not _pinned:
+                _pin_simd(faiss)
+                _pinned = True
     return faiss
+
+
+def _pin_simd(faiss) -> None:
+    cfg = getattr(faiss, "SIMDConfig", None)
+    level = getattr(faiss, f"SIMDLevel_{SCORE_SIMD_LEVEL}", None) if SCORE_SIMD_LEVEL else None
+    if os.environ.get("FAISS_SIMD_LEVEL") or cfg is None or level is None:
+        return
+    try:
+        if cfg.is_simd_level_available(level) and cfg.get_level() != level:
+            cfg.set_level(level)
+            log.debug("FAISS SIMD level set to %s for exact scores", SCORE_SIMD_LEVEL)
+    except (RuntimeError, AttributeError, TypeError):    # a FAISS without runtime dispatch keeps its level
+        pass
+
+
+def simd_level() -> str:
+    """FAISS's SIMD level in use ('' when FAISS cannot say)."""
+    cfg = getattr(load_faiss(), "SIMDConfig", None)
+    try:
+        return str(cfg.get_level_name()) if cfg is not None else ""
+    except (RuntimeError, AttributeError):
+        return ""
 
 
 def to_cpu(index):

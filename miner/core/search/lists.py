@@ -2,12 +2,15 @@
 (the shape of FAISS contrib's big-batch search), and where each gallery row sits in a query's probe order."""
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from cir_mine.miner.core.search.faiss_api import load_faiss
+from cir_mine.miner.core.search.exact import exact_cut, fetched_bound, max_row_norm
 from cir_mine.miner.core.search.topk import topk_desc
 
 
@@ -26,7 +29,6 @@ def ivf_flat_lists(index):
     return ivf
 
 
-LIST_MAJOR_MIN_QUERIES_PER_LIST = 1.0   # list-major search pays once each probed list serves this many queries on average
 LIST_MAJOR_SCORES = 1 << 25             # candidate scores one list-major pass holds (128 MB of float32)
 
 
@@ -37,14 +39,25 @@ class ListLayout:
     sizes: np.ndarray          # int64[nlist] vectors per list
     starts: np.ndarray         # int64[nlist] offset of each list in ``ids``
     ids: np.ndarray            # int64[ntotal] gallery row of every vector, list by list
-    scratch: dict = field(default_factory=dict)   # worker -> its reused score buffer (pages touched once)
+    row_norm: float = 1.0      # the largest norm of a stored vector
+    centroids: Optional[np.ndarray] = None   # float32[nlist, d] of an inner-product flat quantizer (None: another quantizer)
+    spare: list = field(default_factory=list, repr=False)   # score buffers not in use, reused from search to search
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def buffer(self, n: int, worker: int = 0) -> np.ndarray:
-        """A float32 buffer of ``n`` scores for ``worker``, reused from call to call (first-touching
-        fresh pages costs more than the scatter into them)."""
-        if self.scratch.get(worker, np.empty(0, np.float32)).size < n:
-            self.scratch[worker] = np.empty(n, np.float32)
-        return self.scratch[worker][:n]
+    @contextlib.contextmanager
+    def buffer(self, n: int):
+        """A float32 buffer of ``n`` scores owned by the caller until the block ends (searches in
+        other threads get other buffers; first-touching fresh pages costs more than the scatter
+        into them, so buffers are kept for the next search)."""
+        with self.lock:
+            buf = self.spare.pop() if self.spare else np.empty(0, np.float32)
+        if buf.size < n:
+            buf = np.empty(n, np.float32)
+        try:
+            yield buf[:n]
+        finally:
+            with self.lock:
+                self.spare.append(buf)
 
     @classmethod
     def of(cls, ivf) -> "ListLayout":
@@ -53,133 +66,171 @@ class ListLayout:
         sizes = np.array([invl.list_size(i) for i in range(ivf.nlist)], np.int64)
         starts = np.cumsum(sizes) - sizes
         ids = np.empty(int(sizes.sum()), np.int64)
+        norm = 0.0
         for i in np.flatnonzero(sizes).tolist():
             ids[starts[i]:starts[i] + sizes[i]] = faiss.rev_swig_ptr(invl.get_ids(i), int(sizes[i])).view(np.int64)
-        return cls(sizes, starts, ids)
+            X = _list_vectors(faiss, invl, i, int(sizes[i]), int(ivf.d))
+            norm = max(norm, float(np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64).max())))
+        return cls(sizes, starts, ids, norm, flat_centroids(ivf))
 
 
-def _segment_top(buf: np.ndarray, base: np.ndarray, tot: np.ndarray, k: int, key_of) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest values of each segment ``buf[base[r]:base[r] + tot[r]]`` (a flat float32
-    buffer of ragged rows), by descending value, ties broken by the smaller key (``key_of(rows
-    int64[n], cols int64[n, c]) -> int64[n, c]``, the gallery row, -1 past the row's end), so the
-    choice depends on the row's values alone, never on the other rows.
-    -> (values float32[r, k], their keys int64[r, k]) by descending value; -inf / -1 past a row's end."""
-    r = base.size
-    part = np.full((r, k), -1, np.int64)
-    kth = np.full(r, np.inf, np.float32)
-    ties = []
-    for i in np.flatnonzero(tot).tolist():
-        n = int(tot[i])
-        seg = buf[base[i]:base[i] + n]
-        kk = min(k, n)
-        p = np.argpartition(seg, n - kk)[n - kk:] if kk < n else np.arange(n)
-        part[i, :kk] = p
-        kth[i] = seg[p].min()
-        if kk < n and np.count_nonzero(seg >= kth[i]) > kk:
-            ties.append(i)
-    # rows whose values equal to the k-th cross the cut: choose among those ties by key
-    for i in ties:
-        seg = buf[base[i]:base[i] + int(tot[i])]
-        above = np.flatnonzero(seg > kth[i])
-        at = np.flatnonzero(seg == kth[i])
-        at_keys = key_of(np.array([i]), at[None, :])[0]
-        part[i, :min(k, seg.size)] = np.r_[above, at[np.argsort(at_keys, kind="stable")][:k - above.size]]
-    valid = part >= 0
-    vals = np.where(valid, buf[np.where(valid, base[:, None] + part, 0)] if buf.size else -np.inf, -np.inf)
-    keys = np.where(valid, key_of(np.arange(r), np.maximum(part, 0)), -1)
-    return topk_desc(vals.astype(np.float32), keys, k)
+def _list_vectors(faiss, invl, li: int, size: int, d: int) -> np.ndarray:
+    """The float32[size, d] vectors of list ``li``, read in place."""
+    return faiss.rev_swig_ptr(invl.get_codes(li), size * d * 4).view(np.float32).reshape(size, d)
 
 
-def list_major_search(ivf, xq: np.ndarray, k: int, nprobe: int, layout: Optional[ListLayout] = None,
+def flat_centroids(ivf) -> Optional[np.ndarray]:
+    """float32[nlist, d]: the centroids of an IVF whose coarse quantizer is a CPU inner-product flat
+    index (the factory's default), or None."""
+    faiss = load_faiss()
+    q = faiss.downcast_index(ivf.quantizer)
+    if type(q) is not faiss.IndexFlatIP:
+        return None
+    return np.ascontiguousarray(q.reconstruct_n(0, q.ntotal), np.float32)
+
+
+def coarse_assign(ivf, xq: np.ndarray, nprobe: int, centroids: Optional[np.ndarray] = None,
+                  clock=None) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``nprobe`` lists, by exact score against the centroids (ties by the lower list):
+    the same lists whatever the batch, where the quantizer's own batched search may break a near-tie
+    at the cut either way. An IVF with another kind of quantizer keeps the quantizer's own search.
+    -> (scores float32[nq, nprobe], lists int64[nq, nprobe])."""
+    nprobe = int(max(1, min(nprobe, ivf.nlist)))
+    xq = np.ascontiguousarray(xq, np.float32)
+    if centroids is None:
+        return ivf.quantizer.search(xq, nprobe)
+
+    def fetch(q, depth):
+        D, I = ivf.quantizer.search(xq[q], depth)
+        return fetched_bound(D, depth, len(centroids)), I
+
+    return exact_cut(centroids, xq, nprobe, fetch, len(centroids), max_row_norm(centroids), clock=clock)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """BLAS limited to one thread while any search in the process needs it (entered once for the
+    process, however many threads enter: nested entries from two threads cannot restore each other's
+    limit out of order)."""
+    global _BLAS_USERS, _BLAS_LIMIT
+    with _BLAS_LOCK:
+        if _BLAS_USERS == 0:
+            from threadpoolctl import threadpool_limits
+
+            _BLAS_LIMIT = threadpool_limits(limits=1, user_api="blas")
+        _BLAS_USERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMIT = None
+
+
+def list_major_search(ivf, xq: np.ndarray, k: int, assign: np.ndarray, layout: ListLayout,
                       budget: int = LIST_MAJOR_SCORES) -> tuple[np.ndarray, np.ndarray]:
-    """IVF-Flat search of a batch of queries list by list (the shape of FAISS contrib's big-batch
-    search): the coarse quantizer picks each query's ``nprobe`` lists, the queries are bucketed by
-    list, and each list's vectors (read in place) meet all the queries that probe it in one float32
-    GEMM. Each query's scores are collected and its top ``k`` selected by partition. The candidates
-    are exactly those a FAISS search with the same ``nprobe`` scans, but every list is read once
-    per pass instead of once per query and no heap is kept, so a batch runs at BLAS speed instead of
-    memory speed. Queries go in passes of at most ``budget`` collected scores. The scores are BLAS
-    sums, equal to the float32 dot products up to rounding whose last bits can depend on the batch,
-    so a caller that needs batch-independent rows re-ranks a few rows past its cut exactly.
-    -> (D float32[nq, k], I int64[nq, k]) by descending score (ties: lower row first), -1 pads."""
+    """Candidates of an IVF-Flat search list by list (the shape of FAISS contrib's big-batch search):
+    the queries are bucketed by the lists they probe (``assign``: int64[nq, p], from
+    :func:`coarse_assign`; -1 slots probe nothing) and each list's vectors, read in place, meet all
+    of its queries in one float32 GEMM. Each query's scores are collected and its top ``k`` kept by
+    partition: every list is read once per pass instead of once per query and no heap is kept, so a
+    batch runs at BLAS speed instead of memory speed. Queries go in passes of at most ``budget``
+    collected scores, on FAISS's thread count of workers, each pass with its own score buffer.
+    The scores are BLAS sums whose last bits depend on the batch; :func:`exact_cut` decides the cut.
+    -> (D float32[nq, k], I int64[nq, k]) by descending score, -1 / -inf pads."""
     faiss = load_faiss()
     xq = np.ascontiguousarray(xq, np.float32)
-    nq, d = xq.shape
-    nprobe = int(max(1, min(nprobe, ivf.nlist)))
-    k = int(min(k, ivf.ntotal))
-    layout = layout or ListLayout.of(ivf)
+    nq = xq.shape[0]
+    assign = np.asarray(assign, np.int64)
     D = np.full((nq, k), -np.inf, np.float32)
     I = np.full((nq, k), -1, np.int64)
     if nq == 0 or k == 0:
         return D, I
-    _, assign = ivf.quantizer.search(xq, nprobe)
-    cand = np.where(assign >= 0, layout.sizes[np.maximum(assign, 0)], 0)
-    tot = cand.sum(1)
+    sizes = np.where(assign >= 0, layout.sizes[np.maximum(assign, 0)], 0)
+    tot = sizes.sum(1)
     ends = np.cumsum(tot)
     passes, q0 = [], 0
     while q0 < nq:                  # queries q0..q1-1, at least one, their scores within the budget
         q1 = max(q0 + 1, int(np.searchsorted(ends, (ends[q0 - 1] if q0 else 0) + budget, side="right")))
         passes.append((q0, q1))
         q0 = q1
-    workers = max(1, min(len(passes), faiss.omp_get_max_threads()))
     invl = faiss.downcast_InvertedLists(ivf.invlists)
 
-    def run(job):
-        w, (q0, q1) = job
-        A, C, T = assign[q0:q1], cand[q0:q1], tot[q0:q1]
-        off = np.cumsum(C, 1) - C
-        base = np.cumsum(T) - T
-        buf = layout.buffer(int(T.sum()), w)
-        flat = A.ravel()
-        order = np.argsort(flat, kind="stable")
-        lists = flat[order]
-        bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
-        dst = (base[:, None] + off).ravel()[order]     # each (query, probe) segment's start, list by list
-        qsel = order // nprobe                          # its pass-local query
-        xp = xq[q0:q1]
-        within = np.arange(int(layout.sizes.max()))[:, None]   # row offsets inside a list
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            li = int(lists[a])
-            size = int(layout.sizes[li]) if li >= 0 else 0
-            if size == 0:
-                continue
-            X = faiss.rev_swig_ptr(invl.get_codes(li), size * d * 4).view(np.float32).reshape(size, d)
-            # [size, m] = the list's rows against its queries: OpenBLAS packs the small query side
-            # with less work in this orientation; column j goes to query j's segment
-            buf[dst[a:b] + within[:size]] = X @ xp[qsel[a:b]].T
+    def run(q0: int, q1: int) -> None:
+        A, C, T = assign[q0:q1], sizes[q0:q1], tot[q0:q1]
+        with layout.buffer(int(T.sum())) as buf:
+            _score_lists(faiss, invl, layout, xq[q0:q1], A, C, T, buf)
+            D[q0:q1], I[q0:q1] = _top_of_segments(buf, layout, A, C, T, k)
 
-        ids, lstart = layout.ids, layout.starts
-
-        def key_of(rows, cols):
-            """Gallery row of collected position ``cols`` (int64[n, c]) of pass-local query ``rows``:
-            its probe slot found among that query's own segment offsets (an empty slot shares the
-            next one's offset, and ``side="right"`` passes it)."""
-            out = np.empty(cols.shape, np.int64)
-            for n, r in enumerate(rows.tolist()):
-                c = cols[n]
-                j = np.searchsorted(off[r], c, side="right") - 1
-                out[n] = ids[lstart[np.maximum(A[r, j], 0)] + c - off[r, j]]
-            return out
-
-        D[q0:q1], I[q0:q1] = _segment_top(buf, base, T, k, key_of)
-
-    # one BLAS thread per pass (its GEMMs are small; threads of BLAS would spin), passes on FAISS's
-    # thread count of workers, each with its own score buffer
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        jobs = [(i % workers, p) for i, p in enumerate(passes)]
+    workers = max(1, min(len(passes), faiss.omp_get_max_threads()))
+    # one BLAS thread per pass: its GEMMs are small, and threads of BLAS would spin
+    with one_blas_thread():
         if workers == 1:
-            for job in jobs:
-                run(job)
+            for p in passes:
+                run(*p)
         else:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cir-mine-lists") as pool:
-                futures = [pool.submit(lambda lane=lane: [run(j) for j in jobs if j[0] == lane]) for lane in range(workers)]
-                for f in futures:
+                for f in [pool.submit(lambda lane=lane: [run(*p) for p in passes[lane::workers]]) for lane in range(workers)]:
                     f.result()
     return D, I
+
+
+def _score_lists(faiss, invl, layout: ListLayout, xp: np.ndarray, A: np.ndarray, C: np.ndarray, T: np.ndarray,
+                 buf: np.ndarray) -> None:
+    """Fill ``buf`` with each query's scores against its probed lists' vectors, query after query,
+    each query's lists in probe order (a query's segment starts at the sum of the earlier ones)."""
+    p = A.shape[1]
+    off = np.cumsum(C, 1) - C
+    base = np.cumsum(T) - T
+    flat = A.ravel()
+    order = np.argsort(flat, kind="stable")
+    lists = flat[order]
+    bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
+    dst = (base[:, None] + off).ravel()[order]     # each (query, probe) segment's start, list by list
+    qsel = order // p                               # its query
+    within = np.arange(int(layout.sizes.max(initial=0)))[:, None]   # row offsets inside a list
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        li = int(lists[a])
+        size = int(layout.sizes[li]) if li >= 0 else 0
+        if size == 0:
+            continue
+        X = _list_vectors(faiss, invl, li, size, xp.shape[1])
+        # [size, m] = the list's rows against its queries: OpenBLAS packs the small query side
+        # with less work in this orientation; column j goes to query j's segment
+        buf[dst[a:b] + within[:size]] = X @ xp[qsel[a:b]].T
+
+
+def _top_of_segments(buf: np.ndarray, layout: ListLayout, A: np.ndarray, C: np.ndarray, T: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` best scores in its segment of ``buf`` and their gallery rows, by descending
+    score; -1 / -inf past a query's candidates. A collected position maps to a row through the
+    query's own probe slots (an empty slot shares the next one's start: the search passes it)."""
+    m = A.shape[0]
+    D = np.full((m, k), -np.inf, np.float32)
+    I = np.full((m, k), -1, np.int64)
+    off = np.cumsum(C, 1) - C
+    start = 0
+    for r in range(m):
+        n = int(T[r])
+        if n == 0:
+            continue
+        seg = buf[start:start + n]
+        kk = min(k, n)
+        pos = np.argpartition(seg, n - kk)[n - kk:] if kk < n else np.arange(n)
+        slot = np.searchsorted(off[r], pos, side="right") - 1
+        rows = layout.ids[layout.starts[A[r, slot]] + pos - off[r, slot]]
+        D[r, :kk], I[r, :kk] = seg[pos], rows
+        start += n
+    return topk_desc(D, I, k)
 
 
 def probe_positions(ivf, layout: ListLayout, xq: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -192,7 +243,7 @@ def probe_positions(ivf, layout: ListLayout, xq: np.ndarray, rows: np.ndarray) -
     out = np.full(rows.shape, -1, np.int32)
     xq = np.ascontiguousarray(xq, np.float32)
     for s in range(0, len(xq), 256):
-        _, order = ivf.quantizer.search(xq[s:s + 256], nlist)       # every list, in probe order
+        _, order = coarse_assign(ivf, xq[s:s + 256], nlist, layout.centroids)   # every list, in probe order
         pos = np.full((len(order), nlist), nlist, np.int32)
         np.put_along_axis(pos, np.where(order >= 0, order, 0), np.arange(nlist, dtype=np.int32), 1)
         r = rows[s:s + 256]

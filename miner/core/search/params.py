@@ -41,6 +41,16 @@ def index_kind(index) -> str:
     return "other"
 
 
+def cpu_ivf(index):
+    """The CPU ``IndexIVF`` that ``index`` is (downcast), or None (a GPU index, a pre-transform or
+    another wrapper, a non-IVF index)."""
+    faiss = load_faiss()
+    if hasattr(index, "getDevice"):
+        return None
+    ivf = faiss.downcast_index(index)
+    return ivf if isinstance(ivf, faiss.IndexIVF) else None
+
+
 def set_search_params(index, params: dict) -> None:
     """Apply {'nprobe': n, 'efSearch': e} to a FAISS index (CPU or GPU); UsageError for names it lacks."""
     if not params:

@@ -1,0 +1,86 @@
+"""Measuring the search: where its seconds go (:class:`Clock`), and which of the kernels that return the
+same candidates is faster on this machine (:class:`KernelRace`), measured on the work itself.
+
+Which kernel is faster is a property of the machine (its BLAS, its cores, FAISS's SIMD level) and
+of the batch's shape, not a constant. The first search of each shape class (queries and depth, each
+rounded to a power of two) runs every kernel on its own share of the batch's queries and keeps the
+seconds per query; later searches of that class use the fastest. The candidates are decided exactly
+afterwards (:func:`~cir_mine.miner.core.search.exact.exact_cut`), so the choice changes the time,
+never the rows.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+MIN_RACE_QUERIES = 8    # a batch with fewer queries per kernel is not split to measure (too small to time)
+
+
+def shape_class(nq: int, depth: int) -> tuple[int, int]:
+    """(queries, depth) rounded down to powers of two."""
+    return int(nq).bit_length(), int(depth).bit_length()
+
+
+class KernelRace:
+    """Per shape class, the seconds per query each of ``names`` took on its share of one batch."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+        self.seen: dict = {}             # shape class -> {kernel: seconds per query}
+        self._lock = threading.Lock()
+
+    def choice(self, nq: int, depth: int):
+        """The measured fastest kernel of this shape class, or None while it is unmeasured."""
+        with self._lock:
+            per = self.seen.get(shape_class(nq, depth))
+        return min(per, key=per.get) if per else None
+
+    def run(self, nq: int, depth: int, call: Callable[[str, np.ndarray], tuple]) -> tuple:
+        """``call(kernel, query positions) -> (D, I)`` over all ``nq`` queries: by the measured
+        kernel, or, for an unmeasured shape class, each kernel on a contiguous share of the queries
+        (timed), the shares' results stacked in query order."""
+        name = self.choice(nq, depth)
+        if name is not None or len(self.names) == 1 or nq < MIN_RACE_QUERIES * len(self.names):
+            return call(name or self.names[0], np.arange(nq, dtype=np.int64))
+        bounds = np.linspace(0, nq, len(self.names) + 1).astype(np.int64)
+        parts, per = [], {}
+        for kernel, a, b in zip(self.names, bounds[:-1], bounds[1:]):
+            t = time.perf_counter()
+            parts.append(call(kernel, np.arange(a, b, dtype=np.int64)))
+            per[kernel] = (time.perf_counter() - t) / max(1, int(b - a))
+        with self._lock:
+            self.seen.setdefault(shape_class(nq, depth), per)
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+
+    def describe(self) -> dict:
+        """What the footer records: per measured class, each kernel's microseconds per query."""
+        with self._lock:
+            return {f"{1 << (q - 1) if q else 0}x{1 << (d - 1) if d else 0}": {n: round(s * 1e6, 1) for n, s in per.items()}
+                    for (q, d), per in sorted(self.seen.items())}
+
+
+class Clock:
+    """Seconds per stage, added from any thread."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + float(seconds)
+
+    def timed(self, stage: str, fn: Callable, *args):
+        """``fn(*args)``, its seconds added to ``stage``."""
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.add(stage, time.perf_counter() - t)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self.seconds)
