@@ -56,30 +56,49 @@ def speed(args) -> dict:
     import pyarrow.parquet as pq
 
     from cir_mine.data.workspace import embedding_numpy
+    from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
 
     ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
     _, xq = queries(ws)
     cfg = MineConfig.of(strategy="midzone", k=args.k, delta_lo=args.delta_lo, delta_hi=args.delta_hi,
                         candidates=args.candidates, max_candidates=None if args.no_deepen else 2048)
     depth = cfg.depth(args.k)
-    c0, t = _cpu(), time.perf_counter()
-    xb = embedding_numpy(pq.read_table(ws.gallery_path("train"), columns=["embedding"]).column("embedding"))
-    t_read = time.perf_counter() - t
-    index = faiss.IndexFlatIP(xb.shape[1])
-    index.add(xb)
-    for s in range(0, len(xq), cfg.query_batch):
-        index.search(xq[s:s + cfg.query_batch], depth)
-    t_bare, c_bare = time.perf_counter() - t, _cpu() - c0
-    del index, xb
-    with tempfile.TemporaryDirectory() as tmp:
-        c0, t = _cpu(), time.perf_counter()
-        res = mine_to_file(ws, "train", cfg, Path(tmp) / "negs.parquet")
-        t_mine, c_mine = time.perf_counter() - t, _cpu() - c0
+    load_faiss()
+    mined_block = faiss.cvar.distance_compute_blas_database_bs
+
+    def bare():
+        """The gallery read from its Parquet file, faiss.IndexFlatIP at FAISS's defaults, the same
+        queries searched at the same depth in the same batches."""
+        faiss.cvar.distance_compute_blas_database_bs = FAISS_DEFAULT_BLOCK
+        try:
+            xb = embedding_numpy(pq.read_table(ws.gallery_path("train"), columns=["embedding"]).column("embedding"))
+            index = faiss.IndexFlatIP(xb.shape[1])
+            index.add(xb)
+            for s in range(0, len(xq), cfg.query_batch):
+                index.search(xq[s:s + cfg.query_batch], depth)
+        finally:
+            faiss.cvar.distance_compute_blas_database_bs = mined_block
+
+    def mine():
+        with tempfile.TemporaryDirectory() as tmp:
+            return mine_to_file(ws, "train", cfg, Path(tmp) / "negs.parquet")
+
+    best = {"bare": (1e9, 1e9), "mine": (1e9, 1e9)}
+    res = None
+    for _ in range(args.repeats):                 # alternated, the fastest of each kept (a shared machine)
+        for name, fn in (("bare", bare), ("mine", mine)):
+            c0, t = _cpu(), time.perf_counter()
+            out = fn()
+            wall, cpu = time.perf_counter() - t, _cpu() - c0
+            if wall < best[name][0]:
+                best[name] = (wall, cpu)
+                res = out if name == "mine" else res
+    (t_bare, c_bare), (t_mine, c_mine) = best["bare"], best["mine"]
     tm = res.meta["timing"]
     post = sum(tm[k] for k in ("rerank_s", "guards_s", "select_s", "table_s"))
     return {"bench": "speed", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
             "k": args.k, "depth": depth, "deepen": not args.no_deepen, "faiss_threads": faiss.omp_get_max_threads(),
-            "bare_read_s": round(t_read, 2), "bare_read_search_s": round(t_bare, 2), "bare_cpu_s": round(c_bare, 2),
+            "repeats": args.repeats, "bare_read_search_s": round(t_bare, 2), "bare_cpu_s": round(c_bare, 2),
             "mine_total_s": round(t_mine, 2), "mine_cpu_s": round(c_mine, 2), "mine_timing": tm,
             "rows": res.meta["n_rows"], "shortfall": res.meta["shortfall"]["count"],
             "ratio_wall": round(t_mine / t_bare, 3), "ratio_cpu": round(c_mine / c_bare, 3),
@@ -207,6 +226,7 @@ def main():
     p.add_argument("-k", type=int, default=100)
     p.add_argument("--candidates", type=int, default=None, help="speed: search depth per query (default: the config's)")
     p.add_argument("--no-deepen", action="store_true", help="speed: single pass (max_candidates None)")
+    p.add_argument("--repeats", type=int, default=2, help="speed: bare and mined runs alternated this many times, the fastest of each kept")
     p.add_argument("--delta-lo", type=float, default=0.02)
     p.add_argument("--delta-hi", type=float, default=0.2)
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))

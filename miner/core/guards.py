@@ -103,14 +103,16 @@ class GuardConfig:
 
 
 def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, target_prod, ref_prod, q,
-                 extra_keys, verified_keys, n_products, cfg: GuardConfig):
+                 extra_keys, verified_keys, n_products, cfg: GuardConfig, distinct_products: bool = False):
     """All guards on one candidate matrix, in order: target, reference, extra positive, cap,
     near-duplicate, duplicate product. Returns (valid bool[b, L], {guard: int64[b]}), where each
     count is the candidates that guard removed and no earlier guard had.
 
     ``cand_rows`` < 0 marks empty slots (never valid, never counted). ``sim_target_fn(mask)`` returns
     s(c, t) as float32[b, L], needed only where ``mask`` is True (the survivors of the cheaper guards),
-    so the near-duplicate check gathers embeddings for those alone."""
+    so the near-duplicate check gathers embeddings for those alone. ``distinct_products``: no row
+    holds a product twice (distinct rows of a gallery with one product per row), so the
+    duplicate-product guard has nothing to find and is skipped."""
     drop = cand_rows < 0
     counts = {}
     verified = (member(pair_keys(q, cand_prod, n_products), verified_keys)
@@ -135,6 +137,9 @@ def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, targ
               exempt_verified=True)
     else:
         counts["near_duplicate"] = np.zeros(cand_rows.shape[0], np.int64)
+    if distinct_products:
+        counts["duplicate_product"] = np.zeros(cand_rows.shape[0], np.int64)
+        return ~drop, counts
     dup, counts["duplicate_product"] = duplicate_product_guard(cand_prod, ~drop)
     return ~(drop | dup), counts
 

@@ -341,8 +341,9 @@ class BatchContext:
 
     # candidates
     def candidates(self, rows: np.ndarray, scores: Optional[np.ndarray] = None,
-                   ranks: Optional[np.ndarray] = None) -> Candidates:
-        """Guard a [b, L] matrix of gallery rows (scores s(q, c) computed when not given)."""
+                   ranks: Optional[np.ndarray] = None, distinct: bool = False) -> Candidates:
+        """Guard a [b, L] matrix of gallery rows (scores s(q, c) computed when not given;
+        ``distinct``: no row repeats within a query's list, as in a search's results)."""
         pool, qs, q = self.pool, self.qs, self.q
         rows = np.asarray(rows, np.int64)
         present = rows >= 0
@@ -357,7 +358,7 @@ class BatchContext:
         t = time.perf_counter()
         valid, counts = apply_guards(rows, product, scores, lambda need: self._near_dup_sims(rows, d, need), ts, pool.product[qs.target_rows[q]],
                                      pool.product[qs.ref_rows[q]], q, qs.extra_keys, qs.verified_keys,
-                                     pool.n_products, self.gcfg)
+                                     pool.n_products, self.gcfg, distinct and pool.n_products == len(pool.product))
         if self.clock is not None:
             self.clock.add("guards", time.perf_counter() - t)
         for name, c in counts.items():
@@ -420,7 +421,7 @@ class BatchContext:
         if "target_nn" not in self._cache:
             _, I = search_batched(self.index, self.pool.xb[self.qs.target_rows[self.q]], self.depth,
                                   batch_size=max(1, self.b))
-            self._cache["target_nn"] = self.candidates(I)
+            self._cache["target_nn"] = self.candidates(I, distinct=True)
         return self._cache["target_nn"]
 
     def verified_candidates(self) -> Candidates:
@@ -640,7 +641,7 @@ def search_batches(backend, xq: np.ndarray, batches, prefetch: bool):
 def guard(ctx: BatchContext, D: np.ndarray, I: np.ndarray) -> None:
     """Step 4 (guard): the ranked candidates of the batch, exact scores, every guard applied."""
     ranks = np.broadcast_to(np.arange(I.shape[1], dtype=np.int32), I.shape)
-    ctx.ranked = ctx.candidates(I, D, ranks)
+    ctx.ranked = ctx.candidates(I, D, ranks, distinct=True)
 
 
 def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
@@ -648,9 +649,10 @@ def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
     -> (rows per column, int64[b] negatives per query)."""
     res = {c: [] for c in COLUMNS}
     got = np.zeros(ctx.b, np.int64)
-    for name, ki, si in prep.mined:
+    for i, (name, ki, si) in enumerate(prep.mined):
         p = REGISTRY[name].fn(ctx, ki, si + 1, ctx.cfg.params_of(name))
-        ctx.take(p)
+        if i < len(prep.mined) - 1:         # the later parts pick from what this one left
+            ctx.take(p)
         ok = p.rows >= 0
         qi, col = np.nonzero(ok)
         res["q"].append(ctx.q[qi])

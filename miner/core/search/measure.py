@@ -3,8 +3,10 @@ same candidates is faster on this machine (:class:`KernelRace`), measured on the
 
 Which kernel is faster is a property of the machine (its BLAS, its cores, FAISS's SIMD level) and
 of the batch's shape, not a constant. The first search of each shape class (queries and depth, each
-rounded to a power of two) runs every kernel on its own share of the batch's queries and keeps the
-seconds per query; later searches of that class use the fastest. The candidates are decided exactly
+rounded to a power of two) runs every kernel on its own share of the batch's queries (the first kernel
+on most of them, each other on an eighth) and keeps the seconds per query; later searches of that
+class, and of classes of the same depth with up to 4x more or fewer queries, use the fastest. The
+candidates are decided exactly
 afterwards (:func:`~cir_mine.miner.core.search.exact.exact_cut`), so the choice changes the time,
 never the rows.
 """
@@ -17,6 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 MIN_RACE_QUERIES = 8    # a batch with fewer queries per kernel is not split to measure (too small to time)
+CHALLENGER_SHARE = 8    # each kernel but the first runs on 1/CHALLENGER_SHARE of the raced batch's queries
+NEAR_CLASSES = 2        # a measured class decides for classes of the same depth this many powers of two away
 
 
 def shape_class(nq: int, depth: int) -> tuple[int, int]:
@@ -33,9 +37,12 @@ class KernelRace:
         self._lock = threading.Lock()
 
     def choice(self, nq: int, depth: int):
-        """The measured fastest kernel of this shape class, or None while it is unmeasured."""
+        """The measured fastest kernel of this shape class (or of the nearest measured class of the
+        same depth, at most NEAR_CLASSES powers of two of queries away), or None."""
+        q, d = shape_class(nq, depth)
         with self._lock:
-            per = self.seen.get(shape_class(nq, depth))
+            near = [(abs(cq - q), per) for (cq, cd), per in self.seen.items() if cd == d and abs(cq - q) <= NEAR_CLASSES]
+        per = min(near, key=lambda t: t[0])[1] if near else None
         return min(per, key=per.get) if per else None
 
     def run(self, nq: int, depth: int, call: Callable[[str, np.ndarray], tuple]) -> tuple:
@@ -45,7 +52,9 @@ class KernelRace:
         name = self.choice(nq, depth)
         if name is not None or len(self.names) == 1 or nq < MIN_RACE_QUERIES * len(self.names):
             return call(name or self.names[0], np.arange(nq, dtype=np.int64))
-        bounds = np.linspace(0, nq, len(self.names) + 1).astype(np.int64)
+        share = max(MIN_RACE_QUERIES, nq // CHALLENGER_SHARE)
+        first = nq - share * (len(self.names) - 1)
+        bounds = np.r_[0, first + share * np.arange(len(self.names))].astype(np.int64)
         parts, per = [], {}
         for kernel, a, b in zip(self.names, bounds[:-1], bounds[1:]):
             t = time.perf_counter()
