@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
-from cir_mine.miner.core.guards import (GuardConfig, apply_guards, cap_guard, duplicate_product_guard,
+from cir_mine.miner.core.guards import (GuardConfig, PairSet, apply_guards, member, cap_guard, duplicate_product_guard,
                                         extra_positive_guard, near_duplicate_guard, pair_keys,
                                         reference_guard, target_guard)
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
@@ -21,8 +21,7 @@ def test_each_guard_mask_and_count():
     assert m.tolist() == [[False, True, False, False], [True, True, False, False]] and n.tolist() == [1, 2]
     m, n = reference_guard(prod, np.array([0, 0]))
     assert n.tolist() == [1, 1]
-    keys = np.sort(pair_keys(np.array([0, 1]), np.array([[2], [1]]), 10).ravel())
-    m, n = extra_positive_guard(prod, np.array([0, 1]), keys, 10)
+    m, n = extra_positive_guard(prod, np.array([0, 1]), PairSet(np.array([0, 1]), np.array([2, 1]), 2, 10))
     assert m.tolist() == [[False, False, True, False], [False, False, True, False]]
     m, n = near_duplicate_guard(np.array([[0.99, 0.5]]), 0.98)
     assert m.tolist() == [[True, False]] and n.tolist() == [1]
@@ -38,16 +37,31 @@ def test_apply_guards_counts_each_removal_once_and_trusts_verified():
     prod = np.array([[0, 1, 2, 3, -1]])
     scores = np.array([[0.9, 0.8, 0.7, 0.1, 0]], np.float32)
     sim = lambda need: np.array([[1.0, 0.1, 0.99, 0.2, 0]], np.float32)
-    ver = np.sort(pair_keys(np.array([0]), np.array([[2]]), 10).ravel())
+    ver = PairSet(np.array([0]), np.array([2]), 1, 10)
+    none = PairSet(np.zeros(0, np.int64), np.zeros(0, np.int64), 1, 10)
     valid, counts = apply_guards(rows, prod, scores, sim, np.array([0.9], np.float32), np.array([0]),
-                                 np.array([3]), np.array([0]), np.zeros(0, np.int64), ver, 10, GuardConfig())
+                                 np.array([3]), np.array([0]), none, ver, GuardConfig())
     assert valid.tolist() == [[False, True, True, False, False]]    # 2 is verified: near-dup skipped
     assert counts["target"].tolist() == [1] and counts["cap"].tolist() == [0]
     assert counts["reference"].tolist() == [1] and counts["near_duplicate"].tolist() == [0]
     valid, counts = apply_guards(rows, prod, scores, sim, np.array([0.9], np.float32), np.array([0]),
-                                 np.array([3]), np.array([0]), np.zeros(0, np.int64), ver, 10,
-                                 GuardConfig(trust_verified=False, rho=None))
+                                 np.array([3]), np.array([0]), none, ver, GuardConfig(trust_verified=False, rho=None))
     assert valid.tolist() == [[False, True, False, False, False]] and counts["near_duplicate"].tolist() == [1]
+
+
+def test_pair_set_lookup_equals_the_sorted_key_search():
+    """Dense (few pairs per query) and sparse (many) lookups answer as the sorted-key search does."""
+    rng = np.random.default_rng(3)
+    for per_query in (3, 40):
+        m, n_products = 50, 500
+        q = np.repeat(np.arange(m), per_query)
+        prod = rng.integers(0, n_products, q.size)
+        ps = PairSet(q, prod, m, n_products)
+        assert (ps.dense is not None) == (per_query <= PairSet.MAX_DENSE)
+        qb = rng.integers(0, m, 30)
+        cand = rng.integers(0, n_products, (30, 60))
+        ref = member(pair_keys(qb, cand, n_products), np.unique(pair_keys(q[:, None], prod[:, None], n_products)))
+        assert ref.any() and np.array_equal(ps.contains(qb, cand), ref)
 
 
 def _world(rng, n, d, n_q, twin_ids, dup_targets):

@@ -30,6 +30,45 @@ def member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     return sorted_keys[np.minimum(idx, sorted_keys.size - 1)] == keys
 
 
+class PairSet:
+    """A set of (query index, product) pairs, asked about [b, L] candidate matrices at a time.
+
+    ``keys``: the sorted int64 pair keys (:func:`pair_keys`). When no query holds more than
+    ``MAX_DENSE`` pairs, each query's products also sit in a padded matrix, and a lookup compares
+    against that query's few products instead of searching the sorted keys."""
+
+    MAX_DENSE = 16
+
+    def __init__(self, q: np.ndarray, products: np.ndarray, m: int, n_products: int):
+        q, products = np.asarray(q, np.int64), np.asarray(products, np.int64)
+        self.n_products = int(n_products)
+        self.keys = np.unique(pair_keys(q[:, None], products[:, None], n_products).ravel())
+        q, products = self.keys // self.n_products, self.keys % self.n_products
+        per = np.bincount(q, minlength=m) if q.size else np.zeros(m, np.int64)
+        self.dense = None
+        if int(per.max(initial=0)) <= self.MAX_DENSE:
+            self.dense = np.full((m, int(per.max(initial=0))), -1, np.int64)
+            if q.size:
+                self.dense[q, np.arange(q.size) - np.searchsorted(q, q)] = products
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.size)
+
+    def contains(self, q: np.ndarray, cand_prod: np.ndarray) -> np.ndarray:
+        """bool[b, L]: (q[i], cand_prod[i, j]) is in the set (q: int64[b] query indices)."""
+        if self.keys.size == 0:
+            return np.zeros(cand_prod.shape, bool)
+        if self.dense is None:
+            return member(pair_keys(q, cand_prod, self.n_products), self.keys)
+        mine = self.dense[q]                                   # [b, E], -1 pads
+        out = np.zeros(cand_prod.shape, bool)
+        for e in range(mine.shape[1]):
+            col = mine[:, e:e + 1]
+            out |= (cand_prod == col) & (col >= 0)
+        return out
+
+
 def pair_keys(q: np.ndarray, products: np.ndarray, n_products: int) -> np.ndarray:
     """int64 keys of (query index, product) pairs: q * n_products + product (q: int64[b] or [b, 1])."""
     q = np.asarray(q, dtype=np.int64)
@@ -46,11 +85,11 @@ def reference_guard(cand_prod: np.ndarray, ref_prod: np.ndarray):
     return _counted(cand_prod == ref_prod[:, None])
 
 
-def extra_positive_guard(cand_prod: np.ndarray, q: np.ndarray, extra_keys: np.ndarray, n_products: int):
+def extra_positive_guard(cand_prod: np.ndarray, q: np.ndarray, extra: "PairSet"):
     """Never an extra positive (CIRR target_soft >= 0.5, synthetic exact twins).
 
-    ``extra_keys``: sorted int64 pair keys (see :func:`pair_keys`) of every query's extra positives."""
-    return _counted(member(pair_keys(q, cand_prod, n_products), extra_keys))
+    ``extra``: every query's extra positives (:class:`PairSet`)."""
+    return _counted(extra.contains(q, cand_prod))
 
 
 def near_duplicate_guard(sim_target: np.ndarray, threshold: float | None):
@@ -103,7 +142,7 @@ class GuardConfig:
 
 
 def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, target_prod, ref_prod, q,
-                 extra_keys, verified_keys, n_products, cfg: GuardConfig, distinct_products: bool = False):
+                 extra: "PairSet", verified: "PairSet", cfg: GuardConfig, distinct_products: bool = False):
     """All guards on one candidate matrix, in order: target, reference, extra positive, cap,
     near-duplicate, duplicate product. Returns (valid bool[b, L], {guard: int64[b]}), where each
     count is the candidates that guard removed and no earlier guard had.
@@ -115,8 +154,7 @@ def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, targ
     duplicate-product guard has nothing to find and is skipped."""
     drop = cand_rows < 0
     counts = {}
-    verified = (member(pair_keys(q, cand_prod, n_products), verified_keys)
-                if cfg.trust_verified and verified_keys.size else None)
+    verified = verified.contains(q, cand_prod) if cfg.trust_verified and verified.size else None
 
     def apply(name, mask, exempt_verified=False):
         nonlocal drop
@@ -129,7 +167,7 @@ def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, targ
     zeros = lambda: np.zeros(cand_rows.shape, dtype=bool)
     apply("target", target_guard(cand_prod, target_prod)[0] if cfg.exclude_target else zeros())
     apply("reference", reference_guard(cand_prod, ref_prod)[0] if cfg.exclude_reference else zeros())
-    apply("extra_positive", extra_positive_guard(cand_prod, q, extra_keys, n_products)[0]
+    apply("extra_positive", extra_positive_guard(cand_prod, q, extra)[0]
           if cfg.exclude_extra_positives else zeros())
     apply("cap", cap_guard(scores, target_score, cfg.rho)[0], exempt_verified=True)
     if cfg.dup_threshold is not None:

@@ -27,7 +27,7 @@ from cir_mine.data.workspace import Gallery, Triplets, Workspace, file_digest, l
 
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
-from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
+from cir_mine.miner.core.guards import GUARDS, GuardConfig, PairSet, apply_guards, member, pair_keys, shortfall_hints
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked, check_backend, search_batched
 from cir_mine.miner.core.search.build import build_index, factory_string, sample_rows
 from cir_mine.miner.core.search.params import current_params, default_overfetch, index_kind, parse_search_params
@@ -35,7 +35,7 @@ from cir_mine.miner.core.search.persist import check_index, index_meta, load_ind
 from cir_mine.miner.core.search.tuning import Tuning, candidate_recall, tune, tune_deep
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import delta as delta_of, zero_shot_queries
-from cir_mine.miner.core.search.exact import gathered_dot, row_dot
+from cir_mine.miner.core.search.exact import gathered_dot
 from cir_mine.miner.core.search.measure import Clock
 from cir_mine.miner.core.strategies import (REGISTRY, Candidates, Picks, default_params, hash_keys, param_owner,
                                             parse_mix, split_k, validate_params)
@@ -271,8 +271,8 @@ class QuerySet:
     target_rows: np.ndarray    # int64[m]
     target_score: np.ndarray   # float32[m] s(q, t)
     qhash: np.ndarray          # uint64[m] hash of (seed, query_id)
-    extra_keys: np.ndarray     # sorted int64 pair keys of extra positives
-    verified_keys: np.ndarray  # sorted int64 pair keys of verified negatives
+    extra: PairSet             # (query, product) pairs of extra positives
+    verified: PairSet          # (query, product) pairs of verified negatives
     verified_rows: np.ndarray  # int64[m, V] verified negatives' rows (-1 pad)
 
 
@@ -301,7 +301,7 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
         if emb.shape != (len(t), pool.xb.shape[1]):
             raise UsageError(f"query embeddings have shape {emb.shape}, expected ({len(t)}, {pool.xb.shape[1]}): "
                              f"one row per query of the split, in the gallery's dimension.")
-    keys = lambda q, r: np.unique(pair_keys(q[:, None], pool.product[r][:, None], pool.n_products).ravel())
+    pairs = lambda q, r: PairSet(q, pool.product[r], len(t), pool.n_products)
     eq, er = _id_rows(g, t.extra_positive_ids)
     vq, vr = _id_rows(g, t.verified_negative_ids)
     vmax = int(np.bincount(vq, minlength=len(t)).max()) if vq.size else 0
@@ -309,13 +309,13 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
     if vq.size:
         pos = np.arange(vq.size) - np.searchsorted(vq, vq)          # position within each query's list
         verified_rows[vq, pos] = vr
-    target_score = row_dot(emb, np.asarray(pool.xb[target_rows], np.float32))
+    target_score = gathered_dot(pool.xb, target_rows[:, None], emb)[:, 0]      # the exact kernel, as every s(q, c)
     release_pages(pool.xb)                          # a memory-mapped gallery keeps no gathered pages
     return QuerySet(
         pa.array(t.query_ids.tolist(), pa.string()), pa.array(t.ref_ids.tolist(), pa.string()),
         pa.array(t.target_ids.tolist(), pa.string()), emb, ref_rows, target_rows,
         target_score, query_hashes(t.query_ids.tolist(), cfg.seed),
-        keys(eq, er), keys(vq, vr), verified_rows)
+        pairs(eq, er), pairs(vq, vr), verified_rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,8 +357,8 @@ class BatchContext:
         product = np.where(present, pool.product[safe], -1)
         t = time.perf_counter()
         valid, counts = apply_guards(rows, product, scores, lambda need: self._near_dup_sims(rows, d, need), ts, pool.product[qs.target_rows[q]],
-                                     pool.product[qs.ref_rows[q]], q, qs.extra_keys, qs.verified_keys,
-                                     pool.n_products, self.gcfg, distinct and pool.n_products == len(pool.product))
+                                     pool.product[qs.ref_rows[q]], q, qs.extra, qs.verified,
+                                     self.gcfg, distinct and pool.n_products == len(pool.product))
         if self.clock is not None:
             self.clock.add("guards", time.perf_counter() - t)
         for name, c in counts.items():

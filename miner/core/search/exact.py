@@ -23,11 +23,6 @@ from cir_mine.miner.core.search.faiss_api import FLAT_DATABASE_BLOCK, load_faiss
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 
 
-def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot product: float32[b, d] x float32[b, d] -> float32[b]."""
-    return np.einsum("ij,ij->i", a, b).astype(np.float32, copy=False)
-
-
 def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int = 256) -> np.ndarray:
     """s(xb[rows[i, j]], vec[i]): float32[b, depth]. ``rows``: int64[b, depth] (entries < 0 give -inf).
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cir_mine.miner.core.guards import member, pair_keys
 from cir_mine.miner.core.search.backends import search_batched
 from cir_mine.miner.core.strategies.registry import register, split_k
 from cir_mine.miner.core.strategies.selection import Picks, concat_picks, pick
@@ -51,7 +50,7 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
     depth = min(TOP1_DEPTH, len(pool.product))
     mass = np.zeros(len(groups), np.float64)
     n_right = n_other = n_wrong = 0
-    extra = qs.extra_keys
+    extra = qs.extra
     for s in range(0, m, cfg.query_batch):
         q = sample[s:s + cfg.query_batch]
         _, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))
@@ -62,7 +61,7 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
         top = np.where(has, I[np.arange(len(q)), np.argmax(same, 1)], -1)
         q, trow, top = q[has], trow[has], top[has]
         gdiff = attrs.group_code[attrs.combo[top]] != attrs.group_code[attrs.combo[trow]]   # [b, G]
-        is_extra = member(pair_keys(q, pool.product[top][:, None], pool.n_products)[:, 0], extra)
+        is_extra = extra.contains(q, pool.product[top][:, None])[:, 0]
         right = (pool.product[top] == pool.product[trow]) | is_extra | ~gdiff.any(1)
         n_right += int(right.sum())
         wrong = gdiff[~right]
