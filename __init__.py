@@ -31,6 +31,7 @@ _API = {
     "GroupedNegatives": "cir_mine.miner.core.grouped",
     "group_negatives_table": "cir_mine.miner.core.grouped",
     "NegativesLookup": "cir_mine.miner.core.lookup",
+    "Clip4CirNegatives": "cir_mine.miner.core.lookup",
     "export_negatives": "cir_mine.miner.core.export",
     "read_query_embeddings": "cir_mine.miner.core.query_emb",
     "check_query_embeddings": "cir_mine.miner.core.query_emb",

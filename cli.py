@@ -66,6 +66,13 @@ def flag(param: str, flags: dict = FLAGS) -> str:
     return flags.get(param, "--" + param.replace("_", "-"))
 
 
+def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
+    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints) with flags."""
+    from cir_mine.data.errors import spell_calls
+
+    return spell_calls(text, functools.partial(flag, flags=flags))
+
+
 def cli_errors(fn=None, *, flags: dict = FLAGS):
     """Turn library exceptions into ``Error: ...`` (parameters spelled as ``flags``) and an exit code."""
     if fn is None:
@@ -455,12 +462,17 @@ def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
     return encode_queries(checkpoint, work, split)
 
 
-def _file_queries(path: Path, loaded):
-    """--query-emb: the .npy checked against the split's query ids and the gallery's dimension."""
-    from cir_mine.miner.core.query_emb import read_query_embeddings
+def _file_queries(path: Path, loaded, ids_path: Optional[Path] = None):
+    """--query-emb [--query-ids]: the .npy (rows in the triplets' order, or named by the ids file)
+    checked against the split's query ids and the gallery's dimension."""
+    from cir_mine.miner.core.query_emb import read_query_embeddings, read_query_ids
 
     g, t = loaded
-    return read_query_embeddings(path, t.query_ids.tolist(), g.dim)
+    given = read_query_ids(ids_path) if ids_path is not None else None
+    return read_query_embeddings(path, t.query_ids.tolist(), g.dim, given)
+
+
+QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
 
 
 @mine_app.command()
@@ -477,7 +489,8 @@ def negatives(
     mining_round: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
     query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
-    query_emb_path: Optional[Path] = typer.Option(None, "--query-emb", help="Your own model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order."),
+    query_emb_path: Optional[Path] = typer.Option(None, "--query-emb", help="Your own model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
+    query_ids_path: Optional[Path] = QUERY_IDS,
     text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="Search depth per query (default max(4k, range-max, 128))."),
     max_candidates: int = typer.Option(2048, "--max-candidates", help="Queries still short of k are searched again, 4x deeper, up to this depth."),
@@ -537,6 +550,8 @@ def negatives(
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
     if checkpoint is not None and query_emb_path is not None:
         raise UsageError("give --checkpoint or --query-emb, not both.")
+    if query_ids_path is not None and query_emb_path is None:
+        raise UsageError("--query-ids names the rows of --query-emb; pass --query-emb too.")
     if checkpoint is not None or query_emb_path is not None:
         query = "checkpoint"
     cfg = MineConfig.of(
@@ -562,12 +577,12 @@ def negatives(
     ws = Workspace(work).require()
     from cir_mine.data.io import check_output
 
-    check_output(out, [checkpoint, query_emb_path], overwrite)   # before the (slow) query encoding
+    check_output(out, [checkpoint, query_emb_path, query_ids_path], overwrite)   # before the (slow) query encoding
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
     loaded = None
     if query_emb_path is not None:
         loaded = ws.load(split)
-        query_emb = _file_queries(query_emb_path, loaded)
+        query_emb = _file_queries(query_emb_path, loaded, query_ids_path)
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
     if engine not in ("local", "ray"):
@@ -587,12 +602,12 @@ def negatives(
         if sharded:
             from cir_mine.data.io import check_output
 
-            out = check_output(out, [checkpoint, query_emb_path], overwrite)
+            out = check_output(out, [checkpoint, query_emb_path, query_ids_path], overwrite)
             res = mine_with_engine_to_file(ws, split, cfg, out, engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
                                            query_emb=query_emb, mining_round=mining_round, progress=advance,
                                            loaded=loaded)
         else:
-            res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path],
+            res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path, query_ids_path],
                                query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded)
     typer.echo(negatives_summary(out, res.meta))
 
@@ -634,7 +649,7 @@ def negatives_summary(out: Path, meta: dict) -> str:
              f"rows per strategy: {rows}",
              f"guards removed: {guards}"]
     if sf["count"]:
-        lines.append("to loosen: " + "; ".join(sf["hints"]))
+        lines.append(spell_hints("to loosen: " + "; ".join(sf["hints"])))
     lines += search_summary(meta.get("search") or {})
     return "\n".join(lines)
 
@@ -690,7 +705,7 @@ def stats(
     setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.stats import format_stats, summarize
 
-    typer.echo(format_stats(summarize(negs, work, split)), nl=False)
+    typer.echo(spell_hints(format_stats(summarize(negs, work, split))), nl=False)
 
 
 @mine_app.command()

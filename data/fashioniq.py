@@ -24,6 +24,10 @@ from cir_mine.data.records import ImageRecord, QueryRecord
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("dress", "shirt", "toptee")
+# The order CLIP4Cir builds its FashionIQ train and val datasets in (``combiner_train.py``,
+# ``clip_fine_tune.py``): item i of ``FashionIQDataset(split, CLIP4CIR_DRESS_TYPES, ...)`` walks the
+# caption files in this order.
+CLIP4CIR_DRESS_TYPES = ("dress", "toptee", "shirt")
 # The six lists in asin2attr are, in order: category words, texture, fabric, shape, part, style.
 TAG_GROUPS = ("category", "texture", "fabric", "shape", "part", "style")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -43,10 +47,14 @@ def parse_query_id(qid: str) -> Optional[tuple[str, str, int]]:
     return cat, split, int(index)
 
 
-def clip4cir_fashioniq_items(root: str | Path, split: str, dress_types: Sequence[str] = CATEGORIES) -> list[tuple[str, int]]:
+def clip4cir_fashioniq_items(root: str | Path, split: str,
+                             dress_types: Sequence[str] = CLIP4CIR_DRESS_TYPES) -> list[tuple[str, int]]:
     """CLIP4Cir's ``FashionIQDataset(split, dress_types, 'relative')`` item order: item ``i`` ->
     (category, index into cap.{category}.{split}.json), the caption files concatenated in the order
-    of ``dress_types``. Reads only the caption files under ``root``/captions."""
+    of ``dress_types`` (default CLIP4Cir's own, dress, toptee, shirt). Reads only the caption files
+    under ``root``/captions. An order that differs from the dataset's maps items to other queries
+    without an error; :class:`cir_mine.miner.core.lookup.Clip4CirNegatives` finds each item by its
+    own triplet instead."""
     root = Path(root)
     cats = check_categories(dress_types, root)
     out = []
