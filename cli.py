@@ -328,7 +328,9 @@ def embed(
     split: str = SPLIT,
     work: Path = WORK,
     model: str = typer.Option("ViT-B-32", "--model", help="open_clip model name or path of a model-config JSON."),
-    pretrained: str = typer.Option("none", "--pretrained", help="open_clip tag, local checkpoint PATH, or none (random weights)."),
+    pretrained: str = typer.Option("none", "--pretrained", help="open_clip tag, local checkpoint PATH (OpenAI .pt archive, CLIP4Cir {'CLIP': state_dict}, open_clip checkpoint or state dict; OpenAI-trained weights get the -quickgelu model), or none (random weights: meaningless negatives)."),
+    preprocess: str = typer.Option("clip", "--preprocess", help="Image preprocessing: clip (open_clip's), targetpad or squarepad (CLIP4Cir's; embed with what your model was trained with)."),
+    target_ratio: float = typer.Option(1.25, "--target-ratio", help="--preprocess targetpad: pad images whose long/short side ratio is above this (CLIP4Cir's --target-ratio)."),
     device: str = DEVICE,
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", help="Image-decoding worker processes (0: main process)."),
@@ -354,7 +356,8 @@ def embed(
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine {engine!r}: use local or ray.")
     prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
-    job = EmbedJob(dataset.value, root, split, work, EncoderConfig(model, pretrained, device),
+    job = EmbedJob(dataset.value, root, split, work,
+                   EncoderConfig(model, pretrained, device, preprocess=preprocess, target_ratio=target_ratio),
                    ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
     with progress_bar("embed", None, quiet, unit="images") as advance:
         if engine == "ray":
@@ -367,8 +370,6 @@ def embed(
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
                f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
-    if m["encoder"].get("pretrained") == "none" and not quiet:
-        typer.echo("note: random weights (--pretrained none); pass --pretrained TAG|PATH for a trained CLIP.", err=True)
 
 
 @mine_app.command("index")
