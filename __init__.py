@@ -36,6 +36,7 @@ _API = {
     "read_query_embeddings": "cir_mine.miner.core.query_emb",
     "check_query_embeddings": "cir_mine.miner.core.query_emb",
     "Remine": "cir_mine.miner.remine",
+    "evaluate_queries": "cir_mine.train.metrics",
     "NegativesDataset": "cir_mine.train.datasets",
     "collate_negatives": "cir_mine.train.datasets",
 }

@@ -638,6 +638,47 @@ def export(
     typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
 
 
+@mine_app.command("eval")
+@cli_errors
+def eval_cmd(
+    work: Path = WORK,
+    split: str = typer.Option("val", "--split", "-s", help="Split whose queries the embeddings are of (gallery.{split}.parquet is the gallery)."),
+    query_emb_path: Path = typer.Option(..., "--query-emb", help="Your model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
+    query_ids_path: Optional[Path] = QUERY_IDS,
+    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ: also remove each query's reference image from its category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+):
+    """Evaluate your own model's query embeddings: FashionIQ R@10/R@50 per category, CIRR R@K and Recall_subset@K."""
+    setup_logging(verbose, quiet)
+    import json
+
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.train.metrics import evaluate_queries
+
+    ws = Workspace(work).require()
+    loaded = ws.load(split)
+    query_emb = _file_queries(query_emb_path, loaded, query_ids_path)
+    m = evaluate_queries(ws, split, query_emb, exclude_reference=exclude_reference)
+    typer.echo(json.dumps(m, sort_keys=True) if as_json else eval_summary(split, m))
+
+
+def eval_summary(split: str, m: dict) -> str:
+    """The metrics of ``cir-mine eval`` as lines of text."""
+    ref = "reference kept in the gallery" if m["reference"] == "kept" else "reference removed from the gallery"
+    head = f"{m['protocol']} {split}: {m['n_queries']:,} queries, {ref}"
+    if m["protocol"] == "cirr":
+        keys = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
+        return (head + "\n" + "  ".join(f"{k} {m[k]:.2f}" for k in keys)
+                + f"  avg (R@5 + Rs@1) / 2 {m['avg']:.2f}")
+    lines = [head]
+    for cat, v in m["per_category"].items():
+        lines.append(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']:,} queries)")
+    lines.append(f"  average: R@10 {m['R@10']:.2f}  R@50 {m['R@50']:.2f}  avg (R@10 + R@50) / 2 {m['avg']:.2f}")
+    return "\n".join(lines)
+
+
 def negatives_summary(out: Path, meta: dict) -> str:
     parts = ",".join(f"{p['strategy']}:{p['k']}" for p in meta["parts"])
     rows = ", ".join(f"{p['strategy']} {p['rows']}" for p in meta["parts"])
@@ -817,7 +858,7 @@ def train(
     static_bank: int = typer.Option(0, "--static-bank", help="Extra epochs of the SPN static-bank stage (whole gallery as negatives)."),
     bank_k: int = typer.Option(0, "--bank-k", help="Static bank: gallery negatives sampled per step (0 = all)."),
     refresh_every: int = typer.Option(0, "--refresh-every", help="Re-embed queries and re-mine every N epochs."),
-    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ protocol: remove the reference from the gallery."),
+    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ evaluation: also remove each query's reference image from its category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)."),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),

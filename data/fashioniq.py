@@ -102,14 +102,16 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
                    with_tags: bool = True) -> tuple[list[ImageRecord], list[QueryRecord]]:
     """Read FashionIQ annotations. Returns (gallery images, queries) for ``split``.
 
-    The gallery is the union of each category's image split, plus any reference/target that the
-    captions name outside it (kept, so every triplet resolves).
+    The gallery is each category's image split, plus any reference/target that the category's
+    captions name outside it (kept, so every triplet resolves). An image listed under two
+    categories (1,180 shirt/toptee ASINs of the real train split) is a row of each, as it is in
+    both of CLIP4Cir's per-category galleries; mining treats the two rows as one product.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: FashionIQ root not found. Pass the folder that holds captions/ and image_splits/.")
     cats = check_categories(categories, root)
-    images: dict[str, ImageRecord] = {}
+    images: dict[tuple[str, str], ImageRecord] = {}          # (category, ASIN) -> record
     queries: list[QueryRecord] = []
     for cat in cats:
         split_path = root / "image_splits" / f"split.{cat}.{split}.json"
@@ -122,10 +124,10 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
             attrs = load_json(tag_path, dict)
 
         def add(asin: str) -> None:
-            if asin in images:
+            if (cat, asin) in images:
                 return
             a = tags_to_attributes(attrs[asin], tag_path, asin) if asin in attrs else []
-            images[asin] = ImageRecord(asin, cat, tuple(a), find_image(root, asin))
+            images[(cat, asin)] = ImageRecord(asin, cat, tuple(a), find_image(root, asin))
 
         for i, asin in enumerate(asins):
             add(require_str(asin, split_path, f"entry {i}"))
