@@ -46,6 +46,7 @@ def fail(message: str, code: int = 1) -> None:
 # its flag (--delta-lo for delta_lo) unless listed here.
 FLAGS = {
     "k": "-k",
+    "ws": "--work",
     "mining_round": "--round",
     "max_candidates=None": "--no-deepen",
 }
@@ -615,6 +616,7 @@ def negatives(
 
 class ExportFormat(str, enum.Enum):
     ntuple = "ntuple"
+    wide = "wide"
     jsonl = "jsonl"
 
 
@@ -622,20 +624,28 @@ class ExportFormat(str, enum.Enum):
 @cli_errors
 def export(
     negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
-    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="ntuple: wide Parquet, one row per query (sentence-transformers n-tuple, HF datasets); jsonl: one JSON line per query, or with --root CLIP4Cir caption files."),
-    out: Path = typer.Option(..., "--out", "-o", help="File to write (with --root: the folder for the caption files)."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added."),
+    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="ntuple: sentence-transformers' positional n-tuple Parquet (anchor caption, positive, negative_1..k; needs --work); wide: one Parquet row per query with ids and lists; jsonl: one JSON line per query, or with --root CLIP4Cir caption files."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (with --format jsonl --root: the folder for the caption files)."),
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="ntuple: the workspace the table was mined from (captions, image ids and paths)."),
+    images: str = typer.Option("id", "--images", help="ntuple: image columns as gallery ids (id) or image file paths (path)."),
+    root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added. ntuple --images path: the folder relative paths are joined to (default: the root `cir-mine embed` recorded)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
-    """Export a negatives table: wide per-query Parquet (ntuple) or JSON lines / CLIP4Cir caption files (jsonl)."""
+    """Export a negatives table: sentence-transformers n-tuples (ntuple), wide per-query Parquet (wide), JSON lines or CLIP4Cir caption files (jsonl)."""
+    from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.export import export_negatives
 
     setup_logging(verbose, quiet)
-    r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite)
-    what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None else str(r.out)
-    typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
+    ws = Workspace(work).require() if work is not None else None
+    r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite, ws=ws, images=images)
+    what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None and fmt.value == "jsonl" else str(r.out)
+    if fmt.value == "ntuple":
+        left = f" ({r.left_out} with fewer than {r.k} negatives left out)" if r.left_out else ""
+        typer.echo(f"wrote {what}: {r.queries} queries with {r.k} negatives each{left}")
+    else:
+        typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
 
 
 @mine_app.command("eval")
