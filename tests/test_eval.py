@@ -132,3 +132,15 @@ def test_an_image_in_two_categories_is_in_both_galleries(tmp_path):
     (root / "image_splits" / "split.toptee.train.json").write_text(json.dumps(split + [shared]))
     images, _ = load_fashioniq(root, "train")
     assert sorted(i.category for i in images if i.image_id == shared) == ["shirt", "toptee"]
+
+
+def test_exclude_reference_says_what_it_removes():
+    """CLIP4Cir's FashionIQ validation keeps the reference in the gallery; the option is not 'the protocol'."""
+    import typer
+
+    from cir_mine.cli import train_app
+
+    train = typer.main.get_command(train_app)
+    for cmd in (train, typer.main.get_command(mine_app).commands["eval"]):
+        opt = next(p for p in cmd.params if p.name == "exclude_reference")
+        assert "protocol" not in opt.help and "CLIP4Cir's validate.py keeps it" in opt.help, cmd.name
