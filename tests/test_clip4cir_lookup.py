@@ -39,10 +39,10 @@ def expected_items(root, split, dress_types):
     return out
 
 
-def table_negatives(res) -> dict:
+def table_negatives(res, with_category: bool = False) -> dict:
     out = {}
     for r in res.table.to_pylist():
-        out.setdefault(r["query_id"], []).append(r["neg_id"])
+        out.setdefault(r["query_id"], []).append((r["neg_category"], r["neg_id"]) if with_category else r["neg_id"])
     return out
 
 
@@ -59,7 +59,7 @@ def test_each_item_gets_its_own_queries_negatives(fiq, dress_types):
     root, ws, path, res = fiq
     ds = Clip4CirFashionIQ(root, "train", dress_types)
     expect = expected_items(root, "train", dress_types)
-    negs = table_negatives(res)
+    negs, cats = table_negatives(res), table_negatives(res, with_category=True)
     g, _ = ws.load("train")
     by_id = Clip4CirNegatives(ds, path, returns="ids")
     feats = Clip4CirNegatives(ds, path, ws=ws)
@@ -75,10 +75,11 @@ def test_each_item_gets_its_own_queries_negatives(fiq, dress_types):
         assert mask.tolist() == [j < len(want) for j in range(3)]
         *_, f, fmask = feats[i]
         assert f.dtype == np.float32 and f.shape == (3, g.dim) and (fmask == mask).all()
-        np.testing.assert_array_equal(f[mask], g.embeddings[g.rows(want, ["" for _ in want])] if want else f[mask])
+        want_rows = g.rows(want, [c for c, _ in cats.get(qid, [])])     # each negative in its own category
+        np.testing.assert_array_equal(f[mask], g.embeddings[want_rows])
         assert not f[~mask].any()
         r, rmask = rows[i][-2:]
-        assert g.image_ids[r[rmask]].tolist() == want and (r[~rmask] == -1).all()
+        assert r[rmask].tolist() == want_rows.tolist() and (r[~rmask] == -1).all()
         assert cand not in want and tgt not in want
     assert empty > 0                                  # the guards left some items without negatives
 
