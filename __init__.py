@@ -31,10 +31,12 @@ _API = {
     "GroupedNegatives": "cir_mine.miner.core.grouped",
     "group_negatives_table": "cir_mine.miner.core.grouped",
     "NegativesLookup": "cir_mine.miner.core.lookup",
+    "Clip4CirNegatives": "cir_mine.miner.core.lookup",
     "export_negatives": "cir_mine.miner.core.export",
     "read_query_embeddings": "cir_mine.miner.core.query_emb",
     "check_query_embeddings": "cir_mine.miner.core.query_emb",
     "Remine": "cir_mine.miner.remine",
+    "evaluate_queries": "cir_mine.train.metrics",
     "NegativesDataset": "cir_mine.train.datasets",
     "collate_negatives": "cir_mine.train.datasets",
 }

@@ -46,6 +46,7 @@ def fail(message: str, code: int = 1) -> None:
 # its flag (--delta-lo for delta_lo) unless listed here.
 FLAGS = {
     "k": "-k",
+    "ws": "--work",
     "mining_round": "--round",
     "max_candidates=None": "--no-deepen",
 }
@@ -64,6 +65,13 @@ NEGATIVES_FLAGS = {
 def flag(param: str, flags: dict = FLAGS) -> str:
     """The command-line spelling of a library parameter name."""
     return flags.get(param, "--" + param.replace("_", "-"))
+
+
+def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
+    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints) with flags."""
+    from cir_mine.data.errors import spell_calls
+
+    return spell_calls(text, functools.partial(flag, flags=flags))
 
 
 def cli_errors(fn=None, *, flags: dict = FLAGS):
@@ -321,7 +329,9 @@ def embed(
     split: str = SPLIT,
     work: Path = WORK,
     model: str = typer.Option("ViT-B-32", "--model", help="open_clip model name or path of a model-config JSON."),
-    pretrained: str = typer.Option("none", "--pretrained", help="open_clip tag, local checkpoint PATH, or none (random weights)."),
+    pretrained: str = typer.Option("none", "--pretrained", help="open_clip tag, local checkpoint PATH (OpenAI .pt archive, CLIP4Cir {'CLIP': state_dict}, open_clip checkpoint or state dict; OpenAI-trained weights get the -quickgelu model), or none (random weights: meaningless negatives)."),
+    preprocess: str = typer.Option("clip", "--preprocess", help="Image preprocessing: clip (open_clip's), targetpad or squarepad (CLIP4Cir's; embed with what your model was trained with)."),
+    target_ratio: float = typer.Option(1.25, "--target-ratio", help="--preprocess targetpad: pad images whose long/short side ratio is above this (CLIP4Cir's --target-ratio)."),
     device: str = DEVICE,
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", help="Image-decoding worker processes (0: main process)."),
@@ -347,7 +357,8 @@ def embed(
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine {engine!r}: use local or ray.")
     prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
-    job = EmbedJob(dataset.value, root, split, work, EncoderConfig(model, pretrained, device),
+    job = EmbedJob(dataset.value, root, split, work,
+                   EncoderConfig(model, pretrained, device, preprocess=preprocess, target_ratio=target_ratio),
                    ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
     with progress_bar("embed", None, quiet, unit="images") as advance:
         if engine == "ray":
@@ -360,8 +371,6 @@ def embed(
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
                f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
-    if m["encoder"].get("pretrained") == "none" and not quiet:
-        typer.echo("note: random weights (--pretrained none); pass --pretrained TAG|PATH for a trained CLIP.", err=True)
 
 
 @mine_app.command("index")
@@ -455,12 +464,17 @@ def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
     return encode_queries(checkpoint, work, split)
 
 
-def _file_queries(path: Path, loaded):
-    """--query-emb: the .npy checked against the split's query ids and the gallery's dimension."""
-    from cir_mine.miner.core.query_emb import read_query_embeddings
+def _file_queries(path: Path, loaded, ids_path: Optional[Path] = None):
+    """--query-emb [--query-ids]: the .npy (rows in the triplets' order, or named by the ids file)
+    checked against the split's query ids and the gallery's dimension."""
+    from cir_mine.miner.core.query_emb import read_query_embeddings, read_query_ids
 
     g, t = loaded
-    return read_query_embeddings(path, t.query_ids.tolist(), g.dim)
+    given = read_query_ids(ids_path) if ids_path is not None else None
+    return read_query_embeddings(path, t.query_ids.tolist(), g.dim, given)
+
+
+QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
 
 
 @mine_app.command()
@@ -477,7 +491,8 @@ def negatives(
     mining_round: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
     query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
-    query_emb_path: Optional[Path] = typer.Option(None, "--query-emb", help="Your own model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order."),
+    query_emb_path: Optional[Path] = typer.Option(None, "--query-emb", help="Your own model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
+    query_ids_path: Optional[Path] = QUERY_IDS,
     text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="Search depth per query (default max(4k, range-max, 128))."),
     max_candidates: int = typer.Option(2048, "--max-candidates", help="Queries still short of k are searched again, 4x deeper, up to this depth."),
@@ -537,6 +552,8 @@ def negatives(
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
     if checkpoint is not None and query_emb_path is not None:
         raise UsageError("give --checkpoint or --query-emb, not both.")
+    if query_ids_path is not None and query_emb_path is None:
+        raise UsageError("--query-ids names the rows of --query-emb; pass --query-emb too.")
     if checkpoint is not None or query_emb_path is not None:
         query = "checkpoint"
     cfg = MineConfig.of(
@@ -562,12 +579,12 @@ def negatives(
     ws = Workspace(work).require()
     from cir_mine.data.io import check_output
 
-    check_output(out, [checkpoint, query_emb_path], overwrite)   # before the (slow) query encoding
+    check_output(out, [checkpoint, query_emb_path, query_ids_path], overwrite)   # before the (slow) query encoding
     query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
     loaded = None
     if query_emb_path is not None:
         loaded = ws.load(split)
-        query_emb = _file_queries(query_emb_path, loaded)
+        query_emb = _file_queries(query_emb_path, loaded, query_ids_path)
     tp = ws.triplets_path(split)
     n = pq.read_metadata(tp).num_rows if tp.exists() else None
     if engine not in ("local", "ray"):
@@ -587,12 +604,12 @@ def negatives(
         if sharded:
             from cir_mine.data.io import check_output
 
-            out = check_output(out, [checkpoint, query_emb_path], overwrite)
+            out = check_output(out, [checkpoint, query_emb_path, query_ids_path], overwrite)
             res = mine_with_engine_to_file(ws, split, cfg, out, engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
                                            query_emb=query_emb, mining_round=mining_round, progress=advance,
                                            loaded=loaded)
         else:
-            res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path],
+            res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path, query_ids_path],
                                query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded)
     typer.echo(negatives_summary(out, res.meta))
     if verbose:
@@ -613,6 +630,7 @@ def stages_line(meta: dict) -> str:
 
 class ExportFormat(str, enum.Enum):
     ntuple = "ntuple"
+    wide = "wide"
     jsonl = "jsonl"
 
 
@@ -620,20 +638,69 @@ class ExportFormat(str, enum.Enum):
 @cli_errors
 def export(
     negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
-    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="ntuple: wide Parquet, one row per query (sentence-transformers n-tuple, HF datasets); jsonl: one JSON line per query, or with --root CLIP4Cir caption files."),
-    out: Path = typer.Option(..., "--out", "-o", help="File to write (with --root: the folder for the caption files)."),
-    root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added."),
+    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="ntuple: sentence-transformers' positional n-tuple Parquet (anchor caption, positive, negative_1..k; needs --work); wide: one Parquet row per query with ids and lists; jsonl: one JSON line per query, or with --root CLIP4Cir caption files."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (with --format jsonl --root: the folder for the caption files)."),
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="ntuple: the workspace the table was mined from (captions, image ids and paths)."),
+    images: str = typer.Option("id", "--images", help="ntuple: image columns as gallery ids (id) or image file paths (path)."),
+    root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added. ntuple --images path: the folder relative paths are joined to (default: the root `cir-mine embed` recorded)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
-    """Export a negatives table: wide per-query Parquet (ntuple) or JSON lines / CLIP4Cir caption files (jsonl)."""
+    """Export a negatives table: sentence-transformers n-tuples (ntuple), wide per-query Parquet (wide), JSON lines or CLIP4Cir caption files (jsonl)."""
+    from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.export import export_negatives
 
     setup_logging(verbose, quiet)
-    r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite)
-    what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None else str(r.out)
-    typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
+    ws = Workspace(work).require() if work is not None else None
+    r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite, ws=ws, images=images)
+    what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None and fmt.value == "jsonl" else str(r.out)
+    if fmt.value == "ntuple":
+        left = f" ({r.left_out} with fewer than {r.k} negatives left out)" if r.left_out else ""
+        typer.echo(f"wrote {what}: {r.queries} queries with {r.k} negatives each{left}")
+    else:
+        typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
+
+
+@mine_app.command("eval")
+@cli_errors
+def eval_cmd(
+    work: Path = WORK,
+    split: str = typer.Option("val", "--split", "-s", help="Split whose queries the embeddings are of (gallery.{split}.parquet is the gallery)."),
+    query_emb_path: Path = typer.Option(..., "--query-emb", help="Your model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
+    query_ids_path: Optional[Path] = QUERY_IDS,
+    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ: also remove each query's reference image from its category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+):
+    """Evaluate your own model's query embeddings: FashionIQ R@10/R@50 per category, CIRR R@K and Recall_subset@K."""
+    setup_logging(verbose, quiet)
+    import json
+
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.train.metrics import evaluate_queries
+
+    ws = Workspace(work).require()
+    loaded = ws.load(split)
+    query_emb = _file_queries(query_emb_path, loaded, query_ids_path)
+    m = evaluate_queries(ws, split, query_emb, exclude_reference=exclude_reference)
+    typer.echo(json.dumps(m, sort_keys=True) if as_json else eval_summary(split, m))
+
+
+def eval_summary(split: str, m: dict) -> str:
+    """The metrics of ``cir-mine eval`` as lines of text."""
+    ref = "reference kept in the gallery" if m["reference"] == "kept" else "reference removed from the gallery"
+    head = f"{m['protocol']} {split}: {m['n_queries']:,} queries, {ref}"
+    if m["protocol"] == "cirr":
+        keys = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
+        return (head + "\n" + "  ".join(f"{k} {m[k]:.2f}" for k in keys)
+                + f"  avg (R@5 + Rs@1) / 2 {m['avg']:.2f}")
+    lines = [head]
+    for cat, v in m["per_category"].items():
+        lines.append(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']:,} queries)")
+    lines.append(f"  average: R@10 {m['R@10']:.2f}  R@50 {m['R@50']:.2f}  avg (R@10 + R@50) / 2 {m['avg']:.2f}")
+    return "\n".join(lines)
 
 
 def negatives_summary(out: Path, meta: dict) -> str:
@@ -648,7 +715,7 @@ def negatives_summary(out: Path, meta: dict) -> str:
              f"rows per strategy: {rows}",
              f"guards removed: {guards}"]
     if sf["count"]:
-        lines.append("to loosen: " + "; ".join(sf["hints"]))
+        lines.append(spell_hints("to loosen: " + "; ".join(sf["hints"])))
     lines += search_summary(meta.get("search") or {})
     return "\n".join(lines)
 
@@ -704,7 +771,7 @@ def stats(
     setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.stats import format_stats, summarize
 
-    typer.echo(format_stats(summarize(negs, work, split)), nl=False)
+    typer.echo(spell_hints(format_stats(summarize(negs, work, split))), nl=False)
 
 
 @mine_app.command()
@@ -815,7 +882,7 @@ def train(
     static_bank: int = typer.Option(0, "--static-bank", help="Extra epochs of the SPN static-bank stage (whole gallery as negatives)."),
     bank_k: int = typer.Option(0, "--bank-k", help="Static bank: gallery negatives sampled per step (0 = all)."),
     refresh_every: int = typer.Option(0, "--refresh-every", help="Re-embed queries and re-mine every N epochs."),
-    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ protocol: remove the reference from the gallery."),
+    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ evaluation: also remove each query's reference image from its category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)."),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),

@@ -10,6 +10,25 @@ import re
 from typing import Callable
 
 
+# A parameter named in running text as the API sets it: ``MineConfig.of(rho=...)``, ``MineConfig.of(rho=None)``,
+# several at once ``MineConfig.of(delta_lo=..., delta_hi=...)``.
+API_CALL = re.compile(r"MineConfig\.of\(([^()]*)\)")
+
+
+def spell_calls(text: str, spell: Callable[[str], str]) -> str:
+    """``text`` with every ``MineConfig.of(name=...)`` written as ``spell(name)`` and every
+    ``MineConfig.of(name=None)`` as ``spell("name=None")`` (several names joined by "/"): how a front
+    end (the CLI: ``--rho``, ``--no-guard cap``) shows the hints the library writes in API names."""
+    def one(m: re.Match) -> str:
+        names = []
+        for arg in (a.strip() for a in m.group(1).split(",") if a.strip()):
+            name, _, value = arg.partition("=")
+            names.append(spell(f"{name.strip()}=None" if value.strip() == "None" else name.strip()))
+        return "/".join(names)
+
+    return API_CALL.sub(one, text)
+
+
 class CirMineError(Exception):
     """Base class for every expected failure; ``exit_code`` is what the CLI exits with."""
 
@@ -22,7 +41,7 @@ class CirMineError(Exception):
     def render(self, spell: Callable[[str], str]) -> str:
         """The message with every name in ``params`` replaced by ``spell(name)``: whole words only, never
         inside a path (``/runs/k/``), longest names first (``rho=None`` is spelled before ``rho``)."""
-        text = str(self)
+        text = spell_calls(str(self), spell)
         for name in sorted(self.params, key=len, reverse=True):
             text = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w=/-])", lambda _: spell(name), text)
         return text

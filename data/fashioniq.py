@@ -24,6 +24,10 @@ from cir_mine.data.records import ImageRecord, QueryRecord
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("dress", "shirt", "toptee")
+# The order CLIP4Cir builds its FashionIQ train and val datasets in (``combiner_train.py``,
+# ``clip_fine_tune.py``): item i of ``FashionIQDataset(split, CLIP4CIR_DRESS_TYPES, ...)`` walks the
+# caption files in this order.
+CLIP4CIR_DRESS_TYPES = ("dress", "toptee", "shirt")
 # The six lists in asin2attr are, in order: category words, texture, fabric, shape, part, style.
 TAG_GROUPS = ("category", "texture", "fabric", "shape", "part", "style")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -43,10 +47,14 @@ def parse_query_id(qid: str) -> Optional[tuple[str, str, int]]:
     return cat, split, int(index)
 
 
-def clip4cir_fashioniq_items(root: str | Path, split: str, dress_types: Sequence[str] = CATEGORIES) -> list[tuple[str, int]]:
+def clip4cir_fashioniq_items(root: str | Path, split: str,
+                             dress_types: Sequence[str] = CLIP4CIR_DRESS_TYPES) -> list[tuple[str, int]]:
     """CLIP4Cir's ``FashionIQDataset(split, dress_types, 'relative')`` item order: item ``i`` ->
     (category, index into cap.{category}.{split}.json), the caption files concatenated in the order
-    of ``dress_types``. Reads only the caption files under ``root``/captions."""
+    of ``dress_types`` (default CLIP4Cir's own, dress, toptee, shirt). Reads only the caption files
+    under ``root``/captions. An order that differs from the dataset's maps items to other queries
+    without an error; :class:`cir_mine.miner.core.lookup.Clip4CirNegatives` finds each item by its
+    own triplet instead."""
     root = Path(root)
     cats = check_categories(dress_types, root)
     out = []
@@ -94,14 +102,16 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
                    with_tags: bool = True) -> tuple[list[ImageRecord], list[QueryRecord]]:
     """Read FashionIQ annotations. Returns (gallery images, queries) for ``split``.
 
-    The gallery is the union of each category's image split, plus any reference/target that the
-    captions name outside it (kept, so every triplet resolves).
+    The gallery is each category's image split, plus any reference/target that the category's
+    captions name outside it (kept, so every triplet resolves). An image listed under two
+    categories (1,180 shirt/toptee ASINs of the real train split) is a row of each, as it is in
+    both of CLIP4Cir's per-category galleries; mining treats the two rows as one product.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: FashionIQ root not found. Pass the folder that holds captions/ and image_splits/.")
     cats = check_categories(categories, root)
-    images: dict[str, ImageRecord] = {}
+    images: dict[tuple[str, str], ImageRecord] = {}          # (category, ASIN) -> record
     queries: list[QueryRecord] = []
     for cat in cats:
         split_path = root / "image_splits" / f"split.{cat}.{split}.json"
@@ -114,10 +124,10 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
             attrs = load_json(tag_path, dict)
 
         def add(asin: str) -> None:
-            if asin in images:
+            if (cat, asin) in images:
                 return
             a = tags_to_attributes(attrs[asin], tag_path, asin) if asin in attrs else []
-            images[asin] = ImageRecord(asin, cat, tuple(a), find_image(root, asin))
+            images[(cat, asin)] = ImageRecord(asin, cat, tuple(a), find_image(root, asin))
 
         for i, asin in enumerate(asins):
             add(require_str(asin, split_path, f"entry {i}"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -25,33 +25,53 @@ log = logging.getLogger(__name__)
 
 
 class Remine:
-    """``remine(query_emb float32[m, d], mining_round=None, epoch=0) -> MineResult`` over ``ws``/``split``.
+    """``remine(query_emb float32[m, d], mining_round=None, epoch=0, query_ids=None) -> MineResult`` over
+    ``ws``/``split``.
 
     Give the mining config either as ``cfg`` or as ``negatives``, a table mined from ``ws`` whose
-    footer config is reused. ``schedule`` (default: the config's) picks the mix per epoch.
+    footer config is reused: a path, ``read_negatives(...)``, a MineResult or a pyarrow Table with
+    its footer (any form NegativesDataset takes). ``schedule`` (default: the config's) picks the mix
+    per epoch. ``query_ids``: the query id of each row of ``query_emb`` when the rows are in your
+    own order (e.g. ``Clip4CirNegatives.query_ids``); without it the rows must be in the triplets'
+    order. A round that comes back without a single negative logs a warning and lists it in
+    ``meta["warnings"]``, with the shortfall hints.
     ``index``: a FAISS inner-product index or search back-end over the gallery rows (default: with
     ``negatives``, the back-end of its footer's ``search`` record, reopened exactly, never re-tuned;
     with ``cfg``, the one the config names, opened (and tuned) at the first call and reused).
     ``mining_round`` defaults to 1 + the previous call's (1 at the first call). A ``negatives``
     table mined through an engine (``meta["engine"]``: gallery shards in process or on Ray actors)
     is re-mined through the same engine and shard settings; ``ray_address`` is the Ray cluster to
-    join then (None: a local one).
+    join then (None: a local one). A MineResult given as ``negatives`` lends its open back-end.
     """
 
     def __init__(self, ws: Workspace, split: str = "train", cfg: Optional[MineConfig] = None,
-                 negatives: Optional[str | Path] = None, schedule: Optional[str] = None, index=None,
+                 negatives=None, schedule: Optional[str] = None, index=None,
                  device: str = "cpu", ray_address: Optional[str] = None):
-        from cir_mine.miner.core.tables import read_negatives_meta
+        from cir_mine.miner.core.tables import as_negatives_table, read_negatives_meta
 
         if (cfg is None) == (negatives is None):
             raise UsageError("Remine needs the mining config: pass cfg=MineConfig(...) or negatives=TABLE, not both.")
         self.ws, self.split, self.device = ws.require(), split, device
-        meta = read_negatives_meta(negatives, ws) if negatives is not None else {}
+        if isinstance(negatives, (str, Path)):
+            meta, table_path = read_negatives_meta(negatives, ws), negatives
+        elif negatives is not None:
+            nt = as_negatives_table(negatives, ws, "Remine")
+            meta, table_path = nt.meta, nt.path
+            if not meta.get("config"):
+                raise UsageError("Remine: the negatives table given has no footer to read the mining config from "
+                                 "(a bare pyarrow Table); pass cfg=MineConfig(...) instead.")
+            from cir_mine.miner.core.tables import _check_workspace
+
+            _check_workspace(table_path or Path("the negatives table"), meta, ws)
+            if index is None and getattr(negatives, "backend", None) is not None:
+                index = negatives.backend                   # the MineResult's own back-end, already open
+        else:
+            meta, table_path = {}, None
         base = cfg.to_dict() if cfg is not None else meta.get("config", {})
         self.engine, self.ray_address = meta.get("engine"), ray_address
         # round 0's search record (a table mined before search records is exact)
         self.search = (meta.get("search") or {"index": "flat", "exact": True}) if negatives is not None else None
-        self.table_path = negatives
+        self.table_path = table_path
         self.base = {**base, "query": "checkpoint"}
         self.schedule = schedule or base.get("schedule")
         MineConfig.from_dict(self.base).validate()
@@ -82,15 +102,24 @@ class Remine:
                                  fp16=self.base.get("fp16", False))
         return self._index
 
-    def __call__(self, query_emb: np.ndarray, mining_round: Optional[int] = None, epoch: int = 0) -> MineResult:
+    def __call__(self, query_emb: np.ndarray, mining_round: Optional[int] = None, epoch: int = 0,
+                 query_ids: Optional[Sequence[str]] = None) -> MineResult:
         self.mining_round = self.mining_round + 1 if mining_round is None else int(mining_round)
         res = mine_negatives(self.ws, self.split, self.config(epoch), query_emb=query_emb,
-                             mining_round=self.mining_round, index=self.index(), loaded=self.data())
+                             mining_round=self.mining_round, index=self.index(), loaded=self.data(),
+                             query_ids=query_ids)
         if self._index is None and res.backend is not None:
             self._index = res.backend                   # the first call's back-end, for every later call
         if self.engine:
             res.meta["engine"] = self.engine
         log.info("re-mined round %d at epoch %d: %d rows", self.mining_round, epoch, res.table.num_rows)
+        if res.table.num_rows == 0 and res.meta.get("k_mined", 0) > 0:
+            hints = res.meta["shortfall"].get("hints") or []
+            msg = (f"re-mining round {self.mining_round} (epoch {epoch}) gave no negatives to any of the "
+                   f"{res.meta['n_queries']} queries: this round trains on in-batch negatives only"
+                   + (f"; to loosen: {'; '.join(hints)}" if hints else "") + ".")
+            log.warning("%s", msg)
+            res.meta.setdefault("warnings", []).append(msg)
         return res
 
 

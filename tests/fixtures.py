@@ -51,6 +51,73 @@ def make_fashioniq(root: Path, split: str = "train", n_per_cat: int = 6, images:
     return root
 
 
+def add_twin_query(root: Path, split: str = "train", src: str = "dress", dst: str = "toptee") -> None:
+    """Append to ``cap.{dst}.{split}.json`` a copy of ``cap.{src}``'s entry 0 (other captions): the
+    same (candidate, target) pair in two categories, as 23 pairs of the real FashionIQ train split are."""
+    caps = json.loads((root / "captions" / f"cap.{src}.{split}.json").read_text())
+    path = root / "captions" / f"cap.{dst}.{split}.json"
+    mine = json.loads(path.read_text())
+    mine.append({**caps[0], "captions": ["is the same one", "twin"]})
+    path.write_text(json.dumps(mine))
+
+
+class Clip4CirFashionIQ:
+    """The shape of CLIP4Cir's ``FashionIQDataset(split, dress_types, 'relative', preprocess)`` in val
+    mode: ``.triplets`` (the caption files concatenated in ``dress_types`` order), ``.dress_types``,
+    ``.split``; item i -> (candidate name, target name, captions)."""
+
+    def __init__(self, root: Path, split: str, dress_types):
+        self.split, self.dress_types, self.triplets = split, list(dress_types), []
+        for cat in dress_types:
+            self.triplets += json.loads((Path(root) / "captions" / f"cap.{cat}.{split}.json").read_text())
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, i):
+        e = self.triplets[i]
+        return e["candidate"], e["target"], e["captions"]
+
+
+class Clip4CirCIRR:
+    """The shape of CLIP4Cir's ``CIRRDataset(split, 'relative', preprocess)`` in val mode."""
+
+    def __init__(self, root: Path, split: str):
+        self.split = split
+        self.triplets = json.loads((Path(root) / "captions" / f"cap.rc2.{split}.json").read_text())
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, i):
+        e = self.triplets[i]
+        return e["reference"], e["target_hard"], e["caption"], e["img_set"]["members"]
+
+
+def dataset_workspace(root: Path, work: Path, dataset: str = "fashioniq", split: str = "train", dim: int = 16,
+                      seed: int = 0) -> Workspace:
+    """A workspace of a FashionIQ- or CIRR-layout folder's records with seeded random unit embeddings
+    (query ids, categories and names as `cir-mine embed` writes them; no encoder)."""
+    from cir_mine.data.adapters import load_dataset
+
+    images, queries = load_dataset(dataset, root, split)
+    rng = np.random.default_rng(seed)
+    emb = l2_normalize(rng.standard_normal((len(images), dim)).astype(np.float32))
+    ws = Workspace(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_table(gallery_table([r.image_id for r in images], [r.category for r in images],
+                              [list(r.attributes) for r in images], emb), ws.gallery_path(split))
+    text = l2_normalize(rng.standard_normal((len(queries), dim)).astype(np.float32))
+    write_table(triplets_table([q.query_id for q in queries], [q.category for q in queries],
+                               [q.ref_id for q in queries], [q.target_id for q in queries],
+                               [list(q.captions) for q in queries], text,
+                               extra_positive_ids=[list(q.extra_positive_ids) for q in queries],
+                               verified_negative_ids=[list(q.verified_negative_ids) for q in queries],
+                               img_set=[list(q.img_set) for q in queries]), ws.triplets_path(split))
+    ws.write_manifest(source="test")
+    return ws
+
+
 def make_cirr(root: Path, split: str = "val", n_images: int = 12, images: bool = True) -> Path:
     """A CIRR-layout folder (rc2): captions with target_soft and img_set, split file, PNGs."""
     root = Path(root)

@@ -159,9 +159,15 @@ def test_grouped_matches_the_long_table(world):
         assert g.image_ids[G.target_rows[i]] == t.target_ids[i] and g.image_ids[G.ref_rows[i]] == t.ref_ids[i]
     assert G.short[[3, 7]].all() and G.counts[[3, 7]].sum() == 0
     assert G.short.sum() > 2                           # a shallow search leaves queries short: the mask has work to do
-    # without the split: the table's queries in order of first appearance
+    # without the split: the table's queries in order of first appearance, then those the guards left
+    # without negatives (the footer lists them), as empty rows
     G2 = read_negatives_from(res).grouped()
-    assert G2.query_ids.tolist() == list(dict.fromkeys(res.table.column("query_id").to_pylist()))
+    empty = res.meta["shortfall"]["without_negatives"]
+    assert empty["query_ids"] and len(G2) == len(t)
+    assert G2.query_ids.tolist() == list(dict.fromkeys(res.table.column("query_id").to_pylist())) + empty["query_ids"]
+    tail = slice(len(G2) - len(empty["query_ids"]), None)
+    assert G2.ref_ids[tail].tolist() == empty["ref_ids"] and G2.target_ids[tail].tolist() == empty["target_ids"]
+    assert not G2.mask[tail].any() and G2.short[tail].all()
     assert G2.gallery_rows is None
     T = G.to_torch()
     import torch
@@ -283,8 +289,8 @@ def test_lookup_real_fashioniq_items_in_clip4cir_order():
     with pytest.raises(DataError) as e:
         lookup.fashioniq("dress", 99999)
     assert str(e.value) == ("the negatives table: no negatives for FashionIQ item ('dress', 99999) (query id "
-                            "dress-SPLIT-99999). Mine the split the dataset reads, with every category "
-                            "(an entry whose captions are all empty has no query).")
+                            "dress-train-99999): its last 'dress' query is entry 5984 of cap.dress.train.json. The "
+                            "dataset reads another caption file than the one mined; mine the annotations it reads.")
 
 
 def test_lookup_real_cirr_items():
@@ -301,8 +307,8 @@ def test_lookup_real_cirr_items():
         assert len(lookup.cirr(e["reference"], e["target_hard"])) == 3
     with pytest.raises(DataError) as e:
         lookup.cirr("dev-x", "dev-y")
-    assert str(e.value) == ("the negatives table: no negatives for the item with reference 'dev-x' and target "
-                            "'dev-y'. Mine the split the dataset reads.")
+    assert str(e.value) == ("the negatives table: no query has reference 'dev-x' and target 'dev-y'. Mine the split "
+                            "the dataset reads.")
 
 
 def test_lookup_ambiguous_cirr_pair():
@@ -334,7 +340,7 @@ def test_fiq_proxy_query_ids_index_the_real_caption_files():
                       "delta": zeros, "target_score": zeros})
     lookup = NegativesLookup(group_negatives_table(table))
     items = clip4cir_fashioniq_items(root, "train")
-    triplets = _clip4cir_fashioniq_triplets(root, "train", ["dress", "shirt", "toptee"])
+    triplets = _clip4cir_fashioniq_triplets(root, "train", ["dress", "toptee", "shirt"])   # combiner_train.py's
     found = 0
     for i, (cat, index) in enumerate(items):
         try:

@@ -95,9 +95,9 @@ def negs(work, tmp_path_factory):
     return out
 
 
-def test_export_ntuple_is_the_grouped_table(negs, tmp_path):
+def test_export_wide_is_the_grouped_table(negs, tmp_path):
     out = tmp_path / "wide.parquet"
-    r = runner.invoke(mine_app, ["export", str(negs), "--format", "ntuple", "--out", str(out)])
+    r = runner.invoke(mine_app, ["export", str(negs), "--format", "wide", "--out", str(out)])
     assert r.exit_code == 0, r.output
     G = read_negatives(negs).grouped()
     assert r.output.strip() == f"wrote {out}: {len(G)} queries, up to 6 negatives each"
@@ -113,10 +113,64 @@ def test_export_ntuple_is_the_grouped_table(negs, tmp_path):
         assert x["delta"] == pytest.approx([y["delta"] for y in mine])
         assert x["neg_category"] == [y["neg_category"] for y in mine]
         assert [x[f"negative_{j}"] for j in range(1, 7)] == x["negatives"] + [None] * (6 - len(mine))
-        assert (x["ref_id"], x["target_id"]) == (mine[0]["ref_id"], mine[0]["target_id"])
+        if mine:
+            assert (x["ref_id"], x["target_id"]) == (mine[0]["ref_id"], mine[0]["target_id"])
     assert any(len(x["negatives"]) < 6 for x in rows)          # short queries are in the export, unpadded
     meta = json.loads(pq.read_schema(out).metadata[b"cir_mine"])
-    assert meta["table"] == "negatives-ntuple" and meta["k"] == 6 and meta["source"] == str(negs)
+    assert meta["table"] == "negatives-wide" and meta["k"] == 6 and meta["source"] == str(negs)
+
+
+def test_export_ntuple_reads_in_sentence_transformers_positional_order(work, negs, tmp_path):
+    """sentence-transformers reads an n-tuple dataset by column position: anchor, positive, negatives."""
+    from cir_mine.data.records import join_captions
+
+    out = tmp_path / "negs.ntuple.parquet"
+    r = runner.invoke(mine_app, ["export", str(negs), "--format", "ntuple", "--work", str(work), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    g, t = Workspace(work).load("train")
+    G = read_negatives(negs, Workspace(work)).grouped()
+    full = [i for i in range(len(G)) if G.mask[i].all()]
+    assert 0 < len(full) < len(G)
+    assert r.output.strip() == (f"wrote {out}: {len(full)} queries with 6 negatives each "
+                                f"({len(G) - len(full)} with fewer than 6 negatives left out)")
+    table = pq.read_table(out)
+    assert table.num_columns == 2 + 6
+    rows = list(zip(*[c.to_pylist() for c in table.columns]))              # by position, never by name
+    assert len(rows) == len(full)
+    for row, i in zip(rows, full):
+        anchor, positive, *negatives = row
+        assert anchor == join_captions(t.captions[i]) and positive == t.target_ids[i]
+        assert negatives == G.neg_ids[i].tolist()
+        assert t.ref_ids[i] not in negatives and positive not in negatives
+    meta = json.loads(pq.read_schema(out).metadata[b"cir_mine"])
+    assert meta["table"] == "negatives-ntuple" and meta["images"] == "id" and meta["left_out"] == len(G) - len(full)
+    r = runner.invoke(mine_app, ["export", str(negs), "--format", "ntuple", "--out", str(tmp_path / "x.parquet")])
+    assert r.exit_code == 2 and r.output.strip() == (
+        "Error: the ntuple format needs --work, the workspace the table was mined from: its captions are the anchors, "
+        "its gallery the image ids and paths.")
+    r = runner.invoke(mine_app, ["export", str(negs), "--format", "ntuple", "--work", str(work), "--images", "path",
+                                 "--out", str(tmp_path / "x.parquet")])
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: {work / 'gallery.train.parquet'}: the gallery has no image paths (column 'path'): export ids with "
+        f"--images id, or embed the files with `cir-mine embed`.")
+
+
+def test_export_ntuple_with_image_paths(tmp_path):
+    """An embedded dataset: the image columns hold the files, joined to the dataset root."""
+    from tests.fixtures import make_image_work
+
+    work, images = make_image_work(tmp_path, n=24, n_queries=6)
+    from cir_mine import MineConfig
+    from cir_mine.miner.core.mine import mine_to_file
+
+    mine_to_file(Workspace(work), "train", MineConfig(strategy="random", k=3, device="cpu"), tmp_path / "n.parquet")
+    out = tmp_path / "n.ntuple.parquet"
+    r = runner.invoke(mine_app, ["export", str(tmp_path / "n.parquet"), "--format", "ntuple", "--work", str(work),
+                                 "--images", "path", "--root", str(images), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    for row in zip(*[c.to_pylist() for c in table.columns]):
+        assert all(Path(p).is_file() and Path(p).is_relative_to(images) for p in row[1:])
 
 
 def test_export_jsonl_lines(negs, tmp_path):
@@ -124,15 +178,15 @@ def test_export_jsonl_lines(negs, tmp_path):
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--out", str(out)])
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    wide = {x["query_id"]: x for x in read_negatives(negs).table.to_pylist()}
-    assert len(lines) == len({x["query_id"] for x in read_negatives(negs).table.to_pylist()})
+    G = read_negatives(negs).grouped()
+    assert [x["query_id"] for x in lines] == G.query_ids.tolist()      # queries without negatives too
     assert set(lines[0]) == {"query_id", "ref_id", "target_id", "negatives", "delta"}
-    assert all(x["query_id"] in wide for x in lines)
+    assert [x["negatives"] for x in lines] == [[str(n) for n in row[m]] for row, m in zip(G.neg_ids, G.mask)]
 
 
 def test_export_refuses_the_input_and_existing_outputs(negs, tmp_path):
     before = negs.read_bytes()
-    r = runner.invoke(mine_app, ["export", str(negs), "--format", "ntuple", "--out", str(negs)])
+    r = runner.invoke(mine_app, ["export", str(negs), "--format", "wide", "--out", str(negs)])
     assert r.exit_code == 2
     assert r.output.strip() == f"Error: --out {negs} is an input of this command ({negs}); write the export elsewhere."
     assert negs.read_bytes() == before

@@ -12,7 +12,7 @@ from cir_mine.miner.core.mine import MineConfig
 from cir_mine.train.loop import TrainConfig
 
 # options of the commands that are no config field, and why
-NEGATIVES_ONLY = {"work", "split", "out", "checkpoint", "query_emb_path", "mining_round", "no_deepen", "no_guard", "quiet",
+NEGATIVES_ONLY = {"work", "split", "out", "checkpoint", "query_emb_path", "query_ids_path", "mining_round", "no_deepen", "no_guard", "quiet",
                   "verbose", "overwrite"}
 # the search engine (ShardConfig / RayConfig, recorded in the footer as meta["engine"], not MineConfig)
 NEGATIVES_ONLY |= {"engine", "shards", "shard_index", "shard_nprobe", "ray_address", "cpus_per_shard"}

@@ -180,7 +180,7 @@ def test_on_a_mined_table(synth_work, tmp_path):
     assert st.shortfall["count"] == res.meta["shortfall"]["count"]
     text = format_stats(summarize([out], synth_work))
     if st.shortfall["count"]:
-        assert "to loosen: " in text and "midzone: widen --delta-lo/--delta-hi" in text
+        assert "to loosen: " in text and "midzone: widen MineConfig.of(delta_lo=..., delta_hi=...)" in text
     r = runner.invoke(mine_app, ["inspect", str(out), "--work", str(synth_work), "--sample", "2",
                                  "--out", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output

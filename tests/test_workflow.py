@@ -152,10 +152,13 @@ def test_shortfall_hints_come_from_the_guard_counts():
 
     removed = {"target": 40, "reference": 40, "extra_positive": 0, "cap": 1072, "near_duplicate": 3,
                "duplicate_product": 0}
-    assert shortfall_hints(removed, 40, GuardConfig(), ["midzone: widen --delta-lo/--delta-hi"]) == [
-        "the positive-aware cap removed 1,072: loosen --rho (now 0.95; nearer 1 keeps more) or pass --no-guard cap",
-        "midzone: widen --delta-lo/--delta-hi",
-        "the near-duplicate guard removed 3: raise --dup-threshold (now 0.98) or pass --no-guard near-duplicate"]
+    midzone = "midzone: widen MineConfig.of(delta_lo=..., delta_hi=...)"
+    assert shortfall_hints(removed, 40, GuardConfig(), [midzone]) == [
+        "the positive-aware cap removed 1,072: loosen MineConfig.of(rho=...) (now 0.95; nearer 1 keeps more) or "
+        "switch it off, MineConfig.of(rho=None)",
+        midzone,
+        "the near-duplicate guard removed 3: raise MineConfig.of(dup_threshold=...) (now 0.98) or switch it off, "
+        "MineConfig.of(dup_threshold=None)"]
     # nothing removed by a guard with a knob: only the strategy's own hint
     assert shortfall_hints({"target": 9, "cap": 0}, 9, GuardConfig(rho=None), ["x: y"]) == ["x: y"]
 
@@ -171,9 +174,16 @@ def test_a_cap_bound_shortfall_names_rho(tmp_path):
     assert short and set(meta["guards_per_query"]) == set(short)
     cap = sum(meta["guards_per_query"][q]["cap"] for q in short)
     assert cap > 0
-    hint = f"the positive-aware cap removed {cap:,}: loosen --rho (now 0.3; nearer 1 keeps more) or pass --no-guard cap"
-    assert meta["shortfall"]["hints"][0] == hint
-    assert f"to loosen: {hint}; hardest: " in r.output
+    # the footer speaks the API's names, the CLI its flags
+    hint = (f"the positive-aware cap removed {cap:,}: loosen MineConfig.of(rho=...) (now 0.3; nearer 1 keeps more) "
+            f"or switch it off, MineConfig.of(rho=None)")
+    assert meta["shortfall"]["hints"][:2] == [hint, "hardest: raise MineConfig.of(range_max=..., max_candidates=...) "
+                                                    "or MineConfig.of(rho=...)"]
+    shown = (f"to loosen: the positive-aware cap removed {cap:,}: loosen --rho (now 0.3; nearer 1 keeps more) or "
+             f"switch it off, --no-guard cap; hardest: raise --range-max/--max-candidates or --rho")
+    assert shown in r.output and "MineConfig" not in r.output
+    r = runner.invoke(mine_app, ["stats", str(out)])
+    assert r.exit_code == 0 and shown in r.output and "MineConfig" not in r.output
 
 
 def test_inspect_draws_a_short_query_with_its_guard_counts(tmp_path):

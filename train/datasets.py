@@ -23,17 +23,9 @@ from cir_mine.data.workspace import Workspace
 
 def _negatives_table(ws: Workspace, negatives):
     """A NegativesTable from a path (read and checked against ``ws``), NegativesTable, MineResult or table."""
-    from cir_mine.miner.core.grouped import GroupedNegatives
-    from cir_mine.miner.core.tables import NegativesTable, read_negatives
+    from cir_mine.miner.core.tables import as_negatives_table
 
-    if isinstance(negatives, (str, Path)):
-        return read_negatives(negatives, ws)
-    if isinstance(negatives, GroupedNegatives):
-        raise UsageError("NegativesDataset takes the negatives table (a path, read_negatives(...), a MineResult "
-                         "or a pyarrow Table), not its grouped form: it regroups it over the split's queries.")
-    if isinstance(negatives, pa.Table):
-        return NegativesTable(None, negatives, {})
-    return NegativesTable(getattr(negatives, "path", None), negatives.table, negatives.meta)
+    return as_negatives_table(negatives, ws, "NegativesDataset")
 
 
 class NegativesDataset(torch.utils.data.Dataset):

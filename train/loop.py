@@ -99,7 +99,7 @@ class TrainConfig:
     static_bank: int = 0               # extra epochs of the SPN static-bank stage after training
     bank_k: int = 0                    # static bank: negatives sampled per step (0 = whole gallery)
     refresh_every: int = 0             # re-embed and re-mine every N epochs (0 = never)
-    exclude_reference: bool = False    # FashionIQ protocol: drop the reference from the gallery
+    exclude_reference: bool = False    # FashionIQ evaluation: also drop the reference from its gallery (CLIP4Cir keeps it; CIRR always drops it)
     zero_shot: bool = False            # evaluate normalize(image + text) without training
     threads: int = 0                   # torch threads (0 = torch default)
     extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)

@@ -6,13 +6,18 @@ Scores are computed block by block (``chunk`` queries x ``chunk`` gallery items)
 evaluation never holds the full matrix. ``tests/test_train_metrics.py`` checks it against a
 full-matrix argsort.
 
-Protocols (chosen by :func:`evaluate` from the triplets):
+Protocols (chosen by :func:`evaluate` from the triplets), those of CLIP4Cir's ``validate.py``:
 
-- **FashionIQ**: per category the gallery is that category's images; R@10 and R@50 per category
-  and their average over categories. The reference is not excluded unless ``exclude_reference``
-  (CLIP4Cir's default evaluation keeps it).
-- **CIRR**: one gallery, the reference always excluded; R@1/5/10/50, and Recall_subset@1/2/3 where
+- **FashionIQ**: per category the gallery is that category's images (the reference among them:
+  CLIP4Cir's validation keeps it, and so does this unless ``exclude_reference``); R@10 and R@50 per
+  category, their average over categories, and ``avg`` = (R@10 + R@50) / 2 of those averages
+  (CLIP4Cir's ``average_recall``).
+- **CIRR**: one gallery, the reference always removed; R@1/5/10/50, and Recall_subset@1/2/3 where
   the gallery is the query's ``img_set`` members minus the reference. ``avg`` = (R@5 + Rs@1) / 2.
+
+A target ranks below every item that scores strictly higher (ties count in its favour; CLIP4Cir's
+argsort breaks them in index order). :func:`evaluate_queries` evaluates a model's own query
+embeddings over a workspace split (``cir-mine eval``).
 """
 from __future__ import annotations
 
@@ -110,8 +115,10 @@ def fashioniq_metrics(query_emb: np.ndarray, query_categories: np.ndarray, ref_i
         per_cat[cat] = {**recalls(ranks, FIQ_KS), "n": int(qsel.size)}
     out = {f"R@{k}": float(np.mean([v[f"R@{k}"] for v in per_cat.values()])) if per_cat else float("nan")
            for k in FIQ_KS}
+    out["avg"] = (out["R@10"] + out["R@50"]) / 2
     out["per_category"] = per_cat
     out["protocol"] = "fashioniq"
+    out["reference"] = "removed" if exclude_reference else "kept"
     out["n_queries"] = int(len(query_emb))
     return out
 
@@ -141,6 +148,7 @@ def cirr_metrics(query_emb: np.ndarray, ref_ids: np.ndarray, target_ids: np.ndar
                else {f"Rs@{k}": float("nan") for k in SUBSET_KS})
     out["avg"] = (out["R@5"] + out["Rs@1"]) / 2 if has else out["R@5"]
     out["protocol"] = "cirr"
+    out["reference"] = "removed"
     out["n_queries"] = int(len(query_emb))
     return out
 
@@ -157,3 +165,24 @@ def evaluate(query_emb: np.ndarray, triplets, gallery, exclude_reference: bool =
     return fashioniq_metrics(query_emb, triplets.categories, triplets.ref_ids, triplets.target_ids,
                              gallery.embeddings, gallery.image_ids, gallery.categories,
                              exclude_reference=exclude_reference, chunk=chunk)
+
+
+def evaluate_queries(ws, split: str, query_emb: np.ndarray, query_ids: Optional[Sequence[str]] = None,
+                     exclude_reference: bool = False, chunk: int = 2048) -> dict:
+    """Your model's query embeddings for the queries of ``ws``/``split``, by the dataset's protocol.
+
+    query_emb: float[m, d], one row per query of the split, in the triplets' row order or in any
+    order named by ``query_ids`` (checked: unknown, repeated or missing ids, shape, NaN and zero rows
+    raise DataError). The gallery is the workspace's (its cached image embeddings). Returns
+    :func:`evaluate`'s dict: FashionIQ ``R@10``, ``R@50`` (averages over categories), ``avg``,
+    ``per_category``; CIRR ``R@1`` ... ``R@50``, ``Rs@1`` ... ``Rs@3``, ``avg``; both ``protocol``,
+    ``reference`` (kept or removed), ``n_queries``. ``exclude_reference`` removes the reference
+    from FashionIQ's gallery too (CIRR always removes it)."""
+    from cir_mine.miner.core.query_emb import align_query_embeddings, check_query_embeddings
+
+    g, t = ws.require().load(split)
+    where = "query_emb"
+    if query_ids is not None:
+        query_emb = align_query_embeddings(query_emb, query_ids, t.query_ids, where)
+    emb = check_query_embeddings(np.asarray(query_emb), t.query_ids.tolist(), g.dim, where)
+    return evaluate(emb, t, g, exclude_reference=exclude_reference, chunk=chunk)

@@ -1,8 +1,13 @@
 """Negatives tables in the shapes other trainers read (``cir-mine export``).
 
-- ``ntuple``: the wide form, one Parquet row per query: ``negatives`` (list of k ids, pick order),
-  ``delta`` (their Δ) and the ``negative_1`` ... ``negative_k`` columns of sentence-transformers'
-  ``n-tuple`` format (null past a short query's last negative); HF ``datasets`` reads it as is.
+- ``ntuple``: sentence-transformers' n-tuple layout, which it reads by column position: ``anchor``
+  (the query's caption text), ``positive`` (the target) and ``negative_1`` ... ``negative_k`` (the
+  negatives in pick order), images as gallery ids or image file paths (``images``). One row per
+  query with k negatives; queries with fewer are left out (counted). Needs the workspace (captions,
+  paths). HF ``datasets`` reads it with ``load_dataset("parquet", data_files=OUT, split="train")``.
+- ``wide``: one Parquet row per query with its ids and lists: ``query_id``, ``ref_id``,
+  ``target_id``, ``negatives`` (list of k ids, pick order), ``delta``, ``neg_category`` and the
+  ``negative_1`` ... ``negative_k`` columns (null past a short query's last negative).
 - ``jsonl``: one JSON object per query (query_id, ref_id, target_id, negatives, delta); with the
   dataset ``root``, instead CLIP4Cir-style caption files: every entry of each
   ``captions/cap.{category}.{split}.json`` (FashionIQ) or ``cap.rc2.{split}.json`` (CIRR) the
@@ -31,7 +36,8 @@ from cir_mine.data.workspace import now_iso, write_table
 from cir_mine.miner.core.grouped import GroupedNegatives
 from cir_mine.miner.core.tables import read_negatives
 
-FORMATS = ("ntuple", "jsonl")
+FORMATS = ("ntuple", "wide", "jsonl")
+IMAGES = ("id", "path")
 
 
 @dataclass
@@ -40,9 +46,23 @@ class Export:
     files: list               # every file written
     queries: int              # queries exported
     k: int                    # negatives slots per query
+    left_out: int = 0         # ntuple: queries left out for having fewer than k negatives
 
 
-def ntuple_table(g: GroupedNegatives) -> pa.Table:
+def ntuple_table(g: GroupedNegatives, captions: list, images) -> tuple[pa.Table, int]:
+    """GroupedNegatives of a split (one row per query in the triplets' order, gallery rows filled)
+    -> (the positional n-tuple table, queries left out). ``captions``: the anchor text per query;
+    ``images``: gallery row -> the string written for that image (its id or path)."""
+    full = g.mask.all(axis=1) & (g.k > 0)
+    rows = np.flatnonzero(full)
+    cols = {"anchor": pa.array([captions[i] for i in rows.tolist()], pa.string()),
+            "positive": pa.array(images(g.target_rows[rows]), pa.string())}
+    for j in range(g.k):
+        cols[f"negative_{j + 1}"] = pa.array(images(g.gallery_rows[rows, j]), pa.string())
+    return pa.table(cols), int(len(g) - rows.size)
+
+
+def wide_table(g: GroupedNegatives) -> pa.Table:
     """GroupedNegatives -> the wide table (schema in docs/formats.md)."""
     negs = [[str(x) for x in row[m]] for row, m in zip(g.neg_ids, g.mask)]
     deltas = [d[m].astype(np.float32) for d, m in zip(g.delta, g.mask)]
@@ -113,23 +133,39 @@ def _caption_files(g: GroupedNegatives, root: Path, source: Path) -> list:
                      f"export without --root.")
 
 
+def _image_strings(gallery, images: str, root: Optional[Path]):
+    """gallery row -> id or file path (relative paths joined to ``root``)."""
+    if images == "id":
+        return lambda rows: [str(gallery.image_ids[r]) for r in rows.tolist()]
+    if gallery.paths is None or not all(gallery.paths):
+        raise DataError(f"{gallery.path}: the gallery has no image paths (column 'path'): export ids with images id, "
+                        f"or embed the files with `cir-mine embed`.", params=("images",))
+    from cir_mine.data.records import image_file
+
+    return lambda rows: [str(image_file(root, gallery.paths[r])) for r in rows.tolist()]
+
+
 def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional[str | Path] = None,
-                     overwrite: bool = False) -> Export:
-    """Write the negatives table ``negs`` as ``fmt`` (ntuple | jsonl) to ``out`` (see the module doc)."""
+                     overwrite: bool = False, ws=None, images: str = "id") -> Export:
+    """Write the negatives table ``negs`` as ``fmt`` (ntuple | wide | jsonl) to ``out`` (see the
+    module doc). ``ws``: the workspace the table was mined from (ntuple needs it for the captions
+    and image paths); ``images``: ntuple's image columns as gallery ids (``id``) or file paths
+    (``path``, relative ones joined to ``root``, default the dataset root the workspace records)."""
     negs, out = Path(negs), Path(out)
     if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: use ntuple or jsonl.")
+        raise UsageError(f"--format {fmt!r}: use {', '.join(FORMATS)}.")
+    if images not in IMAGES:
+        raise UsageError(f"images {images!r}: use id or path.", params=("images",))
+    if fmt == "ntuple":
+        return _export_ntuple(negs, out, ws, images, root, overwrite)
     if root is not None and fmt != "jsonl":
-        raise UsageError("--root goes with --format jsonl (CLIP4Cir caption files).")
+        raise UsageError("--root goes with --format jsonl (CLIP4Cir caption files) or ntuple (image paths).")
     nt = read_negatives(negs)
     g = nt.grouped()
     if root is None:
         _check_out(out, [negs], overwrite)
-        if fmt == "ntuple":
-            meta = {"table": "negatives-ntuple", "created": now_iso(), "source": str(negs), "k": g.k,
-                    "split": nt.meta.get("split"), "data_hash": nt.meta.get("data_hash"),
-                    "manifest_hash": nt.meta.get("manifest_hash")}
-            write_table(ntuple_table(g), out, metadata={"cir_mine": meta})
+        if fmt == "wide":
+            write_table(wide_table(g), out, metadata={"cir_mine": _meta(nt, negs, "negatives-wide", g.k)})
         else:
             lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
                                   "negatives": [str(x) for x in n[m]], "delta": [float(x) for x in d[m]]})
@@ -150,3 +186,26 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
         with atomic_path(dest) as tmp:
             tmp.write_bytes(_json_bytes(rows))
     return Export(out, [d for d, _ in targets], len(g), g.k)
+
+
+def _meta(nt, negs: Path, kind: str, k: int, **extra) -> dict:
+    return {"table": kind, "created": now_iso(), "source": str(negs), "k": k, "split": nt.meta.get("split"),
+            "data_hash": nt.meta.get("data_hash"), "manifest_hash": nt.meta.get("manifest_hash"), **extra}
+
+
+def _export_ntuple(negs: Path, out: Path, ws, images: str, root, overwrite: bool) -> Export:
+    from cir_mine.data.records import join_captions
+
+    if ws is None:
+        raise UsageError("the ntuple format needs ws, the workspace the table was mined from: its captions are the "
+                         "anchors, its gallery the image ids and paths.", params=("ws",))
+    nt = read_negatives(negs, ws)
+    g_all, t = ws.load(nt.split)
+    g = nt.grouped(ws, loaded=(g_all, t))
+    root = Path(root) if root is not None else ws.image_root(nt.split)
+    table, left_out = ntuple_table(g, [join_captions(c) for c in t.captions], _image_strings(g_all, images, root))
+    _check_out(out, [negs], overwrite)
+    meta = _meta(nt, negs, "negatives-ntuple", g.k, images=images, left_out=left_out,
+                 columns=["anchor: caption text", "positive: target", "negative_1..k: negatives in pick order"])
+    write_table(table, out, metadata={"cir_mine": meta})
+    return Export(out, [out], table.num_rows, g.k, left_out)

@@ -185,12 +185,15 @@ def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, targ
 # guard -> (what it is, what to do), for the shortfall hints; target and reference remove one
 # candidate each at most and have no knob.
 _KNOBS = {
-    "cap": ("the positive-aware cap", "loosen --rho (now {rho}; nearer 1 keeps more) or pass --no-guard cap"),
+    "cap": ("the positive-aware cap",
+            "loosen MineConfig.of(rho=...) (now {rho}; nearer 1 keeps more) or switch it off, MineConfig.of(rho=None)"),
     "near_duplicate": ("the near-duplicate guard",
-                       "raise --dup-threshold (now {dup_threshold}) or pass --no-guard near-duplicate"),
-    "extra_positive": ("the extra-positive guard", "these are other correct targets: keep the guard and lower -k"),
-    "duplicate_product": ("the duplicate-product guard",
-                          "repeated draws or ids in two categories: raise --candidates or lower -k"),
+                       "raise MineConfig.of(dup_threshold=...) (now {dup_threshold}) or switch it off, "
+                       "MineConfig.of(dup_threshold=None)"),
+    "extra_positive": ("the extra-positive guard",
+                       "these are other correct targets: keep the guard and lower MineConfig.of(k=...)"),
+    "duplicate_product": ("the duplicate-product guard", "repeated draws or ids in two categories: raise "
+                          "MineConfig.of(candidates=...) or lower MineConfig.of(k=...)"),
 }
 
 
@@ -198,8 +201,9 @@ def shortfall_hints(removed: dict, missing: int, cfg: GuardConfig, strategy_hint
     """What to loosen for the queries that got fewer than k negatives, most likely cause first.
 
     removed: {guard: candidates it removed, summed over those queries}; missing: negatives they lack.
-    One hint per guard that removed any, e.g. ``"the positive-aware cap removed 1,072: loosen --rho
-    (now 0.95; ...)"``, by count. A guard that removed at least ``missing`` candidates can explain the
+    One hint per guard that removed any, e.g. ``"the positive-aware cap removed 1,072: loosen
+    MineConfig.of(rho=...) (now 0.95; ...)"``, by count (parameters named as the API sets them; the
+    CLI shows its flags, :func:`cir_mine.data.errors.spell_calls`). A guard that removed at least ``missing`` candidates can explain the
     shortfall alone and comes before ``strategy_hints`` (the strategies' own filters); the others after."""
     major, minor = [], []
     for name, n in sorted(removed.items(), key=lambda kv: (-kv[1], GUARDS.index(kv[0]))):

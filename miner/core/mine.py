@@ -837,7 +837,7 @@ def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined) -> dict
 
 def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
                    mining_round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
-                   loaded: Optional[tuple] = None) -> MineResult:
+                   loaded: Optional[tuple] = None, query_ids: Optional[Sequence[str]] = None) -> MineResult:
     """Mine negatives for every query of ``split``: prepare, open the search back-end, then per batch
     search (approximate back-ends re-ranked exactly), guard and select; deepen short queries;
     assemble the table and its footer.
@@ -848,8 +848,15 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     gallery rows; default: the one ``cfg.index`` names (exact flat unless told).
     progress: called with the number of queries finished in each batch.
     loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
-    round), so the gallery and triplets are not read again."""
+    round), so the gallery and triplets are not read again.
+    query_ids: the query id of each row of ``query_emb`` (any order, e.g. your dataset's): the rows
+    are put in the triplets' order; an unknown, repeated or missing query raises DataError."""
     t0 = time.perf_counter()
+    if query_ids is not None:
+        from cir_mine.miner.core.query_emb import align_query_embeddings
+
+        loaded = loaded if loaded is not None else ws.require().load(split)
+        query_emb = align_query_embeddings(query_emb, query_ids, loaded[1].query_ids, "query_emb")
     prep = prepare(ws, split, cfg, query_emb, mining_round, loaded)
     backend, search_meta = (open_search(prep, ws, split, cfg, index) if prep.need_ranked
                             else (None, {"index": "none"}))
@@ -907,6 +914,7 @@ def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mi
                             else np.zeros(0, np.int64), minlength=len(parts))
     short = np.flatnonzero(mined.got < k_mined)
     missing = int((k_mined - mined.got[short]).sum())
+    empty = pa.array(short[mined.got[short] == 0])      # short queries with no row in the table
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
     return {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
@@ -921,6 +929,9 @@ def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mi
         "shortfall": {"count": int(short.size),
                       "query_ids": [str(x) for x in prep.qs.ids.take(pa.array(short)).to_pylist()],
                       "missing": missing,
+                      "without_negatives": {name: [str(x) for x in col.take(empty).to_pylist()] for name, col in
+                                            (("query_ids", prep.qs.ids), ("ref_ids", prep.qs.ref_ids),
+                                             ("target_ids", prep.qs.target_ids))},
                       "hints": shortfall_hints({g: int(c[short].sum()) for g, c in mined.guard_counts.items()},
                                                missing, cfg.guards,
                                                [f"{n}: {REGISTRY[n].hint}" for n, _, _ in prep.mined if REGISTRY[n].hint])},

@@ -68,10 +68,56 @@ class NegativesTable:
         k = self.meta.get("k_mined", self.meta.get("k"))
         ws = ws if ws is not None else self.ws
         if ws is None:
-            return group_negatives_table(self.table, k)
+            return group_negatives_table(self.table, k, triplets=_queries_of(self.table, self.meta))
         _check_workspace(self.path, self.meta, ws)
         g, t = loaded if loaded is not None else ws.load(split or self.split)
         return group_negatives_table(self.table, k, gallery=g, triplets=t)
+
+
+def _queries_of(table: pa.Table, meta: dict):
+    """The queries a table covers without its workspace: those with rows (first appearance order),
+    then those the guards left without negatives (listed in the footer's
+    ``shortfall.without_negatives``). None when the footer lists none (every query has rows)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from types import SimpleNamespace
+
+    empty = (meta.get("shortfall") or {}).get("without_negatives") or {}
+    if not empty.get("query_ids"):
+        return None
+    ids = table.select(["query_id", "ref_id", "target_id"])
+    first = pc.index_in(pc.unique(ids.column("query_id")), value_set=ids.column("query_id").combine_chunks())
+    ids = ids.take(first)
+    col = lambda name, extra: np.asarray(ids.column(name).to_pylist() + list(extra), dtype=object)
+    return SimpleNamespace(query_ids=col("query_id", empty["query_ids"]), ref_ids=col("ref_id", empty["ref_ids"]),
+                           target_ids=col("target_id", empty["target_ids"]))
+
+
+def as_negatives_table(negatives, ws: Optional[Workspace] = None, what: str = "negatives") -> NegativesTable:
+    """A :class:`NegativesTable` from any form a negatives table comes in: a path (read and checked
+    against ``ws``), a NegativesTable, a MineResult (``mine_negatives``'s, ``Remine``'s) or a pyarrow
+    Table in the negatives schema (its ``cir_mine`` schema metadata, when present, is its footer).
+    A GroupedNegatives is refused: it has lost the table's queries without negatives and its footer."""
+    import json
+
+    from cir_mine.data.errors import UsageError
+    from cir_mine.miner.core.grouped import GroupedNegatives
+
+    if isinstance(negatives, (str, Path)):
+        return read_negatives(negatives, ws)
+    if isinstance(negatives, NegativesTable):
+        return negatives
+    if isinstance(negatives, GroupedNegatives):
+        raise UsageError(f"{what} takes the negatives table (a path, read_negatives(...), a MineResult or a "
+                         f"pyarrow Table), not its grouped form: it regroups it over the split's queries.")
+    if isinstance(negatives, pa.Table):
+        raw = (negatives.schema.metadata or {}).get(META_KEY.encode())
+        meta = json.loads(raw) if raw else {}
+        return NegativesTable(None, negatives, meta if isinstance(meta, dict) and meta.get("table") == "negatives" else {})
+    if hasattr(negatives, "table") and hasattr(negatives, "meta"):
+        return NegativesTable(getattr(negatives, "path", None), negatives.table, negatives.meta)
+    raise UsageError(f"{what}: expected a negatives table (a path, read_negatives(...), a MineResult or a "
+                     f"pyarrow Table), got {type(negatives).__name__}.")
 
 
 def write_negatives(table: pa.Table, path: str | Path, meta: dict) -> None:

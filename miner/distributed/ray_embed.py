@@ -134,13 +134,14 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
     """Embed ``job`` (an :class:`~cir_mine.miner.encode.dataset.EmbedJob`) on Ray; returns the manifest.
 
     _stop_after_parts: test hook, raise after writing that many parts (a crash, for resume tests)."""
-    from cir_mine.miner.encode.clip import embed_texts, load_encoder, load_prompts
+    from cir_mine.miner.encode.clip import embed_texts, load_encoder, load_prompts, warn_random_weights
     from cir_mine.miner.encode.dataset import _check_encoder_matches, _keep_queries, _skipped_summary, _triplets
     from cir_mine.miner.encode.index import index_workspace
     from cir_mine.miner.distributed.ray_shards import require_ray
 
     require_ray()
     check_split(job.split)
+    warn_random_weights(job.encoder)
     if run.actors < 1 or run.part_size < 1 or run.batch_size < 1 or run.cpus_per_actor <= 0:
         raise UsageError("--actors, --part-size and --batch-size must be at least 1, --cpus-per-actor above 0.")
     advance = progress or (lambda n=1, total=None: None)

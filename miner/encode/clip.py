@@ -30,6 +30,8 @@ import torch
 
 from cir_mine.data.errors import DataError, UsageError, WeightsUnavailableError
 from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.miner.encode.preprocess import TARGET_RATIO, check_preprocess, image_transform
+from cir_mine.miner.encode.preprocess import describe as describe_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,12 @@ HF_HOST = ("huggingface.co", 443)
 @dataclass(frozen=True)
 class EncoderConfig:
     model: str = "ViT-B-32"      # open_clip model name, or path of an open_clip model-config JSON
-    pretrained: str = "none"     # open_clip tag, local checkpoint path, or "none" (random weights)
+    pretrained: str = "none"     # open_clip tag, local checkpoint path (see read_checkpoint), or "none" (random weights)
     device: str = "auto"         # auto | cpu | cuda
     precision: str = "auto"      # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32
     seed: int = 0                # seed of the random init (same seed, same "none" weights: resumable)
+    preprocess: str = "clip"     # image preprocessing: clip (open_clip's) | targetpad | squarepad (CLIP4Cir's)
+    target_ratio: float = TARGET_RATIO  # targetpad: pad images whose long/short side ratio is above this
 
 
 @dataclass
@@ -65,10 +69,14 @@ class Encoder:
     pil_transform: Optional[Callable] = None  # PIL stages of ``preprocess`` (resize, crop); None: not split
     mean_std: Optional[tuple] = None          # Normalize's (mean, std) for batched normalization
     model_arg: str = ""                       # what --model said (a name, or the config JSON's absolute path)
+    preprocess_name: str = "clip"             # clip, targetpad:RATIO or squarepad (preprocess.describe)
 
     def describe(self) -> dict:
-        return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip",
-                "model": self.model_arg or self.name}
+        out = {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip",
+               "model": self.model_arg or self.name}
+        if self.preprocess_name != "clip":
+            out["preprocess"] = self.preprocess_name
+        return out
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -194,32 +202,195 @@ def _quiet_random_init_warning(active: bool):
                 h.removeFilter(flt)
 
 
-def load_encoder(cfg: EncoderConfig) -> Encoder:
-    """Build the open_clip model, its eval transform and tokenizer (random weights for ``none``)."""
+# Buffers OpenAI's TorchScript archives hold beside the weights (no model parameter).
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict             # tensor name -> tensor, as the CLIP model names them
+    layout: str                  # torchscript | clip4cir | open_clip | state_dict | safetensors
+    openai: bool                 # OpenAI-trained weights: the text (and ViT) blocks use QuickGELU
+    why: str = ""                # how ``openai`` was told (for messages)
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint file -> its CLIP state dict and where it came from.
+
+    Reads OpenAI's TorchScript archives (``ViT-B-32.pt``, ``RN50x4.pt``), CLIP4Cir's
+    ``{'epoch': E, 'CLIP': state_dict}`` (``clip_fine_tune.py``'s ``tuned_clip_*.pt``), open_clip's
+    training checkpoints (``{'state_dict': ...}``, ``module.`` prefixes dropped), plain state dicts and
+    ``.safetensors``. TorchScript archives, state dicts holding their extra buffers and CLIP4Cir's
+    layout (it fine-tunes OpenAI's CLIP) are OpenAI-trained. Loads tensors only (``weights_only``)."""
+    path = Path(path)
+    where = f"pretrained {path}"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+        return Checkpoint(_strip(sd), "safetensors", any(k in sd for k in OPENAI_EXTRA_KEYS), "OpenAI's buffers")
+    if _is_torchscript(path):
+        try:
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as e:  # noqa: BLE001 - a damaged archive raises many kinds
+            raise DataError(f"{where}: unreadable TorchScript archive ({_first_line(e)}).", params=("pretrained",)) from None
+        return Checkpoint(_strip(dict(sd)), "torchscript", True, "an OpenAI TorchScript archive")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike
+        raise DataError(f"{where}: not a checkpoint torch reads as tensors ({_first_line(e)}). Pass an OpenAI "
+                        f"TorchScript archive, a CLIP4Cir {{'CLIP': state_dict}} file, an open_clip checkpoint or a "
+                        f"state dict.", params=("pretrained",)) from None
+    if isinstance(obj, dict) and isinstance(obj.get("CLIP"), dict):
+        return Checkpoint(_strip(obj["CLIP"]), "clip4cir", True, "CLIP4Cir's {'CLIP': ...} layout, a fine-tuned OpenAI CLIP")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+        return Checkpoint(_strip(sd), "open_clip", any(k in sd for k in OPENAI_EXTRA_KEYS), "OpenAI's buffers")
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return Checkpoint(_strip(obj), "state_dict", any(k in obj for k in OPENAI_EXTRA_KEYS), "OpenAI's buffers")
+    keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
+    hint = (" It holds a CLIP4Cir Combiner: pass the CLIP checkpoint (tuned_clip_*.pt) instead."
+            if isinstance(obj, dict) and "Combiner" in obj else "")
+    raise DataError(f"{where}: holds {keys}, not CLIP weights (a state dict, {{'CLIP': state_dict}} or "
+                    f"{{'state_dict': ...}}).{hint}", params=("pretrained",))
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _strip(sd: dict) -> dict:
+    """Drop OpenAI's extra buffers and a ``module.`` prefix every key has (DataParallel)."""
+    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def quickgelu_model(name: str, model_arg: str, ckpt: Optional[Checkpoint], pretrained: str) -> str:
+    """The model to build for ``ckpt``: OpenAI-trained weights need QuickGELU (open_clip's
+    ``NAME-quickgelu`` configs); the plain name builds GELU blocks and loads them without an error,
+    giving other embeddings. Picks ``NAME-quickgelu`` when open_clip has it; a config without
+    ``"quick_gelu": true`` and no such variant raises UsageError."""
     import open_clip
 
-    name = resolve_model(cfg.model)
-    ckpt = resolve_pretrained(name, cfg.pretrained)
-    device = pick_device(cfg.device)
+    if ckpt is None or not ckpt.openai or (open_clip.get_model_config(name) or {}).get("quick_gelu"):
+        return name
+    variant = f"{name}-quickgelu"
+    if variant in open_clip.list_models():
+        log.warning("pretrained %s holds OpenAI-trained weights (%s), which use QuickGELU: embedding with %s, "
+                    "not %s", pretrained, ckpt.why, variant, name)
+        return variant
+    where = str(Path(model_arg).resolve()) if name != model_arg else name
+    fix = (f'add "quick_gelu": true to {where}' if name != model_arg else
+           'pass a model config JSON with "quick_gelu": true')
+    raise UsageError(f"pretrained {pretrained} holds OpenAI-trained weights ({ckpt.why}), which use QuickGELU "
+                     f"activations, but model {name} uses GELU and open_clip has no {variant}: {fix}.",
+                     params=("pretrained", "model"))
+
+
+def _names(keys: list, n: int = 5) -> str:
+    more = f", ... (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint, name: str, pretrained: str) -> None:
+    """Load ``ckpt`` into ``model`` (open_clip's conversions: a custom text tower, resized position
+    embeddings, scalar logit_scale). A key or shape mismatch raises DataError naming every kind of
+    mismatch, with counts and the first names."""
+    from open_clip.factory import (convert_state_dict, convert_to_custom_text_state_dict, resize_pos_embed,
+                                   resize_text_pos_embed)
+
+    sd = convert_state_dict(model, dict(ckpt.state_dict))
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in sd and own is not None and own.ndim != sd[key].ndim:
+            sd[key] = sd[key].reshape(own.shape)
+    want = model.state_dict()
+    transient = {n for n, _ in model.named_buffers()} - set(want)      # non-persistent buffers (attn_mask)
+    sd = {k: v for k, v in sd.items() if k not in transient}
     try:
-        with _quiet_random_init_warning(ckpt is None), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=ckpt, device=device)
-    except RuntimeError as e:
-        raise DataError(f"--pretrained {cfg.pretrained}: cannot load into {name} ({str(e).splitlines()[0][:300]}). "
-                        f"Check that the checkpoint matches the model.") from None
+        resize_pos_embed(sd, model)
+        resize_text_pos_embed(sd, model)
+    except Exception:  # noqa: BLE001 - a shape the resizers do not know is reported below
+        pass
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} {list(sd[k].shape)} in the checkpoint, {list(want[k].shape)} in {name}"
+              for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of its {len(want)} tensors missing ({_names(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors it does not have ({_names(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape ({_names(shapes, 3)})")
+        raise DataError(f"pretrained {pretrained}: the checkpoint ({ckpt.layout}) does not fit {name}: "
+                        f"{'; '.join(parts)}. Pass as model the architecture the checkpoint was trained as.",
+                        params=("pretrained", "model"))
+    model.load_state_dict(sd, strict=True)
+
+
+RANDOM_WEIGHTS = ("pretrained none: random weights. Their embeddings, and any negatives mined from them, are "
+                  "meaningless; they only try out the pipeline. Pass a trained checkpoint for real negatives "
+                  "(a local file: OpenAI's .pt, CLIP4Cir's tuned_clip_*.pt, an open_clip checkpoint; or an "
+                  "open_clip tag).")
+
+
+def warn_random_weights(cfg: EncoderConfig) -> None:
+    """Log (at WARNING, so it shows under --quiet too) that ``pretrained none`` embeds nothing real."""
+    if cfg.pretrained is None or str(cfg.pretrained).lower() in ("none", ""):
+        log.warning("%s", RANDOM_WEIGHTS)
+
+
+def load_encoder(cfg: EncoderConfig) -> Encoder:
+    """Build the open_clip model, its transform and tokenizer, and load the checkpoint (random
+    weights for ``none``): see :func:`read_checkpoint` and :func:`quickgelu_model`."""
+    import open_clip
+
+    check_preprocess(cfg.preprocess, cfg.target_ratio)
+    name = resolve_model(cfg.model)
+    path = resolve_pretrained(name, cfg.pretrained)
+    device = pick_device(cfg.device)
+    ckpt = read_checkpoint(path) if path is not None and Path(path).suffix not in (".npz", ".npy") else None
+    built = quickgelu_model(name, cfg.model, ckpt, cfg.pretrained)
+    with _quiet_random_init_warning(True), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(built, pretrained=None, device="cpu")
+    if ckpt is not None:
+        load_weights(model, ckpt, built, cfg.pretrained)
+    elif path is not None:                        # big_vision .npz weights: open_clip's own loader
+        open_clip.load_checkpoint(model, path)
+    model = model.to(device)
     model.eval()
     amp = None
     if device.type == "cuda" and cfg.precision == "auto":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
         else int(open_clip.get_model_config(name)["embed_dim"])
-    log.info("encoder %s (pretrained=%s, d=%d) on %s%s", name, cfg.pretrained, dim, device,
-             f" with {amp} autocast" if amp else "")
+    log.info("encoder %s (pretrained=%s, d=%d, preprocess %s) on %s%s", built, cfg.pretrained, dim, cfg.preprocess,
+             device, f" with {amp} autocast" if amp else "")
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean_std = (tuple(pp["mean"]), tuple(pp["std"])) if "mean" in pp and "std" in pp else split_transform(preprocess)[1]
+    size = model.visual.image_size
+    preprocess = image_transform(cfg.preprocess, preprocess, (size, size) if isinstance(size, int) else tuple(size),
+                                 mean_std, cfg.target_ratio)
     pil_transform, mean_std = split_transform(preprocess)
-    model_arg = str(Path(cfg.model).resolve()) if name != cfg.model else name
-    return Encoder(model, preprocess, open_clip.get_tokenizer(name), device, name, cfg.pretrained, dim, amp,
-                   pil_transform, mean_std, model_arg)
+    model_arg = str(Path(cfg.model).resolve()) if name != cfg.model else built
+    return Encoder(model, preprocess, open_clip.get_tokenizer(built), device, built, cfg.pretrained, dim, amp,
+                   pil_transform, mean_std, model_arg, describe_preprocess(cfg.preprocess, cfg.target_ratio))
 
 
 def text_encoder_from_manifest(manifest: dict, device: str = "auto") -> Callable:

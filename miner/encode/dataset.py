@@ -24,7 +24,7 @@ from cir_mine.data.workspace import (Workspace, check_split, gallery_table, trip
                                      write_table)
 
 from cir_mine.miner.encode.clip import (AttributePrompts, EncoderConfig, ImageRun, embed_images, embed_texts,
-                                        load_encoder, load_prompts, zero_shot_attributes)
+                                        load_encoder, load_prompts, warn_random_weights, zero_shot_attributes)
 from cir_mine.miner.core.search.build import check_spec
 from cir_mine.miner.encode.index import index_workspace
 
@@ -59,13 +59,15 @@ def _check_encoder_matches(ws: Workspace, split: str, encoder: dict) -> None:
         return
     m = ws.manifest()
     others = [s for s in ws.splits() if s != split]
-    old = {k: m.get("encoder", {}).get(k) for k in ("name", "pretrained", "dim")}
-    new = {k: encoder.get(k) for k in ("name", "pretrained", "dim")}
+    old = {k: m.get("encoder", {}).get(k) for k in ("name", "pretrained", "dim", "preprocess")}
+    new = {k: encoder.get(k) for k in ("name", "pretrained", "dim", "preprocess")}
     if others and old != new:
+        pp = lambda e: f", preprocess {e['preprocess'] or 'clip'}" if old["preprocess"] != new["preprocess"] else ""
         raise DataError(
             f"{ws.manifest_path}: splits {', '.join(others)} were embedded with {old['name']} "
-            f"(pretrained {old['pretrained']}), not {new['name']} (pretrained {new['pretrained']}). "
-            f"Embed into a new --work directory, or use the same --model and --pretrained."
+            f"(pretrained {old['pretrained']}{pp(old)}), not {new['name']} (pretrained {new['pretrained']}{pp(new)}). "
+            f"Embed into a new --work directory, or use the same --model and --pretrained"
+            + (" and --preprocess." if pp(old) else ".")
         )
 
 
@@ -132,6 +134,7 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
     """
     check_split(job.split)
     check_output_dir(job.work, flag="--work")
+    warn_random_weights(job.encoder)
     advance = progress or (lambda n=1, total=None: None)
     kw = {"triplets": job.triplets_file} if job.dataset in ("folder", "webdataset") and job.triplets_file else {}
     images, queries = load_dataset(job.dataset, job.root, job.split, **kw)

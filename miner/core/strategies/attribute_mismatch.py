@@ -21,7 +21,7 @@ class AttributeMismatchParams:
 
 
 @register("attribute-mismatch", AttributeMismatchParams, ranked=True, attributes=True,
-          hint="lower --attr-agree or raise --max-candidates")
+          hint="lower MineConfig.of(attr_agree=...) or raise MineConfig.of(max_candidates=...)")
 def attribute_mismatch(ctx, k: int, stream: int, p: AttributeMismatchParams) -> Picks:
     """Agrees with the target outside the requested groups (share >= attr_agree of the groups either
     image has) and differs from it in a requested group that the candidate contradicts.

@@ -19,7 +19,7 @@ class CategoryParams:
                              params=("category_shares",))
 
 
-@register("category", CategoryParams, hint="change --category-shares")
+@register("category", CategoryParams, hint="change MineConfig.of(category_shares=...)")
 def category(ctx, k: int, stream: int, p: CategoryParams) -> Picks:
     """Stratified random: same category as the target (different item), other category, any image."""
     parts = []

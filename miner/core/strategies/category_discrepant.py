@@ -25,7 +25,7 @@ class CategoryDiscrepantParams:
 
 
 @register("category-discrepant", CategoryDiscrepantParams, ranked=True, attributes=True,
-          hint="raise --max-candidates (queries without requested attributes get none)")
+          hint="raise MineConfig.of(max_candidates=...) (queries without requested attributes get none)")
 def category_discrepant(ctx, k: int, stream: int, p: CategoryDiscrepantParams) -> Picks:
     """Visually near the target (highest s(c, t) first) but contradicting a requested attribute.
 

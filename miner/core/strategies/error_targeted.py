@@ -82,7 +82,7 @@ class ErrorTargetedParams:
     error_minimal: bool = False           # per group, only candidates that differ from the target in that group alone
 
 
-@register("error-targeted", ErrorTargetedParams, ranked=True, hint="raise --max-candidates", prepare=measure_top1_errors)
+@register("error-targeted", ErrorTargetedParams, ranked=True, hint="raise MineConfig.of(max_candidates=...)", prepare=measure_top1_errors)
 def error_targeted(ctx, k: int, stream: int, p: ErrorTargetedParams) -> Picks:
     """k split over the groups by the measured top-1 error mass; per group, the top-ranked
     candidates that differ from the target in that group (``error_minimal``: in that group alone,

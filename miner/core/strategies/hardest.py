@@ -20,7 +20,7 @@ class HardestParams:
                              params=("range_max", "range_min"))
 
 
-@register("hardest", HardestParams, ranked=True, hint="raise --range-max/--max-candidates or --rho")
+@register("hardest", HardestParams, ranked=True, hint="raise MineConfig.of(range_max=..., max_candidates=...) or MineConfig.of(rho=...)")
 def hardest(ctx, k: int, stream: int, p: HardestParams) -> Picks:
     """Top of the ranking within the rank window [range_min, range_max)."""
     c = ctx.ranked

@@ -11,7 +11,7 @@ from cir_mine.miner.core.strategies.selection import Picks, kept_mismatch_mask, 
 
 
 @register("kept-mismatch", ranked=True, attributes=True,
-          hint="raise --max-candidates (queries whose ranking holds no image that satisfies the caption get none)")
+          hint="raise MineConfig.of(max_candidates=...) (queries whose ranking holds no image that satisfies the caption get none)")
 def kept_mismatch(ctx, k: int, stream: int, p) -> Picks:
     """Satisfies the requested change but differs from the target in a group the caption leaves alone."""
     c = ctx.ranked

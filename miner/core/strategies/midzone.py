@@ -19,7 +19,7 @@ class MidzoneParams:
                              params=("delta_lo", "delta_hi"))
 
 
-@register("midzone", MidzoneParams, ranked=True, hint="widen --delta-lo/--delta-hi or raise --max-candidates")
+@register("midzone", MidzoneParams, ranked=True, hint="widen MineConfig.of(delta_lo=..., delta_hi=...) or raise MineConfig.of(max_candidates=...)")
 def midzone(ctx, k: int, stream: int, p: MidzoneParams) -> Picks:
     """Target-relative mid-zone (DQE-CIR): delta_lo <= Δ <= delta_hi, sampled uniformly in the zone."""
     c = ctx.ranked

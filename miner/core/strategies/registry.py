@@ -37,7 +37,7 @@ class Strategy:
     params: type = NoParams      # parameter dataclass (every field has a default)
     ranked: bool = False         # needs the query's FAISS ranking
     attributes: bool = False     # needs requested attributes
-    hint: str = ""               # the knob to loosen on shortfall
+    hint: str = ""               # the knob to loosen on shortfall, named as MineConfig.of(name=...) (the CLI shows its flag)
     prepare: Optional[Callable] = None  # prepare(pool, queries, index, cfg, k) -> JSON-able state, once per run
 
 

@@ -7,7 +7,7 @@ from cir_mine.miner.core.strategies.selection import Picks, contradicted, pick
 
 
 @register("semantic", ranked=True, attributes=True,
-          hint="raise --max-candidates (queries without requested attributes get none)")
+          hint="raise MineConfig.of(max_candidates=...) (queries without requested attributes get none)")
 def semantic(ctx, k: int, stream: int, params) -> Picks:
     """Near the query but not satisfying the modification: no requested group satisfied, one contradicted."""
     c = ctx.ranked

@@ -12,7 +12,7 @@ class SemihardParams:
     margin: float = 0.1                   # keep 0 < delta < margin
 
 
-@register("semihard", SemihardParams, ranked=True, hint="raise --margin or --max-candidates")
+@register("semihard", SemihardParams, ranked=True, hint="raise MineConfig.of(margin=...) or MineConfig.of(max_candidates=...)")
 def semihard(ctx, k: int, stream: int, p: SemihardParams) -> Picks:
     """FaceNet semi-hard: ranks below the target but within the margin, 0 < Δ < margin."""
     c = ctx.ranked

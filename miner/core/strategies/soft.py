@@ -20,7 +20,7 @@ class SoftParams:
 
 
 @register("soft", SoftParams, ranked=True, attributes=True,
-          hint="widen --soft-lo/--soft-hi or raise --max-candidates")
+          hint="widen MineConfig.of(soft_lo=..., soft_hi=...) or raise MineConfig.of(max_candidates=...)")
 def soft(ctx, k: int, stream: int, p: SoftParams) -> Picks:
     """Partial attribute match: soft_lo < overlap(c, t) < soft_hi (Jaccard on attributes)."""
     c = ctx.ranked
