@@ -28,6 +28,24 @@ def test_negatives_mix_writes_table_and_summary(synth_work, tmp_path):
     assert not (tmp_path / ".cir-mine.lock").exists()
 
 
+def test_negatives_verbose_prints_each_stage_and_the_kernel_race(synth_work, tmp_path):
+    """-v: the seconds of read, prepare, search, rerank, guards, select, table and write, and the
+    microseconds per query each raced kernel took; the footer keeps the same stages."""
+    import re
+
+    out = tmp_path / "negs.parquet"
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "5",
+                                 "--out", str(out), "-v"])
+    assert r.exit_code == 0, r.output
+    line = next(l for l in r.output.splitlines() if l.startswith("stages: "))
+    assert re.match(r"stages: read [\d.]+s, prepare [\d.]+s, search [\d.]+s, rerank [\d.]+s, guards [\d.]+s, "
+                    r"select [\d.]+s, table [\d.]+s, write [\d.]+s \(total [\d.]+s\); kernels \(us/query\): ", line), line
+    assert "faiss " in line and "gemm " in line
+    timing = read_negatives(out, Workspace(synth_work)).meta["timing"]
+    assert {"read_s", "search_s", "rerank_s", "guards_s", "select_s", "table_s", "total_s"} <= set(timing)
+    assert set(next(iter(timing["kernels"].values()))) == {"faiss", "gemm"}
+
+
 def test_negatives_shortfall_names_the_knob(synth_work, tmp_path):
     r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "semihard", "--margin", "0.001",
                                  "-k", "5", "--out", str(tmp_path / "n.parquet"), "--no-guard", "cap"])
