@@ -83,8 +83,8 @@ def cli_errors(fn=None, *, flags: dict = FLAGS):
             if getattr(e, "filename", None) is None:
                 raise
             fail(f"{e.filename}: {e.strerror or e}.")
-        except KeyboardInterrupt:
-            fail("interrupted; rerun the same command to resume.", 130)
+        except KeyboardInterrupt:   # outside a write job (jobs raise Interrupted, saying what is left)
+            fail("interrupted (SIGINT).", 130)
 
     return wrapper
 
@@ -353,7 +353,8 @@ def embed(
         if engine == "ray":
             from cir_mine.miner.engine.ray_embed import RayEmbedRun, embed_dataset_ray
 
-            m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance)
+            m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance,
+                                  overwrite=overwrite)
         else:
             m = embed_dataset(job, progress=advance, overwrite=overwrite)
     info = m["embed"][split]
@@ -585,10 +586,8 @@ def negatives(
         ray_cfg = RayConfig(address=ray_address, cpus_per_shard=cpus_per_shard)
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
         if sharded:
-            from cir_mine.data.io import check_output
-
-            out = check_output(out, [checkpoint, query_emb_path], overwrite)
-            res = mine_with_engine_to_file(ws, split, cfg, out, engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
+            res = mine_with_engine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path],
+                                           engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
                                            query_emb=query_emb, mining_round=mining_round, progress=advance,
                                            loaded=loaded)
         else:

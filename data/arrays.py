@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.io import write_job
 from cir_mine.data.workspace import (SCHEMA_VERSION, Gallery, Triplets, Workspace, check_split,
                                      check_triplets_against_gallery, gallery_from_table, gallery_table,
                                      l2_normalize, triplets_from_table, triplets_table, write_table)
@@ -93,13 +94,13 @@ class ArrayWorkspace(Workspace):
         ws = Workspace(root)
         if ws.gallery_path(self.split).exists():
             raise DataError(f"{ws.gallery_path(self.split)}: already exists; save into a new directory.")
-        ws.root.mkdir(parents=True, exist_ok=True)
         g, t = self._gallery, self._triplets
-        write_table(gallery_table(g.image_ids.tolist(), g.categories.tolist(), g.attributes, g.embeddings,
-                                  paths=None if g.paths is None else g.paths.tolist()), ws.gallery_path(self.split))
-        if t is not None:
-            write_table(_triplets_arrow(t), ws.triplets_path(self.split))
-        ws.write_manifest(source="arrays", encoder=dict(self._manifest["encoder"]))
+        with write_job(ws.root, "Workspace.save"):
+            write_table(gallery_table(g.image_ids.tolist(), g.categories.tolist(), g.attributes, g.embeddings,
+                                      paths=None if g.paths is None else g.paths.tolist()), ws.gallery_path(self.split))
+            if t is not None:
+                write_table(_triplets_arrow(t), ws.triplets_path(self.split))
+            ws.write_manifest(source="arrays", encoder=dict(self._manifest["encoder"]))
         return ws
 
 

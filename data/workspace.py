@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import (atomic_path, check_readable_file, read_parquet, read_parquet_schema,
-                              write_json_atomic)
+from cir_mine.data.io import (atomic_path, check_readable_file, discard, is_write_error, make_dirs, read_parquet,
+                              read_parquet_schema, replace_dir, side_name, signals_blocked, transaction,
+                              write_error, write_json_atomic)
 from cir_mine.data.rows import AttrLists, first_duplicate, index_of, join_keys, shared_objects, string_array
 
 SCHEMA_VERSION = 1
@@ -460,6 +461,8 @@ def write_embeddings_npy(emb_blocks, n: int, dim: int, path: Path, dtype=np.floa
     """Write ``n`` rows arriving as blocks of float[b, dim] into a ``.npy`` atomically (bounded memory)."""
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
+        with open(tmp, "r+b") as fh:   # reserve the blocks: a full disk is an error here, not a SIGBUS later
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
         s = 0
         for block in emb_blocks:
             out[s:s + len(block)] = block
@@ -555,37 +558,33 @@ def triplets_table(query_ids, categories, ref_ids, target_ids, captions, text_em
 
 def write_gallery_parts(tables: Iterable[pa.Table], folder: str | Path, metadata: Optional[dict] = None) -> None:
     """Write a gallery folder of parts ``part-00000.parquet``... atomically: the parts go into a temp
-    folder beside ``folder`` that then replaces it (an older folder is removed after the swap)."""
+    folder beside ``folder`` that then replaces it (:func:`cir_mine.data.io.replace_dir`: inside a
+    transaction the older folder comes back if the job fails)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    make_dirs(folder.parent)
+    tmp = side_name(folder, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         for i, t in enumerate(tables):
             write_table(t, tmp / f"part-{i:05d}.parquet", metadata)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(tmp, folder)
+    except BaseException as e:
+        with signals_blocked():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and is_write_error(e):
+            raise write_error(folder, e) from None
         raise
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` onto ``dst`` (a rename; an existing ``dst`` is moved aside first)."""
-    old = dst.parent / f".{dst.name}.{os.getpid()}.old"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = None) -> None:
-    """Write ``table`` to ``path`` atomically; ``metadata`` (JSON-able) goes into the file footer."""
+def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = None, journal: bool = True) -> None:
+    """Write ``table`` to ``path`` atomically; ``metadata`` (JSON-able) goes into the file footer
+    (``journal``: see :func:`cir_mine.data.io.atomic_path`)."""
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, journal) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -662,15 +661,18 @@ class Workspace:
     def write_gallery(self, split: str, table: pa.Table | Iterable[pa.Table], metadata: Optional[dict] = None) -> Path:
         """Write a split's gallery atomically: one table -> the single file, several (an iterable, consumed
         one at a time) -> a parts folder.
-        The other form, if present, is removed afterwards, so a split never has both."""
-        if isinstance(table, pa.Table):
-            write_table(table, self.gallery_file(split), metadata)
-            shutil.rmtree(self.gallery_dir(split), ignore_errors=True)
-            return self.gallery_file(split)
-        write_gallery_parts(table, self.gallery_dir(split), metadata)
-        with contextlib.suppress(FileNotFoundError):
-            self.gallery_file(split).unlink()
-        return self.gallery_dir(split)
+        The other form, if present, is removed afterwards (:func:`cir_mine.data.io.discard`), so a split
+        never has both; inside a transaction a failure puts the old form back."""
+        with transaction():
+            if isinstance(table, pa.Table):
+                write_table(table, self.gallery_file(split), metadata)
+                if self.gallery_dir(split).is_dir():
+                    discard(self.gallery_dir(split))
+                return self.gallery_file(split)
+            write_gallery_parts(table, self.gallery_dir(split), metadata)
+            if os.path.lexists(self.gallery_file(split)):
+                discard(self.gallery_file(split))
+            return self.gallery_dir(split)
 
     def triplets_path(self, split: str) -> Path:
         return self.root / f"triplets.{check_split(split)}.parquet"

@@ -14,7 +14,6 @@ output that is one of the inputs is refused, and an existing one unless ``overwr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ import pyarrow as pa
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data import cirr, fashioniq
 from cir_mine.data.fashioniq import parse_query_id
-from cir_mine.data.io import atomic_path
+from cir_mine.data.io import atomic_path, check_output, check_output_dir, write_job
 from cir_mine.data.jsonio import load_json
 from cir_mine.data.workspace import now_iso, write_table
 from cir_mine.miner.core.grouped import GroupedNegatives
@@ -58,14 +57,6 @@ def ntuple_table(g: GroupedNegatives) -> pa.Table:
     for j in range(g.k):
         cols[f"negative_{j + 1}"] = pa.array(g.neg_ids[:, j].tolist(), pa.string())
     return pa.table(cols)
-
-
-def _check_out(out: Path, inputs: list, overwrite: bool) -> None:
-    for p in inputs:
-        if out.resolve() == Path(p).resolve() or (out.exists() and Path(p).exists() and os.path.samefile(out, p)):
-            raise UsageError(f"--out {out} is an input of this command ({p}); write the export elsewhere.")
-    if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} exists; pass --overwrite to replace it.")
 
 
 def _json_bytes(obj) -> bytes:
@@ -124,29 +115,34 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
     nt = read_negatives(negs)
     g = nt.grouped()
     if root is None:
-        _check_out(out, [negs], overwrite)
-        if fmt == "ntuple":
-            meta = {"table": "negatives-ntuple", "created": now_iso(), "source": str(negs), "k": g.k,
-                    "split": nt.meta.get("split"), "data_hash": nt.meta.get("data_hash"),
-                    "manifest_hash": nt.meta.get("manifest_hash")}
-            write_table(ntuple_table(g), out, metadata={"cir_mine": meta})
-        else:
-            lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
-                                  "negatives": [str(x) for x in n[m]], "delta": [float(x) for x in d[m]]})
-                     for q, r, t, n, d, m in zip(g.query_ids.tolist(), g.ref_ids.tolist(), g.target_ids.tolist(),
-                                                 g.neg_ids, g.delta, g.mask)]
-            with atomic_path(out) as tmp:
-                tmp.write_bytes(b"".join(x + b"\n" for x in lines))
+        out = check_output(out, [negs], overwrite)
+        with write_job(out.parent, f"cir-mine export -> {out.name}"):
+            _write_one(g, nt, negs, fmt, out)
         return Export(out, [out], len(g), g.k)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found. Pass the folder that holds captions/.")
     files = _caption_files(g, root, negs)
-    targets = [(out / path.name, rows) for path, rows in files]
     inputs = [negs] + [path for path, _ in files]
-    for dest, _ in targets:
-        _check_out(dest, inputs, overwrite)
-    for dest, rows in targets:
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(_json_bytes(rows))
+    check_output_dir(out, inputs)
+    targets = [(check_output(out / path.name, inputs, overwrite), rows) for path, rows in files]
+    with write_job(out, "cir-mine export --root"):       # all files or none
+        for dest, rows in targets:
+            with atomic_path(dest) as tmp:
+                tmp.write_bytes(_json_bytes(rows))
     return Export(out, [d for d, _ in targets], len(g), g.k)
+
+
+def _write_one(g: GroupedNegatives, nt, negs: Path, fmt: str, out: Path) -> None:
+    if fmt == "ntuple":
+        meta = {"table": "negatives-ntuple", "created": now_iso(), "source": str(negs), "k": g.k,
+                "split": nt.meta.get("split"), "data_hash": nt.meta.get("data_hash"),
+                "manifest_hash": nt.meta.get("manifest_hash")}
+        write_table(ntuple_table(g), out, metadata={"cir_mine": meta})
+    else:
+        lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
+                              "negatives": [str(x) for x in n[m]], "delta": [float(x) for x in d[m]]})
+                 for q, r, t, n, d, m in zip(g.query_ids.tolist(), g.ref_ids.tolist(), g.target_ids.tolist(),
+                                             g.neg_ids, g.delta, g.mask)]
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"".join(x + b"\n" for x in lines))

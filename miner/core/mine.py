@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers
-from cir_mine.data.io import DirLock, check_output
+from cir_mine.data.io import check_output, write_job
 from cir_mine.data.rows import sorted_codes
 from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
 
@@ -928,7 +928,7 @@ def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, ov
     approximate index built for this run is saved beside the table (``{out}.faiss``, its
     fingerprint in the footer), so cir-train's refresh searches exactly the same index."""
     out = check_output(out, reads, overwrite)
-    with DirLock(out.parent, f"cir-mine negatives -> {out.name}"):
+    with write_job(out.parent, f"cir-mine negatives -> {out.name}"):
         res = mine_negatives(ws, split, cfg, **kw)
         search = res.meta["search"]
         if search.get("source") == "built" and not search.get("exact", True):

@@ -351,7 +351,7 @@ def plan_fingerprint(encoder: Encoder, keys: Sequence[str], shard_size: int, bat
 
 
 def _write_shard(path: Path, emb: np.ndarray, errors: list[str]) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, journal=False) as tmp:     # resume scratch: kept when the job fails
         with open(tmp, "wb") as fh:
             np.savez(fh, emb=emb, errors=np.asarray(errors, dtype=str))
 
@@ -416,7 +416,7 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     shard_dir.mkdir(parents=True, exist_ok=True)
     if not plan_path.exists():
         try:
-            write_json_atomic(plan_path, plan)
+            write_json_atomic(plan_path, plan, journal=False)
         except BaseException:
             if created:                 # nothing to resume from: leave no scratch folder behind
                 shutil.rmtree(shard_dir, ignore_errors=True)

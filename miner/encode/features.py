@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import DirLock, read_parquet, same_file, transaction
+from cir_mine.data.io import read_parquet, same_file, write_job
 from cir_mine.data.workspace import Workspace, check_readable_file, check_split, gallery_table, l2_normalize
 
 from cir_mine.miner.encode.index import check_index_spec, index_workspace
@@ -180,7 +180,7 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
             check_encoder_change(ws, encoder_name)
         ws.check_new_split(split, None, overwrite)
         _check_feature_dim(ws, split, path, dim)
-        with DirLock(ws.root, "cir-mine index --from-features"), transaction():
+        with write_job(ws.root, "cir-mine index --from-features"):
             ws.write_gallery(split, clip_retrieval_parts(pairs), metadata={"features": str(path), "layout": "clip-retrieval"})
             meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
                     if index != "none" else None)
@@ -208,7 +208,7 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
     ws.check_new_split(split, None, overwrite)
     if index != "none":
         check_index_spec(index, len(ids), int(emb.shape[1]))
-    with DirLock(ws.root, "cir-mine index --from-features"), transaction():
+    with write_job(ws.root, "cir-mine index --from-features"):
         cats, attrs, paths, scores = carry_over(ws, split, ids, cats)
         table = gallery_table(ids, cats, attrs, l2_normalize(emb), paths=paths)
         if scores is not None:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from cir_mine.data.adapters import count_image_files, load_dataset
 from cir_mine.data.errors import DataError, UsageError
-from cir_mine.data.io import DirLock, write_json_atomic
+from cir_mine.data.io import write_job, write_json_atomic
 from cir_mine.data.workspace import Workspace, check_split, read_metadata, write_table
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,14 @@ def _source_dataset(ray, job, images: list, rows: np.ndarray):
     return ds.map_batches(to_rows, batch_format="numpy")
 
 
-def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _stop_after_parts: Optional[int] = None) -> dict:
+def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _stop_after_parts: Optional[int] = None,
+                      overwrite: bool = True) -> dict:
     """Embed ``job`` (an :class:`~cir_mine.miner.encode.dataset.EmbedJob`) on Ray; returns the manifest.
 
     _stop_after_parts: test hook, raise after writing that many parts (a crash, for resume tests)."""
     from cir_mine.miner.encode.clip import embed_texts, load_encoder, load_prompts
-    from cir_mine.miner.encode.dataset import _check_encoder_matches, _keep_queries, _skipped_summary, _triplets
+    from cir_mine.miner.encode.dataset import (_check_encoder_matches, _keep_queries, _skipped_summary, _triplets,
+                                               keep_scratch_if_resumable, resume_note)
     from cir_mine.miner.encode.index import index_workspace
     from cir_mine.miner.engine.ray_engine import require_ray
 
@@ -154,12 +156,15 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
                         f"or import features with `cir-mine index --from-features`.")
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
-    with DirLock(ws.root, "cir-mine embed --engine ray"):
+    scratch = ws.root / f".embed-{job.split}"
+    with write_job(ws.root, "cir-mine embed --engine ray",
+                   interrupted=lambda: resume_note(scratch, "part-*.parquet", "part")), \
+            keep_scratch_if_resumable(scratch, "part-*.parquet"):
+        ws.check_new_split(job.split, None, overwrite)
         encoder = load_encoder(job.encoder)             # the driver's copy: captions and zero-shot attributes
         _check_encoder_matches(ws, job.split, encoder.describe())
         n = len(images)
         advance(0, total=n)
-        scratch = ws.root / f".embed-{job.split}"
         keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]
         p = plan(encoder, keys, run.part_size)
         plan_path = scratch / "plan.json"
@@ -175,7 +180,7 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
         scratch.mkdir(parents=True, exist_ok=True)
         if not plan_path.exists():
             try:
-                write_json_atomic(plan_path, p)
+                write_json_atomic(plan_path, p, journal=False)
             except BaseException:
                 if created:             # nothing to resume from: leave no scratch folder behind
                     shutil.rmtree(scratch, ignore_errors=True)
@@ -277,8 +282,8 @@ def _embed_parts(job, run: RayEmbedRun, images, bounds, todo, scratch: Path, err
                 if prompts is not None:
                     table = table.append_column(pa.field("attribute_scores", pa.list_(pa.float32())),
                                                 pa.array([], pa.list_(pa.float32())))
-            write_table(table, _part_path(scratch, i),
-                        metadata={"skipped": {str(j): e for j, e in enumerate(errs) if e}})
+            write_table(table, _part_path(scratch, i),             # resume scratch: kept when the job fails
+                        metadata={"skipped": {str(j): e for j, e in enumerate(errs) if e}}, journal=False)
             written += 1
             if stop_after and written >= stop_after:
                 raise RuntimeError(f"test hook: stopped after {written} part(s)")

@@ -290,9 +290,16 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
     Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool,
     "short": [SheetRow of each drawn query that got fewer than k negatives]}.
     """
-    from cir_mine.data.io import atomic_path, check_output
+    from cir_mine.data.io import check_output, write_job
 
-    check_output(out, [neg_path], overwrite)
+    out = check_output(out, [neg_path], overwrite)
+    with write_job(out.parent, f"cir-mine inspect -> {out.name}"):
+        return _contact_sheet(neg_path, work, out, query_ids, sample, root, split, max_negatives, seed)
+
+
+def _contact_sheet(neg_path, work, out: Path, query_ids, sample, root, split, max_negatives, seed) -> dict:
+    from cir_mine.data.io import atomic_path
+
     ws = Workspace(work).require()
     nt = read_negatives(neg_path, ws)
     split = split or nt.meta.get("split") or "train"
@@ -301,7 +308,6 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
     qs = pick_queries(nt, query_ids, sample, seed)
     rows = sheet_rows(nt, ws, split, qs, Path(root) if root is not None else None, max_negatives)
     fig = render_sheet(rows, f"{Path(neg_path).name}  ·  {ws.root}  ·  split {split}", max_negatives)
-    out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     w, h = fig.get_size_inches() * fig.dpi

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cir_mine.data.io import atomic_path, check_output
+from cir_mine.data.io import atomic_path, check_output, write_job
 from cir_mine.miner.inspection.stats import Stats, format_stats, stats_of
 from cir_mine.miner.inspection.sql import open_tables
 from cir_mine.miner.inspection.contact_sheet import render_sheet, sheet_rows
@@ -373,8 +373,9 @@ def write_report(neg_paths: Sequence[str | Path], work: str | Path, out: str | P
                  **kw) -> Report:
     """``cir-mine report``: build the report and write ``out`` atomically (checked first, see
     :func:`cir_mine.data.io.check_output`)."""
-    check_output(out, list(neg_paths), overwrite)
-    rep = build_report(neg_paths, work, **kw)
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(rep.html, encoding="utf-8")
+    out = check_output(out, list(neg_paths), overwrite)
+    with write_job(out.parent, f"cir-mine report -> {out.name}"):
+        rep = build_report(neg_paths, work, **kw)
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text(rep.html, encoding="utf-8")
     return rep
