@@ -61,7 +61,7 @@ def test_query_emb_errors(work, tmp_path):
         if a is not None:
             np.save(tmp_path / name, a)
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    fix = "Save float32[n_queries, d] with numpy.save, one row per query in the triplets' row order."
+    fix = "Give float32[n_queries, d], one row per query in the triplets' row order."
     q7, q5 = t.query_ids[7], t.query_ids[5]
     expect = {
         "short.npy": f"shape (10, 16), expected (100, 16): one row per query of the split, in the gallery's dimension. {fix}",

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers
+from cir_mine.data.validate import QUERY_FIX, check_matrix
 from cir_mine.data.io import check_output, write_job
 from cir_mine.data.rows import sorted_codes
 from cir_mine.data.workspace import Gallery, Triplets, Workspace, library_versions
@@ -291,11 +292,9 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
     target_rows = g.rows(t.target_ids.tolist(), t.categories.tolist(), "target")
     if query_emb is None:
         emb = zero_shot_queries(pool.xb[ref_rows], t.text_embeddings, cfg.text_weight)
-    else:
-        emb = np.ascontiguousarray(query_emb, dtype=np.float32)
-        if emb.shape != (len(t), pool.xb.shape[1]):
-            raise UsageError(f"query embeddings have shape {emb.shape}, expected ({len(t)}, {pool.xb.shape[1]}): "
-                             f"one row per query of the split, in the gallery's dimension.")
+    else:   # from outside (a model, a file): checked and normalized as every outside array is
+        emb = check_matrix(query_emb, "query_emb", rows=len(t), dim=pool.xb.shape[1], ids=t.query_ids, what="query",
+                           fix=QUERY_FIX)
     keys = lambda q, r: np.unique(pair_keys(q[:, None], pool.product[r][:, None], pool.n_products).ravel())
     eq, er = _id_rows(g, t.extra_positive_ids)
     vq, vr = _id_rows(g, t.verified_negative_ids)
