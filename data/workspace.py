@@ -183,6 +183,7 @@ class Gallery:
     _ids: Optional[pa.Array] = field(default=None, repr=False)    # string[n] image ids, for vectorized lookups
     _keys: Optional[pa.Array] = field(default=None, repr=False)   # string[n] category KEY_SEP image id
     _cats: Optional[pa.Array] = field(default=None, repr=False)   # string[n] categories
+    data_hash: Optional[str] = field(default=None, repr=False)    # split hash of the data read (Workspace.load)
 
     @property
     def dim(self) -> int:
@@ -762,8 +763,18 @@ class Workspace:
         return t
 
     def load(self, split: str) -> tuple[Gallery, Triplets]:
-        g = self.gallery(split)
-        t = self.triplets(split, gallery=g)
+        """The split's gallery and triplets, validated, as one version: the split's hash is taken before
+        and after reading, and a split rewritten meanwhile (another process replaced a table) is a
+        DataError, so what a reader holds is always the data of ``gallery.data_hash``."""
+        before = self.split_hash(split)
+        try:
+            g = self.gallery(split)
+            t = self.triplets(split, gallery=g)
+        except DataError:
+            self.check_unchanged(split, before)     # tables of two versions disagree: name the cause
+            raise
+        self.check_unchanged(split, before)
+        g.data_hash = before
         pa.default_memory_pool().release_unused()   # the Parquet read's buffers and lookup hash tables
         return g, t
 
@@ -846,6 +857,14 @@ class Workspace:
             elif p.exists():
                 h.update(file_fingerprint(p))
         return h.hexdigest()[:16]
+
+    def check_unchanged(self, split: str, data_hash: Optional[str], while_: str = "read") -> None:
+        """DataError when the split's data is no longer the version ``data_hash`` (another process
+        rewrote a table of it after it was read); None checks nothing."""
+        if data_hash is not None and self.split_hash(split) != data_hash:
+            raise DataError(f"{self.root}: split '{split}' changed while it was {while_} (another process rewrote "
+                            f"{self.gallery_path(split).name} or {self.triplets_path(split).name}). Run the command "
+                            f"again once that writer is done.")
 
     def check_new_split(self, split: str, dim: Optional[int], overwrite: bool, flag: str = "--work") -> None:
         """Before writing split ``split`` with dimension ``dim``: refuse an existing split without

@@ -867,9 +867,11 @@ def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mi
     short = np.flatnonzero(mined.got < k_mined)
     missing = int((k_mined - mined.got[short]).sum())
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
+    ws.check_unchanged(split, prep.g.data_hash, "mined")     # the hashes below are of the data mined, or no table
+    data_hash = prep.g.data_hash or ws.split_hash(split)
     return {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
-        "data_hash": ws.split_hash(split),
+        "data_hash": data_hash,
         "round": int(mining_round), "bank": bank, "query_source": "zero-shot" if zero_shot else "provided",
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cir_mine.miner.core.tables import NegativesTable
-from cir_mine.miner.inspection.sql import open_tables
+from cir_mine.miner.inspection.sql import open_tables, still_current
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ def summarize(neg_paths: Sequence[str | Path], work: Optional[str | Path] = None
               split: Optional[str] = None) -> Stats:
     """``cir-mine stats``: per-table statistics and, for several tables, their pair overlap."""
     con, tables, ws, split = open_tables(neg_paths, work, split)
-    return stats_of(con, tables, has_gallery=ws is not None)
+    stats = stats_of(con, tables, has_gallery=ws is not None)
+    still_current(tables, ws, split)
+    return stats
 
 
 
