@@ -48,6 +48,7 @@ FLAGS = {
     "k": "-k",
     "mining_round": "--round",
     "max_candidates=None": "--no-deepen",
+    "n_sheet_queries": "--sheets",
 }
 # `cir-mine negatives` switches guards off with --no-guard NAME
 NEGATIVES_FLAGS = {

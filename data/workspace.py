@@ -154,6 +154,19 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
         )
 
 
+def _check_no_empty_ids(table: pa.Table, path: Path, columns: Sequence[str], what: str) -> None:
+    """Id columns hold no empty (or blank) string: an id names one image or query."""
+    import pyarrow.compute as pc
+
+    for name in columns:
+        col = table.column(name)
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0).to_numpy(zero_copy_only=False)
+        if blank.any():
+            i = int(np.flatnonzero(blank)[0])
+            raise SchemaError(f"{path}: column '{name}' has {int(blank.sum())} empty id(s) (first: row {i}). Every "
+                              f"{what} needs an id; drop those rows or name them.")
+
+
 def _check_no_nulls(table: pa.Table, path: Path, ids: np.ndarray, what: str, columns: Sequence[str]) -> None:
     """String columns hold no nulls ('' stands for none, e.g. CIRR's category)."""
     for name in columns:
@@ -354,6 +367,7 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
     _check_columns(table.schema, path, _gallery_columns(embeddings_path is not None), GALLERY_OPTIONAL, "gallery")
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
+    _check_no_empty_ids(table, path, ["image_id"], "image")
     id_arr = string_array(table.column("image_id"))
     cat_arr = string_array(table.column("category"))
     ids = _obj(id_arr)
@@ -488,6 +502,13 @@ def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
     if table.column("query_id").null_count:
         raise SchemaError(f"{path}: column 'query_id' has null values.")
     _check_no_nulls(table, path, qids, "query", ("category", "ref_id", "target_id", "source"))
+    _check_no_empty_ids(table, path, ["query_id", "ref_id", "target_id"], "query")
+    same = np.flatnonzero(_obj(table.column("ref_id")) == _obj(table.column("target_id")))
+    if same.size:
+        i = int(same[0])
+        raise SchemaError(f"{path}: {same.size} query(ies) name their reference as their target (first: query "
+                          f"'{qids[i]}', image '{table.column('ref_id')[i]}'); a query asks for another image. Drop "
+                          f"those rows.")
     if len(set(qids.tolist())) != len(qids):
         raise SchemaError(f"{path}: column 'query_id' has duplicated ids; query ids must be unique.")
     try:
@@ -806,6 +827,13 @@ class Workspace:
                 raise DataError(f"{self.manifest_path}: malformed JSON ({e}).") from None
             if not isinstance(m, dict):
                 raise DataError(f"{self.manifest_path}: expected a JSON object.")
+            version = m.get("schema_version")
+            if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+                raise DataError(f"{self.manifest_path}: 'schema_version' must be a positive integer, found {version!r}. "
+                                f"Repair the manifest, or delete it to derive one from the tables.")
+            if version is not None and version > SCHEMA_VERSION:
+                raise DataError(f"{self.manifest_path}: schema_version {version} is newer than this cir-mine reads "
+                                f"({SCHEMA_VERSION}). Upgrade cir-mine to read this workspace.")
             dim = m.get("dim")
             if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
                 raise DataError(f"{self.manifest_path}: 'dim' must be a positive integer, found {dim!r}. Repair the "

@@ -341,6 +341,15 @@ def _shard_batches(shards: Sequence[int], shard_size: int, n: int, batch_size: i
             yield list(range(b, min(hi, b + batch_size)))
 
 
+def key_label(key: str) -> str:
+    """A resume key ``category\0image_id\0path`` as it reads in a message: ``image_id (path)``."""
+    parts = key.split("\0")
+    if len(parts) != 3:
+        return key.replace("\0", " ")
+    cat, image_id, path = parts
+    return f"{image_id} ({path})" if path and path != "None" else image_id
+
+
 def plan_fingerprint(encoder: Encoder, keys: Sequence[str], shard_size: int, batch_size: int) -> dict:
     h = hashlib.sha256()
     for k in keys:
@@ -450,7 +459,7 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
         for i, e in zip(idx_np.tolist(), errs):
             if e:
                 errors[i] = e
-                log.warning("skipped image %s: %s", keys[i], e)
+                log.warning("skipped image %s: %s", key_label(keys[i]), e)
         if ok.any():
             # Only readable images go through the model: batch composition is the same on resume.
             emb[idx_np[ok]] = forward_images(encoder, pixels[torch.from_numpy(ok)] if not ok.all() else pixels)

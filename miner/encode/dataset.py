@@ -161,8 +161,10 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
         raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")
     if not count_image_files(images, job.root):
         first = next((im.path for im in images if im.path), None)
-        where = (f"CIRR: the paths of image_splits/split.rc2.{job.split}.json under ROOT, first {first}"
-                 if job.dataset == "cirr" else "FashionIQ: ROOT/images/ID.png|.jpg")
+        where = {"cirr": f"CIRR: the paths of image_splits/split.rc2.{job.split}.json under ROOT, first {first}",
+                 "fashioniq": "FashionIQ: ROOT/images/ID.png|.jpg",
+                 "webdataset": f"webdataset: the tar shards named by --root, first {first}"}.get(
+                     job.dataset, f"the image paths under ROOT, first {first}")
         raise DataError(f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
                         f"image file (annotations only?). Put the images where the dataset layout expects them "
                         f"({where}), or import features with `cir-mine index --from-features`.")

@@ -155,6 +155,12 @@ def text_histogram(counts: np.ndarray, edges: np.ndarray, width: int = 40) -> li
 
 
 
+def _label(text, n: int = 48) -> str:
+    """A category as printed: cut to ``n`` characters ("…" marks the cut)."""
+    text = str(text or "")
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
 def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
 
@@ -179,7 +185,7 @@ def format_stats(stats: Stats) -> str:
         out.extend(text_histogram(*s.delta_hist))
         out.append(f"category mix: same category {_pct(s.category_match)}, other {_pct(1 - s.category_match)}")
         if s.neg_categories:
-            out.append("negative categories: " + ", ".join(f"{k or '-'} {v}" for k, v in s.neg_categories.items()))
+            out.append("negative categories: " + ", ".join(f"{_label(k) or '-'} {v}" for k, v in s.neg_categories.items()))
         out.append(f"attribute overlap: mean {s.attr_overlap_mean:.3f}; "
                    + ", ".join(f"{k} {_pct(v)}" for k, v in s.attr_overlap_mix.items()))
         ids = s.shortfall["query_ids"]
