@@ -93,9 +93,11 @@ def cli_errors(fn=None, *, flags: dict = FLAGS):
 def setup_logging(verbose: bool, quiet: bool = False) -> None:
     """Warnings on stderr; with ``verbose`` also cir-mine's own INFO lines (what each stage does),
     never other libraries' (faiss.loader and the like stay at WARNING). ``quiet`` (no progress bar,
-    no notes) is the commands' own and combines with ``verbose``: logs without a bar."""
+    no notes) is the commands' own and combines with ``verbose``: logs without a bar; it also
+    silences Ray (its logger at ERROR, which the Ray engine passes on to Ray's own processes)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("cir_mine").setLevel(logging.INFO if verbose else logging.NOTSET)
+    logging.getLogger("ray").setLevel(logging.ERROR if quiet else logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -333,7 +335,7 @@ def embed(
     engine: str = ENGINE,
     actors: int = typer.Option(1, "--actors", help="--engine ray: open_clip encoder actors (with --device cuda at most one per GPU)."),
     part_size: int = typer.Option(4096, "--part-size", help="--engine ray: images per gallery part (the unit of resume)."),
-    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="--engine ray: CPUs each CPU encoder actor reserves."),
+    cpus_per_actor: Optional[float] = typer.Option(None, "--cpus-per-actor", help="--engine ray: CPUs each CPU encoder actor reserves (default 1, or a fraction so that every actor fits the cluster)."),
     ray_address: Optional[str] = RAY_ADDRESS,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
@@ -511,7 +513,7 @@ def negatives(
     shard_index: str = typer.Option("flat", "--shard-index", help="Index per shard: flat (exact), ivf, ivfpq or a FAISS IVF factory string (trained once, copied to every shard)."),
     shard_nprobe: int = typer.Option(32, "--shard-nprobe", help="IVF shards: lists visited per query at least (more when the depth needs them)."),
     ray_address: Optional[str] = RAY_ADDRESS,
-    cpus_per_shard: float = typer.Option(1.0, "--cpus-per-shard", help="--engine ray: CPUs each shard actor reserves."),
+    cpus_per_shard: Optional[float] = typer.Option(None, "--cpus-per-shard", help="--engine ray: CPUs each shard actor reserves (default 1, or a fraction so that every shard fits the cluster)."),
     index: str = typer.Option("flat", "--index", help="Search: flat (exact), workspace (the saved index.{split}.faiss), ivf, ivfpq, hnsw or a FAISS factory string; approximate candidates are re-ranked exactly."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: inverted lists visited (default: tuned to --target-recall)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: efSearch (default: tuned to --target-recall)."),

@@ -39,7 +39,7 @@ def open_index(engine: str, xb, shard_cfg: ShardConfig, ray_cfg=None, **hooks):
 def engine_meta(engine: str, shard_cfg: ShardConfig, ray_cfg=None) -> dict:
     d = {"name": engine, "shard": dataclasses.asdict(shard_cfg)}
     if engine == "ray" and ray_cfg is not None:
-        d["ray"] = {k: v for k, v in dataclasses.asdict(ray_cfg).items() if k != "address"}
+        d["ray"] = ray_cfg.recorded()
     return d
 
 

@@ -40,7 +40,7 @@ class RayEmbedRun:
     actors: int = 1                 # encoder actors (with --device cuda: at most one per GPU)
     part_size: int = 4096           # images per gallery part (the unit of resume)
     batch_size: int = 64            # images per forward pass inside an actor
-    cpus_per_actor: float = 1.0     # CPUs each CPU encoder actor reserves (its torch threads: max(1, floor))
+    cpus_per_actor: Optional[float] = None  # CPUs each CPU encoder actor reserves (its torch threads: max(1, floor)); None: 1, or the cluster's CPUs / actors when fewer
     address: Optional[str] = None   # None: a local cluster; 'auto' or HOST:PORT: join one
 
 
@@ -143,7 +143,8 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
 
     require_ray()
     check_split(job.split)
-    if run.actors < 1 or run.part_size < 1 or run.batch_size < 1 or run.cpus_per_actor <= 0:
+    if run.actors < 1 or run.part_size < 1 or run.batch_size < 1 or (run.cpus_per_actor is not None and
+                                                                      run.cpus_per_actor <= 0):
         raise UsageError("--actors, --part-size and --batch-size must be at least 1, --cpus-per-actor above 0.")
     advance = progress or (lambda n=1, total=None: None)
     kw = {"triplets": job.triplets_file} if job.dataset in ("folder", "webdataset") and job.triplets_file else {}
@@ -236,22 +237,25 @@ def _embed_parts(job, run: RayEmbedRun, images, bounds, todo, scratch: Path, err
                  stop_after: Optional[int]) -> None:
     """Run the Ray pipeline over the rows of the ``todo`` parts; write each part as it completes."""
     from cir_mine.miner.encode.dataset import _gallery
-    from cir_mine.miner.engine.ray_engine import connect
+    from cir_mine.miner.engine.ray_engine import connect, shard_cpus
 
     connect(run.address)
     import ray
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if logging.getLogger("ray").getEffectiveLevel() >= logging.ERROR:    # -q: no Ray Data progress bars
+        ray.data.DataContext.get_current().enable_progress_bars = False
     rows = np.concatenate([np.arange(*bounds[i], dtype=np.int64) for i in todo])
     gpu = encoder.device.type == "cuda"
     actors = run.actors
     if gpu:
         actors = max(1, min(actors, int(ray.cluster_resources().get("GPU", 0)) or 1))
+    cpus = None if gpu else shard_cpus(actors, run.cpus_per_actor, float(ray.cluster_resources().get("CPU", 0)),
+                                       "cpus_per_actor", "actors")
     ds = _source_dataset(ray, job, images, rows).map_batches(
-        EncoderActor, fn_constructor_args=(job.encoder, run.cpus_per_actor), batch_size=run.batch_size,
-        batch_format="numpy", concurrency=actors, num_gpus=1 if gpu else 0,
-        num_cpus=None if gpu else run.cpus_per_actor)
+        EncoderActor, fn_constructor_args=(job.encoder, cpus or 1), batch_size=run.batch_size,
+        batch_format="numpy", concurrency=actors, num_gpus=1 if gpu else 0, num_cpus=cpus)
     part_of = {}
     for i in todo:
         part_of.update({r: i for r in range(*bounds[i])})
