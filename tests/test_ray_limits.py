@@ -26,8 +26,8 @@ def test_shards_get_the_cpus_the_cluster_has():
     assert shard_cpus(4, 0.25, 2.0) == 0.25
     with pytest.raises(UsageError) as e:
         shard_cpus(4, 1.0, 2.0)
-    assert str(e.value) == ("cpus_per_shard 1: 4 shards x 1 CPUs need 4 CPUs but the Ray cluster has 2, so the actors "
-                            "could never all start. Pass cpus_per_shard 0.5 or less, or lower shards.")
+    assert str(e.value) == ("cpus_per_shard 1: shards 4 x cpus_per_shard 1 = 4 CPUs, but the Ray cluster has 2, so the "
+                            "actors could never all start. Pass cpus_per_shard 0.5 or less, or lower shards.")
     assert e.value.params == ("cpus_per_shard", "shards")
 
 
@@ -80,7 +80,7 @@ def test_more_shards_than_cpus_run_quietly_or_fail_naming_the_option(work, tmp_p
     r = cli([*args, "--out", tmp_path / "b.parquet", "--cpus-per-shard", "1"])
     fit = int(cpus / shards * 10_000) / 10_000
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == (f"Error: --cpus-per-shard 1: {shards} --shards x 1 CPUs need {shards} CPUs but the Ray "
-                                f"cluster has {cpus}, so the actors could never all start. Pass --cpus-per-shard "
-                                f"{fit:g} or less, or lower --shards."), r.stderr
+    assert r.stderr.strip() == (f"Error: --cpus-per-shard 1: --shards {shards} x --cpus-per-shard 1 = {shards} CPUs, but "
+                                f"the Ray cluster has {cpus}, so the actors could never all start. Pass "
+                                f"--cpus-per-shard {fit:g} or less, or lower --shards."), r.stderr
     assert not (tmp_path / "b.parquet").exists()

@@ -312,6 +312,7 @@ class Trainer:
             self.bank = None
             return
         nt = read_negatives(path, self.ws)
+        self.ws.check_unchanged(self.cfg.split, self.gallery.data_hash)   # the table's split is the one loaded
         self.neg_meta = nt.meta
         known = set(self.all_queries.query_ids.tolist())
         table_ids = set(nt.table.column("query_id").to_pylist())

@@ -170,9 +170,9 @@ def shard_cpus(shards: int, asked: Optional[float], cluster: float, option: str 
         return max(math.floor(cluster / shards * 10_000) / 10_000, 0.0001)
     if cluster > 0 and shards * asked > cluster + 1e-9:
         fit = math.floor(cluster / shards * 10_000) / 10_000
-        raise UsageError(f"{option} {asked:g}: {shards} {count} x {asked:g} CPUs need {shards * asked:g} CPUs but "
-                         f"the Ray cluster has {cluster:g}, so the actors could never all start. Pass {option} "
-                         f"{fit:g} or less, or lower {count}.", params=(option, count))
+        raise UsageError(f"{option} {asked:g}: {count} {shards} x {option} {asked:g} = {shards * asked:g} CPUs, but the "
+                         f"Ray cluster has {cluster:g}, so the actors could never all start. Pass {option} {fit:g} "
+                         f"or less, or lower {count}.", params=(option, count))
     return asked
 
 
