@@ -84,3 +84,17 @@ def test_more_shards_than_cpus_run_quietly_or_fail_naming_the_option(work, tmp_p
                                 f"the Ray cluster has {cpus}, so the actors could never all start. Pass "
                                 f"--cpus-per-shard {fit:g} or less, or lower --shards."), r.stderr
     assert not (tmp_path / "b.parquet").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_after_ray_started_still_rolls_back(work, tmp_path):
+    """ray.init installs its own SIGTERM handler (exit at once); the write job's comes back after it."""
+    pytest.importorskip("ray")
+    out = tmp_path / "o" / "n.parquet"
+    r = subprocess.run([sys.executable, "-c", "from cli import mine_main; mine_main()", "negatives", "--work", str(work),
+                        "--out", str(out), "--strategy", "hardest", "-k", "4", "--engine", "ray", "--shards", "2", "-q"],
+                       cwd=REPO, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CIR_MINE_KILL_BEFORE_REPLACE": "n.parquet:TERM"})
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip() == "Error: interrupted (SIGTERM); nothing was changed.", r.stderr
+    assert not out.parent.exists()

@@ -17,7 +17,9 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,6 +81,8 @@ def connect(address: Optional[str] = None, timeout: float = CONNECT_TIMEOUT):
         target = _bootstrap_address(address)
         if target:
             _probe(target, timeout, address)
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         with ray_stderr():
             if address:
@@ -89,6 +93,9 @@ def connect(address: Optional[str] = None, timeout: float = CONNECT_TIMEOUT):
         raise UsageError(f"ray_address {address}: cannot join a Ray cluster ({str(e).splitlines()[0][:200]}). "
                          f"Start one with `ray start --head`, pass its HOST:PORT, or omit ray_address "
                          f"for a local cluster.", params=("ray_address",)) from None
+    finally:
+        if sigterm is not None:          # ray.init exits on SIGTERM; a write job rolls back instead
+            signal.signal(signal.SIGTERM, sigterm)
     log.info("Ray cluster: %s", ray.cluster_resources())
     return ray
 
