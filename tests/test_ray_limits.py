@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from cir_mine.data.errors import UsageError
-from cir_mine.miner.engine.ray_engine import shard_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +20,8 @@ def cli(args, timeout=240):
 
 
 def test_shards_get_the_cpus_the_cluster_has():
+    from cir_mine.miner.engine.ray_engine import shard_cpus
+
     assert shard_cpus(2, None, 2.0) == 1.0 and shard_cpus(4, None, 2.0) == 0.5
     assert shard_cpus(3, None, 2.0) == 0.6666                  # 3 x 0.6666 <= 2: Ray can place them
     assert shard_cpus(4, 0.25, 2.0) == 0.25
