@@ -8,7 +8,6 @@ naming the file and the column.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json

@@ -5,7 +5,6 @@ API's ``query_emb`` and ``Workspace.from_arrays`` go through one validator
 (``cir_mine.data.validate``): each refusal is one ``Error:`` line, exit 1, the workspace byte-identical.
 """
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

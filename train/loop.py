@@ -15,7 +15,6 @@ Randomness is keyed by (seed, epoch), so a resumed run equals an uninterrupted o
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
