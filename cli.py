@@ -49,6 +49,7 @@ FLAGS = {
     "ws": "--work",
     "mining_round": "--round",
     "max_candidates=None": "--no-deepen",
+    "n_sheet_queries": "--sheets",
 }
 # `cir-mine negatives` switches guards off with --no-guard NAME
 NEGATIVES_FLAGS = {
@@ -91,8 +92,8 @@ def cli_errors(fn=None, *, flags: dict = FLAGS):
             if getattr(e, "filename", None) is None:
                 raise
             fail(f"{e.filename}: {e.strerror or e}.")
-        except KeyboardInterrupt:
-            fail("interrupted; rerun the same command to resume.", 130)
+        except KeyboardInterrupt:   # outside a write job (jobs raise Interrupted, saying what is left)
+            fail("interrupted (SIGINT).", 130)
 
     return wrapper
 
@@ -100,9 +101,11 @@ def cli_errors(fn=None, *, flags: dict = FLAGS):
 def setup_logging(verbose: bool, quiet: bool = False) -> None:
     """Warnings on stderr; with ``verbose`` also cir-mine's own INFO lines (what each stage does),
     never other libraries' (faiss.loader and the like stay at WARNING). ``quiet`` (no progress bar,
-    no notes) is the commands' own and combines with ``verbose``: logs without a bar."""
+    no notes) is the commands' own and combines with ``verbose``: logs without a bar; it also
+    silences Ray (its logger at ERROR, which the Ray engine passes on to Ray's own processes)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("cir_mine").setLevel(logging.INFO if verbose else logging.NOTSET)
+    logging.getLogger("ray").setLevel(logging.ERROR if quiet else logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -342,7 +345,7 @@ def embed(
     engine: str = ENGINE,
     actors: int = typer.Option(1, "--actors", help="--engine ray: open_clip encoder actors (with --device cuda at most one per GPU)."),
     part_size: int = typer.Option(4096, "--part-size", help="--engine ray: images per gallery part (the unit of resume)."),
-    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="--engine ray: CPUs each CPU encoder actor reserves."),
+    cpus_per_actor: Optional[float] = typer.Option(None, "--cpus-per-actor", help="--engine ray: CPUs each CPU encoder actor reserves (default 1, or a fraction so that every actor fits the cluster)."),
     ray_address: Optional[str] = RAY_ADDRESS,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
@@ -364,7 +367,8 @@ def embed(
         if engine == "ray":
             from cir_mine.miner.distributed.ray_embed import RayEmbedRun, embed_dataset_ray
 
-            m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance)
+            m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance,
+                                  overwrite=overwrite)
         else:
             m = embed_dataset(job, progress=advance, overwrite=overwrite)
     info = m["embed"][split]
@@ -524,7 +528,7 @@ def negatives(
     shard_index: str = typer.Option("flat", "--shard-index", help="Index per shard: flat (exact), ivf, ivfpq or a FAISS IVF factory string (trained once, copied to every shard)."),
     shard_nprobe: int = typer.Option(32, "--shard-nprobe", help="IVF shards: lists visited per query at least (more when the depth needs them)."),
     ray_address: Optional[str] = RAY_ADDRESS,
-    cpus_per_shard: float = typer.Option(1.0, "--cpus-per-shard", help="--engine ray: CPUs each shard actor reserves."),
+    cpus_per_shard: Optional[float] = typer.Option(None, "--cpus-per-shard", help="--engine ray: CPUs each shard actor reserves (default 1, or a fraction so that every shard fits the cluster)."),
     index: str = typer.Option("flat", "--index", help="Search: flat (exact), workspace (the saved index.{split}.faiss), ivf, ivfpq, hnsw or a FAISS factory string; approximate candidates are re-ranked exactly."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: inverted lists visited (default: tuned to --target-recall)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: efSearch (default: tuned to --target-recall)."),
@@ -602,10 +606,9 @@ def negatives(
         ray_cfg = RayConfig(address=ray_address, cpus_per_shard=cpus_per_shard)
     with progress_bar("negatives", n, quiet, unit="queries") as advance:
         if sharded:
-            from cir_mine.data.io import check_output
-
-            out = check_output(out, [checkpoint, query_emb_path, query_ids_path], overwrite)
-            res = mine_with_engine_to_file(ws, split, cfg, out, engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
+            res = mine_with_engine_to_file(ws, split, cfg, out, overwrite=overwrite,
+                                           reads=[checkpoint, query_emb_path, query_ids_path],
+                                           engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
                                            query_emb=query_emb, mining_round=mining_round, progress=advance,
                                            loaded=loaded)
         else:

@@ -30,10 +30,10 @@ def load_dataset(name: str, root: str | Path, split: str, **kw) -> tuple[list[Im
 def count_image_files(images: list[ImageRecord], root: str | Path) -> int:
     """How many of ``images`` have a path whose file exists (paths are relative to ``root``; a
     webdataset ``TAR::MEMBER`` path counts when its tar exists)."""
-    from cir_mine.data.webdataset import MEMBER_SEP
+    from cir_mine.data.webdataset import is_member, split_member
 
     def exists(path: str) -> bool:
-        f = image_file(root, path.split(MEMBER_SEP, 1)[0] if MEMBER_SEP in path else path)
+        f = image_file(root, split_member(path)[0] if is_member(path) else path)
         return f.is_file()
 
     return sum(1 for im in images if im.path and exists(im.path))

@@ -14,9 +14,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.io import write_job
+from cir_mine.data.validate import check_ids, check_labels, check_matrix
 from cir_mine.data.workspace import (SCHEMA_VERSION, Gallery, Triplets, Workspace, check_split,
                                      check_triplets_against_gallery, gallery_from_table, gallery_table,
-                                     l2_normalize, triplets_from_table, triplets_table, write_table)
+                                     triplets_from_table, triplets_table, write_table)
 
 WHERE = "Workspace.from_arrays"
 
@@ -93,13 +95,13 @@ class ArrayWorkspace(Workspace):
         ws = Workspace(root)
         if ws.gallery_path(self.split).exists():
             raise DataError(f"{ws.gallery_path(self.split)}: already exists; save into a new directory.")
-        ws.root.mkdir(parents=True, exist_ok=True)
         g, t = self._gallery, self._triplets
-        write_table(gallery_table(g.image_ids.tolist(), g.categories.tolist(), g.attributes, g.embeddings,
-                                  paths=None if g.paths is None else g.paths.tolist()), ws.gallery_path(self.split))
-        if t is not None:
-            write_table(_triplets_arrow(t), ws.triplets_path(self.split))
-        ws.write_manifest(source="arrays", encoder=dict(self._manifest["encoder"]))
+        with write_job(ws.root, "Workspace.save"):
+            write_table(gallery_table(g.image_ids.tolist(), g.categories.tolist(), g.attributes, g.embeddings,
+                                      paths=None if g.paths is None else g.paths.tolist()), ws.gallery_path(self.split))
+            if t is not None:
+                write_table(_triplets_arrow(t), ws.triplets_path(self.split))
+            ws.write_manifest(source="arrays", encoder=dict(self._manifest["encoder"]))
         return ws
 
 
@@ -122,24 +124,17 @@ def _content_hash(g: Gallery, t: Optional[Triplets]) -> str:
     return h.hexdigest()[:16]
 
 
-def _matrix(x, name: str, normalize: bool) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise UsageError(f"{WHERE}: {name} has shape {a.shape}; expected a non-empty float array [n, d].")
-    if not np.issubdtype(a.dtype, np.floating):
-        raise UsageError(f"{WHERE}: {name} has dtype {a.dtype}; expected float32 (or another float type).")
-    a = a.astype(np.float32)
-    return l2_normalize(a) if normalize and np.isfinite(a).all() else a
+def _matrix(x, name: str, normalize: bool, ids=None, what: str = "image") -> np.ndarray:
+    """The one validator of outside arrays (:func:`cir_mine.data.validate.check_matrix`)."""
+    return check_matrix(x, f"{WHERE}: {name}", ids=ids, what=what, normalize=normalize)
 
 
-def _strings(x, name: str, n: int) -> list:
+def _strings(x, name: str, n: int, ids: bool = True) -> list:
     out = list(x)
     if len(out) != n:
         raise UsageError(f"{WHERE}: {name} has {len(out)} entries; expected {n} (one per row).")
-    for i, v in enumerate(out):
-        if not isinstance(v, str):
-            raise UsageError(f"{WHERE}: {name}[{i}] is {v!r} ({type(v).__name__}); expected a string.")
-    return out
+    where = f"{WHERE}: {name}"
+    return check_ids(out, where, "id", unique=False) if ids else check_labels(out, where, "entry")
 
 
 def _lists(x, name: str, n: int) -> list:
@@ -170,12 +165,12 @@ def workspace_from_arrays(gallery_emb, image_ids: Sequence[str], *, categories: 
     dtype or length, SchemaError/DataError as the on-disk reader does for the same data.
     """
     check_split(split)
-    emb = _matrix(gallery_emb, "gallery_emb", normalize)
-    n = emb.shape[0]
-    ids = _strings(image_ids, "image_ids", n)
-    cats = _strings(categories, "categories", n) if categories is not None else [""] * n
+    n = np.shape(gallery_emb)[0] if np.ndim(gallery_emb) else 0
+    ids = _strings(image_ids, "image_ids", n) if n else list(image_ids)
+    emb = _matrix(gallery_emb, "gallery_emb", normalize, ids=ids)
+    cats = _strings(categories, "categories", n, ids=False) if categories is not None else [""] * n
     attrs = _lists(attributes, "attributes", n) if attributes is not None else [[] for _ in range(n)]
-    paths = _strings(paths, "paths", n) if paths is not None else None
+    paths = _strings(paths, "paths", n, ids=False) if paths is not None else None
     gallery = gallery_from_table(gallery_table(ids, cats, attrs, emb, paths=paths), Path(f"{WHERE}(gallery_emb)"))
     given = {"ref_ids": ref_ids, "target_ids": target_ids, "text_emb": text_emb, "captions": captions}
     if all(v is None for v in given.values()):
@@ -184,15 +179,15 @@ def workspace_from_arrays(gallery_emb, image_ids: Sequence[str], *, categories: 
     if missing:
         raise UsageError(f"{WHERE}: queries need ref_ids, target_ids, text_emb and captions; "
                          f"{', '.join(missing)} missing.")
-    temb = _matrix(text_emb, "text_emb", normalize)
-    m = temb.shape[0]
-    if temb.shape[1] != emb.shape[1]:
-        raise UsageError(f"{WHERE}: text_emb has dimension {temb.shape[1]} but gallery_emb has {emb.shape[1]}; "
+    if np.ndim(text_emb) == 2 and np.shape(text_emb)[1] != emb.shape[1]:
+        raise UsageError(f"{WHERE}: text_emb has dimension {np.shape(text_emb)[1]} but gallery_emb has {emb.shape[1]}; "
                          f"both must come from the same encoder.")
+    temb = _matrix(text_emb, "text_emb", normalize, what="query")
+    m = temb.shape[0]
     refs, tgts = _strings(ref_ids, "ref_ids", m), _strings(target_ids, "target_ids", m)
     qids = _strings(query_ids, "query_ids", m) if query_ids is not None else [f"{split}-{i:06d}" for i in range(m)]
     if query_categories is not None:
-        qcats = _strings(query_categories, "query_categories", m)
+        qcats = _strings(query_categories, "query_categories", m, ids=False)
     else:
         row = gallery.row_of
         qcats = [gallery.categories[row[r]] if r in row else "" for r in refs]

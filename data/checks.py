@@ -34,9 +34,29 @@ def check_seed(name: str, value: int) -> None:
         raise UsageError(f"{flag(name)} {value}: must be in 0..{SEED_MAX} (a 64-bit unsigned seed).")
 
 
+_KINDS = {"int": "int", "Optional[int]": "int", "float": "float", "Optional[float]": "float"}
+
+
+def check_type(name: str, value, annotation) -> None:
+    """A field annotated ``int`` holds an int (never a bool or a string), one annotated ``float`` a number
+    (an int or a float, never a bool or a string); ``Optional[...]`` also takes None."""
+    kind = _KINDS.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+    if kind is None or (value is None and str(annotation).startswith("Optional")):
+        return
+    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise UsageError(f"{name} {value!r}: must be an integer.", params=(name,))
+    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise UsageError(f"{name} {value!r}: must be a number.", params=(name,))
+
+
 def check_numbers(cfg, skip: Iterable[str] = ()) -> None:
-    """Every float field of the dataclass ``cfg`` finite; every ``seed``/``*_seed`` field a 64-bit seed."""
+    """Every int/float field of the dataclass ``cfg`` of its type (:func:`check_type`), every float
+    field finite, every ``seed``/``*_seed`` field a 64-bit seed."""
     skip = set(skip)
+    if not isinstance(cfg, dict):
+        for f in dataclasses.fields(cfg):
+            if f.name not in skip and not f.name.startswith("_"):
+                check_type(f.name, getattr(cfg, f.name), f.type)
     items = cfg.items() if isinstance(cfg, dict) else ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
     for name, v in items:
         if name in skip or str(name).startswith("_"):

@@ -67,3 +67,16 @@ class LockedError(CirMineError):
 
 class WeightsUnavailableError(CirMineError):
     """Pretrained weights cannot be loaded on this (offline) machine."""
+
+
+class Interrupted(CirMineError):
+    """The job was stopped by Ctrl-C (SIGINT) or ``kill`` (SIGTERM) and rolled back; the message says what
+    is left (nothing, or what a rerun resumes from). Exit code 128 + the signal number, as a shell reports it."""
+
+    def __init__(self, message: str = "", *, signum: int = 2, params: tuple = ()):
+        super().__init__(message, params=params)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -5,34 +5,43 @@ import contextlib
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from cir_mine.data.errors import DataError, LockedError, SchemaError, UsageError
+from cir_mine.data.errors import DataError, Interrupted, LockedError, SchemaError, UsageError
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, journal: bool = True) -> Iterator[Path]:
     """Yield a temp path next to ``final``; on success fsync and ``os.replace`` it into place.
 
-    On an exception the temp file is removed and ``final`` is left untouched. The temp name
-    ``.{name}.{pid}.XXXX.tmp`` carries the writer's pid, so temp files of killed writers are swept
-    by the next write of the same file. A full disk, a read-only or unwritable folder raise
-    :class:`DataError` naming ``final``.
+    On any exception or interruption the temp file is removed and ``final`` is left untouched. The
+    temp name ``.{name}.{pid}.XXXX.tmp`` carries the writer's pid, so temp files of killed writers
+    are swept by the next write of the same file (a name too long for that is shortened, see
+    :func:`side_name`). A full disk, a read-only or unwritable folder raise :class:`DataError` naming
+    ``final``, also when a library reports it as a ``RuntimeError`` (FAISS) or without an errno.
+    Inside a :func:`transaction` the write is undone if the job fails, unless ``journal`` is False
+    (resume scratch that outlives a failed job).
     """
     final = Path(final)
     tmp_path = None
     created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
     try:
         make_dirs(final.parent)
+        for d in reversed(created if journal else []):
+            _journal_created(d)
         _sweep_stale_temps(final)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{short_name(final.name)}.{os.getpid()}.", suffix=".tmp",
+                                   dir=final.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual mode
@@ -40,18 +49,37 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         _kill_hook(final)
-        _journal(final)
+        if journal:
+            _journal(final)
         os.replace(tmp_path, final)
     except BaseException as e:
-        if tmp_path is not None:
-            with contextlib.suppress(OSError):
-                tmp_path.unlink()
-        for d in created:   # folders made for this file only, deepest first
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        if isinstance(e, OSError) and is_write_error(e):
-            raise write_error(final, e) from None
+        with signals_blocked():
+            full = isinstance(e, (OSError, RuntimeError)) and _disk_full(final.parent)
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    tmp_path.unlink()
+            if not (_JOURNALS and journal):
+                for d in created:   # folders made for this file only, deepest first
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+        if isinstance(e, (OSError, RuntimeError)) and (is_write_error(e) or full):
+            raise write_error(final, e, full) from None
         raise
+
+
+def short_name(name: str, limit: int = 200) -> str:
+    """``name`` itself, or (when longer than ``limit`` bytes) its start plus a digest, so that the temp
+    and backup names built on it (``.{name}.{pid}.XXXX.tmp``) stay within the 255 bytes of a file name."""
+    raw = name.encode()
+    if len(raw) <= limit:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return raw[:limit - 13].decode("utf-8", "ignore") + "~" + digest
+
+
+def side_name(path: Path, tag: str) -> Path:
+    """A hidden sibling of ``path`` for this process: ``.{name}.{pid}.{tag}`` (name shortened if needed)."""
+    return path.with_name(f".{short_name(path.name)}.{os.getpid()}.{tag}")
 
 
 _JOURNALS: list = []   # open transactions (innermost last) of this process
@@ -65,67 +93,221 @@ def _journal(final: Path) -> None:
     if any(f == final for f, _ in entries):
         return
     backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.{os.getpid()}.bak.tmp")
+    if os.path.lexists(final) and not final.is_dir():
+        backup = side_name(final, "bak.tmp")
         with contextlib.suppress(FileNotFoundError):
             backup.unlink()
-        os.link(final, backup)
+        try:
+            os.link(final, backup, follow_symlinks=False)
+        except OSError as e:
+            raise write_error(final, e) if is_write_error(e) else e
     entries.append((final, backup))
 
 
+def _journal_created(folder: Path) -> None:
+    """Inside :func:`transaction`: a folder this job made; a rollback removes it again when empty."""
+    if _JOURNALS:
+        _JOURNALS[-1].append((folder, _CREATED))
+
+
+_CREATED = "created"   # journal mark: a folder the job made (removed on rollback when empty)
+
+
 def discard(path: str | os.PathLike) -> None:
-    """Remove ``path``; inside :func:`transaction` it comes back if the job fails."""
+    """Remove the file or folder ``path``; inside :func:`transaction` it comes back if the job fails."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        if not _JOURNALS:
+            shutil.rmtree(path)
+            return
+        entries = _JOURNALS[-1]
+        if any(f == path for f, _ in entries):    # written by this job: nothing to restore
+            shutil.rmtree(path)
+            return
+        backup = side_name(path, "bak.tmp")
+        shutil.rmtree(backup, ignore_errors=True)
+        with signals_blocked():
+            os.replace(path, backup)
+            entries.append((path, backup))
+        return
     if _JOURNALS:
         _journal(path)
     path.unlink()
 
 
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the folder ``src`` onto ``dst`` (renames); the old ``dst`` is moved aside first and
+    removed once the job succeeds, or put back if it fails (inside :func:`transaction`)."""
+    src, dst = Path(src), Path(dst)
+    with transaction():
+        if os.path.lexists(dst):
+            discard(dst)
+        with signals_blocked():
+            os.replace(src, dst)
+            if _JOURNALS and not any(f == dst for f, _ in _JOURNALS[-1]):
+                _JOURNALS[-1].append((dst, None))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _rollback(entries: list) -> None:
+    for final, backup in reversed(entries):
+        with contextlib.suppress(OSError):
+            if backup == _CREATED:
+                final.rmdir()
+            elif backup is None:
+                _remove(final)
+            elif backup.is_dir() and not backup.is_symlink():
+                _remove(final)
+                os.replace(backup, final)
+            else:
+                if final.is_dir() and not final.is_symlink():
+                    shutil.rmtree(final)
+                os.replace(backup, final)
+
+
+def _commit(entries: list) -> None:
+    for _, backup in entries:
+        if backup is not None and backup != _CREATED:
+            with contextlib.suppress(OSError):
+                _remove(backup)
+
+
 @contextlib.contextmanager
-def transaction(rollback_on: tuple = (Exception,)) -> Iterator[None]:
-    """Make a job's atomic writes all-or-nothing: on an exception of ``rollback_on`` every file the
-    job wrote through :func:`atomic_path` is removed again, or restored to its previous version.
-    A transaction inside another one joins the outer one."""
+def transaction(rollback_on=BaseException) -> Iterator[None]:
+    """Make a job's writes all-or-nothing: on any exception or interruption (``rollback_on``: the
+    exception types, or a predicate of the exception, that undo the job) every file the job wrote
+    through :func:`atomic_path`, every folder it replaced (:func:`replace_dir`), removed
+    (:func:`discard`) or made is removed again, or restored to its previous version. A
+    transaction inside another one joins the outer one."""
     if _JOURNALS:
         yield
         return
     entries: list = []
     _JOURNALS.append(entries)
+    undo = rollback_on if callable(rollback_on) and not isinstance(rollback_on, type) else \
+        (lambda e: isinstance(e, rollback_on))
     try:
         yield
-    except rollback_on:
-        for final, backup in reversed(entries):
-            with contextlib.suppress(OSError):
-                if backup is not None:
-                    os.replace(backup, final)
-                else:
-                    final.unlink()
+    except BaseException as e:
+        with signals_blocked():
+            _JOURNALS.remove(entries)
+            if undo(e):
+                _rollback(entries)
+            _commit(entries)
         raise
+    else:
+        with signals_blocked():
+            _JOURNALS.remove(entries)
+            _commit(entries)
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals: SIGTERM handled like Ctrl-C
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a container stop, a scheduler) raised in the main thread, as
+    Ctrl-C raises KeyboardInterrupt, so the same rollback runs."""
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def handle_signals() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main
+    thread; Ctrl-C keeps raising KeyboardInterrupt. Elsewhere than the main thread: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    if old is _raise_terminated:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
     finally:
-        _JOURNALS.remove(entries)
-        for _, backup in entries:
-            if backup is not None:
-                with contextlib.suppress(OSError):
-                    backup.unlink()
+        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 
 
-# errno values (and the messages of libraries that drop errno, e.g. Arrow) that mean "cannot write here"
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (delivered when the block ends): cleanup is never cut short."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def signal_name(e: BaseException) -> tuple[int, str]:
+    return (signal.SIGTERM, "SIGTERM") if isinstance(e, Terminated) else (signal.SIGINT, "SIGINT")
+
+
+@contextlib.contextmanager
+def write_job(directory: str | os.PathLike, purpose: str, rollback_on=BaseException,
+              interrupted: Optional[Callable[[], str]] = None) -> Iterator["DirLock"]:
+    """The one write path of every writing command: SIGTERM handled like Ctrl-C, the lock of
+    ``directory`` (:class:`DirLock`, taken and released with signals held back) and one
+    :func:`transaction` (``rollback_on`` as there). An interruption becomes :class:`Interrupted`
+    once the job is rolled back and the lock released; its message is ``interrupted (SIGINT); ``
+    plus ``interrupted()`` (default: ``nothing was changed``), which says what a rerun resumes from."""
+    with handle_signals():
+        try:
+            with signals_blocked():
+                lock = DirLock(directory, purpose).acquire()
+            try:
+                with transaction(rollback_on):
+                    yield lock
+            finally:
+                with signals_blocked():
+                    lock.release()
+        except KeyboardInterrupt as e:
+            signum, name = signal_name(e)
+            with signals_blocked():
+                what = interrupted() if interrupted is not None else "nothing was changed"
+            raise Interrupted(f"interrupted ({name}); {what}.", signum=int(signum)) from None
+
+
+# errno values (and the messages of libraries that drop errno, e.g. Arrow, FAISS) that mean "cannot write here"
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 _WRITE_TEXTS = ("No space left", "Read-only file system", "Permission denied", "Disk quota exceeded",
                 "File too large")
 
 
-def is_write_error(e: OSError) -> bool:
+def is_write_error(e: BaseException) -> bool:
     """Whether ``e`` says the file system refuses the write (full, read-only, no permission)."""
-    return e.errno in _WRITE_ERRNOS or any(t in str(e) for t in _WRITE_TEXTS)
+    return getattr(e, "errno", None) in _WRITE_ERRNOS or any(t in str(e) for t in _WRITE_TEXTS)
 
 
-def write_error(path: Path, e: OSError) -> DataError:
-    reason = e.strerror or str(e).splitlines()[0]
-    for t in _WRITE_TEXTS:   # Arrow puts the OS message inside a longer text
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has (almost) no free space left for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def write_error(path: Path, e: BaseException, full: bool = False) -> DataError:
+    reason = None
+    for t in _WRITE_TEXTS:   # Arrow and FAISS put the OS message inside a longer text
         if t in str(e):
             reason = t.replace("No space left", "No space left on device")
             break
+    if reason is None:
+        reason = os.strerror(errno.ENOSPC) if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
     return DataError(f"{path}: cannot write ({reason}). Free some space, or choose a writable location.")
 
 
@@ -146,29 +328,35 @@ def make_dirs(path: Path) -> None:
 
 
 def _sweep_stale_temps(final: Path) -> None:
-    """Remove ``.{name}.{pid}.*.tmp`` beside ``final`` whose writer (same host) is no longer alive."""
-    prefix = f".{final.name}."
+    """Remove the temp files ``.{name}.{pid}.*.tmp`` beside ``final`` whose writer (same host) is no
+    longer alive."""
+    prefix = f".{short_name(final.name)}."
     for p in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         pid = p.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not _pid_alive(int(pid)) and not p.is_dir():
             with contextlib.suppress(OSError):
                 p.unlink()
 
 
+HOOK_ENV = "CIR_MINE_KILL_BEFORE_REPLACE"
 _KILL_COUNTS: dict = {}
+_HOOK_SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
 
 
 def _kill_hook(final: Path) -> None:
-    """Test hook: ``CIR_MINE_KILL_BEFORE_REPLACE=NAME[:N]`` SIGKILLs this process at the N-th (default
+    """The crash-point hook for tests: ``CIR_MINE_KILL_BEFORE_REPLACE=NAME[:N][:SIGNAL]`` sends this
+    process SIGNAL (KILL, the default; INT as Ctrl-C does; TERM as ``kill`` does) at the N-th (default
     first) atomic write of a file called NAME, after the temp file is complete and before the rename."""
-    spec = os.environ.get("CIR_MINE_KILL_BEFORE_REPLACE")
+    spec = os.environ.get(HOOK_ENV)
     if not spec:
         return
-    name, _, nth = spec.partition(":")
+    name, *rest = spec.split(":")
+    nth = next((x for x in rest if x.isdigit()), "1")
+    sig = _HOOK_SIGNALS[next((x for x in rest if not x.isdigit()), "KILL")]
     if final.name == name:
-        _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
-        if _KILL_COUNTS[name] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+        _KILL_COUNTS[spec] = _KILL_COUNTS.get(spec, 0) + 1
+        if _KILL_COUNTS[spec] == int(nth):
+            os.kill(os.getpid(), sig)
 
 
 def _umask() -> int:
@@ -188,9 +376,9 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write strict JSON (non-finite numbers as null) atomically."""
-    with atomic_path(path) as tmp:
+def write_json_atomic(path: str | os.PathLike, obj: Any, journal: bool = True) -> None:
+    """Write strict JSON (non-finite numbers as null) atomically (``journal``: see :func:`atomic_path`)."""
+    with atomic_path(path, journal) as tmp:
         tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 

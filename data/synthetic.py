@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers, check_range
-from cir_mine.data.io import DirLock, atomic_path, check_output_dir, transaction
+from cir_mine.data.io import atomic_path, check_output_dir, write_job
 from cir_mine.data.workspace import (Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table,
                                      write_table)
 
@@ -247,14 +247,15 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
              overwrite: bool = True) -> dict:
     """Write ``gallery.{split}.parquet``, ``triplets.{split}.parquet`` and the manifest to ``out``.
 
-    All or nothing: a failure (a full disk, a read-only folder) leaves the workspace as it was. An
+    All or nothing: a failure (a full disk, a read-only folder) or an interruption (Ctrl-C, SIGTERM:
+    :class:`~cir_mine.data.errors.Interrupted`) leaves the workspace as it was. An
     existing split is replaced only with ``overwrite``; a split of another dimension than the
     workspace's other splits is refused.
     """
     cfg.validate()
     check_output_dir(out)
     ws = Workspace(out)
-    with DirLock(ws.root, "cir-mine synth"), transaction():
+    with write_job(ws.root, "cir-mine synth"):
         ws.check_new_split(cfg.split, cfg.dim, overwrite, flag="--out")
         world = World.make(cfg.seed, cfg.dim)
         p = plan(cfg)

@@ -98,9 +98,18 @@ def is_member(path: Optional[str]) -> bool:
     return bool(path) and MEMBER_SEP in path
 
 
+def split_member(path: str) -> tuple[str, str]:
+    """``SHARD.tar::MEMBER`` -> (SHARD.tar, MEMBER); the shard's own path may hold ``::`` itself."""
+    i = path.rfind(".tar" + MEMBER_SEP)
+    if i >= 0:
+        return path[:i + 4], path[i + 4 + len(MEMBER_SEP):]
+    tar, _, member = path.partition(MEMBER_SEP)
+    return tar, member
+
+
 def read_member(path: str) -> bytes:
     """The bytes of ``TAR::MEMBER`` (tar files stay open, a few per process). KeyError when absent."""
-    tar, _, member = path.partition(MEMBER_SEP)
+    tar, member = split_member(path)
     f = _open_tar(tar).extractfile(member)
     if f is None:
         raise KeyError(member)

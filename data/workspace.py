@@ -8,7 +8,6 @@ naming the file and the column.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -25,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.errors import DataError, SchemaError, UsageError
-from cir_mine.data.io import (atomic_path, check_readable_file, read_parquet, read_parquet_schema,
-                              write_json_atomic)
+from cir_mine.data.io import (atomic_path, check_readable_file, discard, is_write_error, make_dirs, read_parquet,
+                              read_parquet_schema, replace_dir, side_name, signals_blocked, transaction,
+                              write_error, write_json_atomic)
 from cir_mine.data.rows import AttrLists, first_duplicate, index_of, join_keys, shared_objects, string_array
 
 SCHEMA_VERSION = 1
@@ -153,6 +153,19 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
         )
 
 
+def _check_no_empty_ids(table: pa.Table, path: Path, columns: Sequence[str], what: str) -> None:
+    """Id columns hold no empty (or blank) string: an id names one image or query."""
+    import pyarrow.compute as pc
+
+    for name in columns:
+        col = table.column(name)
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0).to_numpy(zero_copy_only=False)
+        if blank.any():
+            i = int(np.flatnonzero(blank)[0])
+            raise SchemaError(f"{path}: column '{name}' has {int(blank.sum())} empty id(s) (first: row {i}). Every "
+                              f"{what} needs an id; drop those rows or name them.")
+
+
 def _check_no_nulls(table: pa.Table, path: Path, ids: np.ndarray, what: str, columns: Sequence[str]) -> None:
     """String columns hold no nulls ('' stands for none, e.g. CIRR's category)."""
     for name in columns:
@@ -182,6 +195,7 @@ class Gallery:
     _ids: Optional[pa.Array] = field(default=None, repr=False)    # string[n] image ids, for vectorized lookups
     _keys: Optional[pa.Array] = field(default=None, repr=False)   # string[n] category KEY_SEP image id
     _cats: Optional[pa.Array] = field(default=None, repr=False)   # string[n] categories
+    data_hash: Optional[str] = field(default=None, repr=False)    # split hash of the data read (Workspace.load)
 
     @property
     def dim(self) -> int:
@@ -352,6 +366,7 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
     _check_columns(table.schema, path, _gallery_columns(embeddings_path is not None), GALLERY_OPTIONAL, "gallery")
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
+    _check_no_empty_ids(table, path, ["image_id"], "image")
     id_arr = string_array(table.column("image_id"))
     cat_arr = string_array(table.column("category"))
     ids = _obj(id_arr)
@@ -460,6 +475,8 @@ def write_embeddings_npy(emb_blocks, n: int, dim: int, path: Path, dtype=np.floa
     """Write ``n`` rows arriving as blocks of float[b, dim] into a ``.npy`` atomically (bounded memory)."""
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
+        with open(tmp, "r+b") as fh:   # reserve the blocks: a full disk is an error here, not a SIGBUS later
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
         s = 0
         for block in emb_blocks:
             out[s:s + len(block)] = block
@@ -484,6 +501,13 @@ def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
     if table.column("query_id").null_count:
         raise SchemaError(f"{path}: column 'query_id' has null values.")
     _check_no_nulls(table, path, qids, "query", ("category", "ref_id", "target_id", "source"))
+    _check_no_empty_ids(table, path, ["query_id", "ref_id", "target_id"], "query")
+    same = np.flatnonzero(_obj(table.column("ref_id")) == _obj(table.column("target_id")))
+    if same.size:
+        i = int(same[0])
+        raise SchemaError(f"{path}: {same.size} query(ies) name their reference as their target (first: query "
+                          f"'{qids[i]}', image '{table.column('ref_id')[i]}'); a query asks for another image. Drop "
+                          f"those rows.")
     if len(set(qids.tolist())) != len(qids):
         raise SchemaError(f"{path}: column 'query_id' has duplicated ids; query ids must be unique.")
     try:
@@ -555,37 +579,33 @@ def triplets_table(query_ids, categories, ref_ids, target_ids, captions, text_em
 
 def write_gallery_parts(tables: Iterable[pa.Table], folder: str | Path, metadata: Optional[dict] = None) -> None:
     """Write a gallery folder of parts ``part-00000.parquet``... atomically: the parts go into a temp
-    folder beside ``folder`` that then replaces it (an older folder is removed after the swap)."""
+    folder beside ``folder`` that then replaces it (:func:`cir_mine.data.io.replace_dir`: inside a
+    transaction the older folder comes back if the job fails)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    make_dirs(folder.parent)
+    tmp = side_name(folder, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         for i, t in enumerate(tables):
             write_table(t, tmp / f"part-{i:05d}.parquet", metadata)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(tmp, folder)
+    except BaseException as e:
+        with signals_blocked():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and is_write_error(e):
+            raise write_error(folder, e) from None
         raise
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` onto ``dst`` (a rename; an existing ``dst`` is moved aside first)."""
-    old = dst.parent / f".{dst.name}.{os.getpid()}.old"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = None) -> None:
-    """Write ``table`` to ``path`` atomically; ``metadata`` (JSON-able) goes into the file footer."""
+def write_table(table: pa.Table, path: str | Path, metadata: Optional[dict] = None, journal: bool = True) -> None:
+    """Write ``table`` to ``path`` atomically; ``metadata`` (JSON-able) goes into the file footer
+    (``journal``: see :func:`cir_mine.data.io.atomic_path`)."""
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, journal) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -662,15 +682,18 @@ class Workspace:
     def write_gallery(self, split: str, table: pa.Table | Iterable[pa.Table], metadata: Optional[dict] = None) -> Path:
         """Write a split's gallery atomically: one table -> the single file, several (an iterable, consumed
         one at a time) -> a parts folder.
-        The other form, if present, is removed afterwards, so a split never has both."""
-        if isinstance(table, pa.Table):
-            write_table(table, self.gallery_file(split), metadata)
-            shutil.rmtree(self.gallery_dir(split), ignore_errors=True)
-            return self.gallery_file(split)
-        write_gallery_parts(table, self.gallery_dir(split), metadata)
-        with contextlib.suppress(FileNotFoundError):
-            self.gallery_file(split).unlink()
-        return self.gallery_dir(split)
+        The other form, if present, is removed afterwards (:func:`cir_mine.data.io.discard`), so a split
+        never has both; inside a transaction a failure puts the old form back."""
+        with transaction():
+            if isinstance(table, pa.Table):
+                write_table(table, self.gallery_file(split), metadata)
+                if self.gallery_dir(split).is_dir():
+                    discard(self.gallery_dir(split))
+                return self.gallery_file(split)
+            write_gallery_parts(table, self.gallery_dir(split), metadata)
+            if os.path.lexists(self.gallery_file(split)):
+                discard(self.gallery_file(split))
+            return self.gallery_dir(split)
 
     def triplets_path(self, split: str) -> Path:
         return self.root / f"triplets.{check_split(split)}.parquet"
@@ -760,8 +783,18 @@ class Workspace:
         return t
 
     def load(self, split: str) -> tuple[Gallery, Triplets]:
-        g = self.gallery(split)
-        t = self.triplets(split, gallery=g)
+        """The split's gallery and triplets, validated, as one version: the split's hash is taken before
+        and after reading, and a split rewritten meanwhile (another process replaced a table) is a
+        DataError, so what a reader holds is always the data of ``gallery.data_hash``."""
+        before = self.split_hash(split)
+        try:
+            g = self.gallery(split)
+            t = self.triplets(split, gallery=g)
+        except DataError:
+            self.check_unchanged(split, before)     # tables of two versions disagree: name the cause
+            raise
+        self.check_unchanged(split, before)
+        g.data_hash = before
         pa.default_memory_pool().release_unused()   # the Parquet read's buffers and lookup hash tables
         return g, t
 
@@ -793,6 +826,13 @@ class Workspace:
                 raise DataError(f"{self.manifest_path}: malformed JSON ({e}).") from None
             if not isinstance(m, dict):
                 raise DataError(f"{self.manifest_path}: expected a JSON object.")
+            version = m.get("schema_version")
+            if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+                raise DataError(f"{self.manifest_path}: 'schema_version' must be a positive integer, found {version!r}. "
+                                f"Repair the manifest, or delete it to derive one from the tables.")
+            if version is not None and version > SCHEMA_VERSION:
+                raise DataError(f"{self.manifest_path}: schema_version {version} is newer than this cir-mine reads "
+                                f"({SCHEMA_VERSION}). Upgrade cir-mine to read this workspace.")
             dim = m.get("dim")
             if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
                 raise DataError(f"{self.manifest_path}: 'dim' must be a positive integer, found {dim!r}. Repair the "
@@ -844,6 +884,14 @@ class Workspace:
             elif p.exists():
                 h.update(file_fingerprint(p))
         return h.hexdigest()[:16]
+
+    def check_unchanged(self, split: str, data_hash: Optional[str], while_: str = "read") -> None:
+        """DataError when the split's data is no longer the version ``data_hash`` (another process
+        rewrote a table of it after it was read); None checks nothing."""
+        if data_hash is not None and self.split_hash(split) != data_hash:
+            raise DataError(f"{self.root}: split '{split}' changed while it was {while_} (another process rewrote "
+                            f"{self.gallery_path(split).name} or {self.triplets_path(split).name}). Run the command "
+                            f"again once that writer is done.")
 
     def check_new_split(self, split: str, dim: Optional[int], overwrite: bool, flag: str = "--work") -> None:
         """Before writing split ``split`` with dimension ``dim``: refuse an existing split without

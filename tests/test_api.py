@@ -91,17 +91,17 @@ def test_from_arrays_errors():
     ids = ["a", "b", "c", "d"]
     q = dict(ref_ids=["a"], target_ids=["b"], text_emb=emb[:1], captions=["is red"])
     cases = [
-        (dict(gallery_emb=emb[0], image_ids=ids), UsageError,
-         "Workspace.from_arrays: gallery_emb has shape (4,); expected a non-empty float array [n, d]."),
-        (dict(gallery_emb=emb.astype(int), image_ids=ids), UsageError,
-         "Workspace.from_arrays: gallery_emb has dtype int64; expected float32 (or another float type)."),
+        (dict(gallery_emb=emb[0], image_ids=ids), DataError,
+         "Workspace.from_arrays: gallery_emb: shape (4,), expected a non-empty 2-d array [n, d]."),
+        (dict(gallery_emb=emb.astype(int), image_ids=ids), DataError,
+         "Workspace.from_arrays: gallery_emb: dtype int64, expected floating point (float32)."),
         (dict(gallery_emb=emb, image_ids=ids[:3]), UsageError,
          "Workspace.from_arrays: image_ids has 3 entries; expected 4 (one per row)."),
-        (dict(gallery_emb=emb, image_ids=["a", "b", 3, "d"]), UsageError,
-         "Workspace.from_arrays: image_ids[2] is 3 (int); expected a string."),
-        (dict(gallery_emb=emb * 2, image_ids=ids), SchemaError,
-         "Workspace.from_arrays(gallery_emb): column 'embedding' has 4 row(s) that are not L2-normalized "
-         "(first: a with norm 2.0000). Normalize the embeddings (x / ||x||) before writing the workspace."),
+        (dict(gallery_emb=emb, image_ids=["a", "b", 3, "d"]), DataError,
+         "Workspace.from_arrays: image_ids: id of row 2 is 3 (int); ids must be strings."),
+        (dict(gallery_emb=emb * 2, image_ids=ids), DataError,
+         "Workspace.from_arrays: gallery_emb: 4 row(s) that are not L2-normalized (first: row 0, image a with norm 2). "
+         "Normalize them (x / ||x||), or pass normalize=True."),
         (dict(gallery_emb=emb, image_ids=["a", "a", "c", "d"]), SchemaError,
          "Workspace.from_arrays(gallery_emb): column 'image_id' has a duplicated id 'a' in category ''. "
          "Each gallery image must appear once per category; drop the duplicates."),

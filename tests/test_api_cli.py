@@ -61,7 +61,7 @@ def test_query_emb_errors(work, tmp_path):
         if a is not None:
             np.save(tmp_path / name, a)
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    fix = "Save float32[n_queries, d] with numpy.save, one row per query in the triplets' row order."
+    fix = "Give float32[n_queries, d], one row per query in the triplets' row order."
     q7, q5 = t.query_ids[7], t.query_ids[5]
     expect = {
         "short.npy": f"shape (10, 16), expected (100, 16): one row per query of the split, in the gallery's dimension. {fix}",
@@ -188,12 +188,14 @@ def test_export_refuses_the_input_and_existing_outputs(negs, tmp_path):
     before = negs.read_bytes()
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "wide", "--out", str(negs)])
     assert r.exit_code == 2
-    assert r.output.strip() == f"Error: --out {negs} is an input of this command ({negs}); write the export elsewhere."
+    assert r.output.strip() == (f"Error: --out {negs}: is an input of this command ({negs}). Choose another --out; "
+                                f"outputs never replace inputs.")
     assert negs.read_bytes() == before
     out = tmp_path / "x.jsonl"
     out.write_text("keep")
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--out", str(out)])
-    assert r.exit_code == 2 and r.output.strip() == f"Error: --out {out} exists; pass --overwrite to replace it."
+    assert r.exit_code == 2 and r.output.strip() == (f"Error: --out {out}: already exists. Pass --overwrite to replace "
+                                                     f"it, or choose another --out.")
     assert out.read_text() == "keep"
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--out", str(out), "--overwrite"])
     assert r.exit_code == 0 and out.read_text() != "keep"
@@ -249,7 +251,7 @@ def test_export_clip4cir_caption_files(dataset, fiq_root, cirr_root, tmp_path):
     assert r.exit_code == 2 and "is an input of this command" in r.output
     assert [p.read_bytes() for p in inputs] == before
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--root", str(root), "--out", str(out)])
-    assert r.exit_code == 2 and "exists; pass --overwrite to replace it." in r.output
+    assert r.exit_code == 2 and "already exists. Pass --overwrite to replace it" in r.output
 
 
 def test_export_caption_files_refuse_another_dataset(fiq_root, tmp_path):

@@ -114,7 +114,7 @@ def test_cli_eval(fiq, cirr, tmp_path):
     r = runner.invoke(mine_app, ["eval", "--work", str(ws.root), "--query-emb", str(tmp_path / "c.npy")])
     assert r.exit_code == 1 and r.output.strip() == (
         f"Error: {tmp_path / 'c.npy'}: shape (4, 4), expected (6, 4): one row per query of the split, in the gallery's "
-        f"dimension. Save float32[n_queries, d] with numpy.save, one row per query in the triplets' row order.")
+        f"dimension. Give float32[n_queries, d], one row per query in the triplets' row order.")
     r = runner.invoke(mine_app, ["eval", "--work", str(ws.root), "--query-emb", str(tmp_path / "q.npy"),
                                  "--query-ids", str(tmp_path / "none.txt")])
     assert r.exit_code == 1 and r.output.strip() == (

@@ -3,7 +3,7 @@ batch-size independence, shortfall accounting, mixes and schedules."""
 import numpy as np
 import pytest
 
-from cir_mine.data.errors import UsageError
+from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file
@@ -347,7 +347,7 @@ def test_query_emb_equals_zero_shot(world):
     a = mine(world, strategy="midzone").table
     b = mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", k=10, candidates=300), query_emb=q)
     assert b.table.equals(a) and b.meta["query_source"] == "provided"
-    with pytest.raises(UsageError, match="query embeddings have shape"):
+    with pytest.raises(DataError, match=r"query_emb: shape \(5, 32\), expected \(600, 32\)"):
         mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone"), query_emb=q[:5])
     with pytest.raises(UsageError, match="--query checkpoint needs query embeddings"):
         mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", query="checkpoint"))

@@ -74,6 +74,8 @@ def _world(rng, n, d, n_q, twin_ids, dup_targets):
     queries = []
     for qi in range(n_q):
         ref, tgt = rng.choice(n, 2, replace=False)
+        while ids[ref] == ids[tgt]:                 # a twin of the target is the target: no query
+            ref, tgt = rng.choice(n, 2, replace=False)
         if dup_targets and qi % 2 == 0:             # a near-duplicate of the target elsewhere
             other = int(rng.integers(2 * twin_ids, n))
             emb[other] = emb[tgt] + 0.01 * rng.standard_normal(d)

@@ -359,3 +359,14 @@ def test_wrong_schema_negatives(work16, tmp_path, kind):
     assert cli_error(["--work", work16 / "w", "--negatives", bad, "--out", tmp_path / "run", "-q"], app=train_app) == msg
     assert cli_error(["stats", bad]) == msg
     assert not (tmp_path / "run").exists()
+
+
+def test_every_test_docs_reliability_names_exists():
+    """Each row of docs/reliability.md names tests that exist (a renamed or dropped test breaks its row)."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    named = set(re.findall(r"\btest_[a-z0-9_]+", (repo / "docs" / "reliability.md").read_text()))
+    files = {p.stem for p in (repo / "tests").glob("test_*.py")}
+    defined = {n for p in (repo / "tests").glob("*.py") for n in re.findall(r"def (test_[a-z0-9_]+)", p.read_text())}
+    assert sorted(named - defined - files) == []

@@ -57,8 +57,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     ck.save_checkpoint(tmp_path, {"epoch": 1})
 
     def broken_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -11,6 +11,7 @@ checkpoint intact. ``CRASH_AFTER_SAVE`` lets a test kill a run right after epoch
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,8 +33,10 @@ def save_checkpoint(run_dir: str | Path, state: dict) -> Path:
     """Write ``state`` (plus format tags and versions) to RUN/ckpt.pt atomically."""
     path = Path(run_dir) / NAME
     payload = {"format": FORMAT, "version": VERSION, "versions": library_versions(), **state}
+    buf = io.BytesIO()      # torch's own file writer reports a full disk as an opaque RuntimeError
+    torch.save(payload, buf)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buf.getbuffer())
     return path
 
 

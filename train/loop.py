@@ -15,7 +15,6 @@ Randomness is keyed by (seed, epoch), so a resumed run equals an uninterrupted o
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -28,7 +27,7 @@ import torch
 
 from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.errors import CirMineError, DataError, UsageError
-from cir_mine.data.io import DirLock, check_output_dir, discard, is_workspace, transaction, write_json_atomic
+from cir_mine.data.io import check_output_dir, discard, is_workspace, write_job, write_json_atomic
 from cir_mine.data.workspace import Workspace
 
 from cir_mine.train import checkpoint as ck
@@ -312,6 +311,7 @@ class Trainer:
             self.bank = None
             return
         nt = read_negatives(path, self.ws)
+        self.ws.check_unchanged(self.cfg.split, self.gallery.data_hash)   # the table's split is the one loaded
         self.neg_meta = nt.meta
         known = set(self.all_queries.query_ids.tolist())
         table_ids = set(nt.table.column("query_id").to_pylist())
@@ -648,16 +648,29 @@ def train(cfg: TrainConfig, remine: Optional[Remine] = None, resume: bool = Fals
                                  f"replace. Choose another --out.")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    with DirLock(run_dir, purpose="cir-train"):
-        if not resume and (run_dir / ck.NAME).exists() and not overwrite:
+    ckpt = run_dir / ck.NAME
+    undone = []
+
+    def undo(e: BaseException) -> bool:
+        """A new run is rolled back (an older run it replaces comes back) on a bad input or a divergence,
+        and on any failure or interruption before its first checkpoint; after one, it stays for --resume."""
+        undone.append(not resume and (isinstance(e, (CirMineError, OSError)) or not ckpt.exists()))
+        return undone[-1]
+
+    def interrupted() -> str:
+        if ckpt.exists() and not any(undone):
+            return f"{run_dir} keeps its last checkpoint: continue the run with `cir-train --resume {run_dir}`"
+        return "nothing was changed"
+
+    with write_job(run_dir, "cir-train", rollback_on=undo, interrupted=interrupted):
+        if not resume and ckpt.exists() and not overwrite:
             raise UsageError(f"{run_dir} already holds a run. Pass --resume {run_dir} to continue it, "
                              f"--overwrite to replace it, or choose another --out.")
-        with transaction(rollback_on=(CirMineError, OSError)) if not resume else contextlib.nullcontext():
-            if not resume:
-                for old in [*(run_dir / n for n in RUN_FILES), *run_dir.glob("negs.round*.parquet")]:
-                    if old.exists():
-                        discard(old)
-            return Trainer(cfg, remine, progress).run(resume=resume)
+        if not resume:
+            for old in [*(run_dir / n for n in RUN_FILES), *run_dir.glob("negs.round*.parquet")]:
+                if old.exists():
+                    discard(old)
+        return Trainer(cfg, remine, progress).run(resume=resume)
 
 
 def _resolve_parent(p) -> Path:

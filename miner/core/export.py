@@ -19,7 +19,6 @@ output that is one of the inputs is refused, and an existing one unless ``overwr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,7 @@ import pyarrow as pa
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data import cirr, fashioniq
 from cir_mine.data.fashioniq import parse_query_id
-from cir_mine.data.io import atomic_path
+from cir_mine.data.io import atomic_path, check_output, check_output_dir, write_job
 from cir_mine.data.jsonio import load_json
 from cir_mine.data.workspace import now_iso, write_table
 from cir_mine.miner.core.grouped import GroupedNegatives
@@ -78,14 +77,6 @@ def wide_table(g: GroupedNegatives) -> pa.Table:
     for j in range(g.k):
         cols[f"negative_{j + 1}"] = pa.array(g.neg_ids[:, j].tolist(), pa.string())
     return pa.table(cols)
-
-
-def _check_out(out: Path, inputs: list, overwrite: bool) -> None:
-    for p in inputs:
-        if out.resolve() == Path(p).resolve() or (out.exists() and Path(p).exists() and os.path.samefile(out, p)):
-            raise UsageError(f"--out {out} is an input of this command ({p}); write the export elsewhere.")
-    if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} exists; pass --overwrite to replace it.")
 
 
 def _json_bytes(obj) -> bytes:
@@ -163,28 +154,21 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
     nt = read_negatives(negs)
     g = nt.grouped()
     if root is None:
-        _check_out(out, [negs], overwrite)
-        if fmt == "wide":
-            write_table(wide_table(g), out, metadata={"cir_mine": _meta(nt, negs, "negatives-wide", g.k)})
-        else:
-            lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
-                                  "negatives": [str(x) for x in n[m]], "delta": [float(x) for x in d[m]]})
-                     for q, r, t, n, d, m in zip(g.query_ids.tolist(), g.ref_ids.tolist(), g.target_ids.tolist(),
-                                                 g.neg_ids, g.delta, g.mask)]
-            with atomic_path(out) as tmp:
-                tmp.write_bytes(b"".join(x + b"\n" for x in lines))
+        out = check_output(out, [negs], overwrite)
+        with write_job(out.parent, f"cir-mine export -> {out.name}"):
+            _write_one(g, nt, negs, fmt, out)
         return Export(out, [out], len(g), g.k)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found. Pass the folder that holds captions/.")
     files = _caption_files(g, root, negs)
-    targets = [(out / path.name, rows) for path, rows in files]
     inputs = [negs] + [path for path, _ in files]
-    for dest, _ in targets:
-        _check_out(dest, inputs, overwrite)
-    for dest, rows in targets:
-        with atomic_path(dest) as tmp:
-            tmp.write_bytes(_json_bytes(rows))
+    check_output_dir(out, inputs)
+    targets = [(check_output(out / path.name, inputs, overwrite), rows) for path, rows in files]
+    with write_job(out, "cir-mine export --root"):       # all files or none
+        for dest, rows in targets:
+            with atomic_path(dest) as tmp:
+                tmp.write_bytes(_json_bytes(rows))
     return Export(out, [d for d, _ in targets], len(g), g.k)
 
 
@@ -199,13 +183,26 @@ def _export_ntuple(negs: Path, out: Path, ws, images: str, root, overwrite: bool
     if ws is None:
         raise UsageError("the ntuple format needs ws, the workspace the table was mined from: its captions are the "
                          "anchors, its gallery the image ids and paths.", params=("ws",))
+    out = check_output(out, [negs], overwrite)
     nt = read_negatives(negs, ws)
     g_all, t = ws.load(nt.split)
     g = nt.grouped(ws, loaded=(g_all, t))
     root = Path(root) if root is not None else ws.image_root(nt.split)
     table, left_out = ntuple_table(g, [join_captions(c) for c in t.captions], _image_strings(g_all, images, root))
-    _check_out(out, [negs], overwrite)
     meta = _meta(nt, negs, "negatives-ntuple", g.k, images=images, left_out=left_out,
                  columns=["anchor: caption text", "positive: target", "negative_1..k: negatives in pick order"])
-    write_table(table, out, metadata={"cir_mine": meta})
+    with write_job(out.parent, f"cir-mine export -> {out.name}"):
+        write_table(table, out, metadata={"cir_mine": meta})
     return Export(out, [out], table.num_rows, g.k, left_out)
+
+
+def _write_one(g: GroupedNegatives, nt, negs: Path, fmt: str, out: Path) -> None:
+    if fmt == "wide":
+        write_table(wide_table(g), out, metadata={"cir_mine": _meta(nt, negs, "negatives-wide", g.k)})
+    else:
+        lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
+                              "negatives": [str(x) for x in n[m]], "delta": [float(x) for x in d[m]]})
+                 for q, r, t, n, d, m in zip(g.query_ids.tolist(), g.ref_ids.tolist(), g.target_ids.tolist(),
+                                             g.neg_ids, g.delta, g.mask)]
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"".join(x + b"\n" for x in lines))

@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers
-from cir_mine.data.io import DirLock, check_output
+from cir_mine.data.validate import QUERY_FIX, check_matrix
+from cir_mine.data.io import check_output, write_job
 from cir_mine.data.rows import sorted_codes
 from cir_mine.data.workspace import Gallery, Triplets, Workspace, file_digest, library_versions, release_pages
 
@@ -296,11 +297,9 @@ def build_queries(g: Gallery, t: Triplets, pool: Pool, query_emb: Optional[np.nd
     target_rows = g.rows(t.target_ids.tolist(), t.categories.tolist(), "target")
     if query_emb is None:
         emb = zero_shot_queries(pool.xb[ref_rows], t.text_embeddings, cfg.text_weight)
-    else:
-        emb = np.ascontiguousarray(query_emb, dtype=np.float32)
-        if emb.shape != (len(t), pool.xb.shape[1]):
-            raise UsageError(f"query embeddings have shape {emb.shape}, expected ({len(t)}, {pool.xb.shape[1]}): "
-                             f"one row per query of the split, in the gallery's dimension.")
+    else:   # from outside (a model, a file): checked and normalized as every outside array is
+        emb = check_matrix(query_emb, "query_emb", rows=len(t), dim=pool.xb.shape[1], ids=t.query_ids, what="query",
+                           fix=QUERY_FIX)
     pairs = lambda q, r: PairSet(q, pool.product[r], len(t), pool.n_products)
     eq, er = _id_rows(g, t.extra_positive_ids)
     vq, vr = _id_rows(g, t.verified_negative_ids)
@@ -916,9 +915,11 @@ def footer(ws: Workspace, split: str, cfg: MineConfig, prep: Prepared, mined: Mi
     missing = int((k_mined - mined.got[short]).sum())
     empty = pa.array(short[mined.got[short] == 0])      # short queries with no row in the table
     bank = "in-batch" if k_mined == 0 else ("mined+in-batch" if any(n == "in-batch" for n, _ in parts) else "mined")
+    ws.check_unchanged(split, prep.g.data_hash, "mined")     # the hashes below are of the data mined, or no table
+    data_hash = prep.g.data_hash or ws.split_hash(split)
     return {
         "config": cfg.to_dict(), "manifest_hash": ws.manifest_hash(), "workspace": str(ws.root), "split": split,
-        "data_hash": ws.split_hash(split),
+        "data_hash": data_hash,
         "round": int(mining_round), "bank": bank, "query_source": "zero-shot" if zero_shot else "provided",
         "parts": [{"strategy": n, "share": w, "k": ki, "rows": int(part_rows[si])}
                   for si, ((n, w), ki) in enumerate(zip(parts, ks))],
@@ -979,7 +980,7 @@ def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, ov
     approximate index built for this run is saved beside the table (``{out}.faiss``, its
     fingerprint in the footer), so cir-train's refresh searches exactly the same index."""
     out = check_output(out, reads, overwrite)
-    with DirLock(out.parent, f"cir-mine negatives -> {out.name}"):
+    with write_job(out.parent, f"cir-mine negatives -> {out.name}"):
         res = mine_negatives(ws, split, cfg, **kw)
         search = res.meta["search"]
         if search.get("source") == "built" and not search.get("exact", True):

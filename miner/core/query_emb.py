@@ -7,34 +7,16 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
-from cir_mine.data.workspace import l2_normalize
+from cir_mine.data.validate import QUERY_FIX, check_matrix
 
-FIX = "Save float32[n_queries, d] with numpy.save, one row per query in the triplets' row order."
+FIX = QUERY_FIX   # the API's query_emb gets the same advice
 
 
 def check_query_embeddings(emb: np.ndarray, query_ids: Sequence[str], dim: int, where: str) -> np.ndarray:
-    """Validate query embeddings -> float32[m, d] with unit rows.
-
-    ``emb`` must be a float array of shape (len(query_ids), dim), finite, without all-zero rows;
-    rows are L2-normalized. Raises DataError naming ``where`` and the first bad row's query."""
-    m = len(query_ids)
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise DataError(f"{where}: dtype {emb.dtype}, expected floating point (float32). {FIX}")
-    if emb.shape != (m, dim):
-        raise DataError(f"{where}: shape {tuple(emb.shape)}, expected ({m}, {dim}): one row per query of the "
-                        f"split, in the gallery's dimension. {FIX}")
-    emb = emb.astype(np.float32, copy=False)
-    finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise DataError(f"{where}: {bad.size} row(s) with NaN or inf values (first: row {bad[0]}, query "
-                        f"{query_ids[bad[0]]}). Re-encode those queries.")
-    zero = ~np.any(emb != 0, axis=1)
-    if zero.any():
-        bad = np.flatnonzero(zero)
-        raise DataError(f"{where}: {bad.size} all-zero row(s) (first: row {bad[0]}, query {query_ids[bad[0]]}); "
-                        f"a query embedding needs a direction. Re-encode those queries.")
-    return l2_normalize(emb)
+    """Validate query embeddings -> float32[m, d] with unit rows (the one validator of outside arrays,
+    :func:`cir_mine.data.validate.check_matrix`): a real float array of shape (len(query_ids), dim),
+    finite, without all-zero rows. Raises DataError naming ``where`` and the first bad row's query."""
+    return check_matrix(emb, where, rows=len(query_ids), dim=dim, ids=query_ids, what="query", fix=FIX)
 
 
 def align_query_embeddings(emb: np.ndarray, given_ids: Sequence, query_ids: Sequence[str], where: str) -> np.ndarray:

@@ -7,6 +7,7 @@ negatives). See docs/formats.md.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -151,8 +152,10 @@ def conform(table: pa.Table, path: Path, version: int = NEGATIVES_SCHEMA_VERSION
 def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> NegativesTable:
     """Read and validate a negatives table; with ``ws``, refuse a table mined from another workspace."""
     path = Path(path)
-    meta = _footer(path)
-    table = conform(read_parquet(path), path, meta["schema_version"])
+    _exists(path)
+    raw = read_parquet(path)                    # one read: rows and footer of the same version of the file
+    meta = _parse_footer(path, raw.schema.metadata or {})
+    table = conform(raw, path, meta["schema_version"])
     _check_workspace(path, meta, ws)
     return NegativesTable(path, table, meta, ws)
 
@@ -166,10 +169,25 @@ def read_negatives_meta(path: str | Path, ws: Optional[Workspace] = None) -> dic
     return meta
 
 
-def _footer(path: Path) -> dict:
+def _exists(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: negatives table not found. Mine one with `cir-mine negatives`.")
-    meta = read_metadata(path).get(META_KEY)
+
+
+def _footer(path: Path) -> dict:
+    _exists(path)
+    return _parse_footer(path, None)
+
+
+def _parse_footer(path: Path, raw: Optional[dict]) -> dict:
+    """The ``cir_mine`` footer entry (from the file, or from ``raw``: the schema metadata of a table read)."""
+    if raw is None:
+        meta = read_metadata(path).get(META_KEY)
+    else:
+        try:
+            meta = json.loads(raw.get(META_KEY.encode(), b"null").decode())
+        except ValueError:
+            meta = None
     if not isinstance(meta, dict) or meta.get("table") != "negatives":
         raise SchemaError(f"{path}: not a cir-mine negatives table (no '{META_KEY}' metadata). "
                           f"Mine one with `cir-mine negatives`.")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from cir_mine.data.errors import UsageError
-from cir_mine.data.io import DirLock
+from cir_mine.data.io import check_output, write_job
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.mine import MineConfig, MineResult, mine_negatives
 from cir_mine.miner.core.tables import write_negatives
@@ -39,7 +39,7 @@ def open_index(engine: str, xb, shard_cfg: ShardConfig, ray_cfg=None, **hooks):
 def engine_meta(engine: str, shard_cfg: ShardConfig, ray_cfg=None) -> dict:
     d = {"name": engine, "shard": dataclasses.asdict(shard_cfg)}
     if engine == "ray" and ray_cfg is not None:
-        d["ray"] = {k: v for k, v in dataclasses.asdict(ray_cfg).items() if k != "address"}
+        d["ray"] = ray_cfg.recorded()
     return d
 
 
@@ -61,10 +61,12 @@ def mine_with_engine(ws: Workspace, split: str, cfg: MineConfig, engine: str = "
     return res
 
 
-def mine_with_engine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, **kw) -> MineResult:
-    """Mine through the engine and write ``out`` atomically, holding the lock of its directory."""
-    out = Path(out)
-    with DirLock(out.parent, f"cir-mine negatives -> {out.name}"):
+def mine_with_engine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, overwrite: bool = True,
+                             reads=(), **kw) -> MineResult:
+    """Mine through the engine and write ``out`` atomically, holding the lock of its directory
+    (``out`` checked first, as :func:`cir_mine.miner.core.mine.mine_to_file` does)."""
+    out = check_output(out, reads, overwrite)
+    with write_job(out.parent, f"cir-mine negatives -> {out.name}"):
         res = mine_with_engine(ws, split, cfg, **kw)
         write_negatives(res.table, out, res.meta)
     return res

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from cir_mine.data.adapters import count_image_files, load_dataset
 from cir_mine.data.errors import DataError, UsageError
-from cir_mine.data.io import DirLock, write_json_atomic
+from cir_mine.data.io import write_job, write_json_atomic
 from cir_mine.data.workspace import Workspace, check_split, read_metadata, write_table
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class RayEmbedRun:
     actors: int = 1                 # encoder actors (with --device cuda: at most one per GPU)
     part_size: int = 4096           # images per gallery part (the unit of resume)
     batch_size: int = 64            # images per forward pass inside an actor
-    cpus_per_actor: float = 1.0     # CPUs each CPU encoder actor reserves (its torch threads: max(1, floor))
+    cpus_per_actor: Optional[float] = None  # CPUs each CPU encoder actor reserves (its torch threads: max(1, floor)); None: 1, or the cluster's CPUs / actors when fewer
     address: Optional[str] = None   # None: a local cluster; 'auto' or HOST:PORT: join one
 
 
@@ -130,19 +130,22 @@ def _source_dataset(ray, job, images: list, rows: np.ndarray):
     return ds.map_batches(to_rows, batch_format="numpy")
 
 
-def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _stop_after_parts: Optional[int] = None) -> dict:
+def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _stop_after_parts: Optional[int] = None,
+                      overwrite: bool = True) -> dict:
     """Embed ``job`` (an :class:`~cir_mine.miner.encode.dataset.EmbedJob`) on Ray; returns the manifest.
 
     _stop_after_parts: test hook, raise after writing that many parts (a crash, for resume tests)."""
     from cir_mine.miner.encode.clip import embed_texts, load_encoder, load_prompts, warn_random_weights
-    from cir_mine.miner.encode.dataset import _check_encoder_matches, _keep_queries, _skipped_summary, _triplets
+    from cir_mine.miner.encode.dataset import (_check_encoder_matches, _keep_queries, _skipped_summary, _triplets,
+                                               keep_scratch_if_resumable, resume_note)
     from cir_mine.miner.encode.index import index_workspace
     from cir_mine.miner.distributed.ray_shards import require_ray
 
     require_ray()
     check_split(job.split)
     warn_random_weights(job.encoder)
-    if run.actors < 1 or run.part_size < 1 or run.batch_size < 1 or run.cpus_per_actor <= 0:
+    if run.actors < 1 or run.part_size < 1 or run.batch_size < 1 or (run.cpus_per_actor is not None and
+                                                                      run.cpus_per_actor <= 0):
         raise UsageError("--actors, --part-size and --batch-size must be at least 1, --cpus-per-actor above 0.")
     advance = progress or (lambda n=1, total=None: None)
     kw = {"triplets": job.triplets_file} if job.dataset in ("folder", "webdataset") and job.triplets_file else {}
@@ -155,12 +158,15 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
                         f"or import features with `cir-mine index --from-features`.")
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
-    with DirLock(ws.root, "cir-mine embed --engine ray"):
+    scratch = ws.root / f".embed-{job.split}"
+    with write_job(ws.root, "cir-mine embed --engine ray",
+                   interrupted=lambda: resume_note(scratch, "part-*.parquet", "part")), \
+            keep_scratch_if_resumable(scratch, "part-*.parquet"):
+        ws.check_new_split(job.split, None, overwrite)
         encoder = load_encoder(job.encoder)             # the driver's copy: captions and zero-shot attributes
         _check_encoder_matches(ws, job.split, encoder.describe())
         n = len(images)
         advance(0, total=n)
-        scratch = ws.root / f".embed-{job.split}"
         keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]
         p = plan(encoder, keys, run.part_size)
         plan_path = scratch / "plan.json"
@@ -176,7 +182,7 @@ def embed_dataset_ray(job, run: RayEmbedRun = RayEmbedRun(), progress=None, _sto
         scratch.mkdir(parents=True, exist_ok=True)
         if not plan_path.exists():
             try:
-                write_json_atomic(plan_path, p)
+                write_json_atomic(plan_path, p, journal=False)
             except BaseException:
                 if created:             # nothing to resume from: leave no scratch folder behind
                     shutil.rmtree(scratch, ignore_errors=True)
@@ -232,22 +238,25 @@ def _embed_parts(job, run: RayEmbedRun, images, bounds, todo, scratch: Path, err
                  stop_after: Optional[int]) -> None:
     """Run the Ray pipeline over the rows of the ``todo`` parts; write each part as it completes."""
     from cir_mine.miner.encode.dataset import _gallery
-    from cir_mine.miner.distributed.ray_shards import connect
+    from cir_mine.miner.distributed.ray_shards import connect, shard_cpus
 
     connect(run.address)
     import ray
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if logging.getLogger("ray").getEffectiveLevel() >= logging.ERROR:    # -q: no Ray Data progress bars
+        ray.data.DataContext.get_current().enable_progress_bars = False
     rows = np.concatenate([np.arange(*bounds[i], dtype=np.int64) for i in todo])
     gpu = encoder.device.type == "cuda"
     actors = run.actors
     if gpu:
         actors = max(1, min(actors, int(ray.cluster_resources().get("GPU", 0)) or 1))
+    cpus = None if gpu else shard_cpus(actors, run.cpus_per_actor, float(ray.cluster_resources().get("CPU", 0)),
+                                       "cpus_per_actor", "actors")
     ds = _source_dataset(ray, job, images, rows).map_batches(
-        EncoderActor, fn_constructor_args=(job.encoder, run.cpus_per_actor), batch_size=run.batch_size,
-        batch_format="numpy", concurrency=actors, num_gpus=1 if gpu else 0,
-        num_cpus=None if gpu else run.cpus_per_actor)
+        EncoderActor, fn_constructor_args=(job.encoder, cpus or 1), batch_size=run.batch_size,
+        batch_format="numpy", concurrency=actors, num_gpus=1 if gpu else 0, num_cpus=cpus)
     part_of = {}
     for i in todo:
         part_of.update({r: i for r in range(*bounds[i])})
@@ -278,8 +287,8 @@ def _embed_parts(job, run: RayEmbedRun, images, bounds, todo, scratch: Path, err
                 if prompts is not None:
                     table = table.append_column(pa.field("attribute_scores", pa.list_(pa.float32())),
                                                 pa.array([], pa.list_(pa.float32())))
-            write_table(table, _part_path(scratch, i),
-                        metadata={"skipped": {str(j): e for j, e in enumerate(errs) if e}})
+            write_table(table, _part_path(scratch, i),             # resume scratch: kept when the job fails
+                        metadata={"skipped": {str(j): e for j, e in enumerate(errs) if e}}, journal=False)
             written += 1
             if stop_after and written >= stop_after:
                 raise RuntimeError(f"test hook: stopped after {written} part(s)")

@@ -512,6 +512,15 @@ def _shard_batches(shards: Sequence[int], shard_size: int, n: int, batch_size: i
             yield list(range(b, min(hi, b + batch_size)))
 
 
+def key_label(key: str) -> str:
+    """A resume key ``category\0image_id\0path`` as it reads in a message: ``image_id (path)``."""
+    parts = key.split("\0")
+    if len(parts) != 3:
+        return key.replace("\0", " ")
+    cat, image_id, path = parts
+    return f"{image_id} ({path})" if path and path != "None" else image_id
+
+
 def plan_fingerprint(encoder: Encoder, keys: Sequence[str], shard_size: int, batch_size: int) -> dict:
     h = hashlib.sha256()
     for k in keys:
@@ -522,7 +531,7 @@ def plan_fingerprint(encoder: Encoder, keys: Sequence[str], shard_size: int, bat
 
 
 def _write_shard(path: Path, emb: np.ndarray, errors: list[str]) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, journal=False) as tmp:     # resume scratch: kept when the job fails
         with open(tmp, "wb") as fh:
             np.savez(fh, emb=emb, errors=np.asarray(errors, dtype=str))
 
@@ -587,7 +596,7 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     shard_dir.mkdir(parents=True, exist_ok=True)
     if not plan_path.exists():
         try:
-            write_json_atomic(plan_path, plan)
+            write_json_atomic(plan_path, plan, journal=False)
         except BaseException:
             if created:                 # nothing to resume from: leave no scratch folder behind
                 shutil.rmtree(shard_dir, ignore_errors=True)
@@ -621,7 +630,7 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
         for i, e in zip(idx_np.tolist(), errs):
             if e:
                 errors[i] = e
-                log.warning("skipped image %s: %s", keys[i], e)
+                log.warning("skipped image %s: %s", key_label(keys[i]), e)
         if ok.any():
             # Only readable images go through the model: batch composition is the same on resume.
             emb[idx_np[ok]] = forward_images(encoder, pixels[torch.from_numpy(ok)] if not ok.all() else pixels)

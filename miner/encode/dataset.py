@@ -7,6 +7,8 @@ workspace lock, resumable through the shards of :func:`cir_mine.miner.encode.cli
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import shutil
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import pyarrow as pa
 
 from cir_mine.data.adapters import count_image_files, load_dataset
 from cir_mine.data.errors import DataError
-from cir_mine.data.io import DirLock, check_output_dir, transaction
+from cir_mine.data.io import check_output_dir, write_job
 from cir_mine.data.records import ImageRecord, QueryRecord, image_file
 from cir_mine.data.workspace import (Workspace, check_split, gallery_table, triplets_table,
                                      write_table)
@@ -125,6 +127,27 @@ def _triplets(queries: list[QueryRecord], text_emb: np.ndarray, ok_ids: set) -> 
 
 
 
+def resume_note(scratch: Path, pattern: str, unit: str) -> str:
+    """What an interrupted embedding leaves: nothing, or finished ``unit``s in ``scratch`` a rerun resumes from."""
+    done = len(list(scratch.glob(pattern))) if scratch.is_dir() else 0
+    if not done:
+        return "nothing was changed"
+    return (f"the workspace is as it was; {done} finished {unit}(s) are kept in {scratch}: rerun the same command "
+            f"to resume")
+
+
+@contextlib.contextmanager
+def keep_scratch_if_resumable(scratch: Path, pattern: str):
+    """On a failure or interruption, remove the resume folder ``scratch`` unless it holds a finished
+    ``pattern`` file: a folder with nothing to resume from is never left behind."""
+    try:
+        yield
+    except BaseException:
+        if scratch.is_dir() and not any(scratch.glob(pattern)):
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
 def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = True) -> dict:
     """Embed ``job.dataset`` into ``job.work``; returns the manifest written.
 
@@ -142,14 +165,18 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
         raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")
     if not count_image_files(images, job.root):
         first = next((im.path for im in images if im.path), None)
-        where = (f"CIRR: the paths of image_splits/split.rc2.{job.split}.json under ROOT, first {first}"
-                 if job.dataset == "cirr" else "FashionIQ: ROOT/images/ID.png|.jpg")
+        where = {"cirr": f"CIRR: the paths of image_splits/split.rc2.{job.split}.json under ROOT, first {first}",
+                 "fashioniq": "FashionIQ: ROOT/images/ID.png|.jpg",
+                 "webdataset": f"webdataset: the tar shards named by --root, first {first}"}.get(
+                     job.dataset, f"the image paths under ROOT, first {first}")
         raise DataError(f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
                         f"image file (annotations only?). Put the images where the dataset layout expects them "
                         f"({where}), or import features with `cir-mine index --from-features`.")
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
-    with DirLock(ws.root, "cir-mine embed"), transaction():
+    shard_dir = ws.root / f".embed-{job.split}"
+    with write_job(ws.root, "cir-mine embed", interrupted=lambda: resume_note(shard_dir, "shard-*.npz", "shard")), \
+            keep_scratch_if_resumable(shard_dir, "shard-*.npz"):
         ws.check_new_split(job.split, None, overwrite)
         encoder = load_encoder(job.encoder)
         _check_encoder_matches(ws, job.split, encoder.describe())
@@ -158,7 +185,6 @@ def embed_dataset(job: EmbedJob, progress: Progress = None, overwrite: bool = Tr
             if job.index != "none":
                 check_spec(job.index, len(images), int(encoder.describe()["dim"]))
         advance(0, total=len(images))  # the bar counts images; captions are fast
-        shard_dir = ws.root / f".embed-{job.split}"
         keys = [f"{im.category}\0{im.image_id}\0{im.path}" for im in images]
         files = [image_file(job.root, im.path) for im in images]
         emb, errors = embed_images(encoder, [f and str(f) for f in files], keys, shard_dir, job.run, advance)

@@ -54,14 +54,12 @@ def index_workspace(work: str | Path, split: str, spec: str = "flat", device: st
     already holds the workspace lock. ``npy`` ('float32' | 'float16'): also write the row-aligned
     ``gallery.{split}.npy`` that mining memory-maps (first, so the index is built from it).
     """
-    import contextlib
-
-    from cir_mine.data.io import DirLock, transaction
+    from cir_mine.data.io import transaction, write_job
     from cir_mine.data.workspace import Workspace
 
     ws = Workspace(work)
     ws.require()
-    with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext(), transaction():
+    with write_job(ws.root, "cir-mine index") if lock else transaction():
         if npy:
             write_gallery_npy(ws, split, npy)
         return _index_workspace(ws, split, spec, device, fp16)

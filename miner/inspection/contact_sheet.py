@@ -23,7 +23,7 @@ import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.records import image_file
-from cir_mine.data.webdataset import MEMBER_SEP, is_member, read_member
+from cir_mine.data.webdataset import MEMBER_SEP, is_member, read_member, split_member
 from cir_mine.data.workspace import Gallery, Workspace
 from cir_mine.miner.core.tables import NegativesTable, read_negatives
 
@@ -75,6 +75,26 @@ def attribute_diff(attrs: Sequence[str], target_attrs: Sequence[str]) -> tuple[l
     return sorted(a - t), sorted(t - a)
 
 
+MAX_QUERIES = 100        # queries one sheet draws at most (a band each)
+MAX_NEGATIVES = 50       # negatives drawn per query at most (a tile each)
+LABEL_CHARS = 48         # characters of a label drawn on a sheet or plot (ids, categories, attributes)
+
+
+def clip(text, n: int = LABEL_CHARS) -> str:
+    """``text`` cut to ``n`` characters ("…" marks the cut): a label of any length draws in constant time."""
+    text = str(text)
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def check_sheet_size(n_queries: int, max_negatives: int, what: str = "sample") -> None:
+    """A sheet of ``n_queries`` bands of ``max_negatives`` tiles stays drawable (UsageError otherwise)."""
+    if n_queries > MAX_QUERIES:
+        raise UsageError(f"{what} {n_queries}: a contact sheet draws at most {MAX_QUERIES} queries. Draw fewer, or "
+                         f"several sheets (another seed).", params=(what,))
+    if not 1 <= max_negatives <= MAX_NEGATIVES:
+        raise UsageError(f"max_negatives {max_negatives}: must be in 1..{MAX_NEGATIVES}.", params=("max_negatives",))
+
+
 def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Optional[int] = None,
                  seed: int = 0) -> list[str]:
     """The queries to draw: ``query_ids`` (each in the table, or a short query that got none) or
@@ -90,9 +110,11 @@ def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Opti
             if q not in known:
                 raise DataError(f"{nt.path}: query id '{q}' has no negatives in this table. "
                                 f"List the queries with `cir-mine sql \"SELECT DISTINCT query_id FROM negs\" {nt.path}`.")
+        check_sheet_size(len(query_ids), 1, "query_id")
         return list(query_ids)
     if not sample or sample < 1:
         raise UsageError("pass --query-id ID (repeatable) or --sample N.")
+    check_sheet_size(sample, 1)
     if not have:
         raise DataError(f"{nt.path}: the table has no rows; nothing to draw.")
     rng = np.random.default_rng(seed)
@@ -108,7 +130,7 @@ def _image_path(g: Gallery, row: int, root: Optional[Path]):
     if g.paths is None or not g.paths[row]:
         return None
     if is_member(g.paths[row]):                        # an image inside a webdataset tar shard
-        tar, _, member = g.paths[row].partition(MEMBER_SEP)
+        tar, member = split_member(g.paths[row])
         try:
             return io.BytesIO(read_member(f"{image_file(root, tar)}{MEMBER_SEP}{member}"))
         except (KeyError, OSError, tarfile.TarError):
@@ -206,19 +228,19 @@ def diff_lines(tile: Tile, width: int = 24, max_lines: int = 2) -> list[tuple[st
         return [("= the target's attributes", "#d97706")]      # a possible false negative
     out = []
     for sign, vals, color in (("+", tile.plus, "#b91c1c"), ("−", tile.minus, "#1d4ed8")):
-        out.extend((line, color) for line in pack_tokens([sign + _short(v) for v in vals], width, max_lines))
+        out.extend((line, color) for line in pack_tokens([sign + clip(_short(v), width) for v in vals], width, max_lines))
     return out
 
 
 def _draw_card(ax, tile: Tile, target_attrs: set) -> None:
     """A text card: category and attributes (red: not on the target)."""
     ax.set_facecolor("#f8fafc")
-    ax.text(0.06, 0.94, tile.category or "-", transform=ax.transAxes, fontsize=8, weight="bold", va="top")
+    ax.text(0.06, 0.94, clip(tile.category or "-", 30), transform=ax.transAxes, fontsize=8, weight="bold", va="top")
     attrs = list(tile.attributes)
     shown = attrs if len(attrs) <= 11 else attrs[:10]          # 11 lines fit; else 10 + "more"
     for j, a in enumerate(shown):
         color = "#b91c1c" if tile.role == "negative" and a not in target_attrs else "#111827"
-        ax.text(0.06, 0.82 - j * 0.072, textwrap.shorten(_short(a), 30, placeholder="…"),
+        ax.text(0.06, 0.82 - j * 0.072, textwrap.shorten(clip(_short(a), 200), 30, placeholder="…"),
                 transform=ax.transAxes, fontsize=6.5, va="top", color=color)
     if len(attrs) > len(shown):
         ax.text(0.06, 0.82 - len(shown) * 0.072, f"… +{len(attrs) - len(shown)} more",
@@ -245,7 +267,7 @@ def _draw_tile(ax, tile: Tile, target_attrs: set) -> None:
         s.set_linewidth(2.5)
     y = -0.03
     for j, line in enumerate(tile.lines):
-        ax.text(0.5, y, line, transform=ax.transAxes, ha="center", va="top", fontsize=7,
+        ax.text(0.5, y, clip(line), transform=ax.transAxes, ha="center", va="top", fontsize=7,
                 weight="bold" if j == 0 else "normal", color=ROLE_COLORS[tile.role] if j == 0 else "#111827")
         y -= 0.09
     for line, color in diff_lines(tile):
@@ -267,7 +289,7 @@ def render_sheet(rows: Sequence[SheetRow], title: str = "", max_negatives: int =
     for b, row in enumerate(rows):
         top = H - title_h - b * band_h                   # inches from the bottom
         caption = " / ".join(f"“{c}”" for c in row.captions if c)
-        fig.text(0.05 / W, (top - 0.02) / H, f"{row.query_id}: {textwrap.shorten(caption, 160, placeholder='…')}",
+        fig.text(0.05 / W, (top - 0.02) / H, f"{clip(row.query_id)}: {clip(caption, 160)}",
                  fontsize=8.5, weight="bold", va="top", ha="left")
         scope = "this query" if row.guards_scope == "query" else "whole table"
         g = ", ".join(f"{k} {v}" for k, v in row.guards.items() if v) or "none recorded"
@@ -290,9 +312,17 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
     Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool,
     "short": [SheetRow of each drawn query that got fewer than k negatives]}.
     """
-    from cir_mine.data.io import atomic_path, check_output
+    from cir_mine.data.io import check_output, write_job
 
-    check_output(out, [neg_path], overwrite)
+    check_sheet_size(len(query_ids or ()) or (sample or 0), max_negatives, "query_id" if query_ids else "sample")
+    out = check_output(out, [neg_path], overwrite)
+    with write_job(out.parent, f"cir-mine inspect -> {out.name}"):
+        return _contact_sheet(neg_path, work, out, query_ids, sample, root, split, max_negatives, seed)
+
+
+def _contact_sheet(neg_path, work, out: Path, query_ids, sample, root, split, max_negatives, seed) -> dict:
+    from cir_mine.data.io import atomic_path
+
     ws = Workspace(work).require()
     nt = read_negatives(neg_path, ws)
     split = split or nt.meta.get("split") or "train"
@@ -301,7 +331,6 @@ def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query
     qs = pick_queries(nt, query_ids, sample, seed)
     rows = sheet_rows(nt, ws, split, qs, Path(root) if root is not None else None, max_negatives)
     fig = render_sheet(rows, f"{Path(neg_path).name}  ·  {ws.root}  ·  split {split}", max_negatives)
-    out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     w, h = fig.get_size_inches() * fig.dpi

@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cir_mine.data.io import atomic_path, check_output
+from cir_mine.data.io import atomic_path, check_output, write_job
 from cir_mine.miner.inspection.stats import Stats, format_stats, stats_of
 from cir_mine.miner.inspection.sql import open_tables
-from cir_mine.miner.inspection.contact_sheet import render_sheet, sheet_rows
+from cir_mine.miner.inspection.contact_sheet import check_sheet_size, clip, render_sheet, sheet_rows
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def plot_mix(groups: Sequence[Group]):
 
     fig = _figure(8.5, max(2.2, 0.45 * len(groups) + 1.4))
     ax1, ax2 = fig.subplots(1, 2)
-    labels = [g.label for g in groups]
+    labels = [clip(g.label) for g in groups]
     y = np.arange(len(groups))
     same = np.array([g.category_match.mean() if len(g.delta) else 0 for g in groups])
     ax1.barh(y, same, color="#2563eb", label="same category")
@@ -197,7 +197,7 @@ def plot_top_negatives(rows: Sequence[tuple]):
     ax = fig.add_subplot()
     y = np.arange(len(rows))
     ax.barh(y, [r[2] for r in rows], color="#7c3aed")
-    ax.set_yticks(y, [f"{r[0]} ({r[1]})" if r[1] else str(r[0]) for r in rows], fontsize=7)
+    ax.set_yticks(y, [clip(f"{r[0]} ({r[1]})" if r[1] else str(r[0])) for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("times mined (all tables)")
     ax.set_title("most frequently mined negatives")
@@ -259,7 +259,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
             return f'<td class="num">{v:.4f}</td>'
         if isinstance(v, (int, np.integer)):
             return f'<td class="num">{v}</td>'
-        return f"<td>{html.escape(str(v))}</td>"
+        return f"<td>{html.escape(clip(v, 200))}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
@@ -284,6 +284,8 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
                  root: Optional[str | Path] = None, n_sheet_queries: int = 3, max_negatives: int = 6,
                  seed: int = 0) -> Report:
     """Gather the numbers and plots of ``neg_paths`` (all from workspace ``work``) into HTML."""
+    if n_sheet_queries > 0:
+        check_sheet_size(n_sheet_queries, max_negatives, "n_sheet_queries")
     con, tables, ws, split = open_tables(neg_paths, work, split)
     stats = stats_of(con, tables, has_gallery=True)
     groups = groups_of(con, len(tables))
@@ -373,8 +375,11 @@ def write_report(neg_paths: Sequence[str | Path], work: str | Path, out: str | P
                  **kw) -> Report:
     """``cir-mine report``: build the report and write ``out`` atomically (checked first, see
     :func:`cir_mine.data.io.check_output`)."""
-    check_output(out, list(neg_paths), overwrite)
-    rep = build_report(neg_paths, work, **kw)
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(rep.html, encoding="utf-8")
+    if kw.get("n_sheet_queries", 3) > 0:
+        check_sheet_size(kw.get("n_sheet_queries", 3), kw.get("max_negatives", 6), "n_sheet_queries")
+    out = check_output(out, list(neg_paths), overwrite)
+    with write_job(out.parent, f"cir-mine report -> {out.name}"):
+        rep = build_report(neg_paths, work, **kw)
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text(rep.html, encoding="utf-8")
     return rep

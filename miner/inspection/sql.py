@@ -161,6 +161,15 @@ def open_tables(neg_paths: Sequence[str | Path], work: Optional[str | Path] = No
 
 
 
+def still_current(tables: Sequence[NegativesTable], ws: Optional[Workspace], split: str) -> None:
+    """After reading: the split is still the version the tables were checked against when opened
+    (their ``data_hash``), so the numbers come from one version of the data (DataError otherwise)."""
+    hashes = {t.meta.get("data_hash") for t in tables if t.meta.get("split") == split} - {None}
+    if ws is not None and len(hashes) == 1:
+        ws.check_unchanged(split, hashes.pop())
+
+
+
 def _cell(v) -> str:
     if v is None:
         return "NULL"

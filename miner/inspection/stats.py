@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cir_mine.miner.core.tables import NegativesTable
-from cir_mine.miner.inspection.sql import open_tables
+from cir_mine.miner.inspection.sql import open_tables, still_current
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ def summarize(neg_paths: Sequence[str | Path], work: Optional[str | Path] = None
               split: Optional[str] = None) -> Stats:
     """``cir-mine stats``: per-table statistics and, for several tables, their pair overlap."""
     con, tables, ws, split = open_tables(neg_paths, work, split)
-    return stats_of(con, tables, has_gallery=ws is not None)
+    stats = stats_of(con, tables, has_gallery=ws is not None)
+    still_current(tables, ws, split)
+    return stats
 
 
 
@@ -151,6 +153,12 @@ def text_histogram(counts: np.ndarray, edges: np.ndarray, width: int = 40) -> li
         lines.append(f"  [{lo:+.3f}, {hi:+.3f})  {c:>8}  {bar}")
     return lines
 
+
+
+def _label(text, n: int = 48) -> str:
+    """A category as printed: cut to ``n`` characters ("…" marks the cut)."""
+    text = str(text or "")
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def _pct(x: float) -> str:
@@ -177,7 +185,7 @@ def format_stats(stats: Stats) -> str:
         out.extend(text_histogram(*s.delta_hist))
         out.append(f"category mix: same category {_pct(s.category_match)}, other {_pct(1 - s.category_match)}")
         if s.neg_categories:
-            out.append("negative categories: " + ", ".join(f"{k or '-'} {v}" for k, v in s.neg_categories.items()))
+            out.append("negative categories: " + ", ".join(f"{_label(k) or '-'} {v}" for k, v in s.neg_categories.items()))
         out.append(f"attribute overlap: mean {s.attr_overlap_mean:.3f}; "
                    + ", ".join(f"{k} {_pct(v)}" for k, v in s.attr_overlap_mix.items()))
         ids = s.shortfall["query_ids"]

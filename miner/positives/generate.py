@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
-from cir_mine.data.io import DirLock, check_output
+from cir_mine.data.io import check_output, write_job
 from cir_mine.data.records import join_captions
 from cir_mine.data.workspace import Workspace, triplets_table, write_table
 
@@ -93,7 +93,7 @@ def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str
     """Find pairs, caption them, embed the captions and write a triplets-schema table to ``out``."""
     cfg.validate()
     check_output(out, overwrite=overwrite)
-    with DirLock(Path(out).parent, f"cir-mine positives -> {Path(out).name}"):
+    with write_job(Path(out).parent, f"cir-mine positives -> {Path(out).name}"):
         return _generate(ws, split, cfg, Path(out), captioner, encoder, text_encoder)
 
 
