@@ -1,10 +1,13 @@
-"""Mining: queries -> exact search -> guards -> strategies -> one long-format negatives table.
+"""Mining: queries -> search back-end -> guards -> strategies -> one long-format negatives table.
 
 ``mine_negatives(ws, split, cfg)`` returns a :class:`MineResult` (an Arrow table in the negatives
 schema and the footer metadata); ``mine_to_file`` adds the lock and the atomic write. Queries go
-through in bounded batches (``query_batch``): per batch, one FAISS search of depth
-``candidates``, guard masks and strategy selections on [batch, depth] matrices, no per-query
-Python loop. Rows depend on (inputs, config, seed) only, never on the batch size.
+through in bounded batches (``query_batch``): per batch, one search of the back-end ``cfg.index``
+names (exact by default; an approximate index re-ranked exactly), guard masks and strategy
+selections on [batch, depth] matrices, no per-query Python loop. Queries still short of k are mined
+again along a ladder of deeper depths (``depth_ladder``, ``deepen``), from rows already searched
+where a deeper search costs about the same. Rows depend on (inputs, config, seed) only, never on the
+batch size or on how deep a batch was searched.
 """
 from __future__ import annotations
 

@@ -1,15 +1,19 @@
-"""Sharded search: one index per gallery shard, exact re-ranking per shard, exact top-k merge.
+"""Sharded search: one search back-end per gallery shard, exact scores per shard, exact top-k merge.
 
 A gallery of n rows is cut into S contiguous row ranges (:func:`shard_bounds`). Each shard holds
-its own rows and an index over them: an exact flat index, or an IVF / IVF-PQ index whose coarse
-quantizer (and codebooks) were trained once, on a seeded sample of the whole gallery, and copied
-to every shard before each shard adds its own rows (FAISS's train-once, add-per-shard recipe).
-Approximate shards fetch ``overfetch * k`` candidates and re-score them with exact float32 dot
-products against the shard's embeddings; flat shards return FAISS's own scores.
+its own rows and searches them. An exact shard uses the core's exact search
+(:class:`~cir_mine.miner.core.search.backends.ExactSearch`, no index copy of the rows). An
+approximate shard holds an IVF / IVF-PQ index whose coarse quantizer (and codebooks) were trained
+once, on a seeded sample of the whole gallery, and copied to every shard before each shard adds its
+own rows (FAISS's train-once, add-per-shard recipe); it is searched through
+:class:`~cir_mine.miner.core.search.backends.Reranked`, which over-fetches candidates from at least
+``nprobe`` lists (more for deeper searches) and re-scores them with exact float32 dot products
+against the shard's embeddings. Every score a shard returns is exact.
 
-:func:`~cir_mine.miner.core.search.topk.merge_topk` merges per-shard lists exactly, in FAISS's order (score descending, ties by
-the lower row first, as the single-process search), so that S flat shards give the single-process (D, I). Everything here
-is numpy + faiss; :mod:`cir_mine.miner.distributed.ray_shards` runs the same :class:`ShardSearcher` in actors.
+:func:`~cir_mine.miner.core.search.topk.merge_topk` merges per-shard lists exactly, in the search
+layer's one order (score descending, ties by the lower gallery row first), so that S exact shards
+give the single-process (D, I). Everything here is numpy + faiss;
+:mod:`cir_mine.miner.distributed.ray_shards` runs the same :class:`ShardSearcher` in actors.
 """
 from __future__ import annotations
 
@@ -136,10 +140,10 @@ class ShardSearcher:
 
 
 class ShardedIndex:
-    """S shard searchers behind FAISS's interface (``d``, ``ntotal``, ``search(xq, k)``), in process.
-
-    The reference for :class:`cir_mine.miner.distributed.ray_shards.RayShardedIndex`, and the way to mine
-    through shards on one machine."""
+    """S shard searchers in this process behind FAISS's interface (``d``, ``ntotal``, ``search(xq, k)``)
+    plus ``describe()``: the local engine (``engine="local"`` with more than one shard or an IVF shard
+    index). :class:`cir_mine.miner.distributed.ray_shards.RayShardedIndex` runs the same searchers as
+    Ray actors."""
 
     def __init__(self, xb: np.ndarray, cfg: ShardConfig = ShardConfig()):
         n, self.d = xb.shape
