@@ -64,20 +64,16 @@ def speed(args) -> dict:
                         candidates=args.candidates, max_candidates=None if args.no_deepen else 2048)
     depth = cfg.depth(args.k)
     load_faiss()
-    mined_block = faiss.cvar.distance_compute_blas_database_bs
 
     def bare():
         """The gallery read from its Parquet file, faiss.IndexFlatIP at FAISS's defaults, the same
         queries searched at the same depth in the same batches."""
         faiss.cvar.distance_compute_blas_database_bs = FAISS_DEFAULT_BLOCK
-        try:
-            xb = embedding_numpy(pq.read_table(ws.gallery_path("train"), columns=["embedding"]).column("embedding"))
-            index = faiss.IndexFlatIP(xb.shape[1])
-            index.add(xb)
-            for s in range(0, len(xq), cfg.query_batch):
-                index.search(xq[s:s + cfg.query_batch], depth)
-        finally:
-            faiss.cvar.distance_compute_blas_database_bs = mined_block
+        xb = embedding_numpy(pq.read_table(ws.gallery_path("train"), columns=["embedding"]).column("embedding"))
+        index = faiss.IndexFlatIP(xb.shape[1])
+        index.add(xb)
+        for s in range(0, len(xq), cfg.query_batch):
+            index.search(xq[s:s + cfg.query_batch], depth)
 
     def mine():
         with tempfile.TemporaryDirectory() as tmp:

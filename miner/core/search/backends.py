@@ -124,7 +124,8 @@ class Reranked:
         self.ivf = cpu_ivf(source) if self.kind == "ivf" else None       # searched with exact coarse assignment
         self.lists = ivf_flat_lists(source) if self.ivf is not None else None   # full vectors: exact top-k of the probed rows
         self.layout = None                                                 # its ListLayout, built on first use
-        self.race = KernelRace(("faiss", "lists"))
+        # list-major pays for batches that share lists; FAISS's per-query scan for a few queries
+        self.race = KernelRace(("lists", "faiss"), small="faiss")
         self.clock = Clock()
         self._centroids, self._row_norm = None, None
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from cir_mine.data.workspace import read_block, release_pages
-from cir_mine.miner.core.search.faiss_api import FLAT_DATABASE_BLOCK, load_faiss
+from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 
 
@@ -198,8 +198,8 @@ def faiss_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144
     n = int(xb.shape[0])
     k = int(min(k, n))
     xq = np.ascontiguousarray(xq, np.float32)
-    if faiss.cvar.distance_compute_blas_database_bs >= FLAT_DATABASE_BLOCK:      # not the caller's own setting
-        faiss.cvar.distance_compute_blas_database_bs = max(FLAT_DATABASE_BLOCK, 4 * k)
+    if faiss.cvar.distance_compute_blas_database_bs >= FAISS_DEFAULT_BLOCK:       # a block at least 4x the depth
+        faiss.cvar.distance_compute_blas_database_bs = max(FAISS_DEFAULT_BLOCK, 4 * k)
     out = None
     for s in range(0, n, block_rows):
         block = np.ascontiguousarray(read_block(xb, s, s + block_rows), np.float32)

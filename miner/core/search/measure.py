@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -29,10 +29,12 @@ def shape_class(nq: int, depth: int) -> tuple[int, int]:
 
 
 class KernelRace:
-    """Per shape class, the seconds per query each of ``names`` took on its share of one batch."""
+    """Per shape class, the seconds per query each of ``names`` took on its share of one batch (the
+    first name runs on most of it); ``small``: the kernel of batches too small to split."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], small: Optional[str] = None):
         self.names = tuple(names)
+        self.small = small or self.names[0]   # the kernel of batches too small to race
         self.seen: dict = {}             # shape class -> {kernel: seconds per query}
         self._lock = threading.Lock()
 
@@ -51,7 +53,7 @@ class KernelRace:
         (timed), the shares' results stacked in query order."""
         name = self.choice(nq, depth)
         if name is not None or len(self.names) == 1 or nq < MIN_RACE_QUERIES * len(self.names):
-            return call(name or self.names[0], np.arange(nq, dtype=np.int64))
+            return call(name or self.small, np.arange(nq, dtype=np.int64))
         share = max(MIN_RACE_QUERIES, nq // CHALLENGER_SHARE)
         first = nq - share * (len(self.names) - 1)
         bounds = np.r_[0, first + share * np.arange(len(self.names))].astype(np.int64)
