@@ -4,7 +4,7 @@ same candidates is faster on this machine (:class:`KernelRace`), measured on the
 Which kernel is faster is a property of the machine (its BLAS, its cores, FAISS's SIMD level) and
 of the batch's shape, not a constant. The first search of each shape class (queries and depth, each
 rounded to a power of two) runs every kernel on its own share of the batch's queries (the first kernel
-on most of them, each other on an eighth) and keeps the seconds per query; later searches of that
+on most of them, each other on a sixteenth) and keeps the seconds per query; later searches of that
 class, and of classes of the same depth with up to 4x more or fewer queries, use the fastest. The
 candidates are decided exactly
 afterwards (:func:`~cir_mine.miner.core.search.exact.exact_cut`), so the choice changes the time,
@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 MIN_RACE_QUERIES = 8    # a batch with fewer queries per kernel is not split to measure (too small to time)
-CHALLENGER_SHARE = 8    # each kernel but the first runs on 1/CHALLENGER_SHARE of the raced batch's queries
+CHALLENGER_SHARE = 16   # each kernel but the first runs on 1/CHALLENGER_SHARE of the raced batch's queries
 NEAR_CLASSES = 2        # a measured class decides for classes of the same depth this many powers of two away
 
 
