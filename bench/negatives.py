@@ -12,6 +12,10 @@
       doing the same work (exact search at the window's depth, no deepening, no cap or
       near-duplicate guard, queries short of k dropped as the peer drops them), and with cir-mine's
       default guards and deepening on; then the same window through a tuned IVF index.
+  (d) kernels: python bench/negatives.py kernels --n-gallery 100000 --dim 256
+      the exact-search candidate kernels on random unit vectors, the fastest of 5 alternated runs per
+      shape (queries x depth): FAISS's flat search with its default 1,024-row block and with the
+      block cir-mine uses (4x the depth, at least 1,024), and numpy's GEMM into FAISS's heaps.
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
 from __future__ import annotations
@@ -208,6 +212,36 @@ def _drop_short(table, k: int):
     return table.filter(pc.is_in(table.column("query_id"), value_set=full))
 
 
+def kernels(args) -> dict:
+    import faiss
+
+    from cir_mine.miner.core.search.exact import faiss_topk, gemm_topk
+    from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
+
+    load_faiss()
+    rng = np.random.default_rng(0)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+    xb = unit(rng.standard_normal((args.n_gallery, args.dim)))
+    rows = []
+    for nq, depth in ((64, 2048), (256, 2048), (1024, 800), (4096, 422), (4096, 150)):
+        xq = unit(rng.standard_normal((nq, args.dim)))
+
+        def faiss_default():
+            faiss.cvar.distance_compute_blas_database_bs = FAISS_DEFAULT_BLOCK
+            faiss.knn(xq, xb, depth, metric=faiss.METRIC_INNER_PRODUCT)
+
+        best = {}
+        for _ in range(5):
+            for name, fn in (("faiss_block_1024", faiss_default), ("faiss_block_cir_mine", lambda: faiss_topk(xq, xb, depth)),
+                             ("gemm_heaps", lambda: gemm_topk(xq, xb, depth))):
+                t = time.perf_counter()
+                fn()
+                best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
+        rows.append({"queries": nq, "depth": depth, **{k: round(v, 3) for k, v in best.items()}})
+    return {"bench": "kernels", "n_gallery": args.n_gallery, "dim": args.dim, "faiss_threads": faiss.omp_get_max_threads(),
+            "rows": rows}
+
+
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -215,7 +249,7 @@ def _cpu() -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=["speed", "memory", "st"])
+    p.add_argument("bench", choices=["speed", "memory", "st", "kernels"])
     p.add_argument("--n-gallery", type=int, default=200_000)
     p.add_argument("--n-queries", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=512)
@@ -227,7 +261,7 @@ def main():
     p.add_argument("--delta-hi", type=float, default=0.2)
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
     args = p.parse_args()
-    print(json.dumps({"speed": speed, "memory": memory, "st": st}[args.bench](args)), flush=True)
+    print(json.dumps({"speed": speed, "memory": memory, "st": st, "kernels": kernels}[args.bench](args)), flush=True)
 
 
 if __name__ == "__main__":
