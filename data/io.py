@@ -382,12 +382,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, journal: bool = True) -
         tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp_path)`` and move the result to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -585,10 +579,6 @@ class DirLock:
             self._fd = fd
             return self
         raise LockedError(f"could not take the lock {self.path}; delete it if no job is running.")
-
-    @property
-    def _held(self) -> bool:
-        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:

@@ -132,9 +132,6 @@ def image_embeddings(world: World, cfg: SynthConfig, cats: np.ndarray, vals: np.
 # ------------------------------------------------------------------------------------------------
 # Captions
 
-_ORDINAL = {"sleeve", "length"}
-
-
 def phrase(group: str, old: str, new: str, style: int) -> str:
     """One caption phrase saying that ``group`` changes from ``old`` to ``new``."""
     if group == "color":

@@ -33,9 +33,6 @@ from cir_mine.miner.core.search.topk import merge_topk
 
 log = logging.getLogger(__name__)
 
-SHARD_INDEXES = ("flat", "ivf", "ivfpq")
-
-
 @dataclass(frozen=True)
 class ShardConfig:
     shards: int = 2                 # gallery shards (one index and one searcher each)
