@@ -10,7 +10,6 @@ from cir_mine.data.workspace import Workspace, l2_normalize
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.search import build_index
 from cir_mine.miner.distributed.mine import mine_with_engine
-from cir_mine.miner.distributed.ray_shards import RAY_MISSING
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 from cir_mine.miner.distributed.shards import ShardConfig, ShardedIndex, shard_bounds
 
@@ -102,7 +101,8 @@ def test_engine_ray_without_ray_names_the_extra(synth_work, tmp_path, command):
             "mine_main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"Error: {RAY_MISSING}"
+    assert r.stderr.strip().splitlines()[-1] == ("Error: --engine ray needs Ray, which is not installed: install the "
+                                                 "'ray' extra (pip install 'cir-mine[ray]').")
     assert not out.exists()
 
 
