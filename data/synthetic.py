@@ -71,7 +71,7 @@ class SynthConfig:
         check_range("unmentioned_change", self.unmentioned_change, 0.0, 1.0)
         for g, w in self.salience.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-                raise UsageError(f"--salience {g}={w}: weights must be finite numbers >= 0.")
+                raise UsageError(f"salience {g}={w}: weights must be finite numbers >= 0.", params=("salience",))
         if self.n_gallery < 2 or self.n_triplets < 1:
             raise UsageError("n_gallery must be >= 2 and n_triplets >= 1.", params=("n_gallery", "n_triplets"))
         if self.n_triplets > self.n_gallery // 2:
@@ -253,7 +253,7 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
     check_output_dir(out)
     ws = Workspace(out)
     with write_job(ws.root, "cir-mine synth"):
-        ws.check_new_split(cfg.split, cfg.dim, overwrite, flag="--out")
+        ws.check_new_split(cfg.split, cfg.dim, overwrite, flag="out")
         world = World.make(cfg.seed, cfg.dim)
         p = plan(cfg)
         n = cfg.n_gallery
