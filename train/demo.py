@@ -110,8 +110,8 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
         TrainConfig(work="-", out="-", negatives="-", **DQE_OPTIONS).validate()
     check_output_dir(out)
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
-        raise UsageError(f"--out {out}: already holds files. Pass --overwrite to replace an earlier demo's outputs, "
-                         f"or choose another --out.")
+        raise UsageError(f"out {out}: already holds files. Pass overwrite to replace an earlier demo's outputs, "
+                         f"or choose another out.", params=("out", "overwrite"))
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(out)
