@@ -23,7 +23,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.io import atomic_path, check_output_dir, write_job
+from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import (Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table,
                                      write_table)
 
@@ -240,9 +241,9 @@ def extra_positives(p: SynthPlan, cap: int) -> list[list[str]]:
     return out
 
 
-def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int, int], None]] = None,
-             overwrite: bool = True) -> dict:
-    """Write ``gallery.{split}.parquet``, ``triplets.{split}.parquet`` and the manifest to ``out``.
+def generate(cfg: SynthConfig, out: str | Path, progress: Progress = None, overwrite: bool = True) -> dict:
+    """Write ``gallery.{split}.parquet``, ``triplets.{split}.parquet`` and the manifest to ``out``
+    (``progress``: see :mod:`cir_mine.data.progress`; items are images and triplets).
 
     All or nothing: a failure (a full disk, a read-only folder) or an interruption (Ctrl-C, SIGTERM:
     :class:`~cir_mine.data.errors.Interrupted`) leaves the workspace as it was. An
@@ -258,7 +259,6 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
         p = plan(cfg)
         n = cfg.n_gallery
         total = n + cfg.n_triplets
-        done = 0
         with atomic_path(ws.gallery_path(cfg.split)) as tmp:
             with pq.ParquetWriter(tmp, gallery_schema(cfg.dim)) as writer:
                 for start in range(0, n, CHUNK):
@@ -268,13 +268,12 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
                     writer.write_table(gallery_table(
                         image_ids(p, rows), [CATEGORIES[c] for c in p.cats[rows]],
                         [attribute_strings(v) for v in p.vals[rows]], emb))
-                    done += len(rows)
                     if progress:
-                        progress(done, total)
+                        progress(len(rows), total)
         table = triplets_for(cfg, world, p)
         write_table(table, ws.triplets_path(cfg.split), metadata={"synthetic_config": config_dict(cfg)})
         if progress:
-            progress(total, total)
+            progress(cfg.n_triplets, total)
         return ws.write_manifest(
             source="synthetic", encoder={"name": "synthetic", "dim": cfg.dim},
             synthetic={**config_dict(cfg), "groups": {g: list(v) for g, v in GROUPS.items()},

@@ -1,5 +1,6 @@
 """The training loop and cir-train: resume == uninterrupted, atomic checkpoints, refresh, CLI."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,9 +73,10 @@ def test_refresh_writes_rounds_and_logs_stats(synth_work, negs, tmp_path):
     ws = Workspace(synth_work)
     calls = []
 
-    def remine(query_emb, mining_round, epoch):
+    def remine(query_emb, mining_round, epoch):          # Remine's call signature, a MineResult's fields
         calls.append((query_emb.shape, mining_round, epoch))
-        return fake_negatives(ws, query_emb=query_emb, k=3, mining_round=mining_round)
+        table, meta = fake_negatives(ws, query_emb=query_emb, k=3, mining_round=mining_round)
+        return SimpleNamespace(table=table, meta=meta)
 
     train(cfg(synth_work, tmp_path / "r", negatives=str(negs), refresh_every=1, epochs=3), remine=remine)
     assert calls == [((600, 32), 1, 1), ((600, 32), 2, 2)]     # every query of the split, rounds 1, 2

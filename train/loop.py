@@ -1,6 +1,6 @@
 """The training loop: cached features in, RUN directory out (checkpoints, metrics, curves).
 
-``train(cfg, remine=None, progress=None)`` trains a query encoder (cir_mine.train.model) on a workspace's
+``train(cfg, remine=None, on_epoch=None)`` trains a query encoder (cir_mine.train.model) on a workspace's
 triplets with in-batch targets plus the mined negatives of a negatives table, evaluates after every
 epoch, and writes::
 
@@ -15,21 +15,25 @@ Randomness is keyed by (seed, epoch), so a resumed run equals an uninterrupted o
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from cir_mine.data.errors import CirMineError, UsageError
 from cir_mine.data.io import check_output_dir, discard, is_workspace, write_job
+from cir_mine.data.workspace import Workspace
 from cir_mine.train import checkpoint as ck
 from cir_mine.train.checkpoint import load_query_encoder
 from cir_mine.train.config import TrainConfig, resolve_heads
-from cir_mine.train.trainer import Remine, Trainer
+from cir_mine.train.trainer import Trainer
 
-__all__ = ["RUN_FILES", "Remine", "TrainConfig", "Trainer", "load_query_encoder", "resolve_heads", "resume_config",
-           "train"]
+__all__ = ["RUN_FILES", "TrainConfig", "Trainer", "load_query_encoder", "resolve_heads", "resume_config", "train"]
+
+if TYPE_CHECKING:
+    from cir_mine.miner.remine import Remine
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +41,14 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl", "metrics.json", "curves.png")
 
 
-def train(cfg: TrainConfig, remine: Optional[Remine] = None, resume: bool = False,
-          progress: Optional[Callable[[dict], None]] = None, overwrite: bool = False) -> dict:
+def train(cfg: TrainConfig, remine: Optional["Remine"] = None, resume: bool = False,
+          on_epoch: Optional[Callable[[dict], None]] = None, overwrite: bool = False) -> dict:
     """Train (or resume) a run; returns the final metrics (also in RUN/metrics.json).
 
-    remine: the refresh's miner call (see :data:`Remine`); required with ``refresh_every``.
+    remine: the refresh's re-mining hook (:class:`cir_mine.miner.remine.Remine`, or a callable with
+    its call signature; the caller closes it). None with ``refresh_every``: a Remine over
+    ``cfg.negatives``, opened here and closed when the run ends. on_epoch: called with each epoch's
+    record (the line of RUN/metrics.jsonl) once its checkpoint is saved.
     A new run never starts in a directory that holds one unless ``overwrite`` (its files are then
     replaced), nor in a workspace or a folder holding one of its inputs. A new run that fails on
     its input or diverges leaves nothing behind (a crash keeps the last checkpoint for ``resume``).
@@ -74,6 +81,23 @@ def train(cfg: TrainConfig, remine: Optional[Remine] = None, resume: bool = Fals
             return f"{run_dir} keeps its last checkpoint: continue the run with `cir-train resume={run_dir}`"
         return "nothing was changed"
 
+    with contextlib.ExitStack() as stack:
+        if remine is None and cfg.refresh_every:
+            remine = stack.enter_context(_table_remine(cfg))
+        return _run(cfg, remine, resume, on_epoch, overwrite, undo, interrupted)
+
+
+def _table_remine(cfg: TrainConfig) -> "Remine":
+    """The re-mining hook over the run's negatives table (its config, search back-end and engine)."""
+    from cir_mine.miner.remine import Remine
+
+    return Remine(Workspace(cfg.work), cfg.split, negatives=cfg.negatives, schedule=cfg.schedule, device="cpu")
+
+
+def _run(cfg: TrainConfig, remine, resume: bool, on_epoch, overwrite: bool, undo, interrupted) -> dict:
+    """The run as one write job (see :func:`train`)."""
+    run_dir = Path(cfg.out)
+    ckpt = run_dir / ck.NAME
     with write_job(run_dir, "cir-train", rollback_on=undo, interrupted=interrupted, params=("resume",)):
         if not resume and ckpt.exists() and not overwrite:
             raise UsageError(f"{run_dir} already holds a run. Pass resume {run_dir} to continue it, "
@@ -82,7 +106,7 @@ def train(cfg: TrainConfig, remine: Optional[Remine] = None, resume: bool = Fals
             for old in [*(run_dir / n for n in RUN_FILES), *run_dir.glob("negs.round*.parquet")]:
                 if old.exists():
                     discard(old)
-        return Trainer(cfg, remine, progress).run(resume=resume)
+        return Trainer(cfg, remine, on_epoch).run(resume=resume)
 
 
 def _resolve_parent(p) -> Path:

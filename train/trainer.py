@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -44,11 +44,10 @@ from cir_mine.train.model import (
 )
 from cir_mine.train.objective import Batch, Objective
 
+if TYPE_CHECKING:
+    from cir_mine.miner.remine import Remine
+
 log = logging.getLogger(__name__)
-
-
-# remine(query_emb float32[m_split, d], mining_round, epoch) -> (negatives pa.Table, footer meta dict)
-Remine = Callable[[np.ndarray, int, int], tuple]
 
 
 @dataclass
@@ -91,9 +90,9 @@ class Trainer:
     :meth:`refresh` (re-mine) and :meth:`save` / :meth:`restore` (checkpoint).
     """
 
-    def __init__(self, cfg: TrainConfig, remine: Optional[Remine] = None,
-                 progress: Optional[Callable[[dict], None]] = None):
-        self.cfg, self.remine, self.progress = cfg, remine, progress
+    def __init__(self, cfg: TrainConfig, remine: Optional["Remine"] = None,
+                 on_epoch: Optional[Callable[[dict], None]] = None):
+        self.cfg, self.remine, self.on_epoch = cfg, remine, on_epoch
         self.run_dir = Path(cfg.out)
         ws = Workspace(cfg.work).require()
         self.ws = ws
@@ -179,7 +178,8 @@ class Trainer:
         r = self.state.round + 1
         q = encode_queries(self.model, self.gallery.embeddings[self.all_queries.ref_rows],
                            self.all_queries.text_emb)
-        table, meta = self.remine(q, r, epoch)
+        res = self.remine(q, mining_round=r, epoch=epoch)
+        table, meta = res.table, res.meta
         path = self.run_dir / f"negs.round{r}.parquet"
         write_negatives(table, path, meta)
         prev = self.bank
@@ -387,8 +387,8 @@ class Trainer:
             self.state.epoch = rec["epoch"]
             _write_jsonl(self.run_dir / "metrics.jsonl", self.state.history)
             self.save()
-            if self.progress:
-                self.progress(rec)
+            if self.on_epoch:
+                self.on_epoch(rec)
             crash_point("epoch-saved")
         final = self.evaluate()
         if total_epochs == 0:

@@ -15,12 +15,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.io import check_output, write_job
+from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import Workspace, file_digest
 from cir_mine.miner.core.assemble import assemble_table, footer, seconds, stage_seconds
 from cir_mine.miner.core.backend import open_search
@@ -56,7 +57,7 @@ class MineResult:
 
 
 def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
-                   mining_round: int = 0, index=None, progress: Optional[Callable[[int], None]] = None,
+                   mining_round: int = 0, index=None, progress: Progress = None,
                    loaded: Optional[tuple] = None, query_ids: Optional[Sequence[str]] = None) -> MineResult:
     """Mine negatives for every query of ``split``: prepare, open the search back-end, then per batch
     search (approximate back-ends re-ranked exactly), guard and select; deepen short queries;
@@ -66,7 +67,7 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     refresh); None with ``cfg.query == 'zero-shot'`` uses normalize(ref + w * text).
     index: a search back-end (see cir_mine.miner.core.search.backends) or a FAISS inner-product index over the
     gallery rows; default: the one ``cfg.index`` names (exact flat unless told).
-    progress: called with the number of queries finished in each batch.
+    progress: ``progress(n, total=None)`` (:mod:`cir_mine.data.progress`), n queries more finished per batch.
     loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
     round), so the gallery and triplets are not read again.
     query_ids: the query id of each row of ``query_emb`` (any order, e.g. your dataset's): the rows

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
+from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import release_pages
 from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.context import BatchContext
@@ -131,7 +131,7 @@ class DepthSchedule:
     need it, ``backend.deep_share``)."""
 
     def __init__(self, prep: Prepared, cfg: MineConfig, backend, prefetch: bool = False,
-                 progress: Optional[Callable[[int], None]] = None):
+                 progress: Progress = None):
         self.prep, self.cfg, self.backend, self.prefetch, self.progress = prep, cfg, backend, prefetch, progress
         m = prep.m
         self.got = np.zeros(m, np.int64)             # negatives per query
@@ -256,6 +256,6 @@ class DepthSchedule:
 
 
 def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False,
-                 progress: Optional[Callable[[int], None]] = None) -> Mined:
+                 progress: Progress = None) -> Mined:
     """Steps 3-5 for the query indices ``queries`` (see :class:`DepthSchedule`)."""
     return DepthSchedule(prep, cfg, backend, prefetch, progress).mine(queries)
