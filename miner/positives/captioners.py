@@ -166,7 +166,8 @@ class CommandCaptioner:
         for t in threads:
             t.join(5)
         if state["error"]:
-            raise DataError(f"captioner command {self.command!r} {state['error']}.", params=("command_timeout",))
+            raise DataError(f"captioner command {self.command!r} {state['error']}.",
+                            params=("command_timeout",) if "`command_timeout`" in state["error"] else ())
         if rc != 0:
             raise DataError(f"captioner command {self.command!r} exited with {rc}: "
                             f"{tail.decode('utf-8', 'replace').strip()[-300:]}")
