@@ -46,7 +46,7 @@ def test_demo_library_small(tmp_path):
 
     said = []
     res = run_demo(tmp_path / "demo", DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32,
-                                                 world="coarse"), progress=said.append)
+                                                 world="coarse"), on_step=said.append)
     assert list(res.runs) == ["zero-shot", "in-batch", "random", "midzone", "attribute-mismatch"]
     assert all((r["dir"] / "metrics.json").exists() and 0 <= r["R@10"] <= r["R@50"] <= 100 for r in res.runs.values())
     assert all(p.exists() for p in res.tables.values()) and len(said) == 1 + 3 + 5
