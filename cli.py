@@ -184,13 +184,7 @@ def synth(
                       salience=parse_salience(salience), item_noise=item_noise, text_noise=text_noise,
                       unmentioned_change=unmentioned)
     with progress_bar("synth", n_gallery + n_triplets, quiet) as advance:
-        state = {"done": 0}
-
-        def cb(done, total):
-            advance(done - state["done"])
-            state["done"] = done
-
-        manifest = generate(cfg, out, progress=cb, overwrite=overwrite)
+        manifest = generate(cfg, out, progress=advance, overwrite=overwrite)
     typer.echo(f"wrote {out}: {manifest['counts']} (d={manifest['dim']})")
 
 
@@ -436,7 +430,7 @@ def demo(
         if not quiet:
             typer.echo(f"[{step['n']}] {msg}")
 
-    res = run_demo(out, DemoConfig(epochs=epochs, world=world), progress=say, overwrite=overwrite)
+    res = run_demo(out, DemoConfig(epochs=epochs, world=world), on_step=say, overwrite=overwrite)
     typer.echo("")
     typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
     for name, r in res.runs.items():
@@ -929,13 +923,14 @@ def train(
             neg_weight=neg_weight, attr_weight=attr_weight, attr_heads=attr_heads)
     remine = _miner_remine(cfg, quiet, ray_address) if cfg.validate().refresh_every else None
     total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
-    with progress_bar("train", total, quiet, unit="epochs") as advance:
+    with remine if remine is not None else contextlib.nullcontext(), \
+            progress_bar("train", total, quiet, unit="epochs") as advance:
         def on_epoch(rec):
             advance(1)
             if not quiet:
                 typer.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  R@10 {rec.get('R@10', float('nan')):.2f}", err=True)
 
-        m = run_training(cfg, remine=remine, resume=resume is not None, progress=on_epoch, overwrite=overwrite)
+        m = run_training(cfg, remine=remine, resume=resume is not None, on_epoch=on_epoch, overwrite=overwrite)
     keys = [k for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3") if k in m]
     typer.echo(f"{cfg.out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
     for cat, v in m.get("per_category", {}).items():
@@ -963,20 +958,21 @@ def _ignored_on_resume(ctx, cfg) -> list:
 
 
 def _miner_remine(cfg, quiet: bool = False, ray_address: Optional[str] = None):
-    """The refresh's miner call for the table cfg.negatives (see train.refresh), printing one line
-    per round on stderr unless ``quiet``: round, epoch, strategy mix, rows, time. A table mined
-    through an engine (--engine, --shards) is re-mined through the same one."""
-    from cir_mine.train.refresh import miner_remine
+    """The refresh's re-mining hook over the table cfg.negatives (cir_mine.miner.remine.Remine, a context
+    manager), printing one line per round on stderr unless ``quiet``: round, epoch, strategy mix, rows,
+    time. A table mined through an engine (--engine, --shards) is re-mined through the same one."""
+    from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.remine import Remine
 
-    remine = miner_remine(cfg.work, cfg.split, cfg.negatives, cfg.schedule, ray_address=ray_address)
+    class SayingRemine(Remine):
+        def __call__(self, query_emb, mining_round=None, epoch=0, query_ids=None):
+            res = super().__call__(query_emb, mining_round, epoch, query_ids)
+            if not quiet:
+                typer.echo(remine_line(self.mining_round, epoch, res.meta), err=True)
+            return res
 
-    def remine_and_say(query_emb, round, epoch):
-        table, meta = remine(query_emb, round, epoch)
-        if not quiet:
-            typer.echo(remine_line(round, epoch, meta), err=True)
-        return table, meta
-
-    return remine_and_say
+    return SayingRemine(Workspace(cfg.work), cfg.split, negatives=cfg.negatives, schedule=cfg.schedule, device="cpu",
+                        ray_address=ray_address)
 
 
 def remine_line(round: int, epoch: int, meta: dict) -> str:

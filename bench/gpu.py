@@ -121,7 +121,8 @@ def mining_rows(args, device: str) -> list:
 
     from cir_mine.miner.core.search import backends as B, build, tuning
     from cir_mine.miner.core.search import build_index
-    from cir_mine.miner.core.mine import MineConfig, mine_negatives, prepare
+    from cir_mine.miner.core.mine import MineConfig, mine_negatives
+    from cir_mine.miner.core.prepare import prepare
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

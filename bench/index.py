@@ -135,7 +135,7 @@ def compare(args) -> dict:
     xb = g.embeddings
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(xb)
-    from cir_mine.miner.core.mine import prepare
+    from cir_mine.miner.core.prepare import prepare
 
     prep = prepare(ws, "train", MineConfig.of(**base), None, 0, loaded)
     with Clock() as bare:
@@ -174,7 +174,7 @@ def lists(args) -> dict:
     import faiss
     from faiss.contrib.big_batch_search import big_batch_search
 
-    from cir_mine.miner.core.mine import prepare
+    from cir_mine.miner.core.prepare import prepare
     from cir_mine.miner.core.search.backends import Reranked
     from cir_mine.miner.core.search.lists import ListLayout, coarse_assign, list_major_search
 

@@ -4,7 +4,7 @@
 
 Mines one negatives table per strategy (k negatives per query, zero-shot queries, seed 0; cached
 in OUT/negs.{strategy}.parquet), then trains every variant below for every seed with the Python
-API that `cir-train` calls (cir_mine.train.loop.train; refresh through cir_mine.train.refresh.miner_remine) and
+API that `cir-train` calls (cir_mine.train.loop.train; refresh through cir_mine.miner.remine.Remine) and
 evaluates on the held-out dev queries (--dev-fraction 0.1, --dev-seed 0: the same dev set for
 every seed and variant). Writes OUT/results.jsonl (one line per run) and OUT/quality.md (the table).
 Each run's directory OUT/runs/{variant}.s{seed} is a normal cir-train run (metrics.json, curves.png).
@@ -88,16 +88,13 @@ def mine_table(work: Path, out: Path, mix: str, mine: dict) -> Path:
 
 
 def run_one(work: Path, out: Path, name: str, strategy, overrides: dict, mine: dict, seed: int) -> dict:
-    from cir_mine.train.refresh import miner_remine
-
     run = out / "runs" / f"{name}.s{seed}"
     negs = mine_table(work, out, strategy, mine) if strategy else None
     if (run / "metrics.json").exists():
         return json.loads((run / "metrics.json").read_text())
     cfg = TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None, seed=seed,
                       **{**BASE, **overrides})
-    remine = miner_remine(work, "train", negs, cfg.schedule) if cfg.refresh_every else None
-    return train(cfg, remine=remine, resume=(run / "ckpt.pt").exists())
+    return train(cfg, resume=(run / "ckpt.pt").exists())     # refresh_every re-mines through the table's Remine
 
 
 def _overrides(text: str, defaults) -> dict:

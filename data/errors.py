@@ -2,7 +2,10 @@
 
 An error about a parameter names it as the Python API spells it (``delta_lo``) and lists it in
 ``params``; :meth:`CirMineError.render` writes those names the way a front end spells them (the CLI:
-``--delta-lo``), so the library never needs to know its command-line flags.
+``--delta-lo``), so the library never needs to know its command-line flags. A name stands in the
+text as a word (``delta_lo must be ...``), or marked: in backticks (`` `split` ``, where the word also
+occurs as prose) or inside a command line in backticks (`` `cir-mine index work=W split=S npy` ``:
+``name=value`` and bare names are spelled, the rest stays).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from typing import Callable
 # A parameter named in running text as the API sets it: ``MineConfig.of(rho=...)``, ``MineConfig.of(rho=None)``,
 # several at once ``MineConfig.of(delta_lo=..., delta_hi=...)``.
 API_CALL = re.compile(r"MineConfig\.of\(([^()]*)\)")
+# A parameter marked in backticks, or a command line in backticks whose parameters are spelled.
+MARKED = re.compile(r"`((?:cir-mine|cir-train)\b[^`]*|[a-z_][a-z0-9_]*)`")
 
 
 def spell_calls(text: str, spell: Callable[[str], str]) -> str:
@@ -39,11 +44,31 @@ class CirMineError(Exception):
         self.params = tuple(params)  # parameter names the message mentions (e.g. "delta_lo", "rho=None")
 
     def render(self, spell: Callable[[str], str]) -> str:
-        """The message with every name in ``params`` replaced by ``spell(name)``: whole words only, never
-        inside a path (``/runs/k/``), longest names first (``rho=None`` is spelled before ``rho``)."""
+        """The message with every name in ``params`` replaced by ``spell(name)``: where it is marked (see
+        the module's docstring) when it is, else as whole words, never inside a path or a file name
+        (``/runs/k/``, ``out.parquet``), longest names first (``rho=None`` is spelled before ``rho``)."""
         text = spell_calls(str(self), spell)
-        for name in sorted(self.params, key=len, reverse=True):
-            text = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w=/-])", lambda _: spell(name), text)
+        names, marked = set(self.params), set()
+
+        def token(t: str) -> str:
+            name, eq, value = t.partition("=")
+            if name not in names:
+                return t
+            marked.add(name)
+            return spell(name) + (" " + value if eq else "")
+
+        def one(m: re.Match) -> str:
+            inner = m.group(1)
+            if inner in names:
+                marked.add(inner)
+                return spell(inner)
+            if inner.startswith(("cir-mine", "cir-train")):
+                return "`" + " ".join(token(t) for t in inner.split(" ")) + "`"
+            return m.group(0)
+
+        text = MARKED.sub(one, text)
+        for name in sorted(names - marked, key=len, reverse=True):
+            text = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w=/-]|\.\w)", lambda _: spell(name), text)
         return text
 
 

@@ -23,7 +23,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.io import atomic_path, check_output_dir, write_job
+from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import (Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table,
                                      write_table)
 
@@ -71,7 +72,7 @@ class SynthConfig:
         check_range("unmentioned_change", self.unmentioned_change, 0.0, 1.0)
         for g, w in self.salience.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-                raise UsageError(f"--salience {g}={w}: weights must be finite numbers >= 0.")
+                raise UsageError(f"salience {g}={w}: weights must be finite numbers >= 0.", params=("salience",))
         if self.n_gallery < 2 or self.n_triplets < 1:
             raise UsageError("n_gallery must be >= 2 and n_triplets >= 1.", params=("n_gallery", "n_triplets"))
         if self.n_triplets > self.n_gallery // 2:
@@ -131,9 +132,6 @@ def image_embeddings(world: World, cfg: SynthConfig, cats: np.ndarray, vals: np.
 
 # ------------------------------------------------------------------------------------------------
 # Captions
-
-_ORDINAL = {"sleeve", "length"}
-
 
 def phrase(group: str, old: str, new: str, style: int) -> str:
     """One caption phrase saying that ``group`` changes from ``old`` to ``new``."""
@@ -243,9 +241,9 @@ def extra_positives(p: SynthPlan, cap: int) -> list[list[str]]:
     return out
 
 
-def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int, int], None]] = None,
-             overwrite: bool = True) -> dict:
-    """Write ``gallery.{split}.parquet``, ``triplets.{split}.parquet`` and the manifest to ``out``.
+def generate(cfg: SynthConfig, out: str | Path, progress: Progress = None, overwrite: bool = True) -> dict:
+    """Write ``gallery.{split}.parquet``, ``triplets.{split}.parquet`` and the manifest to ``out``
+    (``progress``: see :mod:`cir_mine.data.progress`; items are images and triplets).
 
     All or nothing: a failure (a full disk, a read-only folder) or an interruption (Ctrl-C, SIGTERM:
     :class:`~cir_mine.data.errors.Interrupted`) leaves the workspace as it was. An
@@ -256,12 +254,11 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
     check_output_dir(out)
     ws = Workspace(out)
     with write_job(ws.root, "cir-mine synth"):
-        ws.check_new_split(cfg.split, cfg.dim, overwrite, flag="--out")
+        ws.check_new_split(cfg.split, cfg.dim, overwrite, flag="out")
         world = World.make(cfg.seed, cfg.dim)
         p = plan(cfg)
         n = cfg.n_gallery
         total = n + cfg.n_triplets
-        done = 0
         with atomic_path(ws.gallery_path(cfg.split)) as tmp:
             with pq.ParquetWriter(tmp, gallery_schema(cfg.dim)) as writer:
                 for start in range(0, n, CHUNK):
@@ -271,13 +268,12 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Optional[Callable[[int
                     writer.write_table(gallery_table(
                         image_ids(p, rows), [CATEGORIES[c] for c in p.cats[rows]],
                         [attribute_strings(v) for v in p.vals[rows]], emb))
-                    done += len(rows)
                     if progress:
-                        progress(done, total)
+                        progress(len(rows), total)
         table = triplets_for(cfg, world, p)
         write_table(table, ws.triplets_path(cfg.split), metadata={"synthetic_config": config_dict(cfg)})
         if progress:
-            progress(total, total)
+            progress(cfg.n_triplets, total)
         return ws.write_manifest(
             source="synthetic", encoder={"name": "synthetic", "dim": cfg.dim},
             synthetic={**config_dict(cfg), "groups": {g: list(v) for g, v in GROUPS.items()},

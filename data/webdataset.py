@@ -51,7 +51,8 @@ def shard_paths(root: str | Path) -> list[Path]:
     else:
         paths = [Path(p) for p in expand_braces(spec)]
     if not paths:
-        raise DataError(f"{root}: no .tar shards. Pass --root 'DIR/{{00000..00099}}.tar' (img2dataset's output) or a directory of .tar files.")
+        raise DataError(f"{root}: no .tar shards. Pass `root` 'DIR/{{00000..00099}}.tar' (img2dataset's output) or a "
+                        f"directory of .tar files.", params=("root",))
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(paths)} shards named by {root} are missing).")

@@ -1,11 +1,12 @@
-"""The re-mining hook: ``remine(query_emb) -> MineResult`` for a training loop (cir-train's or yours).
+"""The re-mining protocol: ``remine(query_emb) -> MineResult`` for a training loop (cir-train's or yours).
 
 A :class:`Remine` fixes everything but the queries: the workspace split (read once), the search
 back-end (the one an earlier negatives table was mined with, reopened from its footer, or the one
 the first call opens from the config) and the mining config (given, or read from an earlier
-negatives table's footer). Each call mines every query of
-the split with the model's current query embeddings; with a curriculum, the mix the schedule
-names for ``epoch``. cir-train's ``--refresh-every`` calls the same hook (cir_mine.train.refresh).
+negatives table's footer). Each call mines every query of the split with the model's current query
+embeddings; with a curriculum, the mix the schedule names for ``epoch``. It is a context manager:
+closing it releases what it opened (the back-end, Ray shard actors included). cir-train's
+``refresh_every`` re-mines through it (:func:`cir_mine.train.loop.train`).
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class Remine:
     table mined through an engine (``meta["engine"]``: gallery shards in process or on Ray actors)
     is re-mined through the same engine and shard settings; ``ray_address`` is the Ray cluster to
     join then (None: a local one). A MineResult given as ``negatives`` lends its open back-end.
+
+    ``close()`` (or leaving ``with Remine(...) as remine:``) releases the back-end this hook opened
+    (a Ray engine's shard actors included); a back-end given to it (``index``, a MineResult's) stays
+    open, its owner's to close. A closed hook opens its back-end again at its next call.
     """
 
     def __init__(self, ws: Workspace, split: str = "train", cfg: Optional[MineConfig] = None,
@@ -76,6 +81,7 @@ class Remine:
         self.schedule = schedule or base.get("schedule")
         MineConfig.from_dict(self.base).validate()
         self._data, self._index, self.mining_round = None, index, 0
+        self._opened = None          # the back-end this hook opened (closed by close())
 
     def config(self, epoch: int = 0) -> MineConfig:
         """The config mined at ``epoch``: the base config, with the schedule's mix at that epoch."""
@@ -93,14 +99,30 @@ class Remine:
     def index(self):
         """The search back-end every call uses (None before the first call of a ``cfg`` hook)."""
         if self._index is None and self.engine:
-            self._index = _engine_index(self.engine, self.data()[0].embeddings, self.ray_address)
+            self._index = self._opened = _engine_index(self.engine, self.data()[0].embeddings, self.ray_address)
         if self._index is None and self.search is not None:
             from cir_mine.miner.core.search.persist import reopen
 
-            self._index = reopen(self.search, self.data()[0].embeddings, self.ws.index_path(self.split),
-                                 self.table_path, device=self.base.get("device", self.device),
-                                 fp16=self.base.get("fp16", False))
+            self._index = self._opened = reopen(self.search, self.data()[0].embeddings,
+                                                self.ws.index_path(self.split), self.table_path,
+                                                device=self.base.get("device", self.device),
+                                                fp16=self.base.get("fp16", False))
         return self._index
+
+    def close(self) -> None:
+        """Release the back-end this hook opened (a Ray engine's shard actors included)."""
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            if self._index is opened:
+                self._index = None
+            if hasattr(opened, "close"):
+                opened.close()
+
+    def __enter__(self) -> "Remine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __call__(self, query_emb: np.ndarray, mining_round: Optional[int] = None, epoch: int = 0,
                  query_ids: Optional[Sequence[str]] = None) -> MineResult:
@@ -109,7 +131,7 @@ class Remine:
                              mining_round=self.mining_round, index=self.index(), loaded=self.data(),
                              query_ids=query_ids)
         if self._index is None and res.backend is not None:
-            self._index = res.backend                   # the first call's back-end, for every later call
+            self._index = self._opened = res.backend    # the first call's back-end, for every later call
         if self.engine:
             res.meta["engine"] = self.engine
         log.info("re-mined round %d at epoch %d: %d rows", self.mining_round, epoch, res.table.num_rows)
@@ -124,7 +146,7 @@ class Remine:
 
 
 def _engine_index(engine: dict, xb: np.ndarray, ray_address: Optional[str]):
-    """The index of the engine a table was mined with (kept open for every round)."""
+    """The index of the engine a table was mined with (open until the hook is closed)."""
     from cir_mine.miner.distributed.mine import open_index
     from cir_mine.miner.distributed.ray_shards import RayConfig
     from cir_mine.miner.distributed.shards import ShardConfig

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -237,6 +238,37 @@ def test_remine_equals_a_fresh_mine_and_counts_rounds(world, tmp_path):
     with pytest.raises(UsageError) as e:
         Remine(ws, "train", cfg=cfg, negatives=path)
     assert str(e.value) == "Remine needs the mining config: pass cfg=MineConfig(...) or negatives=TABLE, not both."
+
+
+def test_remine_closes_the_back_end_it_opened_and_leaves_a_given_one_open(world, tmp_path, monkeypatch):
+    """A Ray engine's index (here a stand-in) is released on leaving ``with``; a given back-end is its owner's."""
+    import cir_mine.miner.remine as remine_mod
+    from cir_mine.miner.core.search.backends import ExactSearch
+
+    ws, g, t = world
+    q = t.text_embeddings.copy()
+
+    class Engine(ExactSearch):
+        closed = 0
+
+        def close(self):
+            Engine.closed += 1
+
+    path = tmp_path / "n.parquet"
+    res = mine_to_file(ws, "train", MineConfig(strategy="hardest", k=3), path)
+    table = SimpleNamespace(table=res.table, meta={**res.meta, "engine": {"name": "ray", "shard": {}}})
+    monkeypatch.setattr(remine_mod, "_engine_index", lambda engine, xb, address: Engine(xb))
+    with Remine(ws, "train", negatives=table) as hook:
+        hook(q)
+        assert isinstance(hook.index(), Engine) and Engine.closed == 0
+    assert Engine.closed == 1
+    hook(q)                                                 # a closed hook opens its back-end again
+    hook.close()
+    assert Engine.closed == 2
+    given = Engine(g.embeddings)
+    with Remine(ws, "train", cfg=MineConfig(strategy="hardest", k=3), index=given) as hook:
+        hook(q)
+    assert Engine.closed == 2 and hook.index() is given
 
 
 # ------------------------------------------------------------------------------------------------

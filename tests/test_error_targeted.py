@@ -130,14 +130,13 @@ def test_error_targeted_without_errors_is_the_ranking(world):
 
 def test_refresh_writes_the_allocation_into_metrics(synth_work, tmp_path):
     from cir_mine.train.loop import TrainConfig, train
-    from cir_mine.train.refresh import miner_remine
 
     negs = tmp_path / "negs.parquet"
     mine_to_file(Workspace(synth_work), "train", MineConfig(strategy="error-targeted", k=4, device="cpu"), negs)
     assert sum(read_negatives(negs).meta["prepared"]["error-targeted"]["k"].values()) == 4
     cfg = TrainConfig(work=str(synth_work), out=str(tmp_path / "run"), negatives=str(negs), epochs=2,
                       batch_size=64, width=0.5, threads=1, refresh_every=1)
-    train(cfg, remine=miner_remine(synth_work, "train", negs))
+    train(cfg)                                          # the refresh re-mines through the table's Remine
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     alloc = rec["refresh"]["prepared"]["error-targeted"]
     assert alloc == read_negatives(tmp_path / "run" / "negs.round1.parquet").meta["prepared"]["error-targeted"]

@@ -349,8 +349,10 @@ def test_query_emb_equals_zero_shot(world):
     assert b.table.equals(a) and b.meta["query_source"] == "provided"
     with pytest.raises(DataError, match=r"query_emb: shape \(5, 32\), expected \(600, 32\)"):
         mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone"), query_emb=q[:5])
-    with pytest.raises(UsageError, match="--query checkpoint needs query embeddings"):
+    with pytest.raises(UsageError, match="`query` checkpoint needs query embeddings") as e:
         mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", query="checkpoint"))
+    assert e.value.render(lambda p: "--" + p) == ("--query checkpoint needs query embeddings from a trained model: "
+                                                  "pass --checkpoint RUN/ckpt.pt.")
 
 
 def test_config_roundtrip_and_remine_from_footer(world, tmp_path):

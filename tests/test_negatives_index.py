@@ -224,7 +224,7 @@ def _zero_shot(ws):
 def test_refresh_searches_exactly_like_round_0(indexed, tmp_path, index):
     """With round 0's queries, a refresh round reproduces round 0's table: same index file, same
     tuned parameters, no re-tuning."""
-    from cir_mine.train.refresh import miner_remine
+    from cir_mine.miner.remine import Remine
 
     out = tmp_path / "negs.parquet"
     r0 = mine_to_file(indexed, "train", MineConfig.of(mix="hardest:0.5,midzone:0.5", k=6, index=index,
@@ -232,8 +232,9 @@ def test_refresh_searches_exactly_like_round_0(indexed, tmp_path, index):
     assert "tuning" in r0.meta["search"]
     if index == "hnsw":
         assert (tmp_path / "negs.parquet.faiss").exists() and read_negatives(out).meta["search"]["file"] == "negs.parquet.faiss"
-    remine = miner_remine(indexed.root, "train", out)
-    table, meta = remine(_zero_shot(indexed), 1, 1)
+    with Remine(indexed, "train", negatives=out) as remine:
+        res = remine(_zero_shot(indexed), mining_round=1, epoch=1)
+    table, meta = res.table, res.meta
     assert meta["search"]["params"] == r0.meta["search"]["params"] and "tuning" not in meta["search"]
     assert meta["search"].get("deep") == r0.meta["search"].get("deep")      # the deep search's tuned value too
     if index == "workspace":
@@ -244,25 +245,27 @@ def test_refresh_searches_exactly_like_round_0(indexed, tmp_path, index):
 
 def test_refresh_of_a_flat_table_never_uses_the_workspace_index(indexed, tmp_path):
     """A table mined exactly is refreshed exactly, even when the workspace holds an IVF index."""
-    from cir_mine.train.refresh import miner_remine
+    from cir_mine.miner.remine import Remine
 
     out = tmp_path / "negs.parquet"
     r0 = mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", k=6), out)
-    table, meta = miner_remine(indexed.root, "train", out)(_zero_shot(indexed), 1, 1)
+    with Remine(indexed, "train", negatives=out) as remine:
+        res = remine(_zero_shot(indexed), mining_round=1, epoch=1)
+    table, meta = res.table, res.meta
     assert meta["search"]["exact"] is True and meta["search"]["index"] == "flat"
     assert table.drop(["round"]).equals(r0.table.drop(["round"]))
 
 
 def test_refresh_refuses_a_changed_index(indexed, tmp_path):
     from cir_mine.miner.encode.index import index_workspace
-    from cir_mine.train.refresh import miner_remine
+    from cir_mine.miner.remine import Remine
 
     out = tmp_path / "negs.parquet"
     mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", k=6, index="workspace", nprobe=2), out)
     index_workspace(indexed.root, "train", "IVF8,Flat", device="cpu")
-    remine = miner_remine(indexed.root, "train", out)
+    remine = Remine(indexed, "train", negatives=out)
     with pytest.raises(DataError, match=r"index.train.faiss: changed since .*negs.parquet was mined"):
-        remine(_zero_shot(indexed), 1, 1)
+        remine(_zero_shot(indexed), mining_round=1, epoch=1)
 
 
 # -- CLI --------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_sigterm_after_ray_started_still_rolls_back(work, tmp_path):
     r = subprocess.run([sys.executable, "-c", "from cli import mine_main; mine_main()", "negatives", "--work", str(work),
                         "--out", str(out), "--strategy", "hardest", "-k", "4", "--engine", "ray", "--shards", "2", "-q"],
                        cwd=REPO, capture_output=True, text=True, timeout=240,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "CIR_MINE_KILL_BEFORE_REPLACE": "n.parquet:TERM"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CIR_MINE_CRASH": "n.parquet:TERM"})
     assert r.returncode == 143, r.stderr
     assert r.stderr.strip() == "Error: interrupted (SIGTERM); nothing was changed.", r.stderr
     assert not out.parent.exists()

@@ -1,6 +1,6 @@
 """Crashes, concurrency and determinism with real subprocesses (docs/reliability.md, "Crashes and concurrency").
 
-SIGKILLs use the ``CIR_MINE_KILL_BEFORE_REPLACE=NAME[:N]`` hook of ``cir_mine.data.io.atomic_path``: the process
+SIGKILLs use the ``CIR_MINE_CRASH=NAME[:N]`` crash point of ``cir_mine.data.atomic.atomic_path``: the process
 dies after the N-th temp file of NAME is complete and before its rename, the worst moment for a writer.
 """
 import json
@@ -25,8 +25,8 @@ runner = CliRunner()
 
 def cli(args, app="mine_main", env=None, threads=1):
     """cir-mine / cir-train in a fresh process (OMP threads pinned unless ``threads`` is None)."""
-    e = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
-    e.pop("CIR_TRAIN_CRASH_AFTER_EPOCH", None)
+    e = {k: v for k, v in os.environ.items() if k != "CIR_MINE_CRASH"}
+    e = {**e, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
     return subprocess.run([sys.executable, "-c", f"from cli import {app}; {app}()", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=e, timeout=300)
 
@@ -57,7 +57,7 @@ def test_sigkill_while_writing_negatives_then_rerun(small_work, tmp_path):
     """Killed with the table complete in its temp file: nothing under the final name; rerun == clean run."""
     out = tmp_path / "negs" / "n.parquet"
     r = cli(["negatives", "--work", small_work, "--out", out, *NEGS],
-            env={"CIR_MINE_KILL_BEFORE_REPLACE": "n.parquet"})
+            env={"CIR_MINE_CRASH": "n.parquet"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     left = files(out.parent)
     assert "n.parquet" not in left and ".cir-mine.lock" in left and any(x.endswith(".tmp") for x in left)
@@ -104,7 +104,7 @@ def test_sigkill_while_checkpointing_then_resume(small_work, tmp_path):
     assert cli(["negatives", "--work", small_work, "--out", negs, *NEGS]).returncode == 0
     run, clean = tmp_path / "run", tmp_path / "clean"
     args = ["--work", small_work, "--negatives", negs, *TRAIN]
-    r = cli([*args, "--out", run], app="train_main", env={"CIR_MINE_KILL_BEFORE_REPLACE": "ckpt.pt:2"})
+    r = cli([*args, "--out", run], app="train_main", env={"CIR_MINE_CRASH": "ckpt.pt:2"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert ck.load_checkpoint(run)["epoch"] == 1 and not (run / "metrics.json").exists()
     r = cli(["--resume", run, "-q"], app="train_main")

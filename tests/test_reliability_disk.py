@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import cir_mine.data.io as io
+import cir_mine.data.atomic as atomic
 from cir_mine.cli import mine_app, train_app
 from cir_mine.data.workspace import Workspace, gallery_table, write_gallery_parts
 from tests.fixtures import make_fashioniq, snapshot, tree
@@ -93,20 +93,20 @@ def fill(fs: Path, leave: int = 0) -> None:
 @pytest.fixture
 def fill_at(monkeypatch):
     """-> fill_at(fs, NAME[:N]): the disk of ``fs`` becomes full at the N-th write of a file called NAME,
-    after its temp file is complete (through the crash-point hook of atomic_path)."""
+    after its temp file is complete (at the crash point atomic_path passes there, see cir_mine.data.crash)."""
     def arm(fs: Path, spec: str):
         name, _, nth = spec.partition(":")
         seen = {"n": 0}
-        real = io._kill_hook
+        real = atomic.crash_point
 
-        def hook(final):
-            real(final)
-            if final.name == name:
+        def hook(point):
+            real(point)
+            if point == name:
                 seen["n"] += 1
                 if seen["n"] == int(nth or 1):
                     fill(fs)
 
-        monkeypatch.setattr(io, "_kill_hook", hook)
+        monkeypatch.setattr(atomic, "crash_point", hook)
 
     return arm
 

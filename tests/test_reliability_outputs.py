@@ -213,7 +213,7 @@ def test_metrics_rank_nan_last():
 
 def test_metrics_files_are_strict_json(tmp_path):
     from cir_mine.data.io import write_json_atomic
-    from cir_mine.train.loop import _write_jsonl
+    from cir_mine.train.trainer import _write_jsonl
 
     _write_jsonl(tmp_path / "m.jsonl", [{"epoch": 1, "loss": 0.5, "Rs@1": float("nan")}])
     write_json_atomic(tmp_path / "m.json", {"R@10": float("inf"), "per": [float("nan")]})
@@ -388,22 +388,22 @@ def test_demo_with_bad_epochs_writes_nothing(tmp_path):
 
 def _full_disk(monkeypatch):
     """Every fsync of an atomic write fails as on a full disk."""
-    import cir_mine.data.io as io
+    import cir_mine.data.atomic as atomic
 
     def fsync(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
 
 
 def _read_only(monkeypatch):
     """Every temp file of an atomic write fails as in a read-only folder."""
-    import cir_mine.data.io as io
+    import cir_mine.data.atomic as atomic
 
     def mkstemp(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(io.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
 
 
 FULL = {

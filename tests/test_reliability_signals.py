@@ -1,12 +1,12 @@
 """Ctrl-C (SIGINT) and ``kill`` (SIGTERM) at several points of every writing command
 (docs/reliability.md, "Signals").
 
-The signals are real: ``CIR_MINE_KILL_BEFORE_REPLACE=NAME:N:INT|TERM`` (the crash-point hook of
-``cir_mine.data.io.atomic_path``) makes the process send one to itself at the N-th write of NAME, after
-its temp file is complete and before the rename, the worst moment for a writer. Commands run in this
-process (fast); two run as subprocesses signalled from outside while they compute. Every case checks the
-exact ``Error:`` line, the exit code (128 + signal), that every input is byte-identical and that nothing
-is left behind: no lock, no temp file, no folder made for the output, the replaced files as they were.
+The signals are real: ``CIR_MINE_CRASH=NAME:N:INT|TERM`` (the crash point of ``atomic_path``, see
+cir_mine.data.crash) makes the process send one to itself at the N-th write of NAME, after its temp file
+is complete and before the rename, the worst moment for a writer. Commands run in this process (fast);
+two run as subprocesses signalled from outside while they compute. Every case checks the exact
+``Error:`` line, the exit code (128 + signal), that every input is byte-identical and that nothing is
+left behind: no lock, no temp file, no folder made for the output, the replaced files as they were.
 """
 import logging
 import os
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import cir_mine.data.io as io
+from cir_mine.data import crash
 from cir_mine.cli import mine_app, train_app
 from cir_mine.data.workspace import Workspace
 from tests.fixtures import make_fashioniq, snapshot, tree, write_tiny_clip_config
@@ -45,7 +45,7 @@ class Escaped(Exception):
 @pytest.fixture(autouse=True)
 def _hook(monkeypatch):
     """A fresh crash-point counter; a SIGTERM outside a write job fails the test instead of pytest."""
-    io._KILL_COUNTS.clear()
+    crash.reset()
 
     def escaped(signum, frame):
         raise Escaped("SIGTERM outside a write job")
@@ -53,7 +53,7 @@ def _hook(monkeypatch):
     old = signal.signal(signal.SIGTERM, escaped)
     yield
     signal.signal(signal.SIGTERM, old)
-    io._KILL_COUNTS.clear()
+    crash.reset()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ CASES = [(c, p, s) for c, (_, _, points) in COMMANDS.items() for p in points for
 def test_a_signal_at_any_write_leaves_everything_as_it_was(t, monkeypatch, cmd, point, sig):
     args, app, _ = COMMANDS[cmd]
     before, layout = snapshot(t), tree(t)
-    monkeypatch.setenv(io.HOOK_ENV, f"{point}:{sig}")
+    monkeypatch.setenv(crash.CRASH_ENV, f"{point}:{sig}")
     r = run(args(t), app)
     assert r.exit_code == EXIT[sig], r.output
     assert r.output.strip() == f"Error: interrupted ({NAME[sig]}); nothing was changed.", r.output
@@ -142,7 +142,7 @@ EMBED_POINTS = [("shard-00001.npz", 1), ("gallery.train.parquet", 3), ("triplets
 def test_interrupted_embed_keeps_its_shards_and_the_rerun_resumes(t, monkeypatch, caplog, point, done, sig):
     """After a finished shard: the workspace as it was, the shards kept, and the same command resumes."""
     before = snapshot(t / "E")
-    monkeypatch.setenv(io.HOOK_ENV, f"{point}:{sig}")
+    monkeypatch.setenv(crash.CRASH_ENV, f"{point}:{sig}")
     r = run(EMBED(t))
     assert r.exit_code == EXIT[sig], r.output
     assert r.output.strip() == (f"Error: interrupted ({NAME[sig]}); the workspace is as it was; {done} finished "
@@ -150,7 +150,7 @@ def test_interrupted_embed_keeps_its_shards_and_the_rerun_resumes(t, monkeypatch
                                 ), r.output
     assert {k: v for k, v in snapshot(t / "E").items() if "/.embed-train/" not in k} == before
     assert sorted(os.listdir(t / "E" / ".embed-train")) == ["plan.json", *(f"shard-{i:05d}.npz" for i in range(done))]
-    monkeypatch.delenv(io.HOOK_ENV)
+    monkeypatch.delenv(crash.CRASH_ENV)
     with caplog.at_level(logging.INFO):
         r = run(EMBED(t))
     assert r.exit_code == 0, r.output
@@ -162,14 +162,14 @@ def test_interrupted_embed_keeps_its_shards_and_the_rerun_resumes(t, monkeypatch
 @pytest.mark.parametrize("sig", ["INT", "TERM"])
 def test_interrupted_training_after_a_checkpoint_is_resumed(t, monkeypatch, sig):
     """Once the new run has a checkpoint it stays (the old run it replaced is gone) and --resume finishes it."""
-    monkeypatch.setenv(io.HOOK_ENV, f"metrics.json:{sig}")
+    monkeypatch.setenv(crash.CRASH_ENV, f"metrics.json:{sig}")
     r = run(COMMANDS["cir-train"][0](t), train_app)
     assert r.exit_code == EXIT[sig], r.output
     run_dir = t / "RUN"
     assert r.output.strip() == (f"Error: interrupted ({NAME[sig]}); {run_dir} keeps its last checkpoint: continue the "
                                 f"run with `cir-train --resume {run_dir}`."), r.output
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "metrics.jsonl", "negs.round1.parquet"]
-    monkeypatch.delenv(io.HOOK_ENV)
+    monkeypatch.delenv(crash.CRASH_ENV)
     r = run(["--resume", run_dir, "-q"], train_app)
     assert r.exit_code == 0, r.output
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "curves.png", "metrics.json", "metrics.jsonl",

@@ -10,7 +10,6 @@ from cir_mine.data.workspace import Workspace, l2_normalize
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.search import build_index
 from cir_mine.miner.distributed.mine import mine_with_engine
-from cir_mine.miner.distributed.ray_shards import RAY_MISSING
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 from cir_mine.miner.distributed.shards import ShardConfig, ShardedIndex, shard_bounds
 
@@ -81,10 +80,13 @@ def test_local_flat_shards_mine_the_single_process_table(synth_work):
 
 
 def test_shard_config_errors():
-    with pytest.raises(UsageError, match=r"^--shards must be at least 1 \(got 0\)\.$"):
+    with pytest.raises(UsageError, match=r"^shards must be at least 1 \(got 0\)\.$"):
         ShardConfig(shards=0).validate(10)
-    with pytest.raises(UsageError, match=r"^--shards 11 is more than the gallery's 10 rows; use at most 10\.$"):
+    with pytest.raises(UsageError, match=r"^shards 11 is more than the gallery's 10 rows; use at most 10\.$"):
         ShardConfig(shards=11).validate(10)
+    with pytest.raises(UsageError) as e:                   # the CLI spells the shard options --shard-*
+        ShardConfig(nprobe=0).validate(10)
+    assert e.value.render(lambda p: "--" + p.replace("_", "-")).startswith("--shard-nprobe, the over-fetch factor")
     with pytest.raises(UsageError, match="sharded search needs flat or an IVF index"):
         ShardedIndex(_unit(np.random.default_rng(0), 100, 8), ShardConfig(index="HNSW32"))
 
@@ -102,7 +104,8 @@ def test_engine_ray_without_ray_names_the_extra(synth_work, tmp_path, command):
             "mine_main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"Error: {RAY_MISSING}"
+    assert r.stderr.strip().splitlines()[-1] == ("Error: --engine ray needs Ray, which is not installed: install the "
+                                                 "'ray' extra (pip install 'cir-mine[ray]').")
     assert not out.exists()
 
 
@@ -112,7 +115,7 @@ def test_refresh_searches_through_the_tables_engine(synth_work, tmp_path, monkey
     from cir_mine.miner.distributed import shards as shards_mod
     from cir_mine.miner.distributed.mine import mine_with_engine_to_file
     from cir_mine.miner.core.tables import read_negatives
-    from cir_mine.train.refresh import miner_remine
+    from cir_mine.miner.remine import Remine
 
     ws = Workspace(synth_work)
     sc = ShardConfig(shards=2, index="IVF16,Flat", nprobe=2)
@@ -122,12 +125,13 @@ def test_refresh_searches_through_the_tables_engine(synth_work, tmp_path, monkey
     opened = []
     real_init = shards_mod.ShardedIndex.__init__
     monkeypatch.setattr(shards_mod.ShardedIndex, "__init__", lambda self, *a, **k: opened.append(1) or real_init(self, *a, **k))
-    remine = miner_remine(synth_work, "train", negs)
+    remine = Remine(ws, "train", negatives=negs, device="cpu")
     t = ws.triplets("train")
     rng = np.random.default_rng(0)
     for r in (1, 2):
         q = l2_normalize(rng.standard_normal(t.text_embeddings.shape).astype(np.float32))
-        table, meta = remine(q, r, r)
+        res = remine(q, mining_round=r, epoch=r)
+        table, meta = res.table, res.meta
         assert meta["engine"]["shard"] == read_negatives(negs).meta["engine"]["shard"]
         cfg = MineConfig.from_dict({**read_negatives(negs).config, "query": "checkpoint"})
         fresh = mine_with_engine(ws, "train", cfg, "local", sc, query_emb=q, mining_round=r).table

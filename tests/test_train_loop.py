@@ -1,6 +1,6 @@
 """The training loop and cir-train: resume == uninterrupted, atomic checkpoints, refresh, CLI."""
 import json
-import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from cir_mine.cli import train_app
+from cir_mine.data import crash
 from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.tables import write_negatives
@@ -41,11 +42,12 @@ def records(run):
 def test_resume_equals_uninterrupted(synth_work, negs, tmp_path, monkeypatch):
     kw = dict(negatives=str(negs), schedule="0:random,1:hardest", online_hard=2, static_bank=1, bank_k=200)
     full = train(cfg(synth_work, tmp_path / "a", **kw))
-    monkeypatch.setenv("CIR_TRAIN_CRASH_AFTER_EPOCH", "2")
-    with pytest.raises(RuntimeError, match="crash requested"):
+    crash.reset()
+    monkeypatch.setenv(crash.CRASH_ENV, "epoch-saved:2:RAISE")
+    with pytest.raises(RuntimeError, match="crash point epoch-saved reached"):
         train(cfg(synth_work, tmp_path / "b", **kw))
     assert len(records(tmp_path / "b")) == 2
-    monkeypatch.delenv("CIR_TRAIN_CRASH_AFTER_EPOCH")
+    monkeypatch.delenv(crash.CRASH_ENV)
     resumed = train(cfg(synth_work, tmp_path / "b", **kw), resume=True)
     assert records(tmp_path / "a") == records(tmp_path / "b")
     assert full["R@10"] == resumed["R@10"] and full["epochs"] == resumed["epochs"] == 4
@@ -71,9 +73,10 @@ def test_refresh_writes_rounds_and_logs_stats(synth_work, negs, tmp_path):
     ws = Workspace(synth_work)
     calls = []
 
-    def remine(query_emb, mining_round, epoch):
+    def remine(query_emb, mining_round, epoch):          # Remine's call signature, a MineResult's fields
         calls.append((query_emb.shape, mining_round, epoch))
-        return fake_negatives(ws, query_emb=query_emb, k=3, mining_round=mining_round)
+        table, meta = fake_negatives(ws, query_emb=query_emb, k=3, mining_round=mining_round)
+        return SimpleNamespace(table=table, meta=meta)
 
     train(cfg(synth_work, tmp_path / "r", negatives=str(negs), refresh_every=1, epochs=3), remine=remine)
     assert calls == [((600, 32), 1, 1), ((600, 32), 2, 2)]     # every query of the split, rounds 1, 2
@@ -166,7 +169,6 @@ def test_cli_run_directory_is_locked(synth_work, tmp_path):
     from cir_mine.data.io import DirLock
 
     with DirLock(tmp_path / "run"):
-        os.environ.pop("CIR_TRAIN_CRASH_AFTER_EPOCH", None)
         r = runner.invoke(train_app, ["--work", str(synth_work), "--out", str(tmp_path / "run"), "-q"])
     assert r.exit_code == 1 and "is in use by process" in r.output
 

@@ -46,7 +46,7 @@ def test_demo_library_small(tmp_path):
 
     said = []
     res = run_demo(tmp_path / "demo", DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32,
-                                                 world="coarse"), progress=said.append)
+                                                 world="coarse"), on_step=said.append)
     assert list(res.runs) == ["zero-shot", "in-batch", "random", "midzone", "attribute-mismatch"]
     assert all((r["dir"] / "metrics.json").exists() and 0 <= r["R@10"] <= r["R@50"] <= 100 for r in res.runs.values())
     assert all(p.exists() for p in res.tables.values()) and len(said) == 1 + 3 + 5
@@ -60,20 +60,20 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
 
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file
-    from cir_mine.train.refresh import miner_remine
+    from cir_mine.miner.remine import Remine
 
     negs = tmp_path / "negs.parquet"
     mine_to_file(Workspace(synth_work), "train", MineConfig.of(strategy="hardest", k=3, device="cpu"), negs)
     reads = []
     real_load = Workspace.load
     monkeypatch.setattr(Workspace, "load", lambda self, split: reads.append(split) or real_load(self, split))
-    remine = miner_remine(synth_work, "train", negs)
+    remine = Remine(Workspace(synth_work), "train", negatives=negs, device="cpu")
     _, t = real_load(Workspace(synth_work), "train")
     rng = np.random.default_rng(0)
     for r in (1, 2):
         q = rng.standard_normal(t.text_embeddings.shape).astype(np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-        table, _ = remine(q, r, r)
+        table = remine(q, mining_round=r, epoch=r).table
         cfg = MineConfig.from_dict({**read_negatives(negs).config, "query": "checkpoint"})
         fresh = mine_negatives(Workspace(synth_work), "train", cfg, query_emb=q, mining_round=r).table
         assert table.equals(fresh)

@@ -61,7 +61,8 @@ def test_a_table_of_a_split_the_workspace_lacks(tmp_path):
     with pytest.raises(DataError) as e:
         read_negatives(negs, Workspace(work))
     assert str(e.value) == (f"{negs}: mined on split 'val', which {work} does not have (splits: train). "
-                            f"Pass the workspace it was mined from with --work.")
+                            f"Pass the workspace it was mined from with work.")
+    assert e.value.params == ("work",)
 
 
 # ------------------------------------------------------------------------------------------------

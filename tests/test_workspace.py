@@ -92,8 +92,9 @@ def test_missing_reference(tmp_path):
 
 def test_missing_split_names_the_splits(tmp_path):
     _gallery(tmp_path)
-    with pytest.raises(DataError, match="splits in .*: train. Pass one with --split"):
+    with pytest.raises(DataError, match="splits in .*: train. Pass one with `split`") as e:
         Workspace(tmp_path).gallery("val")
+    assert e.value.render(lambda p: "--" + p).endswith("splits in " + str(tmp_path) + ": train. Pass one with --split.")
 
 
 def test_not_parquet(tmp_path):

@@ -7,14 +7,14 @@ A checkpoint is a ``torch.save`` dict (see docs/formats.md)::
      "negatives": path of the table in use, "history": [per-epoch records], "versions": {...}}
 
 Written to a temp file in RUN and ``os.replace``d, so a kill mid-write leaves the previous
-checkpoint intact. ``CRASH_AFTER_SAVE`` lets a test kill a run right after epoch N is saved.
+checkpoint intact; the training loop passes the crash point ``epoch-saved`` (cir_mine.data.crash) after
+each save.
 """
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.is_dir():
         path = path / NAME
     if not path.exists():
-        raise DataError(f"{path}: checkpoint not found. Train a run with `cir-train --out RUN` first.")
+        raise DataError(f"{path}: checkpoint not found. Train a run with `cir-train out=RUN` first.", params=("out",))
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for a corrupt file
@@ -56,12 +56,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if state.get("version") != VERSION:
         raise DataError(f"{path}: checkpoint version {state.get('version')} is not {VERSION}; retrain.")
     return state
-
-
-def crash_after_epoch() -> Optional[int]:
-    """Test hook: ``CIR_TRAIN_CRASH_AFTER_EPOCH=N`` raises after epoch N's checkpoint is saved."""
-    v = os.environ.get("CIR_TRAIN_CRASH_AFTER_EPOCH")
-    return int(v) if v else None
 
 
 def load_query_encoder(ckpt_path: str | Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

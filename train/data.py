@@ -103,7 +103,8 @@ def extra_queries(paths: list, gallery, gallery_keys: np.ndarray, key_of: dict, 
         for q in t.query_ids.tolist():
             if q in taken:
                 raise DataError(f"{path}: query id '{q}' is already a training query (of the workspace or an "
-                                f"earlier --extra-triplets file). Query ids must be unique; regenerate or rename them.")
+                                f"earlier extra_triplets file). Query ids must be unique; regenerate or rename them.",
+                                params=("extra_triplets",))
             taken.add(q)
         for what, ids in (("reference", t.ref_ids), ("target", t.target_ids)):
             absent = np.flatnonzero(gallery.lookup(ids, t.categories) < 0)
@@ -111,7 +112,7 @@ def extra_queries(paths: list, gallery, gallery_keys: np.ndarray, key_of: dict, 
                 j = int(absent[0])
                 raise DataError(f"{path}: {what} id '{ids[j]}' of query '{t.query_ids[j]}' is not in the gallery "
                                 f"{gallery.path}. Generate the triplets from this workspace "
-                                f"(cir-mine positives --work WORK).")
+                                f"(cir-mine positives work WORK).", params=("work",))
         qs = resolve_queries(t, gallery, gallery_keys, key_of)
         qs.weights = np.full(len(qs), weight, dtype=np.float32)
         parts.append(qs)

@@ -89,7 +89,7 @@ class DemoResult:
 
 
 def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
-             progress: Optional[Callable[[str], None]] = None, overwrite: bool = True) -> DemoResult:
+             on_step: Optional[Callable[[str], None]] = None, overwrite: bool = True) -> DemoResult:
     """Run every stage into ``out`` (work/, negs.{strategy}.parquet, runs/{name}/) -> DemoResult.
 
     Every option is validated before anything is written. The outputs of an earlier demo in ``out``
@@ -98,7 +98,6 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     from cir_mine.data.errors import UsageError
     from cir_mine.data.io import check_output_dir
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
-    from cir_mine.train.refresh import miner_remine
 
     cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()
@@ -110,9 +109,9 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
         TrainConfig(work="-", out="-", negatives="-", **DQE_OPTIONS).validate()
     check_output_dir(out)
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
-        raise UsageError(f"--out {out}: already holds files. Pass --overwrite to replace an earlier demo's outputs, "
-                         f"or choose another --out.")
-    say = progress or (lambda msg: None)
+        raise UsageError(f"out {out}: already holds files. Pass overwrite to replace an earlier demo's outputs, "
+                         f"or choose another out.", params=("out", "overwrite"))
+    say = on_step or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(out)
     work = out / "work"
@@ -137,7 +136,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
         metrics = train(TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None,
                                     epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2,
                                     zero_shot=zero_shot, refresh_every=refresh, **train_opts, **model),
-                        remine=miner_remine(work, "train", negs) if refresh else None, overwrite=True)
+                        overwrite=True)
         res.runs[name] = {"dir": run, "R@10": metrics["R@10"], "R@50": metrics["R@50"],
                           "seconds": time.perf_counter() - t}
         say(f"train {name:<18s} -> {run}: R@10 {metrics['R@10']:.2f}  R@50 {metrics['R@50']:.2f} "

@@ -131,6 +131,7 @@ def combiner_training_fiq(root: str, work: str, clip_model_name: str, clip_model
             train_set.set_negatives(rounds[-1])                                                  # cir-mine
         print(f"epoch {epoch}: loss {losses[-1]:.4f}, negatives round {len(rounds) - 1}: "
               f"{int(train_set.mask.sum())} for {len(train_set)} items")
+    remine.close()                                                                       # cir-mine
     return {"losses": losses, "rounds": rounds, "combiner": combiner}
 
 

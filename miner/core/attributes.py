@@ -105,10 +105,6 @@ class Vocabulary:
     def default(cls) -> "Vocabulary":
         return _default()
 
-    def image_values(self, attrs: Iterable[str]) -> dict[str, set[str]]:
-        """Gallery attributes -> {group: values the vocabulary recognises}; unknown attributes ignored."""
-        return {g: vals for g, (vals, _) in self.image_evidence(attrs).items()}
-
     def image_evidence(self, attrs: Iterable[str]) -> dict[str, tuple[set, bool]]:
         """{group: (values, exact)}; exact when a ground-truth ``group:value`` attribute names them."""
         out: dict[str, tuple[set, bool]] = {}

@@ -119,9 +119,9 @@ def _caption_files(g: GroupedNegatives, root: Path, source: Path) -> list:
             j = pos.get(cirr.query_id(split, e["pairid"]))
             rows.append({**e, "negatives": negs(j) if j is not None else []})
         return [(path, rows)]
-    raise UsageError(f"--root: the query ids of {source} are not FashionIQ ({{category}}-{{split}}-{{index}}) "
+    raise UsageError(f"root: the query ids of {source} are not FashionIQ ({{category}}-{{split}}-{{index}}) "
                      f"or CIRR (cirr-{{split}}-{{pairid}}) ids, so there are no caption files to extend; "
-                     f"export without --root.")
+                     f"export without root.", params=("root",))
 
 
 def _image_strings(gallery, images: str, root: Optional[Path]):
@@ -144,13 +144,14 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
     (``path``, relative ones joined to ``root``, default the dataset root the workspace records)."""
     negs, out = Path(negs), Path(out)
     if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: use {', '.join(FORMATS)}.")
+        raise UsageError(f"format {fmt!r}: use {', '.join(FORMATS)}.", params=("format",))
     if images not in IMAGES:
         raise UsageError(f"images {images!r}: use id or path.", params=("images",))
     if fmt == "ntuple":
         return _export_ntuple(negs, out, ws, images, root, overwrite)
     if root is not None and fmt != "jsonl":
-        raise UsageError("--root goes with --format jsonl (CLIP4Cir caption files) or ntuple (image paths).")
+        raise UsageError("root goes with format jsonl (CLIP4Cir caption files) or ntuple (image paths).",
+                         params=("root", "format"))
     nt = read_negatives(negs)
     g = nt.grouped()
     if root is None:

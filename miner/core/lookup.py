@@ -103,7 +103,7 @@ class NegativesLookup:
         if len(hits) > 1:
             raise DataError(f"{self.source}: FashionIQ item ({category!r}, {index}) is in splits "
                             f"{', '.join(sorted(s for s, _ in hits))}; pass split=.")
-        raise DataError(self._fiq_absent(category, index, split))
+        raise DataError(self._fiq_absent(category, index, split), params=("dataset",))
 
     def index_cirr(self, reference: str, target: str) -> int:
         """Position of the CIRR item (reference name, target_hard name)."""
@@ -156,7 +156,7 @@ class NegativesLookup:
         cats = sorted({c for (c, _), v in self._fiq.items() for s, _ in v if split is None or s == split})
         if not self._fiq:
             cause, fix = "its query ids are not FashionIQ ids ({category}-{split}-{index})", \
-                "Mine a workspace embedded with `cir-mine embed --dataset fashioniq`."
+                "Mine a workspace embedded with `cir-mine embed dataset=fashioniq`."
         elif split is not None and split not in splits:
             cause, fix = f"it was mined on split {', '.join(splits)}", "Mine the split the dataset reads."
         elif category not in cats:
@@ -344,7 +344,7 @@ def _fashioniq_ids(triplets: list, lookup: NegativesLookup, split: str) -> np.nd
     if not starts:
         if names and not lookup._fiq:
             raise DataError(f"{lookup.source}: its query ids are not FashionIQ ids ({{category}}-{{split}}-{{index}}); "
-                            f"mine a workspace embedded with `cir-mine embed --dataset fashioniq`.")
+                            f"mine a workspace embedded with `cir-mine embed dataset=fashioniq`.", params=("dataset",))
         if names:
             raise DataError(f"{lookup.source}: none of the dataset's {len(names)} items is one of its queries "
                             f"(split '{split}'). Mine the split and annotations the dataset reads.")

@@ -1,4 +1,4 @@
-"""Pure score functions: zero-shot queries, the Δ-score, windows and the sign-safe positive-aware cap.
+"""Pure score functions: zero-shot queries, the Δ-score and the sign-safe positive-aware cap.
 
 Conventions: ``scores`` are cosine similarities s(q, c), float32[b, depth], higher is better;
 ``target_score`` is s(q, t), float32[b]. Δ(c) = s(q, t) − s(q, c): Δ > 0 means the candidate ranks
@@ -19,25 +19,6 @@ def zero_shot_queries(ref_emb: np.ndarray, text_emb: np.ndarray, text_weight: fl
 def delta(target_score: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Δ = s(q, t) − s(q, c): float32[b] and float32[b, depth] -> float32[b, depth]."""
     return (target_score[:, None] - scores).astype(np.float32, copy=False)
-
-
-def window_mask(values: np.ndarray, lo: float | None, hi: float | None,
-                lo_inclusive: bool = True, hi_inclusive: bool = True) -> np.ndarray:
-    """bool mask of ``lo <= values <= hi`` (bounds optional; inclusivity configurable)."""
-    m = np.ones(values.shape, dtype=bool)
-    if lo is not None:
-        m &= values >= lo if lo_inclusive else values > lo
-    if hi is not None:
-        m &= values <= hi if hi_inclusive else values < hi
-    return m
-
-
-def rank_window_mask(ranks: np.ndarray, range_min: int, range_max: int | None) -> np.ndarray:
-    """bool mask of ``range_min <= rank < range_max`` on int ranks (0-based)."""
-    m = ranks >= range_min
-    if range_max is not None:
-        m &= ranks < range_max
-    return m
 
 
 def cap_threshold(target_score: np.ndarray, rho: float) -> np.ndarray:

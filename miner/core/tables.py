@@ -207,17 +207,17 @@ def _check_workspace(path: Path, meta: dict, ws: Optional[Workspace]) -> None:
         if split not in ws.splits():
             have = ", ".join(ws.splits()) or "none"
             raise DataError(f"{path}: mined on split '{split}', which {ws.root} does not have (splits: {have}). "
-                            f"Pass the workspace it was mined from with --work.")
+                            f"Pass the workspace it was mined from with work.", params=("work",))
         mine, theirs = ws.split_hash(split), meta["data_hash"]
         if theirs != mine:
             raise DataError(
                 f"{path}: mined from another workspace (split '{split}' data hash {theirs}, {ws.root} has {mine}). "
-                f"Re-mine it with `cir-mine negatives --work {ws.root} --split {split}`."
+                f"Re-mine it with `cir-mine negatives work={ws.root} split={split}`.", params=("work", "split")
             )
         return
     mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
     if theirs != mine:
         raise DataError(
             f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
-            f"Re-mine it with `cir-mine negatives --work {ws.root}`."
+            f"Re-mine it with `cir-mine negatives work={ws.root}`.", params=("work",)
         )

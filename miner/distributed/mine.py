@@ -22,18 +22,18 @@ from cir_mine.miner.distributed.shards import ShardConfig, ShardedIndex
 ENGINES = ("local", "ray")
 
 
-def open_index(engine: str, xb, shard_cfg: ShardConfig, ray_cfg=None, **hooks):
+def open_index(engine: str, xb, shard_cfg: ShardConfig, ray_cfg=None):
     """A context manager giving the engine's index over ``xb`` (float32[n, d]); None means the core's
     own exact flat index (engine 'local' with one flat shard)."""
     if engine not in ENGINES:
-        raise UsageError(f"--engine {engine!r}: use local or ray.")
+        raise UsageError(f"engine {engine!r}: use local or ray.", params=("engine",))
     if engine == "local":
         if shard_cfg.shards == 1 and shard_cfg.exact:
             return contextlib.nullcontext(None)
         return contextlib.nullcontext(ShardedIndex(xb, shard_cfg))
     from cir_mine.miner.distributed.ray_shards import RayConfig, RayShardedIndex
 
-    return RayShardedIndex(xb, shard_cfg, ray_cfg or RayConfig(), **hooks)
+    return RayShardedIndex(xb, shard_cfg, ray_cfg or RayConfig())
 
 
 def engine_meta(engine: str, shard_cfg: ShardConfig, ray_cfg=None) -> dict:
@@ -45,7 +45,7 @@ def engine_meta(engine: str, shard_cfg: ShardConfig, ray_cfg=None) -> dict:
 
 def mine_with_engine(ws: Workspace, split: str, cfg: MineConfig, engine: str = "local",
                      shard_cfg: ShardConfig = ShardConfig(shards=1), ray_cfg=None, loaded: Optional[tuple] = None,
-                     hooks: Optional[dict] = None, **kw) -> MineResult:
+                     **kw) -> MineResult:
     """``mine_negatives`` through ``engine``'s index (keyword arguments pass through)."""
     if engine == "ray":
         from cir_mine.miner.distributed.ray_shards import require_ray
@@ -54,7 +54,7 @@ def mine_with_engine(ws: Workspace, split: str, cfg: MineConfig, engine: str = "
     cfg.validate(kw.get("mining_round", 0))
     ws.require()
     g, t = loaded if loaded is not None else ws.load(split)
-    with open_index(engine, g.embeddings, shard_cfg.validate(len(g)), ray_cfg, **(hooks or {})) as index:
+    with open_index(engine, g.embeddings, shard_cfg.validate(len(g)), ray_cfg) as index:
         res = mine_negatives(ws, split, cfg, index=index, loaded=(g, t), **kw)
         if index is not None:
             res.meta["engine"] = {**engine_meta(engine, shard_cfg, ray_cfg), "index": index.describe()}

@@ -25,13 +25,14 @@ from typing import Optional
 
 import numpy as np
 
+from cir_mine.data.crash import crash_env
 from cir_mine.data.errors import UsageError
 from cir_mine.miner.core.search.topk import merge_topk
 from cir_mine.miner.distributed.shards import ShardConfig, ShardSearcher, shard_bounds, train_shard_index
 
 log = logging.getLogger(__name__)
 
-RAY_MISSING = "--engine ray needs Ray, which is not installed: install the 'ray' extra (pip install 'cir-mine[ray]')."
+RAY_MISSING = "engine ray needs Ray, which is not installed: install the 'ray' extra (pip install 'cir-mine[ray]')."
 
 
 CONNECT_TIMEOUT = 10.0   # seconds an address has to answer before joining it is given up
@@ -60,7 +61,7 @@ def require_ray():
     try:
         import ray
     except ImportError:
-        raise UsageError(RAY_MISSING) from None
+        raise UsageError(RAY_MISSING, params=("engine",)) from None
     if level:
         logging.getLogger("ray").setLevel(level)
     return ray
@@ -200,11 +201,11 @@ class _Searcher(ShardSearcher):
 class RayShardedIndex:
     """S shard actors behind FAISS's interface: ``d``, ``ntotal``, ``search(xq, k)``, ``describe()``.
 
-    xb: float32[n, d] unit rows (the gallery). crash_shard / crash_marker: test hook, the actor of
-    shard ``crash_shard`` exits on its first search (see ShardSearcher); the run must not notice."""
+    xb: float32[n, d] unit rows (the gallery). The actors inherit this process's crash point
+    (cir_mine.data.crash; e.g. ``shard-search-1:EXIT@FILE``: the actor of shard 1 dies on its first
+    search, once), which a run must not notice."""
 
-    def __init__(self, xb: np.ndarray, cfg: ShardConfig = ShardConfig(), ray_cfg: RayConfig = RayConfig(),
-                 crash_shard: Optional[int] = None, crash_marker: Optional[str] = None):
+    def __init__(self, xb: np.ndarray, cfg: ShardConfig = ShardConfig(), ray_cfg: RayConfig = RayConfig()):
         if (ray_cfg.cpus_per_shard is not None and ray_cfg.cpus_per_shard <= 0) or ray_cfg.max_restarts < 0 \
                 or ray_cfg.max_task_retries < 0:
             raise UsageError(f"cpus_per_shard must be above 0 (got {ray_cfg.cpus_per_shard}).", params=("cpus_per_shard",))
@@ -219,9 +220,10 @@ class RayShardedIndex:
         self.bounds = shard_bounds(n, cfg.shards)
         trained = train_shard_index(xb, cfg)
         trained_ref = ray.put(trained) if trained is not None else None
+        crash = crash_env()
         actor = ray.remote(_Searcher).options(
             num_cpus=ray_cfg.cpus_per_shard, max_restarts=ray_cfg.max_restarts,
-            max_task_retries=ray_cfg.max_task_retries)
+            max_task_retries=ray_cfg.max_task_retries, **({"runtime_env": {"env_vars": crash}} if crash else {}))
         # The driver holds the constructor arguments for the actors' lifetime: a restarted actor is
         # rebuilt from them (Ray frees an object once no reference to it is left).
         self._refs = [trained_ref] + [ray.put(np.ascontiguousarray(xb[a:b]))
@@ -231,7 +233,7 @@ class RayShardedIndex:
             for s, a in enumerate(self.bounds[:-1]):
                 self.actors.append(actor.remote(
                     self._refs[s + 1], int(a), trained_ref, cfg.nprobe, cfg.overfetch, cfg.list_cover,
-                    crash_marker=crash_marker if s == crash_shard else None, threads=ray_cfg.cpus_per_shard))
+                    shard=s, threads=ray_cfg.cpus_per_shard))
         try:
             got = ray.get([h.ready.remote() for h in self.actors], timeout=ray_cfg.start_timeout)
         except ray.exceptions.GetTimeoutError:

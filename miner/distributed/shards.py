@@ -18,13 +18,12 @@ give the single-process (D, I). Everything here is numpy + faiss;
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from cir_mine.data.crash import crash_point
 from cir_mine.data.errors import UsageError
 from cir_mine.miner.core.search.build import build_index, factory_string
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked
@@ -32,9 +31,6 @@ from cir_mine.miner.core.search.faiss_api import load_faiss
 from cir_mine.miner.core.search.topk import merge_topk
 
 log = logging.getLogger(__name__)
-
-SHARD_INDEXES = ("flat", "ivf", "ivfpq")
-
 
 @dataclass(frozen=True)
 class ShardConfig:
@@ -48,12 +44,13 @@ class ShardConfig:
 
     def validate(self, n: int) -> "ShardConfig":
         if self.shards < 1:
-            raise UsageError(f"--shards must be at least 1 (got {self.shards}).")
+            raise UsageError(f"shards must be at least 1 (got {self.shards}).", params=("shards",))
         if self.shards > n:
-            raise UsageError(f"--shards {self.shards} is more than the gallery's {n} rows; use at most {n}.")
+            raise UsageError(f"shards {self.shards} is more than the gallery's {n} rows; use at most {n}.",
+                             params=("shards",))
         if self.nprobe < 1 or self.overfetch < 1 or self.train_sample < 1 or self.list_cover <= 0:
-            raise UsageError("--nprobe, the over-fetch factor and the training sample must be at least 1, "
-                             "the list cover above 0.")
+            raise UsageError("shard_nprobe, the over-fetch factor and the training sample must be at least 1, "
+                             "the list cover above 0.", params=("shard_nprobe",))
         return self
 
     @property
@@ -96,14 +93,14 @@ class ShardSearcher:
     exact :class:`ExactSearch`, or the IVF index re-ranked exactly, :class:`Reranked`).
 
     xb: float32[n_s, d] unit rows. trained: :func:`train_shard_index`'s bytes (None: exact flat).
-    crash_marker: test hook; the first search exits the process (``os._exit``) after creating this
-    file, so a restarted searcher finds it and carries on."""
+    shard: the shard's number; each search passes the crash point ``shard-search-{shard}``
+    (cir_mine.data.crash)."""
 
     def __init__(self, xb: np.ndarray, offset: int, trained: Optional[np.ndarray] = None, nprobe: int = 32,
-                 overfetch: int = 4, list_cover: float = 4.0, crash_marker: Optional[str] = None):
+                 overfetch: int = 4, list_cover: float = 4.0, shard: int = 0):
         faiss = load_faiss()
         self.xb = np.ascontiguousarray(xb, dtype=np.float32)
-        self.offset, self.crash_marker = int(offset), crash_marker
+        self.offset, self.shard = int(offset), int(shard)
         self.nprobe, self.list_cover = int(nprobe), float(list_cover)
         self.exact = trained is None
         if self.exact:
@@ -128,9 +125,7 @@ class ShardSearcher:
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D float32[nq, k_s], I int64[nq, k_s] global rows, -1 pads), k_s = min(k, n_s), in merge order."""
-        if self.crash_marker and not os.path.exists(self.crash_marker):
-            Path(self.crash_marker).write_text(str(os.getpid()))
-            os._exit(1)
+        crash_point(f"shard-search-{self.shard}")
         k = int(min(k, self.ntotal))
         if self.exact:
             D, I = self.backend.search(xq, k)
@@ -150,8 +145,8 @@ class ShardedIndex:
         self.cfg = cfg.validate(n)
         self.bounds = shard_bounds(n, cfg.shards)
         trained = train_shard_index(xb, cfg)
-        self.searchers = [ShardSearcher(xb[a:b], a, trained, cfg.nprobe, cfg.overfetch, cfg.list_cover)
-                          for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        self.searchers = [ShardSearcher(xb[a:b], a, trained, cfg.nprobe, cfg.overfetch, cfg.list_cover, shard=s)
+                          for s, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))]
         self.ntotal = int(n)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,8 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
         raise DataError(f"{path}: features file not found.")
     if path.suffix == ".npy":
         if ids_path is None:
-            raise UsageError(f"--from-features {path}: a .npy file needs --ids FILE (one image id per line).")
+            raise UsageError(f"from_features {path}: a .npy file needs ids FILE (one image id per line).",
+                             params=("from_features", "ids"))
         emb = load_npy(path)
         check_readable_file(Path(ids_path))
         try:
@@ -64,7 +65,8 @@ def read_features(path: str | Path, ids_path: Optional[str | Path] = None
         emb = _embedding_column(t, path)
         where_ids = str(path)
     else:
-        raise UsageError(f"--from-features {path}: use a .npy (with --ids) or a .parquet file.")
+        raise UsageError(f"from_features {path}: use a .npy (with ids) or a .parquet file.",
+                         params=("from_features", "ids"))
     if emb.ndim != 2 or emb.shape[0] != len(ids):
         raise DataError(f"{path}: features have shape {emb.shape} but there are {len(ids)} ids; "
                         f"expected one row per id.")
@@ -128,7 +130,7 @@ def clip_retrieval_files(folder: Path) -> list[tuple[Path, Path]]:
     embs = sorted((p for p in emb_dir.glob("img_emb_*.npy") if re.search(r"_\d+$", p.stem)), key=num)
     if not embs:
         raise DataError(f"{folder}: not a clip-retrieval embedding folder (no img_emb/img_emb_N.npy files). "
-                        f"Pass a .npy with --ids, a .parquet, or a folder with img_emb/ and metadata/.")
+                        f"Pass a .npy with ids, a .parquet, or a folder with img_emb/ and metadata/.", params=("ids",))
     pairs, dim = [], None
     for e in embs:
         m = meta_dir / f"metadata_{num(e)}.parquet"
@@ -195,8 +197,9 @@ def check_encoder_change(ws: Workspace, encoder_name: str) -> None:
     if triplets and old != "unknown" and encoder_name != old:
         raise DataError(
             f"{ws.root}: {', '.join(triplets)} hold text embeddings from encoder '{old}', but these features come "
-            f"from '{encoder_name}'. Pass --encoder-name {old} if the features come from it, or "
-            f"--allow-encoder-change to import them anyway (then re-embed the triplets).")
+            f"from '{encoder_name}'. Pass encoder_name {old} if the features come from it, or "
+            f"allow_encoder_change to import them anyway (then re-embed the triplets).",
+            params=("encoder_name", "allow_encoder_change"))
 
 
 class CarryOver:
@@ -336,5 +339,5 @@ def _check_feature_dim(ws: Workspace, split: str, path, dim: int) -> None:
             continue
         if pa.types.is_fixed_size_list(t) and t.list_size != dim:
             raise DataError(f"{path}: features have d={dim} but {p} has d={t.list_size}. Import features of the "
-                            f"workspace's encoder, or use another --work.")
+                            f"workspace's encoder, or use another work.", params=("work",))
 

@@ -22,7 +22,7 @@ def load_workspace_index(ws, split: str, gallery=None, device: str = "auto"):
     index = load_index(path, device)
     check_index(index, gallery if gallery is not None else ws.gallery(split), path, ws.gallery_path(split),
                 index_meta(path).get("gallery_hash"),
-                f"Rebuild it with `cir-mine index --work {ws.root} --split {split}`")
+                f"Rebuild it with `cir-mine index work={ws.root} split={split}`", ("work", "split"))
     return index
 
 
@@ -36,7 +36,7 @@ def write_gallery_npy(ws, split: str, dtype: str = "float32") -> Path:
     from cir_mine.data.workspace import embedding_numpy, write_embeddings_npy
 
     if dtype not in ("float32", "float16"):
-        raise UsageError(f"--npy-dtype {dtype!r}: use float32 or float16.")
+        raise UsageError(f"npy_dtype {dtype!r}: use float32 or float16.", params=("npy_dtype",))
     src = ws.gallery_path(split)
     pf = pq.ParquetFile(src)
     if "embedding" not in pf.schema_arrow.names:

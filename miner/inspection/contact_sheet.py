@@ -103,7 +103,7 @@ def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Opti
 
     have = pc.unique(nt.table.column("query_id")).to_pylist()        # in table order
     if query_ids and sample:
-        raise UsageError("pass either --query-id or --sample, not both.")
+        raise UsageError("pass either query_id or sample, not both.", params=("query_id", "sample"))
     if query_ids:
         known = set(have) | set((nt.meta.get("shortfall") or {}).get("query_ids") or ())
         for q in query_ids:
@@ -113,7 +113,7 @@ def pick_queries(nt: NegativesTable, query_ids: Sequence[str] = (), sample: Opti
         check_sheet_size(len(query_ids), 1, "query_id")
         return list(query_ids)
     if not sample or sample < 1:
-        raise UsageError("pass --query-id ID (repeatable) or --sample N.")
+        raise UsageError("pass query_id ID (repeatable) or sample N.", params=("query_id", "sample"))
     check_sheet_size(sample, 1)
     if not have:
         raise DataError(f"{nt.path}: the table has no rows; nothing to draw.")
@@ -135,7 +135,8 @@ def _image_path(g: Gallery, row: int, root: Optional[Path]):
             return io.BytesIO(read_member(f"{image_file(root, tar)}{MEMBER_SEP}{member}"))
         except (KeyError, OSError, tarfile.TarError):
             raise DataError(f"{image_file(root, tar)}: no readable member {member} (gallery path of "
-                            f"'{g.image_ids[row]}'). Pass the folder that holds the tar shards with --root.") from None
+                            f"'{g.image_ids[row]}'). Pass the folder that holds the tar shards with `root`.",
+                            params=("root",)) from None
     p = Path(g.paths[row])
     full = image_file(root, g.paths[row])
     if not full.exists() and p.exists():
@@ -143,7 +144,7 @@ def _image_path(g: Gallery, row: int, root: Optional[Path]):
     if not full.exists():
         what = f"gallery path of '{g.image_ids[row]}'" + (f", {p} under {root}" if full != p else "")
         raise DataError(f"{full}: image file not found ({what}). "
-                        f"Pass the dataset root, the folder that holds {p}, with --root.")
+                        f"Pass the dataset root, the folder that holds {p}, with `root`.", params=("root",))
     return full
 
 
@@ -165,7 +166,7 @@ def sheet_rows(nt: NegativesTable, ws: Workspace, split: str, query_ids: Sequenc
     for q in query_ids:
         if q not in qrow:
             raise DataError(f"{t.path}: query id '{q}' is not in the triplets of split '{split}'. "
-                            f"Pass the split the table was mined on with --split.")
+                            f"Pass the split the table was mined on with `split`.", params=("split",))
         qi = qrow[q]
         cat = t.categories[qi]
         ref_r, tgt_r = g.rows([t.ref_ids[qi], t.target_ids[qi]], [cat, cat])
@@ -327,7 +328,8 @@ def _contact_sheet(neg_path, work, out: Path, query_ids, sample, root, split, ma
     nt = read_negatives(neg_path, ws)
     split = split or nt.meta.get("split") or "train"
     if root is not None and not Path(root).is_dir():
-        raise DataError(f"{root}: image folder not found. Pass the folder the gallery paths are relative to with --root.")
+        raise DataError(f"{root}: image folder not found. Pass the folder the gallery paths are relative to with "
+                        f"`root`.", params=("root",))
     qs = pick_queries(nt, query_ids, sample, seed)
     rows = sheet_rows(nt, ws, split, qs, Path(root) if root is not None else None, max_negatives)
     fig = render_sheet(rows, f"{Path(neg_path).name}  ·  {ws.root}  ·  split {split}", max_negatives)

@@ -280,19 +280,8 @@ class _Doc:
                  f'src="data:image/png;base64,{_png_b64(fig, tight=tight)}">')
 
 
-def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optional[str] = None,
-                 root: Optional[str | Path] = None, n_sheet_queries: int = 3, max_negatives: int = 6,
-                 seed: int = 0) -> Report:
-    """Gather the numbers and plots of ``neg_paths`` (all from workspace ``work``) into HTML."""
-    if n_sheet_queries > 0:
-        check_sheet_size(n_sheet_queries, max_negatives, "n_sheet_queries")
-    con, tables, ws, split = open_tables(neg_paths, work, split)
-    stats = stats_of(con, tables, has_gallery=True)
-    groups = groups_of(con, len(tables))
-    doc = _Doc()
-    doc.add(f"<h1>cir-mine negatives report</h1><p class='muted'>workspace {html.escape(str(ws.root))} "
-            f"(manifest {ws.manifest_hash()}), split {html.escape(split)}</p>")
-
+def _tables_section(doc: "_Doc", stats, tables) -> None:
+    """The tables compared: one row of numbers each, and each one's config and metadata."""
     doc.add("<h2 id='tables'>Tables</h2>")
     doc.add(_table(["#", "file", "rows", "queries", "k", "rounds", "strategies", "shortfall", "median Δ",
                     "same category", "mean attr overlap"],
@@ -305,17 +294,9 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
                 f"</summary><pre>{html.escape(json.dumps(t.meta, indent=1, sort_keys=True, default=str)[:20000])}"
                 f"</pre></details>")
 
-    doc.add("<h2 id='delta'>Δ per strategy, score vs target score</h2><p class='muted'>Δ = s(q, target) − "
-            "s(q, negative). Large Δ: easy negatives; Δ near or below 0: hard negatives or false negatives. In the "
-            f"scatter, points above the diagonal rank above their target (at most {SCATTER_MAX} per strategy).</p>"
-            "<div class='row'><div>")
-    doc.plot("delta", plot_delta_hist(groups), "Δ histogram per strategy")
-    doc.add("</div><div>")
-    doc.plot("scatter", plot_scatter(groups, seed), "negative score vs target score")
-    doc.add("</div></div>")
-    doc.add("<h2 id='mix'>Category and attribute-overlap mix</h2>")
-    doc.plot("mix", plot_mix(groups), "category and attribute overlap mix")
 
+def _shortfall_section(doc: "_Doc", con, stats) -> None:
+    """Negatives per query, the queries short of k, what to loosen and what the guards removed."""
     doc.add("<h2 id='shortfall'>Negatives per query and shortfall</h2>")
     doc.add("<div class='row'><div>")
     doc.plot("per_query", plot_per_query(con, stats), "negatives per query")
@@ -330,6 +311,58 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
         if s.guards:
             doc.add(f"<p class='muted'>[{i}] guards removed: "
                     f"{html.escape(', '.join(f'{k} {v}' for k, v in s.guards.items()))}</p>")
+
+
+def _sheets_section(doc: "_Doc", tables, ws, split: str, root, n_sheet_queries: int, max_negatives: int,
+                    seed: int) -> None:
+    """Contact sheets of the same sampled queries in the first and the last table."""
+    doc.add("<h2 id='sheets'>Contact sheets</h2><p class='muted'>Reference, target, then negatives in rank order "
+            "with Δ, score, category; red +: attributes the negative has and the target lacks, blue −: target "
+            "attributes the negative lacks.</p>")
+    # the same queries in the first and the last table, so the refresh is visible
+    picks = [0] if len(tables) == 1 else [0, len(tables) - 1]
+    import pyarrow.compute as pc
+
+    uniq = [pc.unique(tables[i].table.column("query_id")).to_pylist() for i in picks]
+    shared = set.intersection(*(set(u) for u in uniq))
+    order = uniq[0]
+    first = [q for q in order if q in shared]
+    rng = np.random.default_rng(seed)
+    qs = [first[i] for i in np.sort(rng.choice(len(first), size=min(n_sheet_queries, len(first)), replace=False))]
+    for i in picks:
+        rows = sheet_rows(tables[i], ws, split, qs, Path(root) if root is not None else None, max_negatives)
+        doc.add(f"<h3>[{i}] {html.escape(Path(tables[i].path).name)}</h3>")
+        doc.plot(f"sheet{i}", render_sheet(rows, "", max_negatives), f"contact sheet of table {i}",
+                 tight=False)
+
+
+def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optional[str] = None,
+                 root: Optional[str | Path] = None, n_sheet_queries: int = 3, max_negatives: int = 6,
+                 seed: int = 0) -> Report:
+    """Gather the numbers and plots of ``neg_paths`` (all from workspace ``work``) into HTML."""
+    if n_sheet_queries > 0:
+        check_sheet_size(n_sheet_queries, max_negatives, "n_sheet_queries")
+    con, tables, ws, split = open_tables(neg_paths, work, split)
+    stats = stats_of(con, tables, has_gallery=True)
+    groups = groups_of(con, len(tables))
+    doc = _Doc()
+    doc.add(f"<h1>cir-mine negatives report</h1><p class='muted'>workspace {html.escape(str(ws.root))} "
+            f"(manifest {ws.manifest_hash()}), split {html.escape(split)}</p>")
+
+    _tables_section(doc, stats, tables)
+
+    doc.add("<h2 id='delta'>Δ per strategy, score vs target score</h2><p class='muted'>Δ = s(q, target) − "
+            "s(q, negative). Large Δ: easy negatives; Δ near or below 0: hard negatives or false negatives. In the "
+            f"scatter, points above the diagonal rank above their target (at most {SCATTER_MAX} per strategy).</p>"
+            "<div class='row'><div>")
+    doc.plot("delta", plot_delta_hist(groups), "Δ histogram per strategy")
+    doc.add("</div><div>")
+    doc.plot("scatter", plot_scatter(groups, seed), "negative score vs target score")
+    doc.add("</div></div>")
+    doc.add("<h2 id='mix'>Category and attribute-overlap mix</h2>")
+    doc.plot("mix", plot_mix(groups), "category and attribute overlap mix")
+
+    _shortfall_section(doc, con, stats)
 
     doc.add("</div></div><h2 id='top'>Most frequently mined negatives</h2><div class='row'><div>")
     top = top_negatives(con, has_gallery=True)
@@ -346,24 +379,7 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
         doc.add("</div></div>")
 
     if n_sheet_queries > 0:
-        doc.add("<h2 id='sheets'>Contact sheets</h2><p class='muted'>Reference, target, then negatives in rank order "
-                "with Δ, score, category; red +: attributes the negative has and the target lacks, blue −: target "
-                "attributes the negative lacks.</p>")
-        # the same queries in the first and the last table, so the refresh is visible
-        picks = [0] if len(tables) == 1 else [0, len(tables) - 1]
-        import pyarrow.compute as pc
-
-        uniq = [pc.unique(tables[i].table.column("query_id")).to_pylist() for i in picks]
-        shared = set.intersection(*(set(u) for u in uniq))
-        order = uniq[0]
-        first = [q for q in order if q in shared]
-        rng = np.random.default_rng(seed)
-        qs = [first[i] for i in np.sort(rng.choice(len(first), size=min(n_sheet_queries, len(first)), replace=False))]
-        for i in picks:
-            rows = sheet_rows(tables[i], ws, split, qs, Path(root) if root is not None else None, max_negatives)
-            doc.add(f"<h3>[{i}] {html.escape(Path(tables[i].path).name)}</h3>")
-            doc.plot(f"sheet{i}", render_sheet(rows, "", max_negatives), f"contact sheet of table {i}",
-                     tight=False)
+        _sheets_section(doc, tables, ws, split, root, n_sheet_queries, max_negatives, seed)
 
     doc.add("<h2 id='numbers'>All numbers</h2><pre>" + html.escape(format_stats(stats)) + "</pre>")
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cir-mine report</title>"

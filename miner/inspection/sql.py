@@ -51,7 +51,8 @@ def table_split(tables: Sequence[NegativesTable], split: Optional[str]) -> str:
         return split
     splits = sorted({t.meta.get("split") or "train" for t in tables})
     if len(splits) > 1:
-        raise UsageError(f"the tables were mined on different splits ({', '.join(splits)}); pass one with --split.")
+        raise UsageError(f"the tables were mined on different splits ({', '.join(splits)}); pass one with `split`.",
+                         params=("split",))
     return splits[0] if splits else "train"
 
 
@@ -89,7 +90,8 @@ def connect(neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None,
         gp, tp = ws.gallery_path(split), ws.triplets_path(split)
         if not gp.exists():
             have = ", ".join(ws.splits()) or "none"
-            raise DataError(f"{gp}: file not found; splits in {ws.root}: {have}. Pass one with --split.")
+            raise DataError(f"{gp}: file not found; splits in {ws.root}: {have}. Pass one with `split`.",
+                            params=("split",))
         gfiles = ws.gallery_files(split)                # one file, or a parts folder in row order
         gschema = pq.read_schema(gfiles[0])
         gcols = [c for c in gschema.names if c != "embedding"]
@@ -128,9 +130,9 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
         have = [r[0] for r in con.execute(
             "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()
             if not re.fullmatch(r"t\d+|_src_\w+", r[0])]
-        hint = "" if "gallery" in have else "; gallery and triplets need --work"
+        hint = "" if "gallery" in have else "; gallery and triplets need `work`"
         raise DataError(f"SQL: {first}. Views: {', '.join(have) or 'none'}{hint}. "
-                        f"See docs/queries.md for examples.") from None
+                        f"See docs/queries.md for examples.", params=("work",) if hint else ()) from None
     return QueryResult(cols, rows)
 
 

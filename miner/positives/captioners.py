@@ -160,13 +160,14 @@ class CommandCaptioner:
         try:
             rc = proc.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            stop(f"gave no complete answer within {self.timeout:g} s and was stopped; raise --command-timeout "
+            stop(f"gave no complete answer within {self.timeout:g} s and was stopped; raise `command_timeout` "
                  f"or check the command")
             rc = proc.wait()
         for t in threads:
             t.join(5)
         if state["error"]:
-            raise DataError(f"captioner command {self.command!r} {state['error']}.")
+            raise DataError(f"captioner command {self.command!r} {state['error']}.",
+                            params=("command_timeout",) if "`command_timeout`" in state["error"] else ())
         if rc != 0:
             raise DataError(f"captioner command {self.command!r} exited with {rc}: "
                             f"{tail.decode('utf-8', 'replace').strip()[-300:]}")

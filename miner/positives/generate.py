@@ -109,7 +109,7 @@ def _generate(ws: Workspace, split: str, cfg: PositivesConfig, out: Path, captio
     pairs = find_pairs(g, cfg, existing, index=index)
     if not pairs:
         raise DataError(f"{ws.gallery_path(split)}: no neighbour pairs differ in 1..{cfg.max_diff} attribute "
-                        f"groups; raise --max-diff or --neighbors.")
+                        f"groups; raise max_diff or neighbors.", params=("max_diff", "neighbors"))
     captioner = captioner or TemplateCaptioner(cfg.seed)
     captions = captioner.caption(pairs)
     encoder = encoder or text_encoder_for(ws, text_encoder, cfg.seed)

@@ -52,7 +52,7 @@ class PositivesConfig:
     def validate(self) -> "PositivesConfig":
         check_numbers(self)
         if self.max_images < 0 or self.max_values < 1:
-            raise UsageError("--max-images must be >= 0 and --max-values >= 1.")
+            raise UsageError("max_images must be >= 0 and max_values >= 1.", params=("max_images", "max_values"))
         if self.per_image < 1 or self.max_diff < 1 or self.neighbors < 2:
             raise UsageError("per_image and max_diff must be >= 1, neighbors >= 2.",
                              params=("per_image", "max_diff", "neighbors"))

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import release_pages
 from cir_mine.miner.core.search.build import build_index, use_gpu
 from cir_mine.miner.core.search.exact import exact_cut, exact_rescore, faiss_topk, fetched_bound, gemm_topk, max_row_norm
@@ -292,10 +293,11 @@ class Reranked:
 
 
 def search_batched(index, xq: np.ndarray, k: int, batch_size: int = 4096,
-                   progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+                   progress: Progress = None) -> tuple[np.ndarray, np.ndarray]:
     """Search ``xq`` (float32[nq, d]) in batches: returns (D float32[nq, k], I int64[nq, k]).
 
-    Memory beyond the outputs is one batch of distances; results equal one big search.
+    Memory beyond the outputs is one batch of distances; results equal one big search (``progress``:
+    see :mod:`cir_mine.data.progress`, queries searched).
     """
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     nq = xq.shape[0]

@@ -54,15 +54,6 @@ def _pin_simd(faiss) -> None:
         pass
 
 
-def simd_level() -> str:
-    """FAISS's SIMD level in use ('' when FAISS cannot say)."""
-    cfg = getattr(load_faiss(), "SIMDConfig", None)
-    try:
-        return str(cfg.get_level_name()) if cfg is not None else ""
-    except (RuntimeError, AttributeError):
-        return ""
-
-
 def to_cpu(index):
     """A CPU copy of a GPU index; a CPU index as it is."""
     faiss = load_faiss()

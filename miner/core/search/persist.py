@@ -29,7 +29,8 @@ def load_index(path: str | Path, device: str = "auto"):
     faiss = load_faiss()
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: index not found. Build it with `cir-mine index --work WORK --split SPLIT`.")
+        raise DataError(f"{path}: index not found. Build it with `cir-mine index work=WORK split=SPLIT`.",
+                        params=("work", "split"))
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
@@ -88,16 +89,16 @@ def _id_bytes(categories, image_ids, block_rows: int = 1 << 20):
 
 
 def check_index(index, gallery, index_path, gallery_path, gallery_hash: Optional[str] = None,
-                fix: str = "Rebuild it with `cir-mine index`") -> None:
+                fix: str = "Rebuild it with `cir-mine index`", params: tuple = ()) -> None:
     """DataError unless ``index`` was built from ``gallery`` (same d, same rows, same hash when known)."""
     if index.d != gallery.dim or index.ntotal != len(gallery):
         raise DataError(f"{index_path}: the index has d={index.d} and {index.ntotal} rows but {gallery_path} "
-                        f"has d={gallery.dim} and {len(gallery)} rows. {fix}.")
+                        f"has d={gallery.dim} and {len(gallery)} rows. {fix}.", params=params)
     if gallery_hash:
         now = gallery_fingerprint(gallery.id_array, gallery.category_array, gallery.embeddings)
         if now != gallery_hash:
             raise DataError(f"{index_path}: built from another gallery (hash {gallery_hash}, {gallery_path} has "
-                            f"{now}). {fix}.")
+                            f"{now}). {fix}.", params=params)
 
 
 def saved_index_path(table_path) -> Path:
@@ -126,7 +127,7 @@ def reopen(search: dict, xb: np.ndarray, workspace_index, table_path, device: st
         fix = "Re-mine round 0 with `cir-mine negatives` (it saves the index beside the table)"
     else:
         raise DataError(f"{table_path}: mined through a {search.get('index')!r} index that was not saved, so later "
-                        f"rounds cannot search the same one. Re-mine round 0 with `cir-mine negatives --out`.")
+                        f"rounds cannot search the same one. Re-mine round 0 with `cir-mine negatives out`.", params=("out",))
     if not path.exists():
         raise DataError(f"{path}: the index {table_path} was mined with is missing. {fix}.")
     now = file_digest(path)

@@ -3,7 +3,7 @@
 A strategy is a function ``fn(ctx, k, stream, params) -> Picks`` registered by name with
 :func:`register`, together with its parameter dataclass. ``ctx`` is the batch context built by
 :mod:`cir_mine.miner.core.mine` (guarded candidate matrices for a batch of b queries, see
-:class:`cir_mine.miner.core.mine.BatchContext`), ``k`` the number of negatives this strategy
+:class:`cir_mine.miner.core.context.BatchContext`), ``k`` the number of negatives this strategy
 contributes per query, ``stream`` the random stream of its mix part (parts draw independently) and
 ``params`` an instance of its parameter dataclass. Candidates already picked by an earlier part of a
 mix are unavailable (``ctx.available``).

@@ -1,0 +1,261 @@
+"""Steps 3-5 of a mining run over the query batches: search, guard, select, along a ladder of depths.
+
+Queries go through in bounded batches (``query_batch``): per batch, one search of the back-end,
+guard masks and strategy selections on [batch, depth] matrices, no per-query Python loop.
+Queries still short of k are mined again along a ladder of deeper depths
+(:func:`depth_ladder`), from rows already searched where a deeper search costs about the same
+(:class:`DepthSchedule`). Rows depend on (inputs, config, seed) only, never on the batch size or on
+how deep a batch was searched.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from cir_mine.data.progress import Progress
+from cir_mine.data.workspace import release_pages
+from cir_mine.miner.core.config import MineConfig
+from cir_mine.miner.core.context import BatchContext
+from cir_mine.miner.core.guards import GUARDS
+from cir_mine.miner.core.prepare import Prepared
+from cir_mine.miner.core.strategies import REGISTRY
+
+
+@dataclass
+class Mined:
+    """Rows picked for a set of queries (gallery rows, not yet ids) and what the guards removed."""
+
+    out: dict                  # column -> list of arrays: q, row, part, rank, score
+    got: np.ndarray            # int64[m] negatives per query (all queries of the split; 0 if not mined)
+    guard_counts: dict         # guard -> int64[m]
+    depth: int                 # deepest search depth used
+    deepened: int              # queries searched again
+    search_s: float            # seconds inside back-end searches
+    select_s: float            # seconds guarding and selecting
+    deepen_s: float = 0.0      # seconds of the deepening passes (search and selection)
+
+
+def search_batches(backend, xq: np.ndarray, batches, prefetch: bool):
+    """Step 3 (search): yield (q, D, I, seconds) per item (q, depth) of ``batches`` (an iterable of
+    query indices and search depths, read one item ahead at most). With ``prefetch`` the next batch
+    is searched in a worker thread while the caller guards the current one (FAISS releases the GIL;
+    on a GPU the device is not left idle)."""
+    def run(item):
+        q, depth = item
+        t = time.perf_counter()
+        D, I = backend.search(xq[q], depth)
+        return q, D, I, time.perf_counter() - t
+
+    it = iter(batches)
+    if not prefetch:
+        for item in it:
+            yield run(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = next(it, None)
+    if first is None:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cir-mine-search") as pool:
+        fut = pool.submit(run, first)
+        for nxt in it:
+            res = fut.result()
+            fut = pool.submit(run, nxt)
+            yield res
+        yield fut.result()
+
+
+def guard(ctx: BatchContext, D: np.ndarray, I: np.ndarray) -> None:
+    """Step 4 (guard): the ranked candidates of the batch, exact scores, every guard applied."""
+    ranks = np.broadcast_to(np.arange(I.shape[1], dtype=np.int32), I.shape)
+    ctx.ranked = ctx.candidates(I, D, ranks, distinct=True)
+
+
+def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
+    """Step 5 (select): each mined part picks its k from what the earlier parts left.
+    -> (rows per column, int64[b] negatives per query)."""
+    res = {c: [] for c in COLUMNS}
+    got = np.zeros(ctx.b, np.int64)
+    for i, (name, ki, si) in enumerate(prep.mined):
+        p = REGISTRY[name].fn(ctx, ki, si + 1, ctx.cfg.params_of(name))
+        if i < len(prep.mined) - 1:         # the later parts pick from what this one left
+            ctx.take(p)
+        ok = p.rows >= 0
+        qi, col = np.nonzero(ok)
+        res["q"].append(ctx.q[qi])
+        res["row"].append(p.rows[qi, col])
+        res["part"].append(np.full(qi.size, si, np.int8))
+        res["rank"].append(p.ranks[qi, col])
+        res["score"].append(p.scores[qi, col])
+        got += ok.sum(1)
+    return res, got
+
+
+COLUMNS = ("q", "row", "part", "rank", "score")
+
+
+def depth_ladder(prep: Prepared, cfg: MineConfig) -> list:
+    """The depths a query is mined at, in order: the first-pass depth, then 4x deeper each time up
+    to ``max_candidates`` (the gallery at most). A query short of k at one depth is mined again at
+    the next; its rows are those of the first depth that fills it (or of the deepest)."""
+    ladder = [prep.depth]
+    top = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else prep.depth
+    while ladder[-1] < top:
+        ladder.append(min(top, ladder[-1] * 4))
+    return ladder
+
+
+def reserve_depth(prep: Prepared, cfg: MineConfig, backend) -> int:
+    """Depth the first batch is searched at: the ladder's second depth when a deeper search costs
+    about the same (``backend.cheap_depth``), so short queries are mined again from it with no
+    second search; else the mining depth."""
+    ladder = depth_ladder(prep, cfg)
+    return ladder[min(1, len(ladder) - 1)] if getattr(backend, "cheap_depth", False) else ladder[0]
+
+
+PROBE_FRACTION = 4   # the first batch, whose short share picks the later batches' depth, is this much smaller
+
+
+class DepthSchedule:
+    """Steps 3-5 for a set of queries: search in batches, guard, select at each depth of the ladder a
+    query still needs (see :func:`depth_ladder`), from the rows its batch was searched to; then
+    search the queries still short again, deeper (:meth:`deepen`). Rows depend on the inputs,
+    config and seed only, never on the batch size, on how deep a batch was searched, or on which
+    other queries are mined.
+
+    The schedule's state: per query, the negatives it got and the ladder index it was last mined at;
+    the reserve (the ladder index first-pass batches are searched at: the second depth where a
+    deeper search costs about the same, the deepest once a batch shows that most of its queries
+    need it, ``backend.deep_share``)."""
+
+    def __init__(self, prep: Prepared, cfg: MineConfig, backend, prefetch: bool = False,
+                 progress: Progress = None):
+        self.prep, self.cfg, self.backend, self.prefetch, self.progress = prep, cfg, backend, prefetch, progress
+        m = prep.m
+        self.got = np.zeros(m, np.int64)             # negatives per query
+        self.level = np.zeros(m, np.int64)           # ladder index each query was last mined at
+        self.counts = {name: np.zeros(m, np.int64) for name in GUARDS}
+        self.search_s = self.select_s = 0.0
+        self.ladder = depth_ladder(prep, cfg)
+        self.reserve = self.ladder.index(reserve_depth(prep, cfg, backend))
+        self.reserved = 0                            # queries mined again from rows already searched
+        self.share = getattr(backend, "deep_share", None)
+
+    def mine(self, queries: np.ndarray) -> Mined:
+        """Mine the query indices ``queries``: the first pass, then the deepening passes."""
+        batches = self.run(self.first_items(queries), True, 0)
+        t = time.perf_counter()
+        batches, deepened = self.deepen(batches, queries)
+        ladder, level = self.ladder, self.level
+        depth = ladder[int(level[queries].max())] if queries.size else self.prep.depth   # the deepest depth mined
+        return Mined({c: [v for b in batches for v in b[c]] for c in COLUMNS}, self.got, self.counts, depth,
+                     deepened + self.reserved, self.search_s, self.select_s, time.perf_counter() - t)
+
+    def first_items(self, queries: np.ndarray):
+        """First-pass batches, each searched at the current reserve, with the query count that
+        keeps a batch's [queries, depth] matrices as large as at the ladder's second depth."""
+        ladder = self.ladder
+        second, s = ladder[min(1, len(ladder) - 1)], 0
+        probe = self.share is not None and self.reserve < len(ladder) - 1
+        while s < queries.size:
+            depth = ladder[self.reserve]
+            step = max(1, self.cfg.query_batch * second // max(depth, second))
+            if probe and s == 0:
+                step = max(1, step // PROBE_FRACTION)   # a smaller first batch decides where the rest goes
+            yield queries[s:s + step], depth
+            s += step
+
+    def run(self, items, first_pass: bool, start: int) -> list:
+        """Search each (queries, depth) item, then mine its queries from ladder index ``start``."""
+        prep = self.prep
+        done = []
+        if prep.need_ranked:
+            stream = search_batches(self.backend, prep.qs.emb, items, self.prefetch)
+        else:
+            stream = ((q, None, None, 0.0) for q, _ in items)
+        for q, D, I, secs in stream:
+            t = time.perf_counter()
+            res = self.mine_levels(q, D, I, start)
+            done.append(res)
+            release_pages(prep.pool.xb)
+            self.search_s += secs
+            self.select_s += time.perf_counter() - t
+            if first_pass and D is not None and self.share is not None and self.reserve < len(self.ladder) - 1:
+                # most of this batch must be searched again: the later batches go to the deepest
+                # depth at once (``backend.deep_share``; rows are the same either way)
+                if np.mean(self.got[q] < prep.k_mined) > self.share:
+                    self.reserve = len(self.ladder) - 1
+            if first_pass and self.progress:
+                self.progress(len(q))
+        return done
+
+    def mine_levels(self, q: np.ndarray, D, I, start: int) -> dict:
+        """Mine ``q`` at ladder index ``start``, then its short queries at each deeper index the
+        searched rows (D.shape[1]) reach."""
+        ladder = self.ladder
+        res = self.mine_batch(q, D, I, ladder[start] if D is not None else 0)
+        self.level[q] = start
+        if D is None:
+            return res
+        for j in range(start + 1, len(ladder)):
+            if ladder[j] > D.shape[1]:
+                break
+            short = self.got[q] < self.prep.k_mined
+            if not short.any():
+                break
+            sq = q[short]
+            keep = {c: [v[~np.isin(qq, sq)] for v, qq in zip(vals, res["q"])] for c, vals in res.items()}
+            again = self.mine_batch(sq, D[short], I[short], ladder[j])
+            res = {c: keep[c] + again[c] for c in COLUMNS}
+            self.level[sq] = j
+            self.reserved += int(sq.size)
+        return res
+
+    def mine_batch(self, q: np.ndarray, D, I, depth: int) -> dict:
+        """Guard and select the queries ``q`` from their first ``depth`` searched rows."""
+        prep = self.prep
+        ctx = BatchContext(prep.pool, prep.qs, q, self.cfg, self.backend, depth, prep.clock)
+        ctx.prepared = prep.prepared
+        if D is not None:
+            guard(ctx, D[:, :depth], I[:, :depth])
+        res, self.got[q] = select_parts(ctx, prep)
+        for name, c in ctx.counts.items():
+            self.counts[name][q] = c
+        return res
+
+    def deepen(self, batches: list, queries: np.ndarray) -> tuple:
+        """Adaptive depth: queries still short after the rows their batch was searched to (typically
+        those whose target ranks deep, so that the positive-aware cap removes every candidate above
+        it) are searched again and mined at the next depths of the ladder. Their earlier rows are
+        replaced; other queries are untouched. A back-end whose deeper searches cost about the same
+        (``cheap_depth``) is searched at the deepest depth once, and the depths in between are mined
+        from it; others are searched one depth at a time. -> (batches, queries searched again)."""
+        prep, ladder, level, got = self.prep, self.ladder, self.level, self.got
+        deepened = 0
+        mine = np.zeros(prep.m, bool)
+        mine[queries] = True
+        cheap = getattr(self.backend, "cheap_depth", False)
+        while prep.need_ranked:
+            short = np.flatnonzero(mine & (got < prep.k_mined) & (level < len(ladder) - 1))
+            if short.size == 0:
+                break
+            nxt = int(level[short].min()) + 1             # the shallowest level still to mine
+            short = short[level[short] == nxt - 1]
+            depth = ladder[-1] if cheap else ladder[nxt]
+            redo = np.zeros(prep.m, bool)
+            redo[short] = True
+            batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()}
+                       for b in batches]
+            step = max(1, self.cfg.query_batch * ladder[0] // depth)   # same memory per batch as the first pass
+            items = [(short[s:s + step], depth) for s in range(0, short.size, step)]
+            batches += self.run(items, False, nxt)
+            deepened += int(short.size)
+        return batches, deepened
+
+
+def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False,
+                 progress: Progress = None) -> Mined:
+    """Steps 3-5 for the query indices ``queries`` (see :class:`DepthSchedule`)."""
+    return DepthSchedule(prep, cfg, backend, prefetch, progress).mine(queries)
