@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from cir_mine.data.synthetic import SynthConfig, generate
 from cir_mine.data.workspace import Workspace
 
-from cir_mine.train.loop import TrainConfig, train
+from cir_mine.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     from cir_mine.data.errors import UsageError
     from cir_mine.data.io import check_output_dir
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
+    from cir_mine.train.loop import train
     from cir_mine.train.refresh import miner_remine
 
     cfg = cfg or DemoConfig()

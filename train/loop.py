@@ -18,36 +18,31 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.errors import CirMineError, DataError, UsageError
 from cir_mine.data.io import check_output_dir, discard, is_workspace, write_job, write_json_atomic
 from cir_mine.data.workspace import Workspace
 
 from cir_mine.train import checkpoint as ck
+from cir_mine.train.config import GROUP_HEADS, LOSSES, TrainConfig  # noqa: F401  (re-exported)
 from cir_mine.train.checkpoint import load_query_encoder  # noqa: F401  (the query-encoding hook, re-exported)
 from cir_mine.train.data import (NegativeBank, concat_queries, dev_split, extra_queries, group_negatives,
                                  image_keys, resolve_queries, sample_negatives, subset_queries)
 from cir_mine.train.loss import attribute_margin, bank_loss, hardest_in_batch, info_nce, positive_mask, triplet_margin
 from cir_mine.train.metrics import evaluate
-from cir_mine.train.model import (GROUP_HEAD, ModelConfig, attribute_head_codes, build_model, check_attr_heads,
-                                  encode_queries)
+from cir_mine.train.model import (GROUP_HEAD, ModelConfig, attribute_head_codes, build_model, encode_queries)
 from cir_mine.miner.core.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("infonce", "triplet", "both")
 # remine(query_emb float32[m_split, d], mining_round, epoch) -> (negatives pa.Table, footer meta dict)
 Remine = Callable[[np.ndarray, int, int], tuple]
-
-
-GROUP_HEADS = "groups"   # attr_heads value: one DQE head per attribute group found in the gallery's tags
 
 
 def resolve_heads(heads: tuple, attributes) -> tuple:
@@ -64,103 +59,6 @@ def resolve_heads(heads: tuple, attributes) -> tuple:
         raise UsageError(f"attribute heads {', '.join(missing)}: no gallery image has a tag of that group "
                          f"(its groups: {', '.join(found) or 'none'}).", params=("attr_heads",))
     return heads
-
-
-@dataclass
-class TrainConfig:
-    work: str = ""                     # workspace with gallery.{split} and triplets.{split}
-    split: str = "train"               # training split
-    out: str = ""                      # run directory
-    negatives: Optional[str] = None    # negatives table (None: in-batch negatives only)
-    eval_work: Optional[str] = None    # evaluation workspace (None: hold out --dev-fraction of train)
-    eval_split: str = "val"            # split of eval_work
-    dev_fraction: float = 0.1          # held-out share of training queries when eval_work is None
-    dev_seed: int = 0                  # seed of the hold-out (fixed across --seed so seeds share a dev set)
-    epochs: int = 10                   # epochs of normal training (0: zero-shot evaluation only)
-    batch_size: int = 256              # queries per step
-    seed: int = 0                      # model init, shuffles, negative sampling, dev split
-    model: str = "combiner"            # combiner | attention | dqe (attribute sub-queries, see ModelConfig)
-    width: float = 2.0                 # projection width multiple of d (see ModelConfig)
-    dropout: float = 0.1               # dropout in the model
-    lr: float = 1e-3                   # AdamW learning rate
-    weight_decay: float = 1e-4         # AdamW weight decay
-    lr_schedule: str = "cosine"        # cosine (decay to 0 over each stage, 1-epoch-free) | constant
-    temperature: float = 0.05          # softmax temperature of InfoNCE and the static bank
-    loss: str = "infonce"              # infonce | triplet | both
-    margin: float = 0.2                # triplet margin (cosine distance)
-    triplet_weight: float = 1.0        # weight of the triplet term with loss=both / online hard mining
-    neg_per_query: int = 4             # mined negatives fed per query per step
-    neg_share: float = 1.0             # share of queries per batch that get mined negatives
-    share_warmup: int = 0              # epochs over which the share ramps linearly from 0 (curriculum)
-    schedule: Optional[str] = None     # "epoch:mix,..." e.g. "0:random,2:midzone,4:hardest"
-    category_batches: bool = False     # batches drawn within one category (harder in-batch negatives)
-    online_hard: int = 0               # per query, hardest in-batch non-targets fed to a triplet loss
-    static_bank: int = 0               # extra epochs of the SPN static-bank stage after training
-    bank_k: int = 0                    # static bank: negatives sampled per step (0 = whole gallery)
-    refresh_every: int = 0             # re-embed and re-mine every N epochs (0 = never)
-    exclude_reference: bool = False    # FashionIQ evaluation: also drop the reference from its gallery (CLIP4Cir keeps it; CIRR always drops it)
-    zero_shot: bool = False            # evaluate normalize(image + text) without training
-    threads: int = 0                   # torch threads (0 = torch default)
-    extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)
-    extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
-    neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
-    attr_weight: float = 0.3           # dqe: weight of the attribute-aware margin loss (margin: --margin)
-    attr_heads: Optional[str] = None   # dqe: comma-separated sub-query heads (color, shape, group:NAME), or "groups": one per attribute group of the gallery; None: color,shape
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def heads(self) -> tuple:
-        """``attr_heads`` as a tuple of head names (``("groups",)`` until a gallery resolves it)."""
-        return tuple(h.strip() for h in (self.attr_heads or "").split(",") if h.strip())
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def validate(self) -> "TrainConfig":
-        """Check every option (errors name the option, see CirMineError.params)."""
-        check_numbers(self)
-        check_range("lr", self.lr, 0.0, None, lo_open=True)
-        check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_range("width", self.width, 0.0, None, lo_open=True)
-        check_range("weight_decay", self.weight_decay, 0.0)
-        check_range("margin", self.margin, 0.0)
-        check_range("triplet_weight", self.triplet_weight, 0.0)
-        check_range("dev_fraction", self.dev_fraction, 0.0, 1.0, hi_open=True)
-        if self.threads < 0:
-            raise UsageError(f"--threads {self.threads}: must be >= 0 (0: torch's default).")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise UsageError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant.", params=("lr_schedule",))
-        if self.loss not in LOSSES:
-            raise UsageError(f"loss {self.loss!r}: use one of {', '.join(LOSSES)}.", params=("loss",))
-        for name in ("epochs", "static_bank", "refresh_every", "online_hard", "neg_per_query", "bank_k",
-                     "share_warmup"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must be >= 0.", params=(name,))
-        if self.batch_size < 2:
-            raise UsageError("batch_size must be at least 2 (in-batch negatives need two queries).",
-                             params=("batch_size",))
-        if not 0.0 <= self.neg_share <= 1.0:
-            raise UsageError(f"neg_share {self.neg_share}: must be in [0, 1].", params=("neg_share",))
-        for name in ("extra_weight", "neg_weight", "attr_weight"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} {getattr(self, name)}: must be >= 0.", params=(name,))
-        if self.temperature <= 0:
-            raise UsageError("temperature must be positive.", params=("temperature",))
-        if self.refresh_every and not self.negatives:
-            raise UsageError("refresh_every needs negatives: the refresh re-mines with that table's config.",
-                             params=("refresh_every", "negatives"))
-        if self.schedule and not self.negatives:
-            raise UsageError("schedule needs negatives: it picks the mix of that table's strategies per epoch.",
-                             params=("schedule", "negatives"))
-        if self.attr_heads is not None:
-            if self.model != "dqe":
-                raise UsageError(f"attr_heads needs dqe as the model (model is {self.model}): pass model dqe, or leave "
-                                 f"attr_heads out.", params=("attr_heads", "model"))
-            if self.heads() != (GROUP_HEADS,):
-                check_attr_heads(self.heads())
-        return self
 
 
 @dataclass
