@@ -58,7 +58,9 @@ class DemoConfig:
     epochs: int = 4               # training epochs per run
     batch_size: Optional[int] = None   # queries per step (None: the world's)
     strategies: Optional[tuple] = None  # one run per entry, "NAME", "NAME+refresh", "dqe+NAME[+refresh]" (None: the world's)
-    world: str = "fine"           # fine | coarse (see WORLDS)
+    world: str = "fine"           # fine (the fine-grained world, where mined negatives pay; adds hardest re-mined
+                                  # once halfway, with the combiner and with DQE's attribute sub-queries) or coarse
+                                  # (the synth default: random, midzone and attribute-mismatch); see WORLDS
 
     def resolve(self) -> tuple:
         """-> (SynthConfig, strategies, TrainConfig overrides) of this demo."""
