@@ -54,7 +54,8 @@ class TrainConfig:
                                                         # training queries, never into the dev split
     extra_weight: float = 1.0          # loss weight of each generated triplet (1: like a real one)
     neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)
-    attr_weight: float = 0.3           # dqe: weight of the attribute-aware margin loss (its margin is margin)
+    attr_weight: float = 0.1           # dqe: weight of the attribute-aware margin loss (its margin is margin); the best
+                                       # measured with either head set (docs/benchmarks.md, attribute-aware negatives)
     attr_heads: Optional[str] = None   # dqe: comma-separated sub-query heads: color, shape (grouped) or group:NAME (one
                                        # attribute group, e.g. group:neckline); groups: one head per attribute group
                                        # of the gallery; None: color,shape

@@ -38,9 +38,9 @@ WORLDS = {
 }
 REFRESH = "+refresh"
 # A run named "dqe+STRATEGY..." trains DQE-CIR's attribute sub-queries instead of the combiner: one
-# head per attribute group, margin-loss weight 0.1 (the measured best, docs/benchmarks.md).
+# head per attribute group (the measured best, docs/benchmarks.md), the default margin-loss weight.
 DQE = "dqe+"
-DQE_OPTIONS = dict(model="dqe", attr_heads="groups", attr_weight=0.1)
+DQE_OPTIONS = dict(model="dqe", attr_heads="groups")
 
 
 def table_of(run: str) -> str:
@@ -50,8 +50,8 @@ def table_of(run: str) -> str:
 
 @dataclass
 class DemoConfig:
-    n_gallery: Optional[int] = None   # synthetic gallery images (None: the world's, 20,000 by default)
-    n_triplets: Optional[int] = None  # synthetic queries (None: the world's, 5,000 by default)
+    n_gallery: Optional[int] = None   # synthetic gallery images (None: the world's, see WORLDS)
+    n_triplets: Optional[int] = None  # synthetic queries (None: the world's, see WORLDS)
     dim: int = 128                # embedding dimension
     seed: int = 0                 # world, mining and training seed
     k: int = 8                    # negatives mined per query
