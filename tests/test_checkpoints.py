@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from cir_mine.cli import mine_app
-from cir_mine.data.errors import DataError, UsageError
+from cir_mine.data.errors import DataError
 from cir_mine.miner.encode.clip import (EncoderConfig, embed_texts, forward_images, load_encoder, read_checkpoint)
 from tests.fixtures import TINY_CLIP, make_fashioniq, write_png
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from cir_mine.data.errors import DataError, UsageError
