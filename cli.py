@@ -24,7 +24,7 @@ import typer
 from typer.models import OptionInfo
 
 from cir_mine.data.errors import CirMineError, UsageError
-from cir_mine.data.fields import Options, Spell, field_default
+from cir_mine.data.fields import comma_numbers, Options, Spell, field_default
 from cir_mine.data.synthetic import SynthConfig, parse_salience
 from cir_mine.miner.core.guards import GuardConfig
 from cir_mine.miner.core.mine import MineConfig
@@ -48,10 +48,15 @@ train_app = typer.Typer(name="cir-train", help="Train a CIR combiner on cached f
 # ------------------------------------------------------------------------------------------------
 # Options made of config dataclass fields (cir_mine.data.fields)
 
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
+COMMON = {"quiet": QUIET, "verbose": VERBOSE}
+
 
 def configs(**groups: Options):
     """Each parameter of the command named in ``groups`` becomes the options of its config's fields (in
-    its place); the command is called with the configs built from their values."""
+    its place); the command is called with the configs built from their values. Every command has
+    --quiet and --verbose; a command that does not name them does not get them."""
     def deco(fn):
         hints, params, made = typing.get_type_hints(fn), [], set()
         for p in pyinspect.signature(fn).parameters.values():
@@ -63,6 +68,10 @@ def configs(**groups: Options):
                     made.add(o.name)
                     params.append(pyinspect.Parameter(o.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=o.type,
                                                       default=typer.Option(o.default, *o.flags, help=o.help)))
+        for name, option in COMMON.items():
+            if name not in {p.name for p in params}:
+                made.add(name)
+                params.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, annotation=bool, default=option))
 
         @functools.wraps(fn)
         def wrapper(**kw):
@@ -108,15 +117,23 @@ def flag(param: str, flags: Optional[dict] = None) -> str:
     return (flags or ALIASES).get(param, "--" + param.replace("_", "-"))
 
 
+def command(app: typer.Typer, name: Optional[str] = None, *, flags: Optional[dict] = None, **groups: Options):
+    """Register the decorated function as a command of ``app``: the parameters named in ``groups`` become
+    the options of their configs (:func:`configs`), logging follows its --quiet/--verbose, and library
+    errors become ``Error: ...`` lines (:func:`cli_errors`)."""
+    return lambda fn: app.command(name)(cli_errors(configs(**groups)(fn), flags=flags))
+
+
 def cli_errors(fn=None, *, flags: Optional[dict] = None):
-    """Turn library exceptions into ``Error: ...`` (parameters spelled as the command's flags, and as
-    ``flags`` says) and an exit code."""
+    """Set up logging from the command's --quiet/--verbose, then turn library exceptions into
+    ``Error: ...`` (parameters spelled as the command's flags, and as ``flags`` says) and an exit code."""
     if fn is None:
         return functools.partial(cli_errors, flags=flags)
     spelled = {**option_flags(fn), **(flags or {})}
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        setup_logging(kwargs.get("verbose", False), kwargs.get("quiet", False))
         try:
             return fn(*args, **kwargs)
         except CirMineError as e:
@@ -182,8 +199,6 @@ def mine_options(version: bool = _version_option("cir-mine")):
     """Offline hard-negative mining for composed image retrieval (CIR)."""
 
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
-VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
 SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
@@ -207,16 +222,13 @@ class Dataset(str, enum.Enum):
 # cir-mine: workspaces, datasets, captions
 
 
-@mine_app.command()
-@cli_errors
-@configs(cfg=Options(SynthConfig, only=("n_gallery", "n_triplets", "dim", "seed", "split", "salience", "item_noise",
-                                        "text_noise", "unmentioned_change"), flags={"split": ("--split", "-s")},
-                     spell={"salience": Spell(Optional[str], lambda v: None, parse_salience)},
-                     notes={"salience": ", e.g. color=1.0,sleeve=0.5"}))
+@command(mine_app, cfg=Options(SynthConfig, only=("n_gallery", "n_triplets", "dim", "seed", "split", "salience",
+                                                  "item_noise", "text_noise", "unmentioned_change"),
+                               flags={"split": ("--split", "-s")}, notes={"salience": ", e.g. color=1.0,sleeve=0.5"},
+                               spell={"salience": Spell(Optional[str], lambda v: None, parse_salience)}))
 def synth(out: Path = typer.Option(..., "--out", "-o", help="Workspace directory to write."), cfg: SynthConfig = None,
-          overwrite: bool = OVERWRITE, quiet: bool = QUIET, verbose: bool = VERBOSE):
+          overwrite: bool = OVERWRITE, quiet: bool = QUIET):
     """Generate a synthetic CIR world (gallery + triplets with ground-truth attributes)."""
-    setup_logging(verbose, quiet)
     from cir_mine.data.synthetic import generate
 
     with progress_bar("synth", cfg.n_gallery + cfg.n_triplets, quiet) as advance:
@@ -230,11 +242,9 @@ def synth(out: Path = typer.Option(..., "--out", "-o", help="Workspace directory
     typer.echo(f"wrote {out}: {manifest['counts']} (d={manifest['dim']})")
 
 
-@mine_app.command()
-@cli_errors
-def info(work: Path = WORK, quiet: bool = QUIET, verbose: bool = VERBOSE):
+@command(mine_app)
+def info(work: Path = WORK):
     """Validate a workspace and print its splits, counts and manifest."""
-    setup_logging(verbose, quiet)
     from cir_mine.data.workspace import Workspace
 
     ws = Workspace(work)
@@ -247,12 +257,9 @@ def info(work: Path = WORK, quiet: bool = QUIET, verbose: bool = VERBOSE):
                    f"categories: {', '.join(c or '-' for c in s['categories'])}  [valid]")
 
 
-@mine_app.command()
-@cli_errors
-def check(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT, quiet: bool = QUIET,
-          verbose: bool = VERBOSE):
+@command(mine_app)
+def check(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT):
     """Read a dataset's annotations and print what they hold (no embedding)."""
-    setup_logging(verbose, quiet)
     from cir_mine.data.adapters import dataset_summary
 
     s = dataset_summary(dataset.value, root, split)
@@ -261,10 +268,9 @@ def check(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT, qui
                f"{', '.join(c or '-' for c in s['categories'])}")
 
 
-@mine_app.command()
-@cli_errors
-@configs(cfg=Options(PositivesConfig, flags={"ignore_groups": ("--ignore-group",)},
-                     spell={"ignore_groups": Spell(List[str], list, tuple)}, notes={"ignore_groups": " (repeatable)"}),
+@command(mine_app, cfg=Options(PositivesConfig, flags={"ignore_groups": ("--ignore-group",)},
+                               spell={"ignore_groups": Spell(List[str], list, tuple)},
+                               notes={"ignore_groups": " (repeatable)"}),
          command=Options(CommandCaptioner, only=("command", "timeout"), names={"timeout": "command_timeout"},
                          lead="--captioner command: ", spell={"command": Spell(Optional[str])}, build=dict))
 def positives(
@@ -276,11 +282,8 @@ def positives(
     command: dict = None,
     text_encoder: str = typer.Option("auto", "--text-encoder", help="auto|synthetic|minilm|open_clip: the workspace's text encoder."),
     overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
-    setup_logging(verbose, quiet)
     from cir_mine.data.checks import check_range
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
@@ -298,16 +301,12 @@ def positives(
                f"(changed groups: {r.meta['changed_groups']})")
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def attributes(
     texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
     vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/core/vocabulary.json)."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.core.attributes import extract_many, load_vocabulary
 
     for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
@@ -321,9 +320,7 @@ def attributes(
 PROMPTS = Spell(Optional[Path], to_field=lambda p: DEFAULT_PROMPTS if p is not None and str(p) == "default" else p)
 
 
-@mine_app.command()
-@cli_errors
-@configs(encoder=Options(EncoderConfig, only=("model", "pretrained", "preprocess", "target_ratio", "device")),
+@command(mine_app, encoder=Options(EncoderConfig, only=("model", "pretrained", "preprocess", "target_ratio", "device")),
          run=Options(ImageRun, flags={"batch_size": ("--batch-size", "-b")}),
          job=Options(EmbedJob, only=("attribute_prompts", "index", "triplets_file"), flags={"triplets_file": ("--triplets",)},
                      spell={"attribute_prompts": PROMPTS}, build=dict),
@@ -332,9 +329,8 @@ PROMPTS = Spell(Optional[Path], to_field=lambda p: DEFAULT_PROMPTS if p is not N
                      shared={"batch_size": "batch_size"}, lead="--engine ray: "))
 def embed(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT, work: Path = WORK,
           encoder: EncoderConfig = None, run: ImageRun = None, job: dict = None, engine: EngineConfig = None,
-          ray: RayEmbedRun = None, overwrite: bool = OVERWRITE, quiet: bool = QUIET, verbose: bool = VERBOSE):
+          ray: RayEmbedRun = None, overwrite: bool = OVERWRITE, quiet: bool = QUIET):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.embed import embed as embed_job
 
     with progress_bar("embed", None, quiet, unit="images") as advance:
@@ -346,8 +342,7 @@ def embed(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT, wor
                f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
 
 
-@mine_app.command("index")
-@cli_errors
+@command(mine_app, "index")
 def index_cmd(
     work: Path = WORK,
     split: str = SPLIT,
@@ -361,11 +356,8 @@ def index_cmd(
     npy_dtype: str = typer.Option("float32", "--npy-dtype", help="With --npy: float32 or float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="With --from-features: replace an existing gallery of the split (the index alone is always rebuilt)."),
     allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
-    verbose: bool = VERBOSE,
-    quiet: bool = QUIET,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.encode.features import import_features
     from cir_mine.miner.encode.index import index_workspace
 
@@ -384,18 +376,14 @@ def index_cmd(
 # cir-mine demo
 
 
-@mine_app.command()
-@cli_errors
-@configs(cfg=Options(DemoConfig, only=("epochs", "world")))
+@command(mine_app, cfg=Options(DemoConfig, only=("epochs", "world")))
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
     cfg: DemoConfig = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier demo in --out."),
     quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings (combiner; DQE on hardest) -> R@10/R@50 table."""
-    setup_logging(verbose, quiet)
     from cir_mine.train.demo import run_demo
 
     step = [0]
@@ -430,24 +418,16 @@ NEGATIVES_SPELLINGS = {
 }
 
 
-def _floats(spec: str) -> tuple:
-    try:
-        return tuple(float(x) for x in spec.split(","))
-    except ValueError:
-        raise UsageError(f"--category-shares {spec!r}: use comma-separated numbers, e.g. 0.7,0.2,0.1.") from None
-
-
 MINE = Options(MineConfig, skip=tuple(f for f in GUARD_SWITCHES.values() if f not in ("dup_threshold", "rho")),
                flags={"k": ("-k", "--k"), "prefetch": ("--prefetch/--no-prefetch",)},
-               spell={"category_shares": Spell(str, lambda v: ",".join(f"{x:g}" for x in v), _floats),
+               spell={"category_shares": comma_numbers("category_shares"),
                       "target_recall": Spell(float, lambda v: v or 0, lambda v: v or None)},
                notes={"strategy": f": {', '.join(REGISTRY)}", "target_recall": "; 0: None"}, build=MineConfig.of)
 
 
-@mine_app.command()
-@cli_errors(flags=NEGATIVES_SPELLINGS)
-@configs(cfg=MINE, engine=ENGINE, shard=Options(ShardConfig, only=("shards", "index", "nprobe"), shared={"seed": "seed"},
-                                                 names={"index": "shard_index", "nprobe": "shard_nprobe"}),
+@command(mine_app, flags=NEGATIVES_SPELLINGS, cfg=MINE, engine=ENGINE,
+         shard=Options(ShardConfig, only=("shards", "index", "nprobe"), shared={"seed": "seed"},
+                       names={"index": "shard_index", "nprobe": "shard_nprobe"}),
          ray=Options(RayConfig, only=("address", "cpus_per_shard"), names={"address": "ray_address"}, lead="--engine ray: "))
 def negatives(
     work: Path = WORK,
@@ -468,7 +448,6 @@ def negatives(
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.negatives import QueryFile, mine_file, stages_line, summary
     from cir_mine.train.checkpoint import CheckpointQueries
 
@@ -483,22 +462,12 @@ def negatives(
     cfg = cfg.replace(**off, **({"max_candidates": None} if no_deepen else {}))
     queries = (CheckpointQueries(checkpoint) if checkpoint is not None
                else QueryFile(query_emb, query_ids) if query_emb is not None else None)
-    with progress_bar("negatives", _query_count(work, split), quiet, unit="queries") as advance:
+    with progress_bar("negatives", None, quiet, unit="queries") as advance:
         res = mine_file(work, split, cfg, out, engine=dataclasses.replace(engine, shard=shard, ray=ray), queries=queries,
                         mining_round=mining_round, overwrite=overwrite, progress=advance)
     typer.echo(spell_hints(summary(out, res.meta)))
     if verbose:
         typer.echo(stages_line(res.meta))
-
-
-def _query_count(work: Path, split: str) -> Optional[int]:
-    """The progress bar's total: the split's queries (None when the triplets are not there)."""
-    import pyarrow.parquet as pq
-
-    from cir_mine.data.workspace import Workspace
-
-    tp = Workspace(work).triplets_path(split)
-    return pq.read_metadata(tp).num_rows if tp.exists() else None
 
 
 class ExportFormat(str, enum.Enum):
@@ -507,8 +476,7 @@ class ExportFormat(str, enum.Enum):
     jsonl = "jsonl"
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def export(
     negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
     fmt: ExportFormat = typer.Option(..., "--format", "-f", help="ntuple: sentence-transformers' positional n-tuple Parquet (anchor caption, positive, negative_1..k; needs --work); wide: one Parquet row per query with ids and lists; jsonl: one JSON line per query, or with --root CLIP4Cir caption files."),
@@ -517,11 +485,8 @@ def export(
     images: str = typer.Option("id", "--images", help="ntuple: image columns as gallery ids (id) or image file paths (path)."),
     root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added. ntuple --images path: the folder relative paths are joined to (default: the root `cir-mine embed` recorded)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Export a negatives table: sentence-transformers n-tuples (ntuple), wide per-query Parquet (wide), JSON lines or CLIP4Cir caption files (jsonl)."""
-    setup_logging(verbose, quiet)
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.export import export_negatives
 
@@ -535,8 +500,7 @@ def export(
         typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
 
 
-@mine_app.command("eval")
-@cli_errors
+@command(mine_app, "eval")
 def eval_cmd(
     work: Path = WORK,
     split: str = typer.Option("val", "--split", "-s", help="Split whose queries the embeddings are of (gallery.{split}.parquet is the gallery)."),
@@ -544,11 +508,8 @@ def eval_cmd(
     query_ids: Optional[Path] = QUERY_IDS,
     exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ: also remove each query's reference image from its category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Evaluate your own model's query embeddings: FashionIQ R@10/R@50 per category, CIRR R@K and Recall_subset@K."""
-    setup_logging(verbose, quiet)
     import json
 
     from cir_mine.miner.negatives import QueryFile
@@ -568,42 +529,33 @@ class SqlFormat(str, enum.Enum):
     json = "json"
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def stats(
     negs: List[Path] = NEGS,
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (checks the tables belong to it; adds negative categories)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Negatives per query, Δ quantiles and histogram, category and attribute mix, shortfall, round overlap."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.stats import format_stats, summarize
 
     typer.echo(spell_hints(format_stats(summarize(negs, work, split))), nl=False)
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def sql(
     query: str = typer.Argument(..., help="SQL over the views negs, gallery, triplets, gallery_emb, triplet_emb."),
     negs: Optional[List[Path]] = typer.Argument(None, help="Negatives table(s) (the view negs)."),
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (views gallery, triplets)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own, else train)."),
     fmt: SqlFormat = typer.Option(SqlFormat.table, "--format", "-f", help="Output format."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Run DuckDB SQL over negatives tables and the workspace (see docs/queries.md)."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.sql import format_rows, sql_query
 
     typer.echo(format_rows(sql_query(query, negs or [], work, split), fmt.value), nl=False)
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def inspect(
     negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
     work: Path = WORK,
@@ -615,11 +567,8 @@ def inspect(
     max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
 
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed, overwrite=overwrite)
@@ -631,8 +580,7 @@ def inspect(
         typer.echo(f"{row.query_id}: short, {row.short}; guards removed{scope}: {guards}")
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def report(
     negs: List[Path] = NEGS,
     work: Path = WORK,
@@ -643,11 +591,8 @@ def report(
     max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
     overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.report import write_report
 
     r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=n_sheet_queries,
@@ -668,10 +613,8 @@ TRAIN = Options(TrainConfig, flags={"work": ("--work", "-w"), "split": ("--split
                                                lambda ps: [str(p) for p in ps or []])})
 
 
-@train_app.command()
-@cli_errors
-@configs(cfg=TRAIN, ray=Options(RayConfig, only=("address",), names={"address": "ray_address"},
-                                lead="refresh of a table mined with --engine ray: "))
+@command(train_app, cfg=TRAIN, ray=Options(RayConfig, only=("address",), names={"address": "ray_address"},
+                                          lead="refresh of a table mined with --engine ray: "))
 def train(
     cfg: TrainConfig = None,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
@@ -679,11 +622,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (without it, an existing run is an error)."),
     version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
     ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
-    setup_logging(verbose, quiet)
     from cir_mine.train.session import remine_line, run_training
 
     used = []

@@ -28,6 +28,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from cir_mine.data.errors import UsageError
+
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict:
@@ -88,6 +90,17 @@ class Spell:
     type: object
     to_option: Callable = lambda v: v
     to_field: Callable = lambda v: v
+
+
+def comma_numbers(name: str) -> Spell:
+    """A tuple of floats as comma-separated numbers, e.g. 0.7,0.2,0.1 (``name``: the field, for errors)."""
+    def parse(spec: str) -> tuple:
+        try:
+            return tuple(float(x) for x in spec.split(","))
+        except ValueError:
+            raise UsageError(f"{name} {spec!r}: use comma-separated numbers, e.g. 0.7,0.2,0.1.", params=(name,)) from None
+
+    return Spell(str, lambda v: ",".join(f"{x:g}" for x in v), parse)
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,14 @@ class QueryFile:
 
 def mine_file(ws: Workspace | str | Path, split: str, cfg: MineConfig, out: str | Path, *,
               engine: EngineConfig = EngineConfig(), queries: Optional[QuerySource] = None, mining_round: int = 0,
-              overwrite: bool = False, progress: Optional[Callable[[int], None]] = None) -> MineResult:
+              overwrite: bool = False, progress: Optional[Callable[..., None]] = None) -> MineResult:
     """Mine every query of ``ws``/``split`` with ``cfg`` through ``engine`` and write the table to ``out``.
 
     ``queries``: where the query embeddings come from (None: zero-shot, normalize(ref + w * text));
     given, the table records them as passed in (``query='checkpoint'``). ``out`` is checked before
     the queries are embedded (:func:`cir_mine.data.io.check_output`: never a workspace file or an
-    input, an existing file only with ``overwrite``). ``progress(n)``: queries finished per batch."""
+    input, an existing file only with ``overwrite``). ``progress(n, total=None)``: n more queries
+    finished; the total is given once, when the split is read."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if queries is not None and cfg.query != "checkpoint":
         cfg = cfg.replace(query="checkpoint")
@@ -71,9 +72,10 @@ def mine_file(ws: Workspace | str | Path, split: str, cfg: MineConfig, out: str 
     out = check_output(out, reads, overwrite)
     loaded = functools.cache(lambda: ws.load(split))
     query_emb = queries.embeddings(ws, split, loaded) if queries is not None else None
-    kw = dict(query_emb=query_emb, mining_round=mining_round, progress=progress,
-              loaded=loaded() if loaded.cache_info().currsize else None)
     with write_job(out.parent, f"cir-mine negatives -> {out.name}"):
+        if progress is not None:
+            progress(0, total=len(loaded()[1].query_ids))
+        kw = dict(query_emb=query_emb, mining_round=mining_round, progress=progress, loaded=loaded())
         if engine.in_process:
             res = mine_negatives(ws, split, cfg, **kw)
         else:
