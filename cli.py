@@ -53,6 +53,14 @@ VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.
 COMMON = {"quiet": QUIET, "verbose": VERBOSE}
 
 
+def sentence(text: str) -> str:
+    """A field's comment as help text: prose starts with a capital, and every help ends with a period."""
+    words = text.split(" ", 2)
+    if len(words) > 1 and words[0].isalpha() and words[0].islower() and words[1][:1].isalpha():
+        text = text[0].upper() + text[1:]
+    return text if text.endswith(".") else text + "."
+
+
 def configs(**groups: Options):
     """Each parameter of the command named in ``groups`` becomes the options of its config's fields (in
     its place); the command is called with the configs built from their values. Every command has
@@ -67,7 +75,7 @@ def configs(**groups: Options):
                 if o.name not in made:
                     made.add(o.name)
                     params.append(pyinspect.Parameter(o.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=o.type,
-                                                      default=typer.Option(o.default, *o.flags, help=o.help)))
+                                                      default=typer.Option(o.default, *o.flags, help=sentence(o.help))))
         for name, option in COMMON.items():
             if name not in {p.name for p in params}:
                 made.add(name)
