@@ -24,7 +24,7 @@ import typer
 from typer.models import OptionInfo
 
 from cir_mine.data.errors import CirMineError, UsageError
-from cir_mine.data.fields import comma_numbers, Options, Spell, field_default
+from cir_mine.data.fields import Options, Spell, comma_numbers, field_default
 from cir_mine.data.synthetic import SynthConfig, parse_salience
 from cir_mine.miner.core.guards import GuardConfig
 from cir_mine.miner.core.mine import MineConfig
@@ -36,8 +36,8 @@ from cir_mine.miner.distributed.shards import ShardConfig
 from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EmbedJob, EncoderConfig, ImageRun
 from cir_mine.miner.positives.captioners import CommandCaptioner
 from cir_mine.miner.positives.pairs import PositivesConfig
-from cir_mine.train.demo import DemoConfig
 from cir_mine.train.config import TrainConfig
+from cir_mine.train.demo import DemoConfig
 
 mine_app = typer.Typer(name="cir-mine", help="Offline hard-negative mining for composed image retrieval (CIR).",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
