@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-coarse test venv clean
+.PHONY: demo demo-coarse test lint venv clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,11 @@ demo-coarse: $(STAMP)
 	$(BIN)/cir-mine demo --world coarse --out demo-coarse --overwrite
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 clean:
-	rm -rf $(VENV) demo-out demo-coarse .pytest_cache
+	rm -rf $(VENV) demo-out demo-coarse .pytest_cache .ruff_cache

@@ -5,7 +5,8 @@ The public API (see docs/api.md) is importable from here; names load lazily, so
 
     from cir_mine import Workspace, MineConfig, mine_negatives, read_negatives, NegativesDataset
 
-(``NegativesDataset`` and ``collate_negatives`` need torch; every other name works without it.)
+(``NegativesDataset``, ``collate_negatives``, ``run_training`` and ``CheckpointQueries`` need torch; every other
+name works without it.)
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ _API = {
     "MineResult": "cir_mine.miner.core.mine",
     "mine_negatives": "cir_mine.miner.core.mine",
     "mine_to_file": "cir_mine.miner.core.mine",
+    "mine_file": "cir_mine.miner.negatives",
+    "QueryFile": "cir_mine.miner.negatives",
+    "EngineConfig": "cir_mine.miner.distributed.mine",
+    "ShardConfig": "cir_mine.miner.distributed.shards",
+    "RayConfig": "cir_mine.miner.distributed.ray_shards",
     "GuardConfig": "cir_mine.miner.core.guards",
     "read_negatives": "cir_mine.miner.core.tables",
     "NegativesTable": "cir_mine.miner.core.tables",
@@ -37,6 +43,9 @@ _API = {
     "check_query_embeddings": "cir_mine.miner.core.query_emb",
     "Remine": "cir_mine.miner.remine",
     "evaluate_queries": "cir_mine.train.metrics",
+    "TrainConfig": "cir_mine.train.config",
+    "run_training": "cir_mine.train.session",
+    "CheckpointQueries": "cir_mine.train.checkpoint",
     "NegativesDataset": "cir_mine.train.datasets",
     "collate_negatives": "cir_mine.train.datasets",
 }

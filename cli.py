@@ -1,40 +1,100 @@
 """Command-line entry points: ``cir-mine`` and ``cir-train``.
 
-Thin by design: each command parses options, calls one library function, and renders the result.
-Library code raises typed exceptions (cir_mine.data.errors); :func:`cli_errors` turns them into one
-``Error: ...`` line on stderr and exit code 1 (2 for usage errors), without a traceback.
+Each command parses its options, calls one library function and renders the result. The options
+that set a config field are made from the config dataclass (:class:`Options`): the field's name,
+default and comment are the option's, so a default is stated once, in its dataclass. Library code
+raises typed exceptions (cir_mine.data.errors) naming parameters; :func:`cli_errors` turns them into
+one ``Error: ...`` line on stderr with each parameter spelled as the option that sets it, and exit
+code 1 (2 for usage errors), without a traceback.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import functools
+import inspect as pyinspect
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
+from typer.models import OptionInfo
 
-from cir_mine.data.errors import CirMineError
+from cir_mine.data.errors import CirMineError, UsageError
+from cir_mine.data.fields import Options, Spell, comma_numbers, field_default
+from cir_mine.data.synthetic import SynthConfig, parse_salience
+from cir_mine.miner.core.guards import GuardConfig
+from cir_mine.miner.core.mine import MineConfig
+from cir_mine.miner.core.strategies import REGISTRY
+from cir_mine.miner.distributed.mine import EngineConfig
+from cir_mine.miner.distributed.ray_embed import RayEmbedRun
+from cir_mine.miner.distributed.ray_shards import RayConfig
+from cir_mine.miner.distributed.shards import ShardConfig
+from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EmbedJob, EncoderConfig, ImageRun
+from cir_mine.miner.positives.captioners import CommandCaptioner
+from cir_mine.miner.positives.pairs import PositivesConfig
+from cir_mine.train.config import TrainConfig
+from cir_mine.train.demo import DemoConfig
 
-mine_app = typer.Typer(
-    name="cir-mine",
-    help="Offline hard-negative mining for composed image retrieval (CIR).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-train_app = typer.Typer(
-    name="cir-train",
-    help="Train a CIR combiner on cached features with mined negatives.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+mine_app = typer.Typer(name="cir-mine", help="Offline hard-negative mining for composed image retrieval (CIR).",
+                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+train_app = typer.Typer(name="cir-train", help="Train a CIR combiner on cached features with mined negatives.",
+                        add_completion=False, pretty_exceptions_enable=False)
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared plumbing
+# Options made of config dataclass fields (cir_mine.data.fields)
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
+COMMON = {"quiet": QUIET, "verbose": VERBOSE}
+
+
+def sentence(text: str) -> str:
+    """A field's comment as help text: prose starts with a capital, and every help ends with a period."""
+    words = text.split(" ", 2)
+    if len(words) > 1 and words[0].isalpha() and words[0].islower() and words[1][:1].isalpha():
+        text = text[0].upper() + text[1:]
+    return text if text.endswith(".") else text + "."
+
+
+def configs(**groups: Options):
+    """Each parameter of the command named in ``groups`` becomes the options of its config's fields (in
+    its place); the command is called with the configs built from their values. Every command has
+    --quiet and --verbose; a command that does not name them does not get them."""
+    def deco(fn):
+        hints, params, made = typing.get_type_hints(fn), [], set()
+        for p in pyinspect.signature(fn).parameters.values():
+            if p.name not in groups:
+                params.append(p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
+                continue
+            for o in groups[p.name].options():
+                if o.name not in made:
+                    made.add(o.name)
+                    params.append(pyinspect.Parameter(o.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=o.type,
+                                                      default=typer.Option(o.default, *o.flags, help=sentence(o.help))))
+        for name, option in COMMON.items():
+            if name not in {p.name for p in params}:
+                made.add(name)
+                params.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, annotation=bool, default=option))
+
+        @functools.wraps(fn)
+        def wrapper(**kw):
+            return fn(**{k: v for k, v in kw.items() if k not in made}, **{k: g.make(kw) for k, g in groups.items()})
+
+        wrapper.__signature__ = pyinspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        wrapper.option_groups = groups
+        return wrapper
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors, logging, progress
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -42,50 +102,50 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-# Library errors name parameters as the Python API spells them; the CLI shows its flags. A name is
-# its flag (--delta-lo for delta_lo) unless listed here.
-FLAGS = {
-    "k": "-k",
-    "ws": "--work",
-    "mining_round": "--round",
-    "max_candidates=None": "--no-deepen",
-    "n_sheet_queries": "--sheets",
-}
-# `cir-mine negatives` switches guards off with --no-guard NAME
-NEGATIVES_FLAGS = {
-    **FLAGS,
-    "exclude_target": "--no-guard target",
-    "exclude_reference": "--no-guard reference",
-    "exclude_extra_positives": "--no-guard extra-positive",
-    "trust_verified": "--no-guard trust-verified",
-    "rho=None": "--no-guard cap",
-    "dup_threshold=None": "--no-guard near-duplicate",
-}
+# library parameters that no option is named after, as every command spells them
+ALIASES = {"ws": "--work"}
 
 
-def flag(param: str, flags: dict = FLAGS) -> str:
+def option_flags(fn) -> dict:
+    """Parameter name -> the flag of the option that sets it, for a command: every option under its
+    own name, every config field under its name (unless an option has it) and as ``Class.field``."""
+    out = {p.name: p.default.param_decls[0].split("/")[0] for p in pyinspect.signature(fn).parameters.values()
+           if isinstance(p.default, OptionInfo) and p.default.param_decls}
+    for group in getattr(fn, "option_groups", {}).values():
+        for o in group.options():
+            out[f"{o.owner.__name__}.{o.field}"] = out[o.name]
+            out.setdefault(o.field, out[o.name])
+        for field, other in group.shared.items():
+            out[f"{group.cls.__name__}.{field}"] = out[other]
+    return {**ALIASES, **out}
+
+
+def flag(param: str, flags: Optional[dict] = None) -> str:
     """The command-line spelling of a library parameter name."""
-    return flags.get(param, "--" + param.replace("_", "-"))
+    return (flags or ALIASES).get(param, "--" + param.replace("_", "-"))
 
 
-def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
-    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints) with flags."""
-    from cir_mine.data.errors import spell_calls
+def command(app: typer.Typer, name: Optional[str] = None, *, flags: Optional[dict] = None, **groups: Options):
+    """Register the decorated function as a command of ``app``: the parameters named in ``groups`` become
+    the options of their configs (:func:`configs`), logging follows its --quiet/--verbose, and library
+    errors become ``Error: ...`` lines (:func:`cli_errors`)."""
+    return lambda fn: app.command(name)(cli_errors(configs(**groups)(fn), flags=flags))
 
-    return spell_calls(text, functools.partial(flag, flags=flags))
 
-
-def cli_errors(fn=None, *, flags: dict = FLAGS):
-    """Turn library exceptions into ``Error: ...`` (parameters spelled as ``flags``) and an exit code."""
+def cli_errors(fn=None, *, flags: Optional[dict] = None):
+    """Set up logging from the command's --quiet/--verbose, then turn library exceptions into
+    ``Error: ...`` (parameters spelled as the command's flags, and as ``flags`` says) and an exit code."""
     if fn is None:
         return functools.partial(cli_errors, flags=flags)
+    spelled = {**option_flags(fn), **(flags or {})}
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        setup_logging(kwargs.get("verbose", False), kwargs.get("quiet", False))
         try:
             return fn(*args, **kwargs)
         except CirMineError as e:
-            fail(e.render(functools.partial(flag, flags=flags)), e.exit_code)
+            fail(e.render(functools.partial(flag, flags=spelled)), e.exit_code)
         except MemoryError:
             fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
         except OSError as e:   # an unexpected file-system failure: name the file, never a traceback
@@ -95,6 +155,7 @@ def cli_errors(fn=None, *, flags: dict = FLAGS):
         except KeyboardInterrupt:   # outside a write job (jobs raise Interrupted, saying what is left)
             fail("interrupted (SIGINT).", 130)
 
+    wrapper.flags = spelled
     return wrapper
 
 
@@ -115,14 +176,12 @@ def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: st
         yield lambda n=1, total=None: None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.text import Text
 
     class Rate(TextColumn):
         def render(self, task):
             speed = task.finished_speed or task.speed
-            from rich.text import Text
-
             return Text(f"{speed:,.0f} {unit}/s" if speed else "")
 
     cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(""), TimeRemainingColumn()]
@@ -148,55 +207,46 @@ def mine_options(version: bool = _version_option("cir-mine")):
     """Offline hard-negative mining for composed image retrieval (CIR)."""
 
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
-VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
 SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
+DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL; webdataset: img2dataset tar shards, --root 'DIR/{00000..00099}.tar').")
+ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
+QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
+NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
+ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
+OPTIONAL_PATH = Spell(Optional[Path], lambda v: v, lambda p: None if p is None else str(p))
+ENGINE = Options(EngineConfig, only=("name",), names={"name": "engine"})
+
+
+class Dataset(str, enum.Enum):
+    fashioniq = "fashioniq"
+    cirr = "cirr"
+    folder = "folder"
+    webdataset = "webdataset"
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine: workspace commands
+# cir-mine: workspaces, datasets, captions
 
 
-@mine_app.command()
-@cli_errors
-def synth(
-    out: Path = typer.Option(..., "--out", "-o", help="Workspace directory to write."),
-    n_gallery: int = typer.Option(20000, "--n-gallery", help="Gallery images (targets included)."),
-    n_triplets: int = typer.Option(5000, "--n-triplets", help="Queries (reference + caption -> target)."),
-    dim: int = typer.Option(128, "--dim", help="Embedding dimension."),
-    seed: int = typer.Option(0, "--seed", help="World and item seed (same seed, same files)."),
-    split: str = SPLIT,
-    salience: Optional[str] = typer.Option(None, "--salience", help="Per-group weights, e.g. color=1.0,sleeve=0.5."),
-    item_noise: float = typer.Option(2.0, "--item-noise", help="Per-image noise norm."),
-    text_noise: float = typer.Option(1.0, "--text-noise", help="Per-caption noise norm."),
-    unmentioned: float = typer.Option(0.15, "--unmentioned-change", help="Chance a target also differs in an unmentioned group."),
-    overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
-):
+@command(mine_app, cfg=Options(SynthConfig, only=("n_gallery", "n_triplets", "dim", "seed", "split", "salience",
+                                                  "item_noise", "text_noise", "unmentioned_change"),
+                               flags={"split": ("--split", "-s")}, notes={"salience": ", e.g. color=1.0,sleeve=0.5"},
+                               spell={"salience": Spell(Optional[str], lambda v: None, parse_salience)}))
+def synth(out: Path = typer.Option(..., "--out", "-o", help="Workspace directory to write."), cfg: SynthConfig = None,
+          overwrite: bool = OVERWRITE, quiet: bool = QUIET):
     """Generate a synthetic CIR world (gallery + triplets with ground-truth attributes)."""
-    setup_logging(verbose, quiet)
-    from cir_mine.data.synthetic import SynthConfig, generate, parse_salience
+    from cir_mine.data.synthetic import generate
 
-    cfg = SynthConfig(n_gallery=n_gallery, n_triplets=n_triplets, dim=dim, seed=seed, split=split,
-                      salience=parse_salience(salience), item_noise=item_noise, text_noise=text_noise,
-                      unmentioned_change=unmentioned)
-    with progress_bar("synth", n_gallery + n_triplets, quiet) as advance:
+    with progress_bar("synth", cfg.n_gallery + cfg.n_triplets, quiet) as advance:
         manifest = generate(cfg, out, progress=advance, overwrite=overwrite)
     typer.echo(f"wrote {out}: {manifest['counts']} (d={manifest['dim']})")
 
 
-@mine_app.command()
-@cli_errors
-def info(
-    work: Path = WORK,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
-):
+@command(mine_app)
+def info(work: Path = WORK):
     """Validate a workspace and print its splits, counts and manifest."""
-    setup_logging(verbose, quiet)
     from cir_mine.data.workspace import Workspace
 
     ws = Workspace(work)
@@ -209,28 +259,9 @@ def info(
                    f"categories: {', '.join(c or '-' for c in s['categories'])}  [valid]")
 
 
-class Dataset(str, enum.Enum):
-    fashioniq = "fashioniq"
-    cirr = "cirr"
-    folder = "folder"
-    webdataset = "webdataset"
-
-
-DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL; webdataset: img2dataset tar shards, --root 'DIR/{00000..00099}.tar').")
-ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
-
-
-@mine_app.command()
-@cli_errors
-def check(
-    dataset: Dataset = DATASET,
-    root: Path = ROOT,
-    split: str = SPLIT,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
-):
+@command(mine_app)
+def check(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT):
     """Read a dataset's annotations and print what they hold (no embedding)."""
-    setup_logging(verbose, quiet)
     from cir_mine.data.adapters import dataset_summary
 
     s = dataset_summary(dataset.value, root, split)
@@ -239,69 +270,45 @@ def check(
                f"{', '.join(c or '-' for c in s['categories'])}")
 
 
-# ------------------------------------------------------------------------------------------------
-# cir-mine positives (scaled positives)
-
-
-@mine_app.command()
-@cli_errors
+@command(mine_app, cfg=Options(PositivesConfig, flags={"ignore_groups": ("--ignore-group",)},
+                               spell={"ignore_groups": Spell(List[str], list, tuple)},
+                               notes={"ignore_groups": " (repeatable)"}),
+         command=Options(CommandCaptioner, only=("command", "timeout"), names={"timeout": "command_timeout"},
+                         lead="--captioner command: ", spell={"command": Spell(Optional[str])}, build=dict))
 def positives(
     work: Path = WORK,
     split: str = SPLIT,
     out: Path = typer.Option(..., "--out", "-o", help="Triplets-schema Parquet file to write."),
-    per_image: int = typer.Option(2, "--per-image", help="New triplets per reference image at most."),
-    max_diff: int = typer.Option(2, "--max-diff", help="Attribute groups that may differ (1..G)."),
-    max_values: int = typer.Option(3, "--max-values", help="Attribute values that may differ in all."),
-    neighbors: int = typer.Option(32, "--neighbors", help="FAISS neighbours searched per image."),
-    dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Skip pairs at or above this similarity."),
-    max_images: int = typer.Option(0, "--max-images", help="References considered (0 = all; seeded sample)."),
-    ignore_group: List[str] = typer.Option([], "--ignore-group", help="Attribute group never described (repeatable)."),
+    cfg: PositivesConfig = None,
     captioner: str = typer.Option("template", "--captioner", help="template (offline) or command."),
-    command: Optional[str] = typer.Option(None, "--command", help="With --captioner command: program reading JSON lines of pairs."),
-    command_timeout: float = typer.Option(3600.0, "--command-timeout", help="With --captioner command: seconds the program may run."),
+    command: dict = None,
     text_encoder: str = typer.Option("auto", "--text-encoder", help="auto|synthetic|minilm|open_clip: the workspace's text encoder."),
-    seed: int = typer.Option(0, "--seed"),
     overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
-    setup_logging(verbose, quiet)
+    from cir_mine.data.checks import check_range
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
-    from cir_mine.miner.positives.pairs import PositivesConfig
     from cir_mine.miner.positives.generate import generate_positives
 
-    if captioner == "command" and not command:
+    if captioner == "command" and not command["command"]:
         fail("--captioner command needs --command PROGRAM.", 2)
     if captioner not in ("template", "command"):
         fail(f"unknown captioner {captioner!r}: use template or command.", 2)
-    from cir_mine.data.checks import check_range
-
-    check_range("command_timeout", command_timeout, 0.0, None, lo_open=True)
-    cap = CommandCaptioner(command, timeout=command_timeout) if captioner == "command" else TemplateCaptioner(seed)
-    cfg = PositivesConfig(per_image=per_image, max_diff=max_diff, max_values=max_values, neighbors=neighbors,
-                          dup_threshold=dup_threshold, max_images=max_images, ignore_groups=tuple(ignore_group), seed=seed)
+    check_range("command_timeout", command["timeout"], 0.0, None, lo_open=True)
+    cap = CommandCaptioner(**command) if captioner == "command" else TemplateCaptioner(cfg.seed)
     r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder,
                            overwrite=overwrite)
     typer.echo(f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
                f"(changed groups: {r.meta['changed_groups']})")
 
 
-# ------------------------------------------------------------------------------------------------
-# cir-mine attributes
-
-
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def attributes(
     texts: List[str] = typer.Argument(..., help="Captions to read, e.g. \"is red with no sleeves\"."),
     vocabulary: Optional[Path] = typer.Option(None, "--vocabulary", help="Vocabulary JSON (default: the shipped miner/core/vocabulary.json)."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.core.attributes import extract_many, load_vocabulary
 
     for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
@@ -312,72 +319,37 @@ def attributes(
 # cir-mine embed, cir-mine index
 
 
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
-ENGINE = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; the 'ray' extra).")
-RAY_ADDRESS = typer.Option(None, "--ray-address", help="--engine ray: join this cluster (auto or HOST:PORT); default a local one.")
-INDEX = typer.Option("flat", "--index", help="flat | ivf | ivfpq | hnsw | a FAISS factory string ('none': no index).")
+PROMPTS = Spell(Optional[Path], to_field=lambda p: DEFAULT_PROMPTS if p is not None and str(p) == "default" else p)
 
 
-@mine_app.command()
-@cli_errors
-def embed(
-    dataset: Dataset = DATASET,
-    root: Path = ROOT,
-    split: str = SPLIT,
-    work: Path = WORK,
-    model: str = typer.Option("ViT-B-32", "--model", help="open_clip model name or path of a model-config JSON."),
-    pretrained: str = typer.Option("none", "--pretrained", help="open_clip tag, local checkpoint PATH (OpenAI .pt archive, CLIP4Cir {'CLIP': state_dict}, open_clip checkpoint or state dict; OpenAI-trained weights get the -quickgelu model), or none (random weights: meaningless negatives)."),
-    preprocess: str = typer.Option("clip", "--preprocess", help="Image preprocessing: clip (open_clip's), targetpad or squarepad (CLIP4Cir's; embed with what your model was trained with)."),
-    target_ratio: float = typer.Option(1.25, "--target-ratio", help="--preprocess targetpad: pad images whose long/short side ratio is above this (CLIP4Cir's --target-ratio)."),
-    device: str = DEVICE,
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
-    workers: int = typer.Option(2, "--workers", help="Image-decoding worker processes (0: main process)."),
-    shard_size: int = typer.Option(4096, "--shard-size", help="Images per resumable shard."),
-    attribute_prompts: Optional[Path] = typer.Option(None, "--attribute-prompts", help="Zero-shot attribute prompt JSON ('default': the shipped garment prompts)."),
-    index: str = INDEX,
-    triplets: Optional[Path] = typer.Option(None, "--triplets", help="folder: triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl); webdataset: triplets naming sample keys (none: gallery only)."),
-    engine: str = ENGINE,
-    actors: int = typer.Option(1, "--actors", help="--engine ray: open_clip encoder actors (with --device cuda at most one per GPU)."),
-    part_size: int = typer.Option(4096, "--part-size", help="--engine ray: images per gallery part (the unit of resume)."),
-    cpus_per_actor: Optional[float] = typer.Option(None, "--cpus-per-actor", help="--engine ray: CPUs each CPU encoder actor reserves (default 1, or a fraction so that every actor fits the cluster)."),
-    ray_address: Optional[str] = RAY_ADDRESS,
-    overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
-):
+@command(mine_app, encoder=Options(EncoderConfig, only=("model", "pretrained", "preprocess", "target_ratio", "device")),
+         run=Options(ImageRun, flags={"batch_size": ("--batch-size", "-b")}),
+         job=Options(EmbedJob, only=("attribute_prompts", "index", "triplets_file"), flags={"triplets_file": ("--triplets",)},
+                     spell={"attribute_prompts": PROMPTS}, build=dict),
+         engine=ENGINE,
+         ray=Options(RayEmbedRun, only=("actors", "part_size", "cpus_per_actor", "address"), names={"address": "ray_address"},
+                     shared={"batch_size": "batch_size"}, lead="--engine ray: "))
+def embed(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT, work: Path = WORK,
+          encoder: EncoderConfig = None, run: ImageRun = None, job: dict = None, engine: EngineConfig = None,
+          ray: RayEmbedRun = None, overwrite: bool = OVERWRITE, quiet: bool = QUIET):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
-    setup_logging(verbose, quiet)
-    from cir_mine.data.errors import UsageError
-    from cir_mine.miner.encode.clip import DEFAULT_PROMPTS, EncoderConfig, ImageRun
-    from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
+    from cir_mine.miner.embed import embed as embed_job
 
-    if engine not in ("local", "ray"):
-        raise UsageError(f"--engine {engine!r}: use local or ray.")
-    prompts = DEFAULT_PROMPTS if attribute_prompts is not None and str(attribute_prompts) == "default" else attribute_prompts
-    job = EmbedJob(dataset.value, root, split, work,
-                   EncoderConfig(model, pretrained, device, preprocess=preprocess, target_ratio=target_ratio),
-                   ImageRun(batch_size, workers, shard_size), prompts, index, triplets)
     with progress_bar("embed", None, quiet, unit="images") as advance:
-        if engine == "ray":
-            from cir_mine.miner.distributed.ray_embed import RayEmbedRun, embed_dataset_ray
-
-            m = embed_dataset_ray(job, RayEmbedRun(actors, part_size, batch_size, cpus_per_actor, ray_address), progress=advance,
-                                  overwrite=overwrite)
-        else:
-            m = embed_dataset(job, progress=advance, overwrite=overwrite)
+        m = embed_job(EmbedJob(dataset.value, root, split, work, encoder, run, **job), engine.name, ray,
+                      progress=advance, overwrite=overwrite)
     info = m["embed"][split]
     typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
                f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
                f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
 
 
-@mine_app.command("index")
-@cli_errors
+@command(mine_app, "index")
 def index_cmd(
     work: Path = WORK,
     split: str = SPLIT,
-    index: str = INDEX,
-    device: str = DEVICE,
+    index: str = typer.Option("flat", "--index", help="flat | ivf | ivfpq | hnsw | a FAISS factory string ('none': no index)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible)."),
     fp16: bool = typer.Option(False, "--fp16", help="GPU FAISS: store vectors in float16."),
     from_features: Optional[Path] = typer.Option(None, "--from-features", help="Import precomputed features (.npy with --ids, .parquet, or a clip-retrieval folder img_emb/ + metadata/) as the gallery first."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="With a .npy: one image id per line (optionally id<TAB>category)."),
@@ -386,13 +358,10 @@ def index_cmd(
     npy_dtype: str = typer.Option("float32", "--npy-dtype", help="With --npy: float32 or float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="With --from-features: replace an existing gallery of the split (the index alone is always rebuilt)."),
     allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
-    verbose: bool = VERBOSE,
-    quiet: bool = QUIET,
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
-    setup_logging(verbose, quiet)
-    from cir_mine.miner.encode.index import index_workspace
     from cir_mine.miner.encode.features import import_features
+    from cir_mine.miner.encode.index import index_workspace
 
     if from_features is not None:
         meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
@@ -409,28 +378,24 @@ def index_cmd(
 # cir-mine demo
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app, cfg=Options(DemoConfig, only=("epochs", "world")))
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
-    epochs: int = typer.Option(4, "--epochs", help="Training epochs per run."),
-    world: str = typer.Option("fine", "--world", help="fine (fine-grained: 60k images, where mined negatives pay; adds hardest re-mined once halfway, with the combiner and with DQE's attribute sub-queries) or coarse (the synth default: 20k images, random, midzone and attribute-mismatch)."),
+    cfg: DemoConfig = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier demo in --out."),
     quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings (combiner; DQE on hardest) -> R@10/R@50 table."""
-    setup_logging(verbose, quiet)
-    from cir_mine.train.demo import DemoConfig, run_demo
+    from cir_mine.train.demo import run_demo
 
-    step = {"n": 0}
+    step = [0]
 
     def say(msg: str) -> None:
-        step["n"] += 1
+        step[0] += 1
         if not quiet:
-            typer.echo(f"[{step['n']}] {msg}")
+            typer.echo(f"[{step[0]}] {msg}")
 
-    res = run_demo(out, DemoConfig(epochs=epochs, world=world), on_step=say, overwrite=overwrite)
+    res = run_demo(out, cfg, on_step=say, overwrite=overwrite)
     typer.echo("")
     typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
     for name, r in res.runs.items():
@@ -442,187 +407,69 @@ def demo(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine negatives
+# cir-mine negatives, export, eval
 
-GUARD_SWITCHES = ("target", "reference", "extra-positive", "near-duplicate", "cap", "trust-verified")
-
-
-def _floats(spec: str, what: str) -> tuple:
-    from cir_mine.data.errors import UsageError
-
-    try:
-        return tuple(float(x) for x in spec.split(","))
-    except ValueError:
-        raise UsageError(f"{what} {spec!r}: use comma-separated numbers, e.g. 0.7,0.2,0.1.") from None
-
-
-def _checkpoint_queries(checkpoint: Path, work: Path, split: str):
-    from cir_mine.train.checkpoint import encode_queries
-
-    return encode_queries(checkpoint, work, split)
+# --no-guard NAME -> the guard field it switches off (False, or None for a threshold)
+GUARD_SWITCHES = {"target": "exclude_target", "reference": "exclude_reference",
+                  "extra-positive": "exclude_extra_positives", "near-duplicate": "dup_threshold", "cap": "rho",
+                  "trust-verified": "trust_verified"}
+NEGATIVES_SPELLINGS = {
+    "max_candidates=None": "--no-deepen",
+    **{(f if isinstance(field_default(GuardConfig, f), bool) else f + "=None"): f"--no-guard {g}"
+       for g, f in GUARD_SWITCHES.items()},
+}
 
 
-def _file_queries(path: Path, loaded, ids_path: Optional[Path] = None):
-    """--query-emb [--query-ids]: the .npy (rows in the triplets' order, or named by the ids file)
-    checked against the split's query ids and the gallery's dimension."""
-    from cir_mine.miner.core.query_emb import read_query_embeddings, read_query_ids
-
-    g, t = loaded
-    given = read_query_ids(ids_path) if ids_path is not None else None
-    return read_query_embeddings(path, t.query_ids.tolist(), g.dim, given)
+MINE = Options(MineConfig, skip=tuple(f for f in GUARD_SWITCHES.values() if f not in ("dup_threshold", "rho")),
+               flags={"k": ("-k", "--k"), "prefetch": ("--prefetch/--no-prefetch",)},
+               spell={"category_shares": comma_numbers("category_shares"),
+                      "target_recall": Spell(float, lambda v: v or 0, lambda v: v or None)},
+               notes={"strategy": f": {', '.join(REGISTRY)}", "target_recall": "; 0: None"}, build=MineConfig.of)
 
 
-QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
-
-
-@mine_app.command()
-@cli_errors(flags=NEGATIVES_FLAGS)
+@command(mine_app, flags=NEGATIVES_SPELLINGS, cfg=MINE, engine=ENGINE,
+         shard=Options(ShardConfig, only=("shards", "index", "nprobe"), shared={"seed": "seed"},
+                       names={"index": "shard_index", "nprobe": "shard_nprobe"}),
+         ray=Options(RayConfig, only=("address", "cpus_per_shard"), names={"address": "ray_address"}, lead="--engine ray: "))
 def negatives(
     work: Path = WORK,
     split: str = SPLIT,
     out: Path = typer.Option(..., "--out", "-o", help="Negatives table to write (Parquet, see docs/formats.md)."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="One strategy: random, in-batch, hardest, semihard, midzone, category, category-discrepant, attribute-mismatch, soft, semantic, verified, kept-mismatch, error-targeted."),
-    mix: Optional[str] = typer.Option(None, "--mix", help="A mix, e.g. midzone:0.6,category:0.3,random:0.1 (k split by shares)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for cir-train; mines the mix at --round)."),
-    k: int = typer.Option(10, "-k", "--k", help="Negatives per query."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same table)."),
+    cfg: MineConfig = None,
     mining_round: int = typer.Option(0, "--round", help="Mining round (0 offline, r-th refresh)."),
-    query: str = typer.Option("zero-shot", "--query", help="Query embeddings: zero-shot or checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A cir-train checkpoint whose model encodes the queries."),
-    query_emb_path: Optional[Path] = typer.Option(None, "--query-emb", help="Your own model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
-    query_ids_path: Optional[Path] = QUERY_IDS,
-    text_weight: float = typer.Option(1.0, "--text-weight", help="Zero-shot query: normalize(ref + w * text)."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", help="Search depth per query (default max(4k, range-max, 128))."),
-    max_candidates: int = typer.Option(2048, "--max-candidates", help="Queries still short of k are searched again, 4x deeper, up to this depth."),
+    query_emb: Optional[Path] = typer.Option(None, "--query-emb", help="Your own model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
+    query_ids: Optional[Path] = QUERY_IDS,
     no_deepen: bool = typer.Option(False, "--no-deepen", help="Never search short queries again."),
-    query_batch: int = typer.Option(4096, "--query-batch", help="Queries per search batch (bounds memory)."),
-    range_min: int = typer.Option(0, "--range-min", help="hardest: first rank of the window (0-based)."),
-    range_max: Optional[int] = typer.Option(None, "--range-max", help="hardest: end of the rank window (exclusive)."),
-    margin: float = typer.Option(0.1, "--margin", help="semihard: 0 < delta < margin."),
-    delta_lo: float = typer.Option(0.02, "--delta-lo", help="midzone: lowest delta = s(q,t) - s(q,c)."),
-    delta_hi: float = typer.Option(0.2, "--delta-hi", help="midzone: highest delta."),
-    category_shares: str = typer.Option("0.7,0.2,0.1", "--category-shares", help="category: same-cat,other-cat,random shares."),
-    attr_agree: float = typer.Option(1.0, "--attr-agree", help="attribute-mismatch: share of non-requested groups equal to the target's."),
-    soft_lo: float = typer.Option(0.0, "--soft-lo", help="soft: attribute overlap with the target above this."),
-    soft_hi: float = typer.Option(1.0, "--soft-hi", help="soft: attribute overlap with the target below this."),
-    sample: Optional[str] = typer.Option(None, "--sample", help="Selection order for ranked strategies: top or random."),
-    discrepant_pool: str = typer.Option("target", "--discrepant-pool", help="category-discrepant: candidates near the target or the query."),
-    mismatch_ref_value: bool = typer.Option(False, "--mismatch-ref-value", help="attribute-mismatch: also negatives that contradict a requested group with the reference's own value (off: such look-alikes of the reference are dropped)."),
-    discrepant_ref_value: bool = typer.Option(False, "--discrepant-ref-value", help="category-discrepant: also negatives that contradict a requested group with the reference's own value (off: such look-alikes of the reference are dropped)."),
-    mismatch_kept_share: float = typer.Option(0.5, "--mismatch-kept-share", help="attribute-mismatch: share of k given to kept-mismatch negatives (satisfy the caption, break a kept group); 0: caption-contradicting negatives only."),
-    discrepant_kept_share: float = typer.Option(0.5, "--discrepant-kept-share", help="category-discrepant: share of k given to kept-mismatch negatives from the query's ranking; 0: discrepant negatives only."),
-    error_minimal: bool = typer.Option(False, "--error-minimal", help="error-targeted: only minimal pairs (differ from the target in the allocated group alone)."),
-    dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Guard: drop near-duplicates of the target, s(c,t) >= this."),
-    rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
-    random_draws: int = typer.Option(32, "--random-draws", help="random, category: uniform draws per query beyond 2k."),
-    device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
-    engine: str = ENGINE,
-    shards: int = typer.Option(1, "--shards", help="Gallery shards, one index each, searched in parallel and merged exactly."),
-    shard_index: str = typer.Option("flat", "--shard-index", help="Index per shard: flat (exact), ivf, ivfpq or a FAISS IVF factory string (trained once, copied to every shard)."),
-    shard_nprobe: int = typer.Option(32, "--shard-nprobe", help="IVF shards: lists visited per query at least (more when the depth needs them)."),
-    ray_address: Optional[str] = RAY_ADDRESS,
-    cpus_per_shard: Optional[float] = typer.Option(None, "--cpus-per-shard", help="--engine ray: CPUs each shard actor reserves (default 1, or a fraction so that every shard fits the cluster)."),
-    index: str = typer.Option("flat", "--index", help="Search: flat (exact), workspace (the saved index.{split}.faiss), ivf, ivfpq, hnsw or a FAISS factory string; approximate candidates are re-ranked exactly."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: inverted lists visited (default: tuned to --target-recall)."),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: efSearch (default: tuned to --target-recall)."),
-    search_params: Optional[str] = typer.Option(None, "--search-params", help="FAISS search parameters instead of --nprobe/--ef-search, e.g. nprobe=16."),
-    overfetch: Optional[float] = typer.Option(None, "--overfetch", help="Approximate candidates fetched per kept one before exact re-ranking (default 1, 4 for PQ/SQ)."),
-    target_recall: float = typer.Option(0.98, "--target-recall", help="Approximate index: tune nprobe/efSearch to this candidate recall@depth on sampled queries (0: FAISS defaults)."),
-    tune_queries: int = typer.Option(1000, "--tune-queries", help="Sampled queries the tuning measures recall on."),
-    check_recall: int = typer.Option(0, "--check-recall", help="Report candidate recall and the overlap of mined negatives with exact mining on this many sampled queries."),
-    fp16: bool = typer.Option(False, "--fp16", help="GPU index: store float16 vectors (scores are still re-ranked in float32)."),
-    prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Search the next query batch while the current one is guarded (default: with a GPU index)."),
+    engine: EngineConfig = None,
+    shard: ShardConfig = None,
+    ray: RayConfig = None,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
-    setup_logging(verbose, quiet)
-    import pyarrow.parquet as pq
-
-    from cir_mine.data.errors import UsageError
-    from cir_mine.data.workspace import Workspace
-    from cir_mine.miner.core.mine import MineConfig, mine_to_file
+    from cir_mine.miner.negatives import QueryFile, mine_file, stages_line, summary
+    from cir_mine.train.checkpoint import CheckpointQueries
 
     bad = [g for g in no_guard if g not in GUARD_SWITCHES]
     if bad:
         raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
-    if checkpoint is not None and query_emb_path is not None:
+    if checkpoint is not None and query_emb is not None:
         raise UsageError("give --checkpoint or --query-emb, not both.")
-    if query_ids_path is not None and query_emb_path is None:
+    if query_ids is not None and query_emb is None:
         raise UsageError("--query-ids names the rows of --query-emb; pass --query-emb too.")
-    if checkpoint is not None or query_emb_path is not None:
-        query = "checkpoint"
-    cfg = MineConfig.of(
-        strategy=strategy, mix=mix, schedule=schedule, k=k, seed=seed, query=query, text_weight=text_weight,
-        candidates=candidates, max_candidates=None if no_deepen else max_candidates, query_batch=query_batch,
-        sample=sample, random_draws=random_draws, device=device,
-        range_min=range_min, range_max=range_max, margin=margin, delta_lo=delta_lo, delta_hi=delta_hi,
-        category_shares=_floats(category_shares, "--category-shares"), attr_agree=attr_agree,
-        soft_lo=soft_lo, soft_hi=soft_hi, discrepant_pool=discrepant_pool,
-        mismatch_ref_value=mismatch_ref_value, discrepant_ref_value=discrepant_ref_value, error_minimal=error_minimal,
-        mismatch_kept_share=mismatch_kept_share, discrepant_kept_share=discrepant_kept_share,
-        exclude_target="target" not in no_guard, exclude_reference="reference" not in no_guard,
-        exclude_extra_positives="extra-positive" not in no_guard,
-        dup_threshold=None if "near-duplicate" in no_guard else dup_threshold,
-        rho=None if "cap" in no_guard else rho, trust_verified="trust-verified" not in no_guard,
-        index=index, nprobe=nprobe, ef_search=ef_search, search_params=search_params, overfetch=overfetch,
-        target_recall=target_recall or None, tune_queries=tune_queries, check_recall=check_recall, fp16=fp16,
-        prefetch=prefetch,
-    )
-    cfg.validate(mining_round)
-    if cfg.query == "checkpoint" and checkpoint is None and query_emb_path is None:
-        raise UsageError("--query checkpoint needs --checkpoint RUN/ckpt.pt (a model trained by cir-train).")
-    ws = Workspace(work).require()
-    from cir_mine.data.io import check_output
-
-    check_output(out, [checkpoint, query_emb_path, query_ids_path], overwrite)   # before the (slow) query encoding
-    query_emb = _checkpoint_queries(checkpoint, work, split) if checkpoint is not None else None
-    loaded = None
-    if query_emb_path is not None:
-        loaded = ws.load(split)
-        query_emb = _file_queries(query_emb_path, loaded, query_ids_path)
-    tp = ws.triplets_path(split)
-    n = pq.read_metadata(tp).num_rows if tp.exists() else None
-    if engine not in ("local", "ray"):
-        raise UsageError(f"--engine {engine!r}: use local or ray.")
-    sharded = engine != "local" or shards != 1 or shard_index != "flat"
-    if sharded and index != "flat":
-        raise UsageError(f"--index {index} searches in one process; with --engine/--shards choose each shard's "
-                         f"index with --shard-index.")
-    if sharded:
-        from cir_mine.miner.distributed.mine import mine_with_engine_to_file
-        from cir_mine.miner.distributed.ray_shards import RayConfig
-        from cir_mine.miner.distributed.shards import ShardConfig
-
-        shard_cfg = ShardConfig(shards=shards, index=shard_index, nprobe=shard_nprobe, seed=seed)
-        ray_cfg = RayConfig(address=ray_address, cpus_per_shard=cpus_per_shard)
-    with progress_bar("negatives", n, quiet, unit="queries") as advance:
-        if sharded:
-            res = mine_with_engine_to_file(ws, split, cfg, out, overwrite=overwrite,
-                                           reads=[checkpoint, query_emb_path, query_ids_path],
-                                           engine=engine, shard_cfg=shard_cfg, ray_cfg=ray_cfg,
-                                           query_emb=query_emb, mining_round=mining_round, progress=advance,
-                                           loaded=loaded)
-        else:
-            res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path, query_ids_path],
-                               query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded)
-    typer.echo(negatives_summary(out, res.meta))
+    off = {GUARD_SWITCHES[g]: None if NEGATIVES_SPELLINGS.get(GUARD_SWITCHES[g] + "=None") else False for g in no_guard}
+    cfg = cfg.replace(**off, **({"max_candidates": None} if no_deepen else {}))
+    queries = (CheckpointQueries(checkpoint) if checkpoint is not None
+               else QueryFile(query_emb, query_ids) if query_emb is not None else None)
+    with progress_bar("negatives", None, quiet, unit="queries") as advance:
+        res = mine_file(work, split, cfg, out, engine=dataclasses.replace(engine, shard=shard, ray=ray), queries=queries,
+                        mining_round=mining_round, overwrite=overwrite, progress=advance)
+    typer.echo(spell_hints(summary(out, res.meta)))
     if verbose:
         typer.echo(stages_line(res.meta))
-
-
-def stages_line(meta: dict) -> str:
-    """The run's seconds per stage (the footer's timing), and the kernel race when one ran."""
-    t = meta.get("timing") or {}
-    names = ("read", "prepare", "search", "rerank", "guards", "select", "table", "write")
-    line = "stages: " + ", ".join(f"{n} {t[n + '_s']:.2f}s" for n in names if n + "_s" in t) + f" (total {t.get('total_s', 0):.2f}s)"
-    kernels = t.get("kernels")
-    if kernels:
-        line += "; kernels (us/query): " + "; ".join(f"{shape} " + ", ".join(f"{k} {v:g}" for k, v in per.items())
-                                                     for shape, per in kernels.items())
-    return line
 
 
 class ExportFormat(str, enum.Enum):
@@ -631,8 +478,7 @@ class ExportFormat(str, enum.Enum):
     jsonl = "jsonl"
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def export(
     negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
     fmt: ExportFormat = typer.Option(..., "--format", "-f", help="ntuple: sentence-transformers' positional n-tuple Parquet (anchor caption, positive, negative_1..k; needs --work); wide: one Parquet row per query with ids and lists; jsonl: one JSON line per query, or with --root CLIP4Cir caption files."),
@@ -641,14 +487,11 @@ def export(
     images: str = typer.Option("id", "--images", help="ntuple: image columns as gallery ids (id) or image file paths (path)."),
     root: Optional[Path] = typer.Option(None, "--root", "-r", help="jsonl: the FashionIQ/CIRR root; writes each captions/cap.*.json the table covers with a `negatives` list added. ntuple --images path: the folder relative paths are joined to (default: the root `cir-mine embed` recorded)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Export a negatives table: sentence-transformers n-tuples (ntuple), wide per-query Parquet (wide), JSON lines or CLIP4Cir caption files (jsonl)."""
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.export import export_negatives
 
-    setup_logging(verbose, quiet)
     ws = Workspace(work).require() if work is not None else None
     r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite, ws=ws, images=images)
     what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None and fmt.value == "jsonl" else str(r.out)
@@ -659,94 +502,27 @@ def export(
         typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
 
 
-@mine_app.command("eval")
-@cli_errors
+@command(mine_app, "eval")
 def eval_cmd(
     work: Path = WORK,
     split: str = typer.Option("val", "--split", "-s", help="Split whose queries the embeddings are of (gallery.{split}.parquet is the gallery)."),
-    query_emb_path: Path = typer.Option(..., "--query-emb", help="Your model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
-    query_ids_path: Optional[Path] = QUERY_IDS,
+    query_emb: Path = typer.Option(..., "--query-emb", help="Your model's query embeddings: a .npy float32[n_queries, d], in the triplets' row order (or any order, with --query-ids)."),
+    query_ids: Optional[Path] = QUERY_IDS,
     exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ: also remove each query's reference image from its category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Evaluate your own model's query embeddings: FashionIQ R@10/R@50 per category, CIRR R@K and Recall_subset@K."""
-    setup_logging(verbose, quiet)
     import json
 
-    from cir_mine.data.workspace import Workspace
-    from cir_mine.train.metrics import evaluate_queries
+    from cir_mine.miner.negatives import QueryFile
+    from cir_mine.train.metrics import evaluate_file, format_metrics
 
-    ws = Workspace(work).require()
-    loaded = ws.load(split)
-    query_emb = _file_queries(query_emb_path, loaded, query_ids_path)
-    m = evaluate_queries(ws, split, query_emb, exclude_reference=exclude_reference)
-    typer.echo(json.dumps(m, sort_keys=True) if as_json else eval_summary(split, m))
-
-
-def eval_summary(split: str, m: dict) -> str:
-    """The metrics of ``cir-mine eval`` as lines of text."""
-    ref = "reference kept in the gallery" if m["reference"] == "kept" else "reference removed from the gallery"
-    head = f"{m['protocol']} {split}: {m['n_queries']:,} queries, {ref}"
-    if m["protocol"] == "cirr":
-        keys = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
-        return (head + "\n" + "  ".join(f"{k} {m[k]:.2f}" for k in keys)
-                + f"  avg (R@5 + Rs@1) / 2 {m['avg']:.2f}")
-    lines = [head]
-    for cat, v in m["per_category"].items():
-        lines.append(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']:,} queries)")
-    lines.append(f"  average: R@10 {m['R@10']:.2f}  R@50 {m['R@50']:.2f}  avg (R@10 + R@50) / 2 {m['avg']:.2f}")
-    return "\n".join(lines)
-
-
-def negatives_summary(out: Path, meta: dict) -> str:
-    parts = ",".join(f"{p['strategy']}:{p['k']}" for p in meta["parts"])
-    rows = ", ".join(f"{p['strategy']} {p['rows']}" for p in meta["parts"])
-    sf = meta["shortfall"]
-    guards = ", ".join(f"{g} {v['removed']}" for g, v in meta["guards"].items())
-    lines = [f"wrote {out}: {meta['n_rows']} rows for {meta['n_queries']} queries (k={meta['k']}: {parts}; "
-             f"bank {meta['bank']}; {meta['timing']['total_s']:.1f}s)",
-             f"shortfall: {sf['count']} queries got fewer than {meta['k_mined']} negatives ({sf['missing']} missing)"
-             + (f", e.g. {', '.join(sf['query_ids'][:5])}" if sf["count"] else ""),
-             f"rows per strategy: {rows}",
-             f"guards removed: {guards}"]
-    if sf["count"]:
-        lines.append(spell_hints("to loosen: " + "; ".join(sf["hints"])))
-    lines += search_summary(meta.get("search") or {})
-    return "\n".join(lines)
-
-
-def search_summary(search: dict) -> list:
-    """The search back-end, its tuning and its recall check, one line each (none for exact search
-    without a check)."""
-    lines = []
-    params = ", ".join(f"{k}={v}" for k, v in (search.get("params") or {}).items())
-    if search and not search.get("exact", True):
-        line = (f"search: {search.get('index')} ({search.get('factory')}{', ' + params if params else ''}; "
-                f"over-fetch {search.get('overfetch', 1):g}, re-ranked exactly)")
-        tu = search.get("tuning")
-        if tu:
-            line += (f"; tuned {tu['param']}={tu['value']}: candidate recall@{tu['depth']} {tu['recall']:.3f} on "
-                     f"{tu['queries']} queries ({'reached' if tu['reached'] else 'below'} {tu['target']:g})")
-            deep = tu.get("deep")
-            if deep:
-                line += (f"; {tu['param']}={deep['value']} at depth {deep['depth']}: candidate recall "
-                         f"{deep['recall']:.3f} ({'reached' if deep['reached'] else 'below'} {tu['target']:g})")
-        lines.append(line)
-    ck = search.get("check")
-    if ck:
-        rec = f"candidate recall@{ck['depth']} {ck['candidate_recall']:.3f}, " if "candidate_recall" in ck else ""
-        lines.append(f"recall check on {ck['queries']} queries: {rec}"
-                     f"mined negatives shared with exact mining {ck['negative_overlap']:.3f}")
-    return lines
+    m = evaluate_file(work, split, QueryFile(query_emb, query_ids), exclude_reference=exclude_reference)
+    typer.echo(json.dumps(m, sort_keys=True) if as_json else format_metrics(split, m))
 
 
 # ------------------------------------------------------------------------------------------------
 # cir-mine stats / sql / inspect / report: see the negatives
-
-NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
-ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
 
 
 class SqlFormat(str, enum.Enum):
@@ -755,42 +531,33 @@ class SqlFormat(str, enum.Enum):
     json = "json"
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def stats(
     negs: List[Path] = NEGS,
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (checks the tables belong to it; adds negative categories)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Negatives per query, Δ quantiles and histogram, category and attribute mix, shortfall, round overlap."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.stats import format_stats, summarize
 
     typer.echo(spell_hints(format_stats(summarize(negs, work, split))), nl=False)
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def sql(
     query: str = typer.Argument(..., help="SQL over the views negs, gallery, triplets, gallery_emb, triplet_emb."),
     negs: Optional[List[Path]] = typer.Argument(None, help="Negatives table(s) (the view negs)."),
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace (views gallery, triplets)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own, else train)."),
     fmt: SqlFormat = typer.Option(SqlFormat.table, "--format", "-f", help="Output format."),
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Run DuckDB SQL over negatives tables and the workspace (see docs/queries.md)."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.sql import format_rows, sql_query
 
     typer.echo(format_rows(sql_query(query, negs or [], work, split), fmt.value), nl=False)
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def inspect(
     negs: Path = typer.Argument(..., help="Negatives table written by `cir-mine negatives`."),
     work: Path = WORK,
@@ -802,11 +569,8 @@ def inspect(
     max_negatives: int = typer.Option(8, "--max-negatives", help="Negatives drawn per query (in rank order)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
     overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
 
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed, overwrite=overwrite)
@@ -818,26 +582,22 @@ def inspect(
         typer.echo(f"{row.query_id}: short, {row.short}; guards removed{scope}: {guards}")
 
 
-@mine_app.command()
-@cli_errors
+@command(mine_app)
 def report(
     negs: List[Path] = NEGS,
     work: Path = WORK,
     out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (self-contained, plots embedded)."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split (default: the tables' own)."),
     root: Optional[Path] = ROOT_OF_PATHS,
-    sheets: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
+    n_sheet_queries: int = typer.Option(3, "--sheets", help="Queries drawn in the contact sheets (0: none)."),
     max_negatives: int = typer.Option(6, "--max-negatives", help="Negatives per query in the contact sheets."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled queries and scatter points."),
     overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
-    setup_logging(verbose, quiet)
     from cir_mine.miner.inspection.report import write_report
 
-    r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=sheets,
+    r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=n_sheet_queries,
                      max_negatives=max_negatives, seed=seed)
     typer.echo(f"wrote {out}: {len(r.plots)} plots ({', '.join(r.plots)}), {len(r.html) // 1024} KiB")
 
@@ -845,140 +605,88 @@ def report(
 # ------------------------------------------------------------------------------------------------
 # cir-train
 
+TRAIN = Options(TrainConfig, flags={"work": ("--work", "-w"), "split": ("--split", "-s"), "out": ("--out", "-o"),
+                                    "negatives": ("--negatives", "-n"), "epochs": ("--epochs", "-e"),
+                                    "batch_size": ("--batch-size", "-b")},
+                spell={"work": Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else ""),
+                       "out": Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else ""),
+                       "negatives": OPTIONAL_PATH, "eval_work": OPTIONAL_PATH,
+                       "extra_triplets": Spell(Optional[List[Path]], lambda v: list(v) or None,
+                                               lambda ps: [str(p) for p in ps or []])})
 
-@train_app.command()
-@cli_errors
+
+@command(train_app, cfg=TRAIN, ray=Options(RayConfig, only=("address",), names={"address": "ray_address"},
+                                          lead="refresh of a table mined with --engine ray: "))
 def train(
-    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Workspace with the training split (not needed with --resume)."),
-    split: str = SPLIT,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, curves)."),
-    negatives: Optional[Path] = typer.Option(None, "--negatives", "-n", help="Negatives table (cir-mine negatives); without it: in-batch negatives only."),
-    eval_work: Optional[Path] = typer.Option(None, "--eval-work", help="Evaluation workspace (default: hold out --dev-fraction of the training queries)."),
-    eval_split: str = typer.Option("val", "--eval-split", help="Split of --eval-work."),
-    dev_fraction: float = typer.Option(0.1, "--dev-fraction", help="Seeded share of training queries held out for evaluation when no --eval-work."),
-    dev_seed: int = typer.Option(0, "--dev-seed", help="Seed of the held-out dev queries (fixed across --seed)."),
-    epochs: int = typer.Option(10, "--epochs", "-e", help="Training epochs (0: zero-shot evaluation)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Queries per step (in-batch negatives)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of init, shuffles, negative sampling and the dev split."),
-    model: str = typer.Option("combiner", "--model", help="combiner (CLIP4Cir), attention (gated attention fusion) or dqe (DQE-CIR: text-conditioned weights over colour- and shape-specific sub-queries, with the attribute-aware margin loss)."),
-    width: float = typer.Option(2.0, "--width", help="Projection width as a multiple of d (hidden = 2x)."),
-    dropout: float = typer.Option(0.1, "--dropout", help="Dropout inside the model."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
-    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (decay to 0 over training) or constant."),
-    temperature: float = typer.Option(0.05, "--temperature", help="Softmax temperature (InfoNCE, static bank)."),
-    loss: str = typer.Option("infonce", "--loss", help="infonce, triplet or both."),
-    margin: float = typer.Option(0.2, "--margin", help="Triplet margin in cosine distance."),
-    triplet_weight: float = typer.Option(1.0, "--triplet-weight", help="Weight of the triplet terms."),
-    neg_per_query: int = typer.Option(4, "--neg-per-query", help="Mined negatives per query per step."),
-    neg_share: float = typer.Option(1.0, "--neg-share", help="Share of queries per batch that get mined negatives."),
-    share_warmup: int = typer.Option(0, "--share-warmup", help="Epochs over which --neg-share ramps up from 0."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help='Mix per epoch, e.g. "0:random,2:midzone,4:hardest".'),
-    category_batches: bool = typer.Option(False, "--category-batches", help="Draw each batch within one category (in-batch negatives of the target's category)."),
-    online_hard: int = typer.Option(0, "--online-hard", help="Hardest in-batch non-targets per query fed to a triplet loss."),
-    static_bank: int = typer.Option(0, "--static-bank", help="Extra epochs of the SPN static-bank stage (whole gallery as negatives)."),
-    bank_k: int = typer.Option(0, "--bank-k", help="Static bank: gallery negatives sampled per step (0 = all)."),
-    refresh_every: int = typer.Option(0, "--refresh-every", help="Re-embed queries and re-mine every N epochs."),
-    exclude_reference: bool = typer.Option(False, "--exclude-reference", help="FashionIQ evaluation: also remove each query's reference image from its category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)."),
-    zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate normalize(image + text) without training."),
+    cfg: TrainConfig = None,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
-    threads: int = typer.Option(0, "--threads", help="Torch threads (0 = default)."),
-    # generated triplets (cir-mine positives) as extra training queries
-    extra_triplets: Optional[list[Path]] = typer.Option(None, "--extra-triplets", help="Generated triplets (cir-mine positives) mixed into the training queries (repeatable; never into the dev split)."),
-    extra_weight: float = typer.Option(1.0, "--extra-weight", help="Loss weight of each generated triplet (1 = like a real one)."),
-    neg_weight: float = typer.Option(1.0, "--neg-weight", help="InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Refresh of a table mined with --engine ray: join this cluster (auto or HOST:PORT); default a local one."),
-    attr_weight: float = typer.Option(0.3, "--attr-weight", help="--model dqe: weight of the attribute-aware margin loss (its margin is --margin)."),
-    attr_heads: Optional[str] = typer.Option(None, "--attr-heads", help="--model dqe: comma-separated sub-query heads: color, shape (grouped) or group:NAME (one attribute group, e.g. group:neckline); 'groups': one head per attribute group of the gallery (default color,shape)."),
+    ray: RayConfig = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (without it, an existing run is an error)."),
     version: bool = _version_option("cir-train"),
     quiet: bool = QUIET,
-    verbose: bool = VERBOSE,
     ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
-    setup_logging(verbose, quiet)
-    from cir_mine.data.errors import UsageError
-    from cir_mine.train.loop import TrainConfig, resume_config, train as run_training
+    from cir_mine.train.session import remine_line, run_training
 
-    if resume is not None:
-        cfg = resume_config(resume)
-        ignored = _ignored_on_resume(ctx, cfg)
-        if ignored:
-            typer.echo(f"warning: --resume {resume} continues with the run's own options; ignored: "
-                       f"{', '.join(ignored)}.", err=True)
-    else:
-        if work is None or out is None:
-            raise UsageError("--work and --out are required (or --resume RUN to continue a run).")
-        cfg = TrainConfig(
-            work=str(work), split=split, out=str(out), negatives=str(negatives) if negatives else None,
-            eval_work=str(eval_work) if eval_work else None, eval_split=eval_split,
-            dev_fraction=dev_fraction, dev_seed=dev_seed, epochs=epochs, batch_size=batch_size, seed=seed, model=model,
-            width=width, dropout=dropout, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, temperature=temperature,
-            loss=loss, margin=margin, triplet_weight=triplet_weight, neg_per_query=neg_per_query,
-            neg_share=neg_share, share_warmup=share_warmup, schedule=schedule, category_batches=category_batches, online_hard=online_hard,
-            static_bank=static_bank, bank_k=bank_k, refresh_every=refresh_every,
-            exclude_reference=exclude_reference, zero_shot=zero_shot, threads=threads,
-            extra_triplets=[str(p) for p in extra_triplets or []], extra_weight=extra_weight,
-            neg_weight=neg_weight, attr_weight=attr_weight, attr_heads=attr_heads)
-    remine = _miner_remine(cfg, quiet, ray_address) if cfg.validate().refresh_every else None
-    total = 0 if cfg.zero_shot or cfg.epochs == 0 else cfg.epochs + cfg.static_bank
-    with remine if remine is not None else contextlib.nullcontext(), \
-            progress_bar("train", total, quiet, unit="epochs") as advance:
-        def on_epoch(rec):
+    used = []
+    with progress_bar("train", None, quiet, unit="epochs") as advance:
+        def on_config(run: TrainConfig) -> None:
+            used.append(run)
+            ignored = _ignored_on_resume(ctx, run) if resume is not None else []
+            if ignored:
+                typer.echo(f"warning: --resume {resume} continues with the run's own options; ignored: "
+                           f"{', '.join(ignored)}.", err=True)
+            advance(0, total=0 if run.zero_shot or run.epochs == 0 else run.epochs + run.static_bank)
+
+        def on_epoch(rec: dict) -> None:
             advance(1)
             if not quiet:
                 typer.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  R@10 {rec.get('R@10', float('nan')):.2f}", err=True)
 
-        m = run_training(cfg, remine=remine, resume=resume is not None, on_epoch=on_epoch, overwrite=overwrite)
+        def on_remine(mining_round: int, epoch: int, meta: dict) -> None:
+            if not quiet:
+                typer.echo(remine_line(mining_round, epoch, meta), err=True)
+
+        m = run_training(None if resume is not None else cfg, resume=resume, ray_address=ray.address,
+                         overwrite=overwrite, on_config=on_config, on_epoch=on_epoch, on_remine=on_remine)
+    out = used[0].out
     keys = [k for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3") if k in m]
-    typer.echo(f"{cfg.out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
+    typer.echo(f"{out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
     for cat, v in m.get("per_category", {}).items():
         typer.echo(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)")
-    typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}  curves: {Path(cfg.out) / 'curves.png'}")
+    typer.echo(f"metrics: {Path(out) / 'metrics.json'}  curves: {Path(out) / 'curves.png'}")
 
 
-def _ignored_on_resume(ctx, cfg) -> list:
+def _ignored_on_resume(ctx, cfg: TrainConfig) -> list:
     """Options given on the command line beside --resume whose value differs from the run's."""
     if ctx is None:
         return []
     out = []
     run = cfg.to_dict()
     for name, value in ctx.params.items():
-        if name in ("resume", "quiet", "verbose", "overwrite") or name not in run:
+        if name not in run or ctx.get_parameter_source(name) is None or ctx.get_parameter_source(name).name != "COMMANDLINE":
             continue
-        src = ctx.get_parameter_source(name)
-        if src is None or src.name != "COMMANDLINE":
-            continue
-        given = [str(p) for p in value] if isinstance(value, (list, tuple)) else (str(value) if isinstance(value, Path) else value)
+        spell = TRAIN.spell.get(name)
+        given = spell.to_field(value) if spell else value
         if given != run[name]:
-            out.append(f"--{name.replace('_', '-')} {value if not isinstance(value, list) else ' '.join(map(str, value))} "
-                       f"(the run's: {run[name]})")
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            out.append(f"{flag(name, train.flags)} {shown} (the run's: {run[name]})")
     return out
 
 
-def _miner_remine(cfg, quiet: bool = False, ray_address: Optional[str] = None):
-    """The refresh's re-mining hook over the table cfg.negatives (cir_mine.miner.remine.Remine, a context
-    manager), printing one line per round on stderr unless ``quiet``: round, epoch, strategy mix, rows,
-    time. A table mined through an engine (--engine, --shards) is re-mined through the same one."""
-    from cir_mine.data.workspace import Workspace
-    from cir_mine.miner.remine import Remine
-
-    class SayingRemine(Remine):
-        def __call__(self, query_emb, mining_round=None, epoch=0, query_ids=None):
-            res = super().__call__(query_emb, mining_round, epoch, query_ids)
-            if not quiet:
-                typer.echo(remine_line(self.mining_round, epoch, res.meta), err=True)
-            return res
-
-    return SayingRemine(Workspace(cfg.work), cfg.split, negatives=cfg.negatives, schedule=cfg.schedule, device="cpu",
-                        ray_address=ray_address)
+# ------------------------------------------------------------------------------------------------
+# What the commands print
 
 
-def remine_line(round: int, epoch: int, meta: dict) -> str:
-    """``re-mine round 1 (epoch 2): midzone:0.6,random:0.4, 3,120 rows, 0.4s``"""
-    mix = ",".join(f"{p['strategy']}:{p['share']:g}" for p in meta["parts"])
-    return f"re-mine round {round} (epoch {epoch}): {mix}, {meta['n_rows']:,} rows, {meta['timing']['total_s']:.1f}s"
+NEGATIVES_FLAGS = negatives.flags
+
+
+def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
+    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints) with flags."""
+    from cir_mine.data.errors import spell_calls
+
+    return spell_calls(text, functools.partial(flag, flags=flags))
 
 
 def mine_main() -> None:

@@ -150,7 +150,7 @@ def mining_rows(args, device: str) -> list:
             rows.append((f"{kind}: index build" + ("" if kind == "flat" else f" + tuning (nprobe={tu.value}, "
                                                    f"recall {tu.recall:.3f})"), time.perf_counter() - t, "s", ""))
 
-            def bare():
+            def bare(raw=raw):
                 for s in range(0, len(xq), 4096):
                     raw.search(xq[s:s + 4096], depth)
             bare()

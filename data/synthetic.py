@@ -51,12 +51,12 @@ CHUNK = 65536
 @dataclass(frozen=True)
 class SynthConfig:
     n_gallery: int = 20000            # gallery images (targets included)
-    n_triplets: int = 5000            # queries; each target is a distinct gallery item
+    n_triplets: int = 5000            # queries (reference + caption -> target); each target is a distinct gallery item
     dim: int = 128                    # embedding dimension
-    seed: int = 0                     # world seed (directions) and item seed
-    split: str = "train"              # split name; items are drawn per split from one world
+    seed: int = 0                     # world seed (directions) and item seed (same seed, same files)
+    split: str = "train"              # split name (gallery.{split}.parquet); items are drawn per split from one world
     category_weight: float = 1.2      # weight of the category direction
-    salience: dict = field(default_factory=lambda: dict(DEFAULT_SALIENCE))  # weight per group
+    salience: dict = field(default_factory=lambda: dict(DEFAULT_SALIENCE))  # weight per attribute group
     item_noise: float = 2.0           # norm of the per-image noise (look variation)
     text_noise: float = 1.0           # norm of the per-caption noise
     text_offset: float = 1.0          # modality offset between text and image embeddings

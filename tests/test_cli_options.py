@@ -1,78 +1,114 @@
-"""The options of `cir-mine negatives` and `cir-train` against the config dataclasses: every field
-has an option, every option's default is its field's default, and library errors that name a
-parameter reach the user as its flag."""
+"""The options of every command against the config dataclasses: an option that sets a config field is
+made of that field (its name, its default through the option's spelling, its comment as help), every
+config dataclass the CLI exposes is covered, no option restates a field by hand, and library errors
+that name a parameter reach the user as the flag of the option that sets it."""
 import dataclasses
 
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
+from cir_mine import cli
 from cir_mine.cli import GUARD_SWITCHES, NEGATIVES_FLAGS, flag, mine_app, train_app
 from cir_mine.data.errors import UsageError
+from cir_mine.data.fields import field_default, field_docs
 from cir_mine.miner.core.mine import MineConfig
-from cir_mine.train.loop import TrainConfig
+from cir_mine.miner.core.strategies import REGISTRY
+from cir_mine.train.config import TrainConfig
 
-# options of the commands that are no config field, and why
-NEGATIVES_ONLY = {"work", "split", "out", "checkpoint", "query_emb_path", "query_ids_path", "mining_round", "no_deepen", "no_guard", "quiet",
-                  "verbose", "overwrite"}
-# the search engine (ShardConfig / RayConfig, recorded in the footer as meta["engine"], not MineConfig)
-NEGATIVES_ONLY |= {"engine", "shards", "shard_index", "shard_nprobe", "ray_address", "cpus_per_shard"}
-# ray_address: the cluster the refresh of a --engine ray table joins
-TRAIN_ONLY = {"resume", "quiet", "verbose", "version", "overwrite", "ray_address"}
-# fields whose CLI default spells the dataclass default differently
-TRAIN_SPELLED = {"work": (None, ""), "out": (None, ""), "extra_triplets": (None, [])}
+# every config dataclass whose fields the CLI sets (Remine and the demo read their own)
+EXPOSED = {"MineConfig", "GuardConfig", "TrainConfig", "SynthConfig", "PositivesConfig", "CommandCaptioner",
+           "EncoderConfig", "ImageRun", "EmbedJob", "RayEmbedRun", "RayConfig", "ShardConfig", "EngineConfig",
+           "DemoConfig"} | {s.params.__name__ for s in REGISTRY.values() if dataclasses.fields(s.params)}
+# fields set by an option written by hand, and why
+BY_HAND = {("embed", "EmbedJob", f): "no default; the options every command shares" for f in ("dataset", "root", "split", "work")}
 
 
-def _command(app, name=None):
-    group = typer.main.get_command(app)
-    return group.commands[name] if name else group
+def _commands() -> dict:
+    """Command name -> (click command, the function typer calls)."""
+    group = typer.main.get_command(mine_app)
+    fns = {c.name or c.callback.__name__.replace("_", "-"): c.callback for c in mine_app.registered_commands}
+    out = {name: (cmd, fns[name]) for name, cmd in group.commands.items()}
+    out["cir-train"] = (typer.main.get_command(train_app), cli.train)
+    return out
 
 
-def _options(cmd) -> dict:
-    return {p.name: p for p in cmd.params if p.param_type_name == "option"}
+COMMANDS = _commands()
+GROUPS = [(name, key, group) for name, (_, fn) in COMMANDS.items()
+          for key, group in getattr(fn, "option_groups", {}).items()]
 
 
-def _by_flag(cmd) -> dict:
-    return {o: p for p in cmd.params if p.param_type_name == "option" for o in p.opts}
+def test_every_exposed_config_is_made_into_options():
+    made = {o.owner.__name__ for _, _, group in GROUPS for o in group.options()}
+    assert EXPOSED <= made, f"config dataclasses no command exposes: {sorted(EXPOSED - made)}"
 
 
-def test_every_mining_option_has_a_flag_with_its_default():
-    cmd = _command(mine_app, "negatives")
-    by_flag = _by_flag(cmd)
-    defaults = MineConfig().options()
-    for name, default in defaults.items():
-        f = flag(name, NEGATIVES_FLAGS)
-        if f.startswith("--no-guard "):
-            assert f.split(" ", 1)[1] in GUARD_SWITCHES and default is True, name
+@pytest.mark.parametrize("name,key,group", GROUPS, ids=[f"{n}:{k}" for n, k, _ in GROUPS])
+def test_every_config_option_is_its_field(name, key, group):
+    params = {p.name: p for p in COMMANDS[name][0].params}
+    for o in group.options():
+        p = params[o.name]
+        where = f"{name} {p.opts[0]} ({o.owner.__name__}.{o.field})"
+        spell = group.spell.get(o.field)
+        assert (spell.to_field(p.default) if spell else p.default) == field_default(o.owner, o.field), where
+        doc = field_docs(o.owner)[o.field]
+        assert doc and doc.lower() in p.help.lower(), f"{where}: help {p.help!r} is not the field's comment {doc!r}"
+        assert set(o.flags) <= set(p.opts + p.secondary_opts) | {o.flags[0]}, where
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_no_option_restates_a_field_by_hand(name):
+    cmd, fn = COMMANDS[name]
+    groups = getattr(fn, "option_groups", {})
+    made = {o.name for g in groups.values() for o in g.options()}
+    fields = {(g.cls.__name__, f.name) for g in groups.values() for f in dataclasses.fields(g.cls)}
+    for p in cmd.params:
+        if p.name in made:
             continue
-        assert f in by_flag, f"MineConfig option {name} has no flag {f}"
-        got = by_flag[f].default
-        if name == "category_shares":
-            got = tuple(float(x) for x in got.split(","))
-        assert got == default, f"{f}: default {got!r}, MineConfig says {default!r}"
-    # the guards that are on by default have a --no-guard switch, thresholds a None spelling
-    assert {NEGATIVES_FLAGS["rho=None"], NEGATIVES_FLAGS["dup_threshold=None"]} <= {f"--no-guard {s}" for s in GUARD_SWITCHES}
+        for cls_name, f in fields:
+            if f == p.name:
+                assert (name, cls_name, f) in BY_HAND, f"{name} {p.opts[0]} restates {cls_name}.{f} by hand"
 
 
-def test_every_negatives_option_is_a_config_field():
-    cmd = _command(mine_app, "negatives")
-    fields = set(MineConfig().options())
-    extra = set(_options(cmd)) - fields - NEGATIVES_ONLY
-    assert not extra, f"options of `cir-mine negatives` that MineConfig does not know: {sorted(extra)}"
+def test_every_mining_option_is_an_option_or_a_guard_switch():
+    names = {p.name for p in COMMANDS["negatives"][0].params}
+    for name, default in MineConfig().options().items():
+        spelled = NEGATIVES_FLAGS.get(name) or NEGATIVES_FLAGS.get(name + "=None")
+        if spelled and spelled.startswith("--no-guard "):
+            assert spelled.split(" ", 1)[1] in GUARD_SWITCHES
+            if name not in names:
+                assert default is True, name
+            continue
+        assert name in names, f"MineConfig option {name} has no option"
 
 
-def test_every_train_field_has_an_option_with_its_default():
-    cmd = _command(train_app)
-    opts = _by_flag(cmd)
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert flag(f.name) in opts, f"TrainConfig.{f.name} has no option {flag(f.name)}"
-        got = opts[flag(f.name)].default
-        if f.name in TRAIN_SPELLED:
-            assert (got, default) == TRAIN_SPELLED[f.name], f.name
-        else:
-            assert got == default, f"{flag(f.name)}: default {got!r}, TrainConfig says {default!r}"
-    extra = set(_options(cmd)) - {f.name for f in dataclasses.fields(TrainConfig)} - TRAIN_ONLY
-    assert not extra, f"options of cir-train that TrainConfig does not know: {sorted(extra)}"
+def test_every_train_field_has_an_option():
+    names = {p.name for p in COMMANDS["cir-train"][0].params}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= names
+
+
+@pytest.mark.parametrize("param,spelled", [
+    ("k", "-k"), ("mining_round", "--round"), ("ws", "--work"), ("query_emb", "--query-emb"),
+    ("max_candidates=None", "--no-deepen"), ("rho=None", "--no-guard cap"), ("exclude_target", "--no-guard target"),
+    ("dup_threshold=None", "--no-guard near-duplicate"), ("index", "--index"), ("nprobe", "--nprobe"),
+    ("shards", "--shards"), ("shard_index", "--shard-index"), ("shard_nprobe", "--shard-nprobe"),
+    ("ShardConfig.index", "--shard-index"), ("ShardConfig.nprobe", "--shard-nprobe"), ("engine", "--engine"),
+    ("ray_address", "--ray-address"), ("RayConfig.address", "--ray-address"), ("cpus_per_shard", "--cpus-per-shard"),
+    ("delta_lo", "--delta-lo"), ("category_shares", "--category-shares"),
+])
+def test_negatives_spells_each_parameter_as_its_option(param, spelled):
+    assert flag(param, NEGATIVES_FLAGS) == spelled
+
+
+@pytest.mark.parametrize("command,param,spelled", [
+    ("cir-train", "batch_size", "--batch-size"), ("cir-train", "ray_address", "--ray-address"),
+    ("embed", "address", "--ray-address"), ("embed", "RayEmbedRun.batch_size", "--batch-size"),
+    ("embed", "triplets_file", "--triplets"), ("positives", "ignore_groups", "--ignore-group"),
+    ("positives", "timeout", "--command-timeout"), ("synth", "unmentioned_change", "--unmentioned-change"),
+    ("report", "n_sheet_queries", "--sheets"), ("demo", "world", "--world"),
+])
+def test_every_command_spells_its_parameters(command, param, spelled):
+    assert flag(param, COMMANDS[command][1].flags) == spelled
 
 
 @pytest.mark.parametrize("app,args,message", [
@@ -86,13 +122,16 @@ def test_every_train_field_has_an_option_with_its_default():
      "Error: --discrepant-pool 'near': use target or query."),
     (mine_app, ["--strategy", "attribute-mismatch", "--mismatch-kept-share", "2"],
      "Error: --mismatch-kept-share 2.0: must be in [0, 1]."),
+    (mine_app, ["--strategy", "hardest", "--index", "ivf", "--shards", "2"],
+     "Error: --index ivf searches in one process; with --engine or --shards, choose each shard's search with "
+     "--shard-index."),
+    (mine_app, ["--strategy", "hardest", "--category-shares", "a,b"],
+     "Error: --category-shares 'a,b': use comma-separated numbers, e.g. 0.7,0.2,0.1."),
     (train_app, ["--schedule", "0:random"],
      "Error: --schedule needs --negatives: it picks the mix of that table's strategies per epoch."),
     (train_app, ["--batch-size", "1"], "Error: --batch-size must be at least 2 (in-batch negatives need two queries)."),
 ])
 def test_library_errors_are_shown_with_flags(synth_work, tmp_path, app, args, message):
-    from typer.testing import CliRunner
-
     base = (["negatives", "--work", str(synth_work), "--out", str(tmp_path / "n.parquet")] if app is mine_app
             else ["--work", str(synth_work), "--out", str(tmp_path / "run"), "-q"])
     r = CliRunner().invoke(app, base + args)
@@ -110,8 +149,6 @@ def test_library_errors_are_shown_with_flags(synth_work, tmp_path, app, args, me
     (train_app, ["--model", "mlp"], "Error: --model 'mlp': use one of combiner, attention, dqe, sum."),
 ])
 def test_other_library_errors_are_shown_with_flags(synth_work, tmp_path, app, args, message):
-    from typer.testing import CliRunner
-
     out = ["--out", str(tmp_path / "out" / "x.parquet")] if app is mine_app else ["--out", str(tmp_path / "run")]
     work = [] if args[0] == "synth" else ["--work", str(synth_work)]
     r = CliRunner().invoke(app, args + work + out + (["-q"] if app is train_app else []))
@@ -120,5 +157,5 @@ def test_other_library_errors_are_shown_with_flags(synth_work, tmp_path, app, ar
 
 def test_render_spells_whole_names_only():
     e = UsageError("k (3) is above gallery k_max; see /data/k/gallery and k.", params=("k",))
-    assert e.render(flag) == "-k (3) is above gallery k_max; see /data/k/gallery and -k."
+    assert e.render(lambda p: flag(p, NEGATIVES_FLAGS)) == "-k (3) is above gallery k_max; see /data/k/gallery and -k."
     assert str(e).startswith("k (3)")

@@ -113,14 +113,15 @@ def test_refresh_searches_through_the_tables_engine(synth_work, tmp_path, monkey
     """A table mined through IVF shards is re-mined through the same shards (opened once), not the
     workspace index: each round equals the engine's own mine with the same queries."""
     from cir_mine.miner.distributed import shards as shards_mod
-    from cir_mine.miner.distributed.mine import mine_with_engine_to_file
     from cir_mine.miner.core.tables import read_negatives
+    from cir_mine.miner.distributed.mine import EngineConfig
+    from cir_mine.miner.negatives import mine_file
     from cir_mine.miner.remine import Remine
 
     ws = Workspace(synth_work)
     sc = ShardConfig(shards=2, index="IVF16,Flat", nprobe=2)
     negs = tmp_path / "negs.parquet"
-    mine_with_engine_to_file(ws, "train", MineConfig(strategy="hardest", k=3), negs, engine="local", shard_cfg=sc)
+    mine_file(ws, "train", MineConfig(strategy="hardest", k=3), negs, engine=EngineConfig("local", sc))
     assert read_negatives(negs).meta["engine"]["shard"]["index"] == "IVF16,Flat"
     opened = []
     real_init = shards_mod.ShardedIndex.__init__

@@ -88,3 +88,15 @@ def encode_queries(ckpt_path: str | Path, work: str | Path, split: str) -> np.nd
                         f"{here}). Use a checkpoint trained on this workspace.")
     ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")]
     return load_query_encoder(ckpt_path)(ref, t.text_embeddings)
+
+
+class CheckpointQueries:
+    """The query source of a trained run (``cir-mine negatives --checkpoint``): every query of the
+    split embedded by the model of ``path`` (a query source of cir_mine.miner.negatives.mine_file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.reads = (self.path,)
+
+    def embeddings(self, ws, split: str, loaded=None) -> np.ndarray:
+        return encode_queries(self.path, ws.root, split)

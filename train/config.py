@@ -1,4 +1,5 @@
-"""The training config: :class:`TrainConfig` (a comment per field) and its validation."""
+"""The settings of a training run (``cir-train``): one dataclass, a comment per field, checked by
+:meth:`TrainConfig.validate`. Torch-free, so front ends read it without loading the trainer."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -6,16 +7,16 @@ from typing import Optional
 
 from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.errors import UsageError
-from cir_mine.train.model import GROUP_HEAD, check_attr_heads
 
 LOSSES = ("infonce", "triplet", "both")
-
 GROUP_HEADS = "groups"   # attr_heads value: one DQE head per attribute group found in the gallery's tags
 
 
 def resolve_heads(heads: tuple, attributes) -> tuple:
     """DQE head names for a gallery: ``("groups",)`` -> one "group:NAME" head per attribute group
     in its tags (sorted); otherwise ``heads``, each "group:NAME" head checked to occur in a tag."""
+    from cir_mine.train.model import GROUP_HEAD
+
     found = sorted({a.split(":", 1)[0] for tags in attributes for a in tags if ":" in a})
     if heads == (GROUP_HEADS,):
         if not found:
@@ -31,44 +32,51 @@ def resolve_heads(heads: tuple, attributes) -> tuple:
 
 @dataclass
 class TrainConfig:
-    work: str = ""                     # workspace with gallery.{split} and triplets.{split}
-    split: str = "train"               # training split
-    out: str = ""                      # run directory
-    negatives: Optional[str] = None    # negatives table (None: in-batch negatives only)
-    eval_work: Optional[str] = None    # evaluation workspace (None: hold out --dev-fraction of train)
+    work: str = ""                     # workspace with the training split (not needed to resume a run)
+    split: str = "train"               # training split (gallery.{split}, triplets.{split})
+    out: str = ""                      # run directory (checkpoints, metrics, curves)
+    negatives: Optional[str] = None    # negatives table (cir-mine negatives); None: in-batch negatives only
+    eval_work: Optional[str] = None    # evaluation workspace (None: hold out dev_fraction of the training queries)
     eval_split: str = "val"            # split of eval_work
-    dev_fraction: float = 0.1          # held-out share of training queries when eval_work is None
-    dev_seed: int = 0                  # seed of the hold-out (fixed across --seed so seeds share a dev set)
-    epochs: int = 10                   # epochs of normal training (0: zero-shot evaluation only)
-    batch_size: int = 256              # queries per step
-    seed: int = 0                      # model init, shuffles, negative sampling, dev split
-    model: str = "combiner"            # combiner | attention | dqe (attribute sub-queries, see ModelConfig)
-    width: float = 2.0                 # projection width multiple of d (see ModelConfig)
-    dropout: float = 0.1               # dropout in the model
+    dev_fraction: float = 0.1          # seeded share of training queries held out for evaluation when no eval_work
+    dev_seed: int = 0                  # seed of the held-out dev queries (fixed across seed, so seeds share a dev set)
+    epochs: int = 10                   # training epochs (0: zero-shot evaluation only)
+    batch_size: int = 256              # queries per step (in-batch negatives)
+    seed: int = 0                      # seed of the model init, shuffles and negative sampling
+    model: str = "combiner"            # combiner (CLIP4Cir), attention (gated attention fusion) or dqe (DQE-CIR:
+                                       # text-conditioned weights over attribute sub-queries, with the
+                                       # attribute-aware margin loss; see ModelConfig)
+    width: float = 2.0                 # projection width as a multiple of d (hidden = 2x; see ModelConfig)
+    dropout: float = 0.1               # dropout inside the model
     lr: float = 1e-3                   # AdamW learning rate
     weight_decay: float = 1e-4         # AdamW weight decay
     lr_schedule: str = "cosine"        # cosine (decay to 0 over each stage, 1-epoch-free) | constant
     temperature: float = 0.05          # softmax temperature of InfoNCE and the static bank
     loss: str = "infonce"              # infonce | triplet | both
     margin: float = 0.2                # triplet margin (cosine distance)
-    triplet_weight: float = 1.0        # weight of the triplet term with loss=both / online hard mining
+    triplet_weight: float = 1.0        # weight of the triplet terms (loss both, online_hard)
     neg_per_query: int = 4             # mined negatives fed per query per step
     neg_share: float = 1.0             # share of queries per batch that get mined negatives
-    share_warmup: int = 0              # epochs over which the share ramps linearly from 0 (curriculum)
-    schedule: Optional[str] = None     # "epoch:mix,..." e.g. "0:random,2:midzone,4:hardest"
-    category_batches: bool = False     # batches drawn within one category (harder in-batch negatives)
-    online_hard: int = 0               # per query, hardest in-batch non-targets fed to a triplet loss
-    static_bank: int = 0               # extra epochs of the SPN static-bank stage after training
-    bank_k: int = 0                    # static bank: negatives sampled per step (0 = whole gallery)
-    refresh_every: int = 0             # re-embed and re-mine every N epochs (0 = never)
-    exclude_reference: bool = False    # FashionIQ evaluation: also drop the reference from its gallery (CLIP4Cir keeps it; CIRR always drops it)
+    share_warmup: int = 0              # epochs over which neg_share ramps up linearly from 0 (curriculum)
+    schedule: Optional[str] = None     # strategy mix of the negatives table per epoch, e.g. 0:random,2:midzone,4:hardest
+    category_batches: bool = False     # draw each batch within one category (in-batch negatives of the target's category)
+    online_hard: int = 0               # hardest in-batch non-targets per query fed to a triplet loss
+    static_bank: int = 0               # extra epochs of the SPN static-bank stage (whole gallery as negatives)
+    bank_k: int = 0                    # static bank: gallery negatives sampled per step (0 = all)
+    refresh_every: int = 0             # re-embed the queries and re-mine every N epochs (0 = never)
+    exclude_reference: bool = False    # FashionIQ evaluation: also remove each query's reference image from its
+                                       # category's gallery (CLIP4Cir's validate.py keeps it; CIRR always removes it)
     zero_shot: bool = False            # evaluate normalize(image + text) without training
-    threads: int = 0                   # torch threads (0 = torch default)
-    extra_triplets: list = field(default_factory=list)  # generated triplets tables (training queries only)
-    extra_weight: float = 1.0          # loss weight of each generated query (1: like a real one)
-    neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times (< 1 down-weights)
-    attr_weight: float = 0.3           # dqe: weight of the attribute-aware margin loss (margin: --margin)
-    attr_heads: Optional[str] = None   # dqe: comma-separated sub-query heads (color, shape, group:NAME), or "groups": one per attribute group of the gallery; None: color,shape
+    threads: int = 0                   # torch threads (0 = torch's default)
+    extra_triplets: list = field(default_factory=list)  # generated triplets tables (cir-mine positives) mixed into the
+                                                        # training queries, never into the dev split
+    extra_weight: float = 1.0          # loss weight of each generated triplet (1: like a real one)
+    neg_weight: float = 1.0            # InfoNCE: each mined negative counts this many times in the softmax (< 1 down-weights)
+    attr_weight: float = 0.1           # dqe: weight of the attribute-aware margin loss (its margin is margin); the best
+                                       # measured with either head set (docs/benchmarks.md, attribute-aware negatives)
+    attr_heads: Optional[str] = None   # dqe: comma-separated sub-query heads: color, shape (grouped) or group:NAME (one
+                                       # attribute group, e.g. group:neckline); groups: one head per attribute group
+                                       # of the gallery; None: color,shape
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,5 +130,7 @@ class TrainConfig:
                 raise UsageError(f"attr_heads needs dqe as the model (model is {self.model}): pass model dqe, or leave "
                                  f"attr_heads out.", params=("attr_heads", "model"))
             if self.heads() != (GROUP_HEADS,):
+                from cir_mine.train.model import check_attr_heads
+
                 check_attr_heads(self.heads())
         return self

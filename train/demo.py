@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from cir_mine.data.synthetic import SynthConfig, generate
 from cir_mine.data.workspace import Workspace
 
-from cir_mine.train.loop import TrainConfig, train
+from cir_mine.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ WORLDS = {
 }
 REFRESH = "+refresh"
 # A run named "dqe+STRATEGY..." trains DQE-CIR's attribute sub-queries instead of the combiner: one
-# head per attribute group, margin-loss weight 0.1 (the measured best, docs/benchmarks.md).
+# head per attribute group (the measured best, docs/benchmarks.md), the default margin-loss weight.
 DQE = "dqe+"
-DQE_OPTIONS = dict(model="dqe", attr_heads="groups", attr_weight=0.1)
+DQE_OPTIONS = dict(model="dqe", attr_heads="groups")
 
 
 def table_of(run: str) -> str:
@@ -50,15 +50,17 @@ def table_of(run: str) -> str:
 
 @dataclass
 class DemoConfig:
-    n_gallery: Optional[int] = None   # synthetic gallery images (None: the world's, 20,000 by default)
-    n_triplets: Optional[int] = None  # synthetic queries (None: the world's, 5,000 by default)
+    n_gallery: Optional[int] = None   # synthetic gallery images (None: the world's, see WORLDS)
+    n_triplets: Optional[int] = None  # synthetic queries (None: the world's, see WORLDS)
     dim: int = 128                # embedding dimension
     seed: int = 0                 # world, mining and training seed
     k: int = 8                    # negatives mined per query
     epochs: int = 4               # training epochs per run
     batch_size: Optional[int] = None   # queries per step (None: the world's)
     strategies: Optional[tuple] = None  # one run per entry, "NAME", "NAME+refresh", "dqe+NAME[+refresh]" (None: the world's)
-    world: str = "fine"           # fine | coarse (see WORLDS)
+    world: str = "fine"           # fine (the fine-grained world, where mined negatives pay; adds hardest re-mined
+                                  # once halfway, with the combiner and with DQE's attribute sub-queries) or coarse
+                                  # (the synth default: random, midzone and attribute-mismatch); see WORLDS
 
     def resolve(self) -> tuple:
         """-> (SynthConfig, strategies, TrainConfig overrides) of this demo."""
@@ -98,6 +100,7 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
     from cir_mine.data.errors import UsageError
     from cir_mine.data.io import check_output_dir
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
+    from cir_mine.train.loop import train
 
     cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()

@@ -186,3 +186,29 @@ def evaluate_queries(ws, split: str, query_emb: np.ndarray, query_ids: Optional[
         query_emb = align_query_embeddings(query_emb, query_ids, t.query_ids, where)
     emb = check_query_embeddings(np.asarray(query_emb), t.query_ids.tolist(), g.dim, where)
     return evaluate(emb, t, g, exclude_reference=exclude_reference, chunk=chunk)
+
+
+def evaluate_file(ws, split: str, queries, exclude_reference: bool = False, chunk: int = 2048) -> dict:
+    """:func:`evaluate_queries` for embeddings in files (``cir-mine eval``): ``queries`` is a query
+    source such as :class:`cir_mine.miner.negatives.QueryFile` (a .npy, and optionally its ids)."""
+    from cir_mine.data.workspace import Workspace
+
+    ws = (ws if isinstance(ws, Workspace) else Workspace(ws)).require()
+    g, t = ws.load(split)
+    emb = queries.embeddings(ws, split, lambda: (g, t))
+    return evaluate(emb, t, g, exclude_reference=exclude_reference, chunk=chunk)
+
+
+def format_metrics(split: str, m: dict) -> str:
+    """The metrics of :func:`evaluate_queries` as lines of text (``cir-mine eval``)."""
+    ref = "reference kept in the gallery" if m["reference"] == "kept" else "reference removed from the gallery"
+    head = f"{m['protocol']} {split}: {m['n_queries']:,} queries, {ref}"
+    if m["protocol"] == "cirr":
+        keys = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
+        return (head + "\n" + "  ".join(f"{k} {m[k]:.2f}" for k in keys)
+                + f"  avg (R@5 + Rs@1) / 2 {m['avg']:.2f}")
+    lines = [head]
+    for cat, v in m["per_category"].items():
+        lines.append(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']:,} queries)")
+    lines.append(f"  average: R@10 {m['R@10']:.2f}  R@50 {m['R@50']:.2f}  avg (R@10 + R@50) / 2 {m['avg']:.2f}")
+    return "\n".join(lines)

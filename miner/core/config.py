@@ -28,29 +28,36 @@ SAMPLE_ORDERS = ("top", "random")
 
 @dataclass
 class MineConfig:
-    strategy: Optional[str] = None        # one strategy name (or use mix / schedule)
-    mix: Optional[str] = None             # 'midzone:0.6,category:0.3,random:0.1'
-    schedule: Optional[str] = None        # curriculum '0:random,2:midzone,4:hardest' (mines the mix of the mining round)
+    strategy: Optional[str] = None        # one strategy, by its registry name (or use mix / schedule)
+    mix: Optional[str] = None             # a mix, e.g. midzone:0.6,category:0.3,random:0.1 (k split by shares)
+    schedule: Optional[str] = None        # curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for
+                                          # cir-train; mines the mix of the mining round)
     k: int = 10                           # negatives per query
-    seed: int = 0                         # sampling seed (per query: hash of seed and query_id)
+    seed: int = 0                         # sampling seed (same seed, same table; per query: hash of seed and query_id)
     query: str = "zero-shot"              # query embeddings: zero-shot or checkpoint (passed in)
-    text_weight: float = 1.0              # zero-shot: normalize(ref + text_weight * text)
+    text_weight: float = 1.0              # zero-shot query: normalize(ref + text_weight * text)
     candidates: Optional[int] = None      # search depth per query (None: max(4k, range_max, 128))
-    max_candidates: Optional[int] = 2048  # short queries are searched again up to this depth (None: off)
+    max_candidates: Optional[int] = 2048  # queries still short of k are searched again, 4x deeper, up to this depth
+                                          # (None: never)
     query_batch: int = 4096               # queries per search batch (bounds memory)
-    sample: Optional[str] = None          # override the selection order of ranked strategies: top | random
-    random_draws: int = 32                # extra uniform draws per query beyond 2k (random, category)
+    sample: Optional[str] = None          # selection order of ranked strategies: top | random (None: each one's own)
+    random_draws: int = 32                # random, category: uniform draws per query beyond 2k
     device: str = "auto"                  # FAISS device: auto | cpu | cuda
-    fp16: bool = False                    # GPU indexes store float16 vectors (flat and IVF)
-    index: str = "flat"                   # search back-end: flat (exact) | workspace (index.{split}.faiss) | ivf | ivfpq | hnsw | FAISS factory
+    fp16: bool = False                    # GPU index: store float16 vectors (flat and IVF; scores are still re-ranked
+                                          # in float32)
+    index: str = "flat"                   # search back-end: flat (exact), workspace (the saved index.{split}.faiss),
+                                          # ivf, ivfpq, hnsw or a FAISS factory string; approximate candidates are
+                                          # re-ranked exactly
     nprobe: Optional[int] = None          # IVF: inverted lists visited (None: tuned to target_recall)
     ef_search: Optional[int] = None       # HNSW: efSearch (None: tuned to target_recall)
-    search_params: Optional[str] = None   # FAISS search parameters 'nprobe=16' instead of nprobe / ef_search
+    search_params: Optional[str] = None   # FAISS search parameters instead of nprobe / ef_search, e.g. nprobe=16
     overfetch: Optional[float] = None     # approximate candidates fetched per kept one before exact re-ranking (None: 1, 4 for PQ/SQ codes)
     target_recall: Optional[float] = 0.98 # approximate indexes: tune nprobe / efSearch to this candidate recall@depth (None: FAISS defaults)
     tune_queries: int = 1000              # sampled queries the tuning measures recall on
-    check_recall: int = 0                 # sampled queries for the recall and negative-overlap report against exact mining (0: off)
-    prefetch: Optional[bool] = None       # search batch i+1 while batch i is guarded (None: with a GPU index)
+    check_recall: int = 0                 # report candidate recall and the overlap of mined negatives with exact
+                                          # mining on this many sampled queries (0: off)
+    prefetch: Optional[bool] = None       # search the next query batch while the current one is guarded (None: with a
+                                          # GPU index)
     guards: GuardConfig = field(default_factory=GuardConfig)  # the false-negative guards
     params: dict = field(default_factory=default_params)      # strategy name -> its parameter dataclass
 
@@ -62,6 +69,12 @@ class MineConfig:
         owners.update({f.name: "guards" for f in dataclasses.fields(GuardConfig)})
         owners.update(param_owner())
         return owners
+
+    @classmethod
+    def option_fields(cls) -> dict:
+        """Option name -> the dataclass that defines it: this config, GuardConfig or a strategy's parameters."""
+        classes = {"config": cls, "guards": GuardConfig}
+        return {name: classes.get(owner) or REGISTRY[owner].params for name, owner in cls.option_owners().items()}
 
     @classmethod
     def of(cls, **options) -> "MineConfig":

@@ -123,6 +123,9 @@ def duplicate_product_guard(cand_prod: np.ndarray, valid: np.ndarray):
     return _counted(dup)
 
 
+NEAR_DUPLICATE = 0.98   # cosine similarity at or above which two images count as near-duplicates
+
+
 @dataclass(frozen=True)
 class GuardConfig:
     """Every false-negative guard's switch and threshold (the mining core's one guard config)."""
@@ -130,8 +133,10 @@ class GuardConfig:
     exclude_target: bool = True           # never the target
     exclude_reference: bool = True        # never the reference
     exclude_extra_positives: bool = True  # never an extra positive
-    dup_threshold: float | None = 0.98    # near-duplicate guard: drop s(c, t) >= this (None: off)
-    rho: float | None = 0.95              # positive-aware cap: drop s(q,c) > s(q,t) - (1-rho)|s(q,t)| (None: off)
+    dup_threshold: float | None = NEAR_DUPLICATE  # near-duplicate guard: drop candidates with s(c, t) >= this
+                                                  # (None: off)
+    rho: float | None = 0.95              # positive-aware cap, sign-safe: drop s(q,c) > s(q,t) - (1-rho)|s(q,t)|
+                                          # (None: off)
     trust_verified: bool = True           # annotator-verified negatives skip the cap and near-dup guards
 
     def validate(self) -> "GuardConfig":

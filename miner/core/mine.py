@@ -120,13 +120,18 @@ def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, ov
     fingerprint in the footer), so cir-train's refresh searches exactly the same index."""
     out = check_output(out, reads, overwrite)
     with write_job(out.parent, f"cir-mine negatives -> {out.name}"):
-        res = mine_negatives(ws, split, cfg, **kw)
-        search = res.meta["search"]
-        if search.get("source") == "built" and not search.get("exact", True):
-            side = saved_index_path(out)
-            save_backend_index(res.backend, side)
-            search["file"], search["fingerprint"] = side.name, file_digest(side)
-        t = time.perf_counter()
-        write_negatives(res.table, out, res.meta)
-        res.meta["timing"]["write_s"] = seconds(time.perf_counter() - t)   # not in the file: it is being written
+        return write_result(mine_negatives(ws, split, cfg, **kw), out)
+
+
+def write_result(res: MineResult, out: Path) -> MineResult:
+    """Write a mined table to ``out`` (checked, inside the write job of its directory). An approximate
+    index built for the run is saved beside it first (``{out}.faiss``, its fingerprint in the footer)."""
+    search = res.meta["search"]
+    if search.get("source") == "built" and not search.get("exact", True):
+        side = saved_index_path(out)
+        save_backend_index(res.backend, side)
+        search["file"], search["fingerprint"] = side.name, file_digest(side)
+    t = time.perf_counter()
+    write_negatives(res.table, out, res.meta)
+    res.meta["timing"]["write_s"] = seconds(time.perf_counter() - t)   # not in the file: it is being written
     return res

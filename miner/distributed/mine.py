@@ -1,25 +1,52 @@
 """Mining through an engine: the gallery's shards searched in process or by Ray actors.
 
-``mine_with_engine`` reads the split once, opens the engine's index over its gallery, and runs the
-mining core (``mine_negatives``) through it: the same guards, strategies and writer as the
-single-process path; only the search differs. The engine and its shard settings are recorded in
-the table's metadata (``meta["engine"]``) so cir-train's refresh searches the same way.
+:class:`EngineConfig` names the engine and its shards. ``mine_with_engine`` reads the split once,
+opens the engine's index over its gallery, and runs the mining core (``mine_negatives``) through
+it: the same guards, strategies and writer as the single-process path; only the search differs.
+The engine and its shard settings are recorded in the table's metadata (``meta["engine"]``) so
+cir-train's refresh searches the same way. cir_mine.miner.negatives.mine_file writes the table.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Optional
 
 from cir_mine.data.errors import UsageError
-from cir_mine.data.io import check_output, write_job
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.mine import MineConfig, MineResult, mine_negatives
-from cir_mine.miner.core.tables import write_negatives
+from cir_mine.miner.distributed.ray_shards import RayConfig
 from cir_mine.miner.distributed.shards import ShardConfig, ShardedIndex
 
 ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which engine searches the gallery, and how it is sharded."""
+
+    name: str = "local"          # local (this process) or ray (a Ray cluster; the 'ray' extra)
+    shard: ShardConfig = field(default_factory=ShardConfig)  # gallery shards (one flat shard: the core's own search)
+    ray: RayConfig = field(default_factory=RayConfig)        # the Ray cluster and its shard actors (name ray)
+
+    @property
+    def in_process(self) -> bool:
+        """The mining core searches itself (MineConfig.index): one flat shard in this process."""
+        return self.name == "local" and self.shard.shards == 1 and self.shard.exact
+
+    def validate(self, cfg: MineConfig) -> "EngineConfig":
+        """Check the engine against the mining config (errors name the parameters)."""
+        if self.name not in ENGINES:
+            raise UsageError(f"engine {self.name!r}: use local or ray.", params=("engine",))
+        if not self.in_process and cfg.index != "flat":
+            raise UsageError(f"index {cfg.index} searches in one process; with engine or shards, choose each "
+                             f"shard's search with shard_index.", params=("index", "engine", "shards", "shard_index"))
+        if self.name == "ray":
+            from cir_mine.miner.distributed.ray_shards import require_ray
+
+            require_ray()                               # fail before reading anything
+        return self
 
 
 def open_index(engine: str, xb, shard_cfg: ShardConfig, ray_cfg=None):
@@ -58,15 +85,4 @@ def mine_with_engine(ws: Workspace, split: str, cfg: MineConfig, engine: str = "
         res = mine_negatives(ws, split, cfg, index=index, loaded=(g, t), **kw)
         if index is not None:
             res.meta["engine"] = {**engine_meta(engine, shard_cfg, ray_cfg), "index": index.describe()}
-    return res
-
-
-def mine_with_engine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, overwrite: bool = True,
-                             reads=(), **kw) -> MineResult:
-    """Mine through the engine and write ``out`` atomically, holding the lock of its directory
-    (``out`` checked first, as :func:`cir_mine.miner.core.mine.mine_to_file` does)."""
-    out = check_output(out, reads, overwrite)
-    with write_job(out.parent, f"cir-mine negatives -> {out.name}"):
-        res = mine_with_engine(ws, split, cfg, **kw)
-        write_negatives(res.table, out, res.meta)
     return res

@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RayEmbedRun:
-    actors: int = 1                 # encoder actors (with --device cuda: at most one per GPU)
+    actors: int = 1                 # open_clip encoder actors (with device cuda at most one per GPU)
     part_size: int = 4096           # images per gallery part (the unit of resume)
     batch_size: int = 64            # images per forward pass inside an actor
-    cpus_per_actor: Optional[float] = None  # CPUs each CPU encoder actor reserves (its torch threads: max(1, floor)); None: 1, or the cluster's CPUs / actors when fewer
-    address: Optional[str] = None   # None: a local cluster; 'auto' or HOST:PORT: join one
+    cpus_per_actor: Optional[float] = None  # CPUs each CPU encoder actor reserves, its torch threads max(1, floor)
+                                            # (None: 1, or a fraction so that every actor fits the cluster)
+    address: Optional[str] = None   # the cluster to join: auto or HOST:PORT (None: start a local one)
 
 
 class EncoderActor:

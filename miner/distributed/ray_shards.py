@@ -41,8 +41,9 @@ START_TIMEOUT = 300.0    # seconds the shard actors have to start (their rows co
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: Optional[str] = None          # None: a local cluster started here; 'auto' or HOST:PORT: join one
-    cpus_per_shard: Optional[float] = None  # CPUs each shard actor reserves (its FAISS threads: max(1, floor)); None: 1, or the cluster's CPUs / shards when fewer
+    address: Optional[str] = None          # the cluster to join: auto or HOST:PORT (None: start a local one)
+    cpus_per_shard: Optional[float] = None  # CPUs each shard actor reserves, its FAISS threads max(1, floor) (None: 1,
+                                            # or a fraction so that every shard fits the cluster)
     max_restarts: int = 3                  # restarts of a shard actor that dies
     max_task_retries: int = 3              # retries of a search lost with its actor
     connect_timeout: float = CONNECT_TIMEOUT  # seconds the address has to answer

@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShardConfig:
-    shards: int = 2                 # gallery shards (one index and one searcher each)
-    index: str = "flat"             # flat (exact) | ivf | ivfpq | a FAISS IVF factory string
-    nprobe: int = 32                # IVF lists visited per query (approximate shards)
+    shards: int = 1                 # gallery shards, one index each, searched in parallel and merged exactly
+    index: str = "flat"             # index per shard: flat (exact), ivf, ivfpq or a FAISS IVF factory string
+                                    # (trained once, copied to every shard)
+    nprobe: int = 32                # IVF shards: lists visited per query at least (more when the depth needs them)
     overfetch: int = 4              # IVF shards fetch overfetch * k candidates, then re-rank them exactly
     list_cover: float = 4.0         # IVF: the lists visited hold >= list_cover x the candidates asked (nprobe grows with depth)
     train_sample: int = 100_000     # rows sampled (seeded) from the whole gallery to train IVF / PQ once

@@ -30,7 +30,8 @@ import torch
 
 from cir_mine.data.errors import DataError, UsageError, WeightsUnavailableError
 from cir_mine.data.io import atomic_path, write_json_atomic
-from cir_mine.miner.encode.preprocess import TARGET_RATIO, check_preprocess, image_transform
+from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EncoderConfig, ImageRun  # noqa: F401  (re-exported)
+from cir_mine.miner.encode.preprocess import check_preprocess, image_transform
 from cir_mine.miner.encode.preprocess import describe as describe_preprocess
 
 log = logging.getLogger(__name__)
@@ -43,17 +44,6 @@ HF_HOST = ("huggingface.co", 443)
 
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    model: str = "ViT-B-32"      # open_clip model name, or path of an open_clip model-config JSON
-    pretrained: str = "none"     # open_clip tag, local checkpoint path (see read_checkpoint), or "none" (random weights)
-    device: str = "auto"         # auto | cpu | cuda
-    precision: str = "auto"      # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32
-    seed: int = 0                # seed of the random init (same seed, same "none" weights: resumable)
-    preprocess: str = "clip"     # image preprocessing: clip (open_clip's) | targetpad | squarepad (CLIP4Cir's)
-    target_ratio: float = TARGET_RATIO  # targetpad: pad images whose long/short side ratio is above this
 
 
 @dataclass
@@ -562,13 +552,6 @@ def image_loader(encoder: Encoder, paths: Sequence[Optional[str]], batches: list
     )
 
 
-@dataclass(frozen=True)
-class ImageRun:
-    batch_size: int = 64         # images per forward pass
-    workers: int = 2             # DataLoader worker processes decoding images (0 = main process)
-    shard_size: int = 4096       # images per resumable shard (a multiple of batch_size is best)
-
-
 def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequence[str],
                  shard_dir: str | Path, run: ImageRun = ImageRun(), progress: Progress = None
                  ) -> tuple[np.ndarray, list[str]]:
@@ -675,9 +658,6 @@ class AttributePrompts:
     groups: dict                           # group -> {value: phrase used in the prompt}
     templates: dict                        # group -> template overriding ``template``
     default_category: str = "garment"      # {category} for images without one
-
-
-DEFAULT_PROMPTS = Path(__file__).resolve().parent / "garment_attributes.json"
 
 
 def load_prompts(path: str | Path) -> AttributePrompts:

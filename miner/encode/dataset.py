@@ -11,7 +11,6 @@ import contextlib
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,8 +24,9 @@ from cir_mine.data.records import ImageRecord, QueryRecord, image_file
 from cir_mine.data.workspace import (Workspace, check_split, gallery_table, triplets_table,
                                      write_table)
 
-from cir_mine.miner.encode.clip import (AttributePrompts, EncoderConfig, ImageRun, embed_images, embed_texts,
-                                        load_encoder, load_prompts, warn_random_weights, zero_shot_attributes)
+from cir_mine.miner.encode.clip import (AttributePrompts, embed_images, embed_texts, load_encoder, load_prompts,
+                                        warn_random_weights, zero_shot_attributes)
+from cir_mine.miner.encode.config import EmbedJob
 from cir_mine.miner.core.search.build import check_spec
 from cir_mine.miner.encode.index import index_workspace
 
@@ -40,19 +40,6 @@ Progress = Optional[Callable[..., None]]
 
 MAX_SKIPPED_LISTED = 100
 
-
-
-@dataclass(frozen=True)
-class EmbedJob:
-    dataset: str                          # fashioniq | cirr | folder | webdataset
-    root: Path                            # dataset root (folder: the image directory)
-    split: str                            # split name (train, val, ...)
-    work: Path                            # workspace directory to write
-    encoder: EncoderConfig = EncoderConfig()  # model, weights, device
-    run: ImageRun = ImageRun()            # batch size, workers, shard size
-    attribute_prompts: Optional[Path] = None  # zero-shot attribute prompt file (None: no zero-shot)
-    index: str = "flat"                   # flat|ivf|ivfpq|hnsw|FAISS factory string, or "none"
-    triplets_file: Optional[Path] = None  # folder datasets: the triplets CSV/JSONL (default: found in root)
 
 
 

@@ -74,7 +74,7 @@ class CommandCaptioner:
     DataError says which bound it crossed.
     """
 
-    command: str
+    command: str                            # program reading JSON lines of pairs on stdin
     timeout: float = 3600.0                 # seconds the program may run
     max_line_bytes: int = 64 * 1024         # bytes per output line
     max_total_bytes: int = 256 * 1024 ** 2  # bytes of output in all

@@ -16,6 +16,7 @@ from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import Gallery
 
 from cir_mine.miner.core.attributes import group_values
+from cir_mine.miner.core.guards import NEAR_DUPLICATE
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,11 @@ class PairDiff:
 @dataclass(frozen=True)
 class PositivesConfig:
     per_image: int = 2               # new triplets per reference image at most
-    max_diff: int = 2                # attribute groups that may differ (1..max_diff)
+    max_diff: int = 2                # attribute groups that may differ (1..the number of groups)
     max_values: int = 3              # attribute values that may differ in all (short, FashionIQ-like captions)
     neighbors: int = 32              # FAISS neighbours searched per image
-    dup_threshold: float = 0.98      # s(ref, target) at or above: a near-duplicate, nothing to describe
+    dup_threshold: float = NEAR_DUPLICATE  # skip pairs with s(ref, target) >= this: near-duplicates, nothing to
+                                           # describe
     max_images: int = 0              # references considered (0 = the whole gallery); seeded sample
     ignore_groups: tuple[str, ...] = ()  # groups never described (e.g. "category" on fiq-proxy)
     seed: int = 0                    # sampling and caption-template seed

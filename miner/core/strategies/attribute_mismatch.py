@@ -13,8 +13,10 @@ from cir_mine.miner.core.strategies.selection import (Picks, contradicted, contr
 @dataclass(frozen=True)
 class AttributeMismatchParams:
     attr_agree: float = 1.0               # least share of non-requested groups equal to the target's
-    mismatch_ref_value: bool = False      # also candidates that contradict a requested group with the reference's own value
-    mismatch_kept_share: float = 0.5      # share of k given to kept-mismatch candidates (the caption's other side; 0: none)
+    mismatch_ref_value: bool = False      # also candidates that contradict a requested group with the reference's own
+                                          # value (off: such look-alikes of the reference are left out)
+    mismatch_kept_share: float = 0.5      # share of k given to kept-mismatch candidates (satisfy the caption, break a
+                                          # kept group); 0: caption-contradicting negatives only
 
     def validate(self) -> None:
         check_share("mismatch_kept_share", self.mismatch_kept_share)

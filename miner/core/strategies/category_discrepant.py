@@ -14,8 +14,10 @@ POOLS = ("target", "query")
 @dataclass(frozen=True)
 class CategoryDiscrepantParams:
     discrepant_pool: str = "target"       # candidates near the target (its own search) or the query's ranking
-    discrepant_ref_value: bool = False    # also candidates that contradict a requested group with the reference's own value
-    discrepant_kept_share: float = 0.5    # share of k given to kept-mismatch candidates from the query's ranking (0: none)
+    discrepant_ref_value: bool = False    # also candidates that contradict a requested group with the reference's own
+                                          # value (off: such look-alikes of the reference are left out)
+    discrepant_kept_share: float = 0.5    # share of k given to kept-mismatch candidates from the query's ranking;
+                                          # 0: discrepant negatives only
 
     def validate(self) -> None:
         check_share("discrepant_kept_share", self.discrepant_kept_share)

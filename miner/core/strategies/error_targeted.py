@@ -79,7 +79,8 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
 
 @dataclass(frozen=True)
 class ErrorTargetedParams:
-    error_minimal: bool = False           # per group, only candidates that differ from the target in that group alone
+    error_minimal: bool = False           # only minimal pairs: candidates that differ from the target in the
+                                          # allocated group alone
 
 
 @register("error-targeted", ErrorTargetedParams, ranked=True, hint="raise MineConfig.of(max_candidates=...)", prepare=measure_top1_errors)

@@ -9,7 +9,7 @@ from cir_mine.miner.core.strategies.selection import Picks, pick
 
 @dataclass(frozen=True)
 class SemihardParams:
-    margin: float = 0.1                   # keep 0 < delta < margin
+    margin: float = 0.1                   # keep 0 < delta < margin (delta = s(q,t) - s(q,c))
 
 
 @register("semihard", SemihardParams, ranked=True, hint="raise MineConfig.of(margin=...) or MineConfig.of(max_candidates=...)")

@@ -10,8 +10,8 @@ from cir_mine.miner.core.strategies.selection import Picks, pick
 
 @dataclass(frozen=True)
 class SoftParams:
-    soft_lo: float = 0.0                  # keep overlap(c, t) > soft_lo (Jaccard on attributes)
-    soft_hi: float = 1.0                  # keep overlap(c, t) < soft_hi
+    soft_lo: float = 0.0                  # keep attribute overlap with the target (Jaccard) above this
+    soft_hi: float = 1.0                  # keep attribute overlap with the target below this
 
     def validate(self) -> None:
         if self.soft_lo > self.soft_hi:
