@@ -5,7 +5,8 @@ The public API (see docs/api.md) is importable from here; names load lazily, so
 
     from cir_mine import Workspace, MineConfig, mine_negatives, read_negatives, NegativesDataset
 
-(``NegativesDataset`` and ``collate_negatives`` need torch; every other name works without it.)
+(``NegativesDataset``, ``collate_negatives``, ``device_search`` and ``TorchSearch`` need torch; every
+other name works without it.)
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ _API = {
     "read_query_embeddings": "cir_mine.miner.core.query_emb",
     "check_query_embeddings": "cir_mine.miner.core.query_emb",
     "Remine": "cir_mine.miner.remine",
+    "device_search": "cir_mine.miner.accel.open",
+    "TorchSearch": "cir_mine.miner.accel.search",
     "NegativesDataset": "cir_mine.train.datasets",
     "collate_negatives": "cir_mine.train.datasets",
 }

@@ -307,7 +307,7 @@ def attributes(
 # cir-mine embed, cir-mine index
 
 
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: a GPU when one is visible).")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: the GPU when torch sees one).")
 ENGINE = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; the 'ray' extra).")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="--engine ray: join this cluster (auto or HOST:PORT); default a local one.")
 INDEX = typer.Option("flat", "--index", help="flat | ivf | ivfpq | hnsw | a FAISS factory string ('none': no index).")
@@ -503,7 +503,7 @@ def negatives(
     rho: float = typer.Option(0.95, "--rho", help="Guard: positive-aware cap, drop s(q,c) > rho*s(q,t) (sign-safe)."),
     no_guard: List[str] = typer.Option([], "--no-guard", help=f"Switch a guard off (repeatable): {', '.join(GUARD_SWITCHES)}."),
     random_draws: int = typer.Option(32, "--random-draws", help="random, category: uniform draws per query beyond 2k."),
-    device: str = typer.Option("auto", "--device", help="FAISS device: auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: exact search on the GPU when torch sees one; FAISS indexes on FAISS's GPU where installed)."),
     engine: str = ENGINE,
     shards: int = typer.Option(1, "--shards", help="Gallery shards, one index each, searched in parallel and merged exactly."),
     shard_index: str = typer.Option("flat", "--shard-index", help="Index per shard: flat (exact), ivf, ivfpq or a FAISS IVF factory string (trained once, copied to every shard)."),
@@ -530,6 +530,7 @@ def negatives(
 
     from cir_mine.data.errors import UsageError
     from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.accel import device_search
     from cir_mine.miner.core.mine import MineConfig, mine_to_file
 
     bad = [g for g in no_guard if g not in GUARD_SWITCHES]
@@ -593,7 +594,8 @@ def negatives(
                                            loaded=loaded)
         else:
             res = mine_to_file(ws, split, cfg, out, overwrite=overwrite, reads=[checkpoint, query_emb_path],
-                               query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded)
+                               query_emb=query_emb, mining_round=mining_round, progress=advance, loaded=loaded,
+                               index=device_search)
     typer.echo(negatives_summary(out, res.meta))
     if verbose:
         typer.echo(stages_line(res.meta))

@@ -62,7 +62,7 @@ class MineConfig:
     query_batch: int = 4096               # queries per search batch (bounds memory)
     sample: Optional[str] = None          # override the selection order of ranked strategies: top | random
     random_draws: int = 32                # extra uniform draws per query beyond 2k (random, category)
-    device: str = "auto"                  # FAISS device: auto | cpu | cuda
+    device: str = "auto"                  # auto | cpu | cuda, by the one device rule (cir_mine.miner.accel.device)
     fp16: bool = False                    # GPU indexes store float16 vectors (flat and IVF)
     index: str = "flat"                   # search back-end: flat (exact) | workspace (index.{split}.faiss) | ivf | ivfpq | hnsw | FAISS factory
     nprobe: Optional[int] = None          # IVF: inverted lists visited (None: tuned to target_recall)
@@ -544,11 +544,19 @@ def prepare(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.n
 
 def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, index=None) -> tuple:
     """Step 2 (search back-end): -> (back-end, footer record). ``index``: a back-end (``.search(xq, k)``
-    with ``describe()``) used as given, or a bare FAISS index (re-ranked exactly); otherwise
-    ``cfg.index`` names one. Approximate back-ends opened here get ``cfg``'s search parameters, or
-    are tuned to ``cfg.target_recall`` on a seeded sample of the composed queries."""
+    with ``describe()``) used as given, a bare FAISS index (re-ranked exactly), or a factory
+    ``index(xb, cfg) -> back-end | None`` (``cir_mine.miner.accel.device_search``: the device
+    rule's); otherwise (or when the factory returns None) ``cfg.index`` names one. Approximate
+    back-ends opened here get ``cfg``'s search parameters, or are tuned to ``cfg.target_recall`` on
+    a seeded sample of the composed queries."""
     xb = prep.pool.xb
     n, d = xb.shape
+    if index is not None and not hasattr(index, "search"):
+        made = index(xb, cfg)            # a factory from above the core (the device rule's back-end)
+        if made is not None:
+            check_backend(made, n, d, "the device back-end")
+            return made, {**made.describe(), "source": "built"}
+        index = None
     if index is not None:
         if hasattr(index, "describe"):
             check_backend(index, n, d, "the given back-end")
@@ -845,7 +853,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     query_emb: float32[m, d] normalized query embeddings (a trained model's, from cir-train's
     refresh); None with ``cfg.query == 'zero-shot'`` uses normalize(ref + w * text).
     index: a search back-end (see cir_mine.miner.core.search.backends) or a FAISS inner-product index over the
-    gallery rows; default: the one ``cfg.index`` names (exact flat unless told).
+    gallery rows, or a factory of one (``cir_mine.miner.accel.device_search``: exact search on the
+    GPU the device rule picks); default: the one ``cfg.index`` names (exact flat unless told).
     progress: called with the number of queries finished in each batch.
     loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
     round), so the gallery and triplets are not read again."""

@@ -30,6 +30,7 @@ import torch
 
 from cir_mine.data.errors import DataError, UsageError, WeightsUnavailableError
 from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.miner.accel.device import choose_device
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +167,8 @@ def resolve_pretrained(model_name: str, pretrained: str) -> Optional[str]:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when torch sees a GPU, else cpu; 'cuda' requires one."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda: torch sees no GPU. Use device cpu or auto.", params=("device",))
-    elif device not in ("cpu", "cuda"):
-        raise UsageError(f"device {device!r}: use auto, cpu or cuda.", params=("device",))
-    return torch.device(device)
+    """The torch device the encoder runs on, by the one device rule (search uses it too)."""
+    return torch.device(choose_device(device))
 
 
 @contextlib.contextmanager

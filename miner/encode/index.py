@@ -1,6 +1,6 @@
 """A workspace's saved FAISS index: (re)build ``index.{split}.faiss`` from its gallery, load and check it.
 
-The FAISS primitives (build, search, save/load, the GPU rule) live in :mod:`cir_mine.miner.core.search`.
+The FAISS primitives (build, search, save/load, where an index lives) live in :mod:`cir_mine.miner.core.search`.
 """
 from __future__ import annotations
 
