@@ -324,7 +324,7 @@ def embed(
     pretrained: str = typer.Option("none", "--pretrained", help="open_clip tag, local checkpoint PATH, or none (random weights)."),
     device: str = DEVICE,
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
-    workers: int = typer.Option(2, "--workers", help="Image-decoding worker processes (0: main process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes (0: main process; default: one per spare CPU core on a GPU, 2 on the CPU)."),
     shard_size: int = typer.Option(4096, "--shard-size", help="Images per resumable shard."),
     attribute_prompts: Optional[Path] = typer.Option(None, "--attribute-prompts", help="Zero-shot attribute prompt JSON ('default': the shipped garment prompts)."),
     index: str = INDEX,
