@@ -190,6 +190,7 @@ class TorchSearch:
         unit = (xq / np.where(qnorm > 0, qnorm, 1.0)[:, None]).astype(np.float32)
         depth0 = int(max(1, min(self.ntotal, k + CUT_MARGIN + k // 64)))    # exact_cut's first depth
         step = self.chunk_queries(self.scan_depth(depth0))
+        step = -(-nq // -(-nq // step))                    # chunks of equal size within the budget
         chunks = [np.arange(s, min(nq, s + step), dtype=np.int64) for s in range(0, nq, step)]
         D = np.empty((nq, k), np.float32)
         I = np.empty((nq, k), np.int64)
