@@ -189,12 +189,14 @@ def test_footer_records_the_torch_search_and_its_stages(ws):
 def test_device_rule_on_a_machine_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_device("cpu") == "cpu" and choose_device("auto") == "cpu"
-    with pytest.raises(UsageError, match=r"^device cuda: torch .* sees no CUDA device\. Use device auto or cpu") as e:
+    with pytest.raises(UsageError, match=r"^device cuda: torch .* sees no GPU\. Use device auto or cpu") as e:
         choose_device("cuda")
     assert e.value.params == ("device",)
     with pytest.raises(UsageError, match=r"^device 'gpu': use auto, cpu or cuda\.$") as e:
         choose_device("gpu")
     assert e.value.params == ("device",)
+    with pytest.raises(UsageError, match=r"^device 'gpu': use auto, cpu or cuda\.$"):
+        MineConfig.of(strategy="hardest", device="gpu").validate()      # the core checks the spelling
 
 
 def test_device_rule_with_cuda_picks_it_and_the_torch_backend(monkeypatch):
@@ -206,7 +208,7 @@ def test_device_rule_with_cuda_picks_it_and_the_torch_backend(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
     assert choose_device("auto") == "cuda" and choose_device("cuda:0") == "cuda:0"
-    with pytest.raises(UsageError, match="sees 1 CUDA device"):
+    with pytest.raises(UsageError, match="sees 1 GPU"):
         choose_device("cuda:3")
     made = []
     monkeypatch.setattr(open_mod, "TorchSearch", lambda xb, device: made.append(device) or "torch back-end")
@@ -227,3 +229,35 @@ def test_encoder_and_search_share_the_rule(monkeypatch):
         choose_device("cuda")
     assert str(a.value) == str(b.value)
     assert pick_device("auto") == torch.device("cpu")
+
+
+def test_cli_device_cuda_without_a_gpu_is_one_error_for_mining_and_embedding(synth_work, tmp_path, monkeypatch):
+    """`--device cuda` where torch sees no GPU: the same `Error:` line (exit 2) from cir-mine negatives
+    and cir-mine embed, before any search or embedding; `--device auto` mines on the CPU."""
+    from typer.testing import CliRunner
+
+    from cir_mine.cli import mine_app
+    from tests.fixtures import make_folder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runner = CliRunner()
+    want = (f"Error: --device cuda: torch {torch.__version__} ({'built for CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}) "
+            f"sees no GPU. Use --device auto or cpu, or run on a machine with a GPU.")
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "4",
+                                 "--out", str(tmp_path / "n.parquet"), "--device", "cuda", "-q"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == want, r.output
+    assert not (tmp_path / "n.parquet").exists()
+    root = make_folder(tmp_path / "folder")
+    r = runner.invoke(mine_app, ["embed", "--dataset", "folder", "--root", str(root), "--work", str(tmp_path / "w"),
+                                 "--device", "cuda", "-q"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == want, r.output
+    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "4",
+                                 "--out", str(tmp_path / "a.parquet"), "--device", "auto", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "backend" not in read_negatives_meta(tmp_path / "a.parquet")["search"]
+
+
+def read_negatives_meta(path):
+    from cir_mine.miner.core.tables import read_negatives_meta as read
+
+    return read(path)

@@ -33,12 +33,12 @@ def choose_device(device: str = "auto") -> str:
         chosen = "cuda" if seen else "cpu"
     elif not seen:
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise UsageError(f"device {device}: torch {torch.__version__} ({build}) sees no CUDA device. "
+        raise UsageError(f"device {device}: torch {torch.__version__} ({build}) sees no GPU. "
                          f"Use device auto or cpu, or run on a machine with a GPU.", params=("device",))
     else:
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise UsageError(f"device {device}: torch sees {torch.cuda.device_count()} CUDA device(s). "
+            raise UsageError(f"device {device}: torch sees {torch.cuda.device_count()} GPU(s). "
                              f"Use device cuda or a lower index.", params=("device",))
         chosen = device
     if (device, chosen) not in _logged:

@@ -29,7 +29,7 @@ from cir_mine.miner.core import attributes as A
 from cir_mine.miner.core.attribute_codes import AttrCodes
 from cir_mine.miner.core.guards import GUARDS, GuardConfig, apply_guards, member, pair_keys, shortfall_hints
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked, check_backend, search_batched
-from cir_mine.miner.core.search.build import build_index, factory_string, sample_rows
+from cir_mine.miner.core.search.build import build_index, check_device, factory_string, sample_rows
 from cir_mine.miner.core.search.params import current_params, default_overfetch, index_kind, parse_search_params
 from cir_mine.miner.core.search.persist import check_index, index_meta, load_index, save_backend_index, saved_index_path
 from cir_mine.miner.core.search.tuning import Tuning, candidate_recall, tune, tune_deep
@@ -171,6 +171,7 @@ class MineConfig:
             raise UsageError("candidates must be at least 1.", params=("candidates",))
         if self.query_batch < 1:
             raise UsageError("query_batch must be at least 1.", params=("query_batch",))
+        check_device(self.device)
         self.guards.validate()
         validate_params(self.params)
         if self.schedule:
