@@ -53,8 +53,10 @@ PRECISIONS = {"fp32": (torch.float32, UNIT_ROUNDOFF), "fp16": (torch.float16, 2.
 FP16_LIMIT = 1e4          # float16 galleries and scores need |values| far below float16's 65504
 # device bytes the back-end may hold (gallery copy + one chunk's working set), by device type
 DEFAULT_MEMORY = {"cuda": 8 << 30, "cpu": 1 << 30}
-# gallery rows scored per GEMM, by device type
-BLOCK_ROWS = {"cuda": 262_144, "cpu": 65_536}
+# gallery rows scored per GEMM, by device type (CPU: a [queries, 16k] block of scores stays in the
+# last-level cache for the heaps, measured 1.16x faster than 64k-row blocks at 100k x 256, 4096
+# queries, depth 512; GPU: large blocks keep the device busy and let the grouped top-k pay)
+BLOCK_ROWS = {"cuda": 262_144, "cpu": 16_384}
 GROUP = 32                # columns per group of the grouped top-k (block_topk)
 WIDEN = {"fp32": 1.0, "fp16": 2.0, "bf16": 4.0}   # first scan depth per depth asked (doubles when short)
 MAX_WIDEN = 64.0

@@ -59,6 +59,9 @@ def index_workspace(work: str | Path, split: str, spec: str = "flat", device: st
     from cir_mine.data.io import DirLock, transaction
     from cir_mine.data.workspace import Workspace
 
+    from cir_mine.miner.accel.device import choose_device
+
+    choose_device(device)                 # the one device rule: 'cuda' needs a GPU (FAISS builds there if it can)
     ws = Workspace(work)
     ws.require()
     with DirLock(ws.root, "cir-mine index") if lock else contextlib.nullcontext(), transaction():
