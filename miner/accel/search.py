@@ -53,7 +53,8 @@ PRECISIONS = {"fp32": (torch.float32, UNIT_ROUNDOFF), "fp16": (torch.float16, 2.
 FP16_LIMIT = 1e4          # float16 galleries and scores need |values| far below float16's 65504
 # device bytes the back-end may hold (gallery copy + one chunk's working set), by device type
 DEFAULT_MEMORY = {"cuda": 8 << 30, "cpu": 1 << 30}
-# gallery rows scored per GEMM, by device type (CPU: a [queries, 16k] block of scores stays in the
+# gallery rows scored per GEMM, by device type (CPU: a [queries, 16k] block of scores, in one buffer
+# reused by every block, stays in the
 # last-level cache for the heaps, measured 1.16x faster than 64k-row blocks at 100k x 256, 4096
 # queries, depth 512; GPU: large blocks keep the device busy and let the grouped top-k pay)
 BLOCK_ROWS = {"cuda": 262_144, "cpu": 16_384}
@@ -279,11 +280,19 @@ class TorchSearch:
                 block = block.to(torch.float16).to(torch.float32)
             yield s, block
 
+    def _buffer(self, q: torch.Tensor) -> Optional[torch.Tensor]:
+        """One scores buffer for every block of a scan on the CPU (fresh pages for each block's scores
+        cost more than the GEMM writes); None on a GPU, whose allocator reuses its blocks."""
+        if self.device.type != "cpu" or q.dtype != torch.float32:
+            return None
+        return torch.empty(len(q) * min(self.block_rows, self.ntotal), dtype=torch.float32)
+
     def _scan_topk(self, q: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query's best ``L`` rows by device score, descending: (float32[b, L], int64[b, L])."""
         vals, idx, width = [], [], 0
+        buf = self._buffer(q)
         for s, block in self._blocks():
-            v, i = block_topk(_scores(q, block), L, GROUP)
+            v, i = block_topk(_scores(q, block, buf), L, GROUP)
             vals.append(v)
             idx.append(i + s)
             width += v.shape[1]
@@ -296,8 +305,9 @@ class TorchSearch:
         """As :meth:`_scan_topk`, each block's scores pushed into FAISS's per-query heaps (CPU)."""
         faiss = load_faiss()
         heap = faiss.ResultHeap(len(q), L, keep_max=True)
+        buf = self._buffer(q)
         for s, block in self._blocks():
-            S = np.ascontiguousarray(_scores(q, block).numpy())
+            S = np.ascontiguousarray(_scores(q, block, buf).numpy())
             heap.heaps.addn(S.shape[1], faiss.swig_ptr(S), s, 0, len(q))
         heap.finalize()
         return torch.from_numpy(heap.D), torch.from_numpy(heap.I)
@@ -355,8 +365,8 @@ def block_topk(S: torch.Tensor, L: int, group: int = GROUP) -> tuple[torch.Tenso
     returns the true best ``L`` values; ties at the L-th may go either way, as in any top-k. The
     top-k then scans R / group maxima and L x group columns instead of R."""
     b, R = S.shape
-    if L >= R:
-        return S, torch.arange(R, device=S.device).expand(b, R)
+    if L >= R:                                              # a copy: S may be a reused buffer
+        return S.clone(), torch.arange(R, device=S.device).expand(b, R)
     whole = R - R % group
     if group <= 1 or whole // group <= 2 * L:
         return torch.topk(S, L, dim=1, sorted=False)
@@ -369,8 +379,11 @@ def block_topk(S: torch.Tensor, L: int, group: int = GROUP) -> tuple[torch.Tenso
     return v, cols.gather(1, j)
 
 
-def _scores(q: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """q @ block.T as float32: fp16/bf16 GEMMs on a GPU write float32 (summed in float32)."""
+def _scores(q: torch.Tensor, block: torch.Tensor, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q @ block.T as float32[b, rows] (into ``buf``'s memory when given, for float32 operands):
+    fp16/bf16 GEMMs on a GPU write float32 (summed in float32)."""
+    if buf is not None and q.dtype == torch.float32 and block.dtype == torch.float32:
+        return torch.mm(q, block.T, out=buf[:len(q) * len(block)].view(len(q), len(block)))
     if q.dtype != torch.float32 and q.device.type == "cuda":
         try:
             return torch.mm(q, block.T, out_dtype=torch.float32)
