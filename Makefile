@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-coarse test lint venv clean
+.PHONY: demo demo-coarse test lint venv clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -27,6 +27,20 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+# The wheels bench/gpu.sh installs on a bare GPU machine (Python 3.12, torch 2.11 built for CUDA 13,
+# numpy, pyarrow, typer, matplotlib, pillow; no FAISS, no network): it installs only those whose module
+# does not import there. `make gpu-wheels` fills .whl/ (about 55 MB); carry .whl/ with the run.
+# GPU_TORCHVISION must be the torchvision release of the machine's torch (0.26 for torch 2.11).
+GPU_TORCHVISION ?= 0.26.0
+GPU_WHEELS ?= faiss-cpu==1.15.1 duckdb==2.0.1 open_clip_torch==3.3.0 torchvision==$(GPU_TORCHVISION) \
+	ftfy==6.3.1 wcwidth==0.9.5 regex==2026.12.2 tqdm==4.70.1
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) demo-out demo-coarse .pytest_cache .ruff_cache

@@ -5,8 +5,8 @@ The public API (see docs/api.md) is importable from here; names load lazily, so
 
     from cir_mine import Workspace, MineConfig, mine_negatives, read_negatives, NegativesDataset
 
-(``NegativesDataset``, ``collate_negatives``, ``run_training`` and ``CheckpointQueries`` need torch; every other
-name works without it.)
+(``NegativesDataset``, ``collate_negatives``, ``run_training``, ``CheckpointQueries``, ``device_search``
+and ``TorchSearch`` need torch; every other name works without it.)
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ _API = {
     "TrainConfig": "cir_mine.train.config",
     "run_training": "cir_mine.train.session",
     "CheckpointQueries": "cir_mine.train.checkpoint",
+    "device_search": "cir_mine.miner.accel.open",
+    "TorchSearch": "cir_mine.miner.accel.search",
     "NegativesDataset": "cir_mine.train.datasets",
     "collate_negatives": "cir_mine.train.datasets",
 }

@@ -9,7 +9,9 @@ times, on the same device with the same batch size and random weights:
 - ``end-to-end``: ``cir_mine.miner.encode.clip.embed_images`` on the files (DataLoader workers decode + transform,
   main process forwards, shards written), from the call to the returned array;
 - ``bare forward``: ``cir_mine.miner.encode.clip.forward_images`` over the same images already decoded and
-  transformed into one tensor (identical pixels, identical batches).
+  transformed into one tensor (identical pixels, identical batches);
+- ``encode_image``: the model's own ``encode_image`` on those tensors, already on the device, under
+  the same autocast, nothing else (no normalization, no copy back): the ceiling of the forward.
 
 The two are timed alternately, ``--repeats`` times each, keeping each one's best (the machine's
 load drifts); the input pipeline alone (DataLoader, no model) is timed the same way. Prints
@@ -58,6 +60,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=256, help="side of the JPEG files")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (autocast)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating timed passes of each; best is kept")
     args = ap.parse_args(argv)
@@ -66,7 +69,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = str(write_tiny_clip_config(tmp)) if args.model == "tiny" else args.model
-        enc = load_encoder(EncoderConfig(model, "none", args.device))
+        enc = load_encoder(EncoderConfig(model, "none", args.device, precision=args.precision))
         (tmp / "img").mkdir()
         paths = write_images(tmp / "img", args.n, args.image_size)
         run = ImageRun(args.batch_size, args.workers, shard_size=args.n)
@@ -79,13 +82,22 @@ def main(argv=None) -> dict:
 
         batches = [list(range(s, min(args.n, s + args.batch_size))) for s in range(0, args.n, args.batch_size)]
         # Alternate the measurements (best of --repeats each): load on a shared machine drifts.
-        t_bare = t_e2e = t_decode = float("inf")
+        t_bare = t_e2e = t_decode = t_model = float("inf")
+        on_device = pixels.to(enc.device)
+        sync = torch.cuda.synchronize if enc.device.type == "cuda" else (lambda: None)
         for r in range(args.repeats):
             # The input pipeline alone (decode + transform in workers, no model).
             t0 = time.perf_counter()
             for _ in image_loader(enc, paths, batches, args.workers):
                 pass
             t_decode = min(t_decode, time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            with torch.inference_mode(), enc.autocast():
+                for s in range(0, args.n, args.batch_size):
+                    enc.model.encode_image(on_device[s:s + args.batch_size])
+            sync()
+            t_model = min(t_model, time.perf_counter() - t0)
 
             t0 = time.perf_counter()
             bare = [forward_images(enc, pixels[s:s + args.batch_size]) for s in range(0, args.n, args.batch_size)]
@@ -100,6 +112,7 @@ def main(argv=None) -> dict:
     out = {
         "model": enc.name, "device": str(enc.device), "n": args.n, "batch_size": args.batch_size,
         "workers": args.workers, "image_size": args.image_size, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "precision": str(enc.amp_dtype or "fp32"), "encode_image_per_s": round(args.n / t_model, 1),
         "bare_images_per_s": round(args.n / t_bare, 1), "end_to_end_images_per_s": round(args.n / t_e2e, 1),
         "ratio": round(t_bare / t_e2e, 3), "decode_only_images_per_s": round(args.n / t_decode, 1),
         "ratio_to_slower_of_forward_and_decode": round(max(t_bare, t_decode) / t_e2e, 3),

@@ -77,7 +77,9 @@ def mine_file(ws: Workspace | str | Path, split: str, cfg: MineConfig, out: str 
             progress(0, total=len(loaded()[1].query_ids))
         kw = dict(query_emb=query_emb, mining_round=mining_round, progress=progress, loaded=loaded())
         if engine.in_process:
-            res = mine_negatives(ws, split, cfg, **kw)
+            from cir_mine.miner.accel.open import device_search
+
+            res = mine_negatives(ws, split, cfg, index=device_search, **kw)   # the one device rule's back-end
         else:
             from cir_mine.miner.distributed.mine import mine_with_engine
 

@@ -38,7 +38,8 @@ class Remine:
     ``meta["warnings"]``, with the shortfall hints.
     ``index``: a FAISS inner-product index or search back-end over the gallery rows (default: with
     ``negatives``, the back-end of its footer's ``search`` record, reopened exactly, never re-tuned;
-    with ``cfg``, the one the config names, opened (and tuned) at the first call and reused).
+    with ``cfg``, the one the config names, opened (and tuned) at the first call and reused; exact
+    search runs on the GPU the one device rule picks for the config's ``device``).
     ``mining_round`` defaults to 1 + the previous call's (1 at the first call). A ``negatives``
     table mined through an engine (``meta["engine"]``: gallery shards in process or on Ray actors)
     is re-mined through the same engine and shard settings; ``ray_address`` is the Ray cluster to
@@ -101,13 +102,20 @@ class Remine:
         if self._index is None and self.engine:
             self._index = self._opened = _engine_index(self.engine, self.data()[0].embeddings, self.ray_address)
         if self._index is None and self.search is not None:
+            from cir_mine.miner.accel.open import device_search
             from cir_mine.miner.core.search.persist import reopen
 
-            self._index = self._opened = reopen(self.search, self.data()[0].embeddings,
-                                                self.ws.index_path(self.split), self.table_path,
-                                                device=self.base.get("device", self.device),
-                                                fp16=self.base.get("fp16", False))
+            xb = self.data()[0].embeddings
+            if self.search.get("exact", True):          # exact search: on the GPU the device rule picks
+                self._index = self._opened = device_search(xb, self.config().replace(index="flat", device=self._device()))
+            if self._index is None:
+                self._index = self._opened = reopen(self.search, xb, self.ws.index_path(self.split), self.table_path,
+                                                    device=self._device(), fp16=self.base.get("fp16", False))
         return self._index
+
+    def _device(self) -> str:
+        """The device the base config names (the hook's ``device`` when it names none)."""
+        return self.base.get("device", self.device)
 
     def close(self) -> None:
         """Release the back-end this hook opened (a Ray engine's shard actors included)."""
@@ -126,9 +134,11 @@ class Remine:
 
     def __call__(self, query_emb: np.ndarray, mining_round: Optional[int] = None, epoch: int = 0,
                  query_ids: Optional[Sequence[str]] = None) -> MineResult:
+        from cir_mine.miner.accel.open import device_search
+
         self.mining_round = self.mining_round + 1 if mining_round is None else int(mining_round)
         res = mine_negatives(self.ws, self.split, self.config(epoch), query_emb=query_emb,
-                             mining_round=self.mining_round, index=self.index(), loaded=self.data(),
+                             mining_round=self.mining_round, index=self.index() or device_search, loaded=self.data(),
                              query_ids=query_ids)
         if self._index is None and res.backend is not None:
             self._index = self._opened = res.backend    # the first call's back-end, for every later call

@@ -63,3 +63,21 @@ def brute_force_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarr
     S = xq @ xb.T
     I = np.argsort(-S, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(S, I, axis=1), I
+
+
+# The torch back-end on torch's CPU device, as the mining tests run it beside cfg.index's own
+# back-ends: fp32 with the selection kernels raced (FAISS's heaps win on most CPUs), and bf16 with
+# torch's top-k, the kernel a GPU runs (so every strategy and guard test covers the GPU's path).
+TORCH_BACKENDS = {"torch-fp32": ("fp32", None), "torch-bf16": ("bf16", ("topk",))}
+
+
+def search_options(index: str) -> tuple[dict, dict]:
+    """A test's index name -> (MineConfig options, mine_negatives keyword arguments): a torch
+    back-end is passed as a factory, as the device rule's is (``index=device_search``); any other
+    name is ``cfg.index``."""
+    if index in TORCH_BACKENDS:
+        from cir_mine.miner.accel.search import TorchSearch
+
+        precision, kernels = TORCH_BACKENDS[index]
+        return {}, {"index": lambda xb, cfg: TorchSearch(xb, "cpu", precision, kernels=kernels)}
+    return {"index": index}, {}

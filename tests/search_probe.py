@@ -29,7 +29,7 @@ def digest(*arrays) -> str:
 
 def searches() -> dict:
     """Exact and IVF-Flat top-k of the near-tie gallery, in one batch and in batches of 7,
-    by each candidate kernel."""
+    by each candidate kernel (torch's on its CPU device included)."""
     from cir_mine.miner.core.search.backends import ExactSearch, Reranked
     from cir_mine.miner.core.search.build import build_index
     from cir_mine.miner.core.search.measure import KernelRace
@@ -37,8 +37,12 @@ def searches() -> dict:
     xb, xq = near_ties()
     out = {}
     ivf = build_index(xb, "IVF16,Flat", device="cpu")
+    from cir_mine.miner.accel.search import TorchSearch
+
     for name, make in (("flat-faiss", lambda: ExactSearch(xb, device="cpu", kernels=("faiss",))),
                        ("flat-gemm", lambda: ExactSearch(xb, device="cpu", kernels=("gemm",))),
+                       ("flat-torch-heap", lambda: TorchSearch(xb, "cpu", "fp32", kernels=("heap",))),
+                       ("flat-torch-bf16-topk", lambda: TorchSearch(xb, "cpu", "bf16", kernels=("topk",))),
                        ("ivf-lists", lambda: _ivf(Reranked, KernelRace, ivf, xb, "lists")),
                        ("ivf-faiss", lambda: _ivf(Reranked, KernelRace, ivf, xb, "faiss"))):
         backend = make()

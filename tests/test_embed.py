@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from cir_mine.cli import mine_app
+from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.encode.clip import EncoderConfig, forward_images, load_encoder
 from cir_mine.miner.core.search import search_batched
@@ -358,3 +359,71 @@ def test_positives_embed_captions_with_the_workspace_text_tower(tmp_path, tiny):
     extra = read_triplets(out, dim=g.dim)
     assert len(extra) > 0
     assert np.allclose(encode([" and ".join(extra.captions[0])]), extra.text_embeddings[:1], atol=1e-5)
+
+
+# -- the GPU path's settings, exercised on the CPU --------------------------------------------------
+
+TINY_RESNET = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def test_autocast_and_channels_last_run_on_the_cpu(tmp_path, tiny):
+    """bf16 autocast and channels-last input (what a GPU runs) embed on the CPU too: unit rows close
+    to the fp32 ones; channels-last follows the architecture (a ResNet's tower, not a ViT's)."""
+    from cir_mine.miner.encode.clip import convolutional
+
+    (tmp_path / "cir-tiny-resnet.json").write_text(json.dumps(TINY_RESNET))
+    for model in (str(tiny), str(tmp_path / "cir-tiny-resnet.json")):
+        ref = load_encoder(EncoderConfig(model, "none", "cpu"))
+        fast = load_encoder(EncoderConfig(model, "none", "cpu", precision="bf16", channels_last=True))
+        assert ref.amp_dtype is None and not ref.channels_last
+        assert fast.amp_dtype == torch.bfloat16 and fast.channels_last
+        x = torch.rand(6, 3, 32, 32)
+        a, b = forward_images(ref, x), forward_images(fast, x)
+        assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+        assert (np.einsum("ij,ij->i", a, b) > 0.99).all()
+        assert convolutional(ref.model.visual) == model.endswith("resnet.json")
+
+
+def test_precision_is_checked():
+    from cir_mine.miner.encode.clip import autocast_dtype
+
+    with pytest.raises(UsageError, match="precision 'fp8'") as e:
+        autocast_dtype("fp8", torch.device("cpu"))
+    assert e.value.params == ("precision",)
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+
+
+def test_workers_default_by_device(monkeypatch):
+    import os
+
+    from cir_mine.miner.encode.clip import default_workers
+
+    assert default_workers(torch.device("cpu")) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers(torch.device("cuda")) == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_workers(torch.device("cuda")) == 2
+
+
+def test_embedding_while_the_last_batch_is_copied_equals_batch_by_batch(tmp_path, encoder):
+    """Each batch's embeddings are collected after the next batch is launched: the rows, the shards
+    and the skipped image are those of one forward per batch."""
+    from cir_mine.miner.encode.clip import ImageRun, embed_images
+    from tests.fixtures import write_png
+
+    paths = []
+    for i in range(11):
+        write_png(tmp_path / f"{i}.png", (20 * i, 90, 200 - 10 * i), size=40, seed=i)
+        paths.append(str(tmp_path / f"{i}.png"))
+    paths[5] = str(tmp_path / "missing.png")
+    emb, errors = embed_images(encoder, paths, paths, tmp_path / "shards", ImageRun(batch_size=3, workers=0, shard_size=6))
+    assert [bool(e) for e in errors] == [i == 5 for i in range(11)]
+    assert sorted(p.name for p in (tmp_path / "shards").glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
+    for i, p in enumerate(paths):
+        if i != 5:
+            assert np.allclose(emb[i], direct(encoder, p), atol=1e-5)
+    assert not emb[5].any()

@@ -11,7 +11,7 @@ from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.scores import cap_mask, cap_threshold, delta, zero_shot_queries
 from cir_mine.miner.core.strategies import REGISTRY, parse_mix, split_k
 from cir_mine.miner.core.tables import read_negatives
-from tests.builders import by_query
+from tests.builders import by_query, search_options
 from tests.fixtures import tiny_workspace
 
 
@@ -30,15 +30,17 @@ def world(synth_work):
     return info
 
 
-# Every strategy and guard property holds whatever the search: exact, or an approximate index whose
-# candidates are re-ranked exactly (IVF tuned to the default target recall, HNSW likewise).
-INDEXES = ["flat", "IVF16,Flat", "hnsw"]
+# Every strategy and guard property holds whatever the search: exact (numpy's, or torch's on its CPU
+# device, fp32 and bf16), or an approximate index whose candidates are re-ranked exactly (IVF tuned
+# to the default target recall, HNSW likewise).
+INDEXES = ["flat", "torch-fp32", "torch-bf16", "IVF16,Flat", "hnsw"]
 
 
 def mine(world, **kw):
     kw.setdefault("k", 10)
     kw.setdefault("candidates", 300)
-    return mine_negatives(world["ws"], "train", MineConfig.of(**kw))
+    cfg_options, call_options = search_options(kw.pop("index", "flat"))
+    return mine_negatives(world["ws"], "train", MineConfig.of(**kw, **cfg_options), **call_options)
 
 
 # -- scores ----------------------------------------------------------------------------------------

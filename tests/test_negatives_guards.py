@@ -11,7 +11,7 @@ from cir_mine.miner.core.guards import (GuardConfig, PairSet, apply_guards, memb
                                         extra_positive_guard, near_duplicate_guard, pair_keys,
                                         reference_guard, target_guard)
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
-from tests.builders import by_query
+from tests.builders import by_query, search_options
 from tests.fixtures import tiny_workspace
 
 
@@ -93,18 +93,19 @@ def _world(rng, n, d, n_q, twin_ids, dup_targets):
                                  "midzone:0.5,random:0.5"]),
        rho=st.sampled_from([None, 0.5, 0.95, 1.0]), dup=st.sampled_from([None, 0.9, 0.98]),
        text_weight=st.sampled_from([0.0, 1.0, 3.0]), batch=st.integers(1, 9),
-       index=st.sampled_from(["flat", "IVF4,Flat", "HNSW8,Flat", "IVF4,PQ4x2"]))
+       index=st.sampled_from(["flat", "torch-fp32", "torch-bf16", "IVF4,Flat", "HNSW8,Flat", "IVF4,PQ4x2"]))
 def test_no_guard_is_ever_violated(seed, n, k, twins, strategy, rho, dup, text_weight, batch, index):
     rng = np.random.default_rng(seed)
     emb, ids, cats, attrs, queries = _world(rng, n, 8, 6, twins, dup is not None)
     if len(set(zip(cats, ids))) != n:
         return
+    cfg_options, call_options = search_options(index)
     with tempfile.TemporaryDirectory() as tmp:
         ws = tiny_workspace(Path(tmp), emb, ids, cats, attrs, queries)
         cfg = MineConfig.of(mix=strategy, k=k, seed=seed, rho=rho, dup_threshold=dup, text_weight=text_weight,
                          delta_lo=-2.0, delta_hi=2.0, margin=2.0, candidates=n, query_batch=batch,
-                         index=index)
-        res = mine_negatives(ws, "train", cfg)
+                         **cfg_options)
+        res = mine_negatives(ws, "train", cfg, **call_options)
         g, t = ws.load("train")
     x = dict(zip(g.image_ids.tolist(), g.embeddings))
     for qid, rows in by_query(res.table).items():

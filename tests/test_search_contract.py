@@ -14,6 +14,7 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked
 from cir_mine.miner.core.search.build import build_index
+from cir_mine.miner.accel.search import TorchSearch
 
 
 def _unit(a):
@@ -96,7 +97,8 @@ def ws(synth_work):
 @pytest.mark.parametrize("strategy", ["hardest", "category-discrepant"])
 def test_tables_do_not_depend_on_batch_budget_threads_prefetch_or_kernel(ws, index, strategy, monkeypatch):
     """Resumed == uninterrupted in every sense the search has: one table whatever the query batch,
-    the list-major pass budget, FAISS's thread count, prefetching, or the candidate kernel."""
+    the list-major pass budget, FAISS's thread count, prefetching, or the candidate kernel (numpy's,
+    FAISS's, or torch's on its CPU device in fp32 and bf16)."""
     from cir_mine.miner.core.search import lists as lists_mod
     from cir_mine.miner.core.search.faiss_api import load_faiss
     from cir_mine.miner.core.search.measure import KernelRace
@@ -118,8 +120,12 @@ def test_tables_do_not_depend_on_batch_budget_threads_prefetch_or_kernel(ws, ind
         assert mine_negatives(ws, "train", MineConfig.of(**base, query_batch=33)).table.equals(ref)
     finally:
         faiss.omp_set_num_threads(threads)
-    for kernel in (("faiss",), ("gemm",)) if index == "flat" else (("faiss",), ("lists",)):
-        if index == "flat":
+    kernels = (("faiss",), ("gemm",), ("torch", "fp32", ("heap",)), ("torch", "bf16", ("topk",))) if index == "flat" \
+        else (("faiss",), ("lists",))
+    for kernel in kernels:
+        if kernel[0] == "torch":                # the torch back-end on torch's CPU device
+            backend = TorchSearch(xb, "cpu", kernel[1], kernels=kernel[2])
+        elif index == "flat":
             backend = ExactSearch(xb, device="cpu", kernels=kernel)
         else:
             backend = Reranked(build_index(xb, index, device="cpu"), xb, 1.0, {"index": "ivf"})

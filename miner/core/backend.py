@@ -18,11 +18,19 @@ from cir_mine.miner.core.search.tuning import Tuning, tune, tune_deep
 
 def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, index=None) -> tuple:
     """Step 2 (search back-end): -> (back-end, footer record). ``index``: a back-end (``.search(xq, k)``
-    with ``describe()``) used as given, or a bare FAISS index (re-ranked exactly); otherwise
-    ``cfg.index`` names one. Approximate back-ends opened here get ``cfg``'s search parameters, or
-    are tuned to ``cfg.target_recall`` on a seeded sample of the composed queries."""
+    with ``describe()``) used as given, a bare FAISS index (re-ranked exactly), or a factory
+    ``index(xb, cfg) -> back-end | None`` (``cir_mine.miner.accel.device_search``: the device
+    rule's); otherwise (or when the factory returns None) ``cfg.index`` names one. Approximate
+    back-ends opened here get ``cfg``'s search parameters, or are tuned to ``cfg.target_recall`` on
+    a seeded sample of the composed queries."""
     xb = prep.pool.xb
     n, d = xb.shape
+    if index is not None and not hasattr(index, "search"):
+        made = index(xb, cfg)            # a factory from above the core (the device rule's back-end)
+        if made is not None:
+            check_backend(made, n, d, "the device back-end")
+            return made, {**made.describe(), "source": "built"}
+        index = None
     if index is not None:
         if hasattr(index, "describe"):
             check_backend(index, n, d, "the given back-end")

@@ -11,6 +11,7 @@ from cir_mine.data.checks import check_numbers
 from cir_mine.data.errors import UsageError
 from cir_mine.miner.core.curriculum import mix_at, parse_schedule
 from cir_mine.miner.core.guards import GuardConfig
+from cir_mine.miner.core.search.build import check_device
 from cir_mine.miner.core.search.params import parse_search_params
 from cir_mine.miner.core.strategies import (
     REGISTRY,
@@ -42,7 +43,7 @@ class MineConfig:
     query_batch: int = 4096               # queries per search batch (bounds memory)
     sample: Optional[str] = None          # selection order of ranked strategies: top | random (None: each one's own)
     random_draws: int = 32                # random, category: uniform draws per query beyond 2k
-    device: str = "auto"                  # FAISS device: auto | cpu | cuda
+    device: str = "auto"                  # auto | cpu | cuda, by the one device rule (cir_mine.miner.accel.device)
     fp16: bool = False                    # GPU index: store float16 vectors (flat and IVF; scores are still re-ranked
                                           # in float32)
     index: str = "flat"                   # search back-end: flat (exact), workspace (the saved index.{split}.faiss),
@@ -162,6 +163,7 @@ class MineConfig:
             raise UsageError("candidates must be at least 1.", params=("candidates",))
         if self.query_batch < 1:
             raise UsageError("query_batch must be at least 1.", params=("query_batch",))
+        check_device(self.device)
         self.guards.validate()
         validate_params(self.params)
         if self.schedule:

@@ -66,7 +66,8 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     query_emb: float32[m, d] normalized query embeddings (a trained model's, from cir-train's
     refresh); None with ``cfg.query == 'zero-shot'`` uses normalize(ref + w * text).
     index: a search back-end (see cir_mine.miner.core.search.backends) or a FAISS inner-product index over the
-    gallery rows; default: the one ``cfg.index`` names (exact flat unless told).
+    gallery rows, or a factory of one (``cir_mine.miner.accel.device_search``: exact search on the
+    GPU the device rule picks); default: the one ``cfg.index`` names (exact flat unless told).
     progress: ``progress(n, total=None)`` (:mod:`cir_mine.data.progress`), n queries more finished per batch.
     loaded: ``ws.load(split)`` already in memory (cir-train's refresh mines the same split every
     round), so the gallery and triplets are not read again.

@@ -2,8 +2,12 @@
 embedding with resumable shards, and zero-shot attributes.
 
 Image embedding runs a DataLoader whose workers decode and transform the files (the model's own
-open_clip eval transform), so the main process only runs the forward pass; on a GPU it runs under
-autocast (bf16 where supported, else fp16). Every output is L2-normalized float32.
+open_clip eval transform), so the main process only runs the forward pass. On a GPU (the one device
+rule, ``cir_mine.miner.accel.device``) the forward runs under autocast (bf16 where supported, else
+fp16; ``precision`` chooses), convolutional image towers take channels-last input, batches arrive
+in pinned host memory from one decoding worker per spare CPU core, and each batch's embeddings are
+copied back while the next batch runs, so the device does not wait for the host. Every output is
+L2-normalized float32.
 
 Resumability: images are cut into shards of ``shard_size`` in a fixed order; each finished shard is
 written atomically to ``WORK/.embed-{split}/shard-NNNNN.npz`` beside a ``plan.json`` fingerprint. A
@@ -30,6 +34,7 @@ import torch
 
 from cir_mine.data.errors import DataError, UsageError, WeightsUnavailableError
 from cir_mine.data.io import atomic_path, write_json_atomic
+from cir_mine.miner.accel.device import choose_device
 from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EncoderConfig, ImageRun  # noqa: F401  (re-exported)
 from cir_mine.miner.encode.preprocess import check_preprocess, image_transform
 from cir_mine.miner.encode.preprocess import describe as describe_preprocess
@@ -60,6 +65,7 @@ class Encoder:
     mean_std: Optional[tuple] = None          # Normalize's (mean, std) for batched normalization
     model_arg: str = ""                       # what --model said (a name, or the config JSON's absolute path)
     preprocess_name: str = "clip"             # clip, targetpad:RATIO or squarepad (preprocess.describe)
+    channels_last: bool = False               # image input (and the image tower) in channels-last memory format
 
     def describe(self) -> dict:
         out = {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip",
@@ -164,14 +170,8 @@ def resolve_pretrained(model_name: str, pretrained: str) -> Optional[str]:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when torch sees a GPU, else cpu; 'cuda' requires one."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda: torch sees no GPU. Use device cpu or auto.", params=("device",))
-    elif device not in ("cpu", "cuda"):
-        raise UsageError(f"device {device!r}: use auto, cpu or cuda.", params=("device",))
-    return torch.device(device)
+    """The torch device the encoder runs on, by the one device rule (search uses it too)."""
+    return torch.device(choose_device(device))
 
 
 @contextlib.contextmanager
@@ -365,13 +365,15 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
         open_clip.load_checkpoint(model, path)
     model = model.to(device)
     model.eval()
-    amp = None
-    if device.type == "cuda" and cfg.precision == "auto":
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp = autocast_dtype(cfg.precision, device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else (
+        device.type == "cuda" and convolutional(model.visual))
+    if channels_last:
+        model.visual.to(memory_format=torch.channels_last)
     dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
         else int(open_clip.get_model_config(name)["embed_dim"])
-    log.info("encoder %s (pretrained=%s, d=%d, preprocess %s) on %s%s", built, cfg.pretrained, dim, cfg.preprocess,
-             device, f" with {amp} autocast" if amp else "")
+    log.info("encoder %s (pretrained=%s, d=%d, preprocess %s) on %s%s%s", built, cfg.pretrained, dim, cfg.preprocess,
+             device, f" with {amp} autocast" if amp else "", ", channels-last" if channels_last else "")
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     mean_std = (tuple(pp["mean"]), tuple(pp["std"])) if "mean" in pp and "std" in pp else split_transform(preprocess)[1]
     size = model.visual.image_size
@@ -380,7 +382,32 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
     pil_transform, mean_std = split_transform(preprocess)
     model_arg = str(Path(cfg.model).resolve()) if name != cfg.model else built
     return Encoder(model, preprocess, open_clip.get_tokenizer(built), device, built, cfg.pretrained, dim, amp,
-                   pil_transform, mean_std, model_arg, describe_preprocess(cfg.preprocess, cfg.target_ratio))
+                   pil_transform, mean_std, model_arg, describe_preprocess(cfg.preprocess, cfg.target_ratio), bool(channels_last))
+
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``precision`` on ``device``: 'auto' is bf16 on a GPU that supports it,
+    else fp16, and none (fp32) on the CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r}: use auto, fp32, fp16 or bf16.", params=("precision",))
+    return PRECISIONS[precision]
+
+
+def convolutional(tower: torch.nn.Module) -> bool:
+    """Whether an image tower is a convolutional network (open_clip's ResNets, timm ConvNeXts), where
+    channels-last input feeds the GPU's tensor cores without layout transposes. A ViT's only
+    convolution is its patch embedding, so it keeps the default layout (channels-last changes the
+    convolution algorithm, and so the last bits of the embeddings: it follows the architecture, never
+    a timing, so a repeated or resumed run embeds the same bits)."""
+    convs = [m for m in tower.modules() if isinstance(m, torch.nn.Conv2d)]
+    return len(convs) > 1
 
 
 def text_encoder_from_manifest(manifest: dict, device: str = "auto") -> Callable:
@@ -487,12 +514,41 @@ def input_shape(encoder: Encoder) -> tuple[int, int, int]:
 def forward_images(encoder: Encoder, pixels: torch.Tensor) -> np.ndarray:
     """float32[b, 3, H, W] (model input) or uint8[b, 3, H, W] (PIL stages only; normalized here, on
     the device) -> L2-normalized float32[b, d] numpy."""
+    return launch_images(encoder, pixels).numpy()
+
+
+class Embedded:
+    """One batch's embeddings on their way to the host: on a GPU the copy goes to pinned memory
+    without waiting, so the next batch is queued before :meth:`numpy` waits for this one."""
+
+    def __init__(self, z: torch.Tensor):
+        self.event = None
+        if z.device.type == "cuda":
+            self.host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+            self.host.copy_(z, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = z
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
+@torch.inference_mode()
+@torch.inference_mode()
+def launch_images(encoder: Encoder, pixels: torch.Tensor) -> "Embedded":
+    """:func:`forward_images` without waiting for the device: -> :class:`Embedded`."""
     x = pixels.to(encoder.device, non_blocking=True)
     if x.dtype == torch.uint8:
         x = normalize_pixels(x, encoder.mean_std)
+    if encoder.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with encoder.autocast():
         z = encoder.model.encode_image(x)
-    return torch.nn.functional.normalize(z.float(), dim=-1).cpu().numpy()
+    return Embedded(torch.nn.functional.normalize(z.float(), dim=-1))
 
 
 def _shard_batches(shards: Sequence[int], shard_size: int, n: int, batch_size: int):
@@ -516,8 +572,11 @@ def plan_fingerprint(encoder: Encoder, keys: Sequence[str], shard_size: int, bat
     for k in keys:
         h.update(k.encode())
         h.update(b"\0")
-    return {"encoder": encoder.describe(), "device": encoder.device.type, "autocast": str(encoder.amp_dtype),
+    plan = {"encoder": encoder.describe(), "device": encoder.device.type, "autocast": str(encoder.amp_dtype),
             "items": len(keys), "keys_sha256": h.hexdigest(), "shard_size": shard_size, "batch_size": batch_size}
+    if encoder.channels_last:
+        plan["channels_last"] = True
+    return plan
 
 
 def _write_shard(path: Path, emb: np.ndarray, errors: list[str]) -> None:
@@ -540,9 +599,21 @@ def _read_shard(path: Path, n: int, dim: int) -> Optional[tuple[np.ndarray, list
     return emb, errors
 
 
-def image_loader(encoder: Encoder, paths: Sequence[Optional[str]], batches: list[list[int]], workers: int):
+def default_workers(device: torch.device) -> int:
+    """Decoding workers when none are asked for: on a GPU, one per CPU core the main process leaves
+    (at most 16; a ViT-B-32 forward outruns one decoding core many times over), on the CPU 2 (the
+    forward shares the cores; docs/benchmarks.md)."""
+    if device.type != "cuda":
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return int(max(2, min(16, cores - 1)))
+
+
+def image_loader(encoder: Encoder, paths: Sequence[Optional[str]], batches: list[list[int]], workers: Optional[int]):
     """A DataLoader yielding (pixels uint8|float32[b, 3, H, W], rows int64[b], errors list[str]) for
-    ``batches`` (lists of rows into ``paths``), decoded by ``workers`` processes."""
+    ``batches`` (lists of rows into ``paths``), decoded by ``workers`` processes (None:
+    :func:`default_workers`), in pinned memory on a GPU."""
+    workers = default_workers(encoder.device) if workers is None else workers
     split = encoder.pil_transform is not None
     dataset = ImageFiles(paths, encoder.pil_transform if split else encoder.preprocess, input_shape(encoder),
                          uint8=split)
@@ -560,7 +631,7 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     ``keys`` identify the items (e.g. "category/image_id/path") for the resume fingerprint. Rows with
     an error are zeros and must be dropped by the caller. Finished shards under ``shard_dir`` are reused.
     """
-    if run.batch_size < 1 or run.shard_size < 1 or run.workers < 0:
+    if run.batch_size < 1 or run.shard_size < 1 or (run.workers is not None and run.workers < 0):
         raise UsageError("batch_size and shard_size must be >= 1 and workers >= 0.",
                          params=("batch_size", "shard_size", "workers"))
     n, dim = len(paths), encoder.dim
@@ -607,16 +678,11 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     pending = {s: min(n, (s + 1) * run.shard_size) - s * run.shard_size for s in todo}
     written = 0
-    for pixels, idx, errs in loader:
-        idx_np = idx.numpy()
-        ok = np.asarray([not e for e in errs])
-        for i, e in zip(idx_np.tolist(), errs):
-            if e:
-                errors[i] = e
-                log.warning("skipped image %s: %s", key_label(keys[i]), e)
-        if ok.any():
-            # Only readable images go through the model: batch composition is the same on resume.
-            emb[idx_np[ok]] = forward_images(encoder, pixels[torch.from_numpy(ok)] if not ok.all() else pixels)
+
+    def finish(idx_np: np.ndarray, ok: np.ndarray, out: Optional[Embedded]) -> None:
+        nonlocal written
+        if out is not None:
+            emb[idx_np[ok]] = out.numpy()
         s = int(idx_np[0]) // run.shard_size
         pending[s] -= len(idx_np)
         if progress:
@@ -627,6 +693,22 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
             written += 1
             if kill_after and written >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    previous = None              # the batch whose embeddings are on their way to the host
+    for pixels, idx, errs in loader:
+        idx_np = idx.numpy()
+        ok = np.asarray([not e for e in errs])
+        for i, e in zip(idx_np.tolist(), errs):
+            if e:
+                errors[i] = e
+                log.warning("skipped image %s: %s", key_label(keys[i]), e)
+        # Only readable images go through the model: batch composition is the same on resume.
+        out = launch_images(encoder, pixels[torch.from_numpy(ok)] if not ok.all() else pixels) if ok.any() else None
+        if previous is not None:
+            finish(*previous)    # this batch is queued on the device before the host waits for the last
+        previous = (idx_np, ok, out)
+    if previous is not None:
+        finish(*previous)
     return emb, errors
 
 

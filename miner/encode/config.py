@@ -20,9 +20,10 @@ class EncoderConfig:
                                  # {'CLIP': state_dict}, open_clip checkpoint or state dict; OpenAI-trained
                                  # weights get the -quickgelu model; see read_checkpoint), or none (random
                                  # weights: meaningless negatives)
-    device: str = "auto"         # auto | cpu | cuda (auto: a GPU when one is visible)
-    precision: str = "auto"      # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32
+    device: str = "auto"         # auto | cpu | cuda, by the one device rule (auto: a GPU when torch sees one)
+    precision: str = "auto"      # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16 (autocast)
     seed: int = 0                # seed of the random init (same seed, same "none" weights: resumable)
+    channels_last: Optional[bool] = None  # channels-last image input (None: on a GPU for convolutional image towers)
     preprocess: str = "clip"     # image preprocessing: clip (open_clip's), targetpad or squarepad (CLIP4Cir's;
                                  # embed with what your model was trained with)
     target_ratio: float = TARGET_RATIO  # targetpad: pad images whose long/short side ratio is above this
@@ -32,7 +33,8 @@ class EncoderConfig:
 @dataclass(frozen=True)
 class ImageRun:
     batch_size: int = 64         # images per forward pass
-    workers: int = 2             # image-decoding worker processes (0: the main process)
+    workers: Optional[int] = None  # image-decoding worker processes (0: the main process; None: one per spare
+                                   # core on a GPU, 2 on the CPU)
     shard_size: int = 4096       # images per resumable shard (a multiple of batch_size is best)
 
 

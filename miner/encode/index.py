@@ -1,6 +1,6 @@
 """A workspace's saved FAISS index: (re)build ``index.{split}.faiss`` from its gallery, load and check it.
 
-The FAISS primitives (build, search, save/load, the GPU rule) live in :mod:`cir_mine.miner.core.search`.
+The FAISS primitives (build, search, save/load, where an index lives) live in :mod:`cir_mine.miner.core.search`.
 """
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def index_workspace(work: str | Path, split: str, spec: str = "flat", device: st
     from cir_mine.data.io import transaction, write_job
     from cir_mine.data.workspace import Workspace
 
+    from cir_mine.miner.accel.device import choose_device
+
+    choose_device(device)                 # the one device rule: 'cuda' needs a GPU (FAISS builds there if it can)
     ws = Workspace(work)
     ws.require()
     with write_job(ws.root, "cir-mine index") if lock else transaction():

@@ -11,7 +11,7 @@ One module per job:
 - :mod:`.params`: index kinds and their search parameters;
 - :mod:`.backends`: the back-ends behind one interface (exact, FAISS indexes re-ranked exactly);
 - :mod:`.tuning`: recall tuning against exact search;
-- :mod:`.build`: the one index builder and the GPU rule;
+- :mod:`.build`: the one index builder and where FAISS puts an index (CPU or GPU);
 - :mod:`.persist`: indexes on disk, gallery fingerprints, reopening a table's back-end.
 
 docs/search.md states the contract the back-ends keep.

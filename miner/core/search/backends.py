@@ -37,8 +37,9 @@ class ExactSearch:
 
     Candidates come from one of two CPU kernels, whichever this machine runs faster for the batch's
     shape (:class:`~cir_mine.miner.core.search.measure.KernelRace`): FAISS's flat search
-    (:func:`faiss_topk`) or numpy's GEMM into FAISS's heaps (:func:`gemm_topk`); on a GPU (the one
-    GPU rule; ``fp16`` storage optional), a flat FAISS index. Both scan the gallery in blocks of
+    (:func:`faiss_topk`) or numpy's GEMM into FAISS's heaps (:func:`gemm_topk`); with a FAISS that
+    sees a GPU (:func:`~cir_mine.miner.core.search.build.use_gpu`; ``fp16`` storage optional), a flat
+    FAISS index there. Both scan the gallery in blocks of
     ``block_rows`` (a memory-mapped gallery, ``blocked``, releases each block's pages), and the cut
     is decided on exact scores (:func:`exact_cut`), so the rows never depend on the kernel, the
     batch or the CPU."""

@@ -1,7 +1,7 @@
-"""Building an inner-product index over a gallery, and the one GPU rule.
+"""Building an inner-product index over a gallery, and where FAISS puts it.
 
-One GPU rule: GPU FAISS is used only when ``faiss.get_num_gpus() > 0`` and the caller did not
-ask for the CPU; the choice is logged. All indexes are inner-product (cosine on unit vectors).
+A FAISS index goes to the GPU only when ``faiss.get_num_gpus() > 0`` and the caller did not ask for
+the CPU (:func:`use_gpu`); the choice is logged. All indexes are inner-product (cosine on unit vectors).
 """
 from __future__ import annotations
 
@@ -32,20 +32,25 @@ def sample_rows(m: int, n: int, seed: int, salt: int) -> np.ndarray:
 
 
 
+DEVICES = ("auto", "cpu", "cuda")   # what a ``device`` parameter accepts (and 'cuda:N')
+
+
+def check_device(device: str) -> None:
+    """UsageError unless ``device`` is 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    ok = isinstance(device, str) and (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit()))
+    if not ok:
+        raise UsageError(f"device {device!r}: use auto, cpu or cuda.", params=("device",))
+
+
 def use_gpu(device: str = "auto") -> bool:
-    """The one GPU rule: 'cpu' never, 'cuda' required, 'auto' when FAISS sees a GPU."""
-    faiss = load_faiss()
-    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    """Whether a FAISS index goes to the GPU: when ``device`` is not 'cpu' and the installed FAISS
+    sees a GPU (FAISS GPU is optional; which device 'auto' and 'cuda' mean is the one device rule's,
+    ``cir_mine.miner.accel.device.choose_device``, which the callers above the core apply)."""
+    check_device(device)
     if device == "cpu":
         return False
-    if device == "cuda":
-        if n == 0:
-            raise UsageError("device cuda: FAISS sees no GPU. Install the 'gpu' extra on a GPU machine, or use device cpu.",
-                             params=("device",))
-        return True
-    if device != "auto":
-        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda.")
-    return n > 0
+    faiss = load_faiss()
+    return (faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0) > 0
 
 
 def factory_string(spec: str, n: int, dim: int) -> str:
@@ -91,7 +96,7 @@ def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: 
     TRAIN_PER_LIST per inverted list, at least 65,536; every row when there are fewer), an IVF
     coarse quantizer by KMEANS_ITERS k-means iterations. Rows are added in blocks of ADD_BLOCK
     (``add=False``: trained and empty, for shards that add their own rows). Flat and IVF indexes go
-    to the GPU by the one GPU rule (``fp16``: float16 storage there); HNSW stays on the CPU.
+    to the GPU when FAISS sees one (:func:`use_gpu`; ``fp16``: float16 storage there); HNSW stays on the CPU.
     -> the index (CPU or GPU)."""
     faiss = load_faiss()
     n, d = xb.shape
