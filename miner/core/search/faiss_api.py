@@ -10,8 +10,8 @@ On other architectures FAISS keeps its own level.
 FAISS's flat search scores 1,024 gallery rows per GEMM by default, and keeps a reservoir of 2k
 candidates per query that it partitions whenever it fills: at depths near or above the block that
 happens every block. :func:`~cir_mine.miner.core.search.exact.faiss_topk` widens the block to 4k rows
-for such depths (at 1,024 queries and depth 800 over 100k x 256, 0.28 s instead of 1.10 s; at depth
-400 the block size makes no difference: docs/benchmarks.md).
+for such depths (docs/benchmarks.md, "Exact-search kernels": 1.7x faster at 1,024 queries and depth
+800 over 100k x 256; no difference at depth 400 and below).
 """
 from __future__ import annotations
 
