@@ -213,9 +213,9 @@ def test_metrics_rank_nan_last():
 
 def test_metrics_files_are_strict_json(tmp_path):
     from cir_mine.data.io import write_json_atomic
-    from cir_mine.train.trainer import _write_jsonl
+    from cir_mine.train.history import write_history
 
-    _write_jsonl(tmp_path / "m.jsonl", [{"epoch": 1, "loss": 0.5, "Rs@1": float("nan")}])
+    write_history(tmp_path / "m.jsonl", [{"epoch": 1, "loss": 0.5, "Rs@1": float("nan")}])
     write_json_atomic(tmp_path / "m.json", {"R@10": float("inf"), "per": [float("nan")]})
     strict = lambda s: json.loads(s, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert strict((tmp_path / "m.jsonl").read_text()) == {"epoch": 1, "loss": 0.5, "Rs@1": None}

@@ -6,7 +6,6 @@ by (seed, epoch), so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.curriculum import Curriculum
 from cir_mine.train import checkpoint as ck
 from cir_mine.train.config import TrainConfig, resolve_heads
+from cir_mine.train.history import epoch_record, plot_curves, write_history
 from cir_mine.train.data import (
     NegativeBank,
     concat_queries,
@@ -370,7 +370,7 @@ class Trainer:
         if cfg.refresh_every and e + 1 < cfg.epochs and (e + 1) % cfg.refresh_every == 0:
             rec["refresh"] = self.refresh(e + 1)
         rec["train_s"] = time.perf_counter() - t0
-        rec.update(_flat(self.evaluate()))
+        rec.update(epoch_record(self.evaluate()))
         return rec
 
     def run(self, resume: bool = False) -> dict:
@@ -385,7 +385,7 @@ class Trainer:
             rec = self.run_epoch(self.state.epoch)
             self.state.history.append(rec)
             self.state.epoch = rec["epoch"]
-            _write_jsonl(self.run_dir / "metrics.jsonl", self.state.history)
+            write_history(self.run_dir / "metrics.jsonl", self.state.history)
             self.save()
             if self.on_epoch:
                 self.on_epoch(rec)
@@ -419,41 +419,3 @@ def _check_extra_origin(paths: list, ws: Workspace) -> None:
         if made_from and made_from != here:
             raise DataError(f"{p}: generated from another workspace (manifest hash {made_from}, {ws.root} has "
                             f"{here}). Generate them from this one: cir-mine positives work {ws.root}.", params=("work",))
-
-
-def _flat(metrics: dict) -> dict:
-    """Per-epoch record: top-level numbers plus per-category R@10 as 'R@10/cat'."""
-    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    for cat, v in metrics.get("per_category", {}).items():
-        out.update({f"{k}/{cat}": x for k, x in v.items() if k.startswith("R@")})
-    return out
-
-
-def _write_jsonl(path: Path, history: list) -> None:
-    """One JSON line per epoch, rewritten atomically from the run's history (so a resumed run never
-    duplicates lines); a non-finite number is written as null (JSON has no NaN)."""
-    from cir_mine.data.io import atomic_path, json_safe
-
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(json_safe(x), sort_keys=True, allow_nan=False) + "\n" for x in history))
-
-
-def plot_curves(history: list, path: Path) -> None:
-    """Loss and R@10 per epoch -> PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from cir_mine.data.io import atomic_path
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ep = [h["epoch"] for h in history]
-    a.plot(ep, [h["loss"] for h in history], marker="o")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.set_title("training loss")
-    for key in ("R@10", "R@50"):
-        b.plot(ep, [h.get(key, float("nan")) for h in history], marker="o", label=key)
-    b.set_xlabel("epoch"), b.set_ylabel("recall (%)"), b.set_title("evaluation"), b.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
