@@ -80,8 +80,9 @@ def resolve_model(model: str) -> str:
         open_clip.add_model_config(p)
         return p.stem
     if model not in open_clip.list_models():
-        raise UsageError(f"--model {model!r}: not an open_clip model name (e.g. ViT-B-32, RN50) and not a "
-                         f"config JSON path. `python -c 'import open_clip; print(open_clip.list_models())'` lists them.")
+        raise UsageError(f"`model` {model!r}: not an open_clip model name (e.g. ViT-B-32, RN50) and not a "
+                         f"config JSON path. `python -c 'import open_clip; print(open_clip.list_models())'` lists them.",
+                         params=("model",))
     return model
 
 
@@ -130,24 +131,23 @@ def resolve_pretrained(model_name: str, pretrained: str) -> Optional[str]:
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise UsageError(
-            f"--pretrained {pretrained!r}: not a local file and not an open_clip tag of {model_name} "
-            f"(tags: {', '.join(tags) or 'none'}). Pass a checkpoint path or none."
-        )
+            f"`pretrained` {pretrained!r}: not a local file and not an open_clip tag of {model_name} "
+            f"(tags: {', '.join(tags) or 'none'}). Pass a checkpoint path or none.", params=("pretrained",))
     hit = cached_weights(tag_cfg)
     if hit:
         return hit
-    fix = ("No weights can be downloaded on this machine: pass --pretrained PATH (a local open_clip "
-           "checkpoint) or --pretrained none (random weights).")
+    fix = ("No weights can be downloaded on this machine: pass `pretrained` PATH (a local open_clip "
+           "checkpoint) or `pretrained` none (random weights).")
     if not _hub_reachable():
         raise WeightsUnavailableError(
-            f"--pretrained {pretrained}: weights for {model_name} are not cached and the download "
-            f"host is unreachable (offline). {fix}")
+            f"`pretrained` {pretrained}: weights for {model_name} are not cached and the download "
+            f"host is unreachable (offline). {fix}", params=("pretrained",))
     try:
         return download_pretrained(tag_cfg)
     except Exception as e:  # noqa: BLE001 - any download failure has the same fix
         raise WeightsUnavailableError(
-            f"--pretrained {pretrained}: download of {model_name} weights failed ({str(e).splitlines()[0][:200]}). {fix}"
-        ) from None
+            f"`pretrained` {pretrained}: download of {model_name} weights failed ({str(e).splitlines()[0][:200]}). {fix}",
+            params=("pretrained",)) from None
 
 
 def pick_device(device: str = "auto") -> torch.device:
