@@ -6,9 +6,9 @@
 Writes N JPEG files (``--image-size`` square, random product-like colours) to a temp folder, then
 times, on the same device with the same batch size and random weights:
 
-- ``end-to-end``: ``cir_mine.miner.encode.clip.embed_images`` on the files (DataLoader workers decode + transform,
+- ``end-to-end``: ``cir_mine.miner.encode.local.embed_images`` on the files (DataLoader workers decode + transform,
   main process forwards, shards written), from the call to the returned array;
-- ``bare forward``: ``cir_mine.miner.encode.clip.forward_images`` over the same images already decoded and
+- ``bare forward``: ``cir_mine.miner.encode.images.forward_images`` over the same images already decoded and
   transformed into one tensor (identical pixels, identical batches);
 - ``encode_image``: the model's own ``encode_image`` on those tensors, already on the device, under
   the same autocast, nothing else (no normalization, no copy back): the ceiling of the forward.

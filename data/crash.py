@@ -16,6 +16,8 @@ The crash points, each checked by :func:`crash_point`:
 - ``NAME``: an atomic write of a file called NAME (e.g. ``ckpt.pt``), after its temp file is
   complete and before the rename, the worst moment for a writer (:mod:`cir_mine.data.atomic`);
 - ``epoch-saved``: after a training epoch's checkpoint is saved (:mod:`cir_mine.train.loop`);
+- ``embed-saved``: after an embedding executor writes a finished unit to the resume folder: a shard
+  (:mod:`cir_mine.miner.encode.local`) or a part, in the Ray driver (:mod:`cir_mine.miner.distributed.ray_embed`);
 - ``shard-search-S``: a search of the shard searcher of shard S (:mod:`cir_mine.miner.distributed.shards`).
 
 Ray actors get the variable from the driver (:func:`crash_env`).

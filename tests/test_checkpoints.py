@@ -222,7 +222,7 @@ def test_random_weights_warn_even_when_quiet(tmp_path):
                        cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == (
-        "WARNING cir_mine.miner.encode.clip: pretrained none: random weights. Their embeddings, and any negatives "
+        "WARNING cir_mine.miner.encode.model: pretrained none: random weights. Their embeddings, and any negatives "
         "mined from them, are meaningless; they only try out the pipeline. Pass a trained checkpoint for real "
         "negatives (a local file: OpenAI's .pt, CLIP4Cir's tuned_clip_*.pt, an open_clip checkpoint; or an "
         "open_clip tag).")

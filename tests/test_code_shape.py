@@ -11,8 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARY = ("data", "miner", "train")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
-# The embedding pipeline (local and Ray executors) is reshaped as one unit; its modules are checked once it is.
-EMBEDDING_PIPELINE = {"miner/encode/clip.py", "miner/encode/dataset.py", "miner/distributed/ray_embed.py"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 OTHER_TOOL = re.compile(r"`ray [^`]*`")     # another tool's command line, e.g. `ray start --head`
 
@@ -32,8 +30,6 @@ def test_the_scan_sees_the_library():
 
 @pytest.mark.parametrize("path", library_files(), ids=rel)
 def test_modules_and_functions_stay_small(path):
-    if rel(path) in EMBEDDING_PIPELINE:
-        pytest.skip("the embedding pipeline is reshaped as one unit")
     source = path.read_text()
     assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{rel(path)}: split it along its seams"
     long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
@@ -61,7 +57,5 @@ def test_the_flag_scan_finds_flags_in_raise_sites():
 
 @pytest.mark.parametrize("path", library_files(), ids=rel)
 def test_library_errors_name_parameters_not_flags(path):
-    if rel(path) in EMBEDDING_PIPELINE:
-        pytest.skip("the embedding pipeline is reshaped as one unit")
     found = flags_raised(path.read_text())
     assert not found, f"{rel(path)}: error messages spell flags (name the parameter, params=(...)): {found}"

@@ -192,7 +192,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny):
     args = ["embed", "--dataset", "fashioniq", "--root", str(root), "--model", str(tiny), "--device", "cpu",
             "--workers", "0", "--batch-size", "2", "--shard-size", "4", "-q"]
     killed = tmp_path / "killed"
-    r = _cli([*args, "--work", str(killed)], env={"CIR_MINE_EMBED_KILL_AFTER_SHARDS": "2"})
+    r = _cli([*args, "--work", str(killed)], env={"CIR_MINE_CRASH": "embed-saved:2"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     shards = sorted(p.name for p in (killed / ".embed-train").glob("shard-*.npz"))
     assert shards == ["shard-00000.npz", "shard-00001.npz"]

@@ -11,9 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cir_mine.cli import mine_app
+from cir_mine.data import crash
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.encode.clip import EncoderConfig, ImageRun
-from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
+from cir_mine.miner.encode.config import EmbedJob
+from cir_mine.miner.encode.local import embed_dataset
 from tests.fixtures import make_fashioniq, write_tiny_clip_config
 
 ray = pytest.importorskip("ray")
@@ -85,18 +87,21 @@ def test_ray_embed_webdataset_equals_single_process(cluster, model, tmp_path):
     assert g.paths[0] == f"{tmp_path / 'shards' / '00000.tar'}::{g.image_ids[0]}.png"
 
 
-def test_ray_embed_resumed_per_part_equals_single_process(cluster, model, tmp_path, caplog):
+def test_ray_embed_resumed_per_part_equals_single_process(cluster, model, tmp_path, caplog, monkeypatch):
     """Stopped after 2 of 5 parts, rerun with a pool of 2 actors: only the 3 missing parts are embedded,
     and the gallery folder equals the single-process gallery file."""
     from cir_mine.miner.distributed.ray_embed import RayEmbedRun, embed_dataset_ray
 
     fiq = make_fashioniq(tmp_path / "fiq")
     job = _job("fashioniq", fiq, tmp_path / "ray", model)
-    with pytest.raises(RuntimeError, match="test hook: stopped after 2 part"):
-        embed_dataset_ray(job, RayEmbedRun(actors=1, part_size=4, batch_size=4, cpus_per_actor=0.5), _stop_after_parts=2)
+    crash.reset()
+    monkeypatch.setenv(crash.CRASH_ENV, "embed-saved:2:RAISE")
+    with pytest.raises(RuntimeError, match="crash point embed-saved reached"):
+        embed_dataset_ray(job, RayEmbedRun(actors=1, part_size=4, batch_size=4, cpus_per_actor=0.5))
+    monkeypatch.delenv(crash.CRASH_ENV)
     scratch = tmp_path / "ray" / ".embed-train"
     assert sorted(p.name for p in scratch.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
-    with caplog.at_level(logging.INFO, logger="cir_mine.miner.distributed.ray_embed"):
+    with caplog.at_level(logging.INFO, logger="cir_mine"):
         m = embed_dataset_ray(job, RayEmbedRun(actors=2, part_size=4, batch_size=3, cpus_per_actor=0.5))
     assert "resuming: 2 of 5 parts already done" in caplog.text
     ws = Workspace(tmp_path / "ray")

@@ -50,7 +50,8 @@ def test_samples_by_key_with_category_and_errors(tmp_path):
 def test_single_process_embed_reads_images_from_tars(tmp_path):
     """The same images as files or as tar members embed to the same vectors."""
     from cir_mine.miner.encode.clip import EncoderConfig, ImageRun
-    from cir_mine.miner.encode.dataset import EmbedJob, embed_dataset
+    from cir_mine.miner.encode.config import EmbedJob
+    from cir_mine.miner.encode.local import embed_dataset
 
     fiq = make_fashioniq(tmp_path / "fiq")
     imgs = sorted((fiq / "images").glob("*.png"))
