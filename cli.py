@@ -183,26 +183,19 @@ def synth(out: Path = typer.Option(..., "--out", "-o", help="Workspace directory
 def info(work: Path = WORK):
     """Validate a workspace and print its splits, counts and manifest."""
     from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.inspection.render import workspace_lines
 
     ws = Workspace(work)
-    info = ws.summary()
-    m = info["manifest"]
-    typer.echo(f"workspace {ws.root}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})")
-    typer.echo(f"encoder: {m.get('encoder', {}).get('name')}  dim: {m.get('dim')}  source: {m.get('source')}")
-    for split, s in info["splits"].items():
-        typer.echo(f"  {split}: {s['images']} images, {s['triplets']} triplets, "
-                   f"categories: {', '.join(c or '-' for c in s['categories'])}  [valid]")
+    typer.echo(workspace_lines(ws.root, ws.summary()))
 
 
 @command(mine_app)
 def check(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT):
     """Read a dataset's annotations and print what they hold (no embedding)."""
     from cir_mine.data.adapters import dataset_summary
+    from cir_mine.miner.inspection.render import dataset_line
 
-    s = dataset_summary(dataset.value, root, split)
-    typer.echo(f"{dataset.value} {split}: {s['images']} images ({s['image_files']} with image files, "
-               f"{s['with_attributes']} with attributes), {s['queries']} queries, categories: "
-               f"{', '.join(c or '-' for c in s['categories'])}")
+    typer.echo(dataset_line(dataset.value, split, dataset_summary(dataset.value, root, split)))
 
 
 @command(mine_app, cfg=Options(PositivesConfig, flags={"ignore_groups": ("--ignore-group",)},
@@ -224,6 +217,7 @@ def positives(
     from cir_mine.data.checks import check_range
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
+    from cir_mine.miner.inspection.render import positives_line
     from cir_mine.miner.positives.generate import generate_positives
 
     if captioner == "command" and not command["command"]:
@@ -234,8 +228,7 @@ def positives(
     cap = CommandCaptioner(**command) if captioner == "command" else TemplateCaptioner(cfg.seed)
     r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder,
                            overwrite=overwrite)
-    typer.echo(f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
-               f"(changed groups: {r.meta['changed_groups']})")
+    typer.echo(positives_line(r))
 
 
 @command(mine_app)
@@ -245,9 +238,9 @@ def attributes(
 ):
     """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
     from cir_mine.miner.core.attributes import extract_many, load_vocabulary
+    from cir_mine.miner.inspection.render import attribute_lines
 
-    for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
-        typer.echo(f"{text}\t{' '.join(req.as_strings()) or '(none)'}")
+    typer.echo(attribute_lines(texts, extract_many(texts, load_vocabulary(vocabulary))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,14 +262,12 @@ def embed(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT, wor
           ray: RayEmbedRun = None, overwrite: bool = OVERWRITE, quiet: bool = QUIET):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
     from cir_mine.miner.embed import embed as embed_job
+    from cir_mine.miner.inspection.render import embed_line
 
     with progress_bar("embed", None, quiet, unit="images") as advance:
         m = embed_job(EmbedJob(dataset.value, root, split, work, encoder, run, **job), engine.name, ray,
                       progress=advance, overwrite=overwrite)
-    info = m["embed"][split]
-    typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
-               f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
-               f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
+    typer.echo(embed_line(work, split, m))
 
 
 @command(mine_app, "index")
@@ -297,16 +288,14 @@ def index_cmd(
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
     from cir_mine.miner.encode.features import import_features
     from cir_mine.miner.encode.index import index_workspace
+    from cir_mine.miner.inspection.render import index_lines
 
     if from_features is not None:
         meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
                                allow_encoder_change, overwrite=overwrite)
     else:
         meta = index_workspace(work, split, index, device, fp16, npy=npy_dtype if npy else None)
-    if npy:
-        typer.echo(f"wrote {work}/gallery.{split}.npy: the gallery embeddings, memory-mapped by mining")
-    typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
-               f"({'GPU' if meta.get('gpu') else 'CPU'} build)")
+    typer.echo(index_lines(work, split, meta, npy))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,6 +311,7 @@ def demo(
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings (combiner; DQE on hardest) -> R@10/R@50 table."""
     from cir_mine.train.demo import run_demo
+    from cir_mine.train.render import demo_lines
 
     step = [0]
 
@@ -330,15 +320,7 @@ def demo(
         if not quiet:
             typer.echo(f"[{step[0]}] {msg}")
 
-    res = run_demo(out, cfg, on_step=say, overwrite=overwrite)
-    typer.echo("")
-    typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
-    for name, r in res.runs.items():
-        typer.echo(f"{name:<20s} {r['R@10']:7.2f} {r['R@50']:7.2f}")
-    typer.echo("")
-    typer.echo(f"negatives tables: {', '.join(str(p) for p in res.tables.values())}")
-    typer.echo(f"runs (metrics.json, curves.png, ckpt.pt): {out / 'runs'}/")
-    typer.echo(f"done in {res.seconds:.0f}s")
+    typer.echo(demo_lines(out, run_demo(out, cfg, on_step=say, overwrite=overwrite)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,15 +408,11 @@ def export(
     """Export a negatives table: sentence-transformers n-tuples (ntuple), wide per-query Parquet (wide), JSON lines or CLIP4Cir caption files (jsonl)."""
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.export import export_negatives
+    from cir_mine.miner.inspection.render import export_line
 
     ws = Workspace(work).require() if work is not None else None
     r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite, ws=ws, images=images)
-    what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None and fmt.value == "jsonl" else str(r.out)
-    if fmt.value == "ntuple":
-        left = f" ({r.left_out} with fewer than {r.k} negatives left out)" if r.left_out else ""
-        typer.echo(f"wrote {what}: {r.queries} queries with {r.k} negatives each{left}")
-    else:
-        typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
+    typer.echo(export_line(r, fmt.value, caption_files=root is not None and fmt.value == "jsonl"))
 
 
 @command(mine_app, "eval")
@@ -507,14 +485,10 @@ def inspect(
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
+    from cir_mine.miner.inspection.render import sheet_lines
 
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed, overwrite=overwrite)
-    kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
-    typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
-    for row in r["short"]:
-        scope = "" if row.guards_scope == "query" else " (whole table)"
-        guards = ", ".join(f"{g} {n:,}" for g, n in row.guards.items() if n) or "none recorded"
-        typer.echo(f"{row.query_id}: short, {row.short}; guards removed{scope}: {guards}")
+    typer.echo(sheet_lines(r))
 
 
 @command(mine_app)
@@ -530,11 +504,12 @@ def report(
     overwrite: bool = OVERWRITE,
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
+    from cir_mine.miner.inspection.render import report_line
     from cir_mine.miner.inspection.report import write_report
 
     r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=n_sheet_queries,
                      max_negatives=max_negatives, seed=seed)
-    typer.echo(f"wrote {out}: {len(r.plots)} plots ({', '.join(r.plots)}), {len(r.html) // 1024} KiB")
+    typer.echo(report_line(out, r))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -562,6 +537,7 @@ def train(
     ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
+    from cir_mine.train.render import epoch_line, run_lines
     from cir_mine.train.session import remine_line, run_training
 
     used = []
@@ -577,7 +553,7 @@ def train(
         def on_epoch(rec: dict) -> None:
             advance(1)
             if not quiet:
-                typer.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  R@10 {rec.get('R@10', float('nan')):.2f}", err=True)
+                typer.echo(epoch_line(rec), err=True)
 
         def on_remine(mining_round: int, epoch: int, meta: dict) -> None:
             if not quiet:
@@ -585,12 +561,7 @@ def train(
 
         m = run_training(None if resume is not None else cfg, resume=resume, ray_address=ray.address,
                          overwrite=overwrite, on_config=on_config, on_epoch=on_epoch, on_remine=on_remine)
-    out = used[0].out
-    keys = [k for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3") if k in m]
-    typer.echo(f"{out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
-    for cat, v in m.get("per_category", {}).items():
-        typer.echo(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)")
-    typer.echo(f"metrics: {Path(out) / 'metrics.json'}  curves: {Path(out) / 'curves.png'}")
+    typer.echo(run_lines(used[0].out, m))
 
 
 def _ignored_on_resume(ctx, cfg: TrainConfig) -> list:
