@@ -20,13 +20,14 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from cir_mine.data.errors import CirMineError, UsageError
+from cir_mine.data.errors import CirMineError
 from cir_mine.data.fields import Options, Spell, comma_numbers, field_default
-from cir_mine.data.options import configs, flag, option_flags
+from cir_mine.data.options import changed_options, configs, flag, option_flags
 from cir_mine.data.synthetic import SynthConfig, parse_salience
 from cir_mine.miner.core.guards import GuardConfig
 from cir_mine.miner.core.mine import MineConfig
 from cir_mine.miner.core.strategies import REGISTRY
+from cir_mine.miner.negatives import GUARD_SWITCHES
 from cir_mine.miner.distributed.mine import EngineConfig
 from cir_mine.miner.distributed.ray_embed import RayEmbedRun
 from cir_mine.miner.distributed.ray_shards import RayConfig
@@ -214,18 +215,12 @@ def positives(
     overwrite: bool = OVERWRITE,
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
-    from cir_mine.data.checks import check_range
     from cir_mine.data.workspace import Workspace
-    from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
     from cir_mine.miner.inspection.render import positives_line
+    from cir_mine.miner.positives.captioners import make_captioner
     from cir_mine.miner.positives.generate import generate_positives
 
-    if captioner == "command" and not command["command"]:
-        fail("--captioner command needs --command PROGRAM.", 2)
-    if captioner not in ("template", "command"):
-        fail(f"unknown captioner {captioner!r}: use template or command.", 2)
-    check_range("command_timeout", command["timeout"], 0.0, None, lo_open=True)
-    cap = CommandCaptioner(**command) if captioner == "command" else TemplateCaptioner(cfg.seed)
+    cap = make_captioner(captioner, command, cfg.seed)
     r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder,
                            overwrite=overwrite)
     typer.echo(positives_line(r))
@@ -286,15 +281,11 @@ def index_cmd(
     allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
-    from cir_mine.miner.encode.features import import_features
-    from cir_mine.miner.encode.index import index_workspace
+    from cir_mine.miner.embed import build_index
     from cir_mine.miner.inspection.render import index_lines
 
-    if from_features is not None:
-        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
-                               allow_encoder_change, overwrite=overwrite)
-    else:
-        meta = index_workspace(work, split, index, device, fp16, npy=npy_dtype if npy else None)
+    meta = build_index(work, split, index, device, fp16, npy_dtype if npy else None, from_features, ids, encoder_name,
+                       allow_encoder_change, overwrite)
     typer.echo(index_lines(work, split, meta, npy))
 
 
@@ -326,10 +317,6 @@ def demo(
 # ------------------------------------------------------------------------------------------------
 # cir-mine negatives, export, eval
 
-# --no-guard NAME -> the guard field it switches off (False, or None for a threshold)
-GUARD_SWITCHES = {"target": "exclude_target", "reference": "exclude_reference",
-                  "extra-positive": "exclude_extra_positives", "near-duplicate": "dup_threshold", "cap": "rho",
-                  "trust-verified": "trust_verified"}
 NEGATIVES_SPELLINGS = {
     "max_candidates=None": "--no-deepen",
     **{(f if isinstance(field_default(GuardConfig, f), bool) else f + "=None"): f"--no-guard {g}"
@@ -367,20 +354,11 @@ def negatives(
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
-    from cir_mine.miner.negatives import QueryFile, mine_file, stages_line, summary
-    from cir_mine.train.checkpoint import CheckpointQueries
+    from cir_mine.miner.negatives import mine_file, stages_line, summary, switch_off
+    from cir_mine.train.checkpoint import query_source
 
-    bad = [g for g in no_guard if g not in GUARD_SWITCHES]
-    if bad:
-        raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
-    if checkpoint is not None and query_emb is not None:
-        raise UsageError("give --checkpoint or --query-emb, not both.")
-    if query_ids is not None and query_emb is None:
-        raise UsageError("--query-ids names the rows of --query-emb; pass --query-emb too.")
-    off = {GUARD_SWITCHES[g]: None if NEGATIVES_SPELLINGS.get(GUARD_SWITCHES[g] + "=None") else False for g in no_guard}
-    cfg = cfg.replace(**off, **({"max_candidates": None} if no_deepen else {}))
-    queries = (CheckpointQueries(checkpoint) if checkpoint is not None
-               else QueryFile(query_emb, query_ids) if query_emb is not None else None)
+    cfg = switch_off(cfg, no_guard, no_deepen)
+    queries = query_source(checkpoint, query_emb, query_ids)
     with progress_bar("negatives", None, quiet, unit="queries") as advance:
         res = mine_file(work, split, cfg, out, engine=dataclasses.replace(engine, shard=shard, ray=ray), queries=queries,
                         mining_round=mining_round, overwrite=overwrite, progress=advance)
@@ -544,10 +522,11 @@ def train(
     with progress_bar("train", None, quiet, unit="epochs") as advance:
         def on_config(run: TrainConfig) -> None:
             used.append(run)
-            ignored = _ignored_on_resume(ctx, run) if resume is not None else []
+            ignored = changed_options(ctx, TRAIN, run.to_dict()) if resume is not None else []
             if ignored:
                 typer.echo(f"warning: --resume {resume} continues with the run's own options; ignored: "
-                           f"{', '.join(ignored)}.", err=True)
+                           + ", ".join(f"{flag(n, train.flags)} {v} (the run's: {was})" for n, v, was in ignored) + ".",
+                           err=True)
             advance(0, total=0 if run.zero_shot or run.epochs == 0 else run.epochs + run.static_bank)
 
         def on_epoch(rec: dict) -> None:
@@ -562,23 +541,6 @@ def train(
         m = run_training(None if resume is not None else cfg, resume=resume, ray_address=ray.address,
                          overwrite=overwrite, on_config=on_config, on_epoch=on_epoch, on_remine=on_remine)
     typer.echo(run_lines(used[0].out, m))
-
-
-def _ignored_on_resume(ctx, cfg: TrainConfig) -> list:
-    """Options given on the command line beside --resume whose value differs from the run's."""
-    if ctx is None:
-        return []
-    out = []
-    run = cfg.to_dict()
-    for name, value in ctx.params.items():
-        if name not in run or ctx.get_parameter_source(name) is None or ctx.get_parameter_source(name).name != "COMMANDLINE":
-            continue
-        spell = TRAIN.spell.get(name)
-        given = spell.to_field(value) if spell else value
-        if given != run[name]:
-            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            out.append(f"{flag(name, train.flags)} {shown} (the run's: {run[name]})")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

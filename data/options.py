@@ -4,6 +4,7 @@
 in place of the config parameters and calls it with the configs built from their values;
 :func:`option_flags` maps every parameter a command's options set to its flag, which :func:`flag`
 uses to spell the names a library error lists (:meth:`cir_mine.data.errors.CirMineError.render`).
+:func:`changed_options` finds the options given on a command line that would change a config.
 Nothing here prints or exits.
 """
 from __future__ import annotations
@@ -79,3 +80,17 @@ def option_flags(fn) -> dict:
 def flag(param: str, flags: Optional[dict] = None) -> str:
     """The command-line spelling of a library parameter name."""
     return (flags or ALIASES).get(param, "--" + param.replace("_", "-"))
+
+
+def changed_options(ctx, group: Options, values: dict) -> list:
+    """The options given on the command line of ``ctx`` (a click context; None: none) that set a field of
+    ``values`` (a config as a dict) to another value: (option name, its value as typed, the field's)."""
+    out = []
+    for name, value in (ctx.params.items() if ctx is not None else ()):
+        source = ctx.get_parameter_source(name)
+        if name not in values or source is None or source.name != "COMMANDLINE":
+            continue
+        spell = group.spell.get(name)
+        if (spell.to_field(value) if spell else value) != values[name]:
+            out.append((name, " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value, values[name]))
+    return out

@@ -17,10 +17,30 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from cir_mine.data.errors import UsageError
+from cir_mine.data.fields import field_default
 from cir_mine.data.io import check_output, write_job
 from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.guards import GuardConfig
 from cir_mine.miner.core.mine import MineConfig, MineResult, mine_negatives, write_result
 from cir_mine.miner.distributed.mine import EngineConfig
+
+
+# a guard's name, as a user switches it off -> the GuardConfig field that does (False, or None for a threshold)
+GUARD_SWITCHES = {"target": "exclude_target", "reference": "exclude_reference",
+                  "extra-positive": "exclude_extra_positives", "near-duplicate": "dup_threshold", "cap": "rho",
+                  "trust-verified": "trust_verified"}
+
+
+def switch_off(cfg: MineConfig, no_guard: Sequence[str] = (), no_deepen: bool = False) -> MineConfig:
+    """``cfg`` with the guards named in ``no_guard`` (keys of GUARD_SWITCHES) switched off, and with
+    ``no_deepen`` short queries never searched again (``max_candidates=None``)."""
+    bad = [g for g in no_guard if g not in GUARD_SWITCHES]
+    if bad:
+        raise UsageError(f"`no_guard` {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.", params=("no_guard",))
+    fields = [GUARD_SWITCHES[g] for g in no_guard]
+    off = {f: False if isinstance(field_default(GuardConfig, f), bool) else None for f in fields}
+    return cfg.replace(**off, **({"max_candidates": None} if no_deepen else {}))
 
 
 class QuerySource(Protocol):
