@@ -1,11 +1,12 @@
 """Command-line entry points: ``cir-mine`` and ``cir-train``.
 
-Each command parses its options, calls one library function and renders the result. The options
-that set a config field are made from the config dataclass (:class:`Options`): the field's name,
-default and comment are the option's, so a default is stated once, in its dataclass. Library code
-raises typed exceptions (cir_mine.data.errors) naming parameters; :func:`cli_errors` turns them into
-one ``Error: ...`` line on stderr with each parameter spelled as the option that sets it, and exit
-code 1 (2 for usage errors), without a traceback.
+Each command parses its options, calls one library function and renders the result (the text comes
+from cir_mine.miner.inspection.render and cir_mine.train.render). The options that set a config field
+are made from the config dataclass (cir_mine.data.options): the field's name, default and comment are
+the option's, so a default is stated once, in its dataclass. Library code raises typed exceptions
+(cir_mine.data.errors) naming parameters; :func:`command` turns them into one ``Error: ...`` line on
+stderr with each parameter spelled as the option that sets it, and exit code 1 (2 for usage errors),
+without a traceback.
 """
 from __future__ import annotations
 
@@ -13,26 +14,27 @@ import contextlib
 import dataclasses
 import enum
 import functools
-import logging
+import itertools
 import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
 
-from cir_mine.data.errors import CirMineError
-from cir_mine.data.fields import Options, Spell, comma_numbers, field_default
+from cir_mine import __version__
+from cir_mine.data.errors import CirMineError, failure, spell_calls
+from cir_mine.data.fields import PATH, PATH_OR_EMPTY, PATHS, Options, Spell, comma_numbers
+from cir_mine.data.logs import configure_logging
 from cir_mine.data.options import changed_options, configs, flag, option_flags
 from cir_mine.data.synthetic import SynthConfig, parse_salience
-from cir_mine.miner.core.guards import GuardConfig
 from cir_mine.miner.core.mine import MineConfig
 from cir_mine.miner.core.strategies import REGISTRY
-from cir_mine.miner.negatives import GUARD_SWITCHES
 from cir_mine.miner.distributed.mine import EngineConfig
 from cir_mine.miner.distributed.ray_embed import RayEmbedRun
 from cir_mine.miner.distributed.ray_shards import RayConfig
 from cir_mine.miner.distributed.shards import ShardConfig
 from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EmbedJob, EncoderConfig, ImageRun
+from cir_mine.miner.negatives import GUARD_SWITCHES, off_value
 from cir_mine.miner.positives.captioners import CommandCaptioner
 from cir_mine.miner.positives.pairs import PositivesConfig
 from cir_mine.train.config import TrainConfig
@@ -45,64 +47,54 @@ train_app = typer.Typer(name="cir-train", help="Train a CIR combiner on cached f
 
 
 # ------------------------------------------------------------------------------------------------
-# Options every command has (config fields become options through cir_mine.data.options)
+# Options the commands share (config fields become options through cir_mine.data.options)
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 COMMON = {"quiet": QUIET, "verbose": VERBOSE}
+WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
+SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
+DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL; webdataset: img2dataset tar shards, --root 'DIR/{00000..00099}.tar').")
+ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
+QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
+NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
+ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
+ENGINE = Options(EngineConfig, only=("name",), names={"name": "engine"})
+Dataset = enum.Enum("Dataset", {n: n for n in ("fashioniq", "cirr", "folder", "webdataset")}, type=str)
+ExportFormat = enum.Enum("ExportFormat", {n: n for n in ("ntuple", "wide", "jsonl")}, type=str)
+SqlFormat = enum.Enum("SqlFormat", {n: n for n in ("table", "csv", "json")}, type=str)
 
 
 # ------------------------------------------------------------------------------------------------
 # Errors, logging, progress
 
 
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def command(app: typer.Typer, name: Optional[str] = None, *, flags: Optional[dict] = None, **groups: Options):
     """Register the decorated function as a command of ``app``: the parameters named in ``groups`` become
-    the options of their configs (:func:`configs`), logging follows its --quiet/--verbose, and library
-    errors become ``Error: ...`` lines (:func:`cli_errors`)."""
-    return lambda fn: app.command(name)(cli_errors(configs(COMMON, **groups)(fn), flags=flags))
+    the options of their configs (:func:`configs`), logging follows its --quiet/--verbose, and a library
+    error becomes one ``Error: ...`` line on stderr, parameters spelled as the command's flags (and as
+    ``flags`` says), and an exit code (:func:`cir_mine.data.errors.failure`)."""
+    def deco(fn):
+        fn = configs(COMMON, **groups)(fn)
+        spelled = {**option_flags(fn), **(flags or {})}
 
+        @functools.wraps(fn)
+        def cli_errors(**kwargs):
+            configure_logging(kwargs.get("verbose", False), kwargs.get("quiet", False))
+            try:
+                return fn(**kwargs)
+            except (CirMineError, MemoryError, OSError, KeyboardInterrupt) as e:
+                shown = failure(e, functools.partial(flag, flags=spelled))
+                if shown is None:
+                    raise
+                typer.echo(f"Error: {shown[0]}", err=True)
+                raise typer.Exit(shown[1])
 
-def cli_errors(fn=None, *, flags: Optional[dict] = None):
-    """Set up logging from the command's --quiet/--verbose, then turn library exceptions into
-    ``Error: ...`` (parameters spelled as the command's flags, and as ``flags`` says) and an exit code."""
-    if fn is None:
-        return functools.partial(cli_errors, flags=flags)
-    spelled = {**option_flags(fn), **(flags or {})}
+        cli_errors.flags = spelled
+        return app.command(name)(cli_errors)
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        setup_logging(kwargs.get("verbose", False), kwargs.get("quiet", False))
-        try:
-            return fn(*args, **kwargs)
-        except CirMineError as e:
-            fail(e.render(functools.partial(flag, flags=spelled)), e.exit_code)
-        except MemoryError:
-            fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
-        except OSError as e:   # an unexpected file-system failure: name the file, never a traceback
-            if getattr(e, "filename", None) is None:
-                raise
-            fail(f"{e.filename}: {e.strerror or e}.")
-        except KeyboardInterrupt:   # outside a write job (jobs raise Interrupted, saying what is left)
-            fail("interrupted (SIGINT).", 130)
-
-    wrapper.flags = spelled
-    return wrapper
-
-
-def setup_logging(verbose: bool, quiet: bool = False) -> None:
-    """Warnings on stderr; with ``verbose`` also cir-mine's own INFO lines (what each stage does),
-    never other libraries' (faiss.loader and the like stay at WARNING). ``quiet`` (no progress bar,
-    no notes) is the commands' own and combines with ``verbose``: logs without a bar; it also
-    silences Ray (its logger at ERROR, which the Ray engine passes on to Ray's own processes)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("cir_mine").setLevel(logging.INFO if verbose else logging.NOTSET)
-    logging.getLogger("ray").setLevel(logging.ERROR if quiet else logging.NOTSET)
+    return deco
 
 
 @contextlib.contextmanager
@@ -130,8 +122,6 @@ def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: st
 def _version_option(prog: str):
     def show(value: bool) -> None:
         if value:
-            from cir_mine import __version__
-
             typer.echo(f"{prog} {__version__}")
             raise typer.Exit()
 
@@ -141,25 +131,6 @@ def _version_option(prog: str):
 @mine_app.callback()
 def mine_options(version: bool = _version_option("cir-mine")):
     """Offline hard-negative mining for composed image retrieval (CIR)."""
-
-
-WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
-SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
-DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL; webdataset: img2dataset tar shards, --root 'DIR/{00000..00099}.tar').")
-ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
-QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
-NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
-ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
-OPTIONAL_PATH = Spell(Optional[Path], lambda v: v, lambda p: None if p is None else str(p))
-ENGINE = Options(EngineConfig, only=("name",), names={"name": "engine"})
-
-
-class Dataset(str, enum.Enum):
-    fashioniq = "fashioniq"
-    cirr = "cirr"
-    folder = "folder"
-    webdataset = "webdataset"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,8 +157,7 @@ def info(work: Path = WORK):
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.inspection.render import workspace_lines
 
-    ws = Workspace(work)
-    typer.echo(workspace_lines(ws.root, ws.summary()))
+    typer.echo(workspace_lines(Workspace(work).summary()))
 
 
 @command(mine_app)
@@ -239,7 +209,7 @@ def attributes(
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine embed, cir-mine index
+# cir-mine embed, index, demo
 
 
 PROMPTS = Spell(Optional[Path], to_field=lambda p: DEFAULT_PROMPTS if p is not None and str(p) == "default" else p)
@@ -289,10 +259,6 @@ def index_cmd(
     typer.echo(index_lines(work, split, meta, npy))
 
 
-# ------------------------------------------------------------------------------------------------
-# cir-mine demo
-
-
 @command(mine_app, cfg=Options(DemoConfig, only=("epochs", "world")))
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the demo writes its workspace, tables and runs."),
@@ -304,27 +270,18 @@ def demo(
     from cir_mine.train.demo import run_demo
     from cir_mine.train.render import demo_lines
 
-    step = [0]
-
-    def say(msg: str) -> None:
-        step[0] += 1
-        if not quiet:
-            typer.echo(f"[{step[0]}] {msg}")
-
+    steps = itertools.count(1)
+    say = (lambda msg: None) if quiet else (lambda msg: typer.echo(f"[{next(steps)}] {msg}"))
     typer.echo(demo_lines(out, run_demo(out, cfg, on_step=say, overwrite=overwrite)))
 
 
 # ------------------------------------------------------------------------------------------------
 # cir-mine negatives, export, eval
 
-NEGATIVES_SPELLINGS = {
-    "max_candidates=None": "--no-deepen",
-    **{(f if isinstance(field_default(GuardConfig, f), bool) else f + "=None"): f"--no-guard {g}"
-       for g, f in GUARD_SWITCHES.items()},
-}
-
-
-MINE = Options(MineConfig, skip=tuple(f for f in GUARD_SWITCHES.values() if f not in ("dup_threshold", "rho")),
+# parameters as the API spells them -> the options that set them: --no-deepen, --no-guard NAME
+NEGATIVES_SPELLINGS = {"max_candidates=None": "--no-deepen", **{f + ("" if off_value(f) is False else "=None"): f"--no-guard {g}"
+                                                                for g, f in GUARD_SWITCHES.items()}}
+MINE = Options(MineConfig, skip=tuple(f for f in GUARD_SWITCHES.values() if off_value(f) is False),
                flags={"k": ("-k", "--k"), "prefetch": ("--prefetch/--no-prefetch",)},
                spell={"category_shares": comma_numbers("category_shares"),
                       "target_recall": Spell(float, lambda v: v or 0, lambda v: v or None)},
@@ -367,10 +324,12 @@ def negatives(
         typer.echo(stages_line(res.meta))
 
 
-class ExportFormat(str, enum.Enum):
-    ntuple = "ntuple"
-    wide = "wide"
-    jsonl = "jsonl"
+NEGATIVES_FLAGS = negatives.flags
+
+
+def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
+    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints), with flags."""
+    return spell_calls(text, functools.partial(flag, flags=flags))
 
 
 @command(mine_app)
@@ -414,12 +373,6 @@ def eval_cmd(
 
 # ------------------------------------------------------------------------------------------------
 # cir-mine stats / sql / inspect / report: see the negatives
-
-
-class SqlFormat(str, enum.Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
 
 
 @command(mine_app)
@@ -496,11 +449,8 @@ def report(
 TRAIN = Options(TrainConfig, flags={"work": ("--work", "-w"), "split": ("--split", "-s"), "out": ("--out", "-o"),
                                     "negatives": ("--negatives", "-n"), "epochs": ("--epochs", "-e"),
                                     "batch_size": ("--batch-size", "-b")},
-                spell={"work": Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else ""),
-                       "out": Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else ""),
-                       "negatives": OPTIONAL_PATH, "eval_work": OPTIONAL_PATH,
-                       "extra_triplets": Spell(Optional[List[Path]], lambda v: list(v) or None,
-                                               lambda ps: [str(p) for p in ps or []])})
+                spell={"work": PATH_OR_EMPTY, "out": PATH_OR_EMPTY, "negatives": PATH, "eval_work": PATH,
+                       "extra_triplets": PATHS})
 
 
 @command(train_app, cfg=TRAIN, ray=Options(RayConfig, only=("address",), names={"address": "ray_address"},
@@ -515,46 +465,27 @@ def train(
     ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
-    from cir_mine.train.render import epoch_line, run_lines
+    from cir_mine.train.render import epoch_line, ignored_line, run_lines
     from cir_mine.train.session import remine_line, run_training
 
+    note = (lambda text: None) if quiet else functools.partial(typer.echo, err=True)
     used = []
     with progress_bar("train", None, quiet, unit="epochs") as advance:
         def on_config(run: TrainConfig) -> None:
             used.append(run)
             ignored = changed_options(ctx, TRAIN, run.to_dict()) if resume is not None else []
             if ignored:
-                typer.echo(f"warning: --resume {resume} continues with the run's own options; ignored: "
-                           + ", ".join(f"{flag(n, train.flags)} {v} (the run's: {was})" for n, v, was in ignored) + ".",
-                           err=True)
-            advance(0, total=0 if run.zero_shot or run.epochs == 0 else run.epochs + run.static_bank)
+                typer.echo(ignored_line(resume, ignored, functools.partial(flag, flags=train.flags)), err=True)
+            advance(0, total=run.epochs_to_run())
 
         def on_epoch(rec: dict) -> None:
             advance(1)
-            if not quiet:
-                typer.echo(epoch_line(rec), err=True)
-
-        def on_remine(mining_round: int, epoch: int, meta: dict) -> None:
-            if not quiet:
-                typer.echo(remine_line(mining_round, epoch, meta), err=True)
+            note(epoch_line(rec))
 
         m = run_training(None if resume is not None else cfg, resume=resume, ray_address=ray.address,
-                         overwrite=overwrite, on_config=on_config, on_epoch=on_epoch, on_remine=on_remine)
+                         overwrite=overwrite, on_config=on_config, on_epoch=on_epoch,
+                         on_remine=lambda mining_round, epoch, meta: note(remine_line(mining_round, epoch, meta)))
     typer.echo(run_lines(used[0].out, m))
-
-
-# ------------------------------------------------------------------------------------------------
-# What the commands print
-
-
-NEGATIVES_FLAGS = negatives.flags
-
-
-def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
-    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints) with flags."""
-    from cir_mine.data.errors import spell_calls
-
-    return spell_calls(text, functools.partial(flag, flags=flags))
 
 
 def mine_main() -> None:

@@ -26,7 +26,8 @@ import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, List, Optional
 
 from cir_mine.data.errors import UsageError
 
@@ -90,6 +91,12 @@ class Spell:
     type: object
     to_option: Callable = lambda v: v
     to_field: Callable = lambda v: v
+
+
+# a path option of a string field (None: unset), of a string field whose unset value is "", of a list field
+PATH = Spell(Optional[Path], lambda v: v, lambda p: None if p is None else str(p))
+PATH_OR_EMPTY = Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else "")
+PATHS = Spell(Optional[List[Path]], lambda v: list(v) or None, lambda ps: [str(p) for p in ps or []])
 
 
 def comma_numbers(name: str) -> Spell:

@@ -38,9 +38,13 @@ def switch_off(cfg: MineConfig, no_guard: Sequence[str] = (), no_deepen: bool = 
     bad = [g for g in no_guard if g not in GUARD_SWITCHES]
     if bad:
         raise UsageError(f"`no_guard` {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.", params=("no_guard",))
-    fields = [GUARD_SWITCHES[g] for g in no_guard]
-    off = {f: False if isinstance(field_default(GuardConfig, f), bool) else None for f in fields}
+    off = {GUARD_SWITCHES[g]: off_value(GUARD_SWITCHES[g]) for g in no_guard}
     return cfg.replace(**off, **({"max_candidates": None} if no_deepen else {}))
+
+
+def off_value(field: str) -> Optional[bool]:
+    """The value that switches the guard field ``field`` off: False for a switch, None for a threshold."""
+    return False if isinstance(field_default(GuardConfig, field), bool) else None
 
 
 class QuerySource(Protocol):

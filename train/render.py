@@ -3,6 +3,7 @@ lines joined by newlines and print nothing."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 # the overall metrics a run's summary line shows, in order, where the run has them
 SUMMARY_METRICS = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
@@ -31,3 +32,10 @@ def demo_lines(out: Path, res) -> str:
               f"runs (metrics.json, curves.png, ckpt.pt): {out / 'runs'}/",
               f"done in {res.seconds:.0f}s"]
     return "\n".join(lines)
+
+
+def ignored_line(resume: str | Path, ignored: list, spell: Callable[[str], str]) -> str:
+    """The warning that options given beside ``resume`` are ignored (``ignored``: (name, value as typed,
+    the run's value) each, as cir_mine.data.options.changed_options finds them; names written by ``spell``)."""
+    shown = ", ".join(f"{spell(name)} {value} (the run's: {was})" for name, value, was in ignored)
+    return f"warning: {spell('resume')} {resume} continues with the run's own options; ignored: {shown}."

@@ -11,10 +11,10 @@ def _categories(categories: Sequence) -> str:
     return ", ".join(c or "-" for c in categories)
 
 
-def workspace_lines(root: Path, info: dict) -> str:
+def workspace_lines(info: dict) -> str:
     """A workspace's summary (:meth:`cir_mine.data.workspace.Workspace.summary`): manifest, encoder, splits."""
     m = info["manifest"]
-    lines = [f"workspace {root}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})",
+    lines = [f"workspace {info['root']}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})",
              f"encoder: {m.get('encoder', {}).get('name')}  dim: {m.get('dim')}  source: {m.get('source')}"]
     lines += [f"  {split}: {s['images']} images, {s['triplets']} triplets, categories: {_categories(s['categories'])}"
               "  [valid]" for split, s in info["splits"].items()]
