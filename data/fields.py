@@ -12,7 +12,9 @@ that needs more room continues on the lines below, as comment-only lines indente
 
 :func:`field_docs` reads those comments from the source. :class:`Options` describes the options a
 front end (the CLI) makes of a config's fields, each named, defaulted and described by its field,
-and builds the config back from the options' values.
+and builds the config back from the options' values; a :class:`Spell` says how an option writes a
+field it cannot take as it is (comma-separated numbers, paths). cir_mine.data.options makes typer
+parameters of them.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ the mining core's own search in this process, the gallery's shards in this proce
 Ray actors) and the source of the query embeddings (none: zero-shot; :class:`QueryFile`: a .npy of
 your model's; :class:`cir_mine.train.checkpoint.CheckpointQueries`: a cir-train run's model). Every
 option and the output path are checked before the slow work; the table is written atomically under
-the lock of its directory, with what produced it in its footer.
+the lock of its directory, with what produced it in its footer. :func:`switch_off` switches guards off
+by the names a user gives them (GUARD_SWITCHES); :func:`summary` and :func:`stages_line` describe a
+mined table in text.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ A checkpoint is a ``torch.save`` dict (see docs/formats.md)::
 
 Written to a temp file in RUN and ``os.replace``d, so a kill mid-write leaves the previous
 checkpoint intact; the training loop passes the crash point ``epoch-saved`` (cir_mine.data.crash) after
-each save.
+each save. A run's model is also a source of query embeddings for mining (:class:`CheckpointQueries`,
+:func:`query_source`).
 """
 from __future__ import annotations
 
