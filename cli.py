@@ -1,11 +1,12 @@
 """Command-line entry points: ``cir-mine`` and ``cir-train``.
 
-Each command parses its options, calls one library function and renders the result. The options
-that set a config field are made from the config dataclass (:class:`Options`): the field's name,
-default and comment are the option's, so a default is stated once, in its dataclass. Library code
-raises typed exceptions (cir_mine.data.errors) naming parameters; :func:`cli_errors` turns them into
-one ``Error: ...`` line on stderr with each parameter spelled as the option that sets it, and exit
-code 1 (2 for usage errors), without a traceback.
+Each command parses its options, calls one library function and renders the result (the text comes
+from cir_mine.miner.inspection.render and cir_mine.train.render). The options that set a config field
+are made from the config dataclass (cir_mine.data.options): the field's name, default and comment are
+the option's, so a default is stated once, in its dataclass. Library code raises typed exceptions
+(cir_mine.data.errors) naming parameters; :func:`command` turns them into one ``Error: ...`` line on
+stderr with each parameter spelled as the option that sets it, and exit code 1 (2 for usage errors),
+without a traceback.
 """
 from __future__ import annotations
 
@@ -13,20 +14,19 @@ import contextlib
 import dataclasses
 import enum
 import functools
-import inspect as pyinspect
-import logging
+import itertools
 import sys
-import typing
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
-from typer.models import OptionInfo
 
-from cir_mine.data.errors import CirMineError, UsageError
-from cir_mine.data.fields import Options, Spell, comma_numbers, field_default
+from cir_mine import __version__
+from cir_mine.data.errors import CirMineError, failure, spell_calls
+from cir_mine.data.fields import PATH, PATH_OR_EMPTY, PATHS, Options, Spell, comma_numbers
+from cir_mine.data.logs import configure_logging
+from cir_mine.data.options import changed_options, configs, flag, option_flags
 from cir_mine.data.synthetic import SynthConfig, parse_salience
-from cir_mine.miner.core.guards import GuardConfig
 from cir_mine.miner.core.mine import MineConfig
 from cir_mine.miner.core.strategies import REGISTRY
 from cir_mine.miner.distributed.mine import EngineConfig
@@ -34,6 +34,7 @@ from cir_mine.miner.distributed.ray_embed import RayEmbedRun
 from cir_mine.miner.distributed.ray_shards import RayConfig
 from cir_mine.miner.distributed.shards import ShardConfig
 from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EmbedJob, EncoderConfig, ImageRun
+from cir_mine.miner.negatives import GUARD_SWITCHES, off_value
 from cir_mine.miner.positives.captioners import CommandCaptioner
 from cir_mine.miner.positives.pairs import PositivesConfig
 from cir_mine.train.config import TrainConfig
@@ -46,127 +47,54 @@ train_app = typer.Typer(name="cir-train", help="Train a CIR combiner on cached f
 
 
 # ------------------------------------------------------------------------------------------------
-# Options made of config dataclass fields (cir_mine.data.fields)
+# Options the commands share (config fields become options through cir_mine.data.options)
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar and no notes on stderr (errors and warnings still).")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Log what each stage does.")
 COMMON = {"quiet": QUIET, "verbose": VERBOSE}
-
-
-def sentence(text: str) -> str:
-    """A field's comment as help text: prose starts with a capital, and every help ends with a period."""
-    words = text.split(" ", 2)
-    if len(words) > 1 and words[0].isalpha() and words[0].islower() and words[1][:1].isalpha():
-        text = text[0].upper() + text[1:]
-    return text if text.endswith(".") else text + "."
-
-
-def configs(**groups: Options):
-    """Each parameter of the command named in ``groups`` becomes the options of its config's fields (in
-    its place); the command is called with the configs built from their values. Every command has
-    --quiet and --verbose; a command that does not name them does not get them."""
-    def deco(fn):
-        hints, params, made = typing.get_type_hints(fn), [], set()
-        for p in pyinspect.signature(fn).parameters.values():
-            if p.name not in groups:
-                params.append(p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
-                continue
-            for o in groups[p.name].options():
-                if o.name not in made:
-                    made.add(o.name)
-                    params.append(pyinspect.Parameter(o.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=o.type,
-                                                      default=typer.Option(o.default, *o.flags, help=sentence(o.help))))
-        for name, option in COMMON.items():
-            if name not in {p.name for p in params}:
-                made.add(name)
-                params.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, annotation=bool, default=option))
-
-        @functools.wraps(fn)
-        def wrapper(**kw):
-            return fn(**{k: v for k, v in kw.items() if k not in made}, **{k: g.make(kw) for k, g in groups.items()})
-
-        wrapper.__signature__ = pyinspect.Signature(params)
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        wrapper.option_groups = groups
-        return wrapper
-
-    return deco
+WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
+SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
+DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL; webdataset: img2dataset tar shards, --root 'DIR/{00000..00099}.tar').")
+ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
+QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
+NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
+ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
+ENGINE = Options(EngineConfig, only=("name",), names={"name": "engine"})
+Dataset = enum.Enum("Dataset", {n: n for n in ("fashioniq", "cirr", "folder", "webdataset")}, type=str)
+ExportFormat = enum.Enum("ExportFormat", {n: n for n in ("ntuple", "wide", "jsonl")}, type=str)
+SqlFormat = enum.Enum("SqlFormat", {n: n for n in ("table", "csv", "json")}, type=str)
 
 
 # ------------------------------------------------------------------------------------------------
 # Errors, logging, progress
 
 
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-# library parameters that no option is named after, as every command spells them
-ALIASES = {"ws": "--work"}
-
-
-def option_flags(fn) -> dict:
-    """Parameter name -> the flag of the option that sets it, for a command: every option under its
-    own name, every config field under its name (unless an option has it) and as ``Class.field``."""
-    out = {p.name: p.default.param_decls[0].split("/")[0] for p in pyinspect.signature(fn).parameters.values()
-           if isinstance(p.default, OptionInfo) and p.default.param_decls}
-    for group in getattr(fn, "option_groups", {}).values():
-        for o in group.options():
-            out[f"{o.owner.__name__}.{o.field}"] = out[o.name]
-            out.setdefault(o.field, out[o.name])
-        for field, other in group.shared.items():
-            out[f"{group.cls.__name__}.{field}"] = out[other]
-    return {**ALIASES, **out}
-
-
-def flag(param: str, flags: Optional[dict] = None) -> str:
-    """The command-line spelling of a library parameter name."""
-    return (flags or ALIASES).get(param, "--" + param.replace("_", "-"))
-
-
 def command(app: typer.Typer, name: Optional[str] = None, *, flags: Optional[dict] = None, **groups: Options):
     """Register the decorated function as a command of ``app``: the parameters named in ``groups`` become
-    the options of their configs (:func:`configs`), logging follows its --quiet/--verbose, and library
-    errors become ``Error: ...`` lines (:func:`cli_errors`)."""
-    return lambda fn: app.command(name)(cli_errors(configs(**groups)(fn), flags=flags))
+    the options of their configs (:func:`configs`), logging follows its --quiet/--verbose, and a library
+    error becomes one ``Error: ...`` line on stderr, parameters spelled as the command's flags (and as
+    ``flags`` says), and an exit code (:func:`cir_mine.data.errors.failure`)."""
+    def deco(fn):
+        fn = configs(COMMON, **groups)(fn)
+        spelled = {**option_flags(fn), **(flags or {})}
 
+        @functools.wraps(fn)
+        def cli_errors(**kwargs):
+            configure_logging(kwargs.get("verbose", False), kwargs.get("quiet", False))
+            try:
+                return fn(**kwargs)
+            except (CirMineError, MemoryError, OSError, KeyboardInterrupt) as e:
+                shown = failure(e, functools.partial(flag, flags=spelled))
+                if shown is None:
+                    raise
+                typer.echo(f"Error: {shown[0]}", err=True)
+                raise typer.Exit(shown[1])
 
-def cli_errors(fn=None, *, flags: Optional[dict] = None):
-    """Set up logging from the command's --quiet/--verbose, then turn library exceptions into
-    ``Error: ...`` (parameters spelled as the command's flags, and as ``flags`` says) and an exit code."""
-    if fn is None:
-        return functools.partial(cli_errors, flags=flags)
-    spelled = {**option_flags(fn), **(flags or {})}
+        cli_errors.flags = spelled
+        return app.command(name)(cli_errors)
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        setup_logging(kwargs.get("verbose", False), kwargs.get("quiet", False))
-        try:
-            return fn(*args, **kwargs)
-        except CirMineError as e:
-            fail(e.render(functools.partial(flag, flags=spelled)), e.exit_code)
-        except MemoryError:
-            fail("out of memory. Lower --batch-size or --query-batch, or use a smaller index.")
-        except OSError as e:   # an unexpected file-system failure: name the file, never a traceback
-            if getattr(e, "filename", None) is None:
-                raise
-            fail(f"{e.filename}: {e.strerror or e}.")
-        except KeyboardInterrupt:   # outside a write job (jobs raise Interrupted, saying what is left)
-            fail("interrupted (SIGINT).", 130)
-
-    wrapper.flags = spelled
-    return wrapper
-
-
-def setup_logging(verbose: bool, quiet: bool = False) -> None:
-    """Warnings on stderr; with ``verbose`` also cir-mine's own INFO lines (what each stage does),
-    never other libraries' (faiss.loader and the like stay at WARNING). ``quiet`` (no progress bar,
-    no notes) is the commands' own and combines with ``verbose``: logs without a bar; it also
-    silences Ray (its logger at ERROR, which the Ray engine passes on to Ray's own processes)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("cir_mine").setLevel(logging.INFO if verbose else logging.NOTSET)
-    logging.getLogger("ray").setLevel(logging.ERROR if quiet else logging.NOTSET)
+    return deco
 
 
 @contextlib.contextmanager
@@ -194,8 +122,6 @@ def progress_bar(label: str, total: Optional[int], quiet: bool = False, unit: st
 def _version_option(prog: str):
     def show(value: bool) -> None:
         if value:
-            from cir_mine import __version__
-
             typer.echo(f"{prog} {__version__}")
             raise typer.Exit()
 
@@ -205,25 +131,6 @@ def _version_option(prog: str):
 @mine_app.callback()
 def mine_options(version: bool = _version_option("cir-mine")):
     """Offline hard-negative mining for composed image retrieval (CIR)."""
-
-
-WORK = typer.Option(..., "--work", "-w", help="Workspace directory (see docs/formats.md).")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output (without it, an existing output is an error).")
-SPLIT = typer.Option("train", "--split", "-s", help="Split name (gallery.{split}.parquet).")
-DATASET = typer.Option(..., "--dataset", "-d", help="Dataset layout (folder: images + triplets CSV/JSONL; webdataset: img2dataset tar shards, --root 'DIR/{00000..00099}.tar').")
-ROOT = typer.Option(..., "--root", "-r", help="Dataset root (captions/, image_splits/, images ...).")
-QUERY_IDS = typer.Option(None, "--query-ids", help="With --query-emb: a text file with the query id of each row (one per line, or a JSON list), for rows in your own order; unknown, repeated or missing queries are refused.")
-NEGS = typer.Argument(..., help="Negatives table(s) written by `cir-mine negatives`.")
-ROOT_OF_PATHS = typer.Option(None, "--root", "-r", help="Dataset root the gallery `path` column is relative to (default: the root `cir-mine embed` recorded).")
-OPTIONAL_PATH = Spell(Optional[Path], lambda v: v, lambda p: None if p is None else str(p))
-ENGINE = Options(EngineConfig, only=("name",), names={"name": "engine"})
-
-
-class Dataset(str, enum.Enum):
-    fashioniq = "fashioniq"
-    cirr = "cirr"
-    folder = "folder"
-    webdataset = "webdataset"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,26 +155,18 @@ def synth(out: Path = typer.Option(..., "--out", "-o", help="Workspace directory
 def info(work: Path = WORK):
     """Validate a workspace and print its splits, counts and manifest."""
     from cir_mine.data.workspace import Workspace
+    from cir_mine.miner.inspection.render import workspace_lines
 
-    ws = Workspace(work)
-    info = ws.summary()
-    m = info["manifest"]
-    typer.echo(f"workspace {ws.root}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})")
-    typer.echo(f"encoder: {m.get('encoder', {}).get('name')}  dim: {m.get('dim')}  source: {m.get('source')}")
-    for split, s in info["splits"].items():
-        typer.echo(f"  {split}: {s['images']} images, {s['triplets']} triplets, "
-                   f"categories: {', '.join(c or '-' for c in s['categories'])}  [valid]")
+    typer.echo(workspace_lines(Workspace(work).summary()))
 
 
 @command(mine_app)
 def check(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT):
     """Read a dataset's annotations and print what they hold (no embedding)."""
     from cir_mine.data.adapters import dataset_summary
+    from cir_mine.miner.inspection.render import dataset_line
 
-    s = dataset_summary(dataset.value, root, split)
-    typer.echo(f"{dataset.value} {split}: {s['images']} images ({s['image_files']} with image files, "
-               f"{s['with_attributes']} with attributes), {s['queries']} queries, categories: "
-               f"{', '.join(c or '-' for c in s['categories'])}")
+    typer.echo(dataset_line(dataset.value, split, dataset_summary(dataset.value, root, split)))
 
 
 @command(mine_app, cfg=Options(PositivesConfig, flags={"ignore_groups": ("--ignore-group",)},
@@ -286,21 +185,15 @@ def positives(
     overwrite: bool = OVERWRITE,
 ):
     """Generate extra training triplets from attribute differences of near neighbours (SPN stage 1)."""
-    from cir_mine.data.checks import check_range
     from cir_mine.data.workspace import Workspace
-    from cir_mine.miner.positives.captioners import CommandCaptioner, TemplateCaptioner
+    from cir_mine.miner.inspection.render import positives_line
+    from cir_mine.miner.positives.captioners import make_captioner
     from cir_mine.miner.positives.generate import generate_positives
 
-    if captioner == "command" and not command["command"]:
-        fail("--captioner command needs --command PROGRAM.", 2)
-    if captioner not in ("template", "command"):
-        fail(f"unknown captioner {captioner!r}: use template or command.", 2)
-    check_range("command_timeout", command["timeout"], 0.0, None, lo_open=True)
-    cap = CommandCaptioner(**command) if captioner == "command" else TemplateCaptioner(cfg.seed)
+    cap = make_captioner(captioner, command, cfg.seed)
     r = generate_positives(Workspace(work).require(), split, cfg, out, captioner=cap, text_encoder=text_encoder,
                            overwrite=overwrite)
-    typer.echo(f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
-               f"(changed groups: {r.meta['changed_groups']})")
+    typer.echo(positives_line(r))
 
 
 @command(mine_app)
@@ -310,13 +203,13 @@ def attributes(
 ):
     """Print the attributes a caption asks for (+ wanted, - ruled out, ~ comparative)."""
     from cir_mine.miner.core.attributes import extract_many, load_vocabulary
+    from cir_mine.miner.inspection.render import attribute_lines
 
-    for text, req in zip(texts, extract_many(texts, load_vocabulary(vocabulary))):
-        typer.echo(f"{text}\t{' '.join(req.as_strings()) or '(none)'}")
+    typer.echo(attribute_lines(texts, extract_many(texts, load_vocabulary(vocabulary))))
 
 
 # ------------------------------------------------------------------------------------------------
-# cir-mine embed, cir-mine index
+# cir-mine embed, index, demo
 
 
 PROMPTS = Spell(Optional[Path], to_field=lambda p: DEFAULT_PROMPTS if p is not None and str(p) == "default" else p)
@@ -334,14 +227,12 @@ def embed(dataset: Dataset = DATASET, root: Path = ROOT, split: str = SPLIT, wor
           ray: RayEmbedRun = None, overwrite: bool = OVERWRITE, quiet: bool = QUIET):
     """Embed a dataset's images and captions with open_clip into a workspace (+ FAISS index). Resumable."""
     from cir_mine.miner.embed import embed as embed_job
+    from cir_mine.miner.inspection.render import embed_line
 
     with progress_bar("embed", None, quiet, unit="images") as advance:
         m = embed_job(EmbedJob(dataset.value, root, split, work, encoder, run, **job), engine.name, ray,
                       progress=advance, overwrite=overwrite)
-    info = m["embed"][split]
-    typer.echo(f"wrote {work}: {info['images'] - info['skipped_images']['count']} images, "
-               f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
-               f"skipped {info['skipped_images']['count']} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
+    typer.echo(embed_line(work, split, m))
 
 
 @command(mine_app, "index")
@@ -360,22 +251,12 @@ def index_cmd(
     allow_encoder_change: bool = typer.Option(False, "--allow-encoder-change", help="With --from-features: import features of another encoder than the workspace's triplets."),
 ):
     """(Re)build the FAISS index of a split's gallery, or import precomputed features."""
-    from cir_mine.miner.encode.features import import_features
-    from cir_mine.miner.encode.index import index_workspace
+    from cir_mine.miner.embed import build_index
+    from cir_mine.miner.inspection.render import index_lines
 
-    if from_features is not None:
-        meta = import_features(work, split, from_features, ids, encoder_name, index, device, fp16,
-                               allow_encoder_change, overwrite=overwrite)
-    else:
-        meta = index_workspace(work, split, index, device, fp16, npy=npy_dtype if npy else None)
-    if npy:
-        typer.echo(f"wrote {work}/gallery.{split}.npy: the gallery embeddings, memory-mapped by mining")
-    typer.echo(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
-               f"({'GPU' if meta.get('gpu') else 'CPU'} build)")
-
-
-# ------------------------------------------------------------------------------------------------
-# cir-mine demo
+    meta = build_index(work, split, index, device, fp16, npy_dtype if npy else None, from_features, ids, encoder_name,
+                       allow_encoder_change, overwrite)
+    typer.echo(index_lines(work, split, meta, npy))
 
 
 @command(mine_app, cfg=Options(DemoConfig, only=("epochs", "world")))
@@ -387,40 +268,20 @@ def demo(
 ):
     """Synthetic world -> negatives (random, midzone, attribute-mismatch, hardest re-mined halfway) -> short trainings (combiner; DQE on hardest) -> R@10/R@50 table."""
     from cir_mine.train.demo import run_demo
+    from cir_mine.train.render import demo_lines
 
-    step = [0]
-
-    def say(msg: str) -> None:
-        step[0] += 1
-        if not quiet:
-            typer.echo(f"[{step[0]}] {msg}")
-
-    res = run_demo(out, cfg, on_step=say, overwrite=overwrite)
-    typer.echo("")
-    typer.echo(f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})")
-    for name, r in res.runs.items():
-        typer.echo(f"{name:<20s} {r['R@10']:7.2f} {r['R@50']:7.2f}")
-    typer.echo("")
-    typer.echo(f"negatives tables: {', '.join(str(p) for p in res.tables.values())}")
-    typer.echo(f"runs (metrics.json, curves.png, ckpt.pt): {out / 'runs'}/")
-    typer.echo(f"done in {res.seconds:.0f}s")
+    steps = itertools.count(1)
+    say = (lambda msg: None) if quiet else (lambda msg: typer.echo(f"[{next(steps)}] {msg}"))
+    typer.echo(demo_lines(out, run_demo(out, cfg, on_step=say, overwrite=overwrite)))
 
 
 # ------------------------------------------------------------------------------------------------
 # cir-mine negatives, export, eval
 
-# --no-guard NAME -> the guard field it switches off (False, or None for a threshold)
-GUARD_SWITCHES = {"target": "exclude_target", "reference": "exclude_reference",
-                  "extra-positive": "exclude_extra_positives", "near-duplicate": "dup_threshold", "cap": "rho",
-                  "trust-verified": "trust_verified"}
-NEGATIVES_SPELLINGS = {
-    "max_candidates=None": "--no-deepen",
-    **{(f if isinstance(field_default(GuardConfig, f), bool) else f + "=None"): f"--no-guard {g}"
-       for g, f in GUARD_SWITCHES.items()},
-}
-
-
-MINE = Options(MineConfig, skip=tuple(f for f in GUARD_SWITCHES.values() if f not in ("dup_threshold", "rho")),
+# parameters as the API spells them -> the options that set them: --no-deepen, --no-guard NAME
+NEGATIVES_SPELLINGS = {"max_candidates=None": "--no-deepen", **{f + ("" if off_value(f) is False else "=None"): f"--no-guard {g}"
+                                                                for g, f in GUARD_SWITCHES.items()}}
+MINE = Options(MineConfig, skip=tuple(f for f in GUARD_SWITCHES.values() if off_value(f) is False),
                flags={"k": ("-k", "--k"), "prefetch": ("--prefetch/--no-prefetch",)},
                spell={"category_shares": comma_numbers("category_shares"),
                       "target_recall": Spell(float, lambda v: v or 0, lambda v: v or None)},
@@ -450,20 +311,11 @@ def negatives(
     verbose: bool = VERBOSE,
 ):
     """Mine negatives for every query of a split into one Parquet table."""
-    from cir_mine.miner.negatives import QueryFile, mine_file, stages_line, summary
-    from cir_mine.train.checkpoint import CheckpointQueries
+    from cir_mine.miner.negatives import mine_file, stages_line, summary, switch_off
+    from cir_mine.train.checkpoint import query_source
 
-    bad = [g for g in no_guard if g not in GUARD_SWITCHES]
-    if bad:
-        raise UsageError(f"--no-guard {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.")
-    if checkpoint is not None and query_emb is not None:
-        raise UsageError("give --checkpoint or --query-emb, not both.")
-    if query_ids is not None and query_emb is None:
-        raise UsageError("--query-ids names the rows of --query-emb; pass --query-emb too.")
-    off = {GUARD_SWITCHES[g]: None if NEGATIVES_SPELLINGS.get(GUARD_SWITCHES[g] + "=None") else False for g in no_guard}
-    cfg = cfg.replace(**off, **({"max_candidates": None} if no_deepen else {}))
-    queries = (CheckpointQueries(checkpoint) if checkpoint is not None
-               else QueryFile(query_emb, query_ids) if query_emb is not None else None)
+    cfg = switch_off(cfg, no_guard, no_deepen)
+    queries = query_source(checkpoint, query_emb, query_ids)
     with progress_bar("negatives", None, quiet, unit="queries") as advance:
         res = mine_file(work, split, cfg, out, engine=dataclasses.replace(engine, shard=shard, ray=ray), queries=queries,
                         mining_round=mining_round, overwrite=overwrite, progress=advance)
@@ -472,10 +324,12 @@ def negatives(
         typer.echo(stages_line(res.meta))
 
 
-class ExportFormat(str, enum.Enum):
-    ntuple = "ntuple"
-    wide = "wide"
-    jsonl = "jsonl"
+NEGATIVES_FLAGS = negatives.flags
+
+
+def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
+    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints), with flags."""
+    return spell_calls(text, functools.partial(flag, flags=flags))
 
 
 @command(mine_app)
@@ -491,15 +345,11 @@ def export(
     """Export a negatives table: sentence-transformers n-tuples (ntuple), wide per-query Parquet (wide), JSON lines or CLIP4Cir caption files (jsonl)."""
     from cir_mine.data.workspace import Workspace
     from cir_mine.miner.core.export import export_negatives
+    from cir_mine.miner.inspection.render import export_line
 
     ws = Workspace(work).require() if work is not None else None
     r = export_negatives(negs, fmt.value, out, root=root, overwrite=overwrite, ws=ws, images=images)
-    what = f"{len(r.files)} caption file(s) in {r.out}" if root is not None and fmt.value == "jsonl" else str(r.out)
-    if fmt.value == "ntuple":
-        left = f" ({r.left_out} with fewer than {r.k} negatives left out)" if r.left_out else ""
-        typer.echo(f"wrote {what}: {r.queries} queries with {r.k} negatives each{left}")
-    else:
-        typer.echo(f"wrote {what}: {r.queries} queries, up to {r.k} negatives each")
+    typer.echo(export_line(r, fmt.value, caption_files=root is not None and fmt.value == "jsonl"))
 
 
 @command(mine_app, "eval")
@@ -523,12 +373,6 @@ def eval_cmd(
 
 # ------------------------------------------------------------------------------------------------
 # cir-mine stats / sql / inspect / report: see the negatives
-
-
-class SqlFormat(str, enum.Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
 
 
 @command(mine_app)
@@ -572,14 +416,10 @@ def inspect(
 ):
     """Contact sheet: reference, caption, target, then negatives labelled with Δ, score, category, attributes."""
     from cir_mine.miner.inspection.contact_sheet import contact_sheet
+    from cir_mine.miner.inspection.render import sheet_lines
 
     r = contact_sheet(negs, work, out, query_id or [], sample, root, split, max_negatives, seed, overwrite=overwrite)
-    kind = "thumbnails" if r["images"] else "attribute cards (no image paths)"
-    typer.echo(f"wrote {r['out']}: {len(r['queries'])} queries, {r['size'][0]}x{r['size'][1]} px, {kind}")
-    for row in r["short"]:
-        scope = "" if row.guards_scope == "query" else " (whole table)"
-        guards = ", ".join(f"{g} {n:,}" for g, n in row.guards.items() if n) or "none recorded"
-        typer.echo(f"{row.query_id}: short, {row.short}; guards removed{scope}: {guards}")
+    typer.echo(sheet_lines(r))
 
 
 @command(mine_app)
@@ -595,11 +435,12 @@ def report(
     overwrite: bool = OVERWRITE,
 ):
     """One self-contained HTML report: Δ per strategy, scores, mixes, shortfall, top negatives, rounds, sheets."""
+    from cir_mine.miner.inspection.render import report_line
     from cir_mine.miner.inspection.report import write_report
 
     r = write_report(negs, work, out, overwrite=overwrite, split=split, root=root, n_sheet_queries=n_sheet_queries,
                      max_negatives=max_negatives, seed=seed)
-    typer.echo(f"wrote {out}: {len(r.plots)} plots ({', '.join(r.plots)}), {len(r.html) // 1024} KiB")
+    typer.echo(report_line(out, r))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -608,11 +449,8 @@ def report(
 TRAIN = Options(TrainConfig, flags={"work": ("--work", "-w"), "split": ("--split", "-s"), "out": ("--out", "-o"),
                                     "negatives": ("--negatives", "-n"), "epochs": ("--epochs", "-e"),
                                     "batch_size": ("--batch-size", "-b")},
-                spell={"work": Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else ""),
-                       "out": Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else ""),
-                       "negatives": OPTIONAL_PATH, "eval_work": OPTIONAL_PATH,
-                       "extra_triplets": Spell(Optional[List[Path]], lambda v: list(v) or None,
-                                               lambda ps: [str(p) for p in ps or []])})
+                spell={"work": PATH_OR_EMPTY, "out": PATH_OR_EMPTY, "negatives": PATH, "eval_work": PATH,
+                       "extra_triplets": PATHS})
 
 
 @command(train_app, cfg=TRAIN, ray=Options(RayConfig, only=("address",), names={"address": "ray_address"},
@@ -627,66 +465,27 @@ def train(
     ctx: typer.Context = None,
 ):
     """Train a combiner on cached features with in-batch and mined negatives; evaluate every epoch."""
+    from cir_mine.train.render import epoch_line, ignored_line, run_lines
     from cir_mine.train.session import remine_line, run_training
 
+    note = (lambda text: None) if quiet else functools.partial(typer.echo, err=True)
     used = []
     with progress_bar("train", None, quiet, unit="epochs") as advance:
         def on_config(run: TrainConfig) -> None:
             used.append(run)
-            ignored = _ignored_on_resume(ctx, run) if resume is not None else []
+            ignored = changed_options(ctx, TRAIN, run.to_dict()) if resume is not None else []
             if ignored:
-                typer.echo(f"warning: --resume {resume} continues with the run's own options; ignored: "
-                           f"{', '.join(ignored)}.", err=True)
-            advance(0, total=0 if run.zero_shot or run.epochs == 0 else run.epochs + run.static_bank)
+                typer.echo(ignored_line(resume, ignored, functools.partial(flag, flags=train.flags)), err=True)
+            advance(0, total=run.epochs_to_run())
 
         def on_epoch(rec: dict) -> None:
             advance(1)
-            if not quiet:
-                typer.echo(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  R@10 {rec.get('R@10', float('nan')):.2f}", err=True)
-
-        def on_remine(mining_round: int, epoch: int, meta: dict) -> None:
-            if not quiet:
-                typer.echo(remine_line(mining_round, epoch, meta), err=True)
+            note(epoch_line(rec))
 
         m = run_training(None if resume is not None else cfg, resume=resume, ray_address=ray.address,
-                         overwrite=overwrite, on_config=on_config, on_epoch=on_epoch, on_remine=on_remine)
-    out = used[0].out
-    keys = [k for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3") if k in m]
-    typer.echo(f"{out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys))
-    for cat, v in m.get("per_category", {}).items():
-        typer.echo(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)")
-    typer.echo(f"metrics: {Path(out) / 'metrics.json'}  curves: {Path(out) / 'curves.png'}")
-
-
-def _ignored_on_resume(ctx, cfg: TrainConfig) -> list:
-    """Options given on the command line beside --resume whose value differs from the run's."""
-    if ctx is None:
-        return []
-    out = []
-    run = cfg.to_dict()
-    for name, value in ctx.params.items():
-        if name not in run or ctx.get_parameter_source(name) is None or ctx.get_parameter_source(name).name != "COMMANDLINE":
-            continue
-        spell = TRAIN.spell.get(name)
-        given = spell.to_field(value) if spell else value
-        if given != run[name]:
-            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            out.append(f"{flag(name, train.flags)} {shown} (the run's: {run[name]})")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# What the commands print
-
-
-NEGATIVES_FLAGS = negatives.flags
-
-
-def spell_hints(text: str, flags: dict = NEGATIVES_FLAGS) -> str:
-    """Library text that names parameters as ``MineConfig.of(rho=...)`` (shortfall hints) with flags."""
-    from cir_mine.data.errors import spell_calls
-
-    return spell_calls(text, functools.partial(flag, flags=flags))
+                         overwrite=overwrite, on_config=on_config, on_epoch=on_epoch,
+                         on_remine=lambda mining_round, epoch, meta: note(remine_line(mining_round, epoch, meta)))
+    typer.echo(run_lines(used[0].out, m))
 
 
 def mine_main() -> None:

@@ -1,4 +1,4 @@
-"""Typed exceptions. The CLI turns each into one ``Error: ...`` line and an exit code.
+"""Typed exceptions. The CLI turns each into one ``Error: ...`` line and an exit code (:func:`failure`).
 
 An error about a parameter names it as the Python API spells it (``delta_lo``) and lists it in
 ``params``; :meth:`CirMineError.render` writes those names the way a front end spells them (the CLI:
@@ -10,7 +10,7 @@ occurs as prose) or inside a command line in backticks (`` `cir-mine index work=
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Optional
 
 
 # A parameter named in running text as the API sets it: ``MineConfig.of(rho=...)``, ``MineConfig.of(rho=None)``,
@@ -105,3 +105,17 @@ class Interrupted(CirMineError):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def failure(e: BaseException, spell: Callable[[str], str]) -> Optional[tuple]:
+    """How a front end reports ``e``: (message, exit code), parameters written by ``spell``; None for an
+    exception that is no expected failure (a bug: let it raise, with its traceback)."""
+    if isinstance(e, CirMineError):
+        return e.render(spell), e.exit_code
+    if isinstance(e, MemoryError):
+        return f"out of memory. Lower {spell('batch_size')} or {spell('query_batch')}, or use a smaller index.", 1
+    if isinstance(e, OSError) and getattr(e, "filename", None) is not None:   # a file-system failure: name the file
+        return f"{e.filename}: {e.strerror or e}.", 1
+    if isinstance(e, KeyboardInterrupt):   # outside a write job (jobs raise Interrupted, saying what is left)
+        return "interrupted (SIGINT).", 130
+    return None

@@ -12,7 +12,9 @@ that needs more room continues on the lines below, as comment-only lines indente
 
 :func:`field_docs` reads those comments from the source. :class:`Options` describes the options a
 front end (the CLI) makes of a config's fields, each named, defaulted and described by its field,
-and builds the config back from the options' values.
+and builds the config back from the options' values; a :class:`Spell` says how an option writes a
+field it cannot take as it is (comma-separated numbers, paths). cir_mine.data.options makes typer
+parameters of them.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, List, Optional
 
 from cir_mine.data.errors import UsageError
 
@@ -90,6 +93,12 @@ class Spell:
     type: object
     to_option: Callable = lambda v: v
     to_field: Callable = lambda v: v
+
+
+# a path option of a string field (None: unset), of a string field whose unset value is "", of a list field
+PATH = Spell(Optional[Path], lambda v: v, lambda p: None if p is None else str(p))
+PATH_OR_EMPTY = Spell(Optional[Path], lambda v: Path(v) if v else None, lambda p: str(p) if p else "")
+PATHS = Spell(Optional[List[Path]], lambda v: list(v) or None, lambda ps: [str(p) for p in ps or []])
 
 
 def comma_numbers(name: str) -> Spell:

@@ -206,7 +206,7 @@ class Workspace:
         return g, t
 
     def summary(self) -> dict:
-        """Validate every split and return {manifest, hash, splits: {split: {images, triplets, categories}}}."""
+        """Validate every split and return {root, manifest, hash, splits: {split: {images, triplets, categories}}}."""
         self.require()
         splits = {}
         for split in self.splits():
@@ -214,7 +214,7 @@ class Workspace:
             t = self.triplets(split, gallery=g) if self.triplets_path(split).exists() else None
             splits[split] = {"images": len(g), "triplets": 0 if t is None else len(t),
                              "categories": sorted(set(g.categories.tolist()))}
-        return {"manifest": self.manifest(), "hash": self.manifest_hash(), "splits": splits}
+        return {"root": self.root, "manifest": self.manifest(), "hash": self.manifest_hash(), "splits": splits}
 
     def image_root(self, split: str) -> Optional[Path]:
         """The dataset root the gallery ``path`` column of ``split`` is relative to, as recorded by

@@ -6,7 +6,9 @@ the mining core's own search in this process, the gallery's shards in this proce
 Ray actors) and the source of the query embeddings (none: zero-shot; :class:`QueryFile`: a .npy of
 your model's; :class:`cir_mine.train.checkpoint.CheckpointQueries`: a cir-train run's model). Every
 option and the output path are checked before the slow work; the table is written atomically under
-the lock of its directory, with what produced it in its footer.
+the lock of its directory, with what produced it in its footer. :func:`switch_off` switches guards off
+by the names a user gives them (GUARD_SWITCHES); :func:`summary` and :func:`stages_line` describe a
+mined table in text.
 """
 from __future__ import annotations
 
@@ -17,10 +19,34 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from cir_mine.data.errors import UsageError
+from cir_mine.data.fields import field_default
 from cir_mine.data.io import check_output, write_job
 from cir_mine.data.workspace import Workspace
+from cir_mine.miner.core.guards import GuardConfig
 from cir_mine.miner.core.mine import MineConfig, MineResult, mine_negatives, write_result
 from cir_mine.miner.distributed.mine import EngineConfig
+
+
+# a guard's name, as a user switches it off -> the GuardConfig field that does (False, or None for a threshold)
+GUARD_SWITCHES = {"target": "exclude_target", "reference": "exclude_reference",
+                  "extra-positive": "exclude_extra_positives", "near-duplicate": "dup_threshold", "cap": "rho",
+                  "trust-verified": "trust_verified"}
+
+
+def switch_off(cfg: MineConfig, no_guard: Sequence[str] = (), no_deepen: bool = False) -> MineConfig:
+    """``cfg`` with the guards named in ``no_guard`` (keys of GUARD_SWITCHES) switched off, and with
+    ``no_deepen`` short queries never searched again (``max_candidates=None``)."""
+    bad = [g for g in no_guard if g not in GUARD_SWITCHES]
+    if bad:
+        raise UsageError(f"`no_guard` {bad[0]!r}: use one of {', '.join(GUARD_SWITCHES)}.", params=("no_guard",))
+    off = {GUARD_SWITCHES[g]: off_value(GUARD_SWITCHES[g]) for g in no_guard}
+    return cfg.replace(**off, **({"max_candidates": None} if no_deepen else {}))
+
+
+def off_value(field: str) -> Optional[bool]:
+    """The value that switches the guard field ``field`` off: False for a switch, None for a threshold."""
+    return False if isinstance(field_default(GuardConfig, field), bool) else None
 
 
 class QuerySource(Protocol):

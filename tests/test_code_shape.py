@@ -1,6 +1,7 @@
 """The library's shape: rooms with one job (no module over about 500 lines, no function over 80) and
 errors that name parameters, never command-line flags (cli.py spells the flags, see
-cir_mine.data.errors). Checked over the source of data/, miner/ and train/ (not cli.py, tests or bench)."""
+cir_mine.data.errors). Checked over the source of data/, miner/ and train/ (not tests or bench); the
+size limits also hold for cli.py, which only parses, calls the library and renders."""
 import ast
 import re
 from pathlib import Path
@@ -19,6 +20,11 @@ def library_files() -> list:
     return sorted(p for root in LIBRARY for p in (REPO / root).rglob("*.py"))
 
 
+def shaped_files() -> list:
+    """The files held to the size limits: the library and cli.py."""
+    return library_files() + [REPO / "cli.py"]
+
+
 def rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
@@ -28,7 +34,7 @@ def test_the_scan_sees_the_library():
     assert {"data/workspace.py", "miner/core/mine.py", "train/loop.py"} <= names and len(names) > 60
 
 
-@pytest.mark.parametrize("path", library_files(), ids=rel)
+@pytest.mark.parametrize("path", shaped_files(), ids=rel)
 def test_modules_and_functions_stay_small(path):
     source = path.read_text()
     assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{rel(path)}: split it along its seams"

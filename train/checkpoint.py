@@ -8,21 +8,23 @@ A checkpoint is a ``torch.save`` dict (see docs/formats.md)::
 
 Written to a temp file in RUN and ``os.replace``d, so a kill mid-write leaves the previous
 checkpoint intact; the training loop passes the crash point ``epoch-saved`` (cir_mine.data.crash) after
-each save.
+each save. A run's model is also a source of query embeddings for mining (:class:`CheckpointQueries`,
+:func:`query_source`).
 """
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
 import torch
 
-from cir_mine.data.errors import DataError
+from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.io import atomic_path
 from cir_mine.data.workspace import library_versions
+from cir_mine.miner.negatives import QueryFile
 
 FORMAT = "cir-train-ckpt"
 VERSION = 1
@@ -100,3 +102,18 @@ class CheckpointQueries:
 
     def embeddings(self, ws, split: str, loaded=None) -> np.ndarray:
         return encode_queries(self.path, ws.root, split)
+
+
+def query_source(checkpoint: Optional[Path] = None, query_emb: Optional[Path] = None,
+                 query_ids: Optional[Path] = None):
+    """Where mining's query embeddings come from (a query source of cir_mine.miner.negatives.mine_file):
+    the model of a run's ``checkpoint``, your ``query_emb`` .npy (its rows named by ``query_ids``, or
+    in the triplets' order), or neither (None: zero-shot)."""
+    if checkpoint is not None and query_emb is not None:
+        raise UsageError("give `checkpoint` or `query_emb`, not both.", params=("checkpoint", "query_emb"))
+    if query_ids is not None and query_emb is None:
+        raise UsageError("`query_ids` names the rows of `query_emb`; pass `query_emb` too.",
+                         params=("query_ids", "query_emb"))
+    if checkpoint is not None:
+        return CheckpointQueries(checkpoint)
+    return QueryFile(query_emb, query_ids) if query_emb is not None else None

@@ -81,6 +81,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def epochs_to_run(self) -> int:
+        """The epochs a run trains (the static-bank stage's included; none for zero-shot)."""
+        return 0 if self.zero_shot or self.epochs == 0 else self.epochs + self.static_bank
+
     def heads(self) -> tuple:
         """``attr_heads`` as a tuple of head names (``("groups",)`` until a gallery resolves it)."""
         return tuple(h.strip() for h in (self.attr_heads or "").split(",") if h.strip())

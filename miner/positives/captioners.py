@@ -16,7 +16,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from cir_mine.data.errors import DataError
+from cir_mine.data.checks import check_range
+from cir_mine.data.errors import DataError, UsageError
 
 from cir_mine.miner.positives.pairs import Change, PairDiff
 
@@ -172,3 +173,18 @@ class CommandCaptioner:
             raise DataError(f"captioner command {self.command!r} exited with {rc}: "
                             f"{tail.decode('utf-8', 'replace').strip()[-300:]}")
         return [ln.decode("utf-8", "replace") for ln in lines]
+
+
+# the captioners ``make_captioner`` knows, by name
+CAPTIONERS = ("template", "command")
+
+
+def make_captioner(captioner: str, command: dict, seed: int = 0) -> Captioner:
+    """The captioner named ``captioner``: template (offline, seeded with ``seed``) or command (a
+    :class:`CommandCaptioner` of ``command``'s fields; its ``timeout`` is checked either way)."""
+    if captioner == "command" and not command["command"]:
+        raise UsageError("`captioner` command needs `command` PROGRAM.", params=("captioner", "command"))
+    if captioner not in CAPTIONERS:
+        raise UsageError(f"unknown captioner {captioner!r}: use template or command.")
+    check_range("command_timeout", command["timeout"], 0.0, None, lo_open=True)
+    return CommandCaptioner(**command) if captioner == "command" else TemplateCaptioner(seed)

@@ -29,6 +29,11 @@ from cir_mine.miner.core.search.measure import Clock, KernelRace
 from cir_mine.miner.core.search.lists import ListLayout, coarse_assign, flat_centroids, ivf_flat_lists, list_major_search
 from cir_mine.miner.core.search.params import SEARCH_PARAM, cpu_ivf, faiss_nlist, index_kind, set_search_params
 
+# Tuned settings (docs/search.md, "Tuned settings"): past this share of a first-pass batch short at the
+# reserve depth, the later batches are searched at the deepest depth at once
+FLAT_DEEP_SHARE = 0.25    # exact search: its deepest search costs about 1.2x the reserve's
+LISTS_DEEP_SHARE = 0.35   # list-major IVF: about 1.5x
+
 
 class ExactSearch:
     """The exact top-k by :func:`~cir_mine.miner.core.search.exact.gathered_dot` score (``cheap_depth``:
@@ -46,11 +51,7 @@ class ExactSearch:
 
     exact = True
     cheap_depth = True
-    # a first-pass batch with more than this share of its queries short at the reserve depth sends
-    # the later batches to the deepest depth at once: a GEMM costs the same at any depth and the
-    # deeper heaps about 1.2x (1M x 256, depth 2048 against 800), so a second search of a quarter
-    # of the queries costs more
-    deep_share = 0.25
+    deep_share = FLAT_DEEP_SHARE
     KERNELS = {"faiss": faiss_topk, "gemm": gemm_topk}
 
     def __init__(self, xb: np.ndarray, device: str = "auto", fp16: bool = False, block_rows: int = 262_144,
@@ -139,10 +140,8 @@ class Reranked:
 
     @property
     def deep_share(self) -> Optional[float]:
-        """See ExactSearch.deep_share: list-major IVF searches the deepest depth (2048, its tuned
-        nprobe) at about 1.5x the cost of the reserve's (800) at 1M x 256, so past a third of a
-        batch searched again the deepest search at once is cheaper; None for other sources."""
-        return 0.35 if self.lists is not None and self.cheap_depth else None
+        """LISTS_DEEP_SHARE for list-major IVF (see ExactSearch.deep_share); None for other sources."""
+        return LISTS_DEEP_SHARE if self.lists is not None and self.cheap_depth else None
 
     def layout_of(self) -> "ListLayout":
         if self.layout is None:

@@ -84,7 +84,12 @@ def exact_rescore(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> tupl
 
 
 UNIT_ROUNDOFF = 2.0 ** -24   # float32's unit roundoff u
-CUT_MARGIN = 16              # candidates fetched past a cut of k: CUT_MARGIN + k // 64 (4x more for the queries the bound cannot settle)
+# Tuned settings (docs/search.md, "Tuned settings"): candidates fetched past a cut of k are
+# CUT_MARGIN + k // CUT_MARGIN_PER, REFETCH_GROWTH times more each time for the queries the bound cannot settle
+CUT_MARGIN = 16
+CUT_MARGIN_PER = 64
+REFETCH_GROWTH = 4
+FAISS_BLOCK_PER_DEPTH = 4    # FAISS's flat-search block: gallery rows per depth asked (at least FAISS's own)
 
 
 def rounding_gap(d: int) -> float:
@@ -130,7 +135,7 @@ def exact_cut(xb: np.ndarray, xq: np.ndarray, k: int, fetch: Callable, total, ro
     qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
     gap = (rounding_gap(d) + extra_gap) * qnorm * float(row_norm) * (1 + 1e-6) + 1e-30
     todo = np.arange(nq, dtype=np.int64)
-    extra = CUT_MARGIN + k // 64
+    extra = CUT_MARGIN + k // CUT_MARGIN_PER
     while todo.size:
         depth = int(max(1, min(int(total[todo].max()), k + extra)))
         t = time.perf_counter()
@@ -145,7 +150,7 @@ def exact_cut(xb: np.ndarray, xq: np.ndarray, k: int, fetch: Callable, total, ro
         done = (total[todo] <= depth) | (np.asarray(bound, np.float64) == -np.inf) | (kth > bound + gap[todo])
         D[todo[done], :w], I[todo[done], :w] = Dq[done], Iq[done]
         todo = todo[~done]
-        extra *= 4
+        extra *= REFETCH_GROWTH
     return D, I
 
 
@@ -198,8 +203,8 @@ def faiss_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144
     n = int(xb.shape[0])
     k = int(min(k, n))
     xq = np.ascontiguousarray(xq, np.float32)
-    if faiss.cvar.distance_compute_blas_database_bs >= FAISS_DEFAULT_BLOCK:       # a block at least 4x the depth
-        faiss.cvar.distance_compute_blas_database_bs = max(FAISS_DEFAULT_BLOCK, 4 * k)
+    if faiss.cvar.distance_compute_blas_database_bs >= FAISS_DEFAULT_BLOCK:
+        faiss.cvar.distance_compute_blas_database_bs = max(FAISS_DEFAULT_BLOCK, FAISS_BLOCK_PER_DEPTH * k)
     out = None
     for s in range(0, n, block_rows):
         block = np.ascontiguousarray(read_block(xb, s, s + block_rows), np.float32)
