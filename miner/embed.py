@@ -36,7 +36,7 @@ def build_index(work: str | Path, split: str, index: str = "flat", device: str =
         from cir_mine.miner.encode.features import import_features
 
         return import_features(work, split, features, ids, encoder_name, index, device, fp16, allow_encoder_change,
-                               overwrite=overwrite)
+                               overwrite=overwrite, npy=npy)
     from cir_mine.miner.encode.index import index_workspace
 
     return index_workspace(work, split, index, device, fp16, npy=npy)

@@ -286,6 +286,23 @@ def test_import_features(tmp_path, kind):
     assert load_index(Workspace(work).index_path("train"), device="cpu").ntotal == 40
 
 
+@pytest.mark.parametrize("index", ["flat", "none"])
+def test_import_features_with_npy_writes_the_mapped_embeddings(tmp_path, index):
+    """`index --from-features --npy` writes gallery.{split}.npy, as the line it prints says."""
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((30, 8)).astype(np.float32)
+    np.save(tmp_path / "f.npy", emb)
+    (tmp_path / "ids.txt").write_text("".join(f"img{i}\n" for i in range(30)))
+    work = tmp_path / "w"
+    r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu", "--index", index, "--npy",
+                                 "--from-features", str(tmp_path / "f.npy"), "--ids", str(tmp_path / "ids.txt")])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {work}/gallery.train.npy" in r.output
+    mapped = np.load(Workspace(work).embeddings_path("train"), mmap_mode="r")
+    np.testing.assert_array_equal(mapped, Workspace(work).gallery("train").embeddings)
+
+
+
 def test_uint8_workers_then_batched_normalize_equals_open_clip_transform(tmp_path, encoder):
     from PIL import Image
 

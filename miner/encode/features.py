@@ -21,7 +21,7 @@ from cir_mine.data.validate import check_ids, check_labels, check_matrix
 from cir_mine.data.workspace import Workspace, check_readable_file, check_split, gallery_table
 
 from cir_mine.miner.core.search.build import check_spec
-from cir_mine.miner.encode.index import index_workspace
+from cir_mine.miner.encode.index import index_workspace, write_gallery_npy
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,10 @@ def check_triplets_kept(ws: Workspace, split: str, ids: set, source) -> None:
 
 def import_features(work: str | Path, split: str, path: str | Path, ids_path: Optional[str | Path] = None,
                     encoder_name: str = "unknown", index: str = "flat", device: str = "auto",
-                    fp16: bool = False, allow_encoder_change: bool = False, overwrite: bool = True) -> dict:
-    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index;
+                    fp16: bool = False, allow_encoder_change: bool = False, overwrite: bool = True,
+                    npy: Optional[str] = None) -> dict:
+    """Write ``gallery.{split}.parquet`` from precomputed features (L2-normalized here), then the index
+    (``index`` 'none': no index) and, with ``npy`` (a dtype), the memory-mapped ``gallery.{split}.npy``;
     a clip-retrieval folder becomes the parts folder ``gallery.{split}/``.
 
     The split's current gallery lends its categories, attributes (tags), paths and attribute scores
@@ -296,8 +298,7 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
         with write_job(ws.root, job):
             parts = clip_retrieval_parts(pairs, ids, cats, CarryOver(ws, split))
             ws.write_gallery(split, parts, metadata={"features": str(path), "layout": "clip-retrieval"})
-            meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
-                    if index != "none" else None)
+            meta = _index_imported(ws, split, index, device, fp16, npy)
             ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": dim})
             return meta or {}
     for p in (path, ids_path):
@@ -317,10 +318,19 @@ def import_features(work: str | Path, split: str, path: str | Path, ids_path: Op
         check_spec(index, len(ids), int(emb.shape[1]))
     with write_job(ws.root, job):
         ws.write_gallery(split, CarryOver(ws, split).table(ids, cats, emb), metadata={"features": str(path)})
-        meta = (index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False)
-                if index != "none" else None)
+        meta = _index_imported(ws, split, index, device, fp16, npy)
         ws.write_manifest(source="features", encoder={"name": encoder_name, "dim": int(emb.shape[1])})
         return meta or {}
+
+
+def _index_imported(ws: Workspace, split: str, index: str, device: str, fp16: bool, npy: Optional[str]):
+    """Inside the import's transaction: the memory-mapped embeddings (with ``npy``) and the index
+    (unless ``index`` is 'none'); returns the index meta or None."""
+    if index == "none":
+        if npy:
+            write_gallery_npy(ws, split, npy)
+        return None
+    return index_workspace(ws.root, split, index, device=device, fp16=fp16, lock=False, npy=npy)
 
 
 def _check_feature_dim(ws: Workspace, split: str, path, dim: int) -> None:
