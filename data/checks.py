@@ -15,10 +15,6 @@ from cir_mine.data.errors import UsageError
 SEED_MAX = 2 ** 64 - 1
 
 
-def flag(name: str) -> str:
-    """The CLI flag of a config field: ``delta_lo`` -> ``--delta-lo``."""
-    return "--" + name.replace("_", "-")
-
 
 def check_finite(name: str, value) -> None:
     """``value`` (a number, or a tuple/list of numbers) must be finite."""
@@ -26,12 +22,12 @@ def check_finite(name: str, value) -> None:
     for v in values:
         if isinstance(v, float) and not math.isfinite(v):
             shown = ",".join(str(x) for x in values) if len(values) > 1 else str(v)
-            raise UsageError(f"{flag(name)} {shown}: must be a finite number.")
+            raise UsageError(f"`{name}` {shown}: must be a finite number.", params=(name,))
 
 
 def check_seed(name: str, value: int) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= SEED_MAX:
-        raise UsageError(f"{flag(name)} {value}: must be in 0..{SEED_MAX} (a 64-bit unsigned seed).")
+        raise UsageError(f"`{name}` {value}: must be in 0..{SEED_MAX} (a 64-bit unsigned seed).", params=(name,))
 
 
 _KINDS = {"int": "int", "Optional[int]": "int", "float": "float", "Optional[float]": "float"}
@@ -79,4 +75,4 @@ def check_range(name: str, value: float, lo: Optional[float] = None, hi: Optiona
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         interval = f"{left}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}{right}"
-        raise UsageError(f"{flag(name)} {value:g}: must be in {interval}.")
+        raise UsageError(f"`{name}` {value:g}: must be in {interval}.", params=(name,))
