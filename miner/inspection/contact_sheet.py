@@ -307,7 +307,7 @@ def render_sheet(rows: Sequence[SheetRow], title: str = "", max_negatives: int =
 
 def contact_sheet(neg_path: str | Path, work: str | Path, out: str | Path, query_ids: Sequence[str] = (),
                   sample: Optional[int] = None, root: Optional[str | Path] = None, split: Optional[str] = None,
-                  max_negatives: int = 8, seed: int = 0, overwrite: bool = True) -> dict:
+                  max_negatives: int = 8, seed: int = 0, overwrite: bool = False) -> dict:
     """``cir-mine inspect``: draw the sheet and write ``out`` (PNG, atomically).
 
     Returns {"out": Path, "queries": [...], "size": (width_px, height_px), "images": bool,

@@ -387,15 +387,17 @@ def build_report(neg_paths: Sequence[str | Path], work: str | Path, split: Optio
     return Report(page, doc.plots, stats)
 
 
-def write_report(neg_paths: Sequence[str | Path], work: str | Path, out: str | Path, overwrite: bool = True,
-                 **kw) -> Report:
-    """``cir-mine report``: build the report and write ``out`` atomically (checked first, see
-    :func:`cir_mine.data.io.check_output`)."""
-    if kw.get("n_sheet_queries", 3) > 0:
-        check_sheet_size(kw.get("n_sheet_queries", 3), kw.get("max_negatives", 6), "n_sheet_queries")
+def write_report(neg_paths: Sequence[str | Path], work: str | Path, out: str | Path, overwrite: bool = False,
+                 split: Optional[str] = None, root: Optional[str | Path] = None, n_sheet_queries: int = 3,
+                 max_negatives: int = 6, seed: int = 0) -> Report:
+    """``cir-mine report``: build the report (:func:`build_report`) and write ``out`` atomically (checked
+    first, see :func:`cir_mine.data.io.check_output`; an existing ``out`` only with ``overwrite``)."""
+    if n_sheet_queries > 0:
+        check_sheet_size(n_sheet_queries, max_negatives, "n_sheet_queries")
     out = check_output(out, list(neg_paths), overwrite)
     with write_job(out.parent, f"cir-mine report -> {out.name}"):
-        rep = build_report(neg_paths, work, **kw)
+        rep = build_report(neg_paths, work, split=split, root=root, n_sheet_queries=n_sheet_queries,
+                           max_negatives=max_negatives, seed=seed)
         with atomic_path(out) as tmp:
             Path(tmp).write_text(rep.html, encoding="utf-8")
     return rep
