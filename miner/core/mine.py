@@ -108,8 +108,9 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
 def default_prefetch(backend, search_meta: dict) -> bool:
     """Whether the next batch is searched while the current one is guarded when ``cfg.prefetch`` is
     None: with a GPU back-end (the device works while the host finishes a batch), and with the exact
-    CPU search over an in-memory gallery, whose guards and sampling leave a core idle between
-    FAISS's multi-threaded scans (a memory-mapped gallery is not read twice at once)."""
+    CPU search over an in-memory gallery (as fast as the sequential loop on an idle machine, faster
+    on cores shared with other jobs: docs/benchmarks.md; a memory-mapped gallery is not read twice
+    at once)."""
     if search_meta.get("gpu"):
         return True
     return isinstance(backend, ExactSearch) and not backend.blocked
