@@ -113,3 +113,24 @@ def test_negatives_help_names_every_registered_strategy():
     cmd = typer.main.get_command(mine_app).commands["negatives"]
     help = next(p.help for p in cmd.params if p.name == "strategy")
     assert help.endswith(": " + ", ".join(REGISTRY) + ".")
+
+
+def _stable_picks(key, eligible, fill, k):
+    """What select keeps of the stable argsort: the eligible columns among the first k, in order."""
+    order = np.argsort(np.where(eligible, key, fill), axis=1, kind="stable")[:, :k]
+    return np.where(np.take_along_axis(eligible, order, 1), order, -1)
+
+
+@pytest.mark.parametrize("high", [4, 1 << 62])
+def test_first_k_stable_picks_as_the_stable_sort_with_ties_and_fill_keys(high):
+    from cir_mine.miner.core.strategies.selection import first_k_stable
+
+    rng = np.random.default_rng(high % 97)
+    fill = np.iinfo(np.uint64).max
+    key = rng.integers(0, high, (300, 40), dtype=np.int64).astype(np.uint64)   # high=4: ties everywhere
+    key[::7, 3] = fill                                       # an eligible key equal to the fill value
+    eligible = rng.random(key.shape) < 0.6
+    for k in (1, 10, 40):
+        got = first_k_stable(np.where(eligible, key, fill), eligible, fill, k)
+        assert np.array_equal(np.where(np.take_along_axis(eligible, got, 1), got, -1),
+                              _stable_picks(key, eligible, fill, k))

@@ -16,7 +16,7 @@ from cir_mine.miner.core.tables import NEGATIVES_SCHEMA
 MAX_GUARDS_PER_QUERY = 1000    # short queries whose guard counts the footer keeps (guards_per_query)
 
 
-def stage_seconds(prep: Prepared, mined: Mined, before: dict, after: dict, t_prep: float, t_mine: float,
+def stage_seconds(prep: Prepared, mined: Mined, before: dict, after: dict, t_prep: float,
                   t_table: float) -> dict:
     """Seconds per stage of a run (the footer's ``timing``; ``cir-mine negatives -v`` prints them):
     read (the workspace), prepare (queries, pools, the back-end), search (candidate kernels), rerank
@@ -27,7 +27,10 @@ def stage_seconds(prep: Prepared, mined: Mined, before: dict, after: dict, t_pre
     search = spent["search"] if after else mined.search_s
     guards = prep.clock.snapshot().get("guards", 0.0)
     read = prep.clock.snapshot().get("read", 0.0)
-    select = max(0.0, t_mine - search - spent["rerank"] - guards)
+    # the mining thread's seconds (prefetch or not) less the guards and the searches a strategy ran
+    # itself (its target's neighbours: the back-end's seconds beyond those of the batches' searches)
+    nested = max(0.0, spent["search"] + spent["rerank"] - mined.search_s) if after else 0.0
+    select = max(0.0, mined.select_s - guards - nested)
     return {"read_s": seconds(read), "prepare_s": seconds(t_prep - read), "search_s": seconds(search),
             "rerank_s": seconds(spent["rerank"]), "guards_s": seconds(guards), "select_s": seconds(select),
             "deepen_s": seconds(mined.deepen_s), "table_s": seconds(t_table)}

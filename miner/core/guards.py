@@ -37,7 +37,7 @@ class PairSet:
     ``MAX_DENSE`` pairs, each query's products also sit in a padded matrix, and a lookup compares
     against that query's few products instead of searching the sorted keys."""
 
-    MAX_DENSE = 16
+    MAX_DENSE = 32
 
     def __init__(self, q: np.ndarray, products: np.ndarray, m: int, n_products: int):
         q, products = np.asarray(q, np.int64), np.asarray(products, np.int64)

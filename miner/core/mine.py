@@ -29,6 +29,7 @@ from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.prepare import prepare
 from cir_mine.miner.core.recall import check_recall
 from cir_mine.miner.core.schedule import mine_queries
+from cir_mine.miner.core.search.backends import ExactSearch
 from cir_mine.miner.core.search.persist import save_backend_index, saved_index_path
 from cir_mine.miner.core.strategies import REGISTRY
 from cir_mine.miner.core.tables import write_negatives
@@ -85,18 +86,16 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     prep.prepared = {name: REGISTRY[name].prepare(prep.pool, prep.qs, backend, cfg, ki)
                      for name, ki, _ in prep.mined if REGISTRY[name].prepare is not None}
     t_prep = time.perf_counter() - t0
-    prefetch = cfg.prefetch if cfg.prefetch is not None else bool(search_meta.get("gpu"))
+    prefetch = cfg.prefetch if cfg.prefetch is not None else default_prefetch(backend, search_meta)
     before = _measured(backend)
-    t1 = time.perf_counter()
     mined = mine_queries(prep, cfg, backend, np.arange(prep.m, dtype=np.int64), prefetch, progress)
-    t_mine = time.perf_counter() - t1
     after = _measured(backend)
     if cfg.check_recall and backend is not None:
         search_meta["check"] = check_recall(prep, cfg, backend, mined)
     search_meta["prefetch"] = bool(prefetch)
     t2 = time.perf_counter()
     table = assemble_table(prep.pool, prep.qs, prep.parts, mined.out, mining_round, cfg.seed)
-    timing = stage_seconds(prep, mined, before.get("seconds", {}), after.get("seconds", {}), t_prep, t_mine,
+    timing = stage_seconds(prep, mined, before.get("seconds", {}), after.get("seconds", {}), t_prep,
                            time.perf_counter() - t2)
     timing["total_s"] = seconds(time.perf_counter() - t0)
     if after.get("kernels"):
@@ -104,6 +103,17 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     meta = footer(ws, split, cfg, prep, mined, table, mining_round, query_emb is None, search_meta, timing)
     log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, prep.m, meta["shortfall"]["count"])
     return MineResult(table, meta, mined.guard_counts, backend)
+
+
+def default_prefetch(backend, search_meta: dict) -> bool:
+    """Whether the next batch is searched while the current one is guarded when ``cfg.prefetch`` is
+    None: with a GPU back-end (the device works while the host finishes a batch), and with the exact
+    CPU search over an in-memory gallery (as fast as the sequential loop on an idle machine, faster
+    on cores shared with other jobs: docs/benchmarks.md; a memory-mapped gallery is not read twice
+    at once)."""
+    if search_meta.get("gpu"):
+        return True
+    return isinstance(backend, ExactSearch) and not backend.blocked
 
 
 def _measured(backend) -> dict:

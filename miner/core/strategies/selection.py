@@ -22,10 +22,13 @@ _M3 = np.uint64(0x94D049BB133111EB)
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """Vectorized SplitMix64 finalizer on uint64 arrays (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
-        z = np.asarray(x, dtype=np.uint64) + _M1
-        z = (z ^ (z >> np.uint64(30))) * _M2
-        z = (z ^ (z >> np.uint64(27))) * _M3
-        return z ^ (z >> np.uint64(31))
+        z = np.asarray(x, dtype=np.uint64) + _M1          # a new array: the steps below work in place
+        z ^= z >> np.uint64(30)
+        z *= _M2
+        z ^= z >> np.uint64(27)
+        z *= _M3
+        z ^= z >> np.uint64(31)
+        return z
 
 
 def hash_keys(qhash: np.ndarray, values: np.ndarray, stream: int) -> np.ndarray:
@@ -72,7 +75,7 @@ def select(c: Candidates, eligible: np.ndarray, k: int, key: Optional[np.ndarray
         key = np.broadcast_to(np.arange(L, dtype=np.int64), (b, L))
     fill = np.iinfo(key.dtype).max if np.issubdtype(key.dtype, np.integer) else np.inf
     key = np.where(eligible, key, fill)
-    order = np.argsort(key, axis=1, kind="stable")[:, :k_eff]
+    order = first_k_stable(key, eligible, fill, k_eff)
     ok = np.take_along_axis(eligible, order, axis=1)
     rows = np.where(ok, np.take_along_axis(c.rows, order, axis=1), -1)
     ranks = np.where(ok, np.take_along_axis(c.ranks, order, axis=1), -1).astype(np.int32)
@@ -83,6 +86,21 @@ def select(c: Candidates, eligible: np.ndarray, k: int, key: Optional[np.ndarray
         ranks = np.pad(ranks, ((0, 0), (0, pad)), constant_values=-1)
         scores = np.pad(scores, ((0, 0), (0, pad)))
     return Picks(rows, ranks, scores)
+
+
+def first_k_stable(key: np.ndarray, eligible: np.ndarray, fill, k: int) -> np.ndarray:
+    """The first ``k`` columns of each row's stable argsort of ``key`` (int64[b, k]), where it decides
+    the picks: the order of the eligible entries (ineligible ones hold ``fill`` and are masked by the
+    caller). Integer keys go through the faster unstable sort; rows where it could differ (two
+    eligible entries with one key, or an eligible key equal to ``fill``) are sorted again, stably."""
+    if not np.issubdtype(key.dtype, np.integer) or key.size == 0:
+        return np.argsort(key, axis=1, kind="stable")[:, :k]
+    order = np.argsort(key, axis=1)
+    sk = np.take_along_axis(key, order, axis=1)
+    tied = ((sk[:, 1:] == sk[:, :-1]) & (sk[:, 1:] != fill)).any(axis=1) | (eligible & (key == fill)).any(axis=1)
+    if tied.any():
+        order[tied] = np.argsort(key[tied], axis=1, kind="stable")
+    return order[:, :k]
 
 
 def select_available(ctx, c: Candidates, k: int) -> Picks:
