@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-coarse test lint venv clean gpu-wheels
+.PHONY: demo demo-coarse test lint format venv clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -23,10 +23,15 @@ demo-coarse: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
 # The wheels bench/gpu.sh installs on a bare GPU machine (Python 3.12, torch 2.11 built for CUDA 13,
 # numpy, pyarrow, typer, matplotlib, pillow; no FAISS, no network): it installs only those whose module
 # does not import there. `make gpu-wheels` fills .whl/ (about 55 MB); carry .whl/ with the run.

@@ -8,6 +8,7 @@ The public API (see docs/api.md) is importable from here; names load lazily, so
 (``NegativesDataset``, ``collate_negatives``, ``run_training``, ``CheckpointQueries``, ``device_search``
 and ``TorchSearch`` need torch; every other name works without it.)
 """
+
 from __future__ import annotations
 
 import importlib

@@ -10,6 +10,7 @@ Markdown table rows with --markdown, ready to judge in docs/attribute-sample.md)
 query's request against its true target (and reference, for comparatives): how often the tags can
 tell, and how often they agree with the caption.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,16 @@ def proxy_check(work: Path, split: str, vocab) -> None:
     n = sum(total.values())
     known = sum(k for (_, s), k in told.items() if s is not None)
     true = sum(k for (_, s), k in told.items() if s is True)
-    print(f"requested_status on true targets ({work}, {len(t['target_id'])} triplets, {n} requested groups): "
-          f"known {known / n:.1%}, True among known {true / max(known, 1):.1%}")
+    print(
+        f"requested_status on true targets ({work}, {len(t['target_id'])} triplets, {n} requested groups): "
+        f"known {known / n:.1%}, True among known {true / max(known, 1):.1%}"
+    )
     for group, k in total.most_common():
         kn = told[(group, True)] + told[(group, False)]
         if kn:
-            print(f"  {group:13s} requested {k:6d}  known {kn / k:6.1%}  True among known {told[(group, True)] / kn:6.1%}")
+            print(
+                f"  {group:13s} requested {k:6d}  known {kn / k:6.1%}  True among known {told[(group, True)] / kn:6.1%}"
+            )
 
 
 def main(argv=None) -> None:
@@ -62,7 +67,12 @@ def main(argv=None) -> None:
     ap.add_argument("--split", default="train")
     ap.add_argument("--vocabulary", type=Path, default=None)
     ap.add_argument("--sample", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=1, help="sample seed (1: the held-out sample in docs/attribute-sample.md; 0: the development sample)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="sample seed (1: the held-out sample in docs/attribute-sample.md; 0: the development sample)",
+    )
     ap.add_argument("--markdown", action="store_true", help="print the sample as Markdown table rows")
     ap.add_argument("--proxy", type=Path, default=None, help="workspace with FashionIQ tags (fiq-proxy)")
     args = ap.parse_args(argv)
@@ -83,8 +93,10 @@ def main(argv=None) -> None:
     for cat in sorted(per_cat):
         h, t = per_cat[cat]
         print(f"  coverage {cat:7s} {h / t:6.1%}  ({h}/{t})")
-    print(f"  coverage overall {hit / len(rows):6.1%}  ({hit}/{len(rows)}); "
-          f"{n_attrs / len(rows):.2f} attributes per caption")
+    print(
+        f"  coverage overall {hit / len(rows):6.1%}  ({hit}/{len(rows)}); "
+        f"{n_attrs / len(rows):.2f} attributes per caption"
+    )
     print("captions naming each group:")
     for g, k in per_group.most_common():
         print(f"  {g:13s} {k / len(rows):6.1%}")

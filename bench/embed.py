@@ -19,6 +19,7 @@ images/s for each, ``ratio`` = end-to-end / bare forward (target >= 0.85: the in
 the bottleneck), and ``ratio_to_slower_of_forward_and_decode`` = end-to-end / min(bare forward,
 decode only): how close the overlap of decoding and forward comes to the slower of the two.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cir_mine.miner.encode.clip import (EncoderConfig, ImageRun, embed_images, forward_images, image_loader,
-                                        load_encoder)
+from cir_mine.miner.encode.clip import EncoderConfig, ImageRun, embed_images, forward_images, image_loader, load_encoder
 from tests.fixtures import write_tiny_clip_config  # noqa: E402
 
 
@@ -95,12 +95,12 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             with torch.inference_mode(), enc.autocast():
                 for s in range(0, args.n, args.batch_size):
-                    enc.model.encode_image(on_device[s:s + args.batch_size])
+                    enc.model.encode_image(on_device[s : s + args.batch_size])
             sync()
             t_model = min(t_model, time.perf_counter() - t0)
 
             t0 = time.perf_counter()
-            bare = [forward_images(enc, pixels[s:s + args.batch_size]) for s in range(0, args.n, args.batch_size)]
+            bare = [forward_images(enc, pixels[s : s + args.batch_size]) for s in range(0, args.n, args.batch_size)]
             t_bare = min(t_bare, time.perf_counter() - t0)
 
             t0 = time.perf_counter()
@@ -110,11 +110,20 @@ def main(argv=None) -> dict:
     assert not any(errors)
     np.testing.assert_allclose(emb, np.concatenate(bare), atol=1e-4)
     out = {
-        "model": enc.name, "device": str(enc.device), "n": args.n, "batch_size": args.batch_size,
-        "workers": args.workers, "image_size": args.image_size, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-        "precision": str(enc.amp_dtype or "fp32"), "encode_image_per_s": round(args.n / t_model, 1),
-        "bare_images_per_s": round(args.n / t_bare, 1), "end_to_end_images_per_s": round(args.n / t_e2e, 1),
-        "ratio": round(t_bare / t_e2e, 3), "decode_only_images_per_s": round(args.n / t_decode, 1),
+        "model": enc.name,
+        "device": str(enc.device),
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "image_size": args.image_size,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "precision": str(enc.amp_dtype or "fp32"),
+        "encode_image_per_s": round(args.n / t_model, 1),
+        "bare_images_per_s": round(args.n / t_bare, 1),
+        "end_to_end_images_per_s": round(args.n / t_e2e, 1),
+        "ratio": round(t_bare / t_e2e, 3),
+        "decode_only_images_per_s": round(args.n / t_decode, 1),
         "ratio_to_slower_of_forward_and_decode": round(max(t_bare, t_decode) / t_e2e, 3),
     }
     print(json.dumps(out))

@@ -24,6 +24,7 @@ Each timed row is the best of ``--repeats``. A section that fails writes its err
 and the script exits 1 after writing it, so one run on a lent machine reports all it can. Prints the
 table and writes it to ``--out``; the last line of stdout is the same rows as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,17 @@ def synthetic_workspace(root: Path, n: int, m: int, d: int, seed: int = 0):
     ws = Workspace(root)
     root.mkdir(parents=True, exist_ok=True)
     write_table(gallery_table(ids, ["c"] * n, [[] for _ in range(n)], xb), ws.gallery_path("train"))
-    write_table(triplets_table([f"q{i:06d}" for i in range(m)], ["c"] * m, [ids[i] for i in ref],
-                               [ids[i] for i in tgt], [["is different"]] * m, text), ws.triplets_path("train"))
+    write_table(
+        triplets_table(
+            [f"q{i:06d}" for i in range(m)],
+            ["c"] * m,
+            [ids[i] for i in ref],
+            [ids[i] for i in tgt],
+            [["is different"]] * m,
+            text,
+        ),
+        ws.triplets_path("train"),
+    )
     ws.write_manifest(source="synthetic")
     return ws
 
@@ -78,8 +88,10 @@ def synthetic_arrays(n: int, m: int, d: int, seed: int = 0):
     xb = np.empty((n, d), np.float32)
     for s in range(0, n, 100_000):
         e = min(n, s + 100_000)
-        xb[s:e] = l2_normalize(centers[rng.integers(0, len(centers), e - s)]
-                               + 0.6 * rng.standard_normal((e - s, d)).astype(np.float32) / np.sqrt(d) * 4)
+        xb[s:e] = l2_normalize(
+            centers[rng.integers(0, len(centers), e - s)]
+            + 0.6 * rng.standard_normal((e - s, d)).astype(np.float32) / np.sqrt(d) * 4
+        )
     ids = [f"g{i:07d}" for i in range(n)]
     ref = rng.choice(n, m, replace=True)
     tgt = (ref + 1 + rng.integers(0, n - 1, m)) % n
@@ -90,8 +102,14 @@ def synthetic_arrays(n: int, m: int, d: int, seed: int = 0):
 def embed_rows(a, device: str) -> list:
     import torch
 
-    from cir_mine.miner.encode.clip import (EncoderConfig, ImageRun, embed_images, input_shape, launch_images,
-                                            load_encoder)
+    from cir_mine.miner.encode.clip import (
+        EncoderConfig,
+        ImageRun,
+        embed_images,
+        input_shape,
+        launch_images,
+        load_encoder,
+    )
 
     model = a.model
     if a.smoke:
@@ -113,12 +131,12 @@ def embed_rows(a, device: str) -> list:
     def bare():
         with torch.inference_mode(), enc.autocast():
             for s in range(0, a.embed_n, bs):
-                enc.model.encode_image(on_device[s:s + bs])
+                enc.model.encode_image(on_device[s : s + bs])
 
     def ours():
         pending = None
         for s in range(0, a.embed_n, bs):
-            out = launch_images(enc, host[s:s + bs])
+            out = launch_images(enc, host[s : s + bs])
             if pending is not None:
                 pending.numpy()
             pending = out
@@ -127,12 +145,24 @@ def embed_rows(a, device: str) -> list:
     rows = []
     bare()
     t_bare = timed(bare, a.repeats, sync)
-    rows.append((f"embed: bare encode_image ({enc.name}, {name}, batch {bs}, pixels on the device)",
-                 a.embed_n / t_bare, "images/s", "1.00x"))
+    rows.append(
+        (
+            f"embed: bare encode_image ({enc.name}, {name}, batch {bs}, pixels on the device)",
+            a.embed_n / t_bare,
+            "images/s",
+            "1.00x",
+        )
+    )
     ours()
     t = timed(ours, a.repeats, sync)
-    rows.append((f"embed: cir-mine forward (uint8 from pinned host memory{', channels-last' if enc.channels_last else ''})",
-                 a.embed_n / t, "images/s", f"{t_bare / t:.2f}x of bare"))
+    rows.append(
+        (
+            f"embed: cir-mine forward (uint8 from pinned host memory{', channels-last' if enc.channels_last else ''})",
+            a.embed_n / t,
+            "images/s",
+            f"{t_bare / t:.2f}x of bare",
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), a.files_n, a.image_size)
         run = ImageRun(bs, None, shard_size=a.files_n)
@@ -143,8 +173,14 @@ def embed_rows(a, device: str) -> list:
             t = min(t, time.perf_counter() - t0)
     from cir_mine.miner.encode.clip import default_workers
 
-    rows.append((f"embed: cir-mine end-to-end ({a.files_n} JPEG {a.image_size}px, {default_workers(enc.device)} workers)",
-                 a.files_n / t, "images/s", f"{t_bare * a.files_n / a.embed_n / t:.2f}x of bare"))
+    rows.append(
+        (
+            f"embed: cir-mine end-to-end ({a.files_n} JPEG {a.image_size}px, {default_workers(enc.device)} workers)",
+            a.files_n / t,
+            "images/s",
+            f"{t_bare * a.files_n / a.embed_n / t:.2f}x of bare",
+        )
+    )
     return rows
 
 
@@ -178,30 +214,48 @@ def mining_rows(a, device: str) -> list:
     rows = []
     t = time.perf_counter()
     xb, ids, ref, tgt, text = synthetic_arrays(a.n_gallery, a.n_queries, a.dim)
-    ws = Workspace.from_arrays(xb, ids, ref_ids=[ids[i] for i in ref], target_ids=[ids[i] for i in tgt], text_emb=text,
-                               captions=["is different"] * len(ref))
+    ws = Workspace.from_arrays(
+        xb,
+        ids,
+        ref_ids=[ids[i] for i in ref],
+        target_ids=[ids[i] for i in tgt],
+        text_emb=text,
+        captions=["is different"] * len(ref),
+    )
     del xb
     loaded = ws.load("train")
     cfg = MineConfig.of(strategy="midzone", k=a.k, query_batch=a.query_batch, device=device)
     prep = prepare(ws, "train", cfg, None, 0, loaded)
     xq, xb = prep.qs.emb, prep.pool.xb
-    rows.append((f"setup: in-memory workspace {a.n_gallery} x {a.dim}, {a.n_queries} queries", time.perf_counter() - t, "s", ""))
+    rows.append(
+        (f"setup: in-memory workspace {a.n_gallery} x {a.dim}, {a.n_queries} queries", time.perf_counter() - t, "s", "")
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for precision in a.precisions:
         t = time.perf_counter()
         backend = TorchSearch(xb, device, precision)
         depth = reserve_depth(prep, cfg, backend)
-        rows.append((f"{precision}: TorchSearch opened (gallery {'on the device' if backend.gallery is not None else 'streamed'}, "
-                     f"{backend.memory >> 20} MiB budget)", time.perf_counter() - t, "s", ""))
+        rows.append(
+            (
+                f"{precision}: TorchSearch opened (gallery {'on the device' if backend.gallery is not None else 'streamed'}, "
+                f"{backend.memory >> 20} MiB budget)",
+                time.perf_counter() - t,
+                "s",
+                "",
+            )
+        )
         dtype = PRECISIONS[precision][0]
-        G = backend.gallery if backend.gallery is not None and backend.gallery.dtype == dtype else \
-            torch.from_numpy(np.ascontiguousarray(xb)).to(device).to(dtype)
-        step = max(1, (1 << 31) // (4 * len(xb)))          # 2 GiB of float32 scores at a time
+        G = (
+            backend.gallery
+            if backend.gallery is not None and backend.gallery.dtype == dtype
+            else torch.from_numpy(np.ascontiguousarray(xb)).to(device).to(dtype)
+        )
+        step = max(1, (1 << 31) // (4 * len(xb)))  # 2 GiB of float32 scores at a time
 
         def bare(G=G):
             with torch.inference_mode():
                 for s in range(0, len(xq), step):
-                    q = torch.from_numpy(xq[s:s + step]).to(device).to(dtype)
+                    q = torch.from_numpy(xq[s : s + step]).to(device).to(dtype)
                     v, i = torch.topk((q @ G.T).float(), depth, dim=1)
                     v.cpu(), i.cpu()
 
@@ -211,17 +265,23 @@ def mining_rows(a, device: str) -> list:
 
         def search():
             for s in range(0, len(xq), a.query_batch):
-                backend.search(xq[s:s + a.query_batch], depth)
+                backend.search(xq[s : s + a.query_batch], depth)
 
         before = backend.clock.snapshot()
         search()
         t = timed(search, a.repeats, sync)
         after = backend.clock.snapshot()
         rerank = (after.get("rerank", 0) - before.get("rerank", 0)) / max(1, a.repeats + 1)
-        rows.append((f"{precision}: TorchSearch.search, same queries and depth", t, "s",
-                     f"{t / t_bare:.2f}x of bare; exact host re-rank {rerank / t:.0%}"))
+        rows.append(
+            (
+                f"{precision}: TorchSearch.search, same queries and depth",
+                t,
+                "s",
+                f"{t / t_bare:.2f}x of bare; exact host re-rank {rerank / t:.0%}",
+            )
+        )
         if precision != a.precisions[0] and not a.smoke:
-            continue                                   # mining runs in the first precision only
+            continue  # mining runs in the first precision only
         best = None
         for _ in range(a.repeats):
             t0 = time.perf_counter()
@@ -231,9 +291,14 @@ def mining_rows(a, device: str) -> list:
         wall, res = best
         tm = res.meta["timing"]
         share = ", ".join(f"{k} {tm[k + '_s'] / wall:.0%}" for k in ("search", "rerank", "guards", "select", "table"))
-        rows.append((f"{precision}: mine_negatives midzone k={a.k} (prefetch {'on' if res.meta['search']['prefetch'] else 'off'})",
-                     wall, "s",
-                     f"{wall / t_bare:.2f}x of bare; {share} of wall"))
+        rows.append(
+            (
+                f"{precision}: mine_negatives midzone k={a.k} (prefetch {'on' if res.meta['search']['prefetch'] else 'off'})",
+                wall,
+                "s",
+                f"{wall / t_bare:.2f}x of bare; {share} of wall",
+            )
+        )
         del G, bare
     return rows
 
@@ -254,8 +319,10 @@ def machine(device: str) -> str:
         gpu = f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
     else:
         gpu = "no GPU"
-    return (f"{gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); Python {platform.python_version()}; "
-            f"{os.cpu_count()} CPUs")
+    return (
+        f"{gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); Python {platform.python_version()}; "
+        f"{os.cpu_count()} CPUs"
+    )
 
 
 def main(argv=None) -> str:
@@ -291,12 +358,17 @@ def main(argv=None) -> str:
     for section in (embed_rows, mining_rows):
         try:
             rows += section(a, device)
-        except Exception as e:                                      # noqa: BLE001 - reported in the table
+        except Exception as e:  # noqa: BLE001 - reported in the table
             traceback.print_exc()
-            rows.append((f"{section.__name__} failed", type(e).__name__, "", str(e).splitlines()[0][:200] if str(e) else ""))
+            rows.append(
+                (f"{section.__name__} failed", type(e).__name__, "", str(e).splitlines()[0][:200] if str(e) else "")
+            )
             failed = True
-    md = table(rows, f"GPU benchmark ({'smoke, CPU' if a.smoke else device}; {machine(device)}; "
-                     f"{time.perf_counter() - t:.0f} s; `bench/gpu.sh {' '.join(argv if argv is not None else sys.argv[1:])}`)")
+    md = table(
+        rows,
+        f"GPU benchmark ({'smoke, CPU' if a.smoke else device}; {machine(device)}; "
+        f"{time.perf_counter() - t:.0f} s; `bench/gpu.sh {' '.join(argv if argv is not None else sys.argv[1:])}`)",
+    )
     a.out.write_text(md)
     print(md)
     print(json.dumps({"bench": "gpu", "device": device, "rows": [list(r) for r in rows]}))

@@ -18,6 +18,7 @@
 All ratios come from one process and one workspace (generated once under --root and reused).
 CPU seconds are the process's user + system time (all threads), the fair measure on a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,17 @@ def compare(args) -> dict:
     if "flat" not in done:
         with Clock() as c:
             exact = mine_negatives(ws, "train", MineConfig.of(**base), loaded=loaded)
-        keep("flat", {"wall_s": c.wall, "cpu_s": c.cpu, "timing": exact.meta["timing"], "overlap": 1.0,
-                      "depth": exact.meta["depth"]}, neg_sets(exact.table))
+        keep(
+            "flat",
+            {
+                "wall_s": c.wall,
+                "cpu_s": c.cpu,
+                "timing": exact.meta["timing"],
+                "overlap": 1.0,
+                "depth": exact.meta["depth"],
+            },
+            neg_sets(exact.table),
+        )
         del exact
     rows["flat"] = done["flat"]["row"]
     ref = {q: set(v) for q, v in done["flat"]["negs"].items()}
@@ -120,17 +130,33 @@ def compare(args) -> dict:
             # loading, tuning and mining, as `cir-mine negatives --index workspace` does
             res = mine_negatives(ws, "train", cfg, loaded=loaded)
         tuning = res.meta["search"]["tuning"]
-        rows[kind] = {"factory": factory, "build_wall_s": b and b.wall, "build_cpu_s": b and b.cpu, "wall_s": c.wall,
-                      "cpu_s": c.cpu, "timing": res.meta["timing"], "tuning": tuning,
-                      "check": res.meta["search"].get("check"), "overlap": overlap(neg_sets(res.table), ref),
-                      "speedup_cpu": round(rows["flat"]["cpu_s"] / c.cpu, 2),
-                      "speedup_wall": round(rows["flat"]["wall_s"] / c.wall, 2),
-                      "speedup_cpu_with_build": b and round(rows["flat"]["cpu_s"] / (c.cpu + b.cpu), 2)}
+        rows[kind] = {
+            "factory": factory,
+            "build_wall_s": b and b.wall,
+            "build_cpu_s": b and b.cpu,
+            "wall_s": c.wall,
+            "cpu_s": c.cpu,
+            "timing": res.meta["timing"],
+            "tuning": tuning,
+            "check": res.meta["search"].get("check"),
+            "overlap": overlap(neg_sets(res.table), ref),
+            "speedup_cpu": round(rows["flat"]["cpu_s"] / c.cpu, 2),
+            "speedup_wall": round(rows["flat"]["wall_s"] / c.wall, 2),
+            "speedup_cpu_with_build": b and round(rows["flat"]["cpu_s"] / (c.cpu + b.cpu), 2),
+        }
         keep(kind, rows[kind], {})
         del res
     if args.no_single_pass:
-        return {"bench": "index-compare", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
-                "k": args.k, "depth": depth, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows}
+        return {
+            "bench": "index-compare",
+            "n_gallery": args.n_gallery,
+            "n_queries": args.n_queries,
+            "dim": args.dim,
+            "k": args.k,
+            "depth": depth,
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "rows": rows,
+        }
     # single pass: exact mining without deepening vs the bare flat search at the same depth
     xb = g.embeddings
     index = faiss.IndexFlatIP(xb.shape[1])
@@ -140,15 +166,31 @@ def compare(args) -> dict:
     prep = prepare(ws, "train", MineConfig.of(**base), None, 0, loaded)
     with Clock() as bare:
         for s in range(0, prep.m, 4096):
-            index.search(prep.qs.emb[s:s + 4096], depth)
+            index.search(prep.qs.emb[s : s + 4096], depth)
     del index
     with Clock() as single:
-        sp = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=args.k, max_candidates=None), loaded=loaded)
-    return {"bench": "index-compare", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
-            "k": args.k, "depth": depth, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows,
-            "single_pass": {"bare_search_wall_s": bare.wall, "bare_search_cpu_s": bare.cpu,
-                            "mine_wall_s": single.wall, "mine_cpu_s": single.cpu, "timing": sp.meta["timing"],
-                            "ratio_cpu": round(single.cpu / bare.cpu, 3), "ratio_wall": round(single.wall / bare.wall, 3)}}
+        sp = mine_negatives(
+            ws, "train", MineConfig.of(strategy="hardest", k=args.k, max_candidates=None), loaded=loaded
+        )
+    return {
+        "bench": "index-compare",
+        "n_gallery": args.n_gallery,
+        "n_queries": args.n_queries,
+        "dim": args.dim,
+        "k": args.k,
+        "depth": depth,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "rows": rows,
+        "single_pass": {
+            "bare_search_wall_s": bare.wall,
+            "bare_search_cpu_s": bare.cpu,
+            "mine_wall_s": single.wall,
+            "mine_cpu_s": single.cpu,
+            "timing": sp.meta["timing"],
+            "ratio_cpu": round(single.cpu / bare.cpu, 3),
+            "ratio_wall": round(single.wall / bare.wall, 3),
+        },
+    }
 
 
 def deepen(args) -> dict:
@@ -158,8 +200,14 @@ def deepen(args) -> dict:
     for name, mc in (("single", None), ("deepen", 2048)):
         with Clock() as c:
             r = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=10, max_candidates=mc), loaded=loaded)
-        out[name] = {"wall_s": c.wall, "cpu_s": c.cpu, "timing": r.meta["timing"], "deepened": r.meta["deepened_queries"],
-                     "depth": r.meta["depth"], "shortfall": r.meta["shortfall"]["count"]}
+        out[name] = {
+            "wall_s": c.wall,
+            "cpu_s": c.cpu,
+            "timing": r.meta["timing"],
+            "deepened": r.meta["deepened_queries"],
+            "depth": r.meta["depth"],
+            "shortfall": r.meta["shortfall"]["count"],
+        }
     s, d = out["single"], out["deepen"]
     out["extra_cpu_vs_single"] = round((d["cpu_s"] - s["cpu_s"]) / s["cpu_s"], 3)
     out["extra_wall_vs_single"] = round((d["wall_s"] - s["wall_s"]) / s["wall_s"], 3)
@@ -196,27 +244,41 @@ def lists(args) -> dict:
         out = {}
         with Clock() as c, contextlib.redirect_stdout(io.StringIO()):
             ivf.nprobe = args.nprobe
-            big_batch_search(ivf, xq, depth, method="pairwise_distances", q_assign=Iq.copy(),
-                             pairwise_distances=lambda a, b, metric=None: a @ b.T)
+            big_batch_search(
+                ivf,
+                xq,
+                depth,
+                method="pairwise_distances",
+                q_assign=Iq.copy(),
+                pairwise_distances=lambda a, b, metric=None: a @ b.T,
+            )
         out["big_batch_search"] = {"wall_s": c.wall, "cpu_s": c.cpu}
         with Clock() as c:
             for s in range(0, len(xq), 4096):
-                backend._preassigned(xq[s:s + 4096], depth, Iq[s:s + 4096], Dq[s:s + 4096])
+                backend._preassigned(xq[s : s + 4096], depth, Iq[s : s + 4096], Dq[s : s + 4096])
         out["faiss_preassigned"] = {"wall_s": c.wall, "cpu_s": c.cpu}
         with Clock() as c:
             for s in range(0, len(xq), 4096):
-                list_major_search(ivf, xq[s:s + 4096], depth, Iq[s:s + 4096], layout)
+                list_major_search(ivf, xq[s : s + 4096], depth, Iq[s : s + 4096], layout)
         out["list_major"] = {"wall_s": c.wall, "cpu_s": c.cpu}
         with Clock() as c:
             for s in range(0, len(xq), 4096):
-                backend.search(xq[s:s + 4096], depth, nprobe=args.nprobe)
+                backend.search(xq[s : s + 4096], depth, nprobe=args.nprobe)
         out["backend_exact_topk"] = {"wall_s": c.wall, "cpu_s": c.cpu, **backend.measured()}
         base = out["big_batch_search"]["cpu_s"]
         for v in out.values():
             v["cpu_vs_big_batch_search"] = round(v["cpu_s"] / base, 3)
         rows[f"depth {depth}"] = out
-    return {"bench": "index-lists", "n_gallery": args.n_gallery, "n_queries": len(xq), "dim": args.dim,
-            "nlist": int(ivf.nlist), "nprobe": args.nprobe, "faiss_threads": faiss.omp_get_max_threads(), "rows": rows}
+    return {
+        "bench": "index-lists",
+        "n_gallery": args.n_gallery,
+        "n_queries": len(xq),
+        "dim": args.dim,
+        "nlist": int(ivf.nlist),
+        "nprobe": args.nprobe,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "rows": rows,
+    }
 
 
 def main():
@@ -230,11 +292,20 @@ def main():
     p.add_argument("--indexes", nargs="+", default=["ivf", "hnsw"])
     p.add_argument("--check-recall", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-single-pass", action="store_true", help="compare: skip the single-pass vs bare flat search rows")
-    p.add_argument("--reuse-index", action="store_true",
-                   help="compare: mine through the index an earlier run built into the workspace when it is of the same kind "
-                        "(its build is not timed again)")
-    p.add_argument("--fresh", action="store_true", help="compare: measure every row again (the finished rows kept under --root are set aside)")
+    p.add_argument(
+        "--no-single-pass", action="store_true", help="compare: skip the single-pass vs bare flat search rows"
+    )
+    p.add_argument(
+        "--reuse-index",
+        action="store_true",
+        help="compare: mine through the index an earlier run built into the workspace when it is of the same kind "
+        "(its build is not timed again)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="compare: measure every row again (the finished rows kept under --root are set aside)",
+    )
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
     args = p.parse_args()
     print(json.dumps({"compare": compare, "deepen": deepen, "lists": lists}[args.bench](args)), flush=True)

@@ -18,6 +18,7 @@
       block cir-mine uses (4x the depth, at least 1,024), and numpy's GEMM into FAISS's heaps.
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,14 @@ def speed(args) -> dict:
 
     ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
     _, xq = queries(ws)
-    cfg = MineConfig.of(strategy="midzone", k=args.k, delta_lo=args.delta_lo, delta_hi=args.delta_hi,
-                        candidates=args.candidates, max_candidates=None if args.no_deepen else 2048)
+    cfg = MineConfig.of(
+        strategy="midzone",
+        k=args.k,
+        delta_lo=args.delta_lo,
+        delta_hi=args.delta_hi,
+        candidates=args.candidates,
+        max_candidates=None if args.no_deepen else 2048,
+    )
     depth = cfg.depth(args.k)
     load_faiss()
 
@@ -77,7 +84,7 @@ def speed(args) -> dict:
         index = faiss.IndexFlatIP(xb.shape[1])
         index.add(xb)
         for s in range(0, len(xq), cfg.query_batch):
-            index.search(xq[s:s + cfg.query_batch], depth)
+            index.search(xq[s : s + cfg.query_batch], depth)
 
     def mine():
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +92,7 @@ def speed(args) -> dict:
 
     best = {"bare": (1e9, 1e9), "mine": (1e9, 1e9)}
     res = None
-    for _ in range(args.repeats):                 # alternated, the fastest of each kept (a shared machine)
+    for _ in range(args.repeats):  # alternated, the fastest of each kept (a shared machine)
         for name, fn in (("bare", bare), ("mine", mine)):
             c0, t = _cpu(), time.perf_counter()
             out = fn()
@@ -96,20 +103,47 @@ def speed(args) -> dict:
     (t_bare, c_bare), (t_mine, c_mine) = best["bare"], best["mine"]
     tm = res.meta["timing"]
     post = sum(tm[k] for k in ("rerank_s", "guards_s", "select_s", "table_s"))
-    return {"bench": "speed", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
-            "k": args.k, "depth": depth, "deepen": not args.no_deepen, "faiss_threads": faiss.omp_get_max_threads(),
-            "repeats": args.repeats, "bare_read_search_s": round(t_bare, 2), "bare_cpu_s": round(c_bare, 2),
-            "mine_total_s": round(t_mine, 2), "mine_cpu_s": round(c_mine, 2), "mine_timing": tm,
-            "rows": res.meta["n_rows"], "shortfall": res.meta["shortfall"]["count"],
-            "ratio_wall": round(t_mine / t_bare, 3), "ratio_cpu": round(c_mine / c_bare, 3),
-            "post_search_vs_search": round(post / max(tm["search_s"], 1e-9), 3)}
+    return {
+        "bench": "speed",
+        "n_gallery": args.n_gallery,
+        "n_queries": args.n_queries,
+        "dim": args.dim,
+        "k": args.k,
+        "depth": depth,
+        "deepen": not args.no_deepen,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "repeats": args.repeats,
+        "bare_read_search_s": round(t_bare, 2),
+        "bare_cpu_s": round(c_bare, 2),
+        "mine_total_s": round(t_mine, 2),
+        "mine_cpu_s": round(c_mine, 2),
+        "mine_timing": tm,
+        "rows": res.meta["n_rows"],
+        "shortfall": res.meta["shortfall"]["count"],
+        "ratio_wall": round(t_mine / t_bare, 3),
+        "ratio_cpu": round(c_mine / c_bare, 3),
+        "post_search_vs_search": round(post / max(tm["search_s"], 1e-9), 3),
+    }
 
 
 def memory(args) -> dict:
     ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-c", "from cir_mine.cli import mine_main; mine_main()", "negatives", "--work", str(ws.root),
-               "--strategy", "midzone", "-k", str(args.k), "--out", str(Path(tmp) / "negs.parquet"), "-q"]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from cir_mine.cli import mine_main; mine_main()",
+            "negatives",
+            "--work",
+            str(ws.root),
+            "--strategy",
+            "midzone",
+            "-k",
+            str(args.k),
+            "--out",
+            str(Path(tmp) / "negs.parquet"),
+            "-q",
+        ]
         t = time.perf_counter()
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - t
@@ -117,9 +151,18 @@ def memory(args) -> dict:
             raise SystemExit(r.stderr)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     gallery = args.n_gallery * args.dim * 4
-    return {"bench": "memory", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim,
-            "k": args.k, "peak_rss_gib": round(peak / 2 ** 30, 3), "gallery_plus_index_gib": round(2 * gallery / 2 ** 30, 3),
-            "ratio": round(peak / (2 * gallery), 3), "wall_s": round(wall, 1), "summary": r.stdout.strip().splitlines()[0]}
+    return {
+        "bench": "memory",
+        "n_gallery": args.n_gallery,
+        "n_queries": args.n_queries,
+        "dim": args.dim,
+        "k": args.k,
+        "peak_rss_gib": round(peak / 2**30, 3),
+        "gallery_plus_index_gib": round(2 * gallery / 2**30, 3),
+        "ratio": round(peak / (2 * gallery), 3),
+        "wall_s": round(wall, 1),
+        "summary": r.stdout.strip().splitlines()[0],
+    }
 
 
 class _Precomputed:
@@ -161,24 +204,47 @@ def st(args) -> dict:
     corpus = g.image_ids.tolist()
     qtexts = t.query_ids.tolist()
     name = "cir-mine-precomputed"
-    for kind, texts, emb in (("query", qtexts, xq), ("corpus", list(dict.fromkeys(corpus + t.target_ids.tolist())), xb)):
+    for kind, texts, emb in (
+        ("query", qtexts, xq),
+        ("corpus", list(dict.fromkeys(corpus + t.target_ids.tolist())), xb),
+    ):
         h = hashlib.sha256(repr((name, None, None, texts)).encode()).hexdigest()
         np.save(cache / f"{kind}_embeddings_{h}.npy", emb)
     ds = Dataset.from_dict({"anchor": qtexts, "positive": t.target_ids.tolist()})
     t0, c0 = time.perf_counter(), _cpu()
-    out = mine_hard_negatives(ds, _Precomputed(args.dim), corpus=corpus, range_max=depth, num_negatives=args.k,
-                              absolute_margin=args.delta_lo, sampling_strategy="random", use_faiss=True,
-                              faiss_batch_size=4096, output_format="n-tuple", cache_folder=str(cache), verbose=False)
+    out = mine_hard_negatives(
+        ds,
+        _Precomputed(args.dim),
+        corpus=corpus,
+        range_max=depth,
+        num_negatives=args.k,
+        absolute_margin=args.delta_lo,
+        sampling_strategy="random",
+        use_faiss=True,
+        faiss_batch_size=4096,
+        output_format="n-tuple",
+        cache_folder=str(cache),
+        verbose=False,
+    )
     t_st, c_st = time.perf_counter() - t0, _cpu() - c0
-    same = MineConfig.of(strategy="midzone", k=args.k, candidates=depth, delta_lo=args.delta_lo, delta_hi=2.0,
-                         rho=None, dup_threshold=None, max_candidates=None)
+    same = MineConfig.of(
+        strategy="midzone",
+        k=args.k,
+        candidates=depth,
+        delta_lo=args.delta_lo,
+        delta_hi=2.0,
+        rho=None,
+        dup_threshold=None,
+        max_candidates=None,
+    )
     t0, c0 = time.perf_counter(), _cpu()
     res = mine_negatives(ws, "train", same)
-    full = _drop_short(res.table, args.k)              # the peer keeps only queries with k negatives
+    full = _drop_short(res.table, args.k)  # the peer keeps only queries with k negatives
     t_same, c_same = time.perf_counter() - t0, _cpu() - c0
     t0, c0 = time.perf_counter(), _cpu()
-    guarded = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=args.k, candidates=depth,
-                                                         delta_lo=args.delta_lo, delta_hi=2.0))
+    guarded = mine_negatives(
+        ws, "train", MineConfig.of(strategy="midzone", k=args.k, candidates=depth, delta_lo=args.delta_lo, delta_hi=2.0)
+    )
     t_guard, c_guard = time.perf_counter() - t0, _cpu() - c0
     # the same window through an IVF index tuned to candidate recall 0.98 (index build included),
     # its recall and the overlap of its negatives with exact mining measured on 500 queries
@@ -189,18 +255,44 @@ def st(args) -> dict:
         os.remove(f)
     cache.rmdir()
     chk = ivf.meta["search"]["check"]
-    return {"bench": "st", "n_gallery": args.n_gallery, "n_queries": args.n_queries, "dim": args.dim, "k": args.k,
-            "window": f"ranks < {depth}, delta > {args.delta_lo}, random sampling",
-            "st_rows": len(out), "st_s": round(t_st, 2), "st_cpu_s": round(c_st, 2),
-            "same_work": {"rows": full.num_rows, "queries": full.num_rows // args.k, "s": round(t_same, 2),
-                          "cpu_s": round(c_same, 2), "timing": res.meta["timing"],
-                          "ratio_vs_st": round(t_same / t_st, 3), "ratio_vs_st_cpu": round(c_same / c_st, 3)},
-            "guards_and_deepening": {"rows": guarded.meta["n_rows"], "deepened": guarded.meta["deepened_queries"],
-                                     "s": round(t_guard, 2), "cpu_s": round(c_guard, 2), "timing": guarded.meta["timing"],
-                                     "ratio_vs_st": round(t_guard / t_st, 3), "ratio_vs_st_cpu": round(c_guard / c_st, 3)},
-            "ivf": {"s": round(t_ivf, 2), "cpu_s": round(c_ivf, 2), "factory": ivf.meta["search"]["factory"],
-                    "params": ivf.meta["search"]["params"], "candidate_recall": chk["candidate_recall"],
-                    "negative_overlap": chk["negative_overlap"], "ratio_vs_st_cpu": round(c_ivf / c_st, 3)}}
+    return {
+        "bench": "st",
+        "n_gallery": args.n_gallery,
+        "n_queries": args.n_queries,
+        "dim": args.dim,
+        "k": args.k,
+        "window": f"ranks < {depth}, delta > {args.delta_lo}, random sampling",
+        "st_rows": len(out),
+        "st_s": round(t_st, 2),
+        "st_cpu_s": round(c_st, 2),
+        "same_work": {
+            "rows": full.num_rows,
+            "queries": full.num_rows // args.k,
+            "s": round(t_same, 2),
+            "cpu_s": round(c_same, 2),
+            "timing": res.meta["timing"],
+            "ratio_vs_st": round(t_same / t_st, 3),
+            "ratio_vs_st_cpu": round(c_same / c_st, 3),
+        },
+        "guards_and_deepening": {
+            "rows": guarded.meta["n_rows"],
+            "deepened": guarded.meta["deepened_queries"],
+            "s": round(t_guard, 2),
+            "cpu_s": round(c_guard, 2),
+            "timing": guarded.meta["timing"],
+            "ratio_vs_st": round(t_guard / t_st, 3),
+            "ratio_vs_st_cpu": round(c_guard / c_st, 3),
+        },
+        "ivf": {
+            "s": round(t_ivf, 2),
+            "cpu_s": round(c_ivf, 2),
+            "factory": ivf.meta["search"]["factory"],
+            "params": ivf.meta["search"]["params"],
+            "candidate_recall": chk["candidate_recall"],
+            "negative_overlap": chk["negative_overlap"],
+            "ratio_vs_st_cpu": round(c_ivf / c_st, 3),
+        },
+    }
 
 
 def _drop_short(table, k: int):
@@ -232,14 +324,22 @@ def kernels(args) -> dict:
 
         best = {}
         for _ in range(5):
-            for name, fn in (("faiss_block_1024", faiss_default), ("faiss_block_cir_mine", lambda: faiss_topk(xq, xb, depth)),
-                             ("gemm_heaps", lambda: gemm_topk(xq, xb, depth))):
+            for name, fn in (
+                ("faiss_block_1024", faiss_default),
+                ("faiss_block_cir_mine", lambda: faiss_topk(xq, xb, depth)),
+                ("gemm_heaps", lambda: gemm_topk(xq, xb, depth)),
+            ):
                 t = time.perf_counter()
                 fn()
                 best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
         rows.append({"queries": nq, "depth": depth, **{k: round(v, 3) for k, v in best.items()}})
-    return {"bench": "kernels", "n_gallery": args.n_gallery, "dim": args.dim, "faiss_threads": faiss.omp_get_max_threads(),
-            "rows": rows}
+    return {
+        "bench": "kernels",
+        "n_gallery": args.n_gallery,
+        "dim": args.dim,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "rows": rows,
+    }
 
 
 def _cpu() -> float:
@@ -256,7 +356,12 @@ def main():
     p.add_argument("-k", type=int, default=100)
     p.add_argument("--candidates", type=int, default=None, help="speed: search depth per query (default: the config's)")
     p.add_argument("--no-deepen", action="store_true", help="speed: single pass (max_candidates None)")
-    p.add_argument("--repeats", type=int, default=2, help="speed: bare and mined runs alternated this many times, the fastest of each kept")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="speed: bare and mined runs alternated this many times, the fastest of each kept",
+    )
     p.add_argument("--delta-lo", type=float, default=0.02)
     p.add_argument("--delta-hi", type=float, default=0.2)
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))

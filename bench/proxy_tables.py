@@ -16,6 +16,7 @@ near-duplicate of the target (s(c, t) >= 0.98). The table has the negatives sche
 reads it; it is not meant for --refresh-every (the footer's config would re-mine hardest).
 Prints the rows and the queries covered.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ from cir_mine.data.workspace import Workspace, l2_normalize  # noqa: E402
 from cir_mine.miner.core.mine import MineConfig, mine_negatives  # noqa: E402
 from cir_mine.miner.core.tables import write_negatives  # noqa: E402
 
-POOL = 512          # candidates looked at per query
+POOL = 512  # candidates looked at per query
 
 
 def tag_words(attributes) -> list[set]:
@@ -57,7 +58,7 @@ def build(work: Path, kind: str, k: int) -> tuple[pa.Table, dict]:
     for c in np.unique(cats):
         crow, qi = np.flatnonzero(gcat == c), np.flatnonzero(cats == c)
         for s0 in range(0, len(qi), 1024):
-            qq = qi[s0:s0 + 1024]
+            qq = qi[s0 : s0 + 1024]
             top = np.argsort(-(probe[qq] @ G[crow].T), axis=1)[:, :POOL]
             for a, j in enumerate(qq):
                 cand = crow[top[a]]
@@ -91,15 +92,23 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cols, cover = build(args.work, args.kind, args.k)
     # the footer (config, gallery fingerprint) of a one-query hardest table of this workspace
-    res = mine_negatives(Workspace(args.work), "train", MineConfig.of(strategy="hardest", k=1, device="cpu",
-                                                                   max_candidates=None))
+    res = mine_negatives(
+        Workspace(args.work), "train", MineConfig.of(strategy="hardest", k=1, device="cpu", max_candidates=None)
+    )
     n = len(cols["neg_id"])
     schema = res.table.schema
-    full = {**cols, "strategy": ["hardest"] * n, "rank": np.full(n, -1, np.int32),
-            "score": np.zeros(n, np.float32), "target_score": np.zeros(n, np.float32),
-            "delta": np.zeros(n, np.float32), "round": np.zeros(n, np.int32),
-            "category_match": np.ones(n, bool), "attr_overlap": np.zeros(n, np.float32),
-            "seed": np.zeros(n, np.int64)}
+    full = {
+        **cols,
+        "strategy": ["hardest"] * n,
+        "rank": np.full(n, -1, np.int32),
+        "score": np.zeros(n, np.float32),
+        "target_score": np.zeros(n, np.float32),
+        "delta": np.zeros(n, np.float32),
+        "round": np.zeros(n, np.int32),
+        "category_match": np.ones(n, bool),
+        "attr_overlap": np.zeros(n, np.float32),
+        "seed": np.zeros(n, np.int64),
+    }
     table = pa.table({f.name: pa.array(full[f.name], type=f.type) for f in schema})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_negatives(table, args.out, res.meta)

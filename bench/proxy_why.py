@@ -15,6 +15,7 @@ Prints (one run, no training):
   of the proxy mined as negatives), the share within cosine 0.95 of the target, and the mean tag Jaccard
   with the target (random in-category images for comparison).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir_mine.data.workspace import Workspace  # noqa: E402
 
-COLOURS = ("black white red blue green yellow pink purple orange brown grey gray beige navy maroon teal "
-           "tan gold silver cream ivory olive khaki burgundy coral turquoise lavender violet magenta "
-           "colorful colourful color colour darker lighter dark light bright pastel neon").split()
+COLOURS = (
+    "black white red blue green yellow pink purple orange brown grey gray beige navy maroon teal "
+    "tan gold silver cream ivory olive khaki burgundy coral turquoise lavender violet magenta "
+    "colorful colourful color colour darker lighter dark light bright pastel neon"
+).split()
 
 
 def tagset(attrs) -> frozenset:
@@ -58,9 +61,11 @@ def main(argv=None) -> None:
     trow = g.rows(t.target_ids.tolist(), t.categories.tolist(), what="target")
     rrow = g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")
     names_tag = np.array([bool(tag_words(attrs[r]) & set(re.findall(r"[a-z]+", c))) for r, c in zip(trow, caps)])
-    print(f"queries: {len(t)}; captions naming a colour: {colour.mean():.1%}; "
-          f"captions naming any tag word of the target: {names_tag.mean():.1%}; "
-          f"colour but no target tag word: {(colour & ~names_tag).mean():.1%}")
+    print(
+        f"queries: {len(t)}; captions naming a colour: {colour.mean():.1%}; "
+        f"captions naming any tag word of the target: {names_tag.mean():.1%}; "
+        f"colour but no target tag word: {(colour & ~names_tag).mean():.1%}"
+    )
     emb = g.embeddings
     print(f"cos(reference, target): median {np.median((emb[rrow] * emb[trow]).sum(1)):.3f}")
     if args.positives:
@@ -71,24 +76,30 @@ def main(argv=None) -> None:
         pr = g.rows(p.ref_ids.tolist(), p.categories.tolist(), what="reference")
         pt = g.rows(p.target_ids.tolist(), p.categories.tolist(), what="target")
         share = Counter(p.categories.tolist())
-        print(f"generated ({args.positives.name}): {len(p)} triplets {dict(share)}; captions naming a colour: "
-              f"{np.mean([bool(words_re.search(c)) for c in pc]):.1%}; cos(reference, target): median "
-              f"{np.median((emb[pr] * emb[pt]).sum(1)):.3f}; cos(caption embedding, real caption centroid): "
-              f"{float(_unit(p.text_embeddings.mean(0)) @ _unit(t.text_embeddings.mean(0))):.3f}")
+        print(
+            f"generated ({args.positives.name}): {len(p)} triplets {dict(share)}; captions naming a colour: "
+            f"{np.mean([bool(words_re.search(c)) for c in pc]):.1%}; cos(reference, target): median "
+            f"{np.median((emb[pr] * emb[pt]).sum(1)):.3f}; cos(caption embedding, real caption centroid): "
+            f"{float(_unit(p.text_embeddings.mean(0)) @ _unit(t.text_embeddings.mean(0))):.3f}"
+        )
     same_ref = np.array([sets[a] == sets[b] for a, b in zip(rrow, trow)])
     print(f"reference and target with the same tag set (the query's change is invisible): {same_ref.mean():.1%}")
     twins = Counter((c, s) for c, s in zip(cats, sets))
     n_twins = np.array([twins[(cats[r], sets[r])] - 1 for r in trow])
-    print(f"same-category images with the target's exact tag set, per query: median {np.median(n_twins):.0f}, "
-          f"mean {n_twins.mean():.1f}, share of queries with >= 1: {(n_twins >= 1).mean():.1%}, >= 10: "
-          f"{(n_twins >= 10).mean():.1%}")
+    print(
+        f"same-category images with the target's exact tag set, per query: median {np.median(n_twins):.0f}, "
+        f"mean {n_twins.mean():.1f}, share of queries with >= 1: {(n_twins >= 1).mean():.1%}, >= 10: "
+        f"{(n_twins >= 10).mean():.1%}"
+    )
     rng = np.random.default_rng(0)
     by_cat = {c: np.flatnonzero(g.categories == c) for c in set(cats)}
     rnd = np.array([rng.choice(by_cat[cats[r]]) for r in trow])
-    print(f"random in-category image: same tag set as the target {np.mean([sets[a] == sets[b] for a, b in zip(rnd, trow)]):.1%}, "
-          f"mean tag Jaccard {np.mean([jac(sets[a], sets[b]) for a, b in zip(rnd, trow)]):.3f}")
+    print(
+        f"random in-category image: same tag set as the target {np.mean([sets[a] == sets[b] for a, b in zip(rnd, trow)]):.1%}, "
+        f"mean tag Jaccard {np.mean([jac(sets[a], sets[b]) for a, b in zip(rnd, trow)]):.3f}"
+    )
     cap_words = [set(re.findall(r"[a-z]+", c)) for c in caps]
-    named = [tag_words(attrs[r]) & w for r, w in zip(trow, cap_words)]   # target tag words the caption names
+    named = [tag_words(attrs[r]) & w for r, w in zip(trow, cap_words)]  # target tag words the caption names
 
     def caption_blind(neg_rows, qi) -> np.ndarray:
         """bool: the negative also has every target tag word the caption names (no caption evidence against it)."""
@@ -96,8 +107,10 @@ def main(argv=None) -> None:
 
     has_named = np.array([bool(x) for x in named])
     blind = caption_blind(rnd, np.arange(len(t)))
-    print(f"random in-category image with every target tag word the caption names: {blind.mean():.1%} "
-          f"({blind[has_named].mean():.1%} of the queries whose caption names one)")
+    print(
+        f"random in-category image with every target tag word the caption names: {blind.mean():.1%} "
+        f"({blind[has_named].mean():.1%} of the queries whose caption names one)"
+    )
     qpos = {q: i for i, q in enumerate(t.query_ids.tolist())}
     import pyarrow.parquet as pq
 
@@ -109,11 +122,13 @@ def main(argv=None) -> None:
         same = np.array([sets[a] == sets[b] for a, b in zip(nrow, tr)])
         cos = (emb[nrow] * emb[tr]).sum(1)
         j = np.array([jac(sets[a], sets[b]) for a, b in zip(nrow, tr)])
-        print(f"{path.name}: {tab.num_rows} negatives for {len(set(qi.tolist()))} queries; same tag set as the "
-              f"target {same.mean():.1%}; cos(neg, target) >= 0.95 {(cos >= 0.95).mean():.1%}, median cos "
-              f"{np.median(cos):.3f}; mean tag Jaccard {j.mean():.3f}; with every target tag word the caption "
-              f"names {caption_blind(nrow, qi).mean():.1%} ({caption_blind(nrow, qi)[has_named[qi]].mean():.1%} "
-              f"where the caption names one)")
+        print(
+            f"{path.name}: {tab.num_rows} negatives for {len(set(qi.tolist()))} queries; same tag set as the "
+            f"target {same.mean():.1%}; cos(neg, target) >= 0.95 {(cos >= 0.95).mean():.1%}, median cos "
+            f"{np.median(cos):.3f}; mean tag Jaccard {j.mean():.3f}; with every target tag word the caption "
+            f"names {caption_blind(nrow, qi).mean():.1%} ({caption_blind(nrow, qi)[has_named[qi]].mean():.1%} "
+            f"where the caption names one)"
+        )
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ Each run's directory OUT/runs/{variant}.s{seed} is a normal cir-train run (metri
 the "+pos" rows (generated triplets as extra training queries); quality.md lists each row's paired
 per-seed difference to in-batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ from cir_mine.data.workspace import Workspace  # noqa: E402
 from cir_mine.train.loop import TrainConfig, train  # noqa: E402
 
 # The model/optimizer every variant shares (tuned for in-batch on fiq-proxy's dev split).
-BASE = dict(epochs=10, batch_size=128, width=0.5, dropout=0.5, lr=1e-3, temperature=0.05,
-            category_batches=True, threads=1)
+BASE = dict(
+    epochs=10, batch_size=128, width=0.5, dropout=0.5, lr=1e-3, temperature=0.05, category_batches=True, threads=1
+)
 STRATEGIES = ("random", "semihard", "midzone", "hardest", "category", "attribute-mismatch")
 # Mining config of every table: k negatives per query from a flat search of depth `candidates`
 # (the default depth 128 leaves most fiq-proxy queries without ranked negatives: their zero-shot
@@ -66,7 +68,7 @@ def variants(positives=None) -> dict:
     v["hardest-deep+refresh"] = ("hardest", r5, dict(max_candidates=8192))
     v["midzone-deep+refresh"] = ("midzone", r5, dict(max_candidates=8192))
     v["hardest+refresh-late"] = ("hardest", dict(r5, share_warmup=5), {})
-    if positives:   # generated triplets as extra training queries
+    if positives:  # generated triplets as extra training queries
         pos = dict(extra_triplets=[str(positives)])
         v["in-batch+pos"] = (None, pos, {})
         v["in-batch+pos-w0.3"] = (None, dict(pos, extra_weight=0.3), {})
@@ -92,9 +94,10 @@ def run_one(work: Path, out: Path, name: str, strategy, overrides: dict, mine: d
     negs = mine_table(work, out, strategy, mine) if strategy else None
     if (run / "metrics.json").exists():
         return json.loads((run / "metrics.json").read_text())
-    cfg = TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None, seed=seed,
-                      **{**BASE, **overrides})
-    return train(cfg, resume=(run / "ckpt.pt").exists())     # refresh_every re-mines through the table's Remine
+    cfg = TrainConfig(
+        work=str(work), out=str(run), negatives=str(negs) if negs else None, seed=seed, **{**BASE, **overrides}
+    )
+    return train(cfg, resume=(run / "ckpt.pt").exists())  # refresh_every re-mines through the table's Remine
 
 
 def _overrides(text: str, defaults) -> dict:
@@ -132,14 +135,19 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/out/quality"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
-    ap.add_argument("--positives", type=Path, default=None,
-                    help="generated triplets (cir-mine positives) for the +pos rows")
-    ap.add_argument("--baseline", default="in-batch",
-                    help="the row the paired per-seed differences are taken against")
+    ap.add_argument(
+        "--positives", type=Path, default=None, help="generated triplets (cir-mine positives) for the +pos rows"
+    )
+    ap.add_argument("--baseline", default="in-batch", help="the row the paired per-seed differences are taken against")
     ap.add_argument("--dev-fraction", type=float, default=0.1, help="held-out share of queries (every row)")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=MIX|KEY=VALUE&...[|KEY=VALUE&...]",
-                    help="an extra variant: a mix (one strategy or 'random:0.5,midzone:0.5'), TrainConfig "
-                         "overrides and MineConfig overrides, e.g. 'mid-both=midzone|loss=both&neg_per_query=8|rho=none'")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=MIX|KEY=VALUE&...[|KEY=VALUE&...]",
+        help="an extra variant: a mix (one strategy or 'random:0.5,midzone:0.5'), TrainConfig "
+        "overrides and MineConfig overrides, e.g. 'mid-both=midzone|loss=both&neg_per_query=8|rho=none'",
+    )
     args = ap.parse_args(argv)
     grid = variants(args.positives)
     BASE["dev_fraction"] = args.dev_fraction
@@ -161,19 +169,34 @@ def main(argv=None) -> None:
             secs.append(time.perf_counter() - t0)
             r10.append(m["R@10"]), r50.append(m["R@50"])
             with open(args.out / "results.jsonl", "a") as fh:
-                fh.write(json.dumps({"variant": name, "seed": seed, "R@10": m["R@10"], "R@50": m["R@50"],
-                                     "per_category": m.get("per_category"), "overrides": ov,
-                                     "strategy": strategy, "mine": {**MINE, **mine} if strategy else None}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "variant": name,
+                            "seed": seed,
+                            "R@10": m["R@10"],
+                            "R@50": m["R@50"],
+                            "per_category": m.get("per_category"),
+                            "overrides": ov,
+                            "strategy": strategy,
+                            "mine": {**MINE, **mine} if strategy else None,
+                        }
+                    )
+                    + "\n"
+                )
         rows.append((name, r10, r50))
-        print(f"{name:28s} R@10 {mean_sd(r10):>14s}   R@50 {mean_sd(r50):>14s}   ({statistics.mean(secs):.0f}s/run)",
-              flush=True)
+        print(
+            f"{name:28s} R@10 {mean_sd(r10):>14s}   R@50 {mean_sd(r50):>14s}   ({statistics.mean(secs):.0f}s/run)",
+            flush=True,
+        )
     base = next((r for r in rows if r[0] == args.baseline), None)
-    lines = [f"| variant | R@10 (avg) | R@50 (avg) | Δ R@10 vs {args.baseline} | paired Δ R@10 per seed |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"| variant | R@10 (avg) | R@50 (avg) | Δ R@10 vs {args.baseline} | paired Δ R@10 per seed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, r10, r50 in rows:
         d = f"{statistics.mean(r10) - statistics.mean(base[1]):+.2f}" if base else ""
-        paired = (" ".join(f"{a - b:+.2f}" for a, b in zip(r10, base[1]))
-                  if base and len(r10) == len(base[1]) else "")
+        paired = " ".join(f"{a - b:+.2f}" for a, b in zip(r10, base[1])) if base and len(r10) == len(base[1]) else ""
         lines.append(f"| {name} | {mean_sd(r10)} | {mean_sd(r50)} | {d} | {paired} |")
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -9,6 +9,7 @@ wall time includes waiting for a core. The gallery is a seeded Gaussian mixture 
 embeddings have) and the queries are gallery-like points with extra noise (off the gallery, like
 composed queries).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,12 @@ def main() -> None:
 
     flat = ShardSearcher(xb, 0)
     (Df, If), w, c = timed(lambda: flat.search(xq, args.depth))
-    res["flat"] = {"wall_s": round(w, 2), "cpu_s": round(c, 2), "qps_per_core": round(args.queries / c, 1),
-                   "row_scores_per_core_s": float(f"{args.queries * args.rows / c:.3g}")}
+    res["flat"] = {
+        "wall_s": round(w, 2),
+        "cpu_s": round(c, 2),
+        "qps_per_core": round(args.queries / c, 1),
+        "row_scores_per_core_s": float(f"{args.queries * args.rows / c:.3g}"),
+    }
 
     cfg = ShardConfig(shards=1, index=args.factory, nprobe=args.nprobe, train_sample=min(args.rows, args.train_sample))
     trained, w, c = timed(lambda: train_shard_index(xb, cfg))
@@ -66,23 +71,30 @@ def main() -> None:
     fetch = args.depth * cfg.overfetch
     nprobe = shard.probes(fetch)
     shard.ivf.nprobe = nprobe
-    (_, Ic), ws_, cs = timed(lambda: shard.index.search(xq, fetch))          # the candidate search alone
-    (Da, Ia), w2, c2 = timed(lambda: shard.search(xq, args.depth))            # search + exact re-rank
+    (_, Ic), ws_, cs = timed(lambda: shard.index.search(xq, fetch))  # the candidate search alone
+    (Da, Ia), w2, c2 = timed(lambda: shard.search(xq, args.depth))  # search + exact re-rank
     recall = float(np.mean([len(np.intersect1d(a, b)) / args.depth for a, b in zip(Ia, If)]))
     scanned = nprobe * args.rows / shard.ivf.nlist
     res["ivfpq"] = {
-        "factory": factory_string(args.factory, args.rows, args.dim), "nprobe": nprobe, "fetch": fetch,
-        "train_s": round(w, 2), "add_cpu_s": round(ca, 2),
-        "search_cpu_s": round(cs, 2), "search_rerank_cpu_s": round(c2, 2), "wall_s": round(w2, 2),
-        "qps_per_core": round(args.queries / c2, 1), "rerank_share": round(max(0.0, c2 - cs) / c2, 3),
-        "codes_scanned_per_query": int(scanned), "codes_per_core_s": float(f"{args.queries * scanned / cs:.3g}"),
+        "factory": factory_string(args.factory, args.rows, args.dim),
+        "nprobe": nprobe,
+        "fetch": fetch,
+        "train_s": round(w, 2),
+        "add_cpu_s": round(ca, 2),
+        "search_cpu_s": round(cs, 2),
+        "search_rerank_cpu_s": round(c2, 2),
+        "wall_s": round(w2, 2),
+        "qps_per_core": round(args.queries / c2, 1),
+        "rerank_share": round(max(0.0, c2 - cs) / c2, 3),
+        "codes_scanned_per_query": int(scanned),
+        "codes_per_core_s": float(f"{args.queries * scanned / cs:.3g}"),
         "rerank_candidates_per_core_s": float(f"{args.queries * fetch / max(c2 - cs, 1e-9):.3g}"),
         f"recall_at_{args.depth}_vs_flat": round(recall, 4),
         "index_bytes_per_row": round(faiss.serialize_index(shard.index).size / args.rows, 1),
     }
 
     S = args.merge_shards
-    parts = [(Df[:, :args.depth].copy(), If[:, :args.depth] + s * args.rows) for s in range(S)]
+    parts = [(Df[:, : args.depth].copy(), If[:, : args.depth] + s * args.rows) for s in range(S)]
     _, w, c = timed(lambda: merge_topk(parts, args.depth))
     res["merge"] = {"shards": S, "cpu_s": round(c, 3), "queries_per_core_s": round(args.queries / c, 1)}
     print(json.dumps(res, indent=1))

@@ -17,6 +17,7 @@ float32 bytes, the embeddings cannot all be resident at once, as on a machine wh
 than the gallery. The cgroup's own peak (page cache included) is reported beside the peak RSS.
 Not a unit test: run it alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def write_workspace(root: Path, n: int, m: int, d: int, seed: int = 0, block: int = 131_072, noise: float = 0.5) -> None:
+def write_workspace(
+    root: Path, n: int, m: int, d: int, seed: int = 0, block: int = 131_072, noise: float = 0.5
+) -> None:
     """Images = one of 4096 directions + Gaussian noise of norm ``noise`` (0.5: a nearest neighbour
     at cosine about 0.75, as CLIP galleries have; at 2 the rows are near-random directions, which no
     compressed code ranks), then normalised."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cir_mine.data.workspace import (Workspace, l2_normalize, triplets_table, write_embeddings_npy, write_table)
+    from cir_mine.data.workspace import Workspace, l2_normalize, triplets_table, write_embeddings_npy, write_table
 
     ws = Workspace(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -55,22 +58,43 @@ def write_workspace(root: Path, n: int, m: int, d: int, seed: int = 0, block: in
         for s in range(0, n, block):
             e = min(n, s + block)
             r = np.random.default_rng([seed, s])
-            yield l2_normalize(centers[r.integers(0, len(centers), e - s)]
-                               + noise / np.sqrt(d) * r.standard_normal((e - s, d)).astype(np.float32))
+            yield l2_normalize(
+                centers[r.integers(0, len(centers), e - s)]
+                + noise / np.sqrt(d) * r.standard_normal((e - s, d)).astype(np.float32)
+            )
 
     write_embeddings_npy(blocks(), n, d, ws.embeddings_path("train"))
     schema = pa.schema([("image_id", pa.string()), ("category", pa.string()), ("attributes", pa.list_(pa.string()))])
     with pq.ParquetWriter(ws.gallery_path("train"), schema) as w:
         for s in range(0, n, block):
             e = min(n, s + block)
-            w.write_table(pa.table({"image_id": ids(s, e), "category": ["c"] * (e - s),
-                                    "attributes": pa.array([[]] * (e - s), pa.list_(pa.string()))}, schema=schema))
+            w.write_table(
+                pa.table(
+                    {
+                        "image_id": ids(s, e),
+                        "category": ["c"] * (e - s),
+                        "attributes": pa.array([[]] * (e - s), pa.list_(pa.string())),
+                    },
+                    schema=schema,
+                )
+            )
     xb = np.load(ws.embeddings_path("train"), mmap_mode="r")
     ref = np.sort(rng.choice(n, m, replace=False))
     tgt = (ref + 1 + rng.integers(0, n - 1, m)) % n
-    text = l2_normalize(np.asarray(xb[tgt]) - np.asarray(xb[ref]) + 0.3 / np.sqrt(d) * rng.standard_normal((m, d)).astype(np.float32))
-    write_table(triplets_table([f"q{i:06d}" for i in range(m)], ["c"] * m, [f"g{i:08d}" for i in ref],
-                               [f"g{i:08d}" for i in tgt], [["is different"]] * m, text), ws.triplets_path("train"))
+    text = l2_normalize(
+        np.asarray(xb[tgt]) - np.asarray(xb[ref]) + 0.3 / np.sqrt(d) * rng.standard_normal((m, d)).astype(np.float32)
+    )
+    write_table(
+        triplets_table(
+            [f"q{i:06d}" for i in range(m)],
+            ["c"] * m,
+            [f"g{i:08d}" for i in ref],
+            [f"g{i:08d}" for i in tgt],
+            [["is different"]] * m,
+            text,
+        ),
+        ws.triplets_path("train"),
+    )
     ws.write_manifest(source="synthetic", dim=d)
 
 
@@ -79,7 +103,7 @@ class MemoryCgroup:
     process into it (as a ``preexec_fn``), ``peak_gib`` reads its high-water mark."""
 
     def __init__(self, gib: float):
-        self.limit = int(gib * 2 ** 30)
+        self.limit = int(gib * 2**30)
         name = f"cir-mine-soak-{os.getpid()}"
         v1 = Path("/sys/fs/cgroup/memory")
         if (v1 / "memory.limit_in_bytes").exists() or v1.is_dir():
@@ -90,15 +114,17 @@ class MemoryCgroup:
             self.dir.mkdir()
             (self.dir / self.files[0]).write_text(str(self.limit))
         except OSError as e:
-            raise SystemExit(f"--memory-limit: cannot create a memory cgroup at {self.dir} ({e}); "
-                             f"run as a user who may, or without --memory-limit.") from None
+            raise SystemExit(
+                f"--memory-limit: cannot create a memory cgroup at {self.dir} ({e}); "
+                f"run as a user who may, or without --memory-limit."
+            ) from None
 
     def enter(self) -> None:
         (self.dir / "cgroup.procs").write_text(str(os.getpid()))
 
     def peak_gib(self) -> float:
         try:
-            return round(int((self.dir / self.files[1]).read_text()) / 2 ** 30, 3)
+            return round(int((self.dir / self.files[1]).read_text()) / 2**30, 3)
         except (OSError, ValueError):
             return float("nan")
 
@@ -111,11 +137,16 @@ class MemoryCgroup:
 
 def run_stage(name: str, argv: list, cgroup: "MemoryCgroup | None" = None) -> dict:
     shown = "cir-mine " + shlex.join(argv)
-    print(f"$ {shown}" + (f"   (memory cgroup limit {cgroup.limit / 2 ** 30:.2f} GiB)" if cgroup else ""), flush=True)
+    print(f"$ {shown}" + (f"   (memory cgroup limit {cgroup.limit / 2**30:.2f} GiB)" if cgroup else ""), flush=True)
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-c", "from cir_mine.cli import mine_main; mine_main()", *argv],
-                             stdout=out, stderr=err, text=True, preexec_fn=cgroup.enter if cgroup else None)
+        p = subprocess.Popen(
+            [sys.executable, "-c", "from cir_mine.cli import mine_main; mine_main()", *argv],
+            stdout=out,
+            stderr=err,
+            text=True,
+            preexec_fn=cgroup.enter if cgroup else None,
+        )
         _, status, usage = os.wait4(p.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t
@@ -123,13 +154,22 @@ def run_stage(name: str, argv: list, cgroup: "MemoryCgroup | None" = None) -> di
         stdout, stderr = out.read(), err.read()
     if code:
         raise SystemExit(f"{name} failed (exit {code}):\n{stderr}")
-    rec = {"stage": name, "command": shown, "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-           "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2 ** 30, 3), "stdout": stdout.strip().splitlines()}
+    rec = {
+        "stage": name,
+        "command": shown,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 3),
+        "stdout": stdout.strip().splitlines(),
+    }
     if cgroup:
-        rec["cgroup_limit_gib"] = round(cgroup.limit / 2 ** 30, 3)
+        rec["cgroup_limit_gib"] = round(cgroup.limit / 2**30, 3)
         rec["cgroup_peak_gib"] = cgroup.peak_gib()
-    print(f"  -> {rec['wall_s']} s wall, {rec['cpu_s']} s CPU, peak RSS {rec['peak_rss_gib']} GiB"
-          + (f", cgroup peak {rec['cgroup_peak_gib']} of {rec['cgroup_limit_gib']} GiB" if cgroup else ""), flush=True)
+    print(
+        f"  -> {rec['wall_s']} s wall, {rec['cpu_s']} s CPU, peak RSS {rec['peak_rss_gib']} GiB"
+        + (f", cgroup peak {rec['cgroup_peak_gib']} of {rec['cgroup_limit_gib']} GiB" if cgroup else ""),
+        flush=True,
+    )
     for line in rec["stdout"]:
         print(f"     {line}", flush=True)
     return rec
@@ -145,8 +185,13 @@ def main(argv=None) -> None:
     ap.add_argument("--query-batch", type=int, default=1024)
     ap.add_argument("--check-recall", type=int, default=200)
     ap.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-soak-index"))
-    ap.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
-                    help="run the mining stage in a memory cgroup of GIB GiB (page cache included)")
+    ap.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="run the mining stage in a memory cgroup of GIB GiB (page cache included)",
+    )
     ap.add_argument("--strategy", default="hardest")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep the workspace, index and table under --root")
@@ -155,7 +200,7 @@ def main(argv=None) -> None:
     work = a.root / "work"
     s = str
     if a.reuse and (work / "index.train.faiss").exists():
-        t_write, recs = None, []                       # the workspace and index of an earlier --keep run
+        t_write, recs = None, []  # the workspace and index of an earlier --keep run
     else:
         shutil.rmtree(a.root, ignore_errors=True)
         t = time.perf_counter()
@@ -173,10 +218,32 @@ def main(argv=None) -> None:
             finally:
                 os.close(fd)
     try:
-        recs.append(run_stage("negatives (workspace IVF-PQ + exact re-rank)",
-                              ["negatives", "--work", s(work), "--index", "workspace", "--strategy", a.strategy,
-                               "-k", s(a.k), "--query-batch", s(a.query_batch), "--check-recall", s(a.check_recall),
-                               "--device", "cpu", "--out", s(a.root / "negs.parquet"), "-q"], cgroup))
+        recs.append(
+            run_stage(
+                "negatives (workspace IVF-PQ + exact re-rank)",
+                [
+                    "negatives",
+                    "--work",
+                    s(work),
+                    "--index",
+                    "workspace",
+                    "--strategy",
+                    a.strategy,
+                    "-k",
+                    s(a.k),
+                    "--query-batch",
+                    s(a.query_batch),
+                    "--check-recall",
+                    s(a.check_recall),
+                    "--device",
+                    "cpu",
+                    "--out",
+                    s(a.root / "negs.parquet"),
+                    "-q",
+                ],
+                cgroup,
+            )
+        )
     finally:
         if cgroup:
             cgroup.close()
@@ -184,26 +251,45 @@ def main(argv=None) -> None:
 
     meta = read_negatives_meta(a.root / "negs.parquet")
     search = meta["search"]
-    gallery_gib = a.n_gallery * a.dim * 4 / 2 ** 30
-    index_gib = (work / "index.train.faiss").stat().st_size / 2 ** 30
+    gallery_gib = a.n_gallery * a.dim * 4 / 2**30
+    index_gib = (work / "index.train.faiss").stat().st_size / 2**30
     depth = meta["depth"]
-    fetched = int(np.ceil(4 * depth * float(search.get("overfetch", 1))))   # reserve (4x depth) x over-fetch
-    rerank_gib = a.query_batch * fetched * (8 + 4 + 4) / 2 ** 30 + 65_536 * a.dim * 4 / 2 ** 30
+    fetched = int(np.ceil(4 * depth * float(search.get("overfetch", 1))))  # reserve (4x depth) x over-fetch
+    rerank_gib = a.query_batch * fetched * (8 + 4 + 4) / 2**30 + 65_536 * a.dim * 4 / 2**30
     bound = index_gib + rerank_gib + 2.0
-    print(f"\ngallery float32 embeddings {gallery_gib:.2f} GiB (memory-mapped, written in {t_write} s); "
-          f"index {index_gib:.3f} GiB; re-rank working set {rerank_gib:.3f} GiB; bound {bound:.2f} GiB\n")
-    print("| stage | command | wall (s) | CPU (s) | peak RSS (GiB) | memory cgroup peak / limit (GiB) |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    print(
+        f"\ngallery float32 embeddings {gallery_gib:.2f} GiB (memory-mapped, written in {t_write} s); "
+        f"index {index_gib:.3f} GiB; re-rank working set {rerank_gib:.3f} GiB; bound {bound:.2f} GiB\n"
+    )
+    print(
+        "| stage | command | wall (s) | CPU (s) | peak RSS (GiB) | memory cgroup peak / limit (GiB) |\n"
+        "| --- | --- | --- | --- | --- | --- |"
+    )
     for r in recs:
         cg = f"{r['cgroup_peak_gib']} / {r['cgroup_limit_gib']}" if "cgroup_limit_gib" in r else "-"
         print(f"| {r['stage']} | `{r['command']}` | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']} | {cg} |")
-    print(json.dumps({"bench": "soak-index", "n_gallery": a.n_gallery, "n_queries": a.n_queries, "dim": a.dim,
-                      "factory": a.factory, "gallery_gib": round(gallery_gib, 3), "index_gib": round(index_gib, 3),
-                      "rerank_gib": round(rerank_gib, 3), "bound_gib": round(bound, 3), "write_s": t_write,
-                      "search": search, "timing": meta["timing"], "shortfall": meta["shortfall"]["count"],
-                      "mining_within_bound": recs[-1]["peak_rss_gib"] <= bound,
-                      "within_bound": all(r["peak_rss_gib"] <= bound for r in recs),
-                      "stages": [{k: v for k, v in r.items() if k != "stdout"} for r in recs]}))
+    print(
+        json.dumps(
+            {
+                "bench": "soak-index",
+                "n_gallery": a.n_gallery,
+                "n_queries": a.n_queries,
+                "dim": a.dim,
+                "factory": a.factory,
+                "gallery_gib": round(gallery_gib, 3),
+                "index_gib": round(index_gib, 3),
+                "rerank_gib": round(rerank_gib, 3),
+                "bound_gib": round(bound, 3),
+                "write_s": t_write,
+                "search": search,
+                "timing": meta["timing"],
+                "shortfall": meta["shortfall"]["count"],
+                "mining_within_bound": recs[-1]["peak_rss_gib"] <= bound,
+                "within_bound": all(r["peak_rss_gib"] <= bound for r in recs),
+                "stages": [{k: v for k, v in r.items() if k != "stdout"} for r in recs],
+            }
+        )
+    )
     if not (a.keep or a.reuse):
         shutil.rmtree(a.root, ignore_errors=True)
 

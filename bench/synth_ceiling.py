@@ -14,6 +14,7 @@ noise) and scores three oracle queries with the FashionIQ protocol (per-category
 - ``reference-decoded``: like reference-known, but the reference's attributes are decoded from its
   noisy embedding (argmax over each group's directions), as a model must: a practical ceiling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,14 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--salience", default=None, help="per-group weights as in cir-mine synth, e.g. neckline=0.3")
     a = ap.parse_args(argv)
-    cfg = SynthConfig(n_gallery=a.n_gallery, n_triplets=a.n_triplets, dim=a.dim, item_noise=a.item_noise,
-                      seed=a.seed, salience=parse_salience(a.salience)).validate()
+    cfg = SynthConfig(
+        n_gallery=a.n_gallery,
+        n_triplets=a.n_triplets,
+        dim=a.dim,
+        item_noise=a.item_noise,
+        seed=a.seed,
+        salience=parse_salience(a.salience),
+    ).validate()
     for name, v in ceilings(cfg).items():
         print(f"{name:18s} {v if isinstance(v, dict) else round(v, 1)}")
 

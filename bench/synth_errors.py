@@ -8,6 +8,7 @@ differ from the target's. Prints, per run, the share of dev queries whose top-1 
 target or an exact-attribute twin), and the share whose top-1 differs from the target in exactly
 one group, per group ("near misses"), and in two or more groups.
 """
+
 from __future__ import annotations
 
 import argparse

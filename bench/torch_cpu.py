@@ -17,6 +17,7 @@ distribution), times, alternating the two back-ends and keeping each one's best 
 
 Prints one JSON object and a markdown table; ``ratio`` is torch / numpy (the goal: at most 1.2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,9 +73,9 @@ def main(argv=None) -> dict:
 
         def search(backend):
             for s in range(0, len(xq), a.query_batch):
-                backend.search(xq[s:s + a.query_batch], depth)
+                backend.search(xq[s : s + a.query_batch], depth)
 
-        for b in backends.values():                                  # the kernel races settle here
+        for b in backends.values():  # the kernel races settle here
             search(b)
         best = {(what, name): (float("inf"), None) for what in ("search", "mine") for name in backends}
         tables = {}
@@ -91,21 +92,38 @@ def main(argv=None) -> dict:
                     best["mine", name] = (wall, res.meta["timing"])
                 tables[name] = res.table
     same = tables["numpy"].equals(tables["torch"])
-    out = {"bench": "torch_cpu", "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "gallery": [a.n_gallery, a.dim], "queries": a.n_queries, "strategy": a.strategy, "k": a.k, "depth": depth,
-           "precision": a.precision, "repeats": a.repeats, "same_table": bool(same),
-           "search_s": {n: round(best["search", n][0], 3) for n in backends},
-           "mine_s": {n: round(best["mine", n][0], 3) for n in backends},
-           "search_ratio": round(best["search", "torch"][0] / best["search", "numpy"][0], 3),
-           "mine_ratio": round(best["mine", "torch"][0] / best["mine", "numpy"][0], 3),
-           "stages": {n: {k: v for k, v in best["mine", n][1].items() if k.endswith("_s")} for n in backends},
-           "kernels": {n: b.measured().get("kernels") for n, b in backends.items()}}
+    out = {
+        "bench": "torch_cpu",
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gallery": [a.n_gallery, a.dim],
+        "queries": a.n_queries,
+        "strategy": a.strategy,
+        "k": a.k,
+        "depth": depth,
+        "precision": a.precision,
+        "repeats": a.repeats,
+        "same_table": bool(same),
+        "search_s": {n: round(best["search", n][0], 3) for n in backends},
+        "mine_s": {n: round(best["mine", n][0], 3) for n in backends},
+        "search_ratio": round(best["search", "torch"][0] / best["search", "numpy"][0], 3),
+        "mine_ratio": round(best["mine", "torch"][0] / best["mine", "numpy"][0], 3),
+        "stages": {n: {k: v for k, v in best["mine", n][1].items() if k.endswith("_s")} for n in backends},
+        "kernels": {n: b.measured().get("kernels") for n, b in backends.items()},
+    }
     print(json.dumps(out))
-    rows = ["| back-end | search (s) | mine (s) | search / rerank / guards / select / table (s) |", "| --- | --- | --- | --- |"]
+    rows = [
+        "| back-end | search (s) | mine (s) | search / rerank / guards / select / table (s) |",
+        "| --- | --- | --- | --- |",
+    ]
     for n in backends:
         st = out["stages"][n]
-        rows.append(f"| {n} | {out['search_s'][n]:.2f} | {out['mine_s'][n]:.2f} | " + " / ".join(
-            f"{st.get(k + '_s', 0):.2f}" for k in ("search", "rerank", "guards", "select", "table")) + " |")
+        rows.append(
+            f"| {n} | {out['search_s'][n]:.2f} | {out['mine_s'][n]:.2f} | "
+            + " / ".join(f"{st.get(k + '_s', 0):.2f}" for k in ("search", "rerank", "guards", "select", "table"))
+            + " |"
+        )
     rows.append(f"| ratio torch / numpy | {out['search_ratio']:.2f} | {out['mine_ratio']:.2f} | same table: {same} |")
     print("\n".join(rows))
     if not same:

@@ -1,4 +1,5 @@
 """One entry point over the dataset adapters."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +44,10 @@ def dataset_summary(name: str, root: str | Path, split: str) -> dict:
     """What ``cir-mine check`` prints: counts of images, image files found on disk, attributes,
     queries, and the categories."""
     images, queries = load_dataset(name, root, split)
-    return {"images": len(images), "image_files": count_image_files(images, root),
-            "with_attributes": sum(1 for i in images if i.attributes), "queries": len(queries),
-            "categories": sorted({q.category for q in queries})}
+    return {
+        "images": len(images),
+        "image_files": count_image_files(images, root),
+        "with_attributes": sum(1 for i in images if i.attributes),
+        "queries": len(queries),
+        "categories": sorted({q.category for q in queries}),
+    }

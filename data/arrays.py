@@ -5,6 +5,7 @@ workspace (docs/formats.md), so every stage that takes a :class:`~cir_mine.data.
 (``mine_negatives`` first) reads it unchanged and gets the same rows as from the same data on disk.
 Nothing is written; :meth:`ArrayWorkspace.save` writes it as a workspace directory when wanted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,19 @@ import numpy as np
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.io import write_job
 from cir_mine.data.validate import check_ids, check_labels, check_matrix
-from cir_mine.data.workspace import (SCHEMA_VERSION, Gallery, Triplets, Workspace, check_split,
-                                     check_triplets_against_gallery, gallery_from_table, gallery_table,
-                                     triplets_from_table, triplets_table, write_table)
+from cir_mine.data.workspace import (
+    SCHEMA_VERSION,
+    Gallery,
+    Triplets,
+    Workspace,
+    check_split,
+    check_triplets_against_gallery,
+    gallery_from_table,
+    gallery_table,
+    triplets_from_table,
+    triplets_table,
+    write_table,
+)
 
 WHERE = "Workspace.from_arrays"
 
@@ -31,7 +42,9 @@ class ArrayWorkspace(Workspace):
         self.split = split
         self._gallery, self._triplets = gallery, triplets
         self._manifest = {
-            "schema_version": SCHEMA_VERSION, "source": "arrays", "encoder": {"name": encoder},
+            "schema_version": SCHEMA_VERSION,
+            "source": "arrays",
+            "encoder": {"name": encoder},
             "dim": gallery.dim,
             "counts": {f"gallery.{split}": len(gallery), **({f"triplets.{split}": len(triplets)} if triplets else {})},
             "content_hash": _content_hash(gallery, triplets),
@@ -55,8 +68,10 @@ class ArrayWorkspace(Workspace):
 
     def _check(self, split: str) -> None:
         if split != self.split:
-            raise DataError(f"{WHERE}: split {split!r} is not in this workspace (it holds {self.split!r}); "
-                            f"pass split={split!r} to Workspace.from_arrays or mine split {self.split!r}.")
+            raise DataError(
+                f"{WHERE}: split {split!r} is not in this workspace (it holds {self.split!r}); "
+                f"pass split={split!r} to Workspace.from_arrays or mine split {self.split!r}."
+            )
 
     def gallery(self, split: str, check_norm: bool = True) -> Gallery:
         self._check(split)
@@ -65,8 +80,10 @@ class ArrayWorkspace(Workspace):
     def triplets(self, split: str, gallery: Optional[Gallery] = None, check_norm: bool = True) -> Triplets:
         self._check(split)
         if self._triplets is None:
-            raise DataError(f"{WHERE}: no queries; pass ref_ids, target_ids, text_emb and captions "
-                            f"to Workspace.from_arrays to mine negatives.")
+            raise DataError(
+                f"{WHERE}: no queries; pass ref_ids, target_ids, text_emb and captions "
+                f"to Workspace.from_arrays to mine negatives."
+            )
         return self._triplets
 
     def load(self, split: str) -> tuple[Gallery, Triplets]:
@@ -97,8 +114,16 @@ class ArrayWorkspace(Workspace):
             raise DataError(f"{ws.gallery_path(self.split)}: already exists; save into a new directory.")
         g, t = self._gallery, self._triplets
         with write_job(ws.root, "Workspace.save"):
-            write_table(gallery_table(g.image_ids.tolist(), g.categories.tolist(), g.attributes, g.embeddings,
-                                      paths=None if g.paths is None else g.paths.tolist()), ws.gallery_path(self.split))
+            write_table(
+                gallery_table(
+                    g.image_ids.tolist(),
+                    g.categories.tolist(),
+                    g.attributes,
+                    g.embeddings,
+                    paths=None if g.paths is None else g.paths.tolist(),
+                ),
+                ws.gallery_path(self.split),
+            )
             if t is not None:
                 write_table(_triplets_arrow(t), ws.triplets_path(self.split))
             ws.write_manifest(source="arrays", encoder=dict(self._manifest["encoder"]))
@@ -108,8 +133,16 @@ class ArrayWorkspace(Workspace):
 def _triplets_arrow(t: Triplets):
     extra = t.extra_positive_ids if any(t.extra_positive_ids) else None
     verified = t.verified_negative_ids if any(t.verified_negative_ids) else None
-    return triplets_table(t.query_ids.tolist(), t.categories.tolist(), t.ref_ids.tolist(), t.target_ids.tolist(),
-                          t.captions, t.text_embeddings, extra_positive_ids=extra, verified_negative_ids=verified)
+    return triplets_table(
+        t.query_ids.tolist(),
+        t.categories.tolist(),
+        t.ref_ids.tolist(),
+        t.target_ids.tolist(),
+        t.captions,
+        t.text_embeddings,
+        extra_positive_ids=extra,
+        verified_negative_ids=verified,
+    )
 
 
 def _content_hash(g: Gallery, t: Optional[Triplets]) -> str:
@@ -144,16 +177,24 @@ def _lists(x, name: str, n: int) -> list:
     return out
 
 
-def workspace_from_arrays(gallery_emb, image_ids: Sequence[str], *, categories: Optional[Sequence[str]] = None,
-                          attributes: Optional[Sequence[Sequence[str]]] = None,
-                          paths: Optional[Sequence[str]] = None,
-                          ref_ids: Optional[Sequence[str]] = None, target_ids: Optional[Sequence[str]] = None,
-                          text_emb=None, captions: Optional[Sequence] = None,
-                          query_ids: Optional[Sequence[str]] = None,
-                          query_categories: Optional[Sequence[str]] = None,
-                          extra_positive_ids: Optional[Sequence[Sequence[str]]] = None,
-                          split: str = "train", normalize: bool = False,
-                          encoder: str = "unknown") -> ArrayWorkspace:
+def workspace_from_arrays(
+    gallery_emb,
+    image_ids: Sequence[str],
+    *,
+    categories: Optional[Sequence[str]] = None,
+    attributes: Optional[Sequence[Sequence[str]]] = None,
+    paths: Optional[Sequence[str]] = None,
+    ref_ids: Optional[Sequence[str]] = None,
+    target_ids: Optional[Sequence[str]] = None,
+    text_emb=None,
+    captions: Optional[Sequence] = None,
+    query_ids: Optional[Sequence[str]] = None,
+    query_categories: Optional[Sequence[str]] = None,
+    extra_positive_ids: Optional[Sequence[Sequence[str]]] = None,
+    split: str = "train",
+    normalize: bool = False,
+    encoder: str = "unknown",
+) -> ArrayWorkspace:
     """An in-memory workspace of one split (see docs/api.md).
 
     gallery_emb: float[n, d] image embeddings (L2-normalized, or pass ``normalize=True``);
@@ -177,11 +218,14 @@ def workspace_from_arrays(gallery_emb, image_ids: Sequence[str], *, categories: 
         return ArrayWorkspace(split, gallery, None, encoder)
     missing = [k for k, v in given.items() if v is None]
     if missing:
-        raise UsageError(f"{WHERE}: queries need ref_ids, target_ids, text_emb and captions; "
-                         f"{', '.join(missing)} missing.")
+        raise UsageError(
+            f"{WHERE}: queries need ref_ids, target_ids, text_emb and captions; {', '.join(missing)} missing."
+        )
     if np.ndim(text_emb) == 2 and np.shape(text_emb)[1] != emb.shape[1]:
-        raise UsageError(f"{WHERE}: text_emb has dimension {np.shape(text_emb)[1]} but gallery_emb has {emb.shape[1]}; "
-                         f"both must come from the same encoder.")
+        raise UsageError(
+            f"{WHERE}: text_emb has dimension {np.shape(text_emb)[1]} but gallery_emb has {emb.shape[1]}; "
+            f"both must come from the same encoder."
+        )
     temb = _matrix(text_emb, "text_emb", normalize, what="query")
     m = temb.shape[0]
     refs, tgts = _strings(ref_ids, "ref_ids", m), _strings(target_ids, "target_ids", m)

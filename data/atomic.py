@@ -1,4 +1,5 @@
 """Atomic writes: no half-written file is ever visible under its final name."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,7 @@ def atomic_path(final: str | os.PathLike, journal: bool = True) -> Iterator[Path
         for d in reversed(created if journal else []):
             journal_created(d)
         _sweep_stale_temps(final)
-        fd, tmp = tempfile.mkstemp(prefix=f".{short_name(final.name)}.{os.getpid()}.", suffix=".tmp",
-                                   dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{short_name(final.name)}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; final files get the usual mode
@@ -64,7 +64,7 @@ def atomic_path(final: str | os.PathLike, journal: bool = True) -> Iterator[Path
                 with contextlib.suppress(OSError):
                     tmp_path.unlink()
             if not (in_transaction() and journal):
-                for d in created:   # folders made for this file only, deepest first
+                for d in created:  # folders made for this file only, deepest first
                     with contextlib.suppress(OSError):
                         d.rmdir()
         if isinstance(e, (OSError, RuntimeError)) and (is_write_error(e) or full):
@@ -77,7 +77,7 @@ def _sweep_stale_temps(final: Path) -> None:
     longer alive."""
     prefix = f".{short_name(final.name)}."
     for p in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = p.name[len(prefix):].split(".", 1)[0]
+        pid = p.name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)) and not p.is_dir():
             with contextlib.suppress(OSError):
                 p.unlink()

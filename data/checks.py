@@ -4,6 +4,7 @@
 0..2**64-1 in any config dataclass; each config's ``validate`` calls it first, then checks its own
 ranges with :func:`check_range`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,7 @@ from typing import Iterable, Optional
 
 from cir_mine.data.errors import UsageError
 
-SEED_MAX = 2 ** 64 - 1
-
+SEED_MAX = 2**64 - 1
 
 
 def check_finite(name: str, value) -> None:
@@ -58,19 +58,26 @@ def check_numbers(cfg, skip: Iterable[str] = ()) -> None:
         if name in skip or str(name).startswith("_"):
             continue
         if dataclasses.is_dataclass(v) and not isinstance(v, type) or isinstance(v, dict):
-            check_numbers(v, skip)     # nested configs (guards, per-strategy parameters)
+            check_numbers(v, skip)  # nested configs (guards, per-strategy parameters)
             continue
         check_finite(name, v)
         if name == "seed" or str(name).endswith("_seed"):
             check_seed(name, v)
 
 
-def check_range(name: str, value: float, lo: Optional[float] = None, hi: Optional[float] = None,
-                lo_open: bool = False, hi_open: bool = False) -> None:
+def check_range(
+    name: str,
+    value: float,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
     """``lo <= value <= hi`` (open ends with ``lo_open``/``hi_open``); the message states the interval."""
     check_finite(name, value)
-    bad = ((lo is not None and (value <= lo if lo_open else value < lo)) or
-           (hi is not None and (value >= hi if hi_open else value > hi)))
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi)
+    )
     if bad:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"

@@ -11,6 +11,7 @@ become ``verified_negative_ids``. Query ids are ``cirr-{split}-{pairid}``. Image
 split file, relative to ROOT (``dev/name.png``); the split file lists them whether or not the images
 are there.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

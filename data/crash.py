@@ -22,6 +22,7 @@ The crash points, each checked by :func:`crash_point`:
 
 Ray actors get the variable from the driver (:func:`crash_env`).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ import signal
 CRASH_ENV = "CIR_MINE_CRASH"
 _ACTIONS = ("KILL", "INT", "TERM", "RAISE", "EXIT")
 _SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
-_ARRIVALS: dict = {}    # (spec, point) -> arrivals of this process so far
+_ARRIVALS: dict = {}  # (spec, point) -> arrivals of this process so far
 
 
 def parse(spec: str) -> tuple[str, int, str, str]:
@@ -78,4 +79,3 @@ def crash_env() -> dict:
 def reset() -> None:
     """Forget the arrivals counted so far (tests that arm the same point twice in one process)."""
     _ARRIVALS.clear()
-

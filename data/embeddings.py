@@ -1,6 +1,7 @@
 """Embedding arrays: the Arrow column <-> float32[n, d], unit-norm checks, and galleries memory-mapped
 from a row-aligned ``.npy`` (read block by block, pages released, so a gallery larger than memory
 is mined at bounded RSS)."""
+
 from __future__ import annotations
 
 import os
@@ -65,12 +66,15 @@ def open_embeddings(path: Path, n: int, gallery_path: Path) -> np.ndarray:
     try:
         emb = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:
-        raise SchemaError(f"{path}: not a readable .npy array ({e}). Rewrite it with `cir-mine index npy`.",
-                          params=("npy",)) from None
+        raise SchemaError(
+            f"{path}: not a readable .npy array ({e}). Rewrite it with `cir-mine index npy`.", params=("npy",)
+        ) from None
     if emb.ndim != 2 or emb.dtype not in (np.float32, np.float16) or emb.shape[0] != n:
-        raise SchemaError(f"{path}: holds {emb.dtype}{list(emb.shape)} but {gallery_path} has {n} rows; expected "
-                          f"float32 or float16 [{n}, d], row r = gallery row r. Rewrite it with `cir-mine index npy`.",
-                          params=("npy",))
+        raise SchemaError(
+            f"{path}: holds {emb.dtype}{list(emb.shape)} but {gallery_path} has {n} rows; expected "
+            f"float32 or float16 [{n}, d], row r = gallery row r. Rewrite it with `cir-mine index npy`.",
+            params=("npy",),
+        )
     advise_random(emb)
     return emb
 
@@ -134,11 +138,11 @@ def write_embeddings_npy(emb_blocks, n: int, dim: int, path: Path, dtype=np.floa
     """Write ``n`` rows arriving as blocks of float[b, dim] into a ``.npy`` atomically (bounded memory)."""
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
-        with open(tmp, "r+b") as fh:   # reserve the blocks: a full disk is an error here, not a SIGBUS later
+        with open(tmp, "r+b") as fh:  # reserve the blocks: a full disk is an error here, not a SIGBUS later
             os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
         s = 0
         for block in emb_blocks:
-            out[s:s + len(block)] = block
+            out[s : s + len(block)] = block
             s += len(block)
             out.flush()
             release_pages(out)

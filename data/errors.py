@@ -7,6 +7,7 @@ text as a word (``delta_lo must be ...``), or marked: in backticks (`` `split` `
 occurs as prose) or inside a command line in backticks (`` `cir-mine index work=W split=S npy` ``:
 ``name=value`` and bare names are spelled, the rest stays).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,6 +25,7 @@ def spell_calls(text: str, spell: Callable[[str], str]) -> str:
     """``text`` with every ``MineConfig.of(name=...)`` written as ``spell(name)`` and every
     ``MineConfig.of(name=None)`` as ``spell("name=None")`` (several names joined by "/"): how a front
     end (the CLI: ``--rho``, ``--no-guard cap``) shows the hints the library writes in API names."""
+
     def one(m: re.Match) -> str:
         names = []
         for arg in (a.strip() for a in m.group(1).split(",") if a.strip()):
@@ -114,8 +116,8 @@ def failure(e: BaseException, spell: Callable[[str], str]) -> Optional[tuple]:
         return e.render(spell), e.exit_code
     if isinstance(e, MemoryError):
         return f"out of memory. Lower {spell('batch_size')} or {spell('query_batch')}, or use a smaller index.", 1
-    if isinstance(e, OSError) and getattr(e, "filename", None) is not None:   # a file-system failure: name the file
+    if isinstance(e, OSError) and getattr(e, "filename", None) is not None:  # a file-system failure: name the file
         return f"{e.filename}: {e.strerror or e}.", 1
-    if isinstance(e, KeyboardInterrupt):   # outside a write job (jobs raise Interrupted, saying what is left)
+    if isinstance(e, KeyboardInterrupt):  # outside a write job (jobs raise Interrupted, saying what is left)
         return "interrupted (SIGINT).", 130
     return None

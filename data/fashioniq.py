@@ -11,6 +11,7 @@ Image paths are relative to ROOT (``images/{ASIN}.png``).
 
 Query ids are stable: ``{cat}-{split}-{index:05d}`` with the index into the caption file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,9 @@ def parse_query_id(qid: str) -> Optional[tuple[str, str, int]]:
     return cat, split, int(index)
 
 
-def clip4cir_fashioniq_items(root: str | Path, split: str,
-                             dress_types: Sequence[str] = CLIP4CIR_DRESS_TYPES) -> list[tuple[str, int]]:
+def clip4cir_fashioniq_items(
+    root: str | Path, split: str, dress_types: Sequence[str] = CLIP4CIR_DRESS_TYPES
+) -> list[tuple[str, int]]:
     """CLIP4Cir's ``FashionIQDataset(split, dress_types, 'relative')`` item order: item ``i`` ->
     (category, index into cap.{category}.{split}.json), the caption files concatenated in the order
     of ``dress_types`` (default CLIP4Cir's own, dress, toptee, shirt). Reads only the caption files
@@ -59,8 +61,11 @@ def clip4cir_fashioniq_items(root: str | Path, split: str,
     cats = check_categories(dress_types, root)
     out = []
     for cat in cats:
-        caps = load_json(root / "captions" / f"cap.{cat}.{split}.json", list,
-                         hint=f"Is '{split}' a FashionIQ split (train, val, test)?")
+        caps = load_json(
+            root / "captions" / f"cap.{cat}.{split}.json",
+            list,
+            hint=f"Is '{split}' a FashionIQ split (train, val, test)?",
+        )
         out += [(cat, i) for i in range(len(caps))]
     return out
 
@@ -69,9 +74,7 @@ def check_categories(categories: Optional[Iterable[str]], path_hint: Path) -> tu
     cats = tuple(categories) if categories else CATEGORIES
     unknown = [c for c in cats if c not in CATEGORIES]
     if unknown:
-        raise DataError(
-            f"{path_hint}: unknown FashionIQ category '{unknown[0]}'; choose from {', '.join(CATEGORIES)}."
-        )
+        raise DataError(f"{path_hint}: unknown FashionIQ category '{unknown[0]}'; choose from {', '.join(CATEGORIES)}.")
     return cats
 
 
@@ -98,8 +101,9 @@ def find_image(root: Path, image_id: str) -> Optional[str]:
     return None
 
 
-def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[str]] = None,
-                   with_tags: bool = True) -> tuple[list[ImageRecord], list[QueryRecord]]:
+def load_fashioniq(
+    root: str | Path, split: str, categories: Optional[Sequence[str]] = None, with_tags: bool = True
+) -> tuple[list[ImageRecord], list[QueryRecord]]:
     """Read FashionIQ annotations. Returns (gallery images, queries) for ``split``.
 
     The gallery is each category's image split, plus any reference/target that the category's
@@ -111,7 +115,7 @@ def load_fashioniq(root: str | Path, split: str, categories: Optional[Sequence[s
     if not root.is_dir():
         raise DataError(f"{root}: FashionIQ root not found. Pass the folder that holds captions/ and image_splits/.")
     cats = check_categories(categories, root)
-    images: dict[tuple[str, str], ImageRecord] = {}          # (category, ASIN) -> record
+    images: dict[tuple[str, str], ImageRecord] = {}  # (category, ASIN) -> record
     queries: list[QueryRecord] = []
     for cat in cats:
         split_path = root / "image_splits" / f"split.{cat}.{split}.json"

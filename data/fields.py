@@ -16,6 +16,7 @@ and builds the config back from the options' values; a :class:`Spell` says how a
 field it cannot take as it is (comma-separated numbers, paths). cir_mine.data.options makes typer
 parameters of them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -48,9 +49,9 @@ def field_docs(cls: type) -> dict:
 def _own_docs(cls: type) -> dict:
     try:
         src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):          # no source (defined in a REPL): no comments
+    except (OSError, TypeError):  # no source (defined in a REPL): no comments
         return {}
-    comments = {}                         # row -> (column, text)
+    comments = {}  # row -> (column, text)
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
@@ -103,11 +104,14 @@ PATHS = Spell(Optional[List[Path]], lambda v: list(v) or None, lambda ps: [str(p
 
 def comma_numbers(name: str) -> Spell:
     """A tuple of floats as comma-separated numbers, e.g. 0.7,0.2,0.1 (``name``: the field, for errors)."""
+
     def parse(spec: str) -> tuple:
         try:
             return tuple(float(x) for x in spec.split(","))
         except ValueError:
-            raise UsageError(f"{name} {spec!r}: use comma-separated numbers, e.g. 0.7,0.2,0.1.", params=(name,)) from None
+            raise UsageError(
+                f"{name} {spec!r}: use comma-separated numbers, e.g. 0.7,0.2,0.1.", params=(name,)
+            ) from None
 
     return Spell(str, lambda v: ",".join(f"{x:g}" for x in v), parse)
 
@@ -116,6 +120,7 @@ def comma_numbers(name: str) -> Spell:
 class Option:
     """One option made of a field."""
 
+    # fmt: off
     field: str            # the field it sets
     owner: type           # the dataclass that defines the field
     name: str             # the option's name (the field's unless renamed)
@@ -123,6 +128,7 @@ class Option:
     type: object
     default: object
     help: str
+    # fmt: on
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class Options:
     such as MineConfig, lends its flat options): one per field, named as the field, with its default
     and its comment as help."""
 
+    # fmt: off
     cls: type
     only: tuple = ()                  # the fields that get an option (empty: all but ``skip``)
     skip: tuple = ()                  # fields left to the API
@@ -141,11 +148,15 @@ class Options:
     lead: str = ""                    # said before every field's comment (e.g. the option it goes with)
     notes: dict = field(default_factory=dict)   # field -> said after its comment
     build: Optional[Callable] = None  # field values -> the config (default: cls(**values))
+    # fmt: on
 
     def options(self) -> list:
         """The options, in the fields' order."""
-        classes = (self.cls.option_fields() if hasattr(self.cls, "option_fields")
-                   else {f.name: self.cls for f in dataclasses.fields(self.cls)})
+        classes = (
+            self.cls.option_fields()
+            if hasattr(self.cls, "option_fields")
+            else {f.name: self.cls for f in dataclasses.fields(self.cls)}
+        )
         owners = self.cls.option_owners() if hasattr(self.cls, "option_owners") else {}
         out = []
         for name, owner in classes.items():
@@ -154,12 +165,24 @@ class Options:
             sp = self.spell.get(name)
             default = field_default(owner, name)
             strategy = owners.get(name, "config") not in ("config", "guards")
-            help = (self.lead + (f"{owners[name]}: " if strategy else "") + field_docs(owner)[name]
-                    + self.notes.get(name, ""))
+            help = (
+                self.lead
+                + (f"{owners[name]}: " if strategy else "")
+                + field_docs(owner)[name]
+                + self.notes.get(name, "")
+            )
             option = self.names.get(name, name)
-            out.append(Option(name, owner, option, self.flags.get(name, ("--" + option.replace("_", "-"),)),
-                              sp.type if sp else field_type(owner, name), sp.to_option(default) if sp else default,
-                              help))
+            out.append(
+                Option(
+                    name,
+                    owner,
+                    option,
+                    self.flags.get(name, ("--" + option.replace("_", "-"),)),
+                    sp.type if sp else field_type(owner, name),
+                    sp.to_option(default) if sp else default,
+                    help,
+                )
+            )
         return out
 
     def make(self, values: dict):

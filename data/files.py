@@ -1,5 +1,6 @@
 """File-system basics: hidden names beside a file, folders made with clear errors, write failures
 (a full disk, a read-only folder, no permission) raised as one :class:`DataError` naming the path."""
+
 from __future__ import annotations
 
 import errno
@@ -17,7 +18,7 @@ def short_name(name: str, limit: int = 200) -> str:
     if len(raw) <= limit:
         return name
     digest = hashlib.sha256(raw).hexdigest()[:12]
-    return raw[:limit - 13].decode("utf-8", "ignore") + "~" + digest
+    return raw[: limit - 13].decode("utf-8", "ignore") + "~" + digest
 
 
 def side_name(path: Path, tag: str) -> Path:
@@ -27,8 +28,7 @@ def side_name(path: Path, tag: str) -> Path:
 
 # errno values (and the messages of libraries that drop errno, e.g. Arrow, FAISS) that mean "cannot write here"
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
-_WRITE_TEXTS = ("No space left", "Read-only file system", "Permission denied", "Disk quota exceeded",
-                "File too large")
+_WRITE_TEXTS = ("No space left", "Read-only file system", "Permission denied", "Disk quota exceeded", "File too large")
 
 
 def is_write_error(e: BaseException) -> bool:
@@ -47,7 +47,7 @@ def disk_full(folder: Path) -> bool:
 
 def write_error(path: Path, e: BaseException, full: bool = False) -> DataError:
     reason = None
-    for t in _WRITE_TEXTS:   # Arrow and FAISS put the OS message inside a longer text
+    for t in _WRITE_TEXTS:  # Arrow and FAISS put the OS message inside a longer text
         if t in str(e):
             reason = t.replace("No space left", "No space left on device")
             break
@@ -64,8 +64,9 @@ def make_dirs(path: Path) -> None:
     except FileExistsError:
         raise DataError(f"{path}: exists and is not a folder. Choose another output location.") from None
     except NotADirectoryError:
-        raise DataError(f"{path}: a parent of this path is a file, not a folder. Choose another output "
-                        f"location.") from None
+        raise DataError(
+            f"{path}: a parent of this path is a file, not a folder. Choose another output location."
+        ) from None
     except OSError as e:
         if is_write_error(e):
             raise write_error(path, e) from None
@@ -84,7 +85,6 @@ def pid_alive(pid: int) -> bool:
     except OSError as e:
         return e.errno == errno.EPERM
     return True
-
 
 
 def check_readable_file(path: str | os.PathLike) -> None:

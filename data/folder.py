@@ -12,6 +12,7 @@ accepted too. In JSONL, ``caption`` may be a string or a list of strings (``capt
 well). An image takes the category of the first triplet that names it, else ``""``. Query ids
 default to ``folder-{split}-{row:05d}`` (row = 0-based data row in the file).
 """
+
 from __future__ import annotations
 
 import csv
@@ -74,11 +75,13 @@ def read_rows(path: Path) -> list[dict]:
                 raise DataError(f"{path}: line {n} must be a JSON object with ref, target, caption.")
             rows.append(obj)
         return rows
-    with open(path, newline="", encoding="utf-8-sig") as fh:   # utf-8-sig: a BOM (Excel) is not part of a column name
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: a BOM (Excel) is not part of a column name
         reader = csv.DictReader(fh)
         missing = [c for c in TRIPLET_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the header needs ref, target, caption[, category].")
+            raise DataError(
+                f"{path}: missing column(s) {', '.join(missing)}; the header needs ref, target, caption[, category]."
+            )
         return list(reader)
 
 
@@ -90,8 +93,9 @@ def _captions(row: dict, path: Path, n: int) -> tuple[str, ...]:
     return tuple(c.strip() for c in caps if c.strip())
 
 
-def load_folder(root: str | Path, split: str, triplets: Optional[str | Path] = None
-                ) -> tuple[list[ImageRecord], list[QueryRecord]]:
+def load_folder(
+    root: str | Path, split: str, triplets: Optional[str | Path] = None
+) -> tuple[list[ImageRecord], list[QueryRecord]]:
     """Read a folder dataset. Returns (gallery images, queries) for ``split``."""
     root = Path(root)
     if not root.is_dir():
@@ -122,8 +126,13 @@ def load_folder(root: str | Path, split: str, triplets: Optional[str | Path] = N
         cat = str(row.get("category") or "").strip()
         for key in (ref, tgt):
             if category.setdefault(key, cat) != cat and cat:
-                log.warning("%s: image '%s' named with categories '%s' and '%s'; keeping the first",
-                            path, key, category[key], cat)
+                log.warning(
+                    "%s: image '%s' named with categories '%s' and '%s'; keeping the first",
+                    path,
+                    key,
+                    category[key],
+                    cat,
+                )
         qid = str(row.get("query_id") or f"folder-{split}-{n:05d}")
         queries.append(QueryRecord(qid, category.get(ref, cat), ref, tgt, caps))
     images = [ImageRecord(k, category.get(k, ""), (), p) for k, p in files.items()]

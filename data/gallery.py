@@ -2,6 +2,7 @@
 ``gallery.{split}.parquet`` or a folder of row-aligned parts ``gallery.{split}/part-*.parquet``.
 Validated on read (:data:`cir_mine.data.schema.GALLERY`); the in-memory :class:`Gallery` looks
 images up by id without per-row Python objects."""
+
 from __future__ import annotations
 
 import shutil
@@ -46,6 +47,7 @@ from cir_mine.data.signals import signals_blocked
 class Gallery:
     """A validated gallery table. ``embeddings``: float32[n, d], L2-normalized."""
 
+    # fmt: off
     path: Path
     image_ids: np.ndarray            # object[n] of str
     categories: np.ndarray           # object[n] of str (one shared object per distinct category)
@@ -58,6 +60,7 @@ class Gallery:
     _keys: Optional[pa.Array] = field(default=None, repr=False)   # string[n] category KEY_SEP image id
     _cats: Optional[pa.Array] = field(default=None, repr=False)   # string[n] categories
     data_hash: Optional[str] = field(default=None, repr=False)    # split hash of the data read (Workspace.load)
+    # fmt: on
 
     @property
     def dim(self) -> int:
@@ -112,19 +115,21 @@ class Gallery:
             rows[miss] = index_of(probe.filter(pa.array(miss)), self.id_array)
         return rows
 
-    def rows(self, ids: Iterable[str], categories: Optional[Iterable[str]] = None,
-             what: str = "image") -> np.ndarray:
+    def rows(self, ids: Iterable[str], categories: Optional[Iterable[str]] = None, what: str = "image") -> np.ndarray:
         """Row indices of ``ids`` (resolved within ``categories`` when given, then by id alone).
 
         Raises DataError naming the first missing id.
         """
-        ids = ids if hasattr(ids, "__getitem__") else list(ids)       # indexable, for the message
-        out = self.lookup(ids, None if categories is None else
-                          categories if hasattr(categories, "__len__") else list(categories))
+        ids = ids if hasattr(ids, "__getitem__") else list(ids)  # indexable, for the message
+        out = self.lookup(
+            ids, None if categories is None else categories if hasattr(categories, "__len__") else list(categories)
+        )
         if (out < 0).any():
             first = int(np.flatnonzero(out < 0)[0])
             i = ids[first]
-            raise DataError(f"{self.path}: {what} id '{i.as_py() if isinstance(i, pa.Scalar) else i}' is not in the gallery.")
+            raise DataError(
+                f"{self.path}: {what} id '{i.as_py() if isinstance(i, pa.Scalar) else i}' is not in the gallery."
+            )
         return out
 
 
@@ -135,8 +140,11 @@ def gallery_part_files(folder: Path) -> list[Path]:
     """The parts of a gallery folder, in row order (sorted by name); DataError when there are none."""
     parts = sorted(p for p in folder.glob(PART_GLOB) if p.is_file())
     if not parts:
-        raise DataError(f"{folder}: a gallery folder needs {PART_GLOB} files and has none. Write the parts "
-                        f"(e.g. `cir-mine embed engine=ray`) or use a gallery.SPLIT.parquet file.", params=("engine",))
+        raise DataError(
+            f"{folder}: a gallery folder needs {PART_GLOB} files and has none. Write the parts "
+            f"(e.g. `cir-mine embed engine=ray`) or use a gallery.SPLIT.parquet file.",
+            params=("engine",),
+        )
     return parts
 
 
@@ -160,8 +168,10 @@ def _read_gallery_table(path: Path, without_embedding: bool = False) -> pa.Table
         t = _read_gallery_file(part, without_embedding)
         if tables and t.schema.remove_metadata() != tables[0].schema:
             cols = lambda sch: ", ".join(f"{f.name}: {f.type}" for f in sch)  # noqa: E731
-            raise SchemaError(f"{part}: columns ({cols(t.schema)}) differ from the first part's ({cols(tables[0].schema)}); "
-                              f"every part of a gallery folder needs the same columns and embedding dimension.")
+            raise SchemaError(
+                f"{part}: columns ({cols(t.schema)}) differ from the first part's ({cols(tables[0].schema)}); "
+                f"every part of a gallery folder needs the same columns and embedding dimension."
+            )
         tables.append(t.replace_schema_metadata(None))
     return pa.concat_tables(tables)
 
@@ -173,12 +183,12 @@ def read_gallery(path: str | Path, check_norm: bool = True, embeddings_path: Opt
     memory-mapped from it instead of read from the ``embedding`` column, which may then be absent:
     galleries larger than memory are mined block by block."""
     path = Path(path)
-    return gallery_from_table(_read_gallery_table(path, embeddings_path is not None), path, check_norm,
-                              embeddings_path)
+    return gallery_from_table(_read_gallery_table(path, embeddings_path is not None), path, check_norm, embeddings_path)
 
 
-def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
-                       embeddings_path: Optional[Path] = None) -> Gallery:
+def gallery_from_table(
+    table: pa.Table, path: Path, check_norm: bool = True, embeddings_path: Optional[Path] = None
+) -> Gallery:
     """Validate a gallery-schema Arrow table (``path`` names it in errors) -> :class:`Gallery`;
     ``embeddings_path`` as in :func:`read_gallery`."""
     GALLERY.check(table.schema, path, ("embedding",) if embeddings_path is not None else ())
@@ -215,8 +225,10 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
     attrs = AttrLists.from_arrow(table.column("attributes"))
     bad = attrs.null_row()
     if bad is not None:
-        raise SchemaError(f"{path}: column 'attributes' of image '{ids[bad]}' holds a null; each attribute is a "
-                          f"'group:value' string. Drop the nulls.")
+        raise SchemaError(
+            f"{path}: column 'attributes' of image '{ids[bad]}' holds a null; each attribute is a "
+            f"'group:value' string. Drop the nulls."
+        )
     paths = object_array(table.column("path")) if "path" in table.schema.names else None
     return Gallery(path, ids, cats, attrs, emb, paths, _ids=id_arr, _keys=keys, _cats=cat_arr)
 
@@ -224,8 +236,10 @@ def gallery_from_table(table: pa.Table, path: Path, check_norm: bool = True,
 def gallery_table(image_ids, categories, attributes, embeddings: np.ndarray, paths=None) -> pa.Table:
     dim = int(embeddings.shape[1])
     cols = [
-        pa.array(list(image_ids), pa.string()), pa.array(list(categories), pa.string()),
-        pa.array([list(a) for a in attributes], pa.list_(pa.string())), embedding_array(embeddings),
+        pa.array(list(image_ids), pa.string()),
+        pa.array(list(categories), pa.string()),
+        pa.array([list(a) for a in attributes], pa.list_(pa.string())),
+        embedding_array(embeddings),
     ]
     if paths is not None:
         cols.append(pa.array(list(paths), pa.string()))

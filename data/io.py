@@ -5,6 +5,7 @@ A writing command checks its output first (:mod:`cir_mine.data.outputs`), then r
 output's directory (:mod:`cir_mine.data.lock`) and one transaction (:mod:`cir_mine.data.journal`)
 over atomic writes (:mod:`cir_mine.data.atomic`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,15 +21,43 @@ from cir_mine.data.outputs import WORKSPACE_FILE_RE, check_output, check_output_
 from cir_mine.data.parquet import read_parquet, read_parquet_schema
 from cir_mine.data.signals import Terminated, handle_signals, signal_name, signals_blocked
 
-__all__ = ["atomic_path", "json_safe", "write_json_atomic", "check_readable_file", "is_write_error", "make_dirs",
-           "short_name", "side_name", "write_error", "discard", "replace_dir", "transaction", "DirLock",
-           "WORKSPACE_FILE_RE", "check_output", "check_output_dir", "is_workspace", "same_file", "read_parquet",
-           "read_parquet_schema", "Terminated", "handle_signals", "signal_name", "signals_blocked", "write_job"]
+__all__ = [
+    "atomic_path",
+    "json_safe",
+    "write_json_atomic",
+    "check_readable_file",
+    "is_write_error",
+    "make_dirs",
+    "short_name",
+    "side_name",
+    "write_error",
+    "discard",
+    "replace_dir",
+    "transaction",
+    "DirLock",
+    "WORKSPACE_FILE_RE",
+    "check_output",
+    "check_output_dir",
+    "is_workspace",
+    "same_file",
+    "read_parquet",
+    "read_parquet_schema",
+    "Terminated",
+    "handle_signals",
+    "signal_name",
+    "signals_blocked",
+    "write_job",
+]
 
 
 @contextlib.contextmanager
-def write_job(directory: str | os.PathLike, purpose: str, rollback_on=BaseException,
-              interrupted: Optional[Callable[[], str]] = None, params: tuple = ()) -> Iterator["DirLock"]:
+def write_job(
+    directory: str | os.PathLike,
+    purpose: str,
+    rollback_on=BaseException,
+    interrupted: Optional[Callable[[], str]] = None,
+    params: tuple = (),
+) -> Iterator["DirLock"]:
     """The one write path of every writing command: SIGTERM handled like Ctrl-C, the lock of
     ``directory`` (:class:`DirLock`, taken and released with signals held back) and one
     :func:`transaction` (``rollback_on`` as there). An interruption becomes :class:`Interrupted`

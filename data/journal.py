@@ -4,6 +4,7 @@ Inside :func:`transaction` every file written through :func:`cir_mine.data.atomi
 every folder replaced (:func:`replace_dir`), removed (:func:`discard`) or made is recorded; if the
 job fails they are removed again or put back as they were. Open transactions are per process.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ from typing import Iterator
 from cir_mine.data.files import is_write_error, side_name, write_error
 from cir_mine.data.signals import signals_blocked
 
-_JOURNALS: list = []   # open transactions (innermost last) of this process
+_JOURNALS: list = []  # open transactions (innermost last) of this process
 
 
 def in_transaction() -> bool:
@@ -48,7 +49,7 @@ def journal_created(folder: Path) -> None:
         _JOURNALS[-1].append((folder, _CREATED))
 
 
-_CREATED = "created"   # journal mark: a folder the job made (removed on rollback when empty)
+_CREATED = "created"  # journal mark: a folder the job made (removed on rollback when empty)
 
 
 def discard(path: str | os.PathLike) -> None:
@@ -59,7 +60,7 @@ def discard(path: str | os.PathLike) -> None:
             shutil.rmtree(path)
             return
         entries = _JOURNALS[-1]
-        if any(f == path for f, _ in entries):    # written by this job: nothing to restore
+        if any(f == path for f, _ in entries):  # written by this job: nothing to restore
             shutil.rmtree(path)
             return
         backup = side_name(path, "bak.tmp")
@@ -128,8 +129,11 @@ def transaction(rollback_on=BaseException) -> Iterator[None]:
         return
     entries: list = []
     _JOURNALS.append(entries)
-    undo = rollback_on if callable(rollback_on) and not isinstance(rollback_on, type) else \
-        (lambda e: isinstance(e, rollback_on))
+    undo = (
+        rollback_on
+        if callable(rollback_on) and not isinstance(rollback_on, type)
+        else (lambda e: isinstance(e, rollback_on))
+    )
     try:
         yield
     except BaseException as e:

@@ -1,4 +1,5 @@
 """JSON loading that names the file on every failure."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ def load_json(path: str | Path, expect: type | tuple = (list, dict), hint: str =
         raise DataError(f"{path}: not UTF-8 text ({e}).") from None
     except json.JSONDecodeError as e:
         raise DataError(
-            f"{path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}). "
-            f"Re-download or repair the file."
+            f"{path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}). Re-download or repair the file."
         ) from None
     if not isinstance(obj, expect):
         names = expect.__name__ if isinstance(expect, type) else " or ".join(t.__name__ for t in expect)

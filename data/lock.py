@@ -1,4 +1,5 @@
 """The lock of a workspace or run directory: one writing job at a time."""
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ class DirLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except IsADirectoryError:
-                raise DataError(f"{self.path}: is a folder, not a cir-mine lock file. Remove it if no cir-mine "
-                                f"job is running.") from None
+                raise DataError(
+                    f"{self.path}: is a folder, not a cir-mine lock file. Remove it if no cir-mine job is running."
+                ) from None
             except OSError as e:
                 if is_write_error(e):
                     raise write_error(self.path, e) from None
@@ -73,11 +75,17 @@ class DirLock:
             other = _parse_lock(text)
             if text.strip() and other is None:
                 os.close(fd)
-                raise DataError(f"{self.path}: not a cir-mine lock file (expected a JSON object with an integer "
-                                f"pid, found {text.strip()[:40]!r}). Delete it if no cir-mine job is running.")
-            if (other is not None and other["pid"] != os.getpid() and other.get("host") == info["host"]
-                    and pid_alive(other["pid"])):
-                os.close(fd)   # a live holder that took the lock without an OS lock (older cir-mine)
+                raise DataError(
+                    f"{self.path}: not a cir-mine lock file (expected a JSON object with an integer "
+                    f"pid, found {text.strip()[:40]!r}). Delete it if no cir-mine job is running."
+                )
+            if (
+                other is not None
+                and other["pid"] != os.getpid()
+                and other.get("host") == info["host"]
+                and pid_alive(other["pid"])
+            ):
+                os.close(fd)  # a live holder that took the lock without an OS lock (older cir-mine)
                 raise self._busy(other)
             try:
                 data = json.dumps(info).encode()
@@ -93,7 +101,7 @@ class DirLock:
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()        # still holding the OS lock: nobody can take the old inode
+                self.path.unlink()  # still holding the OS lock: nobody can take the old inode
             os.close(self._fd)
             self._fd = None
             for d in self._created:  # a job that failed before writing anything leaves no empty folder behind
@@ -122,7 +130,6 @@ def _parse_lock(text: str) -> Optional[dict]:
         v = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(v, dict) or not isinstance(v.get("pid"), int) or isinstance(v.get("pid"), bool) \
-            or v["pid"] <= 0:
+    if not isinstance(v, dict) or not isinstance(v.get("pid"), int) or isinstance(v.get("pid"), bool) or v["pid"] <= 0:
         return None
     return v

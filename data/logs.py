@@ -1,4 +1,5 @@
 """How verbose cir-mine's logging is: one call a front end makes before a command runs."""
+
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,7 @@ uses to spell the names a library error lists (:meth:`cir_mine.data.errors.CirMi
 :func:`changed_options` finds the options given on a command line that would change a config.
 Nothing here prints or exits.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,21 +36,32 @@ def configs(common: dict, **groups: Options):
     """Each parameter of the command named in ``groups`` becomes the options of its config's fields (in
     its place); the command is called with the configs built from their values. Every command has the
     ``common`` options (name -> typer option); a command that does not name them does not get them."""
+
     def deco(fn):
         hints, params, made = typing.get_type_hints(fn), [], set()
         for p in pyinspect.signature(fn).parameters.values():
             if p.name not in groups:
-                params.append(p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
+                params.append(
+                    p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+                )
                 continue
             for o in groups[p.name].options():
                 if o.name not in made:
                     made.add(o.name)
-                    params.append(pyinspect.Parameter(o.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=o.type,
-                                                      default=typer.Option(o.default, *o.flags, help=sentence(o.help))))
+                    params.append(
+                        pyinspect.Parameter(
+                            o.name,
+                            pyinspect.Parameter.KEYWORD_ONLY,
+                            annotation=o.type,
+                            default=typer.Option(o.default, *o.flags, help=sentence(o.help)),
+                        )
+                    )
         for name, option in common.items():
             if name not in {p.name for p in params}:
                 made.add(name)
-                params.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, annotation=bool, default=option))
+                params.append(
+                    pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, annotation=bool, default=option)
+                )
 
         @functools.wraps(fn)
         def wrapper(**kw):
@@ -66,8 +78,11 @@ def configs(common: dict, **groups: Options):
 def option_flags(fn) -> dict:
     """Parameter name -> the flag of the option that sets it, for a command: every option under its
     own name, every config field under its name (unless an option has it) and as ``Class.field``."""
-    out = {p.name: p.default.param_decls[0].split("/")[0] for p in pyinspect.signature(fn).parameters.values()
-           if isinstance(p.default, OptionInfo) and p.default.param_decls}
+    out = {
+        p.name: p.default.param_decls[0].split("/")[0]
+        for p in pyinspect.signature(fn).parameters.values()
+        if isinstance(p.default, OptionInfo) and p.default.param_decls
+    }
     for group in getattr(fn, "option_groups", {}).values():
         for o in group.options():
             out[f"{o.owner.__name__}.{o.field}"] = out[o.name]
@@ -86,7 +101,7 @@ def changed_options(ctx, group: Options, values: dict) -> list:
     """The options given on the command line of ``ctx`` (a click context; None: none) that set a field of
     ``values`` (a config as a dict) to another value: (option name, its value as typed, the field's)."""
     out = []
-    for name, value in (ctx.params.items() if ctx is not None else ()):
+    for name, value in ctx.params.items() if ctx is not None else ():
         source = ctx.get_parameter_source(name)
         if name not in values or source is None or source.name != "COMMANDLINE":
             continue

@@ -1,5 +1,6 @@
 """Output paths: refused before anything is written (an input, a workspace's own file, a folder
 where a file goes, an existing file without overwrite)."""
+
 from __future__ import annotations
 
 import errno
@@ -11,8 +12,10 @@ from typing import Sequence
 from cir_mine.data.errors import DataError, UsageError
 
 # A workspace's own files: the tables, indexes, manifest and lock (see docs/formats.md).
-WORKSPACE_FILE_RE = re.compile(r"^(gallery|triplets)\.[^/]+\.parquet$|^index\.[^/]+\.faiss(\.json)?$"
-                               r"|^manifest\.json$|^\.cir-mine\.lock$")
+WORKSPACE_FILE_RE = re.compile(
+    r"^(gallery|triplets)\.[^/]+\.parquet$|^index\.[^/]+\.faiss(\.json)?$"
+    r"|^manifest\.json$|^\.cir-mine\.lock$"
+)
 
 
 def is_workspace(directory: Path) -> bool:
@@ -37,7 +40,7 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def _resolve(path: Path) -> Path:
     try:
         return Path(path).resolve()
-    except RuntimeError:   # a symlink loop (Python < 3.13)
+    except RuntimeError:  # a symlink loop (Python < 3.13)
         raise DataError(f"{path}: is a symlink loop. Point it at a real file.") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
@@ -51,8 +54,13 @@ def param_name(name: str) -> str:
     return name.lstrip("-").replace("-", "_")
 
 
-def check_output(out: str | os.PathLike, reads: Sequence = (), overwrite: bool = False,
-                 flag: str = "out", workspace_files: bool = True) -> Path:
+def check_output(
+    out: str | os.PathLike,
+    reads: Sequence = (),
+    overwrite: bool = False,
+    flag: str = "out",
+    workspace_files: bool = True,
+) -> Path:
     """Refuse an output file before anything is written; returns ``out``.
 
     Refused (:class:`UsageError`, exit 2): ``out`` is an existing folder, a path below a file, one of
@@ -67,24 +75,37 @@ def check_output(out: str | os.PathLike, reads: Sequence = (), overwrite: bool =
     for parent in real.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UsageError(f"{flag} {out}: {parent} is a file, not a folder. Choose another {flag}.", params=(flag,))
+                raise UsageError(
+                    f"{flag} {out}: {parent} is a file, not a folder. Choose another {flag}.", params=(flag,)
+                )
             break
     if real.is_dir():
-        raise UsageError(f"{flag} {out}: is a folder; {flag} names the file to write "
-                         f"(e.g. {out / ('out' + (out.suffix or '.parquet'))}).", params=(flag,))
+        raise UsageError(
+            f"{flag} {out}: is a folder; {flag} names the file to write "
+            f"(e.g. {out / ('out' + (out.suffix or '.parquet'))}).",
+            params=(flag,),
+        )
     for r in reads:
         if r is None:
             continue
         r = Path(r)
         if same_file(real, r):
-            raise UsageError(f"{flag} {out}: is an input of this command ({r}). Choose another {flag}; "
-                             f"outputs never replace inputs.", params=(flag,))
+            raise UsageError(
+                f"{flag} {out}: is an input of this command ({r}). Choose another {flag}; "
+                f"outputs never replace inputs.",
+                params=(flag,),
+            )
     if workspace_files and WORKSPACE_FILE_RE.match(real.name) and is_workspace(real.parent):
-        raise UsageError(f"{flag} {out}: is a file of the workspace {real.parent}. Choose another {flag}; "
-                         f"a workspace's files are written only by synth, embed and index.", params=(flag,))
+        raise UsageError(
+            f"{flag} {out}: is a file of the workspace {real.parent}. Choose another {flag}; "
+            f"a workspace's files are written only by synth, embed and index.",
+            params=(flag,),
+        )
     if real.exists() and not overwrite:
-        raise UsageError(f"{flag} {out}: already exists. Pass overwrite to replace it, or choose another {flag}.",
-                         params=(flag, "overwrite"))
+        raise UsageError(
+            f"{flag} {out}: already exists. Pass overwrite to replace it, or choose another {flag}.",
+            params=(flag, "overwrite"),
+        )
     return out
 
 
@@ -99,7 +120,9 @@ def check_output_dir(out: str | os.PathLike, reads: Sequence = (), flag: str = "
     for parent in real.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UsageError(f"{flag} {out}: {parent} is a file, not a folder. Choose another {flag}.", params=(flag,))
+                raise UsageError(
+                    f"{flag} {out}: {parent} is a file, not a folder. Choose another {flag}.", params=(flag,)
+                )
             break
     for r in reads:
         if r is None:

@@ -1,4 +1,5 @@
 """Parquet files: open one or fail clearly; write one atomically with JSON metadata in its footer."""
+
 from __future__ import annotations
 
 import contextlib

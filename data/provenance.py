@@ -1,4 +1,5 @@
 """What produced a file: the library versions and the time, written into manifests and footers."""
+
 from __future__ import annotations
 
 import datetime as _dt

@@ -1,4 +1,5 @@
 """Typed records yielded by the dataset adapters (ids are strings at every boundary)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,14 +8,17 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class ImageRecord:
+    # fmt: off
     image_id: str                      # dataset image id (FashionIQ ASIN, CIRR name, file stem)
     category: str                      # garment category or "" when the dataset has none
     attributes: tuple[str, ...] = ()   # "group:value" entries; a bare value belongs to group "tag"
     path: Optional[str] = None         # image file path, relative to the dataset root (or absolute)
+    # fmt: on
 
 
 @dataclass(frozen=True)
 class QueryRecord:
+    # fmt: off
     query_id: str                      # stable id, e.g. "dress-train-00012" or "cirr-val-12060"
     category: str                      # category of the reference image
     ref_id: str                        # reference image id
@@ -23,6 +27,7 @@ class QueryRecord:
     extra_positive_ids: tuple[str, ...] = ()     # other correct targets (CIRR target_soft >= 0.5)
     verified_negative_ids: tuple[str, ...] = ()  # annotator-verified negatives (CIRR target_soft == -1)
     img_set: tuple[str, ...] = ()                # CIRR subset members (for Recall_subset)
+    # fmt: on
 
     @property
     def text(self) -> str:

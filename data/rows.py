@@ -5,6 +5,7 @@ A gallery of millions of rows is mined from a memory-mapped embedding file; what
 its metadata. Held as Python objects (a list per row, a dict entry per id) that metadata costs about
 half a kilobyte a row, more than the compressed index; held here it costs a few dozen bytes.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Optional, Sequence
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-KEY_SEP = "\x1f"   # joins category and image id into one lookup key (a control character no id holds)
+KEY_SEP = "\x1f"  # joins category and image id into one lookup key (a control character no id holds)
 
 
 def string_array(values) -> pa.Array:
@@ -88,11 +89,11 @@ class AttrLists(Sequence):
     __slots__ = ("offsets", "values", "arrow")
 
     def __init__(self, arrow: pa.Array):
-        self.arrow = arrow                                  # list<string>[n], nulls read as empty
+        self.arrow = arrow  # list<string>[n], nulls read as empty
         lengths = pc.fill_null(pc.list_value_length(arrow), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)   # int64[n + 1] row starts in ``values``
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # int64[n + 1] row starts in ``values``
         np.cumsum(lengths, out=self.offsets[1:])
-        self.values = shared_objects(pc.list_flatten(arrow))       # object[e] every row's tags, in row order
+        self.values = shared_objects(pc.list_flatten(arrow))  # object[e] every row's tags, in row order
 
     @classmethod
     def from_arrow(cls, col) -> "AttrLists":
@@ -119,7 +120,7 @@ class AttrLists(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self.values[self.offsets[i]:self.offsets[i + 1]].tolist()
+        return self.values[self.offsets[i] : self.offsets[i + 1]].tolist()
 
     def __iter__(self) -> Iterator[list]:
         values, offsets = self.values, self.offsets.tolist()
@@ -153,9 +154,11 @@ class AttrLists(Sequence):
             combo = np.fromiter((of.setdefault(tuple(sorted(a)), len(of)) for a in self), np.int32, len(self))
             return combo, list(of)
         joined = pc.fill_null(pc.binary_join(self.arrow, KEY_SEP), "")
-        enc = pc.dictionary_encode(joined)                  # dictionary in order of first appearance
+        enc = pc.dictionary_encode(joined)  # dictionary in order of first appearance
         of = {}
-        slot = np.array([of.setdefault(tuple(sorted(s.split(KEY_SEP))) if s else (), len(of))
-                         for s in enc.dictionary.to_pylist()], np.int32)
+        slot = np.array(
+            [of.setdefault(tuple(sorted(s.split(KEY_SEP))) if s else (), len(of)) for s in enc.dictionary.to_pylist()],
+            np.int32,
+        )
         idx = enc.indices.to_numpy(zero_copy_only=False)
         return (slot[idx] if len(idx) else np.zeros(0, np.int32)), list(of)

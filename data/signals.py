@@ -1,4 +1,5 @@
 """Signals: SIGTERM handled like Ctrl-C, and cleanup that no signal cuts short."""
+
 from __future__ import annotations
 
 import contextlib

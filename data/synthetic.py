@@ -17,6 +17,7 @@ return as negatives). The world (directions) depends on ``seed`` only; the items
 ``seed`` and ``split``, so ``train`` and ``val`` of one seed share a world. Generation is chunked:
 memory holds one chunk of embeddings plus small integer arrays, whatever the gallery size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,15 +34,14 @@ from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.io import atomic_path, check_output_dir, write_job
 from cir_mine.data.progress import Progress
-from cir_mine.data.workspace import (Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table,
-                                     write_table)
+from cir_mine.data.workspace import Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table, write_table
 
 CATEGORIES = ("dress", "shirt", "toptee")
 GROUPS: dict[str, tuple[str, ...]] = {
     "color": ("black", "white", "red", "blue", "green", "yellow", "pink", "purple", "grey", "beige"),
-    "sleeve": ("sleeveless", "short", "three-quarter", "long"),       # ordinal (short -> long)
+    "sleeve": ("sleeveless", "short", "three-quarter", "long"),  # ordinal (short -> long)
     "pattern": ("solid", "striped", "floral", "plaid", "polka-dot", "graphic"),
-    "length": ("mini", "knee-length", "midi", "maxi"),                 # ordinal (short -> long)
+    "length": ("mini", "knee-length", "midi", "maxi"),  # ordinal (short -> long)
     "neckline": ("v-neck", "crew-neck", "scoop-neck", "turtleneck", "off-shoulder"),
 }
 DEFAULT_SALIENCE = {"color": 1.0, "sleeve": 0.8, "pattern": 0.8, "length": 0.6, "neckline": 0.5}
@@ -50,6 +50,7 @@ CHUNK = 65536
 
 @dataclass(frozen=True)
 class SynthConfig:
+    # fmt: off
     n_gallery: int = 20000            # gallery images (targets included)
     n_triplets: int = 5000            # queries (reference + caption -> target); each target is a distinct gallery item
     dim: int = 128                    # embedding dimension
@@ -64,6 +65,7 @@ class SynthConfig:
     max_changes: int = 2              # groups changed per triplet (1..max_changes)
     unmentioned_change: float = 0.15  # chance the target also differs in a group the text omits
     max_extra_positives: int = 20     # cap on recorded exact-attribute twins of the target
+    # fmt: on
 
     def validate(self) -> "SynthConfig":
         check_numbers(self)
@@ -78,7 +80,8 @@ class SynthConfig:
         if self.n_triplets > self.n_gallery // 2:
             raise UsageError(
                 f"n_triplets ({self.n_triplets}) must be at most half of n_gallery "
-                f"({self.n_gallery}): each target is its own gallery item.", params=("n_triplets", "n_gallery")
+                f"({self.n_gallery}): each target is its own gallery item.",
+                params=("n_triplets", "n_gallery"),
             )
         if self.dim < 8:
             raise UsageError("dim must be at least 8.", params=("dim",))
@@ -86,15 +89,15 @@ class SynthConfig:
             raise UsageError(f"max_changes must be in 1..{len(GROUPS)}.")
         unknown = set(self.salience) - set(GROUPS)
         if unknown:
-            raise UsageError(f"unknown attribute group(s) in salience: {', '.join(sorted(unknown))}; "
-                             f"groups are {', '.join(GROUPS)}.")
+            raise UsageError(
+                f"unknown attribute group(s) in salience: {', '.join(sorted(unknown))}; groups are {', '.join(GROUPS)}."
+            )
         return self
 
 
 def keyed_rng(*key) -> np.random.Generator:
     """A generator seeded by ``key`` (ints and strings, strings hashed): one independent stream per key."""
-    words = [int(hashlib.sha256(str(k).encode()).hexdigest()[:8], 16) if isinstance(k, str) else int(k)
-             for k in key]
+    words = [int(hashlib.sha256(str(k).encode()).hexdigest()[:8], 16) if isinstance(k, str) else int(k) for k in key]
     return np.random.default_rng(words)
 
 
@@ -102,9 +105,11 @@ def keyed_rng(*key) -> np.random.Generator:
 class World:
     """The directions of one synthetic world (depends on seed and dim only)."""
 
+    # fmt: off
     category_dirs: np.ndarray          # float32[n_cat, d]
     attr_dirs: dict                    # group -> float32[n_values, d]
     text_offset_dir: np.ndarray        # float32[d]
+    # fmt: on
 
     @classmethod
     def make(cls, seed: int, dim: int) -> "World":
@@ -120,8 +125,9 @@ def attribute_strings(values: np.ndarray) -> list[str]:
     return [f"{g}:{GROUPS[g][int(v)]}" for g, v in zip(GROUPS, values)]
 
 
-def image_embeddings(world: World, cfg: SynthConfig, cats: np.ndarray, vals: np.ndarray,
-                     rng: np.random.Generator) -> np.ndarray:
+def image_embeddings(
+    world: World, cfg: SynthConfig, cats: np.ndarray, vals: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """cats: int[n], vals: uint8[n, n_groups] -> float32[n, d] unit rows."""
     x = cfg.category_weight * world.category_dirs[cats]
     for gi, g in enumerate(GROUPS):
@@ -132,6 +138,7 @@ def image_embeddings(world: World, cfg: SynthConfig, cats: np.ndarray, vals: np.
 
 # ------------------------------------------------------------------------------------------------
 # Captions
+
 
 def phrase(group: str, old: str, new: str, style: int) -> str:
     """One caption phrase saying that ``group`` changes from ``old`` to ``new``."""
@@ -176,12 +183,14 @@ def captions_for(changes: list[tuple[str, str, str]], rng: np.random.Generator) 
 class SynthPlan:
     """Integer description of a split: categories, attribute values and the triplets."""
 
+    # fmt: off
     cats: np.ndarray            # int[n] category index per gallery row
     vals: np.ndarray            # uint8[n, n_groups] attribute value per gallery row
     ref_rows: np.ndarray        # int[m]
     target_rows: np.ndarray     # int[m]
     changed: np.ndarray         # bool[m, n_groups] groups the caption mentions
     prefix: str
+    # fmt: on
 
 
 def plan(cfg: SynthConfig) -> SynthPlan:
@@ -203,7 +212,7 @@ def plan(cfg: SynthConfig) -> SynthPlan:
     shift = (1 + (rng.random((m, ng)) * (sizes - 1))).astype(np.int64)
     tv = np.where(changed, (tv + shift) % sizes, tv)
     # unmentioned changes: sometimes the target differs in a group the caption does not name
-    silent = (rng.random(m) < cfg.unmentioned_change)
+    silent = rng.random(m) < cfg.unmentioned_change
     silent_group = rng.integers(0, ng, size=m)
     silent_shift = (1 + (rng.random(m) * (sizes[silent_group] - 1))).astype(np.int64)
     rows = np.flatnonzero(silent & ~changed[np.arange(m), silent_group])
@@ -211,12 +220,13 @@ def plan(cfg: SynthConfig) -> SynthPlan:
     tv[rows, g] = (tv[rows, g] + silent_shift[rows]) % sizes[g]
     vals[tgt_logical] = tv.astype(np.uint8)
     # shuffle so that targets are not a block at the end of the gallery
-    perm = rng.permutation(n)            # logical item -> row
+    perm = rng.permutation(n)  # logical item -> row
     inv = np.empty(n, dtype=np.int64)
     inv[perm] = np.arange(n)
     cats_rows, vals_rows = cats[inv], vals[inv]
-    return SynthPlan(cats_rows, vals_rows, perm[ref_logical], perm[tgt_logical], changed,
-                     prefix=f"s{cfg.seed}-{cfg.split}")
+    return SynthPlan(
+        cats_rows, vals_rows, perm[ref_logical], perm[tgt_logical], changed, prefix=f"s{cfg.seed}-{cfg.split}"
+    )
 
 
 def image_ids(p: SynthPlan, rows: np.ndarray) -> list[str]:
@@ -236,7 +246,7 @@ def extra_positives(p: SynthPlan, cap: int) -> list[list[str]]:
     hi = np.searchsorted(sorted_code, tc, side="right")
     out = []
     for j in range(len(tc)):
-        rows = [int(r) for r in order[lo[j]:hi[j]] if r != p.target_rows[j]][:cap]
+        rows = [int(r) for r in order[lo[j] : hi[j]] if r != p.target_rows[j]][:cap]
         out.append(image_ids(p, np.asarray(rows, dtype=np.int64)))
     return out
 
@@ -263,11 +273,17 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Progress = None, overw
             with pq.ParquetWriter(tmp, gallery_schema(cfg.dim)) as writer:
                 for start in range(0, n, CHUNK):
                     rows = np.arange(start, min(n, start + CHUNK))
-                    emb = image_embeddings(world, cfg, p.cats[rows], p.vals[rows],
-                                           keyed_rng(cfg.seed, "noise", cfg.split, start // CHUNK))
-                    writer.write_table(gallery_table(
-                        image_ids(p, rows), [CATEGORIES[c] for c in p.cats[rows]],
-                        [attribute_strings(v) for v in p.vals[rows]], emb))
+                    emb = image_embeddings(
+                        world, cfg, p.cats[rows], p.vals[rows], keyed_rng(cfg.seed, "noise", cfg.split, start // CHUNK)
+                    )
+                    writer.write_table(
+                        gallery_table(
+                            image_ids(p, rows),
+                            [CATEGORIES[c] for c in p.cats[rows]],
+                            [attribute_strings(v) for v in p.vals[rows]],
+                            emb,
+                        )
+                    )
                     if progress:
                         progress(len(rows), total)
         table = triplets_for(cfg, world, p)
@@ -275,14 +291,19 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Progress = None, overw
         if progress:
             progress(cfg.n_triplets, total)
         return ws.write_manifest(
-            source="synthetic", encoder={"name": "synthetic", "dim": cfg.dim},
-            synthetic={**config_dict(cfg), "groups": {g: list(v) for g, v in GROUPS.items()},
-                       "categories": list(CATEGORIES)},
+            source="synthetic",
+            encoder={"name": "synthetic", "dim": cfg.dim},
+            synthetic={
+                **config_dict(cfg),
+                "groups": {g: list(v) for g, v in GROUPS.items()},
+                "categories": list(CATEGORIES),
+            },
         )
 
 
-def text_embeddings(world: World, cfg: SynthConfig, changes: list[list[tuple[str, str, str]]],
-                    rng: np.random.Generator) -> np.ndarray:
+def text_embeddings(
+    world: World, cfg: SynthConfig, changes: list[list[tuple[str, str, str]]], rng: np.random.Generator
+) -> np.ndarray:
     """The synthetic text encoder: per query a list of (group, old, new) -> float32[m, d] unit rows."""
     text = np.zeros((len(changes), cfg.dim), dtype=np.float32) + cfg.text_offset * world.text_offset_dir
     for j, ch in enumerate(changes):
@@ -298,15 +319,20 @@ def triplets_for(cfg: SynthConfig, world: World, p: SynthPlan) -> pa.Table:
     ref_vals, tgt_vals = p.vals[p.ref_rows], p.vals[p.target_rows]
     changes, captions = [], []
     for j in range(cfg.n_triplets):
-        ch = [(names[gi], GROUPS[names[gi]][int(ref_vals[j, gi])], GROUPS[names[gi]][int(tgt_vals[j, gi])])
-              for gi in np.flatnonzero(p.changed[j])]
+        ch = [
+            (names[gi], GROUPS[names[gi]][int(ref_vals[j, gi])], GROUPS[names[gi]][int(tgt_vals[j, gi])])
+            for gi in np.flatnonzero(p.changed[j])
+        ]
         changes.append(ch)
         captions.append(captions_for(ch, rng))
     text = text_embeddings(world, cfg, changes, rng)
     return triplets_table(
         [f"{p.prefix}-q{j:06d}" for j in range(cfg.n_triplets)],
         [CATEGORIES[c] for c in p.cats[p.ref_rows]],
-        image_ids(p, p.ref_rows), image_ids(p, p.target_rows), captions, text,
+        image_ids(p, p.ref_rows),
+        image_ids(p, p.target_rows),
+        captions,
+        text,
         extra_positive_ids=extra_positives(p, cfg.max_extra_positives),
     )
 
@@ -334,8 +360,10 @@ def parse_salience(spec: Optional[str]) -> dict:
     for part in spec.split(","):
         name, sep, val = part.partition("=")
         if not sep or name.strip() not in GROUPS:
-            raise UsageError(f"bad salience entry {part!r}: use GROUP=WEIGHT with GROUP in {', '.join(GROUPS)}.",
-                             params=("salience",))
+            raise UsageError(
+                f"bad salience entry {part!r}: use GROUP=WEIGHT with GROUP in {', '.join(GROUPS)}.",
+                params=("salience",),
+            )
         try:
             out[name.strip()] = float(val)
         except ValueError:

@@ -1,5 +1,6 @@
 """The triplets table: one row per query (reference, captions, target, their embeddings), validated
 on read (:data:`cir_mine.data.schema.TRIPLETS`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from cir_mine.data.schema import (
 class Triplets:
     """A validated triplets table. ``text_embeddings``: float32[m, d], L2-normalized."""
 
+    # fmt: off
     path: Path
     query_ids: np.ndarray
     categories: np.ndarray
@@ -37,6 +39,7 @@ class Triplets:
     verified_negative_ids: list
     img_set: list
     source: Optional[np.ndarray] = None
+    # fmt: on
 
     def __len__(self) -> int:
         return int(self.query_ids.shape[0])
@@ -49,9 +52,16 @@ class Triplets:
         idx = np.asarray(idx, dtype=np.int64)
         pick = lambda lst: [lst[i] for i in idx.tolist()]
         return Triplets(
-            self.path, self.query_ids[idx], self.categories[idx], self.ref_ids[idx],
-            self.target_ids[idx], pick(self.captions), self.text_embeddings[idx],
-            pick(self.extra_positive_ids), pick(self.verified_negative_ids), pick(self.img_set),
+            self.path,
+            self.query_ids[idx],
+            self.categories[idx],
+            self.ref_ids[idx],
+            self.target_ids[idx],
+            pick(self.captions),
+            self.text_embeddings[idx],
+            pick(self.extra_positive_ids),
+            pick(self.verified_negative_ids),
+            pick(self.img_set),
             None if self.source is None else self.source[idx],
         )
 
@@ -61,8 +71,7 @@ def read_triplets(path: str | Path, dim: Optional[int] = None, check_norm: bool 
     return triplets_from_table(read_parquet(path), path, dim, check_norm)
 
 
-def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
-                        check_norm: bool = True) -> Triplets:
+def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None, check_norm: bool = True) -> Triplets:
     """Validate a triplets-schema Arrow table (``path`` names it in errors) -> :class:`Triplets`."""
     TRIPLETS.check(table.schema, path)
     qids = object_array(table.column("query_id"))
@@ -73,9 +82,11 @@ def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
     same = np.flatnonzero(object_array(table.column("ref_id")) == object_array(table.column("target_id")))
     if same.size:
         i = int(same[0])
-        raise SchemaError(f"{path}: {same.size} query(ies) name their reference as their target (first: query "
-                          f"'{qids[i]}', image '{table.column('ref_id')[i]}'); a query asks for another image. Drop "
-                          f"those rows.")
+        raise SchemaError(
+            f"{path}: {same.size} query(ies) name their reference as their target (first: query "
+            f"'{qids[i]}', image '{table.column('ref_id')[i]}'); a query asks for another image. Drop "
+            f"those rows."
+        )
     if len(set(qids.tolist())) != len(qids):
         raise SchemaError(f"{path}: column 'query_id' has duplicated ids; query ids must be unique.")
     try:
@@ -105,28 +116,41 @@ def triplets_from_table(table: pa.Table, path: Path, dim: Optional[int] = None,
                 f"Drop the query or give it a caption."
             )
     return Triplets(
-        path, qids, object_array(table.column("category")), object_array(table.column("ref_id")),
-        object_array(table.column("target_id")), captions, emb, lists("extra_positive_ids"),
-        lists("verified_negative_ids"), lists("img_set"),
+        path,
+        qids,
+        object_array(table.column("category")),
+        object_array(table.column("ref_id")),
+        object_array(table.column("target_id")),
+        captions,
+        emb,
+        lists("extra_positive_ids"),
+        lists("verified_negative_ids"),
+        lists("img_set"),
         object_array(table.column("source")) if "source" in table.schema.names else None,
     )
 
 
-def triplets_table(query_ids, categories, ref_ids, target_ids, captions, text_embeddings: np.ndarray,
-                   **optional) -> pa.Table:
+def triplets_table(
+    query_ids, categories, ref_ids, target_ids, captions, text_embeddings: np.ndarray, **optional
+) -> pa.Table:
     dim = int(text_embeddings.shape[1])
-    names = [k for k in ("extra_positive_ids", "verified_negative_ids", "img_set", "source")
-             if optional.get(k) is not None]
+    names = [
+        k for k in ("extra_positive_ids", "verified_negative_ids", "img_set", "source") if optional.get(k) is not None
+    ]
     schema = triplets_schema(dim, names)
     cols = [
-        pa.array(list(query_ids), pa.string()), pa.array(list(categories), pa.string()),
-        pa.array(list(ref_ids), pa.string()), pa.array(list(target_ids), pa.string()),
-        pa.array([list(c) for c in captions], pa.list_(pa.string())), embedding_array(text_embeddings),
+        pa.array(list(query_ids), pa.string()),
+        pa.array(list(categories), pa.string()),
+        pa.array(list(ref_ids), pa.string()),
+        pa.array(list(target_ids), pa.string()),
+        pa.array([list(c) for c in captions], pa.list_(pa.string())),
+        embedding_array(text_embeddings),
     ]
     for k in names:
         v = optional[k]
-        cols.append(pa.array(list(v), pa.string()) if k == "source"
-                    else pa.array([list(x) for x in v], pa.list_(pa.string())))
+        cols.append(
+            pa.array(list(v), pa.string()) if k == "source" else pa.array([list(x) for x in v], pa.list_(pa.string()))
+        )
     return pa.Table.from_arrays(cols, schema=schema)
 
 

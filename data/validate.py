@@ -12,6 +12,7 @@ the Python API refuse the same inputs with the same one-line message (:class:`Da
   characters refused), unique (within a category when categories are given).
 - :func:`check_labels`: categories or paths as strings (a null is '').
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -20,19 +21,27 @@ import numpy as np
 
 from cir_mine.data.errors import DataError
 
-BLOCK = 65_536          # rows checked and normalized at a time (bounded memory on large galleries)
-NORM_TOLERANCE = 1e-3   # |norm - 1| allowed for rows that must arrive normalized
+BLOCK = 65_536  # rows checked and normalized at a time (bounded memory on large galleries)
+NORM_TOLERANCE = 1e-3  # |norm - 1| allowed for rows that must arrive normalized
 QUERY_FIX = "Give float32[n_queries, d], one row per query in the triplets' row order."
-UNIT = 1e-5             # |norm - 1| up to which a row counts as normalized already and is kept as given
+UNIT = 1e-5  # |norm - 1| up to which a row counts as normalized already and is kept as given
 
 
 def _row_name(i: int, ids: Optional[Sequence[str]], what: str) -> str:
     return f"row {i}" + (f", {what} {ids[i]}" if ids is not None and i < len(ids) else "")
 
 
-def check_matrix(x, where: str, *, rows: Optional[int] = None, dim: Optional[int] = None,
-                 ids: Optional[Sequence[str]] = None, what: str = "image", normalize: bool = True,
-                 fix: str = "") -> np.ndarray:
+def check_matrix(
+    x,
+    where: str,
+    *,
+    rows: Optional[int] = None,
+    dim: Optional[int] = None,
+    ids: Optional[Sequence[str]] = None,
+    what: str = "image",
+    normalize: bool = True,
+    fix: str = "",
+) -> np.ndarray:
     """``x`` -> float32[n, d] with unit rows (``normalize``), or checked to be unit rows already.
 
     rows / dim: the shape it must have (None: any non-empty). ids: names the first bad row in the
@@ -41,24 +50,29 @@ def check_matrix(x, where: str, *, rows: Optional[int] = None, dim: Optional[int
     tail = f" {fix}" if fix else ""
     a = x if isinstance(x, np.ndarray) else _as_array(x, where, tail)
     if np.iscomplexobj(a):
-        raise DataError(f"{where}: complex values (dtype {a.dtype}); expected real floating-point numbers "
-                        f"(float32).{tail}")
+        raise DataError(
+            f"{where}: complex values (dtype {a.dtype}); expected real floating-point numbers (float32).{tail}"
+        )
     if not np.issubdtype(a.dtype, np.floating):
         raise DataError(f"{where}: dtype {a.dtype}, expected floating point (float32).{tail}")
     want = (rows if rows is not None else "n", dim if dim is not None else "d")
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
         if rows is not None and dim is not None:
             want = (rows, dim)
-            raise DataError(f"{where}: shape {tuple(a.shape)}, expected {want}: one row per {what} of the split, in "
-                            f"the gallery's dimension.{tail}")
+            raise DataError(
+                f"{where}: shape {tuple(a.shape)}, expected {want}: one row per {what} of the split, in "
+                f"the gallery's dimension.{tail}"
+            )
         raise DataError(f"{where}: shape {tuple(a.shape)}, expected a non-empty 2-d array [n, d].{tail}")
     want = (rows if rows is not None else a.shape[0], dim if dim is not None else a.shape[1])
     if a.shape != want:
-        raise DataError(f"{where}: shape {tuple(a.shape)}, expected {want}: one row per {what} of the split, in the "
-                        f"gallery's dimension.{tail}")
+        raise DataError(
+            f"{where}: shape {tuple(a.shape)}, expected {want}: one row per {what} of the split, in the "
+            f"gallery's dimension.{tail}"
+        )
     out = np.empty(a.shape, np.float32)
     for s in range(0, a.shape[0], BLOCK):
-        out[s:s + BLOCK] = _unit_rows(np.asarray(a[s:s + BLOCK]), s, where, ids, what, normalize)
+        out[s : s + BLOCK] = _unit_rows(np.asarray(a[s : s + BLOCK]), s, where, ids, what, normalize)
     return out
 
 
@@ -68,8 +82,9 @@ def _as_array(x, where: str, tail: str) -> np.ndarray:
     except ValueError:
         a = np.asarray(x, dtype=object)
     if a.dtype == object:
-        raise DataError(f"{where}: not a numeric array (rows of different lengths, nulls or objects); expected "
-                        f"float[n, d].{tail}")
+        raise DataError(
+            f"{where}: not a numeric array (rows of different lengths, nulls or objects); expected float[n, d].{tail}"
+        )
     return a
 
 
@@ -78,24 +93,28 @@ def _unit_rows(b: np.ndarray, start: int, where: str, ids, what: str, normalize:
     finite = np.isfinite(b).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise DataError(f"{where}: {bad.size} row(s) with NaN or inf values (first: "
-                        f"{_row_name(start + int(bad[0]), ids, what)}). {redo}")
-    big = np.abs(b).max(axis=1)                 # each row's largest entry: scaling by it never overflows
+        raise DataError(
+            f"{where}: {bad.size} row(s) with NaN or inf values (first: "
+            f"{_row_name(start + int(bad[0]), ids, what)}). {redo}"
+        )
+    big = np.abs(b).max(axis=1)  # each row's largest entry: scaling by it never overflows
     zero = big == 0
     if zero.any():
         bad = np.flatnonzero(zero)
         article = "an" if what[0] in "aeiou" else "a"
-        raise DataError(f"{where}: {bad.size} all-zero row(s) (first: {_row_name(start + int(bad[0]), ids, what)}); "
-                        f"{article} {what} embedding needs a direction. {redo}")
+        raise DataError(
+            f"{where}: {bad.size} all-zero row(s) (first: {_row_name(start + int(bad[0]), ids, what)}); "
+            f"{article} {what} embedding needs a direction. {redo}"
+        )
     with np.errstate(all="ignore"):
         b32 = b.astype(np.float32)
         norm = np.linalg.norm(b32, axis=1)
         plain = np.isfinite(norm) & (norm > 1e-15) & np.isfinite(b32).all(axis=1)
         out = np.empty(b.shape, np.float32)
-        out[plain] = b32[plain] / norm[plain, None]          # x / ||x|| for ordinary rows
+        out[plain] = b32[plain] / norm[plain, None]  # x / ||x|| for ordinary rows
         unit = plain & (np.abs(norm - 1.0) <= UNIT)
-        out[unit] = b32[unit]                                # normalized already: kept bit for bit
-        if not plain.all():                                   # tiny or huge rows: scale first, then normalize
+        out[unit] = b32[unit]  # normalized already: kept bit for bit
+        if not plain.all():  # tiny or huge rows: scale first, then normalize
             scaled = b[~plain] / big[~plain, None]
             out[~plain] = (scaled / np.linalg.norm(scaled, axis=1, keepdims=True)).astype(np.float32)
         if normalize:
@@ -104,14 +123,17 @@ def _unit_rows(b: np.ndarray, start: int, where: str, ids, what: str, normalize:
         off = np.abs(sn - 1.0) > NORM_TOLERANCE
         if off.any():
             i = int(np.flatnonzero(off)[0])
-            raise DataError(f"{where}: {int(off.sum())} row(s) that are not L2-normalized (first: "
-                            f"{_row_name(start + i, ids, what)} with norm {sn[i]:.4g}). Normalize them (x / ||x||), "
-                            f"or pass normalize=True.")
+            raise DataError(
+                f"{where}: {int(off.sum())} row(s) that are not L2-normalized (first: "
+                f"{_row_name(start + i, ids, what)} with norm {sn[i]:.4g}). Normalize them (x / ||x||), "
+                f"or pass normalize=True."
+            )
     return b32
 
 
-def check_ids(values, where: str, what: str = "image id", categories: Optional[Sequence[str]] = None,
-              unique: bool = True) -> list[str]:
+def check_ids(
+    values, where: str, what: str = "image id", categories: Optional[Sequence[str]] = None, unique: bool = True
+) -> list[str]:
     """Ids from outside -> list[str]: each a non-empty string without NUL characters (a leading
     byte-order mark stripped); with ``unique``, no id twice (within its category when ``categories``)."""
     out = []
@@ -132,8 +154,10 @@ def check_ids(values, where: str, what: str = "image id", categories: Optional[S
         for key in keys:
             if key in seen:
                 inside = f" in category '{key[0]}'" if key[0] else ""
-                raise DataError(f"{where}: {what} '{key[1]}' appears twice{inside}. Each image needs one feature row; "
-                                f"drop the duplicates.")
+                raise DataError(
+                    f"{where}: {what} '{key[1]}' appears twice{inside}. Each image needs one feature row; "
+                    f"drop the duplicates."
+                )
             seen.add(key)
     return out
 

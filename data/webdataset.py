@@ -9,6 +9,7 @@ are unique across shards; a repeated key is an error). An image's ``path`` is ``
 tar's absolute path (a brace pattern names no single root directory), read by :func:`read_member`. Queries come from an optional triplets CSV/JSONL (``--triplets``, the folder
 adapter's format: ``ref``, ``target``, ``caption`` name keys); without one the split is gallery only.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,7 +32,7 @@ def expand_braces(spec: str) -> list[str]:
     m = _BRACE.search(spec)
     if not m:
         return [spec]
-    body, head, tail = m.group(1), spec[:m.start()], spec[m.end():]
+    body, head, tail = m.group(1), spec[: m.start()], spec[m.end() :]
     r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if r:
         lo, hi = int(r.group(1)), int(r.group(2))
@@ -51,11 +52,16 @@ def shard_paths(root: str | Path) -> list[Path]:
     else:
         paths = [Path(p) for p in expand_braces(spec)]
     if not paths:
-        raise DataError(f"{root}: no .tar shards. Pass `root` 'DIR/{{00000..00099}}.tar' (img2dataset's output) or a "
-                        f"directory of .tar files.", params=("root",))
+        raise DataError(
+            f"{root}: no .tar shards. Pass `root` 'DIR/{{00000..00099}}.tar' (img2dataset's output) or a "
+            f"directory of .tar files.",
+            params=("root",),
+        )
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(paths)} shards named by {root} are missing).")
+        raise DataError(
+            f"{missing[0]}: shard not found ({len(missing)} of {len(paths)} shards named by {root} are missing)."
+        )
     return [p.resolve() for p in paths]
 
 
@@ -103,7 +109,7 @@ def split_member(path: str) -> tuple[str, str]:
     """``SHARD.tar::MEMBER`` -> (SHARD.tar, MEMBER); the shard's own path may hold ``::`` itself."""
     i = path.rfind(".tar" + MEMBER_SEP)
     if i >= 0:
-        return path[:i + 4], path[i + 4 + len(MEMBER_SEP):]
+        return path[: i + 4], path[i + 4 + len(MEMBER_SEP) :]
     tar, _, member = path.partition(MEMBER_SEP)
     return tar, member
 
@@ -117,8 +123,9 @@ def read_member(path: str) -> bytes:
     return f.read()
 
 
-def load_webdataset(root: str | Path, split: str, triplets: Optional[str | Path] = None
-                    ) -> tuple[list[ImageRecord], list[QueryRecord]]:
+def load_webdataset(
+    root: str | Path, split: str, triplets: Optional[str | Path] = None
+) -> tuple[list[ImageRecord], list[QueryRecord]]:
     """Read the tar shards named by ``root``. Returns (gallery images, queries for ``split``)."""
     from cir_mine.data.folder import _captions, read_rows
 
@@ -127,7 +134,9 @@ def load_webdataset(root: str | Path, split: str, triplets: Optional[str | Path]
     for shard in shard_paths(root):
         for key, member, cat in scan_shard(shard):
             if key in where:
-                raise DataError(f"{shard}: key '{key}' also appears in {where[key]}; sample keys must be unique across shards.")
+                raise DataError(
+                    f"{shard}: key '{key}' also appears in {where[key]}; sample keys must be unique across shards."
+                )
             where[key] = shard
             images.append(ImageRecord(key, cat, (), f"{shard}{MEMBER_SEP}{member}"))
     queries: list[QueryRecord] = []
@@ -145,6 +154,9 @@ def load_webdataset(root: str | Path, split: str, triplets: Optional[str | Path]
                 ids.append(v)
             caps = _captions(row, path, n)
             if caps:
-                queries.append(QueryRecord(str(row.get("query_id") or f"wds-{split}-{n:05d}"),
-                                           category[ids[0]], ids[0], ids[1], caps))
+                queries.append(
+                    QueryRecord(
+                        str(row.get("query_id") or f"wds-{split}-{n:05d}"), category[ids[0]], ids[0], ids[1], caps
+                    )
+                )
     return images, queries

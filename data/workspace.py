@@ -7,6 +7,7 @@ a wrong column, dtype or dimension, or NaN/unnormalized embeddings raise :class:
 naming the file and the column. The tables' schemas live in :mod:`cir_mine.data.schema`, their
 readers and writers in :mod:`cir_mine.data.gallery` and :mod:`cir_mine.data.triplets`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,28 +21,79 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir_mine.data.atomic import write_json_atomic
-from cir_mine.data.embeddings import (advise_random, check_embeddings, embedding_array, embedding_numpy, l2_normalize,
-                                      open_embeddings, read_block, release_pages, write_embeddings_npy)
+from cir_mine.data.embeddings import (
+    advise_random,
+    check_embeddings,
+    embedding_array,
+    embedding_numpy,
+    l2_normalize,
+    open_embeddings,
+    read_block,
+    release_pages,
+    write_embeddings_npy,
+)
 from cir_mine.data.errors import DataError, SchemaError, UsageError
 from cir_mine.data.files import check_readable_file
 from cir_mine.data.outputs import param_name
-from cir_mine.data.gallery import (PART_GLOB, Gallery, gallery_from_table, gallery_part_files, gallery_table,
-                                   read_gallery, write_gallery_parts)
+from cir_mine.data.gallery import (
+    PART_GLOB,
+    Gallery,
+    gallery_from_table,
+    gallery_part_files,
+    gallery_table,
+    read_gallery,
+    write_gallery_parts,
+)
 from cir_mine.data.journal import discard, transaction
 from cir_mine.data.parquet import read_metadata, read_parquet_schema, write_table
 from cir_mine.data.provenance import library_versions, now_iso
 from cir_mine.data.schema import embedding_type, gallery_schema, triplets_schema
-from cir_mine.data.triplets import (Triplets, check_triplets_against_gallery, read_triplets, triplets_from_table,
-                                    triplets_table)
+from cir_mine.data.triplets import (
+    Triplets,
+    check_triplets_against_gallery,
+    read_triplets,
+    triplets_from_table,
+    triplets_table,
+)
 
-__all__ = ["SCHEMA_VERSION", "SPLIT_RE", "Workspace", "check_split", "file_digest", "file_fingerprint",
-           # the tables of a workspace, re-exported: cir_mine.data.gallery, .triplets, .embeddings, .schema
-           "Gallery", "Triplets", "PART_GLOB", "gallery_from_table", "gallery_part_files", "gallery_table",
-           "read_gallery", "write_gallery_parts", "check_triplets_against_gallery", "read_triplets",
-           "triplets_from_table", "triplets_table", "advise_random", "check_embeddings", "embedding_array",
-           "embedding_numpy", "l2_normalize", "open_embeddings", "read_block", "release_pages",
-           "write_embeddings_npy", "embedding_type", "gallery_schema", "triplets_schema", "read_metadata",
-           "write_table", "library_versions", "now_iso", "check_readable_file"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SPLIT_RE",
+    "Workspace",
+    "check_split",
+    "file_digest",
+    "file_fingerprint",
+    # the tables of a workspace, re-exported: cir_mine.data.gallery, .triplets, .embeddings, .schema
+    "Gallery",
+    "Triplets",
+    "PART_GLOB",
+    "gallery_from_table",
+    "gallery_part_files",
+    "gallery_table",
+    "read_gallery",
+    "write_gallery_parts",
+    "check_triplets_against_gallery",
+    "read_triplets",
+    "triplets_from_table",
+    "triplets_table",
+    "advise_random",
+    "check_embeddings",
+    "embedding_array",
+    "embedding_numpy",
+    "l2_normalize",
+    "open_embeddings",
+    "read_block",
+    "release_pages",
+    "write_embeddings_npy",
+    "embedding_type",
+    "gallery_schema",
+    "triplets_schema",
+    "read_metadata",
+    "write_table",
+    "library_versions",
+    "now_iso",
+    "check_readable_file",
+]
 
 SCHEMA_VERSION = 1
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -116,7 +168,8 @@ class Workspace:
         if not self.root.is_dir():
             raise DataError(
                 f"{self.root}: workspace directory not found. Create one with `cir-mine synth` or "
-                f"`cir-mine embed`, or point work at an existing workspace.", params=("work",)
+                f"`cir-mine embed`, or point work at an existing workspace.",
+                params=("work",),
             )
         return self
 
@@ -128,46 +181,60 @@ class Workspace:
         for p in self.root.glob("gallery.*.parquet"):
             if p.is_dir():
                 continue
-            name = p.name[len("gallery."):-len(".parquet")]
+            name = p.name[len("gallery.") : -len(".parquet")]
             if not SPLIT_RE.match(name):
-                raise DataError(f"{p}: not a split table (split names use letters, digits, '-' or '_'). "
-                                f"Rename or move it out of {self.root}.")
+                raise DataError(
+                    f"{p}: not a split table (split names use letters, digits, '-' or '_'). "
+                    f"Rename or move it out of {self.root}."
+                )
             out.add(name)
-        out |= {p.name[len("gallery."):] for p in self.root.glob("gallery.*") if p.is_dir()
-                and SPLIT_RE.match(p.name[len("gallery."):])}
+        out |= {
+            p.name[len("gallery.") :]
+            for p in self.root.glob("gallery.*")
+            if p.is_dir() and SPLIT_RE.match(p.name[len("gallery.") :])
+        }
         return sorted(out)
 
     def _require_split(self, split: str, path: Path) -> None:
         self.require()
-        if os.path.lexists(path) and not path.is_dir():     # a gallery may be a folder of parts
-            check_readable_file(path)   # a dangling link or a symlink loop is named as such
+        if os.path.lexists(path) and not path.is_dir():  # a gallery may be a folder of parts
+            check_readable_file(path)  # a dangling link or a symlink loop is named as such
         if not path.exists():
             have = ", ".join(self.splits()) or "none"
-            raise DataError(f"{path}: file not found; splits in {self.root}: {have}. Pass one with `split`.",
-                            params=("split",))
+            raise DataError(
+                f"{path}: file not found; splits in {self.root}: {have}. Pass one with `split`.", params=("split",)
+            )
 
     # tables
     def gallery(self, split: str, check_norm: bool = True) -> Gallery:
         p = self.gallery_path(split)
         self._require_split(split, p)
         if self.gallery_file(split).exists() and self.gallery_dir(split).is_dir():
-            raise DataError(f"{self.root}: split '{split}' has both {self.gallery_file(split).name} and the parts "
-                            f"folder {self.gallery_dir(split).name}/; remove the one that is out of date.")
+            raise DataError(
+                f"{self.root}: split '{split}' has both {self.gallery_file(split).name} and the parts "
+                f"folder {self.gallery_dir(split).name}/; remove the one that is out of date."
+            )
         npy = self.embeddings_path(split)
-        if (npy.exists() and p.is_file() and "embedding" in read_parquet_schema(p).names
-                and npy.stat().st_mtime_ns < p.stat().st_mtime_ns):
-            raise SchemaError(f"{npy}: older than {p}, so it may hold other embeddings. Rewrite it with "
-                              f"`cir-mine index work={self.root} split={split} npy`, or delete it.",
-                              params=("work", "split", "npy"))
+        if (
+            npy.exists()
+            and p.is_file()
+            and "embedding" in read_parquet_schema(p).names
+            and npy.stat().st_mtime_ns < p.stat().st_mtime_ns
+        ):
+            raise SchemaError(
+                f"{npy}: older than {p}, so it may hold other embeddings. Rewrite it with "
+                f"`cir-mine index work={self.root} split={split} npy`, or delete it.",
+                params=("work", "split", "npy"),
+            )
         g = read_gallery(p, check_norm=check_norm, embeddings_path=npy if npy.exists() else None)
         if len(g) == 0:
-            raise DataError(f"{p}: the gallery is empty (0 rows). Re-embed the split or choose another with `split`.",
-                            params=("split",))
+            raise DataError(
+                f"{p}: the gallery is empty (0 rows). Re-embed the split or choose another with `split`.",
+                params=("split",),
+            )
         dim = self.manifest().get("dim")
         if dim is not None and g.dim != int(dim):
-            raise SchemaError(
-                f"{p}: column 'embedding' has dimension {g.dim} but {self.manifest_path} says {dim}."
-            )
+            raise SchemaError(f"{p}: column 'embedding' has dimension {g.dim} but {self.manifest_path} says {dim}.")
         return g
 
     def triplets(self, split: str, gallery: Optional[Gallery] = None, check_norm: bool = True) -> Triplets:
@@ -178,13 +245,16 @@ class Workspace:
                 f"(features only). Add queries: write {p.name} in the triplets schema (query_id, category, ref_id, "
                 f"target_id, captions, text_embedding from the features' encoder; docs/formats.md), or embed "
                 f"images and captions with `cir-mine embed dataset=fashioniq|cirr|folder root=ROOT "
-                f"work={self.root} split={split}`.", params=("dataset", "root", "work", "split"))
+                f"work={self.root} split={split}`.",
+                params=("dataset", "root", "work", "split"),
+            )
         self._require_split(split, p)
         dim = gallery.dim if gallery is not None else self.manifest().get("dim")
         t = read_triplets(p, dim=dim, check_norm=check_norm)
         if len(t) == 0:
-            raise DataError(f"{p}: no queries (0 rows). Re-embed the split or choose another with `split`.",
-                            params=("split",))
+            raise DataError(
+                f"{p}: no queries (0 rows). Re-embed the split or choose another with `split`.", params=("split",)
+            )
         if gallery is not None:
             check_triplets_against_gallery(t, gallery)
         return t
@@ -198,11 +268,11 @@ class Workspace:
             g = self.gallery(split)
             t = self.triplets(split, gallery=g)
         except DataError:
-            self.check_unchanged(split, before)     # tables of two versions disagree: name the cause
+            self.check_unchanged(split, before)  # tables of two versions disagree: name the cause
             raise
         self.check_unchanged(split, before)
         g.data_hash = before
-        pa.default_memory_pool().release_unused()   # the Parquet read's buffers and lookup hash tables
+        pa.default_memory_pool().release_unused()  # the Parquet read's buffers and lookup hash tables
         return g, t
 
     def summary(self) -> dict:
@@ -212,8 +282,11 @@ class Workspace:
         for split in self.splits():
             g = self.gallery(split)
             t = self.triplets(split, gallery=g) if self.triplets_path(split).exists() else None
-            splits[split] = {"images": len(g), "triplets": 0 if t is None else len(t),
-                             "categories": sorted(set(g.categories.tolist()))}
+            splits[split] = {
+                "images": len(g),
+                "triplets": 0 if t is None else len(t),
+                "categories": sorted(set(g.categories.tolist())),
+            }
         return {"root": self.root, "manifest": self.manifest(), "hash": self.manifest_hash(), "splits": splits}
 
     def image_root(self, split: str) -> Optional[Path]:
@@ -235,15 +308,21 @@ class Workspace:
                 raise DataError(f"{self.manifest_path}: expected a JSON object.")
             version = m.get("schema_version")
             if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
-                raise DataError(f"{self.manifest_path}: 'schema_version' must be a positive integer, found {version!r}. "
-                                f"Repair the manifest, or delete it to derive one from the tables.")
+                raise DataError(
+                    f"{self.manifest_path}: 'schema_version' must be a positive integer, found {version!r}. "
+                    f"Repair the manifest, or delete it to derive one from the tables."
+                )
             if version is not None and version > SCHEMA_VERSION:
-                raise DataError(f"{self.manifest_path}: schema_version {version} is newer than this cir-mine reads "
-                                f"({SCHEMA_VERSION}). Upgrade cir-mine to read this workspace.")
+                raise DataError(
+                    f"{self.manifest_path}: schema_version {version} is newer than this cir-mine reads "
+                    f"({SCHEMA_VERSION}). Upgrade cir-mine to read this workspace."
+                )
             dim = m.get("dim")
             if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
-                raise DataError(f"{self.manifest_path}: 'dim' must be a positive integer, found {dim!r}. Repair the "
-                                f"manifest, or delete it to derive one from the tables.")
+                raise DataError(
+                    f"{self.manifest_path}: 'dim' must be a positive integer, found {dim!r}. Repair the "
+                    f"manifest, or delete it to derive one from the tables."
+                )
             return m
         return self.derive_manifest()
 
@@ -253,10 +332,15 @@ class Workspace:
         counts, dim = {}, None
         for kind in ("gallery", "triplets"):
             col = "embedding" if kind == "gallery" else "text_embedding"
-            tables = [(p.name[: -len(".parquet")], [p]) for p in sorted(self.root.glob(f"{kind}.*.parquet")) if p.is_file()]
-            if kind == "gallery":                         # parts folders count as one table
-                tables += [(p.name, sorted(p.glob(PART_GLOB))) for p in sorted(self.root.glob("gallery.*"))
-                           if p.is_dir() and SPLIT_RE.match(p.name[len("gallery."):])]
+            tables = [
+                (p.name[: -len(".parquet")], [p]) for p in sorted(self.root.glob(f"{kind}.*.parquet")) if p.is_file()
+            ]
+            if kind == "gallery":  # parts folders count as one table
+                tables += [
+                    (p.name, sorted(p.glob(PART_GLOB)))
+                    for p in sorted(self.root.glob("gallery.*"))
+                    if p.is_dir() and SPLIT_RE.match(p.name[len("gallery.") :])
+                ]
             for name, files in sorted(tables):
                 mds = [pq.read_metadata(f) for f in files]
                 counts[name] = sum(md.num_rows for md in mds)
@@ -264,16 +348,25 @@ class Workspace:
                     sch = md.schema.to_arrow_schema()
                     if col in sch.names and pa.types.is_fixed_size_list(sch.field(col).type):
                         dim = dim or sch.field(col).type.list_size
-        return {"schema_version": SCHEMA_VERSION, "derived": True, "dim": dim, "counts": counts,
-                "encoder": {"name": "unknown"}, "source": "unknown"}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "derived": True,
+            "dim": dim,
+            "counts": counts,
+            "encoder": {"name": "unknown"},
+            "source": "unknown",
+        }
 
     def manifest_hash(self) -> str:
         """The identity of the workspace's data: the manifest without its times and library versions,
         plus a digest of the bytes of every gallery and triplets table. A byte-identical rebuild has
         the same hash; new features or triplets change it."""
         m = {k: v for k, v in self.manifest().items() if k not in ("updated", "created", "versions")}
-        m["content"] = {p.name: file_digest(p) for kind in ("gallery", "triplets")
-                        for p in sorted(self.root.glob(f"{kind}.*.parquet"))}
+        m["content"] = {
+            p.name: file_digest(p)
+            for kind in ("gallery", "triplets")
+            for p in sorted(self.root.glob(f"{kind}.*.parquet"))
+        }
         return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
 
     def split_hash(self, split: str) -> str:
@@ -285,7 +378,7 @@ class Workspace:
         h = hashlib.sha256(check_split(split).encode())
         for p in (self.gallery_path(split), self.triplets_path(split)):
             h.update(f"|{p.name}|".encode())
-            if p.is_dir():                                # a gallery folder: every part, in row order
+            if p.is_dir():  # a gallery folder: every part, in row order
                 for part in sorted(p.glob(PART_GLOB)):
                     h.update(f"|{part.name}|".encode() + file_fingerprint(part))
             elif p.exists():
@@ -296,9 +389,11 @@ class Workspace:
         """DataError when the split's data is no longer the version ``data_hash`` (another process
         rewrote a table of it after it was read); None checks nothing."""
         if data_hash is not None and self.split_hash(split) != data_hash:
-            raise DataError(f"{self.root}: split '{split}' changed while it was {while_} (another process rewrote "
-                            f"{self.gallery_path(split).name} or {self.triplets_path(split).name}). Run the command "
-                            f"again once that writer is done.")
+            raise DataError(
+                f"{self.root}: split '{split}' changed while it was {while_} (another process rewrote "
+                f"{self.gallery_path(split).name} or {self.triplets_path(split).name}). Run the command "
+                f"again once that writer is done."
+            )
 
     def check_new_split(self, split: str, dim: Optional[int], overwrite: bool, flag: str = "work") -> None:
         """Before writing split ``split`` with dimension ``dim``: refuse an existing split without
@@ -309,9 +404,11 @@ class Workspace:
         if not overwrite:
             for p in mine:
                 if p.exists():
-                    raise UsageError(f"`{flag}` {self.root}: split '{split}' exists ({p.name}). Pass `overwrite` to "
-                                     f"replace it, or choose another `split` or `{flag}`.",
-                                     params=(flag, "overwrite", "split"))
+                    raise UsageError(
+                        f"`{flag}` {self.root}: split '{split}' exists ({p.name}). Pass `overwrite` to "
+                        f"replace it, or choose another `split` or `{flag}`.",
+                        params=(flag, "overwrite", "split"),
+                    )
         if dim is None or not self.root.is_dir():
             return
         for kind, col in (("gallery", "embedding"), ("triplets", "text_embedding")):
@@ -321,11 +418,14 @@ class Workspace:
                 try:
                     t = pq.read_schema(p).field(col).type
                 except (KeyError, pa.ArrowInvalid, OSError):
-                    continue   # unreadable tables are reported by the readers
+                    continue  # unreadable tables are reported by the readers
                 if pa.types.is_fixed_size_list(t) and t.list_size != dim:
-                    raise UsageError(f"{flag} {self.root}: {p.name} has d={t.list_size}; a '{split}' split with "
-                                     f"d={dim} would make the workspace unreadable. Use the same encoder (d="
-                                     f"{t.list_size}), or write to another {flag}.", params=(flag,))
+                    raise UsageError(
+                        f"{flag} {self.root}: {p.name} has d={t.list_size}; a '{split}' split with "
+                        f"d={dim} would make the workspace unreadable. Use the same encoder (d="
+                        f"{t.list_size}), or write to another {flag}.",
+                        params=(flag,),
+                    )
 
     def write_manifest(self, **fields) -> dict:
         """Merge ``fields`` into the manifest and refresh counts/dim from the tables."""

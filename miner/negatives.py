@@ -10,6 +10,7 @@ the lock of its directory, with what produced it in its footer. :func:`switch_of
 by the names a user gives them (GUARD_SWITCHES); :func:`summary` and :func:`stages_line` describe a
 mined table in text.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,9 +30,14 @@ from cir_mine.miner.distributed.mine import EngineConfig
 
 
 # a guard's name, as a user switches it off -> the GuardConfig field that does (False, or None for a threshold)
-GUARD_SWITCHES = {"target": "exclude_target", "reference": "exclude_reference",
-                  "extra-positive": "exclude_extra_positives", "near-duplicate": "dup_threshold", "cap": "rho",
-                  "trust-verified": "trust_verified"}
+GUARD_SWITCHES = {
+    "target": "exclude_target",
+    "reference": "exclude_reference",
+    "extra-positive": "exclude_extra_positives",
+    "near-duplicate": "dup_threshold",
+    "cap": "rho",
+    "trust-verified": "trust_verified",
+}
 
 
 def switch_off(cfg: MineConfig, no_guard: Sequence[str] = (), no_deepen: bool = False) -> MineConfig:
@@ -78,9 +84,18 @@ class QueryFile:
         return read_query_embeddings(self.path, t.query_ids.tolist(), g.dim, given)
 
 
-def mine_file(ws: Workspace | str | Path, split: str, cfg: MineConfig, out: str | Path, *,
-              engine: EngineConfig = EngineConfig(), queries: Optional[QuerySource] = None, mining_round: int = 0,
-              overwrite: bool = False, progress: Optional[Callable[..., None]] = None) -> MineResult:
+def mine_file(
+    ws: Workspace | str | Path,
+    split: str,
+    cfg: MineConfig,
+    out: str | Path,
+    *,
+    engine: EngineConfig = EngineConfig(),
+    queries: Optional[QuerySource] = None,
+    mining_round: int = 0,
+    overwrite: bool = False,
+    progress: Optional[Callable[..., None]] = None,
+) -> MineResult:
     """Mine every query of ``ws``/``split`` with ``cfg`` through ``engine`` and write the table to ``out``.
 
     ``queries``: where the query embeddings come from (None: zero-shot, normalize(ref + w * text));
@@ -105,7 +120,7 @@ def mine_file(ws: Workspace | str | Path, split: str, cfg: MineConfig, out: str 
         if engine.in_process:
             from cir_mine.miner.accel.open import device_search
 
-            res = mine_negatives(ws, split, cfg, index=device_search, **kw)   # the one device rule's back-end
+            res = mine_negatives(ws, split, cfg, index=device_search, **kw)  # the one device rule's back-end
         else:
             from cir_mine.miner.distributed.mine import mine_with_engine
 
@@ -120,12 +135,14 @@ def summary(out: str | Path, meta: dict) -> str:
     rows = ", ".join(f"{p['strategy']} {p['rows']}" for p in meta["parts"])
     sf = meta["shortfall"]
     guards = ", ".join(f"{g} {v['removed']}" for g, v in meta["guards"].items())
-    lines = [f"wrote {out}: {meta['n_rows']} rows for {meta['n_queries']} queries (k={meta['k']}: {parts}; "
-             f"bank {meta['bank']}; {meta['timing']['total_s']:.1f}s)",
-             f"shortfall: {sf['count']} queries got fewer than {meta['k_mined']} negatives ({sf['missing']} missing)"
-             + (f", e.g. {', '.join(sf['query_ids'][:5])}" if sf["count"] else ""),
-             f"rows per strategy: {rows}",
-             f"guards removed: {guards}"]
+    lines = [
+        f"wrote {out}: {meta['n_rows']} rows for {meta['n_queries']} queries (k={meta['k']}: {parts}; "
+        f"bank {meta['bank']}; {meta['timing']['total_s']:.1f}s)",
+        f"shortfall: {sf['count']} queries got fewer than {meta['k_mined']} negatives ({sf['missing']} missing)"
+        + (f", e.g. {', '.join(sf['query_ids'][:5])}" if sf["count"] else ""),
+        f"rows per strategy: {rows}",
+        f"guards removed: {guards}",
+    ]
     if sf["count"]:
         lines.append("to loosen: " + "; ".join(sf["hints"]))
     lines += _search_lines(meta.get("search") or {})
@@ -138,22 +155,30 @@ def _search_lines(search: dict) -> list:
     lines = []
     params = ", ".join(f"{k}={v}" for k, v in (search.get("params") or {}).items())
     if search and not search.get("exact", True):
-        line = (f"search: {search.get('index')} ({search.get('factory')}{', ' + params if params else ''}; "
-                f"over-fetch {search.get('overfetch', 1):g}, re-ranked exactly)")
+        line = (
+            f"search: {search.get('index')} ({search.get('factory')}{', ' + params if params else ''}; "
+            f"over-fetch {search.get('overfetch', 1):g}, re-ranked exactly)"
+        )
         tu = search.get("tuning")
         if tu:
-            line += (f"; tuned {tu['param']}={tu['value']}: candidate recall@{tu['depth']} {tu['recall']:.3f} on "
-                     f"{tu['queries']} queries ({'reached' if tu['reached'] else 'below'} {tu['target']:g})")
+            line += (
+                f"; tuned {tu['param']}={tu['value']}: candidate recall@{tu['depth']} {tu['recall']:.3f} on "
+                f"{tu['queries']} queries ({'reached' if tu['reached'] else 'below'} {tu['target']:g})"
+            )
             deep = tu.get("deep")
             if deep:
-                line += (f"; {tu['param']}={deep['value']} at depth {deep['depth']}: candidate recall "
-                         f"{deep['recall']:.3f} ({'reached' if deep['reached'] else 'below'} {tu['target']:g})")
+                line += (
+                    f"; {tu['param']}={deep['value']} at depth {deep['depth']}: candidate recall "
+                    f"{deep['recall']:.3f} ({'reached' if deep['reached'] else 'below'} {tu['target']:g})"
+                )
         lines.append(line)
     ck = search.get("check")
     if ck:
         rec = f"candidate recall@{ck['depth']} {ck['candidate_recall']:.3f}, " if "candidate_recall" in ck else ""
-        lines.append(f"recall check on {ck['queries']} queries: {rec}"
-                     f"mined negatives shared with exact mining {ck['negative_overlap']:.3f}")
+        lines.append(
+            f"recall check on {ck['queries']} queries: {rec}"
+            f"mined negatives shared with exact mining {ck['negative_overlap']:.3f}"
+        )
     return lines
 
 
@@ -161,9 +186,14 @@ def stages_line(meta: dict) -> str:
     """The run's seconds per stage (the footer's timing), and the kernel race when one ran."""
     t = meta.get("timing") or {}
     names = ("read", "prepare", "search", "rerank", "guards", "select", "table", "write")
-    line = "stages: " + ", ".join(f"{n} {t[n + '_s']:.2f}s" for n in names if n + "_s" in t) + f" (total {t.get('total_s', 0):.2f}s)"
+    line = (
+        "stages: "
+        + ", ".join(f"{n} {t[n + '_s']:.2f}s" for n in names if n + "_s" in t)
+        + f" (total {t.get('total_s', 0):.2f}s)"
+    )
     kernels = t.get("kernels")
     if kernels:
-        line += "; kernels (us/query): " + "; ".join(f"{shape} " + ", ".join(f"{k} {v:g}" for k, v in per.items())
-                                                     for shape, per in kernels.items())
+        line += "; kernels (us/query): " + "; ".join(
+            f"{shape} " + ", ".join(f"{k} {v:g}" for k, v in per.items()) for shape, per in kernels.items()
+        )
     return line

@@ -8,6 +8,7 @@ embeddings; with a curriculum, the mix the schedule names for ``epoch``. It is a
 closing it releases what it opened (the back-end, Ray shard actors included). cir-train's
 ``refresh_every`` re-mines through it (:func:`cir_mine.train.loop.train`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,9 +51,17 @@ class Remine:
     open, its owner's to close. A closed hook opens its back-end again at its next call.
     """
 
-    def __init__(self, ws: Workspace, split: str = "train", cfg: Optional[MineConfig] = None,
-                 negatives=None, schedule: Optional[str] = None, index=None,
-                 device: str = "cpu", ray_address: Optional[str] = None):
+    def __init__(
+        self,
+        ws: Workspace,
+        split: str = "train",
+        cfg: Optional[MineConfig] = None,
+        negatives=None,
+        schedule: Optional[str] = None,
+        index=None,
+        device: str = "cpu",
+        ray_address: Optional[str] = None,
+    ):
         from cir_mine.miner.core.tables import as_negatives_table, read_negatives_meta
 
         if (cfg is None) == (negatives is None):
@@ -64,13 +73,15 @@ class Remine:
             nt = as_negatives_table(negatives, ws, "Remine")
             meta, table_path = nt.meta, nt.path
             if not meta.get("config"):
-                raise UsageError("Remine: the negatives table given has no footer to read the mining config from "
-                                 "(a bare pyarrow Table); pass cfg=MineConfig(...) instead.")
+                raise UsageError(
+                    "Remine: the negatives table given has no footer to read the mining config from "
+                    "(a bare pyarrow Table); pass cfg=MineConfig(...) instead."
+                )
             from cir_mine.miner.core.tables import _check_workspace
 
             _check_workspace(table_path or Path("the negatives table"), meta, ws)
             if index is None and getattr(negatives, "backend", None) is not None:
-                index = negatives.backend                   # the MineResult's own back-end, already open
+                index = negatives.backend  # the MineResult's own back-end, already open
         else:
             meta, table_path = {}, None
         base = cfg.to_dict() if cfg is not None else meta.get("config", {})
@@ -82,13 +93,15 @@ class Remine:
         self.schedule = schedule or base.get("schedule")
         MineConfig.from_dict(self.base).validate()
         self._data, self._index, self.mining_round = None, index, 0
-        self._opened = None          # the back-end this hook opened (closed by close())
+        self._opened = None  # the back-end this hook opened (closed by close())
 
     def config(self, epoch: int = 0) -> MineConfig:
         """The config mined at ``epoch``: the base config, with the schedule's mix at that epoch."""
         cfg = MineConfig.from_dict(self.base)
         if self.schedule:
-            cfg = replace(cfg, strategy=None, mix=mix_spec(Curriculum.parse(self.schedule).mix_at(epoch)), schedule=None)
+            cfg = replace(
+                cfg, strategy=None, mix=mix_spec(Curriculum.parse(self.schedule).mix_at(epoch)), schedule=None
+            )
         return cfg
 
     def data(self) -> tuple:
@@ -106,11 +119,19 @@ class Remine:
             from cir_mine.miner.core.search.persist import reopen
 
             xb = self.data()[0].embeddings
-            if self.search.get("exact", True):          # exact search: on the GPU the device rule picks
-                self._index = self._opened = device_search(xb, self.config().replace(index="flat", device=self._device()))
+            if self.search.get("exact", True):  # exact search: on the GPU the device rule picks
+                self._index = self._opened = device_search(
+                    xb, self.config().replace(index="flat", device=self._device())
+                )
             if self._index is None:
-                self._index = self._opened = reopen(self.search, xb, self.ws.index_path(self.split), self.table_path,
-                                                    device=self._device(), fp16=self.base.get("fp16", False))
+                self._index = self._opened = reopen(
+                    self.search,
+                    xb,
+                    self.ws.index_path(self.split),
+                    self.table_path,
+                    device=self._device(),
+                    fp16=self.base.get("fp16", False),
+                )
         return self._index
 
     def _device(self) -> str:
@@ -132,24 +153,39 @@ class Remine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, query_emb: np.ndarray, mining_round: Optional[int] = None, epoch: int = 0,
-                 query_ids: Optional[Sequence[str]] = None) -> MineResult:
+    def __call__(
+        self,
+        query_emb: np.ndarray,
+        mining_round: Optional[int] = None,
+        epoch: int = 0,
+        query_ids: Optional[Sequence[str]] = None,
+    ) -> MineResult:
         from cir_mine.miner.accel.open import device_search
 
         self.mining_round = self.mining_round + 1 if mining_round is None else int(mining_round)
-        res = mine_negatives(self.ws, self.split, self.config(epoch), query_emb=query_emb,
-                             mining_round=self.mining_round, index=self.index() or device_search, loaded=self.data(),
-                             query_ids=query_ids)
+        res = mine_negatives(
+            self.ws,
+            self.split,
+            self.config(epoch),
+            query_emb=query_emb,
+            mining_round=self.mining_round,
+            index=self.index() or device_search,
+            loaded=self.data(),
+            query_ids=query_ids,
+        )
         if self._index is None and res.backend is not None:
-            self._index = self._opened = res.backend    # the first call's back-end, for every later call
+            self._index = self._opened = res.backend  # the first call's back-end, for every later call
         if self.engine:
             res.meta["engine"] = self.engine
         log.info("re-mined round %d at epoch %d: %d rows", self.mining_round, epoch, res.table.num_rows)
         if res.table.num_rows == 0 and res.meta.get("k_mined", 0) > 0:
             hints = res.meta["shortfall"].get("hints") or []
-            msg = (f"re-mining round {self.mining_round} (epoch {epoch}) gave no negatives to any of the "
-                   f"{res.meta['n_queries']} queries: this round trains on in-batch negatives only"
-                   + (f"; to loosen: {'; '.join(hints)}" if hints else "") + ".")
+            msg = (
+                f"re-mining round {self.mining_round} (epoch {epoch}) gave no negatives to any of the "
+                f"{res.meta['n_queries']} queries: this round trains on in-batch negatives only"
+                + (f"; to loosen: {'; '.join(hints)}" if hints else "")
+                + "."
+            )
             log.warning("%s", msg)
             res.meta.setdefault("warnings", []).append(msg)
         return res
@@ -164,5 +200,7 @@ def _engine_index(engine: dict, xb: np.ndarray, ray_address: Optional[str]):
     shard_cfg = ShardConfig(**engine["shard"])
     ray_cfg = RayConfig(address=ray_address, **engine.get("ray", {}))
     index = open_index(engine["name"], xb, shard_cfg, ray_cfg).__enter__()
-    log.info("re-mining searches through the %s engine (%d shards, %s)", engine["name"], shard_cfg.shards, shard_cfg.index)
+    log.info(
+        "re-mining searches through the %s engine (%d shards, %s)", engine["name"], shard_cfg.shards, shard_cfg.index
+    )
     return index

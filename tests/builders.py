@@ -1,5 +1,6 @@
 """In-memory builders for tests: grouping a table by query, and a deterministic stand-in for the miner
 (negatives tables without the mining core). On-disk layouts are in tests/fixtures.py."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,15 @@ def by_query(table) -> dict:
     return out
 
 
-def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int = 4, mining_round: int = 0,
-                   seed: int = 0, strategies=("random", "hardest")) -> tuple[pa.Table, dict]:
+def fake_negatives(
+    ws: Workspace,
+    split: str = "train",
+    query_emb=None,
+    k: int = 4,
+    mining_round: int = 0,
+    seed: int = 0,
+    strategies=("random", "hardest"),
+) -> tuple[pa.Table, dict]:
     """Per query and strategy, k negatives: 'random' uniform, 'hardest' top-scored non-targets.
 
     query_emb: float32[m, d] (default normalize(ref + text)). Returns (table, footer meta).
@@ -38,23 +46,35 @@ def fake_negatives(ws: Workspace, split: str = "train", query_emb=None, k: int =
         bad = {t.target_ids[i], *t.extra_positive_ids[i]}
         picks = {}
         if "random" in strategies:
-            picks["random"] = [r for r in rng.choice(len(g), 2 * k, replace=False)
-                               if g.image_ids[r] not in bad][:k]
+            picks["random"] = [r for r in rng.choice(len(g), 2 * k, replace=False) if g.image_ids[r] not in bad][:k]
         if "hardest" in strategies:
             picks["hardest"] = [r for r in order[i] if g.image_ids[r] not in bad][:k]
         for s, rows in picks.items():
             for r in rows:
-                for n, v in (("query_id", t.query_ids[i]), ("ref_id", t.ref_ids[i]),
-                             ("target_id", t.target_ids[i]), ("neg_id", g.image_ids[r]),
-                             ("neg_category", g.categories[r]),
-                             ("strategy", s), ("rank", -1), ("score", S[i, r]),
-                             ("target_score", ts[i]), ("delta", ts[i] - S[i, r]), ("round", mining_round),
-                             ("category_match", g.categories[r] == t.categories[i]),
-                             ("attr_overlap", 0.0), ("seed", seed)):
+                for n, v in (
+                    ("query_id", t.query_ids[i]),
+                    ("ref_id", t.ref_ids[i]),
+                    ("target_id", t.target_ids[i]),
+                    ("neg_id", g.image_ids[r]),
+                    ("neg_category", g.categories[r]),
+                    ("strategy", s),
+                    ("rank", -1),
+                    ("score", S[i, r]),
+                    ("target_score", ts[i]),
+                    ("delta", ts[i] - S[i, r]),
+                    ("round", mining_round),
+                    ("category_match", g.categories[r] == t.categories[i]),
+                    ("attr_overlap", 0.0),
+                    ("seed", seed),
+                ):
                     cols[n].append(v)
     table = pa.table({n: pa.array(v, type=NEGATIVES_SCHEMA.field(n).type) for n, v in cols.items()})
-    meta = {"config": {"strategies": list(strategies), "k": k}, "manifest_hash": ws.manifest_hash(),
-            "split": split, "round": mining_round}
+    meta = {
+        "config": {"strategies": list(strategies), "k": k},
+        "manifest_hash": ws.manifest_hash(),
+        "split": split,
+        "round": mining_round,
+    }
     return table, meta
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the read-only data beside the checkout (skipped cleanly when absent), synthetic
 worlds (generated once per session and configuration) and tiny dataset folders."""
+
 import os
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """Tiny datasets written in the real on-disk layouts: dataset folders (FashionIQ, CIRR, folder), PNGs,
 workspaces from explicit arrays, negatives tables, a tiny open_clip config. In-memory tables and the
 fake miner are in tests/builders.py."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def write_png(path: Path, rgb, size: int = 32, seed: int = 0) -> None:
     Image.fromarray(arr.astype(np.uint8)).save(path)
 
 
-def make_fashioniq(root: Path, split: str = "train", n_per_cat: int = 6, images: bool = True,
-                   ext: str = ".png") -> Path:
+def make_fashioniq(
+    root: Path, split: str = "train", n_per_cat: int = 6, images: bool = True, ext: str = ".png"
+) -> Path:
     """A FashionIQ-layout folder: captions, image_splits, tags and (optionally) PNG images."""
     root = Path(root)
     colors = list(COLORS)
@@ -37,12 +39,18 @@ def make_fashioniq(root: Path, split: str = "train", n_per_cat: int = 6, images:
         caps = []
         for i in range(n_per_cat - 1):
             tgt_color = colors[(i + 1) % len(colors)]
-            caps.append({"candidate": asins[i], "target": asins[i + 1],
-                         "captions": [f"is {tgt_color} with short sleeves", f"is {tgt_color}"]})
+            caps.append(
+                {
+                    "candidate": asins[i],
+                    "target": asins[i + 1],
+                    "captions": [f"is {tgt_color} with short sleeves", f"is {tgt_color}"],
+                }
+            )
         (root / "captions").mkdir(parents=True, exist_ok=True)
         (root / "captions" / f"cap.{cat}.{split}.json").write_text(json.dumps(caps))
-        tags = {a: [[cat], [], ["cotton"] if i % 2 else ["silk"], [], ["sleeve"], ["casual"]]
-                for i, a in enumerate(asins)}
+        tags = {
+            a: [[cat], [], ["cotton"] if i % 2 else ["silk"], [], ["sleeve"], ["casual"]] for i, a in enumerate(asins)
+        }
         (root / "tags").mkdir(parents=True, exist_ok=True)
         (root / "tags" / f"asin2attr.{cat}.{split}.json").write_text(json.dumps(tags))
         if images:
@@ -94,8 +102,9 @@ class Clip4CirCIRR:
         return e["reference"], e["target_hard"], e["caption"], e["img_set"]["members"]
 
 
-def dataset_workspace(root: Path, work: Path, dataset: str = "fashioniq", split: str = "train", dim: int = 16,
-                      seed: int = 0) -> Workspace:
+def dataset_workspace(
+    root: Path, work: Path, dataset: str = "fashioniq", split: str = "train", dim: int = 16, seed: int = 0
+) -> Workspace:
     """A workspace of a FashionIQ- or CIRR-layout folder's records with seeded random unit embeddings
     (query ids, categories and names as `cir-mine embed` writes them; no encoder)."""
     from cir_mine.data.adapters import load_dataset
@@ -105,15 +114,27 @@ def dataset_workspace(root: Path, work: Path, dataset: str = "fashioniq", split:
     emb = l2_normalize(rng.standard_normal((len(images), dim)).astype(np.float32))
     ws = Workspace(work)
     work.mkdir(parents=True, exist_ok=True)
-    write_table(gallery_table([r.image_id for r in images], [r.category for r in images],
-                              [list(r.attributes) for r in images], emb), ws.gallery_path(split))
+    write_table(
+        gallery_table(
+            [r.image_id for r in images], [r.category for r in images], [list(r.attributes) for r in images], emb
+        ),
+        ws.gallery_path(split),
+    )
     text = l2_normalize(rng.standard_normal((len(queries), dim)).astype(np.float32))
-    write_table(triplets_table([q.query_id for q in queries], [q.category for q in queries],
-                               [q.ref_id for q in queries], [q.target_id for q in queries],
-                               [list(q.captions) for q in queries], text,
-                               extra_positive_ids=[list(q.extra_positive_ids) for q in queries],
-                               verified_negative_ids=[list(q.verified_negative_ids) for q in queries],
-                               img_set=[list(q.img_set) for q in queries]), ws.triplets_path(split))
+    write_table(
+        triplets_table(
+            [q.query_id for q in queries],
+            [q.category for q in queries],
+            [q.ref_id for q in queries],
+            [q.target_id for q in queries],
+            [list(q.captions) for q in queries],
+            text,
+            extra_positive_ids=[list(q.extra_positive_ids) for q in queries],
+            verified_negative_ids=[list(q.verified_negative_ids) for q in queries],
+            img_set=[list(q.img_set) for q in queries],
+        ),
+        ws.triplets_path(split),
+    )
     ws.write_manifest(source="test")
     return ws
 
@@ -124,15 +145,20 @@ def make_cirr(root: Path, split: str = "val", n_images: int = 12, images: bool =
     sub = "dev" if split == "val" else split
     names = [f"{sub}-{i}-0-img0" for i in range(n_images)]
     (root / "image_splits").mkdir(parents=True, exist_ok=True)
-    (root / "image_splits" / f"split.rc2.{split}.json").write_text(
-        json.dumps({n: f"./{sub}/{n}.png" for n in names}))
+    (root / "image_splits" / f"split.rc2.{split}.json").write_text(json.dumps({n: f"./{sub}/{n}.png" for n in names}))
     caps = []
     for i in range(n_images - 2):
         members = [names[(i + j) % n_images] for j in range(6)]
-        caps.append({"pairid": 1000 + i, "reference": names[i], "target_hard": names[i + 1],
-                     "target_soft": {names[i + 1]: 1.0, names[i + 2]: 0.5, names[(i + 3) % n_images]: -1.0},
-                     "caption": f"show {i + 2} dogs", "img_set": {"id": i, "members": members,
-                                                                  "reference_rank": 0, "target_rank": 1}})
+        caps.append(
+            {
+                "pairid": 1000 + i,
+                "reference": names[i],
+                "target_hard": names[i + 1],
+                "target_soft": {names[i + 1]: 1.0, names[i + 2]: 0.5, names[(i + 3) % n_images]: -1.0},
+                "caption": f"show {i + 2} dogs",
+                "img_set": {"id": i, "members": members, "reference_rank": 0, "target_rank": 1},
+            }
+        )
     (root / "captions").mkdir(parents=True, exist_ok=True)
     (root / "captions" / f"cap.rc2.{split}.json").write_text(json.dumps(caps))
     if images:
@@ -164,10 +190,19 @@ def make_folder(root: Path, n_images: int = 8, fmt: str = "csv") -> Path:
     names = [f"{'tops' if i % 2 else 'dresses'}/img{i:03d}" for i in range(n_images)]
     for i, n in enumerate(names):
         write_png(root / f"{n}.png", list(COLORS.values())[i % 4], seed=500 + i)
-    rows = [{"ref": names[i], "target": names[i + 2] + ".png", "caption": f"is {list(COLORS)[(i + 2) % 4]}",
-             "category": "dress" if i % 2 == 0 else "top"} for i in range(n_images - 2)]
+    rows = [
+        {
+            "ref": names[i],
+            "target": names[i + 2] + ".png",
+            "caption": f"is {list(COLORS)[(i + 2) % 4]}",
+            "category": "dress" if i % 2 == 0 else "top",
+        }
+        for i in range(n_images - 2)
+    ]
     if fmt == "csv":
-        lines = ["ref,target,caption,category"] + [f"{r['ref']},{r['target']},{r['caption']},{r['category']}" for r in rows]
+        lines = ["ref,target,caption,category"] + [
+            f"{r['ref']},{r['target']},{r['caption']},{r['category']}" for r in rows
+        ]
         (root / "triplets.csv").write_text("\n".join(lines) + "\n")
     else:
         (root / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -178,26 +213,45 @@ def make_folder(root: Path, n_images: int = 8, fmt: str = "csv") -> Path:
 # Workspaces and negatives tables
 
 
-def tiny_workspace(root: Path, gallery_emb: np.ndarray, ids, cats, attrs, queries: list[dict], split="train") -> Workspace:
+def tiny_workspace(
+    root: Path, gallery_emb: np.ndarray, ids, cats, attrs, queries: list[dict], split="train"
+) -> Workspace:
     """Write a workspace from explicit arrays; each query dict has ref, target, text (float[d]) and
     optional extra / verified id lists."""
     ws = Workspace(root)
     root.mkdir(parents=True, exist_ok=True)
     write_table(gallery_table(ids, cats, attrs, l2_normalize(gallery_emb)), ws.gallery_path(split))
     text = l2_normalize(np.stack([q["text"] for q in queries]).astype(np.float32))
-    write_table(triplets_table(
-        [f"q{i:03d}" for i in range(len(queries))], [q.get("category", cats[0]) for q in queries],
-        [q["ref"] for q in queries], [q["target"] for q in queries],
-        [[q.get("caption", "is red")] for q in queries], text,
-        extra_positive_ids=[q.get("extra", []) for q in queries],
-        verified_negative_ids=[q.get("verified", []) for q in queries]), ws.triplets_path(split))
+    write_table(
+        triplets_table(
+            [f"q{i:03d}" for i in range(len(queries))],
+            [q.get("category", cats[0]) for q in queries],
+            [q["ref"] for q in queries],
+            [q["target"] for q in queries],
+            [[q.get("caption", "is red")] for q in queries],
+            text,
+            extra_positive_ids=[q.get("extra", []) for q in queries],
+            verified_negative_ids=[q.get("verified", []) for q in queries],
+        ),
+        ws.triplets_path(split),
+    )
     ws.write_manifest(source="test")
     return ws
 
 
-def make_negatives(work: Path, out: Path, split: str = "train", k: int = 5, strategy: str = "random",
-                   seed: int = 0, mining_round: int = 0, n_queries: int | None = None, drop: int = 0,
-                   guards: dict | None = None, guards_per_query: dict | None = None) -> Path:
+def make_negatives(
+    work: Path,
+    out: Path,
+    split: str = "train",
+    k: int = 5,
+    strategy: str = "random",
+    seed: int = 0,
+    mining_round: int = 0,
+    n_queries: int | None = None,
+    drop: int = 0,
+    guards: dict | None = None,
+    guards_per_query: dict | None = None,
+) -> Path:
     """A valid negatives table written to ``out`` without the miner (for stats/sql/inspect/report).
 
     Scores come from the zero-shot query ``normalize(ref_emb + text_emb)``; ``strategy="random"`` picks
@@ -210,12 +264,29 @@ def make_negatives(work: Path, out: Path, split: str = "train", k: int = 5, stra
     ref_rows = g.rows(t.ref_ids[:nq], t.categories[:nq])
     tgt_rows = g.rows(t.target_ids[:nq], t.categories[:nq])
     q = l2_normalize(g.embeddings[ref_rows] + t.text_embeddings[:nq])
-    scores = q @ g.embeddings.T                                         # float32[nq, n]
+    scores = q @ g.embeddings.T  # float32[nq, n]
     order = np.argsort(-scores, axis=1, kind="stable")
     rank_of = np.empty_like(order)
     np.put_along_axis(rank_of, order, np.arange(order.shape[1])[None, :], axis=1)
-    cols = {c: [] for c in ("query_id", "ref_id", "target_id", "neg_id", "neg_category", "strategy", "rank",
-                            "score", "target_score", "delta", "round", "category_match", "attr_overlap", "seed")}
+    cols = {
+        c: []
+        for c in (
+            "query_id",
+            "ref_id",
+            "target_id",
+            "neg_id",
+            "neg_category",
+            "strategy",
+            "rank",
+            "score",
+            "target_score",
+            "delta",
+            "round",
+            "category_match",
+            "attr_overlap",
+            "seed",
+        )
+    }
     short = []
     for i in range(nq):
         banned = {t.ref_ids[i], t.target_ids[i], *t.extra_positive_ids[i]}
@@ -242,18 +313,23 @@ def make_negatives(work: Path, out: Path, split: str = "train", k: int = 5, stra
             cols["category_match"].append(bool(g.categories[r] == g.categories[tgt_rows[i]]))
             cols["attr_overlap"].append(attr_overlap(g.attributes[r], g.attributes[tgt_rows[i]]))
             cols["seed"].append(seed)
-    meta = {"manifest_hash": ws.manifest_hash(), "split": split, "round": mining_round,
-            "config": {"strategy": strategy, "k": k, "seed": seed},
-            "shortfall": {"count": len(short), "query_ids": short},
-            "guards": guards if guards is not None else {"target": nq, "reference": nq, "extra_positive": 3}}
+    meta = {
+        "manifest_hash": ws.manifest_hash(),
+        "split": split,
+        "round": mining_round,
+        "config": {"strategy": strategy, "k": k, "seed": seed},
+        "shortfall": {"count": len(short), "query_ids": short},
+        "guards": guards if guards is not None else {"target": nq, "reference": nq, "extra_positive": 3},
+    }
     if guards_per_query is not None:
         meta["guards_per_query"] = guards_per_query
     write_negatives(pa.table(cols), out, meta)
     return Path(out)
 
 
-def make_image_work(root: Path, n: int = 24, n_queries: int = 6, dim: int = 16, seed: int = 0,
-                    absolute: bool = False) -> tuple[Path, Path]:
+def make_image_work(
+    root: Path, n: int = 24, n_queries: int = 6, dim: int = 16, seed: int = 0, absolute: bool = False
+) -> tuple[Path, Path]:
     """A workspace whose gallery has a ``path`` column pointing at real PNGs.
 
     Returns (work, images_root); paths are relative to images_root unless ``absolute``.
@@ -274,9 +350,17 @@ def make_image_work(root: Path, n: int = 24, n_queries: int = 6, dim: int = 16, 
     write_table(gallery_table(ids, cats, attrs, emb, paths=paths), work / "gallery.train.parquet")
     qi = np.arange(n_queries)
     text = l2_normalize(rng.normal(size=(n_queries, dim)).astype(np.float32))
-    write_table(triplets_table([f"q{i}" for i in qi], [cats[2 * i] for i in qi], [ids[2 * i] for i in qi],
-                               [ids[2 * i + 2] for i in qi], [[f"is {colors[(2 * i + 2) % 4]}"] for i in qi], text),
-                work / "triplets.train.parquet")
+    write_table(
+        triplets_table(
+            [f"q{i}" for i in qi],
+            [cats[2 * i] for i in qi],
+            [ids[2 * i] for i in qi],
+            [ids[2 * i + 2] for i in qi],
+            [[f"is {colors[(2 * i + 2) % 4]}"] for i in qi],
+            text,
+        ),
+        work / "triplets.train.parquet",
+    )
     return work, images
 
 
@@ -287,7 +371,7 @@ def snapshot(*roots) -> dict:
 
     out = {}
     for root in map(Path, roots):
-        for p in ([root] if root.is_file() else sorted(x for x in root.rglob("*") if x.is_file())):
+        for p in [root] if root.is_file() else sorted(x for x in root.rglob("*") if x.is_file()):
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

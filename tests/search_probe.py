@@ -1,6 +1,7 @@
 """Run in a subprocess by tests/test_search_contract.py under a given BLAS kernel and thread count:
 prints one JSON object of digests of search results and mined tables, which must be the same under
 every kernel. Usage: python -m tests.search_probe WORKSPACE OUT_DIR"""
+
 import hashlib
 import json
 import sys
@@ -14,7 +15,11 @@ def near_ties(n=3000, d=128, nq=60, seed=9):
     of order 1e-6, so a GEMM's summation order decides which of them pass a cut."""
     rng = np.random.default_rng(seed)
     base = rng.standard_normal(d)
-    xb = base + 1e-6 * rng.standard_normal((n, d)) * (rng.random((n, 1)) < 0.7) + 0.3 * rng.standard_normal((n, d)) * (rng.random((n, 1)) >= 0.7)
+    xb = (
+        base
+        + 1e-6 * rng.standard_normal((n, d)) * (rng.random((n, 1)) < 0.7)
+        + 0.3 * rng.standard_normal((n, d)) * (rng.random((n, 1)) >= 0.7)
+    )
     xb = (xb / np.linalg.norm(xb, axis=1, keepdims=True)).astype(np.float32)
     xq = base + 0.05 * rng.standard_normal((nq, d))
     return xb, (xq / np.linalg.norm(xq, axis=1, keepdims=True)).astype(np.float32)
@@ -39,15 +44,17 @@ def searches() -> dict:
     ivf = build_index(xb, "IVF16,Flat", device="cpu")
     from cir_mine.miner.accel.search import TorchSearch
 
-    for name, make in (("flat-faiss", lambda: ExactSearch(xb, device="cpu", kernels=("faiss",))),
-                       ("flat-gemm", lambda: ExactSearch(xb, device="cpu", kernels=("gemm",))),
-                       ("flat-torch-heap", lambda: TorchSearch(xb, "cpu", "fp32", kernels=("heap",))),
-                       ("flat-torch-bf16-topk", lambda: TorchSearch(xb, "cpu", "bf16", kernels=("topk",))),
-                       ("ivf-lists", lambda: _ivf(Reranked, KernelRace, ivf, xb, "lists")),
-                       ("ivf-faiss", lambda: _ivf(Reranked, KernelRace, ivf, xb, "faiss"))):
+    for name, make in (
+        ("flat-faiss", lambda: ExactSearch(xb, device="cpu", kernels=("faiss",))),
+        ("flat-gemm", lambda: ExactSearch(xb, device="cpu", kernels=("gemm",))),
+        ("flat-torch-heap", lambda: TorchSearch(xb, "cpu", "fp32", kernels=("heap",))),
+        ("flat-torch-bf16-topk", lambda: TorchSearch(xb, "cpu", "bf16", kernels=("topk",))),
+        ("ivf-lists", lambda: _ivf(Reranked, KernelRace, ivf, xb, "lists")),
+        ("ivf-faiss", lambda: _ivf(Reranked, KernelRace, ivf, xb, "faiss")),
+    ):
         backend = make()
         for step in (len(xq), 7):
-            parts = [backend.search(xq[s:s + step], 100) for s in range(0, len(xq), step)]
+            parts = [backend.search(xq[s : s + step], 100) for s in range(0, len(xq), step)]
             out[f"{name}/{step}"] = digest(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return out
 
@@ -68,11 +75,18 @@ def tables(work: Path, out: Path) -> dict:
     res = {}
     for index in ("flat", "IVF16,Flat"):
         for strategy in ("hardest", "category-discrepant"):
-            cfg = MineConfig.of(strategy=strategy, k=10, index=index, nprobe=None if index == "flat" else 4,
-                                query_batch=64)
+            cfg = MineConfig.of(
+                strategy=strategy, k=10, index=index, nprobe=None if index == "flat" else 4, query_batch=64
+            )
             t = mine_negatives(ws, "train", cfg).table
-            res[f"{index}/{strategy}"] = digest(*[np.asarray(c.to_numpy(zero_copy_only=False)).astype(str) if c.type == "string"
-                                                  else c.to_numpy(zero_copy_only=False) for c in t.columns])
+            res[f"{index}/{strategy}"] = digest(
+                *[
+                    np.asarray(c.to_numpy(zero_copy_only=False)).astype(str)
+                    if c.type == "string"
+                    else c.to_numpy(zero_copy_only=False)
+                    for c in t.columns
+                ]
+            )
     return res
 
 

@@ -1,6 +1,7 @@
 """The torch search back-end on torch's CPU device: the same rows and scores as the CPU path in every
 precision, selection kernel, memory budget and batch, the same mined tables for every strategy; and
 the one device rule."""
+
 import threading
 
 import numpy as np
@@ -41,7 +42,7 @@ def test_rows_and_scores_equal_the_cpu_path(precision, kernel, tmp_path):
             resident = TorchSearch(xb, "cpu", precision, kernels=(kernel,))
             assert resident.gallery is not None
             assert _same(resident.search(xq, k), ref), (precision, kernel, k)
-            parts = [resident.search(xq[s:s + 7], k) for s in range(0, len(xq), 7)]
+            parts = [resident.search(xq[s : s + 7], k) for s in range(0, len(xq), 7)]
             assert _same((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), ref)
         path = tmp_path / f"g{xb.shape[1]}.npy"
         np.save(path, xb)
@@ -59,7 +60,7 @@ def test_low_precision_widens_its_scan_where_scores_crowd():
     ts = TorchSearch(xb, "cpu", "bf16", kernels=("topk",))
     before = ts.scan_depth(66)
     for s in range(0, len(xq), 20):
-        assert _same(ts.search(xq[s:s + 20], 50), (ref[0][s:s + 20], ref[1][s:s + 20]))
+        assert _same(ts.search(xq[s : s + 20], 50), (ref[0][s : s + 20], ref[1][s : s + 20]))
     assert ts.scan_depth(66) > before
 
 
@@ -76,7 +77,7 @@ def test_concurrent_searches_equal_sequential():
     def work(name, xq, k):
         try:
             out[name] = [ts.search(xq, k) for _ in range(4)]
-        except Exception as e:                                       # noqa: BLE001 - reported below
+        except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=a) for a in (("a", qa, 40), ("b", qb, 90))]
@@ -89,8 +90,14 @@ def test_concurrent_searches_equal_sequential():
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), b=st.integers(1, 6), R=st.integers(1, 700), L=st.integers(1, 80),
-       group=st.sampled_from([1, 2, 4, 8, 32]), levels=st.sampled_from([3, 50, None]))
+@given(
+    seed=st.integers(0, 10_000),
+    b=st.integers(1, 6),
+    R=st.integers(1, 700),
+    L=st.integers(1, 80),
+    group=st.sampled_from([1, 2, 4, 8, 32]),
+    levels=st.sampled_from([3, 50, None]),
+)
 def test_block_topk_returns_the_best_values(seed, b, R, L, group, levels):
     """The grouped top-k returns each row's best L values (ties among few distinct values too) and
     the columns that hold them."""
@@ -112,7 +119,7 @@ def test_the_rounding_bound_covers_the_device_scores(precision):
     idle: without the precision's own share, bf16 and fp16 scores break it."""
     rng = np.random.default_rng(2)
     d = 256
-    xb = _unit(rng.standard_normal((3000, d)) + 2.0)                 # large, equal-signed elements
+    xb = _unit(rng.standard_normal((3000, d)) + 2.0)  # large, equal-signed elements
     xq = _unit(rng.standard_normal((64, d)) + 2.0)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     dev = torch.mm(torch.from_numpy(xq).to(dtype), torch.from_numpy(xb).to(dtype).T).float().numpy()
@@ -168,16 +175,21 @@ def test_torch_backend_mines_the_cpu_table(ws, strategy):
     ref = mine_negatives(ws, "train", MineConfig.of(**base))
     assert ref.table.num_rows > 0
     for precision, kernels, extra in (("fp32", None, {}), ("bf16", ("topk",), {"prefetch": True, "query_batch": 77})):
-        res = mine_negatives(ws, "train", MineConfig.of(**{**base, **extra}),
-                             index=lambda xb, cfg: TorchSearch(xb, "cpu", precision, kernels=kernels))
+        res = mine_negatives(
+            ws,
+            "train",
+            MineConfig.of(**{**base, **extra}),
+            index=lambda xb, cfg: TorchSearch(xb, "cpu", precision, kernels=kernels),
+        )
         assert res.table.equals(ref.table), (strategy, precision)
-        searched = ref.meta["search"]["index"] != "none"                # random and category search nothing
+        searched = ref.meta["search"]["index"] != "none"  # random and category search nothing
         assert not searched or (res.meta["search"]["backend"], res.meta["search"]["source"]) == ("torch", "built")
 
 
 def test_footer_records_the_torch_search_and_its_stages(ws):
-    res = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=5),
-                         index=lambda xb, cfg: TorchSearch(xb, "cpu", "bf16"))
+    res = mine_negatives(
+        ws, "train", MineConfig.of(strategy="hardest", k=5), index=lambda xb, cfg: TorchSearch(xb, "cpu", "bf16")
+    )
     search, timing = res.meta["search"], res.meta["timing"]
     assert (search["backend"], search["device"], search["precision"], search["gpu"]) == ("torch", "cpu", "bf16", False)
     assert search["prefetch"] is False and timing["search_s"] > 0 and timing["rerank_s"] > 0
@@ -196,7 +208,7 @@ def test_device_rule_on_a_machine_without_cuda(monkeypatch):
         choose_device("gpu")
     assert e.value.params == ("device",)
     with pytest.raises(UsageError, match=r"^device 'gpu': use auto, cpu or cuda\.$"):
-        MineConfig.of(strategy="hardest", device="gpu").validate()      # the core checks the spelling
+        MineConfig.of(strategy="hardest", device="gpu").validate()  # the core checks the spelling
 
 
 def test_device_rule_with_cuda_picks_it_and_the_torch_backend(monkeypatch):
@@ -241,18 +253,52 @@ def test_cli_device_cuda_without_a_gpu_is_one_error_for_mining_and_embedding(syn
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     runner = CliRunner()
-    want = (f"Error: --device cuda: torch {torch.__version__} ({'built for CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}) "
-            f"sees no GPU. Use --device auto or cpu, or run on a machine with a GPU.")
-    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "4",
-                                 "--out", str(tmp_path / "n.parquet"), "--device", "cuda", "-q"])
+    want = (
+        f"Error: --device cuda: torch {torch.__version__} ({'built for CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}) "
+        f"sees no GPU. Use --device auto or cpu, or run on a machine with a GPU."
+    )
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(synth_work),
+            "--strategy",
+            "hardest",
+            "-k",
+            "4",
+            "--out",
+            str(tmp_path / "n.parquet"),
+            "--device",
+            "cuda",
+            "-q",
+        ],
+    )
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == want, r.output
     assert not (tmp_path / "n.parquet").exists()
     root = make_folder(tmp_path / "folder")
-    r = runner.invoke(mine_app, ["embed", "--dataset", "folder", "--root", str(root), "--work", str(tmp_path / "w"),
-                                 "--device", "cuda", "-q"])
+    r = runner.invoke(
+        mine_app,
+        ["embed", "--dataset", "folder", "--root", str(root), "--work", str(tmp_path / "w"), "--device", "cuda", "-q"],
+    )
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == want, r.output
-    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "4",
-                                 "--out", str(tmp_path / "a.parquet"), "--device", "auto", "-q"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(synth_work),
+            "--strategy",
+            "hardest",
+            "-k",
+            "4",
+            "--out",
+            str(tmp_path / "a.parquet"),
+            "--device",
+            "auto",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "backend" not in read_negatives_meta(tmp_path / "a.parquet")["search"]
 

@@ -24,11 +24,21 @@ def test_real_fashioniq_matches_files(shared_fashioniq):
     assert len(queries) == n_caps - n_empty
     assert split_ids <= {i.image_id for i in images}
     q = queries[0]
-    assert q.query_id == "dress-train-00000" and q.captions == ("is solid black with no sleeves", "is black with straps")
+    assert q.query_id == "dress-train-00000" and q.captions == (
+        "is solid black with no sleeves",
+        "is black with straps",
+    )
     assert q.text == "is solid black with no sleeves and is black with straps"
     tagged = [i for i in images if i.attributes]
     assert len(tagged) > 20000 and all(":" in a for a in tagged[0].attributes)
-    assert {a.split(":")[0] for i in tagged[:500] for a in i.attributes} <= {"category", "texture", "fabric", "shape", "part", "style"}
+    assert {a.split(":")[0] for i in tagged[:500] for a in i.attributes} <= {
+        "category",
+        "texture",
+        "fabric",
+        "shape",
+        "part",
+        "style",
+    }
 
 
 def test_real_cirr_matches_files(shared_cirr):
@@ -65,15 +75,19 @@ def test_malformed_json_cli(fiq_root):
     p.write_text('[{"candidate": "x", ')
     r = runner.invoke(mine_app, ["check", "--dataset", "fashioniq", "--root", str(fiq_root)])
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {p}: malformed JSON at line 1, column 21 (Expecting property name "
-                                f"enclosed in double quotes). Re-download or repair the file.")
+    assert r.output.strip() == (
+        f"Error: {p}: malformed JSON at line 1, column 21 (Expecting property name "
+        f"enclosed in double quotes). Re-download or repair the file."
+    )
 
 
 def test_missing_file_cli(fiq_root):
     r = runner.invoke(mine_app, ["check", "--dataset", "fashioniq", "--root", str(fiq_root), "--split", "val"])
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {fiq_root}/image_splits/split.dress.val.json: file not found. "
-                                f"Is 'val' a FashionIQ split (train, val, test)?")
+    assert r.output.strip() == (
+        f"Error: {fiq_root}/image_splits/split.dress.val.json: file not found. "
+        f"Is 'val' a FashionIQ split (train, val, test)?"
+    )
 
 
 def test_unknown_category(fiq_root):

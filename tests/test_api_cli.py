@@ -1,4 +1,5 @@
 """cir-mine negatives --query-emb and cir-mine export: equivalences, exact errors, safe writes."""
+
 import json
 from pathlib import Path
 
@@ -22,8 +23,24 @@ def work(tmp_path_factory):
 
 
 def mine(work, out, *extra):
-    r = runner.invoke(mine_app, ["negatives", "--work", str(work), "--strategy", "hardest", "-k", "4",
-                                 "--out", str(out), "--device", "cpu", "-q", *extra])
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(work),
+            "--strategy",
+            "hardest",
+            "-k",
+            "4",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "-q",
+            *extra,
+        ],
+    )
     return r
 
 
@@ -33,7 +50,7 @@ def mine(work, out, *extra):
 
 def test_query_emb_of_the_zero_shot_queries_gives_the_zero_shot_table(work, tmp_path):
     g, t = Workspace(work).load("train")
-    q = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())] + t.text_embeddings   # normalized on read
+    q = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())] + t.text_embeddings  # normalized on read
     np.save(tmp_path / "q.npy", q)
     assert mine(work, tmp_path / "zs.parquet").exit_code == 0
     r = mine(work, tmp_path / "own.parquet", "--query-emb", str(tmp_path / "q.npy"))
@@ -55,8 +72,14 @@ def test_query_emb_errors(work, tmp_path):
     nan[7, 3] = np.nan
     zero = good.copy()
     zero[5] = 0
-    arrays = {"short.npy": good[:10], "flat.npy": good[0], "int.npy": good.astype(np.int32), "nan.npy": nan,
-              "zero.npy": zero, "obj.npy": None}
+    arrays = {
+        "short.npy": good[:10],
+        "flat.npy": good[0],
+        "int.npy": good.astype(np.int32),
+        "nan.npy": nan,
+        "zero.npy": zero,
+        "obj.npy": None,
+    }
     for name, a in arrays.items():
         if a is not None:
             np.save(tmp_path / name, a)
@@ -89,8 +112,26 @@ def test_query_emb_errors(work, tmp_path):
 @pytest.fixture(scope="module")
 def negs(work, tmp_path_factory):
     out = tmp_path_factory.mktemp("negs") / "negs.parquet"
-    r = runner.invoke(mine_app, ["negatives", "--work", str(work), "--mix", "midzone:0.5,hardest:0.5", "-k", "6",
-                                 "--candidates", "8", "--no-deepen", "--out", str(out), "--device", "cpu", "-q"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(work),
+            "--mix",
+            "midzone:0.5,hardest:0.5",
+            "-k",
+            "6",
+            "--candidates",
+            "8",
+            "--no-deepen",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     return out
 
@@ -102,8 +143,9 @@ def test_export_wide_is_the_grouped_table(negs, tmp_path):
     G = read_negatives(negs).grouped()
     assert r.output.strip() == f"wrote {out}: {len(G)} queries, up to 6 negatives each"
     wide = pq.read_table(out)
-    assert wide.column_names == ["query_id", "ref_id", "target_id", "negatives", "delta", "neg_category"] + \
-                                [f"negative_{j}" for j in range(1, 7)]
+    assert wide.column_names == ["query_id", "ref_id", "target_id", "negatives", "delta", "neg_category"] + [
+        f"negative_{j}" for j in range(1, 7)
+    ]
     rows = wide.to_pylist()
     assert [x["query_id"] for x in rows] == G.query_ids.tolist()
     long = read_negatives(negs).table.to_pylist()
@@ -115,7 +157,7 @@ def test_export_wide_is_the_grouped_table(negs, tmp_path):
         assert [x[f"negative_{j}"] for j in range(1, 7)] == x["negatives"] + [None] * (6 - len(mine))
         if mine:
             assert (x["ref_id"], x["target_id"]) == (mine[0]["ref_id"], mine[0]["target_id"])
-    assert any(len(x["negatives"]) < 6 for x in rows)          # short queries are in the export, unpadded
+    assert any(len(x["negatives"]) < 6 for x in rows)  # short queries are in the export, unpadded
     meta = json.loads(pq.read_schema(out).metadata[b"cir_mine"])
     assert meta["table"] == "negatives-wide" and meta["k"] == 6 and meta["source"] == str(negs)
 
@@ -131,11 +173,13 @@ def test_export_ntuple_reads_in_sentence_transformers_positional_order(work, neg
     G = read_negatives(negs, Workspace(work)).grouped()
     full = [i for i in range(len(G)) if G.mask[i].all()]
     assert 0 < len(full) < len(G)
-    assert r.output.strip() == (f"wrote {out}: {len(full)} queries with 6 negatives each "
-                                f"({len(G) - len(full)} with fewer than 6 negatives left out)")
+    assert r.output.strip() == (
+        f"wrote {out}: {len(full)} queries with 6 negatives each "
+        f"({len(G) - len(full)} with fewer than 6 negatives left out)"
+    )
     table = pq.read_table(out)
     assert table.num_columns == 2 + 6
-    rows = list(zip(*[c.to_pylist() for c in table.columns]))              # by position, never by name
+    rows = list(zip(*[c.to_pylist() for c in table.columns]))  # by position, never by name
     assert len(rows) == len(full)
     for row, i in zip(rows, full):
         anchor, positive, *negatives = row
@@ -147,12 +191,27 @@ def test_export_ntuple_reads_in_sentence_transformers_positional_order(work, neg
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "ntuple", "--out", str(tmp_path / "x.parquet")])
     assert r.exit_code == 2 and r.output.strip() == (
         "Error: the ntuple format needs --work, the workspace the table was mined from: its captions are the anchors, "
-        "its gallery the image ids and paths.")
-    r = runner.invoke(mine_app, ["export", str(negs), "--format", "ntuple", "--work", str(work), "--images", "path",
-                                 "--out", str(tmp_path / "x.parquet")])
+        "its gallery the image ids and paths."
+    )
+    r = runner.invoke(
+        mine_app,
+        [
+            "export",
+            str(negs),
+            "--format",
+            "ntuple",
+            "--work",
+            str(work),
+            "--images",
+            "path",
+            "--out",
+            str(tmp_path / "x.parquet"),
+        ],
+    )
     assert r.exit_code == 1 and r.output.strip() == (
         f"Error: {work / 'gallery.train.parquet'}: the gallery has no image paths (column 'path'): export ids with "
-        f"--images id, or embed the files with `cir-mine embed`.")
+        f"--images id, or embed the files with `cir-mine embed`."
+    )
 
 
 def test_export_ntuple_with_image_paths(tmp_path):
@@ -165,8 +224,23 @@ def test_export_ntuple_with_image_paths(tmp_path):
 
     mine_to_file(Workspace(work), "train", MineConfig(strategy="random", k=3, device="cpu"), tmp_path / "n.parquet")
     out = tmp_path / "n.ntuple.parquet"
-    r = runner.invoke(mine_app, ["export", str(tmp_path / "n.parquet"), "--format", "ntuple", "--work", str(work),
-                                 "--images", "path", "--root", str(images), "--out", str(out)])
+    r = runner.invoke(
+        mine_app,
+        [
+            "export",
+            str(tmp_path / "n.parquet"),
+            "--format",
+            "ntuple",
+            "--work",
+            str(work),
+            "--images",
+            "path",
+            "--root",
+            str(images),
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     table = pq.read_table(out)
     for row in zip(*[c.to_pylist() for c in table.columns]):
@@ -179,7 +253,7 @@ def test_export_jsonl_lines(negs, tmp_path):
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     G = read_negatives(negs).grouped()
-    assert [x["query_id"] for x in lines] == G.query_ids.tolist()      # queries without negatives too
+    assert [x["query_id"] for x in lines] == G.query_ids.tolist()  # queries without negatives too
     assert set(lines[0]) == {"query_id", "ref_id", "target_id", "negatives", "delta"}
     assert [x["negatives"] for x in lines] == [[str(n) for n in row[m]] for row, m in zip(G.neg_ids, G.mask)]
 
@@ -188,23 +262,31 @@ def test_export_refuses_the_input_and_existing_outputs(negs, tmp_path):
     before = negs.read_bytes()
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "wide", "--out", str(negs)])
     assert r.exit_code == 2
-    assert r.output.strip() == (f"Error: --out {negs}: is an input of this command ({negs}). Choose another --out; "
-                                f"outputs never replace inputs.")
+    assert r.output.strip() == (
+        f"Error: --out {negs}: is an input of this command ({negs}). Choose another --out; "
+        f"outputs never replace inputs."
+    )
     assert negs.read_bytes() == before
     out = tmp_path / "x.jsonl"
     out.write_text("keep")
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--out", str(out)])
-    assert r.exit_code == 2 and r.output.strip() == (f"Error: --out {out}: already exists. Pass --overwrite to replace "
-                                                     f"it, or choose another --out.")
+    assert r.exit_code == 2 and r.output.strip() == (
+        f"Error: --out {out}: already exists. Pass --overwrite to replace it, or choose another --out."
+    )
     assert out.read_text() == "keep"
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--out", str(out), "--overwrite"])
     assert r.exit_code == 0 and out.read_text() != "keep"
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "csv", "--out", str(out)])
     assert r.exit_code == 2
-    r = runner.invoke(mine_app, ["export", str(tmp_path / "none.parquet"), "--format", "jsonl", "--out", str(tmp_path / "y")])
-    assert r.exit_code == 1 and r.output.strip() == (f"Error: {tmp_path / 'none.parquet'}: negatives table not found. "
-                                                     f"Mine one with `cir-mine negatives`.")
-    r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--root", str(tmp_path), "--out", str(tmp_path / "c")])
+    r = runner.invoke(
+        mine_app, ["export", str(tmp_path / "none.parquet"), "--format", "jsonl", "--out", str(tmp_path / "y")]
+    )
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: {tmp_path / 'none.parquet'}: negatives table not found. Mine one with `cir-mine negatives`."
+    )
+    r = runner.invoke(
+        mine_app, ["export", str(negs), "--format", "jsonl", "--root", str(tmp_path), "--out", str(tmp_path / "c")]
+    )
     assert r.exit_code == 2 and "are not FashionIQ ({category}-{split}-{index}) or CIRR" in r.output
     assert not (tmp_path / "c").exists()
 
@@ -216,7 +298,7 @@ def _dataset_negatives(root: Path, dataset: str, split: str, out: Path) -> Path:
     from tests.test_api import _fake_negatives
 
     images, queries = load_dataset(dataset, root, split)
-    queries = queries[1:]                      # one query without negatives: its entry gets []
+    queries = queries[1:]  # one query without negatives: its entry gets []
     write_negatives(_fake_negatives(queries, images, k=2), out, {"k": 2, "k_mined": 2, "split": split})
     return out
 
@@ -236,18 +318,20 @@ def test_export_clip4cir_caption_files(dataset, fiq_root, cirr_root, tmp_path):
         original, written = json.loads(src.read_text()), json.loads((out / src.name).read_text())
         assert len(written) == len(original)
         for i, (a, b) in enumerate(zip(original, written)):
-            assert {k: v for k, v in b.items() if k != "negatives"} == a    # the entry, unchanged
+            assert {k: v for k, v in b.items() if k != "negatives"} == a  # the entry, unchanged
             ref = a.get("candidate", a.get("reference"))
             tgt = a.get("target", a.get("target_hard"))
             mine = [y["neg_id"] for y in long if (y["ref_id"], y["target_id"]) == (ref, tgt)]
             assert b["negatives"] == mine
             if first:
-                assert mine == []                                 # the query left out of the table
+                assert mine == []  # the query left out of the table
                 first = False
     # refuses to write onto the caption files it reads
     before = [p.read_bytes() for p in inputs]
-    r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--root", str(root),
-                                 "--out", str(root / "captions"), "--overwrite"])
+    r = runner.invoke(
+        mine_app,
+        ["export", str(negs), "--format", "jsonl", "--root", str(root), "--out", str(root / "captions"), "--overwrite"],
+    )
     assert r.exit_code == 2 and "is an input of this command" in r.output
     assert [p.read_bytes() for p in inputs] == before
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--root", str(root), "--out", str(out)])
@@ -263,6 +347,8 @@ def test_export_caption_files_refuse_another_dataset(fiq_root, tmp_path):
     out = tmp_path / "out"
     r = runner.invoke(mine_app, ["export", str(negs), "--format", "jsonl", "--root", str(fiq_root), "--out", str(out)])
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {cap}: entry 2 is B000000002 -> B_OTHER but {negs} has B000000002 -> "
-                                f"B000000003 for query dress-train-00002. Pass the FashionIQ root the table was mined from.")
-    assert not out.exists()                                         # checked before the first write
+    assert r.output.strip() == (
+        f"Error: {cap}: entry 2 is B000000002 -> B_OTHER but {negs} has B000000002 -> "
+        f"B000000003 for query dress-train-00002. Pass the FashionIQ root the table was mined from."
+    )
+    assert not out.exists()  # checked before the first write

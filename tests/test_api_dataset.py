@@ -1,4 +1,5 @@
 """NegativesDataset: cached features or preprocessed images per query, the same with DataLoader workers."""
+
 import pickle
 
 import numpy as np
@@ -43,16 +44,16 @@ def test_features_per_query(mined):
         assert it["caption"] == " and ".join(c.strip().rstrip(".") for c in t.captions[i])
         assert it["negative_mask"].tolist() == [True] * len(rows) + [False] * (4 - len(rows))
         want = np.stack([g.embeddings[g.row_of[r["neg_id"]]] for r in rows]) if rows else np.zeros((0, 16), np.float32)
-        assert torch.equal(it["negatives"][:len(rows)], torch.from_numpy(want))
-        assert (it["negatives"][len(rows):] == 0).all() and torch.isnan(it["delta"][len(rows):]).all()
+        assert torch.equal(it["negatives"][: len(rows)], torch.from_numpy(want))
+        assert (it["negatives"][len(rows) :] == 0).all() and torch.isnan(it["delta"][len(rows) :]).all()
         short += len(rows) < 4
-    assert short > 0                                   # a shallow search leaves short queries: the mask is exercised
+    assert short > 0  # a shallow search leaves short queries: the mask is exercised
 
 
 def test_dataloader_workers_give_the_same_batches(mined):
     ws, path = mined
     ds = NegativesDataset(ws, path)
-    pickle.loads(pickle.dumps(ds))                     # spawn-safe
+    pickle.loads(pickle.dumps(ds))  # spawn-safe
     kw = dict(batch_size=16, shuffle=False, collate_fn=collate_negatives)
     plain = list(torch.utils.data.DataLoader(ds, num_workers=0, **kw))
     workers = list(torch.utils.data.DataLoader(ds, num_workers=2, **kw))
@@ -68,7 +69,7 @@ def test_set_negatives_with_a_remined_table(mined):
     ws, path = mined
     ds = NegativesDataset(ws, path, k=2)
     g, t = ws.load("train")
-    q = g.embeddings[g.rows(t.ref_ids.tolist())] + 0.5 * t.text_embeddings        # another "model"'s queries
+    q = g.embeddings[g.rows(t.ref_ids.tolist())] + 0.5 * t.text_embeddings  # another "model"'s queries
     res = Remine(ws, "train", negatives=path)(q / np.linalg.norm(q, axis=1, keepdims=True))
     per_query = {}
     for r in res.table.to_pylist():
@@ -90,11 +91,20 @@ def test_tables_of_another_split_or_workspace_are_refused(mined):
     res.meta["split"] = "val"
     with pytest.raises(UsageError) as e:
         ds.set_negatives(res)
-    assert str(e.value) == ("the negatives table was mined from split 'val', this dataset holds split 'train'; "
-                            "make a NegativesDataset for that split.")
+    assert str(e.value) == (
+        "the negatives table was mined from split 'val', this dataset holds split 'train'; "
+        "make a NegativesDataset for that split."
+    )
     g, t = ws.load("train")
-    other = Workspace.from_arrays(g.embeddings, g.image_ids, ref_ids=t.ref_ids, target_ids=t.target_ids,
-                                  text_emb=t.text_embeddings, captions=t.captions, query_ids=t.query_ids)
+    other = Workspace.from_arrays(
+        g.embeddings,
+        g.image_ids,
+        ref_ids=t.ref_ids,
+        target_ids=t.target_ids,
+        text_emb=t.text_embeddings,
+        captions=t.captions,
+        query_ids=t.query_ids,
+    )
     with pytest.raises(DataError, match="mined from another workspace"):
         NegativesDataset(other, path)
 
@@ -110,8 +120,16 @@ def test_images_through_an_open_clip_preprocess(tmp_path):
     for i, name in enumerate(names):
         write_png(tmp_path / "images" / f"{name}.png", COLORS[colors[i % 4]], size=40, seed=i)
     emb = rng.standard_normal((n, d)).astype(np.float32)
-    ws = Workspace.from_arrays(emb, names, paths=[f"images/{x}.png" for x in names], ref_ids=names[:4],
-                               target_ids=names[4:8], text_emb=emb[8:12], captions=["is red"] * 4, normalize=True)
+    ws = Workspace.from_arrays(
+        emb,
+        names,
+        paths=[f"images/{x}.png" for x in names],
+        ref_ids=names[:4],
+        target_ids=names[4:8],
+        text_emb=emb[8:12],
+        captions=["is red"] * 4,
+        normalize=True,
+    )
     res = mine_negatives(ws, "train", MineConfig(strategy="random", k=3))
     pre = image_transform(32, is_train=False)
     ds = NegativesDataset(ws, res, preprocess=pre, root=tmp_path)
@@ -125,10 +143,21 @@ def test_images_through_an_open_clip_preprocess(tmp_path):
     assert torch.equal(batch["target"][1], pre(Image.open(tmp_path / "images" / "img05.png").convert("RGB")))
     workers = list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_negatives))
     assert torch.equal(workers[0]["negatives"], batch["negatives"])
-    no_paths = Workspace.from_arrays(emb, names, ref_ids=names[:4], target_ids=names[4:8], text_emb=emb[8:12],
-                                     captions=["is red"] * 4, normalize=True)
+    no_paths = Workspace.from_arrays(
+        emb,
+        names,
+        ref_ids=names[:4],
+        target_ids=names[4:8],
+        text_emb=emb[8:12],
+        captions=["is red"] * 4,
+        normalize=True,
+    )
     with pytest.raises(UsageError) as e:
-        NegativesDataset(no_paths, mine_negatives(no_paths, "train", MineConfig(strategy="random", k=3)), preprocess=pre)
-    assert str(e.value) == ("Workspace.from_arrays(split='train') gallery: the gallery has no image paths (column "
-                            "'path'), so there are no images to preprocess. Drop preprocess= to get cached "
-                            "embeddings, or embed the images with `cir-mine embed`.")
+        NegativesDataset(
+            no_paths, mine_negatives(no_paths, "train", MineConfig(strategy="random", k=3)), preprocess=pre
+        )
+    assert str(e.value) == (
+        "Workspace.from_arrays(split='train') gallery: the gallery has no image paths (column "
+        "'path'), so there are no images to preprocess. Drop preprocess= to get cached "
+        "embeddings, or embed the images with `cir-mine embed`."
+    )

@@ -1,4 +1,5 @@
 """Caption attribute extraction: vocabulary file, negation, comparatives, gallery mapping."""
+
 import itertools
 import json
 
@@ -12,78 +13,105 @@ from cir_mine.cli import mine_app
 from cir_mine.data.errors import DataError
 from cir_mine.data.synthetic import GROUPS, SynthConfig, phrase, plan
 from cir_mine.data.workspace import Workspace
-from cir_mine.miner.core.attributes import (DEFAULT_VOCABULARY, Requested, Vocabulary, attr_overlap, extract,
-                                            extract_many, group_values, requested_status)
+from cir_mine.miner.core.attributes import (
+    DEFAULT_VOCABULARY,
+    Requested,
+    Vocabulary,
+    attr_overlap,
+    extract,
+    extract_many,
+    group_values,
+    requested_status,
+)
 
 
 def got(text, vocab=None):
     return extract(text, vocab).as_strings()
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("has no sleeves", ["+sleeve:sleeveless"]),
-    ("is not striped", ["-pattern:striped"]),
-    ("isn't red", ["-color:red"]),
-    ("without a pattern", ["+pattern:solid"]),
-    ("has a pattern", ["-pattern:solid"]),
-    ("doesn't have a collar", ["-collar:collar"]),
-    ("has no collar or buttons", ["-closure:buttons", "-collar:collar"]),
-    ("is blue instead of black", ["+color:blue", "-color:black"]),
-    ("is more red and less blue", ["+color:red", "-color:blue"]),
-    ("has sleeves", ["-sleeve:sleeveless"]),
-    ("not red and is green", ["+color:green", "-color:red"]),   # "and" ends the negation
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("has no sleeves", ["+sleeve:sleeveless"]),
+        ("is not striped", ["-pattern:striped"]),
+        ("isn't red", ["-color:red"]),
+        ("without a pattern", ["+pattern:solid"]),
+        ("has a pattern", ["-pattern:solid"]),
+        ("doesn't have a collar", ["-collar:collar"]),
+        ("has no collar or buttons", ["-closure:buttons", "-collar:collar"]),
+        ("is blue instead of black", ["+color:blue", "-color:black"]),
+        ("is more red and less blue", ["+color:red", "-color:blue"]),
+        ("has sleeves", ["-sleeve:sleeveless"]),
+        ("not red and is green", ["+color:green", "-color:red"]),  # "and" ends the negation
+    ],
+)
 def test_negation(text, expected):
     assert got(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("is darker", ["~shade:more"]),
-    ("is lighter colored", ["~shade:less"]),
-    ("is longer", ["~length:more"]),
-    ("is much shorter", ["~length:less"]),
-    ("has longer sleeves", ["~sleeve:more"]),             # not a length comparative
-    ("has shorter sleeves and is longer", ["~length:more", "~sleeve:less"]),
-    ("is more casual", ["~formality:less"]),              # casual is the low end of formality
-    ("is less casual", ["~formality:more"]),
-    ("is tighter", ["~fit:more"]),
-    ("is more fitted", ["~fit:more"]),
-    ("is looser", ["~fit:less"]),
-    ("is brighter", ["~colorfulness:more"]),
-    ("is more colorful", ["~colorfulness:more"]),
-    ("is less revealing", ["~revealing:less"]),
-    ("is sexier", ["~revealing:more"]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("is darker", ["~shade:more"]),
+        ("is lighter colored", ["~shade:less"]),
+        ("is longer", ["~length:more"]),
+        ("is much shorter", ["~length:less"]),
+        ("has longer sleeves", ["~sleeve:more"]),  # not a length comparative
+        ("has shorter sleeves and is longer", ["~length:more", "~sleeve:less"]),
+        ("is more casual", ["~formality:less"]),  # casual is the low end of formality
+        ("is less casual", ["~formality:more"]),
+        ("is tighter", ["~fit:more"]),
+        ("is more fitted", ["~fit:more"]),
+        ("is looser", ["~fit:less"]),
+        ("is brighter", ["~colorfulness:more"]),
+        ("is more colorful", ["~colorfulness:more"]),
+        ("is less revealing", ["~revealing:less"]),
+        ("is sexier", ["~revealing:more"]),
+    ],
+)
 def test_comparatives(text, expected):
     assert got(text) == expected
 
 
-@pytest.mark.parametrize("a, b", [
-    ("is gray", "is grey"), ("is grey colored", "is gray in colour"), ("has a V-neck", "has a v neck"),
-    ("is sleeveless", "has no sleeves"), ("has 3/4 sleeves", "has three-quarter sleeves"),
-    ("is checkered", "is plaid"), ("has polka dots", "is polka-dot"), ("is navy", "is blue"),
-    ("is long-sleeved", "has long sleeves"), ("IS RED!", "is red"), ("is tighter", "is more form-fitting"),
-])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("is gray", "is grey"),
+        ("is grey colored", "is gray in colour"),
+        ("has a V-neck", "has a v neck"),
+        ("is sleeveless", "has no sleeves"),
+        ("has 3/4 sleeves", "has three-quarter sleeves"),
+        ("is checkered", "is plaid"),
+        ("has polka dots", "is polka-dot"),
+        ("is navy", "is blue"),
+        ("is long-sleeved", "has long sleeves"),
+        ("IS RED!", "is red"),
+        ("is tighter", "is more form-fitting"),
+    ],
+)
 def test_synonyms_and_spelling(a, b):
     assert got(a) == got(b) != []
 
 
-@pytest.mark.parametrize("text, expected", [
-    # real FashionIQ train captions (cap.*.train.json), exact output
-    ("is solid black with no sleeves", ["+color:black", "+pattern:solid", "+sleeve:sleeveless"]),
-    ("is black with straps", ["+color:black", "-straps:strapless"]),
-    ("is lighter and longer", ["~length:more", "~shade:less"]),
-    ("has short sleeve and is black color", ["+color:black", "+sleeve:short"]),
-    ("is grey with shorter sleeves", ["+color:grey", "~sleeve:less"]),
-    ("Is a darker grey", ["+color:grey", "~shade:more"]),
-    ("has no sleeves and is light pink", ["+color:pink", "+shade:light", "+sleeve:sleeveless"]),
-    ("is sleeveless and has brighter colors", ["+sleeve:sleeveless", "~colorfulness:more"]),
-    ("Is lighter with a floral print and sleeveless.", ["+pattern:floral", "+sleeve:sleeveless", "~shade:less"]),
-    ("is a blue tank-top", ["+color:blue", "+sleeve:sleeveless"]),
-    ("is pink and more casual", ["+color:pink", "~formality:less"]),
-    ("is yellow and doesn't have a collar", ["+color:yellow", "-collar:collar"]),
-    ("is the same exact shirt", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # real FashionIQ train captions (cap.*.train.json), exact output
+        ("is solid black with no sleeves", ["+color:black", "+pattern:solid", "+sleeve:sleeveless"]),
+        ("is black with straps", ["+color:black", "-straps:strapless"]),
+        ("is lighter and longer", ["~length:more", "~shade:less"]),
+        ("has short sleeve and is black color", ["+color:black", "+sleeve:short"]),
+        ("is grey with shorter sleeves", ["+color:grey", "~sleeve:less"]),
+        ("Is a darker grey", ["+color:grey", "~shade:more"]),
+        ("has no sleeves and is light pink", ["+color:pink", "+shade:light", "+sleeve:sleeveless"]),
+        ("is sleeveless and has brighter colors", ["+sleeve:sleeveless", "~colorfulness:more"]),
+        ("Is lighter with a floral print and sleeveless.", ["+pattern:floral", "+sleeve:sleeveless", "~shade:less"]),
+        ("is a blue tank-top", ["+color:blue", "+sleeve:sleeveless"]),
+        ("is pink and more casual", ["+color:pink", "~formality:less"]),
+        ("is yellow and doesn't have a collar", ["+color:yellow", "-collar:collar"]),
+        ("is the same exact shirt", []),
+    ],
+)
 def test_real_fashioniq_captions(text, expected):
     assert got(text) == expected
 
@@ -166,7 +194,7 @@ def test_requested_status_synthetic_and_comparatives():
     assert requested_status(img, extract("is blue and not solid")) == {"color": False, "pattern": False}
     assert requested_status(img, extract("is not striped")) == {"pattern": True}
     req = extract("is longer")
-    assert requested_status(img, req) == {"length": None}                  # no reference: cannot tell
+    assert requested_status(img, req) == {"length": None}  # no reference: cannot tell
     assert requested_status(img, req, ref_attrs=["length:midi"]) == {"length": False}
     assert requested_status(["length:maxi"], req, ref_attrs=["length:midi"]) == {"length": True}
     assert requested_status(["length:midi"], req, ref_attrs=["length:midi"]) == {"length": False}  # exact: not longer
@@ -197,9 +225,11 @@ def _write(tmp_path, obj, name="vocab.json"):
 
 
 def _minimal(**group):
-    return {"format": "cir-mine vocabulary 1", "negators": ["no"],
-            "groups": {"hue": {"values": {"teal": {"phrases": ["teal", "sea green"], "gallery": ["style:teal"]}},
-                               **group}}}
+    return {
+        "format": "cir-mine vocabulary 1",
+        "negators": ["no"],
+        "groups": {"hue": {"values": {"teal": {"phrases": ["teal", "sea green"], "gallery": ["style:teal"]}}, **group}},
+    }
 
 
 def test_custom_vocabulary(tmp_path):
@@ -213,17 +243,30 @@ def test_custom_vocabulary(tmp_path):
 FIX = "Fix the vocabulary file (the shipped miner/core/vocabulary.json shows the format) or pass another one."
 
 
-@pytest.mark.parametrize("obj, what", [
-    ('{"format": "cir-mine vocabulary 1", "groups": {', None),
-    ({"format": "other", "groups": {}}, "'format' must be 'cir-mine vocabulary 1', found 'other'"),
-    ({"format": "cir-mine vocabulary 1"}, "'groups' must be a non-empty object (group -> {values: ...})"),
-    ({"format": "cir-mine vocabulary 1", "groups": {"g": {"values": {"x": {}}}}}, "value g:x has no 'phrases' list"),
-    ({"format": "cir-mine vocabulary 1", "groups": {"g": {"values": {"x": {"phrases": "x"}}}}},
-     "g:x 'phrases' must be a list of non-empty strings"),
-    ({"format": "cir-mine vocabulary 1", "groups": {"g": {"values": {"x": {"phrases": ["a"]}, "y": {"phrases": ["A"]}}}}},
-     "phrase 'a' is used twice (g:x and g:y); keep each phrase in one place"),
-    (_minimal(), None),
-])
+@pytest.mark.parametrize(
+    "obj, what",
+    [
+        ('{"format": "cir-mine vocabulary 1", "groups": {', None),
+        ({"format": "other", "groups": {}}, "'format' must be 'cir-mine vocabulary 1', found 'other'"),
+        ({"format": "cir-mine vocabulary 1"}, "'groups' must be a non-empty object (group -> {values: ...})"),
+        (
+            {"format": "cir-mine vocabulary 1", "groups": {"g": {"values": {"x": {}}}}},
+            "value g:x has no 'phrases' list",
+        ),
+        (
+            {"format": "cir-mine vocabulary 1", "groups": {"g": {"values": {"x": {"phrases": "x"}}}}},
+            "g:x 'phrases' must be a list of non-empty strings",
+        ),
+        (
+            {
+                "format": "cir-mine vocabulary 1",
+                "groups": {"g": {"values": {"x": {"phrases": ["a"]}, "y": {"phrases": ["A"]}}}},
+            },
+            "phrase 'a' is used twice (g:x and g:y); keep each phrase in one place",
+        ),
+        (_minimal(), None),
+    ],
+)
 def test_vocabulary_file_errors(tmp_path, obj, what):
     p = _write(tmp_path, obj)
     if obj == _minimal():

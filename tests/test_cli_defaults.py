@@ -1,6 +1,7 @@
 """The hand-written options of the commands without a config dataclass state the library's defaults:
 each option named as a parameter of the library function the command calls has that parameter's
 default (the config-generated options are checked in test_cli_options.py)."""
+
 import inspect
 
 import pytest
@@ -15,7 +16,7 @@ from cir_mine.train.metrics import evaluate_file
 # command function -> (library function, {option parameter: library parameter, or None where the
 # option is not that parameter})
 CALLS = {
-    "index_cmd": (build_index, {"npy": None}),   # --npy is a switch; the library's npy is --npy-dtype's value
+    "index_cmd": (build_index, {"npy": None}),  # --npy is a switch; the library's npy is --npy-dtype's value
     "inspect": (contact_sheet, {}),
     "report": (write_report, {}),
     "export": (export_negatives, {}),
@@ -37,19 +38,24 @@ def option_defaults(fn) -> dict:
 @pytest.mark.parametrize("command", sorted(CALLS))
 def test_hand_written_options_state_the_library_defaults(command):
     lib, renamed = CALLS[command]
-    lib_defaults = {n: p.default for n, p in inspect.signature(lib).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
+    lib_defaults = {
+        n: p.default for n, p in inspect.signature(lib).parameters.items() if p.default is not inspect.Parameter.empty
+    }
     shared = {name: renamed.get(name, name) for name in option_defaults(getattr(cli, command))}
     checked = {name: lib_name for name, lib_name in shared.items() if lib_name in lib_defaults}
     assert checked, f"{command}: no option shares a parameter with {lib.__name__}"
     options = option_defaults(getattr(cli, command))
-    wrong = {name: (options[name], lib_defaults[lib_name]) for name, lib_name in checked.items()
-             if options[name] != lib_defaults[lib_name]}
+    wrong = {
+        name: (options[name], lib_defaults[lib_name])
+        for name, lib_name in checked.items()
+        if options[name] != lib_defaults[lib_name]
+    }
     assert not wrong, f"{command}: option default != {lib.__name__} default: {wrong}"
 
 
 def test_the_check_sees_a_wrong_default(monkeypatch):
     """The comparison fails when a library default moves away from the option's."""
+
     def report_like(neg_paths, work, out, overwrite=False, max_negatives=7):
         pass
 

@@ -1,6 +1,7 @@
 """examples/clip4cir runs as CLIP4Cir's combiner loop would with cir-mine: the fixture, `cir-mine embed`
 with CLIP4Cir's checkpoint and target-pad transform, two epochs with a re-mine between them; every item
 of every batch carries its own query's negatives, and the cir-mine glue stays within 15 lines."""
+
 import json
 import sys
 from pathlib import Path
@@ -41,10 +42,31 @@ def test_every_item_gets_its_own_querys_negatives(example, tmp_path):
     torch.set_num_threads(1)
     paths = fixture.make_fixture(tmp_path)
     work = tmp_path / "work"
-    r = runner.invoke(mine_app, ["embed", "--dataset", "fashioniq", "--root", str(paths["root"]), "--split", "train",
-                                 "--work", str(work), "--model", str(paths["config"]), "--pretrained",
-                                 str(paths["checkpoint"]), "--preprocess", "targetpad", "--device", "cpu",
-                                 "--workers", "0", "-q"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "embed",
+            "--dataset",
+            "fashioniq",
+            "--root",
+            str(paths["root"]),
+            "--split",
+            "train",
+            "--work",
+            str(work),
+            "--model",
+            str(paths["config"]),
+            "--pretrained",
+            str(paths["checkpoint"]),
+            "--preprocess",
+            "targetpad",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     ws = Workspace(work)
     g, t = ws.load("train")
@@ -57,9 +79,17 @@ def test_every_item_gets_its_own_querys_negatives(example, tmp_path):
     assert len(items) == len(t) == 16 * 2 * 3 + 1
 
     batches = []
-    out = combiner_train.combiner_training_fiq(str(paths["root"]), str(work), str(paths["config"]),
-                                               str(paths["checkpoint"]), num_epochs=2, batch_size=16, k=4,
-                                               remine_every=1, on_batch=batches.append)
+    out = combiner_train.combiner_training_fiq(
+        str(paths["root"]),
+        str(work),
+        str(paths["config"]),
+        str(paths["checkpoint"]),
+        num_epochs=2,
+        batch_size=16,
+        k=4,
+        remine_every=1,
+        on_batch=batches.append,
+    )
     assert len(out["rounds"]) == 2 and [r.meta["round"] for r in out["rounds"]] == [0, 1]
     assert all(np.isfinite(out["losses"]))
 
@@ -88,6 +118,6 @@ def test_every_item_gets_its_own_querys_negatives(example, tmp_path):
             ref_row = g.rows([ref], [cat])[0]
             loop = torch.nn.functional.normalize(b["reference_features"][i], dim=-1).numpy()
             np.testing.assert_allclose(g.embeddings[ref_row], loop, atol=1e-5)
-    assert seen == {(e, q) for e in (0, 1) for q, *_ in items.values()}      # every item, every epoch
-    assert with_negs > len(items)                                           # most items carry negatives
-    assert rounds[0] != rounds[1]                                           # the re-mine changed them
+    assert seen == {(e, q) for e in (0, 1) for q, *_ in items.values()}  # every item, every epoch
+    assert with_negs > len(items)  # most items carry negatives
+    assert rounds[0] != rounds[1]  # the re-mine changed them

@@ -1,5 +1,6 @@
 """A CLIP4Cir dataset item finds its own negatives: by its triplet, in any category order, with or
 without the workspace; a dataset built from other annotations raises; short queries are empty entries."""
+
 import json
 
 import numpy as np
@@ -22,11 +23,12 @@ def fiq(tmp_path_factory):
     g, t = ws.load("train")
     q = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())] + t.text_embeddings
     target = g.embeddings[g.rows(t.target_ids.tolist(), t.categories.tolist())]
-    q[::4] = -target[::4]                      # s(q, t) = -1: the positive-aware cap removes every candidate
+    q[::4] = -target[::4]  # s(q, t) = -1: the positive-aware cap removes every candidate
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     path = d / "negs.parquet"
-    res = mine_to_file(ws, "train", MineConfig(strategy="hardest", k=3, query="checkpoint", device="cpu"), path,
-                       query_emb=q)
+    res = mine_to_file(
+        ws, "train", MineConfig(strategy="hardest", k=3, query="checkpoint", device="cpu"), path, query_emb=q
+    )
     return root, ws, path, res
 
 
@@ -50,7 +52,7 @@ def test_clip4cir_items_default_to_clip4cir_order(fiq):
     root = fiq[0]
     assert CLIP4CIR_DRESS_TYPES == ("dress", "toptee", "shirt")
     items = clip4cir_fashioniq_items(root, "train")
-    expect = expected_items(root, "train", ["dress", "toptee", "shirt"])     # combiner_train.py's order
+    expect = expected_items(root, "train", ["dress", "toptee", "shirt"])  # combiner_train.py's order
     assert [f"{c}-train-{i:05d}" for c, i in items] == [q for q, _, _ in expect]
 
 
@@ -71,33 +73,37 @@ def test_each_item_gets_its_own_queries_negatives(fiq, dress_types):
         empty += not want
         ref, target, caps, ids, mask = by_id[i]
         assert (ref, target) == (cand, tgt) and caps == ds.triplets[i]["captions"]
-        assert [x for x, m in zip(ids, mask) if m] == want and ids[len(want):] == ("",) * (3 - len(want))
+        assert [x for x, m in zip(ids, mask) if m] == want and ids[len(want) :] == ("",) * (3 - len(want))
         assert mask.tolist() == [j < len(want) for j in range(3)]
         *_, f, fmask = feats[i]
         assert f.dtype == np.float32 and f.shape == (3, g.dim) and (fmask == mask).all()
-        want_rows = g.rows(want, [c for c, _ in cats.get(qid, [])])     # each negative in its own category
+        want_rows = g.rows(want, [c for c, _ in cats.get(qid, [])])  # each negative in its own category
         np.testing.assert_array_equal(f[mask], g.embeddings[want_rows])
         assert not f[~mask].any()
         r, rmask = rows[i][-2:]
         assert r[rmask].tolist() == want_rows.tolist() and (r[~rmask] == -1).all()
         assert cand not in want and tgt not in want
-    assert empty > 0                                  # the guards left some items without negatives
+    assert empty > 0  # the guards left some items without negatives
 
 
 def test_the_twin_pair_resolves_to_each_category(fiq):
     root, ws, path, _ = fiq
     ds = Clip4CirFashionIQ(root, "train", CLIP4CIR_DRESS_TYPES)
     wrapped = Clip4CirNegatives(ds, path, returns="ids")
-    first, twin = ds.triplets[0], ds.triplets[7 + 7]                       # dress entry 0, toptee's last entry
+    first, twin = ds.triplets[0], ds.triplets[7 + 7]  # dress entry 0, toptee's last entry
     assert (first["candidate"], first["target"]) == (twin["candidate"], twin["target"])
     assert wrapped.query_ids[0] == "dress-train-00000" and wrapped.query_ids[14] == "toptee-train-00007"
     lookup = NegativesLookup.read(path)
     with pytest.raises(DataError) as e:
         lookup.index_triplet(first["candidate"], first["target"])
-    assert str(e.value) == (f"{path}: reference '{first['candidate']}' and target '{first['target']}' name 2 queries "
-                            f"(dress-train-00000, toptee-train-00007); pass category=.")
-    assert lookup.grouped.query_ids[lookup.index_triplet(first["candidate"], first["target"], "toptee")] == \
-        "toptee-train-00007"
+    assert str(e.value) == (
+        f"{path}: reference '{first['candidate']}' and target '{first['target']}' name 2 queries "
+        f"(dress-train-00000, toptee-train-00007); pass category=."
+    )
+    assert (
+        lookup.grouped.query_ids[lookup.index_triplet(first["candidate"], first["target"], "toptee")]
+        == "toptee-train-00007"
+    )
 
 
 def test_short_queries_are_empty_entries_with_or_without_the_workspace(fiq):
@@ -125,10 +131,10 @@ def test_lookup_messages_name_the_real_cause(fiq):
     lookup = NegativesLookup.read(path)
     cases = {
         ("dress", 99, None): f"{path}: no negatives for FashionIQ item ('dress', 99) (query id dress-train-00099): "
-                             f"its last 'dress' query is entry 6 of cap.dress.train.json. The dataset reads another "
-                             f"caption file than the one mined; mine the annotations it reads.",
+        f"its last 'dress' query is entry 6 of cap.dress.train.json. The dataset reads another "
+        f"caption file than the one mined; mine the annotations it reads.",
         ("dress", 2, "val"): f"{path}: no negatives for FashionIQ item ('dress', 2) (query id dress-val-00002): it was "
-                             f"mined on split train. Mine the split the dataset reads.",
+        f"mined on split train. Mine the split the dataset reads.",
     }
     for (cat, idx, split), text in cases.items():
         with pytest.raises(DataError) as e:
@@ -136,12 +142,16 @@ def test_lookup_messages_name_the_real_cause(fiq):
         assert str(e.value) == text and "SPLIT" not in str(e.value)
     with pytest.raises(DataError) as e:
         lookup.triplet("B000000003", "B000000001")
-    assert str(e.value) == (f"{path}: no query has reference 'B000000003' and target 'B000000001' (split 'train', "
-                            f"22 queries). Mine the split the dataset reads.")
+    assert str(e.value) == (
+        f"{path}: no query has reference 'B000000003' and target 'B000000001' (split 'train', "
+        f"22 queries). Mine the split the dataset reads."
+    )
     with pytest.raises(DataError) as e:
         lookup.triplet("B000000001", "B000000002", "shirt")
-    assert str(e.value) == (f"{path}: no query has reference 'B000000001' and target 'B000000002' in category 'shirt': "
-                            f"the pair is a query of category dress. Pass the item's own category.")
+    assert str(e.value) == (
+        f"{path}: no query has reference 'B000000001' and target 'B000000002' in category 'shirt': "
+        f"the pair is a query of category dress. Pass the item's own category."
+    )
     # a table without the list of queries without negatives (mined by an earlier version) says so
     meta = {**lookup.meta, "shortfall": {k: v for k, v in lookup.meta["shortfall"].items() if k != "without_negatives"}}
     from cir_mine import group_negatives_table, read_negatives
@@ -149,10 +159,12 @@ def test_lookup_messages_name_the_real_cause(fiq):
     old = NegativesLookup(group_negatives_table(read_negatives(path).table, 3), str(path), meta)
     with pytest.raises(DataError) as e:
         old.fashioniq("dress", 0)
-    assert str(e.value) == (f"{path}: FashionIQ item ('dress', 0) (query id dress-train-00000) got no negatives, and "
-                            f"the table (mined by an earlier cir-mine) does not list the queries without negatives. "
-                            f"Read it with its workspace, NegativesLookup.read(path, ws), where such a query is an "
-                            f"empty entry, or mine it again.")
+    assert str(e.value) == (
+        f"{path}: FashionIQ item ('dress', 0) (query id dress-train-00000) got no negatives, and "
+        f"the table (mined by an earlier cir-mine) does not list the queries without negatives. "
+        f"Read it with its workspace, NegativesLookup.read(path, ws), where such a query is an "
+        f"empty entry, or mine it again."
+    )
 
 
 def test_a_dataset_from_other_annotations_raises(fiq, tmp_path):
@@ -162,17 +174,21 @@ def test_a_dataset_from_other_annotations_raises(fiq, tmp_path):
     swapped.triplets[2], swapped.triplets[3] = swapped.triplets[3], swapped.triplets[2]
     with pytest.raises(DataError) as e:
         Clip4CirNegatives(swapped, path, returns="ids")
-    assert str(e.value) == (f"{path}: item 2 of the dataset (B000000003 -> B000000004) is entry 3 of "
-                            f"cap.dress.train.json, out of step with the dataset's other 'dress' items. The dataset "
-                            f"and the table were built from different annotations; mine the annotations the dataset "
-                            f"reads.")
+    assert str(e.value) == (
+        f"{path}: item 2 of the dataset (B000000003 -> B000000004) is entry 3 of "
+        f"cap.dress.train.json, out of step with the dataset's other 'dress' items. The dataset "
+        f"and the table were built from different annotations; mine the annotations the dataset "
+        f"reads."
+    )
     edited = Clip4CirFashionIQ(root, "train", CLIP4CIR_DRESS_TYPES)
     edited.triplets[4] = {**edited.triplets[4], "target": "B000000007"}
     with pytest.raises(DataError) as e:
         Clip4CirNegatives(edited, path, returns="ids")
-    assert str(e.value) == (f"{path}: item 4 of the dataset is B000000004 -> B000000007, but query dress-train-00004 "
-                            f"(entry 4 of cap.dress.train.json) is B000000004 -> B000000005. The dataset and the table "
-                            f"were built from different annotations; mine the annotations the dataset reads.")
+    assert str(e.value) == (
+        f"{path}: item 4 of the dataset is B000000004 -> B000000007, but query dress-train-00004 "
+        f"(entry 4 of cap.dress.train.json) is B000000004 -> B000000005. The dataset and the table "
+        f"were built from different annotations; mine the annotations the dataset reads."
+    )
     val = Clip4CirFashionIQ(root, "train", ["dress"])
     val.split = "val"
     with pytest.raises(DataError) as e:
@@ -180,8 +196,9 @@ def test_a_dataset_from_other_annotations_raises(fiq, tmp_path):
     assert str(e.value) == f"{path}: mined on split 'train', but the dataset reads split 'val'. Mine split 'val'."
     with pytest.raises(UsageError) as e:
         Clip4CirNegatives(ds, path)
-    assert str(e.value) == ("returns='features' needs ws=, the workspace the table was mined from (returns='ids' "
-                            "works without it).")
+    assert str(e.value) == (
+        "returns='features' needs ws=, the workspace the table was mined from (returns='ids' works without it)."
+    )
     with pytest.raises(UsageError, match="wraps a CLIP4Cir FashionIQDataset or CIRRDataset"):
         Clip4CirNegatives(object(), path, returns="ids")
 

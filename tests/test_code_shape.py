@@ -2,6 +2,7 @@
 errors that name parameters, never command-line flags (cli.py spells the flags, see
 cir_mine.data.errors). Checked over the source of data/, miner/ and train/ (not tests or bench); the
 size limits also hold for cli.py, which only parses, calls the library and renders."""
+
 import ast
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ LIBRARY = ("data", "miner", "train")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-OTHER_TOOL = re.compile(r"`ray [^`]*`")     # another tool's command line, e.g. `ray start --head`
+OTHER_TOOL = re.compile(r"`ray [^`]*`")  # another tool's command line, e.g. `ray start --head`
 
 
 def library_files() -> list:
@@ -38,9 +39,12 @@ def test_the_scan_sees_the_library():
 def test_modules_and_functions_stay_small(path):
     source = path.read_text()
     assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{rel(path)}: split it along its seams"
-    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long, f"{rel(path)}: functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
@@ -51,13 +55,20 @@ def message_texts(node: ast.Raise) -> list:
 
 
 def flags_raised(source: str) -> list:
-    return [(node.lineno, flag) for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Raise) and node.exc
-            for text in message_texts(node) for flag in FLAG.findall(OTHER_TOOL.sub("", text))]
+    return [
+        (node.lineno, flag)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Raise) and node.exc
+        for text in message_texts(node)
+        for flag in FLAG.findall(OTHER_TOOL.sub("", text))
+    ]
 
 
 def test_the_flag_scan_finds_flags_in_raise_sites():
-    source = ('def f(x):\n    raise UsageError(f"--index {x}: pass --shard-index instead.")\n'
-              'def g(x):\n    raise UsageError("index " + x + ": start `ray start --head`", params=("index",))\n')
+    source = (
+        'def f(x):\n    raise UsageError(f"--index {x}: pass --shard-index instead.")\n'
+        'def g(x):\n    raise UsageError("index " + x + ": start `ray start --head`", params=("index",))\n'
+    )
     assert flags_raised(source) == [(2, "--index"), (2, "--shard-index")]
 
 

@@ -1,4 +1,5 @@
 """The DQE model option: shapes, the attribute-aware margin loss against a loop, one training step."""
+
 import numpy as np
 import pytest
 import torch
@@ -56,8 +57,16 @@ def test_dqe_training_step_and_checkpoint_hook(synth_work, tmp_path):
 
     negs = tmp_path / "negs.parquet"
     mine_to_file(Workspace(synth_work), "train", MineConfig(strategy="hardest", k=3, device="cpu"), negs)
-    cfg = TrainConfig(work=str(synth_work), out=str(tmp_path / "run"), negatives=str(negs), model="dqe",
-                      epochs=1, batch_size=64, width=0.5, threads=1)
+    cfg = TrainConfig(
+        work=str(synth_work),
+        out=str(tmp_path / "run"),
+        negatives=str(negs),
+        model="dqe",
+        epochs=1,
+        batch_size=64,
+        width=0.5,
+        threads=1,
+    )
     tr = Trainer(cfg.validate())
     tr.load_bank(str(negs))
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
@@ -84,8 +93,10 @@ def test_group_heads_one_sub_query_per_group():
     codes = attribute_head_codes(attrs, ("group:color", "group:neckline", "shape"))
     assert codes[0, 0] == codes[1, 0] != codes[2, 0]
     assert codes[0, 1] == codes[2, 1] != codes[1, 1]
-    assert (codes[:, 2] == codes[:, 1]).all()          # neckline is the only shape group tagged here
-    model = build_model(ModelConfig(kind="dqe", dim=16, width=0.5, attr_heads=("group:color", "group:neckline", "shape")))
+    assert (codes[:, 2] == codes[:, 1]).all()  # neckline is the only shape group tagged here
+    model = build_model(
+        ModelConfig(kind="dqe", dim=16, width=0.5, attr_heads=("group:color", "group:neckline", "shape"))
+    )
     out, subs, w = model.parts(torch.randn(3, 16), torch.randn(3, 16))
     assert subs.shape == (3, 3, 16) and w.shape == (3, 4)
     with pytest.raises(UsageError, match=r"^attribute heads group:: use one or more of color, shape or group:NAME"):
@@ -98,13 +109,22 @@ def test_attr_heads_option_resolves_against_the_gallery():
     attrs = [["color:red", "sleeve:long"], ["neckline:v"], []]
     assert resolve_heads(("groups",), attrs) == ("group:color", "group:neckline", "group:sleeve")
     assert resolve_heads(("color", "group:sleeve"), attrs) == ("color", "group:sleeve")
-    with pytest.raises(UsageError, match=r"^attribute heads group:length: no gallery image has a tag of that group "
-                                         r"\(its groups: color, neckline, sleeve\)\.$"):
+    with pytest.raises(
+        UsageError,
+        match=r"^attribute heads group:length: no gallery image has a tag of that group "
+        r"\(its groups: color, neckline, sleeve\)\.$",
+    ):
         resolve_heads(("group:length",), attrs)
     with pytest.raises(UsageError, match=r"^attr_heads groups: the gallery has no attribute tags"):
         resolve_heads(("groups",), [[], []])
-    assert TrainConfig(work="-", out="-", model="dqe", attr_heads="color, group:neckline").validate().heads() == ("color", "group:neckline")
-    with pytest.raises(UsageError, match=r"^attr_heads needs dqe as the model \(model is combiner\): pass model dqe, or leave attr_heads out\.$"):
+    assert TrainConfig(work="-", out="-", model="dqe", attr_heads="color, group:neckline").validate().heads() == (
+        "color",
+        "group:neckline",
+    )
+    with pytest.raises(
+        UsageError,
+        match=r"^attr_heads needs dqe as the model \(model is combiner\): pass model dqe, or leave attr_heads out\.$",
+    ):
         TrainConfig(work="-", out="-", attr_heads="groups").validate()
     with pytest.raises(UsageError, match="attribute heads size"):
         TrainConfig(work="-", out="-", model="dqe", attr_heads="color,size").validate()
@@ -115,8 +135,16 @@ def test_dqe_group_heads_train_and_reload(synth_work, tmp_path):
     from cir_mine.data.workspace import Workspace
     from cir_mine.train.loop import TrainConfig, load_query_encoder, train
 
-    cfg = TrainConfig(work=str(synth_work), out=str(tmp_path / "run"), model="dqe", attr_heads="groups",
-                      epochs=1, batch_size=64, width=0.5, threads=1)
+    cfg = TrainConfig(
+        work=str(synth_work),
+        out=str(tmp_path / "run"),
+        model="dqe",
+        attr_heads="groups",
+        epochs=1,
+        batch_size=64,
+        width=0.5,
+        threads=1,
+    )
     m = train(cfg)
     assert m["model"] == "dqe" and 0 <= m["R@10"] <= 100
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
@@ -136,9 +164,15 @@ def test_cir_train_attr_heads_errors(synth_work, tmp_path):
 
     runner = CliRunner()
     r = runner.invoke(train_app, ["--work", str(synth_work), "--out", str(tmp_path / "r"), "--attr-heads", "groups"])
-    assert r.exit_code == 2 and r.output.strip() == ("Error: --attr-heads needs dqe as the --model (--model is combiner): "
-                                                     "pass --model dqe, or leave --attr-heads out.")
-    r = runner.invoke(train_app, ["--work", str(synth_work), "--out", str(tmp_path / "r"), "--model", "dqe",
-                                  "--attr-heads", "group:size"])
-    assert r.exit_code == 2 and r.output.strip().startswith("Error: attribute heads group:size: no gallery image has a tag of that group")
+    assert r.exit_code == 2 and r.output.strip() == (
+        "Error: --attr-heads needs dqe as the --model (--model is combiner): "
+        "pass --model dqe, or leave --attr-heads out."
+    )
+    r = runner.invoke(
+        train_app,
+        ["--work", str(synth_work), "--out", str(tmp_path / "r"), "--model", "dqe", "--attr-heads", "group:size"],
+    )
+    assert r.exit_code == 2 and r.output.strip().startswith(
+        "Error: attribute heads group:size: no gallery image has a tag of that group"
+    )
     assert not (tmp_path / "r").exists()

@@ -1,4 +1,5 @@
 """cir-mine embed / index through the real open_clip path with a tiny random-weight config (CPU)."""
+
 import json
 import os
 import signal
@@ -52,8 +53,9 @@ def encoder(tiny):
 
 
 def embed(args, tiny, *extra):
-    r = runner.invoke(mine_app, ["embed", *args, "--model", str(tiny), "--device", "cpu", "--workers", "0",
-                                 "-q", *extra])
+    r = runner.invoke(
+        mine_app, ["embed", *args, "--model", str(tiny), "--device", "cpu", "--workers", "0", "-q", *extra]
+    )
     return r
 
 
@@ -68,16 +70,36 @@ def direct(encoder, path) -> np.ndarray:
 @pytest.mark.slow
 def test_fashioniq_workspace_loads_and_index_searches(tmp_path, tiny, encoder):
     root, work = make_fashioniq(tmp_path / "fiq"), tmp_path / "w"
-    r = embed(["--dataset", "fashioniq", "--root", str(root), "--split", "train", "--work", str(work),
-               "--batch-size", "4", "--shard-size", "8"], tiny)
+    r = embed(
+        [
+            "--dataset",
+            "fashioniq",
+            "--root",
+            str(root),
+            "--split",
+            "train",
+            "--work",
+            str(work),
+            "--batch-size",
+            "4",
+            "--shard-size",
+            "8",
+        ],
+        tiny,
+    )
     assert r.exit_code == 0, r.output
     assert "18 images, 15 triplets (d=32, cir-tiny-clip)" in r.output
     ws = Workspace(work)
     g, t = ws.load("train")
     assert len(g) == 18 and len(t) == 15 and g.dim == 32
     m = ws.manifest()
-    assert m["source"] == "fashioniq" and m["encoder"] == {"name": "cir-tiny-clip", "pretrained": "none", "dim": 32,
-                                                          "library": "open_clip", "model": str(tiny.resolve())}
+    assert m["source"] == "fashioniq" and m["encoder"] == {
+        "name": "cir-tiny-clip",
+        "pretrained": "none",
+        "dim": 32,
+        "library": "open_clip",
+        "model": str(tiny.resolve()),
+    }
     assert m["embed"]["train"]["skipped_images"]["count"] == 0
     assert not (work / ".embed-train").exists()
     # Dataset tags survive; each row is its own file's embedding.
@@ -99,12 +121,31 @@ def test_fashioniq_workspace_loads_and_index_searches(tmp_path, tiny, encoder):
 
 def test_corrupt_images_are_skipped_counted_and_never_replaced(tmp_path, tiny, encoder):
     root, work = make_fashioniq(tmp_path / "fiq"), tmp_path / "w"
-    (root / "images" / "B000000001.png").write_bytes(b"")                       # zero-byte
+    (root / "images" / "B000000001.png").write_bytes(b"")  # zero-byte
     data = (root / "images" / "B100000002.png").read_bytes()
-    (root / "images" / "B100000002.png").write_bytes(data[: len(data) // 2])   # truncated
-    (root / "images" / "B200000003.png").write_bytes(b"not an image at all")   # garbage
-    r = runner.invoke(mine_app, ["embed", "--dataset", "fashioniq", "--root", str(root), "--work", str(work),
-                                 "--model", str(tiny), "--device", "cpu", "--workers", "1", "--batch-size", "5", "-q"])
+    (root / "images" / "B100000002.png").write_bytes(data[: len(data) // 2])  # truncated
+    (root / "images" / "B200000003.png").write_bytes(b"not an image at all")  # garbage
+    r = runner.invoke(
+        mine_app,
+        [
+            "embed",
+            "--dataset",
+            "fashioniq",
+            "--root",
+            str(root),
+            "--work",
+            str(work),
+            "--model",
+            str(tiny),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--batch-size",
+            "5",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "skipped 3 unreadable image(s), dropped 6 triplet(s)" in r.output
     g, t = Workspace(work).load("train")
@@ -155,18 +196,51 @@ def test_named_weights_fail_fast_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     root = make_folder(tmp_path / "f", n_images=3)
-    r = runner.invoke(mine_app, ["embed", "--dataset", "folder", "--root", str(root), "--work", str(tmp_path / "w"),
-                                 "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", "--device", "cpu"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "embed",
+            "--dataset",
+            "folder",
+            "--root",
+            str(root),
+            "--work",
+            str(tmp_path / "w"),
+            "--model",
+            "ViT-B-32",
+            "--pretrained",
+            "laion2b_s34b_b79k",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 1
     assert r.output.strip() == (
         "Error: --pretrained laion2b_s34b_b79k: weights for ViT-B-32 are not cached and the download host is "
         "unreachable (offline). No weights can be downloaded on this machine: pass --pretrained PATH (a local "
-        "open_clip checkpoint) or --pretrained none (random weights).")
-    r = runner.invoke(mine_app, ["embed", "--dataset", "folder", "--root", str(root), "--work", str(tmp_path / "w"),
-                                 "--model", "ViT-B-32", "--pretrained", "no-such-tag"])
+        "open_clip checkpoint) or --pretrained none (random weights)."
+    )
+    r = runner.invoke(
+        mine_app,
+        [
+            "embed",
+            "--dataset",
+            "folder",
+            "--root",
+            str(root),
+            "--work",
+            str(tmp_path / "w"),
+            "--model",
+            "ViT-B-32",
+            "--pretrained",
+            "no-such-tag",
+        ],
+    )
     assert r.exit_code == 2 and "Pass a checkpoint path or none." in r.output
-    r = runner.invoke(mine_app, ["embed", "--dataset", "folder", "--root", str(root), "--work", str(tmp_path / "w"),
-                                 "--model", "ViT-Q-99"])
+    r = runner.invoke(
+        mine_app,
+        ["embed", "--dataset", "folder", "--root", str(root), "--work", str(tmp_path / "w"), "--model", "ViT-Q-99"],
+    )
     assert r.exit_code == 2 and "not an open_clip model name" in r.output
 
 
@@ -181,16 +255,37 @@ def test_local_checkpoint_path_loads(tmp_path, tiny, encoder):
 
 
 def _cli(args, env=None):
-    return subprocess.run([sys.executable, "-c", "from cli import mine_main; mine_main()", *args], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", "from cli import mine_main; mine_main()", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny):
     root = make_fashioniq(tmp_path / "fiq")
     (root / "images" / "B100000003.png").write_bytes(b"")
-    args = ["embed", "--dataset", "fashioniq", "--root", str(root), "--model", str(tiny), "--device", "cpu",
-            "--workers", "0", "--batch-size", "2", "--shard-size", "4", "-q"]
+    args = [
+        "embed",
+        "--dataset",
+        "fashioniq",
+        "--root",
+        str(root),
+        "--model",
+        str(tiny),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        "-q",
+    ]
     killed = tmp_path / "killed"
     r = _cli([*args, "--work", str(killed)], env={"CIR_MINE_CRASH": "embed-saved:2"})
     assert r.returncode == -signal.SIGKILL, r.stderr
@@ -213,12 +308,21 @@ def test_zero_shot_attributes(tmp_path, tiny, encoder):
     from cir_mine.miner.encode.clip import embed_texts
 
     prompts = tmp_path / "p.json"
-    prompts.write_text(json.dumps({"template": "a photo of a {value} {category}",
-                                   "groups": {"color": ["red", "blue", "black"], "sleeve": {"short": "short-sleeved",
-                                                                                          "long": "long-sleeved"}}}))
+    prompts.write_text(
+        json.dumps(
+            {
+                "template": "a photo of a {value} {category}",
+                "groups": {
+                    "color": ["red", "blue", "black"],
+                    "sleeve": {"short": "short-sleeved", "long": "long-sleeved"},
+                },
+            }
+        )
+    )
     root, work = make_fashioniq(tmp_path / "fiq", n_per_cat=3), tmp_path / "w"
-    r = embed(["--dataset", "fashioniq", "--root", str(root), "--work", str(work), "--attribute-prompts", str(prompts)],
-              tiny)
+    r = embed(
+        ["--dataset", "fashioniq", "--root", str(root), "--work", str(work), "--attribute-prompts", str(prompts)], tiny
+    )
     assert r.exit_code == 0, r.output
     g = Workspace(work).gallery("train")
     scores = pq.read_table(work / "gallery.train.parquet").column("attribute_scores").to_pylist()
@@ -242,8 +346,16 @@ def test_default_prompt_file_has_garment_groups():
     assert set(p.groups) == {"color", "sleeve", "pattern", "length", "neckline", "fit"}
 
 
-@pytest.mark.parametrize("spec,factory", [("flat", "Flat"), ("ivf", "IVF80,Flat"), ("ivfpq", "IVF80,PQ8"),
-                                          ("hnsw", "HNSW32,Flat"), ("IVF16,Flat", "IVF16,Flat")])
+@pytest.mark.parametrize(
+    "spec,factory",
+    [
+        ("flat", "Flat"),
+        ("ivf", "IVF80,Flat"),
+        ("ivfpq", "IVF80,PQ8"),
+        ("hnsw", "HNSW32,Flat"),
+        ("IVF16,Flat", "IVF16,Flat"),
+    ],
+)
 def test_index_kinds_build(tmp_path, small_work, spec, factory):
     import shutil
 
@@ -294,13 +406,27 @@ def test_import_features_with_npy_writes_the_mapped_embeddings(tmp_path, index):
     np.save(tmp_path / "f.npy", emb)
     (tmp_path / "ids.txt").write_text("".join(f"img{i}\n" for i in range(30)))
     work = tmp_path / "w"
-    r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu", "--index", index, "--npy",
-                                 "--from-features", str(tmp_path / "f.npy"), "--ids", str(tmp_path / "ids.txt")])
+    r = runner.invoke(
+        mine_app,
+        [
+            "index",
+            "--work",
+            str(work),
+            "--device",
+            "cpu",
+            "--index",
+            index,
+            "--npy",
+            "--from-features",
+            str(tmp_path / "f.npy"),
+            "--ids",
+            str(tmp_path / "ids.txt"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert f"wrote {work}/gallery.train.npy" in r.output
     mapped = np.load(Workspace(work).embeddings_path("train"), mmap_mode="r")
     np.testing.assert_array_equal(mapped, Workspace(work).gallery("train").embeddings)
-
 
 
 def test_uint8_workers_then_batched_normalize_equals_open_clip_transform(tmp_path, encoder):
@@ -329,19 +455,33 @@ def test_second_split_with_another_encoder_is_refused(tmp_path, tiny):
     assert r.exit_code == 1
     assert r.output.strip() == (
         f"Error: {work / 'manifest.json'}: splits val were embedded with cir-tiny-clip (pretrained none), not "
-        f"other-tiny (pretrained none). Embed into a new --work directory, or use the same --model and --pretrained.")
+        f"other-tiny (pretrained none). Embed into a new --work directory, or use the same --model and --pretrained."
+    )
     assert not (work / "gallery.train.parquet").exists()
 
 
 def test_annotations_without_images_fail_before_loading_a_model(tmp_path):
     root = make_fashioniq(tmp_path / "fiq", images=False)
-    r = runner.invoke(mine_app, ["embed", "--dataset", "fashioniq", "--root", str(root), "--work", str(tmp_path / "w"),
-                                 "--model", "no-such-model"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "embed",
+            "--dataset",
+            "fashioniq",
+            "--root",
+            str(root),
+            "--work",
+            str(tmp_path / "w"),
+            "--model",
+            "no-such-model",
+        ],
+    )
     assert r.exit_code == 1
     assert r.output.strip() == (
         f"Error: {root}: none of the 18 fashioniq images of split 'train' has an image file (annotations only?). "
         f"Put the images where the dataset layout expects them (FashionIQ: ROOT/images/ID.png|.jpg), or import "
-        f"features with `cir-mine index --from-features`.")
+        f"features with `cir-mine index --from-features`."
+    )
 
 
 def test_index_refuses_a_locked_workspace(tmp_path, small_work):
@@ -351,8 +491,9 @@ def test_index_refuses_a_locked_workspace(tmp_path, small_work):
 
     work = tmp_path / "w"
     shutil.copytree(small_work, work)
-    (work / DirLock.NAME).write_text(json.dumps({"pid": 1, "host": __import__("socket").gethostname(),
-                                                "purpose": "cir-mine embed"}))
+    (work / DirLock.NAME).write_text(
+        json.dumps({"pid": 1, "host": __import__("socket").gethostname(), "purpose": "cir-mine embed"})
+    )
     r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu"])
     assert r.exit_code == 1 and "is in use by process 1 (cir-mine embed)" in r.output
 
@@ -370,8 +511,22 @@ def test_positives_embed_captions_with_the_workspace_text_tower(tmp_path, tiny):
     # the rebuilt text tower reproduces the workspace's own caption embeddings
     assert np.allclose(encode([" and ".join(c) for c in t.captions[:3]]), t.text_embeddings[:3], atol=1e-5)
     out = tmp_path / "extra.parquet"
-    r = runner.invoke(mine_app, ["positives", "--work", str(work), "--out", str(out), "--max-diff", "3",
-                                 "--max-values", "4", "--dup-threshold", "1.01"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "positives",
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+            "--max-diff",
+            "3",
+            "--max-values",
+            "4",
+            "--dup-threshold",
+            "1.01",
+        ],
+    )
     assert r.exit_code == 0, r.output
     extra = read_triplets(out, dim=g.dim)
     assert len(extra) > 0
@@ -437,7 +592,9 @@ def test_embedding_while_the_last_batch_is_copied_equals_batch_by_batch(tmp_path
         write_png(tmp_path / f"{i}.png", (20 * i, 90, 200 - 10 * i), size=40, seed=i)
         paths.append(str(tmp_path / f"{i}.png"))
     paths[5] = str(tmp_path / "missing.png")
-    emb, errors = embed_images(encoder, paths, paths, tmp_path / "shards", ImageRun(batch_size=3, workers=0, shard_size=6))
+    emb, errors = embed_images(
+        encoder, paths, paths, tmp_path / "shards", ImageRun(batch_size=3, workers=0, shard_size=6)
+    )
     assert [bool(e) for e in errors] == [i == 5 for i in range(11)]
     assert sorted(p.name for p in (tmp_path / "shards").glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
     for i, p in enumerate(paths):

@@ -1,5 +1,6 @@
 """kept-mismatch and error-targeted on the synthetic world: their defining properties, the top-1
 error measurement against a brute-force version, and the allocation in the footer and metrics.jsonl."""
+
 import json
 
 import numpy as np
@@ -19,7 +20,9 @@ def world(synth_work):
     ws = Workspace(synth_work)
     g, t = ws.load("train")
     return {
-        "ws": ws, "g": g, "t": t,
+        "ws": ws,
+        "g": g,
+        "t": t,
         "attrs": dict(zip(g.image_ids.tolist(), g.attributes)),
         "req": {q: A.extract(" and ".join(c)) for q, c in zip(t.query_ids.tolist(), t.captions)},
         "ref": dict(zip(t.query_ids.tolist(), t.ref_ids.tolist())),
@@ -46,7 +49,10 @@ def test_kept_mismatch_satisfies_the_change_and_breaks_what_should_be_kept(world
         kept_diff = differing_groups(world["attrs"][r["neg_id"]], world["attrs"][r["target_id"]]) - set(req.groups)
         assert kept_diff, (r, req.groups)
     # the complement: attribute-mismatch rows (a requested group contradicted) are never kept-mismatch rows
-    am = {(r["query_id"], r["neg_id"]) for r in mine(world, strategy="attribute-mismatch", mismatch_kept_share=0.0).table.to_pylist()}
+    am = {
+        (r["query_id"], r["neg_id"])
+        for r in mine(world, strategy="attribute-mismatch", mismatch_kept_share=0.0).table.to_pylist()
+    }
     km = {(r["query_id"], r["neg_id"]) for r in res.table.to_pylist()}
     assert am and not (am & km)
 
@@ -134,13 +140,24 @@ def test_refresh_writes_the_allocation_into_metrics(synth_work, tmp_path):
     negs = tmp_path / "negs.parquet"
     mine_to_file(Workspace(synth_work), "train", MineConfig(strategy="error-targeted", k=4, device="cpu"), negs)
     assert sum(read_negatives(negs).meta["prepared"]["error-targeted"]["k"].values()) == 4
-    cfg = TrainConfig(work=str(synth_work), out=str(tmp_path / "run"), negatives=str(negs), epochs=2,
-                      batch_size=64, width=0.5, threads=1, refresh_every=1)
-    train(cfg)                                          # the refresh re-mines through the table's Remine
+    cfg = TrainConfig(
+        work=str(synth_work),
+        out=str(tmp_path / "run"),
+        negatives=str(negs),
+        epochs=2,
+        batch_size=64,
+        width=0.5,
+        threads=1,
+        refresh_every=1,
+    )
+    train(cfg)  # the refresh re-mines through the table's Remine
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     alloc = rec["refresh"]["prepared"]["error-targeted"]
     assert alloc == read_negatives(tmp_path / "run" / "negs.round1.parquet").meta["prepared"]["error-targeted"]
-    assert sum(alloc["k"].values()) == 4 and alloc["top1_right"] + alloc["top1_wrong"] + alloc["top1_other_category"] == 600
+    assert (
+        sum(alloc["k"].values()) == 4
+        and alloc["top1_right"] + alloc["top1_wrong"] + alloc["top1_other_category"] == 600
+    )
 
 
 def test_top1_sample_is_spread_and_bounded():

@@ -1,5 +1,6 @@
 """cir-mine eval / evaluate_queries: a model's own query embeddings by the FashionIQ and CIRR protocols
 of CLIP4Cir's validate.py, checked against recalls computed by hand."""
+
 import json
 
 import numpy as np
@@ -17,7 +18,7 @@ D = 4
 def ladder(n: int) -> np.ndarray:
     """n unit vectors whose score against e0 = (1, 0, 0, 0) falls with the index: 1 - 0.01 i."""
     c = 1 - 0.01 * np.arange(n)
-    return np.stack([c, np.sqrt(1 - c ** 2), np.zeros(n), np.zeros(n)], 1).astype(np.float32)
+    return np.stack([c, np.sqrt(1 - c**2), np.zeros(n), np.zeros(n)], 1).astype(np.float32)
 
 
 def write_ws(root, split, ids, cats, queries, img_set=None) -> Workspace:
@@ -27,9 +28,18 @@ def write_ws(root, split, ids, cats, queries, img_set=None) -> Workspace:
     emb = np.concatenate([ladder(n) for n in [cats.count(c) for c in dict.fromkeys(cats)]])
     write_table(gallery_table(ids, cats, [[] for _ in ids], emb), ws.gallery_path(split))
     text = np.tile(np.eye(D, dtype=np.float32)[1], (len(queries), 1))
-    write_table(triplets_table([q[0] for q in queries], [q[1] for q in queries], [q[2] for q in queries],
-                               [q[3] for q in queries], [["x"]] * len(queries), text, img_set=img_set),
-                ws.triplets_path(split))
+    write_table(
+        triplets_table(
+            [q[0] for q in queries],
+            [q[1] for q in queries],
+            [q[2] for q in queries],
+            [q[3] for q in queries],
+            [["x"]] * len(queries),
+            text,
+            img_set=img_set,
+        ),
+        ws.triplets_path(split),
+    )
     ws.write_manifest(source="test")
     return ws
 
@@ -41,15 +51,21 @@ def fiq(tmp_path):
     cats = ["dress"] * 70 + ["shirt"] * 70
     # (reference, target) -> rank of the target with the reference kept / removed
     pairs = {"dress": [(0, 5), (3, 10), (60, 55), (1, 49)], "shirt": [(2, 0), (0, 50)]}
-    queries = [(f"{c}-val-{j:05d}", c, f"{c[0]}{r}", f"{c[0]}{t}") for c, ps in pairs.items() for j, (r, t) in enumerate(ps)]
+    queries = [
+        (f"{c}-val-{j:05d}", c, f"{c[0]}{r}", f"{c[0]}{t}") for c, ps in pairs.items() for j, (r, t) in enumerate(ps)
+    ]
     return write_ws(tmp_path / "fiq", "val", ids, cats, queries), [q[0] for q in queries]
 
 
 @pytest.fixture
 def cirr(tmp_path):
     ids = [f"c{i}" for i in range(60)]
-    rows = [(0, 5, [0, 5, 2, 7, 9, 11]), (3, 1, [3, 1, 4, 6, 8, 10]), (20, 0, [20, 0, 1, 2, 3, 4]),
-            (0, 30, [0, 30, 29, 28, 27, 31])]
+    rows = [
+        (0, 5, [0, 5, 2, 7, 9, 11]),
+        (3, 1, [3, 1, 4, 6, 8, 10]),
+        (20, 0, [20, 0, 1, 2, 3, 4]),
+        (0, 30, [0, 30, 29, 28, 27, 31]),
+    ]
     queries = [(f"cirr-val-{j}", "", f"c{r}", f"c{t}") for j, (r, t, _) in enumerate(rows)]
     members = [[f"c{m}" for m in ms] for _, _, ms in rows]
     return write_ws(tmp_path / "cirr", "val", ids, [""] * 60, queries, img_set=members), [q[0] for q in queries]
@@ -63,11 +79,17 @@ def test_fashioniq_keeps_the_reference_as_clip4cir(fiq):
     ws, qids = fiq
     m = evaluate_queries(ws, "val", e0(6))
     # by hand: dress ranks 5, 10, 55, 49 (the reference above the target counts); shirt ranks 0, 50
-    assert m["per_category"] == {"dress": {"R@10": 25.0, "R@50": 75.0, "n": 4}, "shirt": {"R@10": 50.0, "R@50": 50.0, "n": 2}}
+    assert m["per_category"] == {
+        "dress": {"R@10": 25.0, "R@50": 75.0, "n": 4},
+        "shirt": {"R@10": 50.0, "R@50": 50.0, "n": 2},
+    }
     assert (m["R@10"], m["R@50"], m["avg"], m["reference"]) == (37.5, 62.5, 50.0, "kept")
     # reference removed: dress ranks 4, 9, 55, 48; shirt 0, 49
     x = evaluate_queries(ws, "val", e0(6), exclude_reference=True)
-    assert x["per_category"] == {"dress": {"R@10": 50.0, "R@50": 75.0, "n": 4}, "shirt": {"R@10": 50.0, "R@50": 100.0, "n": 2}}
+    assert x["per_category"] == {
+        "dress": {"R@10": 50.0, "R@50": 75.0, "n": 4},
+        "shirt": {"R@10": 50.0, "R@50": 100.0, "n": 2},
+    }
     assert (x["R@10"], x["R@50"], x["reference"]) == (50.0, 87.5, "removed")
 
 
@@ -76,7 +98,15 @@ def test_cirr_removes_the_reference_and_scores_subsets(cirr):
     m = evaluate_queries(ws, "val", e0(4))
     # by hand: global ranks 4, 1, 0, 29 (reference removed); subset ranks 1, 0, 0, 3
     assert {k: m[k] for k in ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "avg")} == {
-        "R@1": 25.0, "R@5": 75.0, "R@10": 75.0, "R@50": 100.0, "Rs@1": 50.0, "Rs@2": 75.0, "Rs@3": 75.0, "avg": 62.5}
+        "R@1": 25.0,
+        "R@5": 75.0,
+        "R@10": 75.0,
+        "R@50": 100.0,
+        "Rs@1": 50.0,
+        "Rs@2": 75.0,
+        "Rs@3": 75.0,
+        "avg": 62.5,
+    }
     assert m["protocol"] == "cirr" and m["reference"] == "removed"
 
 
@@ -94,31 +124,68 @@ def test_cli_eval(fiq, cirr, tmp_path):
     ws, qids = fiq
     np.save(tmp_path / "q.npy", e0(6)[::-1].copy())
     (tmp_path / "ids.txt").write_text("\n".join(reversed(qids)))
-    r = runner.invoke(mine_app, ["eval", "--work", str(ws.root), "--query-emb", str(tmp_path / "q.npy"),
-                                 "--query-ids", str(tmp_path / "ids.txt")])
+    r = runner.invoke(
+        mine_app,
+        [
+            "eval",
+            "--work",
+            str(ws.root),
+            "--query-emb",
+            str(tmp_path / "q.npy"),
+            "--query-ids",
+            str(tmp_path / "ids.txt"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    assert r.output == ("fashioniq val: 6 queries, reference kept in the gallery\n"
-                        "  dress: R@10 25.00  R@50 75.00  (4 queries)\n"
-                        "  shirt: R@10 50.00  R@50 50.00  (2 queries)\n"
-                        "  average: R@10 37.50  R@50 62.50  avg (R@10 + R@50) / 2 50.00\n")
-    r = runner.invoke(mine_app, ["eval", "--work", str(ws.root), "--query-emb", str(tmp_path / "q.npy"),
-                                 "--query-ids", str(tmp_path / "ids.txt"), "--exclude-reference", "--json"])
+    assert r.output == (
+        "fashioniq val: 6 queries, reference kept in the gallery\n"
+        "  dress: R@10 25.00  R@50 75.00  (4 queries)\n"
+        "  shirt: R@10 50.00  R@50 50.00  (2 queries)\n"
+        "  average: R@10 37.50  R@50 62.50  avg (R@10 + R@50) / 2 50.00\n"
+    )
+    r = runner.invoke(
+        mine_app,
+        [
+            "eval",
+            "--work",
+            str(ws.root),
+            "--query-emb",
+            str(tmp_path / "q.npy"),
+            "--query-ids",
+            str(tmp_path / "ids.txt"),
+            "--exclude-reference",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0 and json.loads(r.output)["R@50"] == 87.5
     cws, _ = cirr
     np.save(tmp_path / "c.npy", e0(4))
     r = runner.invoke(mine_app, ["eval", "--work", str(cws.root), "--query-emb", str(tmp_path / "c.npy")])
     assert r.exit_code == 0 and r.output == (
         "cirr val: 4 queries, reference removed from the gallery\n"
-        "R@1 25.00  R@5 75.00  R@10 75.00  R@50 100.00  Rs@1 50.00  Rs@2 75.00  Rs@3 75.00  avg (R@5 + Rs@1) / 2 62.50\n")
+        "R@1 25.00  R@5 75.00  R@10 75.00  R@50 100.00  Rs@1 50.00  Rs@2 75.00  Rs@3 75.00  avg (R@5 + Rs@1) / 2 62.50\n"
+    )
     # errors: the rows of another split, a missing id file, no such split
     r = runner.invoke(mine_app, ["eval", "--work", str(ws.root), "--query-emb", str(tmp_path / "c.npy")])
     assert r.exit_code == 1 and r.output.strip() == (
         f"Error: {tmp_path / 'c.npy'}: shape (4, 4), expected (6, 4): one row per query of the split, in the gallery's "
-        f"dimension. Give float32[n_queries, d], one row per query in the triplets' row order.")
-    r = runner.invoke(mine_app, ["eval", "--work", str(ws.root), "--query-emb", str(tmp_path / "q.npy"),
-                                 "--query-ids", str(tmp_path / "none.txt")])
+        f"dimension. Give float32[n_queries, d], one row per query in the triplets' row order."
+    )
+    r = runner.invoke(
+        mine_app,
+        [
+            "eval",
+            "--work",
+            str(ws.root),
+            "--query-emb",
+            str(tmp_path / "q.npy"),
+            "--query-ids",
+            str(tmp_path / "none.txt"),
+        ],
+    )
     assert r.exit_code == 1 and r.output.strip() == (
-        f"Error: {tmp_path / 'none.txt'}: query ids not found. Write one query id per line, in the rows' order.")
+        f"Error: {tmp_path / 'none.txt'}: query ids not found. Write one query id per line, in the rows' order."
+    )
 
 
 def test_an_image_in_two_categories_is_in_both_galleries(tmp_path):

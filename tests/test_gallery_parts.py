@@ -1,5 +1,6 @@
 """Gallery folders of row-aligned parts (gallery.{split}/part-*.parquet) read as one gallery, and
 clip-retrieval embedding folders (img_emb/ + metadata/) imported as such a folder."""
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,8 +46,11 @@ def test_parts_errors_name_the_part(synth_work, tmp_path):
     rng = np.random.default_rng(0)
     other = gallery_table(["x"], ["dress"], [[]], l2_normalize(rng.standard_normal((1, 8)).astype(np.float32)))
     write_table(other, ws.gallery_dir("train") / "part-00002.parquet")
-    with pytest.raises(SchemaError, match=r"part-00002\.parquet: columns \(.*embedding: fixed_size_list<element: "
-                                          r"float>\[8\].*\) differ from the first part's"):
+    with pytest.raises(
+        SchemaError,
+        match=r"part-00002\.parquet: columns \(.*embedding: fixed_size_list<element: "
+        r"float>\[8\].*\) differ from the first part's",
+    ):
         ws.gallery("train")
     for p in ws.gallery_dir("train").glob("part-*.parquet"):
         p.unlink()
@@ -57,9 +61,11 @@ def test_parts_errors_name_the_part(synth_work, tmp_path):
 def test_file_and_folder_together_is_an_error(synth_work, tmp_path):
     ws = _split_into_parts(Workspace(synth_work), tmp_path / "w", [1500, 1500])
     write_table(pq.read_table(Workspace(synth_work).gallery_path("train")), ws.gallery_file("train"))
-    with pytest.raises(DataError, match="split 'train' has both gallery.train.parquet and the parts folder gallery.train/"):
+    with pytest.raises(
+        DataError, match="split 'train' has both gallery.train.parquet and the parts folder gallery.train/"
+    ):
         ws.gallery("train")
-    ws.write_gallery("train", pq.read_table(ws.gallery_file("train")))     # one table: the folder goes
+    ws.write_gallery("train", pq.read_table(ws.gallery_file("train")))  # one table: the folder goes
     assert not ws.gallery_dir("train").exists() and len(ws.gallery("train")) == 3000
 
 
@@ -69,21 +75,35 @@ def _clip_retrieval_folder(root, sizes, dim=16, seed=0, ids_col="image_path"):
     (root / "metadata").mkdir()
     ids, embs = [], []
     for i, n in enumerate(sizes):
-        emb = rng.standard_normal((n, dim)).astype(np.float16)          # clip-retrieval writes float16
+        emb = rng.standard_normal((n, dim)).astype(np.float16)  # clip-retrieval writes float16
         part_ids = [f"/data/img{i}_{j}.jpg" for j in range(n)]
         np.save(root / "img_emb" / f"img_emb_{i}.npy", emb)
-        pq.write_table(pa.table({ids_col: part_ids, "caption": ["a photo"] * n}), root / "metadata" / f"metadata_{i}.parquet")
+        pq.write_table(
+            pa.table({ids_col: part_ids, "caption": ["a photo"] * n}), root / "metadata" / f"metadata_{i}.parquet"
+        )
         ids += part_ids
         embs.append(emb.astype(np.float32))
     return ids, np.concatenate(embs)
 
 
 def test_import_clip_retrieval_folder_as_parts(tmp_path):
-    sizes = [30, 5, 7] + [3] * 9 + [11]                                   # 13 files: img_emb_10 sorts after _9
+    sizes = [30, 5, 7] + [3] * 9 + [11]  # 13 files: img_emb_10 sorts after _9
     ids, emb = _clip_retrieval_folder(tmp_path / "laion", sizes)
     work = tmp_path / "w"
-    r = runner.invoke(mine_app, ["index", "--work", str(work), "--device", "cpu", "--encoder-name", "ViT-B-32/laion",
-                                 "--from-features", str(tmp_path / "laion")])
+    r = runner.invoke(
+        mine_app,
+        [
+            "index",
+            "--work",
+            str(work),
+            "--device",
+            "cpu",
+            "--encoder-name",
+            "ViT-B-32/laion",
+            "--from-features",
+            str(tmp_path / "laion"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     ws = Workspace(work)
     assert [p.name for p in ws.gallery_files("train")][-1] == "part-00012.parquet"
@@ -101,8 +121,10 @@ def test_clip_retrieval_errors_before_writing(tmp_path):
     work = tmp_path / "w"
     r = runner.invoke(mine_app, ["index", "--work", str(work), "--from-features", str(tmp_path / "laion")])
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {tmp_path / 'laion' / 'metadata' / 'metadata_1.parquet'}: file not found; "
-                                f"img_emb_1.npy needs its row-aligned metadata file.")
+    assert r.output.strip() == (
+        f"Error: {tmp_path / 'laion' / 'metadata' / 'metadata_1.parquet'}: file not found; "
+        f"img_emb_1.npy needs its row-aligned metadata file."
+    )
     assert not (work / "gallery.train").exists()
     r = runner.invoke(mine_app, ["index", "--work", str(work), "--from-features", str(tmp_path)])
     assert r.exit_code == 1 and "not a clip-retrieval embedding folder (no img_emb/img_emb_N.npy files)" in r.output

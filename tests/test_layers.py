@@ -5,6 +5,7 @@ uses its device rule, and it uses none of the others.
 Each layer is imported with the layers above it blocked; the mining core also imports no torch,
 duckdb or matplotlib, so researchers can mine from numpy arrays without the heavy stacks.
 """
+
 import subprocess
 import sys
 
@@ -13,16 +14,43 @@ import pytest
 PKG = "cir_mine"
 # layer -> (modules it must import without, packages to walk)
 LAYERS = {
-    "data": (["cir_mine.miner", "cir_mine.train", "cir_mine.cli", "torch", "duckdb", "matplotlib", "faiss"],
-             ["cir_mine.data"]),
-    "miner.core": (["cir_mine.miner.accel", "cir_mine.miner.encode", "cir_mine.miner.distributed",
-                    "cir_mine.miner.inspection", "cir_mine.miner.positives",
-                    "cir_mine.train", "cir_mine.cli", "torch", "duckdb", "matplotlib", "open_clip", "ray"],
-                   ["cir_mine.miner.core"]),
-    "miner.accel": (["cir_mine.miner.encode", "cir_mine.miner.distributed", "cir_mine.miner.inspection",
-                     "cir_mine.miner.positives", "cir_mine.miner.remine", "cir_mine.train", "cir_mine.cli",
-                     "duckdb", "matplotlib", "open_clip", "ray"],
-                    ["cir_mine.miner.accel"]),
+    "data": (
+        ["cir_mine.miner", "cir_mine.train", "cir_mine.cli", "torch", "duckdb", "matplotlib", "faiss"],
+        ["cir_mine.data"],
+    ),
+    "miner.core": (
+        [
+            "cir_mine.miner.accel",
+            "cir_mine.miner.encode",
+            "cir_mine.miner.distributed",
+            "cir_mine.miner.inspection",
+            "cir_mine.miner.positives",
+            "cir_mine.train",
+            "cir_mine.cli",
+            "torch",
+            "duckdb",
+            "matplotlib",
+            "open_clip",
+            "ray",
+        ],
+        ["cir_mine.miner.core"],
+    ),
+    "miner.accel": (
+        [
+            "cir_mine.miner.encode",
+            "cir_mine.miner.distributed",
+            "cir_mine.miner.inspection",
+            "cir_mine.miner.positives",
+            "cir_mine.miner.remine",
+            "cir_mine.train",
+            "cir_mine.cli",
+            "duckdb",
+            "matplotlib",
+            "open_clip",
+            "ray",
+        ],
+        ["cir_mine.miner.accel"],
+    ),
     "miner": (["cir_mine.train", "cir_mine.cli"], ["cir_mine.miner"]),
     "train": (["cir_mine.cli"], ["cir_mine.train"]),
 }

@@ -1,4 +1,5 @@
 """DirLock: atomic acquisition, one holder at a time, stale takeover, malformed lock files."""
+
 import json
 import multiprocessing as mp
 import os
@@ -16,7 +17,7 @@ PROCS = 4
 def _racer(d: str, barrier, trials: int, results) -> None:
     try:
         _race(d, barrier, trials, results)
-    except Exception as e:     # a broken barrier or a vanished marker: report, never hang
+    except Exception as e:  # a broken barrier or a vanished marker: report, never hang
         barrier.abort()
         results.put(("error", repr(e)))
 
@@ -33,14 +34,14 @@ def _race(d: str, barrier, trials: int, results) -> None:
         else:
             held += 1
             marker = os.path.join(d, str(t), "holder")
-            try:   # a second simultaneous holder would find the marker
+            try:  # a second simultaneous holder would find the marker
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 os.close(fd)
             except FileExistsError:
                 results.put(("overlap", t))
                 barrier.abort()
                 return
-            barrier.wait(10)          # every racer has tried while this one holds the lock
+            barrier.wait(10)  # every racer has tried while this one holds the lock
             os.unlink(marker)
             lock.release()
             continue
@@ -59,7 +60,7 @@ def test_racing_processes_never_hold_one_lock_together(tmp_path):
         p.join(60)
     got = [results.get(timeout=5) for _ in range(PROCS)]
     assert not [g for g in got if g[0] != "held"]
-    assert sum(g[1] for g in got if g[0] == "held") == TRIALS    # one holder in every trial
+    assert sum(g[1] for g in got if g[0] == "held") == TRIALS  # one holder in every trial
 
 
 def test_racing_processes_over_one_reused_lock(tmp_path):
@@ -95,7 +96,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     p = ctx.Process(target=lambda: DirLock(tmp_path, "killed").acquire() and os._exit(0))
     p.start()
     p.join()
-    assert json.loads((tmp_path / DirLock.NAME).read_text())["purpose"] == "killed"   # left behind
+    assert json.loads((tmp_path / DirLock.NAME).read_text())["purpose"] == "killed"  # left behind
     with DirLock(tmp_path, "rerun"):
         assert json.loads((tmp_path / DirLock.NAME).read_text())["pid"] == os.getpid()
     assert not (tmp_path / DirLock.NAME).exists()
@@ -112,14 +113,23 @@ def test_a_live_holder_is_never_broken(tmp_path):
             DirLock(tmp_path / "x").acquire()
 
 
-@pytest.mark.parametrize("content, shown", [("[1, 2]", "'[1, 2]'"), ('{"pid": "abc"}', "'{\"pid\": \"abc\"}'"),
-                                            ('{"pid": -4}', "'{\"pid\": -4}'"), ("garbage", "'garbage'")])
+@pytest.mark.parametrize(
+    "content, shown",
+    [
+        ("[1, 2]", "'[1, 2]'"),
+        ('{"pid": "abc"}', '\'{"pid": "abc"}\''),
+        ('{"pid": -4}', "'{\"pid\": -4}'"),
+        ("garbage", "'garbage'"),
+    ],
+)
 def test_malformed_lock_file(tmp_path, content, shown):
     (tmp_path / DirLock.NAME).write_text(content)
     with pytest.raises(DataError) as e:
         DirLock(tmp_path).acquire()
-    assert str(e.value) == (f"{tmp_path / DirLock.NAME}: not a cir-mine lock file (expected a JSON object with an "
-                            f"integer pid, found {shown}). Delete it if no cir-mine job is running.")
+    assert str(e.value) == (
+        f"{tmp_path / DirLock.NAME}: not a cir-mine lock file (expected a JSON object with an "
+        f"integer pid, found {shown}). Delete it if no cir-mine job is running."
+    )
     assert (tmp_path / DirLock.NAME).read_text() == content
 
 
@@ -127,5 +137,6 @@ def test_lock_that_is_a_folder(tmp_path):
     (tmp_path / DirLock.NAME).mkdir()
     with pytest.raises(DataError) as e:
         DirLock(tmp_path).acquire()
-    assert str(e.value) == (f"{tmp_path / DirLock.NAME}: is a folder, not a cir-mine lock file. Remove it if no "
-                            f"cir-mine job is running.")
+    assert str(e.value) == (
+        f"{tmp_path / DirLock.NAME}: is a folder, not a cir-mine lock file. Remove it if no cir-mine job is running."
+    )

@@ -1,5 +1,6 @@
 """The mining core: each strategy's defining property on the synthetic world, determinism,
 batch-size independence, shortfall accounting, mixes and schedules."""
+
 import numpy as np
 import pytest
 
@@ -20,7 +21,9 @@ def world(synth_work):
     ws = Workspace(synth_work)
     g, t = ws.load("train")
     info = {
-        "ws": ws, "g": g, "t": t,
+        "ws": ws,
+        "g": g,
+        "t": t,
         "attrs": dict(zip(g.image_ids.tolist(), g.attributes)),
         "cat": dict(zip(g.image_ids.tolist(), g.categories.tolist())),
         "emb": dict(zip(g.image_ids.tolist(), g.embeddings)),
@@ -50,7 +53,7 @@ def test_zero_shot_and_delta():
     ref = np.array([[1, 0, 0]], np.float32)
     text = np.array([[0, 1, 0]], np.float32)
     q = zero_shot_queries(ref, text, 1.0)
-    assert np.allclose(q, [[2 ** -0.5, 2 ** -0.5, 0]])
+    assert np.allclose(q, [[2**-0.5, 2**-0.5, 0]])
     assert np.allclose(zero_shot_queries(ref, text, 0.0), ref)
     assert np.allclose(delta(np.array([0.5], np.float32), np.array([[0.2, 0.7]], np.float32)), [[0.3, -0.2]])
 
@@ -127,8 +130,18 @@ def test_hardest_rank_window_and_order(world, index):
         rk = [r["rank"] for r in rows]
         assert rk == sorted(rk)
     # the hardest are taken first: with guards off, a query gets exactly ranks 5..14
-    res = mine(world, index=index, strategy="hardest", range_min=5, range_max=40, rho=None, dup_threshold=None,
-               exclude_target=False, exclude_reference=False, exclude_extra_positives=False)
+    res = mine(
+        world,
+        index=index,
+        strategy="hardest",
+        range_min=5,
+        range_max=40,
+        rho=None,
+        dup_threshold=None,
+        exclude_target=False,
+        exclude_reference=False,
+        exclude_extra_positives=False,
+    )
     first = by_query(res.table)[world["t"].query_ids[0]]
     assert [r["rank"] for r in first] == list(range(5, 15))
 
@@ -141,7 +154,7 @@ def test_category_shares(world, index):
         if len(rows) < 10:
             continue
         same = sum(r["category_match"] for r in rows)
-        assert 7 <= same <= 8, same                    # 7 same-category + the random one may match
+        assert 7 <= same <= 8, same  # 7 same-category + the random one may match
         assert (rows[0]["rank"], rows[-1]["rank"]) == (-1, -1)
     res = mine(world, index=index, strategy="category", category_shares=(0.0, 1.0, 0.0))
     assert not any(res.table["category_match"].to_pylist())
@@ -163,7 +176,7 @@ def test_category_discrepant(world, index, pool):
             assert False in _status(world, r["neg_id"], qid).values()
         t = world["emb"][rows[0]["target_id"]]
         sims = [float(world["emb"][r["neg_id"]] @ t) for r in rows]
-        assert sims == sorted(sims, reverse=True)      # nearest to the target first
+        assert sims == sorted(sims, reverse=True)  # nearest to the target first
 
 
 @pytest.mark.parametrize("index", INDEXES)
@@ -184,8 +197,9 @@ def _contradicted_as_reference(world, neg, qid) -> set:
     return {g for g, s in _status(world, neg, qid).items() if s is False and g in gn and gn[g] == gr.get(g)}
 
 
-@pytest.mark.parametrize("strategy,param", [("attribute-mismatch", "mismatch_ref_value"),
-                                            ("category-discrepant", "discrepant_ref_value")])
+@pytest.mark.parametrize(
+    "strategy,param", [("attribute-mismatch", "mismatch_ref_value"), ("category-discrepant", "discrepant_ref_value")]
+)
 def test_reference_value_switch(world, strategy, param):
     """Off (the default), no negative contradicts the caption with the reference's own value (so
     none copies the reference's attributes); on, the strategy picks such negatives too."""
@@ -217,8 +231,9 @@ def by_target(world) -> dict:
     return dict(zip(world["t"].query_ids.tolist(), world["t"].target_ids.tolist()))
 
 
-@pytest.mark.parametrize("strategy,share", [("attribute-mismatch", "mismatch_kept_share"),
-                                            ("category-discrepant", "discrepant_kept_share")])
+@pytest.mark.parametrize(
+    "strategy,share", [("attribute-mismatch", "mismatch_kept_share"), ("category-discrepant", "discrepant_kept_share")]
+)
 @pytest.mark.parametrize("index", ["flat", "IVF16,Flat"])
 def test_kept_share_is_the_mix_with_kept_mismatch(world, index, strategy, share):
     """By default half of the k slots of attribute-mismatch and category-discrepant go to
@@ -228,8 +243,9 @@ def test_kept_share_is_the_mix_with_kept_mismatch(world, index, strategy, share)
     default = mine(world, index=index, strategy=strategy, candidates=1000)
     assert default.meta["config"]["params"][strategy][share] == 0.5
     mixed = mine(world, index=index, mix=f"{strategy}:0.5,kept-mismatch:0.5", candidates=1000, **{share: 0.0})
-    rows = lambda res: sorted((r["query_id"], r["neg_id"], r["rank"], round(r["score"], 6))
-                              for r in res.table.to_pylist())
+    rows = lambda res: sorted(
+        (r["query_id"], r["neg_id"], r["rank"], round(r["score"], 6)) for r in res.table.to_pylist()
+    )
     assert rows(default) == rows(mixed) and len(rows(default)) > 500
     kinds = {}
     for r in default.table.to_pylist():
@@ -271,7 +287,7 @@ def test_random_uniform_and_unranked(world):
     res = mine(world, strategy="random", k=20)
     assert res.meta["depth"] == 0 and set(res.table["rank"].to_pylist()) == {-1}
     counts = np.bincount(np.unique(res.table["neg_id"].to_numpy(), return_inverse=True)[1])
-    assert len(counts) > 2500                          # 12000 draws over a 3000-image gallery
+    assert len(counts) > 2500  # 12000 draws over a 3000-image gallery
 
 
 def test_in_batch_is_trainer_side(world):
@@ -323,7 +339,9 @@ def test_schedule_mines_the_round_and_is_stored(world):
     res = mine(world, schedule="0:random,2:midzone", k=5)
     assert set(res.table["strategy"].to_pylist()) == {"random"}
     res = mine(world, schedule="0:random,2:midzone", k=5, rho=None)
-    res2 = mine_negatives(world["ws"], "train", MineConfig.of(schedule="0:random,2:midzone", k=5, rho=None), mining_round=2)
+    res2 = mine_negatives(
+        world["ws"], "train", MineConfig.of(schedule="0:random,2:midzone", k=5, rho=None), mining_round=2
+    )
     assert set(res2.table["strategy"].to_pylist()) == {"midzone"} and set(res2.table["round"].to_pylist()) == {2}
     assert res2.meta["schedule"][1] == {"from_epoch": 2, "mix": [["midzone", 1.0]]}
 
@@ -353,8 +371,9 @@ def test_query_emb_equals_zero_shot(world):
         mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone"), query_emb=q[:5])
     with pytest.raises(UsageError, match="`query` checkpoint needs query embeddings") as e:
         mine_negatives(world["ws"], "train", MineConfig.of(strategy="midzone", query="checkpoint"))
-    assert e.value.render(lambda p: "--" + p) == ("--query checkpoint needs query embeddings from a trained model: "
-                                                  "pass --checkpoint RUN/ckpt.pt.")
+    assert e.value.render(lambda p: "--" + p) == (
+        "--query checkpoint needs query embeddings from a trained model: pass --checkpoint RUN/ckpt.pt."
+    )
 
 
 def test_config_roundtrip_and_remine_from_footer(world, tmp_path):
@@ -389,11 +408,16 @@ def test_bad_config_names_the_parameters():
         MineConfig().validate()
     with pytest.raises(UsageError, match=r"^delta_lo \(0.5\) is above delta_hi \(0.1\); swap them.$") as e:
         MineConfig.of(strategy="midzone", delta_lo=0.5, delta_hi=0.1).validate()
-    assert e.value.render(lambda p: "--" + p.replace("_", "-")) == "--delta-lo (0.5) is above --delta-hi (0.1); swap them."
-    with pytest.raises(UsageError, match=r"^rho must be in \(0, 1\] \(got 2.0\); switch the cap off with rho=None.$") as e:
+    assert (
+        e.value.render(lambda p: "--" + p.replace("_", "-")) == "--delta-lo (0.5) is above --delta-hi (0.1); swap them."
+    )
+    with pytest.raises(
+        UsageError, match=r"^rho must be in \(0, 1\] \(got 2.0\); switch the cap off with rho=None.$"
+    ) as e:
         MineConfig.of(strategy="midzone", rho=2.0).validate()
     assert e.value.render({"rho": "--rho", "rho=None": "--no-guard cap"}.get) == (
-        "--rho must be in (0, 1] (got 2.0); switch the cap off with --no-guard cap.")
+        "--rho must be in (0, 1] (got 2.0); switch the cap off with --no-guard cap."
+    )
     with pytest.raises(UsageError, match="unknown mining option"):
         MineConfig.of(delta_low=0.1)
 
@@ -446,8 +470,9 @@ def test_rows_do_not_depend_on_how_deep_a_batch_is_searched(synth_work, strategy
     class NeverSwitch(ExactSearch):
         deep_share = None
 
-    cfg = MineConfig.of(strategy=strategy, k=10, seed=3, candidates=16, max_candidates=1024, query_batch=97,
-                        delta_lo=0.0, delta_hi=0.2)
+    cfg = MineConfig.of(
+        strategy=strategy, k=10, seed=3, candidates=16, max_candidates=1024, query_batch=97, delta_lo=0.0, delta_hi=0.2
+    )
     ref = mine_negatives(ws, "train", cfg)
     assert ref.meta["deepened_queries"] > 0 and ref.meta["depth"] > 16
     for cls in (OneDepthAtATime, DeepestAtOnce, NeverSwitch):
@@ -464,17 +489,24 @@ def test_cap_with_a_negative_target_score_keeps_only_candidates_below_it(tmp_pat
     of its ranking is all above the target), so the deepened search is the one that must obey it."""
     d = 64
     e = np.eye(d, dtype=np.float32)
-    at = lambda s, j: s * e[0] + np.sqrt(1 - s * s) * e[j]            # unit vector with s(q, .) = s
-    above = [0.9 - 0.04 * i for i in range(20)]                       # far above the target
-    between = [-0.48, -0.485, -0.49]                                  # above it, under the naive cap
-    below = [-0.6, -0.7, -0.8]                                        # what a sign-safe cap keeps
+    at = lambda s, j: s * e[0] + np.sqrt(1 - s * s) * e[j]  # unit vector with s(q, .) = s
+    above = [0.9 - 0.04 * i for i in range(20)]  # far above the target
+    between = [-0.48, -0.485, -0.49]  # above it, under the naive cap
+    below = [-0.6, -0.7, -0.8]  # what a sign-safe cap keeps
     scores = above + between + below
     emb = np.stack([at(-0.5, 1), e[2]] + [at(s, 3 + j) for j, s in enumerate(scores)])
     ids = ["target", "ref"] + [f"c{j:02d}" for j in range(len(scores))]
-    ws = tiny_workspace(tmp_path / "w", emb, ids, ["dress"] * len(ids), [[] for _ in ids],
-                        [{"ref": "ref", "target": "target", "text": e[0]}])
-    res = mine_negatives(ws, "train", MineConfig.of(strategy="hardest", k=3, candidates=8, max_candidates=64,
-                                                    rho=0.95), query_emb=e[:1])
+    ws = tiny_workspace(
+        tmp_path / "w",
+        emb,
+        ids,
+        ["dress"] * len(ids),
+        [[] for _ in ids],
+        [{"ref": "ref", "target": "target", "text": e[0]}],
+    )
+    res = mine_negatives(
+        ws, "train", MineConfig.of(strategy="hardest", k=3, candidates=8, max_candidates=64, rho=0.95), query_emb=e[:1]
+    )
     t = res.table.to_pylist()
     assert abs(t[0]["target_score"] + 0.5) < 1e-6 and res.meta["deepened_queries"] == 1
     assert sorted(round(r["score"], 4) for r in t) == sorted(below)

@@ -1,5 +1,6 @@
 """Mining through an index: the search back-end contract, exact re-ranking, tuned and checked
 recall, the workspace index, refresh rounds that search like round 0, prefetching, and the CLI."""
+
 import shutil
 
 import numpy as np
@@ -14,7 +15,13 @@ from cir_mine.miner.core.search.backends import ExactSearch, Reranked
 from cir_mine.miner.core.search.build import build_index
 from cir_mine.miner.core.search.exact import exact_rescore, gemm_topk
 from cir_mine.miner.core.search import lists as lists_mod
-from cir_mine.miner.core.search.lists import ListLayout, coarse_assign, ivf_flat_lists, list_major_search, probe_positions
+from cir_mine.miner.core.search.lists import (
+    ListLayout,
+    coarse_assign,
+    ivf_flat_lists,
+    list_major_search,
+    probe_positions,
+)
 from cir_mine.miner.core.search.measure import KernelRace
 from cir_mine.miner.core.search.params import parse_search_params
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
@@ -52,7 +59,7 @@ def test_exact_search_blocked_equals_brute_force():
     D0, I0 = brute_force_search(xb, xq, 50)
     for backend in (ExactSearch(xb, device="cpu"), ExactSearch(xb, blocked=True, block_rows=128)):
         D, I = backend.search(xq, 50)
-        assert np.allclose(D, D0, atol=1e-5) and (I == I0).mean() > 0.99     # ties may swap
+        assert np.allclose(D, D0, atol=1e-5) and (I == I0).mean() > 0.99  # ties may swap
 
 
 def test_gemm_topk_is_the_flat_index_at_every_block_and_step(tmp_path, monkeypatch):
@@ -67,7 +74,7 @@ def test_gemm_topk_is_the_flat_index_at_every_block_and_step(tmp_path, monkeypat
     flat.add(xb)
     np.save(tmp_path / "xb.npy", xb)
     mm = np.load(tmp_path / "xb.npy", mmap_mode="r")
-    monkeypatch.setattr(exact_mod, "GEMM_SCORES", 65 * 1024)          # a step of 1024 rows: 3 steps and a tail
+    monkeypatch.setattr(exact_mod, "GEMM_SCORES", 65 * 1024)  # a step of 1024 rows: 3 steps and a tail
     for k in (1, 50, 3001):
         D0, I0 = flat.search(xq, k)
         for x, block in ((xb, 262_144), (xb, 700), (mm, 1000)):
@@ -81,12 +88,12 @@ def test_reranked_scores_are_exact_and_sorted():
     xb = rng.standard_normal((500, 8)).astype(np.float32)
     xq = rng.standard_normal((20, 8)).astype(np.float32)
 
-    class Noisy:                                    # an approximate source: random rows, wrong scores
+    class Noisy:  # an approximate source: random rows, wrong scores
         ntotal, d = 500, 8
 
         def search(self, x, k):
             I = np.stack([rng.choice(500, k, replace=False) for _ in range(len(x))])
-            I[:, -1] = -1                           # and a missing slot
+            I[:, -1] = -1  # and a missing slot
             return np.zeros(I.shape, np.float32), I
 
     D, I = Reranked(Noisy(), xb, 2.0).search(xq, 30)
@@ -141,12 +148,14 @@ def test_tuning_reaches_the_target_recall_and_is_recorded(world):
     tu = s["tuning"]
     assert tu["param"] == "nprobe" and tu["reached"] and tu["recall"] >= 0.9 and tu["queries"] == 200
     assert s["params"] == {"nprobe": tu["value"]} and tu["tried"][-1][0] == tu["value"]
-    assert all(r < 0.9 for _, r, _ in tu["tried"][:-1])        # the cheapest value that reaches it
+    assert all(r < 0.9 for _, r, _ in tu["tried"][:-1])  # the cheapest value that reaches it
     ck = s["check"]
     assert ck["queries"] == 150 and 0.85 <= ck["candidate_recall"] <= 1 and 0 < ck["negative_overlap"] <= 1
     # no tuning: FAISS defaults (nprobe=1), measured by the check
     low = mine(world, strategy="hardest", index="IVF16,Flat", target_recall=None, check_recall=150)
-    assert low.meta["search"]["params"] == {"nprobe": 1} and low.meta["search"]["check"]["candidate_recall"] < tu["recall"]
+    assert (
+        low.meta["search"]["params"] == {"nprobe": 1} and low.meta["search"]["check"]["candidate_recall"] < tu["recall"]
+    )
 
 
 def test_check_recall_on_exact_search_is_one(world):
@@ -159,7 +168,7 @@ def test_any_backend_with_the_contract_is_used_as_given(world):
     """A sharded or remote engine plugs in as an object with search/ntotal/d/exact/describe."""
     xb = world["g"].embeddings
 
-    class Shards:                                   # two shards, exact top-k each, merged
+    class Shards:  # two shards, exact top-k each, merged
         ntotal, d, exact = xb.shape[0], xb.shape[1], True
         calls = 0
 
@@ -208,11 +217,13 @@ def indexed(synth_work, tmp_path):
 
 
 def test_workspace_index_is_searched_and_fingerprinted(indexed, tmp_path):
-    res = mine_to_file(indexed, "train", MineConfig.of(strategy="hardest", index="workspace", nprobe=4), tmp_path / "n.parquet")
+    res = mine_to_file(
+        indexed, "train", MineConfig.of(strategy="hardest", index="workspace", nprobe=4), tmp_path / "n.parquet"
+    )
     s = res.meta["search"]
     assert s["index"] == "workspace" and s["factory"] == "IVF16,Flat" and s["params"] == {"nprobe": 4}
     assert s["fingerprint"] == file_digest(indexed.index_path("train")) and s["file"] == "index.train.faiss"
-    assert not (tmp_path / "n.parquet.faiss").exists()              # nothing saved: the workspace holds it
+    assert not (tmp_path / "n.parquet.faiss").exists()  # nothing saved: the workspace holds it
 
 
 def _zero_shot(ws):
@@ -227,16 +238,22 @@ def test_refresh_searches_exactly_like_round_0(indexed, tmp_path, index):
     from cir_mine.miner.remine import Remine
 
     out = tmp_path / "negs.parquet"
-    r0 = mine_to_file(indexed, "train", MineConfig.of(mix="hardest:0.5,midzone:0.5", k=6, index=index,
-                                                   target_recall=0.9, tune_queries=100), out)
+    r0 = mine_to_file(
+        indexed,
+        "train",
+        MineConfig.of(mix="hardest:0.5,midzone:0.5", k=6, index=index, target_recall=0.9, tune_queries=100),
+        out,
+    )
     assert "tuning" in r0.meta["search"]
     if index == "hnsw":
-        assert (tmp_path / "negs.parquet.faiss").exists() and read_negatives(out).meta["search"]["file"] == "negs.parquet.faiss"
+        assert (tmp_path / "negs.parquet.faiss").exists() and read_negatives(out).meta["search"][
+            "file"
+        ] == "negs.parquet.faiss"
     with Remine(indexed, "train", negatives=out) as remine:
         res = remine(_zero_shot(indexed), mining_round=1, epoch=1)
     table, meta = res.table, res.meta
     assert meta["search"]["params"] == r0.meta["search"]["params"] and "tuning" not in meta["search"]
-    assert meta["search"].get("deep") == r0.meta["search"].get("deep")      # the deep search's tuned value too
+    assert meta["search"].get("deep") == r0.meta["search"].get("deep")  # the deep search's tuned value too
     if index == "workspace":
         assert r0.meta["search"]["deep"]["depth"] == r0.meta["search"]["tuning"]["deep"]["depth"]
     assert meta["search"]["fingerprint"] == read_negatives(out).meta["search"]["fingerprint"]
@@ -273,28 +290,77 @@ def test_refresh_refuses_a_changed_index(indexed, tmp_path):
 
 def test_cli_index_options_are_printed_and_stored(synth_work, tmp_path):
     out = tmp_path / "negs.parquet"
-    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "5",
-                                 "--index", "IVF16,Flat", "--target-recall", "0.9", "--check-recall", "100",
-                                 "--out", str(out), "--device", "cpu"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(synth_work),
+            "--strategy",
+            "hardest",
+            "-k",
+            "5",
+            "--index",
+            "IVF16,Flat",
+            "--target-recall",
+            "0.9",
+            "--check-recall",
+            "100",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = read_negatives(out).meta["search"]
     tu = s["tuning"]
-    assert (f"search: IVF16,Flat (IVF16,Flat, nprobe={tu['value']}; over-fetch 1, re-ranked exactly); tuned "
-            f"nprobe={tu['value']}: candidate recall@512 {tu['recall']:.3f} on 600 queries (reached 0.9); "
-            f"nprobe={tu['deep']['value']} at depth 2048: candidate recall {tu['deep']['recall']:.3f} (reached 0.9)") in r.output
+    assert (
+        f"search: IVF16,Flat (IVF16,Flat, nprobe={tu['value']}; over-fetch 1, re-ranked exactly); tuned "
+        f"nprobe={tu['value']}: candidate recall@512 {tu['recall']:.3f} on 600 queries (reached 0.9); "
+        f"nprobe={tu['deep']['value']} at depth 2048: candidate recall {tu['deep']['recall']:.3f} (reached 0.9)"
+    ) in r.output
     assert s["deep"] == {"depth": 2048, "params": {"nprobe": tu["deep"]["value"]}}
-    assert tu["depth"] == 4 * 128 == s["depth"]          # tuned at the depth each batch is searched at
+    assert tu["depth"] == 4 * 128 == s["depth"]  # tuned at the depth each batch is searched at
     ck = s["check"]
-    assert (f"recall check on 100 queries: candidate recall@128 {ck['candidate_recall']:.3f}, mined negatives "
-            f"shared with exact mining {ck['negative_overlap']:.3f}") in r.output
-    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "--index", "flat",
-                                 "--search-params", "nprobe", "--out", str(tmp_path / "x.parquet")])
+    assert (
+        f"recall check on 100 queries: candidate recall@128 {ck['candidate_recall']:.3f}, mined negatives "
+        f"shared with exact mining {ck['negative_overlap']:.3f}"
+    ) in r.output
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(synth_work),
+            "--strategy",
+            "hardest",
+            "--index",
+            "flat",
+            "--search-params",
+            "nprobe",
+            "--out",
+            str(tmp_path / "x.parquet"),
+        ],
+    )
     assert r.exit_code == 2 and "Error: --search-params 'nprobe': use name=integer pairs" in r.output
 
 
 def test_cli_workspace_index_missing(synth_work, tmp_path):
-    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "--index",
-                                 "workspace", "--out", str(tmp_path / "x.parquet")])
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(synth_work),
+            "--strategy",
+            "hardest",
+            "--index",
+            "workspace",
+            "--out",
+            str(tmp_path / "x.parquet"),
+        ],
+    )
     assert r.exit_code == 1
     assert f"Error: {synth_work}/index.train.faiss: index not found. Build it with `cir-mine index" in r.output
 
@@ -339,10 +405,11 @@ def test_gallery_without_embedding_column_reads_the_npy(synth_work, tmp_path):
     e = emb.astype(np.float32)
     row = {i: r for r, i in enumerate(tb.column("image_id").to_pylist())}
     g, t = ws.load("train")
-    xq = zero_shot_queries(np.asarray(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], np.float32),
-                           t.text_embeddings)
+    xq = zero_shot_queries(
+        np.asarray(g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist())], np.float32), t.text_embeddings
+    )
     qi = {q: i for i, q in enumerate(t.query_ids.tolist())}
-    for r in got.table.to_pylist()[::11]:                  # float16 rows, scored in float32
+    for r in got.table.to_pylist()[::11]:  # float16 rows, scored in float32
         assert abs(r["score"] - float(e[row[r["neg_id"]]] @ xq[qi[r["query_id"]]])) < 1e-4
     np.save(ws.embeddings_path("train"), emb[:10])
     with pytest.raises(SchemaError, match=r"gallery.train.npy: holds float16\[10, 32\] but .* has 3000 rows"):
@@ -375,7 +442,7 @@ def test_hnsw_deeper_searches_keep_the_tuned_beam():
     assert backend.describe()["depth"] == 10 and backend.beam_for(10) is None
     assert backend.beam_for(40) == ef * 4
     deep = candidate_recall(backend.search(xq, 40)[1], exact.search(xq, 40)[1])
-    _, bare = raw.search(xq, 40)                       # the index alone: beam max(ef, 40)
+    _, bare = raw.search(xq, 40)  # the index alone: beam max(ef, 40)
     assert faiss.downcast_index(raw).hnsw.efSearch == ef
     assert deep >= min(0.95, tuning.recall) - 0.02
     assert deep >= candidate_recall(bare, exact.search(xq, 40)[1])
@@ -386,12 +453,12 @@ def test_ivf_deeper_searches_probe_proportionally_more_lists():
     xb = rng.standard_normal((3000, 16)).astype(np.float32)
     raw = build_index(xb, "IVF16,Flat", device="cpu")
     backend = Reranked(raw, xb, 1.0, {"index": "ivf", "depth": 10, "params": {"nprobe": 2}})
-    assert backend.beam_for(10) is None and backend.beam_for(40) == 8 and backend.beam_for(1000) == 16   # <= nlist
+    assert backend.beam_for(10) is None and backend.beam_for(40) == 8 and backend.beam_for(1000) == 16  # <= nlist
     xq = rng.standard_normal((50, 16)).astype(np.float32)
     backend.set_params({"nprobe": 2})
     exact = ExactSearch(xb, device="cpu").search(xq, 40)[1]
     scaled = candidate_recall(backend.search(xq, 40)[1], exact)
-    assert scaled > candidate_recall(raw.search(xq, 40)[1], exact)     # the bare index probes 2 lists
+    assert scaled > candidate_recall(raw.search(xq, 40)[1], exact)  # the bare index probes 2 lists
 
 
 def test_gathered_dot_is_exact_and_the_same_for_any_split(tmp_path):
@@ -412,7 +479,7 @@ def test_gathered_dot_is_exact_and_the_same_for_any_split(tmp_path):
     assert np.array_equal(gathered_dot(np.load(tmp_path / "xb.npy", mmap_mode="r"), rows, vec), out)
     with pytest.raises(IndexError, match="row 800 is out of range for 800 gallery rows"):
         gathered_dot(xb, np.array([[800]]), vec[:1])
-    half = gathered_dot(xb.astype(np.float16), rows, vec)                # float16 galleries: scored in float32
+    half = gathered_dot(xb.astype(np.float16), rows, vec)  # float16 galleries: scored in float32
     assert np.allclose(half, out, atol=2e-2)
 
 
@@ -425,7 +492,7 @@ def _ivf(n=6000, d=24, nlist=40, seed=5, twins=0):
     rng = np.random.default_rng(seed)
     xb = rng.standard_normal((n, d)).astype(np.float32)
     if twins:
-        xb[n - twins:] = xb[:twins]                    # exact duplicates: ties broken by the lower row
+        xb[n - twins :] = xb[:twins]  # exact duplicates: ties broken by the lower row
     index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     index.train(xb)
     index.add(xb)
@@ -445,9 +512,15 @@ def _bbs_oracle(index, xq, k, assign):
     import io
 
     index.nprobe = assign.shape[1]
-    with contextlib.redirect_stdout(io.StringIO()):             # it reports progress on stdout
-        return big_batch_search(index, xq, k, method="pairwise_distances", q_assign=assign.copy(),
-                                pairwise_distances=lambda a, b, metric=None: a @ b.T)
+    with contextlib.redirect_stdout(io.StringIO()):  # it reports progress on stdout
+        return big_batch_search(
+            index,
+            xq,
+            k,
+            method="pairwise_distances",
+            q_assign=assign.copy(),
+            pairwise_distances=lambda a, b, metric=None: a @ b.T,
+        )
 
 
 @pytest.mark.parametrize("nprobe", [1, 3, 40])
@@ -502,12 +575,14 @@ def _probed_exact_top(index, xb, xq, nprobe, k):
     ivf = ivf_flat_lists(index)
     layout = ListLayout.of(ivf)
     _, assign = coarse_assign(ivf, xq, nprobe, layout.centroids)
-    rows = [np.concatenate([layout.ids[layout.starts[a]:layout.starts[a] + layout.sizes[a]] for a in q if a >= 0])
-            for q in assign]
+    rows = [
+        np.concatenate([layout.ids[layout.starts[a] : layout.starts[a] + layout.sizes[a]] for a in q if a >= 0])
+        for q in assign
+    ]
     width = max(len(r) for r in rows)
     R = np.full((len(xq), width), -1, np.int64)
     for i, r in enumerate(rows):
-        R[i, :len(r)] = r
+        R[i, : len(r)] = r
     return exact_rescore(xb, xq, R, k)
 
 
@@ -515,7 +590,7 @@ def test_ivf_flat_rows_are_the_same_in_any_pass_batch_and_kernel(monkeypatch):
     """Chunked == full: the exact top-k among each query's probed lists, bit for bit, in one batch or
     many, with any pass budget, by either candidate kernel; exact twins tie and go to the lower row."""
     index, xb, xq = _ivf(twins=600)
-    xq = np.concatenate([xq, xb[:50]])                # queries on a twin pair: a tie at the top
+    xq = np.concatenate([xq, xb[:50]])  # queries on a twin pair: a tie at the top
     ref = _probed_exact_top(index, xb, xq, 6, 30)
     for kernels, budget in ((("lists",), 1 << 25), (("lists",), 1), (("faiss",), 1 << 25)):
         monkeypatch.setattr(lists_mod, "LIST_MAJOR_SCORES", budget)
@@ -523,10 +598,10 @@ def test_ivf_flat_rows_are_the_same_in_any_pass_batch_and_kernel(monkeypatch):
         backend.race = KernelRace(kernels)
         backend.set_params({"nprobe": 6})
         for step in (350, 70, 9, 1):
-            parts = [backend.search(xq[s:s + step], 30) for s in range(0, 350, step)]
+            parts = [backend.search(xq[s : s + step], 30) for s in range(0, 350, step)]
             D, I = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             assert np.array_equal(I, ref[1]) and np.array_equal(D.view(np.uint32), ref[0].view(np.uint32))
-    for q in range(300, 350):                          # the twin of row r is row 5400 + r
+    for q in range(300, 350):  # the twin of row r is row 5400 + r
         pos = np.flatnonzero(ref[1][q] == q - 300)
         assert pos.size == 1 and ref[1][q, pos[0] + 1] == 5400 + q - 300 and ref[0][q, pos[0]] == ref[0][q, pos[0] + 1]
 
@@ -539,13 +614,13 @@ def test_kernels_are_chosen_by_measurement_and_recorded():
     backend.set_params({"nprobe": 4})
     D, I = backend.search(xq, 50)
     measured = backend.measured()
-    (shape, per), = measured["kernels"].items()
+    ((shape, per),) = measured["kernels"].items()
     assert set(per) == {"faiss", "lists"} and all(v > 0 for v in per.values())
     assert set(measured["seconds"]) >= {"search", "rerank"}
     assert backend.race.choice(300, 50 + 16) in ("faiss", "lists")
     D2, I2 = backend.search(xq, 50)
     assert np.array_equal(I, I2) and np.array_equal(D, D2)
-    assert ivf_flat_lists(build_index(xb, "IVF8,PQ4", device="cpu")) is None   # codes, not vectors
+    assert ivf_flat_lists(build_index(xb, "IVF8,PQ4", device="cpu")) is None  # codes, not vectors
 
 
 def test_deep_tuning_probes_fewer_lists_than_scaling():
@@ -598,7 +673,9 @@ def test_topk_desc_sorts_like_a_two_key_lexsort():
     special = np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, -1e-45, 0.25], np.float32)
     for _ in range(300):
         r, c = rng.integers(1, 6), rng.integers(1, 40)
-        D = np.where(rng.random((r, c)) < 0.5, rng.choice(special, (r, c)), rng.standard_normal((r, c))).astype(np.float32)
+        D = np.where(rng.random((r, c)) < 0.5, rng.choice(special, (r, c)), rng.standard_normal((r, c))).astype(
+            np.float32
+        )
         I = rng.integers(-1, 1000, (r, c))
         k = int(rng.integers(1, c + 1))
         order = np.lexsort((np.where(I >= 0, I, np.iinfo(np.int64).max), np.where(I >= 0, -D, np.inf)), axis=1)[:, :k]
@@ -607,4 +684,4 @@ def test_topk_desc_sorts_like_a_two_key_lexsort():
         got_D, got_I = topk_desc(D, I, k)
         assert np.array_equal(got_I, ref_I) and np.array_equal(got_D.view(np.uint32), ref_D.view(np.uint32))
     big = np.array([[1.0, 2.0, 2.0]], np.float32), np.array([[1 << 40, 5, 1 << 33]])
-    assert topk_desc(*big, 3)[1].tolist() == [[5, 1 << 33, 1 << 40]]       # rows past 2**32: the lexsort
+    assert topk_desc(*big, 3)[1].tolist() == [[5, 1 << 33, 1 << 40]]  # rows past 2**32: the lexsort

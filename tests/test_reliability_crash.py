@@ -3,6 +3,7 @@
 SIGKILLs use the ``CIR_MINE_CRASH=NAME[:N]`` crash point of ``cir_mine.data.atomic.atomic_path``: the process
 dies after the N-th temp file of NAME is complete and before its rename, the worst moment for a writer.
 """
+
 import json
 import os
 import signal
@@ -27,8 +28,14 @@ def cli(args, app="mine_main", env=None, threads=1):
     """cir-mine / cir-train in a fresh process (OMP threads pinned unless ``threads`` is None)."""
     e = {k: v for k, v in os.environ.items() if k != "CIR_MINE_CRASH"}
     e = {**e, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
-    return subprocess.run([sys.executable, "-c", f"from cli import {app}; {app}()", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", f"from cli import {app}; {app}()", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=300,
+    )
 
 
 def files(d: Path) -> list:
@@ -56,14 +63,13 @@ NEGS = ["--mix", "midzone:0.6,category:0.3,random:0.1", "-k", "8", "--seed", "4"
 def test_sigkill_while_writing_negatives_then_rerun(small_work, tmp_path):
     """Killed with the table complete in its temp file: nothing under the final name; rerun == clean run."""
     out = tmp_path / "negs" / "n.parquet"
-    r = cli(["negatives", "--work", small_work, "--out", out, *NEGS],
-            env={"CIR_MINE_CRASH": "n.parquet"})
+    r = cli(["negatives", "--work", small_work, "--out", out, *NEGS], env={"CIR_MINE_CRASH": "n.parquet"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     left = files(out.parent)
     assert "n.parquet" not in left and ".cir-mine.lock" in left and any(x.endswith(".tmp") for x in left)
     r = cli(["negatives", "--work", small_work, "--out", out, *NEGS])
     assert r.returncode == 0, r.stderr
-    assert files(out.parent) == ["n.parquet"]          # stale lock taken over, dead writer's temp swept
+    assert files(out.parent) == ["n.parquet"]  # stale lock taken over, dead writer's temp swept
     r = cli(["negatives", "--work", small_work, "--out", tmp_path / "clean" / "n.parquet", *NEGS])
     assert r.returncode == 0, r.stderr
     a, b = table(out), table(tmp_path / "clean" / "n.parquet")
@@ -73,9 +79,30 @@ def test_sigkill_while_writing_negatives_then_rerun(small_work, tmp_path):
 def test_sigkill_mid_mining_leaves_nothing(small_work, tmp_path):
     """Killed while mining (lock held, nothing written yet): only the stale lock remains."""
     out = tmp_path / "negs" / "n.parquet"
-    p = subprocess.Popen([sys.executable, "-c", "from cli import mine_main; mine_main()", "negatives", "--work",
-                          str(small_work), "--out", str(out), "--strategy", "hardest", "--candidates", "800",
-                          "--query-batch", "1", "-k", "8", "-q"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli import mine_main; mine_main()",
+            "negatives",
+            "--work",
+            str(small_work),
+            "--out",
+            str(out),
+            "--strategy",
+            "hardest",
+            "--candidates",
+            "800",
+            "--query-batch",
+            "1",
+            "-k",
+            "8",
+            "-q",
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out.parent / ".cir-mine.lock").exists() and p.poll() is None:
         time.sleep(0.01)
@@ -120,8 +147,10 @@ def test_sigkill_while_checkpointing_then_resume(small_work, tmp_path):
 
 # ------------------------------------------------------------------------------------------ concurrency
 
-HOLDER = ("import sys, time; from data.io import DirLock; DirLock(sys.argv[1], 'holder job').acquire(); "
-          "print('held', flush=True); time.sleep(120)")
+HOLDER = (
+    "import sys, time; from data.io import DirLock; DirLock(sys.argv[1], 'holder job').acquire(); "
+    "print('held', flush=True); time.sleep(120)"
+)
 
 
 @pytest.fixture
@@ -133,8 +162,10 @@ def held(tmp_path):
         p = subprocess.Popen([sys.executable, "-c", HOLDER, str(d)], cwd=REPO, stdout=subprocess.PIPE, text=True)
         procs.append(p)
         assert p.stdout.readline().strip() == "held"
-        return (f"Error: {d} is in use by process {p.pid} (holder job). Wait for it to finish, or delete "
-                f"{d / '.cir-mine.lock'} if that process is gone.")
+        return (
+            f"Error: {d} is in use by process {p.pid} (holder job). Wait for it to finish, or delete "
+            f"{d / '.cir-mine.lock'} if that process is gone."
+        )
 
     yield hold
     for p in procs:
@@ -159,9 +190,26 @@ def test_second_writer_of_a_workspace_fails_fast(held, small_work, tmp_path):
     msg = held(work)
     _locked(mine_app, ["synth", "--out", work, "--n-gallery", "300", "--n-triplets", "30", "--dim", "8", "-q"], msg)
     _locked(mine_app, ["index", "--work", work], msg)
-    _locked(mine_app, ["embed", "--dataset", "fashioniq", "--root", make_fashioniq(tmp_path / "fiq"), "--work", work,
-                       "--model", write_tiny_clip_config(tmp_path / "tiny.json"), "--device", "cpu", "--workers", "0",
-                       "-q"], msg)
+    _locked(
+        mine_app,
+        [
+            "embed",
+            "--dataset",
+            "fashioniq",
+            "--root",
+            make_fashioniq(tmp_path / "fiq"),
+            "--work",
+            work,
+            "--model",
+            write_tiny_clip_config(tmp_path / "tiny.json"),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "-q",
+        ],
+        msg,
+    )
     after = {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.name != ".cir-mine.lock"}
     assert after == before
 
@@ -178,13 +226,31 @@ def test_second_writer_of_negatives_dir_and_run_dir_fails_fast(held, small_work,
 def test_two_real_miners_never_interleave(small_work, tmp_path):
     """Two cir-mine negatives into one directory at once: each either wins the lock or fails fast."""
     out = tmp_path / "negs"
-    procs = [subprocess.Popen([sys.executable, "-c", "from cli import mine_main; mine_main()", "negatives",
-                               "--work", str(small_work), "--out", str(out / f"{i}.parquet"), *NEGS], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from cli import mine_main; mine_main()",
+                "negatives",
+                "--work",
+                str(small_work),
+                "--out",
+                str(out / f"{i}.parquet"),
+                *NEGS,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     for i, (rc, err) in enumerate(results):
         assert (rc == 0 and (out / f"{i}.parquet").exists()) or (
-            rc == 1 and err.startswith(f"Error: {out} is in use by process ") and not (out / f"{i}.parquet").exists()), err
+            rc == 1 and err.startswith(f"Error: {out} is in use by process ") and not (out / f"{i}.parquet").exists()
+        ), err
     assert not [p for p in files(out) if not p.endswith(".parquet")]
     done = [out / f"{i}.parquet" for i, (rc, _) in enumerate(results) if rc == 0]
     assert done and all(table(p)[0].equals(table(done[0])[0]) for p in done)
@@ -198,8 +264,10 @@ def test_negatives_identical_across_threads_and_batches(small_work, tmp_path):
     runs = {(1, 4096): None, (2, 4096): None, (2, 7): None}
     for threads, batch in runs:
         out = tmp_path / f"n{threads}-{batch}.parquet"
-        r = cli(["negatives", "--work", small_work, "--out", out, *NEGS, "--query-batch", batch,
-                 "--candidates", "64"], threads=threads)
+        r = cli(
+            ["negatives", "--work", small_work, "--out", out, *NEGS, "--query-batch", batch, "--candidates", "64"],
+            threads=threads,
+        )
         assert r.returncode == 0, r.stderr
         runs[threads, batch] = table(out)
     (ta, ma), *rest = runs.values()
@@ -215,8 +283,17 @@ def test_train_metrics_across_torch_threads(small_work, tmp_path):
 
     runs, before = [], torch.get_num_threads()
     for threads in (1, 2):
-        m = train(TrainConfig(work=str(small_work), out=str(tmp_path / f"t{threads}"), epochs=2, batch_size=32,
-                              width=0.5, seed=2, threads=threads))
+        m = train(
+            TrainConfig(
+                work=str(small_work),
+                out=str(tmp_path / f"t{threads}"),
+                epochs=2,
+                batch_size=32,
+                width=0.5,
+                seed=2,
+                threads=threads,
+            )
+        )
         runs.append((m, json.loads((tmp_path / f"t{threads}" / "metrics.jsonl").read_text().splitlines()[-1])))
     torch.set_num_threads(before)
     (m1, h1), (m2, h2) = runs

@@ -7,6 +7,7 @@ Python, Arrow, FAISS or torch. Every case checks the exact ``Error:`` line, the 
 inputs are byte-identical and that nothing is left behind. Where no tmpfs can be mounted, a file-size
 limit (RLIMIT_FSIZE: EFBIG, "File too large") checks the same paths for FAISS and torch.
 """
+
 import os
 import resource
 import shutil
@@ -43,7 +44,23 @@ def cannot_write(path) -> str:
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("disk")
     for args, app in (
-        (["synth", "--out", root / "W", "--n-gallery", "300", "--n-triplets", "60", "--dim", "16", "--seed", "3", "-q"], mine_app),
+        (
+            [
+                "synth",
+                "--out",
+                root / "W",
+                "--n-gallery",
+                "300",
+                "--n-triplets",
+                "60",
+                "--dim",
+                "16",
+                "--seed",
+                "3",
+                "-q",
+            ],
+            mine_app,
+        ),
         (["negatives", "--work", root / "W", "--out", root / "negs.parquet", *NEGS], mine_app),
         (["--work", root / "W", "--out", root / "RUN", *TRAIN], train_app),
     ):
@@ -63,11 +80,14 @@ def disk(tmp_path):
     def mount(size: str = "4m") -> Path:
         d = tmp_path / f"fs{len(mounts)}"
         d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True
+        )
         if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'mount failed'}): the real full-disk cases "
-                        f"need root (CI runs as root); test_file_size_limit_* cover FAISS and torch without it")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({r.stderr.strip() or 'mount failed'}): the real full-disk cases "
+                f"need root (CI runs as root); test_file_size_limit_* cover FAISS and torch without it"
+            )
         mounts.append(d)
         return d
 
@@ -94,6 +114,7 @@ def fill(fs: Path, leave: int = 0) -> None:
 def fill_at(monkeypatch):
     """-> fill_at(fs, NAME[:N]): the disk of ``fs`` becomes full at the N-th write of a file called NAME,
     after its temp file is complete (at the crash point atomic_path passes there, see cir_mine.data.crash)."""
+
     def arm(fs: Path, spec: str):
         name, _, nth = spec.partition(":")
         seen = {"n": 0}
@@ -129,8 +150,23 @@ def test_synth_onto_a_full_disk_keeps_the_workspace(base, disk, fill_at):
     copy(base, fs, "W")
     before, layout = snapshot(fs), tree(fs)
     fill_at(fs, "gallery.train.parquet")
-    r = run(["synth", "--out", fs / "W", "--n-gallery", "300", "--n-triplets", "60", "--dim", "16", "--seed", "9",
-             "--overwrite", "-q"])
+    r = run(
+        [
+            "synth",
+            "--out",
+            fs / "W",
+            "--n-gallery",
+            "300",
+            "--n-triplets",
+            "60",
+            "--dim",
+            "16",
+            "--seed",
+            "9",
+            "--overwrite",
+            "-q",
+        ]
+    )
     assert r.exit_code == 1 and r.output.strip() == cannot_write(fs / "W" / "triplets.train.parquet"), r.output
     leaves_nothing(fs, before, layout)
 
@@ -141,7 +177,7 @@ def test_faiss_writing_the_index_onto_a_full_disk(base, disk):
     copy(base, fs, "W")
     assert run(["index", "--work", fs / "W", "-q"]).exit_code == 0
     before, layout = snapshot(fs), tree(fs)
-    fill(fs, leave=8192)                                    # room for the lock, not for the index
+    fill(fs, leave=8192)  # room for the lock, not for the index
     r = run(["index", "--work", fs / "W", "--index", "IVF4,Flat", "-q"])
     assert r.exit_code == 1 and r.output.strip() == cannot_write(fs / "W" / "index.train.faiss"), r.output
     leaves_nothing(fs, before, layout)
@@ -153,14 +189,33 @@ def test_an_import_over_a_parts_folder_onto_a_full_disk_keeps_the_parts(base, di
     ws = Workspace(fs / "W")
     g = ws.gallery("train")
     rows = np.array_split(np.arange(len(g)), 2)
-    write_gallery_parts([gallery_table(g.image_ids[r].tolist(), g.categories[r].tolist(),
-                                       [list(g.attributes[i]) for i in r], g.embeddings[r]) for r in rows],
-                        ws.gallery_dir("train"))
+    write_gallery_parts(
+        [
+            gallery_table(
+                g.image_ids[r].tolist(), g.categories[r].tolist(), [list(g.attributes[i]) for i in r], g.embeddings[r]
+            )
+            for r in rows
+        ],
+        ws.gallery_dir("train"),
+    )
     (fs / "W" / "gallery.train.parquet").unlink()
     before, layout = snapshot(fs), tree(fs)
     fill_at(fs, "gallery.train.parquet")
-    r = run(["index", "--work", fs / "W", "--from-features", base / "F.npy", "--ids", base / "ids.txt",
-             "--encoder-name", "synthetic", "--overwrite", "-q"])
+    r = run(
+        [
+            "index",
+            "--work",
+            fs / "W",
+            "--from-features",
+            base / "F.npy",
+            "--ids",
+            base / "ids.txt",
+            "--encoder-name",
+            "synthetic",
+            "--overwrite",
+            "-q",
+        ]
+    )
     assert r.exit_code == 1 and r.output.strip() == cannot_write(fs / "W" / "index.train.faiss"), r.output
     leaves_nothing(fs, before, layout)
 
@@ -170,7 +225,7 @@ def test_torch_saving_the_checkpoint_onto_a_full_disk_keeps_the_old_run(base, di
     fs = disk("8m")
     copy(base, fs, "RUN")
     before, layout = snapshot(fs), tree(fs)
-    fill_at(fs, "metrics.jsonl")                          # the next write is the first checkpoint
+    fill_at(fs, "metrics.jsonl")  # the next write is the first checkpoint
     r = run(["--work", base / "W", "--out", fs / "RUN", "--overwrite", *TRAIN], train_app)
     assert r.exit_code == 1 and r.output.strip() == cannot_write(fs / "RUN" / "ckpt.pt"), r.output
     leaves_nothing(fs, before, layout)
@@ -207,9 +262,15 @@ def _limited(args: list, limit: int, app: str = "mine_main") -> subprocess.Compl
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.run([sys.executable, "-c", f"from cli import {app}; {app}()", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, preexec_fn=preexec, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-c", f"from cli import {app}; {app}()", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.slow
@@ -219,11 +280,15 @@ def test_file_size_limit_on_faiss_and_torch_writers(base, tmp_path):
     shutil.copytree(base / "RUN", tmp_path / "RUN")
     before, layout = snapshot(tmp_path), tree(tmp_path)
     r = _limited(["index", "--work", tmp_path / "W", "-q"], 16_000)
-    assert r.returncode == 1 and r.stderr.strip() == (f"Error: {tmp_path / 'W' / 'index.train.faiss'}: cannot write "
-                                                      f"(File too large). Free some space, or choose a writable "
-                                                      f"location."), r.stderr
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"Error: {tmp_path / 'W' / 'index.train.faiss'}: cannot write "
+        f"(File too large). Free some space, or choose a writable "
+        f"location."
+    ), r.stderr
     r = _limited(["--work", tmp_path / "W", "--out", tmp_path / "RUN", "--overwrite", *TRAIN], 20_000, "train_main")
-    assert r.returncode == 1 and r.stderr.strip() == (f"Error: {tmp_path / 'RUN' / 'ckpt.pt'}: cannot write "
-                                                      f"(File too large). Free some space, or choose a writable "
-                                                      f"location."), r.stderr
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"Error: {tmp_path / 'RUN' / 'ckpt.pt'}: cannot write "
+        f"(File too large). Free some space, or choose a writable "
+        f"location."
+    ), r.stderr
     assert tree(tmp_path) == layout and snapshot(tmp_path) == before

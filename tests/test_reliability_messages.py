@@ -3,6 +3,7 @@
 Each case checks the exact ``Error:`` line and exit code, that the inputs are byte-identical and that
 nothing is left behind.
 """
+
 import io
 import json
 import logging
@@ -59,17 +60,23 @@ def refused(t, args, message, code):
 @pytest.mark.parametrize("name", ["gallery.train.parquet", "manifest.json"])
 def test_export_onto_a_workspace_file_is_refused(t, name):
     out = t / "W" / name
-    refused(t, ["export", t / "negs.parquet", "--format", "ntuple", "--work", t / "W", "--out", out, "--overwrite"],
-            f"--out {out}: is a file of the workspace {t / 'W'}. Choose another --out; a workspace's files are "
-            f"written only by synth, embed and index.", 2)
+    refused(
+        t,
+        ["export", t / "negs.parquet", "--format", "ntuple", "--work", t / "W", "--out", out, "--overwrite"],
+        f"--out {out}: is a file of the workspace {t / 'W'}. Choose another --out; a workspace's files are "
+        f"written only by synth, embed and index.",
+        2,
+    )
 
 
 def test_a_long_legal_out_name_is_written(t):
     """A 250-byte name is legal; the temp and backup names built on it are shortened, not the output."""
     name = "n" * 242 + ".parquet"
-    for args in (["negatives", "--work", t / "W", "--out", t / "o" / name, *NEGS],
-                 ["negatives", "--work", t / "W", "--out", t / "o" / name, *NEGS, "--overwrite"],
-                 ["export", t / "negs.parquet", "--format", "ntuple", "--work", t / "W", "--out", t / "x" / name]):
+    for args in (
+        ["negatives", "--work", t / "W", "--out", t / "o" / name, *NEGS],
+        ["negatives", "--work", t / "W", "--out", t / "o" / name, *NEGS, "--overwrite"],
+        ["export", t / "negs.parquet", "--format", "ntuple", "--work", t / "W", "--out", t / "x" / name],
+    ):
         r = run(args)
         assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (t / "o").iterdir()) == [name]
@@ -82,42 +89,60 @@ def test_a_long_legal_out_name_is_written(t):
 def test_a_manifest_from_the_future_is_refused(t):
     m = t / "W" / "manifest.json"
     m.write_text(json.dumps({**json.loads(m.read_text()), "schema_version": 7}))
-    refused(t, ["info", "--work", t / "W"],
-            f"{m}: schema_version 7 is newer than this cir-mine reads (1). Upgrade cir-mine to read this workspace.", 1)
+    refused(
+        t,
+        ["info", "--work", t / "W"],
+        f"{m}: schema_version 7 is newer than this cir-mine reads (1). Upgrade cir-mine to read this workspace.",
+        1,
+    )
     m.write_text(json.dumps({**json.loads(m.read_text()), "schema_version": "one"}))
-    refused(t, ["info", "--work", t / "W"],
-            f"{m}: 'schema_version' must be a positive integer, found 'one'. Repair the manifest, or delete it to "
-            f"derive one from the tables.", 1)
+    refused(
+        t,
+        ["info", "--work", t / "W"],
+        f"{m}: 'schema_version' must be a positive integer, found 'one'. Repair the manifest, or delete it to "
+        f"derive one from the tables.",
+        1,
+    )
 
 
 def _rewrite(path: Path, column: str, row: int, value) -> None:
     t = pq.read_table(path)
     vals = t.column(column).to_pylist()
     vals[row] = value
-    write_table(t.set_column(t.schema.get_field_index(column), column, pa.array(vals, pa.string())), path,
-                read_metadata(path))
+    write_table(
+        t.set_column(t.schema.get_field_index(column), column, pa.array(vals, pa.string())), path, read_metadata(path)
+    )
 
 
 def test_a_query_whose_target_is_its_reference_is_refused(t):
     tp = t / "W" / "triplets.train.parquet"
     tr = Workspace(t / "W").triplets("train")
     _rewrite(tp, "target_id", 4, tr.ref_ids[4])
-    refused(t, ["info", "--work", t / "W"],
-            f"{tp}: 1 query(ies) name their reference as their target (first: query '{tr.query_ids[4]}', image "
-            f"'{tr.ref_ids[4]}'); a query asks for another image. Drop those rows.", 1)
+    refused(
+        t,
+        ["info", "--work", t / "W"],
+        f"{tp}: 1 query(ies) name their reference as their target (first: query '{tr.query_ids[4]}', image "
+        f"'{tr.ref_ids[4]}'); a query asks for another image. Drop those rows.",
+        1,
+    )
 
 
 def test_empty_ids_are_refused(t):
     tp, gp = t / "W" / "triplets.train.parquet", t / "W" / "gallery.train.parquet"
     _rewrite(tp, "query_id", 2, " ")
-    refused(t, ["info", "--work", t / "W"],
-            f"{tp}: column 'query_id' has 1 empty id(s) (first: row 2). Every query needs an id; drop those rows or "
-            f"name them.", 1)
+    refused(
+        t,
+        ["info", "--work", t / "W"],
+        f"{tp}: column 'query_id' has 1 empty id(s) (first: row 2). Every query needs an id; drop those rows or "
+        f"name them.",
+        1,
+    )
     _rewrite(gp, "image_id", 9, "")
     r = run(["info", "--work", t / "W"])
     assert r.exit_code == 1 and r.output.strip() == (
         f"Error: {gp}: column 'image_id' has 1 empty id(s) (first: row 9). Every image needs an id; drop those rows "
-        f"or name them."), r.output
+        f"or name them."
+    ), r.output
 
 
 def test_mine_config_options_of_the_wrong_type_are_refused():
@@ -139,8 +164,24 @@ def test_embed_warnings_name_the_image_without_nul_bytes(tmp_path, caplog):
     bad.write_bytes(b"not an image")
     model = write_tiny_clip_config(tmp_path / "cfg")
     with caplog.at_level(logging.WARNING):
-        r = run(["embed", "--dataset", "fashioniq", "--root", root, "--work", tmp_path / "E", "--model", model,
-                 "--device", "cpu", "--workers", "0", "-q"])
+        r = run(
+            [
+                "embed",
+                "--dataset",
+                "fashioniq",
+                "--root",
+                root,
+                "--work",
+                tmp_path / "E",
+                "--model",
+                model,
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "-q",
+            ]
+        )
     assert r.exit_code == 0, r.output
     lines = [rec.getMessage() for rec in caplog.records if "skipped image" in rec.getMessage()]
     assert len(lines) == 1 and "\x00" not in lines[0], lines
@@ -170,13 +211,35 @@ def test_webdataset_shards_in_a_folder_named_with_double_colons(tmp_path):
 
 
 def test_inspect_and_report_sample_counts_are_bounded(t):
-    refused(t, ["inspect", t / "negs.parquet", "--work", t / "W", "--out", t / "s.png", "--sample", "100000"],
-            "--sample 100000: a contact sheet draws at most 100 queries. Draw fewer, or several sheets (another "
-            "seed).", 2)
-    refused(t, ["report", t / "negs.parquet", "--work", t / "W", "--out", t / "r.html", "--sheets", "5000"],
-            "--sheets 5000: a contact sheet draws at most 100 queries. Draw fewer, or several sheets (another seed).", 2)
-    refused(t, ["inspect", t / "negs.parquet", "--work", t / "W", "--out", t / "s.png", "--sample", "2",
-                "--max-negatives", "100000"], "--max-negatives 100000: must be in 1..50.", 2)
+    refused(
+        t,
+        ["inspect", t / "negs.parquet", "--work", t / "W", "--out", t / "s.png", "--sample", "100000"],
+        "--sample 100000: a contact sheet draws at most 100 queries. Draw fewer, or several sheets (another seed).",
+        2,
+    )
+    refused(
+        t,
+        ["report", t / "negs.parquet", "--work", t / "W", "--out", t / "r.html", "--sheets", "5000"],
+        "--sheets 5000: a contact sheet draws at most 100 queries. Draw fewer, or several sheets (another seed).",
+        2,
+    )
+    refused(
+        t,
+        [
+            "inspect",
+            t / "negs.parquet",
+            "--work",
+            t / "W",
+            "--out",
+            t / "s.png",
+            "--sample",
+            "2",
+            "--max-negatives",
+            "100000",
+        ],
+        "--max-negatives 100000: must be in 1..50.",
+        2,
+    )
 
 
 def test_labels_of_any_length_draw_as_short_labels(t):

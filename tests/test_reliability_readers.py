@@ -4,6 +4,7 @@ A split rewritten while it is read or mined never yields a table stamped with a 
 not read: ``Workspace.load`` hashes the split before and after reading it, mining checks it again
 before the footer is written, and ``stats`` checks it after its numbers are computed.
 """
+
 import shutil
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def rewrite(work: Path) -> None:
 
 
 def changed(work: Path, while_: str) -> str:
-    return (f"{work}: split 'train' changed while it was {while_} (another process rewrote gallery.train.parquet or "
-            f"triplets.train.parquet). Run the command again once that writer is done.")
+    return (
+        f"{work}: split 'train' changed while it was {while_} (another process rewrote gallery.train.parquet or "
+        f"triplets.train.parquet). Run the command again once that writer is done."
+    )
 
 
 def test_a_split_rewritten_while_mining_gives_no_table(work, tmp_path):
@@ -104,7 +107,7 @@ def test_a_table_replaced_while_it_is_read_gives_rows_and_footer_of_one_version(
 
     real = tables.read_parquet
 
-    def read_parquet(p, *args, **kw):          # another writer replaces the table just before its rows are read
+    def read_parquet(p, *args, **kw):  # another writer replaces the table just before its rows are read
         write_negatives(b.table, path, b.meta)
         return real(p, *args, **kw)
 

@@ -8,6 +8,7 @@ two run as subprocesses signalled from outside while they compute. Every case ch
 ``Error:`` line, the exit code (128 + signal), that every input is byte-identical and that nothing is
 left behind: no lock, no temp file, no folder made for the output, the replaced files as they were.
 """
+
 import logging
 import os
 import shutil
@@ -62,7 +63,23 @@ def base(tmp_path_factory):
     gallery, a FashionIQ folder with images, a tiny open_clip config and E embedded from them."""
     root = tmp_path_factory.mktemp("signals")
     for args, app in (
-        (["synth", "--out", root / "W", "--n-gallery", "300", "--n-triplets", "60", "--dim", "16", "--seed", "3", "-q"], mine_app),
+        (
+            [
+                "synth",
+                "--out",
+                root / "W",
+                "--n-gallery",
+                "300",
+                "--n-triplets",
+                "60",
+                "--dim",
+                "16",
+                "--seed",
+                "3",
+                "-q",
+            ],
+            mine_app,
+        ),
         (["index", "--work", root / "W", "-q"], mine_app),
         (["negatives", "--work", root / "W", "--out", root / "negs.parquet", *NEGS], mine_app),
         (["--work", root / "W", "--out", root / "RUN", *TRAIN], train_app),
@@ -80,9 +97,25 @@ def base(tmp_path_factory):
 
 
 def EMBED(t: Path) -> list:
-    return ["embed", "--dataset", "fashioniq", "--root", t / "fiq", "--work", t / "E", "--model",
-            t / "cfg" / "cir-tiny-clip.json", "--device", "cpu", "--workers", "0", "--shard-size", "6",
-            "--overwrite", "-q"]
+    return [
+        "embed",
+        "--dataset",
+        "fashioniq",
+        "--root",
+        t / "fiq",
+        "--work",
+        t / "E",
+        "--model",
+        t / "cfg" / "cir-tiny-clip.json",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--shard-size",
+        "6",
+        "--overwrite",
+        "-q",
+    ]
 
 
 @pytest.fixture
@@ -95,29 +128,98 @@ def t(base, tmp_path):
 
 # command -> (arguments, app, points: the file names (NAME or NAME:N) whose write is interrupted)
 COMMANDS = {
-    "synth": (lambda t: ["synth", "--out", t / "W", "--n-gallery", "300", "--n-triplets", "60", "--dim", "16",
-                         "--seed", "9", "--overwrite", "-q"], mine_app,
-              ["gallery.train.parquet", "triplets.train.parquet", "manifest.json"]),
-    "embed": (EMBED, mine_app, ["shard-00000.npz"]),   # later points: see the test of resumed embedding
-    "index": (lambda t: ["index", "--work", t / "W", "--index", "IVF4,Flat", "-q"], mine_app,
-              ["index.train.faiss", "index.train.faiss.json"]),
-    "index --from-features": (lambda t: ["index", "--work", t / "W", "--from-features", t / "F.npy", "--ids",
-                                         t / "ids.txt", "--encoder-name", "synthetic", "--overwrite", "-q"], mine_app,
-                              ["gallery.train.parquet", "index.train.faiss", "manifest.json"]),
-    "negatives": (lambda t: ["negatives", "--work", t / "W", "--out", t / "o" / "n.parquet", *NEGS], mine_app,
-                  ["n.parquet"]),
-    "positives": (lambda t: ["positives", "--work", t / "W", "--out", t / "o" / "p.parquet", "--dup-threshold",
-                             "1.01", "-q"], mine_app, ["p.parquet"]),
-    "export": (lambda t: ["export", t / "negs.parquet", "--format", "ntuple", "--work", t / "W", "--out",
-                          t / "o" / "x.parquet"],
-               mine_app, ["x.parquet"]),
-    "report": (lambda t: ["report", t / "negs.parquet", "--work", t / "W", "--out", t / "o" / "r.html", "--sheets",
-                          "0", "-q"], mine_app, ["r.html"]),
-    "inspect": (lambda t: ["inspect", t / "negs.parquet", "--work", t / "W", "--out", t / "o" / "s.png",
-                           "--sample", "1", "-q"], mine_app, ["s.png"]),
-    "cir-train": (lambda t: ["--work", t / "W", "--negatives", t / "negs.parquet", "--out", t / "RUN", "--overwrite",
-                             "--refresh-every", "1", *TRAIN], train_app,
-                  ["config.json", "negs.round1.parquet", "ckpt.pt:1"]),
+    "synth": (
+        lambda t: [
+            "synth",
+            "--out",
+            t / "W",
+            "--n-gallery",
+            "300",
+            "--n-triplets",
+            "60",
+            "--dim",
+            "16",
+            "--seed",
+            "9",
+            "--overwrite",
+            "-q",
+        ],
+        mine_app,
+        ["gallery.train.parquet", "triplets.train.parquet", "manifest.json"],
+    ),
+    "embed": (EMBED, mine_app, ["shard-00000.npz"]),  # later points: see the test of resumed embedding
+    "index": (
+        lambda t: ["index", "--work", t / "W", "--index", "IVF4,Flat", "-q"],
+        mine_app,
+        ["index.train.faiss", "index.train.faiss.json"],
+    ),
+    "index --from-features": (
+        lambda t: [
+            "index",
+            "--work",
+            t / "W",
+            "--from-features",
+            t / "F.npy",
+            "--ids",
+            t / "ids.txt",
+            "--encoder-name",
+            "synthetic",
+            "--overwrite",
+            "-q",
+        ],
+        mine_app,
+        ["gallery.train.parquet", "index.train.faiss", "manifest.json"],
+    ),
+    "negatives": (
+        lambda t: ["negatives", "--work", t / "W", "--out", t / "o" / "n.parquet", *NEGS],
+        mine_app,
+        ["n.parquet"],
+    ),
+    "positives": (
+        lambda t: ["positives", "--work", t / "W", "--out", t / "o" / "p.parquet", "--dup-threshold", "1.01", "-q"],
+        mine_app,
+        ["p.parquet"],
+    ),
+    "export": (
+        lambda t: [
+            "export",
+            t / "negs.parquet",
+            "--format",
+            "ntuple",
+            "--work",
+            t / "W",
+            "--out",
+            t / "o" / "x.parquet",
+        ],
+        mine_app,
+        ["x.parquet"],
+    ),
+    "report": (
+        lambda t: ["report", t / "negs.parquet", "--work", t / "W", "--out", t / "o" / "r.html", "--sheets", "0", "-q"],
+        mine_app,
+        ["r.html"],
+    ),
+    "inspect": (
+        lambda t: ["inspect", t / "negs.parquet", "--work", t / "W", "--out", t / "o" / "s.png", "--sample", "1", "-q"],
+        mine_app,
+        ["s.png"],
+    ),
+    "cir-train": (
+        lambda t: [
+            "--work",
+            t / "W",
+            "--negatives",
+            t / "negs.parquet",
+            "--out",
+            t / "RUN",
+            "--overwrite",
+            "--refresh-every",
+            "1",
+            *TRAIN,
+        ],
+        train_app,
+        ["config.json", "negs.round1.parquet", "ckpt.pt:1"],
+    ),
 }
 CASES = [(c, p, s) for c, (_, _, points) in COMMANDS.items() for p in points for s in ("INT", "TERM")]
 
@@ -133,8 +235,13 @@ def test_a_signal_at_any_write_leaves_everything_as_it_was(t, monkeypatch, cmd, 
     assert tree(t) == layout and snapshot(t) == before
 
 
-EMBED_POINTS = [("shard-00001.npz", 1), ("gallery.train.parquet", 3), ("triplets.train.parquet", 3),
-                ("index.train.faiss", 3), ("manifest.json", 3)]
+EMBED_POINTS = [
+    ("shard-00001.npz", 1),
+    ("gallery.train.parquet", 3),
+    ("triplets.train.parquet", 3),
+    ("index.train.faiss", 3),
+    ("manifest.json", 3),
+]
 
 
 @pytest.mark.parametrize("point,done", EMBED_POINTS)
@@ -145,9 +252,10 @@ def test_interrupted_embed_keeps_its_shards_and_the_rerun_resumes(t, monkeypatch
     monkeypatch.setenv(crash.CRASH_ENV, f"{point}:{sig}")
     r = run(EMBED(t))
     assert r.exit_code == EXIT[sig], r.output
-    assert r.output.strip() == (f"Error: interrupted ({NAME[sig]}); the workspace is as it was; {done} finished "
-                                f"shard(s) are kept in {t / 'E' / '.embed-train'}: rerun the same command to resume."
-                                ), r.output
+    assert r.output.strip() == (
+        f"Error: interrupted ({NAME[sig]}); the workspace is as it was; {done} finished "
+        f"shard(s) are kept in {t / 'E' / '.embed-train'}: rerun the same command to resume."
+    ), r.output
     assert {k: v for k, v in snapshot(t / "E").items() if "/.embed-train/" not in k} == before
     assert sorted(os.listdir(t / "E" / ".embed-train")) == ["plan.json", *(f"shard-{i:05d}.npz" for i in range(done))]
     monkeypatch.delenv(crash.CRASH_ENV)
@@ -166,22 +274,35 @@ def test_interrupted_training_after_a_checkpoint_is_resumed(t, monkeypatch, sig)
     r = run(COMMANDS["cir-train"][0](t), train_app)
     assert r.exit_code == EXIT[sig], r.output
     run_dir = t / "RUN"
-    assert r.output.strip() == (f"Error: interrupted ({NAME[sig]}); {run_dir} keeps its last checkpoint: continue the "
-                                f"run with `cir-train --resume {run_dir}`."), r.output
+    assert r.output.strip() == (
+        f"Error: interrupted ({NAME[sig]}); {run_dir} keeps its last checkpoint: continue the "
+        f"run with `cir-train --resume {run_dir}`."
+    ), r.output
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "metrics.jsonl", "negs.round1.parquet"]
     monkeypatch.delenv(crash.CRASH_ENV)
     r = run(["--resume", run_dir, "-q"], train_app)
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "curves.png", "metrics.json", "metrics.jsonl",
-                                           "negs.round1.parquet"]
+    assert sorted(os.listdir(run_dir)) == [
+        "ckpt.pt",
+        "config.json",
+        "curves.png",
+        "metrics.json",
+        "metrics.jsonl",
+        "negs.round1.parquet",
+    ]
 
 
 def _signal_while(args: list, ready, sig: int, env=None) -> subprocess.CompletedProcess:
     """Run cir-mine/cir-train ``args`` in a process and send it ``sig`` once ``ready()`` holds."""
     app = "train_main" if args[0] == "cir-train" else "mine_main"
-    p = subprocess.Popen([sys.executable, "-c", f"from cli import {app}; {app}()", *map(str, args[1:])], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    p = subprocess.Popen(
+        [sys.executable, "-c", f"from cli import {app}; {app}()", *map(str, args[1:])],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not ready() and p.poll() is None:
         time.sleep(0.01)
@@ -197,9 +318,27 @@ def test_a_signal_from_outside_while_mining_leaves_nothing(t, sig):
     """`kill` and Ctrl-C while `negatives` mines (its lock held, nothing written yet)."""
     out = t / "negs" / "n.parquet"
     before = snapshot(t)
-    r = _signal_while(["cir-mine", "negatives", "--work", t / "W", "--out", out, "--strategy", "hardest",
-                       "--candidates", "300", "--query-batch", "1", "-k", "8", "-q"],
-                      lambda: (out.parent / ".cir-mine.lock").exists(), sig)
+    r = _signal_while(
+        [
+            "cir-mine",
+            "negatives",
+            "--work",
+            t / "W",
+            "--out",
+            out,
+            "--strategy",
+            "hardest",
+            "--candidates",
+            "300",
+            "--query-batch",
+            "1",
+            "-k",
+            "8",
+            "-q",
+        ],
+        lambda: (out.parent / ".cir-mine.lock").exists(),
+        sig,
+    )
     assert r.returncode == 128 + sig, r.stderr
     assert r.stderr.strip() == f"Error: interrupted ({signal.Signals(sig).name}); nothing was changed.", r.stderr
     assert not out.parent.exists() and snapshot(t) == before
@@ -209,9 +348,14 @@ def test_a_signal_from_outside_while_mining_leaves_nothing(t, sig):
 def test_sigterm_from_outside_while_training_keeps_the_checkpoint(t):
     """`kill` during epoch 2 of a new run: the run keeps epoch 1's checkpoint, and --resume completes it."""
     run_dir = t / "run2"
-    r = _signal_while(["cir-train", "--work", t / "W", "--out", run_dir, *TRAIN, "--epochs", "400"],
-                      lambda: (run_dir / "ckpt.pt").exists(), signal.SIGTERM)
+    r = _signal_while(
+        ["cir-train", "--work", t / "W", "--out", run_dir, *TRAIN, "--epochs", "400"],
+        lambda: (run_dir / "ckpt.pt").exists(),
+        signal.SIGTERM,
+    )
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
-    assert r.stderr.strip().endswith(f"Error: interrupted (SIGTERM); {run_dir} keeps its last checkpoint: continue "
-                                     f"the run with `cir-train --resume {run_dir}`."), r.stderr
+    assert r.stderr.strip().endswith(
+        f"Error: interrupted (SIGTERM); {run_dir} keeps its last checkpoint: continue "
+        f"the run with `cir-train --resume {run_dir}`."
+    ), r.stderr
     assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp") or p == ".cir-mine.lock"]

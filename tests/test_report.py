@@ -1,4 +1,5 @@
 """cir-mine inspect / report: real PNG and HTML files rendered from generated fixtures."""
+
 import base64
 import io
 import re
@@ -23,16 +24,19 @@ PNG_B64 = "data:image/png;base64,"
 def image_world(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgworld")
     work, images = make_image_work(d)
-    negs = make_negatives(work, d / "negs.parquet", k=4, strategy="hardest",
-                          guards_per_query={"q1": {"target": 1, "near_duplicate": 2}})
+    negs = make_negatives(
+        work, d / "negs.parquet", k=4, strategy="hardest", guards_per_query={"q1": {"target": 1, "near_duplicate": 2}}
+    )
     return work, images, negs
 
 
 @pytest.fixture(scope="module")
 def synth_negs(synth_work, tmp_path_factory):
     d = tmp_path_factory.mktemp("rnegs")
-    return (make_negatives(synth_work, d / "r0.parquet", k=5, strategy="random", seed=1, drop=2),
-            make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", mining_round=1))
+    return (
+        make_negatives(synth_work, d / "r0.parquet", k=5, strategy="random", seed=1, drop=2),
+        make_negatives(synth_work, d / "r1.parquet", k=5, strategy="hardest", mining_round=1),
+    )
 
 
 def _png(path_or_bytes):
@@ -44,8 +48,23 @@ def _png(path_or_bytes):
 def test_inspect_images_show_the_right_pictures(image_world, tmp_path):
     work, images, negs = image_world
     out = tmp_path / "sheet.png"
-    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--root", str(images),
-                                 "--query-id", "q0", "--query-id", "q1", "--out", str(out)])
+    r = runner.invoke(
+        mine_app,
+        [
+            "inspect",
+            str(negs),
+            "--work",
+            str(work),
+            "--root",
+            str(images),
+            "--query-id",
+            "q0",
+            "--query-id",
+            "q1",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     im = _png(out).convert("RGB")
     assert r.output.strip() == f"wrote {out}: 2 queries, {im.width}x{im.height} px, thumbnails"
@@ -56,13 +75,26 @@ def test_inspect_images_show_the_right_pictures(image_world, tmp_path):
     arr = np.asarray(im, dtype=np.float64)
     for j, color in ((0, colors[0]), (1, colors[2])):
         x = int((0.05 + j * TILE_IN + TILE_IN / 2) * 100)
-        np.testing.assert_allclose(arr[y - 5:y + 5, x - 5:x + 5].mean(axis=(0, 1)), COLORS[color], atol=25)
+        np.testing.assert_allclose(arr[y - 5 : y + 5, x - 5 : x + 5].mean(axis=(0, 1)), COLORS[color], atol=25)
 
 
 def test_inspect_feature_only_cards(synth_work, synth_negs, tmp_path):
     out = tmp_path / "cards.png"
-    r = runner.invoke(mine_app, ["inspect", str(synth_negs[1]), "--work", str(synth_work), "--sample", "3",
-                                 "--max-negatives", "4", "--out", str(out)])
+    r = runner.invoke(
+        mine_app,
+        [
+            "inspect",
+            str(synth_negs[1]),
+            "--work",
+            str(synth_work),
+            "--sample",
+            "3",
+            "--max-negatives",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     im = _png(out)
     assert "attribute cards (no image paths)" in r.output and "3 queries" in r.output
@@ -96,22 +128,30 @@ def test_inspect_errors_exact(image_world, tmp_path, monkeypatch):
     out = str(tmp_path / "s.png")
     r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "q0", "--out", out])
     assert r.exit_code == 1
-    assert r.output.strip() == ("Error: dress/img000.png: image file not found (gallery path of 'img000'). "
-                                "Pass the dataset root, the folder that holds dress/img000.png, with --root.")
-    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "q0", "--out", out,
-                                 "--root", str(tmp_path)])
+    assert r.output.strip() == (
+        "Error: dress/img000.png: image file not found (gallery path of 'img000'). "
+        "Pass the dataset root, the folder that holds dress/img000.png, with --root."
+    )
+    r = runner.invoke(
+        mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "q0", "--out", out, "--root", str(tmp_path)]
+    )
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {tmp_path / 'dress/img000.png'}: image file not found (gallery path of "
-                                f"'img000', dress/img000.png under {tmp_path}). Pass the dataset root, the folder "
-                                f"that holds dress/img000.png, with --root.")
+    assert r.output.strip() == (
+        f"Error: {tmp_path / 'dress/img000.png'}: image file not found (gallery path of "
+        f"'img000', dress/img000.png under {tmp_path}). Pass the dataset root, the folder "
+        f"that holds dress/img000.png, with --root."
+    )
     r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "qX", "--out", out])
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {negs}: query id 'qX' has no negatives in this table. List the queries "
-                                f"with `cir-mine sql \"SELECT DISTINCT query_id FROM negs\" {negs}`.")
+    assert r.output.strip() == (
+        f"Error: {negs}: query id 'qX' has no negatives in this table. List the queries "
+        f'with `cir-mine sql "SELECT DISTINCT query_id FROM negs" {negs}`.'
+    )
     r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--out", out])
     assert r.exit_code == 2 and r.output.strip() == "Error: pass --query-id ID (repeatable) or --sample N."
-    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "q0", "--sample", "2",
-                                 "--out", out])
+    r = runner.invoke(
+        mine_app, ["inspect", str(negs), "--work", str(work), "--query-id", "q0", "--sample", "2", "--out", out]
+    )
     assert r.exit_code == 2 and r.output.strip() == "Error: pass either --query-id or --sample, not both."
     assert not (tmp_path / "s.png").exists()
 
@@ -119,8 +159,9 @@ def test_inspect_errors_exact(image_world, tmp_path, monkeypatch):
 def test_inspect_absolute_paths_without_root(tmp_path):
     work, _ = make_image_work(tmp_path, absolute=True)
     negs = make_negatives(work, tmp_path / "n.parquet", k=3)
-    r = runner.invoke(mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1",
-                                 "--out", str(tmp_path / "s.png")])
+    r = runner.invoke(
+        mine_app, ["inspect", str(negs), "--work", str(work), "--sample", "1", "--out", str(tmp_path / "s.png")]
+    )
     assert r.exit_code == 0 and "thumbnails" in r.output, r.output
 
 
@@ -131,8 +172,9 @@ def _embedded_pngs(html):
 def test_report_one_table_with_images(image_world, tmp_path):
     work, images, negs = image_world
     out = tmp_path / "report.html"
-    r = runner.invoke(mine_app, ["report", str(negs), "--work", str(work), "--root", str(images),
-                                 "--out", str(out), "--sheets", "2"])
+    r = runner.invoke(
+        mine_app, ["report", str(negs), "--work", str(work), "--root", str(images), "--out", str(out), "--sheets", "2"]
+    )
     assert r.exit_code == 0, r.output
     html = out.read_text()
     names = ["delta", "scatter", "mix", "per_query", "top_negatives", "sheet0"]
@@ -144,13 +186,26 @@ def test_report_one_table_with_images(image_world, tmp_path):
         im = _png(png)
         assert im.width >= 300 and im.height >= 150
     assert "Round-to-round" not in html
-    assert not re.search(r'(src|href)="(?!data:)', html)        # self-contained: nothing to fetch
+    assert not re.search(r'(src|href)="(?!data:)', html)  # self-contained: nothing to fetch
 
 
 def test_report_rounds(synth_work, synth_negs, tmp_path):
     out = tmp_path / "report.html"
-    r = runner.invoke(mine_app, ["report", *map(str, synth_negs), "--work", str(synth_work), "--out", str(out),
-                                 "--sheets", "1", "--max-negatives", "3"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "report",
+            *map(str, synth_negs),
+            "--work",
+            str(synth_work),
+            "--out",
+            str(out),
+            "--sheets",
+            "1",
+            "--max-negatives",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     html = out.read_text()
     assert html.count(PNG_B64) == 9 and 'id="plot-overlap"' in html and 'id="plot-hardness"' in html
@@ -181,11 +236,13 @@ def test_on_a_mined_table(synth_work, tmp_path):
     text = format_stats(summarize([out], synth_work))
     if st.shortfall["count"]:
         assert "to loosen: " in text and "midzone: widen MineConfig.of(delta_lo=..., delta_hi=...)" in text
-    r = runner.invoke(mine_app, ["inspect", str(out), "--work", str(synth_work), "--sample", "2",
-                                 "--out", str(tmp_path / "s.png")])
+    r = runner.invoke(
+        mine_app, ["inspect", str(out), "--work", str(synth_work), "--sample", "2", "--out", str(tmp_path / "s.png")]
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(mine_app, ["report", str(out), "--work", str(synth_work), "--sheets", "1",
-                                 "--out", str(tmp_path / "r.html")])
+    r = runner.invoke(
+        mine_app, ["report", str(out), "--work", str(synth_work), "--sheets", "1", "--out", str(tmp_path / "r.html")]
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r.html").read_text().count(PNG_B64) == 6
 
@@ -197,6 +254,6 @@ def test_diff_labels():
     assert diff_lines(same) == [("= the target's attributes", "#d97706")]
     t = Tile("negative", "n", "dress", ["color:red", "sleeve:long"], None, [], ["color:red"], ["color:blue"])
     assert [line for line, _ in diff_lines(t)] == ["+color:red", "−color:blue"]
-    assert pack_tokens(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]      # suffix makes room
+    assert pack_tokens(["+aaaa", "+bbbb", "+cccc", "+dddd"], 11, 1) == ["+aaaa (+3 more)"]  # suffix makes room
     assert pack_tokens(["+aaaa", "+bbbb", "+cccc"], 11, 2) == ["+aaaa +bbbb", "+cccc"]
     assert pack_tokens([], 10, 2) == []

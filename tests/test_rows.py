@@ -1,5 +1,6 @@
 """Compact gallery metadata (cir_mine.data.rows): the Arrow/numpy forms answer exactly as the Python
 lists and dicts they replace."""
+
 import pickle
 
 import numpy as np
@@ -60,8 +61,10 @@ def test_sorted_codes_are_numpy_unique(values):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["dress", "shirt", ""]), st.sampled_from("abcde")), max_size=12, unique=True),
-       st.lists(st.tuples(st.sampled_from(["dress", "shirt", "", "toptee"]), st.sampled_from("abcdefz")), max_size=12))
+@given(
+    st.lists(st.tuples(st.sampled_from(["dress", "shirt", ""]), st.sampled_from("abcde")), max_size=12, unique=True),
+    st.lists(st.tuples(st.sampled_from(["dress", "shirt", "", "toptee"]), st.sampled_from("abcdefz")), max_size=12),
+)
 def test_lookup_is_the_dicts(gallery, probes):
     cats = np.array([c for c, _ in gallery], dtype=object)
     ids = np.array([i for _, i in gallery], dtype=object)
@@ -87,8 +90,10 @@ def test_a_read_gallery_holds_compact_metadata(tmp_path):
     from cir_mine.data.workspace import gallery_table, write_table
 
     emb = np.eye(3, dtype=np.float32)
-    write_table(gallery_table(["a", "b", "c"], ["dress", "dress", "shirt"], [["color:red"], [], ["color:red"]], emb),
-                tmp_path / "g.parquet")
+    write_table(
+        gallery_table(["a", "b", "c"], ["dress", "dress", "shirt"], [["color:red"], [], ["color:red"]], emb),
+        tmp_path / "g.parquet",
+    )
     g = read_gallery(tmp_path / "g.parquet")
     assert isinstance(g.attributes, AttrLists) and g.attributes == [["color:red"], [], ["color:red"]]
     assert g.categories[0] is g.categories[1] and g.rows(["c", "a"], ["shirt", "dress"]).tolist() == [2, 0]

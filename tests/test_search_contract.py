@@ -5,6 +5,7 @@ count, prefetching, the kernel that fetched the candidates, or the CPU's BLAS ke
 Candidates are checked against FAISS as the oracle: exact top-k over the gallery, and FAISS contrib's
 ``big_batch_search`` with a numpy pairwise-score function for IVF lists; comparisons are tie-aware in
 the manner of ``faiss.contrib.evaluation.check_ref_knn_with_draws``."""
+
 import threading
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_all_empty_probed_lists_with_a_trailing_empty_list_pad_like_faiss():
     D, I = backend.search(xq, 5)
     index.nprobe = 1
     D0, I0 = index.search(xq, 5)
-    assert (I0[40:] == -1).all()                                    # FAISS: nothing to return
+    assert (I0[40:] == -1).all()  # FAISS: nothing to return
     assert (I[40:] == -1).all() and np.isneginf(D[40:]).all()
     assert ((I[:40] >= 0) == (I0[:40] >= 0)).all() and np.isin(I[I >= 0], keep).all()
 
@@ -73,7 +74,7 @@ def test_concurrent_searches_of_one_backend_equal_sequential():
     def work(name, xq, k):
         try:
             out[name] = [backend.search(xq, k) for _ in range(6)]
-        except Exception as e:                                       # noqa: BLE001 - reported below
+        except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=a) for a in (("a", qa, 60), ("b", qb, 90))]
@@ -108,8 +109,11 @@ def test_tables_do_not_depend_on_batch_budget_threads_prefetch_or_kernel(ws, ind
         base["nprobe"] = 4
     ref = mine_negatives(ws, "train", MineConfig.of(**base)).table
     xb = ws.load("train")[0].embeddings
-    variants = [MineConfig.of(**base, query_batch=7), MineConfig.of(**base, query_batch=100_000),
-                MineConfig.of(**base, prefetch=True, query_batch=50)]
+    variants = [
+        MineConfig.of(**base, query_batch=7),
+        MineConfig.of(**base, query_batch=100_000),
+        MineConfig.of(**base, prefetch=True, query_batch=50),
+    ]
     for cfg in variants:
         assert mine_negatives(ws, "train", cfg).table.equals(ref), cfg
     monkeypatch.setattr(lists_mod, "LIST_MAJOR_SCORES", 500)
@@ -120,10 +124,13 @@ def test_tables_do_not_depend_on_batch_budget_threads_prefetch_or_kernel(ws, ind
         assert mine_negatives(ws, "train", MineConfig.of(**base, query_batch=33)).table.equals(ref)
     finally:
         faiss.omp_set_num_threads(threads)
-    kernels = (("faiss",), ("gemm",), ("torch", "fp32", ("heap",)), ("torch", "bf16", ("topk",))) if index == "flat" \
+    kernels = (
+        (("faiss",), ("gemm",), ("torch", "fp32", ("heap",)), ("torch", "bf16", ("topk",)))
+        if index == "flat"
         else (("faiss",), ("lists",))
+    )
     for kernel in kernels:
-        if kernel[0] == "torch":                # the torch back-end on torch's CPU device
+        if kernel[0] == "torch":  # the torch back-end on torch's CPU device
             backend = TorchSearch(xb, "cpu", kernel[1], kernels=kernel[2])
         elif index == "flat":
             backend = ExactSearch(xb, device="cpu", kernels=kernel)
@@ -172,8 +179,14 @@ def _probe(work, tmp_path, env: dict) -> dict:
 
     from tests.conftest import REPO
 
-    r = subprocess.run([sys.executable, "-m", "tests.search_probe", str(work), str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.search_probe", str(work), str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -208,16 +221,19 @@ def test_exact_scores_have_the_same_bits_whatever_simd_level_faiss_picks():
 
     from tests.conftest import REPO
 
-    code = ("import numpy as np, hashlib\n"
-            "from cir_mine.miner.core.search.exact import gathered_dot\n"
-            "rng = np.random.default_rng(0)\n"
-            "xb = rng.standard_normal((500, 200)).astype(np.float32)\n"
-            "xq = rng.standard_normal((40, 200)).astype(np.float32)\n"
-            "rows = rng.integers(0, 500, (40, 60))\n"
-            "print(hashlib.sha256(gathered_dot(xb, rows, xq).tobytes()).hexdigest())\n")
+    code = (
+        "import numpy as np, hashlib\n"
+        "from cir_mine.miner.core.search.exact import gathered_dot\n"
+        "rng = np.random.default_rng(0)\n"
+        "xb = rng.standard_normal((500, 200)).astype(np.float32)\n"
+        "xq = rng.standard_normal((40, 200)).astype(np.float32)\n"
+        "rows = rng.integers(0, 500, (40, 60))\n"
+        "print(hashlib.sha256(gathered_dot(xb, rows, xq).tobytes()).hexdigest())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "FAISS_SIMD_LEVEL"}
-    run = lambda extra: subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                                       env={**env, **extra}, timeout=120)
+    run = lambda extra: subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={**env, **extra}, timeout=120
+    )
     auto, avx2 = run({}), run({"FAISS_SIMD_LEVEL": "AVX2"})
     assert auto.returncode == 0 and avx2.returncode == 0, auto.stderr + avx2.stderr
     assert auto.stdout == avx2.stdout

@@ -1,5 +1,6 @@
 """A strategy is one module: a toy one registered here joins the registry, the mix parser, the
 flat options of MineConfig and the miner, with nothing else changed."""
+
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -15,7 +16,9 @@ from cir_mine.miner.core.strategies.selection import Picks, pick
 
 @dataclass(frozen=True)
 class LastRanksParams:
+    # fmt: off
     last_n: int = 5                       # pick among the last last_n ranks of the search
+    # fmt: on
 
     def validate(self) -> None:
         if self.last_n < 1:
@@ -46,8 +49,11 @@ def test_toy_strategy_joins_registry_mix_parser_and_config(toy):
 
 
 def test_toy_strategy_mines(toy, synth_work):
-    res = mine_negatives(Workspace(synth_work), "train",
-                         MineConfig.of(mix=f"{toy}:0.5,random:0.5", k=4, candidates=64, last_n=10, rho=None))
+    res = mine_negatives(
+        Workspace(synth_work),
+        "train",
+        MineConfig.of(mix=f"{toy}:0.5,random:0.5", k=4, candidates=64, last_n=10, rho=None),
+    )
     t = res.table
     ranks = np.asarray([r["rank"] for r in t.to_pylist() if r["strategy"] == toy])
     assert ranks.size > 0 and ranks.min() >= 64 - 10
@@ -63,11 +69,15 @@ def test_unknown_strategy_is_refused_after_unregister(toy):
 def test_registration_refuses_taken_or_defaultless_parameters():
     @dataclass(frozen=True)
     class Clash:
+        # fmt: off
         delta_lo: float = 0.0             # midzone's already
+        # fmt: on
 
     @dataclass(frozen=True)
     class NoDefault:
+        # fmt: off
         width: float                      # no default
+        # fmt: on
 
     with pytest.raises(TypeError, match="delta_lo is already midzone's"):
         register("clash", Clash)(last_ranks)
@@ -77,13 +87,24 @@ def test_registration_refuses_taken_or_defaultless_parameters():
 
 
 def test_every_builtin_strategy_has_its_own_module_and_params():
-    names = ["random", "in-batch", "hardest", "semihard", "midzone", "category", "category-discrepant",
-             "attribute-mismatch", "soft", "semantic", "verified"]
-    assert list(REGISTRY)[:len(names)] == names
+    names = [
+        "random",
+        "in-batch",
+        "hardest",
+        "semihard",
+        "midzone",
+        "category",
+        "category-discrepant",
+        "attribute-mismatch",
+        "soft",
+        "semantic",
+        "verified",
+    ]
+    assert list(REGISTRY)[: len(names)] == names
     for name in names:
         s = REGISTRY[name]
         assert s.fn.__module__ == "cir_mine.miner.core.strategies." + name.replace("-", "_")
-        s.params()                                                      # every field has a default
+        s.params()  # every field has a default
 
 
 def test_flat_option_names_are_unique():
@@ -95,8 +116,14 @@ def test_flat_option_names_are_unique():
 
 
 def test_config_reads_the_flat_form_of_earlier_tables():
-    flat = {"strategy": "midzone", "k": 5, "delta_lo": 0.05, "rho": None, "category_shares": [0.5, 0.3, 0.2],
-            "exclude_target": True}
+    flat = {
+        "strategy": "midzone",
+        "k": 5,
+        "delta_lo": 0.05,
+        "rho": None,
+        "category_shares": [0.5, 0.3, 0.2],
+        "exclude_target": True,
+    }
     cfg = MineConfig.from_dict(flat)
     assert cfg.guards.rho is None and cfg.params_of("midzone").delta_lo == 0.05
     assert cfg.params_of("category").category_shares == (0.5, 0.3, 0.2)
@@ -127,10 +154,11 @@ def test_first_k_stable_picks_as_the_stable_sort_with_ties_and_fill_keys(high):
 
     rng = np.random.default_rng(high % 97)
     fill = np.iinfo(np.uint64).max
-    key = rng.integers(0, high, (300, 40), dtype=np.int64).astype(np.uint64)   # high=4: ties everywhere
-    key[::7, 3] = fill                                       # an eligible key equal to the fill value
+    key = rng.integers(0, high, (300, 40), dtype=np.int64).astype(np.uint64)  # high=4: ties everywhere
+    key[::7, 3] = fill  # an eligible key equal to the fill value
     eligible = rng.random(key.shape) < 0.6
     for k in (1, 10, 40):
         got = first_k_stable(np.where(eligible, key, fill), eligible, fill, k)
-        assert np.array_equal(np.where(np.take_along_axis(eligible, got, 1), got, -1),
-                              _stable_picks(key, eligible, fill, k))
+        assert np.array_equal(
+            np.where(np.take_along_axis(eligible, got, 1), got, -1), _stable_picks(key, eligible, fill, k)
+        )

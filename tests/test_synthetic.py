@@ -45,7 +45,8 @@ def test_deterministic_and_chunk_independent(tmp_path, monkeypatch):
         assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))
     generate(SynthConfig(n_gallery=500, n_triplets=100, dim=16, seed=4), tmp_path / "c")
     assert not pq.read_table(tmp_path / "a" / "gallery.train.parquet").equals(
-        pq.read_table(tmp_path / "c" / "gallery.train.parquet"))
+        pq.read_table(tmp_path / "c" / "gallery.train.parquet")
+    )
 
 
 def test_val_split_shares_the_world(tmp_path):
@@ -53,8 +54,12 @@ def test_val_split_shares_the_world(tmp_path):
     generate(SynthConfig(n_gallery=400, n_triplets=50, dim=16, seed=1, split="val"), tmp_path)
     ws = Workspace(tmp_path)
     assert ws.splits() == ["train", "val"]
-    assert ws.manifest()["counts"] == {"gallery.train": 400, "gallery.val": 400,
-                                       "triplets.train": 50, "triplets.val": 50}
+    assert ws.manifest()["counts"] == {
+        "gallery.train": 400,
+        "gallery.val": 400,
+        "triplets.train": 50,
+        "triplets.val": 50,
+    }
     assert set(ws.gallery("train").image_ids).isdisjoint(ws.gallery("val").image_ids)
 
 

@@ -7,12 +7,24 @@ from cir_mine.miner.core.tables import NEGATIVES_SCHEMA, read_negatives, read_ne
 
 
 def _rows(n=3):
-    return pa.table({
-        "query_id": ["q"] * n, "ref_id": ["r"] * n, "target_id": ["t"] * n,
-        "neg_id": [f"n{i}" for i in range(n)], "neg_category": ["dress"] * n, "strategy": ["random"] * n, "rank": list(range(n)),
-        "score": [0.5] * n, "target_score": [0.7] * n, "delta": [0.2] * n, "round": [0] * n,
-        "category_match": [True] * n, "attr_overlap": [0.5] * n, "seed": [0] * n,
-    })
+    return pa.table(
+        {
+            "query_id": ["q"] * n,
+            "ref_id": ["r"] * n,
+            "target_id": ["t"] * n,
+            "neg_id": [f"n{i}" for i in range(n)],
+            "neg_category": ["dress"] * n,
+            "strategy": ["random"] * n,
+            "rank": list(range(n)),
+            "score": [0.5] * n,
+            "target_score": [0.7] * n,
+            "delta": [0.2] * n,
+            "round": [0] * n,
+            "category_match": [True] * n,
+            "attr_overlap": [0.5] * n,
+            "seed": [0] * n,
+        }
+    )
 
 
 def test_roundtrip_and_workspace_check(tmp_path, synth_work):

@@ -1,4 +1,5 @@
 """The training loop and cir-train: resume == uninterrupted, atomic checkpoints, refresh, CLI."""
+
 import json
 from types import SimpleNamespace
 
@@ -35,8 +36,10 @@ def cfg(synth_work, out, **kw):
 
 
 def records(run):
-    return [{k: v for k, v in json.loads(x).items() if k != "train_s"}
-            for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k != "train_s"}
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_resume_equals_uninterrupted(synth_work, negs, tmp_path, monkeypatch):
@@ -73,13 +76,13 @@ def test_refresh_writes_rounds_and_logs_stats(synth_work, negs, tmp_path):
     ws = Workspace(synth_work)
     calls = []
 
-    def remine(query_emb, mining_round, epoch):          # Remine's call signature, a MineResult's fields
+    def remine(query_emb, mining_round, epoch):  # Remine's call signature, a MineResult's fields
         calls.append((query_emb.shape, mining_round, epoch))
         table, meta = fake_negatives(ws, query_emb=query_emb, k=3, mining_round=mining_round)
         return SimpleNamespace(table=table, meta=meta)
 
     train(cfg(synth_work, tmp_path / "r", negatives=str(negs), refresh_every=1, epochs=3), remine=remine)
-    assert calls == [((600, 32), 1, 1), ((600, 32), 2, 2)]     # every query of the split, rounds 1, 2
+    assert calls == [((600, 32), 1, 1), ((600, 32), 2, 2)]  # every query of the split, rounds 1, 2
     recs = records(tmp_path / "r")
     stats = recs[0]["refresh"]
     assert stats["round"] == 1 and stats["rows"] > 0
@@ -142,8 +145,23 @@ def test_schedule_and_dev_split():
 
 def test_cli_train_run_and_errors(synth_work, negs, tmp_path):
     out = tmp_path / "run"
-    args = ["--work", str(synth_work), "--negatives", str(negs), "--out", str(out), "--epochs", "2",
-            "--batch-size", "64", "--width", "0.5", "--seed", "1", "-q"]
+    args = [
+        "--work",
+        str(synth_work),
+        "--negatives",
+        str(negs),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--width",
+        "0.5",
+        "--seed",
+        "1",
+        "-q",
+    ]
     r = runner.invoke(train_app, args)
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
@@ -153,8 +171,10 @@ def test_cli_train_run_and_errors(synth_work, negs, tmp_path):
     assert "R@10" in r.output and str(out / "metrics.json") in r.output
     r = runner.invoke(train_app, args)
     assert r.exit_code == 2
-    assert r.output.strip() == (f"Error: {out} already holds a run. Pass --resume {out} to continue it, "
-                                f"--overwrite to replace it, or choose another --out.")
+    assert r.output.strip() == (
+        f"Error: {out} already holds a run. Pass --resume {out} to continue it, "
+        f"--overwrite to replace it, or choose another --out."
+    )
     r = runner.invoke(train_app, ["--resume", str(out), "-q"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(train_app, ["--work", str(synth_work), "--out", str(tmp_path / "z"), "--zero-shot", "-q"])
@@ -177,6 +197,8 @@ def test_cli_negatives_from_another_workspace(synth_work, synth_world, tmp_path)
     other = synth_world(n_gallery=200, n_triplets=20, dim=32, seed=1)
     table, meta = fake_negatives(Workspace(other), k=1)
     write_negatives(table, tmp_path / "n.parquet", meta)
-    r = runner.invoke(train_app, ["--work", str(synth_work), "--negatives", str(tmp_path / "n.parquet"),
-                                  "--out", str(tmp_path / "run"), "-q"])
+    r = runner.invoke(
+        train_app,
+        ["--work", str(synth_work), "--negatives", str(tmp_path / "n.parquet"), "--out", str(tmp_path / "run"), "-q"],
+    )
     assert r.exit_code == 1 and "mined from another workspace" in r.output

@@ -1,11 +1,11 @@
 """Losses never treat a positive as a negative: duplicate targets, extra positives, mined twins."""
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cir_mine.train.loss import (bank_loss, hardest_in_batch, in_batch_logits, info_nce, mined_logits,
-                                 triplet_margin)
+from cir_mine.train.loss import bank_loss, hardest_in_batch, in_batch_logits, info_nce, mined_logits, triplet_margin
 
 
 def unit(*shape, seed=0):
@@ -15,18 +15,20 @@ def unit(*shape, seed=0):
 
 def test_duplicate_targets_and_extra_positives_are_masked():
     q, t = unit(4, 8), unit(4, 8, seed=1)
-    t[2] = t[0]                                             # queries 0 and 2 share a target image
+    t[2] = t[0]  # queries 0 and 2 share a target image
     target_keys = torch.tensor([10, 11, 10, 13])
-    pos_keys = torch.tensor([[10, -1], [11, 13], [10, -1], [13, -1]])   # 13 is an extra positive of query 1
+    pos_keys = torch.tensor([[10, -1], [11, 13], [10, -1], [13, -1]])  # 13 is an extra positive of query 1
     logits = in_batch_logits(q, t, target_keys, pos_keys)
     assert torch.isinf(logits[0, 2]) and torch.isinf(logits[2, 0])
     assert torch.isinf(logits[1, 3])
     assert torch.isfinite(logits.diagonal()).all()
-    assert torch.isfinite(logits[3, 1])                     # 11 is not a positive of query 3
+    assert torch.isfinite(logits[3, 1])  # 11 is not a positive of query 3
     # the loss equals a cross-entropy that simply leaves the masked columns out
     loss = info_nce(q, t, target_keys, pos_keys, temperature=0.1)
-    rows = [torch.cat([logits[i, i:i + 1], logits[i][torch.isfinite(logits[i]) & (torch.arange(4) != i)]])
-            for i in range(4)]
+    rows = [
+        torch.cat([logits[i, i : i + 1], logits[i][torch.isfinite(logits[i]) & (torch.arange(4) != i)]])
+        for i in range(4)
+    ]
     ref = torch.stack([-F.log_softmax(r / 0.1, 0)[0] for r in rows]).mean()
     assert torch.allclose(loss, ref, atol=1e-6)
 
@@ -49,7 +51,7 @@ def test_mined_negative_equal_to_target_is_ignored():
 def test_triplet_margin_counts_only_valid_negatives():
     q = torch.tensor([[1.0, 0.0]])
     t = torch.tensor([[1.0, 0.0]])
-    neg = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])          # an exact copy of the target, then an easy one
+    neg = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # an exact copy of the target, then an easy one
     valid = torch.tensor([[False, True]])
     assert triplet_margin(q, t, neg, valid, margin=0.2).item() == 0.0
     assert triplet_margin(q, t, neg, torch.tensor([[True, True]]), margin=0.2).item() > 0.0
@@ -73,9 +75,9 @@ def test_online_hard_never_picks_a_positive(keys, k):
 
 def test_static_bank_masks_twins_of_the_target():
     bank = unit(6, 4, seed=4)
-    keys = torch.tensor([0, 1, 2, 3, 0, 5])                 # rows 0 and 4 are one image
+    keys = torch.tensor([0, 1, 2, 3, 0, 5])  # rows 0 and 4 are one image
     q = bank[[0]].clone()
-    pk = torch.tensor([[0, 3]])                              # image 3 is an extra positive
+    pk = torch.tensor([[0, 3]])  # image 3 is an extra positive
     loss = bank_loss(q, bank, torch.tensor([0]), keys, pk, temperature=0.5)
     logits = torch.cat([(q @ bank[[0]].T), q @ bank[[1, 2, 5]].T], 1) / 0.5
     assert torch.allclose(loss, F.cross_entropy(logits, torch.tensor([0])), atol=1e-6)

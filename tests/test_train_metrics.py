@@ -1,4 +1,5 @@
 """Retrieval metrics: chunked == full matrix, and the FashionIQ / CIRR protocols on hand-made cases."""
+
 import numpy as np
 import pytest
 
@@ -31,10 +32,9 @@ def test_chunked_equals_full_matrix(chunk):
     q, g = unit(rng.standard_normal((37, 8))), unit(rng.standard_normal((101, 8)))
     target = rng.integers(0, 101, 37)
     exclude = np.stack([rng.integers(0, 101, 37), target, np.full(37, -1)], axis=1)  # ref, target itself, pad
-    exclude[0, 1] = exclude[0, 0]                                                    # a repeated row
+    exclude[0, 1] = exclude[0, 0]  # a repeated row
     assert np.array_equal(target_ranks(q, g, target, chunk=chunk), full_matrix_ranks(q, g, target))
-    assert np.array_equal(target_ranks(q, g, target, exclude, chunk=chunk),
-                          full_matrix_ranks(q, g, target, exclude))
+    assert np.array_equal(target_ranks(q, g, target, exclude, chunk=chunk), full_matrix_ranks(q, g, target, exclude))
 
 
 def angles(deg):
@@ -51,15 +51,22 @@ def test_fashioniq_protocol_hand_made():
     q_emb = angles([0, 0, 0, 0])
     q_cat = np.array(["dress", "dress", "shirt", "shirt"], dtype=object)
     refs = np.array(["D0", "D1", "S0", "S2"], dtype=object)
-    tgts = np.array(["D10", "D55", "D3", "S3"], dtype=object)   # ranks 10, 55 | shirt: D3 (40deg) rank 3, S3 rank 2
-    m = fashioniq_metrics(q_emb, q_cat, refs, tgts, g_emb, np.array(g_ids, dtype=object),
-                          np.array(g_cat, dtype=object))
+    tgts = np.array(["D10", "D55", "D3", "S3"], dtype=object)  # ranks 10, 55 | shirt: D3 (40deg) rank 3, S3 rank 2
+    m = fashioniq_metrics(q_emb, q_cat, refs, tgts, g_emb, np.array(g_ids, dtype=object), np.array(g_cat, dtype=object))
     assert m["per_category"]["dress"]["R@10"] == 0.0 and m["per_category"]["dress"]["R@50"] == 50.0
     assert m["per_category"]["shirt"]["R@10"] == 100.0 and m["per_category"]["shirt"]["R@50"] == 100.0
     assert m["R@10"] == 50.0 and m["R@50"] == 75.0 and m["protocol"] == "fashioniq"
     # excluding the reference moves D10 from rank 10 to 9 (its reference D0 scored higher)
-    m = fashioniq_metrics(q_emb, q_cat, refs, tgts, g_emb, np.array(g_ids, dtype=object),
-                          np.array(g_cat, dtype=object), exclude_reference=True)
+    m = fashioniq_metrics(
+        q_emb,
+        q_cat,
+        refs,
+        tgts,
+        g_emb,
+        np.array(g_ids, dtype=object),
+        np.array(g_cat, dtype=object),
+        exclude_reference=True,
+    )
     assert m["per_category"]["dress"]["R@10"] == 50.0
 
 

@@ -1,4 +1,5 @@
 """cir-train with the real miner: refresh re-mines with the table's config; the checkpoint hook."""
+
 import json
 
 import pyarrow.parquet as pq
@@ -12,13 +13,47 @@ runner = CliRunner()
 
 def test_refresh_with_the_miner_and_checkpoint_queries(synth_work, tmp_path):
     negs = tmp_path / "negs.parquet"
-    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--mix", "random:0.5,midzone:0.5",
-                                 "-k", "4", "--out", str(negs), "--device", "cpu", "-q"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(synth_work),
+            "--mix",
+            "random:0.5,midzone:0.5",
+            "-k",
+            "4",
+            "--out",
+            str(negs),
+            "--device",
+            "cpu",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     run = tmp_path / "run"
-    r = runner.invoke(train_app, ["--work", str(synth_work), "--negatives", str(negs), "--out", str(run),
-                                  "--epochs", "3", "--batch-size", "64", "--width", "0.5", "--refresh-every", "1",
-                                  "--schedule", "0:random;2:midzone:0.5,hardest:0.5", "-q"])
+    r = runner.invoke(
+        train_app,
+        [
+            "--work",
+            str(synth_work),
+            "--negatives",
+            str(negs),
+            "--out",
+            str(run),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "64",
+            "--width",
+            "0.5",
+            "--refresh-every",
+            "1",
+            "--schedule",
+            "0:random;2:midzone:0.5,hardest:0.5",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     base = read_negatives(negs).config
     r1, r2 = read_negatives(run / "negs.round1.parquet"), read_negatives(run / "negs.round2.parquet")
@@ -26,8 +61,9 @@ def test_refresh_with_the_miner_and_checkpoint_queries(synth_work, tmp_path):
     for t, mix in ((r1, "random:1"), (r2, "midzone:0.5,hardest:0.5")):
         cfg = t.config
         assert cfg["query"] == "checkpoint" and cfg["mix"] == mix
-        assert {k: v for k, v in cfg.items() if k not in ("query", "mix", "strategy", "schedule")} == \
-               {k: v for k, v in base.items() if k not in ("query", "mix", "strategy", "schedule")}
+        assert {k: v for k, v in cfg.items() if k not in ("query", "mix", "strategy", "schedule")} == {
+            k: v for k, v in base.items() if k not in ("query", "mix", "strategy", "schedule")
+        }
         assert t.meta["query_source"] == "provided"
     assert set(pq.read_table(run / "negs.round1.parquet").column("round").to_pylist()) == {1}
     assert set(pq.read_table(run / "negs.round2.parquet").column("strategy").to_pylist()) == {"midzone", "hardest"}
@@ -35,8 +71,25 @@ def test_refresh_with_the_miner_and_checkpoint_queries(synth_work, tmp_path):
     assert [x.get("refresh", {}).get("round") for x in recs] == [1, 2, None]
 
     out = tmp_path / "ckpt-negs.parquet"
-    r = runner.invoke(mine_app, ["negatives", "--work", str(synth_work), "--strategy", "hardest", "-k", "2",
-                                 "--checkpoint", str(run / "ckpt.pt"), "--out", str(out), "--device", "cpu", "-q"])
+    r = runner.invoke(
+        mine_app,
+        [
+            "negatives",
+            "--work",
+            str(synth_work),
+            "--strategy",
+            "hardest",
+            "-k",
+            "2",
+            "--checkpoint",
+            str(run / "ckpt.pt"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert read_negatives(out).meta["query_source"] == "provided"
 
@@ -45,12 +98,17 @@ def test_demo_library_small(tmp_path):
     from cir_mine.train.demo import DemoConfig, run_demo
 
     said = []
-    res = run_demo(tmp_path / "demo", DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32,
-                                                 world="coarse"), on_step=said.append)
+    res = run_demo(
+        tmp_path / "demo",
+        DemoConfig(n_gallery=800, n_triplets=200, dim=16, epochs=1, batch_size=32, world="coarse"),
+        on_step=said.append,
+    )
     assert list(res.runs) == ["zero-shot", "in-batch", "random", "midzone", "attribute-mismatch"]
     assert all((r["dir"] / "metrics.json").exists() and 0 <= r["R@10"] <= r["R@50"] <= 100 for r in res.runs.values())
     assert all(p.exists() for p in res.tables.values()) and len(said) == 1 + 3 + 5
-    assert res.runs["zero-shot"]["R@10"] == json.loads((res.runs["zero-shot"]["dir"] / "metrics.json").read_text())["R@10"]
+    assert (
+        res.runs["zero-shot"]["R@10"] == json.loads((res.runs["zero-shot"]["dir"] / "metrics.json").read_text())["R@10"]
+    )
 
 
 def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_path, monkeypatch):
@@ -77,13 +135,13 @@ def test_refresh_reads_the_split_once_and_equals_a_fresh_mine(synth_work, tmp_pa
         cfg = MineConfig.from_dict({**read_negatives(negs).config, "query": "checkpoint"})
         fresh = mine_negatives(Workspace(synth_work), "train", cfg, query_emb=q, mining_round=r).table
         assert table.equals(fresh)
-    assert reads.count("train") == 1 + 2          # the remine's one read + the two fresh mines
+    assert reads.count("train") == 1 + 2  # the remine's one read + the two fresh mines
 
 
 def test_demo_fine_world_small(tmp_path):
     from cir_mine.train.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(n_gallery=900, n_triplets=200, dim=16, epochs=2)          # the default world: fine
+    cfg = DemoConfig(n_gallery=900, n_triplets=200, dim=16, epochs=2)  # the default world: fine
     synth, strategies, train_opts = cfg.resolve()
     assert synth.item_noise == 1.0 and synth.salience["neckline"] == 0.3 and synth.salience["color"] == 1.0
     assert strategies == ("random", "midzone", "attribute-mismatch", "hardest+refresh", "dqe+hardest+refresh")
@@ -95,7 +153,9 @@ def test_demo_fine_world_small(tmp_path):
     for name, r in res.runs.items():
         assert (r["dir"] / "negs.round1.parquet").exists() == name.endswith("+refresh")
         config = json.loads((r["dir"] / "metrics.json").read_text())["config"]
-        assert (config["model"], config["attr_heads"]) == (("dqe", "groups") if name.startswith("dqe+") else ("combiner", None))
+        assert (config["model"], config["attr_heads"]) == (
+            ("dqe", "groups") if name.startswith("dqe+") else ("combiner", None)
+        )
 
 
 def test_demo_unknown_world(tmp_path):

@@ -1,6 +1,7 @@
 """The "Tuned settings" table of docs/search.md states the values the code runs with: each row's
 setting (a constant under cir_mine.miner.core, one under cir_mine.miner.accel, or a mining option)
 resolves and equals the table's value."""
+
 import importlib
 import re
 from pathlib import Path
@@ -22,8 +23,10 @@ def table_rows() -> list:
         if len(cells) < 4 or cells[0] in ("setting", "---"):
             continue
         names = re.findall(r"`([^`]+)`", cells[0].split(" (", 1)[0])
-        values = [float(2 ** int(v[2:])) if v.startswith("2^") else float(v)
-                  for v in (x.split(" ")[0] for x in cells[1].split(", "))]
+        values = [
+            float(2 ** int(v[2:])) if v.startswith("2^") else float(v)
+            for v in (x.split(" ")[0] for x in cells[1].split(", "))
+        ]
         rows.append((names, values))
     return rows
 

@@ -1,5 +1,6 @@
 """The webdataset adapter (img2dataset tar shards) without Ray: brace patterns, samples by key,
 errors, and single-process embedding reading images out of the tars."""
+
 import io
 import tarfile
 
@@ -29,8 +30,16 @@ def test_expand_braces_keeps_padding_and_order():
 
 
 def test_samples_by_key_with_category_and_errors(tmp_path):
-    _tar(tmp_path / "00000.tar", {"k1.jpg": b"x", "k1.json": b'{"category": "dress"}', "k1.txt": b"a cap",
-                                  "k2.png": b"y", "k3.txt": b"no image"})
+    _tar(
+        tmp_path / "00000.tar",
+        {
+            "k1.jpg": b"x",
+            "k1.json": b'{"category": "dress"}',
+            "k1.txt": b"a cap",
+            "k2.png": b"y",
+            "k3.txt": b"no image",
+        },
+    )
     _tar(tmp_path / "00001.tar", {"k4.webp": b"z"})
     images, queries = load_webdataset(str(tmp_path / "{00000..00001}.tar"), "train")
     assert [(im.image_id, im.category) for im in images] == [("k1", "dress"), ("k2", ""), ("k4", "")]
@@ -39,8 +48,10 @@ def test_samples_by_key_with_category_and_errors(tmp_path):
     with pytest.raises(DataError, match=r"00002\.tar: shard not found \(1 of 3 shards named by .* are missing\)"):
         load_webdataset(str(tmp_path / "{00000..00002}.tar"), "train")
     _tar(tmp_path / "00002.tar", {"k2.jpg": b"again"})
-    with pytest.raises(DataError, match=r"00002\.tar: key 'k2' also appears in .*00000\.tar; sample keys must be unique"):
-        load_webdataset(str(tmp_path), "train")                  # a directory: every *.tar in it
+    with pytest.raises(
+        DataError, match=r"00002\.tar: key 'k2' also appears in .*00000\.tar; sample keys must be unique"
+    ):
+        load_webdataset(str(tmp_path), "train")  # a directory: every *.tar in it
     csv = tmp_path / "t.csv"
     csv.write_text("ref,target,caption\nk1,k9,is red\n")
     with pytest.raises(DataError, match=r"row 0 'target' names key 'k9' that is in none of the shards"):
@@ -58,10 +69,15 @@ def test_single_process_embed_reads_images_from_tars(tmp_path):
     _tar(tmp_path / "00000.tar", {p.name: p.read_bytes() for p in imgs})
     model = str(write_tiny_clip_config(tmp_path / "clip"))
     csv = tmp_path / "t.csv"
-    csv.write_text("ref,target,caption\n" + "".join(f"{a.stem},{b.stem},is darker\n" for a, b in zip(imgs[:-1], imgs[1:])))
+    csv.write_text(
+        "ref,target,caption\n" + "".join(f"{a.stem},{b.stem},is darker\n" for a, b in zip(imgs[:-1], imgs[1:]))
+    )
     enc = EncoderConfig(model, "none", "cpu")
-    embed_dataset(EmbedJob("webdataset", tmp_path / "00000.tar", "train", tmp_path / "w", enc, ImageRun(4, 0, 4096),
-                           triplets_file=csv))
+    embed_dataset(
+        EmbedJob(
+            "webdataset", tmp_path / "00000.tar", "train", tmp_path / "w", enc, ImageRun(4, 0, 4096), triplets_file=csv
+        )
+    )
     embed_dataset(EmbedJob("fashioniq", fiq, "train", tmp_path / "f", enc, ImageRun(4, 0, 4096)))
     g, f = Workspace(tmp_path / "w").gallery("train"), Workspace(tmp_path / "f").gallery("train")
     row = {k: i for i, k in enumerate(f.image_ids.tolist())}
@@ -80,8 +96,14 @@ def test_contact_sheet_reads_images_out_of_the_tars(tmp_path):
     png = sorted((fiq / "images").glob("*.png"))[0]
     _tar(tmp_path / "00000.tar", {png.name: png.read_bytes()})
     paths = np.array([f"{tmp_path / '00000.tar'}::{png.name}", f"{tmp_path / '00000.tar'}::nope.png"], dtype=object)
-    g = Gallery(tmp_path, np.array(["a", "b"], dtype=object), np.array(["", ""], dtype=object), [[], []],
-                np.zeros((2, 4), np.float32), paths)
+    g = Gallery(
+        tmp_path,
+        np.array(["a", "b"], dtype=object),
+        np.array(["", ""], dtype=object),
+        [[], []],
+        np.zeros((2, 4), np.float32),
+        paths,
+    )
     with Image.open(_image_path(g, 0, None)) as im, Image.open(png) as ref:
         assert np.array_equal(np.asarray(im), np.asarray(ref))
     with pytest.raises(DataError, match=r"00000\.tar: no readable member nope\.png \(gallery path of 'b'\)"):

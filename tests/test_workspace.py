@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cir_mine.data.errors import DataError, SchemaError
-from cir_mine.data.workspace import (Workspace, gallery_table, l2_normalize, read_gallery, triplets_table, write_table)
+from cir_mine.data.workspace import Workspace, gallery_table, l2_normalize, read_gallery, triplets_table, write_table
 
 
 def _gallery(tmp_path, emb=None, ids=None, cats=None):
@@ -27,8 +27,10 @@ def test_roundtrip_and_derived_manifest(tmp_path):
     assert g.attributes[0] == ["color:red"]
     rng = np.random.default_rng(1)
     te = l2_normalize(rng.standard_normal((2, 8)).astype(np.float32))
-    write_table(triplets_table(["q0", "q1"], ["dress"] * 2, ["a", "b"], ["b", "c"],
-                               [["is red"], ["is blue", ""]], te), tmp_path / "triplets.train.parquet")
+    write_table(
+        triplets_table(["q0", "q1"], ["dress"] * 2, ["a", "b"], ["b", "c"], [["is red"], ["is blue", ""]], te),
+        tmp_path / "triplets.train.parquet",
+    )
     ws = Workspace(tmp_path)
     m = ws.manifest()
     assert m["derived"] and m["dim"] == 8 and m["counts"] == {"gallery.train": 4, "triplets.train": 2}
@@ -44,15 +46,20 @@ def test_missing_column(tmp_path):
     pq.write_table(pa.table({"image_id": ["a"], "category": ["x"]}), p)
     with pytest.raises(SchemaError) as e:
         read_gallery(p)
-    assert str(e.value) == (f"{p}: missing column 'attributes' (list<string>); a gallery table needs the "
-                            f"columns image_id, category, attributes, embedding. See docs/formats.md.")
+    assert str(e.value) == (
+        f"{p}: missing column 'attributes' (list<string>); a gallery table needs the "
+        f"columns image_id, category, attributes, embedding. See docs/formats.md."
+    )
 
 
 def test_wrong_dtype(tmp_path):
     p = tmp_path / "gallery.train.parquet"
-    pq.write_table(pa.table({"image_id": ["a"], "category": ["x"], "attributes": [["t"]],
-                             "embedding": [[1.0, 0.0]]}), p)
-    with pytest.raises(SchemaError, match=r"column 'embedding' has type list<element: double>, expected fixed_size_list<float32>\[d\]"):
+    pq.write_table(
+        pa.table({"image_id": ["a"], "category": ["x"], "attributes": [["t"]], "embedding": [[1.0, 0.0]]}), p
+    )
+    with pytest.raises(
+        SchemaError, match=r"column 'embedding' has type list<element: double>, expected fixed_size_list<float32>\[d\]"
+    ):
         read_gallery(p)
 
 
@@ -86,7 +93,9 @@ def test_missing_reference(tmp_path):
     _gallery(tmp_path)
     te = l2_normalize(np.ones((1, 8), np.float32))
     write_table(triplets_table(["q"], ["dress"], ["zz"], ["b"], [["x"]], te), tmp_path / "triplets.train.parquet")
-    with pytest.raises(DataError, match="column 'ref_id' names 1 image\\(s\\) missing from .* \\(first: zz, query q\\)"):
+    with pytest.raises(
+        DataError, match="column 'ref_id' names 1 image\\(s\\) missing from .* \\(first: zz, query q\\)"
+    ):
         Workspace(tmp_path).load("train")
 
 

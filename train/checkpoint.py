@@ -11,6 +11,7 @@ checkpoint intact; the training loop passes the crash point ``epoch-saved`` (cir
 each save. A run's model is also a source of query embeddings for mining (:class:`CheckpointQueries`,
 :func:`query_source`).
 """
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,7 @@ def save_checkpoint(run_dir: str | Path, state: dict) -> Path:
     """Write ``state`` (plus format tags and versions) to RUN/ckpt.pt atomically."""
     path = Path(run_dir) / NAME
     payload = {"format": FORMAT, "version": VERSION, "versions": library_versions(), **state}
-    buf = io.BytesIO()      # torch's own file writer reports a full disk as an opaque RuntimeError
+    buf = io.BytesIO()  # torch's own file writer reports a full disk as an opaque RuntimeError
     torch.save(payload, buf)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getbuffer())
@@ -82,12 +83,16 @@ def encode_queries(ckpt_path: str | Path, work: str | Path, split: str) -> np.nd
     state = load_checkpoint(ckpt_path)
     model_dim = state["model_config"]["dim"]
     if model_dim != g.dim:
-        raise DataError(f"{ckpt_path}: the model takes d={model_dim} but {work} has d={g.dim}. "
-                        f"Use a checkpoint trained on this workspace's encoder.")
+        raise DataError(
+            f"{ckpt_path}: the model takes d={model_dim} but {work} has d={g.dim}. "
+            f"Use a checkpoint trained on this workspace's encoder."
+        )
     trained_on, here = state.get("workspace_hash"), Workspace(work).manifest_hash()
     if trained_on and trained_on != here:
-        raise DataError(f"{ckpt_path}: trained on another workspace (manifest hash {trained_on}, {work} has "
-                        f"{here}). Use a checkpoint trained on this workspace.")
+        raise DataError(
+            f"{ckpt_path}: trained on another workspace (manifest hash {trained_on}, {work} has "
+            f"{here}). Use a checkpoint trained on this workspace."
+        )
     ref = g.embeddings[g.rows(t.ref_ids.tolist(), t.categories.tolist(), what="reference")]
     return load_query_encoder(ckpt_path)(ref, t.text_embeddings)
 
@@ -104,16 +109,16 @@ class CheckpointQueries:
         return encode_queries(self.path, ws.root, split)
 
 
-def query_source(checkpoint: Optional[Path] = None, query_emb: Optional[Path] = None,
-                 query_ids: Optional[Path] = None):
+def query_source(checkpoint: Optional[Path] = None, query_emb: Optional[Path] = None, query_ids: Optional[Path] = None):
     """Where mining's query embeddings come from (a query source of cir_mine.miner.negatives.mine_file):
     the model of a run's ``checkpoint``, your ``query_emb`` .npy (its rows named by ``query_ids``, or
     in the triplets' order), or neither (None: zero-shot)."""
     if checkpoint is not None and query_emb is not None:
         raise UsageError("give `checkpoint` or `query_emb`, not both.", params=("checkpoint", "query_emb"))
     if query_ids is not None and query_emb is None:
-        raise UsageError("`query_ids` names the rows of `query_emb`; pass `query_emb` too.",
-                         params=("query_ids", "query_emb"))
+        raise UsageError(
+            "`query_ids` names the rows of `query_emb`; pass `query_emb` too.", params=("query_ids", "query_emb")
+        )
     if checkpoint is not None:
         return CheckpointQueries(checkpoint)
     return QueryFile(query_emb, query_ids) if query_emb is not None else None

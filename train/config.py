@@ -1,5 +1,6 @@
 """The settings of a training run (``cir-train``): one dataclass, a comment per field, checked by
 :meth:`TrainConfig.validate`. Torch-free, so front ends read it without loading the trainer."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -9,7 +10,7 @@ from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.errors import UsageError
 
 LOSSES = ("infonce", "triplet", "both")
-GROUP_HEADS = "groups"   # attr_heads value: one DQE head per attribute group found in the gallery's tags
+GROUP_HEADS = "groups"  # attr_heads value: one DQE head per attribute group found in the gallery's tags
 
 
 def resolve_heads(heads: tuple, attributes) -> tuple:
@@ -20,18 +21,24 @@ def resolve_heads(heads: tuple, attributes) -> tuple:
     found = sorted({a.split(":", 1)[0] for tags in attributes for a in tags if ":" in a})
     if heads == (GROUP_HEADS,):
         if not found:
-            raise UsageError("attr_heads groups: the gallery has no attribute tags (group:value) to make heads of.",
-                             params=("attr_heads",))
+            raise UsageError(
+                "attr_heads groups: the gallery has no attribute tags (group:value) to make heads of.",
+                params=("attr_heads",),
+            )
         return tuple(GROUP_HEAD + g for g in found)
-    missing = [h for h in heads if h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD):] not in found]
+    missing = [h for h in heads if h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD) :] not in found]
     if missing:
-        raise UsageError(f"attribute heads {', '.join(missing)}: no gallery image has a tag of that group "
-                         f"(its groups: {', '.join(found) or 'none'}).", params=("attr_heads",))
+        raise UsageError(
+            f"attribute heads {', '.join(missing)}: no gallery image has a tag of that group "
+            f"(its groups: {', '.join(found) or 'none'}).",
+            params=("attr_heads",),
+        )
     return heads
 
 
 @dataclass
 class TrainConfig:
+    # fmt: off
     work: str = ""                     # workspace with the training split (not needed to resume a run)
     split: str = "train"               # training split (gallery.{split}, triplets.{split})
     out: str = ""                      # run directory (checkpoints, metrics, curves)
@@ -77,6 +84,7 @@ class TrainConfig:
     attr_heads: Optional[str] = None   # dqe: comma-separated sub-query heads: color, shape (grouped) or group:NAME (one
                                        # attribute group, e.g. group:neckline); groups: one head per attribute group
                                        # of the gallery; None: color,shape
+    # fmt: on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,13 +117,21 @@ class TrainConfig:
             raise UsageError(f"lr_schedule {self.lr_schedule!r}: use cosine or constant.", params=("lr_schedule",))
         if self.loss not in LOSSES:
             raise UsageError(f"loss {self.loss!r}: use one of {', '.join(LOSSES)}.", params=("loss",))
-        for name in ("epochs", "static_bank", "refresh_every", "online_hard", "neg_per_query", "bank_k",
-                     "share_warmup"):
+        for name in (
+            "epochs",
+            "static_bank",
+            "refresh_every",
+            "online_hard",
+            "neg_per_query",
+            "bank_k",
+            "share_warmup",
+        ):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0.", params=(name,))
         if self.batch_size < 2:
-            raise UsageError("batch_size must be at least 2 (in-batch negatives need two queries).",
-                             params=("batch_size",))
+            raise UsageError(
+                "batch_size must be at least 2 (in-batch negatives need two queries).", params=("batch_size",)
+            )
         if not 0.0 <= self.neg_share <= 1.0:
             raise UsageError(f"neg_share {self.neg_share}: must be in [0, 1].", params=("neg_share",))
         for name in ("extra_weight", "neg_weight", "attr_weight"):
@@ -124,15 +140,22 @@ class TrainConfig:
         if self.temperature <= 0:
             raise UsageError("temperature must be positive.", params=("temperature",))
         if self.refresh_every and not self.negatives:
-            raise UsageError("refresh_every needs negatives: the refresh re-mines with that table's config.",
-                             params=("refresh_every", "negatives"))
+            raise UsageError(
+                "refresh_every needs negatives: the refresh re-mines with that table's config.",
+                params=("refresh_every", "negatives"),
+            )
         if self.schedule and not self.negatives:
-            raise UsageError("schedule needs negatives: it picks the mix of that table's strategies per epoch.",
-                             params=("schedule", "negatives"))
+            raise UsageError(
+                "schedule needs negatives: it picks the mix of that table's strategies per epoch.",
+                params=("schedule", "negatives"),
+            )
         if self.attr_heads is not None:
             if self.model != "dqe":
-                raise UsageError(f"attr_heads needs dqe as the model (model is {self.model}): pass model dqe, or leave "
-                                 f"attr_heads out.", params=("attr_heads", "model"))
+                raise UsageError(
+                    f"attr_heads needs dqe as the model (model is {self.model}): pass model dqe, or leave "
+                    f"attr_heads out.",
+                    params=("attr_heads", "model"),
+                )
             if self.heads() != (GROUP_HEADS,):
                 from cir_mine.train.model import check_attr_heads
 

@@ -7,6 +7,7 @@ column (for fine-tuning the encoders), plus the cached text embedding and the ca
 :func:`collate_negatives` stacks items into a batch. The dataset holds numpy arrays only (no open
 files, no workspace handle), so it pickles and is safe with DataLoader workers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,15 +44,22 @@ class NegativesDataset(torch.utils.data.Dataset):
     gallery ``path`` values are relative to (default: the dataset root the workspace records).
     """
 
-    def __init__(self, ws: Workspace, negatives, split: Optional[str] = None, k: Optional[int] = None,
-                 preprocess: Optional[Callable] = None, root: Optional[str | Path] = None):
+    def __init__(
+        self,
+        ws: Workspace,
+        negatives,
+        split: Optional[str] = None,
+        k: Optional[int] = None,
+        preprocess: Optional[Callable] = None,
+        root: Optional[str | Path] = None,
+    ):
         self.k_request, self.preprocess = k, preprocess
         self.root = None if root is None else Path(root)
         nt = _negatives_table(ws, negatives)
         self._ws, self.split = ws, split or nt.split
-        self._loaded = ws.load(self.split)              # read once; set_negatives reuses it
+        self._loaded = ws.load(self.split)  # read once; set_negatives reuses it
         if self.root is None:
-            self.root = ws.image_root(self.split)       # the dataset root `cir-mine embed` recorded
+            self.root = ws.image_root(self.split)  # the dataset root `cir-mine embed` recorded
         self.set_negatives(nt)
 
     def set_negatives(self, negatives) -> None:
@@ -61,9 +69,11 @@ class NegativesDataset(torch.utils.data.Dataset):
         nt = _negatives_table(ws, negatives)
         if nt.meta.get("split", self.split) != self.split:
             name = f" {nt.path}" if nt.path else ""
-            raise UsageError(f"the negatives table{name} was mined from split '{nt.split}', this dataset holds "
-                             f"split '{self.split}'; make a NegativesDataset for that split.")
-        if nt.meta:                                     # a bare pyarrow table has no footer to check
+            raise UsageError(
+                f"the negatives table{name} was mined from split '{nt.split}', this dataset holds "
+                f"split '{self.split}'; make a NegativesDataset for that split."
+            )
+        if nt.meta:  # a bare pyarrow table has no footer to check
             grouped = nt.grouped(ws, self.split, loaded=self._loaded)
         else:
             from cir_mine.miner.core.grouped import group_negatives_table
@@ -74,7 +84,7 @@ class NegativesDataset(torch.utils.data.Dataset):
         if rows.shape[1] < k:
             rows = np.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
         delta = np.full(rows.shape, np.nan, np.float32)
-        delta[:, :min(k, grouped.k)] = grouped.delta[:, :k]
+        delta[:, : min(k, grouped.k)] = grouped.delta[:, :k]
         self.query_ids = grouped.query_ids
         self.neg_rows, self.delta = rows, delta
         self.ref_rows, self.target_rows = grouped.ref_rows, grouped.target_rows
@@ -83,14 +93,16 @@ class NegativesDataset(torch.utils.data.Dataset):
         self.captions = [join_captions(c) for c in t.captions]
         if self.preprocess is not None:
             if g.paths is None:
-                raise UsageError(f"{ws.gallery_path(self.split)}: the gallery has no image paths "
-                                 f"(column 'path'), so there are no images to preprocess. Drop preprocess= "
-                                 f"to get cached embeddings, or embed the images with `cir-mine embed`.")
+                raise UsageError(
+                    f"{ws.gallery_path(self.split)}: the gallery has no image paths "
+                    f"(column 'path'), so there are no images to preprocess. Drop preprocess= "
+                    f"to get cached embeddings, or embed the images with `cir-mine embed`."
+                )
             self.paths = g.paths
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_ws"] = state["_loaded"] = None          # workers get arrays only, never the workspace
+        state["_ws"] = state["_loaded"] = None  # workers get arrays only, never the workspace
         return state
 
     @property
@@ -110,15 +122,21 @@ class NegativesDataset(torch.utils.data.Dataset):
             with Image.open(p) as im:
                 return self.preprocess(im.convert("RGB"))
         except (OSError, ValueError) as e:
-            raise DataError(f"{p}: cannot read gallery image (row {row}: {e}). Pass root= when the "
-                            f"gallery's paths are relative to the dataset root.") from None
+            raise DataError(
+                f"{p}: cannot read gallery image (row {row}: {e}). Pass root= when the "
+                f"gallery's paths are relative to the dataset root."
+            ) from None
 
     def __getitem__(self, i: int) -> dict:
         rows = self.neg_rows[i]
         mask = rows >= 0
-        item = {"query_id": str(self.query_ids[i]), "caption": self.captions[i],
-                "text": torch.from_numpy(self.text_emb[i].copy()),
-                "negative_mask": torch.from_numpy(mask), "delta": torch.from_numpy(self.delta[i].copy())}
+        item = {
+            "query_id": str(self.query_ids[i]),
+            "caption": self.captions[i],
+            "text": torch.from_numpy(self.text_emb[i].copy()),
+            "negative_mask": torch.from_numpy(mask),
+            "delta": torch.from_numpy(self.delta[i].copy()),
+        }
         if self.preprocess is None:
             item["reference"] = torch.from_numpy(self.embeddings[self.ref_rows[i]].copy())
             item["target"] = torch.from_numpy(self.embeddings[self.target_rows[i]].copy())

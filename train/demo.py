@@ -9,6 +9,7 @@ under three minutes on two CPU cores. The default world is the fine-grained one 
 category batches), where mined negatives pay; ``world="coarse"`` is the synth default (20,000
 images), where in-batch negatives already hold the near misses and mining adds little.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,9 +32,11 @@ DEMO_STRATEGIES = ("random", "midzone", "attribute-mismatch")
 # negatives pay"): a subtle neckline group, clean images and 20,000 images per category, where
 # guarded mined negatives beat in-batch training; "coarse" is the synth default.
 WORLDS = {
-    "fine": dict(synth=dict(n_gallery=60000, n_triplets=15000, item_noise=1.0, salience={"neckline": 0.3}),
-                 strategies=("random", "midzone", "attribute-mismatch", "hardest+refresh", "dqe+hardest+refresh"),
-                 train=dict(batch_size=128, category_batches=True)),
+    "fine": dict(
+        synth=dict(n_gallery=60000, n_triplets=15000, item_noise=1.0, salience={"neckline": 0.3}),
+        strategies=("random", "midzone", "attribute-mismatch", "hardest+refresh", "dqe+hardest+refresh"),
+        train=dict(batch_size=128, category_batches=True),
+    ),
     "coarse": dict(synth={}, strategies=DEMO_STRATEGIES, train=dict(batch_size=256)),
 }
 REFRESH = "+refresh"
@@ -50,6 +53,7 @@ def table_of(run: str) -> str:
 
 @dataclass
 class DemoConfig:
+    # fmt: off
     n_gallery: Optional[int] = None   # synthetic gallery images (None: the world's, see WORLDS)
     n_triplets: Optional[int] = None  # synthetic queries (None: the world's, see WORLDS)
     dim: int = 128                # embedding dimension
@@ -61,6 +65,7 @@ class DemoConfig:
     world: str = "fine"           # fine (the fine-grained world, where mined negatives pay; adds hardest re-mined
                                   # once halfway, with the combiner and with DQE's attribute sub-queries) or coarse
                                   # (the synth default: random, midzone and attribute-mismatch); see WORLDS
+    # fmt: on
 
     def resolve(self) -> tuple:
         """-> (SynthConfig, strategies, TrainConfig overrides) of this demo."""
@@ -78,31 +83,25 @@ class DemoConfig:
         train = dict(w["train"])
         if self.batch_size is not None:
             train["batch_size"] = self.batch_size
-        return (SynthConfig(dim=self.dim, seed=self.seed, **synth), tuple(self.strategies or w["strategies"]),
-                train)
+        return (SynthConfig(dim=self.dim, seed=self.seed, **synth), tuple(self.strategies or w["strategies"]), train)
 
 
 @dataclass
 class DemoResult:
+    # fmt: off
     work: Path                                   # the synthetic workspace
     tables: dict = field(default_factory=dict)   # strategy -> negatives table path (zero-shot queries)
     runs: dict = field(default_factory=dict)     # run name -> {"dir", "R@10", "R@50", "seconds"}
     seconds: float = 0.0
+    # fmt: on
 
 
-def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
-             on_step: Optional[Callable[[str], None]] = None, overwrite: bool = True) -> DemoResult:
-    """Run every stage into ``out`` (work/, negs.{strategy}.parquet, runs/{name}/) -> DemoResult.
-
-    Every option is validated before anything is written. The outputs of an earlier demo in ``out``
-    are replaced only with ``overwrite`` (the demo owns ``out``).
-    """
+def _check_demo(cfg: DemoConfig, out: str | Path, overwrite: bool) -> None:
+    """Every stage's options, and ``out``, checked before the demo writes anything."""
     from cir_mine.data.errors import UsageError
     from cir_mine.data.io import check_output_dir
-    from cir_mine.miner.core.mine import MineConfig, mine_to_file
-    from cir_mine.train.loop import train
+    from cir_mine.miner.core.mine import MineConfig
 
-    cfg = cfg or DemoConfig()
     synth, strategies, train_opts = cfg.resolve()
     synth.validate()
     for s in dict.fromkeys(table_of(x) for x in strategies):
@@ -112,8 +111,30 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
         TrainConfig(work="-", out="-", negatives="-", **DQE_OPTIONS).validate()
     check_output_dir(out)
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
-        raise UsageError(f"out {out}: already holds files. Pass overwrite to replace an earlier demo's outputs, "
-                         f"or choose another out.", params=("out", "overwrite"))
+        raise UsageError(
+            f"out {out}: already holds files. Pass overwrite to replace an earlier demo's outputs, "
+            f"or choose another out.",
+            params=("out", "overwrite"),
+        )
+
+
+def run_demo(
+    out: str | Path,
+    cfg: Optional[DemoConfig] = None,
+    on_step: Optional[Callable[[str], None]] = None,
+    overwrite: bool = True,
+) -> DemoResult:
+    """Run every stage into ``out`` (work/, negs.{strategy}.parquet, runs/{name}/) -> DemoResult.
+
+    Every option is validated before anything is written. The outputs of an earlier demo in ``out``
+    are replaced only with ``overwrite`` (the demo owns ``out``).
+    """
+    from cir_mine.miner.core.mine import MineConfig, mine_to_file
+    from cir_mine.train.loop import train
+
+    cfg = cfg or DemoConfig()
+    synth, strategies, train_opts = cfg.resolve()
+    _check_demo(cfg, out, overwrite)
     say = on_step or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(out)
@@ -136,13 +157,31 @@ def run_demo(out: str | Path, cfg: Optional[DemoConfig] = None,
         t = time.perf_counter()
         refresh = max(1, cfg.epochs // 2) if name.endswith(REFRESH) and cfg.epochs > 1 else 0
         model = DQE_OPTIONS if name.startswith(DQE) else {}
-        metrics = train(TrainConfig(work=str(work), out=str(run), negatives=str(negs) if negs else None,
-                                    epochs=cfg.epochs, seed=cfg.seed, width=0.5, dropout=0.2,
-                                    zero_shot=zero_shot, refresh_every=refresh, **train_opts, **model),
-                        overwrite=True)
-        res.runs[name] = {"dir": run, "R@10": metrics["R@10"], "R@50": metrics["R@50"],
-                          "seconds": time.perf_counter() - t}
-        say(f"train {name:<18s} -> {run}: R@10 {metrics['R@10']:.2f}  R@50 {metrics['R@50']:.2f} "
-            f"({res.runs[name]['seconds']:.1f}s)")
+        metrics = train(
+            TrainConfig(
+                work=str(work),
+                out=str(run),
+                negatives=str(negs) if negs else None,
+                epochs=cfg.epochs,
+                seed=cfg.seed,
+                width=0.5,
+                dropout=0.2,
+                zero_shot=zero_shot,
+                refresh_every=refresh,
+                **train_opts,
+                **model,
+            ),
+            overwrite=True,
+        )
+        res.runs[name] = {
+            "dir": run,
+            "R@10": metrics["R@10"],
+            "R@50": metrics["R@50"],
+            "seconds": time.perf_counter() - t,
+        }
+        say(
+            f"train {name:<18s} -> {run}: R@10 {metrics['R@10']:.2f}  R@50 {metrics['R@50']:.2f} "
+            f"({res.runs[name]['seconds']:.1f}s)"
+        )
     res.seconds = time.perf_counter() - t0
     return res

@@ -1,5 +1,6 @@
 """A run's history on disk: one record per epoch, ``metrics.jsonl`` (rewritten whole, so a resumed run
 never duplicates lines) and ``curves.png``."""
+
 from __future__ import annotations
 
 import json

@@ -13,6 +13,7 @@ epoch, and writes::
 
 Randomness is keyed by (seed, epoch), so a resumed run equals an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,13 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl", "metrics.json", "curves.png")
 
 
-def train(cfg: TrainConfig, remine: Optional["Remine"] = None, resume: bool = False,
-          on_epoch: Optional[Callable[[dict], None]] = None, overwrite: bool = False) -> dict:
+def train(
+    cfg: TrainConfig,
+    remine: Optional["Remine"] = None,
+    resume: bool = False,
+    on_epoch: Optional[Callable[[dict], None]] = None,
+    overwrite: bool = False,
+) -> dict:
     """Train (or resume) a run; returns the final metrics (also in RUN/metrics.json).
 
     remine: the refresh's re-mining hook (:class:`cir_mine.miner.remine.Remine`, or a callable with
@@ -58,13 +64,17 @@ def train(cfg: TrainConfig, remine: Optional["Remine"] = None, resume: bool = Fa
     inputs = [cfg.negatives, *cfg.extra_triplets]
     check_output_dir(run_dir, [cfg.work, cfg.eval_work])
     if is_workspace(run_dir):
-        raise UsageError(f"out {run_dir}: is a workspace. Choose another out; a run never writes into a "
-                         f"workspace.", params=("out",))
+        raise UsageError(
+            f"out {run_dir}: is a workspace. Choose another out; a run never writes into a workspace.", params=("out",)
+        )
     for p in inputs:
         if p and Path(p).exists() and _resolve_parent(p) == _resolve_parent(run_dir / "x"):
             if Path(p).name in RUN_FILES or Path(p).name.startswith("negs.round"):
-                raise UsageError(f"out {run_dir}: holds an input of this run ({p}), which the run would "
-                                 f"replace. Choose another out.", params=("out",))
+                raise UsageError(
+                    f"out {run_dir}: holds an input of this run ({p}), which the run would "
+                    f"replace. Choose another out.",
+                    params=("out",),
+                )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ckpt = run_dir / ck.NAME
@@ -100,8 +110,11 @@ def _run(cfg: TrainConfig, remine, resume: bool, on_epoch, overwrite: bool, undo
     ckpt = run_dir / ck.NAME
     with write_job(run_dir, "cir-train", rollback_on=undo, interrupted=interrupted, params=("resume",)):
         if not resume and ckpt.exists() and not overwrite:
-            raise UsageError(f"{run_dir} already holds a run. Pass resume {run_dir} to continue it, "
-                             f"overwrite to replace it, or choose another out.", params=("resume", "overwrite", "out"))
+            raise UsageError(
+                f"{run_dir} already holds a run. Pass resume {run_dir} to continue it, "
+                f"overwrite to replace it, or choose another out.",
+                params=("resume", "overwrite", "out"),
+            )
         if not resume:
             for old in [*(run_dir / n for n in RUN_FILES), *run_dir.glob("negs.round*.parquet")]:
                 if old.exists():

@@ -8,6 +8,7 @@ Shapes: ``q: float32[B, d]`` query embeddings (unit rows), ``t: float32[B, d]`` 
 ``target_keys: int64[B]``, ``pos_keys: int64[B, P]`` the target key plus extra positives (-1 pad),
 ``neg: float32[B, K, d]`` mined negatives with ``neg_keys: int64[B, K]`` (-1 = no negative).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,13 @@ def positive_mask(pos_keys: torch.Tensor, cand_keys: torch.Tensor) -> torch.Tens
     """bool[B, C]: candidate c of query b is a positive of b (pos_keys [B,P], cand_keys [B,C] or [C])."""
     if cand_keys.dim() == 1:
         cand_keys = cand_keys.unsqueeze(0).expand(pos_keys.shape[0], -1)
-    eq = cand_keys.unsqueeze(-1) == pos_keys.unsqueeze(1)          # [B, C, P]
+    eq = cand_keys.unsqueeze(-1) == pos_keys.unsqueeze(1)  # [B, C, P]
     return (eq & (pos_keys.unsqueeze(1) >= 0)).any(-1)
 
 
-def in_batch_logits(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor,
-                    pos_keys: torch.Tensor) -> torch.Tensor:
+def in_batch_logits(
+    q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor, pos_keys: torch.Tensor
+) -> torch.Tensor:
     """Cosine logits float32[B, B] of queries vs in-batch targets; other positives set to -inf.
 
     The diagonal (each query's own target) is kept; an off-diagonal target that is the same image
@@ -45,18 +47,24 @@ def in_batch_logits(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor,
     return logits.masked_fill(mask, NEG_INF)
 
 
-def mined_logits(q: torch.Tensor, neg: torch.Tensor, neg_keys: torch.Tensor,
-                 pos_keys: torch.Tensor) -> torch.Tensor:
+def mined_logits(q: torch.Tensor, neg: torch.Tensor, neg_keys: torch.Tensor, pos_keys: torch.Tensor) -> torch.Tensor:
     """Cosine logits float32[B, K] of queries vs their mined negatives; padding and positives -inf."""
     logits = torch.einsum("bd,bkd->bk", q, neg)
     bad = (neg_keys < 0) | positive_mask(pos_keys, neg_keys)
     return logits.masked_fill(bad, NEG_INF)
 
 
-def info_nce(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor, pos_keys: torch.Tensor,
-             neg: Optional[torch.Tensor] = None, neg_keys: Optional[torch.Tensor] = None,
-             temperature: float = 0.05, weights: Optional[torch.Tensor] = None,
-             neg_weight: float = 1.0) -> torch.Tensor:
+def info_nce(
+    q: torch.Tensor,
+    t: torch.Tensor,
+    target_keys: torch.Tensor,
+    pos_keys: torch.Tensor,
+    neg: Optional[torch.Tensor] = None,
+    neg_keys: Optional[torch.Tensor] = None,
+    temperature: float = 0.05,
+    weights: Optional[torch.Tensor] = None,
+    neg_weight: float = 1.0,
+) -> torch.Tensor:
     """InfoNCE: in-batch targets plus mined negatives as extra logits per query -> scalar.
 
     neg_weight: each mined negative counts ``neg_weight`` times in the softmax denominator
@@ -75,23 +83,30 @@ def info_nce(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor, pos_ke
     return weighted_mean(F.cross_entropy(logits / temperature, labels, reduction="none"), weights)
 
 
-def triplet_margin(q: torch.Tensor, t: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tensor,
-                   margin: float = 0.2, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def triplet_margin(
+    q: torch.Tensor,
+    t: torch.Tensor,
+    neg: torch.Tensor,
+    neg_valid: torch.Tensor,
+    margin: float = 0.2,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """mean over valid (query, negative) of max(0, m + d(q,p) − d(q,n)), d = 1 − cos -> scalar.
 
     neg: float32[B, K, d]; neg_valid: bool[B, K]; weights: optional float32[B] per-query weight
     of the hinge terms. Returns 0 (with grad) when nothing is valid.
     """
-    d_pos = 1 - (q * t).sum(-1, keepdim=True)                      # [B, 1]
-    d_neg = 1 - torch.einsum("bd,bkd->bk", q, neg)                  # [B, K]
+    d_pos = 1 - (q * t).sum(-1, keepdim=True)  # [B, 1]
+    d_neg = 1 - torch.einsum("bd,bkd->bk", q, neg)  # [B, K]
     hinge = F.relu(margin + d_pos - d_neg) * neg_valid
     if weights is not None:
         hinge = hinge * weights.unsqueeze(1)
     return hinge.sum() / neg_valid.sum().clamp(min=1)
 
 
-def hardest_in_batch(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor,
-                     pos_keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def hardest_in_batch(
+    q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor, pos_keys: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Online hard mining: per query the k hardest in-batch non-target targets.
 
     Returns (neg float32[B, k', d], valid bool[B, k']) with k' = min(k, B − 1); positives of the
@@ -105,9 +120,16 @@ def hardest_in_batch(q: torch.Tensor, t: torch.Tensor, target_keys: torch.Tensor
     return t[idx], torch.isfinite(top)
 
 
-def bank_loss(q: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, bank_keys: torch.Tensor,
-              pos_keys: torch.Tensor, temperature: float = 0.05,
-              sample: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def bank_loss(
+    q: torch.Tensor,
+    bank: torch.Tensor,
+    target_rows: torch.Tensor,
+    bank_keys: torch.Tensor,
+    pos_keys: torch.Tensor,
+    temperature: float = 0.05,
+    sample: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """SPN static bank: softmax over the gallery (every image a negative) -> scalar.
 
     bank: float32[N, d] all gallery embeddings (fixed); target_rows: int64[B] rows of the targets;
@@ -124,8 +146,14 @@ def bank_loss(q: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, ba
     return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
 
 
-def attribute_margin(subs: torch.Tensor, weights: torch.Tensor, t: torch.Tensor, cand: torch.Tensor,
-                     differs: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+def attribute_margin(
+    subs: torch.Tensor,
+    weights: torch.Tensor,
+    t: torch.Tensor,
+    cand: torch.Tensor,
+    differs: torch.Tensor,
+    margin: float = 0.2,
+) -> torch.Tensor:
     """DQE-CIR's attribute-aware margin loss over attribute sub-queries -> scalar.
 
     subs: float32[B, S, d] unit sub-queries; weights: float32[B, 1+S] the text-conditioned attribute
@@ -136,8 +164,8 @@ def attribute_margin(subs: torch.Tensor, weights: torch.Tensor, t: torch.Tensor,
     weighs most must separate the target by the widest margin. Mean over the (b, c, s) where
     ``differs``; 0 (with grad) when none.
     """
-    s_pos = torch.einsum("bsd,bd->bs", subs, t)                             # [B, S]
-    s_neg = torch.einsum("bsd,bcd->bcs", subs, cand)                        # [B, C, S]
-    m = margin * (1 + subs.shape[1] * weights[:, 1:].detach())              # [B, S]
+    s_pos = torch.einsum("bsd,bd->bs", subs, t)  # [B, S]
+    s_neg = torch.einsum("bsd,bcd->bcs", subs, cand)  # [B, C, S]
+    m = margin * (1 + subs.shape[1] * weights[:, 1:].detach())  # [B, S]
     hinge = F.relu(m.unsqueeze(1) + s_neg - s_pos.unsqueeze(1)) * differs
     return hinge.sum() / differs.sum().clamp(min=1)

@@ -19,6 +19,7 @@ A target ranks below every item that scores strictly higher (ties count in its f
 argsort breaks them in index order). :func:`evaluate_queries` evaluates a model's own query
 embeddings over a workspace split (``cir-mine eval``).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -32,8 +33,13 @@ CIRR_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
 
 
-def target_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, target_rows: np.ndarray,
-                 exclude_rows: Optional[np.ndarray] = None, chunk: int = 2048) -> np.ndarray:
+def target_ranks(
+    query_emb: np.ndarray,
+    gallery_emb: np.ndarray,
+    target_rows: np.ndarray,
+    exclude_rows: Optional[np.ndarray] = None,
+    chunk: int = 2048,
+) -> np.ndarray:
     """Rank of each query's target in the gallery.
 
     query_emb: float32[m, d]; gallery_emb: float32[n, d]; target_rows: int64[m] (rows of gallery_emb);
@@ -54,7 +60,7 @@ def target_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, target_rows: np
         skip = np.concatenate([skip, np.asarray(exclude_rows, dtype=np.int64).reshape(m, -1)], axis=1)
     skip = skip.copy()
     for j in range(1, skip.shape[1]):
-        skip[(skip[:, :j] == skip[:, j:j + 1]).any(axis=1), j] = -1
+        skip[(skip[:, :j] == skip[:, j : j + 1]).any(axis=1), j] = -1
     ranks = np.zeros(m, dtype=np.int64)
     for qs in range(0, m, chunk):
         qe = min(m, qs + chunk)
@@ -89,10 +95,17 @@ def is_cirr(categories: Sequence[str], img_set: Sequence[Sequence[str]]) -> bool
     return all(not c for c in categories) or any(len(s) for s in img_set)
 
 
-def fashioniq_metrics(query_emb: np.ndarray, query_categories: np.ndarray, ref_ids: np.ndarray,
-                      target_ids: np.ndarray, gallery_emb: np.ndarray, gallery_ids: np.ndarray,
-                      gallery_categories: np.ndarray, exclude_reference: bool = False,
-                      chunk: int = 2048) -> dict:
+def fashioniq_metrics(
+    query_emb: np.ndarray,
+    query_categories: np.ndarray,
+    ref_ids: np.ndarray,
+    target_ids: np.ndarray,
+    gallery_emb: np.ndarray,
+    gallery_ids: np.ndarray,
+    gallery_categories: np.ndarray,
+    exclude_reference: bool = False,
+    chunk: int = 2048,
+) -> dict:
     """FashionIQ protocol -> {"R@10", "R@50", "per_category": {cat: {"R@10", "R@50", "n"}}}.
 
     query_emb: float32[m, d]; ids/categories: object[m] / object[n] of str.
@@ -106,15 +119,18 @@ def fashioniq_metrics(query_emb: np.ndarray, query_categories: np.ndarray, ref_i
         try:
             tr = np.asarray([row[t] for t in np.asarray(target_ids)[qsel].tolist()], dtype=np.int64)
         except KeyError as e:
-            raise DataError(f"target {e.args[0]} is not in the '{cat}' gallery; the FashionIQ protocol "
-                            f"retrieves within the query's category.") from None
+            raise DataError(
+                f"target {e.args[0]} is not in the '{cat}' gallery; the FashionIQ protocol "
+                f"retrieves within the query's category."
+            ) from None
         ex = None
         if exclude_reference:
             ex = np.asarray([row.get(r, -1) for r in np.asarray(ref_ids)[qsel].tolist()], dtype=np.int64)
         ranks = target_ranks(query_emb[qsel], gallery_emb[grows], tr, ex, chunk=chunk)
         per_cat[cat] = {**recalls(ranks, FIQ_KS), "n": int(qsel.size)}
-    out = {f"R@{k}": float(np.mean([v[f"R@{k}"] for v in per_cat.values()])) if per_cat else float("nan")
-           for k in FIQ_KS}
+    out = {
+        f"R@{k}": float(np.mean([v[f"R@{k}"] for v in per_cat.values()])) if per_cat else float("nan") for k in FIQ_KS
+    }
     out["avg"] = (out["R@10"] + out["R@50"]) / 2
     out["per_category"] = per_cat
     out["protocol"] = "fashioniq"
@@ -123,9 +139,15 @@ def fashioniq_metrics(query_emb: np.ndarray, query_categories: np.ndarray, ref_i
     return out
 
 
-def cirr_metrics(query_emb: np.ndarray, ref_ids: np.ndarray, target_ids: np.ndarray,
-                 img_set: Sequence[Sequence[str]], gallery_emb: np.ndarray, gallery_ids: np.ndarray,
-                 chunk: int = 2048) -> dict:
+def cirr_metrics(
+    query_emb: np.ndarray,
+    ref_ids: np.ndarray,
+    target_ids: np.ndarray,
+    img_set: Sequence[Sequence[str]],
+    gallery_emb: np.ndarray,
+    gallery_ids: np.ndarray,
+    chunk: int = 2048,
+) -> dict:
     """CIRR protocol -> {"R@1","R@5","R@10","R@50","Rs@1","Rs@2","Rs@3","avg"} (reference excluded)."""
     row = {}
     for i, k in enumerate(np.asarray(gallery_ids).tolist()):
@@ -144,8 +166,9 @@ def cirr_metrics(query_emb: np.ndarray, ref_ids: np.ndarray, target_ids: np.ndar
         t = float(gallery_emb[tr[i]] @ query_emb[i])
         # the target itself is among the members; NaN ranks last (see target_ranks)
         sub_ranks.append(int(_above(s, np.float32(t), np.bool_(t != t)).sum()) - (1 if t != t else 0))
-    out.update(recalls(np.asarray(sub_ranks), SUBSET_KS, prefix="Rs@") if has
-               else {f"Rs@{k}": float("nan") for k in SUBSET_KS})
+    out.update(
+        recalls(np.asarray(sub_ranks), SUBSET_KS, prefix="Rs@") if has else {f"Rs@{k}": float("nan") for k in SUBSET_KS}
+    )
     out["avg"] = (out["R@5"] + out["Rs@1"]) / 2 if has else out["R@5"]
     out["protocol"] = "cirr"
     out["reference"] = "removed"
@@ -153,22 +176,42 @@ def cirr_metrics(query_emb: np.ndarray, ref_ids: np.ndarray, target_ids: np.ndar
     return out
 
 
-def evaluate(query_emb: np.ndarray, triplets, gallery, exclude_reference: bool = False,
-             chunk: int = 2048) -> dict:
+def evaluate(query_emb: np.ndarray, triplets, gallery, exclude_reference: bool = False, chunk: int = 2048) -> dict:
     """Pick the protocol from the triplets (see module doc) and compute it.
 
     query_emb: float32[m, d] for ``triplets`` (a data.workspace.Triplets); gallery: data.workspace.Gallery.
     """
     if is_cirr(triplets.categories.tolist(), triplets.img_set):
-        return cirr_metrics(query_emb, triplets.ref_ids, triplets.target_ids, triplets.img_set,
-                            gallery.embeddings, gallery.image_ids, chunk=chunk)
-    return fashioniq_metrics(query_emb, triplets.categories, triplets.ref_ids, triplets.target_ids,
-                             gallery.embeddings, gallery.image_ids, gallery.categories,
-                             exclude_reference=exclude_reference, chunk=chunk)
+        return cirr_metrics(
+            query_emb,
+            triplets.ref_ids,
+            triplets.target_ids,
+            triplets.img_set,
+            gallery.embeddings,
+            gallery.image_ids,
+            chunk=chunk,
+        )
+    return fashioniq_metrics(
+        query_emb,
+        triplets.categories,
+        triplets.ref_ids,
+        triplets.target_ids,
+        gallery.embeddings,
+        gallery.image_ids,
+        gallery.categories,
+        exclude_reference=exclude_reference,
+        chunk=chunk,
+    )
 
 
-def evaluate_queries(ws, split: str, query_emb: np.ndarray, query_ids: Optional[Sequence[str]] = None,
-                     exclude_reference: bool = False, chunk: int = 2048) -> dict:
+def evaluate_queries(
+    ws,
+    split: str,
+    query_emb: np.ndarray,
+    query_ids: Optional[Sequence[str]] = None,
+    exclude_reference: bool = False,
+    chunk: int = 2048,
+) -> dict:
     """Your model's query embeddings for the queries of ``ws``/``split``, by the dataset's protocol.
 
     query_emb: float[m, d], one row per query of the split, in the triplets' row order or in any
@@ -205,8 +248,7 @@ def format_metrics(split: str, m: dict) -> str:
     head = f"{m['protocol']} {split}: {m['n_queries']:,} queries, {ref}"
     if m["protocol"] == "cirr":
         keys = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
-        return (head + "\n" + "  ".join(f"{k} {m[k]:.2f}" for k in keys)
-                + f"  avg (R@5 + Rs@1) / 2 {m['avg']:.2f}")
+        return head + "\n" + "  ".join(f"{k} {m[k]:.2f}" for k in keys) + f"  avg (R@5 + Rs@1) / 2 {m['avg']:.2f}"
     lines = [head]
     for cat, v in m["per_category"].items():
         lines.append(f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']:,} queries)")

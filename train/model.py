@@ -20,6 +20,7 @@ embeddings that are compared with gallery image embeddings by cosine.
   every negative that differs from it in head s's groups.
 - :class:`SumFusion`: ``normalize(image + text)``, no parameters: the zero-shot baseline.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -33,25 +34,29 @@ from cir_mine.data.errors import UsageError
 MODELS = ("combiner", "attention", "dqe", "sum")
 # DQE attribute heads: head name -> the attribute groups (gallery "group:value" tags) it answers for.
 # Colour-specific (colour and surface: pattern, texture, fabric) and shape-specific (cut and parts).
-ATTR_HEADS = {"color": ("color", "pattern", "texture", "fabric"),
-              "shape": ("sleeve", "length", "neckline", "shape", "part", "style")}
+ATTR_HEADS = {
+    "color": ("color", "pattern", "texture", "fabric"),
+    "shape": ("sleeve", "length", "neckline", "shape", "part", "style"),
+}
 # A head may also answer for one attribute group alone: "group:neckline".
 GROUP_HEAD = "group:"
 
 
 def head_groups(name: str) -> tuple:
     """The attribute groups DQE head ``name`` answers for: a named head's, or a "group:NAME" head's one."""
-    return (name[len(GROUP_HEAD):],) if name.startswith(GROUP_HEAD) else ATTR_HEADS[name]
+    return (name[len(GROUP_HEAD) :],) if name.startswith(GROUP_HEAD) else ATTR_HEADS[name]
 
 
 @dataclass
 class ModelConfig:
+    # fmt: off
     kind: str = "combiner"     # combiner | attention | sum (zero-shot, no parameters)
     dim: int = 512             # embedding dimension d of the workspace
     width: float = 2.0         # projection width = width·d, hidden width = 2·width·d (CLIP4Cir: 4, 8)
     dropout: float = 0.1       # dropout after the projections and inside the combiner MLP
     heads: int = 4             # attention heads (attention model only)
     attr_heads: tuple = tuple(ATTR_HEADS)  # dqe: attribute sub-queries, names of ATTR_HEADS or "group:NAME" (one group)
+    # fmt: on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +71,9 @@ class ModelConfig:
 
 def _mixing_scalar(width_in: int, hidden: int, dropout: float) -> nn.Module:
     """MLP -> sigmoid: the dynamic λ of CLIP4Cir (one scalar per query)."""
-    return nn.Sequential(nn.Linear(width_in, hidden), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, 1), nn.Sigmoid())
+    return nn.Sequential(
+        nn.Linear(width_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1), nn.Sigmoid()
+    )
 
 
 class Combiner(nn.Module):
@@ -109,7 +115,7 @@ class AttentionFusion(nn.Module):
     def forward(self, ref_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         tokens = torch.stack([self.image_proj(ref_emb), self.text_proj(text_emb)], dim=1) + self.type_embed
         attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
-        tokens = self.norm(tokens + attended)                       # [B, 2, p]
+        tokens = self.norm(tokens + attended)  # [B, 2, p]
         img, txt = tokens[:, 0], tokens[:, 1]
         cat = torch.cat([img, txt], dim=-1)
         g = torch.sigmoid(self.gate(cat))
@@ -130,20 +136,20 @@ class DQEFusion(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(cfg.dropout))
         self.image_proj = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(cfg.dropout))
         self.combiner = nn.Sequential(nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(cfg.dropout))
-        self.output = nn.Linear(h, d * (1 + self.n_sub))       # global query + one sub-query per head
+        self.output = nn.Linear(h, d * (1 + self.n_sub))  # global query + one sub-query per head
         self.mix = _mixing_scalar(2 * p, h, cfg.dropout)
-        self.weights = nn.Linear(p, 1 + self.n_sub)            # text-conditioned attribute weights
-        nn.init.zeros_(self.weights.weight)                    # start from equal weights
+        self.weights = nn.Linear(p, 1 + self.n_sub)  # text-conditioned attribute weights
+        nn.init.zeros_(self.weights.weight)  # start from equal weights
         nn.init.zeros_(self.weights.bias)
 
     def parts(self, ref_emb: torch.Tensor, text_emb: torch.Tensor):
         tp = self.text_proj(text_emb)
         cat = torch.cat([tp, self.image_proj(ref_emb)], dim=-1)
         lam = self.mix(cat)
-        base = (lam * text_emb + (1 - lam) * ref_emb).unsqueeze(1)             # [B, 1, d]
+        base = (lam * text_emb + (1 - lam) * ref_emb).unsqueeze(1)  # [B, 1, d]
         heads = self.output(self.combiner(cat)).view(ref_emb.shape[0], 1 + self.n_sub, -1) + base
-        heads = F.normalize(heads, dim=-1)                                     # [B, 1+S, d]
-        w = torch.softmax(self.weights(tp), dim=-1)                            # [B, 1+S]
+        heads = F.normalize(heads, dim=-1)  # [B, 1+S, d]
+        w = torch.softmax(self.weights(tp), dim=-1)  # [B, 1+S]
         out = F.normalize((w.unsqueeze(-1) * heads).sum(1), dim=-1)
         return out, heads[:, 1:], w
 
@@ -180,12 +186,15 @@ class SumFusion(nn.Module):
 
 def check_attr_heads(heads: tuple) -> None:
     """DQE head names: each a name of ATTR_HEADS or "group:NAME", at least one, none twice."""
-    unknown = [h for h in heads if h not in ATTR_HEADS and not (h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD):])]
+    unknown = [h for h in heads if h not in ATTR_HEADS and not (h.startswith(GROUP_HEAD) and h[len(GROUP_HEAD) :])]
     repeated = sorted({h for h in heads if list(heads).count(h) > 1})
     if unknown or repeated or not heads:
-        raise UsageError(f"attribute heads {', '.join(unknown or repeated) or '(none)'}: use one or more of "
-                         f"{', '.join(ATTR_HEADS)} or {GROUP_HEAD}NAME (one attribute group, such as "
-                         f"{GROUP_HEAD}neckline), each once.", params=("attr_heads",))
+        raise UsageError(
+            f"attribute heads {', '.join(unknown or repeated) or '(none)'}: use one or more of "
+            f"{', '.join(ATTR_HEADS)} or {GROUP_HEAD}NAME (one attribute group, such as "
+            f"{GROUP_HEAD}neckline), each once.",
+            params=("attr_heads",),
+        )
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -208,8 +217,8 @@ def encode_queries(model: nn.Module, ref_emb, text_emb, batch_size: int = 4096):
     model.eval()
     out = np.empty_like(np.asarray(ref_emb, dtype=np.float32))
     for s in range(0, out.shape[0], batch_size):
-        r = torch.from_numpy(np.array(ref_emb[s:s + batch_size], dtype=np.float32))
-        t = torch.from_numpy(np.array(text_emb[s:s + batch_size], dtype=np.float32))
-        out[s:s + batch_size] = model(r, t).numpy()
+        r = torch.from_numpy(np.array(ref_emb[s : s + batch_size], dtype=np.float32))
+        t = torch.from_numpy(np.array(text_emb[s : s + batch_size], dtype=np.float32))
+        out[s : s + batch_size] = model(r, t).numpy()
     model.train(was_training)
     return out

@@ -1,5 +1,6 @@
 """What cir-train and ``cir-mine demo`` say about a run, as text: one function per result. They return
 lines joined by newlines and print nothing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,10 @@ def run_lines(out: str | Path, m: dict) -> str:
     """A finished run's metrics (``metrics.json``): overall, per category, and where its files are."""
     keys = [k for k in SUMMARY_METRICS if k in m]
     lines = [f"{out}: {m['model']} after {m['epochs']} epoch(s): " + "  ".join(f"{k} {m[k]:.2f}" for k in keys)]
-    lines += [f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)"
-              for cat, v in m.get("per_category", {}).items()]
+    lines += [
+        f"  {cat}: R@10 {v['R@10']:.2f}  R@50 {v['R@50']:.2f}  ({v['n']} queries)"
+        for cat, v in m.get("per_category", {}).items()
+    ]
     lines.append(f"metrics: {Path(out) / 'metrics.json'}  curves: {Path(out) / 'curves.png'}")
     return "\n".join(lines)
 
@@ -28,9 +31,12 @@ def demo_lines(out: Path, res) -> str:
     """The demo's table of runs (:class:`cir_mine.train.demo.DemoResult`), its tables, runs and time."""
     lines = ["", f"{'run':<20s} {'R@10':>7s} {'R@50':>7s}   (dev queries held out of {res.work})"]
     lines += [f"{name:<20s} {r['R@10']:7.2f} {r['R@50']:7.2f}" for name, r in res.runs.items()]
-    lines += ["", f"negatives tables: {', '.join(str(p) for p in res.tables.values())}",
-              f"runs (metrics.json, curves.png, ckpt.pt): {out / 'runs'}/",
-              f"done in {res.seconds:.0f}s"]
+    lines += [
+        "",
+        f"negatives tables: {', '.join(str(p) for p in res.tables.values())}",
+        f"runs (metrics.json, curves.png, ckpt.pt): {out / 'runs'}/",
+        f"done in {res.seconds:.0f}s",
+    ]
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """A training run as one call, the one behind ``cir-train``: the config (given, or a run's own to
 resume it), the refresh's miner when the run re-mines, and the training loop."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,11 +10,16 @@ from cir_mine.data.errors import UsageError
 from cir_mine.train.loop import TrainConfig, resume_config, train
 
 
-def run_training(cfg: Optional[TrainConfig] = None, *, resume: Optional[str | Path] = None,
-                 ray_address: Optional[str] = None, overwrite: bool = False,
-                 on_config: Optional[Callable[[TrainConfig], None]] = None,
-                 on_epoch: Optional[Callable[[dict], None]] = None,
-                 on_remine: Optional[Callable[[int, int, dict], None]] = None) -> dict:
+def run_training(
+    cfg: Optional[TrainConfig] = None,
+    *,
+    resume: Optional[str | Path] = None,
+    ray_address: Optional[str] = None,
+    overwrite: bool = False,
+    on_config: Optional[Callable[[TrainConfig], None]] = None,
+    on_epoch: Optional[Callable[[dict], None]] = None,
+    on_remine: Optional[Callable[[int, int, dict], None]] = None,
+) -> dict:
     """Train a new run with ``cfg``, or continue the run in ``resume`` with its own config; returns
     the final metrics (also in RUN/metrics.json).
 
@@ -24,8 +30,9 @@ def run_training(cfg: Optional[TrainConfig] = None, *, resume: Optional[str | Pa
     if resume is not None:
         cfg = resume_config(resume)
     elif cfg is None or not cfg.work or not cfg.out:
-        raise UsageError("work and out are required (or resume RUN to continue a run).",
-                         params=("work", "out", "resume"))
+        raise UsageError(
+            "work and out are required (or resume RUN to continue a run).", params=("work", "out", "resume")
+        )
     if on_config is not None:
         on_config(cfg)
     if not cfg.validate().refresh_every:
@@ -47,8 +54,14 @@ def _remine(cfg: TrainConfig, ray_address: Optional[str], on_remine):
                 on_remine(self.mining_round, epoch, res.meta)
             return res
 
-    return Reporting(Workspace(cfg.work), cfg.split, negatives=cfg.negatives, schedule=cfg.schedule, device="cpu",
-                     ray_address=ray_address)
+    return Reporting(
+        Workspace(cfg.work),
+        cfg.split,
+        negatives=cfg.negatives,
+        schedule=cfg.schedule,
+        device="cpu",
+        ray_address=ray_address,
+    )
 
 
 def remine_line(round: int, epoch: int, meta: dict) -> str:

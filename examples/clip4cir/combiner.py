@@ -1,6 +1,7 @@
 """A combiner with the interface of CLIP4Cir's ``src/combiner.py`` (written for this example):
 ``combine_features(image_features, text_features) -> unit query features`` and
 ``forward(image, text, target) -> logit_scale * query @ normalize(target).T`` (in-batch logits)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,10 +14,19 @@ class Combiner(nn.Module):
         super().__init__()
         self.text_proj = nn.Sequential(nn.Linear(clip_feature_dim, projection_dim), nn.ReLU(), nn.Dropout(dropout))
         self.image_proj = nn.Sequential(nn.Linear(clip_feature_dim, projection_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.mix = nn.Sequential(nn.Linear(2 * projection_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden_dim, clip_feature_dim))
-        self.gate = nn.Sequential(nn.Linear(2 * projection_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(hidden_dim, 1), nn.Sigmoid())
+        self.mix = nn.Sequential(
+            nn.Linear(2 * projection_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, clip_feature_dim),
+        )
+        self.gate = nn.Sequential(
+            nn.Linear(2 * projection_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, 1),
+            nn.Sigmoid(),
+        )
         self.logit_scale = 100
 
     def combine_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

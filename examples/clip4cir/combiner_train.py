@@ -14,6 +14,7 @@ Run on the generated fixture (CPU, seconds)::
 
 docs/clip4cir.md says what to change in CLIP4Cir's own ``combiner_train.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from combiner import Combiner
 from data_utils import FashionIQDataset, targetpad_transform
-from cir_mine import Clip4CirNegatives, MineConfig, Remine, Workspace, mine_negatives   # cir-mine
+from cir_mine import Clip4CirNegatives, MineConfig, Remine, Workspace, mine_negatives  # cir-mine
 
 
 def collate_fn(batch: list):
@@ -56,8 +57,9 @@ def randomized_captions(captions: list, rng: random.Random) -> list:
     out = []
     for c1, c2 in zip(*captions):
         c1, c2 = c1.strip(".?, "), c2.strip(".?, ")
-        out.append(rng.choice([f"{c1.capitalize()} and {c2}", f"{c2.capitalize()} and {c1}", c1.capitalize(),
-                               c2.capitalize()]))
+        out.append(
+            rng.choice([f"{c1.capitalize()} and {c2}", f"{c2.capitalize()} and {c1}", c1.capitalize(), c2.capitalize()])
+        )
     return out
 
 
@@ -68,16 +70,32 @@ def query_embeddings(clip_model, combiner, dataset, tokenizer, batch_size: int =
     out = []
     for ref, _, captions in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
         text = [f"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}" for c1, c2 in zip(*captions)]
-        out.append(combiner.combine_features(clip_model.encode_image(ref).float(),
-                                             clip_model.encode_text(tokenizer(text)).float()))
+        out.append(
+            combiner.combine_features(
+                clip_model.encode_image(ref).float(), clip_model.encode_text(tokenizer(text)).float()
+            )
+        )
     combiner.train()
     return torch.cat(out).numpy()
 
 
-def combiner_training_fiq(root: str, work: str, clip_model_name: str, clip_model_path: Optional[str] = None,
-                          num_epochs: int = 4, batch_size: int = 32, k: int = 4, remine_every: int = 2,
-                          projection_dim: int = 64, hidden_dim: int = 128, lr: float = 1e-3, target_ratio: float = 1.25,
-                          num_workers: int = 0, seed: int = 0, on_batch: Optional[Callable] = None) -> dict:
+def combiner_training_fiq(
+    root: str,
+    work: str,
+    clip_model_name: str,
+    clip_model_path: Optional[str] = None,
+    num_epochs: int = 4,
+    batch_size: int = 32,
+    k: int = 4,
+    remine_every: int = 2,
+    projection_dim: int = 64,
+    hidden_dim: int = 128,
+    lr: float = 1e-3,
+    target_ratio: float = 1.25,
+    num_workers: int = 0,
+    seed: int = 0,
+    on_batch: Optional[Callable] = None,
+) -> dict:
     """Train a combiner on FashionIQ's train split (CLIP4Cir's dress order) with mined negatives.
 
     on_batch(record): called after each step with the epoch, the batch's captions, CLIP reference
@@ -91,14 +109,21 @@ def combiner_training_fiq(root: str, work: str, clip_model_name: str, clip_model
     feature_dim = clip_model.text_projection.shape[1]
     relative_train_dataset = FashionIQDataset("train", ["dress", "toptee", "shirt"], "relative", preprocess, root)
 
-    ws = Workspace(work)                                                                   # cir-mine
-    cfg = MineConfig(strategy="hardest", k=k)                                              # cir-mine
-    rounds = [mine_negatives(ws, "train", cfg)]                                           # cir-mine
-    train_set = Clip4CirNegatives(relative_train_dataset, rounds[0], ws=ws)                # cir-mine
-    remine = Remine(ws, "train", cfg=cfg)                                                  # cir-mine
+    ws = Workspace(work)  # cir-mine
+    cfg = MineConfig(strategy="hardest", k=k)  # cir-mine
+    rounds = [mine_negatives(ws, "train", cfg)]  # cir-mine
+    train_set = Clip4CirNegatives(relative_train_dataset, rounds[0], ws=ws)  # cir-mine
+    remine = Remine(ws, "train", cfg=cfg)  # cir-mine
 
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=False, collate_fn=collate_fn,
-                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=False,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     combiner = Combiner(feature_dim, projection_dim, hidden_dim)
     optimizer = optim.Adam(combiner.parameters(), lr=lr)
     crossentropy_criterion = torch.nn.CrossEntropyLoss()
@@ -106,7 +131,7 @@ def combiner_training_fiq(root: str, work: str, clip_model_name: str, clip_model
     for epoch in range(num_epochs):
         combiner.train()
         total, seen = 0.0, 0
-        for reference_images, target_images, captions, neg_features, neg_mask in loader:   # cir-mine
+        for reference_images, target_images, captions, neg_features, neg_mask in loader:  # cir-mine
             with torch.no_grad():
                 reference_features = clip_model.encode_image(reference_images).float()
                 target_features = clip_model.encode_image(target_images).float()
@@ -121,17 +146,26 @@ def combiner_training_fiq(root: str, work: str, clip_model_name: str, clip_model
             optimizer.step()
             total, seen = total + loss.item() * len(query), seen + len(query)
             if on_batch is not None:
-                on_batch({"epoch": epoch, "captions": captions, "reference_features": reference_features,
-                          "neg_features": neg_features, "neg_mask": neg_mask})
+                on_batch(
+                    {
+                        "epoch": epoch,
+                        "captions": captions,
+                        "reference_features": reference_features,
+                        "neg_features": neg_features,
+                        "neg_mask": neg_mask,
+                    }
+                )
         losses.append(total / max(seen, 1))
-        if remine_every and (epoch + 1) % remine_every == 0 and epoch + 1 < num_epochs:         # cir-mine
+        if remine_every and (epoch + 1) % remine_every == 0 and epoch + 1 < num_epochs:  # cir-mine
             query_emb = query_embeddings(clip_model, combiner, relative_train_dataset, tokenizer)  # cir-mine
-            keep = train_set.has_query                                                           # cir-mine
+            keep = train_set.has_query  # cir-mine
             rounds.append(remine(query_emb[keep], query_ids=train_set.query_ids[keep], epoch=epoch + 1))  # cir-mine
-            train_set.set_negatives(rounds[-1])                                                  # cir-mine
-        print(f"epoch {epoch}: loss {losses[-1]:.4f}, negatives round {len(rounds) - 1}: "
-              f"{int(train_set.mask.sum())} for {len(train_set)} items")
-    remine.close()                                                                       # cir-mine
+            train_set.set_negatives(rounds[-1])  # cir-mine
+        print(
+            f"epoch {epoch}: loss {losses[-1]:.4f}, negatives round {len(rounds) - 1}: "
+            f"{int(train_set.mask.sum())} for {len(train_set)} items"
+        )
+    remine.close()  # cir-mine
     return {"losses": losses, "rounds": rounds, "combiner": combiner}
 
 
@@ -149,8 +183,19 @@ def main(argv=None) -> dict:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    return combiner_training_fiq(a.root, a.work, a.clip_model, a.clip_model_path, a.num_epochs, a.batch_size, a.k,
-                                 a.remine_every, target_ratio=a.target_ratio, num_workers=a.num_workers, seed=a.seed)
+    return combiner_training_fiq(
+        a.root,
+        a.work,
+        a.clip_model,
+        a.clip_model_path,
+        a.num_epochs,
+        a.batch_size,
+        a.k,
+        a.remine_every,
+        target_ratio=a.target_ratio,
+        num_workers=a.num_workers,
+        seed=a.seed,
+    )
 
 
 if __name__ == "__main__":

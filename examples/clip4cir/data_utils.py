@@ -6,6 +6,7 @@ of ``dress_types`` concatenated in that order, ``.image_names`` their image spli
 mode on the train split an item is ``(reference_image, target_image, captions)``, in ``classic``
 mode ``(image_name, image)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from typing import Callable, List
 
 from torch.utils.data import Dataset
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)      # CLIP's normalization
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalization
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -39,8 +40,16 @@ class TargetPad:
 def targetpad_transform(target_ratio: float, dim: int) -> Callable:
     from torchvision import transforms as T
 
-    return T.Compose([TargetPad(target_ratio), T.Resize(dim, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(dim), lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose(
+        [
+            TargetPad(target_ratio),
+            T.Resize(dim, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(dim),
+            lambda im: im.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 class FashionIQDataset(Dataset):
@@ -51,7 +60,9 @@ class FashionIQDataset(Dataset):
         self.image_names: List[str] = []
         for dress_type in self.dress_types:
             self.triplets += json.loads((self.root / "captions" / f"cap.{dress_type}.{split}.json").read_text())
-            self.image_names += json.loads((self.root / "image_splits" / f"split.{dress_type}.{split}.json").read_text())
+            self.image_names += json.loads(
+                (self.root / "image_splits" / f"split.{dress_type}.{split}.json").read_text()
+            )
 
     def _image(self, name: str):
         from PIL import Image

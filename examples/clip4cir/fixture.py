@@ -13,6 +13,7 @@
 
 No pretrained weights are needed (or downloaded): the example runs end to end on a CPU in seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ from pathlib import Path
 import numpy as np
 
 CATEGORIES = ("dress", "shirt", "toptee")
-COLORS = {"black": (20, 20, 20), "white": (240, 240, 240), "red": (210, 40, 40), "blue": (40, 70, 210),
-          "green": (40, 160, 70), "yellow": (230, 210, 40)}
+COLORS = {
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+    "red": (210, 40, 40),
+    "blue": (40, 70, 210),
+    "green": (40, 160, 70),
+    "yellow": (230, 210, 40),
+}
 TINY_CLIP = {
     "embed_dim": 32,
     "quick_gelu": True,
@@ -36,10 +43,10 @@ def _image(path: Path, rgb, seed: int) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    h, w = 48, 30                                                   # portrait, long/short 1.6 > 1.25
+    h, w = 48, 30  # portrait, long/short 1.6 > 1.25
     base = np.full((h, w, 3), 250, np.int64)
-    top, bottom = 4 + seed % 5, h - 3 - seed % 4                    # a garment-ish block on white
-    base[top:bottom, 5:w - 5] = rgb
+    top, bottom = 4 + seed % 5, h - 3 - seed % 4  # a garment-ish block on white
+    base[top:bottom, 5 : w - 5] = rgb
     base += rng.integers(-12, 12, base.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path)
@@ -62,8 +69,13 @@ def make_fixture(out: str | Path, per_category: int = 16, seed: int = 0) -> dict
         caps = []
         for j in range(2 * per_category):
             r, t = (int(x) for x in rng.choice(per_category, 2, replace=False))
-            caps.append({"candidate": asins[r], "target": asins[t],
-                         "captions": [f"is {colors[t]} not {colors[r]}", f"{cat} entry {j}"]})
+            caps.append(
+                {
+                    "candidate": asins[r],
+                    "target": asins[t],
+                    "captions": [f"is {colors[t]} not {colors[r]}", f"{cat} entry {j}"],
+                }
+            )
         if first_pair is None:
             first_pair = caps[0]
         elif cat == "toptee":
@@ -80,8 +92,8 @@ def make_fixture(out: str | Path, per_category: int = 16, seed: int = 0) -> dict
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.create_model("tiny-clip")
-    with torch.no_grad():               # random ViT features hardly depend on the image (cosine ~0.98)
-        model.visual.class_embedding.zero_()       # without the class and position embeddings the
+    with torch.no_grad():  # random ViT features hardly depend on the image (cosine ~0.98)
+        model.visual.class_embedding.zero_()  # without the class and position embeddings the
         model.visual.positional_embedding.zero_()  # class token averages the patches: colours embed apart
     checkpoint = out / "tuned_clip_best.pt"
     torch.save({"epoch": 3, "CLIP": model.state_dict()}, checkpoint)

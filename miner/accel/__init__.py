@@ -3,6 +3,7 @@ device (:mod:`.search`), and the back-end mining opens on it (:func:`device_sear
 
 A layer above the mining core (which imports no torch): the core asks for a device back-end through
 the factory it is given (``mine_negatives(..., index=device_search)``)."""
+
 from cir_mine.miner.accel.device import choose_device
 from cir_mine.miner.accel.open import device_search
 from cir_mine.miner.accel.search import TorchSearch

@@ -8,6 +8,7 @@ through :class:`~cir_mine.miner.accel.search.TorchSearch` (:func:`device_search`
 (IVF, a workspace's saved index) stay FAISS's own option: they go to the GPU when the installed
 FAISS has GPU support (``cir_mine.miner.core.search.build.use_gpu``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,16 +34,22 @@ def choose_device(device: str = "auto") -> str:
         chosen = "cuda" if seen else "cpu"
     elif not seen:
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise UsageError(f"device {device}: torch {torch.__version__} ({build}) sees no GPU. "
-                         f"Use device auto or cpu, or run on a machine with a GPU.", params=("device",))
+        raise UsageError(
+            f"device {device}: torch {torch.__version__} ({build}) sees no GPU. "
+            f"Use device auto or cpu, or run on a machine with a GPU.",
+            params=("device",),
+        )
     else:
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise UsageError(f"device {device}: torch sees {torch.cuda.device_count()} GPU(s). "
-                             f"Use device cuda or a lower index.", params=("device",))
+            raise UsageError(
+                f"device {device}: torch sees {torch.cuda.device_count()} GPU(s). Use device cuda or a lower index.",
+                params=("device",),
+            )
         chosen = device
     if (device, chosen) not in _logged:
         _logged.add((device, chosen))
-        log.info("device %s -> %s%s", device, chosen,
-                 f" ({torch.cuda.get_device_name(chosen)})" if chosen != "cpu" else "")
+        log.info(
+            "device %s -> %s%s", device, chosen, f" ({torch.cuda.get_device_name(chosen)})" if chosen != "cpu" else ""
+        )
     return chosen

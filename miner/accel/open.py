@@ -6,6 +6,7 @@ re-mining hook do): exact search (``cfg.index`` 'flat') runs on the GPU through
 the core's own (exact search on the CPU; FAISS indexes, which go to the GPU when the installed
 FAISS has GPU support).
 """
+
 from __future__ import annotations
 
 from typing import Optional

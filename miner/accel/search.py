@@ -27,6 +27,7 @@ queued, the device-to-host copies go to pinned memory), and ``mine_negatives`` s
 query batch in a worker thread while the current one is guarded (``prefetch``, on by default with a
 GPU back-end), so the device is fed from two sides.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,16 +43,26 @@ import torch
 from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.backends import FLAT_DEEP_SHARE
-from cir_mine.miner.core.search.exact import CUT_MARGIN, CUT_MARGIN_PER, UNIT_ROUNDOFF, exact_cut, max_row_norm, rounding_gap
+from cir_mine.miner.core.search.exact import (
+    CUT_MARGIN,
+    CUT_MARGIN_PER,
+    UNIT_ROUNDOFF,
+    exact_cut,
+    max_row_norm,
+    rounding_gap,
+)
 from cir_mine.miner.core.search.faiss_api import load_faiss
 from cir_mine.miner.core.search.measure import Clock, KernelRace
 
 log = logging.getLogger(__name__)
 
 # precision -> (torch dtype, unit roundoff of a value rounded to it)
-PRECISIONS = {"fp32": (torch.float32, UNIT_ROUNDOFF), "fp16": (torch.float16, 2.0 ** -11),
-              "bf16": (torch.bfloat16, 2.0 ** -8)}
-FP16_LIMIT = 1e4          # float16 galleries and scores need |values| far below float16's 65504
+PRECISIONS = {
+    "fp32": (torch.float32, UNIT_ROUNDOFF),
+    "fp16": (torch.float16, 2.0**-11),
+    "bf16": (torch.bfloat16, 2.0**-8),
+}
+FP16_LIMIT = 1e4  # float16 galleries and scores need |values| far below float16's 65504
 # device bytes the back-end may hold (gallery copy + one chunk's working set), by device type
 DEFAULT_MEMORY = {"cuda": 8 << 30, "cpu": 1 << 30}
 # gallery rows scored per GEMM, by device type (CPU: a [queries, 16k] block of scores, in one buffer
@@ -59,10 +70,10 @@ DEFAULT_MEMORY = {"cuda": 8 << 30, "cpu": 1 << 30}
 # last-level cache for the heaps, measured 1.16x faster than 64k-row blocks at 100k x 256, 4096
 # queries, depth 512; GPU: large blocks keep the device busy and let the grouped top-k pay)
 BLOCK_ROWS = {"cuda": 262_144, "cpu": 16_384}
-GROUP = 32                # columns per group of the grouped top-k (block_topk)
-WIDEN = {"fp32": 1.0, "fp16": 2.0, "bf16": 4.0}   # first scan depth per depth asked (doubles when short)
+GROUP = 32  # columns per group of the grouped top-k (block_topk)
+WIDEN = {"fp32": 1.0, "fp16": 2.0, "bf16": 4.0}  # first scan depth per depth asked (doubles when short)
 MAX_WIDEN = 64.0
-KERNELS = {"cpu": ("heap", "topk"), "cuda": ("topk",)}   # selection kernels by device type, raced in order
+KERNELS = {"cpu": ("heap", "topk"), "cuda": ("topk",)}  # selection kernels by device type, raced in order
 
 
 def default_precision(device: str) -> str:
@@ -79,7 +90,7 @@ def gemm_roundoff(precision: str, device: torch.device) -> float:
     tf32 = device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
     if mode == "highest" and not tf32:
         return 0.0
-    return 2.0 ** -11 if mode == "high" or (tf32 and mode == "highest") else 2.0 ** -8
+    return 2.0**-11 if mode == "high" or (tf32 and mode == "highest") else 2.0**-8
 
 
 def score_roundoff(precision: str, device: torch.device, d: int, row_norm: float) -> float:
@@ -94,7 +105,7 @@ def score_roundoff(precision: str, device: torch.device, d: int, row_norm: float
     u_p = gemm_roundoff(precision, device)
     extra = 4.0 * u_p + 4.0 * UNIT_ROUNDOFF
     if precision == "fp16":
-        extra += math.sqrt(d) * 2.0 ** -24 * (1.0 + 1.0 / max(row_norm, 1e-30))
+        extra += math.sqrt(d) * 2.0**-24 * (1.0 + 1.0 / max(row_norm, 1e-30))
     return extra
 
 
@@ -110,11 +121,18 @@ class TorchSearch:
     kernels: the selection kernels to race (None: KERNELS of the device type)."""
 
     exact = True
-    cheap_depth = True          # a deeper search costs about the same (see ExactSearch)
-    deep_share = FLAT_DEEP_SHARE   # ExactSearch's (docs/search.md, "Tuned settings")
+    cheap_depth = True  # a deeper search costs about the same (see ExactSearch)
+    deep_share = FLAT_DEEP_SHARE  # ExactSearch's (docs/search.md, "Tuned settings")
 
-    def __init__(self, xb: np.ndarray, device: str = "cpu", precision: str = "auto", memory: Optional[int] = None,
-                 block_rows: Optional[int] = None, kernels: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        xb: np.ndarray,
+        device: str = "cpu",
+        precision: str = "auto",
+        memory: Optional[int] = None,
+        block_rows: Optional[int] = None,
+        kernels: Optional[Sequence[str]] = None,
+    ):
         self.xb = xb
         self.ntotal, self.d = int(xb.shape[0]), int(xb.shape[1])
         self.device = torch.device(device)
@@ -125,8 +143,10 @@ class TorchSearch:
         kind = "cpu" if self.device.type == "cpu" else "cuda"
         kernels = tuple(kernels) if kernels is not None else KERNELS[kind]
         if not kernels or set(kernels) - set(KERNELS[kind]):
-            raise UsageError(f"kernels {list(kernels)!r}: on a {kind} device choose among {list(KERNELS[kind])}.",
-                             params=("kernels",))
+            raise UsageError(
+                f"kernels {list(kernels)!r}: on a {kind} device choose among {list(KERNELS[kind])}.",
+                params=("kernels",),
+            )
         self.race = KernelRace(kernels)
         self.memory = int(memory) if memory is not None else self._default_memory(kind)
         if self.memory < 1 << 20:
@@ -135,16 +155,23 @@ class TorchSearch:
         self.mapped = isinstance(xb, np.memmap)
         self.row_norm = max_row_norm(xb)
         if self.precision == "fp16" and self.row_norm > FP16_LIMIT:
-            raise UsageError(f"precision fp16: gallery rows have norms up to {self.row_norm:.3g}, beyond what "
-                             f"float16 scores hold. Use precision fp32 or bf16.", params=("precision",))
+            raise UsageError(
+                f"precision fp16: gallery rows have norms up to {self.row_norm:.3g}, beyond what "
+                f"float16 scores hold. Use precision fp32 or bf16.",
+                params=("precision",),
+            )
         self.extra_gap = score_roundoff(self.precision, self.device, self.d, self.row_norm)
         self.clock = Clock()
         self._widen = WIDEN[self.precision]
         self._lock = threading.Lock()
         self.gallery = self._resident()
-        log.info("torch search on %s in %s: gallery %s, %d MiB budget", self.device, self.precision,
-                 "resident" if self.gallery is not None else f"streamed in blocks of {self.block_rows}",
-                 self.memory >> 20)
+        log.info(
+            "torch search on %s in %s: gallery %s, %d MiB budget",
+            self.device,
+            self.precision,
+            "resident" if self.gallery is not None else f"streamed in blocks of {self.block_rows}",
+            self.memory >> 20,
+        )
 
     # -- memory -----------------------------------------------------------------------------------
     def _default_memory(self, kind: str) -> int:
@@ -168,8 +195,8 @@ class TorchSearch:
             return _host_tensor(np.ascontiguousarray(self.xb, np.float32))
         out = torch.empty((self.ntotal, self.d), dtype=self.dtype, device=self.device)
         for s in range(0, self.ntotal, self.block_rows):
-            block = _host_tensor(np.ascontiguousarray(self.xb[s:s + self.block_rows], np.float32))
-            out[s:s + len(block)] = block.to(self.device).to(self.dtype)
+            block = _host_tensor(np.ascontiguousarray(self.xb[s : s + self.block_rows], np.float32))
+            out[s : s + len(block)] = block.to(self.device).to(self.dtype)
         return out
 
     def chunk_queries(self, L: int) -> int:
@@ -192,16 +219,17 @@ class TorchSearch:
             return exact_cut(self.xb, xq, k, None, self.ntotal, self.row_norm, self.extra_gap, self.clock)
         qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
         unit = (xq / np.where(qnorm > 0, qnorm, 1.0)[:, None]).astype(np.float32)
-        depth0 = int(max(1, min(self.ntotal, k + CUT_MARGIN + k // CUT_MARGIN_PER)))    # exact_cut's first depth
+        depth0 = int(max(1, min(self.ntotal, k + CUT_MARGIN + k // CUT_MARGIN_PER)))  # exact_cut's first depth
         step = self.chunk_queries(self.scan_depth(depth0))
-        step = -(-nq // -(-nq // step))                    # chunks of equal size within the budget
+        step = -(-nq // -(-nq // step))  # chunks of equal size within the budget
         chunks = [np.arange(s, min(nq, s + step), dtype=np.int64) for s in range(0, nq, step)]
         D = np.empty((nq, k), np.float32)
         I = np.empty((nq, k), np.int64)
-        ahead = len(self.race.names) == 1          # one kernel (a GPU's): each chunk launched one ahead
+        ahead = len(self.race.names) == 1  # one kernel (a GPU's): each chunk launched one ahead
         with torch.inference_mode(), _full_precision_sums(self.device):
-            launch = lambda q: self.clock.timed("search", self._launch, self.race.names[0], unit[q], qnorm[q], k,  # noqa: E731
-                                                 self.scan_depth(depth0))
+            launch = lambda q: self.clock.timed(
+                "search", self._launch, self.race.names[0], unit[q], qnorm[q], k, self.scan_depth(depth0)
+            )
             pending = launch(chunks[0]) if ahead else None
             for j, q in enumerate(chunks):
                 first = pending
@@ -213,14 +241,20 @@ class TorchSearch:
 
     def _cut(self, xq, unit, qnorm, k: int, depth0: int, first) -> tuple[np.ndarray, np.ndarray]:
         """exact_cut over one chunk: its first fetch may be launched already, the others run here."""
+
         def fetch(q: np.ndarray, depth: int):
             if first is not None and depth == depth0 and q.size == len(xq):
                 return self._take(first, depth == depth0)
             L = self.scan_depth(depth)
-            bound, rows = self.race.run(q.size, depth, lambda kernel, part: self._take(
-                self._launch(kernel, unit[q[part]], qnorm[q[part]], k, L), depth == depth0, L))
+            bound, rows = self.race.run(
+                q.size,
+                depth,
+                lambda kernel, part: self._take(
+                    self._launch(kernel, unit[q[part]], qnorm[q[part]], k, L), depth == depth0, L
+                ),
+            )
             alive = np.flatnonzero((rows >= 0).any(0))
-            return bound, rows[:, :alive[-1] + 1] if alive.size else rows[:, :0]
+            return bound, rows[:, : alive[-1] + 1] if alive.size else rows[:, :0]
 
         return exact_cut(self.xb, xq, k, fetch, self.ntotal, self.row_norm, self.extra_gap, self.clock)
 
@@ -256,7 +290,7 @@ class TorchSearch:
             pos = torch.clamp(count, max=L - 1)
             bound = torch.where(count < L, vals.gather(1, pos[:, None])[:, 0], vals[:, L - 1])
             idx = torch.where(torch.arange(L, device=vals.device)[None, :] < count[:, None], idx, -1)
-        else:                                   # every row scanned: all returned
+        else:  # every row scanned: all returned
             count = torch.full((len(vals),), L, dtype=torch.int64, device=vals.device)
             bound = torch.full((len(vals),), -math.inf, device=vals.device)
         return Launched(idx, bound, count, qnorm, L, L < self.ntotal)
@@ -270,7 +304,7 @@ class TorchSearch:
         """(start, device block) over the gallery: slices of the resident copy, or uploaded blocks."""
         for s in range(0, self.ntotal, self.block_rows):
             if self.gallery is not None:
-                block = self.gallery[s:s + self.block_rows]
+                block = self.gallery[s : s + self.block_rows]
             else:
                 host = _host_tensor(read_block(self.xb, s, s + self.block_rows))
                 if self.device.type == "cuda":
@@ -297,7 +331,7 @@ class TorchSearch:
             vals.append(v)
             idx.append(i + s)
             width += v.shape[1]
-            if width >= 4 * L and len(vals) > 1:         # merge now and then: memory stays bounded
+            if width >= 4 * L and len(vals) > 1:  # merge now and then: memory stays bounded
                 v, i = _merge(vals, idx, L)
                 vals, idx, width = [v], [i], v.shape[1]
         return _merge(vals, idx, L)
@@ -315,9 +349,19 @@ class TorchSearch:
 
     def describe(self) -> dict:
         """What the footer's ``search`` record holds."""
-        return {"index": "flat", "factory": "Flat", "exact": True, "params": {}, "overfetch": 1.0,
-                "gpu": self.device.type == "cuda", "blocked": self.gallery is None, "backend": "torch",
-                "device": str(self.device), "precision": self.precision, "memory": self.memory}
+        return {
+            "index": "flat",
+            "factory": "Flat",
+            "exact": True,
+            "params": {},
+            "overfetch": 1.0,
+            "gpu": self.device.type == "cuda",
+            "blocked": self.gallery is None,
+            "backend": "torch",
+            "device": str(self.device),
+            "precision": self.precision,
+            "memory": self.memory,
+        }
 
     def measured(self) -> dict:
         """The selection kernels' race and the seconds per stage so far (for the footer and ``-v``):
@@ -329,13 +373,14 @@ class Launched:
     """One scan's results, copied to the host when :meth:`result` is asked (on a GPU, into pinned
     memory without waiting for the device)."""
 
-    def __init__(self, idx: torch.Tensor, bound: torch.Tensor, count: torch.Tensor, qnorm: np.ndarray, L: int,
-                 trimmed: bool):
+    def __init__(
+        self, idx: torch.Tensor, bound: torch.Tensor, count: torch.Tensor, qnorm: np.ndarray, L: int, trimmed: bool
+    ):
         cuda = idx.device.type == "cuda"
         self.L, self.qnorm, self.trimmed = L, qnorm, trimmed
         self.rows = self.bound = None
         self.saturated = 0
-        width = L if cuda else int(count.max())                 # no device sync on a GPU
+        width = L if cuda else int(count.max())  # no device sync on a GPU
         self._idx = _to_host(idx[:, :width], cuda)
         self._bound = _to_host(bound.to(torch.float64), cuda)
         self._count = _to_host(count, cuda)
@@ -351,7 +396,7 @@ class Launched:
             count = self._count.numpy()
             width = int(count.max()) if count.size else 0
             self.rows = np.ascontiguousarray(self._idx.numpy()[:, :width], np.int64)
-            self.bound = self._bound.numpy() * self.qnorm      # back from unit queries to the queries' scale
+            self.bound = self._bound.numpy() * self.qnorm  # back from unit queries to the queries' scale
             self.saturated = int((count >= self.L).sum()) if self.trimmed else 0
         return self
 
@@ -366,12 +411,12 @@ def block_topk(S: torch.Tensor, L: int, group: int = GROUP) -> tuple[torch.Tenso
     returns the true best ``L`` values; ties at the L-th may go either way, as in any top-k. The
     top-k then scans R / group maxima and L x group columns instead of R."""
     b, R = S.shape
-    if L >= R:                                              # a copy: S may be a reused buffer
+    if L >= R:  # a copy: S may be a reused buffer
         return S.clone(), torch.arange(R, device=S.device).expand(b, R)
     whole = R - R % group
     if group <= 1 or whole // group <= 2 * L:
         return torch.topk(S, L, dim=1, sorted=False)
-    groups = S[:, :whole].unfold(1, group, group)                     # [b, R / group, group], a view
+    groups = S[:, :whole].unfold(1, group, group)  # [b, R / group, group], a view
     _, best = torch.topk(groups.amax(-1), L, dim=1, sorted=False)
     cols = (best[:, :, None] * group + torch.arange(group, device=S.device)).reshape(b, -1)
     if whole < R:
@@ -384,7 +429,7 @@ def _scores(q: torch.Tensor, block: torch.Tensor, buf: Optional[torch.Tensor] = 
     """q @ block.T as float32[b, rows] (into ``buf``'s memory when given, for float32 operands):
     fp16/bf16 GEMMs on a GPU write float32 (summed in float32)."""
     if buf is not None and q.dtype == torch.float32 and block.dtype == torch.float32:
-        return torch.mm(q, block.T, out=buf[:len(q) * len(block)].view(len(q), len(block)))
+        return torch.mm(q, block.T, out=buf[: len(q) * len(block)].view(len(q), len(block)))
     if q.dtype != torch.float32 and q.device.type == "cuda":
         try:
             return torch.mm(q, block.T, out_dtype=torch.float32)
@@ -440,4 +485,6 @@ def _full_precision_sums(device: torch.device):
         with _reductions_lock:
             _reductions["users"] -= 1
             if _reductions["users"] == 0:
-                m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = _reductions["saved"]
+                m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = _reductions[
+                    "saved"
+                ]

@@ -9,6 +9,7 @@ candidate matrix then needs only integer gathers. The evidence key of an image f
 the API can read (the vocabulary's evidence for the group and the raw ``group:value`` set), so the
 tables hold exactly the API's answers; a test checks the equivalence on random pairs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,6 +44,7 @@ def _evidence_fn():
 
 @dataclass
 class AttrCodes:
+    # fmt: off
     combo: np.ndarray          # int32[n] combo id per gallery row
     bits: np.ndarray           # uint64[n_combo, W] attribute-vocabulary bitset per combo
     groups: list               # raw attribute groups (gallery and requests)
@@ -52,12 +54,17 @@ class AttrCodes:
     q_key: np.ndarray          # int32[m, Gr] request-part key per query and group (-1: not asked)
     tables: list               # per requested group: int8[n_q_keys, n_cand_keys] status table
     q_group_asked: np.ndarray  # bool[m, G] the query requests this raw group
+    # fmt: on
 
     @classmethod
-    def build(cls, gallery_attrs: Sequence[Sequence[str]], requests: Sequence[A.Requested],
-              ref_rows: Optional[np.ndarray] = None) -> "AttrCodes":
+    def build(
+        cls,
+        gallery_attrs: Sequence[Sequence[str]],
+        requests: Sequence[A.Requested],
+        ref_rows: Optional[np.ndarray] = None,
+    ) -> "AttrCodes":
         """``requests``: one per query; ``ref_rows``: int64[m] the queries' reference rows (comparatives)."""
-        if hasattr(gallery_attrs, "combos"):          # AttrLists: vectorized over rows
+        if hasattr(gallery_attrs, "combos"):  # AttrLists: vectorized over rows
             combo, combos = gallery_attrs.combos()
         else:
             combo_of: dict = {}
@@ -92,8 +99,8 @@ class AttrCodes:
         if req_groups:
             evidence = _evidence_fn()
             combo_ev = [evidence(c) for c in combos]
-            ckeys: list = [dict() for _ in req_groups]      # evidence -> key, per group
-            crep: list = [[] for _ in req_groups]           # key -> representative combo
+            ckeys: list = [dict() for _ in req_groups]  # evidence -> key, per group
+            crep: list = [[] for _ in req_groups]  # key -> representative combo
             for ci, ev in enumerate(combo_ev):
                 for g, j in ri.items():
                     e = ev.get(g)
@@ -102,7 +109,7 @@ class AttrCodes:
                         crep[j].append(ci)
                     cand_key[ci, j] = k
             qkeys: list = [dict() for _ in req_groups]
-            qrep: list = [[] for _ in req_groups]           # key -> (Requested restricted to g, ref attrs)
+            qrep: list = [[] for _ in req_groups]  # key -> (Requested restricted to g, ref attrs)
             for qi, r in enumerate(requests):
                 ref_combo = int(combo[ref_rows[qi]]) if ref_rows is not None else None
                 for g in r.groups:
@@ -112,9 +119,11 @@ class AttrCodes:
                     part = (r.positive.get(g), r.negative.get(g), comp, ref_e)
                     k = qkeys[j].setdefault(part, len(qkeys[j]))
                     if k == len(qrep[j]):
-                        sub = A.Requested({g: r.positive[g]} if g in r.positive else {},
-                                          {g: r.negative[g]} if g in r.negative else {},
-                                          {g: comp} if comp else {})
+                        sub = A.Requested(
+                            {g: r.positive[g]} if g in r.positive else {},
+                            {g: r.negative[g]} if g in r.negative else {},
+                            {g: comp} if comp else {},
+                        )
                         qrep[j].append((sub, list(combos[ref_combo]) if ref_combo is not None else None))
                     q_key[qi, j] = k
             for j, g in enumerate(req_groups):

@@ -21,6 +21,7 @@ one, and "no pattern" is the phrase for ``pattern:solid``). A negator ("no", "no
 "much", ...) in between. Phrases that rule a value out (``not``: "has sleeves" rules out
 sleeveless) flip under negation ("without a pattern" -> solid).
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,9 +42,11 @@ _SLASH = re.compile(r"(?<![0-9])/|/(?![0-9])")  # "w/black" -> "w black"; "3/4" 
 
 @dataclass(frozen=True)
 class Requested:
+    # fmt: off
     positive: dict = field(default_factory=dict)     # group -> frozenset of values asked for
     negative: dict = field(default_factory=dict)     # group -> frozenset of values ruled out
     comparative: dict = field(default_factory=dict)  # group -> "more" | "less" (towards the high | low end of its order)
+    # fmt: on
 
     @property
     def groups(self) -> frozenset:
@@ -72,11 +75,13 @@ def tokens(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Group:
+    # fmt: off
     name: str                      # group name ("sleeve")
     values: tuple                  # value names, in file order
     order: tuple                   # ordinal groups: values low -> high; () when unordered
     exclusive: bool = False        # an item has one value of the group (tags of another value contradict)
     excludes: dict = field(default_factory=dict)  # value -> frozenset of values it cannot co-occur with (symmetric)
+    # fmt: on
 
     def conflict(self, a: str, b: str) -> bool:
         return b in self.excludes.get(a, ()) or a in self.excludes.get(b, ())
@@ -86,6 +91,7 @@ class Group:
 class Vocabulary:
     """A parsed vocabulary file: phrase tables for matching and the gallery-attribute mapping."""
 
+    # fmt: off
     source: str                    # file it came from
     groups: dict                   # group name -> Group
     phrases: dict                  # token tuple -> ("value" | "not", group, value) or ("cmp", group, "more" | "less")
@@ -95,6 +101,7 @@ class Vocabulary:
     gallery: dict                  # gallery attribute -> list of (group, value, exact): exact for the vocabulary's
                                    # own "group:value" names (ground truth), partial for tags ("part:sleeveless")
     max_len: int = 1               # longest phrase, in tokens
+    # fmt: on
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
@@ -125,8 +132,10 @@ def _default() -> Vocabulary:
 
 
 def _bad(source: str, what: str) -> DataError:
-    return DataError(f"{source}: {what}. Fix the vocabulary file (the shipped "
-                     f"miner/core/vocabulary.json shows the format) or pass another one.")
+    return DataError(
+        f"{source}: {what}. Fix the vocabulary file (the shipped "
+        f"miner/core/vocabulary.json shows the format) or pass another one."
+    )
 
 
 def _str_list(obj, source: str, where: str) -> list[str]:
@@ -156,8 +165,10 @@ def _parse(obj: dict, source: str) -> Vocabulary:
 
     def add(key: tuple, entry: tuple, where: str) -> None:
         if key in phrases and phrases[key] != entry:
-            raise _bad(source, f"phrase {' '.join(key)!r} is used twice ({where_of[key]} and {where}); "
-                               f"keep each phrase in one place")
+            raise _bad(
+                source,
+                f"phrase {' '.join(key)!r} is used twice ({where_of[key]} and {where}); keep each phrase in one place",
+            )
         phrases[key], where_of[key] = entry, where
 
     modifiers: dict = {}
@@ -200,13 +211,14 @@ def _parse(obj: dict, source: str) -> Vocabulary:
                 raise _bad(source, f"group {g!r} has '{direction}' phrases but no 'order' (its values low to high)")
             for p in cmp:
                 add(_phrase_key(p, source, g), ("cmp", g, direction), f"{g} '{direction}'")
-        suffixes[g] = {_phrase_key(p, source, g): True
-                       for p in _str_list(spec.get("suffixes"), source, f"group {g!r} 'suffixes'")}
+        suffixes[g] = {
+            _phrase_key(p, source, g): True for p in _str_list(spec.get("suffixes"), source, f"group {g!r} 'suffixes'")
+        }
         exclusive = spec.get("exclusive", False)
         if not isinstance(exclusive, bool):
             raise _bad(source, f"group {g!r} 'exclusive' must be true or false")
         groups[g] = Group(g, tuple(values), tuple(order), exclusive, excludes)
-    for g, group in groups.items():      # the vocabulary's own names are exact unless a value lists them as a tag
+    for g, group in groups.items():  # the vocabulary's own names are exact unless a value lists them as a tag
         for v in group.values:
             gallery.setdefault(f"{g}:{v}", [(g, v, True)])
     max_len = max(len(k) for k in [*phrases, *modifiers, *(s for d in suffixes.values() for s in d)])
@@ -224,7 +236,7 @@ def load_vocabulary(path: Optional[str | Path] = None) -> Vocabulary:
 
 def _longest(table: dict, toks: tuple, i: int, max_len: int):
     for n in range(min(max_len, len(toks) - i), 0, -1):
-        hit = table.get(toks[i:i + n])
+        hit = table.get(toks[i : i + n])
         if hit is not None:
             return hit, n
     return None, 0
@@ -265,7 +277,7 @@ def _extract(vocab: Vocabulary, toks: tuple) -> Requested:
                         ruled_out = not ruled_out
                     (neg if ruled_out else pos).setdefault(g, set()).add(x)
             # "no sleeves or collar": a negation (own or in the phrase) carries over "or"
-            chain = pending == "neg" or vocab.modifiers.get(toks[i:i + 1]) == "neg"
+            chain = pending == "neg" or vocab.modifiers.get(toks[i : i + 1]) == "neg"
             pending, gap = None, 0
             i += length
             i += _longest(vocab.suffixes[g], toks, i, vocab.max_len)[1]
@@ -351,8 +363,9 @@ def _judge(group: Group, vals: set, exact: bool, pos: frozenset, neg: frozenset)
     return verdict
 
 
-def requested_status(attrs: Iterable[str], req: Requested, vocab: Optional[Vocabulary] = None,
-                     ref_attrs: Optional[Iterable[str]] = None) -> dict[str, Optional[bool]]:
+def requested_status(
+    attrs: Iterable[str], req: Requested, vocab: Optional[Vocabulary] = None, ref_attrs: Optional[Iterable[str]] = None
+) -> dict[str, Optional[bool]]:
     """Per requested group: True (satisfied), False (contradicted), None (the gallery cannot tell).
 
     ``attrs`` are an image's gallery attributes (synthetic ``sleeve:short`` or FashionIQ tags such
@@ -372,12 +385,13 @@ def requested_status(attrs: Iterable[str], req: Requested, vocab: Optional[Vocab
     for g in req.groups:
         vals, exact = have.get(g, (set(), False))
         group = vocab.groups.get(g)
-        if group is None:                 # a group the vocabulary lacks: raw group:value attributes, exact
+        if group is None:  # a group the vocabulary lacks: raw group:value attributes, exact
             vals, exact, group = group_values(attrs).get(g, set()), True, Group(g, (), ())
         verdicts = []
         if vals and group is not None and (g in req.positive or g in req.negative):
-            verdicts.append(_judge(group, vals, exact, req.positive.get(g, frozenset()),
-                                   req.negative.get(g, frozenset())))
+            verdicts.append(
+                _judge(group, vals, exact, req.positive.get(g, frozenset()), req.negative.get(g, frozenset()))
+            )
         if g in req.comparative and group is not None and vals and g in ref:
             ref_vals, ref_exact = ref[g]
             verdicts.append(_compare(group, vals, ref_vals, req.comparative[g], exact and ref_exact))

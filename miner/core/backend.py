@@ -1,4 +1,5 @@
 """Step 2 of a mining run: the search back-end it searches through, opened (and tuned) once."""
+
 from __future__ import annotations
 
 from cir_mine.data.workspace import Workspace, file_digest
@@ -26,7 +27,7 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     xb = prep.pool.xb
     n, d = xb.shape
     if index is not None and not hasattr(index, "search"):
-        made = index(xb, cfg)            # a factory from above the core (the device rule's back-end)
+        made = index(xb, cfg)  # a factory from above the core (the device rule's back-end)
         if made is not None:
             check_backend(made, n, d, "the device back-end")
             return made, {**made.describe(), "source": "built"}
@@ -35,9 +36,15 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
         if hasattr(index, "describe"):
             check_backend(index, n, d, "the given back-end")
             return index, {**index.describe(), "source": "given"}
-        check_index(index, prep.g, "the given index", ws.gallery_path(split), fix="Pass an index built from this gallery")
-        backend = Reranked(index, xb, cfg.overfetch or 1.0, {"index": "given", "factory": type(index).__name__,
-                                                                 "params": current_params(index)})
+        check_index(
+            index, prep.g, "the given index", ws.gallery_path(split), fix="Pass an index built from this gallery"
+        )
+        backend = Reranked(
+            index,
+            xb,
+            cfg.overfetch or 1.0,
+            {"index": "given", "factory": type(index).__name__, "params": current_params(index)},
+        )
         backend.exact = index_kind(index) == "flat"
         if cfg.fixed_params():
             backend.set_params(cfg.fixed_params())
@@ -50,11 +57,17 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
         path = ws.index_path(split)
         meta = index_meta(path)
         raw = load_index(path, "cpu" if "HNSW" in str(meta.get("factory", "")) else cfg.device)
-        check_index(raw, prep.g, path, ws.gallery_path(split), meta.get("gallery_hash"),
-                    f"Rebuild it with `cir-mine index work={ws.root} split={split}`", ("work", "split"))
+        check_index(
+            raw,
+            prep.g,
+            path,
+            ws.gallery_path(split),
+            meta.get("gallery_hash"),
+            f"Rebuild it with `cir-mine index work={ws.root} split={split}`",
+            ("work", "split"),
+        )
         factory = meta.get("factory") or type(raw).__name__
-        info = {"index": "workspace", "factory": factory, "file": path.name,
-                "fingerprint": file_digest(path)}
+        info = {"index": "workspace", "factory": factory, "file": path.name, "fingerprint": file_digest(path)}
     else:
         raw = build_index(xb, spec, cfg.device, cfg.fp16, cfg.seed)
         factory = factory_string(spec, n, d)

@@ -1,6 +1,7 @@
 """The mining config: :class:`MineConfig`, its validation, and one flat namespace of options over it,
 its guards and every strategy's parameters (``MineConfig.of(strategy="midzone", delta_lo=0.05)``);
 it round-trips through a negatives table's footer (``to_dict`` / ``from_dict``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ SAMPLE_ORDERS = ("top", "random")
 
 @dataclass
 class MineConfig:
+    # fmt: off
     strategy: Optional[str] = None        # one strategy, by its registry name (or use mix / schedule)
     mix: Optional[str] = None             # a mix, e.g. midzone:0.6,category:0.3,random:0.1 (k split by shares)
     schedule: Optional[str] = None        # curriculum epoch:mix, e.g. 0:random,2:midzone,4:hardest (stored for
@@ -61,6 +63,7 @@ class MineConfig:
                                           # GPU index or the exact CPU search of an in-memory gallery)
     guards: GuardConfig = field(default_factory=GuardConfig)  # the false-negative guards
     params: dict = field(default_factory=default_params)      # strategy name -> its parameter dataclass
+    # fmt: on
 
     # -- flat options: one namespace over this config, its guards and every strategy's parameters
     @classmethod
@@ -119,8 +122,11 @@ class MineConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("guards", "params")}
         d["guards"] = dataclasses.asdict(self.guards)
-        d["params"] = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
-                       for name, p in self.params.items() if dataclasses.fields(p)}
+        d["params"] = {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
+            for name, p in self.params.items()
+            if dataclasses.fields(p)
+        }
         return d
 
     @classmethod
@@ -143,8 +149,9 @@ class MineConfig:
             return parse_mix(given[0])
         if self.schedule:
             return mix_at(parse_schedule(self.schedule), mining_round)
-        raise UsageError("nothing to mine: pass strategy NAME, mix SPEC or schedule SPEC.",
-                         params=("strategy", "mix", "schedule"))
+        raise UsageError(
+            "nothing to mine: pass strategy NAME, mix SPEC or schedule SPEC.", params=("strategy", "mix", "schedule")
+        )
 
     def validate(self, mining_round: int = 0) -> list[tuple[str, float]]:
         """Check every option (errors name the option); returns the mix of ``mining_round``."""
@@ -157,8 +164,10 @@ class MineConfig:
         if self.sample is not None and self.sample not in SAMPLE_ORDERS:
             raise UsageError(f"sample {self.sample!r}: use top or random.", params=("sample",))
         if self.max_candidates is not None and self.max_candidates < 1:
-            raise UsageError("max_candidates must be at least 1 (use max_candidates=None to switch deepening off).",
-                             params=("max_candidates", "max_candidates=None"))
+            raise UsageError(
+                "max_candidates must be at least 1 (use max_candidates=None to switch deepening off).",
+                params=("max_candidates", "max_candidates=None"),
+            )
         if self.candidates is not None and self.candidates < 1:
             raise UsageError("candidates must be at least 1.", params=("candidates",))
         if self.query_batch < 1:
@@ -178,8 +187,10 @@ class MineConfig:
             if v is not None and v < 1:
                 raise UsageError(f"{name} must be at least 1 (got {v}).", params=(name,))
         if self.search_params and (self.nprobe or self.ef_search):
-            raise UsageError("give either search_params or nprobe / ef_search, not both.",
-                             params=("search_params", "nprobe", "ef_search"))
+            raise UsageError(
+                "give either search_params or nprobe / ef_search, not both.",
+                params=("search_params", "nprobe", "ef_search"),
+            )
         if self.overfetch is not None and self.overfetch < 1:
             raise UsageError(f"overfetch must be at least 1 (got {self.overfetch}).", params=("overfetch",))
         self.fixed_params()

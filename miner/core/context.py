@@ -19,6 +19,7 @@ as ``fn(ctx, k, stream, params) -> Picks`` with ``ctx`` a :class:`BatchContext`:
 Every matrix is indexed [query of the batch, candidate]; integer gallery rows never leave miner/.
 The guards' removals are counted per query in ``ctx.counts``.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,10 +40,18 @@ from cir_mine.miner.core.strategies import Candidates, Picks, hash_keys
 class BatchContext:
     """What a strategy sees for b queries: the guarded ranked candidates and samplers."""
 
-    def __init__(self, pool: Pool, qs: QuerySet, q: np.ndarray, cfg: MineConfig, index=None, depth: int = 0,
-                 clock: Optional[Clock] = None):
+    def __init__(
+        self,
+        pool: Pool,
+        qs: QuerySet,
+        q: np.ndarray,
+        cfg: MineConfig,
+        index=None,
+        depth: int = 0,
+        clock: Optional[Clock] = None,
+    ):
         self.pool, self.qs, self.q, self.cfg = pool, qs, q, cfg
-        self.clock = clock           # seconds of the guards (see :class:`~cir_mine.miner.core.search.measure.Clock`)
+        self.clock = clock  # seconds of the guards (see :class:`~cir_mine.miner.core.search.measure.Clock`)
         self.index, self.depth = index, depth
         self.gcfg = cfg.guards
         self.b = len(q)
@@ -50,12 +59,17 @@ class BatchContext:
         self.counts = {g: np.zeros(self.b, np.int64) for g in GUARDS}
         self.taken_keys = np.zeros(0, np.int64)
         self.ranked: Optional[Candidates] = None
-        self.prepared: dict = {}     # strategy name -> its prepare() state for this run
+        self.prepared: dict = {}  # strategy name -> its prepare() state for this run
         self._cache: dict = {}
 
     # candidates
-    def candidates(self, rows: np.ndarray, scores: Optional[np.ndarray] = None,
-                   ranks: Optional[np.ndarray] = None, distinct: bool = False) -> Candidates:
+    def candidates(
+        self,
+        rows: np.ndarray,
+        scores: Optional[np.ndarray] = None,
+        ranks: Optional[np.ndarray] = None,
+        distinct: bool = False,
+    ) -> Candidates:
         """Guard a [b, L] matrix of gallery rows (scores s(q, c) computed when not given;
         ``distinct``: no row repeats within a query's list, as in a search's results)."""
         pool, qs, q = self.pool, self.qs, self.q
@@ -70,15 +84,25 @@ class BatchContext:
         d = delta_of(ts, scores)
         product = np.where(present, pool.product[safe], -1)
         t = time.perf_counter()
-        valid, counts = apply_guards(rows, product, scores, lambda need: self._near_dup_sims(rows, d, need), ts, pool.product[qs.target_rows[q]],
-                                     pool.product[qs.ref_rows[q]], q, qs.extra, qs.verified,
-                                     self.gcfg, distinct and pool.n_products == len(pool.product))
+        valid, counts = apply_guards(
+            rows,
+            product,
+            scores,
+            lambda need: self._near_dup_sims(rows, d, need),
+            ts,
+            pool.product[qs.target_rows[q]],
+            pool.product[qs.ref_rows[q]],
+            q,
+            qs.extra,
+            qs.verified,
+            self.gcfg,
+            distinct and pool.n_products == len(pool.product),
+        )
         if self.clock is not None:
             self.clock.add("guards", time.perf_counter() - t)
         for name, c in counts.items():
             self.counts[name] += c
-        return Candidates(rows, product, scores.astype(np.float32, copy=False), ranks.astype(np.int32),
-                          d, valid)
+        return Candidates(rows, product, scores.astype(np.float32, copy=False), ranks.astype(np.int32), d, valid)
 
     def _near_dup_sims(self, rows: np.ndarray, d: np.ndarray, need: np.ndarray) -> np.ndarray:
         """s(c, t) where ``need`` and it can reach dup_threshold, -inf elsewhere. On unit vectors
@@ -133,8 +157,9 @@ class BatchContext:
         """The target's own nearest gallery images (depth ``self.depth``), guarded; ``rank`` is -1
         (not the query's ranking) and ``scores`` are s(q, c)."""
         if "target_nn" not in self._cache:
-            _, I = search_batched(self.index, self.pool.xb[self.qs.target_rows[self.q]], self.depth,
-                                  batch_size=max(1, self.b))
+            _, I = search_batched(
+                self.index, self.pool.xb[self.qs.target_rows[self.q]], self.depth, batch_size=max(1, self.b)
+            )
             self._cache["target_nn"] = self.candidates(I, distinct=True)
         return self._cache["target_nn"]
 

@@ -5,6 +5,7 @@ entry is itself a mix, entries separated by ``;``: ``"0:random;2:midzone:0.7,ran
 The parsed schedule is stored in the negatives table's metadata; cir-train reads it with
 :func:`mix_at` to know which mix a refresh at a given epoch should mine.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ def parse_schedule(spec: str) -> list[dict]:
         try:
             ep = int(epoch)
         except ValueError:
-            raise UsageError(f"bad schedule entry {e!r}: use EPOCH:MIX, e.g. 0:random,2:midzone,4:hardest.",
-                             params=("schedule",)) from None
+            raise UsageError(
+                f"bad schedule entry {e!r}: use EPOCH:MIX, e.g. 0:random,2:midzone,4:hardest.", params=("schedule",)
+            ) from None
         if not sep or ep < 0:
             raise UsageError(f"bad schedule entry {e!r}: use EPOCH:MIX with EPOCH >= 0.", params=("schedule",))
         out.append({"from_epoch": ep, "mix": [[n, w] for n, w in parse_mix(mix)]})
@@ -48,6 +50,7 @@ def mix_at(schedule: list[dict], epoch: int) -> list[tuple[str, float]]:
             current = entry
     return [(n, float(w)) for n, w in current["mix"]]
 
+
 def mix_spec(mix: dict) -> str:
     """{strategy: share} -> the miner's mix string 'midzone:0.7,random:0.3'."""
     return ",".join(f"{name}:{share:g}" for name, share in mix.items())
@@ -55,8 +58,10 @@ def mix_spec(mix: dict) -> str:
 
 @dataclass(frozen=True)
 class Curriculum:
+    # fmt: off
     spec: str              # the --schedule text
     entries: tuple         # parse_schedule(spec), as a tuple
+    # fmt: on
 
     @classmethod
     def parse(cls, text: str) -> "Curriculum":

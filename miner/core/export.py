@@ -16,6 +16,7 @@
 Every output is computed and checked before the first write; each file is written atomically; an
 output that is one of the inputs is refused, and an existing one unless ``overwrite``.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,13 @@ IMAGES = ("id", "path")
 
 @dataclass
 class Export:
+    # fmt: off
     out: Path                 # the file or folder written
     files: list               # every file written
     queries: int              # queries exported
     k: int                    # negatives slots per query
     left_out: int = 0         # ntuple: queries left out for having fewer than k negatives
+    # fmt: on
 
 
 def ntuple_table(g: GroupedNegatives, captions: list, images) -> tuple[pa.Table, int]:
@@ -54,8 +57,10 @@ def ntuple_table(g: GroupedNegatives, captions: list, images) -> tuple[pa.Table,
     ``images``: gallery row -> the string written for that image (its id or path)."""
     full = g.mask.all(axis=1) & (g.k > 0)
     rows = np.flatnonzero(full)
-    cols = {"anchor": pa.array([captions[i] for i in rows.tolist()], pa.string()),
-            "positive": pa.array(images(g.target_rows[rows]), pa.string())}
+    cols = {
+        "anchor": pa.array([captions[i] for i in rows.tolist()], pa.string()),
+        "positive": pa.array(images(g.target_rows[rows]), pa.string()),
+    }
     for j in range(g.k):
         cols[f"negative_{j + 1}"] = pa.array(images(g.gallery_rows[rows, j]), pa.string())
     return pa.table(cols), int(len(g) - rows.size)
@@ -101,9 +106,11 @@ def _caption_files(g: GroupedNegatives, root: Path, source: Path) -> list:
                     raise DataError(f"{path}: entry {i} must be an object with candidate, target, captions.")
                 j = pos.get(fashioniq.query_id(cat, split, i))
                 if j is not None and (e.get("candidate"), e.get("target")) != (g.ref_ids[j], g.target_ids[j]):
-                    raise DataError(f"{path}: entry {i} is {e.get('candidate')} -> {e.get('target')} but {source} "
-                                    f"has {g.ref_ids[j]} -> {g.target_ids[j]} for query {ids[j]}. Pass the "
-                                    f"FashionIQ root the table was mined from.")
+                    raise DataError(
+                        f"{path}: entry {i} is {e.get('candidate')} -> {e.get('target')} but {source} "
+                        f"has {g.ref_ids[j]} -> {g.target_ids[j]} for query {ids[j]}. Pass the "
+                        f"FashionIQ root the table was mined from."
+                    )
                 rows.append({**e, "negatives": negs(j) if j is not None else []})
             out.append((path, rows))
         return out
@@ -119,9 +126,12 @@ def _caption_files(g: GroupedNegatives, root: Path, source: Path) -> list:
             j = pos.get(cirr.query_id(split, e["pairid"]))
             rows.append({**e, "negatives": negs(j) if j is not None else []})
         return [(path, rows)]
-    raise UsageError(f"root: the query ids of {source} are not FashionIQ ({{category}}-{{split}}-{{index}}) "
-                     f"or CIRR (cirr-{{split}}-{{pairid}}) ids, so there are no caption files to extend; "
-                     f"export without root.", params=("root",))
+    raise UsageError(
+        f"root: the query ids of {source} are not FashionIQ ({{category}}-{{split}}-{{index}}) "
+        f"or CIRR (cirr-{{split}}-{{pairid}}) ids, so there are no caption files to extend; "
+        f"export without root.",
+        params=("root",),
+    )
 
 
 def _image_strings(gallery, images: str, root: Optional[Path]):
@@ -129,15 +139,25 @@ def _image_strings(gallery, images: str, root: Optional[Path]):
     if images == "id":
         return lambda rows: [str(gallery.image_ids[r]) for r in rows.tolist()]
     if gallery.paths is None or not all(gallery.paths):
-        raise DataError(f"{gallery.path}: the gallery has no image paths (column 'path'): export ids with images id, "
-                        f"or embed the files with `cir-mine embed`.", params=("images",))
+        raise DataError(
+            f"{gallery.path}: the gallery has no image paths (column 'path'): export ids with images id, "
+            f"or embed the files with `cir-mine embed`.",
+            params=("images",),
+        )
     from cir_mine.data.records import image_file
 
     return lambda rows: [str(image_file(root, gallery.paths[r])) for r in rows.tolist()]
 
 
-def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional[str | Path] = None,
-                     overwrite: bool = False, ws=None, images: str = "id") -> Export:
+def export_negatives(
+    negs: str | Path,
+    fmt: str,
+    out: str | Path,
+    root: Optional[str | Path] = None,
+    overwrite: bool = False,
+    ws=None,
+    images: str = "id",
+) -> Export:
     """Write the negatives table ``negs`` as ``fmt`` (ntuple | wide | jsonl) to ``out`` (see the
     module doc). ``ws``: the workspace the table was mined from (ntuple needs it for the captions
     and image paths); ``images``: ntuple's image columns as gallery ids (``id``) or file paths
@@ -150,8 +170,9 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
     if fmt == "ntuple":
         return _export_ntuple(negs, out, ws, images, root, overwrite)
     if root is not None and fmt != "jsonl":
-        raise UsageError("root goes with format jsonl (CLIP4Cir caption files) or ntuple (image paths).",
-                         params=("root", "format"))
+        raise UsageError(
+            "root goes with format jsonl (CLIP4Cir caption files) or ntuple (image paths).", params=("root", "format")
+        )
     nt = read_negatives(negs)
     g = nt.grouped()
     if root is None:
@@ -166,7 +187,7 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
     inputs = [negs] + [path for path, _ in files]
     check_output_dir(out, inputs)
     targets = [(check_output(out / path.name, inputs, overwrite), rows) for path, rows in files]
-    with write_job(out, "cir-mine export --root"):       # all files or none
+    with write_job(out, "cir-mine export --root"):  # all files or none
         for dest, rows in targets:
             with atomic_path(dest) as tmp:
                 tmp.write_bytes(_json_bytes(rows))
@@ -174,24 +195,42 @@ def export_negatives(negs: str | Path, fmt: str, out: str | Path, root: Optional
 
 
 def _meta(nt, negs: Path, kind: str, k: int, **extra) -> dict:
-    return {"table": kind, "created": now_iso(), "source": str(negs), "k": k, "split": nt.meta.get("split"),
-            "data_hash": nt.meta.get("data_hash"), "manifest_hash": nt.meta.get("manifest_hash"), **extra}
+    return {
+        "table": kind,
+        "created": now_iso(),
+        "source": str(negs),
+        "k": k,
+        "split": nt.meta.get("split"),
+        "data_hash": nt.meta.get("data_hash"),
+        "manifest_hash": nt.meta.get("manifest_hash"),
+        **extra,
+    }
 
 
 def _export_ntuple(negs: Path, out: Path, ws, images: str, root, overwrite: bool) -> Export:
     from cir_mine.data.records import join_captions
 
     if ws is None:
-        raise UsageError("the ntuple format needs ws, the workspace the table was mined from: its captions are the "
-                         "anchors, its gallery the image ids and paths.", params=("ws",))
+        raise UsageError(
+            "the ntuple format needs ws, the workspace the table was mined from: its captions are the "
+            "anchors, its gallery the image ids and paths.",
+            params=("ws",),
+        )
     out = check_output(out, [negs], overwrite)
     nt = read_negatives(negs, ws)
     g_all, t = ws.load(nt.split)
     g = nt.grouped(ws, loaded=(g_all, t))
     root = Path(root) if root is not None else ws.image_root(nt.split)
     table, left_out = ntuple_table(g, [join_captions(c) for c in t.captions], _image_strings(g_all, images, root))
-    meta = _meta(nt, negs, "negatives-ntuple", g.k, images=images, left_out=left_out,
-                 columns=["anchor: caption text", "positive: target", "negative_1..k: negatives in pick order"])
+    meta = _meta(
+        nt,
+        negs,
+        "negatives-ntuple",
+        g.k,
+        images=images,
+        left_out=left_out,
+        columns=["anchor: caption text", "positive: target", "negative_1..k: negatives in pick order"],
+    )
     with write_job(out.parent, f"cir-mine export -> {out.name}"):
         write_table(table, out, metadata={"cir_mine": meta})
     return Export(out, [out], table.num_rows, g.k, left_out)
@@ -201,9 +240,19 @@ def _write_one(g: GroupedNegatives, nt, negs: Path, fmt: str, out: Path) -> None
     if fmt == "wide":
         write_table(wide_table(g), out, metadata={"cir_mine": _meta(nt, negs, "negatives-wide", g.k)})
     else:
-        lines = [_json_bytes({"query_id": q, "ref_id": r, "target_id": t,
-                              "negatives": [str(x) for x in n[m]], "delta": [float(x) for x in d[m]]})
-                 for q, r, t, n, d, m in zip(g.query_ids.tolist(), g.ref_ids.tolist(), g.target_ids.tolist(),
-                                             g.neg_ids, g.delta, g.mask)]
+        lines = [
+            _json_bytes(
+                {
+                    "query_id": q,
+                    "ref_id": r,
+                    "target_id": t,
+                    "negatives": [str(x) for x in n[m]],
+                    "delta": [float(x) for x in d[m]],
+                }
+            )
+            for q, r, t, n, d, m in zip(
+                g.query_ids.tolist(), g.ref_ids.tolist(), g.target_ids.tolist(), g.neg_ids, g.delta, g.mask
+            )
+        ]
         with atomic_path(out) as tmp:
             tmp.write_bytes(b"".join(x + b"\n" for x in lines))

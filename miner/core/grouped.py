@@ -4,6 +4,7 @@
 with k slots, in the table's pick order; slots past a query's last negative are empty (``mask``
 False). No torch here: :meth:`GroupedNegatives.to_torch` imports it when called.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SEP = "\x1f"   # joins (category, image_id) into one key; never part of an id
+SEP = "\x1f"  # joins (category, image_id) into one key; never part of an id
 
 
 @dataclass
 class GroupedNegatives:
     """Negatives per query: nq queries x k slots (empty slots: mask False)."""
 
+    # fmt: off
     query_ids: np.ndarray               # object[nq] of str
     ref_ids: np.ndarray                 # object[nq] of str
     target_ids: np.ndarray              # object[nq] of str
@@ -34,6 +36,7 @@ class GroupedNegatives:
     neg_category: Optional[np.ndarray] = None  # object[nq, k] of str: the negatives' gallery categories; None when the table has none
     ref_rows: Optional[np.ndarray] = None      # int64[nq] gallery rows of the references; None without a gallery
     target_rows: Optional[np.ndarray] = None   # int64[nq] gallery rows of the targets; None without a gallery
+    # fmt: on
 
     def __len__(self) -> int:
         return int(self.query_ids.shape[0])
@@ -103,7 +106,7 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
     code = _index(qcol, query_ids)
     keep = np.flatnonzero(code >= 0)
     code = code[keep]
-    order = np.argsort(code, kind="stable")                 # by query, pick order kept
+    order = np.argsort(code, kind="stable")  # by query, pick order kept
     src, code = keep[order], code[order]
     counts = np.bincount(code, minlength=nq).astype(np.int64)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]]) if nq else np.zeros(0, np.int64)
@@ -123,7 +126,7 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
     mask[code, pos] = True
     has = counts > 0
     first = np.full(nq, -1, np.int64)
-    first[has] = src[start[has]]                                # each query's first table row
+    first[has] = src[start[has]]  # each query's first table row
 
     def per_query(name: str) -> np.ndarray:
         if triplets is not None and name in ("ref_id", "target_id"):
@@ -138,22 +141,36 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
         ts[has] = table.column("target_score").take(pa.array(first[has])).to_numpy(zero_copy_only=False)
     neg_ids = grid("neg_id", None, object)
     out = GroupedNegatives(
-        _strings(query_ids), per_query("ref_id"), per_query("target_id"), neg_ids, grid("strategy", None, object),
-        grid("score", np.nan, np.float32), grid("delta", np.nan, np.float32), ts, mask, counts < kk,
-        neg_category=grid("neg_category", None, object) if "neg_category" in table.schema.names else None)
+        _strings(query_ids),
+        per_query("ref_id"),
+        per_query("target_id"),
+        neg_ids,
+        grid("strategy", None, object),
+        grid("score", np.nan, np.float32),
+        grid("delta", np.nan, np.float32),
+        ts,
+        mask,
+        counts < kk,
+        neg_category=grid("neg_category", None, object) if "neg_category" in table.schema.names else None,
+    )
     if gallery is not None:
-        qcats = (pa.array(triplets.categories.tolist(), pa.string()) if triplets is not None else None)
-        rows = np.full((nq, kk), -1, np.int64)
-        if code.size:
-            ids = table.column("neg_id").take(pa.array(src)).combine_chunks()
-            cats = qcats.take(pa.array(code)) if qcats is not None else None
-            if "neg_category" in table.schema.names:
-                own = table.column("neg_category").take(pa.array(src)).combine_chunks()
-                cats = own if cats is None else pc.coalesce(own, cats)
-            rows[code, pos] = _resolve(ids, cats, gallery)
-        out.gallery_rows = rows
-        for name in ("ref_id", "target_id"):
-            ids = pa.array([x if x is not None else "" for x in getattr(out, name + "s").tolist()], pa.string())
-            r = _resolve(ids, qcats, gallery)
-            setattr(out, name.replace("_id", "_rows"), r)
+        _fill_rows(out, table, gallery, triplets, src, code, pos)
     return out
+
+
+def _fill_rows(out: GroupedNegatives, table: pa.Table, gallery, triplets, src, code, pos) -> None:
+    """``out``'s gallery rows of every negative (at its grid slot: query ``code``, slot ``pos`` of
+    table row ``src``), reference and target, each resolved within its category first."""
+    qcats = pa.array(triplets.categories.tolist(), pa.string()) if triplets is not None else None
+    rows = np.full(out.mask.shape, -1, np.int64)
+    if code.size:
+        ids = table.column("neg_id").take(pa.array(src)).combine_chunks()
+        cats = qcats.take(pa.array(code)) if qcats is not None else None
+        if "neg_category" in table.schema.names:
+            own = table.column("neg_category").take(pa.array(src)).combine_chunks()
+            cats = own if cats is None else pc.coalesce(own, cats)
+        rows[code, pos] = _resolve(ids, cats, gallery)
+    out.gallery_rows = rows
+    for name in ("ref_id", "target_id"):
+        ids = pa.array([x if x is not None else "" for x in getattr(out, name + "s").tolist()], pa.string())
+        setattr(out, name.replace("_id", "_rows"), _resolve(ids, qcats, gallery))

@@ -6,6 +6,7 @@ under two categories is one product), s(q, c) scores and s(c, t) similarities. `
 int64[b], the per-query count of candidates the guard flags. :func:`apply_guards` runs them in
 order and counts, per guard, the candidates it removed that no earlier guard had.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,10 +62,10 @@ class PairSet:
             return np.zeros(cand_prod.shape, bool)
         if self.dense is None:
             return member(pair_keys(q, cand_prod, self.n_products), self.keys)
-        mine = self.dense[q]                                   # [b, E], -1 pads
+        mine = self.dense[q]  # [b, E], -1 pads
         out = np.zeros(cand_prod.shape, bool)
         for e in range(mine.shape[1]):
-            col = mine[:, e:e + 1]
+            col = mine[:, e : e + 1]
             out |= (cand_prod == col) & (col >= 0)
         return out
 
@@ -114,7 +115,7 @@ def duplicate_product_guard(cand_prod: np.ndarray, valid: np.ndarray):
         return _counted(np.zeros((b, L), dtype=bool))
     big = np.iinfo(np.int64).max
     key = np.where(valid, cand_prod, big)
-    order = np.argsort(key, axis=1, kind="stable")            # equal products keep column order
+    order = np.argsort(key, axis=1, kind="stable")  # equal products keep column order
     sk = np.take_along_axis(key, order, axis=1)
     dup_sorted = np.zeros((b, L), dtype=bool)
     dup_sorted[:, 1:] = (sk[:, 1:] == sk[:, :-1]) & (sk[:, 1:] != big)
@@ -123,13 +124,14 @@ def duplicate_product_guard(cand_prod: np.ndarray, valid: np.ndarray):
     return _counted(dup)
 
 
-NEAR_DUPLICATE = 0.98   # cosine similarity at or above which two images count as near-duplicates
+NEAR_DUPLICATE = 0.98  # cosine similarity at or above which two images count as near-duplicates
 
 
 @dataclass(frozen=True)
 class GuardConfig:
     """Every false-negative guard's switch and threshold (the mining core's one guard config)."""
 
+    # fmt: off
     exclude_target: bool = True           # never the target
     exclude_reference: bool = True        # never the reference
     exclude_extra_positives: bool = True  # never an extra positive
@@ -138,16 +140,30 @@ class GuardConfig:
     rho: float | None = 0.95              # positive-aware cap, sign-safe: drop s(q,c) > s(q,t) - (1-rho)|s(q,t)|
                                           # (None: off)
     trust_verified: bool = True           # annotator-verified negatives skip the cap and near-dup guards
+    # fmt: on
 
     def validate(self) -> "GuardConfig":
         if self.rho is not None and not 0 < self.rho <= 1:
-            raise UsageError(f"rho must be in (0, 1] (got {self.rho}); switch the cap off with rho=None.",
-                             params=("rho", "rho=None"))
+            raise UsageError(
+                f"rho must be in (0, 1] (got {self.rho}); switch the cap off with rho=None.", params=("rho", "rho=None")
+            )
         return self
 
 
-def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, target_prod, ref_prod, q,
-                 extra: "PairSet", verified: "PairSet", cfg: GuardConfig, distinct_products: bool = False):
+def apply_guards(
+    cand_rows,
+    cand_prod,
+    scores,
+    sim_target_fn,
+    target_score,
+    target_prod,
+    ref_prod,
+    q,
+    extra: "PairSet",
+    verified: "PairSet",
+    cfg: GuardConfig,
+    distinct_products: bool = False,
+):
     """All guards on one candidate matrix, in order: target, reference, extra positive, cap,
     near-duplicate, duplicate product. Returns (valid bool[b, L], {guard: int64[b]}), where each
     count is the candidates that guard removed and no earlier guard had.
@@ -172,12 +188,10 @@ def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, targ
     zeros = lambda: np.zeros(cand_rows.shape, dtype=bool)
     apply("target", target_guard(cand_prod, target_prod)[0] if cfg.exclude_target else zeros())
     apply("reference", reference_guard(cand_prod, ref_prod)[0] if cfg.exclude_reference else zeros())
-    apply("extra_positive", extra_positive_guard(cand_prod, q, extra)[0]
-          if cfg.exclude_extra_positives else zeros())
+    apply("extra_positive", extra_positive_guard(cand_prod, q, extra)[0] if cfg.exclude_extra_positives else zeros())
     apply("cap", cap_guard(scores, target_score, cfg.rho)[0], exempt_verified=True)
     if cfg.dup_threshold is not None:
-        apply("near_duplicate", near_duplicate_guard(sim_target_fn(~drop), cfg.dup_threshold)[0],
-              exempt_verified=True)
+        apply("near_duplicate", near_duplicate_guard(sim_target_fn(~drop), cfg.dup_threshold)[0], exempt_verified=True)
     else:
         counts["near_duplicate"] = np.zeros(cand_rows.shape[0], np.int64)
     if distinct_products:
@@ -190,15 +204,23 @@ def apply_guards(cand_rows, cand_prod, scores, sim_target_fn, target_score, targ
 # guard -> (what it is, what to do), for the shortfall hints; target and reference remove one
 # candidate each at most and have no knob.
 _KNOBS = {
-    "cap": ("the positive-aware cap",
-            "loosen MineConfig.of(rho=...) (now {rho}; nearer 1 keeps more) or switch it off, MineConfig.of(rho=None)"),
-    "near_duplicate": ("the near-duplicate guard",
-                       "raise MineConfig.of(dup_threshold=...) (now {dup_threshold}) or switch it off, "
-                       "MineConfig.of(dup_threshold=None)"),
-    "extra_positive": ("the extra-positive guard",
-                       "these are other correct targets: keep the guard and lower MineConfig.of(k=...)"),
-    "duplicate_product": ("the duplicate-product guard", "repeated draws or ids in two categories: raise "
-                          "MineConfig.of(candidates=...) or lower MineConfig.of(k=...)"),
+    "cap": (
+        "the positive-aware cap",
+        "loosen MineConfig.of(rho=...) (now {rho}; nearer 1 keeps more) or switch it off, MineConfig.of(rho=None)",
+    ),
+    "near_duplicate": (
+        "the near-duplicate guard",
+        "raise MineConfig.of(dup_threshold=...) (now {dup_threshold}) or switch it off, "
+        "MineConfig.of(dup_threshold=None)",
+    ),
+    "extra_positive": (
+        "the extra-positive guard",
+        "these are other correct targets: keep the guard and lower MineConfig.of(k=...)",
+    ),
+    "duplicate_product": (
+        "the duplicate-product guard",
+        "repeated draws or ids in two categories: raise MineConfig.of(candidates=...) or lower MineConfig.of(k=...)",
+    ),
 }
 
 

@@ -17,6 +17,7 @@ category's caption file) and ``cirr-{split}-{pairid}``.
 A query the guards left without negatives is an empty entry (mask all False) with or without the
 workspace: the table's footer lists those queries (``shortfall.without_negatives``).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -41,23 +42,29 @@ class NegativesLookup:
     its workspace still holds); categories: object[nq] the queries' categories (default: read off
     FashionIQ query ids)."""
 
-    def __init__(self, grouped: GroupedNegatives, source: str = "the negatives table", meta: Optional[dict] = None,
-                 categories: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        grouped: GroupedNegatives,
+        source: str = "the negatives table",
+        meta: Optional[dict] = None,
+        categories: Optional[Sequence[str]] = None,
+    ):
         self.grouped, self.source, self.meta = grouped, source, meta or {}
         self.split: Optional[str] = self.meta.get("split")
         self._short = set((self.meta.get("shortfall") or {}).get("query_ids") or ())
         self._fiq: dict = {}
         self._pair: dict = {}
         parsed = [parse_query_id(q) for q in grouped.query_ids.tolist()]
-        self.categories = np.asarray(list(categories) if categories is not None else
-                                     [p[0] if p else "" for p in parsed], dtype=object)
+        self.categories = np.asarray(
+            list(categories) if categories is not None else [p[0] if p else "" for p in parsed], dtype=object
+        )
         for i, (p, r, t) in enumerate(zip(parsed, grouped.ref_ids.tolist(), grouped.target_ids.tolist())):
             if p is not None:
                 self._fiq.setdefault((p[0], p[2]), []).append((p[1], i))
             self._pair.setdefault((r, t), []).append(i)
         splits = {p[1] for p in parsed if p is not None}
         if self.split is None and len(splits) == 1:
-            self.split = splits.pop()                   # a table without its footer: the split its ids name
+            self.split = splits.pop()  # a table without its footer: the split its ids name
 
     @classmethod
     def read(cls, path: str | Path, ws=None) -> "NegativesLookup":
@@ -83,10 +90,11 @@ class NegativesLookup:
         what = f"reference '{reference}' and target '{target}'" + (f" in category '{category}'" if category else "")
         if not hits:
             if cats:
-                raise DataError(f"{self.source}: no query has {what}: the pair is a query of category "
-                                f"{', '.join(cats)}. Pass the item's own category.")
-            raise DataError(f"{self.source}: no query has {what}{self._split_note()}. "
-                            f"{self._absent_fix()}")
+                raise DataError(
+                    f"{self.source}: no query has {what}: the pair is a query of category "
+                    f"{', '.join(cats)}. Pass the item's own category."
+                )
+            raise DataError(f"{self.source}: no query has {what}{self._split_note()}. {self._absent_fix()}")
         if len(hits) > 1:
             qids = ", ".join(sorted(str(self.grouped.query_ids[i]) for i in hits))
             fix = "look them up by query id" if category or len(set(cats)) < 2 else "pass category="
@@ -101,8 +109,10 @@ class NegativesLookup:
         if len(hits) == 1:
             return hits[0][1]
         if len(hits) > 1:
-            raise DataError(f"{self.source}: FashionIQ item ({category!r}, {index}) is in splits "
-                            f"{', '.join(sorted(s for s, _ in hits))}; pass split=.")
+            raise DataError(
+                f"{self.source}: FashionIQ item ({category!r}, {index}) is in splits "
+                f"{', '.join(sorted(s for s, _ in hits))}; pass split=."
+            )
         raise DataError(self._fiq_absent(category, index, split), params=("dataset",))
 
     def index_cirr(self, reference: str, target: str) -> int:
@@ -141,35 +151,47 @@ class NegativesLookup:
     def _absent_fix(self) -> str:
         n = self._unlisted_short()
         if n:
-            return (f"{n} of its queries got no negatives and the table (mined by an earlier cir-mine) does not "
-                    f"name them: read it with its workspace, NegativesLookup.read(path, ws), or mine it again.")
+            return (
+                f"{n} of its queries got no negatives and the table (mined by an earlier cir-mine) does not "
+                f"name them: read it with its workspace, NegativesLookup.read(path, ws), or mine it again."
+            )
         return "Mine the split the dataset reads."
 
     def _fiq_absent(self, category: str, index: int, split: Optional[str]) -> str:
         qid = query_id(category, split, index) if split else None
         item = f"FashionIQ item ({category!r}, {index})" + (f" (query id {qid})" if qid else "")
         if qid is not None and qid in self._short:
-            return (f"{self.source}: {item} got no negatives, and the table (mined by an earlier cir-mine) does not "
-                    f"list the queries without negatives. Read it with its workspace, NegativesLookup.read(path, "
-                    f"ws), where such a query is an empty entry, or mine it again.")
+            return (
+                f"{self.source}: {item} got no negatives, and the table (mined by an earlier cir-mine) does not "
+                f"list the queries without negatives. Read it with its workspace, NegativesLookup.read(path, "
+                f"ws), where such a query is an empty entry, or mine it again."
+            )
         splits = sorted({s for v in self._fiq.values() for s, _ in v})
         cats = sorted({c for (c, _), v in self._fiq.items() for s, _ in v if split is None or s == split})
         if not self._fiq:
-            cause, fix = "its query ids are not FashionIQ ids ({category}-{split}-{index})", \
-                "Mine a workspace embedded with `cir-mine embed dataset=fashioniq`."
+            cause, fix = (
+                "its query ids are not FashionIQ ids ({category}-{split}-{index})",
+                "Mine a workspace embedded with `cir-mine embed dataset=fashioniq`.",
+            )
         elif split is not None and split not in splits:
             cause, fix = f"it was mined on split {', '.join(splits)}", "Mine the split the dataset reads."
         elif category not in cats:
-            cause, fix = (f"it has no queries of category '{category}' (it has {', '.join(cats)})",
-                          "Mine every category the dataset reads.")
+            cause, fix = (
+                f"it has no queries of category '{category}' (it has {', '.join(cats)})",
+                "Mine every category the dataset reads.",
+            )
         else:
-            last = max(i for (c, i), v in self._fiq.items() if c == category for s, _ in v if split is None or s == split)
+            last = max(
+                i for (c, i), v in self._fiq.items() if c == category for s, _ in v if split is None or s == split
+            )
             if index > last:
                 cause = f"its last '{category}' query is entry {last} of cap.{category}.{split or '*'}.json"
                 fix = "The dataset reads another caption file than the one mined; mine the annotations it reads."
             else:
-                cause = (f"entry {index} of cap.{category}.{split or '*'}.json is not one of its queries (an entry whose "
-                         f"captions are all empty, or whose image was skipped when embedding, has none)")
+                cause = (
+                    f"entry {index} of cap.{category}.{split or '*'}.json is not one of its queries (an entry whose "
+                    f"captions are all empty, or whose image was skipped when embedding, has none)"
+                )
                 fix = "Leave that item out."
         return f"{self.source}: no negatives for {item}: {cause}. {fix}"
 
@@ -204,26 +226,40 @@ class Clip4CirNegatives:
     default the dataset's ``split``; k: slots (default the table's k).
     """
 
-    def __init__(self, dataset, negatives, ws=None, returns: str = "features", k: Optional[int] = None,
-                 split: Optional[str] = None):
+    def __init__(
+        self,
+        dataset,
+        negatives,
+        ws=None,
+        returns: str = "features",
+        k: Optional[int] = None,
+        split: Optional[str] = None,
+    ):
         from cir_mine.miner.core.tables import as_negatives_table
 
         if returns not in RETURNS:
             raise UsageError(f"returns {returns!r}: use {', '.join(RETURNS)}.", params=("returns",))
         if returns != "ids" and ws is None:
-            raise UsageError(f"returns={returns!r} needs ws=, the workspace the table was mined from "
-                             f"(returns='ids' works without it).", params=("returns",))
+            raise UsageError(
+                f"returns={returns!r} needs ws=, the workspace the table was mined from "
+                f"(returns='ids' works without it).",
+                params=("returns",),
+            )
         triplets = getattr(dataset, "triplets", None)
         if not isinstance(triplets, list):
-            raise UsageError(f"Clip4CirNegatives wraps a CLIP4Cir FashionIQDataset or CIRRDataset (items read from "
-                             f"its .triplets list); got {type(dataset).__name__} without one.")
+            raise UsageError(
+                f"Clip4CirNegatives wraps a CLIP4Cir FashionIQDataset or CIRRDataset (items read from "
+                f"its .triplets list); got {type(dataset).__name__} without one."
+            )
         self.dataset, self.returns, self.k_request, self._ws = dataset, returns, k, ws
         nt = as_negatives_table(negatives, ws, "Clip4CirNegatives")
         self.split = split or getattr(dataset, "split", None) or nt.split
         self.source = str(nt.path) if nt.path else "the negatives table"
         if nt.meta.get("split") and nt.meta["split"] != self.split:
-            raise DataError(f"{self.source}: mined on split '{nt.meta['split']}', but the dataset reads split "
-                            f"'{self.split}'. Mine split '{self.split}'.")
+            raise DataError(
+                f"{self.source}: mined on split '{nt.meta['split']}', but the dataset reads split "
+                f"'{self.split}'. Mine split '{self.split}'."
+            )
         self._loaded = ws.load(self.split) if ws is not None else None
         lookup = self._lookup(nt)
         self.query_ids = item_query_ids(triplets, lookup, self.split)
@@ -232,8 +268,9 @@ class Clip4CirNegatives:
     def _lookup(self, nt) -> NegativesLookup:
         if self._ws is None:
             return NegativesLookup(nt.grouped(), self.source, nt.meta)
-        return NegativesLookup(nt.grouped(self._ws, self.split, loaded=self._loaded), self.source, nt.meta,
-                               self._loaded[1].categories)
+        return NegativesLookup(
+            nt.grouped(self._ws, self.split, loaded=self._loaded), self.source, nt.meta, self._loaded[1].categories
+        )
 
     def set_negatives(self, negatives) -> None:
         """Swap in another table of the same split (e.g. ``Remine``'s re-mined MineResult); DataLoader
@@ -242,8 +279,10 @@ class Clip4CirNegatives:
 
         nt = as_negatives_table(negatives, self._ws, "Clip4CirNegatives")
         if nt.meta.get("split") and nt.meta["split"] != self.split:
-            raise DataError(f"the new negatives table was mined on split '{nt.meta['split']}', this dataset reads "
-                            f"split '{self.split}'.")
+            raise DataError(
+                f"the new negatives table was mined on split '{nt.meta['split']}', this dataset reads "
+                f"split '{self.split}'."
+            )
         self._set(self._lookup(nt).grouped)
 
     def _set(self, g: GroupedNegatives) -> None:
@@ -277,7 +316,7 @@ class Clip4CirNegatives:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_ws"] = state["_loaded"] = None          # workers get arrays only, never the workspace
+        state["_ws"] = state["_loaded"] = None  # workers get arrays only, never the workspace
         return state
 
     def __len__(self) -> int:
@@ -323,9 +362,11 @@ def _entry(triplets: list, i: int, keys: tuple) -> tuple:
 def _check(lookup: NegativesLookup, i: int, qid: str, pos: int, ref: str, tgt: str, where: str) -> None:
     g = lookup.grouped
     if (g.ref_ids[pos], g.target_ids[pos]) != (ref, tgt):
-        raise DataError(f"{lookup.source}: item {i} of the dataset is {ref} -> {tgt}, but query {qid} ({where}) is "
-                        f"{g.ref_ids[pos]} -> {g.target_ids[pos]}. The dataset and the table were built from "
-                        f"different annotations; mine the annotations the dataset reads.")
+        raise DataError(
+            f"{lookup.source}: item {i} of the dataset is {ref} -> {tgt}, but query {qid} ({where}) is "
+            f"{g.ref_ids[pos]} -> {g.target_ids[pos]}. The dataset and the table were built from "
+            f"different annotations; mine the annotations the dataset reads."
+        )
 
 
 def _fashioniq_ids(triplets: list, lookup: NegativesLookup, split: str) -> np.ndarray:
@@ -343,30 +384,42 @@ def _fashioniq_ids(triplets: list, lookup: NegativesLookup, split: str) -> np.nd
             starts.setdefault(hits[0][0], Counter())[i - hits[0][2]] += 1
     if not starts:
         if names and not lookup._fiq:
-            raise DataError(f"{lookup.source}: its query ids are not FashionIQ ids ({{category}}-{{split}}-{{index}}); "
-                            f"mine a workspace embedded with `cir-mine embed dataset=fashioniq`.", params=("dataset",))
+            raise DataError(
+                f"{lookup.source}: its query ids are not FashionIQ ids ({{category}}-{{split}}-{{index}}); "
+                f"mine a workspace embedded with `cir-mine embed dataset=fashioniq`.",
+                params=("dataset",),
+            )
         if names:
-            raise DataError(f"{lookup.source}: none of the dataset's {len(names)} items is one of its queries "
-                            f"(split '{split}'). Mine the split and annotations the dataset reads.")
+            raise DataError(
+                f"{lookup.source}: none of the dataset's {len(names)} items is one of its queries "
+                f"(split '{split}'). Mine the split and annotations the dataset reads."
+            )
         return np.zeros(0, dtype=object)
     runs = []
     for cat, counts in starts.items():
         (start, _), *others = counts.most_common()
         if others or start < 0:
             bad = others[0][0] if others else start
-            i = next(i for i, pair in enumerate(names) if
-                     any(parse_query_id(g.query_ids[p]) == (cat, split, i - bad) for p in lookup._pair.get(pair, [])))
-            raise DataError(f"{lookup.source}: item {i} of the dataset ({names[i][0]} -> {names[i][1]}) is entry "
-                            f"{i - bad} of cap.{cat}.{split}.json, out of step with the dataset's other '{cat}' items. "
-                            f"The dataset and the table were built from different annotations; mine the "
-                            f"annotations the dataset reads.")
+            i = next(
+                i
+                for i, pair in enumerate(names)
+                if any(parse_query_id(g.query_ids[p]) == (cat, split, i - bad) for p in lookup._pair.get(pair, []))
+            )
+            raise DataError(
+                f"{lookup.source}: item {i} of the dataset ({names[i][0]} -> {names[i][1]}) is entry "
+                f"{i - bad} of cap.{cat}.{split}.json, out of step with the dataset's other '{cat}' items. "
+                f"The dataset and the table were built from different annotations; mine the "
+                f"annotations the dataset reads."
+            )
         runs.append((start, cat))
     runs.sort()
     cats = ", ".join(sorted(c for _, c in runs))
     if runs[0][0] > 0:
-        raise DataError(f"{lookup.source}: the dataset's items 0 to {runs[0][0] - 1} ({names[0][0]} -> {names[0][1]}, "
-                        f"...) are not queries of the table (its categories: {cats}). Mine every category the "
-                        f"dataset reads.")
+        raise DataError(
+            f"{lookup.source}: the dataset's items 0 to {runs[0][0] - 1} ({names[0][0]} -> {names[0][1]}, "
+            f"...) are not queries of the table (its categories: {cats}). Mine every category the "
+            f"dataset reads."
+        )
     out = np.full(len(names), None, dtype=object)
     for (start, cat), end in zip(runs, [s for s, _ in runs[1:]] + [len(names)]):
         for i in range(start, end):
@@ -376,14 +429,16 @@ def _fashioniq_ids(triplets: list, lookup: NegativesLookup, split: str) -> np.nd
                 _check(lookup, i, qid, p, *names[i], f"entry {i - start} of cap.{cat}.{split}.json")
                 out[i] = qid
             elif qid in lookup._short:
-                out[i] = qid                                   # no negatives, and no row to check against
+                out[i] = qid  # no negatives, and no row to check against
             elif not any(str(c).strip() for c in (triplets[i].get("captions") or [])):
-                out[i] = None                                  # all captions empty: never a query
+                out[i] = None  # all captions empty: never a query
             else:
-                raise DataError(f"{lookup.source}: item {i} of the dataset ({names[i][0]} -> {names[i][1]}) would be "
-                                f"entry {i - start} of cap.{cat}.{split}.json, query {qid}, which the table does not "
-                                f"have (its categories: {cats}). Mine the split, categories and annotations the "
-                                f"dataset reads.")
+                raise DataError(
+                    f"{lookup.source}: item {i} of the dataset ({names[i][0]} -> {names[i][1]}) would be "
+                    f"entry {i - start} of cap.{cat}.{split}.json, query {qid}, which the table does not "
+                    f"have (its categories: {cats}). Mine the split, categories and annotations the "
+                    f"dataset reads."
+                )
     return out
 
 
@@ -399,7 +454,9 @@ def _cirr_ids(triplets: list, lookup: NegativesLookup, split: str) -> np.ndarray
         if p is not None:
             _check(lookup, i, qid, p, ref, tgt, f"pairid {pairid}")
         elif qid not in lookup._short:
-            raise DataError(f"{lookup.source}: item {i} of the dataset (pairid {pairid}, {ref} -> {tgt}) is query "
-                            f"{qid}, which the table does not have. Mine the split the dataset reads.")
+            raise DataError(
+                f"{lookup.source}: item {i} of the dataset (pairid {pairid}, {ref} -> {tgt}) is query "
+                f"{qid}, which the table does not have. Mine the split the dataset reads."
+            )
         out[i] = qid
     return out

@@ -9,6 +9,7 @@ strategies seeing a :class:`~cir_mine.miner.core.context.BatchContext`), the opt
 (:mod:`~cir_mine.miner.core.recall`) and assemble (:mod:`~cir_mine.miner.core.assemble`). Rows
 depend on (inputs, config, seed) only, never on the batch size or on how deep a batch was searched.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,10 +42,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MineResult:
+    # fmt: off
     table: pa.Table                         # negatives schema, one row per (query, negative)
     meta: dict                              # footer metadata (config, shortfall, guard counts, ...)
     guard_counts: dict = field(default_factory=dict)  # guard -> int64[m] candidates removed per query
     backend: object = field(default=None, repr=False)  # the search back-end the run used (None: no search)
+    # fmt: on
 
     @property
     def shortfall(self) -> list:
@@ -57,9 +60,17 @@ class MineResult:
         return NegativesTable(None, self.table, self.meta).grouped(ws)
 
 
-def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Optional[np.ndarray] = None,
-                   mining_round: int = 0, index=None, progress: Progress = None,
-                   loaded: Optional[tuple] = None, query_ids: Optional[Sequence[str]] = None) -> MineResult:
+def mine_negatives(
+    ws: Workspace,
+    split: str,
+    cfg: MineConfig,
+    query_emb: Optional[np.ndarray] = None,
+    mining_round: int = 0,
+    index=None,
+    progress: Progress = None,
+    loaded: Optional[tuple] = None,
+    query_ids: Optional[Sequence[str]] = None,
+) -> MineResult:
     """Mine negatives for every query of ``split``: prepare, open the search back-end, then per batch
     search (approximate back-ends re-ranked exactly), guard and select; deepen short queries;
     assemble the table and its footer.
@@ -81,10 +92,12 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
         loaded = loaded if loaded is not None else ws.require().load(split)
         query_emb = align_query_embeddings(query_emb, query_ids, loaded[1].query_ids, "query_emb")
     prep = prepare(ws, split, cfg, query_emb, mining_round, loaded)
-    backend, search_meta = (open_search(prep, ws, split, cfg, index) if prep.need_ranked
-                            else (None, {"index": "none"}))
-    prep.prepared = {name: REGISTRY[name].prepare(prep.pool, prep.qs, backend, cfg, ki)
-                     for name, ki, _ in prep.mined if REGISTRY[name].prepare is not None}
+    backend, search_meta = open_search(prep, ws, split, cfg, index) if prep.need_ranked else (None, {"index": "none"})
+    prep.prepared = {
+        name: REGISTRY[name].prepare(prep.pool, prep.qs, backend, cfg, ki)
+        for name, ki, _ in prep.mined
+        if REGISTRY[name].prepare is not None
+    }
     t_prep = time.perf_counter() - t0
     prefetch = cfg.prefetch if cfg.prefetch is not None else default_prefetch(backend, search_meta)
     before = _measured(backend)
@@ -95,11 +108,12 @@ def mine_negatives(ws: Workspace, split: str, cfg: MineConfig, query_emb: Option
     search_meta["prefetch"] = bool(prefetch)
     t2 = time.perf_counter()
     table = assemble_table(prep.pool, prep.qs, prep.parts, mined.out, mining_round, cfg.seed)
-    timing = stage_seconds(prep, mined, before.get("seconds", {}), after.get("seconds", {}), t_prep,
-                           time.perf_counter() - t2)
+    timing = stage_seconds(
+        prep, mined, before.get("seconds", {}), after.get("seconds", {}), t_prep, time.perf_counter() - t2
+    )
     timing["total_s"] = seconds(time.perf_counter() - t0)
     if after.get("kernels"):
-        timing["kernels"] = after["kernels"]      # the kernel race: microseconds per query of each kernel
+        timing["kernels"] = after["kernels"]  # the kernel race: microseconds per query of each kernel
     meta = footer(ws, split, cfg, prep, mined, table, mining_round, query_emb is None, search_meta, timing)
     log.info("mined %d rows for %d queries (shortfall %d)", table.num_rows, prep.m, meta["shortfall"]["count"])
     return MineResult(table, meta, mined.guard_counts, backend)
@@ -121,8 +135,9 @@ def _measured(backend) -> dict:
     return backend.measured() if hasattr(backend, "measured") else {}
 
 
-def mine_to_file(ws: Workspace, split: str, cfg: MineConfig, out: str | Path, overwrite: bool = True,
-                 reads: Sequence = (), **kw) -> MineResult:
+def mine_to_file(
+    ws: Workspace, split: str, cfg: MineConfig, out: str | Path, overwrite: bool = True, reads: Sequence = (), **kw
+) -> MineResult:
     """Mine and write ``out`` atomically, holding the lock of its directory.
 
     ``out`` is checked first (:func:`cir_mine.data.io.check_output`): never a workspace file or one of
@@ -144,5 +159,5 @@ def write_result(res: MineResult, out: Path) -> MineResult:
         search["file"], search["fingerprint"] = side.name, file_digest(side)
     t = time.perf_counter()
     write_negatives(res.table, out, res.meta)
-    res.meta["timing"]["write_s"] = seconds(time.perf_counter() - t)   # not in the file: it is being written
+    res.meta["timing"]["write_s"] = seconds(time.perf_counter() - t)  # not in the file: it is being written
     return res

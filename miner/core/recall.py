@@ -1,4 +1,5 @@
 """The recall report of an approximate back-end against exact mining (``MineConfig.check_recall``)."""
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,11 @@ def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined) -> dict
         rec["candidate_recall"] = round(candidate_recall(Ia, Ie), 4)
     ref = mine_queries(prep, cfg, exact, sample)
     n = len(prep.g)
-    keys = lambda md: np.unique(np.concatenate(md.out["q"]) * n + np.concatenate(md.out["row"])) \
-        if md.out["q"] else np.zeros(0, np.int64)
+    keys = lambda md: (
+        np.unique(np.concatenate(md.out["q"]) * n + np.concatenate(md.out["row"]))
+        if md.out["q"]
+        else np.zeros(0, np.int64)
+    )
     ka, ke = keys(mined), keys(ref)
     ka = ka[np.isin(ka // n, sample)]
     per_q_e = np.bincount(ke // n, minlength=prep.m)[sample]

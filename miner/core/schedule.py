@@ -7,6 +7,7 @@ Queries still short of k are mined again along a ladder of deeper depths
 (:class:`DepthSchedule`). Rows depend on (inputs, config, seed) only, never on the batch size or on
 how deep a batch was searched.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,6 +28,7 @@ from cir_mine.miner.core.strategies import REGISTRY
 class Mined:
     """Rows picked for a set of queries (gallery rows, not yet ids) and what the guards removed."""
 
+    # fmt: off
     out: dict                  # column -> list of arrays: q, row, part, rank, score
     got: np.ndarray            # int64[m] negatives per query (all queries of the split; 0 if not mined)
     guard_counts: dict         # guard -> int64[m]
@@ -35,6 +37,7 @@ class Mined:
     search_s: float            # seconds inside back-end searches
     select_s: float            # seconds guarding and selecting
     deepen_s: float = 0.0      # seconds of the deepening passes (search and selection)
+    # fmt: on
 
 
 def search_batches(backend, xq: np.ndarray, batches, prefetch: bool):
@@ -42,6 +45,7 @@ def search_batches(backend, xq: np.ndarray, batches, prefetch: bool):
     query indices and search depths, read one item ahead at most). With ``prefetch`` the next batch
     is searched in a worker thread while the caller guards the current one (FAISS releases the GIL;
     on a GPU the device is not left idle)."""
+
     def run(item):
         q, depth = item
         t = time.perf_counter()
@@ -80,7 +84,7 @@ def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
     got = np.zeros(ctx.b, np.int64)
     for i, (name, ki, si) in enumerate(prep.mined):
         p = REGISTRY[name].fn(ctx, ki, si + 1, ctx.cfg.params_of(name))
-        if i < len(prep.mined) - 1:         # the later parts pick from what this one left
+        if i < len(prep.mined) - 1:  # the later parts pick from what this one left
             ctx.take(p)
         ok = p.rows >= 0
         qi, col = np.nonzero(ok)
@@ -115,7 +119,7 @@ def reserve_depth(prep: Prepared, cfg: MineConfig, backend) -> int:
     return ladder[min(1, len(ladder) - 1)] if getattr(backend, "cheap_depth", False) else ladder[0]
 
 
-PROBE_FRACTION = 4   # the first batch, whose short share picks the later batches' depth, is this much smaller
+PROBE_FRACTION = 4  # the first batch, whose short share picks the later batches' depth, is this much smaller
 
 
 class DepthSchedule:
@@ -130,17 +134,16 @@ class DepthSchedule:
     deeper search costs about the same, the deepest once a batch shows that most of its queries
     need it, ``backend.deep_share``)."""
 
-    def __init__(self, prep: Prepared, cfg: MineConfig, backend, prefetch: bool = False,
-                 progress: Progress = None):
+    def __init__(self, prep: Prepared, cfg: MineConfig, backend, prefetch: bool = False, progress: Progress = None):
         self.prep, self.cfg, self.backend, self.prefetch, self.progress = prep, cfg, backend, prefetch, progress
         m = prep.m
-        self.got = np.zeros(m, np.int64)             # negatives per query
-        self.level = np.zeros(m, np.int64)           # ladder index each query was last mined at
+        self.got = np.zeros(m, np.int64)  # negatives per query
+        self.level = np.zeros(m, np.int64)  # ladder index each query was last mined at
         self.counts = {name: np.zeros(m, np.int64) for name in GUARDS}
         self.search_s = self.select_s = 0.0
         self.ladder = depth_ladder(prep, cfg)
         self.reserve = self.ladder.index(reserve_depth(prep, cfg, backend))
-        self.reserved = 0                            # queries mined again from rows already searched
+        self.reserved = 0  # queries mined again from rows already searched
         self.share = getattr(backend, "deep_share", None)
 
     def mine(self, queries: np.ndarray) -> Mined:
@@ -149,9 +152,17 @@ class DepthSchedule:
         t = time.perf_counter()
         batches, deepened = self.deepen(batches, queries)
         ladder, level = self.ladder, self.level
-        depth = ladder[int(level[queries].max())] if queries.size else self.prep.depth   # the deepest depth mined
-        return Mined({c: [v for b in batches for v in b[c]] for c in COLUMNS}, self.got, self.counts, depth,
-                     deepened + self.reserved, self.search_s, self.select_s, time.perf_counter() - t)
+        depth = ladder[int(level[queries].max())] if queries.size else self.prep.depth  # the deepest depth mined
+        return Mined(
+            {c: [v for b in batches for v in b[c]] for c in COLUMNS},
+            self.got,
+            self.counts,
+            depth,
+            deepened + self.reserved,
+            self.search_s,
+            self.select_s,
+            time.perf_counter() - t,
+        )
 
     def first_items(self, queries: np.ndarray):
         """First-pass batches, each searched at the current reserve, with the query count that
@@ -163,8 +174,8 @@ class DepthSchedule:
             depth = ladder[self.reserve]
             step = max(1, self.cfg.query_batch * second // max(depth, second))
             if probe and s == 0:
-                step = max(1, step // PROBE_FRACTION)   # a smaller first batch decides where the rest goes
-            yield queries[s:s + step], depth
+                step = max(1, step // PROBE_FRACTION)  # a smaller first batch decides where the rest goes
+            yield queries[s : s + step], depth
             s += step
 
     def run(self, items, first_pass: bool, start: int) -> list:
@@ -241,21 +252,21 @@ class DepthSchedule:
             short = np.flatnonzero(mine & (got < prep.k_mined) & (level < len(ladder) - 1))
             if short.size == 0:
                 break
-            nxt = int(level[short].min()) + 1             # the shallowest level still to mine
+            nxt = int(level[short].min()) + 1  # the shallowest level still to mine
             short = short[level[short] == nxt - 1]
             depth = ladder[-1] if cheap else ladder[nxt]
             redo = np.zeros(prep.m, bool)
             redo[short] = True
-            batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()}
-                       for b in batches]
-            step = max(1, self.cfg.query_batch * ladder[0] // depth)   # same memory per batch as the first pass
-            items = [(short[s:s + step], depth) for s in range(0, short.size, step)]
+            batches = [{c: [v[~redo[b["q"][i]]] for i, v in enumerate(vals)] for c, vals in b.items()} for b in batches]
+            step = max(1, self.cfg.query_batch * ladder[0] // depth)  # same memory per batch as the first pass
+            items = [(short[s : s + step], depth) for s in range(0, short.size, step)]
             batches += self.run(items, False, nxt)
             deepened += int(short.size)
         return batches, deepened
 
 
-def mine_queries(prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False,
-                 progress: Progress = None) -> Mined:
+def mine_queries(
+    prep: Prepared, cfg: MineConfig, backend, queries: np.ndarray, prefetch: bool = False, progress: Progress = None
+) -> Mined:
     """Steps 3-5 for the query indices ``queries`` (see :class:`DepthSchedule`)."""
     return DepthSchedule(prep, cfg, backend, prefetch, progress).mine(queries)

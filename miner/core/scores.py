@@ -4,6 +4,7 @@ Conventions: ``scores`` are cosine similarities s(q, c), float32[b, depth], high
 ``target_score`` is s(q, t), float32[b]. Δ(c) = s(q, t) − s(q, c): Δ > 0 means the candidate ranks
 below the target (an easier negative), Δ < 0 above it (a hard negative or a false negative).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ config, the split and its data hash (:meth:`Workspace.split_hash`), the workspac
 the round, the negative bank the table assumes and the shortfall (queries that got fewer than k
 negatives). See docs/formats.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,30 +24,38 @@ NEGATIVES_SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 META_KEY = "cir_mine"
 
-NEGATIVES_SCHEMA = pa.schema([
-    pa.field("query_id", pa.string()),        # triplets.query_id
-    pa.field("ref_id", pa.string()),          # reference image id
-    pa.field("target_id", pa.string()),       # target image id
-    pa.field("neg_id", pa.string()),          # mined negative image id
-    pa.field("neg_category", pa.string()),    # the negative's gallery category (its gallery key: neg_category, neg_id)
-    pa.field("strategy", pa.string()),        # strategy that picked it (random, midzone, ...)
-    pa.field("rank", pa.int32()),             # 0-based rank of the negative by s(q, c) in the search; -1 if not from the ranking
-    pa.field("score", pa.float32()),          # s(q, neg), cosine
-    pa.field("target_score", pa.float32()),   # s(q, target), cosine
-    pa.field("delta", pa.float32()),          # target_score - score
-    pa.field("round", pa.int32()),            # mining round (0 = offline, r = r-th refresh)
-    pa.field("category_match", pa.bool_()),   # negative's category == target's category
-    pa.field("attr_overlap", pa.float32()),   # Jaccard overlap of negative and target attributes
-    pa.field("seed", pa.int64()),             # sampling seed
-])
+NEGATIVES_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.string()),  # triplets.query_id
+        pa.field("ref_id", pa.string()),  # reference image id
+        pa.field("target_id", pa.string()),  # target image id
+        pa.field("neg_id", pa.string()),  # mined negative image id
+        pa.field(
+            "neg_category", pa.string()
+        ),  # the negative's gallery category (its gallery key: neg_category, neg_id)
+        pa.field("strategy", pa.string()),  # strategy that picked it (random, midzone, ...)
+        pa.field(
+            "rank", pa.int32()
+        ),  # 0-based rank of the negative by s(q, c) in the search; -1 if not from the ranking
+        pa.field("score", pa.float32()),  # s(q, neg), cosine
+        pa.field("target_score", pa.float32()),  # s(q, target), cosine
+        pa.field("delta", pa.float32()),  # target_score - score
+        pa.field("round", pa.int32()),  # mining round (0 = offline, r = r-th refresh)
+        pa.field("category_match", pa.bool_()),  # negative's category == target's category
+        pa.field("attr_overlap", pa.float32()),  # Jaccard overlap of negative and target attributes
+        pa.field("seed", pa.int64()),  # sampling seed
+    ]
+)
 
 
 @dataclass
 class NegativesTable:
+    # fmt: off
     path: Optional[Path]
     table: pa.Table
     meta: dict               # the ``cir_mine`` footer entry
     ws: Optional[Workspace] = field(default=None, repr=False)  # the workspace it was checked against
+    # fmt: on
 
     @property
     def config(self) -> dict:
@@ -90,8 +99,11 @@ def _queries_of(table: pa.Table, meta: dict):
     first = pc.index_in(pc.unique(ids.column("query_id")), value_set=ids.column("query_id").combine_chunks())
     ids = ids.take(first)
     col = lambda name, extra: np.asarray(ids.column(name).to_pylist() + list(extra), dtype=object)
-    return SimpleNamespace(query_ids=col("query_id", empty["query_ids"]), ref_ids=col("ref_id", empty["ref_ids"]),
-                           target_ids=col("target_id", empty["target_ids"]))
+    return SimpleNamespace(
+        query_ids=col("query_id", empty["query_ids"]),
+        ref_ids=col("ref_id", empty["ref_ids"]),
+        target_ids=col("target_id", empty["target_ids"]),
+    )
 
 
 def as_negatives_table(negatives, ws: Optional[Workspace] = None, what: str = "negatives") -> NegativesTable:
@@ -109,16 +121,22 @@ def as_negatives_table(negatives, ws: Optional[Workspace] = None, what: str = "n
     if isinstance(negatives, NegativesTable):
         return negatives
     if isinstance(negatives, GroupedNegatives):
-        raise UsageError(f"{what} takes the negatives table (a path, read_negatives(...), a MineResult or a "
-                         f"pyarrow Table), not its grouped form: it regroups it over the split's queries.")
+        raise UsageError(
+            f"{what} takes the negatives table (a path, read_negatives(...), a MineResult or a "
+            f"pyarrow Table), not its grouped form: it regroups it over the split's queries."
+        )
     if isinstance(negatives, pa.Table):
         raw = (negatives.schema.metadata or {}).get(META_KEY.encode())
         meta = json.loads(raw) if raw else {}
-        return NegativesTable(None, negatives, meta if isinstance(meta, dict) and meta.get("table") == "negatives" else {})
+        return NegativesTable(
+            None, negatives, meta if isinstance(meta, dict) and meta.get("table") == "negatives" else {}
+        )
     if hasattr(negatives, "table") and hasattr(negatives, "meta"):
         return NegativesTable(getattr(negatives, "path", None), negatives.table, negatives.meta)
-    raise UsageError(f"{what}: expected a negatives table (a path, read_negatives(...), a MineResult or a "
-                     f"pyarrow Table), got {type(negatives).__name__}.")
+    raise UsageError(
+        f"{what}: expected a negatives table (a path, read_negatives(...), a MineResult or a "
+        f"pyarrow Table), got {type(negatives).__name__}."
+    )
 
 
 def write_negatives(table: pa.Table, path: str | Path, meta: dict) -> None:
@@ -141,9 +159,12 @@ def conform(table: pa.Table, path: Path, version: int = NEGATIVES_SCHEMA_VERSION
                 f"{', '.join(NEGATIVES_SCHEMA.names)}. See docs/formats.md."
             )
         t = table.schema.field(f.name).type
-        compatible = (t == f.type or (pa.types.is_integer(t) and pa.types.is_integer(f.type))
-                      or (pa.types.is_floating(t) and pa.types.is_floating(f.type))
-                      or (pa.types.is_large_string(t) and pa.types.is_string(f.type)))
+        compatible = (
+            t == f.type
+            or (pa.types.is_integer(t) and pa.types.is_integer(f.type))
+            or (pa.types.is_floating(t) and pa.types.is_floating(f.type))
+            or (pa.types.is_large_string(t) and pa.types.is_string(f.type))
+        )
         if not compatible:
             raise SchemaError(f"{path}: column '{f.name}' has type {t}, expected {f.type}. See docs/formats.md.")
     return table.select(NEGATIVES_SCHEMA.names).cast(NEGATIVES_SCHEMA)
@@ -153,7 +174,7 @@ def read_negatives(path: str | Path, ws: Optional[Workspace] = None) -> Negative
     """Read and validate a negatives table; with ``ws``, refuse a table mined from another workspace."""
     path = Path(path)
     _exists(path)
-    raw = read_parquet(path)                    # one read: rows and footer of the same version of the file
+    raw = read_parquet(path)  # one read: rows and footer of the same version of the file
     meta = _parse_footer(path, raw.schema.metadata or {})
     table = conform(raw, path, meta["schema_version"])
     _check_workspace(path, meta, ws)
@@ -189,11 +210,14 @@ def _parse_footer(path: Path, raw: Optional[dict]) -> dict:
         except ValueError:
             meta = None
     if not isinstance(meta, dict) or meta.get("table") != "negatives":
-        raise SchemaError(f"{path}: not a cir-mine negatives table (no '{META_KEY}' metadata). "
-                          f"Mine one with `cir-mine negatives`.")
+        raise SchemaError(
+            f"{path}: not a cir-mine negatives table (no '{META_KEY}' metadata). Mine one with `cir-mine negatives`."
+        )
     if meta.get("schema_version") not in READABLE_VERSIONS:
-        raise SchemaError(f"{path}: negatives schema version {meta.get('schema_version')} is not "
-                          f"{NEGATIVES_SCHEMA_VERSION}; re-mine it with this version of cir-mine.")
+        raise SchemaError(
+            f"{path}: negatives schema version {meta.get('schema_version')} is not "
+            f"{NEGATIVES_SCHEMA_VERSION}; re-mine it with this version of cir-mine."
+        )
     return meta
 
 
@@ -206,18 +230,23 @@ def _check_workspace(path: Path, meta: dict, ws: Optional[Workspace]) -> None:
     if "data_hash" in meta and split:
         if split not in ws.splits():
             have = ", ".join(ws.splits()) or "none"
-            raise DataError(f"{path}: mined on split '{split}', which {ws.root} does not have (splits: {have}). "
-                            f"Pass the workspace it was mined from with work.", params=("work",))
+            raise DataError(
+                f"{path}: mined on split '{split}', which {ws.root} does not have (splits: {have}). "
+                f"Pass the workspace it was mined from with work.",
+                params=("work",),
+            )
         mine, theirs = ws.split_hash(split), meta["data_hash"]
         if theirs != mine:
             raise DataError(
                 f"{path}: mined from another workspace (split '{split}' data hash {theirs}, {ws.root} has {mine}). "
-                f"Re-mine it with `cir-mine negatives work={ws.root} split={split}`.", params=("work", "split")
+                f"Re-mine it with `cir-mine negatives work={ws.root} split={split}`.",
+                params=("work", "split"),
             )
         return
     mine, theirs = ws.manifest_hash(), meta.get("manifest_hash")
     if theirs != mine:
         raise DataError(
             f"{path}: mined from another workspace (manifest hash {theirs}, {ws.root} has {mine}). "
-            f"Re-mine it with `cir-mine negatives work={ws.root}`.", params=("work",)
+            f"Re-mine it with `cir-mine negatives work={ws.root}`.",
+            params=("work",),
         )

@@ -6,6 +6,7 @@ it: the same guards, strategies and writer as the single-process path; only the 
 The engine and its shard settings are recorded in the table's metadata (``meta["engine"]``) so
 cir-train's refresh searches the same way. cir_mine.miner.negatives.mine_file writes the table.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,11 @@ ENGINES = ("local", "ray")
 class EngineConfig:
     """Which engine searches the gallery, and how it is sharded."""
 
+    # fmt: off
     name: str = "local"          # local (this process) or ray (a Ray cluster; the 'ray' extra)
     shard: ShardConfig = field(default_factory=ShardConfig)  # gallery shards (one flat shard: the core's own search)
     ray: RayConfig = field(default_factory=RayConfig)        # the Ray cluster and its shard actors (name ray)
+    # fmt: on
 
     @property
     def in_process(self) -> bool:
@@ -40,12 +43,15 @@ class EngineConfig:
         if self.name not in ENGINES:
             raise UsageError(f"engine {self.name!r}: use local or ray.", params=("engine",))
         if not self.in_process and cfg.index != "flat":
-            raise UsageError(f"index {cfg.index} searches in one process; with engine or shards, choose each "
-                             f"shard's search with shard_index.", params=("index", "engine", "shards", "shard_index"))
+            raise UsageError(
+                f"index {cfg.index} searches in one process; with engine or shards, choose each "
+                f"shard's search with shard_index.",
+                params=("index", "engine", "shards", "shard_index"),
+            )
         if self.name == "ray":
             from cir_mine.miner.distributed.ray_shards import require_ray
 
-            require_ray()                               # fail before reading anything
+            require_ray()  # fail before reading anything
         return self
 
 
@@ -70,14 +76,21 @@ def engine_meta(engine: str, shard_cfg: ShardConfig, ray_cfg=None) -> dict:
     return d
 
 
-def mine_with_engine(ws: Workspace, split: str, cfg: MineConfig, engine: str = "local",
-                     shard_cfg: ShardConfig = ShardConfig(shards=1), ray_cfg=None, loaded: Optional[tuple] = None,
-                     **kw) -> MineResult:
+def mine_with_engine(
+    ws: Workspace,
+    split: str,
+    cfg: MineConfig,
+    engine: str = "local",
+    shard_cfg: ShardConfig = ShardConfig(shards=1),
+    ray_cfg=None,
+    loaded: Optional[tuple] = None,
+    **kw,
+) -> MineResult:
     """``mine_negatives`` through ``engine``'s index (keyword arguments pass through)."""
     if engine == "ray":
         from cir_mine.miner.distributed.ray_shards import require_ray
 
-        require_ray()                                   # fail before reading anything
+        require_ray()  # fail before reading anything
     cfg.validate(kw.get("mining_round", 0))
     ws.require()
     g, t = loaded if loaded is not None else ws.load(split)

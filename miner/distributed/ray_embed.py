@@ -11,6 +11,7 @@ embeddings. Results stream back in row order; each finished part is written atom
 ``part-NNNNN.parquet`` in the resume folder (the gallery table of its readable images, its skipped
 images in the footer). At the end the parts become the gallery folder ``gallery.{split}/``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,20 +25,31 @@ import pyarrow.parquet as pq
 from cir_mine.data.crash import crash_point
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.workspace import read_metadata, write_table
-from cir_mine.miner.encode.pipeline import (UNIT_SAVED, Executor, Plan, Progress, embed_workspace, gallery_of,
-                                            open_scratch, plan_fingerprint, resume)
+from cir_mine.miner.encode.pipeline import (
+    UNIT_SAVED,
+    Executor,
+    Plan,
+    Progress,
+    embed_workspace,
+    gallery_of,
+    open_scratch,
+    plan_fingerprint,
+    resume,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RayEmbedRun:
+    # fmt: off
     actors: int = 1                 # open_clip encoder actors (with device cuda at most one per GPU)
     part_size: int = 4096           # images per gallery part (the unit of resume)
     batch_size: int = 64            # images per forward pass inside an actor
     cpus_per_actor: Optional[float] = None  # CPUs each CPU encoder actor reserves, its torch threads max(1, floor)
                                             # (None: 1, or a fraction so that every actor fits the cluster)
     address: Optional[str] = None   # the cluster to join: auto or HOST:PORT (None: start a local one)
+    # fmt: on
 
 
 class EncoderActor:
@@ -66,7 +78,11 @@ class EncoderActor:
         emb = np.zeros((len(got), self.encoder.dim), np.float32)
         if ok.any():
             emb[ok] = forward_images(self.encoder, torch.stack([x for (x, _), g in zip(got, ok) if g]))
-        return {"row": np.asarray(batch["row"], np.int64), "emb": emb, "error": np.array([e for _, e in got], dtype=object)}
+        return {
+            "row": np.asarray(batch["row"], np.int64),
+            "emb": emb,
+            "error": np.array([e for _, e in got], dtype=object),
+        }
 
 
 def _read_part_errors(path: Path, n: int) -> Optional[list[str]]:
@@ -89,7 +105,9 @@ def _source_dataset(ray, job, images: list, rows: np.ndarray):
         from cir_mine.data.records import image_file
 
         files = [image_file(job.root, images[r].path) for r in rows.tolist()]
-        return ray.data.from_items([{"row": int(r), "source": str(f) if f else ""} for r, f in zip(rows.tolist(), files)])
+        return ray.data.from_items(
+            [{"row": int(r), "source": str(f) if f else ""} for r, f in zip(rows.tolist(), files)]
+        )
     from cir_mine.data.webdataset import IMAGE_EXTENSIONS, shard_paths
 
     wanted = {images[r].image_id: int(r) for r in rows.tolist()}
@@ -109,8 +127,7 @@ def _source_dataset(ray, job, images: list, rows: np.ndarray):
             out_src.append(bytes(src))
         return {"row": np.asarray(out_rows, np.int64), "source": np.array(out_src, dtype=object)}
 
-    ds = ray.data.read_webdataset([str(p) for p in shard_paths(job.root)], decoder=None,
-                                  suffixes=[*exts, "json"])
+    ds = ray.data.read_webdataset([str(p) for p in shard_paths(job.root)], decoder=None, suffixes=[*exts, "json"])
     return ds.map_batches(to_rows, batch_format="numpy")
 
 
@@ -130,10 +147,16 @@ class RayExecutor(Executor):
 
     def check(self) -> None:
         run = self.run
-        if run.actors < 1 or run.part_size < 1 or run.batch_size < 1 or (run.cpus_per_actor is not None and
-                                                                          run.cpus_per_actor <= 0):
-            raise UsageError("actors, part_size and batch_size must be at least 1, cpus_per_actor above 0.",
-                             params=("actors", "part_size", "batch_size", "cpus_per_actor"))
+        if (
+            run.actors < 1
+            or run.part_size < 1
+            or run.batch_size < 1
+            or (run.cpus_per_actor is not None and run.cpus_per_actor <= 0)
+        ):
+            raise UsageError(
+                "actors, part_size and batch_size must be at least 1, cpus_per_actor above 0.",
+                params=("actors", "part_size", "batch_size", "cpus_per_actor"),
+            )
 
     def embed(self, plan: Plan, progress: Progress):
         units = plan.units
@@ -170,11 +193,22 @@ def _pool(ray, plan: Plan, run: RayEmbedRun, rows: np.ndarray):
     actors = run.actors
     if gpu:
         actors = max(1, min(actors, int(ray.cluster_resources().get("GPU", 0)) or 1))
-    cpus = None if gpu else shard_cpus(actors, run.cpus_per_actor, float(ray.cluster_resources().get("CPU", 0)),
-                                       "cpus_per_actor", "actors")
+    cpus = (
+        None
+        if gpu
+        else shard_cpus(
+            actors, run.cpus_per_actor, float(ray.cluster_resources().get("CPU", 0)), "cpus_per_actor", "actors"
+        )
+    )
     return _source_dataset(ray, plan.job, plan.images, rows).map_batches(
-        EncoderActor, fn_constructor_args=(plan.job.encoder, cpus or 1), batch_size=run.batch_size,
-        batch_format="numpy", concurrency=actors, num_gpus=1 if gpu else 0, num_cpus=cpus)
+        EncoderActor,
+        fn_constructor_args=(plan.job.encoder, cpus or 1),
+        batch_size=run.batch_size,
+        batch_format="numpy",
+        concurrency=actors,
+        num_gpus=1 if gpu else 0,
+        num_cpus=cpus,
+    )
 
 
 def _embed_parts(plan: Plan, run: RayEmbedRun, todo: list[int], errors: list[str], advance: Progress) -> None:
@@ -186,7 +220,7 @@ def _embed_parts(plan: Plan, run: RayEmbedRun, todo: list[int], errors: list[str
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    if logging.getLogger("ray").getEffectiveLevel() >= logging.ERROR:    # -q: no Ray Data progress bars
+    if logging.getLogger("ray").getEffectiveLevel() >= logging.ERROR:  # -q: no Ray Data progress bars
         ray.data.DataContext.get_current().enable_progress_bars = False
     units, images = plan.units, plan.images
     rows = np.concatenate([np.arange(*units.bounds(i), dtype=np.int64) for i in todo])
@@ -212,7 +246,9 @@ def _embed_parts(plan: Plan, run: RayEmbedRun, todo: list[int], errors: list[str
             del left[i]
             _write_part(plan, i, *buf.pop(i))
     if left:
-        raise DataError(f"Ray returned no result for {sum(left.values())} image(s) of {len(left)} part(s); rerun to resume.")
+        raise DataError(
+            f"Ray returned no result for {sum(left.values())} image(s) of {len(left)} part(s); rerun to resume."
+        )
 
 
 def _write_part(plan: Plan, i: int, emb: np.ndarray, errs: list[str]) -> None:
@@ -220,6 +256,10 @@ def _write_part(plan: Plan, i: int, emb: np.ndarray, errs: list[str]) -> None:
     skipped images in the footer."""
     lo, hi = plan.units.bounds(i)
     table = gallery_of(plan.images[lo:hi], emb, errs, plan.encoder, plan.prompts)
-    write_table(table, plan.units.path(i),             # resume scratch: kept when the job fails
-                metadata={"skipped": {str(j): e for j, e in enumerate(errs) if e}}, journal=False)
+    write_table(
+        table,
+        plan.units.path(i),  # resume scratch: kept when the job fails
+        metadata={"skipped": {str(j): e for j, e in enumerate(errs) if e}},
+        journal=False,
+    )
     crash_point(UNIT_SAVED)

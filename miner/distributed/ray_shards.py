@@ -10,6 +10,7 @@ the same because a search is a pure function of the shard and the queries.
 
 Ray is an optional dependency (the ``ray`` extra): it is imported only here, lazily.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,12 +36,13 @@ log = logging.getLogger(__name__)
 RAY_MISSING = "engine ray needs Ray, which is not installed: install the 'ray' extra (pip install 'cir-mine[ray]')."
 
 
-CONNECT_TIMEOUT = 10.0   # seconds an address has to answer before joining it is given up
-START_TIMEOUT = 300.0    # seconds the shard actors have to start (their rows copied in) on a cluster that can place them
+CONNECT_TIMEOUT = 10.0  # seconds an address has to answer before joining it is given up
+START_TIMEOUT = 300.0  # seconds the shard actors have to start (their rows copied in) on a cluster that can place them
 
 
 @dataclass(frozen=True)
 class RayConfig:
+    # fmt: off
     address: Optional[str] = None          # the cluster to join: auto or HOST:PORT (None: start a local one)
     cpus_per_shard: Optional[float] = None  # CPUs each shard actor reserves, its FAISS threads max(1, floor) (None: 1,
                                             # or a fraction so that every shard fits the cluster)
@@ -48,11 +50,15 @@ class RayConfig:
     max_task_retries: int = 3              # retries of a search lost with its actor
     connect_timeout: float = CONNECT_TIMEOUT  # seconds the address has to answer
     start_timeout: float = START_TIMEOUT    # seconds the shard actors have to start
+    # fmt: on
 
     def recorded(self) -> dict:
         """What a table's footer keeps to search the same way again (not the address nor the timeouts)."""
-        return {"cpus_per_shard": self.cpus_per_shard, "max_restarts": self.max_restarts,
-                "max_task_retries": self.max_task_retries}
+        return {
+            "cpus_per_shard": self.cpus_per_shard,
+            "max_restarts": self.max_restarts,
+            "max_task_retries": self.max_task_retries,
+        }
 
 
 def require_ray():
@@ -93,11 +99,14 @@ def connect(address: Optional[str] = None, timeout: float = CONNECT_TIMEOUT):
             else:
                 ray.init(include_dashboard=False, log_to_driver=False, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UsageError(f"ray_address {address}: cannot join a Ray cluster ({str(e).splitlines()[0][:200]}). "
-                         f"Start one with `ray start --head`, pass its HOST:PORT, or omit ray_address "
-                         f"for a local cluster.", params=("ray_address",)) from None
+        raise UsageError(
+            f"ray_address {address}: cannot join a Ray cluster ({str(e).splitlines()[0][:200]}). "
+            f"Start one with `ray start --head`, pass its HOST:PORT, or omit ray_address "
+            f"for a local cluster.",
+            params=("ray_address",),
+        ) from None
     finally:
-        if sigterm is not None:          # ray.init exits on SIGTERM; a write job rolls back instead
+        if sigterm is not None:  # ray.init exits on SIGTERM; a write job rolls back instead
             signal.signal(signal.SIGTERM, sigterm)
     log.info("Ray cluster: %s", ray.cluster_resources())
     return ray
@@ -139,7 +148,7 @@ def _bootstrap_address(address: str) -> Optional[str]:
             from ray._private.services import canonicalize_bootstrap_address
 
             return canonicalize_bootstrap_address("auto")
-        except Exception:   # noqa: BLE001 - no running cluster: ray.init says so at once
+        except Exception:  # noqa: BLE001 - no running cluster: ray.init says so at once
             return None
     return address.split("://", 1)[-1]
 
@@ -164,13 +173,17 @@ def _probe(target: str, timeout: float, address: str) -> None:
     except (OSError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e)
     if reason:
-        raise UsageError(f"ray_address {address}: no Ray cluster answers at {target} ({reason}). Start one with "
-                         f"`ray start --head` and pass the address it prints, or omit ray_address for a local "
-                         f"cluster.", params=("ray_address",))
+        raise UsageError(
+            f"ray_address {address}: no Ray cluster answers at {target} ({reason}). Start one with "
+            f"`ray start --head` and pass the address it prints, or omit ray_address for a local "
+            f"cluster.",
+            params=("ray_address",),
+        )
 
 
-def shard_cpus(shards: int, asked: Optional[float], cluster: float, option: str = "cpus_per_shard",
-               count: str = "shards") -> float:
+def shard_cpus(
+    shards: int, asked: Optional[float], cluster: float, option: str = "cpus_per_shard", count: str = "shards"
+) -> float:
     """CPUs each of ``shards`` actors reserves: ``asked``, or (None) 1 when every actor fits the
     ``cluster``'s CPUs and else the fraction that does (Ray places 1/10000 CPU steps). Asked for
     more than the cluster has in all: a UsageError naming ``option``, never a wait without end."""
@@ -180,9 +193,12 @@ def shard_cpus(shards: int, asked: Optional[float], cluster: float, option: str 
         return max(math.floor(cluster / shards * 10_000) / 10_000, 0.0001)
     if cluster > 0 and shards * asked > cluster + 1e-9:
         fit = math.floor(cluster / shards * 10_000) / 10_000
-        raise UsageError(f"{option} {asked:g}: {count} {shards} x {option} {asked:g} = {shards * asked:g} CPUs, but the "
-                         f"Ray cluster has {cluster:g}, so the actors could never all start. Pass {option} {fit:g} "
-                         f"or less, or lower {count}.", params=(option, count))
+        raise UsageError(
+            f"{option} {asked:g}: {count} {shards} x {option} {asked:g} = {shards * asked:g} CPUs, but the "
+            f"Ray cluster has {cluster:g}, so the actors could never all start. Pass {option} {fit:g} "
+            f"or less, or lower {count}.",
+            params=(option, count),
+        )
     return asked
 
 
@@ -207,9 +223,14 @@ class RayShardedIndex:
     search, once), which a run must not notice."""
 
     def __init__(self, xb: np.ndarray, cfg: ShardConfig = ShardConfig(), ray_cfg: RayConfig = RayConfig()):
-        if (ray_cfg.cpus_per_shard is not None and ray_cfg.cpus_per_shard <= 0) or ray_cfg.max_restarts < 0 \
-                or ray_cfg.max_task_retries < 0:
-            raise UsageError(f"cpus_per_shard must be above 0 (got {ray_cfg.cpus_per_shard}).", params=("cpus_per_shard",))
+        if (
+            (ray_cfg.cpus_per_shard is not None and ray_cfg.cpus_per_shard <= 0)
+            or ray_cfg.max_restarts < 0
+            or ray_cfg.max_task_retries < 0
+        ):
+            raise UsageError(
+                f"cpus_per_shard must be above 0 (got {ray_cfg.cpus_per_shard}).", params=("cpus_per_shard",)
+            )
         ray = connect(ray_cfg.address, ray_cfg.connect_timeout)
         self._ray = ray
         n, self.d = xb.shape
@@ -223,27 +244,42 @@ class RayShardedIndex:
         trained_ref = ray.put(trained) if trained is not None else None
         crash = crash_env()
         actor = ray.remote(_Searcher).options(
-            num_cpus=ray_cfg.cpus_per_shard, max_restarts=ray_cfg.max_restarts,
-            max_task_retries=ray_cfg.max_task_retries, **({"runtime_env": {"env_vars": crash}} if crash else {}))
+            num_cpus=ray_cfg.cpus_per_shard,
+            max_restarts=ray_cfg.max_restarts,
+            max_task_retries=ray_cfg.max_task_retries,
+            **({"runtime_env": {"env_vars": crash}} if crash else {}),
+        )
         # The driver holds the constructor arguments for the actors' lifetime: a restarted actor is
         # rebuilt from them (Ray frees an object once no reference to it is left).
-        self._refs = [trained_ref] + [ray.put(np.ascontiguousarray(xb[a:b]))
-                                      for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        self._refs = [trained_ref] + [
+            ray.put(np.ascontiguousarray(xb[a:b])) for a, b in zip(self.bounds[:-1], self.bounds[1:])
+        ]
         self.actors = []
-        with ray_stderr():       # Ray's core logs the restartable actors' object-store arguments to stderr
+        with ray_stderr():  # Ray's core logs the restartable actors' object-store arguments to stderr
             for s, a in enumerate(self.bounds[:-1]):
-                self.actors.append(actor.remote(
-                    self._refs[s + 1], int(a), trained_ref, cfg.nprobe, cfg.overfetch, cfg.list_cover,
-                    shard=s, threads=ray_cfg.cpus_per_shard))
+                self.actors.append(
+                    actor.remote(
+                        self._refs[s + 1],
+                        int(a),
+                        trained_ref,
+                        cfg.nprobe,
+                        cfg.overfetch,
+                        cfg.list_cover,
+                        shard=s,
+                        threads=ray_cfg.cpus_per_shard,
+                    )
+                )
         try:
             got = ray.get([h.ready.remote() for h in self.actors], timeout=ray_cfg.start_timeout)
         except ray.exceptions.GetTimeoutError:
             self.close()
-            raise UsageError(f"cpus_per_shard {ray_cfg.cpus_per_shard:g}: {cfg.shards} shard actors did not all start "
-                             f"within {ray_cfg.start_timeout:g} s; the cluster's free CPUs "
-                             f"({ray.available_resources().get('CPU', 0):g}) may be held by other jobs. Lower "
-                             f"cpus_per_shard or shards, or wait for the cluster.",
-                             params=("cpus_per_shard", "shards")) from None
+            raise UsageError(
+                f"cpus_per_shard {ray_cfg.cpus_per_shard:g}: {cfg.shards} shard actors did not all start "
+                f"within {ray_cfg.start_timeout:g} s; the cluster's free CPUs "
+                f"({ray.available_resources().get('CPU', 0):g}) may be held by other jobs. Lower "
+                f"cpus_per_shard or shards, or wait for the cluster.",
+                params=("cpus_per_shard", "shards"),
+            ) from None
         if sum(got) != n:
             raise RuntimeError(f"shard actors hold {sum(got)} rows, expected {n}")
         log.info("%d shard actors over %d rows (%s)", len(self.actors), n, cfg.index)
@@ -255,8 +291,11 @@ class RayShardedIndex:
         return merge_topk(ray.get([h.search.remote(ref, int(k)) for h in self.actors]), k)
 
     def describe(self) -> dict:
-        return {"engine": "ray", **self.cfg.describe(self.ntotal, self.d),
-                "cpus_per_shard": self.ray_cfg.cpus_per_shard}
+        return {
+            "engine": "ray",
+            **self.cfg.describe(self.ntotal, self.d),
+            "cpus_per_shard": self.ray_cfg.cpus_per_shard,
+        }
 
     def close(self) -> None:
         for h in self.actors:

@@ -15,6 +15,7 @@ layer's one order (score descending, ties by the lower gallery row first), so th
 give the single-process (D, I). Everything here is numpy + faiss;
 :mod:`cir_mine.miner.distributed.ray_shards` runs the same :class:`ShardSearcher` in actors.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,10 @@ from cir_mine.miner.core.search.topk import merge_topk
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ShardConfig:
+    # fmt: off
     shards: int = 1                 # gallery shards, one index each, searched in parallel and merged exactly
     index: str = "flat"             # index per shard: flat (exact), ivf, ivfpq or a FAISS IVF factory string
                                     # (trained once, copied to every shard)
@@ -42,16 +45,21 @@ class ShardConfig:
     list_cover: float = 4.0         # IVF: the lists visited hold >= list_cover x the candidates asked (nprobe grows with depth)
     train_sample: int = 100_000     # rows sampled (seeded) from the whole gallery to train IVF / PQ once
     seed: int = 0                   # seed of the training sample
+    # fmt: on
 
     def validate(self, n: int) -> "ShardConfig":
         if self.shards < 1:
             raise UsageError(f"shards must be at least 1 (got {self.shards}).", params=("shards",))
         if self.shards > n:
-            raise UsageError(f"shards {self.shards} is more than the gallery's {n} rows; use at most {n}.",
-                             params=("shards",))
+            raise UsageError(
+                f"shards {self.shards} is more than the gallery's {n} rows; use at most {n}.", params=("shards",)
+            )
         if self.nprobe < 1 or self.overfetch < 1 or self.train_sample < 1 or self.list_cover <= 0:
-            raise UsageError("shard_nprobe, the over-fetch factor and the training sample must be at least 1, "
-                             "the list cover above 0.", params=("shard_nprobe",))
+            raise UsageError(
+                "shard_nprobe, the over-fetch factor and the training sample must be at least 1, "
+                "the list cover above 0.",
+                params=("shard_nprobe",),
+            )
         return self
 
     @property
@@ -59,11 +67,16 @@ class ShardConfig:
         return self.index == "flat"
 
     def describe(self, n: int, d: int) -> dict:
-        return {"shards": self.shards, "index": self.index, "factory": factory_string(self.index, n, d),
-                "nprobe": None if self.exact else self.nprobe,
-                "overfetch": None if self.exact else self.overfetch,
-                "list_cover": None if self.exact else self.list_cover,
-                "train_sample": None if self.exact else min(self.train_sample, n), "seed": self.seed}
+        return {
+            "shards": self.shards,
+            "index": self.index,
+            "factory": factory_string(self.index, n, d),
+            "nprobe": None if self.exact else self.nprobe,
+            "overfetch": None if self.exact else self.overfetch,
+            "list_cover": None if self.exact else self.list_cover,
+            "train_sample": None if self.exact else min(self.train_sample, n),
+            "seed": self.seed,
+        }
 
 
 def shard_bounds(n: int, shards: int) -> np.ndarray:
@@ -82,8 +95,10 @@ def train_shard_index(xb: np.ndarray, cfg: ShardConfig) -> Optional[np.ndarray]:
     n, d = xb.shape
     fs = factory_string(cfg.index, n, d)
     if faiss.try_extract_index_ivf(faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)) is None:
-        raise UsageError(f"shard_index {cfg.index!r}: sharded search needs flat or an IVF index (got {fs!r}).",
-                         params=("shard_index",))
+        raise UsageError(
+            f"shard_index {cfg.index!r}: sharded search needs flat or an IVF index (got {fs!r}).",
+            params=("shard_index",),
+        )
     index = build_index(xb, cfg.index, device="cpu", seed=cfg.seed, train_sample=cfg.train_sample, add=False)
     log.info("trained %s once on %d of %d rows for %d shards", fs, min(n, cfg.train_sample), n, cfg.shards)
     return faiss.serialize_index(index)
@@ -97,8 +112,16 @@ class ShardSearcher:
     shard: the shard's number; each search passes the crash point ``shard-search-{shard}``
     (cir_mine.data.crash)."""
 
-    def __init__(self, xb: np.ndarray, offset: int, trained: Optional[np.ndarray] = None, nprobe: int = 32,
-                 overfetch: int = 4, list_cover: float = 4.0, shard: int = 0):
+    def __init__(
+        self,
+        xb: np.ndarray,
+        offset: int,
+        trained: Optional[np.ndarray] = None,
+        nprobe: int = 32,
+        overfetch: int = 4,
+        list_cover: float = 4.0,
+        shard: int = 0,
+    ):
         faiss = load_faiss()
         self.xb = np.ascontiguousarray(xb, dtype=np.float32)
         self.offset, self.shard = int(offset), int(shard)
@@ -146,8 +169,10 @@ class ShardedIndex:
         self.cfg = cfg.validate(n)
         self.bounds = shard_bounds(n, cfg.shards)
         trained = train_shard_index(xb, cfg)
-        self.searchers = [ShardSearcher(xb[a:b], a, trained, cfg.nprobe, cfg.overfetch, cfg.list_cover, shard=s)
-                          for s, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))]
+        self.searchers = [
+            ShardSearcher(xb[a:b], a, trained, cfg.nprobe, cfg.overfetch, cfg.list_cover, shard=s)
+            for s, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))
+        ]
         self.ntotal = int(n)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
 """Zero-shot attributes: prompt files and the best value per attribute group for each image."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,10 +14,12 @@ from cir_mine.miner.encode.model import Encoder, embed_texts
 
 @dataclass(frozen=True)
 class AttributePrompts:
+    # fmt: off
     template: str                          # default prompt, e.g. "a photo of a {value} {category}"
     groups: dict                           # group -> {value: phrase used in the prompt}
     templates: dict                        # group -> template overriding ``template``
     default_category: str = "garment"      # {category} for images without one
+    # fmt: on
 
 
 def load_prompts(path: str | Path) -> AttributePrompts:
@@ -44,8 +47,9 @@ def load_prompts(path: str | Path) -> AttributePrompts:
     return AttributePrompts(template, norm, templates, obj.get("default_category", "garment"))
 
 
-def zero_shot_attributes(encoder: Encoder, image_emb: np.ndarray, categories: Sequence[str],
-                         prompts: AttributePrompts) -> tuple[list[list[str]], list[list[float]]]:
+def zero_shot_attributes(
+    encoder: Encoder, image_emb: np.ndarray, categories: Sequence[str], prompts: AttributePrompts
+) -> tuple[list[list[str]], list[list[float]]]:
     """Best value per group for each image: (``group:value`` lists, probability lists).
 
     image_emb: float32[n, d] L2-normalized. The probability is the softmax over the group's

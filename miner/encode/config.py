@@ -2,6 +2,7 @@
 
 Torch-free, so front ends (the CLI's options) read them without loading the models.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parent / "garment_attributes.json"
 
 @dataclass(frozen=True)
 class EncoderConfig:
+    # fmt: off
     model: str = "ViT-B-32"      # open_clip model name, or path of an open_clip model-config JSON
     pretrained: str = "none"     # open_clip tag, local checkpoint path (OpenAI .pt archive, CLIP4Cir
                                  # {'CLIP': state_dict}, open_clip checkpoint or state dict; OpenAI-trained
@@ -28,18 +30,22 @@ class EncoderConfig:
                                  # embed with what your model was trained with)
     target_ratio: float = TARGET_RATIO  # targetpad: pad images whose long/short side ratio is above this
                                         # (CLIP4Cir's --target-ratio)
+    # fmt: on
 
 
 @dataclass(frozen=True)
 class ImageRun:
+    # fmt: off
     batch_size: int = 64         # images per forward pass
     workers: Optional[int] = None  # image-decoding worker processes (0: the main process; None: one per spare
                                    # core on a GPU, 2 on the CPU)
     shard_size: int = 4096       # images per resumable shard (a multiple of batch_size is best)
+    # fmt: on
 
 
 @dataclass(frozen=True)
 class EmbedJob:
+    # fmt: off
     dataset: str                          # fashioniq | cirr | folder | webdataset
     root: Path                            # dataset root (folder: the image directory)
     split: str                            # split name (train, val, ...)
@@ -51,3 +57,4 @@ class EmbedJob:
     index: str = "flat"                   # flat | ivf | ivfpq | hnsw | a FAISS factory string ('none': no index)
     triplets_file: Optional[Path] = None  # folder: the triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl);
                                           # webdataset: triplets naming sample keys (none: gallery only)
+    # fmt: on

@@ -5,6 +5,7 @@ On a GPU batches arrive in pinned host memory from one decoding worker per spare
 batch's embeddings are copied back while the next batch runs, so the device does not wait for the
 host.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ class ImageFiles(torch.utils.data.Dataset):
     and a non-empty error; the caller drops it (never replaced by another image).
     """
 
-    def __init__(self, paths: Sequence[Optional[str]], transform: Callable, shape: tuple[int, int, int],
-                 uint8: bool = False):
+    def __init__(
+        self, paths: Sequence[Optional[str]], transform: Callable, shape: tuple[int, int, int], uint8: bool = False
+    ):
         self.paths, self.transform, self.shape, self.uint8 = list(paths), transform, shape, uint8
         self.dtype = torch.uint8 if uint8 else torch.float32
 
@@ -123,7 +125,6 @@ def launch_images(encoder: Encoder, pixels: torch.Tensor) -> "Embedded":
     return Embedded(torch.nn.functional.normalize(z.float(), dim=-1))
 
 
-
 def default_workers(device: torch.device) -> int:
     """Decoding workers when none are asked for: on a GPU, one per CPU core the main process leaves
     (at most 16; a ViT-B-32 forward outruns one decoding core many times over), on the CPU 2 (the
@@ -140,9 +141,14 @@ def image_loader(encoder: Encoder, paths: Sequence[Optional[str]], batches: list
     :func:`default_workers`), in pinned memory on a GPU."""
     workers = default_workers(encoder.device) if workers is None else workers
     split = encoder.pil_transform is not None
-    dataset = ImageFiles(paths, encoder.pil_transform if split else encoder.preprocess, input_shape(encoder),
-                         uint8=split)
+    dataset = ImageFiles(
+        paths, encoder.pil_transform if split else encoder.preprocess, input_shape(encoder), uint8=split
+    )
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
     )

@@ -2,6 +2,7 @@
 
 The FAISS primitives (build, search, save/load, where an index lives) live in :mod:`cir_mine.miner.core.search`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,11 +21,16 @@ def load_workspace_index(ws, split: str, gallery=None, device: str = "auto"):
     """Load ``index.{split}.faiss`` and check it still matches ``gallery.{split}.parquet``."""
     path = ws.index_path(split)
     index = load_index(path, device)
-    check_index(index, gallery if gallery is not None else ws.gallery(split), path, ws.gallery_path(split),
-                index_meta(path).get("gallery_hash"),
-                f"Rebuild it with `cir-mine index work={ws.root} split={split}`", ("work", "split"))
+    check_index(
+        index,
+        gallery if gallery is not None else ws.gallery(split),
+        path,
+        ws.gallery_path(split),
+        index_meta(path).get("gallery_hash"),
+        f"Rebuild it with `cir-mine index work={ws.root} split={split}`",
+        ("work", "split"),
+    )
     return index
-
 
 
 def write_gallery_npy(ws, split: str, dtype: str = "float32") -> Path:
@@ -45,8 +51,17 @@ def write_gallery_npy(ws, split: str, dtype: str = "float32") -> Path:
     blocks = (embedding_numpy(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=["embedding"]))
     write_embeddings_npy(blocks, n, dim, ws.embeddings_path(split), np.dtype(dtype))
     return ws.embeddings_path(split)
-def index_workspace(work: str | Path, split: str, spec: str = "flat", device: str = "auto",
-                    fp16: bool = False, lock: bool = True, npy: Optional[str] = None) -> dict:
+
+
+def index_workspace(
+    work: str | Path,
+    split: str,
+    spec: str = "flat",
+    device: str = "auto",
+    fp16: bool = False,
+    lock: bool = True,
+    npy: Optional[str] = None,
+) -> dict:
     """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
 
     Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gpu, fp16.
@@ -59,14 +74,13 @@ def index_workspace(work: str | Path, split: str, spec: str = "flat", device: st
 
     from cir_mine.miner.accel.device import choose_device
 
-    choose_device(device)                 # the one device rule: 'cuda' needs a GPU (FAISS builds there if it can)
+    choose_device(device)  # the one device rule: 'cuda' needs a GPU (FAISS builds there if it can)
     ws = Workspace(work)
     ws.require()
     with write_job(ws.root, "cir-mine index") if lock else transaction():
         if npy:
             write_gallery_npy(ws, split, npy)
         return _index_workspace(ws, split, spec, device, fp16)
-
 
 
 def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict:
@@ -76,10 +90,15 @@ def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict
     check_spec(spec, len(g), g.dim)
     index = build_index(g.embeddings, spec, device=device, fp16=fp16)
     meta = {
-        "spec": spec, "factory": factory_string(spec, len(g), g.dim), "metric": "inner_product",
-        "dim": g.dim, "gallery_rows": len(g), "gallery_hash": gallery_fingerprint(g.id_array, g.category_array, g.embeddings),
-        "gallery": ws.gallery_path(split).name, "gpu": use_gpu(device), "fp16": bool(fp16),
+        "spec": spec,
+        "factory": factory_string(spec, len(g), g.dim),
+        "metric": "inner_product",
+        "dim": g.dim,
+        "gallery_rows": len(g),
+        "gallery_hash": gallery_fingerprint(g.id_array, g.category_array, g.embeddings),
+        "gallery": ws.gallery_path(split).name,
+        "gpu": use_gpu(device),
+        "fp16": bool(fp16),
     }
     save_index(index, ws.index_path(split), meta)
     return meta
-

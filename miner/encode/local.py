@@ -7,6 +7,7 @@ the main process only runs the forward pass. The images are cut into shards of `
 ``shard-NNNNN.npz`` in the resume folder. Batches never cross a shard boundary, so a resumed run
 feeds the model exactly the batches an uninterrupted run does and the tables are identical.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,18 @@ from cir_mine.data.records import image_file
 from cir_mine.miner.encode.config import EmbedJob, ImageRun
 from cir_mine.miner.encode.images import Embedded, image_loader, launch_images
 from cir_mine.miner.encode.model import Encoder, Progress
-from cir_mine.miner.encode.pipeline import (UNIT_SAVED, Executor, Plan, Units, embed_workspace, gallery_of,
-                                            key_label, open_scratch, plan_fingerprint, resume)
+from cir_mine.miner.encode.pipeline import (
+    UNIT_SAVED,
+    Executor,
+    Plan,
+    Units,
+    embed_workspace,
+    gallery_of,
+    key_label,
+    open_scratch,
+    plan_fingerprint,
+    resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +48,7 @@ def _shard_batches(units: Units, shards: Sequence[int], batch_size: int):
 
 
 def _write_shard(path: Path, emb: np.ndarray, errors: list[str]) -> None:
-    with atomic_path(path, journal=False) as tmp:     # resume scratch: kept when the job fails
+    with atomic_path(path, journal=False) as tmp:  # resume scratch: kept when the job fails
         with open(tmp, "wb") as fh:
             np.savez(fh, emb=emb, errors=np.asarray(errors, dtype=str))
 
@@ -59,13 +70,19 @@ def _read_shard(path: Path, n: int, dim: int) -> Optional[tuple[np.ndarray, list
 def check_image_run(run: ImageRun) -> None:
     """Refuse batch and shard sizes below 1 and a negative worker count."""
     if run.batch_size < 1 or run.shard_size < 1 or (run.workers is not None and run.workers < 0):
-        raise UsageError("batch_size and shard_size must be >= 1 and workers >= 0.",
-                         params=("batch_size", "shard_size", "workers"))
+        raise UsageError(
+            "batch_size and shard_size must be >= 1 and workers >= 0.", params=("batch_size", "shard_size", "workers")
+        )
 
 
-def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequence[str],
-                 shard_dir: str | Path, run: ImageRun = ImageRun(), progress: Progress = None
-                 ) -> tuple[np.ndarray, list[str]]:
+def embed_images(
+    encoder: Encoder,
+    paths: Sequence[Optional[str]],
+    keys: Sequence[str],
+    shard_dir: str | Path,
+    run: ImageRun = ImageRun(),
+    progress: Progress = None,
+) -> tuple[np.ndarray, list[str]]:
     """Embed image files. Returns (emb float32[n, d], errors list[n] with "" for embedded images).
 
     ``keys`` identify the items (e.g. "category/image_id/path") for the resume fingerprint. Rows with
@@ -91,8 +108,17 @@ def embed_images(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequenc
     return emb, errors
 
 
-def _embed_shards(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequence[str], units: Units,
-                  todo: list[int], run: ImageRun, emb: np.ndarray, errors: list[str], progress: Progress) -> None:
+def _embed_shards(
+    encoder: Encoder,
+    paths: Sequence[Optional[str]],
+    keys: Sequence[str],
+    units: Units,
+    todo: list[int],
+    run: ImageRun,
+    emb: np.ndarray,
+    errors: list[str],
+    progress: Progress,
+) -> None:
     """Embed the shards ``todo`` into ``emb``/``errors``, writing each shard as it completes."""
     loader = image_loader(encoder, paths, list(_shard_batches(units, todo, run.batch_size)), run.workers)
     pending = {s: units.bounds(s)[1] - units.bounds(s)[0] for s in todo}
@@ -109,7 +135,7 @@ def _embed_shards(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequen
             _write_shard(units.path(s), emb[lo:hi], errors[lo:hi])
             crash_point(UNIT_SAVED)
 
-    previous = None              # the batch whose embeddings are on their way to the host
+    previous = None  # the batch whose embeddings are on their way to the host
     for pixels, idx, errs in loader:
         idx_np = idx.numpy()
         ok = np.asarray([not e for e in errs])
@@ -120,7 +146,7 @@ def _embed_shards(encoder: Encoder, paths: Sequence[Optional[str]], keys: Sequen
         # Only readable images go through the model: batch composition is the same on resume.
         out = launch_images(encoder, pixels[torch.from_numpy(ok)] if not ok.all() else pixels) if ok.any() else None
         if previous is not None:
-            finish(*previous)    # this batch is queued on the device before the host waits for the last
+            finish(*previous)  # this batch is queued on the device before the host waits for the last
         previous = (idx_np, ok, out)
     if previous is not None:
         finish(*previous)
@@ -139,8 +165,9 @@ class LocalExecutor(Executor):
 
     def embed(self, plan: Plan, progress: Progress):
         files = [image_file(plan.job.root, im.path) for im in plan.images]
-        emb, errors = embed_images(plan.encoder, [f and str(f) for f in files], plan.keys, plan.units.scratch,
-                                   self.run, progress)
+        emb, errors = embed_images(
+            plan.encoder, [f and str(f) for f in files], plan.keys, plan.units.scratch, self.run, progress
+        )
         return errors, lambda: gallery_of(plan.images, emb, errors, plan.encoder, plan.prompts)
 
 

@@ -5,6 +5,7 @@ On a GPU (``cir_mine.miner.accel.device``) the forward runs under autocast (bf16
 else fp16; ``precision`` chooses) and convolutional image towers take channels-last input. Every
 output is L2-normalized float32. Checkpoint files are read by :mod:`cir_mine.miner.encode.checkpoint`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ HF_HOST = ("huggingface.co", 443)
 
 @dataclass
 class Encoder:
+    # fmt: off
     model: torch.nn.Module       # open_clip CLIP in eval mode on ``device``
     preprocess: Callable         # PIL image -> float32[3, H, W] (the model's eval transform)
     tokenizer: Callable          # list[str] -> int64[n, context_length]
@@ -47,10 +49,16 @@ class Encoder:
     model_arg: str = ""                       # what --model said (a name, or the config JSON's absolute path)
     preprocess_name: str = "clip"             # clip, targetpad:RATIO or squarepad (preprocess.describe)
     channels_last: bool = False               # image input (and the image tower) in channels-last memory format
+    # fmt: on
 
     def describe(self) -> dict:
-        out = {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "library": "open_clip",
-               "model": self.model_arg or self.name}
+        out = {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "dim": self.dim,
+            "library": "open_clip",
+            "model": self.model_arg or self.name,
+        }
         if self.preprocess_name != "clip":
             out["preprocess"] = self.preprocess_name
         return out
@@ -68,21 +76,27 @@ def resolve_model(model: str) -> str:
     p = Path(model)
     if p.suffix == ".json" or p.exists():
         if not p.is_file():
-            raise DataError(f"{p}: model config not found. Pass an open_clip model name or the path of a model-config JSON.")
+            raise DataError(
+                f"{p}: model config not found. Pass an open_clip model name or the path of a model-config JSON."
+            )
         try:
             cfg = json.loads(p.read_text())
         except ValueError as e:
             raise DataError(f"{p}: malformed JSON ({e}).") from None
         missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
         if missing:
-            raise DataError(f"{p}: not an open_clip model config (missing {', '.join(missing)}). "
-                            f"See open_clip's model_configs/*.json for the format.")
+            raise DataError(
+                f"{p}: not an open_clip model config (missing {', '.join(missing)}). "
+                f"See open_clip's model_configs/*.json for the format."
+            )
         open_clip.add_model_config(p)
         return p.stem
     if model not in open_clip.list_models():
-        raise UsageError(f"`model` {model!r}: not an open_clip model name (e.g. ViT-B-32, RN50) and not a "
-                         f"config JSON path. `python -c 'import open_clip; print(open_clip.list_models())'` lists them.",
-                         params=("model",))
+        raise UsageError(
+            f"`model` {model!r}: not an open_clip model name (e.g. ViT-B-32, RN50) and not a "
+            f"config JSON path. `python -c 'import open_clip; print(open_clip.list_models())'` lists them.",
+            params=("model",),
+        )
     return model
 
 
@@ -132,22 +146,29 @@ def resolve_pretrained(model_name: str, pretrained: str) -> Optional[str]:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise UsageError(
             f"`pretrained` {pretrained!r}: not a local file and not an open_clip tag of {model_name} "
-            f"(tags: {', '.join(tags) or 'none'}). Pass a checkpoint path or none.", params=("pretrained",))
+            f"(tags: {', '.join(tags) or 'none'}). Pass a checkpoint path or none.",
+            params=("pretrained",),
+        )
     hit = cached_weights(tag_cfg)
     if hit:
         return hit
-    fix = ("No weights can be downloaded on this machine: pass `pretrained` PATH (a local open_clip "
-           "checkpoint) or `pretrained` none (random weights).")
+    fix = (
+        "No weights can be downloaded on this machine: pass `pretrained` PATH (a local open_clip "
+        "checkpoint) or `pretrained` none (random weights)."
+    )
     if not _hub_reachable():
         raise WeightsUnavailableError(
             f"`pretrained` {pretrained}: weights for {model_name} are not cached and the download "
-            f"host is unreachable (offline). {fix}", params=("pretrained",))
+            f"host is unreachable (offline). {fix}",
+            params=("pretrained",),
+        )
     try:
         return download_pretrained(tag_cfg)
     except Exception as e:  # noqa: BLE001 - any download failure has the same fix
         raise WeightsUnavailableError(
             f"`pretrained` {pretrained}: download of {model_name} weights failed ({str(e).splitlines()[0][:200]}). {fix}",
-            params=("pretrained",)) from None
+            params=("pretrained",),
+        ) from None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -173,10 +194,12 @@ def _quiet_random_init_warning(active: bool):
                 h.removeFilter(flt)
 
 
-RANDOM_WEIGHTS = ("pretrained none: random weights. Their embeddings, and any negatives mined from them, are "
-                  "meaningless; they only try out the pipeline. Pass a trained checkpoint for real negatives "
-                  "(a local file: OpenAI's .pt, CLIP4Cir's tuned_clip_*.pt, an open_clip checkpoint; or an "
-                  "open_clip tag).")
+RANDOM_WEIGHTS = (
+    "pretrained none: random weights. Their embeddings, and any negatives mined from them, are "
+    "meaningless; they only try out the pipeline. Pass a trained checkpoint for real negatives "
+    "(a local file: OpenAI's .pt, CLIP4Cir's tuned_clip_*.pt, an open_clip checkpoint; or an "
+    "open_clip tag)."
+)
 
 
 def warn_random_weights(cfg: EncoderConfig) -> None:
@@ -201,28 +224,54 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
         model, _, preprocess = open_clip.create_model_and_transforms(built, pretrained=None, device="cpu")
     if ckpt is not None:
         load_weights(model, ckpt, built, cfg.pretrained)
-    elif path is not None:                        # big_vision .npz weights: open_clip's own loader
+    elif path is not None:  # big_vision .npz weights: open_clip's own loader
         open_clip.load_checkpoint(model, path)
     model = model.to(device)
     model.eval()
     amp = autocast_dtype(cfg.precision, device)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else (
-        device.type == "cuda" and convolutional(model.visual))
+    channels_last = (
+        cfg.channels_last if cfg.channels_last is not None else (device.type == "cuda" and convolutional(model.visual))
+    )
     if channels_last:
         model.visual.to(memory_format=torch.channels_last)
-    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+    dim = (
+        int(model.text_projection.shape[1])
+        if getattr(model, "text_projection", None) is not None
         else int(open_clip.get_model_config(name)["embed_dim"])
-    log.info("encoder %s (pretrained=%s, d=%d, preprocess %s) on %s%s%s", built, cfg.pretrained, dim, cfg.preprocess,
-             device, f" with {amp} autocast" if amp else "", ", channels-last" if channels_last else "")
+    )
+    log.info(
+        "encoder %s (pretrained=%s, d=%d, preprocess %s) on %s%s%s",
+        built,
+        cfg.pretrained,
+        dim,
+        cfg.preprocess,
+        device,
+        f" with {amp} autocast" if amp else "",
+        ", channels-last" if channels_last else "",
+    )
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     mean_std = (tuple(pp["mean"]), tuple(pp["std"])) if "mean" in pp and "std" in pp else split_transform(preprocess)[1]
     size = model.visual.image_size
-    preprocess = image_transform(cfg.preprocess, preprocess, (size, size) if isinstance(size, int) else tuple(size),
-                                 mean_std, cfg.target_ratio)
+    preprocess = image_transform(
+        cfg.preprocess, preprocess, (size, size) if isinstance(size, int) else tuple(size), mean_std, cfg.target_ratio
+    )
     pil_transform, mean_std = split_transform(preprocess)
     model_arg = str(Path(cfg.model).resolve()) if name != cfg.model else built
-    return Encoder(model, preprocess, open_clip.get_tokenizer(built), device, built, cfg.pretrained, dim, amp,
-                   pil_transform, mean_std, model_arg, describe_preprocess(cfg.preprocess, cfg.target_ratio), bool(channels_last))
+    return Encoder(
+        model,
+        preprocess,
+        open_clip.get_tokenizer(built),
+        device,
+        built,
+        cfg.pretrained,
+        dim,
+        amp,
+        pil_transform,
+        mean_std,
+        model_arg,
+        describe_preprocess(cfg.preprocess, cfg.target_ratio),
+        bool(channels_last),
+    )
 
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -279,18 +328,15 @@ def normalize_pixels(x: torch.Tensor, mean_std: tuple) -> torch.Tensor:
     return x.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
-
 @torch.inference_mode()
 def embed_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256, progress: Progress = None) -> np.ndarray:
     """Captions -> L2-normalized float32[n, d] with the CLIP tokenizer and text tower."""
     out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
     for s in range(0, len(texts), batch_size):
-        tokens = encoder.tokenizer(list(texts[s:s + batch_size])).to(encoder.device)
+        tokens = encoder.tokenizer(list(texts[s : s + batch_size])).to(encoder.device)
         with encoder.autocast():
             z = encoder.model.encode_text(tokens)
-        out[s:s + len(tokens)] = torch.nn.functional.normalize(z.float(), dim=-1).cpu().numpy()
+        out[s : s + len(tokens)] = torch.nn.functional.normalize(z.float(), dim=-1).cpu().numpy()
         if progress:
             progress(len(tokens))
     return out
-
-

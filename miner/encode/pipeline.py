@@ -12,6 +12,7 @@ same plan takes the finished units (:func:`resume`) and embeds the rest. The exe
 :mod:`cir_mine.miner.encode.local` (this process, DataLoader workers) and
 :mod:`cir_mine.miner.distributed.ray_embed` (an actor pool on a Ray cluster).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,11 +53,13 @@ UNIT_SAVED = "embed-saved"
 
 @dataclass(frozen=True)
 class Units:
+    # fmt: off
     scratch: Path                # the resume folder, WORK/.embed-{split}
     n: int                       # rows (images) in all
     size: int                    # rows per unit (the last one may hold fewer)
     name: str                    # what a unit is called: its files are NAME-NNNNN{suffix}
     suffix: str                  # .npz (shards) | .parquet (parts)
+    # fmt: on
 
     @property
     def count(self) -> int:
@@ -80,8 +83,14 @@ def plan_fingerprint(encoder: Encoder, keys: Sequence[str], **sizes) -> dict:
     for k in keys:
         h.update(k.encode())
         h.update(b"\0")
-    plan = {"encoder": encoder.describe(), "device": encoder.device.type, "autocast": str(encoder.amp_dtype),
-            "items": len(keys), "keys_sha256": h.hexdigest(), **sizes}
+    plan = {
+        "encoder": encoder.describe(),
+        "device": encoder.device.type,
+        "autocast": str(encoder.amp_dtype),
+        "items": len(keys),
+        "keys_sha256": h.hexdigest(),
+        **sizes,
+    }
     if encoder.channels_last:
         plan["channels_last"] = True
     return plan
@@ -104,7 +113,7 @@ def open_scratch(units: Units, plan: dict) -> None:
         try:
             write_json_atomic(plan_path, plan, journal=False)
         except BaseException:
-            if created:                 # nothing to resume from: leave no scratch folder behind
+            if created:  # nothing to resume from: leave no scratch folder behind
                 shutil.rmtree(units.scratch, ignore_errors=True)
             raise
 
@@ -129,8 +138,9 @@ def resume_note(scratch: Path, pattern: str, unit: str) -> str:
     done = len(list(scratch.glob(pattern))) if scratch.is_dir() else 0
     if not done:
         return "nothing was changed"
-    return (f"the workspace is as it was; {done} finished {unit}(s) are kept in {scratch}: rerun the same command "
-            f"to resume")
+    return (
+        f"the workspace is as it was; {done} finished {unit}(s) are kept in {scratch}: rerun the same command to resume"
+    )
 
 
 @contextlib.contextmanager
@@ -165,6 +175,7 @@ def image_keys(images: Sequence[ImageRecord]) -> list[str]:
 
 @dataclass
 class Plan:
+    # fmt: off
     job: EmbedJob                            # what to embed where
     images: list[ImageRecord]                # the gallery, in the dataset adapter's order
     queries: list[QueryRecord]               # the triplets
@@ -172,6 +183,7 @@ class Plan:
     encoder: Encoder                         # the loaded model (captions, zero-shot attributes)
     prompts: Optional[AttributePrompts]      # zero-shot attribute prompts (None: none)
     units: Units                             # the cut of the images the executor resumes by
+    # fmt: on
 
 
 def load_images(job: EmbedJob) -> tuple[list[ImageRecord], list[QueryRecord]]:
@@ -182,14 +194,17 @@ def load_images(job: EmbedJob) -> tuple[list[ImageRecord], list[QueryRecord]]:
         raise DataError(f"{job.root}: the {job.dataset} split '{job.split}' has no images.")
     if not count_image_files(images, job.root):
         first = next((im.path for im in images if im.path), None)
-        where = {"cirr": f"CIRR: the paths of image_splits/split.rc2.{job.split}.json under ROOT, first {first}",
-                 "fashioniq": "FashionIQ: ROOT/images/ID.png|.jpg",
-                 "webdataset": f"webdataset: the tar shards named by `root`, first {first}"}.get(
-                     job.dataset, f"the image paths under ROOT, first {first}")
-        raise DataError(f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
-                        f"image file (annotations only?). Put the images where the dataset layout expects them "
-                        f"({where}), or import features with `cir-mine index from_features`.",
-                        params=("from_features",) + (("root",) if job.dataset == "webdataset" else ()))
+        where = {
+            "cirr": f"CIRR: the paths of image_splits/split.rc2.{job.split}.json under ROOT, first {first}",
+            "fashioniq": "FashionIQ: ROOT/images/ID.png|.jpg",
+            "webdataset": f"webdataset: the tar shards named by `root`, first {first}",
+        }.get(job.dataset, f"the image paths under ROOT, first {first}")
+        raise DataError(
+            f"{job.root}: none of the {len(images)} {job.dataset} images of split '{job.split}' has an "
+            f"image file (annotations only?). Put the images where the dataset layout expects them "
+            f"({where}), or import features with `cir-mine index from_features`.",
+            params=("from_features",) + (("root",) if job.dataset == "webdataset" else ()),
+        )
     return images, queries
 
 
@@ -208,7 +223,8 @@ def check_encoder_matches(ws: Workspace, split: str, encoder: dict) -> None:
             f"(pretrained {old['pretrained']}{pp(old)}), not {new['name']} (pretrained {new['pretrained']}{pp(new)}). "
             f"Embed into a new `work` directory, or use the same `model` and `pretrained`"
             + (" and `preprocess`." if pp(old) else "."),
-            params=("work", "model", "pretrained") + (("preprocess",) if pp(old) else ()))
+            params=("work", "model", "pretrained") + (("preprocess",) if pp(old) else ()),
+        )
 
 
 def open_split(ws: Workspace, job: EmbedJob, n: int, overwrite: bool) -> Encoder:
@@ -231,13 +247,13 @@ class Executor:
     """How the images are embedded; :func:`embed_workspace` does the rest. Subclasses set the fields
     and :meth:`embed`."""
 
-    purpose: str = "cir-mine embed"   # the write job's name (the workspace lock says it)
-    unit: str = "shard"               # what a resume unit is called
-    suffix: str = ".npz"              # a unit's file suffix
-    unit_size: int = 4096             # images per unit
-    batch_size: int = 64              # images per forward pass (captions: at least 64)
-    meta: dict = {}                   # added to the tables' metadata
-    engine: Optional[dict] = None     # the manifest's ``engine`` entry of the split (None: none)
+    purpose: str = "cir-mine embed"  # the write job's name (the workspace lock says it)
+    unit: str = "shard"  # what a resume unit is called
+    suffix: str = ".npz"  # a unit's file suffix
+    unit_size: int = 4096  # images per unit
+    batch_size: int = 64  # images per forward pass (captions: at least 64)
+    meta: dict = {}  # added to the tables' metadata
+    engine: Optional[dict] = None  # the manifest's ``engine`` entry of the split (None: none)
 
     def check(self) -> None:
         """Refuse bad settings before anything is read or written."""
@@ -264,8 +280,10 @@ def embed_workspace(job: EmbedJob, executor: Executor, progress: Progress = None
     prompts = load_prompts(job.attribute_prompts) if job.attribute_prompts else None
     ws = Workspace(job.work)
     units = Units(ws.root / f".embed-{job.split}", len(images), executor.unit_size, executor.unit, executor.suffix)
-    with write_job(ws.root, executor.purpose, interrupted=lambda: resume_note(units.scratch, units.pattern, units.name)), \
-            keep_scratch_if_resumable(units.scratch, units.pattern):
+    with (
+        write_job(ws.root, executor.purpose, interrupted=lambda: resume_note(units.scratch, units.pattern, units.name)),
+        keep_scratch_if_resumable(units.scratch, units.pattern),
+    ):
         encoder = open_split(ws, job, len(images), overwrite)
         advance(0, total=len(images))  # the bar counts images; captions are fast
         plan = Plan(job, images, queries, image_keys(images), encoder, prompts, units)
@@ -284,8 +302,10 @@ def skipped_summary(images: list[ImageRecord], errors: list[str]) -> dict:
         "count": len(bad),
         "missing": sum(1 for _, e in bad if e.startswith("missing")),
         "unreadable": sum(1 for _, e in bad if not e.startswith("missing")),
-        "images": [{"image_id": im.image_id, "category": im.category, "path": im.path, "reason": e}
-                   for im, e in bad[:MAX_SKIPPED_LISTED]],
+        "images": [
+            {"image_id": im.image_id, "category": im.category, "path": im.path, "reason": e}
+            for im, e in bad[:MAX_SKIPPED_LISTED]
+        ],
     }
 
 
@@ -295,8 +315,13 @@ def keep_queries(queries: list[QueryRecord], ok_ids: set) -> tuple[list[QueryRec
     return kept, len(queries) - len(kept)
 
 
-def gallery_of(images: Sequence[ImageRecord], emb: np.ndarray, errors: Sequence[str], encoder: Encoder,
-               prompts: Optional[AttributePrompts]) -> pa.Table:
+def gallery_of(
+    images: Sequence[ImageRecord],
+    emb: np.ndarray,
+    errors: Sequence[str],
+    encoder: Encoder,
+    prompts: Optional[AttributePrompts],
+) -> pa.Table:
     """The gallery table of the embedded rows of ``images`` (emb float32[n, d], errors "" per embedded
     row), with zero-shot attributes and their scores when ``prompts`` are given."""
     ok = np.asarray([not e for e in errors], dtype=bool)
@@ -309,23 +334,30 @@ def gallery_of(images: Sequence[ImageRecord], emb: np.ndarray, errors: Sequence[
         # Given tags keep NaN as their score; zero-shot entries carry their probability.
         scores = [[float("nan")] * len(a) + s for a, s in zip(attrs, zs_scores)]
         attrs = [a + z for a, z in zip(attrs, zs_attrs)]
-    table = gallery_table([im.image_id for im in rows], [im.category for im in rows], attrs, emb,
-                          paths=[im.path or "" for im in rows])
+    table = gallery_table(
+        [im.image_id for im in rows], [im.category for im in rows], attrs, emb, paths=[im.path or "" for im in rows]
+    )
     if scores is not None:
-        table = table.append_column(pa.field("attribute_scores", pa.list_(pa.float32())),
-                                    pa.array(scores, pa.list_(pa.float32())))
+        table = table.append_column(
+            pa.field("attribute_scores", pa.list_(pa.float32())), pa.array(scores, pa.list_(pa.float32()))
+        )
     return table
 
 
 def triplets_of(queries: list[QueryRecord], text_emb: np.ndarray, ok_ids: set) -> pa.Table:
     """The triplets table of ``queries`` (text_emb float32[m, d]), their id lists cut to embedded images."""
+
     def ids(get):
         vals = [[i for i in get(q) if i in ok_ids] for q in queries]
         return vals if any(vals) else None
 
     return triplets_table(
-        [q.query_id for q in queries], [q.category for q in queries], [q.ref_id for q in queries],
-        [q.target_id for q in queries], [list(q.captions) for q in queries], text_emb,
+        [q.query_id for q in queries],
+        [q.category for q in queries],
+        [q.ref_id for q in queries],
+        [q.target_id for q in queries],
+        [list(q.captions) for q in queries],
+        text_emb,
         extra_positive_ids=ids(lambda q: q.extra_positive_ids),
         verified_negative_ids=ids(lambda q: q.verified_negative_ids),
         img_set=ids(lambda q: q.img_set),
@@ -339,16 +371,19 @@ def finish_workspace(ws: Workspace, plan: Plan, errors: list[str], gallery: Call
     skipped = skipped_summary(images, errors)
     if skipped["count"] == len(images):
         shutil.rmtree(plan.units.scratch, ignore_errors=True)  # nothing worth resuming: leave no scratch behind
-        raise DataError(f"{job.root}: none of the {len(images)} images could be read "
-                        f"(first: {skipped['images'][0]['reason']}). Check `root` and the image files.",
-                        params=("root",))
+        raise DataError(
+            f"{job.root}: none of the {len(images)} images could be read "
+            f"(first: {skipped['images'][0]['reason']}). Check `root` and the image files.",
+            params=("root",),
+        )
     ok_ids = {im.image_id for im, e in zip(images, errors) if not e}
     kept, dropped = keep_queries(plan.queries, ok_ids)
     if skipped["count"]:
-        log.warning("skipped %d unreadable or missing image(s); dropped %d triplet(s) that name them",
-                    skipped["count"], dropped)
+        log.warning(
+            "skipped %d unreadable or missing image(s); dropped %d triplet(s) that name them", skipped["count"], dropped
+        )
     text_emb = embed_texts(plan.encoder, [q.text for q in kept], batch_size=max(executor.batch_size, 64))
-    root = str(Path(job.root).resolve())   # gallery paths are relative to it (webdataset: absolute)
+    root = str(Path(job.root).resolve())  # gallery paths are relative to it (webdataset: absolute)
     run_meta = {"encoder": plan.encoder.describe(), "dataset": job.dataset, "root": root, **executor.meta}
     ws.write_gallery(job.split, gallery(), metadata=run_meta)
     write_table(triplets_of(kept, text_emb, ok_ids), ws.triplets_path(job.split), metadata=run_meta)
@@ -357,14 +392,20 @@ def finish_workspace(ws: Workspace, plan: Plan, errors: list[str], gallery: Call
         index_meta = index_workspace(ws.root, job.split, job.index, device=job.encoder.device, lock=False)
     old = ws.manifest().get("embed", {}) if ws.manifest_path.exists() else {}
     split_info = {
-        "dataset": job.dataset, "root": root, "images": len(images),
-        "skipped_images": skipped, "queries": len(plan.queries), "dropped_triplets": dropped,
-        "batch_size": executor.batch_size, "attribute_prompts": str(job.attribute_prompts) if plan.prompts else None,
+        "dataset": job.dataset,
+        "root": root,
+        "images": len(images),
+        "skipped_images": skipped,
+        "queries": len(plan.queries),
+        "dropped_triplets": dropped,
+        "batch_size": executor.batch_size,
+        "attribute_prompts": str(job.attribute_prompts) if plan.prompts else None,
         "index": index_meta and index_meta["factory"],
     }
     if executor.engine is not None:
         split_info["engine"] = {**executor.engine, "parts": plan.units.count}
-    manifest = ws.write_manifest(source=job.dataset, encoder=plan.encoder.describe(),
-                                 embed={**old, job.split: split_info})
+    manifest = ws.write_manifest(
+        source=job.dataset, encoder=plan.encoder.describe(), embed={**old, job.split: split_info}
+    )
     shutil.rmtree(plan.units.scratch, ignore_errors=True)
     return manifest

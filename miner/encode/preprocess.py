@@ -11,6 +11,7 @@ Features a CLIP4Cir model was trained with only match when the gallery is embedd
 preprocessing (``cir-mine embed --preprocess targetpad``). Pad sizes are rounded down, as CLIP4Cir
 rounds them, so the pixels equal its ``targetpad_transform``'s.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -18,7 +19,7 @@ from typing import Callable
 from cir_mine.data.errors import UsageError
 
 PREPROCESS = ("clip", "targetpad", "squarepad")
-TARGET_RATIO = 1.25     # CLIP4Cir's --target-ratio default
+TARGET_RATIO = 1.25  # CLIP4Cir's --target-ratio default
 
 
 class PadToRatio:
@@ -34,7 +35,7 @@ class PadToRatio:
         w, h = image.size
         if not self.always and max(w, h) / min(w, h) < self.ratio:
             return image
-        short = max(w, h) / self.ratio                  # the short side the ratio asks for
+        short = max(w, h) / self.ratio  # the short side the ratio asks for
         dx, dy = max(int((short - w) / 2), 0), max(int((short - h) / 2), 0)
         return F.pad(image, [dx, dy, dx, dy], fill=0, padding_mode="constant")
 
@@ -46,8 +47,9 @@ def check_preprocess(kind: str, target_ratio: float) -> None:
     if kind not in PREPROCESS:
         raise UsageError(f"preprocess {kind!r}: use {', '.join(PREPROCESS)}.", params=("preprocess",))
     if not target_ratio >= 1:
-        raise UsageError(f"target_ratio must be at least 1 (got {target_ratio}); CLIP4Cir uses 1.25.",
-                         params=("target_ratio",))
+        raise UsageError(
+            f"target_ratio must be at least 1 (got {target_ratio}); CLIP4Cir uses 1.25.", params=("target_ratio",)
+        )
 
 
 def image_transform(kind: str, base: Callable, size: tuple, mean_std: tuple, target_ratio: float = TARGET_RATIO):
@@ -60,8 +62,15 @@ def image_transform(kind: str, base: Callable, size: tuple, mean_std: tuple, tar
     if kind == "clip":
         return base
     pad = PadToRatio(target_ratio) if kind == "targetpad" else PadToRatio(1.0, always=True)
-    return T.Compose([pad, T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.ToTensor(), T.Normalize(*mean_std)])
+    return T.Compose(
+        [
+            pad,
+            T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(*mean_std),
+        ]
+    )
 
 
 def describe(kind: str, target_ratio: float) -> str:

@@ -1,6 +1,7 @@
 """What cir-mine's commands say about their results, as text: one function per result (a workspace's
 summary, a dataset's, what a command wrote). They return lines joined by newlines and print nothing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,24 +15,33 @@ def _categories(categories: Sequence) -> str:
 def workspace_lines(info: dict) -> str:
     """A workspace's summary (:meth:`cir_mine.data.workspace.Workspace.summary`): manifest, encoder, splits."""
     m = info["manifest"]
-    lines = [f"workspace {info['root']}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})",
-             f"encoder: {m.get('encoder', {}).get('name')}  dim: {m.get('dim')}  source: {m.get('source')}"]
-    lines += [f"  {split}: {s['images']} images, {s['triplets']} triplets, categories: {_categories(s['categories'])}"
-              "  [valid]" for split, s in info["splits"].items()]
+    lines = [
+        f"workspace {info['root']}  (manifest {'derived' if m.get('derived') else 'manifest.json'}, hash {info['hash']})",
+        f"encoder: {m.get('encoder', {}).get('name')}  dim: {m.get('dim')}  source: {m.get('source')}",
+    ]
+    lines += [
+        f"  {split}: {s['images']} images, {s['triplets']} triplets, categories: {_categories(s['categories'])}"
+        "  [valid]"
+        for split, s in info["splits"].items()
+    ]
     return "\n".join(lines)
 
 
 def dataset_line(dataset: str, split: str, s: dict) -> str:
     """A dataset's annotations (:func:`cir_mine.data.adapters.dataset_summary`)."""
-    return (f"{dataset} {split}: {s['images']} images ({s['image_files']} with image files, "
-            f"{s['with_attributes']} with attributes), {s['queries']} queries, categories: "
-            f"{_categories(s['categories'])}")
+    return (
+        f"{dataset} {split}: {s['images']} images ({s['image_files']} with image files, "
+        f"{s['with_attributes']} with attributes), {s['queries']} queries, categories: "
+        f"{_categories(s['categories'])}"
+    )
 
 
 def positives_line(r) -> str:
     """The generated triplets (:class:`cir_mine.miner.positives.generate.PositivesResult`)."""
-    return (f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
-            f"(changed groups: {r.meta['changed_groups']})")
+    return (
+        f"wrote {r.out}: {r.n_pairs} generated triplets from {r.n_candidates_images} gallery images "
+        f"(changed groups: {r.meta['changed_groups']})"
+    )
 
 
 def attribute_lines(texts: Sequence[str], requests: Sequence) -> str:
@@ -43,16 +53,20 @@ def embed_line(work: Path, split: str, m: dict) -> str:
     """What an embedding run wrote, from its manifest."""
     info = m["embed"][split]
     skipped = info["skipped_images"]["count"]
-    return (f"wrote {work}: {info['images'] - skipped} images, "
-            f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
-            f"skipped {skipped} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)")
+    return (
+        f"wrote {work}: {info['images'] - skipped} images, "
+        f"{info['queries'] - info['dropped_triplets']} triplets (d={m['dim']}, {m['encoder']['name']}); "
+        f"skipped {skipped} unreadable image(s), dropped {info['dropped_triplets']} triplet(s)"
+    )
 
 
 def index_lines(work: Path, split: str, meta: dict, npy: bool) -> str:
     """What an index build wrote: the memory-mapped embeddings (with ``npy``) and the index."""
     lines = [f"wrote {work}/gallery.{split}.npy: the gallery embeddings, memory-mapped by mining"] if npy else []
-    lines.append(f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
-                 f"({'GPU' if meta.get('gpu') else 'CPU'} build)")
+    lines.append(
+        f"wrote {work}/index.{split}.faiss: {meta.get('factory')} over {meta.get('gallery_rows')} images "
+        f"({'GPU' if meta.get('gpu') else 'CPU'} build)"
+    )
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@
 Every view reads the Parquet files directly (nothing is copied). ``format_rows`` renders a query's
 result for the CLI.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,13 +37,11 @@ def _lit(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-
 def load_tables(paths: Sequence[str | Path], ws: Optional[Workspace] = None) -> list[NegativesTable]:
     """Read and validate each negatives table (refusing tables of another workspace when ``ws``)."""
     if not paths:
         raise UsageError("give at least one negatives table (NEGS.parquet).")
     return [read_negatives(p, ws) for p in paths]
-
 
 
 def table_split(tables: Sequence[NegativesTable], split: Optional[str]) -> str:
@@ -51,10 +50,11 @@ def table_split(tables: Sequence[NegativesTable], split: Optional[str]) -> str:
         return split
     splits = sorted({t.meta.get("split") or "train" for t in tables})
     if len(splits) > 1:
-        raise UsageError(f"the tables were mined on different splits ({', '.join(splits)}); pass one with `split`.",
-                         params=("split",))
+        raise UsageError(
+            f"the tables were mined on different splits ({', '.join(splits)}); pass one with `split`.",
+            params=("split",),
+        )
     return splits[0] if splits else "train"
-
 
 
 def _dataset(path):
@@ -66,8 +66,9 @@ def _dataset(path):
     return pds.dataset(files, format="parquet")
 
 
-def connect(neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None,
-            split: str = "train", table_views: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(
+    neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None, split: str = "train", table_views: bool = False
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views described in the module docstring.
 
     Read-only over its inputs: the views scan Arrow datasets of the files, and DuckDB's own file
@@ -75,8 +76,7 @@ def connect(neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None,
     ``ATTACH``, ``EXPORT``, ``INSTALL``, ``read_csv``...) can read or write any file.
     ``table_views`` adds one view ``t{i}`` per negatives table.
     """
-    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                             "autoload_known_extensions": False})
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
 
     if neg_paths:
         parts = []
@@ -90,33 +90,36 @@ def connect(neg_paths: Sequence[str | Path], ws: Optional[Workspace] = None,
         gp, tp = ws.gallery_path(split), ws.triplets_path(split)
         if not gp.exists():
             have = ", ".join(ws.splits()) or "none"
-            raise DataError(f"{gp}: file not found; splits in {ws.root}: {have}. Pass one with `split`.",
-                            params=("split",))
-        gfiles = ws.gallery_files(split)                # one file, or a parts folder in row order
+            raise DataError(
+                f"{gp}: file not found; splits in {ws.root}: {have}. Pass one with `split`.", params=("split",)
+            )
+        gfiles = ws.gallery_files(split)  # one file, or a parts folder in row order
         gschema = pq.read_schema(gfiles[0])
         gcols = [c for c in gschema.names if c != "embedding"]
         d = gschema.field("embedding").type.list_size
         con.register("_src_gallery", _dataset(gfiles))
         con.execute(f"CREATE VIEW gallery AS SELECT {', '.join(gcols)} FROM _src_gallery")
-        con.execute(f"CREATE VIEW gallery_emb AS SELECT image_id, category, embedding::FLOAT[{d}] AS embedding "
-                    f"FROM _src_gallery")
+        con.execute(
+            f"CREATE VIEW gallery_emb AS SELECT image_id, category, embedding::FLOAT[{d}] AS embedding "
+            f"FROM _src_gallery"
+        )
         if tp.exists():
             tcols = [c for c in pq.read_schema(tp).names if c != "text_embedding"]
             con.register("_src_triplets", _dataset(tp))
             con.execute(f"CREATE VIEW triplets AS SELECT {', '.join(tcols)} FROM _src_triplets")
-            con.execute(f"CREATE VIEW triplet_emb AS SELECT query_id, text_embedding::FLOAT[{d}] AS text_embedding "
-                        f"FROM _src_triplets")
+            con.execute(
+                f"CREATE VIEW triplet_emb AS SELECT query_id, text_embedding::FLOAT[{d}] AS text_embedding "
+                f"FROM _src_triplets"
+            )
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
-
 
 
 @dataclass
 class QueryResult:
     columns: list[str]
     rows: list[tuple]
-
 
 
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
@@ -127,18 +130,24 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
         rows = rel.fetchall() if cols else []
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0].rstrip(".!") if str(e).strip() else type(e).__name__
-        have = [r[0] for r in con.execute(
-            "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()
-            if not re.fullmatch(r"t\d+|_src_\w+", r[0])]
+        have = [
+            r[0]
+            for r in con.execute(
+                "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
+            ).fetchall()
+            if not re.fullmatch(r"t\d+|_src_\w+", r[0])
+        ]
         hint = "" if "gallery" in have else "; gallery and triplets need `work`"
-        raise DataError(f"SQL: {first}. Views: {', '.join(have) or 'none'}{hint}. "
-                        f"See docs/queries.md for examples.", params=("work",) if hint else ()) from None
+        raise DataError(
+            f"SQL: {first}. Views: {', '.join(have) or 'none'}{hint}. See docs/queries.md for examples.",
+            params=("work",) if hint else (),
+        ) from None
     return QueryResult(cols, rows)
 
 
-
-def sql_query(sql: str, neg_paths: Sequence[str | Path], work: Optional[str | Path] = None,
-              split: Optional[str] = None) -> QueryResult:
+def sql_query(
+    sql: str, neg_paths: Sequence[str | Path], work: Optional[str | Path] = None, split: Optional[str] = None
+) -> QueryResult:
     """``cir-mine sql``: validate the tables, open the views, run ``sql`` (read-only)."""
     if not sql.strip():
         raise UsageError("SQL: the query is empty. Pass a statement, e.g. 'SELECT count(*) FROM negs'.")
@@ -148,9 +157,7 @@ def sql_query(sql: str, neg_paths: Sequence[str | Path], work: Optional[str | Pa
     return run_sql(con, sql)
 
 
-
-def open_tables(neg_paths: Sequence[str | Path], work: Optional[str | Path] = None,
-                split: Optional[str] = None):
+def open_tables(neg_paths: Sequence[str | Path], work: Optional[str | Path] = None, split: Optional[str] = None):
     """Validate the tables and open the views; also one view ``t{i}`` per table.
 
     Returns (con, tables, ws, split).
@@ -162,14 +169,12 @@ def open_tables(neg_paths: Sequence[str | Path], work: Optional[str | Path] = No
     return con, tables, ws, split
 
 
-
 def still_current(tables: Sequence[NegativesTable], ws: Optional[Workspace], split: str) -> None:
     """After reading: the split is still the version the tables were checked against when opened
     (their ``data_hash``), so the numbers come from one version of the data (DataError otherwise)."""
     hashes = {t.meta.get("data_hash") for t in tables if t.meta.get("split") == split} - {None}
     if ws is not None and len(hashes) == 1:
         ws.check_unchanged(split, hashes.pop())
-
 
 
 def _cell(v) -> str:
@@ -180,7 +185,6 @@ def _cell(v) -> str:
     if isinstance(v, (list, tuple, np.ndarray)):
         return json.dumps(list(v) if not isinstance(v, np.ndarray) else v.tolist(), default=str)
     return str(v)
-
 
 
 def format_rows(res: QueryResult, fmt: str = "table") -> str:
@@ -201,4 +205,3 @@ def format_rows(res: QueryResult, fmt: str = "table") -> str:
     out = [line(res.columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
     out.append(f"({len(cells)} row{'s' if len(cells) != 1 else ''})")
     return "\n".join(out) + "\n"
-

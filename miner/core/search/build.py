@@ -3,6 +3,7 @@
 A FAISS index goes to the GPU only when ``faiss.get_num_gpus() > 0`` and the caller did not ask for
 the CPU (:func:`use_gpu`); the choice is logged. All indexes are inner-product (cosine on unit vectors).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,15 +25,13 @@ NAMED_FACTORIES = {
 }
 
 
-
 def sample_rows(m: int, n: int, seed: int, salt: int) -> np.ndarray:
     """A seeded sorted sample of ``min(n, m)`` of ``range(m)`` (a stream per ``salt``)."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(salt)])
     return np.sort(rng.choice(m, size=min(int(n), m), replace=False)).astype(np.int64)
 
 
-
-DEVICES = ("auto", "cpu", "cuda")   # what a ``device`` parameter accepts (and 'cuda:N')
+DEVICES = ("auto", "cpu", "cuda")  # what a ``device`` parameter accepts (and 'cuda:N')
 
 
 def check_device(device: str) -> None:
@@ -66,7 +65,7 @@ def factory_string(spec: str, n: int, dim: int) -> str:
 # Training of an IVF index's coarse quantizer: sampled points per list, k-means iterations.
 TRAIN_PER_LIST = 64
 KMEANS_ITERS = 10
-ADD_BLOCK = 65_536     # rows added to an index at a time (a memory-mapped gallery's pages released after each)
+ADD_BLOCK = 65_536  # rows added to an index at a time (a memory-mapped gallery's pages released after each)
 
 
 def check_spec(spec: str, n: int, dim: int) -> str:
@@ -77,18 +76,28 @@ def check_spec(spec: str, n: int, dim: int) -> str:
     try:
         index = faiss.index_factory(dim, fs, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise UsageError(f"index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).",
-                         params=("index",)) from None
+        raise UsageError(
+            f"index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).", params=("index",)
+        ) from None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and ivf.nlist > n:
-        raise UsageError(f"index {spec!r}: {fs!r} has {ivf.nlist} lists but the gallery has {n} images; FAISS "
-                         f"needs at least one training vector per list. Use index flat, or IVF{max(1, n // 39)},Flat.",
-                         params=("index",))
+        raise UsageError(
+            f"index {spec!r}: {fs!r} has {ivf.nlist} lists but the gallery has {n} images; FAISS "
+            f"needs at least one training vector per list. Use index flat, or IVF{max(1, n // 39)},Flat.",
+            params=("index",),
+        )
     return fs
 
 
-def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: bool = False, seed: int = 0,
-                train_sample: Optional[int] = None, add: bool = True):
+def build_index(
+    xb: np.ndarray,
+    spec: str = "flat",
+    device: str = "auto",
+    fp16: bool = False,
+    seed: int = 0,
+    train_sample: Optional[int] = None,
+    add: bool = True,
+):
     """The one index builder: an inner-product index over ``xb`` (float32[n, d], may be memory-mapped).
 
     ``spec``: 'flat' | 'ivf' | 'ivfpq' | 'hnsw' or a FAISS factory string (:func:`factory_string`).
@@ -104,8 +113,9 @@ def build_index(xb: np.ndarray, spec: str = "flat", device: str = "auto", fp16: 
     try:
         index = faiss.index_factory(d, fs, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise UsageError(f"index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).",
-                         params=("index",)) from None
+        raise UsageError(
+            f"index {spec!r}: FAISS cannot build {fs!r} ({str(e).splitlines()[0]}).", params=("index",)
+        ) from None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
         # Polysemous training (on by default for IVFPQ) takes minutes on a few thousand vectors
@@ -141,7 +151,9 @@ def _train(index, ivf, xb: np.ndarray, spec: str, fs: str, seed: int, train_samp
     try:
         index.train(np.ascontiguousarray(xb[rows], np.float32))
     except RuntimeError as e:
-        raise UsageError(f"index {spec!r}: FAISS cannot train {fs!r} on {n} vectors "
-                         f"({str(e).splitlines()[0][:160]}). Use index flat or a smaller factory string.",
-                         params=("index",)) from None
+        raise UsageError(
+            f"index {spec!r}: FAISS cannot train {fs!r} on {n} vectors "
+            f"({str(e).splitlines()[0][:160]}). Use index flat or a smaller factory string.",
+            params=("index",),
+        ) from None
     release_pages(xb)

@@ -11,6 +11,7 @@ any summation order (:func:`rounding_gap`) proves that no row left unfetched can
 queries it cannot prove are fetched again, deeper. The result is the exact top-k of each query under
 one order (score descending, ties by the lower row), whatever kernel fetched the candidates.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,8 +32,13 @@ def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int =
     bits); a memory-mapped one in steps of at most 4k rows, its pages released after each. Other
     dtypes (float16 galleries) gather at most ``chunk`` queries' rows at a time and score in float32."""
     rows = np.asarray(rows)
-    if (xb.dtype == np.float32 and xb.ndim == 2 and xb.flags.c_contiguous and rows.ndim == 2
-            and np.asarray(vec).dtype == np.float32):
+    if (
+        xb.dtype == np.float32
+        and xb.ndim == 2
+        and xb.flags.c_contiguous
+        and rows.ndim == 2
+        and np.asarray(vec).dtype == np.float32
+    ):
         return _dot_by_idx(xb, rows, vec)
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     safe = np.where(rows < 0, 0, rows)
@@ -40,13 +46,13 @@ def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int =
     # <= 64k gathered rows at once; 4k from a memory-mapped gallery, where each gathered row maps
     # its page and the kernel's fault-around neighbours (up to 64 KiB) until the chunk is released
     chunk = max(1, min(chunk, (4_096 if mapped else 65_536) // max(1, rows.shape[1])))
-    vec = np.asarray(vec, np.float32)                       # float16 galleries are scored in float32
+    vec = np.asarray(vec, np.float32)  # float16 galleries are scored in float32
     for s in range(0, rows.shape[0], chunk):
         e = min(rows.shape[0], s + chunk)
-        g = xb[safe[s:e]]                                   # [c, depth, d]
+        g = xb[safe[s:e]]  # [c, depth, d]
         out[s:e] = np.matmul(g, vec[s:e, :, None])[..., 0]
         if mapped:
-            release_pages(xb)                               # a memory-mapped gallery's RSS stays one chunk
+            release_pages(xb)  # a memory-mapped gallery's RSS stays one chunk
     out[rows < 0] = -np.inf
     return out
 
@@ -68,10 +74,11 @@ def _dot_by_idx(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> np.ndarray
     ptr = faiss.swig_ptr
     for s in range(0, b, step):
         e = min(b, s + step)
-        faiss.fvec_inner_products_by_idx(ptr(out[s:e]), ptr(vec[s:e]), ptr(xb), ptr(rows[s:e]),
-                                         xb.shape[1], e - s, depth)
+        faiss.fvec_inner_products_by_idx(
+            ptr(out[s:e]), ptr(vec[s:e]), ptr(xb), ptr(rows[s:e]), xb.shape[1], e - s, depth
+        )
         if mapped:
-            release_pages(xb)                               # a memory-mapped gallery's RSS stays one step
+            release_pages(xb)  # a memory-mapped gallery's RSS stays one step
     out[rows < 0] = -np.inf
     return out
 
@@ -83,13 +90,13 @@ def exact_rescore(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> tupl
     return topk_desc(D, I, k)
 
 
-UNIT_ROUNDOFF = 2.0 ** -24   # float32's unit roundoff u
+UNIT_ROUNDOFF = 2.0**-24  # float32's unit roundoff u
 # Tuned settings (docs/search.md, "Tuned settings"): candidates fetched past a cut of k are
 # CUT_MARGIN + k // CUT_MARGIN_PER, REFETCH_GROWTH times more each time for the queries the bound cannot settle
 CUT_MARGIN = 16
 CUT_MARGIN_PER = 64
 REFETCH_GROWTH = 4
-FAISS_BLOCK_PER_DEPTH = 4    # FAISS's flat-search block: gallery rows per depth asked (at least FAISS's own)
+FAISS_BLOCK_PER_DEPTH = 4  # FAISS's flat-search block: gallery rows per depth asked (at least FAISS's own)
 
 
 def rounding_gap(d: int) -> float:
@@ -111,8 +118,16 @@ def max_row_norm(x: np.ndarray, block_rows: int = 262_144) -> float:
     return top
 
 
-def exact_cut(xb: np.ndarray, xq: np.ndarray, k: int, fetch: Callable, total, row_norm: float = 1.0,
-              extra_gap: float = 0.0, clock=None) -> tuple[np.ndarray, np.ndarray]:
+def exact_cut(
+    xb: np.ndarray,
+    xq: np.ndarray,
+    k: int,
+    fetch: Callable,
+    total,
+    row_norm: float = 1.0,
+    extra_gap: float = 0.0,
+    clock=None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-``k`` rows of each query among its candidates, by :func:`gathered_dot` score
     (descending, ties by the lower row; -1 / -inf pads when a query has fewer than ``k``).
 
@@ -164,11 +179,12 @@ def fetched_bound(D: np.ndarray, depth: int, total) -> np.ndarray:
     return np.where(total > depth, np.where(np.isfinite(last), last, np.inf), -np.inf)
 
 
-GEMM_SCORES = 1 << 24   # scores one exact-search GEMM step holds (64 MB of float32): rows per step = this / queries
+GEMM_SCORES = 1 << 24  # scores one exact-search GEMM step holds (64 MB of float32): rows per step = this / queries
 
 
-def gemm_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
-              release: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def gemm_topk(
+    xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144, release: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product: one float32 GEMM per step of gallery rows (numpy's BLAS),
     each step's scores pushed into FAISS's per-query heaps (``float_minheap_array_t.addn``, no id
     matrix). Memory: one step's [queries, rows] scores plus one block of ``block_rows`` gallery rows
@@ -179,12 +195,14 @@ def gemm_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
     heap = faiss.ResultHeap(nq, k, keep_max=True)
     step = int(max(1024, min(block_rows, GEMM_SCORES // max(nq, 1))))
     xq = np.ascontiguousarray(xq, np.float32)
-    scores = np.empty(nq * min(step, n), np.float32)   # one buffer for every step: fresh pages cost more than the GEMM writes
+    scores = np.empty(
+        nq * min(step, n), np.float32
+    )  # one buffer for every step: fresh pages cost more than the GEMM writes
     for s in range(0, n, block_rows):
         block = read_block(xb, s, s + block_rows)
         for t in range(0, len(block), step):
-            part = block[t:t + step]
-            S = scores[:nq * len(part)].reshape(nq, len(part))
+            part = block[t : t + step]
+            S = scores[: nq * len(part)].reshape(nq, len(part))
             np.matmul(xq, part.T, out=S)
             heap.heaps.addn(S.shape[1], faiss.swig_ptr(S), s + t, 0, nq)
         if release:
@@ -193,9 +211,9 @@ def gemm_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
     return heap.D, heap.I
 
 
-
-def faiss_topk(xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144,
-               release: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def faiss_topk(
+    xq: np.ndarray, xb: np.ndarray, k: int, block_rows: int = 262_144, release: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` by inner product with FAISS's flat search (its BLAS GEMM and per-query heaps, on
     FAISS's threads), block by block of ``block_rows`` gallery rows (a memory-mapped ``xb``'s pages
     released after each with ``release``), blocks merged. Same contract as :func:`gemm_topk`."""

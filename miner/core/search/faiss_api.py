@@ -13,6 +13,7 @@ happens every block. :func:`~cir_mine.miner.core.search.exact.faiss_topk` widens
 for such depths (docs/benchmarks.md, "Exact-search kernels": 1.7x faster at 1,024 queries and depth
 800 over 100k x 256; no difference at depth 400 and below).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,8 @@ import threading
 
 log = logging.getLogger(__name__)
 
-SCORE_SIMD_LEVEL = "AVX2"     # FAISS's SIMD level for every exact score (None: FAISS's own choice)
-FAISS_DEFAULT_BLOCK = 1_024   # gallery rows per GEMM of FAISS's flat search, FAISS's own default
+SCORE_SIMD_LEVEL = "AVX2"  # FAISS's SIMD level for every exact score (None: FAISS's own choice)
+FAISS_DEFAULT_BLOCK = 1_024  # gallery rows per GEMM of FAISS's flat search, FAISS's own default
 
 _pinned = False
 _lock = threading.Lock()
@@ -50,7 +51,7 @@ def _pin_simd(faiss) -> None:
         if cfg.is_simd_level_available(level) and cfg.get_level() != level:
             cfg.set_level(level)
             log.debug("FAISS SIMD level set to %s for exact scores", SCORE_SIMD_LEVEL)
-    except (RuntimeError, AttributeError, TypeError):    # a FAISS without runtime dispatch keeps its level
+    except (RuntimeError, AttributeError, TypeError):  # a FAISS without runtime dispatch keeps its level
         pass
 
 

@@ -1,5 +1,6 @@
 """IVF-Flat search list by list: each inverted list meets all the queries that probe it in one GEMM
 (the shape of FAISS contrib's big-batch search), and where each gallery row sits in a query's probe order."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +30,14 @@ def ivf_flat_lists(index):
     return ivf
 
 
-LIST_MAJOR_SCORES = 1 << 25             # candidate scores one list-major pass holds (128 MB of float32)
+LIST_MAJOR_SCORES = 1 << 25  # candidate scores one list-major pass holds (128 MB of float32)
 
 
 @dataclass
 class ListLayout:
     """Where an IVF-Flat index's vectors sit: list sizes, and every list's ids back to back."""
 
+    # fmt: off
     sizes: np.ndarray          # int64[nlist] vectors per list
     starts: np.ndarray         # int64[nlist] offset of each list in ``ids``
     ids: np.ndarray            # int64[ntotal] gallery row of every vector, list by list
@@ -43,6 +45,7 @@ class ListLayout:
     centroids: Optional[np.ndarray] = None   # float32[nlist, d] of an inner-product flat quantizer (None: another quantizer)
     spare: list = field(default_factory=list, repr=False)   # score buffers not in use, reused from search to search
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # fmt: on
 
     @contextlib.contextmanager
     def buffer(self, n: int):
@@ -68,7 +71,7 @@ class ListLayout:
         ids = np.empty(int(sizes.sum()), np.int64)
         norm = 0.0
         for i in np.flatnonzero(sizes).tolist():
-            ids[starts[i]:starts[i] + sizes[i]] = faiss.rev_swig_ptr(invl.get_ids(i), int(sizes[i])).view(np.int64)
+            ids[starts[i] : starts[i] + sizes[i]] = faiss.rev_swig_ptr(invl.get_ids(i), int(sizes[i])).view(np.int64)
             X = _list_vectors(faiss, invl, i, int(sizes[i]), int(ivf.d))
             norm = max(norm, float(np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64).max())))
         return cls(sizes, starts, ids, norm, flat_centroids(ivf))
@@ -89,8 +92,9 @@ def flat_centroids(ivf) -> Optional[np.ndarray]:
     return np.ascontiguousarray(q.reconstruct_n(0, q.ntotal), np.float32)
 
 
-def coarse_assign(ivf, xq: np.ndarray, nprobe: int, centroids: Optional[np.ndarray] = None,
-                  clock=None) -> tuple[np.ndarray, np.ndarray]:
+def coarse_assign(
+    ivf, xq: np.ndarray, nprobe: int, centroids: Optional[np.ndarray] = None, clock=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``nprobe`` lists, by exact score against the centroids (ties by the lower list):
     the same lists whatever the batch, where the quantizer's own batched search may break a near-tie
     at the cut either way. An IVF with another kind of quantizer keeps the quantizer's own search.
@@ -134,8 +138,9 @@ _BLAS_USERS = 0
 _BLAS_LIMIT = None
 
 
-def list_major_search(ivf, xq: np.ndarray, k: int, assign: np.ndarray, layout: ListLayout,
-                      budget: int = LIST_MAJOR_SCORES) -> tuple[np.ndarray, np.ndarray]:
+def list_major_search(
+    ivf, xq: np.ndarray, k: int, assign: np.ndarray, layout: ListLayout, budget: int = LIST_MAJOR_SCORES
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidates of an IVF-Flat search list by list (the shape of FAISS contrib's big-batch search):
     the queries are bucketed by the lists they probe (``assign``: int64[nq, p], from
     :func:`coarse_assign`; -1 slots probe nothing) and each list's vectors, read in place, meet all
@@ -157,7 +162,7 @@ def list_major_search(ivf, xq: np.ndarray, k: int, assign: np.ndarray, layout: L
     tot = sizes.sum(1)
     ends = np.cumsum(tot)
     passes, q0 = [], 0
-    while q0 < nq:                  # queries q0..q1-1, at least one, their scores within the budget
+    while q0 < nq:  # queries q0..q1-1, at least one, their scores within the budget
         q1 = max(q0 + 1, int(np.searchsorted(ends, (ends[q0 - 1] if q0 else 0) + budget, side="right")))
         passes.append((q0, q1))
         q0 = q1
@@ -179,13 +184,16 @@ def list_major_search(ivf, xq: np.ndarray, k: int, assign: np.ndarray, layout: L
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cir-mine-lists") as pool:
-                for f in [pool.submit(lambda lane=lane: [run(*p) for p in passes[lane::workers]]) for lane in range(workers)]:
+                for f in [
+                    pool.submit(lambda lane=lane: [run(*p) for p in passes[lane::workers]]) for lane in range(workers)
+                ]:
                     f.result()
     return D, I
 
 
-def _score_lists(faiss, invl, layout: ListLayout, xp: np.ndarray, A: np.ndarray, C: np.ndarray, T: np.ndarray,
-                 buf: np.ndarray) -> None:
+def _score_lists(
+    faiss, invl, layout: ListLayout, xp: np.ndarray, A: np.ndarray, C: np.ndarray, T: np.ndarray, buf: np.ndarray
+) -> None:
     """Fill ``buf`` with each query's scores against its probed lists' vectors, query after query,
     each query's lists in probe order (a query's segment starts at the sum of the earlier ones)."""
     p = A.shape[1]
@@ -195,9 +203,9 @@ def _score_lists(faiss, invl, layout: ListLayout, xp: np.ndarray, A: np.ndarray,
     order = np.argsort(flat, kind="stable")
     lists = flat[order]
     bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
-    dst = (base[:, None] + off).ravel()[order]     # each (query, probe) segment's start, list by list
-    qsel = order // p                               # its query
-    within = np.arange(int(layout.sizes.max(initial=0)))[:, None]   # row offsets inside a list
+    dst = (base[:, None] + off).ravel()[order]  # each (query, probe) segment's start, list by list
+    qsel = order // p  # its query
+    within = np.arange(int(layout.sizes.max(initial=0)))[:, None]  # row offsets inside a list
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         li = int(lists[a])
         size = int(layout.sizes[li]) if li >= 0 else 0
@@ -209,8 +217,9 @@ def _score_lists(faiss, invl, layout: ListLayout, xp: np.ndarray, A: np.ndarray,
         buf[dst[a:b] + within[:size]] = X @ xp[qsel[a:b]].T
 
 
-def _top_of_segments(buf: np.ndarray, layout: ListLayout, A: np.ndarray, C: np.ndarray, T: np.ndarray,
-                     k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_of_segments(
+    buf: np.ndarray, layout: ListLayout, A: np.ndarray, C: np.ndarray, T: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` best scores in its segment of ``buf`` and their gallery rows, by descending
     score; -1 / -inf past a query's candidates. A collected position maps to a row through the
     query's own probe slots (an empty slot shares the next one's start: the search passes it)."""
@@ -223,9 +232,9 @@ def _top_of_segments(buf: np.ndarray, layout: ListLayout, A: np.ndarray, C: np.n
         n = int(T[r])
         if n == 0:
             continue
-        seg = buf[start:start + n]
+        seg = buf[start : start + n]
         kk = min(k, n)
-        pos = np.argpartition(seg, n - kk)[n - kk:] if kk < n else np.arange(n)
+        pos = np.argpartition(seg, n - kk)[n - kk :] if kk < n else np.arange(n)
         slot = np.searchsorted(off[r], pos, side="right") - 1
         rows = layout.ids[layout.starts[A[r, slot]] + pos - off[r, slot]]
         D[r, :kk], I[r, :kk] = seg[pos], rows
@@ -243,11 +252,10 @@ def probe_positions(ivf, layout: ListLayout, xq: np.ndarray, rows: np.ndarray) -
     out = np.full(rows.shape, -1, np.int32)
     xq = np.ascontiguousarray(xq, np.float32)
     for s in range(0, len(xq), 256):
-        _, order = coarse_assign(ivf, xq[s:s + 256], nlist, layout.centroids)   # every list, in probe order
+        _, order = coarse_assign(ivf, xq[s : s + 256], nlist, layout.centroids)  # every list, in probe order
         pos = np.full((len(order), nlist), nlist, np.int32)
         np.put_along_axis(pos, np.where(order >= 0, order, 0), np.arange(nlist, dtype=np.int32), 1)
-        r = rows[s:s + 256]
+        r = rows[s : s + 256]
         ok = r >= 0
-        out[s:s + 256] = np.where(ok, np.take_along_axis(pos, list_of[np.where(ok, r, 0)].astype(np.int64), 1), -1)
+        out[s : s + 256] = np.where(ok, np.take_along_axis(pos, list_of[np.where(ok, r, 0)].astype(np.int64), 1), -1)
     return out
-

@@ -10,6 +10,7 @@ candidates are decided exactly
 afterwards (:func:`~cir_mine.miner.core.search.exact.exact_cut`), so the choice changes the time,
 never the rows.
 """
+
 from __future__ import annotations
 
 import threading
@@ -18,9 +19,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-MIN_RACE_QUERIES = 8    # a batch with fewer queries per kernel is not split to measure (too small to time)
-CHALLENGER_SHARE = 16   # each kernel but the first runs on 1/CHALLENGER_SHARE of the raced batch's queries
-NEAR_CLASSES = 2        # a measured class decides for classes of the same depth this many powers of two away
+MIN_RACE_QUERIES = 8  # a batch with fewer queries per kernel is not split to measure (too small to time)
+CHALLENGER_SHARE = 16  # each kernel but the first runs on 1/CHALLENGER_SHARE of the raced batch's queries
+NEAR_CLASSES = 2  # a measured class decides for classes of the same depth this many powers of two away
 
 
 def shape_class(nq: int, depth: int) -> tuple[int, int]:
@@ -34,8 +35,8 @@ class KernelRace:
 
     def __init__(self, names: Sequence[str], small: Optional[str] = None):
         self.names = tuple(names)
-        self.small = small or self.names[0]   # the kernel of batches too small to race
-        self.seen: dict = {}             # shape class -> {kernel: seconds per query}
+        self.small = small or self.names[0]  # the kernel of batches too small to race
+        self.seen: dict = {}  # shape class -> {kernel: seconds per query}
         self._lock = threading.Lock()
 
     def choice(self, nq: int, depth: int):
@@ -43,7 +44,9 @@ class KernelRace:
         same depth, at most NEAR_CLASSES powers of two of queries away), or None."""
         q, d = shape_class(nq, depth)
         with self._lock:
-            near = [(abs(cq - q), per) for (cq, cd), per in self.seen.items() if cd == d and abs(cq - q) <= NEAR_CLASSES]
+            near = [
+                (abs(cq - q), per) for (cq, cd), per in self.seen.items() if cd == d and abs(cq - q) <= NEAR_CLASSES
+            ]
         per = min(near, key=lambda t: t[0])[1] if near else None
         return min(per, key=per.get) if per else None
 
@@ -69,8 +72,10 @@ class KernelRace:
     def describe(self) -> dict:
         """What the footer records: per measured class, each kernel's microseconds per query."""
         with self._lock:
-            return {f"{1 << (q - 1) if q else 0}x{1 << (d - 1) if d else 0}": {n: round(s * 1e6, 1) for n, s in per.items()}
-                    for (q, d), per in sorted(self.seen.items())}
+            return {
+                f"{1 << (q - 1) if q else 0}x{1 << (d - 1) if d else 0}": {n: round(s * 1e6, 1) for n, s in per.items()}
+                for (q, d), per in sorted(self.seen.items())
+            }
 
 
 class Clock:

@@ -1,4 +1,5 @@
 """Index kinds and their search parameters (nprobe, efSearch): parse, set, read, what to tune."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +7,7 @@ from typing import Optional
 from cir_mine.data.errors import UsageError
 from cir_mine.miner.core.search.faiss_api import load_faiss
 
-SEARCH_PARAM = {"ivf": "nprobe", "hnsw": "efSearch"}   # index kind -> the search parameter tuning sets
+SEARCH_PARAM = {"ivf": "nprobe", "hnsw": "efSearch"}  # index kind -> the search parameter tuning sets
 
 
 def parse_search_params(spec: Optional[str]) -> dict:
@@ -20,11 +21,14 @@ def parse_search_params(spec: Optional[str]) -> dict:
         try:
             out[name.strip()] = int(value)
         except ValueError:
-            raise UsageError(f"search_params {spec!r}: use name=integer pairs separated by commas, "
-                             f"e.g. nprobe=16 or efSearch=128.", params=("search_params",)) from None
+            raise UsageError(
+                f"search_params {spec!r}: use name=integer pairs separated by commas, e.g. nprobe=16 or efSearch=128.",
+                params=("search_params",),
+            ) from None
         if not eq:
-            raise UsageError(f"search_params {spec!r}: use name=integer pairs, e.g. nprobe=16.",
-                             params=("search_params",))
+            raise UsageError(
+                f"search_params {spec!r}: use name=integer pairs, e.g. nprobe=16.", params=("search_params",)
+            )
     return out
 
 
@@ -56,14 +60,19 @@ def set_search_params(index, params: dict) -> None:
     if not params:
         return
     faiss = load_faiss()
-    ps = faiss.GpuParameterSpace() if hasattr(index, "getDevice") and hasattr(faiss, "GpuParameterSpace") \
+    ps = (
+        faiss.GpuParameterSpace()
+        if hasattr(index, "getDevice") and hasattr(faiss, "GpuParameterSpace")
         else faiss.ParameterSpace()
+    )
     for name, value in params.items():
         try:
             ps.set_index_parameter(index, name, int(value))
         except RuntimeError:
-            raise UsageError(f"search parameter {name}={value}: the index ({type(index).__name__}) has no "
-                             f"parameter {name!r}; IVF indexes take nprobe, HNSW takes efSearch.") from None
+            raise UsageError(
+                f"search parameter {name}={value}: the index ({type(index).__name__}) has no "
+                f"parameter {name!r}; IVF indexes take nprobe, HNSW takes efSearch."
+            ) from None
 
 
 def current_params(index) -> dict:
@@ -82,11 +91,11 @@ def tunable(index) -> tuple[str, list]:
     kind = index_kind(index)
     if kind == "ivf":
         nlist = faiss_nlist(index)
-        top = min(nlist, 2048) if hasattr(index, "getDevice") else nlist     # GPU IVF: nprobe <= 2048
-        vals = sorted({min(top, 2 ** i) for i in range(0, 31) if 2 ** (i - 1) < top})
+        top = min(nlist, 2048) if hasattr(index, "getDevice") else nlist  # GPU IVF: nprobe <= 2048
+        vals = sorted({min(top, 2**i) for i in range(0, 31) if 2 ** (i - 1) < top})
         return "nprobe", vals
     if kind == "hnsw":
-        return "efSearch", [2 ** i for i in range(4, 14)]
+        return "efSearch", [2**i for i in range(4, 14)]
     return "", []
 
 
@@ -99,4 +108,3 @@ def default_overfetch(factory: str) -> float:
     """Over-fetch for exact re-ranking: 1 when the index stores full vectors (its ranking is exact
     within the lists it visits), 4 for compressed codes (PQ, SQ), whose ranking is approximate."""
     return 4.0 if any(t in factory for t in ("PQ", "SQ", "LSH", "RaBitQ")) else 1.0
-

@@ -1,5 +1,6 @@
 """Indexes on disk: save and load (atomic), the metadata beside them, the gallery fingerprint an index is
 checked against, and reopening the very back-end a negatives table was mined with."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def load_index(path: str | Path, device: str = "auto"):
     faiss = load_faiss()
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: index not found. Build it with `cir-mine index work=WORK split=SPLIT`.",
-                        params=("work", "split"))
+        raise DataError(
+            f"{path}: index not found. Build it with `cir-mine index work=WORK split=SPLIT`.", params=("work", "split")
+        )
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
@@ -50,8 +52,9 @@ def index_meta(path: str | Path) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: malformed index metadata ({e}). Rebuild the index with cir-mine index.") from None
     if not isinstance(meta, dict):
-        raise DataError(f"{p}: malformed index metadata (expected a JSON object). Rebuild the index with "
-                        f"cir-mine index.")
+        raise DataError(
+            f"{p}: malformed index metadata (expected a JSON object). Rebuild the index with cir-mine index."
+        )
     return meta
 
 
@@ -78,27 +81,41 @@ def _id_bytes(categories, image_ids, block_rows: int = 1 << 20):
 
     n = len(image_ids)
     for s in range(0, n, block_rows):
-        c, i = string_array(categories[s:s + block_rows]), string_array(image_ids[s:s + block_rows])
-        if c.null_count or i.null_count:        # not a validated gallery: spell each value as Python does
+        c, i = string_array(categories[s : s + block_rows]), string_array(image_ids[s : s + block_rows])
+        if c.null_count or i.null_count:  # not a validated gallery: spell each value as Python does
             yield "".join(f"{a}\0{b}\0" for a, b in zip(c.to_pylist(), i.to_pylist())).encode()
             continue
         joined = pc.binary_join_element_wise(c.cast(i.type), i, pa.scalar("", i.type), "\0")
         wide = pa.types.is_large_string(joined.type)
-        off = np.frombuffer(joined.buffers()[1], np.int64 if wide else np.int32)[joined.offset:joined.offset + len(joined) + 1]
-        yield joined.buffers()[2][int(off[0]):int(off[-1])].to_pybytes()
+        off = np.frombuffer(joined.buffers()[1], np.int64 if wide else np.int32)[
+            joined.offset : joined.offset + len(joined) + 1
+        ]
+        yield joined.buffers()[2][int(off[0]) : int(off[-1])].to_pybytes()
 
 
-def check_index(index, gallery, index_path, gallery_path, gallery_hash: Optional[str] = None,
-                fix: str = "Rebuild it with `cir-mine index`", params: tuple = ()) -> None:
+def check_index(
+    index,
+    gallery,
+    index_path,
+    gallery_path,
+    gallery_hash: Optional[str] = None,
+    fix: str = "Rebuild it with `cir-mine index`",
+    params: tuple = (),
+) -> None:
     """DataError unless ``index`` was built from ``gallery`` (same d, same rows, same hash when known)."""
     if index.d != gallery.dim or index.ntotal != len(gallery):
-        raise DataError(f"{index_path}: the index has d={index.d} and {index.ntotal} rows but {gallery_path} "
-                        f"has d={gallery.dim} and {len(gallery)} rows. {fix}.", params=params)
+        raise DataError(
+            f"{index_path}: the index has d={index.d} and {index.ntotal} rows but {gallery_path} "
+            f"has d={gallery.dim} and {len(gallery)} rows. {fix}.",
+            params=params,
+        )
     if gallery_hash:
         now = gallery_fingerprint(gallery.id_array, gallery.category_array, gallery.embeddings)
         if now != gallery_hash:
-            raise DataError(f"{index_path}: built from another gallery (hash {gallery_hash}, {gallery_path} has "
-                            f"{now}). {fix}.", params=params)
+            raise DataError(
+                f"{index_path}: built from another gallery (hash {gallery_hash}, {gallery_path} has {now}). {fix}.",
+                params=params,
+            )
 
 
 def saved_index_path(table_path) -> Path:
@@ -126,21 +143,28 @@ def reopen(search: dict, xb: np.ndarray, workspace_index, table_path, device: st
         path = Path(table_path).with_name(search["file"])
         fix = "Re-mine round 0 with `cir-mine negatives` (it saves the index beside the table)"
     else:
-        raise DataError(f"{table_path}: mined through a {search.get('index')!r} index that was not saved, so later "
-                        f"rounds cannot search the same one. Re-mine round 0 with `cir-mine negatives out`.", params=("out",))
+        raise DataError(
+            f"{table_path}: mined through a {search.get('index')!r} index that was not saved, so later "
+            f"rounds cannot search the same one. Re-mine round 0 with `cir-mine negatives out`.",
+            params=("out",),
+        )
     if not path.exists():
         raise DataError(f"{path}: the index {table_path} was mined with is missing. {fix}.")
     now = file_digest(path)
     if search.get("fingerprint") and now != search["fingerprint"]:
-        raise DataError(f"{path}: changed since {table_path} was mined (fingerprint {search['fingerprint']}, "
-                        f"now {now}). {fix}.")
+        raise DataError(
+            f"{path}: changed since {table_path} was mined (fingerprint {search['fingerprint']}, now {now}). {fix}."
+        )
     raw = load_index(path, device if index_kind_of_file(search) != "hnsw" else "cpu")
-    backend = Reranked(raw, xb, float(search.get("overfetch", 1.0)),
-                       {k: search[k] for k in ("index", "factory", "file", "fingerprint", "depth", "deep") if k in search})
+    backend = Reranked(
+        raw,
+        xb,
+        float(search.get("overfetch", 1.0)),
+        {k: search[k] for k in ("index", "factory", "file", "fingerprint", "depth", "deep") if k in search},
+    )
     backend.set_params(dict(search.get("params") or {}))
     return backend
 
 
 def index_kind_of_file(search: dict) -> str:
     return "hnsw" if "HNSW" in str(search.get("factory", "")) else "other"
-

@@ -1,5 +1,6 @@
 """Top-k of candidate lists in one order everywhere: score descending, ties by the lower gallery row,
 -1 pads (with -inf scores) last. ``(D float32[nq, k], I int64[nq, k])`` is FAISS's convention."""
+
 from __future__ import annotations
 
 import numpy as np

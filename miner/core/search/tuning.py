@@ -1,5 +1,6 @@
 """Recall is measured, not assumed: tune an approximate back-end's search parameter to a candidate
 recall@depth measured against exact search on a sample of the composed queries."""
+
 from __future__ import annotations
 
 import logging
@@ -29,6 +30,7 @@ def candidate_recall(I_approx: np.ndarray, I_exact: np.ndarray) -> float:
 
 @dataclass
 class Tuning:
+    # fmt: off
     param: str                     # tuned parameter ('' when nothing was tunable)
     value: Optional[int]           # chosen value
     recall: float                  # candidate recall@depth at the chosen value
@@ -41,12 +43,22 @@ class Tuning:
     overfetch: float = 1.0         # over-fetch the recall was reached with
     deep: Optional[dict] = None    # the deepest depth's tuning: {"depth", "value", "recall", "reached", "tried"}
     method: str = "search"         # how recall was measured: "search" (a search per value) or "lists" (probe_positions)
+    # fmt: on
 
     def to_dict(self) -> dict:
-        out = {"param": self.param, "value": self.value, "recall": round(self.recall, 4), "target": self.target,
-               "reached": self.reached, "depth": self.depth, "queries": self.queries,
-               "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried], "seconds": round(self.seconds, 3),
-               "overfetch": self.overfetch, "method": self.method}
+        out = {
+            "param": self.param,
+            "value": self.value,
+            "recall": round(self.recall, 4),
+            "target": self.target,
+            "reached": self.reached,
+            "depth": self.depth,
+            "queries": self.queries,
+            "tried": [[v, round(r, 4), round(s, 3)] for v, r, s in self.tried],
+            "seconds": round(self.seconds, 3),
+            "overfetch": self.overfetch,
+            "method": self.method,
+        }
         if self.deep is not None:
             out["deep"] = self.deep
         return out
@@ -85,11 +97,11 @@ def _lists_curve(backend: "Reranked", xq: np.ndarray, exact_I: np.ndarray) -> np
 
 def _lists_tried(curve: np.ndarray, value: int) -> list:
     """The curve at the powers of two below ``value`` and at ``value``: [(nprobe, recall, 0.0)]."""
-    points = [v for v in (2 ** i for i in range(31)) if v < value] + [value]
+    points = [v for v in (2**i for i in range(31)) if v < value] + [value]
     return [(int(v), float(curve[v]), 0.0) for v in points]
 
 
-DEEP_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)   # deep tuning: multiples of the tuned value tried
+DEEP_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # deep tuning: multiples of the tuned value tried
 
 
 def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float) -> Optional[dict]:
@@ -116,18 +128,26 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
         method = "search"
         for v in sorted({min(top, int(math.ceil(tuned * f))) for f in DEEP_STEPS}):
             ts = time.perf_counter()
-            backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}   # searched as mining will
+            backend.info["deep"] = {"depth": int(depth), "params": {name: int(v)}}  # searched as mining will
             _, I = backend.search(xq, depth)
             r = candidate_recall(I, exact_I[:, :depth])
             tried.append([v, round(r, 4), round(time.perf_counter() - ts, 3)])
             if r >= target:
                 break
-    return {"depth": int(depth), "value": int(v), "recall": round(r, 4), "reached": bool(r >= target),
-            "tried": tried, "seconds": round(time.perf_counter() - t0, 3), "method": method}
+    return {
+        "depth": int(depth),
+        "value": int(v),
+        "recall": round(r, 4),
+        "reached": bool(r >= target),
+        "tried": tried,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "method": method,
+    }
 
 
-def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float,
-         max_overfetch: float = 32.0) -> Tuning:
+def tune(
+    backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float, max_overfetch: float = 32.0
+) -> Tuning:
     """Set the cheapest value of the index's search parameter whose candidate recall@``depth`` on the
     sample ``xq`` (exact rows ``exact_I``) reaches ``target``. For an index that stores compressed
     codes (over-fetch > 1), recall that stops rising with the parameter (less than PLATEAU per
@@ -150,15 +170,34 @@ def tune(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, tar
         v, r, tried = _tune_by_search(backend, name, values, exact_I, xq, depth, target, max_overfetch)
         method = "search"
     backend.set_params({name: v})
-    backend.info["depth"] = int(depth)              # the depth this recall holds at (see Reranked.beam_for)
+    backend.info["depth"] = int(depth)  # the depth this recall holds at (see Reranked.beam_for)
     if r < target:
         log.warning("search tuning: %s=%d reaches candidate recall %.3f < %.3f", name, v, r, target)
-    return Tuning(name, v, r, target, r >= target, depth, len(xq), tried, time.perf_counter() - t0,
-                  backend.overfetch, method=method)
+    return Tuning(
+        name,
+        v,
+        r,
+        target,
+        r >= target,
+        depth,
+        len(xq),
+        tried,
+        time.perf_counter() - t0,
+        backend.overfetch,
+        method=method,
+    )
 
 
-def _tune_by_search(backend: Reranked, name: str, values: list, exact_I: np.ndarray, xq: np.ndarray, depth: int,
-                    target: float, max_overfetch: float) -> tuple:
+def _tune_by_search(
+    backend: Reranked,
+    name: str,
+    values: list,
+    exact_I: np.ndarray,
+    xq: np.ndarray,
+    depth: int,
+    target: float,
+    max_overfetch: float,
+) -> tuple:
     """:func:`tune`'s search per value (doubling the over-fetch of compressed codes where recall
     stalls). -> (value, its recall, [(value, recall, seconds)] tried)."""
     tried = []
@@ -175,10 +214,9 @@ def _tune_by_search(backend: Reranked, name: str, values: list, exact_I: np.ndar
         last = i == len(values) - 1
         stalled = prev is not None and r - prev < PLATEAU
         if backend.overfetch > 1 and (stalled or last) and backend.overfetch * 2 <= max_overfetch:
-            backend.overfetch *= 2                    # compressed codes: fetch more, re-rank exactly
+            backend.overfetch *= 2  # compressed codes: fetch more, re-rank exactly
             prev = None
             continue
         if last:
             return v, r, tried
         prev, i = r, i + 1
-

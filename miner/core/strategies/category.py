@@ -1,4 +1,5 @@
 """category: stratified random draws from the target's category, the other categories and the gallery."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,13 +11,16 @@ from cir_mine.miner.core.strategies.selection import Picks, concat_picks, select
 
 @dataclass(frozen=True)
 class CategoryParams:
+    # fmt: off
     category_shares: tuple = (0.7, 0.2, 0.1)  # shares of same-category, other-category and any-image draws
+    # fmt: on
 
     def validate(self) -> None:
         s = self.category_shares
         if len(s) != 3 or min(s) < 0 or sum(s) <= 0:
-            raise UsageError("category_shares needs three non-negative shares, e.g. 0.7,0.2,0.1.",
-                             params=("category_shares",))
+            raise UsageError(
+                "category_shares needs three non-negative shares, e.g. 0.7,0.2,0.1.", params=("category_shares",)
+            )
 
 
 @register("category", CategoryParams, hint="change MineConfig.of(category_shares=...)")

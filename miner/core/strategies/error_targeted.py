@@ -9,6 +9,7 @@ from the target in g. At a refresh the miner gets the trained model's query embe
 allocation follows the model's errors round by round; it is written into the table's footer
 metadata (``meta["prepared"]["error-targeted"]``) and the trainer copies it into metrics.jsonl.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
     n_right = n_other = n_wrong = 0
     extra = qs.extra
     for s in range(0, m, cfg.query_batch):
-        q = sample[s:s + cfg.query_batch]
+        q = sample[s : s + cfg.query_batch]
         _, I = search_batched(index, qs.emb[q], depth, batch_size=len(q))
         trow = qs.target_rows[q]
         same = (I >= 0) & (pool.cat[np.maximum(I, 0)] == pool.cat[trow][:, None])
@@ -60,7 +61,7 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
         n_other += int((~has).sum())
         top = np.where(has, I[np.arange(len(q)), np.argmax(same, 1)], -1)
         q, trow, top = q[has], trow[has], top[has]
-        gdiff = attrs.group_code[attrs.combo[top]] != attrs.group_code[attrs.combo[trow]]   # [b, G]
+        gdiff = attrs.group_code[attrs.combo[top]] != attrs.group_code[attrs.combo[trow]]  # [b, G]
         is_extra = extra.contains(q, pool.product[top][:, None])[:, 0]
         right = (pool.product[top] == pool.product[trow]) | is_extra | ~gdiff.any(1)
         n_right += int(right.sum())
@@ -72,18 +73,33 @@ def measure_top1_errors(pool, qs, index, cfg, k: int) -> dict:
     errors = {g: round(float(x), 3) for g, x in zip(groups, mass) if x > 0}
     shares = {g: round(float(x / total), 4) for g, x in zip(groups, mass) if x > 0} if total > 0 else {}
     ks = split_k(k, [x / total for x in mass]) if total > 0 else []
-    return {"n_queries": len(qs.target_rows), "n_measured": m, "top1_right": n_right, "top1_wrong": n_wrong, "top1_other_category": n_other,
-            "errors": errors, "shares": shares,
-            "k": {g: int(x) for g, x in zip(groups, ks) if x > 0}}
+    return {
+        "n_queries": len(qs.target_rows),
+        "n_measured": m,
+        "top1_right": n_right,
+        "top1_wrong": n_wrong,
+        "top1_other_category": n_other,
+        "errors": errors,
+        "shares": shares,
+        "k": {g: int(x) for g, x in zip(groups, ks) if x > 0},
+    }
 
 
 @dataclass(frozen=True)
 class ErrorTargetedParams:
+    # fmt: off
     error_minimal: bool = False           # only minimal pairs: candidates that differ from the target in the
                                           # allocated group alone
+    # fmt: on
 
 
-@register("error-targeted", ErrorTargetedParams, ranked=True, hint="raise MineConfig.of(max_candidates=...)", prepare=measure_top1_errors)
+@register(
+    "error-targeted",
+    ErrorTargetedParams,
+    ranked=True,
+    hint="raise MineConfig.of(max_candidates=...)",
+    prepare=measure_top1_errors,
+)
 def error_targeted(ctx, k: int, stream: int, p: ErrorTargetedParams) -> Picks:
     """k split over the groups by the measured top-1 error mass; per group, the top-ranked
     candidates that differ from the target in that group (``error_minimal``: in that group alone,
@@ -92,7 +108,7 @@ def error_targeted(ctx, k: int, stream: int, p: ErrorTargetedParams) -> Picks:
     groups = ctx.pool.attrs.groups
     shares = [alloc["errors"].get(g, 0.0) for g in groups]
     c = ctx.ranked
-    if sum(shares) <= 0:                       # no measured error (or no attributes): the ranking's top
+    if sum(shares) <= 0:  # no measured error (or no attributes): the ranking's top
         return pick(ctx, c, c.valid, k, stream, "top")
     diff = ctx.group_diff(c)
     if p.error_minimal:

@@ -1,4 +1,5 @@
 """in-batch: the other targets of the training batch (trainer-side); the miner picks nothing."""
+
 from __future__ import annotations
 
 from cir_mine.miner.core.strategies.registry import register

@@ -1,4 +1,5 @@
 """random: uniform over the gallery (guards applied)."""
+
 from __future__ import annotations
 
 from cir_mine.miner.core.strategies.registry import register

@@ -12,6 +12,7 @@ Adding a strategy is one module that defines a frozen parameter dataclass (a com
 optional ``validate()`` raising :class:`UsageError` that names the parameters) and decorates its
 function with ``@register(...)``; the built-in modules are imported by the package.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ class NoParams:
 
 @dataclass(frozen=True)
 class Strategy:
+    # fmt: off
     name: str                    # registry name, as in --strategy and mixes
     fn: Callable                 # fn(ctx, k, stream, params) -> Picks
     params: type = NoParams      # parameter dataclass (every field has a default)
@@ -39,6 +41,7 @@ class Strategy:
     attributes: bool = False     # needs requested attributes
     hint: str = ""               # the knob to loosen on shortfall, named as MineConfig.of(name=...) (the CLI shows its flag)
     prepare: Optional[Callable] = None  # prepare(pool, queries, index, cfg, k) -> JSON-able state, once per run
+    # fmt: on
 
 
 REGISTRY: dict[str, Strategy] = {}
@@ -49,8 +52,15 @@ def param_owner() -> dict:
     return {f.name: s.name for s in REGISTRY.values() for f in dataclasses.fields(s.params)}
 
 
-def register(name: str, params: type = NoParams, *, ranked: bool = False, attributes: bool = False,
-             hint: str = "", prepare: Optional[Callable] = None) -> Callable:
+def register(
+    name: str,
+    params: type = NoParams,
+    *,
+    ranked: bool = False,
+    attributes: bool = False,
+    hint: str = "",
+    prepare: Optional[Callable] = None,
+) -> Callable:
     """Decorator: register ``fn`` as strategy ``name`` with parameter dataclass ``params``."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"strategy {name}: params must be a dataclass, got {params!r}")

@@ -4,6 +4,7 @@ A strategy picks at most ``k`` negatives per query from a :class:`Candidates` ma
 slots it cannot fill stay -1 and show up as shortfall. Random choices use keys hashed from
 (seed, query_id, gallery row, stream), so rows do not depend on the batch size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ _M3 = np.uint64(0x94D049BB133111EB)
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """Vectorized SplitMix64 finalizer on uint64 arrays (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
-        z = np.asarray(x, dtype=np.uint64) + _M1          # a new array: the steps below work in place
+        z = np.asarray(x, dtype=np.uint64) + _M1  # a new array: the steps below work in place
         z ^= z >> np.uint64(30)
         z *= _M2
         z ^= z >> np.uint64(27)
@@ -42,12 +43,14 @@ def hash_keys(qhash: np.ndarray, values: np.ndarray, stream: int) -> np.ndarray:
 class Candidates:
     """A guarded candidate matrix for b queries."""
 
+    # fmt: off
     rows: np.ndarray            # int64[b, L] gallery rows (-1 = empty)
     product: np.ndarray         # int64[b, L] product code of each row
     scores: np.ndarray          # float32[b, L] s(q, c)
     ranks: np.ndarray           # int32[b, L] rank in the search (-1: not from the ranking)
     delta: np.ndarray           # float32[b, L] s(q, t) - s(q, c)
     valid: np.ndarray           # bool[b, L] passed every guard
+    # fmt: on
 
     @property
     def shape(self):
@@ -56,9 +59,11 @@ class Candidates:
 
 @dataclass
 class Picks:
+    # fmt: off
     rows: np.ndarray            # int64[b, k] picked gallery rows (-1 = unfilled)
     ranks: np.ndarray           # int32[b, k]
     scores: np.ndarray          # float32[b, k] s(q, neg)
+    # fmt: on
 
     @classmethod
     def empty(cls, b: int) -> "Picks":
@@ -108,8 +113,9 @@ def select_available(ctx, c: Candidates, k: int) -> Picks:
     return select(c, c.valid & ctx.available(c), k)
 
 
-def pick(ctx, c: Candidates, eligible: np.ndarray, k: int, stream: int, default: str,
-         key: Optional[np.ndarray] = None) -> Picks:
+def pick(
+    ctx, c: Candidates, eligible: np.ndarray, k: int, stream: int, default: str, key: Optional[np.ndarray] = None
+) -> Picks:
     """Select with the configured order (``ctx.cfg.sample`` or ``default``): 'top' (ranking order),
     'random' (uniform, hashed in ``stream``) or ``key``."""
     order = ctx.cfg.sample or default
@@ -130,7 +136,7 @@ def contradicted_as_reference(ctx, c: Candidates, status: np.ndarray) -> np.ndar
     a = ctx.pool.attrs
     if not a.req_groups:
         return np.zeros(c.shape, bool)
-    same = ctx.group_as_reference(c)[:, :, [a.groups.index(g) for g in a.req_groups]]     # [b, L, Gr]
+    same = ctx.group_as_reference(c)[:, :, [a.groups.index(g) for g in a.req_groups]]  # [b, L, Gr]
     return ((status == STATUS_FALSE) & same).any(axis=-1)
 
 
@@ -138,7 +144,7 @@ def kept_mismatch_mask(ctx, c: Candidates) -> np.ndarray:
     """bool[b, L]: the candidate satisfies the requested change (no requested group contradicted;
     unknown where the tags cannot tell) but differs from the target in a group the caption does not
     mention, i.e. it changes what the query should keep from the reference."""
-    diff = ctx.group_diff(c)                                   # [b, L, G]
+    diff = ctx.group_diff(c)  # [b, L, G]
     kept = ~ctx.group_asked()[:, None, :] & ctx.group_present(c)
     return ~contradicted(ctx.status(c)) & (diff & kept).any(-1)
 
@@ -163,5 +169,8 @@ def with_kept_share(ctx, k: int, stream: int, share: float, caption_side) -> Pic
 def concat_picks(parts: list, b: int) -> Picks:
     if not parts:
         return Picks.empty(b)
-    return Picks(np.concatenate([p.rows for p in parts], 1), np.concatenate([p.ranks for p in parts], 1),
-                 np.concatenate([p.scores for p in parts], 1))
+    return Picks(
+        np.concatenate([p.rows for p in parts], 1),
+        np.concatenate([p.ranks for p in parts], 1),
+        np.concatenate([p.scores for p in parts], 1),
+    )

@@ -1,4 +1,5 @@
 """semantic: near the query but not satisfying the modification."""
+
 from __future__ import annotations
 
 from cir_mine.miner.core.attribute_codes import STATUS_TRUE
@@ -6,8 +7,12 @@ from cir_mine.miner.core.strategies.registry import register
 from cir_mine.miner.core.strategies.selection import Picks, contradicted, pick
 
 
-@register("semantic", ranked=True, attributes=True,
-          hint="raise MineConfig.of(max_candidates=...) (queries without requested attributes get none)")
+@register(
+    "semantic",
+    ranked=True,
+    attributes=True,
+    hint="raise MineConfig.of(max_candidates=...) (queries without requested attributes get none)",
+)
 def semantic(ctx, k: int, stream: int, params) -> Picks:
     """Near the query but not satisfying the modification: no requested group satisfied, one contradicted."""
     c = ctx.ranked

@@ -1,4 +1,5 @@
 """verified: annotator-verified negatives (CIRR target_soft = -1)."""
+
 from __future__ import annotations
 
 from cir_mine.miner.core.strategies.registry import register
