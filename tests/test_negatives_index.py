@@ -203,6 +203,11 @@ def test_prefetch_equals_sequential(world):
     assert a.table.equals(b.table) and b.meta["search"]["prefetch"] is True
 
 
+def test_prefetch_is_off_by_default_on_the_cpu(world):
+    """On the CPU the search uses every core: a second search beside it only slows mining."""
+    assert mine(world, strategy="hardest").meta["search"]["prefetch"] is False
+
+
 # -- the workspace index and refresh rounds -----------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ class MineConfig:
     check_recall: int = 0                 # report candidate recall and the overlap of mined negatives with exact
                                           # mining on this many sampled queries (0: off)
     prefetch: Optional[bool] = None       # search the next query batch while the current one is guarded (None: with a
-                                          # GPU index or the exact CPU search of an in-memory gallery)
+                                          # GPU index)
     guards: GuardConfig = field(default_factory=GuardConfig)  # the false-negative guards
     params: dict = field(default_factory=default_params)      # strategy name -> its parameter dataclass
     # fmt: on

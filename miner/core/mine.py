@@ -30,7 +30,6 @@ from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.prepare import prepare
 from cir_mine.miner.core.recall import check_recall
 from cir_mine.miner.core.schedule import mine_queries
-from cir_mine.miner.core.search.backends import ExactSearch
 from cir_mine.miner.core.search.persist import save_backend_index, saved_index_path
 from cir_mine.miner.core.strategies import REGISTRY
 from cir_mine.miner.core.tables import write_negatives
@@ -99,7 +98,7 @@ def mine_negatives(
         if REGISTRY[name].prepare is not None
     }
     t_prep = time.perf_counter() - t0
-    prefetch = cfg.prefetch if cfg.prefetch is not None else default_prefetch(backend, search_meta)
+    prefetch = cfg.prefetch if cfg.prefetch is not None else default_prefetch(search_meta)
     before = _measured(backend)
     mined = mine_queries(prep, cfg, backend, np.arange(prep.m, dtype=np.int64), prefetch, progress)
     after = _measured(backend)
@@ -119,15 +118,12 @@ def mine_negatives(
     return MineResult(table, meta, mined.guard_counts, backend)
 
 
-def default_prefetch(backend, search_meta: dict) -> bool:
+def default_prefetch(search_meta: dict) -> bool:
     """Whether the next batch is searched while the current one is guarded when ``cfg.prefetch`` is
-    None: with a GPU back-end (the device works while the host finishes a batch), and with the exact
-    CPU search over an in-memory gallery (as fast as the sequential loop on an idle machine, faster
-    on cores shared with other jobs: docs/benchmarks.md; a memory-mapped gallery is not read twice
-    at once)."""
-    if search_meta.get("gpu"):
-        return True
-    return isinstance(backend, ExactSearch) and not backend.blocked
+    None: with a GPU back-end (the device works while the host finishes a batch). Not on the CPU: the
+    search already uses every core, and a second search beside it slows mining (docs/benchmarks.md,
+    "Negatives": 1.75x the wall time at 1M x 256 with deepening)."""
+    return bool(search_meta.get("gpu"))
 
 
 def _measured(backend) -> dict:
