@@ -59,7 +59,9 @@ def main(argv=None) -> dict:
     import torch
 
     from cir_mine.miner.accel.search import TorchSearch
-    from cir_mine.miner.core.mine import MineConfig, mine_negatives, prepare, reserve_depth
+    from cir_mine.miner.core.mine import MineConfig, mine_negatives
+    from cir_mine.miner.core.prepare import prepare
+    from cir_mine.miner.core.schedule import reserve_depth
     from cir_mine.miner.core.search.backends import ExactSearch
 
     with tempfile.TemporaryDirectory() as tmp:
