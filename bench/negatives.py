@@ -14,8 +14,10 @@
       default guards and deepening on; then the same window through a tuned IVF index.
   (d) kernels: python bench/negatives.py kernels --n-gallery 100000 --dim 256
       the exact-search candidate kernels on random unit vectors, the fastest of 5 alternated runs per
-      shape (queries x depth): FAISS's flat search with its default 1,024-row block and with the
-      block cir-mine uses (4x the depth, at least 1,024), and numpy's GEMM into FAISS's heaps.
+      shape (queries x depth): FAISS's flat search with its own BLAS threshold (queries x dimension
+      below it are scored one query at a time), with cir-mine's (BLAS for every batch) and its
+      default 1,024-row block, and with the block cir-mine uses (4x the depth, at least 1,024), and
+      numpy's GEMM into FAISS's heaps.
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
 
@@ -310,21 +312,28 @@ def kernels(args) -> dict:
     from cir_mine.miner.core.search.exact import faiss_topk, gemm_topk
     from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
 
+    own_threshold = faiss.cvar.distance_compute_blas_threshold  # FAISS's own, before load_faiss sets ours
     load_faiss()
+    blas_from = faiss.cvar.distance_compute_blas_threshold
     rng = np.random.default_rng(0)
     unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
     xb = unit(rng.standard_normal((args.n_gallery, args.dim)))
     rows = []
-    for nq, depth in ((64, 2048), (256, 2048), (1024, 800), (4096, 422), (4096, 150)):
+    for nq, depth in ((64, 2048), (256, 2048), (469, 422), (1024, 800), (4096, 422), (4096, 150)):
         xq = unit(rng.standard_normal((nq, args.dim)))
 
-        def faiss_default():
+        def faiss_default(threshold=blas_from):
             faiss.cvar.distance_compute_blas_database_bs = FAISS_DEFAULT_BLOCK
-            faiss.knn(xq, xb, depth, metric=faiss.METRIC_INNER_PRODUCT)
+            faiss.cvar.distance_compute_blas_threshold = threshold
+            try:
+                faiss.knn(xq, xb, depth, metric=faiss.METRIC_INNER_PRODUCT)
+            finally:
+                faiss.cvar.distance_compute_blas_threshold = blas_from
 
         best = {}
         for _ in range(5):
             for name, fn in (
+                ("faiss_own_blas_threshold", lambda: faiss_default(own_threshold)),
                 ("faiss_block_1024", faiss_default),
                 ("faiss_block_cir_mine", lambda: faiss_topk(xq, xb, depth)),
                 ("gemm_heaps", lambda: gemm_topk(xq, xb, depth)),
@@ -338,6 +347,8 @@ def kernels(args) -> dict:
         "n_gallery": args.n_gallery,
         "dim": args.dim,
         "faiss_threads": faiss.omp_get_max_threads(),
+        "faiss_own_blas_threshold": own_threshold,
+        "blas_from": blas_from,
         "rows": rows,
     }
 

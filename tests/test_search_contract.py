@@ -237,3 +237,21 @@ def test_exact_scores_have_the_same_bits_whatever_simd_level_faiss_picks():
     auto, avx2 = run({}), run({"FAISS_SIMD_LEVEL": "AVX2"})
     assert auto.returncode == 0 and avx2.returncode == 0, auto.stderr + avx2.stderr
     assert auto.stdout == avx2.stdout
+
+
+def test_faiss_flat_search_takes_its_blas_path_for_every_batch():
+    """FAISS scores a batch of fewer than 128,000 / d queries one query at a time (9-13x slower per
+    query), and the kernel race's parts, deepening passes and recall samples are such batches: once
+    loaded, FAISS takes its BLAS path for a single query of dimension 8. The rows it returns are the
+    same whichever path it takes (the cut is exact), which the tests above check."""
+    from cir_mine.miner.core.search.faiss_api import BLAS_FROM, load_faiss
+
+    faiss = load_faiss()
+    assert faiss.cvar.distance_compute_blas_threshold == BLAS_FROM <= 8
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((300, 8)).astype(np.float32)
+    xq = rng.standard_normal((5, 8)).astype(np.float32)
+    for n in (1, 5):
+        D, I = ExactSearch(xb).search(xq[:n], 7)
+        ref = np.argsort(-(xq[:n].astype(np.float64) @ xb.T.astype(np.float64)), axis=1, kind="stable")[:, :7]
+        assert (I == ref).all()

@@ -12,6 +12,15 @@ candidates per query that it partitions whenever it fills: at depths near or abo
 happens every block. :func:`~cir_mine.miner.core.search.exact.faiss_topk` widens the block to 4k rows
 for such depths (docs/benchmarks.md, "Exact-search kernels": 1.7x faster at 1,024 queries and depth
 800 over 100k x 256; no difference at depth 400 and below).
+
+FAISS's flat search scores a batch by BLAS GEMMs only from ``distance_compute_blas_threshold``
+onwards (faiss-cpu 1.15 compares queries x dimension with 128,000: below 500 queries at d=256); a
+smaller batch is scored one query at a time, 9-13x slower per query on the machines measured, at
+any batch of 8 to 499 queries (docs/benchmarks.md, "Exact-search kernels"). Batches that small are
+common here: the kernel race's parts, the queries a deepening pass searches again, a run's last
+batch, the recall check's sample. :func:`load_faiss` sets the threshold to ``BLAS_FROM`` so every
+batch takes the GEMM path; which path scored a candidate never changes the rows, since every cut is
+decided on exact scores (:mod:`cir_mine.miner.core.search.exact`).
 """
 
 from __future__ import annotations
@@ -24,13 +33,17 @@ log = logging.getLogger(__name__)
 
 SCORE_SIMD_LEVEL = "AVX2"  # FAISS's SIMD level for every exact score (None: FAISS's own choice)
 FAISS_DEFAULT_BLOCK = 1_024  # gallery rows per GEMM of FAISS's flat search, FAISS's own default
+# Tuned setting (docs/search.md, "Tuned settings"): FAISS's flat search uses BLAS from this many
+# queries x dimension on (FAISS's distance_compute_blas_threshold; see the module's docstring)
+BLAS_FROM = 1
 
 _pinned = False
 _lock = threading.Lock()
 
 
 def load_faiss():
-    """The ``faiss`` module, its SIMD level pinned (see the module's docstring)."""
+    """The ``faiss`` module, its SIMD level pinned and its flat search on BLAS for every batch
+    (see the module's docstring)."""
     import faiss
 
     global _pinned
@@ -38,6 +51,7 @@ def load_faiss():
         with _lock:
             if not _pinned:
                 _pin_simd(faiss)
+                faiss.cvar.distance_compute_blas_threshold = BLAS_FROM
                 _pinned = True
     return faiss
 
