@@ -11,7 +11,7 @@ FAISS's flat search scores 1,024 gallery rows per GEMM by default, and keeps a r
 candidates per query that it partitions whenever it fills: at depths near or above the block that
 happens every block. :func:`~cir_mine.miner.core.search.exact.faiss_topk` widens the block to 4k rows
 for such depths (docs/benchmarks.md, "Exact-search kernels": 1.7x faster at 1,024 queries and depth
-800 over 100k x 256; no difference at depth 400 and below).
+800 over 100k x 256 in a run under load, the same within 2% on a quiet run).
 
 FAISS's flat search scores a batch by BLAS GEMMs only from ``distance_compute_blas_threshold``
 onwards (faiss-cpu 1.15 compares queries x dimension with 128,000: below 500 queries at d=256); a
