@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from cir_mine.data.errors import UsageError
 from cir_mine.data.checks import check_numbers, check_range
 from cir_mine.data.io import atomic_path, check_output_dir, write_job
+from cir_mine.data.parquet import dictionary_columns
 from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import Workspace, gallery_schema, gallery_table, l2_normalize, triplets_table, write_table
 
@@ -270,7 +271,8 @@ def generate(cfg: SynthConfig, out: str | Path, progress: Progress = None, overw
         n = cfg.n_gallery
         total = n + cfg.n_triplets
         with atomic_path(ws.gallery_path(cfg.split)) as tmp:
-            with pq.ParquetWriter(tmp, gallery_schema(cfg.dim)) as writer:
+            schema = gallery_schema(cfg.dim)
+            with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema)) as writer:
                 for start in range(0, n, CHUNK):
                     rows = np.arange(start, min(n, start + CHUNK))
                     emb = image_embeddings(

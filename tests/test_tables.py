@@ -63,3 +63,27 @@ def test_meta_only_reader_checks_like_the_full_reader(tmp_path, synth_work):
         read_negatives_meta(tmp_path / "plain.parquet")
     with pytest.raises(DataError, match="negatives table not found"):
         read_negatives_meta(tmp_path / "absent.parquet")
+
+
+def test_text_columns_are_dictionary_encoded_and_numbers_plain(tmp_path):
+    """Parquet files are written with a dictionary for ids, categories and attribute lists only:
+    the text reads back the same and numbers (scores, embeddings) carry no dictionary attempt."""
+    import pyarrow.parquet as pq
+
+    from cir_mine.data.parquet import dictionary_columns, write_table
+
+    t = pa.table(
+        {
+            "id": ["a", "b", "a"],
+            "tags": pa.array([["x:1"], [], ["x:1", "y:2"]]),
+            "emb": pa.array([[1.0, 0.0]] * 3, pa.list_(pa.float32(), 2)),
+            "score": pa.array([0.5, 0.25, 0.5], pa.float32()),
+        }
+    )
+    assert dictionary_columns(t.schema) == ["id", "tags.list.element"]
+    write_table(t, tmp_path / "t.parquet")
+    rg = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    enc = {rg.column(i).path_in_schema: rg.column(i).encodings for i in range(rg.num_columns)}
+    assert "RLE_DICTIONARY" in enc["id"] and "RLE_DICTIONARY" in enc["tags.list.element"]
+    assert "RLE_DICTIONARY" not in enc["emb.list.element"] and "RLE_DICTIONARY" not in enc["score"]
+    assert pq.read_table(tmp_path / "t.parquet").equals(t)
