@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cir_mine.data.embeddings import array_bytes
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.io import write_job
 from cir_mine.data.validate import check_ids, check_labels, check_matrix
@@ -149,11 +150,11 @@ def _content_hash(g: Gallery, t: Optional[Triplets]) -> str:
     h = hashlib.sha256()
     for part in (g.image_ids, g.categories):
         h.update("\x00".join(part.tolist()).encode())
-    h.update(np.ascontiguousarray(g.embeddings).tobytes())
+    h.update(array_bytes(g.embeddings))
     if t is not None:
         for part in (t.query_ids, t.ref_ids, t.target_ids):
             h.update("\x00".join(part.tolist()).encode())
-        h.update(np.ascontiguousarray(t.text_embeddings).tobytes())
+        h.update(array_bytes(t.text_embeddings))
     return h.hexdigest()[:16]
 
 

@@ -125,3 +125,24 @@ def test_fiq_proxy_loads_unchanged(fiq_proxy):
     # the same ASIN listed under shirt and toptee resolves within the triplet's category
     rows = g.rows(t.ref_ids, t.categories)
     assert (g.categories[rows] == t.categories).all()
+
+
+def test_array_bytes_are_the_bytes_tobytes_gives(tmp_path):
+    """Hashes read arrays through a view: the same bytes as ``tobytes`` for empty, float16,
+    strided and memory-mapped arrays, so fingerprints of saved indexes keep their value."""
+    import hashlib
+
+    import numpy as np
+
+    from cir_mine.data.embeddings import array_bytes
+
+    mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=(5, 3))
+    mm[:] = np.arange(15, dtype=np.float32).reshape(5, 3)
+    cases = [
+        np.zeros((0, 4), np.float32),
+        np.arange(12, dtype=np.float16).reshape(3, 4),
+        np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2],
+        mm[1:4],
+    ]
+    for a in cases:
+        assert hashlib.sha256(array_bytes(a)).digest() == hashlib.sha256(a.tobytes()).digest()

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from cir_mine.data.embeddings import array_bytes
 from cir_mine.data.errors import DataError
 from cir_mine.data.io import atomic_path, write_json_atomic
 from cir_mine.data.workspace import file_digest, read_block, release_pages
@@ -67,7 +68,7 @@ def gallery_fingerprint(image_ids, categories, emb: np.ndarray, block_rows: int 
     for chunk in _id_bytes(categories, image_ids):
         h.update(chunk)
     for s in range(0, emb.shape[0], block_rows):
-        h.update(read_block(emb, s, s + block_rows).tobytes())
+        h.update(array_bytes(read_block(emb, s, s + block_rows)))
         release_pages(emb)
     return h.hexdigest()[:16]
 
