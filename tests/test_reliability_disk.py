@@ -98,13 +98,13 @@ def disk(tmp_path):
 
 def fill(fs: Path, leave: int = 0) -> None:
     """Fill the file system of ``fs`` (a file ``fs/.filler``), then free ``leave`` bytes again."""
-    with open(fs / ".filler", "ab") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 16))
-                fh.flush()
-        except OSError:
-            pass
+    with open(fs / ".filler", "ab", buffering=0) as fh:  # unbuffered: closing it flushes nothing
+        for chunk in (1 << 16, 1 << 12, 1):  # down to the last byte, whatever the free space's alignment
+            try:
+                while fh.write(b"\0" * chunk):
+                    pass
+            except OSError:
+                pass
     if leave:
         with open(fs / ".filler", "r+b") as fh:
             fh.truncate(max(0, os.fstat(fh.fileno()).st_size - leave))
