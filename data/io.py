@@ -66,14 +66,16 @@ def write_job(
     (``params``: the parameters that text names, see :class:`~cir_mine.data.errors.CirMineError`)."""
     with handle_signals():
         try:
-            with signals_blocked():
-                lock = DirLock(directory, purpose).acquire()
+            lock = None
             try:
+                with signals_blocked():  # a signal held back here arrives as the block ends, lock held
+                    lock = DirLock(directory, purpose).acquire()
                 with transaction(rollback_on):
                     yield lock
             finally:
-                with signals_blocked():
-                    lock.release()
+                if lock is not None:
+                    with signals_blocked():
+                        lock.release()
         except KeyboardInterrupt as e:
             signum, name = signal_name(e)
             with signals_blocked():

@@ -359,3 +359,27 @@ def test_sigterm_from_outside_while_training_keeps_the_checkpoint(t):
         f"the run with `cir-train --resume {run_dir}`."
     ), r.stderr
     assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp") or p == ".cir-mine.lock"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_held_back_while_the_lock_is_taken_leaves_no_lock(tmp_path, monkeypatch, sig):
+    """A signal that arrives while the output folder's lock is being taken is held back until the
+    lock is held, then delivered: the job stops with the lock released and the folder it made gone."""
+    from cir_mine.data.errors import Interrupted
+    from cir_mine.data.io import write_job
+    from cir_mine.data.lock import DirLock
+
+    if sig == signal.SIGINT and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("Ctrl-C is ignored in this process (started in the background without job control)")
+    real = DirLock.acquire
+
+    def acquire(self):
+        held = real(self)
+        os.kill(os.getpid(), sig)  # pending: write_job takes the lock with signals held back
+        return held
+
+    monkeypatch.setattr(DirLock, "acquire", acquire)
+    with pytest.raises(Interrupted, match="nothing was changed"):
+        with write_job(tmp_path / "new" / "out", "testing"):
+            pytest.fail("the job body ran after the signal")
+    assert list(tmp_path.iterdir()) == []
