@@ -240,7 +240,7 @@ def test_exact_scores_have_the_same_bits_whatever_simd_level_faiss_picks():
 
 
 def test_faiss_flat_search_takes_its_blas_path_for_every_batch():
-    """FAISS scores a batch of fewer than 128,000 / d queries one query at a time (9-13x slower per
+    """FAISS scores a batch of fewer than 128,000 / d queries one query at a time (6-12x slower per
     query), and the kernel race's parts, deepening passes and recall samples are such batches: once
     loaded, FAISS takes its BLAS path for a single query of dimension 8. The rows it returns are the
     same whichever path it takes (the cut is exact), which the tests above check."""

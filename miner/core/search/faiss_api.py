@@ -15,8 +15,8 @@ for such depths (docs/benchmarks.md, "Exact-search kernels": 1.7x faster at 1,02
 
 FAISS's flat search scores a batch by BLAS GEMMs only from ``distance_compute_blas_threshold``
 onwards (faiss-cpu 1.15 compares queries x dimension with 128,000: below 500 queries at d=256); a
-smaller batch is scored one query at a time, 9-13x slower per query on the machines measured, at
-any batch of 8 to 499 queries (docs/benchmarks.md, "Exact-search kernels"). Batches that small are
+smaller batch is scored one query at a time, 6-12x slower per query at 64 to 469 queries over
+100k x 256 on the Intel Xeon Processor (docs/benchmarks.md, "Exact-search kernels"). Batches that small are
 common here: the kernel race's parts, the queries a deepening pass searches again, a run's last
 batch, the recall check's sample. :func:`load_faiss` sets the threshold to ``BLAS_FROM`` so every
 batch takes the GEMM path; which path scored a candidate never changes the rows, since every cut is
