@@ -315,7 +315,11 @@ def _signal_while(args: list, ready, sig: int, env=None) -> subprocess.Completed
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_from_outside_while_mining_leaves_nothing(t, sig):
-    """`kill` and Ctrl-C while `negatives` mines (its lock held, nothing written yet)."""
+    """`kill` and Ctrl-C while `negatives` mines (its lock held, nothing written yet). The workspace
+    is large enough (3,000 queries searched one at a time) for the signal to find it mining."""
+    work = t / "W-large"
+    synth = ["synth", "--out", work, "--n-gallery", "20000", "--n-triplets", "3000", "--dim", "64", "-q"]
+    assert run(synth).exit_code == 0
     out = t / "negs" / "n.parquet"
     before = snapshot(t)
     r = _signal_while(
@@ -323,7 +327,7 @@ def test_a_signal_from_outside_while_mining_leaves_nothing(t, sig):
             "cir-mine",
             "negatives",
             "--work",
-            t / "W",
+            work,
             "--out",
             out,
             "--strategy",
@@ -361,25 +365,39 @@ def test_sigterm_from_outside_while_training_keeps_the_checkpoint(t):
     assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp") or p == ".cir-mine.lock"]
 
 
+@pytest.mark.parametrize("to", ["the main thread", "another thread"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_held_back_while_the_lock_is_taken_leaves_no_lock(tmp_path, monkeypatch, sig):
+def test_a_signal_held_back_while_the_lock_is_taken_leaves_no_lock(tmp_path, monkeypatch, sig, to):
     """A signal that arrives while the output folder's lock is being taken is held back until the
-    lock is held, then delivered: the job stops with the lock released and the folder it made gone."""
+    lock is held, then delivered: the job stops with the lock released and the folder it made gone.
+    Also when another thread of the process (a BLAS or Arrow pool) is the one the kernel hands it to."""
+    import threading
+
     from cir_mine.data.errors import Interrupted
     from cir_mine.data.io import write_job
     from cir_mine.data.lock import DirLock
 
     if sig == signal.SIGINT and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         pytest.skip("Ctrl-C is ignored in this process (started in the background without job control)")
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait, daemon=True)
+    other.start()
     real = DirLock.acquire
 
     def acquire(self):
         held = real(self)
-        os.kill(os.getpid(), sig)  # pending: write_job takes the lock with signals held back
+        if to == "the main thread":
+            signal.raise_signal(sig)  # pending: write_job takes the lock with signals held back
+        else:
+            signal.pthread_kill(other.ident, sig)  # Python runs the handler in the main thread soon after
+            time.sleep(0.05)
         return held
 
     monkeypatch.setattr(DirLock, "acquire", acquire)
-    with pytest.raises(Interrupted, match="nothing was changed"):
-        with write_job(tmp_path / "new" / "out", "testing"):
-            pytest.fail("the job body ran after the signal")
+    try:
+        with pytest.raises(Interrupted, match="nothing was changed"):
+            with write_job(tmp_path / "new" / "out", "testing"):
+                pytest.fail("the job body ran after the signal")
+    finally:
+        idle.set()
     assert list(tmp_path.iterdir()) == []
