@@ -380,3 +380,9 @@ def tree(root: Path) -> list:
     """Every path under ``root`` (relative, sorted), to check that a failed command left nothing behind."""
     root = Path(root)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def tiny_synth(out, *extra) -> list:
+    """`cir-mine synth` arguments of the small world the reliability tests write (300 images,
+    60 queries, d=16), with ``extra`` options (a seed, a split, --overwrite)."""
+    return ["synth", "--out", out, "--n-gallery", "300", "--n-triplets", "60", "--dim", "16", *extra, "-q"]

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import cir_mine.data.atomic as atomic
 from cir_mine.cli import mine_app, train_app
 from cir_mine.data.workspace import Workspace, gallery_table, write_gallery_parts
-from tests.fixtures import make_fashioniq, snapshot, tree
+from tests.fixtures import make_fashioniq, snapshot, tiny_synth, tree
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -45,20 +45,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("disk")
     for args, app in (
         (
-            [
-                "synth",
-                "--out",
-                root / "W",
-                "--n-gallery",
-                "300",
-                "--n-triplets",
-                "60",
-                "--dim",
-                "16",
-                "--seed",
-                "3",
-                "-q",
-            ],
+            tiny_synth(root / "W", "--seed", "3"),
             mine_app,
         ),
         (["negatives", "--work", root / "W", "--out", root / "negs.parquet", *NEGS], mine_app),
@@ -150,23 +137,7 @@ def test_synth_onto_a_full_disk_keeps_the_workspace(base, disk, fill_at):
     copy(base, fs, "W")
     before, layout = snapshot(fs), tree(fs)
     fill_at(fs, "gallery.train.parquet")
-    r = run(
-        [
-            "synth",
-            "--out",
-            fs / "W",
-            "--n-gallery",
-            "300",
-            "--n-triplets",
-            "60",
-            "--dim",
-            "16",
-            "--seed",
-            "9",
-            "--overwrite",
-            "-q",
-        ]
-    )
+    r = run(tiny_synth(fs / "W", "--seed", "9", "--overwrite"))
     assert r.exit_code == 1 and r.output.strip() == cannot_write(fs / "W" / "triplets.train.parquet"), r.output
     leaves_nothing(fs, before, layout)
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cir_mine.cli import mine_app, train_app
 from cir_mine.data.synthetic import SynthConfig, generate
 from cir_mine.data.workspace import Workspace
-from tests.fixtures import snapshot, tree
+from tests.fixtures import snapshot, tiny_synth, tree
 
 runner = CliRunner()
 NEGS = ["--strategy", "midzone", "-k", "4", "-q", "--device", "cpu"]
@@ -143,20 +143,7 @@ def test_train_refuses_an_existing_run_and_a_workspace(ws):
 def test_synth_embed_and_features_refuse_an_existing_split(ws):
     msg = unchanged(
         lambda: error(
-            [
-                "synth",
-                "--out",
-                ws / "W",
-                "--n-gallery",
-                "300",
-                "--n-triplets",
-                "60",
-                "--dim",
-                "16",
-                "--seed",
-                "3",
-                "-q",
-            ],
+            tiny_synth(ws / "W", "--seed", "3"),
             2,
         ),
         ws,
@@ -632,20 +619,7 @@ def _read_only(monkeypatch):
 
 FULL = {
     "synth": (
-        lambda t: [
-            "synth",
-            "--out",
-            t / "W",
-            "--split",
-            "val",
-            "--n-gallery",
-            "300",
-            "--n-triplets",
-            "60",
-            "--dim",
-            "16",
-            "-q",
-        ],
+        lambda t: tiny_synth(t / "W", "--split", "val"),
         lambda t: t / "W" / "gallery.val.parquet",
     ),
     "negatives": (
@@ -872,20 +846,7 @@ def _fiq(t: Path) -> list:
 EVERY_WRITER = {
     "synth": (
         lambda t: [t / "W" / "gallery.train.parquet", t / "W" / "triplets.train.parquet"],
-        lambda t: [
-            "synth",
-            "--out",
-            t / "W",
-            "--split",
-            "val",
-            "--n-gallery",
-            "300",
-            "--n-triplets",
-            "60",
-            "--dim",
-            "16",
-            "-q",
-        ],
+        lambda t: tiny_synth(t / "W", "--split", "val"),
         mine_app,
     ),
     "embed": (

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from cir_mine.data import crash
 from cir_mine.cli import mine_app, train_app
 from cir_mine.data.workspace import Workspace
-from tests.fixtures import make_fashioniq, snapshot, tree, write_tiny_clip_config
+from tests.fixtures import make_fashioniq, snapshot, tiny_synth, tree, write_tiny_clip_config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -64,20 +64,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("signals")
     for args, app in (
         (
-            [
-                "synth",
-                "--out",
-                root / "W",
-                "--n-gallery",
-                "300",
-                "--n-triplets",
-                "60",
-                "--dim",
-                "16",
-                "--seed",
-                "3",
-                "-q",
-            ],
+            tiny_synth(root / "W", "--seed", "3"),
             mine_app,
         ),
         (["index", "--work", root / "W", "-q"], mine_app),
@@ -129,21 +116,7 @@ def t(base, tmp_path):
 # command -> (arguments, app, points: the file names (NAME or NAME:N) whose write is interrupted)
 COMMANDS = {
     "synth": (
-        lambda t: [
-            "synth",
-            "--out",
-            t / "W",
-            "--n-gallery",
-            "300",
-            "--n-triplets",
-            "60",
-            "--dim",
-            "16",
-            "--seed",
-            "9",
-            "--overwrite",
-            "-q",
-        ],
+        lambda t: tiny_synth(t / "W", "--seed", "9", "--overwrite"),
         mine_app,
         ["gallery.train.parquet", "triplets.train.parquet", "manifest.json"],
     ),
