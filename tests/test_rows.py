@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from hypothesis import given, settings, strategies as st
 
-from cir_mine.data.rows import AttrLists, first_duplicate, shared_objects, sorted_codes
+from cir_mine.data.rows import AttrLists, first_duplicate, gather, shared_objects, sorted_codes
 from cir_mine.data.workspace import Gallery, read_gallery
 from cir_mine.miner.core.attribute_codes import AttrCodes
 from cir_mine.miner.core.search.persist import gallery_fingerprint
@@ -30,6 +30,17 @@ def test_attr_lists_read_as_the_lists(lists):
     combo = [of.setdefault(tuple(sorted(x)), len(of)) for x in want]
     got, combos = a.combos()
     assert got.tolist() == combo and combos == list(of)
+
+
+def test_gather_is_take_on_the_system_allocator():
+    values = pa.chunked_array([["a", "bb", None], ["dddd", "e"]])
+    idx = np.array([4, 0, 2, 3, 3, 1], np.int64)
+    before = pa.system_memory_pool().bytes_allocated()
+    out = gather(values, idx)
+    assert out.equals(values.take(pa.array(idx)))
+    assert pa.system_memory_pool().bytes_allocated() > before  # its buffers, held by out
+    assert gather(pa.array(["x", "y"]), pa.array([1, 1, 0])).to_pylist() == ["y", "y", "x"]
+    assert gather(pa.array(["x"]), np.zeros(0, np.int64)).to_pylist() == []
 
 
 def test_attr_codes_same_from_lists_and_attr_lists():

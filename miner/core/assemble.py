@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from cir_mine.data.rows import gather
 from cir_mine.data.workspace import Workspace, library_versions
 from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.curriculum import parse_schedule
@@ -137,15 +138,15 @@ def assemble_table(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int
     ts = qs.target_score[q]
     names = pa.array([n for n, _ in parts], pa.string())
     qa, ra = pa.array(q), pa.array(row)
-    neg_category = pa.array(pool.cat_names, pa.string()).take(pa.array(pool.cat[row].astype(np.int64)))
+    neg_category = gather(pa.array(pool.cat_names, pa.string()), pool.cat[row].astype(np.int64))
     return pa.Table.from_arrays(
         [
-            qs.ids.take(qa),
-            qs.ref_ids.take(qa),
-            qs.target_ids.take(qa),
-            pool.ids.take(ra),
+            gather(qs.ids, qa),
+            gather(qs.ref_ids, qa),
+            gather(qs.target_ids, qa),
+            gather(pool.ids, ra),
             neg_category,
-            names.take(pa.array(part.astype(np.int64))),
+            gather(names, part.astype(np.int64)),
             pa.array(rank, pa.int32()),
             pa.array(score, pa.float32()),
             pa.array(ts, pa.float32()),

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cir_mine.data.rows import gather
+
 SEP = "\x1f"  # joins (category, image_id) into one key; never part of an id
 
 
@@ -117,7 +119,7 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
     def grid(name: str, fill, dtype) -> np.ndarray:
         out = np.full((nq, kk), fill, dtype=dtype)
         if code.size:
-            col = table.column(name).take(pa.array(src))
+            col = gather(table.column(name), src)
             vals = _strings(col) if dtype is object else col.to_numpy(zero_copy_only=False)
             out[code, pos] = vals
         return out
@@ -133,12 +135,12 @@ def group_negatives_table(table: pa.Table, k: Optional[int] = None, gallery=None
             return (triplets.ref_ids if name == "ref_id" else triplets.target_ids).astype(object)
         out = np.full(nq, None, dtype=object)
         if has.any():
-            out[has] = _strings(table.column(name).take(pa.array(first[has])))
+            out[has] = _strings(gather(table.column(name), first[has]))
         return out
 
     ts = np.full(nq, np.nan, np.float32)
     if has.any():
-        ts[has] = table.column("target_score").take(pa.array(first[has])).to_numpy(zero_copy_only=False)
+        ts[has] = gather(table.column("target_score"), first[has]).to_numpy(zero_copy_only=False)
     neg_ids = grid("neg_id", None, object)
     out = GroupedNegatives(
         _strings(query_ids),
@@ -164,10 +166,10 @@ def _fill_rows(out: GroupedNegatives, table: pa.Table, gallery, triplets, src, c
     qcats = pa.array(triplets.categories.tolist(), pa.string()) if triplets is not None else None
     rows = np.full(out.mask.shape, -1, np.int64)
     if code.size:
-        ids = table.column("neg_id").take(pa.array(src)).combine_chunks()
-        cats = qcats.take(pa.array(code)) if qcats is not None else None
+        ids = gather(table.column("neg_id"), src).combine_chunks()
+        cats = gather(qcats, code) if qcats is not None else None
         if "neg_category" in table.schema.names:
-            own = table.column("neg_category").take(pa.array(src)).combine_chunks()
+            own = gather(table.column("neg_category"), src).combine_chunks()
             cats = own if cats is None else pc.coalesce(own, cats)
         rows[code, pos] = _resolve(ids, cats, gallery)
     out.gallery_rows = rows
