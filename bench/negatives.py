@@ -3,7 +3,8 @@
   (a) speed:  python bench/negatives.py speed  --n-gallery 100000 --n-queries 20000 --dim 256 -k 100 --candidates 400 --no-deepen
       end-to-end midzone mining (read, search, re-rank, guards, sampling, table) vs the bare FAISS
       read + search of the same queries at the same depth (the gallery read from its Parquet file,
-      faiss.IndexFlatIP add and search), measured in one process, with each stage's seconds.
+      faiss.IndexFlatIP add and search), measured in one process, with each stage's seconds
+      (--select-threads 1: guards and selections on the mining thread alone).
   (b) memory: python bench/negatives.py memory --n-gallery 1000000 --n-queries 2000 --dim 512 -k 100
       peak RSS of `cir-mine negatives` in a fresh process vs (gallery bytes + index bytes).
   (c) st:     python bench/negatives.py st --n-gallery 100000 --n-queries 10000 --dim 256 -k 50
@@ -77,6 +78,10 @@ def speed(args) -> dict:
     )
     depth = cfg.depth(args.k)
     load_faiss()
+    from cir_mine.miner.core import schedule
+
+    if args.select_threads:
+        schedule.select_threads = lambda: args.select_threads
 
     def bare():
         """The gallery read from its Parquet file, faiss.IndexFlatIP at FAISS's defaults, the same
@@ -114,6 +119,7 @@ def speed(args) -> dict:
         "depth": depth,
         "deepen": not args.no_deepen,
         "faiss_threads": faiss.omp_get_max_threads(),
+        "select_threads": schedule.select_threads(),
         "repeats": args.repeats,
         "bare_read_search_s": round(t_bare, 2),
         "bare_cpu_s": round(c_bare, 2),
@@ -372,6 +378,12 @@ def main():
         type=int,
         default=2,
         help="speed: bare and mined runs alternated this many times, the fastest of each kept",
+    )
+    p.add_argument(
+        "--select-threads",
+        type=int,
+        default=None,
+        help="speed: threads guarding and selecting a batch (default: one per core, schedule.select_threads)",
     )
     p.add_argument("--delta-lo", type=float, default=0.02)
     p.add_argument("--delta-hi", type=float, default=0.2)

@@ -142,6 +142,39 @@ def test_tables_do_not_depend_on_batch_budget_threads_prefetch_or_kernel(ws, ind
         assert got.equals(ref), kernel
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(strategy="midzone", k=8, candidates=40, max_candidates=600, delta_lo=0.0, delta_hi=0.3),
+        dict(mix="hardest:0.5,random:0.5", k=8, candidates=60),
+        dict(strategy="category-discrepant", k=8, candidates=120, index="IVF16,Flat", nprobe=4),
+    ],
+    ids=["midzone-deepened", "mix", "category-discrepant-ivf"],
+)
+def test_tables_do_not_depend_on_the_selection_threads(ws, kw, monkeypatch):
+    """A batch's guards and selections split over threads (parts of 5 queries, 3 threads, each
+    strategy's own searches and the deepening passes included) give the one-thread table."""
+    from cir_mine.miner.core import schedule
+
+    monkeypatch.setattr(schedule, "SELECT_PART", 10**9)
+    ref = mine_negatives(ws, "train", MineConfig.of(**kw, query_batch=64)).table
+    calls = []
+    part = schedule.DepthSchedule.mine_part
+
+    def spy(self, q, *a):
+        calls.append((threading.current_thread().name, q.size))
+        return part(self, q, *a)
+
+    monkeypatch.setattr(schedule, "SELECT_PART", 5)
+    monkeypatch.setattr(schedule, "select_threads", lambda: 3)
+    monkeypatch.setattr(schedule.DepthSchedule, "mine_part", spy)
+    got = mine_negatives(ws, "train", MineConfig.of(**kw, query_batch=64))
+    parts = [n for name, n in calls if name.startswith("cir-mine-select")]
+    assert len(parts) >= 3 and max(parts) <= 22  # batches of 64 split in three
+    assert ref.num_rows > 0 and got.table.equals(ref)
+    assert not [t for t in threading.enumerate() if t.name.startswith("cir-mine-select")]  # shut down
+
+
 def test_prefetch_with_ivf_flat_and_category_discrepant_equals_sequential(ws):
     """category-discrepant searches its target neighbours through the back-end while the next batch
     is searched in a worker thread: the table is the sequential one."""

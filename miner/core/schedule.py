@@ -4,13 +4,16 @@ Queries go through in bounded batches (``query_batch``): per batch, one search o
 guard masks and strategy selections on [batch, depth] matrices, no per-query Python loop.
 Queries still short of k are mined again along a ladder of deeper depths
 (:func:`depth_ladder`), from rows already searched where a deeper search costs about the same
-(:class:`DepthSchedule`). Rows depend on (inputs, config, seed) only, never on the batch size or on
-how deep a batch was searched.
+(:class:`DepthSchedule`). A batch's guards and selections run on one thread per core, each on a
+contiguous part of its queries (:func:`select_threads`). Rows depend on (inputs, config, seed) only,
+never on the batch size, the parts or how deep a batch was searched.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +24,15 @@ from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.context import BatchContext
 from cir_mine.miner.core.guards import GUARDS
 from cir_mine.miner.core.prepare import Prepared
+from cir_mine.miner.core.search.faiss_api import load_faiss
+from cir_mine.miner.core.search.measure import Clock
 from cir_mine.miner.core.strategies import REGISTRY
+
+# Tuned settings (docs/search.md, "Tuned settings"): a batch's guards and selections run in parts of at
+# least SELECT_PART queries, one thread per core and at most SELECT_THREADS threads (numpy releases
+# the GIL on [queries, depth] matrices, so the parts run in parallel)
+SELECT_PART = 512
+SELECT_THREADS = 8
 
 
 @dataclass
@@ -119,6 +130,22 @@ def reserve_depth(prep: Prepared, cfg: MineConfig, backend) -> int:
     return ladder[min(1, len(ladder) - 1)] if getattr(backend, "cheap_depth", False) else ladder[0]
 
 
+def select_threads() -> int:
+    """Threads that guard and select a batch: the cores this process may run on, at most SELECT_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(SELECT_THREADS, cores))
+
+
+def _one_faiss_thread() -> None:
+    """A selection thread's FAISS calls (near-duplicate scores, a strategy's own searches) run on one
+    OpenMP thread: the parts already use every core. OpenMP's thread count is per calling thread, so
+    the mining thread's searches keep theirs."""
+    load_faiss().omp_set_num_threads(1)
+
+
 PROBE_FRACTION = 4  # the first batch, whose short share picks the later batches' depth, is this much smaller
 
 
@@ -145,12 +172,19 @@ class DepthSchedule:
         self.reserve = self.ladder.index(reserve_depth(prep, cfg, backend))
         self.reserved = 0  # queries mined again from rows already searched
         self.share = getattr(backend, "deep_share", None)
+        self.threads = select_threads()
+        self._pool = None  # the selection threads, started by the first batch large enough to split
 
     def mine(self, queries: np.ndarray) -> Mined:
         """Mine the query indices ``queries``: the first pass, then the deepening passes."""
-        batches = self.run(self.first_items(queries), True, 0)
-        t = time.perf_counter()
-        batches, deepened = self.deepen(batches, queries)
+        try:
+            batches = self.run(self.first_items(queries), True, 0)
+            t = time.perf_counter()
+            batches, deepened = self.deepen(batches, queries)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
         ladder, level = self.ladder, self.level
         depth = ladder[int(level[queries].max())] if queries.size else self.prep.depth  # the deepest depth mined
         return Mined(
@@ -225,16 +259,54 @@ class DepthSchedule:
         return res
 
     def mine_batch(self, q: np.ndarray, D, I, depth: int) -> dict:
-        """Guard and select the queries ``q`` from their first ``depth`` searched rows."""
-        prep = self.prep
-        ctx = BatchContext(prep.pool, prep.qs, q, self.cfg, self.backend, depth, prep.clock)
-        ctx.prepared = prep.prepared
+        """Guard and select the queries ``q`` from their first ``depth`` searched rows, in parts of
+        at least SELECT_PART queries on the selection threads (one part: on this thread)."""
+        parts = max(1, min(self.threads, q.size // SELECT_PART))
+        cut = np.linspace(0, q.size, parts + 1).astype(np.int64)
+        if parts == 1:
+            outs = [self.mine_part(q, D, I, depth, self.prep.clock)]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, "cir-mine-select", initializer=_one_faiss_thread)
+            clocks = [Clock() for _ in range(parts)]
+            t = time.perf_counter()
+            futures = [
+                self._pool.submit(
+                    self.mine_part,
+                    q[a:b],
+                    None if D is None else D[a:b],
+                    None if I is None else I[a:b],
+                    depth,
+                    clock,
+                )
+                for a, b, clock in zip(cut[:-1], cut[1:], clocks)
+            ]
+            outs = [f.result() for f in futures]
+            self._add_parallel(clocks, [o[3] for o in outs], time.perf_counter() - t)
+        for a, b, (_, got, counts, _) in zip(cut[:-1], cut[1:], outs):
+            self.got[q[a:b]] = got
+            for name, c in counts.items():
+                self.counts[name][q[a:b]] = c
+        return {c: [v for o in outs for v in o[0][c]] for c in COLUMNS}
+
+    def mine_part(self, q: np.ndarray, D, I, depth: int, clock: Clock) -> tuple:
+        """Guard and select the queries ``q``: (rows per column, negatives per query, guard
+        counts, seconds)."""
+        t = time.perf_counter()
+        ctx = BatchContext(self.prep.pool, self.prep.qs, q, self.cfg, self.backend, depth, clock)
+        ctx.prepared = self.prep.prepared
         if D is not None:
             guard(ctx, D[:, :depth], I[:, :depth])
-        res, self.got[q] = select_parts(ctx, prep)
-        for name, c in ctx.counts.items():
-            self.counts[name][q] = c
-        return res
+        res, got = select_parts(ctx, self.prep)
+        return res, got, ctx.counts, time.perf_counter() - t
+
+    def _add_parallel(self, clocks: list, spent: list, wall: float) -> None:
+        """The stage seconds of parts run side by side: their wall time, split between the stages
+        as the threads spent it."""
+        total = sum(spent)
+        for clock in clocks:
+            for stage, secs in clock.snapshot().items():
+                self.prep.clock.add(stage, wall * secs / total if total > 0 else 0.0)
 
     def deepen(self, batches: list, queries: np.ndarray) -> tuple:
         """Adaptive depth: queries still short after the rows their batch was searched to (typically
