@@ -133,7 +133,11 @@ def assemble_table(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int
     # rows come out batch by batch and part by part: order them by query, then part, then pick order
     order = np.lexsort((np.arange(q.size), part, q))
     q, row, part = q[order], row[order], part[order]
-    rank, score = cat("rank", np.int32)[order], cat("score", np.float32)[order]
+    rank, score, overlap = (
+        cat("rank", np.int32)[order],
+        cat("score", np.float32)[order],
+        cat("overlap", np.float32)[order],
+    )
     target_rows = qs.target_rows[q]
     ts = qs.target_score[q]
     names = pa.array([n for n, _ in parts], pa.string())
@@ -153,7 +157,7 @@ def assemble_table(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int
             pa.array(ts - score, pa.float32()),
             pa.array(np.full(q.size, mining_round, np.int32)),
             pa.array(pool.cat[row] == pool.cat[target_rows]),
-            pa.array(pool.attrs.overlap(row, target_rows), pa.float32()),
+            pa.array(overlap, pa.float32()),
             pa.array(np.full(q.size, seed, np.int64)),
         ],
         schema=NEGATIVES_SCHEMA,

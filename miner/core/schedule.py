@@ -90,7 +90,8 @@ def guard(ctx: BatchContext, D: np.ndarray, I: np.ndarray) -> None:
 
 def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
     """Step 5 (select): each mined part picks its k from what the earlier parts left.
-    -> (rows per column, int64[b] negatives per query)."""
+    -> (rows per column, int64[b] negatives per query); the rows' attribute overlap with the target
+    is computed here, on the selection threads, rather than when the table is assembled."""
     res = {c: [] for c in COLUMNS}
     got = np.zeros(ctx.b, np.int64)
     for i, (name, ki, si) in enumerate(prep.mined):
@@ -104,11 +105,12 @@ def select_parts(ctx: BatchContext, prep: Prepared) -> tuple[dict, np.ndarray]:
         res["part"].append(np.full(qi.size, si, np.int8))
         res["rank"].append(p.ranks[qi, col])
         res["score"].append(p.scores[qi, col])
+        res["overlap"].append(ctx.pool.attrs.overlap(res["row"][-1], ctx.qs.target_rows[res["q"][-1]]))
         got += ok.sum(1)
     return res, got
 
 
-COLUMNS = ("q", "row", "part", "rank", "score")
+COLUMNS = ("q", "row", "part", "rank", "score", "overlap")  # overlap: the attribute overlap with the target
 
 
 def depth_ladder(prep: Prepared, cfg: MineConfig) -> list:
