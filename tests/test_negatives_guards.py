@@ -85,16 +85,22 @@ def test_apply_guards_counts_each_removal_once_and_trusts_verified():
 def test_pair_set_lookup_equals_the_sorted_key_search():
     """Dense (few pairs per query) and sparse (many) lookups answer as the sorted-key search does."""
     rng = np.random.default_rng(3)
-    for per_query in (3, 40):
+    for per_query in (3, 40, "varied"):
         m, n_products = 50, 500
-        q = np.repeat(np.arange(m), per_query)
+        counts = rng.integers(0, 20, m) if per_query == "varied" else np.full(m, per_query)
+        q = np.repeat(np.arange(m), counts)  # varied: most queries hold few, some none
         prod = rng.integers(0, n_products, q.size)
         ps = PairSet(q, prod, m, n_products)
-        assert (ps.dense is not None) == (per_query <= PairSet.MAX_DENSE)
+        assert (ps.dense is not None) == (counts.max() <= PairSet.MAX_DENSE)
         qb = rng.integers(0, m, 30)
-        cand = rng.integers(0, n_products, (30, 60))
+        cand = rng.integers(-1, n_products, (30, 60))  # -1: empty slots
         ref = member(pair_keys(qb, cand, n_products), np.unique(pair_keys(q[:, None], prod[:, None], n_products)))
+        ref &= cand >= 0
         assert ref.any() and np.array_equal(ps.contains(qb, cand), ref)
+    # an empty slot (-1) of query 1 is not query 0's last product, in either form
+    for per_query in (3, 40):
+        ps = PairSet(np.zeros(per_query, np.int64), np.arange(500 - per_query, 500), 2, 500)
+        assert not ps.contains(np.array([1]), np.array([[-1]])).any()
 
 
 def _world(rng, n, d, n_q, twin_ids, dup_targets):

@@ -57,16 +57,24 @@ class PairSet:
         return int(self.keys.size)
 
     def contains(self, q: np.ndarray, cand_prod: np.ndarray) -> np.ndarray:
-        """bool[b, L]: (q[i], cand_prod[i, j]) is in the set (q: int64[b] query indices)."""
+        """bool[b, L]: (q[i], cand_prod[i, j]) is in the set (q: int64[b] query indices; a product
+        of -1, an empty slot, never is)."""
         if self.keys.size == 0:
             return np.zeros(cand_prod.shape, bool)
         if self.dense is None:
-            return member(pair_keys(q, cand_prod, self.n_products), self.keys)
-        mine = self.dense[q]  # [b, E], -1 pads
+            return member(pair_keys(q, cand_prod, self.n_products), self.keys) & (cand_prod >= 0)
+        mine = self.dense[q]  # [b, E], each query's products first, then -1 pads
         out = np.zeros(cand_prod.shape, bool)
+        held = (mine >= 0).sum(1)
         for e in range(mine.shape[1]):
-            col = mine[:, e : e + 1]
-            out |= (cand_prod == col) & (col >= 0)
+            rows = np.flatnonzero(held > e)  # the queries with an e-th product
+            if rows.size * 2 >= len(q):
+                col = mine[:, e : e + 1]
+                out |= (cand_prod == col) & (col >= 0)
+            elif rows.size:  # fewer than half: compare those rows alone
+                out[rows] |= cand_prod[rows] == mine[rows, e : e + 1]
+            else:
+                break
         return out
 
 
