@@ -703,3 +703,21 @@ def test_topk_desc_sorts_like_a_two_key_lexsort():
         assert np.array_equal(got_I, ref_I) and np.array_equal(got_D.view(np.uint32), ref_D.view(np.uint32))
     big = np.array([[1.0, 2.0, 2.0]], np.float32), np.array([[1 << 40, 5, 1 << 33]])
     assert topk_desc(*big, 3)[1].tolist() == [[5, 1 << 33, 1 << 40]]  # rows past 2**32: the lexsort
+
+
+def test_topk_desc_in_parts_equals_one_sort(monkeypatch):
+    """A large matrix sorted in parts of its rows on several threads gives the one-thread result."""
+    from cir_mine.miner.core.search import topk
+
+    rng = np.random.default_rng(8)
+    D = np.round(rng.standard_normal((1100, 90)), 2).astype(np.float32)  # many ties
+    I = rng.integers(-1, 5000, D.shape)
+    one = topk_desc(D, I, 70)
+    monkeypatch.setattr(topk, "PARALLEL_SCORES", 1000)
+    monkeypatch.setattr(topk, "usable_cores", lambda: 3)
+    seen = []
+    part = topk._topk_desc
+    monkeypatch.setattr(topk, "_topk_desc", lambda d, i, k: seen.append(len(d)) or part(d, i, k))
+    got = topk_desc(D, I, 70)
+    assert sorted(seen) == [366, 367, 367]
+    assert np.array_equal(got[0].view(np.uint32), one[0].view(np.uint32)) and np.array_equal(got[1], one[1])

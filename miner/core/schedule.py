@@ -11,7 +11,6 @@ never on the batch size, the parts or how deep a batch was searched.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from cir_mine.miner.core.context import BatchContext
 from cir_mine.miner.core.guards import GUARDS
 from cir_mine.miner.core.prepare import Prepared
 from cir_mine.miner.core.search.faiss_api import load_faiss
-from cir_mine.miner.core.search.measure import Clock
+from cir_mine.miner.core.search.measure import Clock, usable_cores
 from cir_mine.miner.core.strategies import REGISTRY
 
 # Tuned settings (docs/search.md, "Tuned settings"): a batch's guards and selections run in parts of at
@@ -134,11 +133,7 @@ def reserve_depth(prep: Prepared, cfg: MineConfig, backend) -> int:
 
 def select_threads() -> int:
     """Threads that guard and select a batch: the cores this process may run on, at most SELECT_THREADS."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(SELECT_THREADS, cores))
+    return max(1, min(SELECT_THREADS, usable_cores()))
 
 
 def _one_faiss_thread() -> None:

@@ -3,7 +3,26 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+from cir_mine.miner.core.search.measure import usable_cores
+
+# Tuned setting (docs/search.md, "Tuned settings"): a top-k of at least this many scores is sorted in
+# parts of its queries, one thread per core (numpy releases the GIL while it sorts)
+PARALLEL_SCORES = 1 << 20
+_pool: "ThreadPoolExecutor | None" = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(min(8, usable_cores()), "cir-mine-topk")
+        return _pool
 
 
 def _desc_bits(bits: np.ndarray) -> np.ndarray:
@@ -17,9 +36,19 @@ def topk_desc(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
     One vectorized sort of a 64-bit key per row (the score's bits mapped to a descending uint32,
     then the row), so ties need no second pass; rows of 2**32 and more take a two-key lexsort.
-    -0.0 comes back as 0.0."""
+    -0.0 comes back as 0.0. Each row is sorted alone, so a large matrix (``PARALLEL_SCORES``) is
+    sorted in parts of its rows, one thread per core."""
     D = np.asarray(D, np.float32)
     I = np.asarray(I, np.int64)
+    parts = min(usable_cores(), D.shape[0] // 256) if D.size >= PARALLEL_SCORES else 1
+    if parts < 2:
+        return _topk_desc(D, I, k)
+    cut = np.linspace(0, D.shape[0], parts + 1).astype(np.int64)
+    done = list(_threads().map(lambda a, b: _topk_desc(D[a:b], I[a:b], k), cut[:-1], cut[1:]))
+    return np.concatenate([d for d, _ in done]), np.concatenate([i for _, i in done])
+
+
+def _topk_desc(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = int(min(k, D.shape[1]))
     if I.size and int(I.max()) >= 1 << 32:
         key = np.where(I >= 0, -D, np.inf)
