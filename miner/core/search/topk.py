@@ -13,6 +13,8 @@ from cir_mine.miner.core.search.measure import usable_cores
 # Tuned setting (docs/search.md, "Tuned settings"): a top-k of at least this many scores is sorted in
 # parts of its queries, one thread per core (numpy releases the GIL while it sorts)
 PARALLEL_SCORES = 1 << 20
+MIN_PART_ROWS = 256  # rows a part holds at least
+# its own threads, not the selection threads' (which run searches, and so sorts, themselves)
 _pool: "ThreadPoolExecutor | None" = None
 _pool_lock = threading.Lock()
 
@@ -40,7 +42,7 @@ def topk_desc(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     sorted in parts of its rows, one thread per core."""
     D = np.asarray(D, np.float32)
     I = np.asarray(I, np.int64)
-    parts = min(usable_cores(), D.shape[0] // 256) if D.size >= PARALLEL_SCORES else 1
+    parts = min(usable_cores(), D.shape[0] // MIN_PART_ROWS) if D.size >= PARALLEL_SCORES else 1
     if parts < 2:
         return _topk_desc(D, I, k)
     cut = np.linspace(0, D.shape[0], parts + 1).astype(np.int64)
