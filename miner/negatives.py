@@ -14,6 +14,7 @@ mined table in text.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
@@ -25,6 +26,7 @@ from cir_mine.data.fields import field_default
 from cir_mine.data.io import check_output, write_job
 from cir_mine.data.workspace import Workspace
 from cir_mine.miner.core.guards import GuardConfig
+from cir_mine.miner.core.assemble import seconds
 from cir_mine.miner.core.mine import MineConfig, MineResult, mine_negatives, write_result
 from cir_mine.miner.distributed.mine import EngineConfig
 
@@ -111,7 +113,15 @@ def mine_file(
     ws.require()
     reads = tuple(queries.reads) if queries is not None else ()
     out = check_output(out, reads, overwrite)
-    loaded = functools.cache(lambda: ws.load(split))
+    read_s = []  # the seconds of the split's one read, here before mining
+
+    @functools.cache
+    def loaded() -> tuple:
+        t = time.perf_counter()
+        data = ws.load(split)
+        read_s.append(time.perf_counter() - t)
+        return data
+
     query_emb = queries.embeddings(ws, split, loaded) if queries is not None else None
     with write_job(out.parent, f"cir-mine negatives -> {out.name}"):
         if progress is not None:
@@ -125,6 +135,9 @@ def mine_file(
             from cir_mine.miner.distributed.mine import mine_with_engine
 
             res = mine_with_engine(ws, split, cfg, engine.name, engine.shard, engine.ray, **kw)
+        timing = res.meta.setdefault("timing", {})
+        timing["read_s"] = seconds(timing.get("read_s", 0.0) + sum(read_s))
+        timing["total_s"] = seconds(timing.get("total_s", 0.0) + sum(read_s))
         return write_result(res, out)
 
 
