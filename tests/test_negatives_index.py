@@ -721,3 +721,25 @@ def test_topk_desc_in_parts_equals_one_sort(monkeypatch):
     got = topk_desc(D, I, 70)
     assert sorted(seen) == [366, 367, 367]
     assert np.array_equal(got[0].view(np.uint32), one[0].view(np.uint32)) and np.array_equal(got[1], one[1])
+
+
+def test_max_row_norm_bounds_the_largest_norm_tightly(tmp_path):
+    """The float32 sum, inflated by its rounding bound, is never below the float64 norm and within
+    a few float32 units of it: float32, float16, float64, memory-mapped, and squares past float32."""
+    from cir_mine.miner.core.search.exact import max_row_norm
+
+    rng = np.random.default_rng(11)
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.float32, (3000, 64))
+    mapped[:] = rng.standard_normal((3000, 64))
+    cases = [
+        rng.standard_normal((2000, 257)).astype(np.float32),
+        (rng.standard_normal((500, 16)) * 3).astype(np.float16),
+        rng.standard_normal((300, 8)),
+        mapped,
+        np.full((4, 8), 3e19, np.float32),  # float32 squares overflow: summed in float64
+        np.zeros((0, 8), np.float32),
+    ]
+    for x in cases:
+        exact = float(np.sqrt((np.asarray(x, np.float64) ** 2).sum(1).max(initial=0.0)))
+        got = max_row_norm(x, block_rows=700)
+        assert exact <= got <= exact * (1 + 1e-4) + 1e-30, (x.dtype, x.shape, got, exact)
