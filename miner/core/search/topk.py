@@ -23,7 +23,7 @@ def _threads() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(min(8, usable_cores()), "cir-mine-topk")
+            _pool = ThreadPoolExecutor(usable_cores(), "cir-mine-topk")
         return _pool
 
 
