@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
 from cir_mine.data.workspace import Workspace  # noqa: E402
 from cir_mine.miner.core.mine import MineConfig, mine_negatives  # noqa: E402
+from cir_mine.miner.accel import device_search  # noqa: E402  (what cir-mine negatives hands the core)
 from cir_mine.miner.encode.index import index_workspace  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def compare(args) -> dict:
     rows = {}
     if "flat" not in done:
         with Clock() as c:
-            exact = mine_negatives(ws, "train", MineConfig.of(**base), loaded=loaded)
+            exact = mine_negatives(ws, "train", MineConfig.of(**base), loaded=loaded, index=device_search)
         keep(
             "flat",
             {
@@ -128,7 +129,7 @@ def compare(args) -> dict:
         cfg = MineConfig.of(**base, index="workspace", device=args.device)
         with Clock() as c:
             # loading, tuning and mining, as `cir-mine negatives --index workspace` does
-            res = mine_negatives(ws, "train", cfg, loaded=loaded)
+            res = mine_negatives(ws, "train", cfg, loaded=loaded, index=device_search)
         tuning = res.meta["search"]["tuning"]
         rows[kind] = {
             "factory": factory,
@@ -173,7 +174,11 @@ def compare(args) -> dict:
     del index
     with Clock() as single:
         sp = mine_negatives(
-            ws, "train", MineConfig.of(strategy="hardest", k=args.k, max_candidates=None), loaded=loaded
+            ws,
+            "train",
+            MineConfig.of(strategy="hardest", k=args.k, max_candidates=None),
+            loaded=loaded,
+            index=device_search,
         )
     return {
         "bench": "index-compare",
@@ -202,7 +207,13 @@ def deepen(args) -> dict:
     out = {}
     for name, mc in (("single", None), ("deepen", 2048)):
         with Clock() as c:
-            r = mine_negatives(ws, "train", MineConfig.of(strategy="midzone", k=10, max_candidates=mc), loaded=loaded)
+            r = mine_negatives(
+                ws,
+                "train",
+                MineConfig.of(strategy="midzone", k=10, max_candidates=mc),
+                loaded=loaded,
+                index=device_search,
+            )
         out[name] = {
             "wall_s": c.wall,
             "cpu_s": c.cpu,

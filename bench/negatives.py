@@ -17,8 +17,9 @@
       the exact-search candidate kernels on random unit vectors, the fastest of 5 alternated runs per
       shape (queries x depth): FAISS's flat search with its own BLAS threshold (queries x dimension
       below it are scored one query at a time), with cir-mine's (BLAS for every batch) and its
-      default 1,024-row block, and with the block cir-mine uses (4x the depth, at least 1,024), and
-      numpy's GEMM into FAISS's heaps.
+      default 1,024-row block, and with the block cir-mine uses (4x the depth, at least 1,024),
+      numpy's GEMM into FAISS's heaps, and the bfloat16 scan (its candidates: the rows within its
+      proven band, more than the depth; the race in mining also times their exact re-scoring).
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from cir_mine.data.synthetic import SynthConfig, generate  # noqa: E402
 from cir_mine.data.workspace import Workspace  # noqa: E402
+from cir_mine.miner.accel import device_search  # noqa: E402  (what cir-mine negatives hands the core)
 from cir_mine.miner.core.mine import MineConfig, mine_negatives, mine_to_file  # noqa: E402
 from cir_mine.miner.core.scores import zero_shot_queries  # noqa: E402
 
@@ -95,7 +97,7 @@ def speed(args) -> dict:
 
     def mine():
         with tempfile.TemporaryDirectory() as tmp:
-            return mine_to_file(ws, "train", cfg, Path(tmp) / "negs.parquet")
+            return mine_to_file(ws, "train", cfg, Path(tmp) / "negs.parquet", index=device_search)
 
     best = {"bare": (1e9, 1e9), "mine": (1e9, 1e9)}
     res = None
@@ -246,18 +248,21 @@ def st(args) -> dict:
         max_candidates=None,
     )
     t0, c0 = time.perf_counter(), _cpu()
-    res = mine_negatives(ws, "train", same)
+    res = mine_negatives(ws, "train", same, index=device_search)
     full = _drop_short(res.table, args.k)  # the peer keeps only queries with k negatives
     t_same, c_same = time.perf_counter() - t0, _cpu() - c0
     t0, c0 = time.perf_counter(), _cpu()
     guarded = mine_negatives(
-        ws, "train", MineConfig.of(strategy="midzone", k=args.k, candidates=depth, delta_lo=args.delta_lo, delta_hi=2.0)
+        ws,
+        "train",
+        MineConfig.of(strategy="midzone", k=args.k, candidates=depth, delta_lo=args.delta_lo, delta_hi=2.0),
+        index=device_search,
     )
     t_guard, c_guard = time.perf_counter() - t0, _cpu() - c0
     # the same window through an IVF index tuned to candidate recall 0.98 (index build included),
     # its recall and the overlap of its negatives with exact mining measured on 500 queries
     t0, c0 = time.perf_counter(), _cpu()
-    ivf = mine_negatives(ws, "train", same.replace(index="ivf", check_recall=500))
+    ivf = mine_negatives(ws, "train", same.replace(index="ivf", check_recall=500), index=device_search)
     t_ivf, c_ivf = time.perf_counter() - t0, _cpu() - c0
     for f in cache.iterdir():
         os.remove(f)
@@ -316,6 +321,7 @@ def kernels(args) -> dict:
     import faiss
 
     from cir_mine.miner.core.search.exact import faiss_topk, gemm_topk
+    from cir_mine.miner.accel.bf16 import Bf16Scan
     from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
 
     own_threshold = faiss.cvar.distance_compute_blas_threshold  # FAISS's own, before load_faiss sets ours
@@ -324,6 +330,8 @@ def kernels(args) -> dict:
     rng = np.random.default_rng(0)
     unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
     xb = unit(rng.standard_normal((args.n_gallery, args.dim)))
+    scan = Bf16Scan(xb)
+    scan.prepare()
     rows = []
     for nq, depth in ((64, 2048), (256, 2048), (469, 422), (1024, 800), (4096, 422), (4096, 150)):
         xq = unit(rng.standard_normal((nq, args.dim)))
@@ -343,6 +351,7 @@ def kernels(args) -> dict:
                 ("faiss_block_1024", faiss_default),
                 ("faiss_block_cir_mine", lambda: faiss_topk(xq, xb, depth)),
                 ("gemm_heaps", lambda: gemm_topk(xq, xb, depth)),
+                ("bf16_scan", lambda: scan(xq, depth)),
             ):
                 t = time.perf_counter()
                 fn()

@@ -101,3 +101,11 @@ def search_options(index: str) -> tuple[dict, dict]:
         precision, kernels = TORCH_BACKENDS[index]
         return {}, {"index": lambda xb, cfg: TorchSearch(xb, "cpu", precision, kernels=kernels)}
     return {"index": index}, {}
+
+
+def bf16_search(xb: np.ndarray, **kw):
+    """Exact search whose candidates all come from the bfloat16 scan (the device rule's CPU kernel)."""
+    from cir_mine.miner.accel.bf16 import Bf16Scan
+    from cir_mine.miner.core.search.backends import ExactSearch
+
+    return ExactSearch(xb, device="cpu", kernels=("bf16",), scans={"bf16": Bf16Scan(xb)}, **kw)

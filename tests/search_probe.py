@@ -38,6 +38,7 @@ def searches() -> dict:
     from cir_mine.miner.core.search.backends import ExactSearch, Reranked
     from cir_mine.miner.core.search.build import build_index
     from cir_mine.miner.core.search.measure import KernelRace
+    from tests.builders import bf16_search
 
     xb, xq = near_ties()
     out = {}
@@ -47,6 +48,7 @@ def searches() -> dict:
     for name, make in (
         ("flat-faiss", lambda: ExactSearch(xb, device="cpu", kernels=("faiss",))),
         ("flat-gemm", lambda: ExactSearch(xb, device="cpu", kernels=("gemm",))),
+        ("flat-bf16", lambda: bf16_search(xb)),
         ("flat-torch-heap", lambda: TorchSearch(xb, "cpu", "fp32", kernels=("heap",))),
         ("flat-torch-bf16-topk", lambda: TorchSearch(xb, "cpu", "bf16", kernels=("topk",))),
         ("ivf-lists", lambda: _ivf(Reranked, KernelRace, ivf, xb, "lists")),

@@ -213,7 +213,8 @@ def test_device_rule_on_a_machine_without_cuda(monkeypatch):
 
 def test_device_rule_with_cuda_picks_it_and_the_torch_backend(monkeypatch):
     """Where torch sees CUDA, 'auto' means it, and exact mining opens the torch back-end there; a
-    FAISS index stays FAISS's (the core's) and 'cpu' stays the numpy path."""
+    FAISS index stays FAISS's (the core's) and 'cpu' is the core's exact search with the bfloat16
+    scan in its race."""
     import cir_mine.miner.accel.open as open_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -227,7 +228,8 @@ def test_device_rule_with_cuda_picks_it_and_the_torch_backend(monkeypatch):
     xb = np.zeros((4, 2), np.float32)
     assert device_search(xb, MineConfig.of(device="auto")) == "torch back-end" and made == ["cuda"]
     assert device_search(xb, MineConfig.of(device="auto", index="ivf")) is None
-    assert device_search(xb, MineConfig.of(device="cpu")) is None
+    cpu = device_search(xb, MineConfig.of(device="cpu"))
+    assert isinstance(cpu, ExactSearch) and set(cpu.scans) == {"bf16"} and made == ["cuda"]
 
 
 def test_encoder_and_search_share_the_rule(monkeypatch):

@@ -65,11 +65,11 @@ def test_negatives_verbose_prints_each_stage_and_the_kernel_race(synth_work, tmp
         r"select [\d.]+s, table [\d.]+s, write [\d.]+s \(total [\d.]+s\); kernels \(us/query\): ",
         line,
     ), line
-    assert "faiss " in line and "gemm " in line
+    assert "faiss " in line and "bf16 " in line and "gemm " in line
     timing = read_negatives(out, Workspace(synth_work)).meta["timing"]
     assert {"read_s", "search_s", "rerank_s", "guards_s", "select_s", "table_s", "total_s"} <= set(timing)
     assert timing["read_s"] > 0  # the split is read before mining, and counted
-    assert set(next(iter(timing["kernels"].values()))) == {"faiss", "gemm"}
+    assert set(next(iter(timing["kernels"].values()))) == {"faiss", "bf16", "gemm"}
 
 
 def test_negatives_shortfall_names_the_knob(synth_work, tmp_path):

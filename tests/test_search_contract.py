@@ -16,6 +16,7 @@ from cir_mine.miner.core.mine import MineConfig, mine_negatives
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked
 from cir_mine.miner.core.search.build import build_index
 from cir_mine.miner.accel.search import TorchSearch
+from tests.builders import bf16_search
 
 
 def _unit(a):
@@ -99,7 +100,7 @@ def ws(synth_work):
 def test_tables_do_not_depend_on_batch_budget_threads_prefetch_or_kernel(ws, index, strategy, monkeypatch):
     """Resumed == uninterrupted in every sense the search has: one table whatever the query batch,
     the list-major pass budget, FAISS's thread count, prefetching, or the candidate kernel (numpy's,
-    FAISS's, or torch's on its CPU device in fp32 and bf16)."""
+    FAISS's, the bfloat16 scan's, or torch's on its CPU device in fp32 and bf16)."""
     from cir_mine.miner.core.search import lists as lists_mod
     from cir_mine.miner.core.search.faiss_api import load_faiss
     from cir_mine.miner.core.search.measure import KernelRace
@@ -125,13 +126,15 @@ def test_tables_do_not_depend_on_batch_budget_threads_prefetch_or_kernel(ws, ind
     finally:
         faiss.omp_set_num_threads(threads)
     kernels = (
-        (("faiss",), ("gemm",), ("torch", "fp32", ("heap",)), ("torch", "bf16", ("topk",)))
+        (("faiss",), ("gemm",), ("bf16",), ("torch", "fp32", ("heap",)), ("torch", "bf16", ("topk",)))
         if index == "flat"
         else (("faiss",), ("lists",))
     )
     for kernel in kernels:
         if kernel[0] == "torch":  # the torch back-end on torch's CPU device
             backend = TorchSearch(xb, "cpu", kernel[1], kernels=kernel[2])
+        elif kernel == ("bf16",):
+            backend = bf16_search(xb)
         elif index == "flat":
             backend = ExactSearch(xb, device="cpu", kernels=kernel)
         else:

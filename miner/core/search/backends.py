@@ -16,6 +16,8 @@ re-scored exactly) live here; anything a caller passes that keeps the contract w
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -54,14 +56,17 @@ class ExactSearch:
     a search costs about the same at any depth, so the miner searches deeper than it mines and keeps
     the rest for short queries).
 
-    Candidates come from one of two CPU kernels, whichever this machine runs faster for the batch's
-    shape (:class:`~cir_mine.miner.core.search.measure.KernelRace`): FAISS's flat search
-    (:func:`faiss_topk`) or numpy's GEMM into FAISS's heaps (:func:`gemm_topk`); with a FAISS that
-    sees a GPU (:func:`~cir_mine.miner.core.search.build.use_gpu`; ``fp16`` storage optional), a flat
-    FAISS index there. Both scan the gallery in blocks of
-    ``block_rows`` (a memory-mapped gallery, ``blocked``, releases each block's pages), and the cut
-    is decided on exact scores (:func:`exact_cut`), so the rows never depend on the kernel, the
-    batch or the CPU."""
+    Candidates come from one of the CPU kernels, whichever this machine runs faster for the batch's
+    shape, its exact re-scoring included (:class:`~cir_mine.miner.core.search.measure.KernelRace`):
+    FAISS's flat search (:func:`faiss_topk`), numpy's GEMM into FAISS's heaps (:func:`gemm_topk`),
+    or a ``scans`` kernel handed in from above the core (name -> object with ``prepare(row_norm)``
+    and ``scan(xq, depth, k) -> (bound, rows)``, exact_cut's fetch contract for a cut at k: the
+    device rule's factory adds the bfloat16 scan,
+    :class:`~cir_mine.miner.accel.bf16.Bf16Scan`); with a FAISS that sees a GPU
+    (:func:`~cir_mine.miner.core.search.build.use_gpu`; ``fp16`` storage optional), a flat FAISS
+    index there. They scan the gallery in blocks of ``block_rows`` (a memory-mapped gallery,
+    ``blocked``, releases each block's pages), and the cut is decided on exact scores
+    (:func:`exact_cut`), so the rows never depend on the kernel, the batch or the CPU."""
 
     exact = True
     cheap_depth = True
@@ -75,7 +80,8 @@ class ExactSearch:
         fp16: bool = False,
         block_rows: int = 262_144,
         blocked: Optional[bool] = None,
-        kernels: Sequence[str] = ("faiss", "gemm"),
+        kernels: Optional[Sequence[str]] = None,
+        scans: Optional[dict] = None,
     ):
         self.xb = xb
         self.ntotal, self.d = int(xb.shape[0]), int(xb.shape[1])
@@ -84,12 +90,18 @@ class ExactSearch:
         self.gpu = not self.blocked and use_gpu(device)
         self.fp16 = bool(fp16)
         self.index = build_index(xb, "flat", device=device, fp16=fp16) if self.gpu else None
-        unknown = sorted(set(kernels) - set(self.KERNELS))
+        self.scans = dict(scans or {})
+        if kernels is None:  # the GEMM kernel last: OpenBLAS's threads spin on after it returns
+            kernels = ("faiss", *self.scans, "gemm")
+        known = sorted([*self.KERNELS, *self.scans])
+        unknown = sorted(set(kernels) - set(known))
         if unknown or not kernels:
-            raise UsageError(f"kernels {list(kernels)!r}: choose among {sorted(self.KERNELS)}.", params=("kernels",))
+            raise UsageError(f"kernels {list(kernels)!r}: choose among {known}.", params=("kernels",))
         self.race = KernelRace(["gpu"] if self.gpu else list(kernels))
         self.clock = Clock()
         self._row_norm: Optional[float] = None
+        self._ready: set = set()  # the scans prepared
+        self._scan_lock = threading.Lock()
 
     @property
     def row_norm(self) -> float:
@@ -102,17 +114,45 @@ class ExactSearch:
         xq = np.ascontiguousarray(xq, np.float32)
         k = int(min(k, self.ntotal))
 
+        for name in self.race.names:
+            if name in self.scans and len(xq):
+                self.clock.timed("search", self._scan, name)  # prepared outside the race's timing
+
         def fetch(q: np.ndarray, depth: int):
-            D, I = self.race.run(len(q), depth, lambda kernel, part: self._candidates(kernel, xq[q[part]], depth))
-            return fetched_bound(D, depth, self.ntotal), I
+            return self.race.run(len(q), depth, lambda kernel, part: self._scored(kernel, xq[q[part]], depth, k))
 
         extra = 2.0**-11 if self.gpu and self.fp16 else 0.0  # float16 storage rounds every row
         return exact_cut(self.xb, xq, k, fetch, self.ntotal, self.row_norm, extra, self.clock)
 
-    def _candidates(self, kernel: str, xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    def _scan(self, name: str):
+        """A scan kernel, prepared (its gallery copy made) on first use."""
+        with self._scan_lock:
+            if name not in self._ready:
+                self.scans[name].prepare(self.row_norm)
+                self._ready.add(name)
+        return self.scans[name]
+
+    def _scored(self, kernel: str, xq: np.ndarray, depth: int, k: int) -> tuple:
+        """(bound, D, I): a kernel's candidates re-scored exactly (both timed, and raced together:
+        the bfloat16 scan returns more candidates than the others)."""
+        t = time.perf_counter()
+        bound, rows = self._candidates(kernel, xq, depth, k)
+        t1 = time.perf_counter()
+        D, I = exact_rescore(self.xb, xq, rows, k)
+        self.clock.add("search", t1 - t)
+        self.clock.add("rerank", time.perf_counter() - t1)
+        return bound, D, I
+
+    def _candidates(self, kernel: str, xq: np.ndarray, depth: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bound float64[b], rows int64[b, L]): exact_cut's fetch contract for these queries, cut
+        at ``k``."""
+        if kernel in self.scans:
+            return self._scan(kernel)(xq, depth, k)
         if kernel == "gpu":
-            return self.index.search(xq, depth)
-        return self.KERNELS[kernel](xq, self.xb, depth, self.block_rows, release=self.blocked)
+            D, I = self.index.search(xq, depth)
+        else:
+            D, I = self.KERNELS[kernel](xq, self.xb, depth, self.block_rows, release=self.blocked)
+        return fetched_bound(D, depth, self.ntotal), I
 
     def describe(self) -> dict:
         return {

@@ -149,7 +149,9 @@ def exact_cut(
     fetch(q int64[b] query positions, depth) -> (bound float64[b], rows int64[b, L]): for each
       query, candidate rows (-1 pads) holding every candidate whose approximate score exceeds
       ``bound`` (-inf when every candidate is returned); approximate scores are float32 dot
-      products in any summation order (``extra_gap``: more, e.g. for float16 storage).
+      products in any summation order (``extra_gap``: more, e.g. for float16 storage). Or
+      (bound, D, I): those candidates already re-scored by :func:`exact_rescore` to ``k`` (the
+      fetch then adds its own seconds to ``clock``), so that a kernel race times both.
     total: int or int64[nq], each query's number of candidates (the gallery, or the rows of its
       probed lists). row_norm: the largest norm of a gallery row. clock: a
       :class:`~cir_mine.miner.core.search.measure.Clock` given the seconds of fetching ("search")
@@ -169,12 +171,16 @@ def exact_cut(
     while todo.size:
         depth = int(max(1, min(int(total[todo].max()), k + extra)))
         t = time.perf_counter()
-        bound, rows = fetch(todo, depth)
+        got = fetch(todo, depth)
         t1 = time.perf_counter()
-        Dq, Iq = exact_rescore(xb, xq[todo], np.asarray(rows, np.int64), k)
-        if clock is not None:
-            clock.add("search", t1 - t)
-            clock.add("rerank", time.perf_counter() - t1)
+        if len(got) == 3:  # re-scored by the fetch, which timed its stages
+            bound, Dq, Iq = got
+        else:
+            bound, rows = got
+            Dq, Iq = exact_rescore(xb, xq[todo], np.asarray(rows, np.int64), k)
+            if clock is not None:
+                clock.add("search", t1 - t)
+                clock.add("rerank", time.perf_counter() - t1)
         w = Dq.shape[1]
         kth = Dq[:, k - 1].astype(np.float64) if w >= k else np.full(todo.size, -np.inf)
         done = (total[todo] <= depth) | (np.asarray(bound, np.float64) == -np.inf) | (kth > bound + gap[todo])

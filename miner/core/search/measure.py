@@ -3,9 +3,9 @@ same candidates is faster on this machine (:class:`KernelRace`), measured on the
 
 Which kernel is faster is a property of the machine (its BLAS, its cores, FAISS's SIMD level) and
 of the batch's shape, not a constant. The first search of each shape class (queries and depth, each
-rounded to a power of two) runs every kernel on its own share of the batch's queries (the first kernel
-on most of them, each other on a sixteenth) and keeps the seconds per query; later searches of that
-class, and of classes of the same depth with up to 4x more or fewer queries, use the fastest. The
+rounded to a power of two) runs every kernel on its own sixteenth of the batch's queries, keeps the
+seconds per query, and runs the rest of the batch with the fastest; later searches of that class, and
+of classes of the same depth with up to 4x more or fewer queries, use the fastest too. The
 candidates are decided exactly
 afterwards (:func:`~cir_mine.miner.core.search.exact.exact_cut`), so the choice changes the time,
 never the rows.
@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 MIN_RACE_QUERIES = 8  # a batch with fewer queries per kernel is not split to measure (too small to time)
-CHALLENGER_SHARE = 16  # each kernel but the first runs on 1/CHALLENGER_SHARE of the raced batch's queries
+CHALLENGER_SHARE = 16  # each kernel runs on 1/CHALLENGER_SHARE of the raced batch's queries, the fastest on the rest
 NEAR_CLASSES = 2  # a measured class decides for classes of the same depth this many powers of two away
 
 
@@ -40,7 +40,7 @@ def shape_class(nq: int, depth: int) -> tuple[int, int]:
 
 class KernelRace:
     """Per shape class, the seconds per query each of ``names`` took on its share of one batch (the
-    first name runs on most of it); ``small``: the kernel of batches too small to split."""
+    fastest then runs the rest of it); ``small``: the kernel of batches too small to split."""
 
     def __init__(self, names: Sequence[str], small: Optional[str] = None):
         self.names = tuple(names)
@@ -60,22 +60,23 @@ class KernelRace:
         return min(per, key=per.get) if per else None
 
     def run(self, nq: int, depth: int, call: Callable[[str, np.ndarray], tuple]) -> tuple:
-        """``call(kernel, query positions) -> (D, I)`` over all ``nq`` queries: by the measured
-        kernel, or, for an unmeasured shape class, each kernel on a contiguous share of the queries
-        (timed), the shares' results stacked in query order."""
+        """``call(kernel, query positions) -> tuple of arrays`` over all ``nq`` queries: by the
+        measured kernel, or, for an unmeasured shape class, each kernel on a contiguous share of the
+        queries (timed) and the fastest on the rest, the results stacked in query order."""
         name = self.choice(nq, depth)
-        if name is not None or len(self.names) == 1 or nq < MIN_RACE_QUERIES * len(self.names):
+        if name is not None or len(self.names) == 1 or nq < MIN_RACE_QUERIES * (len(self.names) + 1):
             return call(name or self.small, np.arange(nq, dtype=np.int64))
         share = max(MIN_RACE_QUERIES, nq // CHALLENGER_SHARE)
-        first = nq - share * (len(self.names) - 1)
-        bounds = np.r_[0, first + share * np.arange(len(self.names))].astype(np.int64)
+        share = min(share, nq // (len(self.names) + 1))
+        bounds = np.r_[share * np.arange(len(self.names) + 1), nq].astype(np.int64)
         parts, per = [], {}
-        for kernel, a, b in zip(self.names, bounds[:-1], bounds[1:]):
+        for kernel, a, b in zip(self.names, bounds[:-2], bounds[1:-1]):
             t = time.perf_counter()
             parts.append(call(kernel, np.arange(a, b, dtype=np.int64)))
             per[kernel] = (time.perf_counter() - t) / max(1, int(b - a))
         with self._lock:
             self.seen.setdefault(shape_class(nq, depth), per)
+        parts.append(call(min(per, key=per.get), np.arange(bounds[-2], nq, dtype=np.int64)))
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
 
     def describe(self) -> dict:

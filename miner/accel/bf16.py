@@ -1,0 +1,366 @@
+"""A bfloat16 candidate scan for exact search on the CPU, with a proven bound.
+
+:class:`Bf16Scan` scores queries against a bfloat16 copy of the gallery with torch's GEMM (AMX or
+AVX-512 BF16 where the CPU has them) and returns, for each query, every row whose bfloat16 score lies
+within a proven band of its ``depth``-th best one, with the bound
+:func:`~cir_mine.miner.core.search.exact.exact_cut` needs (no row left out has a real dot product
+above it). The cut is decided on exact scores afterwards, so the rows are every other kernel's; the
+scan changes the time only, and whether it runs is measured
+(:class:`~cir_mine.miner.core.search.measure.KernelRace`).
+
+The error bound. With q̂, x̂ the bfloat16 roundings of a query and a row (e_q = q - q̂, e_x = x - x̂):
+the rounded inputs move the product by |q·x - q̂·x̂| <= ‖q̂‖‖e_x‖ + ‖e_q‖‖x̂‖ + ‖e_q‖‖e_x‖
+(Cauchy-Schwarz); float32 sums of the (exact) bfloat16 products add at most γ_(d+2) ‖q̂‖‖x̂‖; the
+bfloat16 result v of a float32 sum s differs from it by at most u'|v| (u' = u / (1 - u), u = 2^-8);
+flushed subnormals add at most 2^-126 per product. So the real product r of every row satisfies
+|r - v| <= E(v) = u'|v| + c, where c holds the query's terms with the gallery's largest ‖e_x‖ and
+‖x̂‖ (both measured once).
+
+The selection, without a top-k over every score. The scan is asked for ``depth`` rows to cut at
+rank k (at most depth). Each query's threshold t is the rank-r score among every ``SAMPLE_STRIDE``-th
+row (r x stride about ``SAMPLE_OVER`` x k), lowered to t - band(t) (v - band(v) grows with v); each
+block of scores is compared with it (as int16 bit patterns where it is positive, which order positive
+bfloat16 values as their values) on one thread per core, and the survivors kept. A query with k
+survivors at or above t has its k-th best score v_k among them (a histogram of its bfloat16 levels);
+it gets every row with v >= τ = v_k - band(v_k), band(v) = (2u'|v| + 2c + 3γ_d ‖q‖ R)(1 + 1e-3) /
+(1 - u') (R: the gallery's largest norm), and the bound τ + E(τ), so that exact_cut settles it in one
+round: its k best rows by v each score at least v_k - E(v_k), and a row left out at most τ + E(τ).
+A query short of k survivors at or above t is scanned once more with ``RETRY_OVER`` times the rank;
+one still short, or holding more than ``SURVIVOR_CAP`` x k survivors, is fetched ``depth`` deep by
+FAISS's flat search instead.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+import torch
+
+from cir_mine.data.workspace import read_block, release_pages
+from cir_mine.miner.core.search.exact import UNIT_ROUNDOFF, faiss_topk, fetched_bound, max_row_norm
+from cir_mine.miner.core.search.measure import usable_cores
+
+BF16_ROUNDOFF = 2.0**-8  # bfloat16's unit roundoff
+# Tuned settings (docs/search.md, "Tuned settings")
+QUERY_CHUNK = 2048  # queries per GEMM
+BLOCK_SCORES = 1 << 24  # scores per block compared with the thresholds (one reused buffer): rows = this / queries
+MIN_BLOCK_COLS = 4096  # gallery rows per block at least
+SAMPLE_STRIDE = 16  # the thresholds come from every SAMPLE_STRIDE-th gallery row
+SAMPLE_OVER = 1.5  # the sample's rank is chosen so that about SAMPLE_OVER x depth rows pass its threshold
+RETRY_OVER = 4.0  # a query short of depth rows above it is scanned again with this times the rank
+SURVIVOR_CAP = 16  # a query with more survivors than this x depth (+ a block's rows) goes to FAISS instead
+COPY_BYTES = 1 << 30  # a gallery whose bfloat16 copy is larger is converted block by block at each scan
+PREPARE_ROWS = 32_768  # rows converted at a time when the copy and the error terms are made
+
+
+class Bf16Scan:
+    """``scan(xq float32[b, d], depth, k) -> (bound float64[b], rows int64[b, w])``: every row of a
+    query within its proven band of the k-th best bfloat16 score (-1 pads), and a bound that no row
+    left out exceeds in real value (-inf when every row came back); :func:`exact_cut`'s ``fetch``
+    contract for a cut at k. ``xb``: the gallery (float32[n, d], in memory or memory-mapped; kept as
+    a bfloat16 copy up to ``COPY_BYTES``, else converted block by block at each scan)."""
+
+    def __init__(self, xb: np.ndarray, block_rows: int = 262_144):
+        self.xb = xb
+        self.n, self.d = int(xb.shape[0]), int(xb.shape[1])
+        self.block_rows = int(block_rows)
+        self.mapped = isinstance(xb, np.memmap)
+        self._row_norm: Optional[float] = None
+        self._copy = None  # the bfloat16 gallery (when it fits COPY_BYTES)
+        self._err = None  # (largest ‖x̂‖, largest ‖x - x̂‖)
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread score buffers
+
+    # -- the gallery in bfloat16 ------------------------------------------------------------------
+    def prepare(self, row_norm: Optional[float] = None) -> None:
+        """The bfloat16 copy, the gallery's error terms, and one warm-up GEMM and pass of the
+        threads (first calls compile torch's kernels and fault in the buffers: a kernel race
+        would count them against this scan). ``row_norm``: the gallery's largest row norm, when
+        the caller has it (:func:`~cir_mine.miner.core.search.exact.max_row_norm`)."""
+        with self._lock:
+            if self._err is not None:
+                return
+            self._row_norm = row_norm
+            keep = not self.mapped and self.n * self.d * 2 <= COPY_BYTES
+            copy = torch.empty((self.n, self.d), dtype=torch.bfloat16) if keep else None
+            top_hat, top_res = 0.0, 0.0
+            step = min(self.block_rows, PREPARE_ROWS)  # float32 temporaries of this many rows
+            for s in range(0, self.n, step):
+                block = np.ascontiguousarray(read_block(self.xb, s, s + step), np.float32)
+                hat = _tensor(block).to(torch.bfloat16)
+                back = hat.float().numpy()
+                top_hat = max(top_hat, max_row_norm(back))
+                top_res = max(top_res, max_row_norm(block - back))  # exact in float32
+                if copy is not None:
+                    copy[s : s + len(block)] = hat
+                release_pages(self.xb)
+            if self._row_norm is None:
+                self._row_norm = max_row_norm(self.xb, self.block_rows)
+            self._copy = copy
+            self._err = (top_hat, top_res)
+        self._warm()
+
+    def _warm(self) -> None:
+        b = min(WARM_QUERIES, self.n)
+        step = int(min(self.n, max(MIN_BLOCK_COLS, BLOCK_SCORES // b)))
+        _, block = next(self._blocks())
+        q = block[:b]
+        with torch.inference_mode():
+            buf, _ = self._buffers(b * step)
+            torch.matmul(q, block[:step].T, out=buf[: b * min(step, len(block))].view(b, -1))
+        _run([0] * usable_cores(), lambda _: None)
+
+    def _blocks(self):
+        """(start, bfloat16 block of at most block_rows gallery rows)."""
+        for s in range(0, self.n, self.block_rows):
+            if self._copy is not None:
+                yield s, self._copy[s : s + self.block_rows]
+            else:
+                block = np.ascontiguousarray(read_block(self.xb, s, s + self.block_rows), np.float32)
+                yield s, _tensor(block).to(torch.bfloat16)
+                release_pages(self.xb)
+
+    def _buffers(self, size: int):
+        """This thread's (scores bfloat16[size], mask bool[size]): reused, since fresh pages cost
+        more than the GEMM's writes."""
+        have = getattr(self._local, "bufs", None)
+        if have is None or have[0].numel() < size:
+            have = (torch.empty(size, dtype=torch.bfloat16), torch.empty(size, dtype=torch.bool))
+            self._local.bufs = have
+        return have
+
+    # -- the bound --------------------------------------------------------------------------------
+    def constants(self, xq: np.ndarray) -> tuple[np.ndarray, float]:
+        """(c float64[b], u'): |real - v| <= u'|v| + c for every row's bfloat16 score v."""
+        self.prepare()
+        qh = _tensor(np.ascontiguousarray(xq, np.float32)).to(torch.bfloat16).float().numpy()
+        q_hat = np.sqrt(np.einsum("ij,ij->i", qh, qh, dtype=np.float64))
+        res = xq.astype(np.float64) - qh
+        e_q = np.sqrt(np.einsum("ij,ij->i", res, res))
+        x_hat, e_x = self._err
+        gamma = (self.d + 2) * UNIT_ROUNDOFF / (1.0 - (self.d + 2) * UNIT_ROUNDOFF)
+        tiny = self.d * 2.0**-120 * (1.0 + q_hat + x_hat)
+        c = (q_hat * e_x + e_q * x_hat + e_q * e_x + gamma * q_hat * x_hat) * (1 + 1e-6) + tiny
+        return c, BF16_ROUNDOFF / (1.0 - BF16_ROUNDOFF)
+
+    def band(self, v: np.ndarray, c: np.ndarray, u: float, qnorm: np.ndarray) -> np.ndarray:
+        """The band below a depth-th score ``v`` that lets exact_cut settle the query (module doc)."""
+        d = self.d
+        g = d * UNIT_ROUNDOFF / (1.0 - d * UNIT_ROUNDOFF)
+        return (2 * u * np.abs(v) + 2 * c + 3 * g * qnorm * self._row_norm) * (1 + 1e-3) / (1 - u) + 1e-29
+
+    # -- the scan ---------------------------------------------------------------------------------
+    def __call__(self, xq: np.ndarray, depth: int, k: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """``k``: the rank the caller cuts at (at most ``depth``): the band is taken below the k-th
+        best score instead of the depth-th, which settles the cut at k as well (module doc) with
+        fewer rows."""
+        xq = np.ascontiguousarray(xq, np.float32)
+        b = len(xq)
+        depth = int(depth)
+        if b == 0 or depth >= self.n:
+            rows = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n)).copy()
+            return np.full(b, -np.inf), rows
+        rank = int(min(depth, k)) if k is not None else depth
+        parts = [self._scan(xq[s : s + QUERY_CHUNK], depth, rank) for s in range(0, b, QUERY_CHUNK)]
+        return _stack(parts)
+
+    def _scan(self, xq: np.ndarray, depth: int, rank: int, over: float = SAMPLE_OVER) -> tuple[np.ndarray, np.ndarray]:
+        """One chunk of queries: the GEMM on torch's threads, block by block; each block's scores
+        compared and the survivors selected in parts of the queries, one thread per core. Queries
+        short of ``depth`` survivors are scanned once more with RETRY_OVER times the sample's
+        rank; what is still short, and heavy queries, go to FAISS's flat search."""
+        c, u = self.constants(xq)
+        b = len(xq)
+        qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
+        q_hat = _tensor(xq).to(torch.bfloat16)
+        step = int(min(self.n, max(MIN_BLOCK_COLS, BLOCK_SCORES // b)))  # gallery rows per block
+        with torch.inference_mode():
+            t = self._sample_threshold(q_hat, rank, over)
+            low = t - self.band(t, c, u, qnorm)  # v - band(v) grows with v: v_d >= t keeps its rows above
+            cut = np.linspace(0, b, min(usable_cores(), max(1, b // MIN_PART_QUERIES)) + 1).astype(np.int64)
+            parts = [_Part(int(a), int(e), low[a:e], SURVIVOR_CAP * rank + step) for a, e in zip(cut[:-1], cut[1:])]
+            buf, mbuf = self._buffers(b * step)
+            for s0, block in self._blocks():
+                for s in range(0, len(block), step):
+                    cols = block[s : s + step]
+                    w = len(cols)
+                    S = buf[: b * w].view(b, w)
+                    torch.matmul(q_hat, cols.T, out=S)
+                    Si, M = S.view(torch.int16).numpy(), mbuf[: b * w].view(b, w).numpy()
+                    _run(parts, lambda p: p.take(Si, M, s0 + s))
+        picked = _run(
+            parts, lambda p: p.select(rank, t[p.a : p.e], lambda v, q: self.band(v, c[p.a + q], u, qnorm[p.a + q]))
+        )
+        bound = np.concatenate([p[0] for p in picked]) + 0.0
+        short = np.concatenate([p[2] for p in picked])
+        rows = _stack([(p[0], p[1]) for p in picked])[1]
+        bound = bound + u * np.abs(bound) + c  # τ + E(τ)
+        heavy = np.concatenate([p.heavy for p in parts])
+        again = short & ~heavy & (over < SAMPLE_OVER * RETRY_OVER)
+        if again.any():
+            rows = _put(rows, bound, again, *self._scan(xq[again], depth, rank, over * RETRY_OVER))
+        short &= ~again
+        if short.any():
+            D, I = faiss_topk(xq[short], self.xb, depth, self.block_rows, release=self.mapped)
+            rows = _put(rows, bound, short, fetched_bound(D, depth, self.n), I)
+        return bound, rows
+
+    def _sample_threshold(self, q_hat, depth: int, over: float) -> np.ndarray:
+        """Each query's rank-r bfloat16 score among every SAMPLE_STRIDE-th row (float64[b])."""
+        stride = SAMPLE_STRIDE if self.n >= SAMPLE_STRIDE * 4 * depth else 1
+        r = int(min(math.ceil(over * depth / stride), -(-self.n // stride)))
+        if self._copy is not None:
+            sample = self._copy[::stride]
+        else:
+            rows = np.arange(0, self.n, stride)
+            sample = _tensor(np.ascontiguousarray(self.xb[rows], np.float32)).to(torch.bfloat16)
+            release_pages(self.xb)
+        top = torch.topk(q_hat @ sample.T, r, dim=1, sorted=False).values.amin(1)
+        return top.float().numpy().astype(np.float64)
+
+
+WARM_QUERIES = 256  # queries of the warm-up GEMM (a kernel race's share of a batch of 4096)
+MIN_PART_QUERIES = 64  # a part of the queries holds at least this many
+HIST_LEVELS = 4096  # bfloat16 levels a query's histogram holds above its threshold (more: FAISS)
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _run(parts: list, fn) -> list:
+    """fn(part) for every part, on this module's threads when there are several (numpy and torch
+    release the GIL)."""
+    global _pool
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(usable_cores(), "cir-mine-bf16")
+    return list(_pool.map(fn, parts))
+
+
+def bf16_key(bits: np.ndarray) -> np.ndarray:
+    """int16 bfloat16 bit patterns -> int32 keys in the values' order (-0 and +0 alike)."""
+    b = bits.astype(np.int32)
+    return np.where(b >= 0, b, -(b & 0x7FFF))
+
+
+def key_value(key: np.ndarray) -> np.ndarray:
+    """bf16_key -> the float64 value."""
+    key = np.asarray(key, np.int64)
+    bits = np.where(key >= 0, key, 0x8000 | -key).astype(np.uint32) << np.uint32(16)
+    return bits.view(np.float32).astype(np.float64)
+
+
+def key_floor(t: np.ndarray) -> np.ndarray:
+    """The key of the largest bfloat16 at most ``t`` (float64, finite): every bfloat16 v >= t has
+    bf16_key(v) >= it."""
+    t = np.asarray(t, np.float64)
+    f = t.astype(np.float32)
+    f = np.where(f.astype(np.float64) > t, np.nextafter(f, np.float32(-np.inf)), f)  # f <= t
+    bits = f.view(np.uint32)
+    hi = (bits >> np.uint32(16)).astype(np.int64)
+    neg = (bits >> np.uint32(31)) == 1
+    hi = np.where(neg & ((bits & np.uint32(0xFFFF)) != 0), hi + 1, hi)  # negatives round away from 0
+    return np.where(hi >= 0x8000, -(hi & 0x7FFF), hi)
+
+
+class _Part:
+    """The survivors of one part of a chunk's queries (rows a..e): (query, key, row) per block."""
+
+    def __init__(self, a: int, e: int, low: np.ndarray, cap: int):
+        self.a, self.e = a, e
+        self.low = low
+        self.low_key = key_floor(low)
+        self.positive = bool((low > 0).all())
+        self.low_bits = self.low_key.astype(np.int16)[:, None]
+        self.low_f = np.nextafter(low.astype(np.float32), np.float32(-np.inf))[:, None]
+        self.cap = cap * (e - a)  # survivors held before the heavy queries are dropped
+        self.held = 0
+        self.heavy = np.zeros(e - a, bool)
+        self.q, self.k, self.r = [], [], []
+
+    def take(self, S, M, start: int) -> None:
+        """Keep this part's scores of one block (``S``: int16[b, w], the bfloat16 bits; ``M``: bool
+        [b, w], a buffer) at or above the thresholds, the block's first gallery row being ``start``."""
+        w = S.shape[1]
+        Si = S[self.a : self.e]
+        m = M[self.a : self.e]
+        if self.positive:
+            np.greater_equal(Si, self.low_bits, out=m)
+        else:
+            values = (Si.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+            np.greater_equal(values, self.low_f, out=m)
+        f = np.flatnonzero(m)
+        q = f // w
+        self.q.append(q.astype(np.int32))
+        self.k.append(bf16_key(Si.reshape(-1)[f]))
+        self.r.append(f - q * w + start)
+        self.held += len(f)
+        if self.held > self.cap:  # some query holds far more than it needs
+            self._drop_heavy()
+
+    def _drop_heavy(self) -> None:
+        q = np.concatenate(self.q)
+        self.heavy |= np.bincount(q, minlength=self.e - self.a) > self.cap // max(1, self.e - self.a)
+        keep = ~self.heavy[q]
+        self.q, self.k, self.r = [q[keep]], [np.concatenate(self.k)[keep]], [np.concatenate(self.r)[keep]]
+        self.held = len(self.q[0])
+        self.cap = max(self.cap, 2 * self.held)
+
+    def select(self, depth: int, t: np.ndarray, band) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(τ float64[m], rows int64[m, w], short bool[m]): each query's rows with a value at least
+        τ = v_d - band(v_d), v_d its depth-th best; short: fewer than depth at or above ``t``, or a
+        heavy query, or one whose levels overflow the histogram (left to FAISS)."""
+        m = self.e - self.a
+        q = np.concatenate(self.q) if self.q else np.zeros(0, np.int32)
+        key = np.concatenate(self.k) if self.k else np.zeros(0, np.int32)
+        row = np.concatenate(self.r) if self.r else np.zeros(0, np.int64)
+        rel = np.maximum(key - self.low_key[q], 0)  # survivors are at or above low
+        levels = int(min(HIST_LEVELS, int(rel.max()) + 1 if rel.size else 1))
+        hist = np.bincount(q.astype(np.int64) * levels + np.minimum(rel, levels - 1), minlength=m * levels)
+        from_top = np.cumsum(hist.reshape(m, levels)[:, ::-1], axis=1)
+        reach = from_top[:, -1] >= depth
+        first = np.argmax(from_top >= depth, axis=1)  # levels from the top to the depth-th value
+        vd = key_value(self.low_key + (levels - 1 - first))
+        short = self.heavy | ~reach | (vd < t) | ((first == 0) & (levels == HIST_LEVELS))
+        vd = np.where(short, 0.0, vd)
+        tau = vd - band(vd, np.arange(m))
+        keep = key >= key_floor(tau)[q]
+        keep &= ~short[q]
+        q, row = q[keep], row[keep]
+        order = np.argsort(q.astype(np.int16) if m <= 32767 else q, kind="stable")
+        q, row = q[order], row[order]
+        hits = np.bincount(q, minlength=m)
+        out = np.full((m, int(hits.max()) if m else 0), -1, np.int64)
+        out[q, np.arange(len(q)) - np.r_[0, np.cumsum(hits)[:-1]][q]] = row
+        return tau, out, short
+
+
+def _tensor(a: np.ndarray):
+    """A tensor over ``a``'s memory (read-only arrays too: nothing here writes to them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def _put(rows: np.ndarray, bound: np.ndarray, which: np.ndarray, b2: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """rows (and bound, in place) with the queries ``which`` replaced by (b2, r2); rows widened."""
+    width = max(rows.shape[1], r2.shape[1])
+    rows = np.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=-1)
+    rows[which] = -1
+    rows[which, : r2.shape[1]] = r2
+    bound[which] = b2
+    return rows
+
+
+def _stack(parts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(bound, rows) parts of consecutive queries stacked, rows padded with -1 to one width."""
+    width = max(p[1].shape[1] for p in parts)
+    bound = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([np.pad(p[1], ((0, 0), (0, width - p[1].shape[1])), constant_values=-1) for p in parts])
+    return bound, rows
