@@ -46,9 +46,12 @@ def atomic_path(final: str | os.PathLike, journal: bool = True) -> Iterator[Path
         for d in reversed(created if journal else []):
             journal_created(d)
         _sweep_stale_temps(final)
-        fd, tmp = tempfile.mkstemp(prefix=f".{short_name(final.name)}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
+        with signals_blocked():  # a signal between making the temp file and holding its name would leak it
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{short_name(final.name)}.{os.getpid()}.", suffix=".tmp", dir=final.parent
+            )
+            os.close(fd)
+            tmp_path = Path(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; final files get the usual mode
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

@@ -374,3 +374,24 @@ def test_a_signal_held_back_while_the_lock_is_taken_leaves_no_lock(tmp_path, mon
     finally:
         idle.set()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_temp_file_is_made_leaves_no_temp(tmp_path, monkeypatch, sig):
+    """A signal that lands after the temp file exists but before atomic_path holds its name (inside
+    mkstemp, or on the next line) is held back until the name is held, so the rollback removes it."""
+    from cir_mine.data import atomic
+    from cir_mine.data.signals import handle_signals
+
+    real = atomic.tempfile.mkstemp
+
+    def mkstemp_then_signal(*a, **kw):
+        made = real(*a, **kw)
+        signal.raise_signal(sig)  # the file exists; its name is not returned yet
+        return made
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp_then_signal)
+    with handle_signals(), pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_path(tmp_path / "out" / "metrics.jsonl") as tmp:
+            tmp.write_text("never complete\n")
+    assert not (tmp_path / "out").exists()
