@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -43,7 +41,8 @@ import torch
 
 from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.exact import UNIT_ROUNDOFF, faiss_topk, fetched_bound, max_row_norm
-from cir_mine.miner.core.search.measure import usable_cores
+from cir_mine.miner.accel.search import host_tensor
+from cir_mine.miner.core.search.measure import core_pool, usable_cores
 
 BF16_ROUNDOFF = 2.0**-8  # bfloat16's unit roundoff
 # Tuned settings (docs/search.md, "Tuned settings")
@@ -92,7 +91,7 @@ class Bf16Scan:
             step = min(self.block_rows, PREPARE_ROWS)  # float32 temporaries of this many rows
             for s in range(0, self.n, step):
                 block = np.ascontiguousarray(read_block(self.xb, s, s + step), np.float32)
-                hat = _tensor(block).to(torch.bfloat16)
+                hat = host_tensor(block).to(torch.bfloat16)
                 back = hat.float().numpy()
                 top_hat = max(top_hat, max_row_norm(back))
                 top_res = max(top_res, max_row_norm(block - back))  # exact in float32
@@ -122,7 +121,7 @@ class Bf16Scan:
                 yield s, self._copy[s : s + self.block_rows]
             else:
                 block = np.ascontiguousarray(read_block(self.xb, s, s + self.block_rows), np.float32)
-                yield s, _tensor(block).to(torch.bfloat16)
+                yield s, host_tensor(block).to(torch.bfloat16)
                 release_pages(self.xb)
 
     def _buffers(self, size: int):
@@ -138,7 +137,7 @@ class Bf16Scan:
     def constants(self, xq: np.ndarray) -> tuple[np.ndarray, float]:
         """(c float64[b], u'): |real - v| <= u'|v| + c for every row's bfloat16 score v."""
         self.prepare()
-        qh = _tensor(np.ascontiguousarray(xq, np.float32)).to(torch.bfloat16).float().numpy()
+        qh = host_tensor(np.ascontiguousarray(xq, np.float32)).to(torch.bfloat16).float().numpy()
         q_hat = np.sqrt(np.einsum("ij,ij->i", qh, qh, dtype=np.float64))
         res = xq.astype(np.float64) - qh
         e_q = np.sqrt(np.einsum("ij,ij->i", res, res))
@@ -177,7 +176,7 @@ class Bf16Scan:
         c, u = self.constants(xq)
         b = len(xq)
         qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
-        q_hat = _tensor(xq).to(torch.bfloat16)
+        q_hat = host_tensor(xq).to(torch.bfloat16)
         step = int(min(self.n, max(MIN_BLOCK_COLS, BLOCK_SCORES // b)))  # gallery rows per block
         with torch.inference_mode():
             t = self._sample_threshold(q_hat, rank, over)
@@ -218,7 +217,7 @@ class Bf16Scan:
             sample = self._copy[::stride]
         else:
             rows = np.arange(0, self.n, stride)
-            sample = _tensor(np.ascontiguousarray(self.xb[rows], np.float32)).to(torch.bfloat16)
+            sample = host_tensor(np.ascontiguousarray(self.xb[rows], np.float32)).to(torch.bfloat16)
             release_pages(self.xb)
         top = torch.topk(q_hat @ sample.T, r, dim=1, sorted=False).values.amin(1)
         return top.float().numpy().astype(np.float64)
@@ -227,20 +226,14 @@ class Bf16Scan:
 WARM_QUERIES = 256  # queries of the warm-up GEMM (a kernel race's share of a batch of 4096)
 MIN_PART_QUERIES = 64  # a part of the queries holds at least this many
 HIST_LEVELS = 4096  # bfloat16 levels a query's histogram holds above its threshold (more: FAISS)
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
 
 
 def _run(parts: list, fn) -> list:
     """fn(part) for every part, on this module's threads when there are several (numpy and torch
     release the GIL)."""
-    global _pool
     if len(parts) == 1:
         return [fn(parts[0])]
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(usable_cores(), "cir-mine-bf16")
-    return list(_pool.map(fn, parts))
+    return list(core_pool("cir-mine-bf16").map(fn, parts))
 
 
 def bf16_key(bits: np.ndarray) -> np.ndarray:
@@ -339,13 +332,6 @@ class _Part:
         out = np.full((m, int(hits.max()) if m else 0), -1, np.int64)
         out[q, np.arange(len(q)) - np.r_[0, np.cumsum(hits)[:-1]][q]] = row
         return tau, out, short
-
-
-def _tensor(a: np.ndarray):
-    """A tensor over ``a``'s memory (read-only arrays too: nothing here writes to them)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(a)
 
 
 def _put(rows: np.ndarray, bound: np.ndarray, which: np.ndarray, b2: np.ndarray, r2: np.ndarray) -> np.ndarray:

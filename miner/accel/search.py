@@ -192,10 +192,10 @@ class TorchSearch:
         if self.mapped or self._copy_bytes() > self.memory // 2:
             return None
         if self._copy_bytes() == 0:
-            return _host_tensor(np.ascontiguousarray(self.xb, np.float32))
+            return host_tensor(np.ascontiguousarray(self.xb, np.float32))
         out = torch.empty((self.ntotal, self.d), dtype=self.dtype, device=self.device)
         for s in range(0, self.ntotal, self.block_rows):
-            block = _host_tensor(np.ascontiguousarray(self.xb[s : s + self.block_rows], np.float32))
+            block = host_tensor(np.ascontiguousarray(self.xb[s : s + self.block_rows], np.float32))
             out[s : s + len(block)] = block.to(self.device).to(self.dtype)
         return out
 
@@ -306,7 +306,7 @@ class TorchSearch:
             if self.gallery is not None:
                 block = self.gallery[s : s + self.block_rows]
             else:
-                host = _host_tensor(read_block(self.xb, s, s + self.block_rows))
+                host = host_tensor(read_block(self.xb, s, s + self.block_rows))
                 if self.device.type == "cuda":
                     host = host.pin_memory()
                 block = host.to(self.device, non_blocking=True).to(self.dtype)
@@ -446,8 +446,8 @@ def _merge(vals: list, idx: list, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, i.gather(1, j)
 
 
-def _host_tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor over ``a``'s memory (read-only arrays too: nothing here writes to the gallery)."""
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over ``a``'s memory (read-only arrays too: no caller writes to the tensor)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(a)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -31,6 +32,19 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+_pools: dict = {}
+_pools_lock = threading.Lock()
+
+
+def core_pool(name: str) -> ThreadPoolExecutor:
+    """The process's pool ``name``: one thread per usable core, made on first use. Each user names
+    its own, so work on one pool never waits for a task queued behind it on the same pool."""
+    with _pools_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(usable_cores(), name)
+        return _pools[name]
 
 
 def shape_class(nq: int, depth: int) -> tuple[int, int]:

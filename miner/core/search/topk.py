@@ -3,28 +3,17 @@
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cir_mine.miner.core.search.measure import usable_cores
+from cir_mine.miner.core.search.measure import core_pool, usable_cores
 
 # Tuned setting (docs/search.md, "Tuned settings"): a top-k of at least this many scores is sorted in
 # parts of its queries, one thread per core (numpy releases the GIL while it sorts)
 PARALLEL_SCORES = 1 << 20
 MIN_PART_ROWS = 256  # rows a part holds at least
-# its own threads, not the selection threads' (which run searches, and so sorts, themselves)
-_pool: "ThreadPoolExecutor | None" = None
-_pool_lock = threading.Lock()
-
-
-def _threads() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(usable_cores(), "cir-mine-topk")
-        return _pool
+# its own threads (core_pool "cir-mine-topk"), not the selection threads' (which run searches, and so
+# sorts, themselves)
 
 
 def _desc_bits(bits: np.ndarray) -> np.ndarray:
@@ -46,7 +35,7 @@ def topk_desc(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     if parts < 2:
         return _topk_desc(D, I, k)
     cut = np.linspace(0, D.shape[0], parts + 1).astype(np.int64)
-    done = list(_threads().map(lambda a, b: _topk_desc(D[a:b], I[a:b], k), cut[:-1], cut[1:]))
+    done = list(core_pool("cir-mine-topk").map(lambda a, b: _topk_desc(D[a:b], I[a:b], k), cut[:-1], cut[1:]))
     return np.concatenate([d for d, _ in done]), np.concatenate([i for _, i in done])
 
 
