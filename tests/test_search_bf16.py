@@ -208,3 +208,18 @@ def test_the_device_rule_races_the_scan_for_galleries_in_memory(tmp_path):
     path = tmp_path / "xb.npy"
     np.save(path, xb)
     assert device_search(np.load(path, mmap_mode="r"), cfg) is None
+
+
+def test_a_gemm_outside_the_bound_hands_the_queries_to_faiss(monkeypatch, caplog):
+    """prepare checks torch's GEMM against the bound: it holds here; with a bound too tight for any
+    bfloat16 GEMM the check fails, the scan says so, and FAISS fetches (the rows stay exact)."""
+    xb, xq = world("unit", n=5000, nq=200)
+    ref = ExactSearch(xb, device="cpu", kernels=("faiss",)).search(xq, 20)
+    scan = Bf16Scan(xb)
+    scan.prepare()
+    assert scan.sound
+    monkeypatch.setattr(lowp, "BF16_ROUNDOFF", 2.0**-30)
+    backend = bf16_search(xb)
+    with caplog.at_level("WARNING"):
+        _same(backend.search(xq, 20), ref)
+    assert not backend.scans["bf16"].sound and "exceeds the rounding bound" in caplog.text

@@ -14,7 +14,10 @@ the rounded inputs move the product by |q·x - q̂·x̂| <= ‖q̂‖‖e_x‖ +
 bfloat16 result v of a float32 sum s differs from it by at most u'|v| (u' = u / (1 - u), u = 2^-8);
 flushed subnormals add at most 2^-126 per product. So the real product r of every row satisfies
 |r - v| <= E(v) = u'|v| + c, where c holds the query's terms with the gallery's largest ‖e_x‖ and
-‖x̂‖ (both measured once).
+‖x̂‖ (both measured once). The GEMM's part of it (float32 sums, one rounding to bfloat16) is what
+torch's kernel on this CPU must keep: ``prepare`` checks it on a sample of the gallery scored
+against itself (a float64 reference), and where it fails the scan hands every query to FAISS's flat
+search.
 
 The selection, without a top-k over every score. The scan is asked for ``depth`` rows to cut at
 rank k (at most depth). Each query's threshold t is the rank-r score among every ``SAMPLE_STRIDE``-th
@@ -32,6 +35,7 @@ FAISS's flat search instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Optional
@@ -44,6 +48,8 @@ from cir_mine.miner.core.search.exact import UNIT_ROUNDOFF, faiss_topk, fetched_
 from cir_mine.miner.accel.search import host_tensor
 from cir_mine.miner.core.search.measure import core_pool, usable_cores
 
+log = logging.getLogger(__name__)
+
 BF16_ROUNDOFF = 2.0**-8  # bfloat16's unit roundoff
 # Tuned settings (docs/search.md, "Tuned settings")
 QUERY_CHUNK = 2048  # queries per GEMM
@@ -53,6 +59,7 @@ SAMPLE_STRIDE = 16  # the thresholds come from every SAMPLE_STRIDE-th gallery ro
 SAMPLE_OVER = 1.5  # the sample's rank is chosen so that about SAMPLE_OVER x depth rows pass its threshold
 RETRY_OVER = 4.0  # a query short of depth rows above it is scanned again with this times the rank
 SURVIVOR_CAP = 16  # a query with more survivors than this x depth (+ a block's rows) goes to FAISS instead
+CHECK_ROWS, CHECK_COLS = 64, 2048  # the prepare's check of torch's GEMM against the bound
 COPY_BYTES = 1 << 30  # a gallery whose bfloat16 copy is larger is converted block by block at each scan
 PREPARE_ROWS = 32_768  # rows converted at a time when the copy and the error terms are made
 
@@ -73,6 +80,7 @@ class Bf16Scan:
         self._copy = None  # the bfloat16 gallery (when it fits COPY_BYTES)
         self._err = None  # (largest ‖x̂‖, largest ‖x - x̂‖)
         self._lock = threading.Lock()
+        self.sound = True  # torch's GEMM met the bound on the prepare's check (else FAISS fetches)
         self._local = threading.local()  # per-thread score buffers
 
     # -- the gallery in bfloat16 ------------------------------------------------------------------
@@ -105,13 +113,21 @@ class Bf16Scan:
         self._warm()
 
     def _warm(self) -> None:
+        """One GEMM of the scan's shape, checked against the bound, and one pass of the threads."""
         b = min(WARM_QUERIES, self.n)
         step = int(min(self.n, max(MIN_BLOCK_COLS, BLOCK_SCORES // b)))
         _, block = next(self._blocks())
-        q = block[:b]
+        q, cols = block[:b], block[:step]
         with torch.inference_mode():
             buf, _ = self._buffers(b * step)
-            torch.matmul(q, block[:step].T, out=buf[: b * min(step, len(block))].view(b, -1))
+            S = buf[: b * len(cols)].view(b, len(cols))
+            torch.matmul(q, cols.T, out=S)
+            self.sound = gemm_within_bound(q[:CHECK_ROWS], cols[:CHECK_COLS], S[:CHECK_ROWS, :CHECK_COLS], self.d)
+        if not self.sound:
+            log.warning(
+                "torch's bfloat16 GEMM on this CPU exceeds the rounding bound the scan relies on; "
+                "its candidates come from FAISS's flat search instead"
+            )
         _run([0] * usable_cores(), lambda _: None)
 
     def _blocks(self):
@@ -165,6 +181,9 @@ class Bf16Scan:
             rows = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n)).copy()
             return np.full(b, -np.inf), rows
         rank = int(min(depth, k)) if k is not None else depth
+        if not self.sound:
+            D, I = faiss_topk(xq, self.xb, depth, self.block_rows, release=self.mapped)
+            return fetched_bound(D, depth, self.n), I
         parts = [self._scan(xq[s : s + QUERY_CHUNK], depth, rank) for s in range(0, b, QUERY_CHUNK)]
         return _stack(parts)
 
@@ -226,6 +245,19 @@ class Bf16Scan:
 WARM_QUERIES = 256  # queries of the warm-up GEMM (a kernel race's share of a batch of 4096)
 MIN_PART_QUERIES = 64  # a part of the queries holds at least this many
 HIST_LEVELS = 4096  # bfloat16 levels a query's histogram holds above its threshold (more: FAISS)
+
+
+def gemm_within_bound(q, x, S, d: int) -> bool:
+    """Whether bfloat16 GEMM scores ``S`` of bfloat16 rows ``q`` against ``x`` lie within the part
+    of the bound the GEMM itself must keep: float32 sums of the exact products (γ_(d+2) ‖q‖‖x‖) and
+    one rounding of the result to bfloat16 (u'|v|), against the products summed in float64."""
+    q64, x64 = q.double().numpy(), x.double().numpy()
+    v = S.float().numpy().astype(np.float64)
+    real = q64 @ x64.T
+    gamma = (d + 2) * UNIT_ROUNDOFF / (1.0 - (d + 2) * UNIT_ROUNDOFF)
+    u = BF16_ROUNDOFF / (1.0 - BF16_ROUNDOFF)
+    norms = np.sqrt(np.einsum("ij,ij->i", q64, q64))[:, None] * np.sqrt(np.einsum("ij,ij->i", x64, x64))[None, :]
+    return bool(np.all(np.abs(real - v) <= u * np.abs(v) + gamma * norms * (1 + 1e-6) + d * 2.0**-120 * (1 + norms)))
 
 
 def _run(parts: list, fn) -> list:
