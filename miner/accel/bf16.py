@@ -150,10 +150,12 @@ class Bf16Scan:
         return have
 
     # -- the bound --------------------------------------------------------------------------------
-    def constants(self, xq: np.ndarray) -> tuple[np.ndarray, float]:
-        """(c float64[b], u'): |real - v| <= u'|v| + c for every row's bfloat16 score v."""
+    def constants(self, xq: np.ndarray, q_hat=None) -> tuple[np.ndarray, float]:
+        """(c float64[b], u'): |real - v| <= u'|v| + c for every row's bfloat16 score v (``q_hat``:
+        the queries already rounded to bfloat16, when the caller has them)."""
         self.prepare()
-        qh = host_tensor(np.ascontiguousarray(xq, np.float32)).to(torch.bfloat16).float().numpy()
+        xq = np.ascontiguousarray(xq, np.float32)
+        qh = (q_hat if q_hat is not None else host_tensor(xq).to(torch.bfloat16)).float().numpy()
         q_hat = np.sqrt(np.einsum("ij,ij->i", qh, qh, dtype=np.float64))
         res = xq.astype(np.float64) - qh
         e_q = np.sqrt(np.einsum("ij,ij->i", res, res))
@@ -182,8 +184,7 @@ class Bf16Scan:
             return np.full(b, -np.inf), rows
         rank = int(min(depth, k)) if k is not None else depth
         if not self.sound:
-            D, I = faiss_topk(xq, self.xb, depth, self.block_rows, release=self.mapped)
-            return fetched_bound(D, depth, self.n), I
+            return self._faiss(xq, depth)
         parts = [self._scan(xq[s : s + QUERY_CHUNK], depth, rank) for s in range(0, b, QUERY_CHUNK)]
         return _stack(parts)
 
@@ -192,10 +193,10 @@ class Bf16Scan:
         compared and the survivors selected in parts of the queries, one thread per core. Queries
         short of ``depth`` survivors are scanned once more with RETRY_OVER times the sample's
         rank; what is still short, and heavy queries, go to FAISS's flat search."""
-        c, u = self.constants(xq)
+        q_hat = host_tensor(xq).to(torch.bfloat16)
+        c, u = self.constants(xq, q_hat)
         b = len(xq)
         qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
-        q_hat = host_tensor(xq).to(torch.bfloat16)
         step = int(min(self.n, max(MIN_BLOCK_COLS, BLOCK_SCORES // b)))  # gallery rows per block
         with torch.inference_mode():
             t = self._sample_threshold(q_hat, rank, over)
@@ -214,19 +215,22 @@ class Bf16Scan:
         picked = _run(
             parts, lambda p: p.select(rank, t[p.a : p.e], lambda v, q: self.band(v, c[p.a + q], u, qnorm[p.a + q]))
         )
-        bound = np.concatenate([p[0] for p in picked]) + 0.0
+        tau, rows = _stack([(p[0], p[1]) for p in picked])
         short = np.concatenate([p[2] for p in picked])
-        rows = _stack([(p[0], p[1]) for p in picked])[1]
-        bound = bound + u * np.abs(bound) + c  # τ + E(τ)
+        bound = tau + u * np.abs(tau) + c  # τ + E(τ)
         heavy = np.concatenate([p.heavy for p in parts])
         again = short & ~heavy & (over < SAMPLE_OVER * RETRY_OVER)
         if again.any():
             rows = _put(rows, bound, again, *self._scan(xq[again], depth, rank, over * RETRY_OVER))
         short &= ~again
         if short.any():
-            D, I = faiss_topk(xq[short], self.xb, depth, self.block_rows, release=self.mapped)
-            rows = _put(rows, bound, short, fetched_bound(D, depth, self.n), I)
+            rows = _put(rows, bound, short, *self._faiss(xq[short], depth))
         return bound, rows
+
+    def _faiss(self, xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bound, rows) of FAISS's flat search ``depth`` deep: the queries the scan leaves."""
+        D, I = faiss_topk(xq, self.xb, depth, self.block_rows, release=self.mapped)
+        return fetched_bound(D, depth, self.n), I
 
     def _sample_threshold(self, q_hat, depth: int, over: float) -> np.ndarray:
         """Each query's rank-r bfloat16 score among every SAMPLE_STRIDE-th row (float64[b])."""
