@@ -30,10 +30,9 @@ from cir_mine.data.synthetic import SynthConfig, parse_salience
 from cir_mine.miner.core.mine import MineConfig
 from cir_mine.miner.core.strategies import REGISTRY
 from cir_mine.miner.distributed.mine import EngineConfig
-from cir_mine.miner.distributed.ray_embed import RayEmbedRun
 from cir_mine.miner.distributed.ray_shards import RayConfig
 from cir_mine.miner.distributed.shards import ShardConfig
-from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EmbedJob, EncoderConfig, ImageRun
+from cir_mine.miner.encode.config import DEFAULT_PROMPTS, EmbedJob, EncoderConfig, ImageRun, RayEmbedRun
 from cir_mine.miner.negatives import GUARD_SWITCHES, off_value
 from cir_mine.miner.positives.captioners import CommandCaptioner
 from cir_mine.miner.positives.pairs import PositivesConfig

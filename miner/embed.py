@@ -8,8 +8,7 @@ from typing import Callable, Optional
 
 from cir_mine.data.errors import UsageError
 from cir_mine.miner.distributed.mine import ENGINES
-from cir_mine.miner.distributed.ray_embed import RayEmbedRun
-from cir_mine.miner.encode.config import EmbedJob
+from cir_mine.miner.encode.config import EmbedJob, RayEmbedRun
 
 
 def embed(

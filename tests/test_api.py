@@ -296,6 +296,14 @@ def test_core_api_imports_no_torch(world, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_cli_starts_without_torch(tmp_path):
+    """The command line's module (every `cir-mine` and `cir-train` call, `--help` included) loads
+    no torch: the commands that encode or train import it when they run."""
+    code = "import sys\nimport cir_mine.cli\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # Remine
 

@@ -15,7 +15,6 @@ images in the footer). At the end the parts become the gallery folder ``gallery.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 from cir_mine.data.crash import crash_point
 from cir_mine.data.errors import DataError, UsageError
 from cir_mine.data.workspace import read_metadata, write_table
+from cir_mine.miner.encode.config import RayEmbedRun
 from cir_mine.miner.encode.pipeline import (
     UNIT_SAVED,
     Executor,
@@ -38,18 +38,6 @@ from cir_mine.miner.encode.pipeline import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RayEmbedRun:
-    # fmt: off
-    actors: int = 1                 # open_clip encoder actors (with device cuda at most one per GPU)
-    part_size: int = 4096           # images per gallery part (the unit of resume)
-    batch_size: int = 64            # images per forward pass inside an actor
-    cpus_per_actor: Optional[float] = None  # CPUs each CPU encoder actor reserves, its torch threads max(1, floor)
-                                            # (None: 1, or a fraction so that every actor fits the cluster)
-    address: Optional[str] = None   # the cluster to join: auto or HOST:PORT (None: start a local one)
-    # fmt: on
 
 
 class EncoderActor:

@@ -58,3 +58,15 @@ class EmbedJob:
     triplets_file: Optional[Path] = None  # folder: the triplets CSV/JSONL (default ROOT/triplets.{split}.csv|jsonl);
                                           # webdataset: triplets naming sample keys (none: gallery only)
     # fmt: on
+
+
+@dataclass(frozen=True)
+class RayEmbedRun:
+    # fmt: off
+    actors: int = 1                 # open_clip encoder actors (with device cuda at most one per GPU)
+    part_size: int = 4096           # images per gallery part (the unit of resume)
+    batch_size: int = 64            # images per forward pass inside an actor
+    cpus_per_actor: Optional[float] = None  # CPUs each CPU encoder actor reserves, its torch threads max(1, floor)
+                                            # (None: 1, or a fraction so that every actor fits the cluster)
+    address: Optional[str] = None   # the cluster to join: auto or HOST:PORT (None: start a local one)
+    # fmt: on
