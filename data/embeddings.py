@@ -43,14 +43,15 @@ def check_embeddings(emb: np.ndarray, path: Path, column: str, ids: Sequence[str
     """Raise SchemaError when ``emb`` has NaN/inf rows or rows that are not unit length."""
     if emb.shape[0] == 0:
         return
-    finite = np.isfinite(emb).all(axis=1)
+    # float32/float16 squares summed in float64 cannot overflow: a row's norm is finite iff its values are
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64))
+    finite = np.isfinite(norms) if emb.dtype in (np.float32, np.float16) else np.isfinite(emb).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise SchemaError(
             f"{path}: column '{column}' has {bad.size} row(s) with NaN or inf values "
             f"(first: {ids[bad[0]]!s}). Re-embed those items or drop them."
         )
-    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64))
     off = np.abs(norms - 1.0) > NORM_TOLERANCE
     if off.any():
         bad = np.flatnonzero(off)

@@ -24,11 +24,11 @@ def read_parquet(path: str | os.PathLike, columns=None):
 
     path = Path(path)
     check_readable_file(path)
-    with _parquet_errors(path):
+    with _parquet_errors(path), pq.ParquetFile(path) as f:  # not pq.read_table: its dataset layer imports pandas
         if columns is not None:
-            names = pq.read_schema(path).names
+            names = f.schema_arrow.names
             columns = [c for c in columns if c in names]
-        return pq.read_table(path, columns=columns)
+        return f.read(columns=columns)
 
 
 def read_parquet_schema(path: str | os.PathLike):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -146,3 +147,20 @@ def test_array_bytes_are_the_bytes_tobytes_gives(tmp_path):
     ]
     for a in cases:
         assert hashlib.sha256(array_bytes(a)).digest() == hashlib.sha256(a.tobytes()).digest()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_rows_are_named_in_any_float_dtype(bad, dtype):
+    """The finiteness check reads each row's norm: an inf, -inf or NaN value makes it non-finite,
+    while a huge finite value (its square summed in float64) is reported as not normalized."""
+    from cir_mine.data.embeddings import check_embeddings
+
+    emb = np.eye(4, 8, dtype=dtype)
+    emb[1, 3] = bad
+    with pytest.raises(SchemaError, match=r"1 row\(s\) with NaN or inf values \(first: b\)"):
+        check_embeddings(emb, Path("g.parquet"), "embedding", ["a", "b", "c", "d"])
+    emb = np.eye(4, 8, dtype=dtype)
+    emb[2, 0] = np.finfo(dtype).max
+    with pytest.raises(SchemaError, match=r"1 row\(s\) that are not L2-normalized \(first: c"):
+        check_embeddings(emb, Path("g.parquet"), "embedding", ["a", "b", "c", "d"])
