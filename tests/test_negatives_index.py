@@ -158,6 +158,31 @@ def test_tuning_reaches_the_target_recall_and_is_recorded(world):
     )
 
 
+def test_recall_references_search_through_the_device_rule(world):
+    """Tuning's and check_recall's exact references are searched by the exact back-end the device
+    rule's factory makes for this gallery (on the CPU the bfloat16 scan races the core's kernels),
+    as exact mining is; the table, the tuning and the recall report equal the core's own."""
+    from cir_mine.miner.accel.open import device_search
+
+    asked = []
+
+    def factory(xb, cfg):
+        asked.append(cfg.index)
+        return device_search(xb, cfg)
+
+    kw = dict(strategy="hardest", index="IVF16,Flat", target_recall=0.9, tune_queries=200, check_recall=150)
+    own = mine(world, **kw)
+    via = mine_negatives(world["ws"], "train", MineConfig.of(k=10, candidates=200, **kw), index=factory)
+    assert asked == ["IVF16,Flat", "flat", "flat"]  # the back-end, the tuning's reference, the check's
+    assert via.table.equals(own.table)
+
+    def timeless(rec):
+        return {k: timeless(v) if isinstance(v, dict) else v for k, v in rec.items() if k != "seconds"}
+
+    for record in ("tuning", "check"):
+        assert timeless(via.meta["search"][record]) == timeless(own.meta["search"][record])
+
+
 def test_check_recall_on_exact_search_is_one(world):
     res = mine(world, strategy="midzone", check_recall=100)
     assert res.meta["search"]["check"]["candidate_recall"] == 1.0

@@ -26,8 +26,9 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     a seeded sample of the composed queries."""
     xb = prep.pool.xb
     n, d = xb.shape
-    if index is not None and not hasattr(index, "search"):
-        made = index(xb, cfg)  # a factory from above the core (the device rule's back-end)
+    maker = index if index is not None and not hasattr(index, "search") else None  # the device rule's factory
+    if maker is not None:
+        made = maker(xb, cfg)  # a factory from above the core (the device rule's back-end)
         if made is not None:
             check_backend(made, n, d, "the device back-end")
             return made, {**made.describe(), "source": "built"}
@@ -81,22 +82,36 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     if cfg.fixed_params():
         backend.set_params(cfg.fixed_params())
     elif cfg.target_recall is not None and prep.need_ranked:
-        rec["tuning"] = tune_backend(prep, cfg, backend).to_dict()
+        rec["tuning"] = tune_backend(prep, cfg, backend, exact_reference(xb, cfg, maker)).to_dict()
     return backend, {**backend.describe(), **rec}
 
 
-def tune_backend(prep: Prepared, cfg: MineConfig, backend) -> "Tuning":
+def exact_reference(xb, cfg: MineConfig, index=None):
+    """The exact search a recall reference (tuning, ``check_recall``) runs on: the one the device
+    rule's factory ``index`` makes for exact search of this gallery (on the CPU its bfloat16 scan
+    races the core's kernels, as exact mining does), else the core's own ExactSearch. Exact search
+    returns the same rows on any kernel, so this choice changes the time only."""
+    if index is not None and not hasattr(index, "search"):
+        made = index(xb, cfg.replace(index="flat"))
+        if made is not None:
+            return made
+    return ExactSearch(xb, blocked=True)
+
+
+def tune_backend(prep: Prepared, cfg: MineConfig, backend, exact=None) -> "Tuning":
     """Tune an approximate back-end to ``cfg.target_recall`` on a seeded sample of the composed
     queries: at the depth every batch is searched at (the reserve short queries are mined from, so
     the negatives of queries whose target ranks deep are found as reliably), then, when deepening
     can search further and a deeper search costs about the same (full vectors: the later batches
     may be searched that deep at once), at the deepest depth (``max_candidates``) too. Other
-    back-ends (compressed codes, HNSW) keep the tuned value-to-depth ratio for deeper searches."""
+    back-ends (compressed codes, HNSW) keep the tuned value-to-depth ratio for deeper searches.
+    ``exact``: the reference's exact search (:func:`exact_reference`; default the core's own)."""
     depth = reserve_depth(prep, cfg, backend)
     deepest = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else depth
     sample = sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
     xq = prep.qs.emb[sample]
-    _, exact_I = ExactSearch(prep.pool.xb, blocked=True).search(xq, max(depth, deepest))
+    exact = exact if exact is not None else ExactSearch(prep.pool.xb, blocked=True)
+    _, exact_I = exact.search(xq, max(depth, deepest))
     tuning = tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall)
     if deepest > depth and getattr(backend, "cheap_depth", False):
         tuning.deep = tune_deep(backend, exact_I, xq, deepest, cfg.target_recall)

@@ -25,7 +25,7 @@ from cir_mine.data.io import check_output, write_job
 from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import Workspace, file_digest
 from cir_mine.miner.core.assemble import assemble_table, footer, seconds, stage_seconds
-from cir_mine.miner.core.backend import open_search
+from cir_mine.miner.core.backend import exact_reference, open_search
 from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.prepare import prepare
 from cir_mine.miner.core.recall import check_recall
@@ -103,7 +103,7 @@ def mine_negatives(
     mined = mine_queries(prep, cfg, backend, np.arange(prep.m, dtype=np.int64), prefetch, progress)
     after = _measured(backend)
     if cfg.check_recall and backend is not None:
-        search_meta["check"] = check_recall(prep, cfg, backend, mined)
+        search_meta["check"] = check_recall(prep, cfg, backend, mined, exact_reference(prep.pool.xb, cfg, index))
     search_meta["prefetch"] = bool(prefetch)
     t2 = time.perf_counter()
     table = assemble_table(prep.pool, prep.qs, prep.parts, mined.out, mining_round, cfg.seed)

@@ -14,13 +14,14 @@ from cir_mine.miner.core.search.build import sample_rows
 from cir_mine.miner.core.search.tuning import candidate_recall
 
 
-def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined) -> dict:
+def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined, exact=None) -> dict:
     """The recall report: on ``cfg.check_recall`` sampled queries, candidate recall@depth of the
     back-end against exact search, and the share of each query's mined negatives that exact
-    mining (same config, seed and queries) also picks."""
+    mining (same config, seed and queries) also picks. ``exact``: the reference's exact search
+    (:func:`~cir_mine.miner.core.backend.exact_reference`; default the core's own)."""
     t0 = time.perf_counter()
     sample = sample_rows(prep.m, cfg.check_recall, cfg.seed, 2)
-    exact = ExactSearch(prep.pool.xb, blocked=True)
+    exact = exact if exact is not None else ExactSearch(prep.pool.xb, blocked=True)
     xq = prep.qs.emb[sample]
     rec = {"queries": int(sample.size), "depth": prep.depth}
     if prep.need_ranked:
