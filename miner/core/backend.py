@@ -98,19 +98,18 @@ def exact_reference(xb, cfg: MineConfig, index=None):
     return ExactSearch(xb, blocked=True)
 
 
-def tune_backend(prep: Prepared, cfg: MineConfig, backend, exact=None) -> "Tuning":
+def tune_backend(prep: Prepared, cfg: MineConfig, backend, exact) -> "Tuning":
     """Tune an approximate back-end to ``cfg.target_recall`` on a seeded sample of the composed
     queries: at the depth every batch is searched at (the reserve short queries are mined from, so
     the negatives of queries whose target ranks deep are found as reliably), then, when deepening
     can search further and a deeper search costs about the same (full vectors: the later batches
     may be searched that deep at once), at the deepest depth (``max_candidates``) too. Other
     back-ends (compressed codes, HNSW) keep the tuned value-to-depth ratio for deeper searches.
-    ``exact``: the reference's exact search (:func:`exact_reference`; default the core's own)."""
+    ``exact``: the reference's exact search (:func:`exact_reference`)."""
     depth = reserve_depth(prep, cfg, backend)
     deepest = min(len(prep.g), cfg.max_candidates) if cfg.max_candidates else depth
     sample = sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
     xq = prep.qs.emb[sample]
-    exact = exact if exact is not None else ExactSearch(prep.pool.xb, blocked=True)
     _, exact_I = exact.search(xq, max(depth, deepest))
     tuning = tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall)
     if deepest > depth and getattr(backend, "cheap_depth", False):

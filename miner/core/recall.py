@@ -9,19 +9,17 @@ import numpy as np
 from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.prepare import Prepared
 from cir_mine.miner.core.schedule import Mined, mine_queries
-from cir_mine.miner.core.search.backends import ExactSearch
 from cir_mine.miner.core.search.build import sample_rows
 from cir_mine.miner.core.search.tuning import candidate_recall
 
 
-def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined, exact=None) -> dict:
+def check_recall(prep: Prepared, cfg: MineConfig, backend, mined: Mined, exact) -> dict:
     """The recall report: on ``cfg.check_recall`` sampled queries, candidate recall@depth of the
     back-end against exact search, and the share of each query's mined negatives that exact
     mining (same config, seed and queries) also picks. ``exact``: the reference's exact search
-    (:func:`~cir_mine.miner.core.backend.exact_reference`; default the core's own)."""
+    (:func:`~cir_mine.miner.core.backend.exact_reference`)."""
     t0 = time.perf_counter()
     sample = sample_rows(prep.m, cfg.check_recall, cfg.seed, 2)
-    exact = exact if exact is not None else ExactSearch(prep.pool.xb, blocked=True)
     xq = prep.qs.emb[sample]
     rec = {"queries": int(sample.size), "depth": prep.depth}
     if prep.need_ranked:
