@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from cir_mine.data.workspace import Workspace, file_digest
 from cir_mine.miner.core.config import MineConfig
 from cir_mine.miner.core.prepare import Prepared
@@ -57,18 +59,23 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     if spec == "workspace":
         path = ws.index_path(split)
         meta = index_meta(path)
-        raw = load_index(path, "cpu" if "HNSW" in str(meta.get("factory", "")) else cfg.device)
-        check_index(
-            raw,
-            prep.g,
-            path,
-            ws.gallery_path(split),
-            meta.get("gallery_hash"),
-            f"Rebuild it with `cir-mine index work={ws.root} split={split}`",
-            ("work", "split"),
-        )
+        # the file's SHA-256 on a thread of its own, beside the read and the gallery's check (hashlib
+        # releases the GIL): at 1M x 256 each hashes about 1 GB
+        with ThreadPoolExecutor(1, thread_name_prefix="cir-mine-digest") as pool:
+            digest = pool.submit(file_digest, path)
+            raw = load_index(path, "cpu" if "HNSW" in str(meta.get("factory", "")) else cfg.device)
+            check_index(
+                raw,
+                prep.g,
+                path,
+                ws.gallery_path(split),
+                meta.get("gallery_hash"),
+                f"Rebuild it with `cir-mine index work={ws.root} split={split}`",
+                ("work", "split"),
+            )
+            fingerprint = digest.result()
         factory = meta.get("factory") or type(raw).__name__
-        info = {"index": "workspace", "factory": factory, "file": path.name, "fingerprint": file_digest(path)}
+        info = {"index": "workspace", "factory": factory, "file": path.name, "fingerprint": fingerprint}
     else:
         raw = build_index(xb, spec, cfg.device, cfg.fp16, cfg.seed)
         factory = factory_string(spec, n, d)
