@@ -371,9 +371,9 @@ class Workspace:
 
     def split_hash(self, split: str) -> str:
         """Identity of one split's data: a hash over ``gallery.{split}.parquet`` (or each part of the
-        folder ``gallery.{split}/``) and
-        ``triplets.{split}.parquet`` (each file's content, :func:`file_fingerprint`). Other splits and the manifest do not enter it,
-        so embedding another split leaves it unchanged; rewriting this split's tables changes it."""
+        folder ``gallery.{split}/``) and ``triplets.{split}.parquet`` (each file's content,
+        :func:`file_fingerprint`). Other splits and the manifest do not enter it, so embedding
+        another split leaves it unchanged; rewriting this split's tables changes it."""
         h = hashlib.sha256(check_split(split).encode())
         for p in (self.gallery_path(split), self.triplets_path(split)):
             h.update(f"|{p.name}|".encode())

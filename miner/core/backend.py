@@ -28,7 +28,7 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     a seeded sample of the composed queries."""
     xb = prep.pool.xb
     n, d = xb.shape
-    maker = index if index is not None and not hasattr(index, "search") else None  # the device rule's factory
+    maker = factory_of(index)
     if maker is not None:
         made = maker(xb, cfg)  # a factory from above the core (the device rule's back-end)
         if made is not None:
@@ -98,11 +98,15 @@ def exact_reference(xb, cfg: MineConfig, index=None):
     rule's factory ``index`` makes for exact search of this gallery (on the CPU its bfloat16 scan
     races the core's kernels, as exact mining does), else the core's own ExactSearch. Exact search
     returns the same rows on any kernel, so this choice changes the time only."""
-    if index is not None and not hasattr(index, "search"):
-        made = index(xb, cfg.replace(index="flat"))
-        if made is not None:
-            return made
-    return ExactSearch(xb, blocked=True)
+    maker = factory_of(index)
+    made = maker(xb, cfg.replace(index="flat")) if maker is not None else None
+    return made if made is not None else ExactSearch(xb, blocked=True)
+
+
+def factory_of(index):
+    """``index`` when it is a factory of back-ends (``index(xb, cfg) -> back-end | None``, the
+    device rule's), else None (None, a back-end or a FAISS index)."""
+    return index if index is not None and not hasattr(index, "search") else None
 
 
 def tune_backend(prep: Prepared, cfg: MineConfig, backend, exact) -> "Tuning":
