@@ -25,6 +25,7 @@ from cir_mine import __version__
 from cir_mine.data.errors import CirMineError, failure, spell_calls
 from cir_mine.data.fields import PATH, PATH_OR_EMPTY, PATHS, Options, Spell, comma_numbers
 from cir_mine.data.logs import configure_logging
+from cir_mine.data.memory import prefer_fast_pool
 from cir_mine.data.options import changed_options, configs, flag, option_flags
 from cir_mine.data.synthetic import SynthConfig, parse_salience
 from cir_mine.miner.core.mine import MineConfig
@@ -488,10 +489,12 @@ def train(
 
 
 def mine_main() -> None:
+    prefer_fast_pool()
     mine_app()
 
 
 def train_main() -> None:
+    prefer_fast_pool()
     train_app()
 
 

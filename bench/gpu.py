@@ -378,4 +378,7 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
+    from cir_mine.data.memory import prefer_fast_pool
+
+    prefer_fast_pool()  # Arrow's memory pool, as the command line sets it
     main()

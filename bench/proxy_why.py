@@ -140,4 +140,7 @@ def jac(a: frozenset, b: frozenset) -> float:
 
 
 if __name__ == "__main__":
+    from cir_mine.data.memory import prefer_fast_pool
+
+    prefer_fast_pool()  # Arrow's memory pool, as the command line sets it
     main()

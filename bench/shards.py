@@ -101,4 +101,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from cir_mine.data.memory import prefer_fast_pool
+
+    prefer_fast_pool()  # Arrow's memory pool, as the command line sets it
     main()

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cir_mine.data.memory import fast_pool
+
 KEY_SEP = "\x1f"  # joins category and image id into one lookup key (a control character no id holds)
 
 
@@ -50,13 +52,14 @@ def shared_objects(col) -> np.ndarray:
 
 def gather(values, indices) -> pa.Array:
     """``values[indices]`` (an Arrow array or chunked array; ``indices`` int64 numpy or Arrow), its
-    buffers allocated from the system allocator rather than Arrow's default (mimalloc). A table
-    built by gathers allocates fresh memory that mimalloc hands back to the OS between runs; on a
-    VM that returns freed pages to its host each gather then faults its pages in again, 4x slower
-    (a 1.6M-row negatives table: 0.1 s against 0.02 s a string column; ``bench/negatives.py speed``)."""
+    buffers allocated from :func:`~cir_mine.data.memory.fast_pool` whatever the process's default
+    pool. A table built by gathers allocates fresh memory that mimalloc (pyarrow's default) hands
+    back to the OS between runs; on a VM that returns freed pages to its host each gather then
+    faults its pages in again, 4x slower (a 1.6M-row negatives table: 0.1 s against 0.02 s a string
+    column; ``bench/negatives.py speed``)."""
     if not isinstance(indices, (pa.Array, pa.ChunkedArray)):
         indices = pa.array(indices)
-    return pc.take(values, indices, memory_pool=pa.system_memory_pool())
+    return pc.take(values, indices, memory_pool=fast_pool())
 
 
 def sorted_codes(arr: pa.Array) -> tuple[np.ndarray, list]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,25 @@ def test_cli_starts_without_torch(tmp_path):
     code = "import sys\nimport cir_mine.cli\nassert 'torch' not in sys.modules, 'torch imported'\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("entry", ["mine_main", "train_main"])
+@pytest.mark.parametrize("chosen", [None, "system"])
+def test_cli_reads_through_the_fast_pool_unless_the_user_chose_one(tmp_path, entry, chosen):
+    """`cir-mine` and `cir-train` make jemalloc (data.memory.fast_pool) Arrow's default memory pool,
+    so their Parquet reads skip mimalloc's page faults; ARROW_DEFAULT_MEMORY_POOL, when set, wins."""
+    code = (
+        "import sys\nimport pyarrow as pa\nfrom cir_mine import cli\nfrom cir_mine.data.memory import fast_pool\n"
+        f"sys.argv = ['cir', '--help']\ntry:\n    cli.{entry}()\nexcept SystemExit:\n    pass\n"
+        "print(pa.default_memory_pool().backend_name, fast_pool().backend_name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if chosen:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    default, fast = r.stdout.split()[-2:]
+    assert default == (chosen or fast), r.stdout[-500:]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 from hypothesis import given, settings, strategies as st
 
+from cir_mine.data.memory import fast_pool
 from cir_mine.data.rows import AttrLists, first_duplicate, gather, shared_objects, sorted_codes
 from cir_mine.data.workspace import Gallery, read_gallery
 from cir_mine.miner.core.attribute_codes import AttrCodes
@@ -32,13 +33,13 @@ def test_attr_lists_read_as_the_lists(lists):
     assert got.tolist() == combo and combos == list(of)
 
 
-def test_gather_is_take_on_the_system_allocator():
+def test_gather_is_take_on_the_fast_pool():
     values = pa.chunked_array([["a", "bb", None], ["dddd", "e"]])
     idx = np.array([4, 0, 2, 3, 3, 1], np.int64)
-    before = pa.system_memory_pool().bytes_allocated()
+    before = fast_pool().bytes_allocated()
     out = gather(values, idx)
     assert out.equals(values.take(pa.array(idx)))
-    assert pa.system_memory_pool().bytes_allocated() > before  # its buffers, held by out
+    assert fast_pool().bytes_allocated() > before  # its buffers, held by out
     assert gather(pa.array(["x", "y"]), pa.array([1, 1, 0])).to_pylist() == ["y", "y", "x"]
     assert gather(pa.array(["x"]), np.zeros(0, np.int64)).to_pylist() == []
 
