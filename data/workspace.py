@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -263,13 +264,24 @@ class Workspace:
         """The split's gallery and triplets, validated, as one version: the split's hash is taken before
         and after reading, and a split rewritten meanwhile (another process replaced a table) is a
         DataError, so what a reader holds is always the data of ``gallery.data_hash``."""
-        before = self.split_hash(split)
-        try:
-            g = self.gallery(split)
-            t = self.triplets(split, gallery=g)
-        except DataError:
-            self.check_unchanged(split, before)  # tables of two versions disagree: name the cause
-            raise
+        # the split's files are opened here, before the reads open them, and hashed on a thread of
+        # its own beside the reads (hashlib releases the GIL): a table replaced in between makes
+        # the check after the reads fail, never a hash of newer files than the ones read. A
+        # folder of more parts than OPEN_TO_HASH is hashed first, one file open at a time.
+        inputs = self._hash_inputs(split)
+        with ThreadPoolExecutor(1, thread_name_prefix="cir-mine-hash") as pool:
+            if sum(not isinstance(i, bytes) for i in inputs) <= OPEN_TO_HASH:
+                hashing = pool.submit(_hash_of, _opened(inputs))
+            else:
+                hashing = Future()
+                hashing.set_result(_hash_of(inputs))
+            try:
+                g = self.gallery(split)
+                t = self.triplets(split, gallery=g)
+            except DataError:
+                self.check_unchanged(split, hashing.result())  # tables of two versions disagree: name the cause
+                raise
+            before = hashing.result()
         self.check_unchanged(split, before)
         g.data_hash = before
         pa.default_memory_pool().release_unused()  # the Parquet read's buffers and lookup hash tables
@@ -374,15 +386,20 @@ class Workspace:
         folder ``gallery.{split}/``) and ``triplets.{split}.parquet`` (each file's content,
         :func:`file_fingerprint`). Other splits and the manifest do not enter it, so embedding
         another split leaves it unchanged; rewriting this split's tables changes it."""
-        h = hashlib.sha256(check_split(split).encode())
+        return _hash_of(self._hash_inputs(split))
+
+    def _hash_inputs(self, split: str) -> list:
+        """What :meth:`split_hash` hashes, in order: bytes, and the paths of the split's files (each
+        hashed by :func:`file_fingerprint`)."""
+        inputs: list = [check_split(split).encode()]
         for p in (self.gallery_path(split), self.triplets_path(split)):
-            h.update(f"|{p.name}|".encode())
+            inputs.append(f"|{p.name}|".encode())
             if p.is_dir():  # a gallery folder: every part, in row order
                 for part in sorted(p.glob(PART_GLOB)):
-                    h.update(f"|{part.name}|".encode() + file_fingerprint(part))
+                    inputs += [f"|{part.name}|".encode(), part]
             elif p.exists():
-                h.update(file_fingerprint(p))
-        return h.hexdigest()[:16]
+                inputs.append(p)
+        return inputs
 
     def check_unchanged(self, split: str, data_hash: Optional[str], while_: str = "read") -> None:
         """DataError when the split's data is no longer the version ``data_hash`` (another process
@@ -446,18 +463,56 @@ class Workspace:
 _DIGESTS: dict = {}
 
 
-def file_fingerprint(path: Path) -> bytes:
+def file_fingerprint(path) -> bytes:
     """sha256 of a file's bytes (the content, not its times), cached per process by path, size,
-    mtime and inode, so a command pays one read of each table at most."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    mtime and inode (of the file as opened), so a command pays one read of each table at most.
+    ``path``: a path, or a file already opened in binary mode (read from its start, left open)."""
+    if isinstance(path, (str, os.PathLike)):
+        with open(path, "rb") as fh:
+            return file_fingerprint(fh)
+    fh = path
+    st = os.fstat(fh.fileno())
+    key = (str(Path(fh.name).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _DIGESTS:
         h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        fh.seek(0)
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
         _DIGESTS[key] = h.digest()
     return _DIGESTS[key]
+
+
+OPEN_TO_HASH = 64  # a split of more files is hashed before it is read, one file open at a time
+
+
+def _opened(inputs: list) -> list:
+    """``inputs`` with each path replaced by the file opened (all closed again on an error)."""
+    out: list = []
+    try:
+        for item in inputs:
+            out.append(item if isinstance(item, bytes) else open(item, "rb"))
+    except BaseException:
+        _close(out)
+        raise
+    return out
+
+
+def _hash_of(inputs: list) -> str:
+    """16 hex digits of the SHA-256 over ``inputs`` (bytes, and paths or opened files by their
+    :func:`file_fingerprint`), opened files closed after."""
+    h = hashlib.sha256()
+    try:
+        for item in inputs:
+            h.update(item if isinstance(item, bytes) else file_fingerprint(item))
+    finally:
+        _close(inputs)
+    return h.hexdigest()[:16]
+
+
+def _close(inputs: list) -> None:
+    for item in inputs:
+        if hasattr(item, "close"):
+            item.close()
 
 
 def file_digest(path: Path) -> str:

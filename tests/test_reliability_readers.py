@@ -82,6 +82,29 @@ def test_a_split_rewritten_while_it_is_read_is_refused(work, monkeypatch):
     assert str(e.value) == changed(work, "read")
 
 
+@pytest.mark.parametrize("open_to_hash", [64, 0])
+def test_a_split_rewritten_after_it_is_opened_to_hash_is_refused(work, monkeypatch, open_to_hash):
+    """The split's files are hashed on a thread beside the reads, from handles opened before them (or,
+    past OPEN_TO_HASH files, hashed first): a writer that replaces the split before the gallery is
+    read makes the load fail, whichever file the hash saw."""
+    import cir_mine.data.workspace as workspace
+
+    monkeypatch.setattr(workspace, "OPEN_TO_HASH", open_to_hash)
+    real = Workspace.gallery
+
+    def gallery(self, split, *a, **kw):
+        rewrite(work)
+        return real(self, split, *a, **kw)
+
+    monkeypatch.setattr(Workspace, "gallery", gallery)
+    with pytest.raises(DataError) as e:
+        Workspace(work).load("train")
+    assert str(e.value) == changed(work, "read")
+    monkeypatch.setattr(Workspace, "gallery", real)
+    g, _ = Workspace(work).load("train")  # the rewritten split, read whole, carries its own hash
+    assert g.data_hash == Workspace(work).split_hash("train")
+
+
 def test_stats_over_a_split_rewritten_while_it_counts_is_refused(work, tmp_path, monkeypatch):
     out = tmp_path / "n.parquet"
     mine_to_file(Workspace(work), "train", CFG, out)
