@@ -40,10 +40,8 @@ from cir_mine.miner.positives.pairs import PositivesConfig
 from cir_mine.train.config import TrainConfig
 from cir_mine.train.demo import DemoConfig
 
-mine_app = typer.Typer(name="cir-mine", help="Offline hard-negative mining for composed image retrieval (CIR).",
-                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-train_app = typer.Typer(name="cir-train", help="Train a CIR combiner on cached features with mined negatives.",
-                        add_completion=False, pretty_exceptions_enable=False)
+mine_app = typer.Typer(name="cir-mine", help="Offline hard-negative mining for composed image retrieval (CIR).", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+train_app = typer.Typer(name="cir-train", help="Train a CIR combiner on cached features with mined negatives.", add_completion=False, pretty_exceptions_enable=False)
 
 
 # ------------------------------------------------------------------------------------------------

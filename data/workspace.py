@@ -21,7 +21,9 @@ from typing import Iterable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cir_mine.data import digest
 from cir_mine.data.atomic import write_json_atomic
+from cir_mine.data.digest import file_digest, file_fingerprint, hash_of, opened
 from cir_mine.data.embeddings import (
     advise_random,
     check_embeddings,
@@ -270,11 +272,11 @@ class Workspace:
         # folder of more parts than OPEN_TO_HASH is hashed first, one file open at a time.
         inputs = self._hash_inputs(split)
         with ThreadPoolExecutor(1, thread_name_prefix="cir-mine-hash") as pool:
-            if sum(not isinstance(i, bytes) for i in inputs) <= OPEN_TO_HASH:
-                hashing = pool.submit(_hash_of, _opened(inputs))
+            if sum(not isinstance(i, bytes) for i in inputs) <= digest.OPEN_TO_HASH:
+                hashing = pool.submit(hash_of, opened(inputs))
             else:
                 hashing = Future()
-                hashing.set_result(_hash_of(inputs))
+                hashing.set_result(hash_of(inputs))
             try:
                 g = self.gallery(split)
                 t = self.triplets(split, gallery=g)
@@ -386,7 +388,7 @@ class Workspace:
         folder ``gallery.{split}/``) and ``triplets.{split}.parquet`` (each file's content,
         :func:`file_fingerprint`). Other splits and the manifest do not enter it, so embedding
         another split leaves it unchanged; rewriting this split's tables changes it."""
-        return _hash_of(self._hash_inputs(split))
+        return hash_of(self._hash_inputs(split))
 
     def _hash_inputs(self, split: str) -> list:
         """What :meth:`split_hash` hashes, in order: bytes, and the paths of the split's files (each
@@ -458,66 +460,6 @@ class Workspace:
         m.pop("derived", None)
         write_json_atomic(self.manifest_path, m)
         return m
-
-
-_DIGESTS: dict = {}
-
-
-def file_fingerprint(path) -> bytes:
-    """sha256 of a file's bytes (the content, not its times), cached per process by path, size,
-    mtime and inode (of the file as opened), so a command pays one read of each table at most.
-    ``path``: a path, or a file already opened in binary mode (read from its start, left open)."""
-    if isinstance(path, (str, os.PathLike)):
-        with open(path, "rb") as fh:
-            return file_fingerprint(fh)
-    fh = path
-    st = os.fstat(fh.fileno())
-    key = (str(Path(fh.name).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        fh.seek(0)
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-        _DIGESTS[key] = h.digest()
-    return _DIGESTS[key]
-
-
-OPEN_TO_HASH = 64  # a split of more files is hashed before it is read, one file open at a time
-
-
-def _opened(inputs: list) -> list:
-    """``inputs`` with each path replaced by the file opened (all closed again on an error)."""
-    out: list = []
-    try:
-        for item in inputs:
-            out.append(item if isinstance(item, bytes) else open(item, "rb"))
-    except BaseException:
-        _close(out)
-        raise
-    return out
-
-
-def _hash_of(inputs: list) -> str:
-    """16 hex digits of the SHA-256 over ``inputs`` (bytes, and paths or opened files by their
-    :func:`file_fingerprint`), opened files closed after."""
-    h = hashlib.sha256()
-    try:
-        for item in inputs:
-            h.update(item if isinstance(item, bytes) else file_fingerprint(item))
-    finally:
-        _close(inputs)
-    return h.hexdigest()[:16]
-
-
-def _close(inputs: list) -> None:
-    for item in inputs:
-        if hasattr(item, "close"):
-            item.close()
-
-
-def file_digest(path: Path) -> str:
-    """:func:`file_fingerprint` as 16 hex digits."""
-    return file_fingerprint(path).hex()[:16]
 
 
 def check_split(split: str) -> str:

@@ -87,9 +87,9 @@ def test_a_split_rewritten_after_it_is_opened_to_hash_is_refused(work, monkeypat
     """The split's files are hashed on a thread beside the reads, from handles opened before them (or,
     past OPEN_TO_HASH files, hashed first): a writer that replaces the split before the gallery is
     read makes the load fail, whichever file the hash saw."""
-    import cir_mine.data.workspace as workspace
+    import cir_mine.data.digest as digest
 
-    monkeypatch.setattr(workspace, "OPEN_TO_HASH", open_to_hash)
+    monkeypatch.setattr(digest, "OPEN_TO_HASH", open_to_hash)
     real = Workspace.gallery
 
     def gallery(self, split, *a, **kw):
