@@ -17,6 +17,7 @@ from cir_mine.data.embeddings import (
     check_embeddings,
     embedding_array,
     embedding_numpy,
+    embedding_rows,
     open_embeddings,
     read_block,
     release_pages,
@@ -24,7 +25,7 @@ from cir_mine.data.embeddings import (
 from cir_mine.data.errors import DataError, SchemaError
 from cir_mine.data.files import is_write_error, make_dirs, side_name, write_error
 from cir_mine.data.journal import replace_dir
-from cir_mine.data.parquet import read_parquet, read_parquet_schema, write_table
+from cir_mine.data.parquet import parquet_file, write_table
 from cir_mine.data.rows import (
     AttrLists,
     first_duplicate,
@@ -148,32 +149,38 @@ def gallery_part_files(folder: Path) -> list[Path]:
     return parts
 
 
-def _read_gallery_file(path: Path, without_embedding: bool) -> pa.Table:
-    if without_embedding:
-        names = read_parquet_schema(path).names if path.exists() else []
-        table = read_parquet(path, [c for c in names if c != "embedding"])
-    else:
-        table = read_parquet(path)
-    GALLERY.check(table.schema, path, ("embedding",) if without_embedding else ())
-    return table
+def _read_gallery_file(path: Path, without_embedding: bool) -> tuple[pa.Table, pa.Schema, Optional[np.ndarray]]:
+    """(the columns but ``embedding``, the file's schema, the embeddings or None with
+    ``without_embedding``), read from one open of the file."""
+    with parquet_file(path) as f:
+        schema = f.schema_arrow
+        GALLERY.check(schema, path, ("embedding",) if without_embedding else ())
+        table = f.read(columns=[c for c in schema.names if c != "embedding"])
+        emb = None if without_embedding else embedding_rows(f, "embedding", path)
+    return table, schema.remove_metadata(), emb
 
 
-def _read_gallery_table(path: Path, without_embedding: bool = False) -> pa.Table:
-    """One gallery file, or the row-aligned parts of a gallery folder concatenated in name order
-    (``without_embedding``: the ``embedding`` column is not read, and may be absent)."""
+def _read_gallery_table(path: Path, without_embedding: bool = False) -> tuple[pa.Table, Optional[np.ndarray]]:
+    """One gallery file, or the row-aligned parts of a gallery folder concatenated in name order:
+    (the columns but ``embedding``, float32[n, d] embeddings; None with ``without_embedding``, where
+    the column is not read and may be absent)."""
     if not path.is_dir():
-        return _read_gallery_file(path, without_embedding)
-    tables = []
+        table, _, emb = _read_gallery_file(path, without_embedding)
+        return table, emb
+    tables, embs, first = [], [], None
     for part in gallery_part_files(path):
-        t = _read_gallery_file(part, without_embedding)
-        if tables and t.schema.remove_metadata() != tables[0].schema:
+        t, schema, emb = _read_gallery_file(part, without_embedding)
+        if first is not None and schema != first:
             cols = lambda sch: ", ".join(f"{f.name}: {f.type}" for f in sch)  # noqa: E731
             raise SchemaError(
-                f"{part}: columns ({cols(t.schema)}) differ from the first part's ({cols(tables[0].schema)}); "
+                f"{part}: columns ({cols(schema)}) differ from the first part's ({cols(first)}); "
                 f"every part of a gallery folder needs the same columns and embedding dimension."
             )
+        first = schema if first is None else first
         tables.append(t.replace_schema_metadata(None))
-    return pa.concat_tables(tables)
+        embs.append(emb)
+    emb = None if without_embedding else (embs[0] if len(embs) == 1 else np.concatenate(embs))
+    return pa.concat_tables(tables), emb
 
 
 def read_gallery(path: str | Path, check_norm: bool = True, embeddings_path: Optional[Path] = None) -> Gallery:
@@ -183,15 +190,21 @@ def read_gallery(path: str | Path, check_norm: bool = True, embeddings_path: Opt
     memory-mapped from it instead of read from the ``embedding`` column, which may then be absent:
     galleries larger than memory are mined block by block."""
     path = Path(path)
-    return gallery_from_table(_read_gallery_table(path, embeddings_path is not None), path, check_norm, embeddings_path)
+    table, emb = _read_gallery_table(path, embeddings_path is not None)
+    return gallery_from_table(table, path, check_norm, embeddings_path, embeddings=emb)
 
 
 def gallery_from_table(
-    table: pa.Table, path: Path, check_norm: bool = True, embeddings_path: Optional[Path] = None
+    table: pa.Table,
+    path: Path,
+    check_norm: bool = True,
+    embeddings_path: Optional[Path] = None,
+    embeddings: Optional[np.ndarray] = None,
 ) -> Gallery:
     """Validate a gallery-schema Arrow table (``path`` names it in errors) -> :class:`Gallery`;
-    ``embeddings_path`` as in :func:`read_gallery`."""
-    GALLERY.check(table.schema, path, ("embedding",) if embeddings_path is not None else ())
+    ``embeddings_path`` as in :func:`read_gallery`; ``embeddings``: the rows' float32[n, d]
+    embeddings read apart (the table's ``embedding`` column, then, may be absent)."""
+    GALLERY.check(table.schema, path, ("embedding",) if embeddings_path is not None or embeddings is not None else ())
     if table.column("image_id").null_count:
         raise SchemaError(f"{path}: column 'image_id' has null values.")
     check_no_empty_ids(table, path, ["image_id"], "image")
@@ -209,7 +222,11 @@ def gallery_from_table(
             f"{path}: column 'image_id' has a duplicated id '{ids[dup]}' in category '{cats[dup]}'. "
             f"Each gallery image must appear once per category; drop the duplicates."
         )
-    if embeddings_path is not None:
+    if embeddings is not None:
+        emb = embeddings
+        if check_norm:
+            check_embeddings(emb, path, "embedding", ids)
+    elif embeddings_path is not None:
         emb = open_embeddings(embeddings_path, len(ids), path)
         if check_norm:
             for s in range(0, len(ids), 65_536):

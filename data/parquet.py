@@ -31,6 +31,19 @@ def read_parquet(path: str | os.PathLike, columns=None):
         return f.read(columns=columns)
 
 
+@contextlib.contextmanager
+def parquet_file(path: str | os.PathLike):
+    """The Parquet file at ``path`` opened once (``pq.ParquetFile``): every read inside sees the same
+    file, whatever replaces its path meanwhile. Raises as :func:`read_parquet` does, for reads
+    inside too."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    check_readable_file(path)
+    with _parquet_errors(path), pq.ParquetFile(path) as f:
+        yield f
+
+
 def read_parquet_schema(path: str | os.PathLike):
     """The schema (with its footer metadata) of the Parquet file at ``path``, rows unread.
 

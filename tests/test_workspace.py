@@ -164,3 +164,28 @@ def test_non_finite_rows_are_named_in_any_float_dtype(bad, dtype):
     emb[2, 0] = np.finfo(dtype).max
     with pytest.raises(SchemaError, match=r"1 row\(s\) that are not L2-normalized \(first: c"):
         check_embeddings(emb, Path("g.parquet"), "embedding", ["a", "b", "c", "d"])
+
+
+def test_gallery_embeddings_are_read_by_row_group_into_an_array_numpy_owns(tmp_path):
+    """The embedding column is copied, row group by row group, into one float32 array owned by numpy
+    (its allocator asks for huge pages, which the candidate gathers run faster on), equal to the column."""
+    rng = np.random.default_rng(3)
+    emb = l2_normalize(rng.standard_normal((10, 8)).astype(np.float32))
+    t = gallery_table([f"i{i}" for i in range(10)], ["dress"] * 10, [[] for _ in range(10)], emb)
+    p = tmp_path / "g.parquet"
+    pq.write_table(t, p, row_group_size=3)
+    assert pq.ParquetFile(p).num_row_groups == 4
+    g = read_gallery(p)
+    assert g.embeddings.dtype == np.float32 and g.embeddings.flags.c_contiguous
+    assert g.embeddings.base is None and g.embeddings.flags.owndata
+    assert np.array_equal(g.embeddings, emb)
+
+
+def test_a_null_embedding_row_is_named(tmp_path):
+    t = pq.read_table(_gallery(tmp_path))
+    col = t.column("embedding").combine_chunks()
+    holed = pa.FixedSizeListArray.from_arrays(col.values, 8, mask=pa.array([False, True, False, False]))
+    p = tmp_path / "holed.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("embedding"), "embedding", holed), p)
+    with pytest.raises(SchemaError, match=r"holed\.parquet: column 'embedding' has null rows\."):
+        read_gallery(p)
