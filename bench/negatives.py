@@ -3,8 +3,10 @@
   (a) speed:  python bench/negatives.py speed  --n-gallery 100000 --n-queries 20000 --dim 256 -k 100 --candidates 400 --no-deepen
       end-to-end midzone mining (read, search, re-rank, guards, sampling, table) vs the bare FAISS
       read + search of the same queries at the same depth (the gallery read from its Parquet file,
-      faiss.IndexFlatIP add and search), measured in one process, with each stage's seconds
-      (--select-threads 1: guards and selections on the mining thread alone).
+      faiss.IndexFlatIP add and search; read with pyarrow's default memory pool, as a script
+      reads, where mining reads with the command line's, data.memory.fast_pool), measured in one
+      process, with each stage's seconds (--select-threads 1: guards and selections on the mining
+      thread alone; --fresh: each run of each side in a process of its own, as a user runs them).
   (b) memory: python bench/negatives.py memory --n-gallery 1000000 --n-queries 2000 --dim 512 -k 100
       peak RSS of `cir-mine negatives` in a fresh process vs (gallery bytes + index bytes).
   (c) st:     python bench/negatives.py st --n-gallery 100000 --n-queries 10000 --dim 256 -k 50
@@ -20,12 +22,18 @@
       default 1,024-row block, and with the block cir-mine uses (4x the depth, at least 1,024),
       numpy's GEMM into FAISS's heaps, and the bfloat16 scan (its candidates: the rows within its
       proven band, more than the depth; the race in mining also times their exact re-scoring).
+  (e) read:   python bench/negatives.py read --n-gallery 100000 --n-queries 20000 --dim 256 --repeats 5
+      Workspace.load of the workspace in fresh processes (the first read of a command), with Arrow's
+      memory pool the command line sets (data.memory.fast_pool: jemalloc) and with pyarrow's default
+      (mimalloc), alternated --repeats times; pandas imported first (pyarrow imports it, when it is
+      installed, at its first array, and the peer's process has it already).
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -61,15 +69,9 @@ def queries(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     return g.embeddings, xq
 
 
-def speed(args) -> dict:
-    import faiss
-    import pyarrow.parquet as pq
-
-    from cir_mine.data.workspace import embedding_numpy
-    from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
-
+def _speed_setup(args):
+    """(workspace, MineConfig, search depth) of the speed bench."""
     ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
-    _, xq = queries(ws)
     cfg = MineConfig.of(
         strategy="midzone",
         k=args.k,
@@ -78,40 +80,109 @@ def speed(args) -> dict:
         candidates=args.candidates,
         max_candidates=None if args.no_deepen else 2048,
     )
-    depth = cfg.depth(args.k)
-    load_faiss()
+    return ws, cfg, cfg.depth(args.k)
+
+
+def _bare(ws: Workspace, xq: np.ndarray, cfg: MineConfig, depth: int) -> None:
+    """The gallery read from its Parquet file, faiss.IndexFlatIP at FAISS's defaults, the same
+    queries searched at the same depth in the same batches."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    from cir_mine.data.workspace import embedding_numpy
+    from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK
+
+    faiss.cvar.distance_compute_blas_database_bs = FAISS_DEFAULT_BLOCK
+    with _script_pool():
+        xb = embedding_numpy(pq.read_table(ws.gallery_path("train"), columns=["embedding"]).column("embedding"))
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    for s in range(0, len(xq), cfg.query_batch):
+        index.search(xq[s : s + cfg.query_batch], depth)
+
+
+SCRIPT_POOL = None  # pyarrow's default memory pool, before the command line's replaced it (set in __main__)
+
+
+@contextlib.contextmanager
+def _script_pool():
+    """pyarrow's own default pool for the bare side's read: a script's read, not the command line's."""
+    import pyarrow as pa
+
+    was = pa.default_memory_pool()
+    pa.set_memory_pool(SCRIPT_POOL or was)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(was)
+
+
+def _mine(ws: Workspace, cfg: MineConfig):
+    with tempfile.TemporaryDirectory() as tmp:
+        return mine_to_file(ws, "train", cfg, Path(tmp) / "negs.parquet", index=device_search)
+
+
+def _select_threads(args) -> None:
     from cir_mine.miner.core import schedule
 
     if args.select_threads:
         schedule.select_threads = lambda: args.select_threads
 
-    def bare():
-        """The gallery read from its Parquet file, faiss.IndexFlatIP at FAISS's defaults, the same
-        queries searched at the same depth in the same batches."""
-        faiss.cvar.distance_compute_blas_database_bs = FAISS_DEFAULT_BLOCK
-        xb = embedding_numpy(pq.read_table(ws.gallery_path("train"), columns=["embedding"]).column("embedding"))
-        index = faiss.IndexFlatIP(xb.shape[1])
-        index.add(xb)
-        for s in range(0, len(xq), cfg.query_batch):
-            index.search(xq[s : s + cfg.query_batch], depth)
 
-    def mine():
-        with tempfile.TemporaryDirectory() as tmp:
-            return mine_to_file(ws, "train", cfg, Path(tmp) / "negs.parquet", index=device_search)
+def speed_one(args) -> dict:
+    """One timed run of one side of the speed bench in this (fresh) process: ``--side`` bare or mine,
+    the queries from ``--queries`` (an .npy the parent wrote)."""
+    from cir_mine.miner.core.search.faiss_api import load_faiss
+
+    ws, cfg, depth = _speed_setup(args)
+    load_faiss()
+    _select_threads(args)
+    xq = np.load(args.queries)
+    c0, t = time.process_time(), time.perf_counter()
+    out = _bare(ws, xq, cfg, depth) if args.side == "bare" else _mine(ws, cfg)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c0
+    return {"wall": wall, "cpu": cpu, "meta": None if out is None else out.meta}
+
+
+def speed(args) -> dict:
+    from cir_mine.miner.core import schedule
+    from cir_mine.miner.core.search.faiss_api import load_faiss
+
+    ws, cfg, depth = _speed_setup(args)
+    _, xq = queries(ws)
+    load_faiss()
+    _select_threads(args)
+    if args.fresh:
+        qpath = args.root / f"{ws.root.name}.queries.npy"
+        np.save(qpath, xq)
+
+    def run(name: str):
+        """(wall, CPU, the mining result's meta or None) of one run of one side."""
+        if not args.fresh:
+            c0, t = _cpu(), time.perf_counter()
+            out = _bare(ws, xq, cfg, depth) if name == "bare" else _mine(ws, cfg)
+            return time.perf_counter() - t, _cpu() - c0, None if out is None else out.meta
+        argv = [*sys.argv[1:]]
+        argv[argv.index("speed")] = "speed-one"
+        argv = [a for a in argv if a != "--fresh"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--side", name, "--queries", str(qpath)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        return r["wall"], r["cpu"], r["meta"]
 
     best = {"bare": (1e9, 1e9), "mine": (1e9, 1e9)}
-    res = None
+    meta = None
     for _ in range(args.repeats):  # alternated, the fastest of each kept (a shared machine)
-        for name, fn in (("bare", bare), ("mine", mine)):
-            c0, t = _cpu(), time.perf_counter()
-            out = fn()
-            wall, cpu = time.perf_counter() - t, _cpu() - c0
+        for name in ("bare", "mine"):
+            wall, cpu, m = run(name)
             if wall < best[name][0]:
                 best[name] = (wall, cpu)
-                res = out if name == "mine" else res
+                meta = m if name == "mine" else meta
     (t_bare, c_bare), (t_mine, c_mine) = best["bare"], best["mine"]
-    tm = res.meta["timing"]
+    tm = meta["timing"]
     post = sum(tm[k] for k in ("rerank_s", "guards_s", "select_s", "table_s"))
+    import faiss
+
     return {
         "bench": "speed",
         "n_gallery": args.n_gallery,
@@ -120,6 +191,7 @@ def speed(args) -> dict:
         "k": args.k,
         "depth": depth,
         "deepen": not args.no_deepen,
+        "fresh": bool(args.fresh),
         "faiss_threads": faiss.omp_get_max_threads(),
         "select_threads": schedule.select_threads(),
         "repeats": args.repeats,
@@ -128,8 +200,8 @@ def speed(args) -> dict:
         "mine_total_s": round(t_mine, 2),
         "mine_cpu_s": round(c_mine, 2),
         "mine_timing": tm,
-        "rows": res.meta["n_rows"],
-        "shortfall": res.meta["shortfall"]["count"],
+        "rows": meta["n_rows"],
+        "shortfall": meta["shortfall"]["count"],
         "ratio_wall": round(t_mine / t_bare, 3),
         "ratio_cpu": round(c_mine / c_bare, 3),
         "post_search_vs_search": round(post / max(tm["search_s"], 1e-9), 3),
@@ -373,9 +445,51 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+_READ = """
+import sys, time
+try:
+    import pandas  # noqa: F401
+except ImportError:
+    pass
+sys.path.insert(0, {repo!r})
+from cir_mine.data.workspace import Workspace
+import pyarrow as pa
+t = time.perf_counter()
+Workspace({path!r}).load("train")
+print(time.perf_counter() - t, pa.default_memory_pool().backend_name)
+"""
+
+
+def read(args) -> dict:
+    import os
+
+    ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
+    code = _READ.format(repo=str(REPO), path=str(ws.root))
+    from cir_mine.data.memory import fast_pool
+
+    pools = {"command line": fast_pool().backend_name, "pyarrow default": "mimalloc"}
+    runs: dict = {name: [] for name in pools}
+    for _ in range(args.repeats):
+        for name, pool in pools.items():
+            env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": pool}
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            secs, backend = out.stdout.split()[-2:]
+            runs[name].append((round(float(secs), 3), backend))
+    return {
+        "bench": "read",
+        "n_gallery": args.n_gallery,
+        "n_queries": args.n_queries,
+        "dim": args.dim,
+        "load_s": {
+            name: {"pool": r[0][1], "runs": [s for s, _ in r], "median": float(np.median([s for s, _ in r]))}
+            for name, r in runs.items()
+        },
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=["speed", "memory", "st", "kernels"])
+    p.add_argument("bench", choices=["speed", "memory", "st", "kernels", "read", "speed-one"])
     p.add_argument("--n-gallery", type=int, default=200_000)
     p.add_argument("--n-queries", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=512)
@@ -386,7 +500,8 @@ def main():
         "--repeats",
         type=int,
         default=2,
-        help="speed: bare and mined runs alternated this many times, the fastest of each kept",
+        help="speed: bare and mined runs alternated this many times, the fastest of each kept; read: "
+        "loads per pool, alternated",
     )
     p.add_argument(
         "--select-threads",
@@ -394,15 +509,32 @@ def main():
         default=None,
         help="speed: threads guarding and selecting a batch (default: one per core, schedule.select_threads)",
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="speed: each run of each side in a process of its own (as a user runs the command and a script)",
+    )
+    p.add_argument("--side", choices=["bare", "mine"], help="speed-one: the side to time")
+    p.add_argument("--queries", type=Path, help="speed-one: the queries (.npy)")
     p.add_argument("--delta-lo", type=float, default=0.02)
     p.add_argument("--delta-hi", type=float, default=0.2)
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
     args = p.parse_args()
-    print(json.dumps({"speed": speed, "memory": memory, "st": st, "kernels": kernels}[args.bench](args)), flush=True)
+    print(
+        json.dumps(
+            {"speed": speed, "memory": memory, "st": st, "kernels": kernels, "read": read, "speed-one": speed_one}[
+                args.bench
+            ](args)
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
+    import pyarrow as pa
+
     from cir_mine.data.memory import prefer_fast_pool
 
+    SCRIPT_POOL = pa.default_memory_pool()
     prefer_fast_pool()  # Arrow's memory pool, as the command line sets it
     main()
