@@ -5,6 +5,7 @@ is mined at bounded RSS)."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from cir_mine.data.atomic import atomic_path
+from cir_mine.data.cores import usable_cores
 from cir_mine.data.errors import DataError, SchemaError
 from cir_mine.data.validate import NORM_TOLERANCE
 
@@ -34,25 +36,42 @@ def embedding_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False).reshape(-1, d)
 
 
-def embedding_rows(f, column: str, path: Path) -> np.ndarray:
-    """The fixed_size_list<float32>[d] ``column`` of the open Parquet file ``f``
-    (``pq.ParquetFile``) as one float32[rows, d] array that numpy owns, filled one row group at a
-    time. SchemaError (naming ``path``) when a row is null.
+def embedding_rows(opened, column: str, path: Path) -> np.ndarray:
+    """The fixed_size_list<float32>[d] ``column`` of an open Parquet file (``opened``:
+    :class:`~cir_mine.data.parquet.OpenParquet`) as one float32[rows, d] array that numpy owns,
+    filled row group by row group, the row groups decoded on one thread per core. SchemaError
+    (naming ``path``) when a row is null.
 
     Owned by numpy rather than viewed in Arrow's buffer: numpy asks the kernel for huge pages for
-    large arrays (``madvise``), and the gathers that score candidate rows run 20 to 30% faster on
-    them than on the 4 KiB pages of Arrow's allocator (docs/benchmarks.md, "Reading a
-    workspace"); filled by row groups, the read holds the array and one row group's Arrow buffers
-    at most, not the column twice."""
-    d = f.schema_arrow.field(column).type.list_size
-    out = np.empty((f.metadata.num_rows, d), np.float32)
-    at = 0
-    for i in range(f.num_row_groups):
-        for chunk in f.read_row_group(i, columns=[column]).column(0).chunks:
-            if chunk.null_count:
-                raise SchemaError(f"{path}: column '{column}' has null rows.")
-            out[at : at + len(chunk)] = chunk.flatten().to_numpy().reshape(-1, d)
-            at += len(chunk)
+    large arrays (``madvise``), and the gathers that score candidate rows run about 25% faster on
+    them than on 4 KiB pages (docs/benchmarks.md, "Reading a workspace"); filled by row groups, the
+    read holds the array and a row group's Arrow buffers per thread, not the column twice."""
+    meta = opened.file.metadata
+    d = opened.file.schema_arrow.field(column).type.list_size
+    out = np.empty((meta.num_rows, d), np.float32)
+    starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    threads = max(1, min(usable_cores(), meta.num_row_groups))
+
+    def fill(part: int) -> None:
+        f = opened.file if part == 0 else opened.reader()
+        for i in range(part, meta.num_row_groups, threads):
+            at = int(starts[i])
+            for chunk in f.read_row_group(i, columns=[column], use_threads=False).column(0).chunks:
+                if chunk.null_count:
+                    raise SchemaError(f"{path}: column '{column}' has null rows.")
+                out[at : at + len(chunk)] = chunk.flatten().to_numpy().reshape(-1, d)
+                at += len(chunk)
+            if at != starts[i + 1]:
+                raise SchemaError(
+                    f"{path}: row group {i} holds {at - starts[i]} embeddings for {meta.row_group(i).num_rows} rows."
+                )
+
+    if threads == 1:
+        fill(0)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="cir-mine-read") as pool:
+            for done in [pool.submit(fill, t) for t in range(threads)]:
+                done.result()
     return out
 
 

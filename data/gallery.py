@@ -152,11 +152,11 @@ def gallery_part_files(folder: Path) -> list[Path]:
 def _read_gallery_file(path: Path, without_embedding: bool) -> tuple[pa.Table, pa.Schema, Optional[np.ndarray]]:
     """(the columns but ``embedding``, the file's schema, the embeddings or None with
     ``without_embedding``), read from one open of the file."""
-    with parquet_file(path) as f:
-        schema = f.schema_arrow
+    with parquet_file(path) as opened:
+        schema = opened.file.schema_arrow
         GALLERY.check(schema, path, ("embedding",) if without_embedding else ())
-        table = f.read(columns=[c for c in schema.names if c != "embedding"])
-        emb = None if without_embedding else embedding_rows(f, "embedding", path)
+        table = opened.file.read(columns=[c for c in schema.names if c != "embedding"])
+        emb = None if without_embedding else embedding_rows(opened, "embedding", path)
     return table, schema.remove_metadata(), emb
 
 

@@ -31,17 +31,31 @@ def read_parquet(path: str | os.PathLike, columns=None):
         return f.read(columns=columns)
 
 
+class OpenParquet:
+    """A Parquet file opened once: ``file`` (a ``pq.ParquetFile``), and :meth:`reader` for more
+    readers of the same open file (positional reads, so threads may read row groups side by side)."""
+
+    def __init__(self, source, file):
+        self.source, self.file = source, file
+
+    def reader(self):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.source, metadata=self.file.metadata)
+
+
 @contextlib.contextmanager
-def parquet_file(path: str | os.PathLike):
-    """The Parquet file at ``path`` opened once (``pq.ParquetFile``): every read inside sees the same
-    file, whatever replaces its path meanwhile. Raises as :func:`read_parquet` does, for reads
+def parquet_file(path: str | os.PathLike) -> Iterator[OpenParquet]:
+    """The Parquet file at ``path`` opened once (:class:`OpenParquet`): every read inside sees the
+    same file, whatever replaces its path meanwhile. Raises as :func:`read_parquet` does, for reads
     inside too."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     check_readable_file(path)
-    with _parquet_errors(path), pq.ParquetFile(path) as f:
-        yield f
+    with _parquet_errors(path), pa.OSFile(str(path)) as source:
+        yield OpenParquet(source, pq.ParquetFile(source))
 
 
 def read_parquet_schema(path: str | os.PathLike):

@@ -166,9 +166,14 @@ def test_non_finite_rows_are_named_in_any_float_dtype(bad, dtype):
         check_embeddings(emb, Path("g.parquet"), "embedding", ["a", "b", "c", "d"])
 
 
-def test_gallery_embeddings_are_read_by_row_group_into_an_array_numpy_owns(tmp_path):
-    """The embedding column is copied, row group by row group, into one float32 array owned by numpy
-    (its allocator asks for huge pages, which the candidate gathers run faster on), equal to the column."""
+@pytest.mark.parametrize("cores", [1, 2, 3])
+def test_gallery_embeddings_are_read_by_row_group_into_an_array_numpy_owns(tmp_path, monkeypatch, cores):
+    """The embedding column is copied, row group by row group (on one thread per core), into one
+    float32 array owned by numpy (its allocator asks for huge pages, which the candidate gathers run
+    faster on), equal to the column whatever the number of threads."""
+    import cir_mine.data.embeddings as embeddings
+
+    monkeypatch.setattr(embeddings, "usable_cores", lambda: cores)
     rng = np.random.default_rng(3)
     emb = l2_normalize(rng.standard_normal((10, 8)).astype(np.float32))
     t = gallery_table([f"i{i}" for i in range(10)], ["dress"] * 10, [[] for _ in range(10)], emb)

@@ -13,7 +13,6 @@ never the rows.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,17 +20,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from cir_mine.data.cores import usable_cores
+
 MIN_RACE_QUERIES = 8  # a batch with fewer queries per kernel is not split to measure (too small to time)
 CHALLENGER_SHARE = 16  # each kernel runs on 1/CHALLENGER_SHARE of the raced batch's queries, the fastest on the rest
 NEAR_CLASSES = 2  # a measured class decides for classes of the same depth this many powers of two away
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 _pools: dict = {}
