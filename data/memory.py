@@ -1,11 +1,11 @@
 """Which allocator Arrow's large buffers come from: the one memory rule.
 
-pyarrow's default pool is mimalloc. On a VM whose host takes freed pages back (this project's
-machines), mimalloc hands the memory of one large read or gather back to the OS and faults it in
-again at the next, costing system time on every fresh page: reading a 100k x 256 gallery took
-0.5 to 1.3 s through mimalloc against 0.24 to 0.35 s through jemalloc (docs/benchmarks.md,
-"Reading a workspace"). jemalloc keeps freed pages for a while (its decay), as glibc's allocator
-does for small blocks.
+pyarrow's default pool is mimalloc. On a VM whose host backs memory lazily (this project's
+machines), mimalloc faults its fresh memory in as huge pages, fast when the host has them at hand
+and slow when it must find them, and hands memory back between large reads and gathers, so the
+next one faults it in again: the read stage of `cir-mine negatives` on a 100k x 256 workspace took
+1.06 to 1.48 s through mimalloc against 0.78 to 0.81 s through jemalloc (docs/benchmarks.md,
+"Reading a workspace"). jemalloc keeps freed pages for a while (its decay).
 
 :func:`fast_pool` is the pool cir-mine's own large Arrow allocations name (gathers of table
 columns); :func:`prefer_fast_pool` makes it the process's default, so that the Parquet reads
