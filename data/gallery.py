@@ -222,21 +222,19 @@ def gallery_from_table(
             f"{path}: column 'image_id' has a duplicated id '{ids[dup]}' in category '{cats[dup]}'. "
             f"Each gallery image must appear once per category; drop the duplicates."
         )
-    if embeddings is not None:
-        emb = embeddings
-        if check_norm:
-            check_embeddings(emb, path, "embedding", ids)
-    elif embeddings_path is not None:
+    if embeddings is None and embeddings_path is not None:
         emb = open_embeddings(embeddings_path, len(ids), path)
         if check_norm:
             for s in range(0, len(ids), 65_536):
                 check_embeddings(read_block(emb, s, s + 65_536), embeddings_path, "rows", ids[s:])
                 release_pages(emb)
     else:
-        try:
-            emb = embedding_numpy(table.column("embedding"))
-        except ValueError:
-            raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
+        emb = embeddings
+        if emb is None:
+            try:
+                emb = embedding_numpy(table.column("embedding"))
+            except ValueError:
+                raise SchemaError(f"{path}: column 'embedding' has null rows.") from None
         if check_norm:
             check_embeddings(emb, path, "embedding", ids)
     attrs = AttrLists.from_arrow(table.column("attributes"))

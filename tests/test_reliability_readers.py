@@ -68,15 +68,22 @@ def test_a_split_rewritten_while_mining_gives_no_table(work, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_a_split_rewritten_while_it_is_read_is_refused(work, monkeypatch):
-    """Between the gallery and the triplets another writer replaces the split: the load fails, naming it."""
-    real = Workspace.triplets
+def rewrite_before(monkeypatch, work: Path, method: str):
+    """Another writer replaces the split each time ``Workspace.<method>`` is called, just before it
+    runs; -> the real method."""
+    real = getattr(Workspace, method)
 
-    def triplets(self, split, *a, **kw):
+    def rewritten(self, split, *a, **kw):
         rewrite(work)
         return real(self, split, *a, **kw)
 
-    monkeypatch.setattr(Workspace, "triplets", triplets)
+    monkeypatch.setattr(Workspace, method, rewritten)
+    return real
+
+
+def test_a_split_rewritten_while_it_is_read_is_refused(work, monkeypatch):
+    """Between the gallery and the triplets another writer replaces the split: the load fails, naming it."""
+    rewrite_before(monkeypatch, work, "triplets")
     with pytest.raises(DataError) as e:
         Workspace(work).load("train")
     assert str(e.value) == changed(work, "read")
@@ -90,13 +97,7 @@ def test_a_split_rewritten_after_it_is_opened_to_hash_is_refused(work, monkeypat
     import cir_mine.data.digest as digest
 
     monkeypatch.setattr(digest, "OPEN_TO_HASH", open_to_hash)
-    real = Workspace.gallery
-
-    def gallery(self, split, *a, **kw):
-        rewrite(work)
-        return real(self, split, *a, **kw)
-
-    monkeypatch.setattr(Workspace, "gallery", gallery)
+    real = rewrite_before(monkeypatch, work, "gallery")
     with pytest.raises(DataError) as e:
         Workspace(work).load("train")
     assert str(e.value) == changed(work, "read")
