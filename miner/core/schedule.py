@@ -248,7 +248,10 @@ class DepthSchedule:
             if not short.any():
                 break
             sq = q[short]
-            keep = {c: [v[~np.isin(qq, sq)] for v, qq in zip(vals, res["q"])] for c, vals in res.items()}
+            redo = np.zeros(self.prep.m, bool)
+            redo[sq] = True
+            kept = [~redo[qq] for qq in res["q"]]  # one mask per part, shared by its columns
+            keep = {c: [v[k] for v, k in zip(vals, kept)] for c, vals in res.items()}
             again = self.mine_batch(sq, D[short], I[short], ladder[j])
             res = {c: keep[c] + again[c] for c in COLUMNS}
             self.level[sq] = j
