@@ -21,7 +21,8 @@ search.
 
 The selection, without a top-k over every score. The scan is asked for ``depth`` rows to cut at
 rank k (at most depth). Each query's threshold t is the rank-r score among every ``SAMPLE_STRIDE``-th
-row (r x stride about ``SAMPLE_OVER`` x k), lowered to t - band(t) (v - band(v) grows with v); each
+row (r x stride about ``SAMPLE_OVER`` x k; every row when that sample holds fewer than
+``SAMPLE_SPARE`` x r), lowered to t - band(t) (v - band(v) grows with v); each
 block of scores is compared with it (as int16 bit patterns where it is positive, which order positive
 bfloat16 values as their values) on one thread per core, and the survivors kept. A query with k
 survivors at or above t has its k-th best score v_k among them (a histogram of its bfloat16 levels);
@@ -56,6 +57,7 @@ QUERY_CHUNK = 2048  # queries per GEMM
 BLOCK_SCORES = 1 << 24  # scores per block compared with the thresholds (one reused buffer): rows = this / queries
 MIN_BLOCK_COLS = 4096  # gallery rows per block at least
 SAMPLE_STRIDE = 16  # the thresholds come from every SAMPLE_STRIDE-th gallery row
+SAMPLE_SPARE = 4  # the strided sample is used when it holds this many times the rank it is cut at (else every row)
 SAMPLE_OVER = 1.5  # the sample's rank is chosen so that about SAMPLE_OVER x depth rows pass its threshold
 RETRY_OVER = 4.0  # a query short of depth rows above it is scanned again with this times the rank
 SURVIVOR_CAP = 16  # a query with more survivors than this x depth (+ a block's rows) goes to FAISS instead
@@ -234,7 +236,8 @@ class Bf16Scan:
 
     def _sample_threshold(self, q_hat, depth: int, over: float) -> np.ndarray:
         """Each query's rank-r bfloat16 score among every SAMPLE_STRIDE-th row (float64[b])."""
-        stride = SAMPLE_STRIDE if self.n >= SAMPLE_STRIDE * 4 * depth else 1
+        sampled = -(-self.n // SAMPLE_STRIDE)
+        stride = SAMPLE_STRIDE if sampled >= SAMPLE_SPARE * math.ceil(over * depth / SAMPLE_STRIDE) else 1
         r = int(min(math.ceil(over * depth / stride), -(-self.n // stride)))
         if self._copy is not None:
             sample = self._copy[::stride]
