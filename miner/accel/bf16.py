@@ -318,7 +318,8 @@ class _Part:
 
     def take(self, S, M, start: int) -> None:
         """Keep this part's scores of one block (``S``: int16[b, w], the bfloat16 bits; ``M``: bool
-        [b, w], a buffer) at or above the thresholds, the block's first gallery row being ``start``."""
+        [b, w], a buffer) at or above the thresholds, the block's first gallery row being ``start``.
+        A block's survivors come in query order (and in row order within a query)."""
         w = S.shape[1]
         Si = S[self.a : self.e]
         m = M[self.a : self.e]
@@ -329,48 +330,75 @@ class _Part:
             np.greater_equal(values, self.low_f, out=m)
         f = np.flatnonzero(m)
         q = f // w
+        bits = Si.reshape(-1)[f]
         self.q.append(q.astype(np.int32))
-        self.k.append(bf16_key(Si.reshape(-1)[f]))
-        self.r.append(f - q * w + start)
+        # above a positive threshold every survivor is positive, and its bits are its key
+        self.k.append(bits.astype(np.int32) if self.positive else bf16_key(bits))
+        q *= w
+        f -= q
+        f += start
+        self.r.append(f)
         self.held += len(f)
         if self.held > self.cap:  # some query holds far more than it needs
             self._drop_heavy()
 
     def _drop_heavy(self) -> None:
-        q = np.concatenate(self.q)
-        self.heavy |= np.bincount(q, minlength=self.e - self.a) > self.cap // max(1, self.e - self.a)
-        keep = ~self.heavy[q]
-        self.q, self.k, self.r = [q[keep]], [np.concatenate(self.k)[keep]], [np.concatenate(self.r)[keep]]
-        self.held = len(self.q[0])
+        m = self.e - self.a
+        held = sum(np.bincount(q, minlength=m) for q in self.q)
+        self.heavy |= held > self.cap // max(1, m)
+        keep = [~self.heavy[q] for q in self.q]  # block by block, so each block keeps its order
+        self.q, self.k, self.r = ([v[k] for v, k in zip(vals, keep)] for vals in (self.q, self.k, self.r))
+        self.held = sum(len(q) for q in self.q)
         self.cap = max(self.cap, 2 * self.held)
 
     def select(self, depth: int, t: np.ndarray, band) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(τ float64[m], rows int64[m, w], short bool[m]): each query's rows with a value at least
-        τ = v_d - band(v_d), v_d its depth-th best; short: fewer than depth at or above ``t``, or a
-        heavy query, or one whose levels overflow the histogram (left to FAISS)."""
+        τ = v_d - band(v_d), v_d its depth-th best, in row order; short: fewer than depth at or
+        above ``t``, or a heavy query, or one whose levels overflow the histogram (left to FAISS)."""
         m = self.e - self.a
-        q = np.concatenate(self.q) if self.q else np.zeros(0, np.int32)
-        key = np.concatenate(self.k) if self.k else np.zeros(0, np.int32)
-        row = np.concatenate(self.r) if self.r else np.zeros(0, np.int64)
-        rel = np.maximum(key - self.low_key[q], 0)  # survivors are at or above low
-        levels = int(min(HIST_LEVELS, int(rel.max()) + 1 if rel.size else 1))
-        hist = np.bincount(q.astype(np.int64) * levels + np.minimum(rel, levels - 1), minlength=m * levels)
-        from_top = np.cumsum(hist.reshape(m, levels)[:, ::-1], axis=1)
+        levels, from_top = self._levels()
         reach = from_top[:, -1] >= depth
         first = np.argmax(from_top >= depth, axis=1)  # levels from the top to the depth-th value
         vd = key_value(self.low_key + (levels - 1 - first))
         short = self.heavy | ~reach | (vd < t) | ((first == 0) & (levels == HIST_LEVELS))
         vd = np.where(short, 0.0, vd)
         tau = vd - band(vd, np.arange(m))
-        keep = key >= key_floor(tau)[q]
-        keep &= ~short[q]
-        q, row = q[keep], row[keep]
-        order = np.argsort(q.astype(np.int16) if m <= 32767 else q, kind="stable")
-        q, row = q[order], row[order]
-        hits = np.bincount(q, minlength=m)
+        floor = np.where(short, np.iinfo(np.int32).max, key_floor(tau)).astype(np.int32)
+        return tau, self._rows(floor), short
+
+    def _levels(self) -> tuple[int, np.ndarray]:
+        """(levels, int64[m, levels]): per query, how many survivors lie at or above each bfloat16
+        level, counted from the top (levels above its threshold, at most HIST_LEVELS; survivors
+        beyond count in the top level)."""
+        m = self.e - self.a
+        low = self.low_key.astype(np.int32)
+        rels = [np.maximum(k - low[q], 0) for q, k in zip(self.q, self.k)]  # survivors are at or above low
+        levels = int(min(HIST_LEVELS, max((int(r.max()) + 1 for r in rels if r.size), default=1)))
+        hist = np.zeros(m * levels, np.int64)
+        wide = m * levels >= 2**31  # bins past int32
+        for q, rel in zip(self.q, rels):
+            np.minimum(rel, levels - 1, out=rel)
+            hist += np.bincount(rel + (q.astype(np.int64) if wide else q) * levels, minlength=m * levels)
+        return levels, np.cumsum(hist.reshape(m, levels)[:, ::-1], axis=1)
+
+    def _rows(self, floor: np.ndarray) -> np.ndarray:
+        """int64[m, w]: each query's survivors with a key at least ``floor`` (int32[m]), block by
+        block and in row order, -1 pads. Each block's survivors come in query order, so a query's
+        rows of one block go to the columns after its rows of the blocks before."""
+        m = self.e - self.a
+        kept, counts = [], []
+        for q, k, r in zip(self.q, self.k, self.r):
+            keep = k >= floor[q]
+            kept.append((q[keep], r[keep]))
+            counts.append(np.bincount(kept[-1][0], minlength=m))
+        hits = sum(counts) if counts else np.zeros(m, np.int64)
         out = np.full((m, int(hits.max()) if m else 0), -1, np.int64)
-        out[q, np.arange(len(q)) - np.r_[0, np.cumsum(hits)[:-1]][q]] = row
-        return tau, out, short
+        filled = np.zeros(m, np.int64)
+        for (q, r), c in zip(kept, counts):
+            shift = filled - (np.cumsum(c) - c)  # a query's first column in this block, less its offset
+            out[q, np.arange(len(q)) + shift[q]] = r
+            filled += c
+        return out
 
 
 def _put(rows: np.ndarray, bound: np.ndarray, which: np.ndarray, b2: np.ndarray, r2: np.ndarray) -> np.ndarray:
