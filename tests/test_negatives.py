@@ -453,8 +453,10 @@ def test_short_queries_are_searched_deeper(synth_work):
 @pytest.mark.parametrize("strategy", ["hardest", "midzone"])
 def test_rows_do_not_depend_on_how_deep_a_batch_is_searched(synth_work, strategy):
     """The same table whether short queries are mined again from the rows of their first search
-    (searched 4x deeper, or at the deepest depth at once after a batch that was mostly short) or
-    searched again one depth at a time, and at any batch size."""
+    (searched 4x deeper, or at the deepest depth at once after a batch that was mostly short; those
+    rows re-scored when asked or with the batch) or searched again one depth at a time, through
+    any kernel, and at any batch size."""
+    from cir_mine.miner.accel import device_search
     from cir_mine.miner.core.search.backends import ExactSearch
     from cir_mine.miner.core.mine import MineConfig, mine_negatives
 
@@ -470,14 +472,19 @@ def test_rows_do_not_depend_on_how_deep_a_batch_is_searched(synth_work, strategy
     class NeverSwitch(ExactSearch):
         deep_share = None
 
+    class DeepRowsScoredAtOnce(ExactSearch):
+        search_ahead = None  # the reserve's rows re-scored with the batch, not when asked
+
     cfg = MineConfig.of(
         strategy=strategy, k=10, seed=3, candidates=16, max_candidates=1024, query_batch=97, delta_lo=0.0, delta_hi=0.2
     )
     ref = mine_negatives(ws, "train", cfg)
     assert ref.meta["deepened_queries"] > 0 and ref.meta["depth"] > 16
-    for cls in (OneDepthAtATime, DeepestAtOnce, NeverSwitch):
+    for cls in (OneDepthAtATime, DeepestAtOnce, NeverSwitch, DeepRowsScoredAtOnce):
         res = mine_negatives(ws, "train", cfg, index=cls(xb, device="cpu"))
         assert res.table.equals(ref.table), cls.__name__
+    res = mine_negatives(ws, "train", cfg, index=device_search)  # the bfloat16 scan in the race
+    assert res.table.equals(ref.table)
     res = mine_negatives(ws, "train", cfg.replace(query_batch=4096))
     assert res.table.equals(ref.table)
 

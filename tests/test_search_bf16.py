@@ -136,9 +136,9 @@ def test_every_fallback_path_gives_the_same_rows(monkeypatch):
     calls = {"retry": 0, "faiss": 0}
     scan_once, faiss_topk = Bf16Scan._scan, lowp.faiss_topk
 
-    def counting_scan(self, xq, depth, rank, over=lowp.SAMPLE_OVER):
+    def counting_scan(self, xq, depth, ranks, over=lowp.SAMPLE_OVER):
         calls["retry"] += over != lowp.SAMPLE_OVER
-        return scan_once(self, xq, depth, rank, over)
+        return scan_once(self, xq, depth, ranks, over)
 
     def counting_faiss(*a, **kw):
         calls["faiss"] += 1
@@ -223,3 +223,78 @@ def test_a_gemm_outside_the_bound_hands_the_queries_to_faiss(monkeypatch, caplog
     with caplog.at_level("WARNING"):
         _same(backend.search(xq, 20), ref)
     assert not backend.scans["bf16"].sound and "exceeds the rounding bound" in caplog.text
+
+
+def _ahead_is_the_deep_search(backend, xq, k: int, deep: int, ref) -> None:
+    D, I, later = backend.search_ahead(xq, k, deep)
+    _same((D, I), (ref[0][:, :k], ref[1][:, :k]))
+    sel = np.arange(0, len(xq), 3)
+    _same(later(sel), (ref[0][sel], ref[1][sel]))
+    _same(later(np.arange(len(xq))), ref)
+
+
+@pytest.mark.parametrize("kind", ["unit", "clustered", "crowded", "rounding", "negative", "duplicates"])
+@pytest.mark.parametrize("kernels", [("faiss",), ("gemm",), ("bf16",)])
+def test_a_search_ahead_is_the_deep_search_cut_twice(kind, kernels):
+    """search_ahead(xq, k, deep): the exact top-k now and, for any queries asked later, the exact
+    top-deep, from one fetch whatever the kernel: the first k columns and the rows of a search
+    ``deep`` deep."""
+    xb, xq = world(kind)
+    ref = ExactSearch(xb, device="cpu", kernels=("faiss",)).search(xq, 200)
+    backend = ExactSearch(xb, device="cpu", kernels=kernels, scans={"bf16": Bf16Scan(xb)})
+    _ahead_is_the_deep_search(backend, xq, 30, 200, ref)
+
+
+def test_a_search_ahead_takes_every_path_of_the_scan(monkeypatch):
+    """The scan's second cut through its retry, FAISS for short and heavy queries, and several query
+    chunks and gallery blocks: the same rows."""
+    xb, xq = world("unit", n=8000, nq=400)
+    ref = ExactSearch(xb, device="cpu", kernels=("faiss",)).search(xq, 120)
+    calls = {"retry": 0, "faiss": 0}
+    scan_once, faiss_topk = Bf16Scan._scan, lowp.faiss_topk
+
+    def counting_scan(self, xq, depth, ranks, over=lowp.SAMPLE_OVER):
+        calls["retry"] += over != lowp.SAMPLE_OVER and len(ranks) == 2
+        return scan_once(self, xq, depth, ranks, over)
+
+    def counting_faiss(*a, **kw):
+        calls["faiss"] += 1
+        return faiss_topk(*a, **kw)
+
+    monkeypatch.setattr(Bf16Scan, "_scan", counting_scan)
+    monkeypatch.setattr(lowp, "faiss_topk", counting_faiss)
+    monkeypatch.setattr(lowp, "SAMPLE_OVER", 0.02)
+    monkeypatch.setattr(lowp, "QUERY_CHUNK", 150)
+    scan_only = lambda: ExactSearch(xb, device="cpu", kernels=("bf16",), scans={"bf16": Bf16Scan(xb)})
+    _ahead_is_the_deep_search(scan_only(), xq, 40, 120, ref)
+    assert calls["retry"] and calls["faiss"]
+    calls["faiss"] = 0
+    monkeypatch.setattr(lowp, "SAMPLE_OVER", 1.5)
+    monkeypatch.setattr(lowp, "SURVIVOR_CAP", 0)
+    monkeypatch.setattr(lowp, "MIN_BLOCK_COLS", 64)
+    monkeypatch.setattr(lowp, "BLOCK_SCORES", 64)
+    _ahead_is_the_deep_search(scan_only(), xq, 40, 120, ref)
+    assert calls["faiss"]
+
+
+def test_a_search_ahead_scores_the_deep_rows_only_when_asked(monkeypatch):
+    """The first fetch re-scores the rows of the cut at k (k and its margin, from FAISS's flat
+    search); the rows past it only for the queries ``later`` is asked about."""
+    from cir_mine.miner.core.search import backends, exact
+    from cir_mine.miner.core.search.exact import cut_depth
+
+    xb, xq = world("unit", n=6000, nq=300)
+    scored = []
+    rescore = exact.exact_rescore
+
+    def counted(xb, xq, I, k):
+        scored.append(I.shape)
+        return rescore(xb, xq, I, k)
+
+    monkeypatch.setattr(backends, "exact_rescore", counted)
+    monkeypatch.setattr(exact, "exact_rescore", counted)
+    backend = ExactSearch(xb, device="cpu", kernels=("faiss",))
+    _, _, later = backend.search_ahead(xq, 20, 400)
+    assert scored == [(300, cut_depth(20))]
+    later(np.arange(10))
+    assert scored == [(300, cut_depth(20)), (10, cut_depth(400))]

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from cir_mine.data.workspace import read_block, release_pages
-from cir_mine.miner.core.search.exact import UNIT_ROUNDOFF, faiss_topk, fetched_bound, max_row_norm
+from cir_mine.miner.core.search.exact import UNIT_ROUNDOFF, cut_depth, faiss_topk, fetched_bound, max_row_norm
 from cir_mine.miner.accel.search import host_tensor
 from cir_mine.miner.core.search.measure import core_pool, usable_cores
 
@@ -174,27 +174,33 @@ class Bf16Scan:
         return (2 * u * np.abs(v) + 2 * c + 3 * g * qnorm * self._row_norm) * (1 + 1e-3) / (1 - u) + 1e-29
 
     # -- the scan ---------------------------------------------------------------------------------
-    def __call__(self, xq: np.ndarray, depth: int, k: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, xq: np.ndarray, depth: int, k: Optional[int] = None, near: Optional[int] = None) -> tuple:
         """``k``: the rank the caller cuts at (at most ``depth``): the band is taken below the k-th
         best score instead of the depth-th, which settles the cut at k as well (module doc) with
-        fewer rows."""
+        fewer rows. ``near``: a second cut, at most k, from the same scan: then (bound, rows,
+        near_bound, near_rows), the near rows those a cut at ``near`` needs."""
         xq = np.ascontiguousarray(xq, np.float32)
         b = len(xq)
         depth = int(depth)
+        rank = int(min(depth, k)) if k is not None else depth
+        ranks = (rank,) if near is None else (rank, int(min(rank, near)))
         if b == 0 or depth >= self.n:
             rows = np.broadcast_to(np.arange(self.n, dtype=np.int64), (b, self.n)).copy()
-            return np.full(b, -np.inf), rows
-        rank = int(min(depth, k)) if k is not None else depth
+            return (np.full(b, -np.inf), rows) * len(ranks)
         if not self.sound:
-            return self._faiss(xq, depth)
-        parts = [self._scan(xq[s : s + QUERY_CHUNK], depth, rank) for s in range(0, b, QUERY_CHUNK)]
-        return _stack(parts)
+            cuts = self._faiss(xq, depth, ranks)
+        else:
+            parts = [self._scan(xq[s : s + QUERY_CHUNK], depth, ranks) for s in range(0, b, QUERY_CHUNK)]
+            cuts = [_stack([p[i] for p in parts]) for i in range(len(ranks))]
+        return tuple(a for cut in cuts for a in cut)
 
-    def _scan(self, xq: np.ndarray, depth: int, rank: int, over: float = SAMPLE_OVER) -> tuple[np.ndarray, np.ndarray]:
-        """One chunk of queries: the GEMM on torch's threads, block by block; each block's scores
-        compared and the survivors selected in parts of the queries, one thread per core. Queries
-        short of ``depth`` survivors are scanned once more with RETRY_OVER times the sample's
-        rank; what is still short, and heavy queries, go to FAISS's flat search."""
+    def _scan(self, xq: np.ndarray, depth: int, ranks: tuple, over: float = SAMPLE_OVER) -> list:
+        """One chunk of queries: [(bound, rows)] per rank of ``ranks`` (the first the deepest). The
+        GEMM on torch's threads, block by block; each block's scores compared and the survivors
+        selected in parts of the queries, one thread per core. Queries short of ``depth``
+        survivors are scanned once more with RETRY_OVER times the sample's rank; what is still
+        short, and heavy queries, go to FAISS's flat search."""
+        rank = ranks[0]
         q_hat = host_tensor(xq).to(torch.bfloat16)
         c, u = self.constants(xq, q_hat)
         b = len(xq)
@@ -215,24 +221,29 @@ class Bf16Scan:
                     Si, M = S.view(torch.int16).numpy(), mbuf[: b * w].view(b, w).numpy()
                     _run(parts, lambda p: p.take(Si, M, s0 + s))
         picked = _run(
-            parts, lambda p: p.select(rank, t[p.a : p.e], lambda v, q: self.band(v, c[p.a + q], u, qnorm[p.a + q]))
+            parts, lambda p: p.select(ranks, t[p.a : p.e], lambda v, q: self.band(v, c[p.a + q], u, qnorm[p.a + q]))
         )
-        tau, rows = _stack([(p[0], p[1]) for p in picked])
-        short = np.concatenate([p[2] for p in picked])
-        bound = tau + u * np.abs(tau) + c  # τ + E(τ)
+        short = np.concatenate([p[0] for p in picked])
+        cuts = []
+        for i in range(len(ranks)):
+            tau, rows = _stack([p[1][i] for p in picked])
+            cuts.append((tau + u * np.abs(tau) + c, rows))  # τ + E(τ)
         heavy = np.concatenate([p.heavy for p in parts])
         again = short & ~heavy & (over < SAMPLE_OVER * RETRY_OVER)
         if again.any():
-            rows = _put(rows, bound, again, *self._scan(xq[again], depth, rank, over * RETRY_OVER))
+            cuts = _put(cuts, again, self._scan(xq[again], depth, ranks, over * RETRY_OVER))
         short &= ~again
         if short.any():
-            rows = _put(rows, bound, short, *self._faiss(xq[short], depth))
-        return bound, rows
+            cuts = _put(cuts, short, self._faiss(xq[short], depth, ranks))
+        return cuts
 
-    def _faiss(self, xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """(bound, rows) of FAISS's flat search ``depth`` deep: the queries the scan leaves."""
+    def _faiss(self, xq: np.ndarray, depth: int, ranks: tuple) -> list:
+        """[(bound, rows)] per rank of FAISS's flat search ``depth`` deep (the queries the scan
+        leaves): every row for the first rank, the first the cut needs (:func:`cut_depth`) for
+        the others."""
         D, I = faiss_topk(xq, self.xb, depth, self.block_rows, release=self.mapped)
-        return fetched_bound(D, depth, self.n), I
+        widths = [depth] + [min(depth, cut_depth(r)) for r in ranks[1:]]
+        return [(fetched_bound(D, w, self.n), I[:, :w]) for w in widths]
 
     def _sample_threshold(self, q_hat, depth: int, over: float) -> np.ndarray:
         """Each query's rank-r bfloat16 score among every SAMPLE_STRIDE-th row (float64[b])."""
@@ -351,20 +362,24 @@ class _Part:
         self.held = sum(len(q) for q in self.q)
         self.cap = max(self.cap, 2 * self.held)
 
-    def select(self, depth: int, t: np.ndarray, band) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(τ float64[m], rows int64[m, w], short bool[m]): each query's rows with a value at least
-        τ = v_d - band(v_d), v_d its depth-th best, in row order; short: fewer than depth at or
-        above ``t``, or a heavy query, or one whose levels overflow the histogram (left to FAISS)."""
+    def select(self, ranks: tuple, t: np.ndarray, band) -> tuple[np.ndarray, list]:
+        """(short bool[m], [(τ float64[m], rows int64[m, w])] per rank of ``ranks``, the first the
+        deepest): each query's rows with a value at least τ = v_r - band(v_r), v_r its r-th best,
+        in row order; short: fewer than the first rank at or above ``t``, or a heavy query, or one
+        whose levels overflow the histogram (left to FAISS)."""
         m = self.e - self.a
         levels, from_top = self._levels()
-        reach = from_top[:, -1] >= depth
-        first = np.argmax(from_top >= depth, axis=1)  # levels from the top to the depth-th value
-        vd = key_value(self.low_key + (levels - 1 - first))
-        short = self.heavy | ~reach | (vd < t) | ((first == 0) & (levels == HIST_LEVELS))
-        vd = np.where(short, 0.0, vd)
-        tau = vd - band(vd, np.arange(m))
-        floor = np.where(short, np.iinfo(np.int32).max, key_floor(tau)).astype(np.int32)
-        return tau, self._rows(floor), short
+        firsts = [np.argmax(from_top >= r, axis=1) for r in ranks]  # levels from the top to the r-th value
+        vd = key_value(self.low_key + (levels - 1 - firsts[0]))
+        short = self.heavy | ~(from_top[:, -1] >= ranks[0]) | (vd < t)
+        short |= (np.minimum.reduce(firsts) == 0) & (levels == HIST_LEVELS)
+        cuts = []
+        for first in firsts:
+            vd = np.where(short, 0.0, key_value(self.low_key + (levels - 1 - first)))
+            tau = vd - band(vd, np.arange(m))
+            floor = np.where(short, np.iinfo(np.int32).max, key_floor(tau)).astype(np.int32)
+            cuts.append((tau, self._rows(floor)))
+        return short, cuts
 
     def _levels(self) -> tuple[int, np.ndarray]:
         """(levels, int64[m, levels]): per query, how many survivors lie at or above each bfloat16
@@ -401,19 +416,26 @@ class _Part:
         return out
 
 
-def _put(rows: np.ndarray, bound: np.ndarray, which: np.ndarray, b2: np.ndarray, r2: np.ndarray) -> np.ndarray:
-    """rows (and bound, in place) with the queries ``which`` replaced by (b2, r2); rows widened."""
-    width = max(rows.shape[1], r2.shape[1])
-    rows = np.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=-1)
-    rows[which] = -1
-    rows[which, : r2.shape[1]] = r2
-    bound[which] = b2
-    return rows
+def _put(cuts: list, which: np.ndarray, subs: list) -> list:
+    """[(bound, rows)] with the queries ``which`` replaced by those of ``subs`` (bound in place;
+    rows widened)."""
+    out = []
+    for (bound, rows), (b2, r2) in zip(cuts, subs):
+        width = max(rows.shape[1], r2.shape[1])
+        rows = np.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=-1)
+        rows[which] = -1
+        rows[which, : r2.shape[1]] = r2
+        bound[which] = b2
+        out.append((bound, rows))
+    return out
 
 
 def _stack(parts: list) -> tuple[np.ndarray, np.ndarray]:
     """(bound, rows) parts of consecutive queries stacked, rows padded with -1 to one width."""
-    width = max(p[1].shape[1] for p in parts)
     bound = np.concatenate([p[0] for p in parts])
-    rows = np.concatenate([np.pad(p[1], ((0, 0), (0, width - p[1].shape[1])), constant_values=-1) for p in parts])
+    rows = np.full((len(bound), max(p[1].shape[1] for p in parts)), -1, np.int64)
+    s = 0
+    for _, r in parts:
+        rows[s : s + len(r), : r.shape[1]] = r
+        s += len(r)
     return bound, rows

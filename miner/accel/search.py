@@ -44,9 +44,8 @@ from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.backends import FLAT_DEEP_SHARE
 from cir_mine.miner.core.search.exact import (
-    CUT_MARGIN,
-    CUT_MARGIN_PER,
     UNIT_ROUNDOFF,
+    cut_depth,
     exact_cut,
     max_row_norm,
     rounding_gap,
@@ -219,7 +218,7 @@ class TorchSearch:
             return exact_cut(self.xb, xq, k, None, self.ntotal, self.row_norm, self.extra_gap, self.clock)
         qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
         unit = (xq / np.where(qnorm > 0, qnorm, 1.0)[:, None]).astype(np.float32)
-        depth0 = int(max(1, min(self.ntotal, k + CUT_MARGIN + k // CUT_MARGIN_PER)))  # exact_cut's first depth
+        depth0 = int(max(1, min(self.ntotal, cut_depth(k))))  # exact_cut's first depth
         step = self.chunk_queries(self.scan_depth(depth0))
         step = -(-nq // -(-nq // step))  # chunks of equal size within the budget
         chunks = [np.arange(s, min(nq, s + step), dtype=np.int64) for s in range(0, nq, step)]

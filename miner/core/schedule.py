@@ -4,7 +4,8 @@ Queries go through in bounded batches (``query_batch``): per batch, one search o
 guard masks and strategy selections on [batch, depth] matrices, no per-query Python loop.
 Queries still short of k are mined again along a ladder of deeper depths
 (:func:`depth_ladder`), from rows already searched where a deeper search costs about the same
-(:class:`DepthSchedule`). A batch's guards and selections run on one thread per core, each on a
+(:class:`DepthSchedule`; those rows re-scored only for the queries that need them,
+:func:`search_ahead`). A batch's guards and selections run on one thread per core, each on a
 contiguous part of its queries (:func:`select_threads`). Rows depend on (inputs, config, seed) only,
 never on the batch size, the parts or how deep a batch was searched.
 """
@@ -50,17 +51,28 @@ class Mined:
     # fmt: on
 
 
-def search_batches(backend, xq: np.ndarray, batches, prefetch: bool):
-    """Step 3 (search): yield (q, D, I, seconds) per item (q, depth) of ``batches`` (an iterable of
-    query indices and search depths, read one item ahead at most). With ``prefetch`` the next batch
-    is searched in a worker thread while the caller guards the current one (FAISS releases the GIL;
-    on a GPU the device is not left idle)."""
+def search_ahead(backend, xq: np.ndarray, k: int, depth: int) -> tuple:
+    """(D, I, later): the exact top-``k`` rows of each query, and ``later(sel) -> (D, I)`` the
+    top-``depth`` rows of the queries ``sel`` (positions in ``xq``), from one search: re-scored
+    when asked by a back-end with ``search_ahead``, else searched ``depth`` deep at once."""
+    if k < depth and callable(getattr(backend, "search_ahead", None)):
+        return backend.search_ahead(xq, k, depth)
+    D, I = backend.search(xq, depth)
+    return D, I, lambda sel: (D[sel], I[sel])
+
+
+def search_batches(backend, xq: np.ndarray, batches, k: int, prefetch: bool):
+    """Step 3 (search): yield (q, depth, D, I, later, seconds) per item (q, depth) of ``batches``
+    (an iterable of query indices and search depths, read one item ahead at most), the queries
+    mined at depth ``k`` first (:func:`search_ahead`). With ``prefetch`` the next batch is searched
+    in a worker thread while the caller guards the current one (FAISS releases the GIL; on a GPU
+    the device is not left idle)."""
 
     def run(item):
         q, depth = item
         t = time.perf_counter()
-        D, I = backend.search(xq[q], depth)
-        return q, D, I, time.perf_counter() - t
+        D, I, later = search_ahead(backend, xq[q], k, depth)
+        return q, depth, D, I, later, time.perf_counter() - t
 
     it = iter(batches)
     if not prefetch:
@@ -214,12 +226,12 @@ class DepthSchedule:
         prep = self.prep
         done = []
         if prep.need_ranked:
-            stream = search_batches(self.backend, prep.qs.emb, items, self.prefetch)
+            stream = search_batches(self.backend, prep.qs.emb, items, self.ladder[start], self.prefetch)
         else:
-            stream = ((q, None, None, 0.0) for q, _ in items)
-        for q, D, I, secs in stream:
+            stream = ((q, 0, None, None, None, 0.0) for q, _ in items)
+        for q, depth, D, I, later, secs in stream:
             t = time.perf_counter()
-            res = self.mine_levels(q, D, I, start)
+            res = self.mine_levels(q, D, I, start, depth, later)
             done.append(res)
             release_pages(prep.pool.xb)
             self.search_s += secs
@@ -233,26 +245,31 @@ class DepthSchedule:
                 self.progress(len(q))
         return done
 
-    def mine_levels(self, q: np.ndarray, D, I, start: int) -> dict:
-        """Mine ``q`` at ladder index ``start``, then its short queries at each deeper index the
-        searched rows (D.shape[1]) reach."""
+    def mine_levels(self, q: np.ndarray, D, I, start: int, searched: int, later) -> dict:
+        """Mine ``q`` at ladder index ``start`` from (D, I), then its short queries at each deeper
+        index the search (``searched`` deep) reaches, their rows from ``later(positions)``."""
         ladder = self.ladder
         res = self.mine_batch(q, D, I, ladder[start] if D is not None else 0)
         self.level[q] = start
         if D is None:
             return res
+        deep = None  # (positions in q, D, I) of the rows fetched deeper, for the first short queries
         for j in range(start + 1, len(ladder)):
-            if ladder[j] > D.shape[1]:
+            if ladder[j] > searched:
                 break
             short = self.got[q] < self.prep.k_mined
             if not short.any():
                 break
+            pos = np.flatnonzero(short)
+            if deep is None:  # later levels' short queries are among these
+                deep = (pos, *later(pos))
+            at = np.searchsorted(deep[0], pos)
             sq = q[short]
             redo = np.zeros(self.prep.m, bool)
             redo[sq] = True
             kept = [~redo[qq] for qq in res["q"]]  # one mask per part, shared by its columns
             keep = {c: [v[k] for v, k in zip(vals, kept)] for c, vals in res.items()}
-            again = self.mine_batch(sq, D[short], I[short], ladder[j])
+            again = self.mine_batch(sq, deep[1][at], deep[2][at], ladder[j])
             res = {c: keep[c] + again[c] for c in COLUMNS}
             self.level[sq] = j
             self.reserved += int(sq.size)

@@ -8,6 +8,10 @@ A back-end is any object with
   ``exact``                                                           True when I is the exact top-k
   ``describe() -> dict``                                              what the table's footer records
 
+and optionally ``search_ahead(xq, k, deep) -> (D, I, later)``: the exact top-k now and
+``later(positions) -> (D, I)``, the exact top-deep of those queries, from the same fetch (the
+miner's reserve, ``miner.core.schedule.search_ahead``).
+
 :class:`ExactSearch` (exact top-k over the gallery, in memory or memory-mapped) and :class:`Reranked`
 (any ``.search`` source, such as an IVF, IVF-PQ or HNSW index or a sharded engine, over-fetched and
 re-scored exactly) live here; anything a caller passes that keeps the contract works the same.
@@ -27,6 +31,7 @@ from cir_mine.data.progress import Progress
 from cir_mine.data.workspace import release_pages
 from cir_mine.miner.core.search.build import build_index, use_gpu
 from cir_mine.miner.core.search.exact import (
+    cut_depth,
     exact_cut,
     exact_rescore,
     faiss_topk,
@@ -121,8 +126,65 @@ class ExactSearch:
         def fetch(q: np.ndarray, depth: int):
             return self.race.run(len(q), depth, lambda kernel, part: self._scored(kernel, xq[q[part]], depth, k))
 
-        extra = 2.0**-11 if self.gpu and self.fp16 else 0.0  # float16 storage rounds every row
-        return exact_cut(self.xb, xq, k, fetch, self.ntotal, self.row_norm, extra, self.clock)
+        return exact_cut(self.xb, xq, k, fetch, self.ntotal, self.row_norm, self.extra_gap, self.clock)
+
+    @property
+    def extra_gap(self) -> float:
+        """exact_cut's extra_gap: float16 storage on the GPU rounds every row."""
+        return 2.0**-11 if self.gpu and self.fp16 else 0.0
+
+    def search_ahead(self, xq: np.ndarray, k: int, deep: int) -> tuple:
+        """(D, I, later): the exact top-``k`` of each query, and ``later(sel) -> (D, I)`` the exact
+        top-``deep`` of the queries ``sel`` (positions in ``xq``), from the same fetch: the rows
+        past the cut at k are re-scored only for the queries asked for."""
+        xq = np.ascontiguousarray(xq, np.float32)
+        k, deep = int(min(k, self.ntotal)), int(min(deep, self.ntotal))
+        for name in self.race.names:
+            if name in self.scans and len(xq):
+                self.clock.timed("search", self._scan, name)
+        held = {}  # the deep cut's (bound, rows) of every query, from the first fetch
+
+        def fetch(q: np.ndarray, depth: int):
+            if held or len(q) < len(xq):  # the queries the bound could not settle: fetched again
+                return self.race.run(len(q), depth, lambda kernel, part: self._scored(kernel, xq[q[part]], depth, k))
+            depth = int(min(self.ntotal, cut_depth(deep)))
+            got = self.race.run(len(q), depth, lambda kernel, part: self._ahead(kernel, xq[q[part]], depth, k, deep))
+            held["cut"] = got[3:]
+            return got[:3]
+
+        D, I = exact_cut(self.xb, xq, k, fetch, self.ntotal, self.row_norm, self.extra_gap, self.clock)
+
+        def later(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            sel = np.asarray(sel, np.int64)
+            first = [(held["cut"][0][sel], held["cut"][1][sel])] if held else []
+
+            def fetch_deep(q: np.ndarray, depth: int):
+                if first and len(q) == len(sel):
+                    return first.pop()
+                return self.race.run(
+                    len(q), depth, lambda kernel, part: self._scored(kernel, xq[sel[q[part]]], depth, deep)
+                )
+
+            return exact_cut(self.xb, xq[sel], deep, fetch_deep, self.ntotal, self.row_norm, self.extra_gap, self.clock)
+
+        return D, I, later
+
+    def _ahead(self, kernel: str, xq: np.ndarray, depth: int, k: int, deep: int) -> tuple:
+        """(bound, D, I, deep bound, deep rows): a kernel's candidates for the cuts at ``deep`` and
+        at ``k`` from one fetch ``depth`` deep, those of the cut at k re-scored exactly."""
+        t = time.perf_counter()
+        if kernel in self.scans:
+            deep_bound, deep_rows, bound, rows = self._scan(kernel)(xq, depth, deep, near=k)
+        else:
+            D, I = self._fetched(kernel, xq, depth)
+            w = min(depth, cut_depth(k))
+            deep_bound, deep_rows = fetched_bound(D, depth, self.ntotal), I
+            bound, rows = fetched_bound(D, w, self.ntotal), I[:, :w]
+        t1 = time.perf_counter()
+        D1, I1 = exact_rescore(self.xb, xq, rows, k)
+        self.clock.add("search", t1 - t)
+        self.clock.add("rerank", time.perf_counter() - t1)
+        return bound, D1, I1, deep_bound, deep_rows
 
     def _scan(self, name: str):
         """A scan kernel, prepared (its gallery copy made) on first use."""
@@ -148,11 +210,14 @@ class ExactSearch:
         at ``k``."""
         if kernel in self.scans:
             return self._scan(kernel)(xq, depth, k)
-        if kernel == "gpu":
-            D, I = self.index.search(xq, depth)
-        else:
-            D, I = self.KERNELS[kernel](xq, self.xb, depth, self.block_rows, release=self.blocked)
+        D, I = self._fetched(kernel, xq, depth)
         return fetched_bound(D, depth, self.ntotal), I
+
+    def _fetched(self, kernel: str, xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I): the approximate top-``depth`` of FAISS's flat search, the GEMM kernel or the GPU."""
+        if kernel == "gpu":
+            return self.index.search(xq, depth)
+        return self.KERNELS[kernel](xq, self.xb, depth, self.block_rows, release=self.blocked)
 
     def describe(self) -> dict:
         return {

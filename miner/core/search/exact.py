@@ -99,6 +99,11 @@ REFETCH_GROWTH = 4
 FAISS_BLOCK_PER_DEPTH = 4  # FAISS's flat-search block: gallery rows per depth asked (at least FAISS's own)
 
 
+def cut_depth(k: int) -> int:
+    """How deep :func:`exact_cut` first fetches for a cut at ``k``: the cut and its margin."""
+    return int(k) + CUT_MARGIN + int(k) // CUT_MARGIN_PER
+
+
 def rounding_gap(d: int) -> float:
     """The largest difference between two float32 dot products of the same unit vectors in
     dimension ``d`` summed in any two orders: 2 γ_d with γ_d = d u / (1 - d u) (each is within
@@ -167,7 +172,7 @@ def exact_cut(
     qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
     gap = (rounding_gap(d) + extra_gap) * qnorm * float(row_norm) * (1 + 1e-6) + 1e-30
     todo = np.arange(nq, dtype=np.int64)
-    extra = CUT_MARGIN + k // CUT_MARGIN_PER
+    extra = cut_depth(k) - k
     while todo.size:
         depth = int(max(1, min(int(total[todo].max()), k + extra)))
         t = time.perf_counter()

@@ -84,7 +84,7 @@ class KernelRace:
         with self._lock:
             self.seen.setdefault(shape_class(nq, depth), per)
         parts.append(call(min(per, key=per.get), np.arange(bounds[-2], nq, dtype=np.int64)))
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+        return tuple(stack_rows([p[i] for p in parts]) for i in range(len(parts[0])))
 
     def describe(self) -> dict:
         """What the footer records: per measured class, each kernel's microseconds per query."""
@@ -93,6 +93,16 @@ class KernelRace:
                 f"{1 << (q - 1) if q else 0}x{1 << (d - 1) if d else 0}": {n: round(s * 1e6, 1) for n, s in per.items()}
                 for (q, d), per in sorted(self.seen.items())
             }
+
+
+def stack_rows(arrays: list) -> np.ndarray:
+    """Arrays of consecutive queries stacked; [queries, width] ones of several widths padded to the
+    widest (-1 for rows, -inf for scores)."""
+    if arrays[0].ndim == 2 and len({a.shape[1] for a in arrays}) > 1:
+        width = max(a.shape[1] for a in arrays)
+        fill = -np.inf if np.issubdtype(arrays[0].dtype, np.floating) else -1
+        arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays]
+    return np.concatenate(arrays)
 
 
 class Clock:
