@@ -5,8 +5,11 @@ Which kernel is faster is a property of the machine (its BLAS, its cores, FAISS'
 of the batch's shape, not a constant. The first search of each shape class (queries and depth, each
 rounded to a power of two) runs every kernel on its own sixteenth of the batch's queries, keeps the
 seconds per query, and runs the rest of the batch with the fastest; later searches of that class, and
-of classes of the same depth with up to 4x more or fewer queries, use the fastest too. The
-candidates are decided exactly
+of classes of the same depth with up to 4x more or fewer queries, use the fastest too. Every later
+batch times the kernel it runs as its class's record: a kernel a share measured faster than it runs
+gives way, and one that a share measured within 2x of the fastest whole batch runs a whole batch
+itself (a share is small, so its seconds per query are noisier, and higher for kernels with a fixed
+cost per call). The candidates are decided exactly
 afterwards (:func:`~cir_mine.miner.core.search.exact.exact_cut`), so the choice changes the time,
 never the rows.
 """
@@ -25,6 +28,7 @@ from cir_mine.data.cores import usable_cores
 MIN_RACE_QUERIES = 8  # a batch with fewer queries per kernel is not split to measure (too small to time)
 CHALLENGER_SHARE = 16  # each kernel runs on 1/CHALLENGER_SHARE of the raced batch's queries, the fastest on the rest
 NEAR_CLASSES = 2  # a measured class decides for classes of the same depth this many powers of two away
+TRIAL_MARGIN = 2.0  # a kernel timed on a share within this factor of the fastest whole batch runs one whole batch
 
 
 _pools: dict = {}
@@ -53,24 +57,39 @@ class KernelRace:
         self.names = tuple(names)
         self.small = small or self.names[0]  # the kernel of batches too small to race
         self.seen: dict = {}  # shape class -> {kernel: seconds per query}
+        self.whole: dict = {}  # shape class -> kernels whose seconds are a whole batch's (else a share's)
         self._lock = threading.Lock()
 
     def choice(self, nq: int, depth: int):
-        """The measured fastest kernel of this shape class (or of the nearest measured class of the
-        same depth, at most NEAR_CLASSES powers of two of queries away), or None."""
+        """The kernel the next batch of this shape class runs (see :meth:`run`), or None when neither
+        it nor a class of the same depth at most NEAR_CLASSES powers of two of queries away is
+        measured."""
         q, d = shape_class(nq, depth)
         with self._lock:
-            near = [
-                (abs(cq - q), per) for (cq, cd), per in self.seen.items() if cd == d and abs(cq - q) <= NEAR_CLASSES
-            ]
-        per = min(near, key=lambda t: t[0])[1] if near else None
-        return min(per, key=per.get) if per else None
+            near = [(abs(k[0] - q), k) for k in self.seen if k[1] == d and abs(k[0] - q) <= NEAR_CLASSES]
+            return self._pick(min(near)[1]) if near else None
+
+    def _pick(self, key) -> str:
+        """The fastest kernel of measured class ``key``; when that time is a whole batch's, a kernel
+        timed on a share alone within TRIAL_MARGIN of it runs the next whole batch instead (a
+        share's seconds per query are its own size's, noisier and mostly higher)."""
+        per, whole = self.seen[key], self.whole.get(key, set())
+        best = min(per, key=per.get)
+        doubt = [k for k in per if best in whole and k not in whole and per[k] < TRIAL_MARGIN * per[best]]
+        return min(doubt, key=per.get) if doubt else best
 
     def run(self, nq: int, depth: int, call: Callable[[str, np.ndarray], tuple]) -> tuple:
-        """``call(kernel, query positions) -> tuple of arrays`` over all ``nq`` queries: by the
-        measured kernel, or, for an unmeasured shape class, each kernel on a contiguous share of the
-        queries (timed) and the fastest on the rest, the results stacked in query order."""
+        """``call(kernel, query positions) -> tuple of arrays`` over all ``nq`` queries, the results
+        stacked in query order. The first batch of an unmeasured shape class runs each kernel on a
+        contiguous share of its queries (timed) and the fastest on the rest; later batches run
+        :meth:`choice` and time it as their class's record (its other kernels' times copied from
+        the class measured), so that a kernel a share measured faster than it runs gives way."""
         name = self.choice(nq, depth)
+        if name is not None and len(self.names) > 1 and nq >= MIN_RACE_QUERIES:
+            t = time.perf_counter()
+            out = call(name, np.arange(nq, dtype=np.int64))
+            self._record(nq, depth, name, (time.perf_counter() - t) / nq)
+            return out
         if name is not None or len(self.names) == 1 or nq < MIN_RACE_QUERIES * (len(self.names) + 1):
             return call(name or self.small, np.arange(nq, dtype=np.int64))
         share = max(MIN_RACE_QUERIES, nq // CHALLENGER_SHARE)
@@ -85,6 +104,18 @@ class KernelRace:
             self.seen.setdefault(shape_class(nq, depth), per)
         parts.append(call(min(per, key=per.get), np.arange(bounds[-2], nq, dtype=np.int64)))
         return tuple(stack_rows([p[i] for p in parts]) for i in range(len(parts[0])))
+
+    def _record(self, nq: int, depth: int, name: str, seconds: float) -> None:
+        """``name`` took ``seconds`` per query on a whole batch: its class's record (made from the
+        nearest measured class), and the record of near classes where only a share timed it."""
+        own = shape_class(nq, depth)
+        with self._lock:
+            near = [k for k in self.seen if k[1] == own[1] and abs(k[0] - own[0]) <= NEAR_CLASSES]
+            if own not in self.seen:
+                self.seen[own] = dict(self.seen[min(near, key=lambda k: abs(k[0] - own[0]))])
+            for key in {own, *(k for k in near if name not in self.whole.get(k, ()))}:
+                self.seen[key][name] = seconds
+                self.whole.setdefault(key, set()).add(name)
 
     def describe(self) -> dict:
         """What the footer records: per measured class, each kernel's microseconds per query."""
