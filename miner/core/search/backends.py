@@ -119,9 +119,7 @@ class ExactSearch:
         xq = np.ascontiguousarray(xq, np.float32)
         k = int(min(k, self.ntotal))
 
-        for name in self.race.names:
-            if name in self.scans and len(xq):
-                self.clock.timed("search", self._scan, name)  # prepared outside the race's timing
+        self._prepare_scans(len(xq))
 
         def fetch(q: np.ndarray, depth: int):
             return self.race.run(len(q), depth, lambda kernel, part: self._scored(kernel, xq[q[part]], depth, k))
@@ -139,9 +137,7 @@ class ExactSearch:
         past the cut at k are re-scored only for the queries asked for."""
         xq = np.ascontiguousarray(xq, np.float32)
         k, deep = int(min(k, self.ntotal)), int(min(deep, self.ntotal))
-        for name in self.race.names:
-            if name in self.scans and len(xq):
-                self.clock.timed("search", self._scan, name)
+        self._prepare_scans(len(xq))
         held = {}  # the deep cut's (bound, rows) of every query, from the first fetch
 
         def fetch(q: np.ndarray, depth: int):
@@ -185,6 +181,13 @@ class ExactSearch:
         self.clock.add("search", t1 - t)
         self.clock.add("rerank", time.perf_counter() - t1)
         return bound, D1, I1, deep_bound, deep_rows
+
+    def _prepare_scans(self, nq: int) -> None:
+        """The scan kernels' gallery copies, made before a search of ``nq`` queries (outside the
+        race's timing)."""
+        for name in self.race.names:
+            if name in self.scans and nq:
+                self.clock.timed("search", self._scan, name)
 
     def _scan(self, name: str):
         """A scan kernel, prepared (its gallery copy made) on first use."""
