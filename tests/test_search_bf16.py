@@ -128,16 +128,16 @@ def test_small_galleries_and_cuts_past_the_gallery():
         _same(bf16_search(xb).search(xq, k), ref)
 
 
-def test_every_fallback_path_gives_the_same_rows(monkeypatch):
-    """Thresholds so high that most queries fall short (scanned again, then FAISS), and a survivor
-    cap so low that queries turn heavy (FAISS): the rows are FAISS's, and each path ran."""
-    xb, xq = world("unit", n=8000, nq=400)
-    ref = ExactSearch(xb, device="cpu", kernels=("faiss",)).search(xq, 50)
-    calls = {"retry": 0, "faiss": 0}
+def count_scan_paths(monkeypatch) -> dict:
+    """Counters of the scan's fallback paths: its retries (and how many cuts they carried) and its
+    calls of FAISS's flat search."""
+    calls = {"retry": 0, "faiss": 0, "cuts": set()}
     scan_once, faiss_topk = Bf16Scan._scan, lowp.faiss_topk
 
     def counting_scan(self, xq, depth, ranks, over=lowp.SAMPLE_OVER):
-        calls["retry"] += over != lowp.SAMPLE_OVER
+        if over != lowp.SAMPLE_OVER:
+            calls["retry"] += 1
+            calls["cuts"].add(len(ranks))
         return scan_once(self, xq, depth, ranks, over)
 
     def counting_faiss(*a, **kw):
@@ -146,6 +146,15 @@ def test_every_fallback_path_gives_the_same_rows(monkeypatch):
 
     monkeypatch.setattr(Bf16Scan, "_scan", counting_scan)
     monkeypatch.setattr(lowp, "faiss_topk", counting_faiss)
+    return calls
+
+
+def test_every_fallback_path_gives_the_same_rows(monkeypatch):
+    """Thresholds so high that most queries fall short (scanned again, then FAISS), and a survivor
+    cap so low that queries turn heavy (FAISS): the rows are FAISS's, and each path ran."""
+    xb, xq = world("unit", n=8000, nq=400)
+    ref = ExactSearch(xb, device="cpu", kernels=("faiss",)).search(xq, 50)
+    calls = count_scan_paths(monkeypatch)
     monkeypatch.setattr(lowp, "SAMPLE_OVER", 0.02)  # ~1 row in 50 of the depth passes the threshold
     monkeypatch.setattr(lowp, "RETRY_OVER", 4.0)  # still short after the retry
     _same(bf16_search(xb).search(xq, 50), ref)
@@ -250,24 +259,12 @@ def test_a_search_ahead_takes_every_path_of_the_scan(monkeypatch):
     chunks and gallery blocks: the same rows."""
     xb, xq = world("unit", n=8000, nq=400)
     ref = ExactSearch(xb, device="cpu", kernels=("faiss",)).search(xq, 120)
-    calls = {"retry": 0, "faiss": 0}
-    scan_once, faiss_topk = Bf16Scan._scan, lowp.faiss_topk
-
-    def counting_scan(self, xq, depth, ranks, over=lowp.SAMPLE_OVER):
-        calls["retry"] += over != lowp.SAMPLE_OVER and len(ranks) == 2
-        return scan_once(self, xq, depth, ranks, over)
-
-    def counting_faiss(*a, **kw):
-        calls["faiss"] += 1
-        return faiss_topk(*a, **kw)
-
-    monkeypatch.setattr(Bf16Scan, "_scan", counting_scan)
-    monkeypatch.setattr(lowp, "faiss_topk", counting_faiss)
+    calls = count_scan_paths(monkeypatch)
     monkeypatch.setattr(lowp, "SAMPLE_OVER", 0.02)
     monkeypatch.setattr(lowp, "QUERY_CHUNK", 150)
     scan_only = lambda: ExactSearch(xb, device="cpu", kernels=("bf16",), scans={"bf16": Bf16Scan(xb)})
     _ahead_is_the_deep_search(scan_only(), xq, 40, 120, ref)
-    assert calls["retry"] and calls["faiss"]
+    assert calls["retry"] and calls["faiss"] and calls["cuts"] == {2}
     calls["faiss"] = 0
     monkeypatch.setattr(lowp, "SAMPLE_OVER", 1.5)
     monkeypatch.setattr(lowp, "SURVIVOR_CAP", 0)
