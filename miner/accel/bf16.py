@@ -47,7 +47,7 @@ import torch
 from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.exact import UNIT_ROUNDOFF, cut_depth, faiss_topk, fetched_bound, max_row_norm
 from cir_mine.miner.accel.search import host_tensor
-from cir_mine.miner.core.search.measure import core_pool, usable_cores
+from cir_mine.miner.core.search.measure import core_pool, stack_rows, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -432,10 +432,4 @@ def _put(cuts: list, which: np.ndarray, subs: list) -> list:
 
 def _stack(parts: list) -> tuple[np.ndarray, np.ndarray]:
     """(bound, rows) parts of consecutive queries stacked, rows padded with -1 to one width."""
-    bound = np.concatenate([p[0] for p in parts])
-    rows = np.full((len(bound), max(p[1].shape[1] for p in parts)), -1, np.int64)
-    s = 0
-    for _, r in parts:
-        rows[s : s + len(r), : r.shape[1]] = r
-        s += len(r)
-    return bound, rows
+    return np.concatenate([p[0] for p in parts]), stack_rows([p[1] for p in parts])

@@ -129,11 +129,15 @@ class KernelRace:
 def stack_rows(arrays: list) -> np.ndarray:
     """Arrays of consecutive queries stacked; [queries, width] ones of several widths padded to the
     widest (-1 for rows, -inf for scores)."""
-    if arrays[0].ndim == 2 and len({a.shape[1] for a in arrays}) > 1:
-        width = max(a.shape[1] for a in arrays)
-        fill = -np.inf if np.issubdtype(arrays[0].dtype, np.floating) else -1
-        arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays]
-    return np.concatenate(arrays)
+    if arrays[0].ndim != 2 or len({a.shape[1] for a in arrays}) == 1:
+        return np.concatenate(arrays)
+    fill = -np.inf if np.issubdtype(arrays[0].dtype, np.floating) else -1
+    out = np.full((sum(len(a) for a in arrays), max(a.shape[1] for a in arrays)), fill, arrays[0].dtype)
+    s = 0
+    for a in arrays:
+        out[s : s + len(a), : a.shape[1]] = a
+        s += len(a)
+    return out
 
 
 class Clock:
