@@ -12,7 +12,8 @@ import torch
 from cir_mine.miner.accel import bf16 as lowp
 from cir_mine.miner.core.search.backends import ExactSearch
 from tests.builders import bf16_search
-from cir_mine.miner.accel.bf16 import Bf16Scan, bf16_key, key_floor, key_value
+from cir_mine.miner.accel.bf16 import Bf16Scan
+from cir_mine.miner.accel.survivors import bf16_key, key_floor, key_value
 
 
 def _unit(a):
