@@ -33,6 +33,10 @@
       off (4 KiB pages, as Arrow's allocators leave a zero-copy view), rows drawn from the whole
       gallery and from one 8,192-row block (a scan's block in cache); nanoseconds per pair, the
       fastest of 5 calls, each setting in a fresh process.
+  (g) survivors: python bench/negatives.py survivors --n-gallery 100000 --n-queries 10000 --dim 256 --repeats 5
+      the bfloat16 scan of the workspace's first 4,096 queries at depths 216, 828 and 2,048, its
+      survivors kept and selected by the compiled kernels (miner/accel/_survivors.c) and by the
+      numpy code, alternated in one process; microseconds per query, the fastest of --repeats.
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
 
@@ -524,9 +528,48 @@ def gathers(args) -> dict:
     return {"bench": "gathers", "n_gallery": args.n_gallery, "dim": args.dim, "ns_per_pair": out}
 
 
+def survivors_bench(args) -> dict:
+    """The bfloat16 scan's seconds with its survivor kernels compiled and as numpy code, alternated
+    in one process on the bench workspace's first 4,096 queries (the fastest of ``--repeats``)."""
+    import torch
+
+    from cir_mine.miner.accel import survivors
+    from cir_mine.miner.accel.bf16 import Bf16Scan
+
+    ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
+    xb, xq = queries(ws)
+    xq = xq[:4096]
+    scan = Bf16Scan(np.ascontiguousarray(xb))
+    scan.prepare()
+    compiled = survivors.KERNELS
+    rows = []
+    for depth in (216, 828, 2048):
+        best = {}
+        for _ in range(args.repeats):
+            for name, kernels in (("compiled", compiled), ("numpy", None)):
+                survivors.KERNELS = kernels
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    scan(xq, depth)
+                best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
+        survivors.KERNELS = compiled
+        us = {k: round(v / len(xq) * 1e6, 1) for k, v in best.items()}
+        rows.append(
+            {"depth": depth, "us_per_query": us, "numpy_over_compiled": round(best["numpy"] / best["compiled"], 2)}
+        )
+    return {
+        "bench": "survivors",
+        "n_gallery": args.n_gallery,
+        "dim": args.dim,
+        "queries": len(xq),
+        "isas": compiled.isas() if compiled is not None else [],
+        "rows": rows,
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=["speed", "memory", "st", "kernels", "read", "gathers", "speed-one"])
+    p.add_argument("bench", choices=["speed", "memory", "st", "kernels", "read", "gathers", "speed-one", "survivors"])
     p.add_argument("--n-gallery", type=int, default=200_000)
     p.add_argument("--n-queries", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=512)
@@ -567,6 +610,7 @@ def main():
                 "read": read,
                 "gathers": gathers,
                 "speed-one": speed_one,
+                "survivors": survivors_bench,
             }[args.bench](args)
         ),
         flush=True,
