@@ -35,8 +35,9 @@
       fastest of 5 calls, each setting in a fresh process.
   (g) survivors: python bench/negatives.py survivors --n-gallery 100000 --n-queries 10000 --dim 256 --repeats 5
       the bfloat16 scan of the workspace's first 4,096 queries at depths 216, 828 and 2,048, its
-      survivors kept and selected by the compiled kernels (miner/accel/_survivors.c) and by the
-      numpy code, alternated in one process; microseconds per query, the fastest of --repeats.
+      thresholds, survivors and selections by the compiled kernels (miner/accel/_survivors.c) and
+      by the torch and numpy code they replace, alternated in one process; microseconds per query,
+      the fastest of --repeats.
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
 

@@ -1,7 +1,8 @@
 """The bfloat16 scan's survivor kernels (miner/accel/_survivors.c) return the numpy code's arrays,
 element for element, on every instruction set this CPU runs: blocks of every width, thresholds of
 every sign (+0 and -0, NaN patterns, subnormals), outputs that overflow their first guess, heavy
-queries, histograms past HIST_LEVELS; and the scan through them returns the same rows and bounds."""
+queries, histograms past HIST_LEVELS; the sample threshold's radix select returns torch's top-k
+values; and the scan through them returns the same rows and bounds."""
 
 import numpy as np
 import pytest
@@ -165,6 +166,10 @@ def test_the_kernels_refuse_buffers_too_small_and_unknown_instruction_sets():
     with pytest.raises(ValueError, match="out of range"):
         k.levels(np.array([5], np.int32), np.array([1], np.int32), low, 16, np.array([1]), np.empty(4, np.int64),
                  np.empty(4, np.int64))  # fmt: skip
+    with pytest.raises(ValueError, match="rank"):
+        k.kth(S, 32, 0, 4, 32, 33, np.empty(4, np.int32))
+    with pytest.raises(ValueError, match="out"):
+        k.kth(S, 32, 0, 4, 32, 3, np.empty(2, np.int32))
     with pytest.raises(ValueError, match="width"):
         k.rows(np.zeros(3, np.int32), np.ones(3, np.int32), np.arange(3), np.zeros(4, np.int32),
                np.empty(4, np.int64), np.empty(8, np.int64), 2)  # fmt: skip
@@ -183,6 +188,43 @@ def test_the_scan_returns_the_same_rows_through_the_kernels_and_numpy(monkeypatc
     want = scan(xq, 60, k=40, near=10)
     for x, y in zip(got, want):
         assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("w", [1, 2, 7, 64, 6250])
+def test_kth_is_the_rth_largest_key_of_each_row(w):
+    """The sample threshold's radix select equals a sort of the keys (NaN patterns aside: the
+    scan's inputs are checked finite), at every rank, with ties, ±0, subnormals and infinities."""
+    from cir_mine.miner.accel.survivors import bf16_key
+
+    rng = np.random.default_rng(w)
+    S = block(rng, 40, w, extremes=False)
+    S[::5] = S[::5, :1]  # rows of one value: ties at every rank
+    S[1, : w // 2] = 0x7F80  # +inf
+    S[2, : w // 2] = -128  # -inf (0xFF80)
+    keys = np.sort(bf16_key(S), axis=1)
+    for r in sorted({r for r in (1, 2, w // 2 or 1, w) if r <= w}):
+        out = np.empty(40, np.int32)
+        kernels().kth(S, w, 0, 40, w, r, out)
+        assert np.array_equal(out, keys[:, w - r]), (w, r)
+        part = np.empty(13, np.int32)
+        kernels().kth(S, w, 20, 33, w, r, part)
+        assert np.array_equal(part, keys[20:33, w - r])
+
+
+def test_the_sample_threshold_is_torchs_topk(monkeypatch):
+    rng = np.random.default_rng(5)
+    xb = rng.standard_normal((4000, 32)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    scan = Bf16Scan(xb)
+    scan.prepare()
+    q_hat = torch.from_numpy(rng.standard_normal((300, 32)).astype(np.float32)).to(torch.bfloat16)
+    for depth in (5, 60, 400):
+        with torch.inference_mode():  # as the scan calls it
+            got = scan._sample_threshold(q_hat, depth, 1.5)
+            monkeypatch.setattr(survivors, "KERNELS", None)
+            want = scan._sample_threshold(q_hat, depth, 1.5)
+        monkeypatch.undo()
+        assert got.dtype == want.dtype == np.float64 and np.array_equal(got, want)
 
 
 def test_key_value_of_the_levels_used():

@@ -6,6 +6,8 @@
  *   levels  per query, how many survivors lie at or above each bfloat16 level -> the level of each
  *           asked rank, and each query's survivor count
  *   rows    per query, the rows of the survivors at or above a floor key, in the order held
+ *   kth     per row of a block of bfloat16 scores, the key of its r-th largest (the scan's threshold
+ *           from its sample of the gallery)
  *
  * Keys are integers in the values' order: a bfloat16 bit pattern b >= 0 is its own key, b < 0 has
  * -(b & 0x7FFF). Every comparison is exact integer arithmetic, so each instruction set (AVX-512BW,
@@ -256,6 +258,65 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* the key of the r-th largest of each row [a, e) of S (1 <= r <= w): a radix select on the keys
+ * shifted to 0..65535, their high 10 bits first (two interleaved histograms), then the low 6 bits
+ * within the chosen bin */
+static int kth_core(const int16_t *S, Py_ssize_t ld, Py_ssize_t a, Py_ssize_t e, Py_ssize_t w, Py_ssize_t r,
+                    int32_t *out) {
+    uint16_t *u = malloc((size_t)w * sizeof(uint16_t));
+    uint32_t *h0 = malloc(2 * 1024 * sizeof(uint32_t));
+    if (!u || !h0) {
+        free(u);
+        free(h0);
+        return -1;
+    }
+    uint32_t *h1 = h0 + 1024;
+    for (Py_ssize_t i = a; i < e; i++) {
+        const int16_t *s = S + i * ld;
+        for (Py_ssize_t j = 0; j < w; j++) {
+            int32_t b = s[j], m = b >> 15; /* the key, without a branch: b, or -(b & 0x7FFF) below zero */
+            u[j] = (uint16_t)(((b ^ (m & 0x7FFF)) - m) + 32768);
+        }
+        memset(h0, 0, 2 * 1024 * sizeof(uint32_t));
+        Py_ssize_t j = 0;
+        for (; j + 1 < w; j += 2) {
+            h0[u[j] >> 6]++;
+            h1[u[j + 1] >> 6]++;
+        }
+        if (j < w) h0[u[j] >> 6]++;
+        Py_ssize_t left = r;
+        int hb = 1023;
+        for (; hb > 0 && (Py_ssize_t)(h0[hb] + h1[hb]) < left; hb--) left -= h0[hb] + h1[hb];
+        uint32_t lo[64] = {0};
+        for (j = 0; j < w; j++)
+            if ((u[j] >> 6) == (unsigned)hb) lo[u[j] & 63]++;
+        int lb = 63;
+        for (; lb > 0 && (Py_ssize_t)lo[lb] < left; lb--) left -= lo[lb];
+        out[i - a] = (int32_t)((hb << 6) | lb) - 32768;
+    }
+    free(u);
+    free(h0);
+    return 0;
+}
+
+static PyObject *py_kth(PyObject *self, PyObject *args) {
+    Py_buffer S, out;
+    Py_ssize_t ld, a, e, w, r;
+    if (!PyArg_ParseTuple(args, "y*nnnnnw*", &S, &ld, &a, &e, &w, &r, &out)) return NULL;
+    PyObject *res = NULL;
+    if (a < 0 || e < a || w < 1 || ld < w || r < 1 || r > w) {
+        PyErr_SetString(PyExc_ValueError, "kth: bad block shape or rank");
+    } else if ((e == a || need(&S, (e - 1) * ld + w, 2, "scores")) && need(&out, e - a, 4, "out")) {
+        int st;
+        Py_BEGIN_ALLOW_THREADS st = kth_core((const int16_t *)S.buf, ld, a, e, w, r, (int32_t *)out.buf);
+        Py_END_ALLOW_THREADS if (st < 0) PyErr_NoMemory();
+        else res = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&S);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 static PyObject *py_isas(PyObject *self, PyObject *noargs) {
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
@@ -281,6 +342,8 @@ static PyMethodDef methods[] = {
      "levels(q, key, low_key, max_levels, ranks, firsts_out, totals_out) -> the histogram's levels"},
     {"rows", py_rows, METH_VARARGS,
      "rows(q, key, row, floor, counts_out, out, width): count (out empty) or place each query's rows"},
+    {"kth", py_kth, METH_VARARGS,
+     "kth(S, ld, a, e, w, r, out): the key of the r-th largest score of each row [a, e) of S"},
     {"isas", py_isas, METH_NOARGS, "isas() -> the instruction sets this CPU runs take with"},
     {NULL, NULL, 0, NULL},
 };

@@ -47,7 +47,8 @@ import torch
 from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.exact import UNIT_ROUNDOFF, cut_depth, faiss_topk, fetched_bound, max_row_norm
 from cir_mine.miner.accel.search import host_tensor
-from cir_mine.miner.accel.survivors import Survivors
+from cir_mine.miner.accel import survivors
+from cir_mine.miner.accel.survivors import Survivors, key_value
 from cir_mine.miner.core.search.measure import core_pool, stack_rows, usable_cores
 
 log = logging.getLogger(__name__)
@@ -208,11 +209,11 @@ class Bf16Scan:
         qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
         step = int(min(self.n, max(MIN_BLOCK_COLS, BLOCK_SCORES // b)))  # gallery rows per block
         with torch.inference_mode():
-            t = self._sample_threshold(q_hat, rank, over)
+            t = self._sample_threshold(q_hat, rank, over, step)
             low = t - self.band(t, c, u, qnorm)  # v - band(v) grows with v: v_d >= t keeps its rows above
             cut = np.linspace(0, b, min(usable_cores(), max(1, b // MIN_PART_QUERIES)) + 1).astype(np.int64)
             parts = [Survivors(int(a), int(e), low[a:e], SURVIVOR_CAP * rank + step) for a, e in zip(cut[:-1], cut[1:])]
-            buf, mbuf = self._buffers(b * step)
+            buf, mbuf = self._buffers(b * step)  # the sample's scores were there
             for s0, block in self._blocks():
                 for s in range(0, len(block), step):
                     cols = block[s : s + step]
@@ -246,8 +247,10 @@ class Bf16Scan:
         widths = [depth] + [min(depth, cut_depth(r)) for r in ranks[1:]]
         return [(fetched_bound(D, w, self.n), I[:, :w]) for w in widths]
 
-    def _sample_threshold(self, q_hat, depth: int, over: float) -> np.ndarray:
-        """Each query's rank-r bfloat16 score among every SAMPLE_STRIDE-th row (float64[b])."""
+    def _sample_threshold(self, q_hat, depth: int, over: float, step: int = 0) -> np.ndarray:
+        """Each query's rank-r bfloat16 score among every SAMPLE_STRIDE-th row (float64[b]); the
+        sample's scores go to this thread's buffer, kept at least ``step`` rows wide (the scan's
+        blocks)."""
         sampled = -(-self.n // SAMPLE_STRIDE)
         stride = SAMPLE_STRIDE if sampled >= SAMPLE_SPARE * math.ceil(over * depth / SAMPLE_STRIDE) else 1
         r = int(min(math.ceil(over * depth / stride), -(-self.n // stride)))
@@ -257,8 +260,18 @@ class Bf16Scan:
             rows = np.arange(0, self.n, stride)
             sample = host_tensor(np.ascontiguousarray(self.xb[rows], np.float32)).to(torch.bfloat16)
             release_pages(self.xb)
-        top = torch.topk(q_hat @ sample.T, r, dim=1, sorted=False).values.amin(1)
-        return top.float().numpy().astype(np.float64)
+        b = len(q_hat)
+        scores = self._buffers(b * max(step, len(sample)))[0][: b * len(sample)].view(b, len(sample))
+        torch.matmul(q_hat, sample.T, out=scores)  # into this thread's buffer: fresh pages cost more
+        if survivors.KERNELS is None:
+            return torch.topk(scores, r, dim=1, sorted=False).values.amin(1).float().numpy().astype(np.float64)
+        bits = scores.view(torch.int16).numpy()  # the same values, by a radix select on the keys
+        keys = np.empty(b, np.int32)
+        cut = np.linspace(0, b, min(usable_cores(), max(1, b // MIN_PART_QUERIES)) + 1).astype(np.int64)
+        parts = [(int(a), int(e)) for a, e in zip(cut[:-1], cut[1:])]
+        w = bits.shape[1]
+        _run(parts, lambda p: survivors.KERNELS.kth(bits, w, p[0], p[1], w, r, keys[p[0] : p[1]]))
+        return key_value(keys)
 
 
 WARM_QUERIES = 256  # queries of the warm-up GEMM (a kernel race's share of a batch of 4096)
