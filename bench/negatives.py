@@ -38,6 +38,10 @@
       thresholds, survivors and selections by the compiled kernels (miner/accel/_survivors.c) and
       by the torch and numpy code they replace, alternated in one process; microseconds per query,
       the fastest of --repeats.
+  (h) pages:  python bench/negatives.py pages --repeats 3
+      seconds to fill 1 GiB numpy allocates right after freeing as much, and after a 5 s pause,
+      alternated: on a VM that reports free pages to its host, memory freed a few seconds earlier
+      is faulted in from the host again (the read stage of a second run in one process).
 Workspaces are generated once under --root (default /tmp/cir-mine-bench) and reused.
 """
 
@@ -568,9 +572,33 @@ def survivors_bench(args) -> dict:
     }
 
 
+def pages(args) -> dict:
+    """Seconds to fill 1 GiB that numpy allocates right after freeing the same amount, and after
+    a 5 s pause (a VM that reports free pages to its host hands them back in between, and faults
+    them in from the host again), alternated --repeats times."""
+    size = 1 << 27  # float64 values: 1 GiB
+
+    def fill() -> tuple:
+        t = time.perf_counter()
+        a = np.ones(size)
+        return time.perf_counter() - t, a
+
+    first, a = fill()
+    runs: dict = {"at once": [], "after 5 s": []}
+    for _ in range(args.repeats):
+        for name, wait in (("at once", 0.0), ("after 5 s", 5.0)):
+            del a
+            time.sleep(wait)
+            secs, a = fill()
+            runs[name].append(round(secs, 3))
+    return {"bench": "pages", "gib": 1, "first_fill_s": round(first, 3), "refill_s": runs}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=["speed", "memory", "st", "kernels", "read", "gathers", "speed-one", "survivors"])
+    p.add_argument(
+        "bench", choices=["speed", "memory", "st", "kernels", "read", "gathers", "speed-one", "survivors", "pages"]
+    )
     p.add_argument("--n-gallery", type=int, default=200_000)
     p.add_argument("--n-queries", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=512)
@@ -612,6 +640,7 @@ def main():
                 "gathers": gathers,
                 "speed-one": speed_one,
                 "survivors": survivors_bench,
+                "pages": pages,
             }[args.bench](args)
         ),
         flush=True,
