@@ -211,8 +211,7 @@ class Bf16Scan:
         with torch.inference_mode():
             t = self._sample_threshold(q_hat, rank, over, step)
             low = t - self.band(t, c, u, qnorm)  # v - band(v) grows with v: v_d >= t keeps its rows above
-            cut = np.linspace(0, b, min(usable_cores(), max(1, b // MIN_PART_QUERIES)) + 1).astype(np.int64)
-            parts = [Survivors(int(a), int(e), low[a:e], SURVIVOR_CAP * rank + step) for a, e in zip(cut[:-1], cut[1:])]
+            parts = [Survivors(a, e, low[a:e], SURVIVOR_CAP * rank + step) for a, e in _query_parts(b)]
             buf, mbuf = self._buffers(b * step)  # the sample's scores were there
             for s0, block in self._blocks():
                 for s in range(0, len(block), step):
@@ -267,10 +266,8 @@ class Bf16Scan:
             return torch.topk(scores, r, dim=1, sorted=False).values.amin(1).float().numpy().astype(np.float64)
         bits = scores.view(torch.int16).numpy()  # the same values, by a radix select on the keys
         keys = np.empty(b, np.int32)
-        cut = np.linspace(0, b, min(usable_cores(), max(1, b // MIN_PART_QUERIES)) + 1).astype(np.int64)
-        parts = [(int(a), int(e)) for a, e in zip(cut[:-1], cut[1:])]
         w = bits.shape[1]
-        _run(parts, lambda p: survivors.KERNELS.kth(bits, w, p[0], p[1], w, r, keys[p[0] : p[1]]))
+        _run(_query_parts(b), lambda p: survivors.KERNELS.kth(bits, w, p[0], p[1], w, r, keys[p[0] : p[1]]))
         return key_value(keys)
 
 
@@ -289,6 +286,12 @@ def gemm_within_bound(q, x, S, d: int) -> bool:
     u = BF16_ROUNDOFF / (1.0 - BF16_ROUNDOFF)
     norms = np.sqrt(np.einsum("ij,ij->i", q64, q64))[:, None] * np.sqrt(np.einsum("ij,ij->i", x64, x64))[None, :]
     return bool(np.all(np.abs(real - v) <= u * np.abs(v) + gamma * norms * (1 + 1e-6) + d * 2.0**-120 * (1 + norms)))
+
+
+def _query_parts(b: int) -> list:
+    """[(a, e)]: ``b`` queries in consecutive parts, one per core, each of MIN_PART_QUERIES at least."""
+    cut = np.linspace(0, b, min(usable_cores(), max(1, b // MIN_PART_QUERIES)) + 1).astype(np.int64)
+    return [(int(a), int(e)) for a, e in zip(cut[:-1], cut[1:])]
 
 
 def _run(parts: list, fn) -> list:
