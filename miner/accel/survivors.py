@@ -53,7 +53,6 @@ class Survivors:
 
     def __init__(self, a: int, e: int, low: np.ndarray, cap: int, kernels: str | None = "compiled", isa: int = 0):
         self.a, self.e = a, e
-        self.low = low
         self.low_key = key_floor(low)
         self.low_key32 = np.ascontiguousarray(self.low_key, np.int32)
         self.positive = bool((self.low_key > 0).all())  # then a key is at least low_key iff its bits are
