@@ -96,7 +96,7 @@ class Survivors:
         return qi, k, f
 
     def _take_compiled(self, S, start: int) -> tuple:
-        b, w = S.shape
+        w = S.shape[1]
         if not self._guess:
             self._guess = max(1024, (self.e - self.a) * w // 32)
         while True:
