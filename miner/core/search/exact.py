@@ -14,6 +14,8 @@ one order (score descending, ties by the lower row), whatever kernel fetched the
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from typing import Callable
 
@@ -23,13 +25,28 @@ from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 
+try:  # the compiled row windows (miner/core/search/_windows.c); without them a gather is one FAISS call
+    from cir_mine.miner.core.search import _windows as WINDOWS
+except ImportError:  # pragma: no cover - depends on the install
+    WINDOWS = None
+
+# Tuned settings (docs/search.md, "Tuned settings"): an in-memory gallery is scored one window at a time,
+# of at least WINDOW_BYTES of rows and WINDOW_PER rows per query on average (a power of two), when
+# that window holds at most WINDOW_MAX_BYTES and the windows' blocks at most WINDOW_PAD times the rows
+WINDOW_BYTES = 2 << 20
+WINDOW_MAX_BYTES = 8 << 20
+WINDOW_PER = 8
+WINDOW_PAD = 3
+WINDOW_QUERIES = 2048  # queries scored window by window at a time
+
 
 def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int = 256) -> np.ndarray:
     """s(xb[rows[i, j]], vec[i]): float32[b, depth]. ``rows``: int64[b, depth] (entries < 0 give -inf).
 
     A float32 gallery is scored in place by FAISS's ``fvec_inner_products_by_idx`` (no gathered copy;
     each score is one SIMD dot product whatever the batch, so any split of the rows gives the same
-    bits); a memory-mapped one in steps of at most 4k rows, its pages released after each. Other
+    bits), one window of its rows at a time where the rows are dense enough (:func:`window_shift`);
+    a memory-mapped one in steps of at most 4k rows, its pages released after each. Other
     dtypes (float16 galleries) gather at most ``chunk`` queries' rows at a time and score in float32."""
     rows = np.asarray(rows)
     if (
@@ -70,17 +87,77 @@ def _dot_by_idx(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> np.ndarray
     if b == 0 or depth == 0:
         return out
     mapped = isinstance(xb, np.memmap)
-    step = max(1, 4_096 // depth) if mapped else b
+    shift = None if mapped or WINDOWS is None else window_shift(*xb.shape, np.count_nonzero(rows >= 0) / b)
+    step = max(1, 4_096 // depth) if mapped else (WINDOW_QUERIES if shift is not None else b)
     ptr = faiss.swig_ptr
     for s in range(0, b, step):
         e = min(b, s + step)
+        if shift is not None and _dot_windowed(faiss, xb, rows[s:e], vec[s:e], shift, out[s:e]):
+            continue
         faiss.fvec_inner_products_by_idx(
             ptr(out[s:e]), ptr(vec[s:e]), ptr(xb), ptr(rows[s:e]), xb.shape[1], e - s, depth
         )
+        out[s:e][rows[s:e] < 0] = -np.inf
         if mapped:
             release_pages(xb)  # a memory-mapped gallery's RSS stays one step
-    out[rows < 0] = -np.inf
     return out
+
+
+def window_shift(n: int, d: int, depth: float) -> int | None:
+    """log2 of the gallery rows per window when ``depth`` rows per query (on average) of an in-memory gallery of
+    ``n`` x ``d`` are scored window by window (:func:`gathered_dot`), else None: without the
+    compiled windows, for one window, or where a window holding WINDOW_PER of a query's rows would
+    not stay in the cache."""
+    if WINDOWS is None or depth <= 0:
+        return None
+    rows = max(WINDOW_BYTES // (4 * max(1, d)), math.ceil(WINDOW_PER * n / depth), 1)
+    shift = int(rows - 1).bit_length()  # the smallest power of two at least ``rows``
+    return shift if (n - 1) >> shift and (4 * d) << shift <= WINDOW_MAX_BYTES else None
+
+
+def _dot_windowed(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shift: int, out: np.ndarray) -> bool:
+    """gathered_dot into ``out`` one window of 2^``shift`` gallery rows at a time: each query's rows of
+    a window go to its line of the window's block (-1 pads) and FAISS scores the block against every
+    query, so the gathered rows stay in the cache; the scores go back to their places. The same
+    products, so the same bits. False (nothing written) when the blocks would hold more than
+    WINDOW_PAD times the rows (sparse or skewed rows)."""
+    b, depth = rows.shape
+    nw = ((xb.shape[0] - 1) >> shift) + 1
+    widths = np.empty(nw, np.int64)
+    valid = WINDOWS.count(rows, b, depth, shift, nw, widths)
+    base = np.zeros(nw + 1, np.int64)
+    np.cumsum(widths * b, out=base[1:])
+    total = int(base[-1])
+    if total > WINDOW_PAD * valid:
+        return False
+    ids, pos, scores = (
+        _reused("ids", total, np.int64),
+        _reused("pos", b * depth, np.int64),
+        _reused("scores", total + 1, np.float32),
+    )
+    WINDOWS.place(rows, b, depth, shift, nw, base[:-1], widths, ids, pos)
+    scores[total] = -np.inf  # where the pads' position -1 points
+    ptr = faiss.swig_ptr
+    for w in np.flatnonzero(widths).tolist():
+        at = int(base[w])
+        faiss.fvec_inner_products_by_idx(
+            ptr(scores[at:]), ptr(vec), ptr(xb), ptr(ids[at:]), xb.shape[1], b, int(widths[w])
+        )
+    np.take(scores, pos.reshape(b, depth), out=out)
+    return True
+
+
+_LOCAL = threading.local()
+
+
+def _reused(name: str, n: int, dtype) -> np.ndarray:
+    """This thread's buffer ``name`` of ``n`` items, kept for the next call: fresh pages cost more
+    than the windows save (the scores of WINDOW_QUERIES queries at a time bound it)."""
+    buf = getattr(_LOCAL, name, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, dtype)
+        setattr(_LOCAL, name, buf)
+    return buf[:n]
 
 
 def exact_rescore(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
