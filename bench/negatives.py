@@ -38,6 +38,11 @@
       thresholds, survivors and selections by the compiled kernels (miner/accel/_survivors.c) and
       by the torch and numpy code they replace, alternated in one process; microseconds per query,
       the fastest of --repeats.
+  (i) windows: python bench/negatives.py windows --n-gallery 100000 --n-queries 10000 --dim 256 --repeats 5
+      the exact re-scoring (gathered_dot) of the bfloat16 scan's rows for the workspace's first
+      4,096 queries at depths 216, 422 and 828, window by window (miner/core/search/_windows.c)
+      and in one FAISS call, alternated in one process; milliseconds, the fastest of --repeats,
+      and whether both returned the same bits.
   (h) pages:  python bench/negatives.py pages --repeats 3
       seconds to fill 1 GiB numpy allocates right after freeing as much, and after a 5 s pause,
       alternated: on a VM that reports free pages to its host, memory freed a few seconds earlier
@@ -572,6 +577,41 @@ def survivors_bench(args) -> dict:
     }
 
 
+def windows_bench(args) -> dict:
+    """gathered_dot of the scan's rows window by window and in one call, alternated in one process."""
+    from cir_mine.miner.accel.bf16 import Bf16Scan
+    from cir_mine.miner.core.search import exact
+
+    ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
+    xb, xq = queries(ws)
+    xb, xq = np.ascontiguousarray(xb, np.float32), np.ascontiguousarray(xq[:4096], np.float32)
+    scan = Bf16Scan(xb)
+    scan.prepare()
+    compiled = exact.WINDOWS
+    rows = []
+    for k in (200, 400, 800):  # a cut at k, searched cut_depth(k) deep, as mining asks
+        depth = exact.cut_depth(k)
+        _, I = scan(xq, depth, k)
+        best, got = {}, {}
+        for _ in range(args.repeats):
+            for name, kernels in (("windows", compiled), ("one call", None)):
+                exact.WINDOWS = kernels
+                t = time.perf_counter()
+                got[name] = exact.gathered_dot(xb, I, xq)
+                best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
+        exact.WINDOWS = compiled
+        rows.append(
+            {
+                "depth": depth,
+                "rows_per_query": round(float((I >= 0).sum(1).mean()), 1),
+                "ms": {k: round(v * 1e3, 1) for k, v in best.items()},
+                "one_call_over_windows": round(best["one call"] / best["windows"], 2),
+                "same_bits": bool(np.array_equal(got["windows"].view(np.int32), got["one call"].view(np.int32))),
+            }
+        )
+    return {"bench": "windows", "n_gallery": args.n_gallery, "dim": args.dim, "queries": len(xq), "rows": rows}
+
+
 def pages(args) -> dict:
     """Seconds to fill 1 GiB that numpy allocates right after freeing the same amount, and after
     a 5 s pause (a VM that reports free pages to its host hands them back in between, and faults
@@ -597,7 +637,8 @@ def pages(args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "bench", choices=["speed", "memory", "st", "kernels", "read", "gathers", "speed-one", "survivors", "pages"]
+        "bench",
+        choices=["speed", "memory", "st", "kernels", "read", "gathers", "speed-one", "survivors", "windows", "pages"],
     )
     p.add_argument("--n-gallery", type=int, default=200_000)
     p.add_argument("--n-queries", type=int, default=50_000)
@@ -640,6 +681,7 @@ def main():
                 "gathers": gathers,
                 "speed-one": speed_one,
                 "survivors": survivors_bench,
+                "windows": windows_bench,
                 "pages": pages,
             }[args.bench](args)
         ),
