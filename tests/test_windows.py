@@ -96,7 +96,7 @@ def test_skewed_rows_fall_back_to_one_call(small_windows, monkeypatch):
 def test_small_galleries_and_mapped_ones_are_not_windowed(small_windows, monkeypatch, tmp_path):
     monkeypatch.setattr(exact, "WINDOW_BYTES", 64 * 16 * 4)  # 64 rows of dimension 16
     _, xb, xq, rows = world(3, 60, 16, 50, 40)  # one window
-    assert exact.window_shift(*xb.shape, 40) is None
+    assert exact.window_shift(*xb.shape, 50, 50 * 40) is None
     seen = count_windowed(monkeypatch)
     gathered_dot(xb, rows, xq)
     _, xb2, xq2, rows2 = world(4, 1000, 16, 50, 40)
@@ -110,13 +110,14 @@ def test_small_galleries_and_mapped_ones_are_not_windowed(small_windows, monkeyp
 
 def test_the_default_window_holds_a_cache_sized_block():
     windows()
-    # 100k x 256, 600 rows a query: 2,048 rows (2 MB) a window
-    assert exact.window_shift(100_000, 256, 600) == 11
+    # 100k x 256, 4,096 queries of 600 rows: 2,048 rows (2 MB) a window
+    assert exact.window_shift(100_000, 256, 4096, 4096 * 600) == 11
     # fewer rows a query: larger windows, up to WINDOW_MAX_BYTES
-    assert exact.window_shift(300_000, 256, 600) == 12
-    # too sparse for any window that fits: one call
-    assert exact.window_shift(1_000_000, 256, 600) is None
-    assert exact.window_shift(100_000, 256, 0) is None
+    assert exact.window_shift(300_000, 256, 4096, 4096 * 600) == 12
+    # 1M x 256: 700 rows a query would need 16 MB windows (one call); 2,048 rows, 4 MB windows
+    assert exact.window_shift(1_000_000, 256, 4096, 4096 * 700) is None
+    assert exact.window_shift(1_000_000, 256, 256, 256 * 2048) == 12
+    assert exact.window_shift(100_000, 256, 4096, 0) is None
 
 
 def test_count_and_place_put_each_row_once_where_its_position_says():

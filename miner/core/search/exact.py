@@ -23,6 +23,7 @@ import numpy as np
 
 from cir_mine.data.workspace import read_block, release_pages
 from cir_mine.miner.core.search.faiss_api import FAISS_DEFAULT_BLOCK, load_faiss
+from cir_mine.miner.core.search.measure import core_pool, usable_cores
 from cir_mine.miner.core.search.topk import merge_topk, topk_desc
 
 try:  # the compiled row windows (miner/core/search/_windows.c); without them a gather is one FAISS call
@@ -30,14 +31,15 @@ try:  # the compiled row windows (miner/core/search/_windows.c); without them a 
 except ImportError:  # pragma: no cover - depends on the install
     WINDOWS = None
 
-# Tuned settings (docs/search.md, "Tuned settings"): an in-memory gallery is scored one window at a time,
-# of at least WINDOW_BYTES of rows and WINDOW_PER rows per query on average (a power of two), when
-# that window holds at most WINDOW_MAX_BYTES and the windows' blocks at most WINDOW_PAD times the rows
+# Tuned settings (docs/search.md, "Tuned settings"): an in-memory gallery is scored one window at a
+# time, of at least WINDOW_BYTES of rows and WINDOW_PER rows per query on average (a power of two),
+# when that window holds at most WINDOW_MAX_BYTES and the windows' blocks at most WINDOW_PAD times the rows
 WINDOW_BYTES = 2 << 20
 WINDOW_MAX_BYTES = 8 << 20
 WINDOW_PER = 8
 WINDOW_PAD = 3
-WINDOW_QUERIES = 2048  # queries scored window by window at a time
+WINDOW_QUERIES = 2048  # queries scored window by window at a time, on one thread
+WINDOW_MIN_QUERIES = 256  # queries a thread scores window by window at least
 
 
 def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -87,30 +89,58 @@ def _dot_by_idx(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> np.ndarray
     if b == 0 or depth == 0:
         return out
     mapped = isinstance(xb, np.memmap)
-    shift = None if mapped or WINDOWS is None else window_shift(*xb.shape, np.count_nonzero(rows >= 0) / b)
-    step = max(1, 4_096 // depth) if mapped else (WINDOW_QUERIES if shift is not None else b)
-    ptr = faiss.swig_ptr
+    shift = None if mapped or WINDOWS is None else window_shift(*xb.shape, b, np.count_nonzero(rows >= 0))
+    if shift is not None:
+        _dot_in_windows(faiss, xb, rows, vec, shift, out)
+        return out
+    step = max(1, 4_096 // depth) if mapped else b
     for s in range(0, b, step):
         e = min(b, s + step)
-        if shift is not None and _dot_windowed(faiss, xb, rows[s:e], vec[s:e], shift, out[s:e]):
-            continue
-        faiss.fvec_inner_products_by_idx(
-            ptr(out[s:e]), ptr(vec[s:e]), ptr(xb), ptr(rows[s:e]), xb.shape[1], e - s, depth
-        )
-        out[s:e][rows[s:e] < 0] = -np.inf
+        _dot_one_call(faiss, xb, rows[s:e], vec[s:e], out[s:e])
         if mapped:
             release_pages(xb)  # a memory-mapped gallery's RSS stays one step
     return out
 
 
-def window_shift(n: int, d: int, depth: float) -> int | None:
-    """log2 of the gallery rows per window when ``depth`` rows per query (on average) of an in-memory gallery of
-    ``n`` x ``d`` are scored window by window (:func:`gathered_dot`), else None: without the
-    compiled windows, for one window, or where a window holding WINDOW_PER of a query's rows would
-    not stay in the cache."""
-    if WINDOWS is None or depth <= 0:
+def _dot_one_call(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, out: np.ndarray) -> None:
+    """gathered_dot's scores into ``out`` from one FAISS call."""
+    ptr = faiss.swig_ptr
+    faiss.fvec_inner_products_by_idx(ptr(out), ptr(vec), ptr(xb), ptr(rows), xb.shape[1], *rows.shape)
+    out[rows < 0] = -np.inf
+
+
+def _dot_in_windows(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shift: int, out: np.ndarray) -> None:
+    """gathered_dot's scores into ``out``, window by window (:func:`_dot_windowed`), in groups of
+    at most WINDOW_QUERIES queries: on one thread per core, each calling FAISS on one OpenMP
+    thread (a window's call is short, and OpenMP's threads would wait at its end for the slower
+    one, and spin, on a busy machine), or all on this thread where its FAISS calls already run on
+    one (a selection thread)."""
+    b = rows.shape[0]
+    cores = usable_cores() if faiss.omp_get_max_threads() > 1 else 1
+    groups = max(-(-b // WINDOW_QUERIES), min(cores, b // WINDOW_MIN_QUERIES), 1)
+    cut = np.linspace(0, b, groups + 1).astype(np.int64).tolist()
+
+    def run(s: int, e: int, one_thread: bool) -> None:
+        if one_thread:
+            faiss.omp_set_num_threads(1)  # this pool thread's own count (OpenMP's is per thread)
+        if not _dot_windowed(faiss, xb, rows[s:e], vec[s:e], shift, out[s:e]):
+            _dot_one_call(faiss, xb, rows[s:e], vec[s:e], out[s:e])
+
+    if cores == 1 or groups == 1:
+        for s, e in zip(cut[:-1], cut[1:]):
+            run(s, e, False)
+    else:
+        list(core_pool("cir-mine-windows").map(lambda s, e: run(s, e, True), cut[:-1], cut[1:]))
+
+
+def window_shift(n: int, d: int, b: int, rows: int) -> int | None:
+    """log2 of the gallery rows per window when ``rows`` rows (not pads) of ``b`` queries of an
+    in-memory gallery of ``n`` x ``d`` are scored window by window (:func:`gathered_dot`), else
+    None: without the compiled windows, for one window, or where a window holding WINDOW_PER of a
+    query's rows would not stay in the cache."""
+    if WINDOWS is None or rows <= 0:
         return None
-    rows = max(WINDOW_BYTES // (4 * max(1, d)), math.ceil(WINDOW_PER * n / depth), 1)
+    rows = max(WINDOW_BYTES // (4 * max(1, d)), math.ceil(WINDOW_PER * n * b / rows), 1)
     shift = int(rows - 1).bit_length()  # the smallest power of two at least ``rows``
     return shift if (n - 1) >> shift and (4 * d) << shift <= WINDOW_MAX_BYTES else None
 
