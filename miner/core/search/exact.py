@@ -140,8 +140,8 @@ def window_shift(n: int, d: int, b: int, rows: int) -> int | None:
     query's rows would not stay in the cache."""
     if WINDOWS is None or rows <= 0:
         return None
-    rows = max(WINDOW_BYTES // (4 * max(1, d)), math.ceil(WINDOW_PER * n * b / rows), 1)
-    shift = int(rows - 1).bit_length()  # the smallest power of two at least ``rows``
+    size = max(WINDOW_BYTES // (4 * max(1, d)), math.ceil(WINDOW_PER * n * b / rows), 1)  # gallery rows
+    shift = int(size - 1).bit_length()  # the smallest power of two at least ``size``
     return shift if (n - 1) >> shift and (4 * d) << shift <= WINDOW_MAX_BYTES else None
 
 
