@@ -1,13 +1,15 @@
 """The exact re-scoring window by window (miner/core/search/_windows.c) returns gathered_dot's scores
 bit for bit: rows in any order, pads, skewed and sparse rows (which fall back to one call), galleries
-of one window and memory-mapped ones (never windowed), any query count; and the compiled count and
-place return blocks that hold each row once, where its position says."""
+of one window and memory-mapped ones (never windowed), any query count; exact_rescore's top-k from the
+windows' sort keys equals topk_desc of those scores; and the compiled count and place return blocks
+that hold each row once, where its position says."""
 
 import numpy as np
 import pytest
 
 from cir_mine.miner.core.search import exact
-from cir_mine.miner.core.search.exact import gathered_dot
+from cir_mine.miner.core.search.exact import exact_rescore, gathered_dot
+from cir_mine.miner.core.search.topk import topk_desc
 
 
 def windows():
@@ -48,8 +50,9 @@ def count_windowed(monkeypatch) -> list:
     real = exact._dot_windowed
 
     def spy(*args):
-        seen.append(real(*args))
-        return seen[-1]
+        got = real(*args)
+        seen.append(got is not None)
+        return got
 
     monkeypatch.setattr(exact, "_dot_windowed", spy)
     return seen
@@ -158,3 +161,55 @@ def test_the_kernels_refuse_rows_past_the_windows_and_short_buffers():
         k.count(rows, 1, 3, 9, 2, np.empty(1, np.int64))
     with pytest.raises(ValueError, match="does not fit"):
         k.place(rows, 1, 3, 9, 2, np.zeros(2, np.int64), np.array([1, 0]), np.empty(1, np.int64), np.empty(3, np.int64))
+
+
+def same_top(got, want) -> bool:
+    return np.array_equal(got[1], want[1]) and np.array_equal(got[0].view(np.int32), want[0].view(np.int32))
+
+
+@pytest.mark.parametrize("k", [1, 40, 120])
+def test_the_top_k_from_window_keys_is_topk_desc_of_the_scores(small_windows, monkeypatch, k):
+    rng, xb, xq, rows = world(6, 1000, 16, 300, 120)
+    xb[::50] = xb[1::50]  # equal rows: tied scores, the lower row first
+    xb[7] = 0.0  # a zero row: 0.0 or -0.0, keyed as 0.0
+    rows[:, :20] = np.arange(0, 1000, 50)  # the tied rows (and their equals, 1 past) in every line
+    rows[:, 20:40] = np.arange(1, 1000, 50)
+    rows[:, 40] = 7
+    rows[rng.random(rows.shape) < 0.15] = -1  # pads anywhere
+    rows[9] = -1  # a query with no rows
+    seen = count_windowed(monkeypatch)
+    got = exact_rescore(xb, xq, rows, k)
+    assert seen and all(seen)
+    want = topk_desc(one_call(xb, rows, xq), rows, k)
+    assert same_top(got, want)
+    tied = (got[0][:, 1:] == got[0][:, :-1]) & np.isfinite(got[0][:, 1:])
+    assert k < 40 or tied.any()  # ties decided by the row
+    assert np.all(got[1][9] == -1) and np.all(np.isneginf(got[0][9]))
+
+
+def test_the_top_k_of_groups_that_fall_back_is_the_same(small_windows, monkeypatch):
+    monkeypatch.setattr(exact, "WINDOW_QUERIES", 32)
+    _, xb, xq, rows = world(7, 4096, 16, 64, 200)
+    rows[32:, 20:] = -1  # the second group: 20 rows a query, one of them 200 rows of one window
+    rows[32] = np.arange(200)
+    seen = count_windowed(monkeypatch)
+    got = exact_rescore(xb, xq, rows, 50)
+    assert sorted(seen) == [False, True]  # the groups run on two threads, in either order
+    assert same_top(got, topk_desc(one_call(xb, rows, xq), rows, 50))
+
+
+def test_keys_and_unkey_refuse_positions_and_shapes_that_do_not_fit():
+    k = windows()
+    rows = np.array([0, 5, -1], np.int64)
+    keys = np.empty(3, np.uint64)
+    with pytest.raises(ValueError, match="out of range"):
+        k.keys(np.zeros(2, np.float32), np.array([0, 2, -1], np.int64), rows, 3, keys)
+    k.keys(np.array([-0.0, 1.5], np.float32), np.array([0, 1, -1], np.int64), rows, 3, keys)
+    assert keys[2] == np.iinfo(np.uint64).max
+    D, I = np.empty(2, np.float32), np.empty(2, np.int64)
+    k.unkey(np.sort(keys), 1, 3, 2, D, I)
+    assert I.tolist() == [5, 0] and D.tolist() == [1.5, 0.0] and not np.signbit(D[1])
+    with pytest.raises(ValueError, match="bad shape"):
+        k.unkey(keys, 1, 3, 4, D, I)
+    with pytest.raises(ValueError, match="D"):
+        k.unkey(keys, 1, 3, 3, D, np.empty(3, np.int64))

@@ -4,12 +4,16 @@
  *   count  per window of 2^shift gallery rows, the most rows one query holds in it -> the rows (not pads)
  *   place  each query's rows copied to its line of its window's block (-1 pads), and where each
  *          entry went
+ *   keys   each entry's sort key from its score: the float's bits in descending order, then the row
+ *          (cir_mine.miner.core.search.topk's key, so one sort of a line orders it as topk_desc does)
+ *   unkey  the first k keys of each sorted line back to (score, row)
  *
  * The blocks let FAISS score one window of the gallery at a time against every query, so that the
  * rows it gathers stay in the cache; each score is still one dot product of one query and one row.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +88,46 @@ static int place_core(const int64_t *rows, Py_ssize_t b, Py_ssize_t L, int shift
     return st;
 }
 
+/* topk's key: the score's bits mapped so that ascending order is the floats' descending order (an
+ * involution), -0.0 counted as 0.0 */
+static inline uint32_t desc_bits(uint32_t bits) { return bits ^ (((bits >> 31) ^ 1u) * 0x7FFFFFFFu); }
+
+/* keys[i] = desc_bits(scores[pos[i]] + 0) << 32 | rows[i] (low 32 bits); all ones where rows[i] < 0.
+ * -1 on a position out of range */
+static int keys_core(const float *scores, Py_ssize_t ns, const int64_t *pos, const int64_t *rows, Py_ssize_t n,
+                     uint64_t *keys) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (rows[i] < 0) {
+            keys[i] = UINT64_MAX;
+            continue;
+        }
+        if (pos[i] < 0 || pos[i] >= ns) return -1;
+        float s = scores[pos[i]] + 0.0f; /* -0.0 + 0.0 = 0.0, as topk's D + 0 */
+        uint32_t u;
+        memcpy(&u, &s, 4);
+        keys[i] = ((uint64_t)desc_bits(u) << 32) | ((uint64_t)rows[i] & 0xFFFFFFFFu);
+    }
+    return 0;
+}
+
+/* the first k keys of each line of L: D = the score (-inf for a pad), I = the row (-1 for a pad) */
+static void unkey_core(const uint64_t *keys, Py_ssize_t b, Py_ssize_t L, Py_ssize_t k, float *D, int64_t *I) {
+    for (Py_ssize_t i = 0; i < b; i++) {
+        const uint64_t *line = keys + i * L;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            uint64_t key = line[j];
+            if (key == UINT64_MAX) {
+                D[i * k + j] = -INFINITY;
+                I[i * k + j] = -1;
+                continue;
+            }
+            uint32_t u = desc_bits((uint32_t)(key >> 32));
+            memcpy(&D[i * k + j], &u, 4);
+            I[i * k + j] = (int64_t)(key & 0xFFFFFFFFu);
+        }
+    }
+}
+
 static PyObject *py_count(PyObject *self, PyObject *args) {
     Py_buffer rows, widths;
     Py_ssize_t b, L, nw;
@@ -131,11 +175,52 @@ static PyObject *py_place(PyObject *self, PyObject *args) {
     return res;
 }
 
+static PyObject *py_keys(PyObject *self, PyObject *args) {
+    Py_buffer scores, pos, rows, keys;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*y*nw*", &scores, &pos, &rows, &n, &keys)) return NULL;
+    PyObject *res = NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "keys: bad shape");
+    } else if (need(&pos, n, 8, "pos") && need(&rows, n, 8, "rows") && need(&keys, n, 8, "keys")) {
+        int st;
+        Py_BEGIN_ALLOW_THREADS st = keys_core((const float *)scores.buf, scores.len / 4, (const int64_t *)pos.buf,
+                                              (const int64_t *)rows.buf, n, (uint64_t *)keys.buf);
+        Py_END_ALLOW_THREADS if (st == -1) PyErr_SetString(PyExc_ValueError, "keys: a position is out of range");
+        else res = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&scores);
+    PyBuffer_Release(&pos);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&keys);
+    return res;
+}
+
+static PyObject *py_unkey(PyObject *self, PyObject *args) {
+    Py_buffer keys, D, I;
+    Py_ssize_t b, L, k;
+    if (!PyArg_ParseTuple(args, "y*nnnw*w*", &keys, &b, &L, &k, &D, &I)) return NULL;
+    PyObject *res = NULL;
+    if (b < 0 || L < 0 || k < 0 || k > L) {
+        PyErr_SetString(PyExc_ValueError, "unkey: bad shape");
+    } else if (need(&keys, b * L, 8, "keys") && need(&D, b * k, 4, "D") && need(&I, b * k, 8, "I")) {
+        Py_BEGIN_ALLOW_THREADS unkey_core((const uint64_t *)keys.buf, b, L, k, (float *)D.buf, (int64_t *)I.buf);
+        Py_END_ALLOW_THREADS res = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&D);
+    PyBuffer_Release(&I);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"count", py_count, METH_VARARGS,
      "count(rows, b, L, shift, nw, widths_out) -> the rows; widths_out: the most one query holds in each window"},
     {"place", py_place, METH_VARARGS,
      "place(rows, b, L, shift, nw, base, widths, ids_out, pos_out): each row to its window's block"},
+    {"keys", py_keys, METH_VARARGS,
+     "keys(scores, pos, rows, n, keys_out): topk's sort key of each entry, its score at scores[pos]"},
+    {"unkey", py_unkey, METH_VARARGS, "unkey(keys, b, L, k, D_out, I_out): the first k keys of each line"},
     {NULL, NULL, 0, NULL},
 };
 

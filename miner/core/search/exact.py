@@ -51,13 +51,7 @@ def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int =
     a memory-mapped one in steps of at most 4k rows, its pages released after each. Other
     dtypes (float16 galleries) gather at most ``chunk`` queries' rows at a time and score in float32."""
     rows = np.asarray(rows)
-    if (
-        xb.dtype == np.float32
-        and xb.ndim == 2
-        and xb.flags.c_contiguous
-        and rows.ndim == 2
-        and np.asarray(vec).dtype == np.float32
-    ):
+    if _windowable(xb, rows) and np.asarray(vec).dtype == np.float32:
         return _dot_by_idx(xb, rows, vec)
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     safe = np.where(rows < 0, 0, rows)
@@ -76,23 +70,22 @@ def gathered_dot(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, chunk: int =
     return out
 
 
+def _windowable(xb: np.ndarray, rows: np.ndarray) -> bool:
+    """A float32 gallery scored in place by FAISS (:func:`gathered_dot`)."""
+    return xb.dtype == np.float32 and xb.ndim == 2 and xb.flags.c_contiguous and rows.ndim == 2
+
+
 def _dot_by_idx(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
     faiss = load_faiss()
+    rows, vec, shift = _checked(xb, rows, vec)
     b, depth = rows.shape
-    rows = np.ascontiguousarray(rows, np.int64)
-    vec = np.ascontiguousarray(vec, np.float32)
-    if vec.shape != (b, xb.shape[1]):
-        raise ValueError(f"gathered_dot: {b} row lists need {b} vectors of dimension {xb.shape[1]}, got {vec.shape}.")
-    if rows.size and int(rows.max()) >= xb.shape[0]:
-        raise IndexError(f"gathered_dot: row {int(rows.max())} is out of range for {xb.shape[0]} gallery rows.")
     out = np.empty((b, depth), np.float32)
     if b == 0 or depth == 0:
         return out
-    mapped = isinstance(xb, np.memmap)
-    shift = None if mapped or WINDOWS is None else window_shift(*xb.shape, b, np.count_nonzero(rows >= 0))
     if shift is not None:
-        _dot_in_windows(faiss, xb, rows, vec, shift, out)
+        _in_groups(faiss, b, lambda s, e: _dot_group(faiss, xb, rows[s:e], vec[s:e], shift, out[s:e]))
         return out
+    mapped = isinstance(xb, np.memmap)
     step = max(1, 4_096 // depth) if mapped else b
     for s in range(0, b, step):
         e = min(b, s + step)
@@ -102,6 +95,20 @@ def _dot_by_idx(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> np.ndarray
     return out
 
 
+def _checked(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(rows int64, vec float32, both C-contiguous, window shift or None) for FAISS's gathered dot
+    products of a float32 gallery ``xb``; ValueError / IndexError on shapes or rows that do not fit."""
+    b, depth = rows.shape
+    rows = np.ascontiguousarray(rows, np.int64)
+    vec = np.ascontiguousarray(vec, np.float32)
+    if vec.shape != (b, xb.shape[1]):
+        raise ValueError(f"gathered_dot: {b} row lists need {b} vectors of dimension {xb.shape[1]}, got {vec.shape}.")
+    if rows.size and int(rows.max()) >= xb.shape[0]:
+        raise IndexError(f"gathered_dot: row {int(rows.max())} is out of range for {xb.shape[0]} gallery rows.")
+    windowed = rows.size and WINDOWS is not None and not isinstance(xb, np.memmap)
+    return rows, vec, window_shift(*xb.shape, b, np.count_nonzero(rows >= 0)) if windowed else None
+
+
 def _dot_one_call(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, out: np.ndarray) -> None:
     """gathered_dot's scores into ``out`` from one FAISS call."""
     ptr = faiss.swig_ptr
@@ -109,28 +116,50 @@ def _dot_one_call(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, out:
     out[rows < 0] = -np.inf
 
 
-def _dot_in_windows(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shift: int, out: np.ndarray) -> None:
-    """gathered_dot's scores into ``out``, window by window (:func:`_dot_windowed`), in groups of
-    at most WINDOW_QUERIES queries: on one thread per core, each calling FAISS on one OpenMP
-    thread (a window's call is short, and OpenMP's threads would wait at its end for the slower
-    one, and spin, on a busy machine), or all on this thread where its FAISS calls already run on
-    one (a selection thread)."""
-    b = rows.shape[0]
+def _in_groups(faiss, b: int, run: Callable[[int, int], None]) -> None:
+    """``run(s, e)`` on groups of at most WINDOW_QUERIES of ``b`` queries: on one thread per core,
+    each calling FAISS on one OpenMP thread (a window's call is short, and OpenMP's threads would
+    wait at its end for the slower one, and spin, on a busy machine), or all on this thread where
+    its FAISS calls already run on one (a selection thread)."""
     cores = usable_cores() if faiss.omp_get_max_threads() > 1 else 1
     groups = max(-(-b // WINDOW_QUERIES), min(cores, b // WINDOW_MIN_QUERIES), 1)
     cut = np.linspace(0, b, groups + 1).astype(np.int64).tolist()
-
-    def run(s: int, e: int, one_thread: bool) -> None:
-        if one_thread:
-            faiss.omp_set_num_threads(1)  # this pool thread's own count (OpenMP's is per thread)
-        if not _dot_windowed(faiss, xb, rows[s:e], vec[s:e], shift, out[s:e]):
-            _dot_one_call(faiss, xb, rows[s:e], vec[s:e], out[s:e])
-
     if cores == 1 or groups == 1:
         for s, e in zip(cut[:-1], cut[1:]):
-            run(s, e, False)
+            run(s, e)
+        return
+
+    def one_thread(s: int, e: int) -> None:
+        faiss.omp_set_num_threads(1)  # this pool thread's own count (OpenMP's is per thread)
+        run(s, e)
+
+    list(core_pool("cir-mine-windows").map(one_thread, cut[:-1], cut[1:]))
+
+
+def _dot_group(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shift: int, out: np.ndarray) -> None:
+    """gathered_dot's scores of one group of queries into ``out``: window by window, or in one call."""
+    got = _dot_windowed(faiss, xb, rows, vec, shift)
+    if got is None:
+        _dot_one_call(faiss, xb, rows, vec, out)
     else:
-        list(core_pool("cir-mine-windows").map(lambda s, e: run(s, e, True), cut[:-1], cut[1:]))
+        np.take(got[0], got[1].reshape(rows.shape), out=out)
+
+
+def _top_group(faiss, xb, rows, vec, shift: int, k: int, D: np.ndarray, I: np.ndarray) -> None:
+    """exact_rescore of one group of queries into (D, I): the window by window scores turned into
+    topk's sort keys as they are read back, one in-place sort of each line, the first ``k`` keys
+    back to (score, row); the same rows and bits as topk_desc of gathered_dot."""
+    got = _dot_windowed(faiss, xb, rows, vec, shift)
+    if got is None:
+        scores = np.empty(rows.shape, np.float32)
+        _dot_one_call(faiss, xb, rows, vec, scores)
+        D[...], I[...] = topk_desc(scores, rows, k)
+        return
+    b, depth = rows.shape
+    keys = _reused("keys", b * depth, np.uint64).reshape(b, depth)
+    WINDOWS.keys(got[0], got[1], rows, b * depth, keys)
+    keys.sort(axis=1)
+    WINDOWS.unkey(keys, b, depth, k, D, I)
 
 
 def window_shift(n: int, d: int, b: int, rows: int) -> int | None:
@@ -145,12 +174,13 @@ def window_shift(n: int, d: int, b: int, rows: int) -> int | None:
     return shift if (n - 1) >> shift and (4 * d) << shift <= WINDOW_MAX_BYTES else None
 
 
-def _dot_windowed(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shift: int, out: np.ndarray) -> bool:
-    """gathered_dot into ``out`` one window of 2^``shift`` gallery rows at a time: each query's rows of
-    a window go to its line of the window's block (-1 pads) and FAISS scores the block against every
-    query, so the gathered rows stay in the cache; the scores go back to their places. The same
-    products, so the same bits. False (nothing written) when the blocks would hold more than
-    WINDOW_PAD times the rows (sparse or skewed rows)."""
+def _dot_windowed(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shift: int) -> tuple | None:
+    """gathered_dot one window of 2^``shift`` gallery rows at a time: each query's rows of a window go
+    to its line of the window's block (-1 pads) and FAISS scores the block against every query, so
+    the gathered rows stay in the cache. -> (scores float32[blocks + 1], pos int64[b * depth]): the
+    score of rows[i, j] is scores[pos[i * depth + j]] (-inf for a pad), in this thread's buffers.
+    The same products, so the same bits. None (nothing scored) when the blocks would hold more
+    than WINDOW_PAD times the rows (sparse or skewed rows)."""
     b, depth = rows.shape
     nw = ((xb.shape[0] - 1) >> shift) + 1
     widths = np.empty(nw, np.int64)
@@ -159,7 +189,7 @@ def _dot_windowed(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shif
     np.cumsum(widths * b, out=base[1:])
     total = int(base[-1])
     if total > WINDOW_PAD * valid:
-        return False
+        return None
     ids, pos, scores = (
         _reused("ids", total, np.int64),
         _reused("pos", b * depth, np.int64),
@@ -173,8 +203,7 @@ def _dot_windowed(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shif
         faiss.fvec_inner_products_by_idx(
             ptr(scores[at:]), ptr(vec), ptr(xb), ptr(ids[at:]), xb.shape[1], b, int(widths[w])
         )
-    np.take(scores, pos.reshape(b, depth), out=out)
-    return True
+    return scores, pos
 
 
 _LOCAL = threading.local()
@@ -192,9 +221,20 @@ def _reused(name: str, n: int, dtype) -> np.ndarray:
 
 def exact_rescore(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact re-ranking: s(q, c) = xq · xb[c] in float32 for every candidate row of ``I`` (int64[b, L],
-    -1 pads), sorted descending and cut to ``k``. Rows are gathered, so ``xb`` may be memory-mapped."""
-    D = gathered_dot(xb, I, np.ascontiguousarray(xq, np.float32))
-    return topk_desc(D, I, k)
+    -1 pads), sorted as :func:`topk_desc` sorts (descending, ties by the lower row) and cut to ``k``.
+    Rows are gathered, so ``xb`` may be memory-mapped. Where gathered_dot scores window by window,
+    each group of queries is cut as its scores are read back (:func:`_top_group`)."""
+    xq = np.ascontiguousarray(xq, np.float32)
+    I = np.asarray(I)
+    if not _windowable(xb, I) or xb.shape[0] > 1 << 32:  # topk's keys hold 32 bits of a row
+        return topk_desc(gathered_dot(xb, I, xq), I, k)
+    faiss = load_faiss()
+    rows, xq, shift = _checked(xb, I, xq)
+    if shift is None or k > rows.shape[1]:
+        return topk_desc(gathered_dot(xb, rows, xq), rows, k)
+    D, out_I = np.empty((len(rows), k), np.float32), np.empty((len(rows), k), np.int64)
+    _in_groups(faiss, len(rows), lambda s, e: _top_group(faiss, xb, rows[s:e], xq[s:e], shift, k, D[s:e], out_I[s:e]))
+    return D, out_I
 
 
 UNIT_ROUNDOFF = 2.0**-24  # float32's unit roundoff u
