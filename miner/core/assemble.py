@@ -12,6 +12,7 @@ from cir_mine.miner.core.curriculum import parse_schedule
 from cir_mine.miner.core.guards import shortfall_hints
 from cir_mine.miner.core.prepare import Pool, Prepared, QuerySet
 from cir_mine.miner.core.schedule import Mined
+from cir_mine.miner.core.search.measure import core_pool
 from cir_mine.miner.core.strategies import REGISTRY
 from cir_mine.miner.core.tables import NEGATIVES_SCHEMA
 
@@ -144,15 +145,26 @@ def assemble_table(pool: Pool, qs: QuerySet, parts, out: dict, mining_round: int
     ts = qs.target_score[q]
     names = pa.array([n for n, _ in parts], pa.string())
     qa, ra = pa.array(q), pa.array(row)
-    neg_category = gather(pa.array(pool.cat_names, pa.string()), pool.cat[row].astype(np.int64))
+    # the string columns, gathered on one thread per core (Arrow's take releases the GIL)
+    strings = [
+        (qs.ids, qa),
+        (qs.ref_ids, qa),
+        (qs.target_ids, qa),
+        (pool.ids, ra),
+        (pa.array(pool.cat_names, pa.string()), pool.cat[row].astype(np.int64)),
+        (names, part.astype(np.int64)),
+    ]
+    query_id, ref_id, target_id, negative_id, neg_category, strategy = core_pool("cir-mine-table").map(
+        lambda job: gather(*job), strings
+    )
     return pa.Table.from_arrays(
         [
-            gather(qs.ids, qa),
-            gather(qs.ref_ids, qa),
-            gather(qs.target_ids, qa),
-            gather(pool.ids, ra),
+            query_id,
+            ref_id,
+            target_id,
+            negative_id,
             neg_category,
-            gather(names, part.astype(np.int64)),
+            strategy,
             pa.array(rank, pa.int32()),
             pa.array(score, pa.float32()),
             pa.array(ts, pa.float32()),
