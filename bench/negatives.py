@@ -41,8 +41,9 @@
   (i) windows: python bench/negatives.py windows --n-gallery 100000 --n-queries 10000 --dim 256 --repeats 5
       the exact re-scoring (gathered_dot) of the bfloat16 scan's rows for the workspace's first
       4,096 queries at depths 216, 422 and 828, window by window (miner/core/search/_windows.c)
-      and in one FAISS call, alternated in one process; milliseconds, the fastest of --repeats,
-      and whether both returned the same bits.
+      and in one FAISS call, and exact_rescore's cut at k with its top-k from the windows' sort
+      keys against topk_desc after gathered_dot, alternated in one process; milliseconds, the
+      fastest of --repeats, and whether both returned the same bits (and rows).
   (h) pages:  python bench/negatives.py pages --repeats 3
       seconds to fill 1 GiB numpy allocates right after freeing as much, and after a 5 s pause,
       alternated: on a VM that reports free pages to its host, memory freed a few seconds earlier
@@ -577,8 +578,16 @@ def survivors_bench(args) -> dict:
     }
 
 
+def _rescore_after(xb, xq, I, k):
+    """exact_rescore as two steps: every score (gathered_dot, window by window), then topk_desc."""
+    from cir_mine.miner.core.search import exact
+
+    return exact.topk_desc(exact.gathered_dot(xb, I, xq), I, k)
+
+
 def windows_bench(args) -> dict:
-    """gathered_dot of the scan's rows window by window and in one call, alternated in one process."""
+    """gathered_dot of the scan's rows window by window and in one call, and exact_rescore with its
+    top-k from the windows' sort keys and as topk_desc after gathered_dot, alternated in one process."""
     from cir_mine.miner.accel.bf16 import Bf16Scan
     from cir_mine.miner.core.search import exact
 
@@ -599,7 +608,13 @@ def windows_bench(args) -> dict:
                 t = time.perf_counter()
                 got[name] = exact.gathered_dot(xb, I, xq)
                 best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
+            exact.WINDOWS = compiled
+            for name, top in (("top-k from keys", exact.exact_rescore), ("top-k after", _rescore_after)):
+                t = time.perf_counter()
+                got[name] = top(xb, xq, I, k)
+                best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
         exact.WINDOWS = compiled
+        keys, after = got["top-k from keys"], got["top-k after"]
         rows.append(
             {
                 "depth": depth,
@@ -607,6 +622,11 @@ def windows_bench(args) -> dict:
                 "ms": {k: round(v * 1e3, 1) for k, v in best.items()},
                 "one_call_over_windows": round(best["one call"] / best["windows"], 2),
                 "same_bits": bool(np.array_equal(got["windows"].view(np.int32), got["one call"].view(np.int32))),
+                "rescore_after_over_keys": round(best["top-k after"] / best["top-k from keys"], 2),
+                "same_top": bool(
+                    np.array_equal(keys[1], after[1])
+                    and np.array_equal(keys[0].view(np.int32), after[0].view(np.int32))
+                ),
             }
         )
     return {"bench": "windows", "n_gallery": args.n_gallery, "dim": args.dim, "queries": len(xq), "rows": rows}
