@@ -76,8 +76,11 @@ def _windowable(xb: np.ndarray, rows: np.ndarray) -> bool:
 
 
 def _dot_by_idx(xb: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
-    faiss = load_faiss()
-    rows, vec, shift = _checked(xb, rows, vec)
+    return _dot_checked(load_faiss(), xb, *_checked(xb, rows, vec))
+
+
+def _dot_checked(faiss, xb: np.ndarray, rows: np.ndarray, vec: np.ndarray, shift: int | None) -> np.ndarray:
+    """gathered_dot of rows and vectors :func:`_checked` returned."""
     b, depth = rows.shape
     out = np.empty((b, depth), np.float32)
     if b == 0 or depth == 0:
@@ -231,7 +234,7 @@ def exact_rescore(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> tupl
     faiss = load_faiss()
     rows, xq, shift = _checked(xb, I, xq)
     if shift is None or k > rows.shape[1]:
-        return topk_desc(gathered_dot(xb, rows, xq), rows, k)
+        return topk_desc(_dot_checked(faiss, xb, rows, xq, shift), rows, k)
     D, out_I = np.empty((len(rows), k), np.float32), np.empty((len(rows), k), np.int64)
     _in_groups(faiss, len(rows), lambda s, e: _top_group(faiss, xb, rows[s:e], xq[s:e], shift, k, D[s:e], out_I[s:e]))
     return D, out_I
