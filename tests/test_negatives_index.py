@@ -613,6 +613,25 @@ def test_list_major_search_skips_empty_lists():
         )
 
 
+@pytest.mark.parametrize("layout", ["random", "ties", "sample_holds_the_best"])
+def test_top_positions_keeps_a_full_partitions_best(layout):
+    """The sampled threshold keeps k distinct positions whose scores are the k best (tie-aware: the
+    same k-th score and the same multiset of scores as a full partition), also where every sampled
+    score is among the best and the threshold leaves fewer than k (the full partition then)."""
+    rng = np.random.default_rng(5)
+    n = 5000
+    seg = rng.standard_normal(n).astype(np.float32)
+    if layout == "ties":
+        seg = np.round(seg * 4).astype(np.float32)  # a few levels: ties at every cut
+    if layout == "sample_holds_the_best":
+        seg[:: lists_mod.SAMPLE_STRIDE] += 100
+    for k in (1, 7, 100, 599, 1000, n - 1):
+        pos = lists_mod.top_positions(seg, k)
+        assert pos.size == k and np.unique(pos).size == k
+        ref = np.sort(np.partition(seg, n - k)[n - k :])
+        assert np.array_equal(np.sort(seg[pos]), ref)
+
+
 def _probed_exact_top(index, xb, xq, nprobe, k):
     """The contract's reference: every row of each query's probed lists scored exactly, top k."""
     ivf = ivf_flat_lists(index)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
@@ -234,12 +235,34 @@ def _top_of_segments(
             continue
         seg = buf[start : start + n]
         kk = min(k, n)
-        pos = np.argpartition(seg, n - kk)[n - kk :] if kk < n else np.arange(n)
+        pos = top_positions(seg, kk) if kk < n else np.arange(n)
         slot = np.searchsorted(off[r], pos, side="right") - 1
         rows = layout.ids[layout.starts[A[r, slot]] + pos - off[r, slot]]
         D[r, :kk], I[r, :kk] = seg[pos], rows
         start += n
     return topk_desc(D, I, k)
+
+
+SAMPLE_STRIDE = 8  # top_positions' threshold comes from every this-many-th score of a segment
+SAMPLE_OVER = 1.25  # ... at this many times the rank of the k-th best in the sample, plus SAMPLE_SPARE
+SAMPLE_SPARE = 8
+
+
+def top_positions(seg: np.ndarray, k: int) -> np.ndarray:
+    """The positions of ``k`` best scores of ``seg`` (float32[n], k < n), in no order: those of a
+    full partition, found among the scores at or above a threshold read off a sample (a partition
+    of every SAMPLE_STRIDE-th score, then of the few above it), and by the full partition where the
+    threshold leaves fewer than ``k``. Ties at the k-th score may keep other positions than the
+    full partition keeps; the k-th score is the same."""
+    n = seg.size
+    sample = seg[::SAMPLE_STRIDE]
+    r = int(math.ceil(k / SAMPLE_STRIDE * SAMPLE_OVER)) + SAMPLE_SPARE  # the sample's rank read
+    if r < sample.size:
+        t = np.partition(sample, sample.size - r)[sample.size - r]
+        pos = np.flatnonzero(seg >= t)
+        if pos.size >= k:
+            return pos[np.argpartition(seg[pos], pos.size - k)[pos.size - k :]] if pos.size > k else pos
+    return np.argpartition(seg, n - k)[n - k :]
 
 
 def probe_positions(ivf, layout: ListLayout, xq: np.ndarray, rows: np.ndarray) -> np.ndarray:
