@@ -613,6 +613,27 @@ def test_list_major_search_skips_empty_lists():
         )
 
 
+def test_list_major_search_is_the_same_on_any_number_of_workers():
+    """A pass's lists are split between the workers whole (each list meets every query of the pass
+    that probes it in one GEMM), so the scores and rows are the same bits on one worker or several."""
+    import faiss
+
+    index, xb, xq = _ivf()
+    ivf = ivf_flat_lists(index)
+    layout = ListLayout.of(ivf)
+    _, assign = coarse_assign(ivf, xq, 12, layout.centroids)
+    before = faiss.omp_get_max_threads()
+    try:
+        got = []
+        for threads in (1, 3):
+            faiss.omp_set_num_threads(threads)
+            got.append(list_major_search(ivf, xq, 60, assign, layout))
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert np.array_equal(got[0][1], got[1][1])
+    assert np.array_equal(got[0][0].view(np.uint32), got[1][0].view(np.uint32))
+
+
 @pytest.mark.parametrize("layout", ["random", "ties", "sample_holds_the_best"])
 def test_top_positions_keeps_a_full_partitions_best(layout):
     """The sampled threshold keeps k distinct positions whose scores are the k best (tie-aware: the

@@ -31,7 +31,7 @@ def ivf_flat_lists(index):
     return ivf
 
 
-LIST_MAJOR_SCORES = 1 << 25  # candidate scores one list-major pass holds (128 MB of float32)
+LIST_MAJOR_SCORES = 1 << 26  # candidate scores one list-major pass holds (256 MB of float32)
 
 
 @dataclass
@@ -148,7 +148,8 @@ def list_major_search(
     of its queries in one float32 GEMM. Each query's scores are collected and its top ``k`` kept by
     partition: every list is read once per pass instead of once per query and no heap is kept, so a
     batch runs at BLAS speed instead of memory speed. Queries go in passes of at most ``budget``
-    collected scores, on FAISS's thread count of workers, each pass with its own score buffer.
+    collected scores, one pass at a time, each pass's lists and then its queries split between
+    FAISS's thread count of workers (so that a list meets every query of the pass that probes it).
     The scores are BLAS sums whose last bits depend on the batch; :func:`exact_cut` decides the cut.
     -> (D float32[nq, k], I int64[nq, k]) by descending score, -1 / -inf pads."""
     faiss = load_faiss()
@@ -162,41 +163,70 @@ def list_major_search(
     sizes = np.where(assign >= 0, layout.sizes[np.maximum(assign, 0)], 0)
     tot = sizes.sum(1)
     ends = np.cumsum(tot)
-    passes, q0 = [], 0
-    while q0 < nq:  # queries q0..q1-1, at least one, their scores within the budget
-        q1 = max(q0 + 1, int(np.searchsorted(ends, (ends[q0 - 1] if q0 else 0) + budget, side="right")))
-        passes.append((q0, q1))
-        q0 = q1
     invl = faiss.downcast_InvertedLists(ivf.invlists)
+    workers = max(1, faiss.omp_get_max_threads())
+    # one BLAS thread per worker: its GEMMs are small, and threads of BLAS would spin
+    with one_blas_thread(), _workers(workers) as each:
+        q0 = 0
+        while q0 < nq:  # queries q0..q1-1, at least one, their scores within the budget
+            q1 = max(q0 + 1, int(np.searchsorted(ends, (ends[q0 - 1] if q0 else 0) + budget, side="right")))
+            A, C, T = assign[q0:q1], sizes[q0:q1], tot[q0:q1]
+            with layout.buffer(int(T.sum())) as buf:
+                plan = _list_plan(layout, A, C, T)
+                cut = _split(plan.work, workers)
+                each(lambda a, b: _score_lists(faiss, invl, layout, xq[q0:q1], plan, a, b, buf), cut)
+                base = np.r_[0, np.cumsum(T)]
+                qcut = _split(np.maximum(T, 1), workers)
 
-    def run(q0: int, q1: int) -> None:
-        A, C, T = assign[q0:q1], sizes[q0:q1], tot[q0:q1]
-        with layout.buffer(int(T.sum())) as buf:
-            _score_lists(faiss, invl, layout, xq[q0:q1], A, C, T, buf)
-            D[q0:q1], I[q0:q1] = _top_of_segments(buf, layout, A, C, T, k)
+                def top(a: int, b: int) -> None:
+                    seg = buf[base[a] : base[b]]
+                    D[q0 + a : q0 + b], I[q0 + a : q0 + b] = _top_of_segments(seg, layout, A[a:b], C[a:b], T[a:b], k)
 
-    workers = max(1, min(len(passes), faiss.omp_get_max_threads()))
-    # one BLAS thread per pass: its GEMMs are small, and threads of BLAS would spin
-    with one_blas_thread():
-        if workers == 1:
-            for p in passes:
-                run(*p)
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cir-mine-lists") as pool:
-                for f in [
-                    pool.submit(lambda lane=lane: [run(*p) for p in passes[lane::workers]]) for lane in range(workers)
-                ]:
-                    f.result()
+                each(top, qcut)
+            q0 = q1
     return D, I
 
 
-def _score_lists(
-    faiss, invl, layout: ListLayout, xp: np.ndarray, A: np.ndarray, C: np.ndarray, T: np.ndarray, buf: np.ndarray
-) -> None:
-    """Fill ``buf`` with each query's scores against its probed lists' vectors, query after query,
-    each query's lists in probe order (a query's segment starts at the sum of the earlier ones)."""
+@contextlib.contextmanager
+def _workers(n: int):
+    """``each(fn, cut)``: fn(cut[i], cut[i + 1]) for every part of ``cut``, on ``n`` threads (this one
+    alone when ``n`` is 1), returning when all are done."""
+    if n == 1:
+        yield lambda fn, cut: [fn(a, b) for a, b in zip(cut[:-1], cut[1:])]
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="cir-mine-lists") as pool:
+        yield lambda fn, cut: [f.result() for f in [pool.submit(fn, a, b) for a, b in zip(cut[:-1], cut[1:])]]
+
+
+def _split(work: np.ndarray, parts: int) -> list:
+    """Bounds of at most ``parts`` consecutive runs of ``work`` (int64[n]) holding about equal sums."""
+    if work.size == 0:
+        return [0, 0]
+    ends = np.cumsum(work)
+    at = np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts, side="right")
+    return sorted({0, work.size, *at.tolist()})
+
+
+@dataclass
+class _ListPlan:
+    """A pass's (query, probe) slots ordered by list: each list's run of slots and where each slot's
+    scores go in the pass's buffer."""
+
+    # fmt: off
+    lists: np.ndarray    # int64[g] the list of each run
+    bounds: np.ndarray   # int64[g + 1] each run's first slot in ``dst``/``qsel``
+    dst: np.ndarray      # int64[slots] each slot's segment start in the buffer, list by list
+    qsel: np.ndarray     # int64[slots] each slot's query in the pass
+    work: np.ndarray     # int64[g] scores each run computes (list size x its queries)
+    # fmt: on
+
+
+def _list_plan(layout: ListLayout, A: np.ndarray, C: np.ndarray, T: np.ndarray) -> _ListPlan:
+    """The plan of a pass: each query's scores against its probed lists' vectors go query after
+    query, each query's lists in probe order (a query's segment starts at the sum of the earlier
+    ones); empty lists and -1 slots compute nothing."""
     p = A.shape[1]
     off = np.cumsum(C, 1) - C
     base = np.cumsum(T) - T
@@ -204,14 +234,24 @@ def _score_lists(
     order = np.argsort(flat, kind="stable")
     lists = flat[order]
     bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
-    dst = (base[:, None] + off).ravel()[order]  # each (query, probe) segment's start, list by list
-    qsel = order // p  # its query
+    starts = bounds[:-1]
+    run_lists = lists[starts] if starts.size else np.zeros(0, np.int64)
+    sizes = np.where(run_lists >= 0, layout.sizes[np.maximum(run_lists, 0)], 0)
+    work = sizes * np.diff(bounds)
+    dst = (base[:, None] + off).ravel()[order]
+    return _ListPlan(run_lists, bounds, dst, order // p, work)
+
+
+def _score_lists(faiss, invl, layout: ListLayout, xp: np.ndarray, plan: _ListPlan, g0: int, g1: int, buf) -> None:
+    """Fill ``buf`` with the scores of the plan's runs ``g0``..``g1 - 1``: each list's vectors
+    against the queries of its run, each query's column into its segment."""
     within = np.arange(int(layout.sizes.max(initial=0)))[:, None]  # row offsets inside a list
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        li = int(lists[a])
-        size = int(layout.sizes[li]) if li >= 0 else 0
-        if size == 0:
+    bounds, dst, qsel = plan.bounds, plan.dst, plan.qsel
+    for g in range(g0, g1):
+        if plan.work[g] == 0:
             continue
+        li, a, b = int(plan.lists[g]), int(bounds[g]), int(bounds[g + 1])
+        size = int(layout.sizes[li])
         X = _list_vectors(faiss, invl, li, size, xp.shape[1])
         # [size, m] = the list's rows against its queries: OpenBLAS packs the small query side
         # with less work in this orientation; column j goes to query j's segment
