@@ -162,3 +162,50 @@ def test_first_k_stable_picks_as_the_stable_sort_with_ties_and_fill_keys(high):
         assert np.array_equal(
             np.where(np.take_along_axis(eligible, got, 1), got, -1), _stable_picks(key, eligible, fill, k)
         )
+
+
+@pytest.mark.parametrize("kind", ["uint64", "int64", "columns"])
+@pytest.mark.parametrize("high", [4, 1 << 62])
+def test_compiled_first_k_is_the_stable_sort_column_for_column(kind, high):
+    """The compiled selection returns the very columns of the stable argsort (eligible or not), for
+    uint64 and int64 keys (negative ones too), column order, ties, an eligible key equal to the fill,
+    rows with fewer than k eligible and lines longer than the kernel's insertion sort."""
+    from cir_mine.miner.core.strategies import selection
+
+    if selection.KERNELS is None:
+        pytest.skip("the selection kernels are not built in this install")
+    rng = np.random.default_rng(high % 89)
+    for L in (1, 40, 700):
+        eligible = rng.random((200, L)) < 0.6
+        eligible[::11] = False  # nothing eligible
+        eligible[5::13] = True  # everything eligible
+        if kind == "columns":
+            key, ref = None, np.broadcast_to(np.arange(L, dtype=np.int64), (200, L))
+        else:
+            key = rng.integers(-high if kind == "int64" else 0, high, (200, L), dtype=np.int64)
+            key = key.astype(np.uint64) if kind == "uint64" else key
+            key[::7, 0] = np.iinfo(key.dtype).max  # an eligible key equal to the fill value
+            ref = key
+        fill = np.iinfo(ref.dtype).max
+        for k in sorted({1, min(10, L), L}):
+            got = selection.first_k_order(key, eligible, k)
+            want = np.argsort(np.where(eligible, ref, fill), axis=1, kind="stable")[:, :k]
+            assert np.array_equal(got, want)
+            slow = selection.first_k_order(key, eligible, k, kernels=False)  # the numpy code: the same picks
+            picked = lambda o: np.where(np.take_along_axis(eligible, o, 1), o, -1)
+            assert np.array_equal(picked(slow), picked(got))
+
+
+def test_compiled_hash_keys_are_the_numpy_keys():
+    from cir_mine.miner.core.strategies import selection
+
+    if selection.KERNELS is None:
+        pytest.skip("the selection kernels are not built in this install")
+    rng = np.random.default_rng(3)
+    qhash = rng.integers(0, 1 << 63, 50, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    values = rng.integers(-1, 1 << 40, (50, 33), dtype=np.int64)
+    for stream in (0, 1, 17, (1 << 64) - 1):
+        got = selection.hash_keys(qhash, values, stream)
+        assert np.array_equal(got, selection.hash_keys(qhash, values, stream, kernels=False))
+    view = np.broadcast_to(np.arange(33, dtype=np.int64), (50, 33))  # a broadcast view, as random draws pass
+    assert np.array_equal(selection.hash_keys(qhash, view, 5), selection.hash_keys(qhash, view, 5, kernels=False))

@@ -15,6 +15,11 @@ import numpy as np
 from cir_mine.miner.core.attribute_codes import STATUS_FALSE
 from cir_mine.miner.core.strategies.registry import split_k
 
+try:  # the compiled kernels (miner/core/strategies/_select.c); without them, the numpy code here
+    from cir_mine.miner.core.strategies import _select as KERNELS
+except ImportError:  # pragma: no cover - depends on the install
+    KERNELS = None
+
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
@@ -32,9 +37,18 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z
 
 
-def hash_keys(qhash: np.ndarray, values: np.ndarray, stream: int) -> np.ndarray:
+def hash_keys(qhash: np.ndarray, values: np.ndarray, stream: int, kernels: bool = True) -> np.ndarray:
     """uint64 keys for (query, value) in random stream ``stream`` (an int that keeps the draws of
-    mix parts apart): ``qhash`` uint64[b], ``values`` int64[b, L] -> uint64[b, L]."""
+    mix parts apart): ``qhash`` uint64[b], ``values`` int64[b, L] -> uint64[b, L]. The compiled
+    kernel where built (``kernels``), the numpy code below otherwise; the same keys."""
+    if kernels and KERNELS is not None and 0 <= stream < 1 << 64 and np.ndim(values) == 2:
+        qhash = np.ascontiguousarray(qhash, np.uint64)
+        values = np.ascontiguousarray(values, np.int64)
+        b, L = values.shape
+        if qhash.shape == (b,):
+            out = np.empty((b, L), np.uint64)
+            KERNELS.hash(qhash, values, b, L, int(stream), out)
+            return out
     v = splitmix64(values.astype(np.uint64) ^ splitmix64(np.uint64(stream) + np.zeros(1, np.uint64)))
     return splitmix64(qhash[:, None] ^ v)
 
@@ -76,11 +90,7 @@ def select(c: Candidates, eligible: np.ndarray, k: int, key: Optional[np.ndarray
     ``key``: [b, L] numbers (uint64 hash keys for uniform sampling, -s(c,t) for closeness, ...)."""
     b, L = c.shape
     k_eff = min(k, L)
-    if key is None:
-        key = np.broadcast_to(np.arange(L, dtype=np.int64), (b, L))
-    fill = np.iinfo(key.dtype).max if np.issubdtype(key.dtype, np.integer) else np.inf
-    key = np.where(eligible, key, fill)
-    order = first_k_stable(key, eligible, fill, k_eff)
+    order = first_k_order(key, eligible, k_eff)
     ok = np.take_along_axis(eligible, order, axis=1)
     rows = np.where(ok, np.take_along_axis(c.rows, order, axis=1), -1)
     ranks = np.where(ok, np.take_along_axis(c.ranks, order, axis=1), -1).astype(np.int32)
@@ -91,6 +101,27 @@ def select(c: Candidates, eligible: np.ndarray, k: int, key: Optional[np.ndarray
         ranks = np.pad(ranks, ((0, 0), (0, pad)), constant_values=-1)
         scores = np.pad(scores, ((0, 0), (0, pad)))
     return Picks(rows, ranks, scores)
+
+
+_KINDS = {np.dtype(np.uint64): 0, np.dtype(np.int64): 1}  # the compiled first_k's key kinds (2: column order)
+
+
+def first_k_order(key: Optional[np.ndarray], eligible: np.ndarray, k: int, kernels: bool = True) -> np.ndarray:
+    """int64[b, k]: the first ``k`` columns of each row's stable argsort of ``key`` ([b, L]; None:
+    column order) where every entry that is not ``eligible`` holds the key type's largest value.
+    The compiled kernel where built (``kernels``) for integer keys and column order, else
+    :func:`first_k_stable`; the same columns."""
+    b, L = eligible.shape
+    kind = 2 if key is None else _KINDS.get(np.asarray(key).dtype)
+    if kernels and KERNELS is not None and kind is not None and b * L:
+        order = np.empty((b, k), np.int64)
+        keys = b"" if key is None else np.ascontiguousarray(key)
+        KERNELS.first_k(keys, np.ascontiguousarray(eligible, bool), b, L, k, kind, order)
+        return order
+    if key is None:
+        key = np.broadcast_to(np.arange(L, dtype=np.int64), (b, L))
+    fill = np.iinfo(key.dtype).max if np.issubdtype(key.dtype, np.integer) else np.inf
+    return first_k_stable(np.where(eligible, key, fill), eligible, fill, k)
 
 
 def first_k_stable(key: np.ndarray, eligible: np.ndarray, fill, k: int) -> np.ndarray:
