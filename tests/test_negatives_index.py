@@ -159,9 +159,10 @@ def test_tuning_reaches_the_target_recall_and_is_recorded(world):
 
 
 def test_recall_references_search_through_the_device_rule(world):
-    """Tuning's and check_recall's exact references are searched by the exact back-end the device
+    """Tuning's and check_recall's exact reference is searched by the exact back-end the device
     rule's factory makes for this gallery (on the CPU the bfloat16 scan races the core's kernels),
-    as exact mining is; the table, the tuning and the recall report equal the core's own."""
+    as exact mining is, made once for both (its gallery copy and kernel race serve the check too);
+    the table, the tuning and the recall report equal the core's own."""
     from cir_mine.miner.accel.open import device_search
 
     asked = []
@@ -173,7 +174,7 @@ def test_recall_references_search_through_the_device_rule(world):
     kw = dict(strategy="hardest", index="IVF16,Flat", target_recall=0.9, tune_queries=200, check_recall=150)
     own = mine(world, **kw)
     via = mine_negatives(world["ws"], "train", MineConfig.of(k=10, candidates=200, **kw), index=factory)
-    assert asked == ["IVF16,Flat", "flat", "flat"]  # the back-end, the tuning's reference, the check's
+    assert asked == ["IVF16,Flat", "flat"]  # the back-end, the reference of the tuning and the check
     assert via.table.equals(own.table)
 
     def timeless(rec):

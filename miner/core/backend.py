@@ -89,7 +89,10 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
     if cfg.fixed_params():
         backend.set_params(cfg.fixed_params())
     elif cfg.target_recall is not None and prep.need_ranked:
-        rec["tuning"] = tune_backend(prep, cfg, backend, exact_reference(xb, cfg, maker)).to_dict()
+        reference = exact_reference(xb, cfg, maker)
+        rec["tuning"] = tune_backend(prep, cfg, backend, reference).to_dict()
+        if cfg.check_recall:  # the check searches the same reference: its gallery copy and race are made
+            backend.reference = reference
     return backend, {**backend.describe(), **rec}
 
 

@@ -103,7 +103,10 @@ def mine_negatives(
     mined = mine_queries(prep, cfg, backend, np.arange(prep.m, dtype=np.int64), prefetch, progress)
     after = _measured(backend)
     if cfg.check_recall and backend is not None:
-        search_meta["check"] = check_recall(prep, cfg, backend, mined, exact_reference(prep.pool.xb, cfg, index))
+        reference = getattr(backend, "reference", None) or exact_reference(prep.pool.xb, cfg, index)
+        search_meta["check"] = check_recall(prep, cfg, backend, mined, reference)
+        if getattr(backend, "reference", None) is not None:
+            backend.reference = None  # its memory (a bfloat16 gallery copy) goes with it
     search_meta["prefetch"] = bool(prefetch)
     t2 = time.perf_counter()
     table = assemble_table(prep.pool, prep.qs, prep.parts, mined.out, mining_round, cfg.seed)

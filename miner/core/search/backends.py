@@ -269,6 +269,7 @@ class Reranked:
         self.race = KernelRace(("lists", "faiss"), small="faiss")
         self.clock = Clock()
         self._centroids, self._row_norm = None, None
+        self.reference = None  # the exact search its tuning measured against, kept for a recall check
 
     @property
     def cheap_depth(self) -> bool:
