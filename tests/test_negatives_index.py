@@ -742,6 +742,13 @@ def test_recall_read_off_the_lists_is_the_searched_recall():
     for p in (1, 2, 3, 7, 13, 40):
         backend.set_params({"nprobe": p})
         assert candidate_recall(backend.search(xq, 60)[1], exact) == pytest.approx(curve[p], abs=1e-9)
+    # the probe order is coarse_assign's over every list (exact scores, ties by the lower list)
+    _, order = coarse_assign(backend.lists, xq, 40, backend.layout_of().centroids)
+    ref = np.argsort(order, axis=1)  # each list's place in the order
+    list_of = np.empty(len(xb), np.int64)
+    layout = backend.layout_of()
+    list_of[layout.ids] = np.repeat(np.arange(40), layout.sizes)
+    assert np.array_equal(pos, np.take_along_axis(ref, list_of[exact], 1))
     tu = tune(backend, exact, xq, 60, 0.9)
     assert tu.method == "lists" and curve[tu.value - 1] < 0.9 <= curve[tu.value] == pytest.approx(tu.recall)
     assert backend.describe()["params"] == {"nprobe": tu.value} and tu.tried[-1][0] == tu.value

@@ -16,7 +16,7 @@ from cir_mine.miner.core.search.params import (
     index_kind,
 )
 from cir_mine.miner.core.search.persist import check_index, index_meta, load_index
-from cir_mine.miner.core.search.tuning import Tuning, tune, tune_deep
+from cir_mine.miner.core.search.tuning import Tuning, by_lists, list_positions, tune, tune_deep
 
 
 def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, index=None) -> tuple:
@@ -125,7 +125,8 @@ def tune_backend(prep: Prepared, cfg: MineConfig, backend, exact) -> "Tuning":
     sample = sample_rows(prep.m, cfg.tune_queries, cfg.seed, 1)
     xq = prep.qs.emb[sample]
     _, exact_I = exact.search(xq, max(depth, deepest))
-    tuning = tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall)
+    pos = list_positions(backend, xq, exact_I) if by_lists(backend) else None  # every exact row's, once
+    tuning = tune(backend, exact_I[:, :depth], xq, depth, cfg.target_recall, positions=pos)
     if deepest > depth and getattr(backend, "cheap_depth", False):
-        tuning.deep = tune_deep(backend, exact_I, xq, deepest, cfg.target_recall)
+        tuning.deep = tune_deep(backend, exact_I, xq, deepest, cfg.target_recall, positions=pos)
     return tuning

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.miner.core.search.faiss_api import load_faiss
-from cir_mine.miner.core.search.exact import exact_cut, fetched_bound, max_row_norm
+from cir_mine.miner.core.search.exact import exact_cut, exact_rescore, fetched_bound, max_row_norm
 from cir_mine.miner.core.search.topk import topk_desc
 
 
@@ -314,8 +314,13 @@ def probe_positions(ivf, layout: ListLayout, xq: np.ndarray, rows: np.ndarray) -
     list_of[layout.ids] = np.repeat(np.arange(nlist, dtype=np.int32), layout.sizes)
     out = np.full(rows.shape, -1, np.int32)
     xq = np.ascontiguousarray(xq, np.float32)
+    every = np.arange(nlist, dtype=np.int64)
     for s in range(0, len(xq), 256):
-        _, order = coarse_assign(ivf, xq[s : s + 256], nlist, layout.centroids)  # every list, in probe order
+        if layout.centroids is not None:  # every list in probe order: coarse_assign's, without a search
+            lists = np.broadcast_to(every, (len(xq[s : s + 256]), nlist))
+            _, order = exact_rescore(layout.centroids, xq[s : s + 256], lists, nlist)
+        else:
+            _, order = coarse_assign(ivf, xq[s : s + 256], nlist, layout.centroids)
         pos = np.full((len(order), nlist), nlist, np.int32)
         np.put_along_axis(pos, np.where(order >= 0, order, 0), np.arange(nlist, dtype=np.int32), 1)
         r = rows[s : s + 256]

@@ -90,9 +90,18 @@ def by_lists(backend: "Reranked") -> bool:
     return backend.lists is not None and backend.overfetch == 1
 
 
-def _lists_curve(backend: "Reranked", xq: np.ndarray, exact_I: np.ndarray) -> np.ndarray:
-    """Recall at every nprobe of ``backend`` (see :func:`by_lists`) for queries ``xq`` whose exact rows are ``exact_I``."""
-    return recall_by_nprobe(probe_positions(backend.lists, backend.layout_of(), xq, exact_I), backend.lists.nlist)
+def list_positions(backend: "Reranked", xq: np.ndarray, exact_I: np.ndarray) -> np.ndarray:
+    """:func:`probe_positions` of the exact rows ``exact_I`` of queries ``xq`` in ``backend``'s lists
+    (see :func:`by_lists`): int32[b, L]. Those of the first ``depth`` exact rows are its first
+    ``depth`` columns, so one call serves the tuning at every depth."""
+    return probe_positions(backend.lists, backend.layout_of(), xq, exact_I)
+
+
+def _lists_curve(backend: "Reranked", xq: np.ndarray, exact_I: np.ndarray, positions=None) -> np.ndarray:
+    """Recall at every nprobe of ``backend`` (see :func:`by_lists`) for queries ``xq`` whose exact
+    rows are ``exact_I`` (``positions``: their :func:`list_positions`, when already made)."""
+    pos = list_positions(backend, xq, exact_I) if positions is None else positions[:, : exact_I.shape[1]]
+    return recall_by_nprobe(pos, backend.lists.nlist)
 
 
 def _lists_tried(curve: np.ndarray, value: int) -> list:
@@ -104,21 +113,23 @@ def _lists_tried(curve: np.ndarray, value: int) -> list:
 DEEP_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # deep tuning: multiples of the tuned value tried
 
 
-def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float) -> Optional[dict]:
+def tune_deep(
+    backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float, positions=None
+) -> Optional[dict]:
     """After :func:`tune`: the cheapest multiple (DEEP_STEPS) of the tuned value whose candidate
     recall@``depth`` (the deepest depth deepening searches; ``exact_I`` that deep) reaches
     ``target``, recorded in ``backend.info["deep"]`` for :meth:`Reranked.beam_for`. Recall falls
     more slowly with depth than the value-to-depth ratio assumes, so this probes fewer lists than
     scaling would. A :func:`by_lists` back-end reads it off its lists instead: the smallest nprobe at
-    or above the tuned one that reaches ``target``. None (nothing recorded) when the back-end has no
-    tuned value."""
+    or above the tuned one that reaches ``target`` (``positions``: :func:`list_positions` of
+    ``exact_I``, when made). None (nothing recorded) when the back-end has no tuned value."""
     name = SEARCH_PARAM.get(backend.kind)
     tuned = (backend.info.get("params") or {}).get(name)
     if not name or not tuned or hasattr(backend.source, "getDevice"):
         return None
     t0, tried = time.perf_counter(), []
     if name == "nprobe" and by_lists(backend):
-        curve = _lists_curve(backend, xq, exact_I[:, :depth])
+        curve = _lists_curve(backend, xq, exact_I[:, :depth], positions)
         v = cheapest_nprobe(curve, target, low=int(tuned))
         r, method = float(curve[v]), "lists"
         tried = [[a, round(c, 4), t] for a, c, t in _lists_tried(curve, v) if a >= tuned]
@@ -146,7 +157,13 @@ def tune_deep(backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int
 
 
 def tune(
-    backend: Reranked, exact_I: np.ndarray, xq: np.ndarray, depth: int, target: float, max_overfetch: float = 32.0
+    backend: Reranked,
+    exact_I: np.ndarray,
+    xq: np.ndarray,
+    depth: int,
+    target: float,
+    max_overfetch: float = 32.0,
+    positions=None,
 ) -> Tuning:
     """Set the cheapest value of the index's search parameter whose candidate recall@``depth`` on the
     sample ``xq`` (exact rows ``exact_I``) reaches ``target``. For an index that stores compressed
@@ -155,7 +172,7 @@ def tune(
     doubles (up to ``max_overfetch``) at the same value before the parameter grows further. The
     largest tried when none reaches it. A CPU IVF-Flat re-ranked exactly (:func:`by_lists`) reads
     the recall at every nprobe off its lists instead of searching, and takes the smallest that
-    reaches the target."""
+    reaches the target (``positions``: :func:`list_positions` of ``exact_I``, when made)."""
     t0 = time.perf_counter()
     name, values = tunable(backend.source)
     if not name:
@@ -163,7 +180,7 @@ def tune(
         r = candidate_recall(I, exact_I)
         return Tuning("", None, r, target, r >= target, depth, len(xq), [], time.perf_counter() - t0)
     if name == "nprobe" and by_lists(backend):
-        curve = _lists_curve(backend, xq, exact_I)
+        curve = _lists_curve(backend, xq, exact_I, positions)
         v = cheapest_nprobe(curve, target)
         r, tried, method = float(curve[v]), _lists_tried(curve, v), "lists"
     else:
