@@ -40,6 +40,29 @@ def test_each_kernel_runs_a_share_and_the_fastest_the_rest(monkeypatch):
     assert race.describe() == {"2048x256": {"a": 3e6, "b": 1e6, "c": 2e6}, "4096x256": {"a": 3e6, "b": 1e6, "c": 2e6}}
 
 
+def test_a_kernel_given_a_larger_share_races_on_it(monkeypatch):
+    """A kernel whose cost per query falls with its batch (list-major IVF: more queries meet each
+    list) races on the larger share it is given; the others keep a sixteenth. Here the batch kernel
+    wins on its quarter, where on a sixteenth its fixed cost would have lost it the race."""
+    clock = FakeClock()
+    monkeypatch.setattr(measure, "time", clock)
+    fixed = {"lists": 100.0, "faiss": 0.0}
+    per = {"lists": 1.0, "faiss": 2.0}
+    seen = []
+
+    def call(kernel, part):
+        clock.now += fixed[kernel] + per[kernel] * len(part)
+        seen.append((kernel, int(part[0]), int(part[-1]) + 1))
+        return (part,)
+
+    race = KernelRace(("lists", "faiss"), small="faiss", shares={"lists": 4})
+    race.run(1024, 800, call)
+    assert seen == [("lists", 0, 256), ("faiss", 256, 320), ("lists", 320, 1024)]
+    seen.clear()
+    KernelRace(("lists", "faiss"), small="faiss").run(1024, 800, call)
+    assert seen == [("lists", 0, 64), ("faiss", 64, 128), ("faiss", 128, 1024)]
+
+
 def test_batches_too_small_to_share_run_the_small_kernel():
     seen = []
     race = KernelRace(("a", "b"), small="b")

@@ -54,6 +54,7 @@ from cir_mine.miner.core.search.params import SEARCH_PARAM, cpu_ivf, faiss_nlist
 # reserve depth, the later batches are searched at the deepest depth at once
 FLAT_DEEP_SHARE = 0.25  # exact search: its deepest search costs about 1.2x the reserve's
 LISTS_DEEP_SHARE = 0.35  # list-major IVF: about 1.5x
+LISTS_RACE_SHARE = 4  # list-major IVF's kernel race: the list kernel on 1/4 of the raced batch
 
 
 class ExactSearch:
@@ -265,8 +266,10 @@ class Reranked:
             ivf_flat_lists(source) if self.ivf is not None else None
         )  # full vectors: exact top-k of the probed rows
         self.layout = None  # its ListLayout, built on first use
-        # list-major pays for batches that share lists; FAISS's per-query scan for a few queries
-        self.race = KernelRace(("lists", "faiss"), small="faiss")
+        # list-major pays for batches that share lists; FAISS's per-query scan for a few queries.
+        # The list kernel's cost per query falls with the queries that meet each list, so it races
+        # on a quarter of a batch (LISTS_RACE_SHARE), FAISS on a sixteenth
+        self.race = KernelRace(("lists", "faiss"), small="faiss", shares={"lists": LISTS_RACE_SHARE})
         self.clock = Clock()
         self._centroids, self._row_norm = None, None
         self.reference = None  # the exact search its tuning measured against, kept for a recall check

@@ -53,9 +53,12 @@ class KernelRace:
     """Per shape class, the seconds per query each of ``names`` took on its share of one batch (the
     fastest then runs the rest of it); ``small``: the kernel of batches too small to split."""
 
-    def __init__(self, names: Sequence[str], small: Optional[str] = None):
+    def __init__(self, names: Sequence[str], small: Optional[str] = None, shares: Optional[dict] = None):
         self.names = tuple(names)
         self.small = small or self.names[0]  # the kernel of batches too small to race
+        # kernel -> it races on 1/this of a batch (CHALLENGER_SHARE where not given): a larger share
+        # for a kernel whose cost per query falls with the queries it is given at once
+        self.shares = {name: int((shares or {}).get(name, CHALLENGER_SHARE)) for name in self.names}
         self.seen: dict = {}  # shape class -> {kernel: seconds per query}
         self.whole: dict = {}  # shape class -> kernels whose seconds are a whole batch's (else a share's)
         self._lock = threading.Lock()
@@ -92,9 +95,8 @@ class KernelRace:
             return out
         if name is not None or len(self.names) == 1 or nq < MIN_RACE_QUERIES * (len(self.names) + 1):
             return call(name or self.small, np.arange(nq, dtype=np.int64))
-        share = max(MIN_RACE_QUERIES, nq // CHALLENGER_SHARE)
-        share = min(share, nq // (len(self.names) + 1))
-        bounds = np.r_[share * np.arange(len(self.names) + 1), nq].astype(np.int64)
+        sizes = [min(max(MIN_RACE_QUERIES, nq // self.shares[k]), nq // (len(self.names) + 1)) for k in self.names]
+        bounds = np.r_[0, np.cumsum(sizes), nq].astype(np.int64)
         parts, per = [], {}
         for kernel, a, b in zip(self.names, bounds[:-2], bounds[1:-1]):
             t = time.perf_counter()
