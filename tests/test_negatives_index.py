@@ -633,6 +633,11 @@ def test_list_major_search_is_the_same_on_any_number_of_workers():
         faiss.omp_set_num_threads(before)
     assert np.array_equal(got[0][1], got[1][1])
     assert np.array_equal(got[0][0].view(np.uint32), got[1][0].view(np.uint32))
+    # in no order (for a caller that sorts them itself): the same scores and rows, sorted as before
+    D, I = list_major_search(ivf, xq, 60, assign, layout, ordered=False)
+    Ds, Is = topk_desc(D, I, 60)
+    assert np.array_equal(Is, got[0][1]) and np.array_equal(Ds.view(np.uint32), got[0][0].view(np.uint32))
+    assert not np.array_equal(I, got[0][1])  # the order was left undone
 
 
 @pytest.mark.parametrize("layout", ["random", "ties", "sample_holds_the_best"])

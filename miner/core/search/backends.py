@@ -347,13 +347,13 @@ class Reranked:
                 depth,
                 lambda kernel, part: self._list_candidates(kernel, xq[q[part]], Iq[q[part]], Dq[q[part]], depth),
             )
-            return fetched_bound(D, depth, total[q]), I
+            return fetched_bound(D, depth, total[q], ordered=False), I
 
         return exact_cut(self.xb, xq, k, fetch, total, layout.row_norm, clock=self.clock)
 
     def _list_candidates(self, kernel: str, xq: np.ndarray, Iq: np.ndarray, Dq: np.ndarray, depth: int):
-        if kernel == "lists":
-            return list_major_search(self.lists, xq, depth, Iq, self.layout_of())
+        if kernel == "lists":  # in no order: exact_cut re-scores and sorts them
+            return list_major_search(self.lists, xq, depth, Iq, self.layout_of(), ordered=False)
         return self._preassigned(xq, depth, Iq, Dq)
 
     def _preassigned(self, xq: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

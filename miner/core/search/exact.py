@@ -345,13 +345,16 @@ def exact_cut(
     return D, I
 
 
-def fetched_bound(D: np.ndarray, depth: int, total) -> np.ndarray:
+def fetched_bound(D: np.ndarray, depth: int, total, ordered: bool = True) -> np.ndarray:
     """The bound :func:`exact_cut`'s ``fetch`` returns for a kernel's top-``depth`` approximate
-    scores ``D`` (float32[b, depth], descending): the last one, or -inf where every one of the
-    query's ``total`` candidates came back."""
+    scores ``D`` (float32[b, depth], descending; ``ordered=False``: in any order): the last (the
+    least) one, or -inf where every one of the query's ``total`` candidates came back."""
     b = D.shape[0]
     total = np.broadcast_to(np.asarray(total, np.int64), (b,))
-    last = D[:, depth - 1].astype(np.float64) if D.shape[1] >= depth and depth > 0 else np.full(b, -np.inf)
+    if D.shape[1] < depth or depth <= 0:
+        last = np.full(b, -np.inf)
+    else:
+        last = (D[:, depth - 1] if ordered else D[:, :depth].min(axis=1)).astype(np.float64)
     return np.where(total > depth, np.where(np.isfinite(last), last, np.inf), -np.inf)
 
 

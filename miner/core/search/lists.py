@@ -140,7 +140,13 @@ _BLAS_LIMIT = None
 
 
 def list_major_search(
-    ivf, xq: np.ndarray, k: int, assign: np.ndarray, layout: ListLayout, budget: int = LIST_MAJOR_SCORES
+    ivf,
+    xq: np.ndarray,
+    k: int,
+    assign: np.ndarray,
+    layout: ListLayout,
+    budget: int = LIST_MAJOR_SCORES,
+    ordered: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidates of an IVF-Flat search list by list (the shape of FAISS contrib's big-batch search):
     the queries are bucketed by the lists they probe (``assign``: int64[nq, p], from
@@ -151,7 +157,8 @@ def list_major_search(
     collected scores, one pass at a time, each pass's lists and then its queries split between
     FAISS's thread count of workers (so that a list meets every query of the pass that probes it).
     The scores are BLAS sums whose last bits depend on the batch; :func:`exact_cut` decides the cut.
-    -> (D float32[nq, k], I int64[nq, k]) by descending score, -1 / -inf pads."""
+    -> (D float32[nq, k], I int64[nq, k]) by descending score, -1 / -inf pads (``ordered=False``:
+    each query's k in no order, for a caller that re-scores and sorts them itself)."""
     faiss = load_faiss()
     xq = np.ascontiguousarray(xq, np.float32)
     nq = xq.shape[0]
@@ -180,7 +187,9 @@ def list_major_search(
 
                 def top(a: int, b: int) -> None:
                     seg = buf[base[a] : base[b]]
-                    D[q0 + a : q0 + b], I[q0 + a : q0 + b] = _top_of_segments(seg, layout, A[a:b], C[a:b], T[a:b], k)
+                    D[q0 + a : q0 + b], I[q0 + a : q0 + b] = _top_of_segments(
+                        seg, layout, A[a:b], C[a:b], T[a:b], k, ordered
+                    )
 
                 each(top, qcut)
             q0 = q1
@@ -259,10 +268,10 @@ def _score_lists(faiss, invl, layout: ListLayout, xp: np.ndarray, plan: _ListPla
 
 
 def _top_of_segments(
-    buf: np.ndarray, layout: ListLayout, A: np.ndarray, C: np.ndarray, T: np.ndarray, k: int
+    buf: np.ndarray, layout: ListLayout, A: np.ndarray, C: np.ndarray, T: np.ndarray, k: int, ordered: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` best scores in its segment of ``buf`` and their gallery rows, by descending
-    score; -1 / -inf past a query's candidates. A collected position maps to a row through the
+    score (``ordered=False``: in no order); -1 / -inf past a query's candidates. A collected position maps to a row through the
     query's own probe slots (an empty slot shares the next one's start: the search passes it)."""
     m = A.shape[0]
     D = np.full((m, k), -np.inf, np.float32)
@@ -280,7 +289,7 @@ def _top_of_segments(
         rows = layout.ids[layout.starts[A[r, slot]] + pos - off[r, slot]]
         D[r, :kk], I[r, :kk] = seg[pos], rows
         start += n
-    return topk_desc(D, I, k)
+    return topk_desc(D, I, k) if ordered else (D, I)
 
 
 SAMPLE_STRIDE = 8  # top_positions' threshold comes from every this-many-th score of a segment
