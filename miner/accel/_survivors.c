@@ -13,11 +13,7 @@
  * -(b & 0x7FFF). Every comparison is exact integer arithmetic, so each instruction set (AVX-512BW,
  * AVX2, plain C) returns the same arrays.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "../core/_cbuffers.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define CIR_X86 1
@@ -110,14 +106,6 @@ static void take_rows(const int16_t *S, int64_t ld, int64_t a, int64_t e, int64_
 }
 
 /* buffer helpers: a contiguous buffer of at least `count` items of `size` bytes */
-static int need(Py_buffer *b, Py_ssize_t count, Py_ssize_t size, const char *name) {
-    if (count < 0 || b->len < count * size) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, at least %zd needed", name, b->len, count * size);
-        return 0;
-    }
-    return 1;
-}
-
 static int pick_isa(int isa) {
     if (isa != ISA_AUTO) return has_isa(isa) ? isa : -1;
     if (has_isa(ISA_AVX512)) return ISA_AVX512;

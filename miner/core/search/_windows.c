@@ -11,20 +11,8 @@
  * The blocks let FAISS score one window of the gallery at a time against every query, so that the
  * rows it gathers stay in the cache; each score is still one dot product of one query and one row.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "../_cbuffers.h"
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-static int need(Py_buffer *b, Py_ssize_t count, Py_ssize_t size, const char *name) {
-    if (count < 0 || b->len < count * size) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, at least %zd needed", name, b->len, count * size);
-        return 0;
-    }
-    return 1;
-}
 
 /* widths[j] = max over queries of the rows of window j -> the rows; -1 on a row past the windows, -2 on memory */
 static int64_t count_core(const int64_t *rows, Py_ssize_t b, Py_ssize_t L, int shift, Py_ssize_t nw, int64_t *widths) {

@@ -7,18 +7,7 @@
  *            entry that is not eligible holds the largest key: the eligible entries by (key, column),
  *            then the other columns in order
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <stdlib.h>
-
-static int need(Py_buffer *b, Py_ssize_t count, Py_ssize_t size, const char *name) {
-    if (count < 0 || b->len < count * size) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, at least %zd needed", name, b->len, count * size);
-        return 0;
-    }
-    return 1;
-}
+#include "../_cbuffers.h"
 
 static inline uint64_t splitmix64(uint64_t z) {
     z += 0x9E3779B97F4A7C15ull;
