@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from cir_mine.miner.core.search.faiss_api import load_faiss
+from cir_mine.miner.core.search.measure import core_pool
 from cir_mine.miner.core.search.exact import exact_cut, exact_rescore, fetched_bound, max_row_norm
 from cir_mine.miner.core.search.topk import topk_desc
 
@@ -173,7 +174,7 @@ def list_major_search(
     invl = faiss.downcast_InvertedLists(ivf.invlists)
     workers = max(1, faiss.omp_get_max_threads())
     # one BLAS thread per worker: its GEMMs are small, and threads of BLAS would spin
-    with one_blas_thread(), _workers(workers) as each:
+    with one_blas_thread():
         q0 = 0
         while q0 < nq:  # queries q0..q1-1, at least one, their scores within the budget
             q1 = max(q0 + 1, int(np.searchsorted(ends, (ends[q0 - 1] if q0 else 0) + budget, side="right")))
@@ -181,7 +182,7 @@ def list_major_search(
             with layout.buffer(int(T.sum())) as buf:
                 plan = _list_plan(layout, A, C, T)
                 cut = _split(plan.work, workers)
-                each(lambda a, b: _score_lists(faiss, invl, layout, xq[q0:q1], plan, a, b, buf), cut)
+                _each(lambda a, b: _score_lists(faiss, invl, layout, xq[q0:q1], plan, a, b, buf), cut, workers)
                 base = np.r_[0, np.cumsum(T)]
                 qcut = _split(np.maximum(T, 1), workers)
 
@@ -191,22 +192,23 @@ def list_major_search(
                         seg, layout, A[a:b], C[a:b], T[a:b], k, ordered
                     )
 
-                each(top, qcut)
+                _each(top, qcut, workers)
             q0 = q1
     return D, I
 
 
-@contextlib.contextmanager
-def _workers(n: int):
-    """``each(fn, cut)``: fn(cut[i], cut[i + 1]) for every part of ``cut``, on ``n`` threads (this one
-    alone when ``n`` is 1), returning when all are done."""
-    if n == 1:
-        yield lambda fn, cut: [fn(a, b) for a, b in zip(cut[:-1], cut[1:])]
+def _each(fn, cut: list, threads: int) -> None:
+    """fn(cut[i], cut[i + 1]) for every part of ``cut``: on the process's list-major pool when
+    ``threads`` > 1 (its tasks never wait on each other, so searches from two threads may share it),
+    else on this thread; returns when all are done."""
+    parts = list(zip(cut[:-1], cut[1:]))
+    if threads == 1 or len(parts) < 2:
+        for a, b in parts:
+            fn(a, b)
         return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="cir-mine-lists") as pool:
-        yield lambda fn, cut: [f.result() for f in [pool.submit(fn, a, b) for a, b in zip(cut[:-1], cut[1:])]]
+    pool = core_pool("cir-mine-lists")
+    for f in [pool.submit(fn, a, b) for a, b in parts]:
+        f.result()
 
 
 def _split(work: np.ndarray, parts: int) -> list:
