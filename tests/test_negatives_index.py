@@ -190,6 +190,59 @@ def test_check_recall_on_exact_search_is_one(world):
     assert res.meta["search"]["check"]["negative_overlap"] == 1.0
 
 
+def test_remembered_exact_search_answers_shallower_searches_of_the_same_vectors():
+    """The check's reference keeps each query vector's deepest exact rows: a search no deeper is
+    answered from them with the rows a fresh search returns, a deeper or new one is searched, and
+    ``search_ahead``'s deep rows are kept too."""
+    from cir_mine.miner.core.recall import Remembered
+
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((2000, 16)).astype(np.float32)
+    xb[1] = xb[0]  # a tie: the lower row first, in every answer
+    xq = rng.standard_normal((40, 16)).astype(np.float32)
+    xq[5] = xb[0]
+    inner = ExactSearch(xb, device="cpu")
+    calls = []
+
+    class Counted:
+        ntotal, d, exact = inner.ntotal, inner.d, True
+
+        def search(self, q, k):
+            calls.append(("search", len(q), k))
+            return inner.search(q, k)
+
+        def search_ahead(self, q, k, deep):
+            calls.append(("ahead", len(q), k, deep))
+            return inner.search_ahead(q, k, deep)
+
+    mem = Remembered(Counted())
+    assert mem.exact is True and mem.ntotal == 2000  # everything else is the wrapped back-end's
+    D, I, later = mem.search_ahead(xq, 20, 300)
+    Dl, Il = later(np.arange(0, 40, 3))
+    for q, k in ((xq, 20), (xq[::3], 300), (xq[::3], 150), (xq[[5, 0, 5]], 7)):
+        n = len(calls)
+        got = mem.search(q, k)
+        assert len(calls) == n  # answered from the kept rows
+        want = inner.search(q, k)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert mem.search(xq[:2], 300)[1].shape == (2, 300) and calls[-1] == ("search", 2, 300)  # not searched that deep
+    assert mem.search(xq[:2], 5000)[1].shape == (2, 2000)  # never deeper than the gallery
+    assert np.array_equal(Il, inner.search(xq[::3], 300)[1]) and np.array_equal(I, inner.search(xq, 20)[1])
+
+
+def test_check_recall_report_equals_the_unremembered_one(world, monkeypatch):
+    """The check answers its candidate-recall search from exact mining's rows: the same report as
+    searching again."""
+    from cir_mine.miner.core import recall
+
+    kw = dict(strategy="hardest", index="IVF16,Flat", nprobe=2, check_recall=150)
+    own = mine(world, **kw).meta["search"]["check"]
+    monkeypatch.setattr(recall, "Remembered", lambda exact: exact)
+    plain = mine(world, **kw).meta["search"]["check"]
+    assert {k: v for k, v in own.items() if k != "seconds"} == {k: v for k, v in plain.items() if k != "seconds"}
+    assert own["candidate_recall"] < 1
+
+
 def test_any_backend_with_the_contract_is_used_as_given(world):
     """A sharded or remote engine plugs in as an object with search/ntotal/d/exact/describe."""
     xb = world["g"].embeddings
