@@ -874,3 +874,41 @@ def test_max_row_norm_bounds_the_largest_norm_tightly(tmp_path):
         exact = float(np.sqrt((np.asarray(x, np.float64) ** 2).sum(1).max(initial=0.0)))
         got = max_row_norm(x, block_rows=700)
         assert exact <= got <= exact * (1 + 1e-4) + 1e-30, (x.dtype, x.shape, got, exact)
+
+
+def _mapped(path) -> bool:
+    """Whether this process maps ``path`` (Linux's /proc/self/maps)."""
+    return any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_a_saved_index_is_mapped_and_a_truncated_one_read_whole(tmp_path):
+    """An index file of the size its metadata recorded opens mapped (its lists not copied into
+    memory), searches as the index read whole does and survives a rebuild by rename; a truncated
+    file, or one saved without a size, is read whole, so truncation is refused with the fix."""
+    from cir_mine.miner.core.search.persist import index_meta, load_index, save_index
+
+    index, xb, xq = _ivf(n=3000, d=16, nlist=12)
+    path = tmp_path / "index.train.faiss"
+    save_index(index, path, {"factory": "IVF12,Flat"})
+    assert index_meta(path)["bytes"] == path.stat().st_size and index_meta(path)["factory"] == "IVF12,Flat"
+    want = index.search(xq, 20)
+    got = load_index(path, "cpu")
+    assert _mapped(path)
+    assert np.array_equal(got.search(xq, 20)[1], want[1]) and ivf_flat_lists(got) is not None
+    other, _, _ = _ivf(n=500, d=16, nlist=4, seed=9)
+    save_index(other, path, {"factory": "IVF4,Flat"})  # the rebuild replaces the file by rename
+    assert np.array_equal(got.search(xq, 20)[1], want[1])
+    del got
+    save_index(index, path, {"factory": "IVF12,Flat"})
+    full = path.read_bytes()
+    path.write_bytes(full[:-5])  # cut short in place: the size no longer matches
+    with pytest.raises(DataError, match="not a readable FAISS index"):
+        load_index(path, "cpu")
+    path.write_bytes(full)
+    path.with_name(path.name + ".json").write_text("{}")  # no recorded size: read whole
+    plain = load_index(path, "cpu")
+    assert not _mapped(path) and np.array_equal(plain.search(xq, 20)[1], want[1])
+    del plain
+    checked = load_index(path, "cpu", verified=True)  # its SHA-256 checked by the caller: mapped
+    assert _mapped(path) and checked.ntotal == 3000
