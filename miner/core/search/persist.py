@@ -45,7 +45,11 @@ def load_index(path: str | Path, device: str = "auto", verified: bool = False):
     try:
         index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0) if verified or _sized(path) else 0)
     except RuntimeError as e:
-        raise DataError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]}).") from None
+        raise DataError(
+            f"{path}: not a readable FAISS index ({str(e).splitlines()[0]}). "
+            "Rebuild it with `cir-mine index work=WORK split=SPLIT`.",
+            params=("work", "split"),
+        ) from None
     if use_gpu(device):
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index
