@@ -181,7 +181,7 @@ def _search_lines(search: dict) -> list:
             deep = tu.get("deep")
             if deep:
                 line += (
-                    f"; {tu['param']}={deep['value']} at depth {deep['depth']}: candidate recall "
+                    f"; {tu['param']}={deep['value']} at depth {deep['depth']}, every search probes so: candidate recall "
                     f"{deep['recall']:.3f} ({'reached' if deep['reached'] else 'below'} {tu['target']:g})"
                 )
         lines.append(line)

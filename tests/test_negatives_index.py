@@ -402,7 +402,7 @@ def test_cli_index_options_are_printed_and_stored(synth_work, tmp_path):
     assert (
         f"search: IVF16,Flat (IVF16,Flat, nprobe={tu['value']}; over-fetch 1, re-ranked exactly); tuned "
         f"nprobe={tu['value']}: candidate recall@512 {tu['recall']:.3f} on 600 queries (reached 0.9); "
-        f"nprobe={tu['deep']['value']} at depth 2048: candidate recall {tu['deep']['recall']:.3f} (reached 0.9)"
+        f"nprobe={tu['deep']['value']} at depth 2048, every search probes so: candidate recall {tu['deep']['recall']:.3f} (reached 0.9)"
     ) in r.output
     assert s["deep"] == {"depth": 2048, "params": {"nprobe": tu["deep"]["value"]}}
     assert tu["depth"] == 4 * 128 == s["depth"]  # tuned at the depth each batch is searched at
@@ -766,8 +766,9 @@ def test_kernels_are_chosen_by_measurement_and_recorded():
 
 
 def test_deep_tuning_probes_fewer_lists_than_scaling():
-    """Tuned at the reserve and at the deepest depth: the deep value reaches the target there and
-    beam_for follows the line through both tuned points (the old ratio rule scales past it)."""
+    """Tuned at the reserve and at the deepest depth: the deep value reaches the target there, and
+    every search up to that depth probes as many lists (a run mines the shallower depths from rows
+    searched that deep); past it, the deep value's ratio."""
     rng = np.random.default_rng(6)
     xb = rng.standard_normal((8000, 16)).astype(np.float32)
     raw = build_index(xb, "IVF64,Flat", device="cpu")
@@ -779,8 +780,8 @@ def test_deep_tuning_probes_fewer_lists_than_scaling():
     assert deep["depth"] == 400 and deep["reached"] and deep["recall"] >= 0.9
     assert backend.describe()["deep"] == {"depth": 400, "params": {"nprobe": deep["value"]}}
     assert deep["value"] >= tu.value and all(r < 0.9 for _, r, _ in deep["tried"][:-1])
-    assert backend.beam_for(400) == deep["value"] and backend.beam_for(50) is None
-    assert tu.value <= backend.beam_for(200) <= deep["value"]
+    assert backend.beam_for(400) == backend.beam_for(50) == backend.beam_for(200) == deep["value"]
+    assert backend.beam_for(800) == min(64, 2 * deep["value"])
     got = candidate_recall(backend.search(xq, 400)[1], exact)
     assert got == pytest.approx(deep["recall"], abs=1e-4)
 

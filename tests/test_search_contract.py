@@ -291,3 +291,25 @@ def test_faiss_flat_search_takes_its_blas_path_for_every_batch():
         D, I = ExactSearch(xb).search(xq[:n], 7)
         ref = np.argsort(-(xq[:n].astype(np.float64) @ xb.T.astype(np.float64)), axis=1, kind="stable")[:, :7]
         assert (I == ref).all()
+
+
+def test_tuned_ivf_tables_do_not_depend_on_how_deep_a_batch_was_searched(ws):
+    """A tuned IVF probes more lists the deeper it searches (``Reranked.beam_for``). A mining run's
+    first batch is searched at the ladder's second depth and, once most of its queries prove short,
+    the later batches at the deepest, each query mined at the shallower depths from those rows: so
+    every search of one run probes as its deepest does, and a query's rows do not depend on the
+    batch that decided the depth, nor on which other queries are mined."""
+    xb = ws.load("train")[0].embeddings
+    info = {"index": "ivf", "depth": 40, "params": {"nprobe": 1}, "deep": {"depth": 640, "params": {"nprobe": 16}}}
+
+    def tuned():
+        backend = Reranked(build_index(xb, "IVF16,Flat", device="cpu"), xb, 1.0, dict(info))
+        backend.set_params({"nprobe": 1})
+        return backend
+
+    base = dict(strategy="hardest", k=8, candidates=40, max_candidates=640)
+    tables = [
+        mine_negatives(ws, "train", MineConfig.of(**base, query_batch=b), index=tuned()).table for b in (4, 64, 100_000)
+    ]
+    assert tables[0].num_rows > 0
+    assert tables[1].equals(tables[0]) and tables[2].equals(tables[0])

@@ -398,29 +398,25 @@ class Reranked:
 
         Recall was tuned at one depth (``info["depth"]``); deepening searches further. An HNSW beam
         of max(efSearch, k) would fall to k there, and an IVF search probing as few lists finds a
-        smaller share of the deeper neighbours. When the tuning also measured the deepest depth
-        (``info["deep"]``), the value follows the line through both tuned points; otherwise the
-        tuned parameter-to-depth ratio is kept (IVF: at most every list). CPU indexes only: a GPU
-        index keeps its setting."""
+        smaller share of the deeper neighbours, so the tuned parameter-to-depth ratio is kept (IVF:
+        at most every list). When the tuning also measured the deepest depth a run searches
+        (``info["deep"]``: a back-end whose deeper searches cost about the same, which a run
+        searches ahead and mines at the shallower depths from those rows), every search up to that
+        depth takes its value: a query's rows then never depend on how deep its batch was searched.
+        Past it, its ratio. CPU indexes only: a GPU index keeps its setting."""
         tuned = self.info.get("depth")
         params = self.info.get("params") or {}
         name = SEARCH_PARAM.get(self.kind)
         if not tuned or not name or not params.get(name) or hasattr(self.source, "getDevice"):
             return None
         base = self.fetch_depth(int(tuned))
-        if fetch <= base:
-            return None
         deep = self.info.get("deep") or {}
         deep_value = (deep.get("params") or {}).get(name)
         deep_fetch = self.fetch_depth(int(deep.get("depth") or 0))
         if deep_value and deep_fetch > base:
-            # tuned at two depths: between them, the line through both; past the deeper, its ratio
-            if fetch <= deep_fetch:
-                value = int(
-                    math.ceil(params[name] + (deep_value - params[name]) * (fetch - base) / (deep_fetch - base))
-                )
-            else:
-                value = int(math.ceil(deep_value * fetch / deep_fetch))
+            value = int(deep_value if fetch <= deep_fetch else math.ceil(deep_value * fetch / deep_fetch))
+        elif fetch <= base:
+            return None
         else:
             value = int(math.ceil(params[name] * fetch / base))
         if name == "nprobe":
