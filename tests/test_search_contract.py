@@ -298,7 +298,7 @@ def test_tuned_ivf_tables_do_not_depend_on_how_deep_a_batch_was_searched(ws):
     first batch is searched at the ladder's second depth and, once most of its queries prove short,
     the later batches at the deepest, each query mined at the shallower depths from those rows: so
     every search of one run probes as its deepest does, and a query's rows do not depend on the
-    batch that decided the depth, nor on which other queries are mined."""
+    batch that decided the depth (batches of 4 and 64 queries switch after different queries)."""
     xb = ws.load("train")[0].embeddings
     info = {"index": "ivf", "depth": 40, "params": {"nprobe": 1}, "deep": {"depth": 640, "params": {"nprobe": 16}}}
 
