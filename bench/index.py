@@ -14,7 +14,9 @@
       IVF-Flat candidates of the composed queries (the same exact coarse assignment for all) at
       depth 200 and 2048: FAISS contrib's big_batch_search with a numpy pairwise-score function
       (the baseline), FAISS's own search of the assigned lists, and the list-major kernel; then the
-      back-end's exact top-k (kernel race, exact cut) at the same depths.
+      back-end's exact top-k (kernel race, exact cut) at the same depths; and the back-end's search
+      at a deepening run's reserve depth (800, batches of 4096) against its deepest (2048, batches
+      of 1600), both probing --deep-nprobe lists as a tuned run does (LISTS_DEEP_SHARE).
 All ratios come from one process and one workspace (generated once under --root and reused).
 CPU seconds are the process's user + system time (all threads), the fair measure on a shared machine.
 """
@@ -283,6 +285,7 @@ def lists(args) -> dict:
         for v in out.values():
             v["cpu_vs_big_batch_search"] = round(v["cpu_s"] / base, 3)
         rows[f"depth {depth}"] = out
+    rows["deepest_vs_reserve"] = _deep_cost(backend, xq, args.deep_nprobe)
     return {
         "bench": "index-lists",
         "n_gallery": args.n_gallery,
@@ -295,10 +298,32 @@ def lists(args) -> dict:
     }
 
 
+def _deep_cost(backend, xq, nprobe: int, n: int = 8000) -> dict:
+    """CPU µs per query of the back-end's search at the reserve depth (800, batches of 4096) and at
+    the deepest (2048, batches of 1600, as the schedule sizes them), both probing ``nprobe`` lists,
+    alternated twice; the best of each and their ratio."""
+    best = {800: float("inf"), 2048: float("inf")}
+    for _ in range(2):
+        for depth, step in ((800, 4096), (2048, 1600)):
+            with Clock() as c:
+                for s in range(0, min(n, len(xq)), step):
+                    backend.search(xq[s : min(s + step, n)], depth, nprobe=nprobe)
+            best[depth] = min(best[depth], c.cpu * 1e6 / min(n, len(xq)))
+    return {
+        "nprobe": nprobe,
+        "us_800": round(best[800], 1),
+        "us_2048": round(best[2048], 1),
+        "ratio": round(best[2048] / best[800], 3),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", choices=["compare", "deepen", "lists"])
     p.add_argument("--nprobe", type=int, default=64, help="lists: lists probed per query")
+    p.add_argument(
+        "--deep-nprobe", type=int, default=173, help="lists: lists probed in the reserve-against-deepest rows"
+    )
     p.add_argument("--n-gallery", type=int, default=1_000_000)
     p.add_argument("--n-queries", type=int, default=20_000)
     p.add_argument("--dim", type=int, default=256)

@@ -53,7 +53,7 @@ from cir_mine.miner.core.search.params import SEARCH_PARAM, cpu_ivf, faiss_nlist
 # Tuned settings (docs/search.md, "Tuned settings"): past this share of a first-pass batch short at the
 # reserve depth, the later batches are searched at the deepest depth at once
 FLAT_DEEP_SHARE = 0.25  # exact search: its deepest search costs about 1.2x the reserve's
-LISTS_DEEP_SHARE = 0.35  # list-major IVF: about 1.5x
+LISTS_DEEP_SHARE = 0.25  # list-major IVF: about 1.2x (both probing the deep nprobe, see Reranked.beam_for)
 LISTS_RACE_SHARE = 4  # list-major IVF's kernel race: the list kernel on 1/4 of the raced batch
 
 
