@@ -286,8 +286,25 @@ class Workspace:
             before = hashing.result()
         self.check_unchanged(split, before)
         g.data_hash = before
+        g.file_digest = self._gallery_digest(split)  # hashed above, unchanged since (a cache hit)
         pa.default_memory_pool().release_unused()  # the Parquet read's buffers and lookup hash tables
         return g, t
+
+    def versioned_gallery(self, split: str) -> Gallery:
+        """:meth:`gallery`, with ``file_digest`` set where the gallery is one file that the read left
+        unchanged (hashed on a thread beside the read and again after it, as :meth:`load` does)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="cir-mine-hash") as pool:
+            hashing = pool.submit(self._gallery_digest, split)
+            g = self.gallery(split)
+            before = hashing.result()
+        if before is not None and self._gallery_digest(split) == before:
+            g.file_digest = before
+        return g
+
+    def _gallery_digest(self, split: str) -> Optional[str]:
+        """:func:`file_digest` of ``gallery.{split}.parquet`` (None for a gallery folder or none)."""
+        p = self.gallery_path(split)
+        return file_digest(p) if p.is_file() else None
 
     def summary(self) -> dict:
         """Validate every split and return {root, manifest, hash, splits: {split: {images, triplets, categories}}}."""

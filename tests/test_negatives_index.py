@@ -300,6 +300,30 @@ def indexed(synth_work, tmp_path):
     return Workspace(work)
 
 
+def test_an_index_of_the_very_gallery_file_read_skips_its_content_hash(indexed, monkeypatch):
+    """The index records its gallery file's digest. Mining whose gallery was read from a file of that
+    digest does not hash the rows again (the file's bytes prove them); a gallery rewritten with the
+    same rows in other bytes is checked by its content hash, and mines the same table."""
+    import pyarrow.parquet as pq
+
+    from cir_mine.miner.core.search import persist
+    from cir_mine.miner.core.search.persist import index_meta
+
+    p = indexed.gallery_path("train")
+    assert index_meta(indexed.index_path("train"))["gallery_file"] == file_digest(p)
+    assert indexed.load("train")[0].file_digest == file_digest(p)
+    hashed = []
+    real = persist.gallery_fingerprint
+    monkeypatch.setattr(persist, "gallery_fingerprint", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    cfg = MineConfig.of(strategy="hardest", index="workspace", nprobe=4)
+    ref = mine_negatives(indexed, "train", cfg).table
+    assert hashed == [] and ref.num_rows > 0
+    before = file_digest(p)
+    pq.write_table(pq.read_table(p), p, compression="zstd")
+    assert file_digest(p) != before
+    assert mine_negatives(indexed, "train", cfg).table.equals(ref) and hashed == [1]
+
+
 def test_workspace_index_is_searched_and_fingerprinted(indexed, tmp_path):
     res = mine_to_file(
         indexed, "train", MineConfig.of(strategy="hardest", index="workspace", nprobe=4), tmp_path / "n.parquet"

@@ -72,6 +72,7 @@ def open_search(prep: Prepared, ws: Workspace, split: str, cfg: MineConfig, inde
                 meta.get("gallery_hash"),
                 f"Rebuild it with `cir-mine index work={ws.root} split={split}`",
                 ("work", "split"),
+                meta.get("gallery_file"),
             )
             fingerprint = digest.result()
         factory = meta.get("factory") or type(raw).__name__

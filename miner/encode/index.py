@@ -21,14 +21,16 @@ def load_workspace_index(ws, split: str, gallery=None, device: str = "auto"):
     """Load ``index.{split}.faiss`` and check it still matches ``gallery.{split}.parquet``."""
     path = ws.index_path(split)
     index = load_index(path, device)
+    meta = index_meta(path)
     check_index(
         index,
         gallery if gallery is not None else ws.gallery(split),
         path,
         ws.gallery_path(split),
-        index_meta(path).get("gallery_hash"),
+        meta.get("gallery_hash"),
         f"Rebuild it with `cir-mine index work={ws.root} split={split}`",
         ("work", "split"),
+        meta.get("gallery_file"),
     )
     return index
 
@@ -64,7 +66,8 @@ def index_workspace(
 ) -> dict:
     """(Re)build ``index.{split}.faiss`` from ``gallery.{split}.parquet``; returns the saved meta.
 
-    Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gpu, fp16.
+    Meta (``index.{split}.faiss.json``): factory, metric, dim, gallery_rows, gallery_hash, gallery_file
+    (the gallery file's digest, when it is one file), gpu, fp16.
     Row ``r`` of the index is row ``r`` of the gallery table. ``lock=False`` when the caller
     already holds the workspace lock. ``npy`` ('float32' | 'float16'): also write the row-aligned
     ``gallery.{split}.npy`` that mining memory-maps (first, so the index is built from it).
@@ -84,7 +87,7 @@ def index_workspace(
 
 
 def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict:
-    g = ws.gallery(split)
+    g = ws.versioned_gallery(split)
     if len(g) == 0:
         raise DataError(f"{ws.gallery_path(split)}: the gallery is empty; nothing to index.")
     check_spec(spec, len(g), g.dim)
@@ -97,6 +100,7 @@ def _index_workspace(ws, split: str, spec: str, device: str, fp16: bool) -> dict
         "gallery_rows": len(g),
         "gallery_hash": gallery_fingerprint(g.id_array, g.category_array, g.embeddings),
         "gallery": ws.gallery_path(split).name,
+        **({"gallery_file": g.file_digest} if g.file_digest else {}),
         "gpu": use_gpu(device),
         "fp16": bool(fp16),
     }

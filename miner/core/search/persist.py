@@ -122,15 +122,19 @@ def check_index(
     gallery_hash: Optional[str] = None,
     fix: str = "Rebuild it with `cir-mine index`",
     params: tuple = (),
+    gallery_file: Optional[str] = None,
 ) -> None:
-    """DataError unless ``index`` was built from ``gallery`` (same d, same rows, same hash when known)."""
+    """DataError unless ``index`` was built from ``gallery`` (same d, same rows, same hash when known).
+    ``gallery_file``: the digest of the gallery file the index was built from (its metadata's
+    ``gallery_file``); rows read from a file of that digest (``gallery.file_digest``) are the rows
+    the index was built from, so their hash is not computed again."""
     if index.d != gallery.dim or index.ntotal != len(gallery):
         raise DataError(
             f"{index_path}: the index has d={index.d} and {index.ntotal} rows but {gallery_path} "
             f"has d={gallery.dim} and {len(gallery)} rows. {fix}.",
             params=params,
         )
-    if gallery_hash:
+    if gallery_hash and not (gallery_file and getattr(gallery, "file_digest", None) == gallery_file):
         now = gallery_fingerprint(gallery.id_array, gallery.category_array, gallery.embeddings)
         if now != gallery_hash:
             raise DataError(
