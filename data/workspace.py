@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -286,7 +287,7 @@ class Workspace:
             before = hashing.result()
         self.check_unchanged(split, before)
         g.data_hash = before
-        g.file_digest = self._gallery_digest(split)  # hashed above, unchanged since (a cache hit)
+        g.file_digest = self._gallery_digest(split, g)  # hashed above, unchanged since (a cache hit)
         pa.default_memory_pool().release_unused()  # the Parquet read's buffers and lookup hash tables
         return g, t
 
@@ -297,14 +298,18 @@ class Workspace:
             hashing = pool.submit(self._gallery_digest, split)
             g = self.gallery(split)
             before = hashing.result()
-        if before is not None and self._gallery_digest(split) == before:
+        if before is not None and self._gallery_digest(split, g) == before:
             g.file_digest = before
         return g
 
-    def _gallery_digest(self, split: str) -> Optional[str]:
-        """:func:`file_digest` of ``gallery.{split}.parquet`` (None for a gallery folder or none)."""
+    def _gallery_digest(self, split: str, g: Optional[Gallery] = None) -> Optional[str]:
+        """:func:`file_digest` of ``gallery.{split}.parquet``, the one file ``g``'s rows were read
+        from; None for a gallery folder, or rows whose embeddings come from ``gallery.{split}.npy``
+        (memory-mapped: the table's bytes do not cover them)."""
         p = self.gallery_path(split)
-        return file_digest(p) if p.is_file() else None
+        if not p.is_file() or (g is not None and type(g.embeddings) is not np.ndarray):
+            return None
+        return file_digest(p)
 
     def summary(self) -> dict:
         """Validate every split and return {root, manifest, hash, splits: {split: {images, triplets, categories}}}."""

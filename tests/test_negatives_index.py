@@ -308,6 +308,7 @@ def test_an_index_of_the_very_gallery_file_read_skips_its_content_hash(indexed, 
 
     from cir_mine.miner.core.search import persist
     from cir_mine.miner.core.search.persist import index_meta
+    from cir_mine.miner.encode.index import index_workspace
 
     p = indexed.gallery_path("train")
     assert index_meta(indexed.index_path("train"))["gallery_file"] == file_digest(p)
@@ -322,6 +323,11 @@ def test_an_index_of_the_very_gallery_file_read_skips_its_content_hash(indexed, 
     pq.write_table(pq.read_table(p), p, compression="zstd")
     assert file_digest(p) != before
     assert mine_negatives(indexed, "train", cfg).table.equals(ref) and hashed == [1]
+    # embeddings memory-mapped from gallery.train.npy: the table's bytes do not cover them
+    index_workspace(indexed.root, "train", "IVF16,Flat", device="cpu", npy="float32")
+    assert "gallery_file" not in index_meta(indexed.index_path("train"))
+    assert indexed.load("train")[0].file_digest is None
+    assert mine_negatives(indexed, "train", cfg).table.num_rows > 0 and hashed == [1, 1]
 
 
 def test_workspace_index_is_searched_and_fingerprinted(indexed, tmp_path):
