@@ -80,7 +80,7 @@ class ListLayout:
         for i in np.flatnonzero(sizes).tolist():
             ids[starts[i] : starts[i] + sizes[i]] = faiss.rev_swig_ptr(invl.get_ids(i), int(sizes[i])).view(np.int64)
             X = _list_vectors(faiss, invl, i, int(sizes[i]), int(ivf.d))
-            norm = max(norm, float(np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64).max())))
+            norm = max(norm, max_row_norm(X))
         return cls(sizes, starts, ids, norm, flat_centroids(ivf))
 
 
