@@ -61,7 +61,7 @@ class Gallery:
     _keys: Optional[pa.Array] = field(default=None, repr=False)   # string[n] category KEY_SEP image id
     _cats: Optional[pa.Array] = field(default=None, repr=False)   # string[n] categories
     data_hash: Optional[str] = field(default=None, repr=False)    # split hash of the data read (Workspace.load)
-    file_digest: Optional[str] = field(default=None, repr=False)  # file_digest of the one file these rows were read from (Workspace.load, Workspace.versioned_gallery)
+    file_digest: Optional[str] = field(default=None, repr=False)  # digest of the one file the rows came from (Workspace.load)
     # fmt: on
 
     @property
