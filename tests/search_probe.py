@@ -92,6 +92,28 @@ def tables(work: Path, out: Path) -> dict:
     return res
 
 
+def builds() -> dict:
+    """The bytes of IVF indexes built in this process: over a gallery of repeated rows (exact ties
+    between rows and between k-means centroids, as in a workspace whose images share tags) and over
+    the near-tie gallery, each as a mining run builds it and as shards fill a trained one."""
+    from cir_mine.miner.core.search.build import add_rows, build_index
+    from cir_mine.miner.core.search.faiss_api import load_faiss
+
+    faiss = load_faiss()
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((300, 48))
+    dups = np.repeat(base, rng.integers(1, 12, 300), axis=0)
+    dups = dups[rng.permutation(len(dups))]
+    dups = (dups / np.linalg.norm(dups, axis=1, keepdims=True)).astype(np.float32)
+    out = {}
+    for name, xb, spec in (("repeated", dups, "IVF64,Flat"), ("near-ties", near_ties()[0], "IVF16,Flat")):
+        out[name] = digest(faiss.serialize_index(build_index(xb, spec, device="cpu")))
+        empty = build_index(xb, spec, device="cpu", add=False)
+        add_rows(empty, xb[::-1].copy())
+        out[f"{name}/shard"] = digest(faiss.serialize_index(empty))
+    return out
+
+
 if __name__ == "__main__":
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
-    print(json.dumps({"searches": searches(), "tables": tables(work, out)}))
+    print(json.dumps({"searches": searches(), "tables": tables(work, out), "builds": builds()}))

@@ -230,9 +230,10 @@ def _probe(work, tmp_path, env: dict) -> dict:
 @pytest.mark.slow
 def test_rows_and_tables_are_the_same_under_every_blas_kernel_and_thread_count(synth_world, tmp_path):
     """Exact and IVF-Flat searches of a gallery whose scores crowd within float32 rounding (every
-    batch size, both candidate kernels) and mined tables (hardest and category-discrepant, exact
-    and IVF-Flat) give the same bits under every OpenBLAS kernel this CPU runs and with one BLAS
-    thread: the cuts are decided on exact scores, never on a GEMM's summation order."""
+    batch size, both candidate kernels), mined tables (hardest and category-discrepant, exact
+    and IVF-Flat) and the IVF indexes built (k-means and list assignment, over repeated rows too)
+    give the same bits under every OpenBLAS kernel this CPU runs and with one BLAS thread: the cuts
+    are decided on exact scores, never on a GEMM's summation order."""
     work = synth_world(n_gallery=2000, n_triplets=240, dim=32, seed=11)
     runs = {"default": _probe(work, tmp_path, {})}
     runs["one thread"] = _probe(work, tmp_path, {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})

@@ -26,7 +26,7 @@ import numpy as np
 
 from cir_mine.data.crash import crash_point
 from cir_mine.data.errors import UsageError
-from cir_mine.miner.core.search.build import build_index, factory_string
+from cir_mine.miner.core.search.build import add_rows, build_index, factory_string
 from cir_mine.miner.core.search.backends import ExactSearch, Reranked
 from cir_mine.miner.core.search.faiss_api import load_faiss
 from cir_mine.miner.core.search.topk import merge_topk
@@ -131,7 +131,7 @@ class ShardSearcher:
             self.backend = ExactSearch(self.xb, device="cpu")
         else:
             index = faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
-            index.add(self.xb)
+            add_rows(index, self.xb)
             self.ivf = faiss.extract_index_ivf(index)
             self.overfetch = int(overfetch)
             self.backend = Reranked(index, self.xb, float(overfetch), {"index": "shard"})

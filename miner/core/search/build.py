@@ -13,6 +13,7 @@ import numpy as np
 
 from cir_mine.data.errors import UsageError
 from cir_mine.data.workspace import read_block, release_pages
+from cir_mine.miner.core.search.exact import flat_cut
 from cir_mine.miner.core.search.faiss_api import load_faiss
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,7 @@ def build_index(
         co.useFloat16 = bool(fp16)
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
     if add:
-        for s in range(0, n, ADD_BLOCK):
-            index.add(np.ascontiguousarray(read_block(xb, s, s + ADD_BLOCK), np.float32))
-            release_pages(xb)
+        add_rows(index, xb)
     log.info("FAISS index %s on %s (n=%d, d=%d)", fs, "GPU" if gpu else "CPU", n, d)
     return index
 
@@ -148,8 +147,11 @@ def _train(index, ivf, xb: np.ndarray, spec: str, fs: str, seed: int, train_samp
         ivf.cp.max_points_per_centroid = TRAIN_PER_LIST
     ntrain = min(n, int(train_sample) if train_sample else max(TRAIN_PER_LIST * nlist, 65_536))
     rows = np.arange(n) if ntrain >= n else sample_rows(n, ntrain, seed, 7)
+    x = np.ascontiguousarray(xb[rows], np.float32)
     try:
-        index.train(np.ascontiguousarray(xb[rows], np.float32))
+        if exact_lists(index, ivf) and len(x) >= nlist:
+            ivf.quantizer.add(exact_kmeans(x, nlist, KMEANS_ITERS, seed))
+        index.train(x)  # a filled flat quantizer is kept: FAISS trains the codes (PQ, SQ) alone
     except RuntimeError as e:
         raise UsageError(
             f"index {spec!r}: FAISS cannot train {fs!r} on {n} vectors "
@@ -157,3 +159,75 @@ def _train(index, ivf, xb: np.ndarray, spec: str, fs: str, seed: int, train_samp
             params=("index",),
         ) from None
     release_pages(xb)
+
+
+NEAREST_MARGIN = 1  # a row's second-best centroid fetched (a near-tie at the first fetches 4 more)
+SPLIT_EPS = 1.0 / 1024  # an empty cluster takes the largest one's centroid, both moved apart by this share
+
+
+def exact_lists(index, ivf) -> bool:
+    """Whether ``index`` is an IVF on the CPU with a flat inner-product quantizer (not wrapped in a
+    transform): trained and filled by exact assignment (:func:`exact_kmeans`, :func:`add_rows`)."""
+    faiss = load_faiss()
+    if ivf is None or not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        return False
+    q = faiss.downcast_index(ivf.quantizer)
+    return isinstance(q, faiss.IndexFlat) and q.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def nearest_list(centroids: np.ndarray, x: np.ndarray, flat=None) -> np.ndarray:
+    """Each row's centroid of largest exact score, ties by the lower one (:func:`flat_cut`), so that
+    no BLAS kernel, thread count or batch moves a row to another list. -> int64[n]."""
+    if flat is None:
+        flat = load_faiss().IndexFlatIP(centroids.shape[1])
+        flat.add(np.ascontiguousarray(centroids, np.float32))
+    out = np.empty(len(x), np.int64)
+    for s in range(0, len(x), ADD_BLOCK):
+        out[s : s + ADD_BLOCK] = flat_cut(flat, centroids, x[s : s + ADD_BLOCK], 1, margin=NEAREST_MARGIN)[1][:, 0]
+    return out
+
+
+def exact_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
+    """Inner-product k-means centroids of ``x`` (float32[n, d], n >= nlist) whose bits no BLAS
+    kernel or thread count changes: seeded initial rows, each iteration's assignment by
+    :func:`nearest_list`, each centroid the float64 sum of its rows in row order (a sum over the
+    rows' axis adds them one by one) over their count, and each empty cluster given half of the
+    largest one (FAISS's split, without its random draw). -> float32[nlist, d]."""
+    n, d = x.shape
+    cent = x[sample_rows(n, nlist, seed, 11)].copy()
+    apart = np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32) * np.float32(SPLIT_EPS)
+    for _ in range(niter):
+        assign = nearest_list(cent, x)
+        order = np.argsort(assign, kind="stable")
+        counts = np.bincount(assign, minlength=nlist)
+        xs, ends = x[order], np.cumsum(counts)
+        for c in np.flatnonzero(counts):
+            cent[c] = (xs[ends[c] - counts[c] : ends[c]].sum(axis=0, dtype=np.float64) / counts[c]).astype(np.float32)
+        for ci in np.flatnonzero(counts == 0):
+            cj = int(np.argmax(counts))
+            if counts[cj] < 2:
+                break
+            cent[ci], cent[cj] = cent[cj] * (1 + apart), cent[cj] * (1 - apart)
+            counts[ci] = counts[cj] // 2
+            counts[cj] -= counts[ci]
+    return cent
+
+
+def add_rows(index, xb: np.ndarray) -> None:
+    """Add the rows of ``xb`` to ``index`` in blocks of ADD_BLOCK (a memory-mapped gallery's pages
+    released after each): an IVF with a flat quantizer (:func:`exact_lists`) takes each row into
+    its :func:`nearest_list` (FAISS contrib's ``add_preassigned``), any other index assigns them itself."""
+    faiss = load_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    exact = exact_lists(index, ivf)
+    if exact:
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    for s in range(0, xb.shape[0], ADD_BLOCK):
+        block = np.ascontiguousarray(read_block(xb, s, s + ADD_BLOCK), np.float32)
+        if exact:
+            add_preassigned(ivf, block, nearest_list(centroids, block, ivf.quantizer))
+        else:
+            index.add(block)
+        release_pages(xb)

@@ -297,6 +297,7 @@ def exact_cut(
     row_norm: float = 1.0,
     extra_gap: float = 0.0,
     clock=None,
+    margin: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-``k`` rows of each query among its candidates, by :func:`gathered_dot` score
     (descending, ties by the lower row; -1 / -inf pads when a query has fewer than ``k``).
@@ -310,7 +311,8 @@ def exact_cut(
     total: int or int64[nq], each query's number of candidates (the gallery, or the rows of its
       probed lists). row_norm: the largest norm of a gallery row. clock: a
       :class:`~cir_mine.miner.core.search.measure.Clock` given the seconds of fetching ("search")
-      and of exact scoring ("rerank").
+      and of exact scoring ("rerank"). margin: rows fetched past the cut at first (default
+      :func:`cut_depth`'s), then REFETCH_GROWTH times more for the queries not yet settled.
     -> (D float32[nq, k], I int64[nq, k])."""
     xq = np.ascontiguousarray(xq, np.float32)
     nq, d = xq.shape
@@ -322,7 +324,7 @@ def exact_cut(
     qnorm = np.sqrt(np.einsum("ij,ij->i", xq, xq, dtype=np.float64))
     gap = (rounding_gap(d) + extra_gap) * qnorm * float(row_norm) * (1 + 1e-6) + 1e-30
     todo = np.arange(nq, dtype=np.int64)
-    extra = cut_depth(k) - k
+    extra = cut_depth(k) - k if margin is None else max(1, int(margin))
     while todo.size:
         depth = int(max(1, min(int(total[todo].max()), k + extra)))
         t = time.perf_counter()
@@ -343,6 +345,22 @@ def exact_cut(
         todo = todo[~done]
         extra *= REFETCH_GROWTH
     return D, I
+
+
+def flat_cut(
+    flat, xb: np.ndarray, xq: np.ndarray, k: int, clock=None, margin: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-``k`` of each query among the rows of ``xb`` (:func:`exact_cut`'s order: exact
+    score descending, ties by the lower row), candidates fetched by ``flat``, a FAISS flat
+    inner-product index holding those rows in that order: a coarse quantizer's centroids, say
+    (``margin``: :func:`exact_cut`'s). -> (D float32[nq, k], I int64[nq, k])."""
+    xq = np.ascontiguousarray(xq, np.float32)
+
+    def fetch(q, depth):
+        D, I = flat.search(xq[q], depth)
+        return fetched_bound(D, depth, len(xb)), I
+
+    return exact_cut(xb, xq, k, fetch, len(xb), max_row_norm(xb), clock=clock, margin=margin)
 
 
 def fetched_bound(D: np.ndarray, depth: int, total, ordered: bool = True) -> np.ndarray:

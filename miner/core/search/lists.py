@@ -13,7 +13,7 @@ import numpy as np
 
 from cir_mine.miner.core.search.faiss_api import load_faiss
 from cir_mine.miner.core.search.measure import core_pool
-from cir_mine.miner.core.search.exact import exact_cut, exact_rescore, fetched_bound, max_row_norm
+from cir_mine.miner.core.search.exact import exact_rescore, flat_cut, max_row_norm
 from cir_mine.miner.core.search.topk import topk_desc
 
 try:  # the compiled selection (miner/core/search/_lists.c); without it, top_positions segment by segment
@@ -110,12 +110,7 @@ def coarse_assign(
     xq = np.ascontiguousarray(xq, np.float32)
     if centroids is None:
         return ivf.quantizer.search(xq, nprobe)
-
-    def fetch(q, depth):
-        D, I = ivf.quantizer.search(xq[q], depth)
-        return fetched_bound(D, depth, len(centroids)), I
-
-    return exact_cut(centroids, xq, nprobe, fetch, len(centroids), max_row_norm(centroids), clock=clock)
+    return flat_cut(ivf.quantizer, centroids, xq, nprobe, clock)
 
 
 @contextlib.contextmanager
