@@ -17,6 +17,11 @@
       back-end's exact top-k (kernel race, exact cut) at the same depths; and the back-end's search
       at a deepening run's reserve depth (800, batches of 4096) against its deepest (2048, batches
       of 1600), both probing --deep-nprobe lists as a tuned run does (LISTS_DEEP_SHARE).
+  (d) build:   python bench/index.py build --n-gallery 1000000 --n-queries 20000 --dim 256
+      an IVF-Flat over the gallery (the `ivf` factory string) trained and filled by cir-mine's
+      builder (exact k-means assignment, rows added to their exact nearest lists) and by FAISS's
+      own `train` and `add`, alternated in one process: seconds of each step, and the SHA-256 of
+      each index file (cir-mine's is the same under every OPENBLAS_CORETYPE; compare runs).
 All ratios come from one process and one workspace (generated once under --root and reused).
 CPU seconds are the process's user + system time (all threads), the fair measure on a shared machine.
 """
@@ -317,9 +322,45 @@ def _deep_cost(backend, xq, nprobe: int, n: int = 8000) -> dict:
     }
 
 
+def build(args) -> dict:
+    """cir-mine's IVF build against FAISS's own (see the module docstring)."""
+    import hashlib
+
+    from cir_mine.miner.core.search.build import TRAIN_PER_LIST, add_rows, build_index, factory_string, sample_rows
+    from cir_mine.miner.core.search.faiss_api import load_faiss
+
+    faiss = load_faiss()
+    ws = workspace(args.root, args.n_gallery, args.n_queries, args.dim)
+    xb = ws.load("train")[0].embeddings
+    fs = factory_string("ivf", *xb.shape)
+    out = {"factory": fs}
+    for name in ("cir-mine", "faiss"):
+        with Clock() as train:
+            if name == "cir-mine":
+                index = build_index(xb, "ivf", device="cpu", add=False)
+            else:
+                index = faiss.index_factory(xb.shape[1], fs, faiss.METRIC_INNER_PRODUCT)
+                ivf = faiss.extract_index_ivf(index)
+                ivf.cp.niter, ivf.cp.max_points_per_centroid = 10, TRAIN_PER_LIST
+                rows = sample_rows(len(xb), max(TRAIN_PER_LIST * ivf.nlist, 65_536), 0, 7)
+                index.train(xb[rows])
+        with Clock() as add:
+            add_rows(index, xb) if name == "cir-mine" else index.add(xb)
+        sha = hashlib.sha256(faiss.serialize_index(index).tobytes()).hexdigest()[:16]
+        out[name] = {
+            "train_wall_s": train.wall,
+            "train_cpu_s": train.cpu,
+            "add_wall_s": add.wall,
+            "add_cpu_s": add.cpu,
+            "sha256": sha,
+        }
+        del index
+    return {"bench": "index-build", "n_gallery": args.n_gallery, "dim": args.dim, **out}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=["compare", "deepen", "lists"])
+    p.add_argument("bench", choices=["compare", "deepen", "lists", "build"])
     p.add_argument("--nprobe", type=int, default=64, help="lists: lists probed per query")
     p.add_argument(
         "--deep-nprobe", type=int, default=173, help="lists: lists probed in the reserve-against-deepest rows"
@@ -347,7 +388,9 @@ def main():
     )
     p.add_argument("--root", type=Path, default=Path("/tmp/cir-mine-bench"))
     args = p.parse_args()
-    print(json.dumps({"compare": compare, "deepen": deepen, "lists": lists}[args.bench](args)), flush=True)
+    print(
+        json.dumps({"compare": compare, "deepen": deepen, "lists": lists, "build": build}[args.bench](args)), flush=True
+    )
 
 
 if __name__ == "__main__":

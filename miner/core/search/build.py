@@ -150,7 +150,7 @@ def _train(index, ivf, xb: np.ndarray, spec: str, fs: str, seed: int, train_samp
     x = np.ascontiguousarray(xb[rows], np.float32)
     try:
         if exact_lists(index, ivf) and len(x) >= nlist:
-            ivf.quantizer.add(exact_kmeans(x, nlist, KMEANS_ITERS, seed))
+            ivf.quantizer.add(exact_kmeans(x, nlist, KMEANS_ITERS, seed, bool(ivf.cp.spherical)))
         index.train(x)  # a filled flat quantizer is kept: FAISS trains the codes (PQ, SQ) alone
     except RuntimeError as e:
         raise UsageError(
@@ -187,12 +187,14 @@ def nearest_list(centroids: np.ndarray, x: np.ndarray, flat=None) -> np.ndarray:
     return out
 
 
-def exact_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
+def exact_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int, spherical: bool = True) -> np.ndarray:
     """Inner-product k-means centroids of ``x`` (float32[n, d], n >= nlist) whose bits no BLAS
     kernel or thread count changes: seeded initial rows, each iteration's assignment by
     :func:`nearest_list`, each centroid the float64 sum of its rows in row order (a sum over the
     rows' axis adds them one by one) over their count, and each empty cluster given half of the
-    largest one (FAISS's split, without its random draw). -> float32[nlist, d]."""
+    largest one (FAISS's split, without its random draw); ``spherical`` (FAISS's setting for an
+    inner-product IVF): each centroid then scaled to unit norm, its squared norm summed one
+    dimension after another in float64. -> float32[nlist, d]."""
     n, d = x.shape
     cent = x[sample_rows(n, nlist, seed, 11)].copy()
     apart = np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32) * np.float32(SPLIT_EPS)
@@ -210,6 +212,11 @@ def exact_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray
             cent[ci], cent[cj] = cent[cj] * (1 + apart), cent[cj] * (1 - apart)
             counts[ci] = counts[cj] // 2
             counts[cj] -= counts[ci]
+        if spherical:
+            c64, sq = cent.astype(np.float64), np.zeros(nlist)
+            for j in range(d):
+                sq += c64[:, j] * c64[:, j]
+            cent = (c64 / np.where(sq > 0, np.sqrt(sq), 1.0)[:, None]).astype(np.float32)
     return cent
 
 
