@@ -223,18 +223,17 @@ def exact_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int, spherical: bo
 def add_rows(index, xb: np.ndarray) -> None:
     """Add the rows of ``xb`` to ``index`` in blocks of ADD_BLOCK (a memory-mapped gallery's pages
     released after each): an IVF with a flat quantizer (:func:`exact_lists`) takes each row into
-    its :func:`nearest_list` (FAISS contrib's ``add_preassigned``), any other index assigns them itself."""
+    its :func:`nearest_list` (``add_core`` with the lists given, as FAISS contrib's
+    ``add_preassigned``), any other index assigns them itself."""
     faiss = load_faiss()
     ivf = faiss.try_extract_index_ivf(index)
     exact = exact_lists(index, ivf)
-    if exact:
-        from faiss.contrib.ivf_tools import add_preassigned
-
-        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) if exact else None
     for s in range(0, xb.shape[0], ADD_BLOCK):
         block = np.ascontiguousarray(read_block(xb, s, s + ADD_BLOCK), np.float32)
-        if exact:
-            add_preassigned(ivf, block, nearest_list(centroids, block, ivf.quantizer))
+        if exact:  # FAISS contrib's add_preassigned: add_core with the lists given
+            lists = np.ascontiguousarray(nearest_list(centroids, block, ivf.quantizer), np.int64)
+            ivf.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(lists))
         else:
             index.add(block)
         release_pages(xb)
